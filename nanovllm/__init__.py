@@ -1,0 +1,5 @@
+from nanovllm.config import Config
+from nanovllm.llm import LLM
+from nanovllm.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "Config"]

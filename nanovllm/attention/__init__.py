@@ -1,0 +1,3 @@
+from nanovllm.attention.backend import AttentionBackend, StepBatch, make_backend
+
+__all__ = ["AttentionBackend", "StepBatch", "make_backend"]

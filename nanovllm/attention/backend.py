@@ -1,0 +1,59 @@
+"""The attention backend interface: plan once per step, then run in every layer.
+
+A step is described by `StepBatch`, the paged layout FlashInfer uses: the query rows of request b
+are qo_indptr[b]:qo_indptr[b+1], its pages kv_indices[kv_indptr[b]:kv_indptr[b+1]], the last one
+holding kv_last_page_len[b] tokens. Query tokens are the last q_len of the request's kv_len tokens
+(causal, bottom-right aligned). New K/V are written to slot_mapping (page * page_size + offset,
+-1 for padding) before attention reads the cache.
+"""
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class StepBatch:
+    is_prefill: bool
+    q_lens: np.ndarray            # int32 [batch]
+    kv_lens: np.ndarray           # int32 [batch], this step's tokens included
+    qo_indptr: np.ndarray         # int32 [batch + 1]
+    kv_indptr: np.ndarray         # int32 [batch + 1]
+    kv_indices: np.ndarray        # int32 [total pages]
+    kv_last_page_len: np.ndarray  # int32 [batch]
+    slot_mapping: torch.Tensor    # int64 [tokens] on the device
+    page_size: int
+    cascade: Any = None           # a CascadePlan when this step runs cascade attention
+
+
+class AttentionBackend:
+    """Subclasses implement plan() (once per step, outside CUDA-graph capture) and forward()."""
+
+    def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.num_qo_heads = num_qo_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.page_size = page_size
+        self.dtype = dtype
+        self.device = device
+        self.sm_scale = head_dim ** -0.5
+
+    def plan(self, batch: StepBatch):
+        raise NotImplementedError
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """q [tokens, qo_heads, dim], k/v [tokens, kv_heads, dim]; caches [pages, page_size, kv_heads, dim]."""
+        raise NotImplementedError
+
+
+def make_backend(name: str, **kwargs) -> AttentionBackend:
+    if name == "torch":
+        from nanovllm.attention.torch_backend import TorchAttentionBackend
+        return TorchAttentionBackend(**kwargs)
+    if name == "flashinfer":
+        from nanovllm.attention.flashinfer_backend import FlashInferAttentionBackend
+        return FlashInferAttentionBackend(**kwargs)
+    raise ValueError(f"unknown attention backend {name!r}")

@@ -1,0 +1,48 @@
+"""Does cascade attention pay for this step? A linear model of one attention layer's time.
+
+Regular paged decode reads every request's KV: time ~ fixed + per_token * (tokens read).
+Cascade reads each shared run once per group, but launches one kernel per level plus merges and
+does more work per KV token (a group's queries all meet the shared KV): time ~ fixed_per_level
+* levels + per_token * (tokens read by the plan) + per_qk * (query rows x shared tokens).
+Coefficients are fitted to measurements on the H200 (claude_docs/cascade.md has the table and the
+command); the engine uses cascade only when the model predicts it faster by a margin.
+"""
+from dataclasses import dataclass
+
+
+def shared_qk_pages(plan) -> int:
+    """Sum over shared groups of (query rows x pages): the extra work of batching a group's queries."""
+    total = 0
+    for level in plan.levels[:-1]:
+        rows = level.qo_indptr[1:] - level.qo_indptr[:-1]
+        pages = level.kv_indptr[1:] - level.kv_indptr[:-1]
+        total += int((rows * pages).sum())
+    return total
+
+
+@dataclass(frozen=True)
+class CascadeCostModel:
+    regular_fixed_ms: float = 0.04
+    regular_per_token_ms: float = 0.85e-6
+    cascade_fixed_ms: float = 0.03          # per level (launch + plan reuse + merge)
+    cascade_per_token_ms: float = 0.9e-6
+    cascade_per_qk_ms: float = 1.4e-8       # per (query row x shared KV token)
+    margin: float = 0.9                     # cascade must be predicted >= 10% faster
+
+    def regular_ms(self, plan, page_size: int) -> float:
+        return self.regular_fixed_ms + self.regular_per_token_ms * plan.regular_kv_pages * page_size
+
+    def cascade_ms(self, plan, page_size: int) -> float:
+        return (self.cascade_fixed_ms * len(plan.levels)
+                + self.cascade_per_token_ms * plan.cascade_kv_pages * page_size
+                + self.cascade_per_qk_ms * shared_qk_pages(plan) * page_size)
+
+    def worth_it(self, plan, page_size: int) -> bool:
+        return self.cascade_ms(plan, page_size) < self.margin * self.regular_ms(plan, page_size)
+
+
+class AlwaysCascade:
+    """The CPU reference path: use cascade whenever anything is shared (there it is for correctness)."""
+
+    def worth_it(self, plan, page_size: int) -> bool:
+        return plan.cascade_kv_pages < plan.regular_kv_pages

@@ -1,0 +1,65 @@
+"""Engine configuration: one dataclass, validated once, read everywhere."""
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+
+@dataclass
+class Config:
+    model: str
+    max_num_batched_tokens: int = 16384   # token budget of one prefill step (longer prompts are chunked)
+    max_num_seqs: int = 512               # running sequences at most (also the largest CUDA graph)
+    max_model_len: int = 4096             # prompt + output tokens, capped by the model's positions
+    gpu_memory_utilization: float = 0.9   # share of GPU memory the engine may hold, KV cache included
+    kvcache_block_size: int = 16          # tokens per KV page
+    num_kvcache_blocks: int = -1          # explicit KV pages; -1 sizes it from memory
+    cpu_kvcache_gb: float = 2.0           # KV cache size on CPU when num_kvcache_blocks is -1
+    enforce_eager: bool = False           # no CUDA graphs
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"                   # auto: checkpoint dtype on GPU, float32 on CPU
+    device: str = "auto"                  # auto: cuda when available, else cpu
+    attention_backend: str = "auto"       # auto: flashinfer on cuda, torch on cpu
+    enable_prefix_caching: bool = True
+    enable_cascade_attention: bool = False
+    cascade_shared_prefix_len: int = 0    # >0 forces one shared level of this many tokens
+    cascade_max_levels: int = 3           # shared levels + the per-request level
+    seed: int = 0
+    hf_config: PretrainedConfig | None = field(default=None, repr=False)
+    eos_token_id: int = -1
+
+    def __post_init__(self):
+        if not os.path.isdir(self.model):
+            raise ValueError(f"model folder not found: {self.model!r}")
+        if not os.path.isfile(os.path.join(self.model, "config.json")):
+            raise ValueError(f"no config.json in model folder {self.model!r}")
+        if self.kvcache_block_size < 1 or self.kvcache_block_size & (self.kvcache_block_size - 1):
+            raise ValueError(f"kvcache_block_size must be a power of two, got {self.kvcache_block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if self.cascade_max_levels < 2:
+            raise ValueError(f"cascade_max_levels must be >= 2, got {self.cascade_max_levels}")
+        self.hf_config = AutoConfig.from_pretrained(self.model)
+        self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.attention_backend == "auto":
+            self.attention_backend = "flashinfer" if self.device == "cuda" else "torch"
+        if self.attention_backend not in ("torch", "flashinfer"):
+            raise ValueError(f"unknown attention_backend {self.attention_backend!r} (torch or flashinfer)")
+        if self.dtype == "auto":
+            self.torch_dtype = (getattr(self.hf_config, "torch_dtype", None) or getattr(self.hf_config, "dtype", None)
+                                or torch.bfloat16) if self.device == "cuda" else torch.float32
+            if isinstance(self.torch_dtype, str):
+                self.torch_dtype = getattr(torch, self.torch_dtype)
+        else:
+            self.torch_dtype = getattr(torch, self.dtype, None)
+            if not isinstance(self.torch_dtype, torch.dtype):
+                raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.device == "cpu" or not torch.cuda.is_available():
+            self.enforce_eager = True  # CUDA graphs need CUDA

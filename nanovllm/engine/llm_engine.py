@@ -1,0 +1,130 @@
+"""The engine: requests in, tokens out. `add_request` validates and queues; `step` runs one step."""
+from dataclasses import dataclass, fields
+
+from transformers import AutoTokenizer
+
+from nanovllm.config import Config
+from nanovllm.engine.detokenizer import IncrementalDetokenizer
+from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.sequence import Sequence
+from nanovllm.sampling_params import SamplingParams
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    new_token_ids: list[int]
+    new_text: str | None      # only for requests with stop strings or a streaming detokenizer
+    finished: bool
+
+
+class LLMEngine:
+
+    def __init__(self, model: str, **kwargs):
+        names = {f.name for f in fields(Config)} - {"model", "hf_config", "eos_token_id"}
+        unknown = set(kwargs) - names
+        if unknown:
+            raise ValueError(f"unknown engine options: {sorted(unknown)}")
+        config = Config(model, **kwargs)
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        eos = self.tokenizer.eos_token_id
+        config.eos_token_id = eos if eos is not None else (config.hf_config.eos_token_id or -1)
+        self.config = config
+        self.model_runner = ModelRunner(config)
+        self.scheduler = Scheduler(config, self.model_runner.num_kvcache_blocks)
+        self.vocab_size = config.hf_config.vocab_size
+        self.detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self.seqs: dict[int, Sequence] = {}
+        self.stats = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "cascade_steps": 0,
+                      "generated_tokens": 0, "prompt_tokens": 0, "max_batch_size": 0}
+
+    # ---- requests ---------------------------------------------------------------------------
+    def make_sequence(self, prompt: str | list[int], sampling_params: SamplingParams) -> Sequence:
+        """Validate a request and build its Sequence (not queued yet). Raises ValueError naming the problem."""
+        if not isinstance(sampling_params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(sampling_params).__name__}")
+        sampling_params.validate()
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            token_ids = list(prompt)
+            bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        else:
+            raise ValueError("prompt must be a string or a list of token ids")
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        max_len = self.config.max_model_len
+        if len(token_ids) >= max_len:
+            raise ValueError(f"prompt is {len(token_ids)} tokens, too long for max_model_len={max_len} "
+                             f"(the prompt plus at least one output token must fit)")
+        bs = self.config.kvcache_block_size
+        worst = min(len(token_ids) + sampling_params.max_tokens, max_len)
+        if -(-worst // bs) > self.scheduler.block_manager.num_blocks:
+            raise ValueError(f"request needs up to {worst} tokens of KV cache but the cache holds only "
+                             f"{self.scheduler.block_manager.num_blocks * bs}; lower max_tokens or the prompt")
+        return Sequence(token_ids, sampling_params, bs)
+
+    def add_sequence(self, seq: Sequence, stream: bool = False):
+        self.seqs[seq.seq_id] = seq
+        if stream or seq.sampling_params.stop:
+            self.detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, seq.sampling_params.stop)
+        self.stats["prompt_tokens"] += seq.num_prompt_tokens
+        self.scheduler.add(seq)
+
+    def add_request(self, prompt: str | list[int], sampling_params: SamplingParams, stream: bool = False) -> Sequence:
+        seq = self.make_sequence(prompt, sampling_params)
+        self.add_sequence(seq, stream)
+        return seq
+
+    def abort_request(self, seq_id: int):
+        """Stop a request (a client that left): its pages go back to the pool at once."""
+        seq = self.seqs.pop(seq_id, None)
+        self.detokenizers.pop(seq_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+
+    def is_finished(self) -> bool:
+        return self.scheduler.is_finished()
+
+    # ---- one step ---------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        seqs, token_ids = self.model_runner.run(seqs, is_prefill)
+        st = self.stats
+        st["steps"] += 1
+        st["prefill_steps" if is_prefill else "decode_steps"] += 1
+        st["cascade_steps"] += self.model_runner.last_step_cascade
+        st["max_batch_size"] = max(st["max_batch_size"], len(seqs))
+        advanced = self.scheduler.postprocess(seqs, token_ids)
+        st["generated_tokens"] += len(advanced)
+        outputs = []
+        for seq in advanced:
+            new_text = None
+            detok = self.detokenizers.get(seq.seq_id)
+            if detok is not None:
+                new_text = detok.add([seq.last_token])
+                if detok.stopped:
+                    self.scheduler.finish(seq, "stop")
+                elif seq.is_finished:
+                    new_text += detok.flush()
+            outputs.append(StepOutput(seq, [seq.last_token], new_text, seq.is_finished))
+            if seq.is_finished:
+                self.seqs.pop(seq.seq_id, None)
+        return outputs
+
+    def output_text(self, seq: Sequence) -> str:
+        detok = self.detokenizers.pop(seq.seq_id, None)
+        if detok is not None and detok.stopped:
+            return detok.text
+        return self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
+
+    def kv_usage(self) -> dict:
+        bm = self.scheduler.block_manager
+        return {"blocks_total": bm.num_blocks, "blocks_free": bm.num_free_blocks,
+                "blocks_used": bm.num_blocks - bm.num_free_blocks,
+                "cache_hit_tokens": bm.num_cache_hit_tokens, "cache_query_tokens": bm.num_cache_query_tokens}

@@ -1,0 +1,184 @@
+"""Runs the model for one scheduled step: builds the inputs, plans attention once, samples."""
+import numpy as np
+import torch
+
+from nanovllm.attention import StepBatch, make_backend
+from nanovllm.config import Config
+from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.sampler import Sampler
+from nanovllm.models.qwen3 import model_class
+from nanovllm.utils.context import reset_context, set_context
+from nanovllm.utils.loader import load_model
+
+CPU_MAX_KV_BLOCKS = 16384  # the CPU path is for tests and small runs: keep the block manager small
+
+
+class ModelRunner:
+
+    def __init__(self, config: Config):
+        self.config = config
+        hf = config.hf_config
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype
+        self.block_size = config.kvcache_block_size
+        torch.manual_seed(config.seed)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = model_class(hf)(hf)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        load_model(self.model, config.model)
+        self.model.eval()
+        self.sampler = Sampler()
+        self.num_layers = hf.num_hidden_layers
+        self.num_kv_heads = hf.num_key_value_heads
+        self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        self.backend = make_backend(
+            config.attention_backend, num_qo_heads=hf.num_attention_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, page_size=self.block_size, dtype=self.dtype, device=self.device)
+        self.cascade = None
+        self.last_step_cascade = False
+        if config.enable_cascade_attention:
+            from nanovllm.cascade.policy import CascadePolicy
+            self.cascade = CascadePolicy(config, self.backend)
+        self.num_kvcache_blocks = self._kv_cache_blocks()
+        self._allocate_kv_cache()
+
+    # ---- memory -------------------------------------------------------------------------------
+    def _block_bytes(self) -> int:
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    def _kv_cache_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kvcache_blocks > 0:
+            return cfg.num_kvcache_blocks
+        if self.device.type == "cpu":
+            budget = int(cfg.cpu_kvcache_gb * 2**30) // self._block_bytes()
+            needed = cfg.max_num_seqs * -(-cfg.max_model_len // self.block_size)
+            return max(1, min(budget, needed, CPU_MAX_KV_BLOCKS))
+        return self._gpu_kv_cache_blocks()
+
+    def _gpu_kv_cache_blocks(self) -> int:
+        """What is left of gpu_memory_utilization after weights and a worst-case prefill's activations."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self.warmup()
+        free, total = torch.cuda.mem_get_info()
+        used = total - free
+        peak = torch.cuda.memory_stats()["allocated_bytes.all.peak"]
+        current = torch.cuda.memory_stats()["allocated_bytes.all.current"]
+        available = int(total * self.config.gpu_memory_utilization) - used - (peak - current)
+        blocks = available // self._block_bytes()
+        if blocks < 1:
+            raise RuntimeError(f"no GPU memory left for the KV cache at gpu_memory_utilization="
+                               f"{self.config.gpu_memory_utilization}")
+        return int(blocks)
+
+    def warmup(self):
+        """One prefill as large as the token budget allows, without a KV cache, to measure activations."""
+        cfg = self.config
+        seq_len = min(cfg.max_num_batched_tokens, cfg.max_model_len)
+        num_seqs = max(1, min(cfg.max_num_batched_tokens // seq_len, cfg.max_num_seqs))
+        tokens = num_seqs * seq_len
+        ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        pos = torch.arange(seq_len, device=self.device).repeat(num_seqs)
+        hf = cfg.hf_config
+        with torch.inference_mode():
+            # Activations of the dense layers and the attention output dominate: run them with a
+            # dummy attention that returns q, so no cache is needed yet.
+            set_context(is_prefill=True, attn=_PassThroughAttention(), logits_indices=torch.arange(
+                seq_len - 1, tokens, seq_len, device=self.device))
+            hidden = self.model(ids, pos)
+            logits = self.model.compute_logits(hidden)
+            self.sampler(logits, torch.ones(num_seqs, device=self.device))
+            reset_context()
+        del hidden, logits
+        torch.cuda.synchronize()
+
+    def _allocate_kv_cache(self):
+        shape = (2, self.num_layers, self.num_kvcache_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        # Zeros, not empty: padded reads of unused slots must never see NaN.
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        attn_layers = [m for m in self.model.modules() if type(m).__name__ == "Attention"]
+        for i, layer in enumerate(attn_layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    # ---- one step ---------------------------------------------------------------------------
+    def build_batch(self, seqs: list[Sequence], is_prefill: bool) -> tuple[StepBatch, torch.Tensor, torch.Tensor]:
+        bs = self.block_size
+        q_lens = np.fromiter((s.chunk_len for s in seqs), dtype=np.int32, count=len(seqs))
+        starts = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int32, count=len(seqs))
+        kv_lens = starts + q_lens
+        num_pages = (kv_lens + bs - 1) // bs
+        qo_indptr = np.zeros(len(seqs) + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=qo_indptr[1:])
+        kv_indptr = np.zeros(len(seqs) + 1, dtype=np.int32)
+        np.cumsum(num_pages, out=kv_indptr[1:])
+        kv_indices = np.fromiter((b for s, n in zip(seqs, num_pages) for b in s.block_table[:n]),
+                                 dtype=np.int32, count=int(kv_indptr[-1]))
+        if is_prefill:
+            input_ids = [t for s in seqs for t in s.token_ids[s.num_computed_tokens:s.num_computed_tokens + s.chunk_len]]
+            # position of every query token, and the page that holds it
+            seq_of_token = np.repeat(np.arange(len(seqs)), q_lens)
+            positions = np.arange(qo_indptr[-1], dtype=np.int64) - qo_indptr[seq_of_token] + starts[seq_of_token]
+            pages = kv_indices[kv_indptr[seq_of_token] + positions // bs]
+        else:
+            input_ids = [s.last_token for s in seqs]
+            positions = (kv_lens - 1).astype(np.int64)
+            pages = kv_indices[kv_indptr[1:] - 1]
+        slot_mapping = pages.astype(np.int64) * bs + positions % bs
+        last_page_len = kv_lens - (num_pages - 1) * bs
+        dev = self.device
+        batch = StepBatch(is_prefill, q_lens, kv_lens, qo_indptr, kv_indptr, kv_indices, last_page_len.astype(np.int32),
+                          torch.from_numpy(slot_mapping).to(dev, non_blocking=True), bs)
+        input_ids = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
+        positions = torch.from_numpy(positions).to(dev, non_blocking=True)
+        return batch, input_ids, positions
+
+    def _sampling_inputs(self, seqs: list[Sequence]):
+        dev = self.device
+        params = [s.sampling_params for s in seqs]
+        temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(dev, non_blocking=True)
+        top_ks = top_ps = None
+        if any(p.top_k > 0 for p in params):
+            top_ks = torch.tensor([p.top_k for p in params], dtype=torch.long).to(dev, non_blocking=True)
+        if any(p.top_p < 1 for p in params):
+            top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32).to(dev, non_blocking=True)
+        generators = {}
+        for row, s in enumerate(seqs):
+            if s.sampling_params.seed is not None and s.sampling_params.temperature > 0:
+                if s.generator is None:
+                    s.generator = torch.Generator(device=dev).manual_seed(s.sampling_params.seed)
+                generators[row] = s.generator
+        return temperatures, top_ks, top_ps, generators
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[Sequence], list[int]]:
+        """Returns the step's sequences (possibly reordered, for cascade grouping) and one token each."""
+        plan = self.cascade.plan(seqs) if self.cascade is not None else None
+        self.last_step_cascade = plan is not None
+        if plan is not None:
+            seqs = [seqs[i] for i in plan.order.tolist()]
+        batch, input_ids, positions = self.build_batch(seqs, is_prefill)
+        batch.cascade = plan
+        logits = self.forward(batch, input_ids, positions)
+        token_ids = self.sampler(logits, *self._sampling_inputs(seqs)).tolist()
+        return seqs, token_ids
+
+    def forward(self, batch: StepBatch, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.backend.plan(batch)
+        logits_indices = torch.from_numpy(batch.qo_indptr[1:] - 1).to(self.device, non_blocking=True)
+        set_context(is_prefill=batch.is_prefill, attn=self.backend, logits_indices=logits_indices)
+        try:
+            return self.model.compute_logits(self.model(input_ids, positions))
+        finally:
+            reset_context()
+
+
+class _PassThroughAttention:
+    """Stands in for attention during the memory warm-up (no KV cache exists yet)."""
+
+    def forward(self, q, k, v, k_cache, v_cache):
+        return q

@@ -1,0 +1,78 @@
+"""One request as the engine sees it: its tokens, its KV pages and how far they are computed."""
+from enum import Enum, auto
+from itertools import count
+
+from nanovllm.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    counter = count()
+
+    def __init__(self, token_ids: list[int], sampling_params: SamplingParams, block_size: int):
+        self.seq_id = next(Sequence.counter)
+        self.status = SequenceStatus.WAITING
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids)
+        self.sampling_params = sampling_params
+        self.block_size = block_size
+        self.block_table: list[int] = []
+        self.num_cached_tokens = 0    # prompt tokens served from the prefix cache at admission
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.chunk_len = 0            # tokens this step computes (set by the scheduler)
+        self.num_marked_blocks = 0    # leading pages the block manager has marked computed
+        self.block_hashes: list[int] = []  # chained hashes of full pages, filled lazily
+        self.finish_reason: str | None = None
+        self.generator = None         # torch.Generator for seeded sampling, made by the sampler
+
+    def __len__(self):
+        return len(self.token_ids)
+
+    @property
+    def is_finished(self):
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def num_completion_tokens(self):
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self):
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def completion_token_ids(self):
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def last_token(self):
+        return self.token_ids[-1]
+
+    @property
+    def num_blocks(self):
+        return (len(self.token_ids) + self.block_size - 1) // self.block_size
+
+    def block(self, i: int) -> list[int]:
+        return self.token_ids[i * self.block_size:(i + 1) * self.block_size]
+
+    @property
+    def in_prefill(self) -> bool:
+        # More than the one token a decode step feeds is still uncomputed.
+        return len(self.token_ids) - self.num_computed_tokens > 1
+
+    def append_token(self, token_id: int):
+        self.token_ids.append(token_id)
+
+    def reset_for_recompute(self):
+        """Preemption: drop the pages; the tokens (prompt + output so far) are prefilled again later."""
+        self.status = SequenceStatus.WAITING
+        self.block_table = []
+        self.num_cached_tokens = 0
+        self.num_computed_tokens = 0
+        self.num_marked_blocks = 0
+        self.chunk_len = 0

@@ -1,0 +1,42 @@
+"""Temperature, top-k and top-p sampling; temperature 0 is greedy.
+
+Sampling draws token = argmax(p / E) with E ~ Exponential(1) per token, which picks token i with
+probability p_i (the exponential race). Seeded requests draw E from their own generator, so their
+output does not depend on what else is in the batch."""
+import torch
+from torch import nn
+
+
+class Sampler(nn.Module):
+
+    def forward(self, logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor | None = None,
+                top_ps: torch.Tensor | None = None, generators: dict | None = None) -> torch.Tensor:
+        """logits [B, V]; temperatures [B] (0 = greedy); top_ks [B] int (<= 0 keeps all); top_ps [B];
+        generators: row -> torch.Generator for seeded rows. Masks are applied only when given."""
+        logits = logits.float()
+        greedy = logits.argmax(dim=-1)
+        scaled = logits / temperatures.clamp(min=1e-5).unsqueeze(1)
+        if top_ks is not None or top_ps is not None:
+            scaled = self._restrict(scaled, top_ks, top_ps)
+        probs = torch.softmax(scaled, dim=-1)
+        noise = torch.empty_like(probs).exponential_(1)
+        for row, gen in (generators or {}).items():
+            noise[row].exponential_(1, generator=gen)
+        sampled = probs.div_(noise).argmax(dim=-1)
+        return torch.where(temperatures == 0, greedy, sampled)
+
+    @staticmethod
+    def _restrict(logits: torch.Tensor, top_ks: torch.Tensor | None, top_ps: torch.Tensor | None) -> torch.Tensor:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        vocab = logits.shape[-1]
+        ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
+        drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+        if top_ks is not None:
+            k = torch.where(top_ks <= 0, vocab, top_ks).unsqueeze(1)
+            drop |= ranks >= k
+        if top_ps is not None:
+            probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+            mass_before = probs.cumsum(dim=-1) - probs  # keep a token while the mass before it is < p
+            drop |= mass_before >= top_ps.unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        return torch.empty_like(logits).scatter_(-1, order, sorted_logits)

@@ -1,0 +1,69 @@
+"""Load Hugging Face safetensors checkpoints (single file or sharded with an index) into our modules."""
+import json
+import os
+from glob import glob
+
+from safetensors import safe_open
+from torch import nn
+
+
+def checkpoint_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return sorted({os.path.join(path, name) for name in json.load(f)["weight_map"].values()})
+    files = sorted(glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"no .safetensors files in {path!r}")
+    return files
+
+
+def load_model(model: nn.Module, path: str):
+    packed = getattr(model, "packed_modules_mapping", {})
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    for file in checkpoint_files(path):
+        with safe_open(file, "pt", "cpu") as f:
+            for name in f.keys():
+                target, shard_id = name, None
+                for ckpt_name, (our_name, shard) in packed.items():
+                    if f".{ckpt_name}." in name:
+                        target, shard_id = name.replace(ckpt_name, our_name), shard
+                        break
+                if target not in params:
+                    if "rotary_emb.inv_freq" in name:
+                        continue
+                    raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
+                param = params[target]
+                loader = getattr(param, "weight_loader", None)
+                tensor = f.get_tensor(name).to(param.dtype)
+                if loader is not None:
+                    loader(param, tensor, shard_id)
+                else:
+                    if param.shape != tensor.shape:
+                        raise ValueError(f"{name}: shape {tuple(tensor.shape)} in checkpoint, {tuple(param.shape)} expected")
+                    param.data.copy_(tensor)
+                loaded.add(target if shard_id is None else f"{target}#{shard_id}")
+    _check_complete(model, params, loaded, path)
+
+
+def _check_complete(model: nn.Module, params: dict, loaded: set[str], path: str):
+    """Every parameter (every shard of a packed one) must have come from the checkpoint."""
+    shards: dict[str, list] = {}
+    for ckpt_name, (our_name, shard) in getattr(model, "packed_modules_mapping", {}).items():
+        shards.setdefault(our_name, []).append((ckpt_name, shard))
+    missing = []
+    tied = getattr(model, "tie_word_embeddings", False)
+    for name in params:
+        if tied and name == "lm_head.weight":
+            name = "model.embed_tokens.weight"
+        module_name = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
+        if module_name in shards:
+            for ckpt_name, shard in shards[module_name]:
+                if f"{name}#{shard}" not in loaded:
+                    missing.append(name.replace(module_name, ckpt_name))
+        elif name not in loaded:
+            missing.append(name)
+    if missing:
+        raise ValueError(f"checkpoint {path!r} is missing tensors: {', '.join(sorted(missing)[:8])}"
+                         + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))

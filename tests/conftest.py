@@ -1,0 +1,48 @@
+"""Shared fixtures: random-weight checkpoints built once per run, and LLMs checked for leaked pages."""
+import os
+
+import pytest
+import torch
+
+from nanovllm import LLM
+from nanovllm.tools.make_model import make_model
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {preset: make_model(preset, str(root / preset), seed=0)
+            for preset in ("qwen3-tiny", "qwen3-tiny-hd", "qwen2-tiny")}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_dirs):
+    return model_dirs["qwen3-tiny"]
+
+
+def assert_no_leaks(llm: LLM):
+    """All pages free, every ref count zero, and the block manager's own invariants hold."""
+    bm = llm.scheduler.block_manager
+    assert llm.is_finished()
+    assert bm.num_free_blocks == bm.num_blocks, f"{bm.num_blocks - bm.num_free_blocks} pages leaked"
+    assert all(b.ref_count == 0 for b in bm.blocks)
+    bm.check_invariants()
+
+
+@pytest.fixture
+def make_llm():
+    """Build LLMs for a test; after it, each must be back to all pages free."""
+    made = []
+
+    def make(model, **kwargs):
+        kwargs.setdefault("max_model_len", 1024)
+        kwargs.setdefault("max_num_seqs", 64)
+        llm = LLM(model, **kwargs)
+        made.append(llm)
+        return llm
+
+    yield make
+    for llm in made:
+        assert_no_leaks(llm)
