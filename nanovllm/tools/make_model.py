@@ -1,0 +1,241 @@
+"""Build Hugging Face-layout Qwen checkpoints with seeded random weights, offline.
+
+    python -m nanovllm.tools.make_model --preset qwen3-tiny --out /tmp/qwen3-tiny
+
+The folder holds config.json, generation_config.json, model*.safetensors (sharded
+with an index when larger than --max-shard-size) and tokenizer files, and loads with
+AutoConfig / AutoTokenizer / AutoModelForCausalLM.from_pretrained(folder). Nothing
+is downloaded: the tokenizer is a byte-level BPE trained here on a built-in corpus.
+"""
+import argparse
+import functools
+import itertools
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+BPE_VOCAB_SIZE = 2000  # learned tokens (256 bytes + merges); specials come after
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_QWEN3_06B = dict(
+    arch="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+    num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+    rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    max_position_embeddings=40960, dtype="bfloat16", hidden_act="silu", attention_bias=False,
+)
+# Tiny presets use vocab_size=None: the tokenizer size rounded up to a multiple of 64,
+# so the model vocab is (like in real Qwen checkpoints) larger than the tokenizer's.
+_QWEN3_TINY = dict(
+    arch="qwen3", vocab_size=None, hidden_size=64, intermediate_size=128,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    max_position_embeddings=4096, dtype="float32", hidden_act="silu", attention_bias=False,
+)
+PRESETS: dict[str, dict] = {
+    "qwen3-0.6b": _QWEN3_06B,
+    "qwen3-1.7b": {**_QWEN3_06B, "hidden_size": 2048, "intermediate_size": 6144},
+    "qwen3-tiny": _QWEN3_TINY,
+    # head_dim != hidden_size // num_attention_heads, MQA (1 kv head), separate lm_head
+    "qwen3-tiny-hd": {**_QWEN3_TINY, "head_dim": 32, "num_key_value_heads": 1,
+                      "tie_word_embeddings": False},
+    # Qwen2: bias on q/k/v projections (always, in HF's Qwen2), no q/k RMSNorm
+    "qwen2-tiny": dict(
+        arch="qwen2", vocab_size=None, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        max_position_embeddings=4096, dtype="float32", hidden_act="silu",
+    ),
+}
+_ARCHS = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+
+# ---------------------------------------------------------------------------------
+# Tokenizer
+
+_PROSE = """\
+The small engine reads a prompt, splits it into tokens, and runs the model one step
+at a time. Each step produces a score for every word in the vocabulary; the sampler
+turns those scores into a choice, and the chosen token is appended to the sequence.
+When the sequence ends with a stop token, or grows past its limit, the request is
+finished and the text is returned to the caller.
+Memory is the scarce resource. Keys and values for every past position are kept in a
+cache that is cut into fixed-size blocks, so that many requests can share one pool
+without copying. A scheduler decides which requests run together: new prompts are
+prefilled in large batches, while running requests decode a single token per step.
+If the pool runs dry, the youngest request is preempted and its blocks are freed.
+On a quiet morning the river was grey and still. A heron stood in the shallows,
+watching the water with great patience, while the town on the far bank slowly woke:
+shutters opened, bread was carried from the bakery, and children ran to school.
+By noon the clouds had lifted and the hills were bright with yellow flowers.
+Numbers appear everywhere: 0 1 2 3 4 5 6 7 8 9, 10, 42, 100, 256, 1024, 3.14159,
+2025-01-31, 12:30, $19.99, 50% and -7. Questions? Answers! Lists: a, b; c. "Quotes"
+and 'apostrophes', (parentheses), [brackets], {braces}, <angles>, a/b, x*y, #tag, @name.
+def forward(self, x):
+    return self.proj(torch.relu(self.norm(x)))
+for i in range(10):
+    print(f"step {i}: loss={loss:.4f}")
+User: What is the capital of France?
+Assistant: The capital of France is Paris.
+User: Write a short poem about the sea.
+Assistant: Grey waves fold and break, salt wind over sand, the tide keeps its time.
+Café, naïve, jalapeño, Grüße, smörgåsbord, 你好世界, こんにちは, привет, 🙂🚀.
+"""
+
+
+def _corpus() -> list[str]:
+    # Prose plus deterministic combinatorial sentences: enough distinct words for the
+    # trainer to reach BPE_VOCAB_SIZE. No randomness, so the merges never change.
+    subjects = ["the model", "a user", "every request", "the scheduler", "our server",
+                "this cache", "the teacher", "a student", "my friend", "the city"]
+    verbs = ["reads", "writes", "computes", "returns", "allocates", "prefers",
+             "remembers", "schedules", "explains", "generates", "measures", "builds"]
+    objects = ["long answers", "short prompts", "many tokens", "shared blocks",
+               "quick results", "careful plans", "green apples", "old stories",
+               "large batches", "new sequences", "tensor shapes", "random numbers"]
+    lines = _PROSE.splitlines()
+    for s, v, o in itertools.product(subjects, verbs, objects):
+        lines.append(f"{s.capitalize()} {v} {o}.")
+    lines += [f"Item {n}: value {n * 7 % 1000}, index {n * 13}" for n in range(500)]
+    return lines
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer_json() -> str:
+    """Train the byte-level BPE (once per process) and return it serialized."""
+    tok = Tokenizer(models.BPE())
+    # ByteLevel maps every byte to a printable symbol, so any unicode string
+    # round-trips through encode/decode and nothing is ever <unk>.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE, min_frequency=1, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    # Added after training so they get the ids right after the learned vocab (as in Qwen).
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return tok.to_str()
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE, model_max_length=131072,
+    )
+
+# ---------------------------------------------------------------------------------
+# Model
+
+
+def _size_bytes(size: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = size.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if s.endswith(unit):
+            return int(float(s[:-len(unit)]) * units[unit])
+    return int(s)
+
+
+def make_model(preset: str, out_dir: str, seed: int = 0, dtype: str | None = None,
+               max_shard_size: str = "2GB", **overrides) -> str:
+    """Write a random-weight checkpoint for `preset` into out_dir; return out_dir.
+
+    overrides patch config fields (e.g. num_hidden_layers=2). Same seed -> same tensors.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}, choose from {sorted(PRESETS)}")
+    fields = {**PRESETS[preset], **overrides}
+    config_cls, model_cls = _ARCHS[fields.pop("arch")]
+    preset_dtype = fields.pop("dtype")
+    dtype = dtype or preset_dtype
+    tokenizer = make_tokenizer()
+    if fields["vocab_size"] is None:
+        fields["vocab_size"] = (len(tokenizer) + 63) // 64 * 64
+    special = dict(
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )
+    config = config_cls(**fields, **special, dtype=dtype, initializer_range=0.02)
+
+    # Init in float32 (HF default: normal(0, 0.02) linears/embeddings, ones for norms),
+    # then cast, so values are the same rounding of one float32 draw for every dtype.
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    # HF inits RMSNorm weights to 1 and biases to 0, so an engine that forgot to apply
+    # them would still match. Perturb them (mildly, to stay numerically tame).
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model = model.to(getattr(torch, dtype))
+    model.generation_config = GenerationConfig(**special, pad_token_id=tokenizer.pad_token_id)
+
+    os.makedirs(out_dir, exist_ok=True)
+    # Tied models save no lm_head.weight (HF drops tied duplicates).
+    model.save_pretrained(out_dir, max_shard_size=_size_bytes(max_shard_size))
+    tokenizer.save_pretrained(out_dir)
+
+    # transformers 5 writes rope_theta only inside "rope_parameters"; real Qwen
+    # checkpoints (and simple readers of config.json) have it at the top level too.
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["rope_theta"] = fields["rope_theta"]
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return out_dir
+
+
+def default_tiny_model_dir() -> str:
+    """Path of a cached qwen3-tiny (seed 0) checkpoint, built on first use.
+
+    Built in a temp dir and renamed into place, so concurrent callers never see a
+    half-written folder; the loser of a race just drops its copy.
+    """
+    root = os.environ.get("NANOVLLM_CACHE") or os.path.expanduser("~/.cache/nanovllm")
+    path = os.path.join(root, "qwen3-tiny-seed0")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".qwen3-tiny-", dir=root)
+    try:
+        make_model("qwen3-tiny", tmp, seed=0)
+        os.rename(tmp, path)  # atomic; fails if another process renamed first
+    except OSError:
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def main(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
+    p.add_argument("--max-shard-size", default="2GB")
+    args = p.parse_args(argv)
+    make_model(args.preset, args.out, seed=args.seed, dtype=args.dtype,
+               max_shard_size=args.max_shard_size)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Bad input raises ValueError naming the problem, and the same LLM keeps serving."""
+import os
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from nanovllm import LLM, SamplingParams
+
+OK = SamplingParams(temperature=0, max_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model):
+    llm = LLM(tiny_model, max_model_len=256, max_num_seqs=16)
+    yield llm
+    from tests.conftest import assert_no_leaks
+    assert_no_leaks(llm)
+
+
+@pytest.mark.parametrize("prompt, sp, message", [
+    ("", OK, "empty"),
+    ([], OK, "empty"),
+    ("word " * 400, OK, "max_model_len"),
+    ([10**9], OK, "out of range"),
+    (None, OK, "prompt must be"),
+], ids=["empty-text", "empty-ids", "too-long", "bad-token-id", "not-a-prompt"])
+def test_bad_requests(llm, prompt, sp, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate([prompt], sp, use_tqdm=False)
+    assert llm.generate(["still serving"], OK, use_tqdm=False)[0]["token_ids"]
+
+
+def test_bad_params_in_a_batch_queue_nothing(llm):
+    sp = SamplingParams(temperature=0, max_tokens=4)
+    bad = SamplingParams(temperature=0, max_tokens=4)
+    bad.temperature = -1.0  # mutated after construction: checked again when the request is added
+    with pytest.raises(ValueError, match="temperature"):
+        llm.generate(["a", "b"], [sp, bad], use_tqdm=False)
+    assert llm.is_finished()
+    with pytest.raises(ValueError, match="top_p"):
+        llm.generate(["a"], SamplingParams(top_p=0), use_tqdm=False)
+    with pytest.raises(ValueError, match="max_tokens"):
+        llm.generate(["a"], SamplingParams(max_tokens=0), use_tqdm=False)
+    assert llm.generate(["still serving"], OK, use_tqdm=False)[0]["token_ids"]
+
+
+def test_unknown_model_folder(tmp_path):
+    with pytest.raises(ValueError, match="model folder not found"):
+        LLM(str(tmp_path / "nope"))
+
+
+def test_unknown_option(tiny_model):
+    with pytest.raises(ValueError, match="unknown engine options"):
+        LLM(tiny_model, not_an_option=1)
+
+
+def test_checkpoint_missing_a_tensor(tiny_model, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    weights = load_file(os.path.join(broken, "model.safetensors"))
+    name = "model.layers.1.self_attn.k_proj.weight"
+    del weights[name]
+    save_file(weights, os.path.join(broken, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        LLM(str(broken))
+
+
+def test_request_that_can_never_fit_the_cache(tiny_model, make_llm):
+    llm = make_llm(tiny_model, num_kvcache_blocks=4)  # 64 tokens of KV in all
+    with pytest.raises(ValueError, match="KV cache"):
+        llm.generate(["word " * 40], SamplingParams(max_tokens=100), use_tqdm=False)
+    assert llm.generate(["short"], OK, use_tqdm=False)[0]["token_ids"]

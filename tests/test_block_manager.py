@@ -1,0 +1,109 @@
+"""Property tests of the block manager: random allocate / compute / append / free sequences."""
+from hypothesis import given, settings, strategies as st
+
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.sequence import Sequence
+from nanovllm.sampling_params import SamplingParams
+
+BS = 4
+SP = SamplingParams(max_tokens=1000)
+# Prompts built from a few shared prefixes so that prefix-cache hits are common.
+PREFIXES = [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9], [7] * 12, []]
+
+op = st.one_of(
+    st.tuples(st.just("new"), st.integers(0, len(PREFIXES) - 1), st.lists(st.integers(0, 3), min_size=0, max_size=9)),
+    st.tuples(st.just("compute"), st.integers(0, 50), st.integers(1, 9)),
+    st.tuples(st.just("decode"), st.integers(0, 50), st.integers(0, 3)),
+    st.tuples(st.just("free"), st.integers(0, 50), st.just(None)),
+)
+
+
+def check(bm: BlockManager, live: list[Sequence]):
+    bm.check_invariants()
+    holders = [0] * bm.num_blocks
+    for seq in live:
+        assert len(seq.block_table) == seq.num_blocks
+        assert len(set(seq.block_table)) == len(seq.block_table)
+        for b in seq.block_table:
+            holders[b] += 1
+        for i in range(seq.num_computed_tokens // BS):
+            block = bm.blocks[seq.block_table[i]]
+            assert block.computed
+            if block.hash != -1:  # a hashed page holds exactly this sequence's tokens there
+                assert block.token_ids == seq.block(i)
+    assert [b.ref_count for b in bm.blocks] == holders
+    assert bm.num_free_blocks == holders.count(0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(6, 20), st.lists(op, max_size=40))
+def test_random_operations_keep_invariants(num_blocks, ops):
+    bm = BlockManager(num_blocks, BS)
+    live: list[Sequence] = []
+    for kind, a, b in ops:
+        if kind == "new":
+            seq = Sequence(PREFIXES[a] + b or [5], SP, BS)
+            hits, pending = bm.match(seq)
+            assert all(bm.blocks[h].computed for h in hits)
+            assert all(bm.blocks[h].token_ids == seq.block(i) for i, h in enumerate(hits))
+            assert len(hits) * BS < len(seq)  # at least one token is always left to compute
+            if not pending and bm.can_allocate(seq, hits):
+                bm.allocate(seq, hits)
+                assert seq.num_cached_tokens == len(hits) * BS
+                live.append(seq)
+        elif live:
+            seq = live[a % len(live)]
+            if kind == "compute":  # a (chunked) prefill step computes up to b more tokens
+                seq.num_computed_tokens = min(len(seq), seq.num_computed_tokens + b)
+                bm.mark_computed(seq)
+            elif kind == "decode" and seq.num_computed_tokens == len(seq):
+                seq.append_token(b)  # the sampled token; the next step writes its K/V
+                if bm.can_append(seq):
+                    bm.may_append(seq)
+                    seq.num_computed_tokens += 1
+                    bm.mark_computed(seq)
+                else:
+                    seq.token_ids.pop()
+            elif kind == "free":
+                bm.deallocate(seq)
+                live.remove(seq)
+        check(bm, live)
+    for seq in live:
+        bm.deallocate(seq)
+    check(bm, [])
+    assert bm.num_free_blocks == num_blocks
+
+
+def test_hit_on_page_still_being_computed_waits():
+    bm = BlockManager(16, BS)
+    a = Sequence([1, 2, 3, 4, 5, 6, 7, 8, 9], SP, BS)
+    bm.allocate(a, bm.match(a)[0])
+    b = Sequence([1, 2, 3, 4, 5, 6, 7, 8, 10], SP, BS)
+    assert bm.match(b) == ([], True)  # registered, not computed: wait
+    a.num_computed_tokens = len(a)
+    bm.mark_computed(a)
+    hits, pending = bm.match(b)
+    assert not pending and hits == a.block_table[:2]
+
+
+def test_freed_pages_stay_cached_until_reused():
+    bm = BlockManager(8, BS)
+    a = Sequence(list(range(9)), SP, BS)
+    bm.allocate(a, [])
+    a.num_computed_tokens = len(a)
+    bm.mark_computed(a)
+    pages = a.block_table[:2]
+    bm.deallocate(a)
+    b = Sequence(list(range(9)) + [42], SP, BS)
+    hits, pending = bm.match(b)
+    assert hits == pages and not pending
+
+
+def test_uncomputed_pages_are_forgotten_when_freed():
+    bm = BlockManager(8, BS)
+    a = Sequence(list(range(9)), SP, BS)
+    bm.allocate(a, [])
+    bm.deallocate(a)  # preempted or aborted before its prefill ran
+    b = Sequence(list(range(9)), SP, BS)
+    assert bm.match(b) == ([], False)
+    assert not bm.hash_to_block_id
