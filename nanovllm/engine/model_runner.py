@@ -84,7 +84,6 @@ class ModelRunner:
         tokens = num_seqs * seq_len
         ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
         pos = torch.arange(seq_len, device=self.device).repeat(num_seqs)
-        hf = cfg.hf_config
         with torch.inference_mode():
             # Activations of the dense layers and the attention output dominate: run them with a
             # dummy attention that returns q, so no cache is needed yet.
