@@ -5,6 +5,11 @@ from nanovllm.cascade.cost_model import AlwaysCascade, CascadeCostModel
 from nanovllm.cascade.planner import CascadePlan, plan_cascade
 
 
+# A shared level must save at least this many tokens per group: a level that shares only a chat
+# template's first page would otherwise hide the longer system prompts below it.
+MIN_SHARED_TOKENS = 64
+
+
 class CascadePolicy:
 
     def __init__(self, config, backend):
@@ -13,6 +18,7 @@ class CascadePolicy:
         self.fixed_len = config.cascade_shared_prefix_len or None
         self.cost_model = CascadeCostModel() if config.attention_backend == "flashinfer" else AlwaysCascade()
         self.min_group_size = 2
+        self.min_shared_pages = max(1, MIN_SHARED_TOKENS // self.page_size)
 
     def plan(self, seqs) -> CascadePlan | None:
         if len(seqs) < self.min_group_size:
@@ -24,7 +30,8 @@ class CascadePolicy:
         for row, s in enumerate(seqs):
             table[row, :len(s.block_table)] = s.block_table
         plan = plan_cascade(table, kv_lens, q_lens, self.page_size, max_levels=self.max_levels,
-                            min_group_size=self.min_group_size, fixed_shared_prefix_len=self.fixed_len)
+                            min_group_size=self.min_group_size,
+                            min_shared_pages=self.min_shared_pages, fixed_shared_prefix_len=self.fixed_len)
         if len(plan.levels) < 2 or not self.cost_model.worth_it(plan, self.page_size):
             return None
         return plan

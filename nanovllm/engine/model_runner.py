@@ -35,9 +35,12 @@ class ModelRunner:
         self.num_layers = hf.num_hidden_layers
         self.num_kv_heads = hf.num_key_value_heads
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        extra = {}
+        if config.attention_backend == "flashinfer":
+            extra = dict(cascade_levels=config.cascade_max_levels, max_rows=config.max_num_batched_tokens)
         self.backend = make_backend(
             config.attention_backend, num_qo_heads=hf.num_attention_heads, num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim, page_size=self.block_size, dtype=self.dtype, device=self.device)
+            head_dim=self.head_dim, page_size=self.block_size, dtype=self.dtype, device=self.device, **extra)
         self.cascade = None
         self.last_step_cascade = False
         if config.enable_cascade_attention:
@@ -45,6 +48,9 @@ class ModelRunner:
             self.cascade = CascadePolicy(config, self.backend)
         self.num_kvcache_blocks = self._kv_cache_blocks()
         self._allocate_kv_cache()
+        self.graphs: dict = {}
+        if not config.enforce_eager:
+            self.capture_cuda_graphs()
 
     # ---- memory -------------------------------------------------------------------------------
     def _block_bytes(self) -> int:
@@ -167,6 +173,8 @@ class ModelRunner:
         return seqs, token_ids
 
     def forward(self, batch: StepBatch, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if not batch.is_prefill and self.graphs and len(batch.q_lens) <= self.graph_sizes[-1]:
+            return self._replay(batch, input_ids, positions)
         self.backend.plan(batch)
         logits_indices = torch.from_numpy(batch.qo_indptr[1:] - 1).to(self.device, non_blocking=True)
         set_context(is_prefill=batch.is_prefill, attn=self.backend, logits_indices=logits_indices)
@@ -174,6 +182,74 @@ class ModelRunner:
             return self.model.compute_logits(self.model(input_ids, positions))
         finally:
             reset_context()
+
+
+    # ---- CUDA graphs for decode ---------------------------------------------------------------
+    def _graph_size(self, n: int) -> int:
+        return next(b for b in self.graph_sizes if b >= n)
+
+    def _replay(self, batch: StepBatch, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        n = len(input_ids)
+        bs = self._graph_size(n)
+        gv = self.graph_vars
+        gv["input_ids"][:n].copy_(input_ids)
+        gv["positions"][:n].copy_(positions)
+        slots = gv["slot_mapping"][:bs]
+        slots[n:].fill_(-1)  # padded rows write nothing; their stale ids and positions are harmless
+        slots[:n].copy_(batch.slot_mapping)
+        self.backend.plan_graph(batch, bs, slots)
+        self.graphs[(bs, batch.cascade is not None)].replay()
+        set_context(is_prefill=False, attn=None, logits_indices=None)
+        try:
+            return self.model.compute_logits(gv["hidden"][:n])
+        finally:
+            reset_context()
+
+    def _dummy_decode_batch(self, bs: int, cascade: bool) -> StepBatch:
+        """A decode batch of bs one-page requests (sharing page 0 when cascade), to plan for capture."""
+        page = self.block_size
+        last = self.num_kvcache_blocks - 1
+        own = np.minimum(np.arange(1, bs + 1), last).astype(np.int32)
+        ones = np.ones(bs, np.int32)
+        batch = StepBatch(False, ones, ones, np.arange(bs + 1, dtype=np.int32), np.arange(bs + 1, dtype=np.int32),
+                          own, ones, self.graph_vars["slot_mapping"][:bs], page)
+        if cascade:
+            from nanovllm.cascade.planner import plan_cascade
+            table = np.stack([np.zeros(bs, np.int32), own], axis=1)
+            batch.cascade = plan_cascade(table, ones + page, ones, page, max_levels=self.config.cascade_max_levels)
+        return batch
+
+    @torch.inference_mode()
+    def capture_cuda_graphs(self):
+        """One graph per batch size (1, 2, 4, 8, 16, 32, ... up to max_num_seqs), twice with cascade on:
+        regular decode and cascade decode. Sizes are captured largest first so that smaller graphs
+        reuse the memory pool of the larger ones."""
+        max_bs = min(self.config.max_num_seqs, 512)
+        self.graph_sizes = sorted({b for b in (1, 2, 4, 8) if b < max_bs} | set(range(16, max_bs, 16)) | {max_bs})
+        hidden_size = self.config.hf_config.hidden_size
+        dev = self.device
+        self.graph_vars = dict(
+            input_ids=torch.zeros(max_bs, dtype=torch.long, device=dev),
+            positions=torch.zeros(max_bs, dtype=torch.long, device=dev),
+            slot_mapping=torch.full((max_bs,), -1, dtype=torch.long, device=dev),
+            hidden=torch.zeros(max_bs, hidden_size, dtype=self.dtype, device=dev))
+        gv = self.graph_vars
+        modes = (False, True) if self.cascade is not None else (False,)
+        pool = None
+        for bs in reversed(self.graph_sizes):
+            self.backend.graph_wrappers(bs, self.num_kvcache_blocks, with_cascade=self.cascade is not None)
+            for cascade in modes:
+                self.backend.plan_graph(self._dummy_decode_batch(bs, cascade), bs, gv["slot_mapping"][:bs])
+                set_context(is_prefill=False, attn=self.backend)
+                gv["hidden"][:bs] = self.model(gv["input_ids"][:bs], gv["positions"][:bs])  # warm-up outside capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    gv["hidden"][:bs] = self.model(gv["input_ids"][:bs], gv["positions"][:bs])
+                if pool is None:
+                    pool = graph.pool()
+                self.graphs[(bs, cascade)] = graph
+                torch.cuda.synchronize()
+        reset_context()
 
 
 class _PassThroughAttention:

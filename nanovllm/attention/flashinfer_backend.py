@@ -1,0 +1,102 @@
+"""FlashInfer paged attention: BatchPrefill for prefill steps, BatchDecode for decode steps, and
+FlashInferCascadeAttention when the step runs cascade attention.
+
+plan() runs once per step (FlashInfer's planning is host work and must stay outside CUDA-graph
+capture); every layer's forward() then reuses it. Index arrays are staged in pinned host memory.
+CUDA-graph decode uses one set of wrappers per captured batch size, built by graph_wrappers(bs),
+whose index arrays live in fixed device buffers; plan_graph() pads a batch up to that size.
+"""
+import flashinfer
+import numpy as np
+import torch
+
+from nanovllm.attention.backend import AttentionBackend, StepBatch
+from nanovllm.attention.triton_kv import store_kv_triton
+from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention
+
+WORKSPACE_BYTES = 256 << 20
+
+
+class FlashInferAttentionBackend(AttentionBackend):
+
+    def __init__(self, *, prefill_backend: str = "fa2", cascade_backend: str = "fa2", cascade_levels: int = 3,
+                 max_rows: int = 16384, decode_tensor_cores: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self.prefill_backend, self.cascade_backend = prefill_backend, cascade_backend
+        self.cascade_levels = cascade_levels
+        self.decode_tensor_cores = decode_tensor_cores
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=prefill_backend)
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
+                                                                    use_tensor_cores=decode_tensor_cores)
+        self.cascade = FlashInferCascadeAttention(
+            self.workspace, cascade_levels, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
+            self.dtype, max_rows, backend=cascade_backend, sm_scale=self.sm_scale)
+        self.graph = {}          # batch size -> (decode wrapper, cascade attention or None)
+        self.active = None
+        self.slot_mapping = None
+
+    def _common(self):
+        return dict(sm_scale=self.sm_scale, q_data_type=self.dtype, kv_data_type=self.dtype)
+
+    def plan(self, batch: StepBatch):
+        self.slot_mapping = batch.slot_mapping
+        if batch.cascade is not None:
+            self.cascade.plan(batch.cascade)
+            self.active = self.cascade
+            return
+        t = torch.from_numpy
+        hq, hkv, d, page = self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size
+        if batch.is_prefill:
+            self.prefill.plan(t(batch.qo_indptr), t(batch.kv_indptr), t(batch.kv_indices), t(batch.kv_last_page_len),
+                              hq, hkv, d, page, causal=True, **self._common())
+            self.active = self.prefill
+        else:
+            self.decode.plan(t(batch.kv_indptr), t(batch.kv_indices), t(batch.kv_last_page_len),
+                             hq, hkv, d, page, **self._common())
+            self.active = self.decode
+
+    def forward(self, q, k, v, k_cache, v_cache):
+        store_kv_triton(k, v, k_cache, v_cache, self.slot_mapping)
+        return self.active.run(q, (k_cache, v_cache))
+
+    # ---- CUDA graphs (decode) ------------------------------------------------------------------
+    def graph_wrappers(self, bs: int, max_pages: int, with_cascade: bool):
+        """Wrappers for one captured batch size; their index arrays live in fixed device buffers."""
+        i32 = dict(dtype=torch.int32, device=self.device)
+        decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.decode_tensor_cores,
+            paged_kv_indptr_buffer=torch.zeros(bs + 1, **i32), paged_kv_indices_buffer=torch.zeros(max_pages + bs, **i32),
+            paged_kv_last_page_len_buffer=torch.zeros(bs, **i32))
+        cascade = None
+        if with_cascade:
+            cascade = FlashInferCascadeAttention(
+                self.workspace, self.cascade_levels, self.num_qo_heads, self.num_kv_heads, self.head_dim,
+                self.page_size, self.dtype, bs, backend=self.cascade_backend, use_cuda_graph=True,
+                max_pages=max_pages, sm_scale=self.sm_scale)
+        self.graph[bs] = (decode, cascade)
+
+    def plan_graph(self, batch: StepBatch, bs: int, slot_mapping: torch.Tensor):
+        """Plan a decode batch of n <= bs requests on the wrappers captured for bs. Padded requests
+        read one token of page 0 and write nothing (their slot is -1 in the fixed slot buffer)."""
+        decode, cascade = self.graph[bs]
+        self.slot_mapping = slot_mapping
+        if batch.cascade is not None:
+            cascade.plan(batch.cascade)
+            self.active = cascade
+            return
+        n = len(batch.kv_lens)
+        pad = bs - n
+        indptr = np.concatenate([batch.kv_indptr, batch.kv_indptr[-1] + np.arange(1, pad + 1, dtype=np.int32)])
+        indices = np.concatenate([batch.kv_indices, np.zeros(pad, np.int32)])
+        last = np.concatenate([batch.kv_last_page_len, np.ones(pad, np.int32)])
+        t = torch.from_numpy
+        decode.plan(t(indptr), t(indices), t(last), self.num_qo_heads, self.num_kv_heads, self.head_dim,
+                    self.page_size, **self._common())
+        self.active = decode
+
+    def use_graph(self, bs: int, cascade: bool, slot_mapping: torch.Tensor):
+        """Select the wrappers of a captured size (for capture itself: plan them with a dummy batch first)."""
+        decode, casc = self.graph[bs]
+        self.active = casc if cascade else decode
+        self.slot_mapping = slot_mapping
