@@ -1,5 +1,6 @@
 """The engine: requests in, tokens out. `add_request` validates and queues; `step` runs one step."""
 from dataclasses import dataclass, fields
+from time import perf_counter
 
 from transformers import AutoTokenizer
 
@@ -37,7 +38,8 @@ class LLMEngine:
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self.seqs: dict[int, Sequence] = {}
         self.stats = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "cascade_steps": 0,
-                      "generated_tokens": 0, "prompt_tokens": 0, "max_batch_size": 0}
+                      "generated_tokens": 0, "prompt_tokens": 0, "max_batch_size": 0,
+                      "prefill_seconds": 0.0, "decode_seconds": 0.0}
 
     # ---- requests ---------------------------------------------------------------------------
     def make_sequence(self, prompt: str | list[int], sampling_params: SamplingParams) -> Sequence:
@@ -91,11 +93,13 @@ class LLMEngine:
 
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        start = perf_counter()
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return []
-        seqs, token_ids = self.model_runner.run(seqs, is_prefill)
+        seqs, token_ids = self.model_runner.run(seqs, is_prefill)  # ends in a host sync (.tolist())
         st = self.stats
+        st["prefill_seconds" if is_prefill else "decode_seconds"] += perf_counter() - start
         st["steps"] += 1
         st["prefill_steps" if is_prefill else "decode_steps"] += 1
         st["cascade_steps"] += self.model_runner.last_step_cascade

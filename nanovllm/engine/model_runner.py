@@ -221,11 +221,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_cuda_graphs(self):
-        """One graph per batch size (1, 2, 4, 8, 16, 32, ... up to max_num_seqs), twice with cascade on:
+        """One graph per batch size (1, 2, 4, 8, 16, 32, ... 256, 320, ... max_num_seqs), twice with cascade on:
         regular decode and cascade decode. Sizes are captured largest first so that smaller graphs
         reuse the memory pool of the larger ones."""
-        max_bs = min(self.config.max_num_seqs, 512)
-        self.graph_sizes = sorted({b for b in (1, 2, 4, 8) if b < max_bs} | set(range(16, max_bs, 16)) | {max_bs})
+        max_bs = self.config.max_num_seqs
+        sizes = {1, 2, 4, 8} | set(range(16, 257, 16)) | set(range(320, max_bs, 64))
+        self.graph_sizes = sorted({b for b in sizes if b < max_bs} | {max_bs})
         hidden_size = self.config.hf_config.hidden_size
         dev = self.device
         self.graph_vars = dict(

@@ -1,0 +1,113 @@
+"""Benchmarks W1-W4 (see ../shared/docs/workloads.md in the project notes and claude_docs/performance.md).
+
+    python bench.py --preset qwen3-0.6b                      # W1: throughput, random-weight Qwen3-0.6B
+    python bench.py --workload w2 --enable-cascade-attention # many shared system prompts
+    python bench.py --model PATH --workload w3               # one shared system prompt, a real checkpoint
+
+Each run prints output tokens, seconds and tok/s, and appends one JSON line to --json.
+"""
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+
+from nanovllm import LLM, SamplingParams
+
+
+def w1():
+    random.seed(0)
+    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))] for _ in range(256)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, 1024)) for _ in range(256)]
+    return prompts, params
+
+
+def shared_prompts(groups: int, per_group: int, system_len: int, question_len: int, output_len: int, seed: int = 0):
+    """SGLang's generated-shared-prefix workload: random-token system prompts, one per group."""
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(groups):
+        system = [rng.randint(0, 10000) for _ in range(system_len)]
+        prompts += [system + [rng.randint(0, 10000) for _ in range(question_len)] for _ in range(per_group)]
+    rng.shuffle(prompts)
+    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=output_len)] * len(prompts)
+    return prompts, params
+
+
+WORKLOADS = {
+    "w1": (w1, {}),
+    "w2": (lambda: shared_prompts(64, 16, 2048, 128, 256), dict(max_num_seqs=1024, max_model_len=2560)),
+    "w3": (lambda: shared_prompts(1, 1024, 8192, 128, 256), dict(max_num_seqs=1024, max_model_len=8704)),
+    "w4": (w1, dict(enable_cascade_attention=True)),
+}
+
+
+def run(args) -> dict:
+    model = args.model
+    if model is None:
+        from nanovllm.tools.make_model import make_model
+        model = os.path.join(tempfile.gettempdir(), f"nanovllm-{args.preset}")
+        if not os.path.exists(os.path.join(model, "config.json")):
+            make_model(args.preset, model, seed=0)
+    make, defaults = WORKLOADS[args.workload]
+    cfg = dict(defaults)
+    cfg.update(enforce_eager=args.enforce_eager)
+    if args.enable_cascade_attention:
+        cfg["enable_cascade_attention"] = True
+    for key in ("max_num_seqs", "max_num_batched_tokens", "kvcache_block_size", "gpu_memory_utilization", "max_model_len"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    t0 = time.perf_counter()
+    llm = LLM(model, **cfg)
+    startup = time.perf_counter() - t0
+    prompts, params = make()
+    llm.generate(["Benchmark: "], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    before = dict(llm.stats)
+    hits0 = llm.kv_usage()["cache_hit_tokens"]
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - t
+    output_tokens = sum(len(o["token_ids"]) for o in outs)
+    stats = {k: llm.stats[k] - before[k] for k in ("steps", "prefill_steps", "decode_steps", "cascade_steps",
+                                                   "prefill_seconds", "decode_seconds")}
+    kv = llm.kv_usage()
+    result = dict(
+        workload=args.workload, model=args.model or args.preset, cascade=bool(cfg.get("enable_cascade_attention")),
+        enforce_eager=args.enforce_eager, requests=len(prompts), output_tokens=output_tokens,
+        seconds=round(seconds, 3), output_tok_s=round(output_tokens / seconds, 1),
+        prompt_tokens=sum(len(p) for p in prompts), cached_prompt_tokens=kv["cache_hit_tokens"] - hits0,
+        decode_share=round(stats["decode_seconds"] / seconds, 3), startup_s=round(startup, 1),
+        kv_blocks=kv["blocks_total"], leaked_blocks=kv["blocks_used"], **stats)
+    if llm.model_runner.device.type == "cuda":
+        import torch
+        total = torch.cuda.get_device_properties(0).total_memory
+        result["peak_gpu_mem_frac"] = round(torch.cuda.max_memory_reserved() / total, 3)
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint folder (default: random weights of --preset)")
+    p.add_argument("--preset", default="qwen3-0.6b")
+    p.add_argument("--workload", default="w1", choices=sorted(WORKLOADS))
+    p.add_argument("--enable-cascade-attention", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--max-num-seqs", type=int)
+    p.add_argument("--max-num-batched-tokens", type=int)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--kvcache-block-size", type=int)
+    p.add_argument("--gpu-memory-utilization", type=float)
+    p.add_argument("--json", default="bench_results.jsonl", help="append the result as one JSON line here")
+    args = p.parse_args(argv)
+    result = run(args)
+    print(f"{args.workload}: {result['output_tokens']} output tokens in {result['seconds']:.2f} s = "
+          f"{result['output_tok_s']:.0f} tok/s (cascade={result['cascade']}, eager={args.enforce_eager})")
+    print(json.dumps(result))
+    with open(args.json, "a") as f:
+        f.write(json.dumps(result) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Everything GPU in one call, on the GPU machine (from the repo root):
+#   source .devkit/setup.sh && bash scripts/gpu_check.sh            # tests + all benchmarks
+#   TESTS=0 BENCH="w1 w1-eager" bash scripts/gpu_check.sh            # a subset
+# Runs the GPU tests (pytest -m gpu), then bench.py on random-weight Qwen3-0.6B, and prints a table last.
+set -uo pipefail
+out=${OUT:-/tmp/gpu_check}
+mkdir -p "$out"
+model=/tmp/qwen3-0.6b
+[[ -f $model/config.json ]] || python3 -m nanovllm.tools.make_model --preset qwen3-0.6b --out $model >/dev/null
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if [[ ${TESTS:-1} == 1 ]]; then
+  python3 -m pytest -q -m gpu -rA tests/ 2>&1 | tee "$out/gpu_tests.log" | grep -E "passed|failed|PASSED|FAILED|Error|divergence" | tail -40
+fi
+declare -A ARGS=(
+  [w1]="--workload w1" [w1-eager]="--workload w1 --enforce-eager"
+  [w2]="--workload w2" [w2-cascade]="--workload w2 --enable-cascade-attention"
+  [w3]="--workload w3" [w3-cascade]="--workload w3 --enable-cascade-attention"
+  [w4]="--workload w4"
+)
+for name in ${BENCH:-w1 w1-eager w2 w2-cascade w3 w3-cascade w4}; do
+  python3 bench.py --model $model ${ARGS[$name]} --json "$out/bench.jsonl" 2>&1 | grep -v "^{" | tail -3
+done
+python3 - "$out/bench.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])] if __import__("os").path.exists(sys.argv[1]) else []
+print(f"\n{'workload':8} {'cascade':7} {'eager':5} {'out tok':>8} {'sec':>7} {'tok/s':>8} {'decode%':>7} {'cached prompt':>14} {'casc steps':>10} {'peak mem':>8} {'leak':>4}")
+for r in rows:
+    print(f"{r['workload']:8} {str(r['cascade']):7} {str(r['enforce_eager']):5} {r['output_tokens']:8} {r['seconds']:7.2f} "
+          f"{r['output_tok_s']:8.0f} {100*r['decode_share']:6.1f}% {r['cached_prompt_tokens']:>14} {r['cascade_steps']:>10} "
+          f"{r.get('peak_gpu_mem_frac', 0):8.3f} {r['leaked_blocks']:>4}")
+PY
