@@ -1,4 +1,6 @@
 """Runs the model for one scheduled step: builds the inputs, plans attention once, samples."""
+from itertools import chain
+
 import numpy as np
 import torch
 
@@ -121,8 +123,11 @@ class ModelRunner:
         np.cumsum(q_lens, out=qo_indptr[1:])
         kv_indptr = np.zeros(len(seqs) + 1, dtype=np.int32)
         np.cumsum(num_pages, out=kv_indptr[1:])
-        kv_indices = np.fromiter((b for s, n in zip(seqs, num_pages) for b in s.block_table[:n]),
-                                 dtype=np.int32, count=int(kv_indptr[-1]))
+        if is_prefill:  # a prompt chunk may stop short of its allocated pages
+            tables = (s.block_table[:n] for s, n in zip(seqs, num_pages.tolist()))
+        else:           # decode: every page of every sequence
+            tables = (s.block_table for s in seqs)
+        kv_indices = np.fromiter(chain.from_iterable(tables), dtype=np.int32, count=int(kv_indptr[-1]))
         if is_prefill:
             input_ids = [t for s in seqs for t in s.token_ids[s.num_computed_tokens:s.num_computed_tokens + s.chunk_len]]
             # position of every query token, and the page that holds it

@@ -1,0 +1,91 @@
+"""Where a decode step's time goes, on the GPU machine: GPU kernels by category and host time.
+
+    python scripts/profile_step.py --model /tmp/qwen3-0.6b [--batch 256] [--context 600] [--cascade]
+
+Prefills `batch` requests of `context` random tokens, then profiles decode steps: kernel time by
+category (attention, GEMM, KV write, sampling, other) from torch.profiler, step wall time, and the
+host's share (wall minus GPU busy). Prints a markdown table (claude_docs/performance.md).
+"""
+import argparse
+import cProfile
+import io
+import pstats
+import random
+import time
+from collections import defaultdict
+
+import torch
+
+from nanovllm import LLM, SamplingParams
+
+CATEGORIES = [("attention", ("flashinfer", "BatchDecode", "BatchPrefill", "Prefill", "merge_state", "Attention")),
+              ("kv write", ("_store_kv",)),
+              ("gemm", ("gemm", "Gemm", "cutlass", "sm90", "xmma", "nvjet", "cublas", "splitK")),
+              ("sampling", ("softmax", "exponential", "argmax", "sort", "div", "where", "max_")),
+              ]
+
+
+def category(name: str) -> str:
+    for cat, keys in CATEGORIES:
+        if any(k in name for k in keys):
+            return cat
+    return "other (norm, rope, act, copies)"
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--context", type=int, default=600)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cascade", action="store_true")
+    p.add_argument("--shared", type=int, default=0, help="tokens of a system prompt all requests share")
+    p.add_argument("--enforce-eager", action="store_true")
+    args = p.parse_args()
+    llm = LLM(args.model, enable_cascade_attention=args.cascade, enforce_eager=args.enforce_eager,
+              max_num_seqs=max(args.batch, 16), max_model_len=args.context + 4 * args.steps + 64)
+    rng = random.Random(0)
+    system = [rng.randint(0, 10000) for _ in range(args.shared)]
+    prompts = [system + [rng.randint(0, 10000) for _ in range(args.context - args.shared)] for _ in range(args.batch)]
+    sp = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=4 * args.steps)
+    for prompt in prompts:
+        llm.add_request(prompt, sp)
+    while llm.stats["decode_steps"] < 3:   # prefill all, then a few decode steps
+        llm.step()
+    torch.cuda.synchronize()
+
+    prof_host = cProfile.Profile()
+    t = time.perf_counter()
+    prof_host.enable()
+    for _ in range(args.steps):
+        llm.step()
+    prof_host.disable()
+    wall = (time.perf_counter() - t) / args.steps
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            llm.step()
+        torch.cuda.synchronize()
+    times = defaultdict(float)
+    for ev in prof.key_averages():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            times[category(ev.key)] += ev.self_device_time_total / 1000 / args.steps  # ms per step
+    gpu = sum(times.values())
+    while not llm.is_finished():
+        llm.step()
+
+    print(f"\nbatch {args.batch}, context ~{args.context}, cascade={args.cascade}, "
+          f"eager={args.enforce_eager}, cascade steps={llm.stats['cascade_steps']}")
+    print("| part | ms / decode step | share |\n|---|---|---|")
+    for cat, ms in sorted(times.items(), key=lambda kv: -kv[1]):
+        print(f"| {cat} | {ms:.3f} | {100 * ms / (wall * 1000):.1f}% |")
+    print(f"| GPU busy (sum) | {gpu:.3f} | {100 * gpu / (wall * 1000):.1f}% |")
+    print(f"| host, not overlapped (wall - GPU) | {wall * 1000 - gpu:.3f} | {100 - 100 * gpu / (wall * 1000):.1f}% |")
+    print(f"| step wall time | {wall * 1000:.3f} | 100% |")
+    s = io.StringIO()
+    pstats.Stats(prof_host, stream=s).sort_stats("tottime").print_stats(25)
+    print(s.getvalue()[:6000])
+
+
+if __name__ == "__main__":
+    main()
