@@ -27,16 +27,17 @@ class SamplingParams:
             bad(f"temperature must be >= 0, got {self.temperature}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
-            bad(f"top_k must be -1 (off) or >= 0, got {self.top_k}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not -1 <= self.top_k < 2**31:
+            bad(f"top_k must be -1 (off) or in [0, 2**31), got {self.top_k}")
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             bad(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids must be non-negative integers")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            bad(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -2**63 <= self.seed < 2**63):
+            bad(f"seed must be a 64-bit integer, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:

@@ -21,13 +21,13 @@ from nanovllm import LLM, SamplingParams
 CATEGORIES = [("attention", ("flashinfer", "BatchDecode", "BatchPrefill", "Prefill", "merge_state", "Attention")),
               ("kv write", ("_store_kv",)),
               ("gemm", ("gemm", "Gemm", "cutlass", "sm90", "xmma", "nvjet", "cublas", "splitK")),
-              ("sampling", ("softmax", "exponential", "argmax", "sort", "div", "where", "max_")),
+              ("sampling", ("softmax", "exponential", "argmax", "sort", "distribution", "reduce", "radix", "cumsum")),
               ]
 
 
 def category(name: str) -> str:
     for cat, keys in CATEGORIES:
-        if any(k in name for k in keys):
+        if any(k.lower() in name.lower() for k in keys):
             return cat
     return "other (norm, rope, act, copies)"
 

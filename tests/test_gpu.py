@@ -93,7 +93,8 @@ def test_cuda_graph_decode_bit_identical_to_eager():
     batch, _ = layout([5, 17, 300, 1024, 64], [1] * 5)
     kc, vc = random_cache(4096)
     bs = 8
-    backend.graph_wrappers(bs, 4096, with_cascade=False)
+    backend.prepare_graphs(bs, 4096, with_cascade=False)
+    backend.graph_wrappers(bs)
     slots = torch.full((bs,), -1, dtype=torch.long, device="cuda")
     q = torch.randn(bs, HQ, D, device="cuda").to(DT)
     k = torch.zeros(bs, HKV, D, device="cuda", dtype=DT)
@@ -247,18 +248,42 @@ def first_divergence(a, b):
     return None
 
 
+def next_token_logits(llm, tokens):
+    """The engine's logits for the token after `tokens` (a one-request prefill)."""
+    llm.add_request(tokens, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    seqs, is_prefill = llm.scheduler.schedule()
+    runner = llm.model_runner
+    batch, ids, pos = runner.build_batch(seqs, is_prefill)
+    with torch.inference_mode():
+        logits = runner.forward(batch, ids, pos)[0].float()
+    llm.scheduler.postprocess(seqs, [int(logits.argmax())])
+    return logits
+
+
 def test_greedy_flashinfer_equals_torch_reference(gpu_model):
+    """bf16 greedy decoding, FlashInfer vs the PyTorch reference backend on the same weights. Where they
+    part, the reference's logits must be a near-tie there (a bf16 rounding flip), and we report it."""
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     ref = LLM(gpu_model, attention_backend="torch", enforce_eager=True, dtype="bfloat16", max_model_len=1024)
     expected = [o["token_ids"] for o in ref.generate(PROMPTS, sp, use_tqdm=False)]
-    del ref
     llm = LLM(gpu_model, dtype="bfloat16", max_model_len=1024, max_num_seqs=64)
     got = [o["token_ids"] for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
-    report = [first_divergence(a, b) for a, b in zip(got, expected)]
-    print("first divergence per prompt (None = identical over 40 tokens):", report)
-    assert all(d is None or d >= 32 for d in report), report
+    report = []
+    for prompt, a, b in zip(PROMPTS, got, expected):
+        d = first_divergence(a, b)
+        if d is None:
+            report.append("identical x40")
+            continue
+        logits = next_token_logits(ref, prompt + b[:d])
+        top2 = logits.topk(2).values
+        margin = float(top2[0] - top2[1])
+        chosen_gap = float(logits.max() - logits[a[d]])
+        report.append(f"diverges at {d}: reference top-2 margin {margin:.4f}, flashinfer's pick {chosen_gap:.4f} below the max")
+        assert chosen_gap <= 0.0625, report[-1]  # a bf16 ulp at |logit| ~ 4-8: a rounding flip, not a bug
+    print("FlashInfer vs reference, greedy bf16, 8 prompts:", report)
+    assert sum(r == "identical x40" for r in report) >= 6, report
     eager = LLM(gpu_model, dtype="bfloat16", max_model_len=1024, max_num_seqs=64, enforce_eager=True)
-    assert [o["token_ids"] for o in eager.generate(PROMPTS, sp, use_tqdm=False)] == got
+    assert [o["token_ids"] for o in eager.generate(PROMPTS, sp, use_tqdm=False)] == got, "graphs vs eager"
     bm = llm.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
 

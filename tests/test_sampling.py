@@ -72,7 +72,17 @@ def test_stop_strings_and_stop_token_ids(tiny_model, make_llm):
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(max_tokens=0),
-                                    dict(top_k=-2), dict(max_tokens=1.5)])
+                                    dict(top_k=-2), dict(max_tokens=1.5), dict(top_k=2**63), dict(seed=2**64)])
 def test_bad_sampling_params(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         SamplingParams(**kwargs)
+
+
+def test_stop_string_on_the_last_allowed_token_reports_stop(tiny_model, make_llm):
+    llm = make_llm(tiny_model)
+    free = llm.generate(["Item 2: value"], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)[0]
+    last_piece = llm.tokenizer.decode(free["token_ids"][-1:])
+    assert last_piece.strip(), "the test needs a visible last token"
+    out = llm.generate(["Item 2: value"], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                                         stop=[last_piece]), use_tqdm=False)[0]
+    assert out["finish_reason"] == "stop"

@@ -61,19 +61,36 @@ class FlashInferAttentionBackend(AttentionBackend):
         return self.active.run(q, (k_cache, v_cache))
 
     # ---- CUDA graphs (decode) ------------------------------------------------------------------
-    def graph_wrappers(self, bs: int, max_pages: int, with_cascade: bool):
-        """Wrappers for one captured batch size; their index arrays live in fixed device buffers."""
+    def prepare_graphs(self, max_bs: int, max_indices: int, with_cascade: bool):
+        """Device buffers shared by the wrappers of every captured batch size (one graph runs per
+        step), allocated before the KV cache is sized so that they are accounted for."""
         i32 = dict(dtype=torch.int32, device=self.device)
+        self.max_indices = max_indices
+        self.graph_decode_bufs = (torch.zeros(max_bs + 1, **i32), torch.zeros(max_indices + max_bs, **i32),
+                                  torch.zeros(max_bs, **i32))
+        self.graph_cascade_bufs = self.graph_cascade_outputs = None
+        if with_cascade:
+            self.graph_cascade_bufs = [(torch.zeros(max_bs + 1, **i32), torch.zeros(max_bs + 1, **i32),
+                                        torch.zeros(max_indices + max_bs, **i32), torch.zeros(max_bs, **i32))
+                                       for _ in range(self.cascade_levels)]
+            out = torch.empty(max_bs, self.num_qo_heads, self.head_dim, dtype=self.dtype, device=self.device)
+            lse = torch.empty(max_bs, self.num_qo_heads, dtype=torch.float32, device=self.device)
+            self.graph_cascade_outputs = (out, lse, torch.empty_like(out), torch.empty_like(lse))
+
+    def graph_wrappers(self, bs: int):
+        """Wrappers for one captured batch size, over views of the shared buffers."""
+        indptr, indices, last = self.graph_decode_bufs
         decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.decode_tensor_cores,
-            paged_kv_indptr_buffer=torch.zeros(bs + 1, **i32), paged_kv_indices_buffer=torch.zeros(max_pages + bs, **i32),
-            paged_kv_last_page_len_buffer=torch.zeros(bs, **i32))
+            paged_kv_indptr_buffer=indptr[:bs + 1], paged_kv_indices_buffer=indices,
+            paged_kv_last_page_len_buffer=last[:bs])
         cascade = None
-        if with_cascade:
+        if self.graph_cascade_bufs is not None:
+            bufs = [(qo[:bs + 1], kv[:bs + 1], idx, lpl[:bs]) for qo, kv, idx, lpl in self.graph_cascade_bufs]
             cascade = FlashInferCascadeAttention(
                 self.workspace, self.cascade_levels, self.num_qo_heads, self.num_kv_heads, self.head_dim,
                 self.page_size, self.dtype, bs, backend=self.cascade_backend, use_cuda_graph=True,
-                max_pages=max_pages, sm_scale=self.sm_scale)
+                sm_scale=self.sm_scale, buffers=bufs, outputs=self.graph_cascade_outputs)
         self.graph[bs] = (decode, cascade)
 
     def plan_graph(self, batch: StepBatch, bs: int, slot_mapping: torch.Tensor):

@@ -21,7 +21,11 @@ class FlashInferCascadeAttention:
 
     def __init__(self, workspace: torch.Tensor, num_levels: int, num_qo_heads: int, num_kv_heads: int,
                  head_dim: int, page_size: int, dtype: torch.dtype, max_rows: int, backend: str = "fa2",
-                 use_cuda_graph: bool = False, max_pages: int = 0, sm_scale: float | None = None):
+                 use_cuda_graph: bool = False, max_pages: int = 0, sm_scale: float | None = None,
+                 buffers: list | None = None, outputs: tuple | None = None):
+        """buffers: per level (qo_indptr, kv_indptr, kv_indices, last_page_len) device views for CUDA-graph
+        mode; outputs: (out, lse, level_out, level_lse) to use instead of allocating (callers that keep
+        one wrapper per captured batch size share the largest)."""
         self.num_levels = num_levels
         self.shape = (num_qo_heads, num_kv_heads, head_dim, page_size)
         self.dtype = dtype
@@ -32,19 +36,20 @@ class FlashInferCascadeAttention:
         if use_cuda_graph:
             # Fixed buffers per level; the group count of every level is fixed to max_rows.
             i32 = dict(dtype=torch.int32, device=dev)
-            self.buffers = [(torch.zeros(max_rows + 1, **i32), torch.zeros(max_rows + 1, **i32),
-                             torch.zeros(max_pages + max_rows, **i32), torch.zeros(max_rows, **i32))
-                            for _ in range(num_levels)]
+            self.buffers = buffers or [(torch.zeros(max_rows + 1, **i32), torch.zeros(max_rows + 1, **i32),
+                                        torch.zeros(max_pages + max_rows, **i32), torch.zeros(max_rows, **i32))
+                                       for _ in range(num_levels)]
             self.wrappers = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                 workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=b[0], paged_kv_indptr_buf=b[1],
                 paged_kv_indices_buf=b[2], paged_kv_last_page_len_buf=b[3], backend=backend) for b in self.buffers]
         else:
             self.wrappers = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
                              for _ in range(num_levels)]
-        self.out = torch.empty(max_rows, num_qo_heads, head_dim, dtype=dtype, device=dev)
-        self.lse = torch.empty(max_rows, num_qo_heads, dtype=torch.float32, device=dev)
-        self.level_out = torch.empty_like(self.out)
-        self.level_lse = torch.empty_like(self.lse)
+        if outputs is None:
+            out = torch.empty(max_rows, num_qo_heads, head_dim, dtype=dtype, device=dev)
+            lse = torch.empty(max_rows, num_qo_heads, dtype=torch.float32, device=dev)
+            outputs = (out, lse, torch.empty_like(out), torch.empty_like(lse))
+        self.out, self.lse, self.level_out, self.level_lse = outputs
         self.active: list = []
 
     def plan(self, plan: CascadePlan, num_rows: int | None = None):

@@ -114,6 +114,7 @@ class LLMEngine:
                 new_text = detok.add([seq.last_token])
                 if detok.stopped:
                     self.scheduler.finish(seq, "stop")
+                    seq.finish_reason = "stop"  # also when the same token hit max_tokens
                 elif seq.is_finished:
                     new_text += detok.flush()
             outputs.append(StepOutput(seq, [seq.last_token], new_text, seq.is_finished))

@@ -48,9 +48,13 @@ class ModelRunner:
         if config.enable_cascade_attention:
             from nanovllm.cascade.policy import CascadePolicy
             self.cascade = CascadePolicy(config, self.backend)
+        self.graphs: dict = {}
+        if not config.enforce_eager:
+            # Index buffers for every page list a batch can hold (with prefix sharing, more than the pages that exist).
+            max_indices = config.max_num_seqs * -(-config.max_model_len // self.block_size)
+            self.backend.prepare_graphs(config.max_num_seqs, max_indices, self.cascade is not None)
         self.num_kvcache_blocks = self._kv_cache_blocks()
         self._allocate_kv_cache()
-        self.graphs: dict = {}
         if not config.enforce_eager:
             self.capture_cuda_graphs()
 
@@ -69,39 +73,52 @@ class ModelRunner:
         return self._gpu_kv_cache_blocks()
 
     def _gpu_kv_cache_blocks(self) -> int:
-        """What is left of gpu_memory_utilization after weights and a worst-case prefill's activations."""
+        """What is left of gpu_memory_utilization after weights, the activations of the largest
+        prefill and of the largest decode step (sampler included), and the CUDA graphs' pool."""
         torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        self.warmup()
+        self.warmup(decode=False)
+        prefill_peak = torch.cuda.max_memory_allocated() - base
+        torch.cuda.reset_peak_memory_stats()
+        self.warmup(decode=True)
+        decode_peak = torch.cuda.max_memory_allocated() - base
+        # A graph's private pool keeps one decode step's activations for good, beside the allocator.
+        graph_pool = 0 if self.config.enforce_eager else decode_peak
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
         used = total - free
-        peak = torch.cuda.memory_stats()["allocated_bytes.all.peak"]
-        current = torch.cuda.memory_stats()["allocated_bytes.all.current"]
-        available = int(total * self.config.gpu_memory_utilization) - used - (peak - current)
+        available = int(total * self.config.gpu_memory_utilization) - used - max(prefill_peak, decode_peak) - graph_pool
         blocks = available // self._block_bytes()
         if blocks < 1:
             raise RuntimeError(f"no GPU memory left for the KV cache at gpu_memory_utilization="
                                f"{self.config.gpu_memory_utilization}")
         return int(blocks)
 
-    def warmup(self):
-        """One prefill as large as the token budget allows, without a KV cache, to measure activations."""
+    def warmup(self, decode: bool = False):
+        """The largest prefill (token budget) or decode step (max_num_seqs rows, sampled with top-k/top-p),
+        without a KV cache, to measure activation memory."""
         cfg = self.config
-        seq_len = min(cfg.max_num_batched_tokens, cfg.max_model_len)
-        num_seqs = max(1, min(cfg.max_num_batched_tokens // seq_len, cfg.max_num_seqs))
-        tokens = num_seqs * seq_len
-        ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
-        pos = torch.arange(seq_len, device=self.device).repeat(num_seqs)
+        if decode:
+            num_seqs = seq_len = cfg.max_num_seqs
+            pos = torch.zeros(num_seqs, dtype=torch.long, device=self.device)
+            rows = torch.arange(num_seqs, device=self.device)
+        else:
+            seq_len = min(cfg.max_num_batched_tokens, cfg.max_model_len)
+            num_seqs = max(1, min(cfg.max_num_batched_tokens // seq_len, cfg.max_num_seqs))
+            pos = torch.arange(seq_len, device=self.device).repeat(num_seqs)
+            rows = torch.arange(seq_len - 1, num_seqs * seq_len, seq_len, device=self.device)
+        ids = torch.zeros(len(pos), dtype=torch.long, device=self.device)
         with torch.inference_mode():
-            # Activations of the dense layers and the attention output dominate: run them with a
-            # dummy attention that returns q, so no cache is needed yet.
-            set_context(is_prefill=True, attn=_PassThroughAttention(), logits_indices=torch.arange(
-                seq_len - 1, tokens, seq_len, device=self.device))
-            hidden = self.model(ids, pos)
-            logits = self.model.compute_logits(hidden)
-            self.sampler(logits, torch.ones(num_seqs, device=self.device))
+            # Attention is stood in for by a pass-through (no cache exists yet): dense layers, logits
+            # and the sampler dominate the activations.
+            set_context(is_prefill=not decode, attn=_PassThroughAttention(), logits_indices=rows)
+            logits = self.model.compute_logits(self.model(ids, pos))
+            n = len(rows)
+            self.sampler(logits, torch.ones(n, device=self.device), torch.full((n,), 50, device=self.device),
+                         torch.full((n,), 0.9, device=self.device))
             reset_context()
-        del hidden, logits
+        del logits
         torch.cuda.synchronize()
 
     def _allocate_kv_cache(self):
@@ -243,7 +260,7 @@ class ModelRunner:
         modes = (False, True) if self.cascade is not None else (False,)
         pool = None
         for bs in reversed(self.graph_sizes):
-            self.backend.graph_wrappers(bs, self.num_kvcache_blocks, with_cascade=self.cascade is not None)
+            self.backend.graph_wrappers(bs)
             for cascade in modes:
                 self.backend.plan_graph(self._dummy_decode_batch(bs, cascade), bs, gv["slot_mapping"][:bs])
                 set_context(is_prefill=False, attn=self.backend)

@@ -1,0 +1,442 @@
+"""OpenAI-compatible HTTP API over the AsyncEngine: /v1/completions, /v1/chat/completions, /v1/models,
+/health and /metrics.
+
+Each handler parses and validates the whole request (types, ranges, context length, model name)
+before it queues anything, so a bad request costs the engine nothing. Errors use OpenAI's shape,
+{"error": {"message", "type", "param", "code"}}, with 400 / 401 / 404 as OpenAI would answer.
+"""
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import AutoTokenizer
+
+from nanovllm.entrypoints.async_engine import AsyncEngine, Delta, RequestStream
+from nanovllm.entrypoints.metrics import CONTENT_TYPE, render
+from nanovllm.sampling_params import SamplingParams
+
+MAX_N = 64                    # choices per prompt; each one is a sequence in the batch
+MAX_SEQS_PER_REQUEST = 256    # prompts x n
+INT64 = 2 ** 63
+
+# ---------------------------------------------------------------------------------------------
+# Protocol. Strict: JSON types must match ("5" is not an integer); unknown fields are ignored.
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Strict):
+    model: str | None = None        # optional here; when given it must be a served name (else 404)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    # Bounded here because the engine turns them into int64 tensors / generator seeds mid-step, where an
+    # overflow would fail the whole batch; any top_k >= the vocabulary keeps every token anyway.
+    top_k: int | None = Field(None, ge=-1, le=2 ** 31 - 1)  # extension (vLLM): -1 or 0 keeps all tokens
+    seed: int | None = Field(None, ge=-INT64, lt=INT64 - MAX_N)
+    ignore_eos: bool = False                            # extension: generate past EOS (benchmarks)
+    stop_token_ids: list[int] | None = None             # extension
+    presence_penalty: float | None = None               # accepted only as 0: not implemented
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)            # OpenAI's default; null: up to the context
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+    logprobs: int | None = None
+
+
+class ContentPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)          # chat default: up to the context
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list | None = None
+    response_format: dict | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+class ApiError(Exception):
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _validation_error(e: ValidationError) -> ApiError:
+    """The first problem pydantic found, as a 400 naming the parameter."""
+    err = e.errors()[0]
+    if err["type"] == "json_invalid":
+        return ApiError(400, f"Malformed JSON in request body: {err['msg']}", code="invalid_json")
+    if err["type"] == "model_type" and not err["loc"]:
+        return ApiError(400, "The request body must be a JSON object", code="invalid_json")
+    path, in_union = [], False
+    for part in err["loc"]:
+        # Union members appear in the path as type names ("str", "list[int]"): a type mismatch.
+        if isinstance(part, str) and ("[" in part or part in _TYPE_TAGS or part[:1].isupper()):
+            in_union = True
+            break
+        path.append(str(part))
+    name = ".".join(path) or None
+    param = path[0] if path else None
+    if err["type"] == "missing" and not in_union:
+        return ApiError(400, f"Missing required parameter: '{name}'", param=param, code="missing_required_parameter")
+    shown = repr(err.get("input"))
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    if in_union:
+        return ApiError(400, f"Invalid type for '{name}': {shown} matches none of the accepted types",
+                        param=param, code="invalid_type")
+    return ApiError(400, f"Invalid value for '{name}': {err['msg']} (got {shown})", param=param, code="invalid_value")
+
+
+def _parse(model: type[BaseModel], body: bytes):
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+
+
+def _unsupported(req: _SamplingRequest):
+    """Reject options we would otherwise silently ignore (a wrong answer is worse than a 400)."""
+    def no(param, why="is not supported"):
+        raise ApiError(400, f"'{param}' {why}", param=param, code="unsupported_parameter")
+    if req.presence_penalty:
+        no("presence_penalty", "is not supported (only 0)")
+    if req.frequency_penalty:
+        no("frequency_penalty", "is not supported (only 0)")
+    if req.logit_bias:
+        no("logit_bias")
+    if isinstance(req, CompletionRequest):
+        if req.logprobs is not None:
+            no("logprobs")
+        if req.echo:
+            no("echo")
+        if req.suffix:
+            no("suffix")
+        if req.best_of not in (None, req.n):
+            no("best_of", "must equal n (no server-side best-of sampling)")
+    else:
+        if req.logprobs or req.top_logprobs is not None:
+            no("logprobs")
+        if req.tools:
+            no("tools")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            no("response_format", "only {'type': 'text'} is supported")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building sequences
+
+
+class OpenAIServing:
+    """Turns parsed requests into validated engine sequences: model name, tokens, defaults, limits."""
+
+    def __init__(self, engine: AsyncEngine, served_model_names: list[str]):
+        self.engine = engine
+        self.model_names = served_model_names
+        config = engine.engine.config
+        # Our own tokenizer: the engine thread decodes with the engine's, and a tokenizer object is not
+        # safe to share across threads. Tokenizing here gives the same ids as engine.make_sequence(str).
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.max_model_len = config.max_model_len
+        self.kv_capacity = engine.engine.scheduler.block_manager.num_blocks * config.kvcache_block_size
+        self.created = int(time.time())
+
+    def check_model(self, name: str | None) -> str:
+        if name is None:
+            return self.model_names[0]
+        if name not in self.model_names:
+            raise ApiError(404, f"The model '{name}' does not exist; this server serves {self.model_names}",
+                           param="model", code="model_not_found")
+        return name
+
+    def _sampling_params(self, req: _SamplingRequest, max_tokens: int, choice: int) -> SamplingParams:
+        try:
+            return SamplingParams(
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=-1 if req.top_k is None else req.top_k,
+                max_tokens=max_tokens, ignore_eos=req.ignore_eos, stop=req.stop,
+                stop_token_ids=req.stop_token_ids or [],
+                # n > 1 with a seed: distinct but reproducible choices.
+                seed=None if req.seed is None else req.seed + choice)
+        except ValueError as e:
+            raise ApiError(400, str(e), param=_param_of(str(e)), code="invalid_value") from None
+
+    def make_sequences(self, req: _SamplingRequest, prompts: list[list[int]], max_tokens: int | None,
+                       prompt_param: str) -> list:
+        """n sequences per prompt, prompt-major (that is the choice index order); all validated first."""
+        if len(prompts) * req.n > MAX_SEQS_PER_REQUEST:
+            raise ApiError(400, f"{len(prompts)} prompts x n={req.n} is more than {MAX_SEQS_PER_REQUEST} "
+                                f"sequences in one request", param=prompt_param)
+        seqs = []
+        for token_ids in prompts:
+            # Default length: whatever fits the context and the KV pool after the prompt.
+            limit = max(1, min(self.max_model_len, self.kv_capacity) - len(token_ids))
+            for choice in range(req.n):
+                sp = self._sampling_params(req, max_tokens or limit, choice)
+                try:
+                    seq = self.engine.make_sequence(token_ids, sp)
+                except ValueError as e:
+                    code = "context_length_exceeded" if "too long" in str(e) else "invalid_value"
+                    raise ApiError(400, str(e), param=prompt_param, code=code) from None
+                seqs.append(seq)
+            if max_tokens is not None and len(token_ids) + max_tokens > self.max_model_len:
+                raise ApiError(400, f"max_tokens={max_tokens} plus the prompt's {len(token_ids)} tokens exceed "
+                                    f"max_model_len={self.max_model_len}; lower max_tokens or the prompt",
+                               param="max_tokens", code="context_length_exceeded")
+        return seqs
+
+    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        p = req.prompt
+        if isinstance(p, str):
+            return [self.tokenizer.encode(p)]
+        if not p or isinstance(p[0], int):
+            return [list(p)]
+        return [self.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in p]
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        messages = []
+        for m in req.messages:
+            content = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content or [])
+            role = "system" if m.role == "developer" else m.role
+            messages.append({"role": role, "content": content})
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # a template may reject a conversation (e.g. roles out of order)
+            raise ApiError(400, f"chat template failed on these messages: {e}", param="messages") from None
+        # The template wrote the special tokens already.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _param_of(message: str) -> str | None:
+    # SamplingParams messages read "SamplingParams: <param> must ..."
+    words = message.replace("SamplingParams:", "").split()
+    return words[0] if words else None
+
+
+def _usage(finals: list[Delta]) -> dict:
+    prompt = sum(d.prompt_tokens for d in finals)
+    completion = sum(d.completion_tokens for d in finals)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(d.cached_tokens for d in finals)}}
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _watch_disconnect(http_request: Request, engine: AsyncEngine, request: RequestStream):
+    """Wait for the client to leave; then abort its sequences and wake whoever waits on their deltas.
+
+    The body is already read, so the next ASGI message can only be http.disconnect."""
+    while True:
+        message = await http_request.receive()
+        if message["type"] == "http.disconnect":
+            engine.abort(request)
+            request.queue.put_nowait(Delta(-1, finished=True, error="client disconnected"))
+            return
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+
+def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str | None = None) -> FastAPI:
+    """The FastAPI app. Its lifespan starts the engine loop and, at shutdown, stops it."""
+    serving = OpenAIServing(engine, served_model_names)
+    http_errors: dict[int, int] = {}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="nanovllm", lifespan=lifespan)
+
+    def error_response(err: ApiError) -> JSONResponse:
+        http_errors[err.status] = http_errors.get(err.status, 0) + 1
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request, err: ApiError):
+        return error_response(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request, exc: StarletteHTTPException):
+        return error_response(ApiError(exc.status_code, str(exc.detail), code=None))
+
+    @app.exception_handler(Exception)
+    async def on_crash(request, exc: Exception):
+        return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+
+    async def check_api_key(request: Request):
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "Missing API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+        if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+    @app.get("/health")
+    async def health():
+        if not engine.is_alive:
+            return JSONResponse({"status": "engine loop not running"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(render(engine.snapshot, http_errors), media_type=CONTENT_TYPE)
+
+    @v1.get("/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": serving.created, "owned_by": "nanovllm",
+             "max_model_len": serving.max_model_len} for name in served_model_names]}
+
+    @v1.post("/completions")
+    async def completions(http_request: Request):
+        req = _parse(CompletionRequest, await http_request.body())
+        model = serving.check_model(req.model)
+        _unsupported(req)
+        seqs = serving.make_sequences(req, serving.completion_prompts(req), req.max_tokens, "prompt")
+        return await _respond(http_request, req, seqs, model, chat=False)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(http_request: Request):
+        req = _parse(ChatCompletionRequest, await http_request.body())
+        model = serving.check_model(req.model)
+        _unsupported(req)
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        seqs = serving.make_sequences(req, [serving.chat_prompt(req)], max_tokens, "messages")
+        return await _respond(http_request, req, seqs, model, chat=True)
+
+    async def _respond(http_request: Request, req: _SamplingRequest, seqs: list, model: str, chat: bool):
+        if not engine.is_alive:
+            raise ApiError(503, "the engine loop is not running", type="server_error")
+        index = {s.seq_id: i for i, s in enumerate(seqs)}
+        request = engine.submit(seqs, stream=req.stream)
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": None,
+                "created": int(time.time()), "model": model}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_stream(http_request, request, index, head, chat, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        watcher = asyncio.create_task(_watch_disconnect(http_request, engine, request))
+        finals: dict[int, Delta] = {}
+        try:
+            while not request.finished:
+                delta = await request.get()
+                if delta.seq_id == -1:  # our disconnect marker: nobody is left to answer
+                    raise ApiError(499, delta.error, type="client_closed_request")
+                if delta.error is not None:
+                    raise ApiError(500, delta.error, type="server_error")
+                if delta.finished:
+                    finals[delta.seq_id] = delta
+        finally:
+            watcher.cancel()
+            engine.abort(request)  # no-op unless we are leaving early
+        done = [finals[s.seq_id] for s in seqs]
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": d.final_text},
+                        "logprobs": None, "finish_reason": d.finish_reason} for i, d in enumerate(done)]
+            obj = "chat.completion"
+        else:
+            choices = [{"index": i, "text": d.final_text, "logprobs": None, "finish_reason": d.finish_reason}
+                       for i, d in enumerate(done)]
+            obj = "text_completion"
+        return {**head, "object": obj, "choices": choices, "usage": _usage(done)}
+
+    async def _stream(http_request: Request, request: RequestStream, index: dict[int, int], head: dict,
+                      chat: bool, include_usage: bool):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(i: int, text: str, finish_reason: str | None, first: bool = False) -> bytes:
+            if chat:
+                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            else:
+                choice = {"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            return _sse({**head, "object": obj, "choices": [choice]})
+
+        watcher = asyncio.create_task(_watch_disconnect(http_request, engine, request))
+        finals = []
+        try:
+            if chat:
+                for i in range(len(index)):
+                    yield chunk(i, "", None, first=True)
+            while not request.finished:
+                delta = await request.get()
+                if delta.error is not None:
+                    if delta.seq_id != -1:  # not our own disconnect marker: tell the client
+                        yield _sse(ApiError(500, delta.error, type="server_error").body())
+                        yield b"data: [DONE]\n\n"
+                    return
+                if delta.finished:
+                    finals.append(delta)
+                    yield chunk(index[delta.seq_id], delta.text, delta.finish_reason)
+                elif delta.text:
+                    yield chunk(index[delta.seq_id], delta.text, None)
+            if include_usage:
+                yield _sse({**head, "object": obj, "choices": [], "usage": _usage(finals)})
+            yield b"data: [DONE]\n\n"
+        finally:
+            # Reached on normal end, on our disconnect marker, and when Starlette cancels the
+            # response because the client left: in every case free what is still running.
+            watcher.cancel()
+            engine.abort(request)
+
+    app.include_router(v1)
+    return app

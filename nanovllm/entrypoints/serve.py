@@ -1,0 +1,119 @@
+"""Start the OpenAI-compatible server:
+
+    python -m nanovllm.entrypoints.serve --model PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+        [--served-model-name NAME ...] [engine options: --max-num-seqs 64 --enable-cascade-attention ...]
+
+Engine options are made from the fields of nanovllm.config.Config (one flag per field, dashes for
+underscores), so the server accepts exactly what LLMEngine does and never drifts from it.
+"""
+import argparse
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import MISSING, fields
+
+from nanovllm.config import Config
+
+_NOT_OPTIONS = {"model", "hf_config", "eos_token_id"}
+
+
+def add_engine_args(parser: argparse.ArgumentParser):
+    group = parser.add_argument_group("engine options (nanovllm.config.Config)")
+    for f in fields(Config):
+        if f.name in _NOT_OPTIONS or f.default is MISSING:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        # default=None: only options given on the command line reach Config, the rest keep its defaults.
+        if isinstance(f.default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"(default {f.default})")
+        else:
+            group.add_argument(flag, type=type(f.default), default=None, metavar=f.name.upper(),
+                               help=f"(default {f.default})")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return {f.name: getattr(args, f.name) for f in fields(Config)
+            if f.name not in _NOT_OPTIONS and getattr(args, f.name, None) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanovllm serve", description="OpenAI-compatible server for nanovllm")
+    parser.add_argument("--model", required=True, help="model folder (Hugging Face layout)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=os.environ.get("NANOVLLM_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: $NANOVLLM_API_KEY, else none)")
+    parser.add_argument("--served-model-name", nargs="+", default=None,
+                        help="model name(s) clients use (default: the --model path)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_engine_args(parser)
+    return parser
+
+
+def build(model: str, served_model_names: list[str] | None = None, api_key: str | None = None, **engine_config):
+    """The engine, its loop and the app (the loop starts with the app's lifespan)."""
+    # Imported here so that `--help` answers without loading torch.
+    from nanovllm.engine.llm_engine import LLMEngine
+    from nanovllm.entrypoints.async_engine import AsyncEngine
+    from nanovllm.entrypoints.openai_server import build_app
+    engine = AsyncEngine(LLMEngine(model, **engine_config))
+    app = build_app(engine, served_model_names or [model], api_key=api_key)
+    return engine, app
+
+
+class ServerThread:
+    """A server in a background thread on a port picked by the OS: for tests and notebooks.
+
+    The socket is bound before the thread starts, so the port is known and nobody else can take it."""
+
+    def __init__(self, model: str, served_model_names: list[str] | None = None, api_key: str | None = None,
+                 host: str = "127.0.0.1", log_level: str = "warning", **engine_config):
+        import uvicorn
+        self.engine, self.app = build(model, served_model_names, api_key, **engine_config)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.host, self.port = self.sock.getsockname()[:2]
+        config = uvicorn.Config(self.app, log_level=log_level, timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="nanovllm-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 30.0):
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def main(argv: list[str] | None = None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+    _, app = build(args.model, args.served_model_name, args.api_key, **engine_kwargs(args))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+
+
+if __name__ == "__main__":
+    main()

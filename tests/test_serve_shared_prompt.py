@@ -1,0 +1,66 @@
+"""scripts/serve_shared_prompt.py against a live server: it completes every request, measures TTFT and
+ITL, and sees prefix-cache hits when several requests share a system prompt."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from nanovllm.entrypoints.metrics import parse
+from nanovllm.entrypoints.serve import ServerThread
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "serve_shared_prompt.py")
+API_KEY = "load-key"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    # Cascade on: requests sharing a system prompt are what it is for, and /metrics should count it.
+    with ServerThread(tiny_model, ["tiny"], api_key=API_KEY, max_model_len=512, max_num_seqs=32,
+                      enable_cascade_attention=True) as s:
+        yield s
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_shared_prompt_load_reports_cache_hits(server, tmp_path):
+    out = tmp_path / "result.json"
+    p = run_script("--base-url", f"{server.url}/v1", "--model", "tiny", "--api-key", API_KEY,
+                   "--concurrency", "4", "--groups", "2", "--system-tokens", "64", "--question-tokens", "8",
+                   "--output-tokens", "4", "--requests", "12", "--seed", "1", "--out", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    result = json.loads(out.read_text())
+    assert result["server_is_nanovllm"] and result["ignore_eos"]
+    assert result["completed"] == 12 and result["errors"] == 0
+    assert result["total_output_tokens"] == 12 * 4  # ignore_eos: exactly O tokens each
+    assert result["request_throughput_rps"] > 0 and result["output_throughput_tok_s"] > 0
+    for key in ("ttft_s", "itl_s", "e2e_latency_s"):
+        assert result[key]["p50"] is not None and result[key]["p50"] <= result[key]["p99"], key
+    assert result["itl_s"]["count"] == 12 * 3
+    # 2 system prompts, 12 requests: 10 of them find their system prompt's pages cached.
+    assert result["prefix_cache_hit_rate"] > 0
+    assert result["usage_cached_token_ratio"] > 0
+    assert "ttft" in p.stdout and "prefix_cache_hit_rate" in p.stdout
+    assert parse(httpx.get(f"{server.url}/metrics").text)["nanovllm_cascade_steps_total"] > 0
+    # Nothing left running or holding pages.
+    deadline = time.monotonic() + 5
+    while parse(httpx.get(f"{server.url}/metrics").text)["nanovllm_kv_blocks_used"] != 0:
+        assert time.monotonic() < deadline, "KV pages still held after the run"
+        time.sleep(0.02)
+
+
+def test_script_reports_errors(server, tmp_path):
+    """A wrong key: every request fails, the run still ends, and the exit status says so."""
+    p = run_script("--base-url", f"{server.url}/v1", "--model", "tiny", "--api-key", "wrong",
+                   "--concurrency", "2", "--groups", "1", "--system-tokens", "8", "--question-tokens", "2",
+                   "--output-tokens", "2", "--requests", "3", "--out", str(tmp_path / "r.json"))
+    assert p.returncode == 1
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["errors"] == 3 and result["completed"] == 0 and "401" in result["error_samples"][0]

@@ -1,0 +1,429 @@
+"""The OpenAI-compatible server, live on 127.0.0.1: official client, batching parity with the offline
+API, aborts on disconnect, error answers, bounded load, and no leaked KV pages at the end."""
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import assert_no_leaks
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.entrypoints.metrics import parse
+from nanovllm.entrypoints.serve import ServerThread
+
+API_KEY = "test-key"
+MODEL = "tiny"
+ENGINE = dict(max_model_len=512, max_num_seqs=64)
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+ABORTED = 'nanovllm_sequences_finished_total{reason="abort"}'
+
+
+def wait_until(condition, timeout: float, interval: float = 0.01) -> float:
+    """Poll until condition() is true; returns the seconds it took (fails the test past the timeout)."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
+def metrics(server) -> dict[str, float]:
+    r = httpx.get(f"{server.url}/metrics", timeout=10)
+    assert r.status_code == 200
+    return parse(r.text)
+
+
+def idle(server) -> bool:
+    m = metrics(server)
+    return (m["nanovllm_num_requests_running"] == 0 and m["nanovllm_num_requests_waiting"] == 0
+            and m["nanovllm_kv_blocks_used"] == 0 and m["nanovllm_live_requests"] == 0)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    s = ServerThread(tiny_model, [MODEL], api_key=API_KEY, **ENGINE).start()
+    yield s
+    try:
+        wait_until(lambda: idle(s), timeout=10)
+    finally:
+        s.stop()
+    assert not s.engine.is_alive
+    engine = s.engine.engine  # the loop has exited: the engine is ours to inspect
+    assert_no_leaks(engine)
+    assert not engine.seqs and not engine.detokenizers, "per-request state left in the engine"
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture
+def oai(server):
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60) as c:
+        yield c
+
+
+def small_request_ok(client):
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+# ---- the official client ------------------------------------------------------------------------
+
+def test_openai_client_completions(oai):
+    kwargs = dict(model=MODEL, prompt="The small engine reads a prompt", max_tokens=8, temperature=0,
+                  extra_body={"ignore_eos": True})
+    r = oai.completions.create(**kwargs)
+    assert r.object == "text_completion" and r.model == MODEL
+    assert len(r.choices) == 1 and r.choices[0].finish_reason == "length"
+    u = r.usage
+    assert u.completion_tokens == 8 and u.prompt_tokens > 0
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert u.prompt_tokens_details.cached_tokens >= 0
+
+    chunks = list(oai.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == r.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 8
+    # Same prompt again: its full pages come from the prefix cache.
+    again = oai.completions.create(**kwargs)
+    assert again.choices[0].text == r.choices[0].text
+
+
+def test_openai_client_chat(oai):
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    kwargs = dict(model=MODEL, messages=messages, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    r = oai.chat.completions.create(**kwargs)
+    assert r.object == "chat.completion"
+    msg = r.choices[0].message
+    assert msg.role == "assistant" and isinstance(msg.content, str)
+    assert r.usage.completion_tokens == 8
+
+    chunks = list(oai.chat.completions.create(**kwargs, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == msg.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+    # max_completion_tokens is the newer name; without either, chat may use the whole context.
+    r2 = oai.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=3, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert r2.usage.completion_tokens == 3
+    assert [m.id for m in oai.models.list().data] == [MODEL]
+
+
+def test_n_choices_and_prompt_lists(client):
+    r = client.post("/v1/completions", json={"prompt": "Hello", "n": 3, "max_tokens": 3, "seed": 7,
+                                             "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert body["usage"]["completion_tokens"] == 9
+    for prompt in (["Hello", "World"], [[1, 2, 3], [4, 5]]):
+        r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
+    r = client.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3
+    # A seed makes sampling reproducible.
+    seeded = {"prompt": "Hello", "max_tokens": 6, "temperature": 1.0, "seed": 123}
+    assert client.post("/v1/completions", json=seeded).json()["choices"] == \
+        client.post("/v1/completions", json=seeded).json()["choices"]
+
+
+def test_stop_strings(client):
+    base = {"prompt": "The small engine reads a prompt", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    full = client.post("/v1/completions", json=base).json()["choices"][0]["text"]
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assume_text = full[:full.find(stop)]
+    r = client.post("/v1/completions", json={**base, "stop": [stop]}).json()["choices"][0]
+    assert r["text"] == assume_text and r["finish_reason"] in ("stop", "length")
+
+
+# ---- continuous batching across clients ---------------------------------------------------------
+
+SUBJECTS = ["The model", "A user", "Every request", "The scheduler", "Our server", "This cache", "The teacher",
+            "A student"]
+VERBS = ["reads", "writes", "computes", "returns"]
+
+
+def test_concurrent_greedy_matches_offline(server, tiny_model):
+    prompts = [f"{s} {v} item {i}:" for i, (s, v) in enumerate((s, v) for s in SUBJECTS for v in VERBS)]
+    assert len(prompts) == 32
+    before = metrics(server)
+
+    async def one(c, prompt):
+        r = await c.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 12,
+                                                  "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    async def all_at_once():
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=120,
+                                     limits=httpx.Limits(max_connections=32)) as c:
+            return await asyncio.gather(*(one(c, p) for p in prompts))
+
+    served = asyncio.run(all_at_once())
+    offline = LLM(tiny_model, **ENGINE).generate(prompts, SamplingParams(temperature=0, max_tokens=12),
+                                                 use_tqdm=False)
+    for got, want in zip(served, offline):
+        choice = got["choices"][0]
+        assert choice["text"] == want["text"]
+        assert got["usage"]["completion_tokens"] == len(want["token_ids"])
+        assert choice["finish_reason"] == want["finish_reason"]
+    after = metrics(server)
+    assert after["nanovllm_max_batch_size"] > 1
+    batched = lambda m: m["nanovllm_step_batch_size_count"] - m['nanovllm_step_batch_size_bucket{le="1"}']
+    assert batched(after) > batched(before), "no step ran more than one of these requests"
+
+
+# ---- clients that leave -------------------------------------------------------------------------
+
+LONG = {"model": MODEL, "prompt": "A heron stood in the shallows", "max_tokens": 480, "ignore_eos": True}
+
+
+def test_stream_disconnect_aborts(server):
+    aborted = metrics(server)[ABORTED]
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
+            assert r.status_code == 200
+            data_lines = 0
+            for line in r.iter_lines():
+                data_lines += line.startswith("data:")
+                if data_lines == 3:
+                    break
+        # leaving both blocks closes the connection mid-stream
+    took = wait_until(lambda: metrics(server)[ABORTED] == aborted + 1, timeout=1.0)
+    assert took < 1.0
+    wait_until(lambda: idle(server), timeout=1.0)
+
+
+def test_non_stream_disconnect_aborts(server):
+    aborted = metrics(server)[ABORTED]
+    body = json.dumps(LONG).encode()
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    wait_until(lambda: metrics(server)["nanovllm_num_requests_running"] == 1, timeout=5)
+    sock.close()
+    assert wait_until(lambda: metrics(server)[ABORTED] == aborted + 1, timeout=1.0) < 1.0
+    wait_until(lambda: idle(server), timeout=1.0)
+
+
+# ---- errors: OpenAI's shape, the right status, and the server keeps serving ---------------------
+
+C, CHAT = "/v1/completions", "/v1/chat/completions"
+USER = [{"role": "user", "content": "hi"}]
+ERROR_CASES = [
+    # (id, path, body (bytes are sent raw), headers, status, words the message must name, param)
+    ("malformed-json", C, b'{"prompt": "hi",', AUTH, 400, ["JSON"], None),
+    ("not-an-object", C, b'["hi"]', AUTH, 400, ["JSON object"], None),
+    ("max-tokens-type", C, {"prompt": "hi", "max_tokens": "ten"}, AUTH, 400, ["max_tokens"], "max_tokens"),
+    ("prompt-type", C, {"prompt": 5}, AUTH, 400, ["prompt"], "prompt"),
+    ("prompt-missing", C, {"max_tokens": 3}, AUTH, 400, ["prompt"], "prompt"),
+    ("stream-type", C, {"prompt": "hi", "stream": "yes"}, AUTH, 400, ["stream"], "stream"),
+    ("temperature-range", C, {"prompt": "hi", "temperature": -0.5}, AUTH, 400, ["temperature"], "temperature"),
+    ("top-p-range", C, {"prompt": "hi", "top_p": 0}, AUTH, 400, ["top_p"], "top_p"),
+    ("top-k-range", C, {"prompt": "hi", "top_k": -5}, AUTH, 400, ["top_k"], "top_k"),
+    ("max-tokens-range", C, {"prompt": "hi", "max_tokens": 0}, AUTH, 400, ["max_tokens"], "max_tokens"),
+    ("n-range", C, {"prompt": "hi", "n": 0}, AUTH, 400, ["'n'"], "n"),
+    ("empty-stop", C, {"prompt": "hi", "stop": [""]}, AUTH, 400, ["stop"], "stop"),
+    ("token-id-range", C, {"prompt": [1, 10 ** 9]}, AUTH, 400, ["token ids out of range"], "prompt"),
+    ("empty-prompt", C, {"prompt": ""}, AUTH, 400, ["empty"], "prompt"),
+    ("prompt-too-long", C, {"prompt": "hello " * 2000}, AUTH, 400, ["too long", "max_model_len"], "prompt"),
+    ("output-too-long", C, {"prompt": "hi", "max_tokens": 100000}, AUTH, 400, ["max_tokens", "max_model_len"],
+     "max_tokens"),
+    ("seed-range", C, {"prompt": "hi", "seed": 2 ** 64}, AUTH, 400, ["seed"], "seed"),
+    ("top-k-overflow", C, {"prompt": "hi", "top_k": 2 ** 63}, AUTH, 400, ["top_k"], "top_k"),
+    ("logprobs", C, {"prompt": "hi", "logprobs": 1}, AUTH, 400, ["logprobs"], "logprobs"),
+    ("too-many-sequences", C, {"prompt": ["a", "b", "c", "d", "e"], "n": 64}, AUTH, 400, ["sequences"], "prompt"),
+    ("unsupported", C, {"prompt": "hi", "presence_penalty": 0.5}, AUTH, 400, ["presence_penalty"],
+     "presence_penalty"),
+    ("chat-messages-empty", CHAT, {"messages": []}, AUTH, 400, ["messages"], "messages"),
+    ("chat-messages-type", CHAT, {"messages": "hi"}, AUTH, 400, ["messages"], "messages"),
+    ("chat-role", CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, AUTH, 400, ["messages.0.role"],
+     "messages"),
+    ("chat-max-completion-tokens", CHAT, {"messages": USER, "max_completion_tokens": -1}, AUTH, 400,
+     ["max_completion_tokens"], "max_completion_tokens"),
+    ("chat-too-long", CHAT, {"messages": [{"role": "user", "content": "hello " * 2000}]}, AUTH, 400,
+     ["too long"], "messages"),
+    ("no-key", C, {"prompt": "hi"}, {}, 401, ["API key"], None),
+    ("wrong-key", C, {"prompt": "hi"}, {"Authorization": "Bearer nope"}, 401, ["API key"], None),
+    ("unknown-model", C, {"model": "gpt-9", "prompt": "hi"}, AUTH, 404, ["gpt-9"], "model"),
+    ("unknown-model-chat", CHAT, {"model": "gpt-9", "messages": USER}, AUTH, 404, ["gpt-9"], "model"),
+    ("unknown-route", "/v1/nothing", {}, AUTH, 404, ["Not Found"], None),
+]
+
+
+@pytest.mark.parametrize("name,path,body,headers,status,words,param", ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
+def test_error_answers(server, client, name, path, body, headers, status, words, param):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with httpx.Client(base_url=server.url, timeout=30) as bare:  # no default auth header here
+        r = bare.post(path, content=content, headers={"Content-Type": "application/json", **headers})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    for word in words:
+        assert word in error["message"], error["message"]
+    assert error["param"] == param
+    small_request_ok(client)  # the engine kept serving
+
+
+def test_error_in_openai_client(oai):
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model=MODEL, prompt="hi", temperature=5)
+    assert "temperature" in str(e.value)
+    with pytest.raises(openai.NotFoundError):
+        oai.completions.create(model="gpt-9", prompt="hi")
+    with openai.OpenAI(base_url=oai.base_url, api_key="wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+
+
+def test_engine_failure_fails_requests_not_the_server(server, client, monkeypatch):
+    engine = server.engine.engine
+    real_step = engine.step
+    failures = []
+
+    def step_failing_once():
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("injected step failure")
+        return real_step()
+
+    body = {"prompt": "Hello", "max_tokens": 4, "ignore_eos": True}
+    monkeypatch.setattr(engine, "step", step_failing_once)
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 500 and "injected step failure" in r.json()["error"]["message"]
+    small_request_ok(client)
+
+    failures.clear()
+    lines = client.post("/v1/completions", json={**body, "stream": True}).text.split("\n\n")
+    assert "injected step failure" in lines[0] and lines[1] == "data: [DONE]"
+    small_request_ok(client)
+    wait_until(lambda: idle(server), timeout=5)
+
+
+def test_health_and_metrics_need_no_key(server, client):
+    assert client.post("/v1/completions", json={"prompt": "hi", "top_p": 2}).status_code == 400
+    repeated = {"prompt": "A heron stood in the shallows, watching the water with great patience " * 3,
+                "max_tokens": 1}
+    for _ in range(2):  # the second one hits the first one's pages
+        assert client.post("/v1/completions", json=repeated).status_code == 200
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    r = httpx.get(f"{server.url}/metrics")
+    assert r.headers["content-type"].startswith("text/plain")
+    m = parse(r.text)
+    for name in ("nanovllm_kv_blocks_used", "nanovllm_kv_blocks_free", "nanovllm_prefix_cache_hit_rate",
+                 "nanovllm_generation_tokens_total", "nanovllm_cascade_steps_total",
+                 'nanovllm_http_errors_total{status="400"}'):
+        assert name in m, name
+    assert m["nanovllm_prefix_cache_hit_tokens_total"] > 0 and m["nanovllm_prefix_cache_hit_rate"] > 0
+
+
+# ---- bounded load ---------------------------------------------------------------------------------
+
+def test_bounded_load(server):
+    num_requests, num_clients = 200, 64
+    prompts = [f"{SUBJECTS[i % 8]} {VERBS[i % 4]} request {i} of the load test" for i in range(num_requests)]
+
+    async def one(c, i):
+        body = {"model": MODEL, "prompt": prompts[i], "max_tokens": 4, "temperature": 0.8, "seed": i,
+                "ignore_eos": True, "stream": i % 2 == 0}
+        if not body["stream"]:
+            r = await c.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["completion_tokens"]
+        chunks = 0
+        async with c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data:") and line != "data: [DONE]":
+                    chunks += bool(json.loads(line[5:])["choices"][0]["text"])
+        return chunks
+
+    async def run_load():
+        todo = iter(range(num_requests))
+        done = []
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=120,
+                                     limits=httpx.Limits(max_connections=num_clients)) as c:
+            async def worker():
+                for i in todo:
+                    done.append(await one(c, i))
+            await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(num_clients))), timeout=150)
+        return done
+
+    done = asyncio.run(run_load())
+    assert len(done) == num_requests
+    assert all(n >= 1 for n in done)
+    wait_until(lambda: idle(server), timeout=5)
+    m = metrics(server)
+    assert m["nanovllm_kv_blocks_used"] == 0
+    assert m["nanovllm_kv_blocks_free"] == m["nanovllm_kv_blocks_total"]
+
+
+def test_no_leaked_blocks_at_the_end(server):
+    wait_until(lambda: idle(server), timeout=5)
+
+
+# ---- the command lines ----------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_command_line(tiny_model, tmp_path):
+    """python -m nanovllm.entrypoints.serve: starts, answers, and exits cleanly on Ctrl-C."""
+    port = free_port()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "nanovllm.entrypoints.serve", "--model", tiny_model, "--port", str(port),
+           "--served-model-name", "cli-tiny", "--max-model-len", "256", "--max-num-seqs", "8",
+           "--no-enable-prefix-caching", "--log-level", "warning"]
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out, subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT) as proc:
+        try:
+            url = f"http://127.0.0.1:{port}"
+
+            def up():
+                assert proc.poll() is None, log.read_text()
+                try:
+                    return httpx.get(f"{url}/health", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return False
+            wait_until(up, timeout=60, interval=0.1)
+            r = httpx.post(f"{url}/v1/completions", json={"model": "cli-tiny", "prompt": "Hello", "max_tokens": 3,
+                                                         "ignore_eos": True}, timeout=30)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+            assert parse(httpx.get(f"{url}/metrics").text)["nanovllm_kv_blocks_total"] > 0
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 0, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_generate_command(tiny_model, capsys):
+    from nanovllm.cli import main
+    prompts = ["Hello", "The small engine reads a prompt"]
+    assert main(["generate", "--model", tiny_model, "--max-tokens", "5", "--max-model-len", "128",
+                 "--ignore-eos", "--json", *prompts]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    want = LLM(tiny_model, max_model_len=128).generate(
+        prompts, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert [x["text"] for x in lines] == [w["text"] for w in want]
+    assert [x["num_tokens"] for x in lines] == [5, 5]
+    assert main(["nonsense"]) == 2
