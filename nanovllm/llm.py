@@ -35,7 +35,9 @@ class LLM(LLMEngine):
                 if done:
                     bar.update(done)
                 bar.set_postfix(tok_s=f"{tokens / max(perf_counter() - start, 1e-9):.0f}", refresh=False)
+            self.drain()  # a step launched before the last ones ended
         except BaseException:
+            self.drain()
             for seq in seqs:
                 self.abort_request(seq.seq_id)
             raise

@@ -256,7 +256,8 @@ def next_token_logits(llm, tokens):
     batch, ids, pos = runner.build_batch(seqs, is_prefill)
     with torch.inference_mode():
         logits = runner.forward(batch, ids, pos)[0].float()
-    llm.scheduler.postprocess(seqs, [int(logits.argmax())])
+    samples = llm.scheduler.launched(seqs)
+    llm.scheduler.postprocess(seqs, [int(logits.argmax())], samples)
     return logits
 
 
@@ -264,9 +265,10 @@ def test_greedy_flashinfer_equals_torch_reference(gpu_model):
     """bf16 greedy decoding, FlashInfer vs the PyTorch reference backend on the same weights. Where they
     part, the reference's logits must be a near-tie there (a bf16 rounding flip), and we report it."""
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    ref = LLM(gpu_model, attention_backend="torch", enforce_eager=True, dtype="bfloat16", max_model_len=1024)
+    ref = LLM(gpu_model, attention_backend="torch", enforce_eager=True, dtype="bfloat16", max_model_len=1024,
+              num_kvcache_blocks=2048)
     expected = [o["token_ids"] for o in ref.generate(PROMPTS, sp, use_tqdm=False)]
-    llm = LLM(gpu_model, dtype="bfloat16", max_model_len=1024, max_num_seqs=64)
+    llm = LLM(gpu_model, dtype="bfloat16", max_model_len=1024, max_num_seqs=64, num_kvcache_blocks=2048)
     got = [o["token_ids"] for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
     report = []
     for prompt, a, b in zip(PROMPTS, got, expected):
@@ -282,7 +284,8 @@ def test_greedy_flashinfer_equals_torch_reference(gpu_model):
         assert chosen_gap <= 0.0625, report[-1]  # a bf16 ulp at |logit| ~ 4-8: a rounding flip, not a bug
     print("FlashInfer vs reference, greedy bf16, 8 prompts:", report)
     assert sum(r == "identical x40" for r in report) >= 6, report
-    eager = LLM(gpu_model, dtype="bfloat16", max_model_len=1024, max_num_seqs=64, enforce_eager=True)
+    eager = LLM(gpu_model, dtype="bfloat16", max_model_len=1024, max_num_seqs=64, enforce_eager=True,
+                num_kvcache_blocks=2048)
     assert [o["token_ids"] for o in eager.generate(PROMPTS, sp, use_tqdm=False)] == got, "graphs vs eager"
     bm = llm.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
@@ -296,10 +299,11 @@ def test_greedy_cascade_on_equals_off_gpu(gpu_model):
         prompts += [system + [rng.randrange(1900) for _ in range(rng.randrange(3, 50))] for _ in range(members)]
     rng.shuffle(prompts)
     sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    off = LLM(gpu_model, dtype="bfloat16", max_model_len=2048, max_num_seqs=64)
+    off = LLM(gpu_model, dtype="bfloat16", max_model_len=2048, max_num_seqs=64, num_kvcache_blocks=4096)
     expected = [o["token_ids"] for o in off.generate(prompts, sp, use_tqdm=False)]
     del off
-    on = LLM(gpu_model, dtype="bfloat16", max_model_len=2048, max_num_seqs=64, enable_cascade_attention=True)
+    on = LLM(gpu_model, dtype="bfloat16", max_model_len=2048, max_num_seqs=64, enable_cascade_attention=True,
+             num_kvcache_blocks=4096)
     on.model_runner.cascade.cost_model = __import__("nanovllm.cascade.cost_model", fromlist=["x"]).AlwaysCascade()
     got = [o["token_ids"] for o in on.generate(prompts, sp, use_tqdm=False)]
     report = [first_divergence(a, b) for a, b in zip(got, expected)]

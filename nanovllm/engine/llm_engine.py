@@ -37,6 +37,7 @@ class LLMEngine:
         self.vocab_size = config.hf_config.vocab_size
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self.seqs: dict[int, Sequence] = {}
+        self.in_flight = None  # the step launched last, not yet collected
         self.stats = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "cascade_steps": 0,
                       "generated_tokens": 0, "prompt_tokens": 0, "max_batch_size": 0,
                       "prefill_seconds": 0.0, "decode_seconds": 0.0}
@@ -89,35 +90,52 @@ class LLMEngine:
             self.scheduler.finish(seq, "abort")
 
     def is_finished(self) -> bool:
-        return self.scheduler.is_finished()
+        return self.scheduler.is_finished() and self.in_flight is None
 
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        """Schedule and launch the next step, then collect the one launched before it (its outputs are
+        returned): the host schedules step N+1 while the device still runs step N."""
         start = perf_counter()
         seqs, is_prefill = self.scheduler.schedule()
-        if not seqs:
+        launched = None
+        if seqs:
+            launched = self.model_runner.launch(seqs, is_prefill, self.in_flight)
+            launched.samples = self.scheduler.launched(launched.seqs)
+        outputs = self._collect(self.in_flight) if self.in_flight is not None else []
+        self.in_flight = launched
+        if launched is not None:
+            st = self.stats
+            st["steps"] += 1
+            st["prefill_steps" if is_prefill else "decode_steps"] += 1
+            st["cascade_steps"] += launched.cascade
+            st["max_batch_size"] = max(st["max_batch_size"], len(launched.seqs))
+            st["prefill_seconds" if is_prefill else "decode_seconds"] += perf_counter() - start
+        return outputs
+
+    def drain(self) -> list[StepOutput]:
+        """Collect the step in flight without launching another (its sequences may all have ended)."""
+        if self.in_flight is None:
             return []
-        seqs, token_ids = self.model_runner.run(seqs, is_prefill)  # ends in a host sync (.tolist())
-        st = self.stats
-        st["prefill_seconds" if is_prefill else "decode_seconds"] += perf_counter() - start
-        st["steps"] += 1
-        st["prefill_steps" if is_prefill else "decode_steps"] += 1
-        st["cascade_steps"] += self.model_runner.last_step_cascade
-        st["max_batch_size"] = max(st["max_batch_size"], len(seqs))
-        advanced = self.scheduler.postprocess(seqs, token_ids)
-        st["generated_tokens"] += len(advanced)
+        step, self.in_flight = self.in_flight, None
+        return self._collect(step)
+
+    def _collect(self, step) -> list[StepOutput]:
+        token_ids = self.model_runner.collect(step)
+        advanced = self.scheduler.postprocess(step.seqs, token_ids, step.samples)
+        self.stats["generated_tokens"] += len(advanced)
         outputs = []
         for seq in advanced:
             new_text = None
             detok = self.detokenizers.get(seq.seq_id)
             if detok is not None:
-                new_text = detok.add([seq.last_token])
+                new_text = detok.add([seq.token_ids[len(seq) - seq.num_pending - 1]])
                 if detok.stopped:
                     self.scheduler.finish(seq, "stop")
                     seq.finish_reason = "stop"  # also when the same token hit max_tokens
                 elif seq.is_finished:
                     new_text += detok.flush()
-            outputs.append(StepOutput(seq, [seq.last_token], new_text, seq.is_finished))
+            outputs.append(StepOutput(seq, [seq.token_ids[len(seq) - seq.num_pending - 1]], new_text, seq.is_finished))
             if seq.is_finished:
                 self.seqs.pop(seq.seq_id, None)
         return outputs

@@ -6,7 +6,7 @@ import torch
 
 from nanovllm.attention import StepBatch, make_backend
 from nanovllm.config import Config
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import PLACEHOLDER, Sequence
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.qwen3 import model_class
 from nanovllm.utils.context import reset_context, set_context
@@ -44,10 +44,14 @@ class ModelRunner:
             config.attention_backend, num_qo_heads=hf.num_attention_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, page_size=self.block_size, dtype=self.dtype, device=self.device, **extra)
         self.cascade = None
-        self.last_step_cascade = False
         if config.enable_cascade_attention:
             from nanovllm.cascade.policy import CascadePolicy
             self.cascade = CascadePolicy(config, self.backend)
+        self.plan_copied = None
+        self.host_slot = 0
+        if self.device.type == "cuda":
+            self.host_tokens = [torch.zeros(config.max_num_seqs + config.max_num_batched_tokens, dtype=torch.long,
+                                            pin_memory=True) for _ in range(2)]
         self.graphs: dict = {}
         if not config.enforce_eager:
             # Index buffers for every page list a batch can hold (with prefix sharing, more than the pages that exist).
@@ -130,7 +134,10 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
 
     # ---- one step ---------------------------------------------------------------------------
-    def build_batch(self, seqs: list[Sequence], is_prefill: bool) -> tuple[StepBatch, torch.Tensor, torch.Tensor]:
+    def build_batch(self, seqs: list[Sequence], is_prefill: bool,
+                    prev: "LaunchedStep | None" = None) -> tuple[StepBatch, torch.Tensor, torch.Tensor]:
+        """Host arrays of a step and its device inputs. A decode input that is still a PLACEHOLDER
+        (sampled by `prev`, not yet collected) is gathered on the GPU from prev's sampled tokens."""
         bs = self.block_size
         q_lens = np.fromiter((s.chunk_len for s in seqs), dtype=np.int32, count=len(seqs))
         starts = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int32, count=len(seqs))
@@ -154,15 +161,20 @@ class ModelRunner:
         else:
             input_ids = [s.last_token for s in seqs]
             positions = (kv_lens - 1).astype(np.int64)
+            if prev is not None and PLACEHOLDER in input_ids:
+                src = [prev.rows.get(s.seq_id, -1) if t == PLACEHOLDER else -1 for s, t in zip(seqs, input_ids)]
             pages = kv_indices[kv_indptr[1:] - 1]
         slot_mapping = pages.astype(np.int64) * bs + positions % bs
         last_page_len = kv_lens - (num_pages - 1) * bs
         dev = self.device
         batch = StepBatch(is_prefill, q_lens, kv_lens, qo_indptr, kv_indptr, kv_indices, last_page_len.astype(np.int32),
                           torch.from_numpy(slot_mapping).to(dev, non_blocking=True), bs)
-        input_ids = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
+        ids = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
+        if not is_prefill and prev is not None and PLACEHOLDER in input_ids:
+            src = torch.tensor(src, dtype=torch.long).to(dev, non_blocking=True)
+            ids = torch.where(src >= 0, prev.tokens[src.clamp(min=0)], ids)
         positions = torch.from_numpy(positions).to(dev, non_blocking=True)
-        return batch, input_ids, positions
+        return batch, ids, positions
 
     def _sampling_inputs(self, seqs: list[Sequence]):
         dev = self.device
@@ -182,22 +194,55 @@ class ModelRunner:
         return temperatures, top_ks, top_ps, generators
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[Sequence], list[int]]:
-        """Returns the step's sequences (possibly reordered, for cascade grouping) and one token each."""
+    def launch(self, seqs: list[Sequence], is_prefill: bool, prev: "LaunchedStep | None" = None) -> "LaunchedStep":
+        """Queue one step on the device and return at once; collect() waits for its tokens.
+        The sequences may come back reordered (cascade groups requests that share pages)."""
         plan = self.cascade.plan(seqs) if self.cascade is not None else None
-        self.last_step_cascade = plan is not None
         if plan is not None:
             seqs = [seqs[i] for i in plan.order.tolist()]
-        batch, input_ids, positions = self.build_batch(seqs, is_prefill)
+        batch, input_ids, positions = self.build_batch(seqs, is_prefill, prev)
         batch.cascade = plan
         logits = self.forward(batch, input_ids, positions)
-        token_ids = self.sampler(logits, *self._sampling_inputs(seqs)).tolist()
-        return seqs, token_ids
+        tokens = self.sampler(logits, *self._sampling_inputs(seqs))
+        step = LaunchedStep(seqs, tokens, {s.seq_id: i for i, s in enumerate(seqs)}, plan is not None)
+        if self.device.type == "cuda":
+            # Double-buffered pinned copies: the step collected last may still be read while this one lands.
+            self.host_slot ^= 1
+            host = self.host_tokens[self.host_slot][:len(seqs)]
+            host.copy_(tokens, non_blocking=True)
+            step.host_tokens, step.done = host, torch.cuda.Event()
+            step.done.record()
+        return step
+
+    def collect(self, step: "LaunchedStep") -> list[int]:
+        if step.done is not None:
+            step.done.synchronize()
+            return step.host_tokens.tolist()
+        return step.tokens.tolist()
+
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[Sequence], list[int]]:
+        """launch + collect: one step, synchronously."""
+        step = self.launch(seqs, is_prefill)
+        return step.seqs, self.collect(step)
+
+    def _plan_fence(self):
+        """FlashInfer's plan() stages its arrays in a pinned buffer it reuses, copied to the device
+        without blocking: before planning again, wait until the device has taken the last copy
+        (early in the previous step, so this rarely waits)."""
+        if self.plan_copied is not None:
+            self.plan_copied.synchronize()
+
+    def _plan_recorded(self):
+        if self.device.type == "cuda":
+            self.plan_copied = torch.cuda.Event()
+            self.plan_copied.record()
 
     def forward(self, batch: StepBatch, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if not batch.is_prefill and self.graphs and len(batch.q_lens) <= self.graph_sizes[-1]:
             return self._replay(batch, input_ids, positions)
+        self._plan_fence()
         self.backend.plan(batch)
+        self._plan_recorded()
         logits_indices = torch.from_numpy(batch.qo_indptr[1:] - 1).to(self.device, non_blocking=True)
         set_context(is_prefill=batch.is_prefill, attn=self.backend, logits_indices=logits_indices)
         try:
@@ -219,7 +264,9 @@ class ModelRunner:
         slots = gv["slot_mapping"][:bs]
         slots[n:].fill_(-1)  # padded rows write nothing; their stale ids and positions are harmless
         slots[:n].copy_(batch.slot_mapping)
+        self._plan_fence()
         self.backend.plan_graph(batch, bs, slots)
+        self._plan_recorded()
         self.graphs[(bs, batch.cascade is not None)].replay()
         set_context(is_prefill=False, attn=None, logits_indices=None)
         try:
@@ -273,6 +320,15 @@ class ModelRunner:
                 self.graphs[(bs, cascade)] = graph
                 torch.cuda.synchronize()
         reset_context()
+
+
+class LaunchedStep:
+    """A step queued on the device: its sequences (in row order), sampled tokens (device), and where
+    each sequence's row is, so that the next step can read its input token on the device."""
+
+    def __init__(self, seqs, tokens, rows, cascade):
+        self.seqs, self.tokens, self.rows, self.cascade = seqs, tokens, rows, cascade
+        self.host_tokens = self.done = None
 
 
 class _PassThroughAttention:

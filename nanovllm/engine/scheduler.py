@@ -4,12 +4,18 @@ A step is either a prefill step (prompt tokens, chunked to the token budget) or 
 (one token per running sequence). Prefill comes first, as in nano-vllm. When pages run out during
 decode the newest running sequence is preempted: its pages are freed and it is prefilled again
 later (mostly from the prefix cache), so the run completes, only slower.
+
+Steps overlap: `launched` records a step as soon as the GPU has it (each sequence that samples
+gets a PLACEHOLDER token, its K/V count as computed), so the next step can be scheduled while the GPU
+runs; `postprocess` fills the tokens in when the step is collected. A sequence whose launched token
+ends it by length is not scheduled again; one that ends by EOS or a stop token may have run one
+step too many, whose token is dropped.
 """
 from collections import deque
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 
 class Scheduler:
@@ -70,21 +76,34 @@ class Scheduler:
 
     def _schedule_decode(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
+        done: list[Sequence] = []   # their last token is in flight: nothing more to compute
         bm = self.block_manager
         while self.running:
             seq = self.running.popleft()
+            if seq.last_launched:
+                done.append(seq)
+                continue
             while not bm.can_append(seq):
-                if self.running:
-                    self.preempt(self.running.pop())
-                else:
+                victim = self._newest_needing_pages(done)
+                if victim is None:
                     self.preempt(seq)
                     break
+                self.preempt(victim)
             else:
                 bm.may_append(seq)
                 seq.chunk_len = 1
                 scheduled.append(seq)
-        self.running.extendleft(reversed(scheduled))
+        self.running.extendleft(reversed(scheduled + done))
         return scheduled
+
+    def _newest_needing_pages(self, done: list[Sequence]) -> Sequence | None:
+        """The preemption victim: the newest running sequence that still has tokens to compute."""
+        while self.running:
+            seq = self.running.pop()
+            if not seq.last_launched:
+                return seq
+            done.append(seq)
+        return None
 
     def preempt(self, seq: Sequence):
         self.num_preemptions += 1
@@ -92,29 +111,48 @@ class Scheduler:
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
 
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
-        """Record what the step computed and sampled; returns the sequences that got a new token."""
-        advanced = []
-        for seq, token_id in zip(seqs, token_ids):
+    def launched(self, seqs: list[Sequence]) -> list[bool]:
+        """A step was handed to the GPU: its K/V count as computed, and each sequence that samples
+        gets a placeholder for its token. Returns which of them sample (a prompt chunk short of the
+        end does not)."""
+        samples = []
+        for seq in seqs:
             seq.num_computed_tokens += seq.chunk_len
-            seq.chunk_len = 0
-            self.block_manager.mark_computed(seq)
-            if seq.num_computed_tokens < len(seq):
-                continue  # a prompt chunk short of the end: its sample is meaningless
-            seq.append_token(token_id)
+            self.block_manager.mark_computed(seq)  # pages hold only computed positions: real tokens
+            sampled = seq.num_computed_tokens == len(seq)
+            if sampled:
+                seq.append_token(PLACEHOLDER)
+                seq.num_pending += 1
+                seq.last_launched = (seq.num_completion_tokens >= seq.sampling_params.max_tokens
+                                     or len(seq) >= self.max_model_len)
+            samples.append(sampled)
+        return samples
+
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int], samples: list[bool]) -> list[Sequence]:
+        """A launched step was collected: fill in its tokens; returns the sequences that got one.
+        The oldest placeholder is this step's: later steps' come after it."""
+        advanced = []
+        for seq, token_id, sampled in zip(seqs, token_ids, samples):
+            if not sampled or seq.is_finished:
+                continue  # a prompt chunk short of the end, or ended while this step ran
+            seq.token_ids[len(seq) - seq.num_pending] = token_id
+            seq.num_pending -= 1
             advanced.append(seq)
             sp = seq.sampling_params
             if not sp.ignore_eos and token_id == self.eos:
                 self.finish(seq, "stop")
             elif token_id in sp.stop_token_ids:
                 self.finish(seq, "stop")
-            elif seq.num_completion_tokens >= sp.max_tokens or len(seq) >= self.max_model_len:
+            elif seq.last_launched and not seq.num_pending:
                 self.finish(seq, "length")
         return advanced
 
     def finish(self, seq: Sequence, reason: str):
         if seq.is_finished:
             return
+        if seq.num_pending:  # tokens of steps still in flight, after the end
+            del seq.token_ids[len(seq) - seq.num_pending:]
+            seq.num_pending = 0
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         if seq.block_table:

@@ -5,6 +5,10 @@ from itertools import count
 from nanovllm.sampling_params import SamplingParams
 
 
+# Stands for a token that a launched step is sampling on the GPU; filled in when the step is collected.
+PLACEHOLDER = -1
+
+
 class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
@@ -29,6 +33,8 @@ class Sequence:
         self.block_hashes: list[int] = []  # chained hashes of full pages, filled lazily
         self.finish_reason: str | None = None
         self.generator = None         # torch.Generator for seeded sampling, made by the sampler
+        self.num_pending = 0          # trailing PLACEHOLDER tokens: sampled by steps not yet collected
+        self.last_launched = False    # its last token is launched and will end it by length
 
     def __len__(self):
         return len(self.token_ids)
@@ -76,3 +82,4 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_marked_blocks = 0
         self.chunk_len = 0
+        self.last_launched = False

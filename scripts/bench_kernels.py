@@ -1,0 +1,170 @@
+"""Attention kernel measurements on the GPU machine, one layer, Qwen3-0.6B head shapes (16 q heads,
+8 kv heads, d=128, bf16). Prints markdown tables for claude_docs/ and fits the cascade cost model.
+
+    python scripts/bench_kernels.py [--quick]
+
+1. prefill backend: fa2 vs fa3 (auto) on causal prompt batches;
+2. decode: tensor cores on/off and page sizes 16/32/64;
+3. cascade vs regular decode over a grid of groups x requests x shared length (page 16), with
+   FlashInferCascadeAttention (fa2) in CUDA-graph mode as the engine runs it, and a least-squares
+   fit of nanovllm/cascade/cost_model.py's coefficients.
+"""
+import argparse
+import json
+
+import flashinfer
+import numpy as np
+import torch
+
+from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention
+from nanovllm.cascade.planner import plan_cascade
+
+HQ, HKV, D = 16, 8, 128
+DT = torch.bfloat16
+WS = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+
+
+def timed(fn, reps=30):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); fn(); b.record(); b.synchronize()
+        times.append(a.elapsed_time(b))
+    return float(np.median(times))
+
+
+def graphed(fn):
+    """Time fn replayed from a CUDA graph, as the engine's decode runs."""
+    fn()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return timed(g.replay)
+
+
+def cache(pages, page):
+    return (torch.randn(pages, page, HKV, D, device="cuda", dtype=DT), torch.randn(pages, page, HKV, D, device="cuda", dtype=DT))
+
+
+def paged(lens, page, first_page=0):
+    n = (np.asarray(lens) + page - 1) // page
+    indptr = np.concatenate([[0], np.cumsum(n)]).astype(np.int32)
+    indices = np.arange(first_page, first_page + indptr[-1], dtype=np.int32)
+    last = (np.asarray(lens) - (n - 1) * page).astype(np.int32)
+    return torch.from_numpy(indptr), torch.from_numpy(indices), torch.from_numpy(last)
+
+
+def prefill_backends(quick):
+    print("\n### Prefill backend (causal, one layer)\n\n| prompts x length | fa2 ms | fa3 ms |\n|---|---|---|")
+    rows = {}
+    for n, length in ([(8, 2048), (64, 256)] if quick else [(8, 2048), (16, 1024), (64, 256), (2, 8192)]):
+        kc, vc = cache(n * length // 16 + 8, 16)
+        ind, idx, last = paged([length] * n, 16)
+        qo = torch.arange(0, n * length + 1, length, dtype=torch.int32)
+        q = torch.randn(n * length, HQ, D, device="cuda", dtype=DT)
+        res = []
+        for backend in ("fa2", "fa3"):
+            w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(WS, "NHD", backend=backend)
+            w.plan(qo, ind, idx, last, HQ, HKV, D, 16, causal=True, q_data_type=DT, kv_data_type=DT)
+            res.append(timed(lambda: w.run(q, (kc, vc))))
+        rows[f"{n}x{length}"] = res
+        print(f"| {n} x {length} | {res[0]:.3f} | {res[1]:.3f} |")
+    return rows
+
+
+def decode_options(quick):
+    print("\n### Decode (CUDA graph), batch x context: page size and tensor cores\n\n"
+          "| batch x context | page 16 tc | page 16 no-tc | page 32 tc | page 64 tc |\n|---|---|---|---|---|")
+    for bs, ctx in ([(256, 600)] if quick else [(256, 600), (64, 2048), (512, 300)]):
+        q = torch.randn(bs, HQ, D, device="cuda", dtype=DT)
+        res = []
+        for page, tc in ((16, True), (16, False), (32, True), (64, True)):
+            kc, vc = cache(bs * (ctx // page + 1) + 8, page)
+            ind, idx, last = paged([ctx] * bs, page)
+            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                WS, "NHD", use_cuda_graph=True, use_tensor_cores=tc, paged_kv_indptr_buffer=ind.cuda(),
+                paged_kv_indices_buffer=idx.cuda(), paged_kv_last_page_len_buffer=last.cuda())
+            w.plan(ind, idx, last, HQ, HKV, D, page, q_data_type=DT, kv_data_type=DT)
+            res.append(graphed(lambda: w.run(q, (kc, vc))))
+        print(f"| {bs} x {ctx} | " + " | ".join(f"{r:.3f}" for r in res) + " |")
+
+
+def cascade_grid(quick):
+    page = 16
+    grid = [(64, 16, 2048), (1, 1024, 8192), (1, 256, 8192), (32, 16, 2048), (256, 2, 1024), (8, 32, 512),
+            (16, 8, 256), (1, 32, 1024), (4, 64, 4096), (128, 4, 512), (1, 16, 16384), (64, 8, 1024)]
+    if quick:
+        grid = grid[:4]
+    unique = 256
+    print(f"\n### Cascade vs regular decode, one layer, CUDA graphs, page {page}, {unique} unique tokens per request\n\n"
+          "| groups x requests | shared | regular ms | cascade ms | speed-up | model regular | model cascade |\n|---|---|---|---|---|---|---|")
+    samples = []
+    for groups, per, shared in grid:
+        bs = groups * per
+        shared_pages, own = shared // page, unique // page
+        total_pages = groups * shared_pages + bs * own + 8
+        kc, vc = cache(total_pages, page)
+        table = np.zeros((bs, shared_pages + own), np.int32)
+        for g in range(groups):
+            for r in range(per):
+                row = g * per + r
+                table[row, :shared_pages] = np.arange(g * shared_pages, (g + 1) * shared_pages)
+                start = groups * shared_pages + row * own
+                table[row, shared_pages:] = np.arange(start, start + own)
+        kv_lens = np.full(bs, shared + unique, np.int32)
+        q_lens = np.ones(bs, np.int32)
+        plan = plan_cascade(table, kv_lens, q_lens, page, max_levels=3)
+        q = torch.randn(bs, HQ, D, device="cuda", dtype=DT)
+        # regular
+        n = table.shape[1]
+        ind = torch.arange(0, bs * n + 1, n, dtype=torch.int32)
+        idx = torch.from_numpy(table.reshape(-1).copy())
+        last = torch.full((bs,), page, dtype=torch.int32)
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            WS, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=ind.cuda(),
+            paged_kv_indices_buffer=idx.cuda(), paged_kv_last_page_len_buffer=last.cuda())
+        w.plan(ind, idx, last, HQ, HKV, D, page, q_data_type=DT, kv_data_type=DT)
+        regular = graphed(lambda: w.run(q, (kc, vc)))
+        casc = FlashInferCascadeAttention(WS, 3, HQ, HKV, D, page, DT, bs, backend="fa2", use_cuda_graph=True,
+                                          max_pages=int(table.size) + bs)
+        casc.plan(plan)
+        cascade = graphed(lambda: casc.run(q, (kc, vc)))
+        samples.append((plan, regular, cascade))
+        print(f"| {groups} x {per} | {shared} | {regular:.3f} | {cascade:.3f} | {regular / cascade:.2f} | | |")
+    return samples, page
+
+
+def fit(samples, page):
+    from nanovllm.cascade.cost_model import shared_qk_pages
+    reg_x = np.array([[1.0, p.regular_kv_pages * page] for p, _, _ in samples])
+    reg_y = np.array([r for _, r, _ in samples])
+    cas_x = np.array([[len(p.levels), p.cascade_kv_pages * page, shared_qk_pages(p) * page] for p, _, _ in samples])
+    cas_y = np.array([c for _, _, c in samples])
+    reg_coef = np.linalg.lstsq(reg_x, reg_y, rcond=None)[0]
+    cas_coef = np.linalg.lstsq(cas_x, cas_y, rcond=None)[0]
+    print("\nfitted: regular_fixed_ms=%.4g regular_per_token_ms=%.4g" % tuple(reg_coef))
+    print("fitted: cascade_fixed_ms(per level)=%.4g cascade_per_token_ms=%.4g cascade_per_qk_ms=%.4g" % tuple(cas_coef))
+    print("\n| case | regular ms | predicted | cascade ms | predicted |\n|---|---|---|---|---|")
+    for (p, r, c), rx, cx in zip(samples, reg_x, cas_x):
+        print(f"| {p.num_rows} rows, {p.groups_per_level} groups | {r:.3f} | {rx @ reg_coef:.3f} | {c:.3f} | {cx @ cas_coef:.3f} |")
+    print(json.dumps(dict(regular=reg_coef.tolist(), cascade=cas_coef.tolist())))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", choices=["prefill", "decode", "cascade"])
+    args = p.parse_args()
+    if args.only in (None, "prefill"):
+        prefill_backends(args.quick)
+    if args.only in (None, "decode"):
+        decode_options(args.quick)
+    if args.only in (None, "cascade"):
+        fit(*cascade_grid(args.quick))
+
+
+if __name__ == "__main__":
+    main()
