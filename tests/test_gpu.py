@@ -187,7 +187,7 @@ def test_cascade_fa2_matches_regular_attention(name, decode):
     kc, vc = random_cache(8192, seed=3)
     q = torch.randn(plan.num_rows, HQ, D, device="cuda").to(DT)
     casc = FlashInferCascadeAttention(torch.zeros(128 << 20, dtype=torch.uint8, device="cuda"), 3, HQ, HKV, D, PAGE,
-                                      DT, max_rows=plan.num_rows, backend="fa2")
+                                      DT, max_rows=plan.num_rows, backend="fa2", decode_last_level=decode)
     casc.plan(plan)
     out = casc.run(q, (kc, vc)).clone()
     # Regular paged attention over the same full KV, requests in plan order.
@@ -208,11 +208,12 @@ def test_cascade_graph_mode_matches_eager():
     bs = 32
     q = torch.randn(bs, HQ, D, device="cuda").to(DT)
     ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
-    eager = FlashInferCascadeAttention(ws, 3, HQ, HKV, D, PAGE, DT, max_rows=bs, backend="fa2")
+    eager = FlashInferCascadeAttention(ws, 3, HQ, HKV, D, PAGE, DT, max_rows=bs, backend="fa2", decode_last_level=True)
     eager.plan(plan)
     expected = eager.run(q[:plan.num_rows], (kc, vc)).clone()
     graphed = FlashInferCascadeAttention(torch.zeros(128 << 20, dtype=torch.uint8, device="cuda"), 3, HQ, HKV, D, PAGE,
-                                         DT, max_rows=bs, backend="fa2", use_cuda_graph=True, max_pages=8192)
+                                         DT, max_rows=bs, backend="fa2", use_cuda_graph=True, max_pages=8192,
+                                         decode_last_level=True)
     _, _, dummy = cascade_case([(bs, 1, None)], True, seed=6)
     graphed.plan(dummy)
     out = torch.empty_like(q)

@@ -19,8 +19,11 @@ WORKSPACE_BYTES = 256 << 20
 
 class FlashInferAttentionBackend(AttentionBackend):
 
-    def __init__(self, *, prefill_backend: str = "fa2", cascade_backend: str = "fa2", cascade_levels: int = 3,
-                 max_rows: int = 16384, decode_tensor_cores: bool = True, **kwargs):
+    # Choices measured on the H200 (claude_docs/performance.md, scripts/bench_kernels.py): fa3 ("auto")
+    # prefills long prompts 1.4-1.7x faster than fa2; fa2 runs the one-row queries of cascade decode
+    # ~2x faster than fa3; the decode kernel without tensor cores is 7-20% faster at W1's shapes.
+    def __init__(self, *, prefill_backend: str = "auto", cascade_backend: str = "fa2", cascade_levels: int = 3,
+                 max_rows: int = 16384, decode_tensor_cores: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.prefill_backend, self.cascade_backend = prefill_backend, cascade_backend
@@ -29,9 +32,15 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=prefill_backend)
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                     use_tensor_cores=decode_tensor_cores)
+        # Cascade for eager decode steps (fa2, decode kernel for the per-request level) and for
+        # prefill steps (many query rows: the prefill backend), sharing their output buffers.
         self.cascade = FlashInferCascadeAttention(
             self.workspace, cascade_levels, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
-            self.dtype, max_rows, backend=cascade_backend, sm_scale=self.sm_scale)
+            self.dtype, max_rows, backend=cascade_backend, sm_scale=self.sm_scale, decode_last_level=True)
+        self.cascade_prefill = FlashInferCascadeAttention(
+            self.workspace, cascade_levels, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
+            self.dtype, max_rows, backend=prefill_backend, sm_scale=self.sm_scale,
+            outputs=(self.cascade.out, self.cascade.lse, self.cascade.level_out, self.cascade.level_lse))
         self.graph = {}          # batch size -> (decode wrapper, cascade attention or None)
         self.active = None
         self.slot_mapping = None
@@ -42,8 +51,8 @@ class FlashInferAttentionBackend(AttentionBackend):
     def plan(self, batch: StepBatch):
         self.slot_mapping = batch.slot_mapping
         if batch.cascade is not None:
-            self.cascade.plan(batch.cascade)
-            self.active = self.cascade
+            self.active = self.cascade_prefill if batch.is_prefill else self.cascade
+            self.active.plan(batch.cascade)
             return
         t = torch.from_numpy
         hq, hkv, d, page = self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size
@@ -84,13 +93,15 @@ class FlashInferAttentionBackend(AttentionBackend):
             self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.decode_tensor_cores,
             paged_kv_indptr_buffer=indptr[:bs + 1], paged_kv_indices_buffer=indices,
             paged_kv_last_page_len_buffer=last[:bs])
-        cascade = None
+        cascade = {}  # level count -> attention: a step with fewer levels launches no empty ones
         if self.graph_cascade_bufs is not None:
             bufs = [(qo[:bs + 1], kv[:bs + 1], idx, lpl[:bs]) for qo, kv, idx, lpl in self.graph_cascade_bufs]
-            cascade = FlashInferCascadeAttention(
-                self.workspace, self.cascade_levels, self.num_qo_heads, self.num_kv_heads, self.head_dim,
-                self.page_size, self.dtype, bs, backend=self.cascade_backend, use_cuda_graph=True,
-                sm_scale=self.sm_scale, buffers=bufs, outputs=self.graph_cascade_outputs)
+            for levels in range(2, self.cascade_levels + 1):
+                cascade[levels] = FlashInferCascadeAttention(
+                    self.workspace, levels, self.num_qo_heads, self.num_kv_heads, self.head_dim,
+                    self.page_size, self.dtype, bs, backend=self.cascade_backend, use_cuda_graph=True,
+                    sm_scale=self.sm_scale, buffers=bufs[:levels - 1] + bufs[-1:], outputs=self.graph_cascade_outputs,
+                    decode_last_level=True)
         self.graph[bs] = (decode, cascade)
 
     def plan_graph(self, batch: StepBatch, bs: int, slot_mapping: torch.Tensor):
@@ -99,8 +110,8 @@ class FlashInferAttentionBackend(AttentionBackend):
         decode, cascade = self.graph[bs]
         self.slot_mapping = slot_mapping
         if batch.cascade is not None:
-            cascade.plan(batch.cascade)
-            self.active = cascade
+            self.active = cascade[len(batch.cascade.levels)]
+            self.active.plan(batch.cascade)
             return
         n = len(batch.kv_lens)
         pad = bs - n
@@ -111,9 +122,3 @@ class FlashInferAttentionBackend(AttentionBackend):
         decode.plan(t(indptr), t(indices), t(last), self.num_qo_heads, self.num_kv_heads, self.head_dim,
                     self.page_size, **self._common())
         self.active = decode
-
-    def use_graph(self, bs: int, cascade: bool, slot_mapping: torch.Tensor):
-        """Select the wrappers of a captured size (for capture itself: plan them with a dummy batch first)."""
-        decode, casc = self.graph[bs]
-        self.active = casc if cascade else decode
-        self.slot_mapping = slot_mapping

@@ -10,6 +10,10 @@ Unlike the wrapper, outputs and the per-level partial results live in preallocat
 number of levels used may vary per step (up to `num_levels`), and a CUDA-graph mode keeps every
 index array in fixed device buffers with a fixed group count per level (plan() pads the layout:
 padded groups have no rows or no pages, so they add nothing).
+
+With `decode_last_level` a decode step's per-request level (one query row per group) runs on
+FlashInfer's batch-decode kernel, which suits one-row queries better than the prefill kernel; the
+result then differs from the wrapper's in rounding only (tests hold it to bf16 tolerance).
 """
 import flashinfer
 import torch
@@ -22,7 +26,7 @@ class FlashInferCascadeAttention:
     def __init__(self, workspace: torch.Tensor, num_levels: int, num_qo_heads: int, num_kv_heads: int,
                  head_dim: int, page_size: int, dtype: torch.dtype, max_rows: int, backend: str = "fa2",
                  use_cuda_graph: bool = False, max_pages: int = 0, sm_scale: float | None = None,
-                 buffers: list | None = None, outputs: tuple | None = None):
+                 buffers: list | None = None, outputs: tuple | None = None, decode_last_level: bool = False):
         """buffers: per level (qo_indptr, kv_indptr, kv_indices, last_page_len) device views for CUDA-graph
         mode; outputs: (out, lse, level_out, level_lse) to use instead of allocating (callers that keep
         one wrapper per captured batch size share the largest)."""
@@ -45,6 +49,16 @@ class FlashInferCascadeAttention:
         else:
             self.wrappers = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
                              for _ in range(num_levels)]
+        # The per-request level of decode steps on the batch-decode kernel (see module doc).
+        self.decode_last = None
+        if decode_last_level:
+            graph_bufs = {}
+            if use_cuda_graph:
+                _, kv_indptr, kv_indices, last_len = self.buffers[-1]
+                graph_bufs = dict(paged_kv_indptr_buffer=kv_indptr, paged_kv_indices_buffer=kv_indices,
+                                  paged_kv_last_page_len_buffer=last_len)
+            self.decode_last = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                workspace, "NHD", use_cuda_graph=use_cuda_graph, use_tensor_cores=False, **graph_bufs)
         if outputs is None:
             out = torch.empty(max_rows, num_qo_heads, head_dim, dtype=dtype, device=dev)
             lse = torch.empty(max_rows, num_qo_heads, dtype=torch.float32, device=dev)
@@ -66,9 +80,17 @@ class FlashInferCascadeAttention:
         # Shared levels use the first wrappers, the last level always the last one (it is causal).
         self.active = self.wrappers[:len(levels) - 1] + [self.wrappers[-1]]
         hq, hkv, d, page = self.shape
-        for i, (wrapper, lv) in enumerate(zip(self.active, levels)):
-            wrapper.plan(*lv, hq, hkv, d, page, causal=i == len(levels) - 1, sm_scale=self.sm_scale,
-                         q_data_type=self.dtype, kv_data_type=self.dtype)
+        common = dict(sm_scale=self.sm_scale, q_data_type=self.dtype, kv_data_type=self.dtype)
+        for wrapper, lv in zip(self.active[:-1], levels[:-1]):
+            wrapper.plan(*lv, hq, hkv, d, page, causal=False, **common)
+        qo_indptr, kv_indptr, kv_indices, last_len = levels[-1]
+        one_row_each = qo_indptr.numel() - 1 == int(qo_indptr[-1])
+        if self.decode_last is not None and one_row_each:
+            self.decode_last.plan(kv_indptr, kv_indices, last_len, hq, hkv, d, page, **common)
+            self.active[-1] = self.decode_last
+        else:
+            assert not self.use_cuda_graph or self.decode_last is None, "graph mode with decode_last_level is decode-only"
+            self.active[-1].plan(*levels[-1], hq, hkv, d, page, causal=True, **common)
 
     def run(self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         n = q.shape[0]

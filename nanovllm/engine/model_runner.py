@@ -191,7 +191,7 @@ class ModelRunner:
                 if s.generator is None:
                     s.generator = torch.Generator(device=dev).manual_seed(s.sampling_params.seed)
                 generators[row] = s.generator
-        return temperatures, top_ks, top_ps, generators
+        return temperatures, top_ks, top_ps, generators, all(p.temperature == 0 for p in params)
 
     @torch.inference_mode()
     def launch(self, seqs: list[Sequence], is_prefill: bool, prev: "LaunchedStep | None" = None) -> "LaunchedStep":
@@ -239,7 +239,9 @@ class ModelRunner:
 
     def forward(self, batch: StepBatch, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if not batch.is_prefill and self.graphs and len(batch.q_lens) <= self.graph_sizes[-1]:
-            return self._replay(batch, input_ids, positions)
+            key = (self._graph_size(len(batch.q_lens)), len(batch.cascade.levels) if batch.cascade else 0)
+            if key in self.graphs:
+                return self._replay(batch, input_ids, positions, key)
         self._plan_fence()
         self.backend.plan(batch)
         self._plan_recorded()
@@ -255,9 +257,9 @@ class ModelRunner:
     def _graph_size(self, n: int) -> int:
         return next(b for b in self.graph_sizes if b >= n)
 
-    def _replay(self, batch: StepBatch, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _replay(self, batch: StepBatch, input_ids: torch.Tensor, positions: torch.Tensor, key) -> torch.Tensor:
         n = len(input_ids)
-        bs = self._graph_size(n)
+        bs = key[0]
         gv = self.graph_vars
         gv["input_ids"][:n].copy_(input_ids)
         gv["positions"][:n].copy_(positions)
@@ -267,31 +269,37 @@ class ModelRunner:
         self._plan_fence()
         self.backend.plan_graph(batch, bs, slots)
         self._plan_recorded()
-        self.graphs[(bs, batch.cascade is not None)].replay()
+        self.graphs[key].replay()
         set_context(is_prefill=False, attn=None, logits_indices=None)
         try:
             return self.model.compute_logits(gv["hidden"][:n])
         finally:
             reset_context()
 
-    def _dummy_decode_batch(self, bs: int, cascade: bool) -> StepBatch:
-        """A decode batch of bs one-page requests (sharing page 0 when cascade), to plan for capture."""
+    def _dummy_decode_batch(self, bs: int, levels: int) -> StepBatch:
+        """A decode batch of bs requests to plan for capture: one page each, or a cascade of `levels`."""
         page = self.block_size
         last = self.num_kvcache_blocks - 1
         own = np.minimum(np.arange(1, bs + 1), last).astype(np.int32)
         ones = np.ones(bs, np.int32)
         batch = StepBatch(False, ones, ones, np.arange(bs + 1, dtype=np.int32), np.arange(bs + 1, dtype=np.int32),
                           own, ones, self.graph_vars["slot_mapping"][:bs], page)
-        if cascade:
+        if levels:
+            # Nested halves: all requests share page 0, the first half page 1, the first quarter
+            # page 2, ...; then one page each. Too few requests for `levels` gives fewer levels.
             from nanovllm.cascade.planner import plan_cascade
-            table = np.stack([np.zeros(bs, np.int32), own], axis=1)
-            batch.cascade = plan_cascade(table, ones + page, ones, page, max_levels=self.config.cascade_max_levels)
+            rows = np.arange(bs)
+            cols = [np.where(rows < bs >> i, i, levels + bs * (i + 1) + rows) for i in range(levels - 1)]
+            cols.append(levels + rows)
+            table = (np.stack(cols, axis=1) % self.num_kvcache_blocks).astype(np.int32)
+            kv = np.full(bs, (levels - 1) * page + 1, np.int32)
+            batch.cascade = plan_cascade(table, kv, ones, page, max_levels=levels)
         return batch
 
     @torch.inference_mode()
     def capture_cuda_graphs(self):
-        """One graph per batch size (1, 2, 4, 8, 16, 32, ... 256, 320, ... max_num_seqs), twice with cascade on:
-        regular decode and cascade decode. Sizes are captured largest first so that smaller graphs
+        """One graph per batch size (1, 2, 4, 8, 16, 32, ... 256, 320, ... max_num_seqs) for regular decode,
+        and with cascade on one more per level count (2 .. cascade_max_levels). Sizes are captured largest first so that smaller graphs
         reuse the memory pool of the larger ones."""
         max_bs = self.config.max_num_seqs
         sizes = {1, 2, 4, 8} | set(range(16, 257, 16)) | set(range(320, max_bs, 64))
@@ -304,12 +312,15 @@ class ModelRunner:
             slot_mapping=torch.full((max_bs,), -1, dtype=torch.long, device=dev),
             hidden=torch.zeros(max_bs, hidden_size, dtype=self.dtype, device=dev))
         gv = self.graph_vars
-        modes = (False, True) if self.cascade is not None else (False,)
+        modes = [0] + (list(range(2, self.config.cascade_max_levels + 1)) if self.cascade is not None else [])
         pool = None
         for bs in reversed(self.graph_sizes):
             self.backend.graph_wrappers(bs)
-            for cascade in modes:
-                self.backend.plan_graph(self._dummy_decode_batch(bs, cascade), bs, gv["slot_mapping"][:bs])
+            for levels in modes:  # 0: regular decode; n: cascade decode over n levels
+                batch = self._dummy_decode_batch(bs, levels)
+                if levels and len(batch.cascade.levels) != levels:
+                    continue  # too few requests to nest that deep: such steps run eagerly
+                self.backend.plan_graph(batch, bs, gv["slot_mapping"][:bs])
                 set_context(is_prefill=False, attn=self.backend)
                 gv["hidden"][:bs] = self.model(gv["input_ids"][:bs], gv["positions"][:bs])  # warm-up outside capture
                 graph = torch.cuda.CUDAGraph()
@@ -317,7 +328,7 @@ class ModelRunner:
                     gv["hidden"][:bs] = self.model(gv["input_ids"][:bs], gv["positions"][:bs])
                 if pool is None:
                     pool = graph.pool()
-                self.graphs[(bs, cascade)] = graph
+                self.graphs[(bs, levels)] = graph
                 torch.cuda.synchronize()
         reset_context()
 

@@ -10,11 +10,15 @@ from torch import nn
 class Sampler(nn.Module):
 
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor | None = None,
-                top_ps: torch.Tensor | None = None, generators: dict | None = None) -> torch.Tensor:
+                top_ps: torch.Tensor | None = None, generators: dict | None = None,
+                all_greedy: bool = False) -> torch.Tensor:
         """logits [B, V]; temperatures [B] (0 = greedy); top_ks [B] int (<= 0 keeps all); top_ps [B];
-        generators: row -> torch.Generator for seeded rows. Masks are applied only when given."""
-        logits = logits.float()
+        generators: row -> torch.Generator for seeded rows. Masks are applied only when given.
+        all_greedy (known on the host from the requests): skip the sampling work."""
         greedy = logits.argmax(dim=-1)
+        if all_greedy:
+            return greedy
+        logits = logits.float()
         scaled = logits / temperatures.clamp(min=1e-5).unsqueeze(1)
         if top_ks is not None or top_ps is not None:
             scaled = self._restrict(scaled, top_ks, top_ps)
