@@ -21,9 +21,10 @@ class FlashInferAttentionBackend(AttentionBackend):
 
     # Choices measured on the H200 (claude_docs/performance.md, scripts/bench_kernels.py): fa3 ("auto")
     # prefills long prompts 1.4-1.7x faster than fa2; fa2 runs the one-row queries of cascade decode
-    # ~2x faster than fa3; the decode kernel without tensor cores is 7-20% faster at W1's shapes.
+    # ~2x faster than fa3. Decode with tensor cores: alone, the kernel without them was 7-20% faster at
+    # W1-like shapes, but end to end W1 and W2 ran 6% and 25% faster with them.
     def __init__(self, *, prefill_backend: str = "auto", cascade_backend: str = "fa2", cascade_levels: int = 3,
-                 max_rows: int = 16384, decode_tensor_cores: bool = False, **kwargs):
+                 max_rows: int = 16384, decode_tensor_cores: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.prefill_backend, self.cascade_backend = prefill_backend, cascade_backend

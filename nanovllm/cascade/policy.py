@@ -1,9 +1,15 @@
-"""Per step: find the shared pages of the batch (planner) and decide whether cascade pays (cost model)."""
+"""Per step: find the shared pages of the batch (planner) and decide whether cascade pays (cost model).
+
+Decode steps reuse the shared levels of the previous plan while the batch is the same requests in
+the same order: pages a request appends while decoding are fresh and shared with nobody, so only the
+per-request level changes. That keeps planning ~1 ms for 1024 requests of 8k tokens, against ~10 ms
+for a full plan (prefill steps and changed batches still get one).
+"""
 import numpy as np
+import torch
 
 from nanovllm.cascade.cost_model import AlwaysCascade, CascadeCostModel
-from nanovllm.cascade.planner import CascadePlan, plan_cascade
-
+from nanovllm.cascade.planner import CascadeLevel, CascadePlan, plan_cascade
 
 # A shared level must save at least this many tokens per group: a level that shares only a chat
 # template's first page would otherwise hide the longer system prompts below it.
@@ -19,19 +25,66 @@ class CascadePolicy:
         self.cost_model = CascadeCostModel() if config.attention_backend == "flashinfer" else AlwaysCascade()
         self.min_group_size = 2
         self.min_shared_pages = max(1, MIN_SHARED_TOKENS // self.page_size)
+        self._decode_key = None   # seq ids of the last decode batch planned in full
+        self._decode_plan = None  # its plan (None: nothing shared), and per-row shared page counts
+        self._shared_pages = None
 
     def plan(self, seqs) -> CascadePlan | None:
         if len(seqs) < self.min_group_size:
             return None
-        q_lens = np.fromiter((s.chunk_len for s in seqs), dtype=np.int32, count=len(seqs))
-        kv_lens = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int32, count=len(seqs)) + q_lens
-        width = max(len(s.block_table) for s in seqs)
-        table = np.full((len(seqs), width), -1, dtype=np.int32)
-        for row, s in enumerate(seqs):
-            table[row, :len(s.block_table)] = s.block_table
-        plan = plan_cascade(table, kv_lens, q_lens, self.page_size, max_levels=self.max_levels,
-                            min_group_size=self.min_group_size,
-                            min_shared_pages=self.min_shared_pages, fixed_shared_prefix_len=self.fixed_len)
-        if len(plan.levels) < 2 or not self.cost_model.worth_it(plan, self.page_size):
+        decode = all(s.chunk_len == 1 and s.num_computed_tokens + 1 == len(s) for s in seqs)
+        key = tuple(s.seq_id for s in seqs) if decode else None
+        if key is not None and key == self._decode_key:
+            plan = self._decode_plan and self._refresh_last_level(self._decode_plan, seqs)
+        else:
+            plan = self._full_plan(seqs)
+            if len(plan.levels) < 2:
+                plan = None
+            self._decode_key, self._decode_plan = key, plan
+            if key is not None and plan is not None:
+                self._shared_pages = _shared_pages_per_row(plan)
+        if plan is None or not self.cost_model.worth_it(plan, self.page_size):
             return None
         return plan
+
+    def _full_plan(self, seqs) -> CascadePlan:
+        q_lens = np.fromiter((s.chunk_len for s in seqs), dtype=np.int32, count=len(seqs))
+        kv_lens = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int32, count=len(seqs)) + q_lens
+        # The padded [batch, pages] table, scattered in one go from the per-sequence page arrays.
+        pages = [s.page_array() for s in seqs]
+        counts = np.fromiter((len(p) for p in pages), dtype=np.int64, count=len(pages))
+        table = np.full((len(seqs), int(counts.max())), -1, dtype=np.int32)
+        rows = np.repeat(np.arange(len(seqs)), counts)
+        cols = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        table[rows, cols] = np.concatenate(pages)
+        return plan_cascade(table, kv_lens, q_lens, self.page_size, max_levels=self.max_levels,
+                            min_group_size=self.min_group_size, min_shared_pages=self.min_shared_pages,
+                            fixed_shared_prefix_len=self.fixed_len)
+
+    def _refresh_last_level(self, plan: CascadePlan, seqs) -> CascadePlan:
+        """The cached shared levels with a per-request level rebuilt from the current pages."""
+        page = self.page_size
+        ordered = [seqs[i] for i in plan.order.tolist()]
+        kv_lens = np.fromiter((len(s) for s in ordered), dtype=np.int64, count=len(ordered))  # incl. this token
+        num_pages = (kv_lens + page - 1) // page
+        rest = num_pages - self._shared_pages
+        kv_indptr = np.zeros(len(ordered) + 1, np.int64)
+        np.cumsum(rest, out=kv_indptr[1:])
+        kv_indices = np.concatenate([s.page_array()[b:n] for s, b, n in
+                                     zip(ordered, self._shared_pages.tolist(), num_pages.tolist())])
+        i32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
+        last = CascadeLevel(i32(np.arange(len(ordered) + 1)), i32(kv_indptr), i32(kv_indices),
+                            i32(kv_lens - (num_pages - 1) * page), True)
+        shared_pages = sum(int(lv.kv_indptr[-1]) for lv in plan.levels[:-1])
+        return CascadePlan(plan.order, plan.levels[:-1] + [last], int(num_pages.sum()), shared_pages + int(rest.sum()),
+                           plan.groups_per_level, plan.num_rows, plan.row_order)
+
+
+def _shared_pages_per_row(plan: CascadePlan) -> np.ndarray:
+    """Pages each query row (in plan order) reads in shared levels."""
+    total = np.zeros(plan.num_rows, np.int64)
+    for level in plan.levels[:-1]:
+        rows = (level.qo_indptr[1:] - level.qo_indptr[:-1]).numpy()
+        pages = (level.kv_indptr[1:] - level.kv_indptr[:-1]).numpy()
+        total += np.repeat(pages, rows)
+    return total

@@ -140,6 +140,7 @@ class BlockManager:
                     block.token_ids = []
                 self.free_block_ids[block_id] = None
         seq.block_table = []
+        seq._pages = None
 
     def can_append(self, seq: Sequence) -> bool:
         return len(seq.block_table) >= seq.num_blocks or self.num_free_blocks > 0

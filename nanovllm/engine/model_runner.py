@@ -1,6 +1,4 @@
 """Runs the model for one scheduled step: builds the inputs, plans attention once, samples."""
-from itertools import chain
-
 import numpy as np
 import torch
 
@@ -39,7 +37,8 @@ class ModelRunner:
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         extra = {}
         if config.attention_backend == "flashinfer":
-            extra = dict(cascade_levels=config.cascade_max_levels, max_rows=config.max_num_batched_tokens)
+            extra = dict(cascade_levels=config.cascade_max_levels, max_rows=config.max_num_batched_tokens,
+                         decode_tensor_cores=True)
         self.backend = make_backend(
             config.attention_backend, num_qo_heads=hf.num_attention_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, page_size=self.block_size, dtype=self.dtype, device=self.device, **extra)
@@ -148,10 +147,10 @@ class ModelRunner:
         kv_indptr = np.zeros(len(seqs) + 1, dtype=np.int32)
         np.cumsum(num_pages, out=kv_indptr[1:])
         if is_prefill:  # a prompt chunk may stop short of its allocated pages
-            tables = (s.block_table[:n] for s, n in zip(seqs, num_pages.tolist()))
+            tables = [s.page_array()[:n] for s, n in zip(seqs, num_pages.tolist())]
         else:           # decode: every page of every sequence
-            tables = (s.block_table for s in seqs)
-        kv_indices = np.fromiter(chain.from_iterable(tables), dtype=np.int32, count=int(kv_indptr[-1]))
+            tables = [s.page_array() for s in seqs]
+        kv_indices = np.concatenate(tables) if tables else np.zeros(0, np.int32)
         if is_prefill:
             input_ids = [t for s in seqs for t in s.token_ids[s.num_computed_tokens:s.num_computed_tokens + s.chunk_len]]
             # position of every query token, and the page that holds it

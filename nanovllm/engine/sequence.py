@@ -2,6 +2,8 @@
 from enum import Enum, auto
 from itertools import count
 
+import numpy as np
+
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -35,6 +37,7 @@ class Sequence:
         self.generator = None         # torch.Generator for seeded sampling, made by the sampler
         self.num_pending = 0          # trailing PLACEHOLDER tokens: sampled by steps not yet collected
         self.last_launched = False    # its last token is launched and will end it by length
+        self._pages: np.ndarray | None = None  # numpy copy of block_table, extended as pages are appended
 
     def __len__(self):
         return len(self.token_ids)
@@ -71,6 +74,18 @@ class Sequence:
         # More than the one token a decode step feeds is still uncomputed.
         return len(self.token_ids) - self.num_computed_tokens > 1
 
+    def page_array(self) -> np.ndarray:
+        """block_table as int32 numpy, kept between steps: a table only grows by appended pages
+        (until the pages are freed, which resets it), so each step copies only the new ones."""
+        pages = self._pages
+        n = len(self.block_table)
+        if pages is None or len(pages) > n:
+            pages = np.asarray(self.block_table, dtype=np.int32)
+        elif len(pages) < n:
+            pages = np.concatenate([pages, np.asarray(self.block_table[len(pages):], dtype=np.int32)])
+        self._pages = pages
+        return pages
+
     def append_token(self, token_id: int):
         self.token_ids.append(token_id)
 
@@ -83,3 +98,4 @@ class Sequence:
         self.num_marked_blocks = 0
         self.chunk_len = 0
         self.last_launched = False
+        self._pages = None
