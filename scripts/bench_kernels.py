@@ -128,13 +128,38 @@ def cascade_grid(quick):
             paged_kv_indices_buffer=idx.cuda(), paged_kv_last_page_len_buffer=last.cuda())
         w.plan(ind, idx, last, HQ, HKV, D, page, q_data_type=DT, kv_data_type=DT)
         regular = graphed(lambda: w.run(q, (kc, vc)))
-        casc = FlashInferCascadeAttention(WS, 3, HQ, HKV, D, page, DT, bs, backend="fa2", use_cuda_graph=True,
-                                          max_pages=int(table.size) + bs)
+        casc = FlashInferCascadeAttention(WS, len(plan.levels), HQ, HKV, D, page, DT, bs, backend="fa2",
+                                          use_cuda_graph=True, max_pages=int(table.size) + bs, decode_last_level=True)
         casc.plan(plan)
         cascade = graphed(lambda: casc.run(q, (kc, vc)))
         samples.append((plan, regular, cascade))
         print(f"| {groups} x {per} | {shared} | {regular:.3f} | {cascade:.3f} | {regular / cascade:.2f} | | |")
     return samples, page
+
+
+def cascade_backends(quick):
+    """The shared levels on fa2 vs fa3, the per-request level on the decode kernel (CUDA graphs)."""
+    page, unique = 16, 256
+    print("\n### Cascade shared-level backend (decode step, one layer, CUDA graphs)\n\n"
+          "| groups x requests | shared | shared fa2 ms | shared fa3 ms |\n|---|---|---|---|")
+    for groups, per, shared in [(64, 16, 2048), (1, 1024, 8192), (8, 128, 4096), (256, 4, 1024)]:
+        bs = groups * per
+        sp, own = shared // page, unique // page
+        table = np.zeros((bs, sp + own), np.int32)
+        for g in range(groups):
+            table[g * per:(g + 1) * per, :sp] = np.arange(g * sp, (g + 1) * sp)
+        table[:, sp:] = groups * sp + np.arange(bs * own).reshape(bs, own)
+        kc, vc = cache(int(table.max()) + 8, page)
+        plan = plan_cascade(table, np.full(bs, shared + unique, np.int32), np.ones(bs, np.int32), page, max_levels=2)
+        q = torch.randn(bs, HQ, D, device="cuda", dtype=DT)
+        res = []
+        for backend in ("fa2", "fa3"):
+            casc = FlashInferCascadeAttention(WS, 2, HQ, HKV, D, page, DT, bs, backend="fa2", use_cuda_graph=True,
+                                              max_pages=int(table.size) + bs, decode_last_level=True,
+                                              shared_backend=backend)
+            casc.plan(plan)
+            res.append(graphed(lambda: casc.run(q, (kc, vc))))
+        print(f"| {groups} x {per} | {shared} | {res[0]:.3f} | {res[1]:.3f} |")
 
 
 def fit(samples, page):
@@ -156,12 +181,14 @@ def fit(samples, page):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--only", choices=["prefill", "decode", "cascade"])
+    p.add_argument("--only", choices=["prefill", "decode", "cascade", "levels"])
     args = p.parse_args()
     if args.only in (None, "prefill"):
         prefill_backends(args.quick)
     if args.only in (None, "decode"):
         decode_options(args.quick)
+    if args.only in (None, "levels"):
+        cascade_backends(args.quick)
     if args.only in (None, "cascade"):
         fit(*cascade_grid(args.quick))
 

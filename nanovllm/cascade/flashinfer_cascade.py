@@ -26,7 +26,8 @@ class FlashInferCascadeAttention:
     def __init__(self, workspace: torch.Tensor, num_levels: int, num_qo_heads: int, num_kv_heads: int,
                  head_dim: int, page_size: int, dtype: torch.dtype, max_rows: int, backend: str = "fa2",
                  use_cuda_graph: bool = False, max_pages: int = 0, sm_scale: float | None = None,
-                 buffers: list | None = None, outputs: tuple | None = None, decode_last_level: bool = False):
+                 buffers: list | None = None, outputs: tuple | None = None, decode_last_level: bool = False,
+                 shared_backend: str | None = None):
         """buffers: per level (qo_indptr, kv_indptr, kv_indices, last_page_len) device views for CUDA-graph
         mode; outputs: (out, lse, level_out, level_lse) to use instead of allocating (callers that keep
         one wrapper per captured batch size share the largest)."""
@@ -43,12 +44,16 @@ class FlashInferCascadeAttention:
             self.buffers = buffers or [(torch.zeros(max_rows + 1, **i32), torch.zeros(max_rows + 1, **i32),
                                         torch.zeros(max_pages + max_rows, **i32), torch.zeros(max_rows, **i32))
                                        for _ in range(num_levels)]
+        # Shared levels (many query rows per group) may use another backend than the per-request level.
+        backends = [shared_backend or backend] * (num_levels - 1) + [backend]
+        if use_cuda_graph:
             self.wrappers = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                 workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=b[0], paged_kv_indptr_buf=b[1],
-                paged_kv_indices_buf=b[2], paged_kv_last_page_len_buf=b[3], backend=backend) for b in self.buffers]
+                paged_kv_indices_buf=b[2], paged_kv_last_page_len_buf=b[3], backend=be)
+                for b, be in zip(self.buffers, backends)]
         else:
-            self.wrappers = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
-                             for _ in range(num_levels)]
+            self.wrappers = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=be)
+                             for be in backends]
         # The per-request level of decode steps on the batch-decode kernel (see module doc).
         self.decode_last = None
         if decode_last_level:
