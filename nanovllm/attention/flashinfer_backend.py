@@ -12,6 +12,7 @@ import torch
 
 from nanovllm.attention.backend import AttentionBackend, StepBatch
 from nanovllm.attention.triton_kv import store_kv_triton
+from nanovllm.cascade.cost_model import shared_level_backend
 from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention
 
 WORKSPACE_BYTES = 256 << 20
@@ -94,16 +95,24 @@ class FlashInferAttentionBackend(AttentionBackend):
             self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.decode_tensor_cores,
             paged_kv_indptr_buffer=indptr[:bs + 1], paged_kv_indices_buffer=indices,
             paged_kv_last_page_len_buffer=last[:bs])
-        cascade = {}  # level count -> attention: a step with fewer levels launches no empty ones
+        # (level count, shared-level backend) -> attention: a step with fewer levels launches no
+        # empty ones, and its shared levels run on the backend measured faster for their shape.
+        cascade = {}
         if self.graph_cascade_bufs is not None:
             bufs = [(qo[:bs + 1], kv[:bs + 1], idx, lpl[:bs]) for qo, kv, idx, lpl in self.graph_cascade_bufs]
             for levels in range(2, self.cascade_levels + 1):
-                cascade[levels] = FlashInferCascadeAttention(
-                    self.workspace, levels, self.num_qo_heads, self.num_kv_heads, self.head_dim,
-                    self.page_size, self.dtype, bs, backend=self.cascade_backend, use_cuda_graph=True,
-                    sm_scale=self.sm_scale, buffers=bufs[:levels - 1] + bufs[-1:], outputs=self.graph_cascade_outputs,
-                    decode_last_level=True)
+                for shared in ("fa2", "fa3"):
+                    cascade[levels, shared] = FlashInferCascadeAttention(
+                        self.workspace, levels, self.num_qo_heads, self.num_kv_heads, self.head_dim,
+                        self.page_size, self.dtype, bs, backend=self.cascade_backend, use_cuda_graph=True,
+                        sm_scale=self.sm_scale, buffers=bufs[:levels - 1] + bufs[-1:],
+                        outputs=self.graph_cascade_outputs, decode_last_level=True, shared_backend=shared)
         self.graph[bs] = (decode, cascade)
+
+    def graph_key(self, plan) -> tuple:
+        """Which captured graph runs a decode step: regular, or cascade by its level count and
+        shared-level backend."""
+        return ("regular",) if plan is None else graph_cascade_key(plan)
 
     def plan_graph(self, batch: StepBatch, bs: int, slot_mapping: torch.Tensor):
         """Plan a decode batch of n <= bs requests on the wrappers captured for bs. Padded requests
@@ -111,7 +120,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         decode, cascade = self.graph[bs]
         self.slot_mapping = slot_mapping
         if batch.cascade is not None:
-            self.active = cascade[len(batch.cascade.levels)]
+            self.active = cascade[graph_cascade_key(batch.cascade)[1:]]
             self.active.plan(batch.cascade)
             return
         n = len(batch.kv_lens)
@@ -123,3 +132,8 @@ class FlashInferAttentionBackend(AttentionBackend):
         decode.plan(t(indptr), t(indices), t(last), self.num_qo_heads, self.num_kv_heads, self.head_dim,
                     self.page_size, **self._common())
         self.active = decode
+
+
+def graph_cascade_key(plan) -> tuple:
+    """(kind, level count, shared-level backend) of a cascade decode step's CUDA graph."""
+    return ("cascade", len(plan.levels), shared_level_backend(plan))

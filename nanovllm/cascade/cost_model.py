@@ -22,11 +22,14 @@ def shared_qk_pages(plan) -> int:
 
 @dataclass(frozen=True)
 class CascadeCostModel:
-    regular_fixed_ms: float = 0.04
-    regular_per_token_ms: float = 0.85e-6
-    cascade_fixed_ms: float = 0.03          # per level (launch + plan reuse + merge)
-    cascade_per_token_ms: float = 0.9e-6
-    cascade_per_qk_ms: float = 1.4e-8       # per (query row x shared KV token)
+    # Fitted by scripts/bench_kernels.py --only cascade on the H200 (Qwen3-0.6B heads, page 16, CUDA
+    # graphs, shared levels fa2, per-request level on the decode kernel); table in claude_docs/cascade.md.
+    # Regular decode's per-token cost is low because shared pages hit L2 across requests.
+    regular_fixed_ms: float = 0.0797
+    regular_per_token_ms: float = 4.24e-7
+    cascade_fixed_ms: float = 0.0139        # per level (a launch, a plan, a merge)
+    cascade_per_token_ms: float = 8.53e-7
+    cascade_per_qk_ms: float = 5.30e-8      # per (query row x shared KV token)
     margin: float = 0.9                     # cascade must be predicted >= 10% faster
 
     def regular_ms(self, plan, page_size: int) -> float:
@@ -46,3 +49,16 @@ class AlwaysCascade:
 
     def worth_it(self, plan, page_size: int) -> bool:
         return plan.cascade_kv_pages < plan.regular_kv_pages
+
+
+# Shared levels with many query rows per group are compute-bound and run faster on fa3 (Hopper's
+# wgmma); many small groups run faster on fa2. Measured per layer, 1024 rows: 1 group of 8192 tokens
+# fa2 0.712 ms / fa3 0.387; 8 x 128 rows fa2 0.522 / fa3 0.329; 64 x 16 rows fa2 0.453 / fa3 0.539.
+FA3_MIN_ROWS_PER_GROUP = 64
+
+
+def shared_level_backend(plan) -> str:
+    if getattr(plan, "shared_backend", None):  # set explicitly (CUDA-graph capture)
+        return plan.shared_backend
+    rows_per_group = plan.num_rows / max(plan.groups_per_level[0], 1)
+    return "fa3" if rows_per_group >= FA3_MIN_ROWS_PER_GROUP else "fa2"

@@ -238,7 +238,7 @@ class ModelRunner:
 
     def forward(self, batch: StepBatch, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if not batch.is_prefill and self.graphs and len(batch.q_lens) <= self.graph_sizes[-1]:
-            key = (self._graph_size(len(batch.q_lens)), len(batch.cascade.levels) if batch.cascade else 0)
+            key = (self._graph_size(len(batch.q_lens)),) + (self.backend.graph_key(batch.cascade))
             if key in self.graphs:
                 return self._replay(batch, input_ids, positions, key)
         self._plan_fence()
@@ -312,6 +312,7 @@ class ModelRunner:
             hidden=torch.zeros(max_bs, hidden_size, dtype=self.dtype, device=dev))
         gv = self.graph_vars
         modes = [0] + (list(range(2, self.config.cascade_max_levels + 1)) if self.cascade is not None else [])
+        shared_backends = ("fa2", "fa3")  # see cost_model.shared_level_backend
         pool = None
         for bs in reversed(self.graph_sizes):
             self.backend.graph_wrappers(bs)
@@ -319,16 +320,20 @@ class ModelRunner:
                 batch = self._dummy_decode_batch(bs, levels)
                 if levels and len(batch.cascade.levels) != levels:
                     continue  # too few requests to nest that deep: such steps run eagerly
-                self.backend.plan_graph(batch, bs, gv["slot_mapping"][:bs])
-                set_context(is_prefill=False, attn=self.backend)
-                gv["hidden"][:bs] = self.model(gv["input_ids"][:bs], gv["positions"][:bs])  # warm-up outside capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool):
-                    gv["hidden"][:bs] = self.model(gv["input_ids"][:bs], gv["positions"][:bs])
-                if pool is None:
-                    pool = graph.pool()
-                self.graphs[(bs, levels)] = graph
-                torch.cuda.synchronize()
+                for shared in (shared_backends if levels else (None,)):
+                    if levels:
+                        batch.cascade.shared_backend = shared
+                    key = (bs,) + self.backend.graph_key(batch.cascade)
+                    self.backend.plan_graph(batch, bs, gv["slot_mapping"][:bs])
+                    set_context(is_prefill=False, attn=self.backend)
+                    gv["hidden"][:bs] = self.model(gv["input_ids"][:bs], gv["positions"][:bs])  # warm-up, uncaptured
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool):
+                        gv["hidden"][:bs] = self.model(gv["input_ids"][:bs], gv["positions"][:bs])
+                    if pool is None:
+                        pool = graph.pool()
+                    self.graphs[key] = graph
+                    torch.cuda.synchronize()
         reset_context()
 
 
