@@ -24,7 +24,8 @@ def llm(tiny_model):
     ("word " * 400, OK, "max_model_len"),
     ([10**9], OK, "out of range"),
     (None, OK, "prompt must be"),
-], ids=["empty-text", "empty-ids", "too-long", "bad-token-id", "not-a-prompt"])
+    ([1.5, 2.0], OK, "integers"),
+], ids=["empty-text", "empty-ids", "too-long", "bad-token-id", "not-a-prompt", "float-ids"])
 def test_bad_requests(llm, prompt, sp, message):
     with pytest.raises(ValueError, match=message):
         llm.generate([prompt], sp, use_tqdm=False)

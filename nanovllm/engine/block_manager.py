@@ -1,7 +1,8 @@
 """KV pages: allocation, ref counts and the prefix cache.
 
-A full page is identified by a chained hash, xxh64(previous page's hash + its token ids), so equal
-hashes mean equal prefixes. Hits are confirmed by comparing token ids. A page is registered under
+A full page is identified by a chained hash, xxh64 of its token ids seeded with the previous page's
+hash, so equal hashes mean equal prefixes. Hits are confirmed by comparing the page's token ids (as
+bytes: a memcmp, since matching 8k-token prompts touches hundreds of pages per request). A page is registered under
 its hash as soon as it is allocated for a prompt, but it only counts as a hit once its K/V are
 computed: a request that would hit a page still being computed waits a step (see `match`), so that
 requests arriving together with the same system prompt compute it once, not once each.
@@ -16,28 +17,29 @@ from nanovllm.engine.sequence import Sequence
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_ids", "computed")
+    __slots__ = ("block_id", "ref_count", "hash", "token_key", "computed")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
         self.hash = -1
-        self.token_ids: list[int] = []
+        self.token_key = b""  # its token ids as int64 bytes, once hashed
         self.computed = False
 
     def reset(self):
         self.ref_count = 1
         self.hash = -1
-        self.token_ids = []
+        self.token_key = b""
         self.computed = False
 
 
-def block_hash(token_ids: list[int], prefix: int = -1) -> int:
-    h = xxhash.xxh64()
-    if prefix != -1:
-        h.update(prefix.to_bytes(8, "little"))
-    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
-    return h.intdigest()
+def token_key(token_ids: list[int]) -> bytes:
+    return np.asarray(token_ids, dtype=np.int64).tobytes()
+
+
+def block_hash(key: bytes, prefix: int = -1) -> int:
+    """Chained: the previous page's hash seeds this one's (0 for the first page)."""
+    return xxhash.xxh64_intdigest(key, seed=0 if prefix == -1 else prefix)
 
 
 class BlockManager:
@@ -85,7 +87,7 @@ class BlockManager:
         hashes = self._hashes(seq, n)
         for i in range(n):
             block_id = self.hash_to_block_id.get(hashes[i])
-            if block_id is None or self.blocks[block_id].token_ids != seq.block(i):
+            if block_id is None or self.blocks[block_id].token_key != seq.block_keys[i]:
                 break
             if not self.blocks[block_id].computed:
                 return hits, True
@@ -93,10 +95,20 @@ class BlockManager:
         return hits, False
 
     def _hashes(self, seq: Sequence, n: int) -> list[int]:
-        """Chained hashes of (at least) the first n full pages, kept on the sequence: its tokens only grow."""
-        hashes = seq.block_hashes
-        while len(hashes) < n:
-            hashes.append(block_hash(seq.block(len(hashes)), hashes[-1] if hashes else -1))
+        """Chained hashes (and token keys, seq.block_keys) of at least the first n full pages, kept
+        on the sequence: its tokens only grow. New pages are converted in one numpy pass."""
+        hashes, keys = seq.block_hashes, seq.block_keys
+        start = len(hashes)
+        if start < n:
+            bs = self.block_size
+            data = np.asarray(seq.token_ids[start * bs:n * bs], dtype=np.int64).tobytes()
+            width = 8 * bs
+            h = hashes[-1] if hashes else -1
+            for offset in range(0, len(data), width):
+                key = data[offset:offset + width]
+                h = block_hash(key, h)
+                hashes.append(h)
+                keys.append(key)
         return hashes
 
     def can_allocate(self, seq: Sequence, hits: list[int]) -> bool:
@@ -118,7 +130,7 @@ class BlockManager:
             block = self._take_free()
             if i < num_full:
                 # Registered now, computed later: a request arriving meanwhile waits for it (see match).
-                block.token_ids = seq.block(i)
+                block.token_key = seq.block_keys[i]
                 block.hash = hashes[i]
                 self.hash_to_block_id.setdefault(block.hash, block.block_id)
             seq.block_table.append(block.block_id)
@@ -137,7 +149,7 @@ class BlockManager:
                     if self.hash_to_block_id.get(block.hash) == block_id:
                         del self.hash_to_block_id[block.hash]
                     block.hash = -1
-                    block.token_ids = []
+                    block.token_key = b""
                 self.free_block_ids[block_id] = None
         seq.block_table = []
         seq._pages = None
@@ -160,8 +172,8 @@ class BlockManager:
                 continue
             block.computed = True
             if self.enable_prefix_caching and block.hash == -1:  # a page filled by decode
-                block.token_ids = seq.block(i)
                 block.hash = self._hashes(seq, i + 1)[i]
+                block.token_key = seq.block_keys[i]
             if block.hash != -1:
                 self.hash_to_block_id.setdefault(block.hash, block.block_id)
 

@@ -33,6 +33,7 @@ class Sequence:
         self.chunk_len = 0            # tokens this step computes (set by the scheduler)
         self.num_marked_blocks = 0    # leading pages the block manager has marked computed
         self.block_hashes: list[int] = []  # chained hashes of full pages, filled lazily
+        self.block_keys: list[bytes] = []  # those pages' token ids as bytes, to confirm cache hits
         self.finish_reason: str | None = None
         self.generator = None         # torch.Generator for seeded sampling, made by the sampler
         self.num_pending = 0          # trailing PLACEHOLDER tokens: sampled by steps not yet collected
