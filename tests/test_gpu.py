@@ -201,20 +201,25 @@ def test_cascade_fa2_matches_regular_attention(name, decode):
     bf16_close(out, cascade_attention(q, kc, vc, plan, D ** -0.5))
 
 
-def test_cascade_graph_mode_matches_eager():
+@pytest.mark.parametrize("structure, bs, shared", [
+    ([(9, 4, [(5, 3), (4, 2)]), (3, 5, None), (2, 0, None)], 32, "fa2"),
+    ([(96, 4, None), (20, 2, None)], 128, "fa2"),
+    ([(96, 4, None), (20, 2, None)], 128, "fa3"),   # >= 64 rows per group: the engine picks fa3
+], ids=["nested-fa2", "big-group-fa2", "big-group-fa3"])
+def test_cascade_graph_mode_matches_eager(structure, bs, shared):
     from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention
-    _, _, plan = cascade_case(STRUCTURES["3-level nested"], True, seed=4)
+    _, _, plan = cascade_case(structure, True, seed=4)
     kc, vc = random_cache(8192, seed=5)
-    bs = 32
     q = torch.randn(bs, HQ, D, device="cuda").to(DT)
     ws = torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
     eager = FlashInferCascadeAttention(ws, 3, HQ, HKV, D, PAGE, DT, max_rows=bs, backend="fa2", decode_last_level=True)
     eager.plan(plan)
     expected = eager.run(q[:plan.num_rows], (kc, vc)).clone()
-    graphed = FlashInferCascadeAttention(torch.zeros(128 << 20, dtype=torch.uint8, device="cuda"), 3, HQ, HKV, D, PAGE,
-                                         DT, max_rows=bs, backend="fa2", use_cuda_graph=True, max_pages=8192,
-                                         decode_last_level=True)
-    _, _, dummy = cascade_case([(bs, 1, None)], True, seed=6)
+    graphed = FlashInferCascadeAttention(torch.zeros(128 << 20, dtype=torch.uint8, device="cuda"), len(plan.levels),
+                                         HQ, HKV, D, PAGE, DT, max_rows=bs, backend="fa2", use_cuda_graph=True,
+                                         max_pages=8192, decode_last_level=True, shared_backend=shared)
+    _, _, dummy = cascade_case([(bs, 1, None)] if len(plan.levels) == 2 else [(bs, 1, [(bs // 2, 1), (bs // 2, 0)])],
+                               True, seed=6)
     graphed.plan(dummy)
     out = torch.empty_like(q)
     out.copy_(graphed.run(q, (kc, vc)))
@@ -227,6 +232,7 @@ def test_cascade_graph_mode_matches_eager():
     n = plan.num_rows
     assert not torch.isnan(out[:n]).any()
     bf16_close(out[:n], expected, atol=1e-2)
+    bf16_close(out[:n], cascade_attention(q[:n], kc, vc, plan, D ** -0.5))
 
 
 # ---- end to end ---------------------------------------------------------------------------------
@@ -295,19 +301,20 @@ def test_greedy_flashinfer_equals_torch_reference(gpu_model):
 def test_greedy_cascade_on_equals_off_gpu(gpu_model):
     rng = random.Random(0)
     prompts = []
-    for sys_len, members in ((80, 6), (300, 8), (1000, 5)):
+    for sys_len, members in ((80, 6), (300, 8), (1000, 5), (200, 70)):  # 70 members: fa3 shared level
         system = [rng.randrange(1900) for _ in range(sys_len)]
         prompts += [system + [rng.randrange(1900) for _ in range(rng.randrange(3, 50))] for _ in range(members)]
     rng.shuffle(prompts)
     sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    off = LLM(gpu_model, dtype="bfloat16", max_model_len=2048, max_num_seqs=64, num_kvcache_blocks=4096)
+    off = LLM(gpu_model, dtype="bfloat16", max_model_len=2048, max_num_seqs=128, num_kvcache_blocks=4096)
     expected = [o["token_ids"] for o in off.generate(prompts, sp, use_tqdm=False)]
     del off
-    on = LLM(gpu_model, dtype="bfloat16", max_model_len=2048, max_num_seqs=64, enable_cascade_attention=True,
+    on = LLM(gpu_model, dtype="bfloat16", max_model_len=2048, max_num_seqs=128, enable_cascade_attention=True,
              num_kvcache_blocks=4096)
     on.model_runner.cascade.cost_model = __import__("nanovllm.cascade.cost_model", fromlist=["x"]).AlwaysCascade()
     got = [o["token_ids"] for o in on.generate(prompts, sp, use_tqdm=False)]
     report = [first_divergence(a, b) for a, b in zip(got, expected)]
     print("cascade on vs off, first divergence:", report, "cascade steps:", on.stats["cascade_steps"])
     assert on.stats["cascade_steps"] > 0
-    assert sum(d is None for d in report) >= len(report) - 1, report
+    # Cascade sums in another order than regular attention: allow a rare bf16 near-tie flip.
+    assert sum(d is None for d in report) >= len(report) - 2, report

@@ -163,9 +163,12 @@ class BlockManager:
             seq.block_table.append(self._take_free().block_id)
 
     def mark_computed(self, seq: Sequence):
-        """After a step: pages now fully computed become cache hits for later requests."""
+        """Pages now fully computed become cache hits for later requests. Called when a step is
+        launched and again when its tokens are collected: a page whose last token is still a
+        placeholder (sampled by a step in flight) waits, since its hash must cover real tokens."""
         bs = self.block_size
-        for i in range(seq.num_marked_blocks, seq.num_computed_tokens // bs):
+        real = min(seq.num_computed_tokens, len(seq) - seq.num_pending)
+        for i in range(seq.num_marked_blocks, real // bs):
             block = self.blocks[seq.block_table[i]]
             seq.num_marked_blocks = i + 1
             if block.computed:  # a page computed by another request

@@ -118,7 +118,7 @@ class Scheduler:
         samples = []
         for seq in seqs:
             seq.num_computed_tokens += seq.chunk_len
-            self.block_manager.mark_computed(seq)  # pages hold only computed positions: real tokens
+            self.block_manager.mark_computed(seq)  # a prompt's pages: cache hits from the next step on
             sampled = seq.num_computed_tokens == len(seq)
             if sampled:
                 seq.append_token(PLACEHOLDER)
@@ -137,6 +137,7 @@ class Scheduler:
                 continue  # a prompt chunk short of the end, or ended while this step ran
             seq.token_ids[len(seq) - seq.num_pending] = token_id
             seq.num_pending -= 1
+            self.block_manager.mark_computed(seq)  # a page whose last token was this one
             advanced.append(seq)
             sp = seq.sampling_params
             if not sp.ignore_eos and token_id == self.eos:

@@ -2,16 +2,14 @@
 
 The PyTorch versions in the layers stay the CPU path and the reference; on the GPU each of them is
 several elementwise kernels, which profiling showed to cost more per decode step than the GEMMs.
-FlashInfer's default RMSNorm needs nvidia-cutlass-dsl (absent on our GPU machine), so its CUDA
-norm kernels are selected through FLASHINFER_USE_CUDA_NORM before FlashInfer is imported."""
+FlashInfer's default RMSNorm needs nvidia-cutlass-dsl (absent on our GPU machine): nanovllm/__init__.py
+sets FLASHINFER_USE_CUDA_NORM before FlashInfer can be imported, to select its CUDA norm kernels."""
 import functools
-import os
 
 
 @functools.cache
 def flashinfer_ops():
     """The flashinfer module, or None where it cannot be imported (CPU machines)."""
-    os.environ.setdefault("FLASHINFER_USE_CUDA_NORM", "1")
     try:
         import flashinfer
     except ImportError:
