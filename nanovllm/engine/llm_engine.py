@@ -1,4 +1,5 @@
 """The engine: requests in, tokens out. `add_request` validates and queues; `step` runs one step."""
+from array import array
 from dataclasses import dataclass, fields
 from time import perf_counter
 
@@ -52,14 +53,16 @@ class LLMEngine:
         if isinstance(prompt, str):
             token_ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)):
-            # One numpy pass (an 8k-token prompt in ~0.2 ms): integers only, no bools or floats.
-            ids = np.asarray(prompt)
-            if ids.size and (ids.ndim != 1 or ids.dtype.kind not in "iu"):
-                raise ValueError("prompt must be a string or a list of token ids (integers)")
+            # array('q') converts in C and refuses non-integers; numpy then checks the range in one
+            # pass (an 8k-token prompt in ~0.2 ms, where a Python loop took ~0.9 ms).
+            try:
+                ids = np.frombuffer(array("q", prompt), dtype=np.int64)
+            except (TypeError, OverflowError):
+                raise ValueError("prompt must be a string or a list of token ids (integers)") from None
             if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
                 bad = ids[(ids < 0) | (ids >= self.vocab_size)]
                 raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5].tolist()}")
-            token_ids = list(prompt)
+            token_ids = prompt  # Sequence keeps its own copy
         else:
             raise ValueError("prompt must be a string or a list of token ids")
         if not token_ids:
