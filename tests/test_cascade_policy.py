@@ -48,7 +48,7 @@ def test_refreshed_decode_plans_equal_full_plans():
     seqs, fresh = decode_batch(rng)
     config = SimpleNamespace(kvcache_block_size=16, cascade_max_levels=3, cascade_shared_prefix_len=0,
                              attention_backend="torch")
-    policy = CascadePolicy(config, None)
+    policy = CascadePolicy(config)
     gen = torch.Generator().manual_seed(0)
     k_cache, v_cache = (torch.randn(10_400, 16, 2, 64, generator=gen) for _ in range(2))
     q = torch.randn(len(seqs), 4, 64, generator=gen)

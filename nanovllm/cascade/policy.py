@@ -18,7 +18,7 @@ MIN_SHARED_TOKENS = 64
 
 class CascadePolicy:
 
-    def __init__(self, config, backend):
+    def __init__(self, config):
         self.page_size = config.kvcache_block_size
         self.max_levels = config.cascade_max_levels
         self.fixed_len = config.cascade_shared_prefix_len or None

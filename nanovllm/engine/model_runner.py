@@ -37,15 +37,14 @@ class ModelRunner:
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         extra = {}
         if config.attention_backend == "flashinfer":
-            extra = dict(cascade_levels=config.cascade_max_levels, max_rows=config.max_num_batched_tokens,
-                         decode_tensor_cores=True)
+            extra = dict(cascade_levels=config.cascade_max_levels, max_rows=config.max_num_batched_tokens)
         self.backend = make_backend(
             config.attention_backend, num_qo_heads=hf.num_attention_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, page_size=self.block_size, dtype=self.dtype, device=self.device, **extra)
         self.cascade = None
         if config.enable_cascade_attention:
             from nanovllm.cascade.policy import CascadePolicy
-            self.cascade = CascadePolicy(config, self.backend)
+            self.cascade = CascadePolicy(config)
         self.plan_copied = None
         self.host_slot = 0
         if self.device.type == "cuda":
@@ -218,11 +217,6 @@ class ModelRunner:
             step.done.synchronize()
             return step.host_tokens.tolist()
         return step.tokens.tolist()
-
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[Sequence], list[int]]:
-        """launch + collect: one step, synchronously."""
-        step = self.launch(seqs, is_prefill)
-        return step.seqs, self.collect(step)
 
     def _plan_fence(self):
         """FlashInfer's plan() stages its arrays in a pinned buffer it reuses, copied to the device
