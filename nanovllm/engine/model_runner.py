@@ -48,8 +48,8 @@ class ModelRunner:
         self.plan_copied = None
         self.host_slot = 0
         if self.device.type == "cuda":
-            self.host_tokens = [torch.zeros(config.max_num_seqs + config.max_num_batched_tokens, dtype=torch.long,
-                                            pin_memory=True) for _ in range(2)]
+            # One sampled token per sequence of a step, for the two steps that can be in flight.
+            self.host_tokens = [torch.zeros(config.max_num_seqs, dtype=torch.long, pin_memory=True) for _ in range(2)]
         self.graphs: dict = {}
         if not config.enforce_eager:
             # Index buffers for every page list a batch can hold (with prefix sharing, more than the pages that exist).
@@ -150,6 +150,7 @@ class ModelRunner:
         else:           # decode: every page of every sequence
             tables = [s.page_array() for s in seqs]
         kv_indices = np.concatenate(tables) if tables else np.zeros(0, np.int32)
+        gather = None  # rows whose input token is still on the device (prev's sample), else -1
         if is_prefill:
             input_ids = [t for s in seqs for t in s.token_ids[s.num_computed_tokens:s.num_computed_tokens + s.chunk_len]]
             # position of every query token, and the page that holds it
@@ -160,7 +161,7 @@ class ModelRunner:
             input_ids = [s.last_token for s in seqs]
             positions = (kv_lens - 1).astype(np.int64)
             if prev is not None and PLACEHOLDER in input_ids:
-                src = [prev.rows.get(s.seq_id, -1) if t == PLACEHOLDER else -1 for s, t in zip(seqs, input_ids)]
+                gather = [prev.rows.get(s.seq_id, -1) if t == PLACEHOLDER else -1 for s, t in zip(seqs, input_ids)]
             pages = kv_indices[kv_indptr[1:] - 1]
         slot_mapping = pages.astype(np.int64) * bs + positions % bs
         last_page_len = kv_lens - (num_pages - 1) * bs
@@ -168,8 +169,8 @@ class ModelRunner:
         batch = StepBatch(is_prefill, q_lens, kv_lens, qo_indptr, kv_indptr, kv_indices, last_page_len.astype(np.int32),
                           torch.from_numpy(slot_mapping).to(dev, non_blocking=True), bs)
         ids = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
-        if not is_prefill and prev is not None and PLACEHOLDER in input_ids:
-            src = torch.tensor(src, dtype=torch.long).to(dev, non_blocking=True)
+        if gather is not None:
+            src = torch.tensor(gather, dtype=torch.long).to(dev, non_blocking=True)
             ids = torch.where(src >= 0, prev.tokens[src.clamp(min=0)], ids)
         positions = torch.from_numpy(positions).to(dev, non_blocking=True)
         return batch, ids, positions
@@ -244,7 +245,6 @@ class ModelRunner:
             return self.model.compute_logits(self.model(input_ids, positions))
         finally:
             reset_context()
-
 
     # ---- CUDA graphs for decode ---------------------------------------------------------------
     def _graph_size(self, n: int) -> int:
