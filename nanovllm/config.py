@@ -27,7 +27,7 @@ class Config:
     cascade_max_levels: int = 3           # shared levels + the per-request level
     seed: int = 0
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
-    eos_token_id: int = -1
+    eos_token_ids: tuple = ()               # set by the engine from the tokenizer and generation config
 
     def __post_init__(self):
         if not os.path.isdir(self.model):

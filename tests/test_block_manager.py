@@ -1,11 +1,18 @@
 """Property tests of the block manager: random allocate / compute / append / free sequences."""
+import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from nanovllm.engine.block_manager import BlockManager, token_key
+from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
 
 BS = 4
+
+
+def key_of(seq: Sequence, i: int) -> bytes:
+    """Page i's tokens as the block manager keys them, computed independently."""
+    return np.asarray(seq.token_ids[i * BS:(i + 1) * BS], dtype=np.int64).tobytes()
+
 SP = SamplingParams(max_tokens=1000)
 # Prompts built from a few shared prefixes so that prefix-cache hits are common.
 PREFIXES = [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9], [7] * 12, []]
@@ -30,7 +37,7 @@ def check(bm: BlockManager, live: list[Sequence]):
             block = bm.blocks[seq.block_table[i]]
             assert block.computed
             if block.hash != -1:  # a hashed page holds exactly this sequence's tokens there
-                assert block.token_key == token_key(seq.block(i))
+                assert block.token_key == key_of(seq, i)
     assert [b.ref_count for b in bm.blocks] == holders
     assert bm.num_free_blocks == holders.count(0)
 
@@ -45,7 +52,7 @@ def test_random_operations_keep_invariants(num_blocks, ops):
             seq = Sequence(PREFIXES[a] + b or [5], SP, BS)
             hits, pending = bm.match(seq)
             assert all(bm.blocks[h].computed for h in hits)
-            assert all(bm.blocks[h].token_key == token_key(seq.block(i)) for i, h in enumerate(hits))
+            assert all(bm.blocks[h].token_key == key_of(seq, i) for i, h in enumerate(hits))
             assert len(hits) * BS < len(seq)  # at least one token is always left to compute
             if not pending and bm.can_allocate(seq, hits):
                 bm.allocate(seq, hits)

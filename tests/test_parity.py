@@ -99,6 +99,8 @@ def test_greedy_with_preemption(tiny_model, make_llm, hf_reference):
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o["token_ids"] for o in outs] == hf_reference
     assert llm.scheduler.num_preemptions > 0
+    # re-admission hits the request's own output too: cached counts stay prompt tokens
+    assert all(o["num_cached_tokens"] < len(o["prompt_token_ids"]) for o in outs)
 
 
 def test_greedy_with_chunked_prefill(tiny_model, make_llm, hf_reference):
@@ -120,3 +122,20 @@ def test_shared_prefix_admitted_together(tiny_model, make_llm):
     assert [o["token_ids"] for o in outs] == expected
     assert outs[0]["num_cached_tokens"] == 0
     assert outs[1]["num_cached_tokens"] == 48
+
+
+def test_every_eos_id_of_the_checkpoint_ends_generation(tiny_model, make_llm, tmp_path):
+    """generation_config.json may list several EOS ids (instruct checkpoints do): each one stops."""
+    import json
+    import shutil
+    free = make_llm(tiny_model).generate(["The river"], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+                                         use_tqdm=False)[0]["token_ids"]
+    model = tmp_path / "two-eos"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], free[3]]
+    (model / "generation_config.json").write_text(json.dumps(config))
+    llm = make_llm(str(model))
+    out = llm.generate(["The river"], SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)[0]
+    assert out["finish_reason"] == "stop"
+    assert out["token_ids"] == free[:free.index(free[3]) + 1]

@@ -86,3 +86,15 @@ def test_stop_string_on_the_last_allowed_token_reports_stop(tiny_model, make_llm
     out = llm.generate(["Item 2: value"], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
                                                          stop=[last_piece]), use_tqdm=False)[0]
     assert out["finish_reason"] == "stop"
+
+
+def test_seeded_output_does_not_depend_on_prompt_chunking(tiny_model, make_llm):
+    """A prompt chunk short of the end samples nothing, so it must not draw from the request's generator."""
+    sp = SamplingParams(temperature=1.0, seed=123, max_tokens=12, ignore_eos=True)
+    prompt = list(range(100, 140))
+    alone = make_llm(tiny_model).generate([prompt], sp, use_tqdm=False)[0]["token_ids"]
+    other = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    for budget in (64, 16):
+        llm = make_llm(tiny_model, max_num_batched_tokens=budget, enable_prefix_caching=False)
+        chunked = llm.generate([list(range(300, 350)), prompt], [other, sp], use_tqdm=False)[1]["token_ids"]
+        assert chunked == alone, budget

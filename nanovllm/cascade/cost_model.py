@@ -14,8 +14,7 @@ def shared_qk_pages(plan) -> int:
     """Sum over shared groups of (query rows x pages): the extra work of batching a group's queries."""
     total = 0
     for level in plan.levels[:-1]:
-        rows = level.qo_indptr[1:] - level.qo_indptr[:-1]
-        pages = level.kv_indptr[1:] - level.kv_indptr[:-1]
+        rows, pages = level.rows_and_pages()
         total += int((rows * pages).sum())
     return total
 

@@ -32,6 +32,10 @@ class CascadeLevel:
     def num_groups(self) -> int:
         return self.qo_indptr.numel() - 1
 
+    def rows_and_pages(self) -> tuple[np.ndarray, np.ndarray]:
+        """Query rows and KV pages of each group."""
+        return np.diff(self.qo_indptr.numpy()), np.diff(self.kv_indptr.numpy())
+
 
 @dataclass
 class CascadePlan:

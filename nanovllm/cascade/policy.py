@@ -31,6 +31,7 @@ class CascadePolicy:
 
     def plan(self, seqs) -> CascadePlan | None:
         if len(seqs) < self.min_group_size:
+            self._decode_key = self._decode_plan = None  # the next batch is planned in full
             return None
         decode = all(s.chunk_len == 1 and s.num_computed_tokens + 1 == len(s) for s in seqs)
         key = tuple(s.seq_id for s in seqs) if decode else None
@@ -84,7 +85,6 @@ def _shared_pages_per_row(plan: CascadePlan) -> np.ndarray:
     """Pages each query row (in plan order) reads in shared levels."""
     total = np.zeros(plan.num_rows, np.int64)
     for level in plan.levels[:-1]:
-        rows = (level.qo_indptr[1:] - level.qo_indptr[:-1]).numpy()
-        pages = (level.kv_indptr[1:] - level.kv_indptr[:-1]).numpy()
+        rows, pages = level.rows_and_pages()
         total += np.repeat(pages, rows)
     return total

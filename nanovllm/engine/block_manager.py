@@ -33,10 +33,6 @@ class Block:
         self.computed = False
 
 
-def token_key(token_ids: list[int]) -> bytes:
-    return np.asarray(token_ids, dtype=np.int64).tobytes()
-
-
 def block_hash(key: bytes, prefix: int = -1) -> int:
     """Chained: the previous page's hash seeds this one's (0 for the first page)."""
     return xxhash.xxh64_intdigest(key, seed=0 if prefix == -1 else prefix)
@@ -134,7 +130,9 @@ class BlockManager:
                 block.hash = hashes[i]
                 self.hash_to_block_id.setdefault(block.hash, block.block_id)
             seq.block_table.append(block.block_id)
-        seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_computed_tokens = len(hits) * self.block_size
+        if not seq.num_completion_tokens:  # a re-admission after preemption also hits its own output
+            seq.num_cached_tokens = seq.num_computed_tokens
         seq.num_marked_blocks = len(hits)
         self.num_cache_hit_tokens += seq.num_cached_tokens
         self.num_cache_query_tokens += len(seq)

@@ -4,7 +4,7 @@ from dataclasses import dataclass, fields
 from time import perf_counter
 
 import numpy as np
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GenerationConfig
 
 from nanovllm.config import Config
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
@@ -12,6 +12,19 @@ from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
+
+
+def eos_token_ids(model: str, tokenizer, hf_config) -> tuple[int, ...]:
+    """Every id that ends a generation: the tokenizer's EOS and those of config.json and
+    generation_config.json (instruct checkpoints list several, e.g. <|im_end|> and <|endoftext|>)."""
+    ids = {tokenizer.eos_token_id}
+    try:
+        generation = GenerationConfig.from_pretrained(model).eos_token_id
+    except OSError:
+        generation = None
+    for source in (hf_config.eos_token_id, generation):
+        ids.update(source if isinstance(source, (list, tuple)) else [source])
+    return tuple(sorted(i for i in ids if isinstance(i, int)))
 
 
 @dataclass
@@ -25,14 +38,13 @@ class StepOutput:
 class LLMEngine:
 
     def __init__(self, model: str, **kwargs):
-        names = {f.name for f in fields(Config)} - {"model", "hf_config", "eos_token_id"}
+        names = {f.name for f in fields(Config)} - {"model", "hf_config", "eos_token_ids"}
         unknown = set(kwargs) - names
         if unknown:
             raise ValueError(f"unknown engine options: {sorted(unknown)}")
         config = Config(model, **kwargs)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        eos = self.tokenizer.eos_token_id
-        config.eos_token_id = eos if eos is not None else (config.hf_config.eos_token_id or -1)
+        config.eos_token_ids = eos_token_ids(model, self.tokenizer, config.hf_config)
         self.config = config
         self.model_runner = ModelRunner(config)
         self.scheduler = Scheduler(config, self.model_runner.num_kvcache_blocks)
@@ -104,21 +116,21 @@ class LLMEngine:
     def step(self) -> list[StepOutput]:
         """Schedule and launch the next step, then collect the one launched before it (its outputs are
         returned): the host schedules step N+1 while the device still runs step N."""
+        st = self.stats
         start = perf_counter()
         seqs, is_prefill = self.scheduler.schedule()
         launched = None
         if seqs:
             launched = self.model_runner.launch(seqs, is_prefill, self.in_flight)
             launched.samples = self.scheduler.launched(launched.seqs)
-        outputs = self._collect(self.in_flight) if self.in_flight is not None else []
-        self.in_flight = launched
-        if launched is not None:
-            st = self.stats
+            launched.is_prefill = is_prefill
             st["steps"] += 1
             st["prefill_steps" if is_prefill else "decode_steps"] += 1
             st["cascade_steps"] += launched.cascade
             st["max_batch_size"] = max(st["max_batch_size"], len(launched.seqs))
             st["prefill_seconds" if is_prefill else "decode_seconds"] += perf_counter() - start
+        outputs = self.drain()  # the previous step; its wait is charged to its own phase
+        self.in_flight = launched
         return outputs
 
     def drain(self) -> list[StepOutput]:
@@ -126,7 +138,10 @@ class LLMEngine:
         if self.in_flight is None:
             return []
         step, self.in_flight = self.in_flight, None
-        return self._collect(step)
+        start = perf_counter()
+        outputs = self._collect(step)
+        self.stats["prefill_seconds" if step.is_prefill else "decode_seconds"] += perf_counter() - start
+        return outputs
 
     def _collect(self, step) -> list[StepOutput]:
         token_ids = self.model_runner.collect(step)
@@ -135,15 +150,16 @@ class LLMEngine:
         outputs = []
         for seq in advanced:
             new_text = None
+            token = seq.token_ids[len(seq) - seq.num_pending - 1]  # this step's, before later placeholders
             detok = self.detokenizers.get(seq.seq_id)
             if detok is not None:
-                new_text = detok.add([seq.token_ids[len(seq) - seq.num_pending - 1]])
+                new_text = detok.add([token])
                 if detok.stopped:
                     self.scheduler.finish(seq, "stop")
                     seq.finish_reason = "stop"  # also when the same token hit max_tokens
                 elif seq.is_finished:
                     new_text += detok.flush()
-            outputs.append(StepOutput(seq, [seq.token_ids[len(seq) - seq.num_pending - 1]], new_text, seq.is_finished))
+            outputs.append(StepOutput(seq, [token], new_text, seq.is_finished))
             if seq.is_finished:
                 self.seqs.pop(seq.seq_id, None)
         return outputs

@@ -186,7 +186,10 @@ class ModelRunner:
             top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32).to(dev, non_blocking=True)
         generators = {}
         for row, s in enumerate(seqs):
-            if s.sampling_params.seed is not None and s.sampling_params.temperature > 0:
+            # Only rows that sample draw from their generator: a prompt chunk short of the end
+            # must not, or a seeded output would depend on how its prompt was chunked.
+            samples = s.num_computed_tokens + s.chunk_len == len(s)
+            if samples and s.sampling_params.seed is not None and s.sampling_params.temperature > 0:
                 if s.generator is None:
                     s.generator = torch.Generator(device=dev).manual_seed(s.sampling_params.seed)
                 generators[row] = s.generator
@@ -338,6 +341,8 @@ class LaunchedStep:
     def __init__(self, seqs, tokens, rows, cascade):
         self.seqs, self.tokens, self.rows, self.cascade = seqs, tokens, rows, cascade
         self.host_tokens = self.done = None
+        self.samples: list[bool] = []  # which sequences sample (set by Scheduler.launched)
+        self.is_prefill = False
 
 
 class _PassThroughAttention:

@@ -24,7 +24,7 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
-        self.eos = config.eos_token_id
+        self.eos_ids = frozenset(config.eos_token_ids)
         self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
@@ -56,6 +56,8 @@ class Scheduler:
         bm = self.block_manager
         deferred = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            if not bm.num_free_blocks:
+                break  # a request's last page is never a cache hit: nothing fits without a free page
             seq = self.waiting[0]
             hits, pending = bm.match(seq)
             if pending:
@@ -140,7 +142,7 @@ class Scheduler:
             self.block_manager.mark_computed(seq)  # a page whose last token was this one
             advanced.append(seq)
             sp = seq.sampling_params
-            if not sp.ignore_eos and token_id == self.eos:
+            if not sp.ignore_eos and token_id in self.eos_ids:
                 self.finish(seq, "stop")
             elif token_id in sp.stop_token_ids:
                 self.finish(seq, "stop")

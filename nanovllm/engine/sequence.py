@@ -67,9 +67,6 @@ class Sequence:
     def num_blocks(self):
         return (len(self.token_ids) + self.block_size - 1) // self.block_size
 
-    def block(self, i: int) -> list[int]:
-        return self.token_ids[i * self.block_size:(i + 1) * self.block_size]
-
     @property
     def in_prefill(self) -> bool:
         # More than the one token a decode step feeds is still uncomputed.
@@ -94,7 +91,6 @@ class Sequence:
         """Preemption: drop the pages; the tokens (prompt + output so far) are prefilled again later."""
         self.status = SequenceStatus.WAITING
         self.block_table = []
-        self.num_cached_tokens = 0
         self.num_computed_tokens = 0
         self.num_marked_blocks = 0
         self.chunk_len = 0

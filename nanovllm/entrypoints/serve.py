@@ -16,7 +16,7 @@ from dataclasses import MISSING, fields
 
 from nanovllm.config import Config
 
-_NOT_OPTIONS = {"model", "hf_config", "eos_token_id"}
+_NOT_OPTIONS = {"model", "hf_config", "eos_token_ids"}
 
 
 def add_engine_args(parser: argparse.ArgumentParser):
