@@ -2,7 +2,8 @@
 FlashInferCascadeAttention when the step runs cascade attention.
 
 plan() runs once per step (FlashInfer's planning is host work and must stay outside CUDA-graph
-capture); every layer's forward() then reuses it. Index arrays are staged in pinned host memory.
+capture); every layer's forward() then reuses it. FlashInfer stages the index arrays in its own
+pinned host buffer (see ModelRunner._plan_fence).
 CUDA-graph decode uses one set of wrappers per captured batch size, built by graph_wrappers(bs),
 whose index arrays live in fixed device buffers; plan_graph() pads a batch up to that size.
 """
@@ -28,7 +29,7 @@ class FlashInferAttentionBackend(AttentionBackend):
                  max_rows: int = 16384, decode_tensor_cores: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self.prefill_backend, self.cascade_backend = prefill_backend, cascade_backend
+        self.cascade_backend = cascade_backend
         self.cascade_levels = cascade_levels
         self.decode_tensor_cores = decode_tensor_cores
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=prefill_backend)
@@ -43,7 +44,7 @@ class FlashInferAttentionBackend(AttentionBackend):
             self.workspace, cascade_levels, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
             self.dtype, max_rows, backend=prefill_backend, sm_scale=self.sm_scale,
             outputs=(self.cascade.out, self.cascade.lse, self.cascade.level_out, self.cascade.level_lse))
-        self.graph = {}          # batch size -> (decode wrapper, cascade attention or None)
+        self.graph = {}  # batch size -> (decode wrapper, {(levels, shared backend): cascade attention})
         self.active = None
         self.slot_mapping = None
 
@@ -76,7 +77,6 @@ class FlashInferAttentionBackend(AttentionBackend):
         """Device buffers shared by the wrappers of every captured batch size (one graph runs per
         step), allocated before the KV cache is sized so that they are accounted for."""
         i32 = dict(dtype=torch.int32, device=self.device)
-        self.max_indices = max_indices
         self.graph_decode_bufs = (torch.zeros(max_bs + 1, **i32), torch.zeros(max_indices + max_bs, **i32),
                                   torch.zeros(max_bs, **i32))
         self.graph_cascade_bufs = self.graph_cascade_outputs = None

@@ -38,15 +38,14 @@ class FlashInferCascadeAttention:
         self.use_cuda_graph = use_cuda_graph
         self.max_rows = max_rows
         dev = workspace.device
+        # Shared levels (many query rows per group) may use another backend than the per-request level.
+        backends = [shared_backend or backend] * (num_levels - 1) + [backend]
         if use_cuda_graph:
             # Fixed buffers per level; the group count of every level is fixed to max_rows.
             i32 = dict(dtype=torch.int32, device=dev)
             self.buffers = buffers or [(torch.zeros(max_rows + 1, **i32), torch.zeros(max_rows + 1, **i32),
                                         torch.zeros(max_pages + max_rows, **i32), torch.zeros(max_rows, **i32))
                                        for _ in range(num_levels)]
-        # Shared levels (many query rows per group) may use another backend than the per-request level.
-        backends = [shared_backend or backend] * (num_levels - 1) + [backend]
-        if use_cuda_graph:
             self.wrappers = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                 workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=b[0], paged_kv_indptr_buf=b[1],
                 paged_kv_indices_buf=b[2], paged_kv_last_page_len_buf=b[3], backend=be)

@@ -134,7 +134,7 @@ class BlockManager:
         if not seq.num_completion_tokens:  # a re-admission after preemption also hits its own output
             seq.num_cached_tokens = seq.num_computed_tokens
         seq.num_marked_blocks = len(hits)
-        self.num_cache_hit_tokens += seq.num_cached_tokens
+        self.num_cache_hit_tokens += seq.num_computed_tokens  # this admission's hits
         self.num_cache_query_tokens += len(seq)
 
     def deallocate(self, seq: Sequence):
@@ -149,8 +149,7 @@ class BlockManager:
                     block.hash = -1
                     block.token_key = b""
                 self.free_block_ids[block_id] = None
-        seq.block_table = []
-        seq._pages = None
+        seq.release_pages()
 
     def can_append(self, seq: Sequence) -> bool:
         return len(seq.block_table) >= seq.num_blocks or self.num_free_blocks > 0

@@ -294,9 +294,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_cuda_graphs(self):
-        """One graph per batch size (1, 2, 4, 8, 16, 32, ... 256, 320, ... max_num_seqs) for regular decode,
-        and with cascade on one more per level count (2 .. cascade_max_levels). Sizes are captured largest first so that smaller graphs
-        reuse the memory pool of the larger ones."""
+        """One graph per batch size (1, 2, 4, 8, 16, 32, ... 256, 320, ... max_num_seqs) for regular
+        decode; with cascade on, also one per level count (2 .. cascade_max_levels) and shared-level
+        backend (fa2, fa3). Sizes are captured largest first so that smaller graphs reuse the memory
+        pool of the larger ones."""
         max_bs = self.config.max_num_seqs
         sizes = {1, 2, 4, 8} | set(range(16, 257, 16)) | set(range(320, max_bs, 64))
         self.graph_sizes = sorted({b for b in sizes if b < max_bs} | {max_bs})

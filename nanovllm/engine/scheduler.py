@@ -142,9 +142,7 @@ class Scheduler:
             self.block_manager.mark_computed(seq)  # a page whose last token was this one
             advanced.append(seq)
             sp = seq.sampling_params
-            if not sp.ignore_eos and token_id in self.eos_ids:
-                self.finish(seq, "stop")
-            elif token_id in sp.stop_token_ids:
+            if (not sp.ignore_eos and token_id in self.eos_ids) or token_id in sp.stop_token_ids:
                 self.finish(seq, "stop")
             elif seq.last_launched and not seq.num_pending:
                 self.finish(seq, "length")

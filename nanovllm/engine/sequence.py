@@ -72,6 +72,11 @@ class Sequence:
         # More than the one token a decode step feeds is still uncomputed.
         return len(self.token_ids) - self.num_computed_tokens > 1
 
+    def release_pages(self):
+        """Its pages went back to the pool: the table and its numpy copy start over."""
+        self.block_table = []
+        self._pages = None
+
     def page_array(self) -> np.ndarray:
         """block_table as int32 numpy, kept between steps: a table only grows by appended pages
         (until the pages are freed, which resets it), so each step copies only the new ones."""
@@ -90,9 +95,8 @@ class Sequence:
     def reset_for_recompute(self):
         """Preemption: drop the pages; the tokens (prompt + output so far) are prefilled again later."""
         self.status = SequenceStatus.WAITING
-        self.block_table = []
+        self.release_pages()
         self.num_computed_tokens = 0
         self.num_marked_blocks = 0
         self.chunk_len = 0
         self.last_launched = False
-        self._pages = None
