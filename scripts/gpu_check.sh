@@ -18,7 +18,7 @@ declare -A ARGS=(
   [w3]="--workload w3" [w3-cascade]="--workload w3 --enable-cascade-attention"
   [w4]="--workload w4"
 )
-for name in ${BENCH:-w1 w1-eager w2 w2-cascade w3 w3-cascade w4}; do
+for name in ${BENCH-w1 w1-eager w2 w2-cascade w3 w3-cascade w4}; do  # BENCH="" runs none
   python3 bench.py --model $model ${ARGS[$name]} --json "$out/bench.jsonl" 2>&1 | grep -v "^{" | tail -3
 done
 python3 - "$out/bench.jsonl" <<'PY'
