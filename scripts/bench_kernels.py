@@ -92,6 +92,69 @@ def decode_options(quick):
         print(f"| {bs} x {ctx} | " + " | ".join(f"{r:.3f}" for r in res) + " |")
 
 
+def decode_kernels(quick):
+    """One decode step's attention on every kernel FlashInfer offers on sm90, at W1-like and
+    W2/W3-last-level shapes: ms and effective KV bandwidth."""
+    page = 16
+    rng = np.random.default_rng(0)
+    shapes = [("256 x U(200,1600)", rng.integers(200, 1600, 256)), ("256 x 600", np.full(256, 600)),
+              ("1024 x 256", np.full(1024, 256)), ("64 x 2048", np.full(64, 2048)), ("32 x U(100,1500)", rng.integers(100, 1500, 32))]
+    names = ["decode tc", "decode no-tc", "xqa", "prefill fa2", "prefill fa3", "BatchAttention"]
+    print("\n### Decode kernels (one layer, ms; TB/s of KV read)\n\n| batch x context | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 1))
+    for label, lens in shapes:
+        lens = lens.astype(np.int32)
+        bs = len(lens)
+        kc, vc = cache(int(((lens + page - 1) // page).sum()) + 8, page)
+        ind, idx, last = paged(lens, page)
+        q = torch.randn(bs, HQ, D, device="cuda", dtype=DT)
+        gbytes = float(lens.sum()) * HKV * D * 2 * DT.itemsize / 1e9
+        res = []
+        for tc in (True, False):
+            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                WS, "NHD", use_cuda_graph=True, use_tensor_cores=tc, paged_kv_indptr_buffer=ind.cuda(),
+                paged_kv_indices_buffer=idx.cuda(), paged_kv_last_page_len_buffer=last.cuda())
+            w.plan(ind, idx, last, HQ, HKV, D, page, q_data_type=DT, kv_data_type=DT)
+            res.append(graphed(lambda: w.run(q, (kc, vc))))
+        try:
+            width = int(((lens + page - 1) // page).max())
+            table = torch.zeros(bs, width, dtype=torch.int32)
+            for i in range(bs):
+                table[i, :ind[i + 1] - ind[i]] = idx[ind[i]:ind[i + 1]]
+            table, seq_lens = table.cuda(), torch.from_numpy(lens).to(torch.uint32).cuda()
+            xws = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+            out = torch.empty_like(q)
+            run = lambda: flashinfer.decode.trtllm_batch_decode_with_kv_cache(
+                q, (kc, vc), xws, table, seq_lens, int(lens.max()), bmm1_scale=D ** -0.5, out=out,
+                kv_layout="NHD", backend="xqa")
+            ref = flashinfer.BatchDecodeWithPagedKVCacheWrapper(WS, "NHD", use_tensor_cores=True)
+            ref.plan(ind, idx, last, HQ, HKV, D, page, q_data_type=DT, kv_data_type=DT)
+            run()
+            err = (out.float() - ref.run(q, (kc, vc)).float()).abs().max().item()
+            res.append(graphed(run))
+            print(f"xqa max abs diff vs decode wrapper: {err:.2e}")
+        except Exception as e:  # report and go on: the others still measure
+            print(f"xqa failed: {type(e).__name__}: {str(e)[:300]}")
+            res.append(float("nan"))
+        qo = torch.arange(bs + 1, dtype=torch.int32)
+        for backend in ("fa2", "fa3"):
+            try:
+                w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(WS, "NHD", backend=backend)
+                w.plan(qo, ind, idx, last, HQ, HKV, D, page, causal=False, q_data_type=DT, kv_data_type=DT)
+                res.append(timed(lambda: w.run(q, (kc, vc))))
+            except Exception as e:
+                print(f"prefill {backend} failed: {type(e).__name__}: {str(e)[:300]}")
+                res.append(float("nan"))
+        try:
+            w = flashinfer.BatchAttention("NHD")
+            w.plan(qo.cuda(), ind.cuda(), idx.cuda(), torch.from_numpy(lens).cuda(), HQ, HKV, D, D, page,
+                   causal=False, q_data_type=DT, kv_data_type=DT)
+            res.append(timed(lambda: w.run(q, (kc, vc))))
+        except Exception as e:
+            print(f"BatchAttention failed: {type(e).__name__}: {str(e)[:300]}")
+            res.append(float("nan"))
+        print(f"| {label} | " + " | ".join(f"{r:.3f} ({gbytes / r:.2f})" for r in res) + " |")
+
+
 def cascade_grid(quick):
     page = 16
     grid = [(64, 16, 2048), (1, 1024, 8192), (1, 256, 8192), (32, 16, 2048), (256, 2, 1024), (8, 32, 512),
@@ -181,12 +244,14 @@ def fit(samples, page):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--only", choices=["prefill", "decode", "cascade", "levels"])
+    p.add_argument("--only", choices=["prefill", "decode", "decode-kernels", "cascade", "levels"])
     args = p.parse_args()
     if args.only in (None, "prefill"):
         prefill_backends(args.quick)
     if args.only in (None, "decode"):
         decode_options(args.quick)
+    if args.only in (None, "decode-kernels"):
+        decode_kernels(args.quick)
     if args.only in (None, "levels"):
         cascade_backends(args.quick)
     if args.only in (None, "cascade"):

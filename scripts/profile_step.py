@@ -41,35 +41,55 @@ def main():
     p.add_argument("--cascade", action="store_true")
     p.add_argument("--shared", type=int, default=0, help="tokens of a system prompt all requests share")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--greedy", action="store_true", help="temperature 0 (W2/W3) instead of 0.6 (W1)")
+    p.add_argument("--kernels", type=int, default=0, help="also list the N kernels that take the most time")
     args = p.parse_args()
     llm = LLM(args.model, enable_cascade_attention=args.cascade, enforce_eager=args.enforce_eager,
               max_num_seqs=max(args.batch, 16), max_model_len=args.context + 4 * args.steps + 64)
     rng = random.Random(0)
     system = [rng.randint(0, 10000) for _ in range(args.shared)]
     prompts = [system + [rng.randint(0, 10000) for _ in range(args.context - args.shared)] for _ in range(args.batch)]
-    sp = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=4 * args.steps)
+    sp = SamplingParams(temperature=0 if args.greedy else 0.6, ignore_eos=True, max_tokens=4 * args.steps)
     for prompt in prompts:
         llm.add_request(prompt, sp)
     while llm.stats["decode_steps"] < 3:   # prefill all, then a few decode steps
         llm.step()
     torch.cuda.synchronize()
 
-    prof_host = cProfile.Profile()
+    # Wall time per step, and how much of it the host spent blocked on the device (collect).
+    runner, waited = llm.model_runner, [0.0]
+    collect = runner.collect
+
+    def timed_collect(step):
+        t0 = time.perf_counter()
+        try:
+            return collect(step)
+        finally:
+            waited[0] += time.perf_counter() - t0
+    runner.collect = timed_collect
     t = time.perf_counter()
+    for _ in range(args.steps):
+        llm.step()
+    wall = (time.perf_counter() - t) / args.steps
+    runner.collect = collect
+    host_busy = wall - waited[0] / args.steps
+
+    prof_host = cProfile.Profile()  # separate run: cProfile slows the host down
     prof_host.enable()
     for _ in range(args.steps):
         llm.step()
     prof_host.disable()
-    wall = (time.perf_counter() - t) / args.steps
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             llm.step()
         torch.cuda.synchronize()
     times = defaultdict(float)
+    kernels = []
     for ev in prof.key_averages():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             times[category(ev.key)] += ev.self_device_time_total / 1000 / args.steps  # ms per step
+            kernels.append((ev.self_device_time_total / args.steps, ev.count / args.steps, ev.key))
     gpu = sum(times.values())
     while not llm.is_finished():
         llm.step()
@@ -82,6 +102,11 @@ def main():
     print(f"| GPU busy (sum) | {gpu:.3f} | {100 * gpu / (wall * 1000):.1f}% |")
     print(f"| host, not overlapped (wall - GPU) | {wall * 1000 - gpu:.3f} | {100 - 100 * gpu / (wall * 1000):.1f}% |")
     print(f"| step wall time | {wall * 1000:.3f} | 100% |")
+    print(f"| host busy (wall - blocked in collect) | {host_busy * 1000:.3f} | {100 * host_busy / wall:.1f}% |")
+    if args.kernels:
+        print("\n| kernel | us / step | launches / step |\n|---|---|---|")
+        for us, n, name in sorted(kernels, reverse=True)[:args.kernels]:
+            print(f"| {name[:90]} | {us:.1f} | {n:.0f} |")
     s = io.StringIO()
     pstats.Stats(prof_host, stream=s).sort_stats("tottime").print_stats(25)
     print(s.getvalue()[:6000])

@@ -28,7 +28,12 @@ class StepBatch:
 
 
 class AttentionBackend:
-    """Subclasses implement plan() (once per step, outside CUDA-graph capture) and forward()."""
+    """Subclasses implement plan() (once per step, outside CUDA-graph capture, setting slot_mapping),
+    store() and attend(). Layers call forward(), or on the GPU write K/V themselves (a fused kernel,
+    nanovllm/layers/qk_norm_rope.py) to slot_mapping and call attend()."""
+
+    slot_mapping: torch.Tensor | None = None  # this step's slot of every token (-1: padding)
+    fused_qkv = False  # GPU layers may write K/V with the fused kernel, then call attend()
 
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                  dtype: torch.dtype, device: torch.device):
@@ -46,6 +51,15 @@ class AttentionBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """q [tokens, qo_heads, dim], k/v [tokens, kv_heads, dim]; caches [pages, page_size, kv_heads, dim]."""
+        self.store(k, v, k_cache, v_cache)
+        return self.attend(q, k_cache, v_cache)
+
+    def store(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        """Write this step's K/V into their slots."""
+        raise NotImplementedError
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """Attention of this step's queries over the cache (this step's K/V already written)."""
         raise NotImplementedError
 
 

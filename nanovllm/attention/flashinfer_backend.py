@@ -20,6 +20,7 @@ WORKSPACE_BYTES = 256 << 20
 
 
 class FlashInferAttentionBackend(AttentionBackend):
+    fused_qkv = True  # q/k norm, rotary and the KV write in one Triton kernel (layers/qk_norm_rope.py)
 
     # Choices measured on the H200 (claude_docs/performance.md, scripts/bench_kernels.py): fa3 ("auto")
     # prefills long prompts 1.4-1.7x faster than fa2; fa2 runs the one-row queries of cascade decode
@@ -68,8 +69,10 @@ class FlashInferAttentionBackend(AttentionBackend):
                              hq, hkv, d, page, **self._common())
             self.active = self.decode
 
-    def forward(self, q, k, v, k_cache, v_cache):
+    def store(self, k, v, k_cache, v_cache):
         store_kv_triton(k, v, k_cache, v_cache, self.slot_mapping)
+
+    def attend(self, q, k_cache, v_cache):
         return self.active.run(q, (k_cache, v_cache))
 
     # ---- CUDA graphs (decode) ------------------------------------------------------------------
@@ -129,8 +132,10 @@ class FlashInferAttentionBackend(AttentionBackend):
         indices = np.concatenate([batch.kv_indices, np.zeros(pad, np.int32)])
         last = np.concatenate([batch.kv_last_page_len, np.ones(pad, np.int32)])
         t = torch.from_numpy
-        decode.plan(t(indptr), t(indices), t(last), self.num_qo_heads, self.num_kv_heads, self.head_dim,
-                    self.page_size, **self._common())
+        # The page list goes to the device first: FlashInfer copies a host page list into its graph
+        # buffer with a blocking copy, which would stall the host until the device drains (no overlap).
+        decode.plan(t(indptr), t(indices).to(self.device, non_blocking=True), t(last), self.num_qo_heads,
+                    self.num_kv_heads, self.head_dim, self.page_size, **self._common())
         self.active = decode
 
 

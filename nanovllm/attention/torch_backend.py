@@ -22,10 +22,13 @@ class TorchAttentionBackend(AttentionBackend):
     def plan(self, batch: StepBatch):
         t = lambda a: torch.from_numpy(a).to(self.device)
         self.batch = batch
+        self.slot_mapping = batch.slot_mapping
         self.layout = (t(batch.qo_indptr), t(batch.kv_indptr), t(batch.kv_indices), t(batch.kv_last_page_len))
 
-    def forward(self, q, k, v, k_cache, v_cache):
-        store_kv(k, v, k_cache, v_cache, self.batch.slot_mapping)
+    def store(self, k, v, k_cache, v_cache):
+        store_kv(k, v, k_cache, v_cache, self.slot_mapping)
+
+    def attend(self, q, k_cache, v_cache):
         if self.batch.cascade is not None:
             return cascade_attention(q, k_cache, v_cache, self.batch.cascade, self.sm_scale)
         out, _ = paged_attention_with_lse(q, k_cache, v_cache, *self.layout, causal=True, sm_scale=self.sm_scale)

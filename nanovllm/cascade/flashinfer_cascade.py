@@ -81,6 +81,10 @@ class FlashInferCascadeAttention:
             shared = [_pad_shared(*lv, rows, self.max_rows) for lv in levels[:-1]]
             shared += [_empty_level(rows, self.max_rows)] * (self.num_levels - len(levels))
             levels = shared + [_pad_last(*levels[-1], rows, self.max_rows)]
+            # Page lists to the device first: FlashInfer copies host page lists into its graph
+            # buffers with a blocking copy, which would stall the host until the device drains.
+            dev = self.buffers[0][0].device
+            levels = [(qo, kv, idx.to(dev, non_blocking=True), lpl) for qo, kv, idx, lpl in levels]
         # Shared levels use the first wrappers, the last level always the last one (it is causal).
         self.active = self.wrappers[:len(levels) - 1] + [self.wrappers[-1]]
         hq, hkv, d, page = self.shape

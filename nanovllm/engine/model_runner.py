@@ -5,7 +5,7 @@ import torch
 from nanovllm.attention import StepBatch, make_backend
 from nanovllm.config import Config
 from nanovllm.engine.sequence import PLACEHOLDER, Sequence
-from nanovllm.layers.sampler import Sampler
+from nanovllm.layers.sampler import Sampler, seeded_row_seed
 from nanovllm.models.qwen3 import model_class
 from nanovllm.utils.context import reset_context, set_context
 from nanovllm.utils.loader import load_model
@@ -32,6 +32,7 @@ class ModelRunner:
         load_model(self.model, config.model)
         self.model.eval()
         self.sampler = Sampler()
+        self.seed_rng = np.random.default_rng(config.seed)  # Philox seeds of unseeded rows (GPU sampler)
         self.num_layers = hf.num_hidden_layers
         self.num_kv_heads = hf.num_key_value_heads
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
@@ -184,6 +185,14 @@ class ModelRunner:
             top_ks = torch.tensor([p.top_k for p in params], dtype=torch.long).to(dev, non_blocking=True)
         if any(p.top_p < 1 for p in params):
             top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32).to(dev, non_blocking=True)
+        all_greedy = all(p.temperature == 0 for p in params)
+        if dev.type == "cuda" and top_ks is None and top_ps is None and not all_greedy:
+            # The fused GPU sampler: Philox seeds per row, a seeded request's from its seed and token index.
+            seeds = self.seed_rng.integers(0, 1 << 62, len(seqs))
+            for row, s in enumerate(seqs):
+                if s.sampling_params.seed is not None:
+                    seeds[row] = seeded_row_seed(s.sampling_params.seed, s.num_completion_tokens)
+            return temperatures, None, None, None, False, torch.from_numpy(seeds).to(dev, non_blocking=True)
         generators = {}
         for row, s in enumerate(seqs):
             # Only rows that sample draw from their generator: a prompt chunk short of the end
@@ -193,7 +202,7 @@ class ModelRunner:
                 if s.generator is None:
                     s.generator = torch.Generator(device=dev).manual_seed(s.sampling_params.seed)
                 generators[row] = s.generator
-        return temperatures, top_ks, top_ps, generators, all(p.temperature == 0 for p in params)
+        return temperatures, top_ks, top_ps, generators, all_greedy, None
 
     @torch.inference_mode()
     def launch(self, seqs: list[Sequence], is_prefill: bool, prev: "LaunchedStep | None" = None) -> "LaunchedStep":
@@ -349,5 +358,11 @@ class LaunchedStep:
 class _PassThroughAttention:
     """Stands in for attention during the memory warm-up (no KV cache exists yet)."""
 
+    slot_mapping = None  # nothing is written
+    fused_qkv = True     # measure the GPU path's activations
+
     def forward(self, q, k, v, k_cache, v_cache):
+        return q
+
+    def attend(self, q, k_cache, v_cache):
         return q

@@ -17,3 +17,16 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = get_context().attn.forward(q, k, v, self.k_cache, self.v_cache)
         return out.reshape(-1, self.num_heads * self.head_dim)
+
+    def forward_qkv(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                    q_norm: nn.Module | None, k_norm: nn.Module | None) -> torch.Tensor:
+        """The GPU path from the packed projection: one Triton kernel norms (when given) and rotates
+        q and k and writes k and v to the cache, then attention runs over the cache."""
+        from nanovllm.layers.qk_norm_rope import qk_norm_rope_store  # Triton: GPU machines only
+        backend = get_context().attn
+        slots = getattr(backend, "slot_mapping", None)  # None in the memory warm-up: no cache yet
+        q = qk_norm_rope_store(qkv, positions, cos_sin, q_norm.weight if q_norm is not None else None,
+                               k_norm.weight if k_norm is not None else None,
+                               q_norm.eps if q_norm is not None else 0.0, self.num_heads, self.num_kv_heads,
+                               self.head_dim, slots, self.k_cache, self.v_cache)
+        return backend.attend(q, self.k_cache, self.v_cache).reshape(-1, self.num_heads * self.head_dim)

@@ -6,18 +6,32 @@ output does not depend on what else is in the batch."""
 import torch
 from torch import nn
 
+def seeded_row_seed(seed: int, token_index: int) -> int:
+    """A seeded request's Philox seed for its token_index-th sampled token on the GPU sampler (a
+    non-negative int63, splitmix64 of the pair): depends on nothing else, so the output does not
+    depend on the batch."""
+    mask = (1 << 64) - 1
+    z = (seed + (token_index + 1) * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) >> 1
+
 
 class Sampler(nn.Module):
 
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor | None = None,
                 top_ps: torch.Tensor | None = None, generators: dict | None = None,
-                all_greedy: bool = False) -> torch.Tensor:
+                all_greedy: bool = False, seeds: torch.Tensor | None = None) -> torch.Tensor:
         """logits [B, V]; temperatures [B] (0 = greedy); top_ks [B] int (<= 0 keeps all); top_ps [B];
         generators: row -> torch.Generator for seeded rows. Masks are applied only when given.
-        all_greedy (known on the host from the requests): skip the sampling work."""
-        greedy = logits.argmax(dim=-1)
+        all_greedy (known on the host from the requests): skip the sampling work.
+        seeds [B] (GPU, no top-k/top-p): one fused pass instead (layers/sample_kernel.py)."""
         if all_greedy:
-            return greedy
+            return logits.argmax(dim=-1)
+        if seeds is not None:
+            from nanovllm.layers.sample_kernel import sample_gumbel
+            return sample_gumbel(logits, temperatures, seeds)
+        greedy = logits.argmax(dim=-1)
         logits = logits.float()
         scaled = logits / temperatures.clamp(min=1e-5).unsqueeze(1)
         if top_ks is not None or top_ps is not None:

@@ -6,9 +6,11 @@ from transformers import PretrainedConfig
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import LMHead, VocabEmbedding
+from nanovllm.layers.fused import use_fused
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import Linear, PackedLinear
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
+from nanovllm.utils.context import get_context
 
 
 class Qwen3Attention(nn.Module):
@@ -33,7 +35,11 @@ class Qwen3Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(hidden)
+        if use_fused(qkv) and get_context().attn.fused_qkv:  # GPU: norms, rotary and the KV write in one kernel
+            norms = (self.q_norm, self.k_norm) if self.qk_norm else (None, None)
+            return self.o_proj(self.attn.forward_qkv(qkv, positions, self.rotary_emb.cos_sin_half, *norms))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)

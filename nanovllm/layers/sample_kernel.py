@@ -1,0 +1,52 @@
+"""Temperature sampling (and greedy rows) in one pass over the logits, on the GPU (Triton).
+
+The Gumbel-max trick: argmax(logits / T + G) with G = -log(-log U), U uniform, picks token i with
+probability softmax(logits / T)_i, the same distribution as the exponential race of the PyTorch
+sampler. The PyTorch version is six passes over a [batch, vocab] float32 copy of the logits
+(~0.45 ms a step at batch 256); this reads the bf16 logits once.
+
+Random numbers come from Philox keyed by a per-row seed (tl.rand): the model runner gives a seeded
+request a seed made of its own seed and the index of the token being sampled (seeded_row_seed), so its output does not
+depend on the batch it runs in; other rows get fresh seeds every step. Rows with temperature 0 take
+the argmax (ties: the lowest token id, as torch.argmax).
+Each program reduces one chunk of one row to its best (score, token); torch picks the best chunk."""
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 4096
+
+
+@triton.jit
+def _sample_chunk_kernel(logits_ptr, logits_stride, temps_ptr, seeds_ptr, vocab, best_ptr, best_idx_ptr,
+                         NUM_CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < vocab
+    x = tl.load(logits_ptr + row.to(tl.int64) * logits_stride + offs, mask=mask, other=-float("inf")).to(tl.float32)
+    temp = tl.load(temps_ptr + row)
+    if temp > 0:
+        seed = tl.load(seeds_ptr + row)
+        u = tl.rand(seed, offs)
+        x = x / temp - tl.log(-tl.log(u))
+    x = tl.where(mask, x, -float("inf"))
+    best = tl.max(x, axis=0)
+    idx = tl.argmax(x, axis=0)
+    tl.store(best_ptr + row * NUM_CHUNKS + chunk, best)
+    tl.store(best_idx_ptr + row * NUM_CHUNKS + chunk, chunk * BLOCK + idx)
+
+
+def sample_gumbel(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
+                  block: int = BLOCK) -> torch.Tensor:
+    """logits [B, V] (any float dtype, rows contiguous); temperatures [B] float32 (0 = greedy);
+    seeds [B] int64. Returns the sampled token ids [B] (int64)."""
+    rows, vocab = logits.shape
+    assert logits.stride(1) == 1
+    chunks = triton.cdiv(vocab, block)
+    best = torch.empty(rows, chunks, dtype=torch.float32, device=logits.device)
+    best_idx = torch.empty(rows, chunks, dtype=torch.int32, device=logits.device)
+    if rows:
+        _sample_chunk_kernel[(rows, chunks)](logits, logits.stride(0), temperatures, seeds, vocab, best, best_idx,
+                                             NUM_CHUNKS=chunks, BLOCK=block)
+    return best_idx.gather(1, best.argmax(dim=1, keepdim=True)).squeeze(1).long()

@@ -1,0 +1,66 @@
+"""Where a benchmark's seconds go, step by step, on the GPU machine.
+
+    python scripts/step_timeline.py --model /tmp/qwen3-0.6b --workload w1 [--enable-cascade-attention]
+
+Runs one workload of bench.py through LLM.step() and records every step's wall time (with
+overlapped steps a step() call returns once the previous step's tokens are in, so its wall time is
+the device time of that step when the device is the bottleneck). Prints time before the first step
+(validation, queueing), prefill and decode time by batch-size bucket, and time after the last step
+(detokenization, building outputs).
+"""
+import argparse
+import time
+from collections import defaultdict
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.benchmark import WORKLOADS
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--workload", default="w1", choices=sorted(WORKLOADS))
+    p.add_argument("--enable-cascade-attention", action="store_true")
+    args = p.parse_args()
+    make, cfg = WORKLOADS[args.workload]
+    cfg = dict(cfg)
+    if args.enable_cascade_attention:
+        cfg["enable_cascade_attention"] = True
+    llm = LLM(args.model, **cfg)
+    prompts, params = make()
+    llm.generate(["Benchmark: "], SamplingParams(max_tokens=8), use_tqdm=False)
+    t0 = time.perf_counter()
+    seqs = [llm.make_sequence(pr, sp) for pr, sp in zip(prompts, params)]
+    for s in seqs:
+        llm.add_sequence(s)
+    t1 = time.perf_counter()
+    steps = []  # (phase, batch size, seconds)
+    last = t1
+    while not all(s.is_finished for s in seqs):
+        collected = llm.in_flight  # step() launches the next step, then waits for this one
+        llm.step()
+        now = time.perf_counter()
+        if collected is not None:
+            steps.append(("prefill" if collected.is_prefill else "decode", len(collected.seqs), now - last))
+        last = now
+    llm.drain()
+    t2 = time.perf_counter()
+    texts = [llm.output_text(s) for s in seqs]
+    t3 = time.perf_counter()
+    tokens = sum(len(s.completion_token_ids) for s in seqs)
+    print(f"{args.workload} cascade={args.enable_cascade_attention}: {tokens} tokens in {t3 - t0:.3f} s = "
+          f"{tokens / (t3 - t0):.0f} tok/s; {len(texts)} outputs")
+    print(f"| part | seconds |\n|---|---|\n| validate + queue | {t1 - t0:.3f} |")
+    buckets = defaultdict(lambda: [0, 0.0])
+    for phase, n, sec in steps:
+        key = (phase, 0 if phase == "prefill" else min(b for b in (8, 32, 64, 128, 256, 512, 1024, 1 << 30) if n <= b))
+        buckets[key][0] += 1
+        buckets[key][1] += sec
+    for (phase, b), (count, sec) in sorted(buckets.items()):
+        label = phase if phase == "prefill" else f"decode, batch <= {b}"
+        print(f"| {label} ({count} steps, {1000 * sec / count:.2f} ms each) | {sec:.3f} |")
+    print(f"| last collect | {t2 - last:.3f} |\n| detokenize | {t3 - t2:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
