@@ -32,6 +32,31 @@ def category(name: str) -> str:
     return "other (norm, rope, act, copies)"
 
 
+def profile_prefill(llm, args):
+    """Kernel time by category over all prefill steps, against their wall time."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        while llm.stats["decode_steps"] < 1:
+            llm.step()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    steps = llm.stats["prefill_steps"]
+    times, kernels = defaultdict(float), []
+    for ev in prof.key_averages():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            times[category(ev.key)] += ev.self_device_time_total / 1000
+            kernels.append((ev.self_device_time_total / 1000, ev.count, ev.key))
+    print(f"\nprefill: {steps} steps, {wall * 1000:.1f} ms wall (with the profiler), cascade={args.cascade}")
+    print("| part | ms, all prefill steps |\n|---|---|")
+    for cat, ms in sorted(times.items(), key=lambda kv: -kv[1]):
+        print(f"| {cat} | {ms:.1f} |")
+    print(f"| GPU busy (sum) | {sum(times.values()):.1f} |")
+    print("\n| kernel | ms | launches |\n|---|---|---|")
+    for ms, n, name in sorted(kernels, reverse=True)[:args.kernels or 12]:
+        print(f"| {name[:90]} | {ms:.1f} | {n} |")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -40,6 +65,8 @@ def main():
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--cascade", action="store_true")
     p.add_argument("--shared", type=int, default=0, help="tokens of a system prompt all requests share")
+    p.add_argument("--groups", type=int, default=1, help="system prompts (requests are spread over them)")
+    p.add_argument("--prefill", action="store_true", help="profile the prefill steps instead (kernels only)")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--greedy", action="store_true", help="temperature 0 (W2/W3) instead of 0.6 (W1)")
     p.add_argument("--kernels", type=int, default=0, help="also list the N kernels that take the most time")
@@ -47,11 +74,16 @@ def main():
     llm = LLM(args.model, enable_cascade_attention=args.cascade, enforce_eager=args.enforce_eager,
               max_num_seqs=max(args.batch, 16), max_model_len=args.context + 4 * args.steps + 64)
     rng = random.Random(0)
-    system = [rng.randint(0, 10000) for _ in range(args.shared)]
-    prompts = [system + [rng.randint(0, 10000) for _ in range(args.context - args.shared)] for _ in range(args.batch)]
+    systems = [[rng.randint(0, 10000) for _ in range(args.shared)] for _ in range(args.groups)]
+    prompts = [systems[i % args.groups] + [rng.randint(0, 10000) for _ in range(args.context - args.shared)]
+               for i in range(args.batch)]
+    rng.shuffle(prompts)
     sp = SamplingParams(temperature=0 if args.greedy else 0.6, ignore_eos=True, max_tokens=4 * args.steps)
     for prompt in prompts:
         llm.add_request(prompt, sp)
+    if args.prefill:
+        profile_prefill(llm, args)
+        return
     while llm.stats["decode_steps"] < 3:   # prefill all, then a few decode steps
         llm.step()
     torch.cuda.synchronize()

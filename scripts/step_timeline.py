@@ -9,6 +9,9 @@ the device time of that step when the device is the bottleneck). Prints time bef
 (detokenization, building outputs).
 """
 import argparse
+import cProfile
+import io
+import pstats
 import time
 from collections import defaultdict
 
@@ -21,6 +24,7 @@ def main():
     p.add_argument("--model", required=True)
     p.add_argument("--workload", default="w1", choices=sorted(WORKLOADS))
     p.add_argument("--enable-cascade-attention", action="store_true")
+    p.add_argument("--cprofile", type=int, default=0, help="also profile the host: top N functions by own time")
     args = p.parse_args()
     make, cfg = WORKLOADS[args.workload]
     cfg = dict(cfg)
@@ -29,6 +33,9 @@ def main():
     llm = LLM(args.model, **cfg)
     prompts, params = make()
     llm.generate(["Benchmark: "], SamplingParams(max_tokens=8), use_tqdm=False)
+    prof = cProfile.Profile() if args.cprofile else None
+    if prof:
+        prof.enable()
     t0 = time.perf_counter()
     seqs = [llm.make_sequence(pr, sp) for pr, sp in zip(prompts, params)]
     for s in seqs:
@@ -47,6 +54,8 @@ def main():
     t2 = time.perf_counter()
     texts = [llm.output_text(s) for s in seqs]
     t3 = time.perf_counter()
+    if prof:
+        prof.disable()
     tokens = sum(len(s.completion_token_ids) for s in seqs)
     print(f"{args.workload} cascade={args.enable_cascade_attention}: {tokens} tokens in {t3 - t0:.3f} s = "
           f"{tokens / (t3 - t0):.0f} tok/s; {len(texts)} outputs")
@@ -60,6 +69,10 @@ def main():
         label = phase if phase == "prefill" else f"decode, batch <= {b}"
         print(f"| {label} ({count} steps, {1000 * sec / count:.2f} ms each) | {sec:.3f} |")
     print(f"| last collect | {t2 - last:.3f} |\n| detokenize | {t3 - t2:.3f} |")
+    if prof:
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.cprofile)
+        print(out.getvalue())
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ the KV write), each a few microseconds even at batch 8 and, at batch 1024, ~1.4 
 (claude_docs/performance.md). Rounding follows FlashInfer's kernels it replaces: the norm in float32
 rounded to the model dtype, then the rotation in float32 rounded again.
 
-Grid: one program per (token, q head or kv head); a kv-head program also copies that head's v.
-Slot -1 marks a padded token (CUDA-graph batches): it writes nothing to the cache. Runs on CPU
+Grid: one program per token, all its heads at once (a program per head was ~20 us a layer at
+batch 1024: too little work each). Slot -1 marks a padded token (CUDA-graph batches): it writes nothing to the cache. Runs on CPU
 tensors under TRITON_INTERPRET=1 for tests."""
 import torch
 import triton
@@ -16,49 +16,54 @@ import triton.language as tl
 
 
 @triton.jit
+def _rotate_heads(x_ptr, w_ptr, cos, sin, eps, out_ptr, out_mask, HEADS: tl.constexpr, HEADS_P2: tl.constexpr,
+                  HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+    """Norm (optional) and neox rotation of HEADS contiguous heads at x_ptr, stored at out_ptr."""
+    dim = 2 * HALF
+    heads = tl.arange(0, HEADS_P2)[:, None]
+    offs = tl.arange(0, HALF)[None, :]
+    heads = heads + 0 * offs  # full [heads, HALF] (masks are comparisons of it: no '&', see below)
+    mask = heads < HEADS
+    x1 = tl.load(x_ptr + heads * dim + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + heads * dim + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / dim + eps)[:, None]
+        w1 = tl.load(w_ptr + offs).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + offs).to(tl.float32)
+        x1 = (x1 * rstd * w1).to(out_ptr.dtype.element_ty).to(tl.float32)
+        x2 = (x2 * rstd * w2).to(out_ptr.dtype.element_ty).to(tl.float32)
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    mask = heads < tl.where(out_mask, HEADS, 0)  # '&' of masks gives int32 under TRITON_INTERPRET
+    tl.store(out_ptr + heads * dim + offs, o1.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + heads * dim + HALF + offs, o2.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _qk_norm_rope_store_kernel(qkv_ptr, qkv_stride, pos_ptr, cos_sin_ptr, q_weight_ptr, k_weight_ptr, eps,
                                slot_ptr, k_cache_ptr, v_cache_ptr, q_out_ptr,
-                               NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HALF: tl.constexpr,
-                               HAS_NORM: tl.constexpr, STORE: tl.constexpr):
+                               NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, NUM_Q_P2: tl.constexpr,
+                               NUM_KV_P2: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
+                               STORE: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
     dim = 2 * HALF
-    offs = tl.arange(0, HALF)
     row = qkv_ptr + token * qkv_stride
-    is_q = head < NUM_Q
-    src = row + head * dim  # q heads, then k heads: contiguous in the packed projection
-    x1 = tl.load(src + offs).to(tl.float32)
-    x2 = tl.load(src + HALF + offs).to(tl.float32)
-    if HAS_NORM:
-        if is_q:
-            w1 = tl.load(q_weight_ptr + offs).to(tl.float32)
-            w2 = tl.load(q_weight_ptr + HALF + offs).to(tl.float32)
-        else:
-            w1 = tl.load(k_weight_ptr + offs).to(tl.float32)
-            w2 = tl.load(k_weight_ptr + HALF + offs).to(tl.float32)
-        rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / dim + eps)
-        x1 = (x1 * rstd * w1).to(q_out_ptr.dtype.element_ty).to(tl.float32)
-        x2 = (x2 * rstd * w2).to(q_out_ptr.dtype.element_ty).to(tl.float32)
+    offs = tl.arange(0, HALF)[None, :]
     pos = tl.load(pos_ptr + token)
     cos = tl.load(cos_sin_ptr + pos * dim + offs)
     sin = tl.load(cos_sin_ptr + pos * dim + HALF + offs)
-    o1 = (x1 * cos - x2 * sin).to(q_out_ptr.dtype.element_ty)
-    o2 = (x2 * cos + x1 * sin).to(q_out_ptr.dtype.element_ty)
-    if is_q:
-        dst = q_out_ptr + (token * NUM_Q + head) * dim
-        tl.store(dst + offs, o1)
-        tl.store(dst + HALF + offs, o2)
-    else:
-        if STORE:
-            slot = tl.load(slot_ptr + token)
-            if slot >= 0:
-                kv_head = head - NUM_Q
-                dst = (slot * NUM_KV + kv_head) * dim
-                tl.store(k_cache_ptr + dst + offs, o1)
-                tl.store(k_cache_ptr + dst + HALF + offs, o2)
-                v = row + (NUM_Q + NUM_KV + kv_head) * dim
-                tl.store(v_cache_ptr + dst + offs, tl.load(v + offs))
-                tl.store(v_cache_ptr + dst + HALF + offs, tl.load(v + HALF + offs))
+    _rotate_heads(row, q_weight_ptr, cos, sin, eps, q_out_ptr + token * NUM_Q * dim, pos >= 0,
+                  NUM_Q, NUM_Q_P2, HALF, HAS_NORM)
+    if STORE:
+        slot = tl.load(slot_ptr + token)
+        dst = tl.maximum(slot, 0) * NUM_KV * dim
+        keep = slot >= 0  # a padded token writes nothing
+        _rotate_heads(row + NUM_Q * dim, k_weight_ptr, cos, sin, eps, k_cache_ptr + dst, keep,
+                      NUM_KV, NUM_KV_P2, HALF, HAS_NORM)
+        v_offs = tl.arange(0, NUM_KV_P2 * 2 * HALF)
+        v_mask = v_offs < tl.where(keep, NUM_KV * dim, 0)
+        v = tl.load(row + (NUM_Q + NUM_KV) * dim + v_offs, mask=v_mask)
+        tl.store(v_cache_ptr + dst + v_offs, v, mask=v_mask)
 
 
 def qk_norm_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
@@ -78,8 +83,9 @@ def qk_norm_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torc
         assert k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.numel() == tokens
     has_norm = q_weight is not None
     if tokens:
-        _qk_norm_rope_store_kernel[(tokens, num_heads + num_kv_heads)](
+        _qk_norm_rope_store_kernel[(tokens,)](
             qkv, qkv.stride(0), positions, cos_sin, q_weight if has_norm else qkv, k_weight if has_norm else qkv, eps,
             slot_mapping if store else positions, k_cache if store else q, v_cache if store else q, q,
-            NUM_Q=num_heads, NUM_KV=num_kv_heads, HALF=head_dim // 2, HAS_NORM=has_norm, STORE=store)
+            NUM_Q=num_heads, NUM_KV=num_kv_heads, NUM_Q_P2=triton.next_power_of_2(num_heads),
+            NUM_KV_P2=triton.next_power_of_2(num_kv_heads), HALF=head_dim // 2, HAS_NORM=has_norm, STORE=store)
     return q
