@@ -204,8 +204,8 @@ def cascade_backends(quick):
     """The shared levels on fa2 vs fa3, the per-request level on the decode kernel (CUDA graphs)."""
     page, unique = 16, 256
     print("\n### Cascade shared-level backend (decode step, one layer, CUDA graphs)\n\n"
-          "| groups x requests | shared | shared fa2 ms | shared fa3 ms |\n|---|---|---|---|")
-    for groups, per, shared in [(64, 16, 2048), (1, 1024, 8192), (8, 128, 4096), (256, 4, 1024)]:
+          "| groups x requests | shared | shared fa2 ms | shared fa3 ms | fa2 no split-kv | fa3 no split-kv |\n|---|---|---|---|---|---|")
+    for groups, per, shared in [(64, 16, 2048), (1, 1024, 8192), (8, 128, 4096), (256, 4, 1024), (128, 8, 2048), (16, 64, 2048)]:
         bs = groups * per
         sp, own = shared // page, unique // page
         table = np.zeros((bs, sp + own), np.int32)
@@ -216,13 +216,14 @@ def cascade_backends(quick):
         plan = plan_cascade(table, np.full(bs, shared + unique, np.int32), np.ones(bs, np.int32), page, max_levels=2)
         q = torch.randn(bs, HQ, D, device="cuda", dtype=DT)
         res = []
-        for backend in ("fa2", "fa3"):
-            casc = FlashInferCascadeAttention(WS, 2, HQ, HKV, D, page, DT, bs, backend="fa2", use_cuda_graph=True,
-                                              max_pages=int(table.size) + bs, decode_last_level=True,
-                                              shared_backend=backend)
-            casc.plan(plan)
-            res.append(graphed(lambda: casc.run(q, (kc, vc))))
-        print(f"| {groups} x {per} | {shared} | {res[0]:.3f} | {res[1]:.3f} |")
+        for split in (True, False):
+            for backend in ("fa2", "fa3"):
+                casc = FlashInferCascadeAttention(WS, 2, HQ, HKV, D, page, DT, bs, backend="fa2", use_cuda_graph=True,
+                                                  max_pages=int(table.size) + bs, decode_last_level=True,
+                                                  shared_backend=backend, shared_split_kv=split)
+                casc.plan(plan)
+                res.append(graphed(lambda: casc.run(q, (kc, vc))))
+        print(f"| {groups} x {per} | {shared} | " + " | ".join(f"{r:.3f}" for r in res) + " |")
 
 
 def fit(samples, page):

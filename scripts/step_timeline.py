@@ -33,6 +33,16 @@ def main():
     llm = LLM(args.model, **cfg)
     prompts, params = make()
     llm.generate(["Benchmark: "], SamplingParams(max_tokens=8), use_tqdm=False)
+    runner, waited = llm.model_runner, []
+    collect = runner.collect
+
+    def timed_collect(step):  # how long the host waits for the device, per step
+        t = time.perf_counter()
+        try:
+            return collect(step)
+        finally:
+            waited.append(time.perf_counter() - t)
+    runner.collect = timed_collect
     prof = cProfile.Profile() if args.cprofile else None
     if prof:
         prof.enable()
@@ -45,10 +55,12 @@ def main():
     last = t1
     while not all(s.is_finished for s in seqs):
         collected = llm.in_flight  # step() launches the next step, then waits for this one
+        n_waits = len(waited)
         llm.step()
         now = time.perf_counter()
         if collected is not None:
-            steps.append(("prefill" if collected.is_prefill else "decode", len(collected.seqs), now - last))
+            wait = sum(waited[n_waits:])
+            steps.append(("prefill" if collected.is_prefill else "decode", len(collected.seqs), now - last, wait))
         last = now
     llm.drain()
     t2 = time.perf_counter()
@@ -60,14 +72,16 @@ def main():
     print(f"{args.workload} cascade={args.enable_cascade_attention}: {tokens} tokens in {t3 - t0:.3f} s = "
           f"{tokens / (t3 - t0):.0f} tok/s; {len(texts)} outputs")
     print(f"| part | seconds |\n|---|---|\n| validate + queue | {t1 - t0:.3f} |")
-    buckets = defaultdict(lambda: [0, 0.0])
-    for phase, n, sec in steps:
+    buckets = defaultdict(lambda: [0, 0.0, 0.0])
+    for phase, n, sec, wait in steps:
         key = (phase, 0 if phase == "prefill" else min(b for b in (8, 32, 64, 128, 256, 512, 1024, 1 << 30) if n <= b))
         buckets[key][0] += 1
         buckets[key][1] += sec
-    for (phase, b), (count, sec) in sorted(buckets.items()):
+        buckets[key][2] += wait
+    for (phase, b), (count, sec, wait) in sorted(buckets.items()):
         label = phase if phase == "prefill" else f"decode, batch <= {b}"
-        print(f"| {label} ({count} steps, {1000 * sec / count:.2f} ms each) | {sec:.3f} |")
+        print(f"| {label} ({count} steps, {1000 * sec / count:.2f} ms each, host waits "
+              f"{1000 * wait / count:.2f} ms of it) | {sec:.3f} |")
     print(f"| last collect | {t2 - last:.3f} |\n| detokenize | {t3 - t2:.3f} |")
     if prof:
         out = io.StringIO()

@@ -25,7 +25,8 @@ class FlashInferAttentionBackend(AttentionBackend):
     # Choices measured on the H200 (claude_docs/performance.md, scripts/bench_kernels.py): fa3 ("auto")
     # prefills long prompts 1.4-1.7x faster than fa2; fa2 runs the one-row queries of cascade decode
     # ~2x faster than fa3. Decode with tensor cores: alone, the kernel without them was 7-20% faster at
-    # W1-like shapes, but end to end W1 and W2 ran 6% and 25% faster with them.
+    # W1-like shapes, but end to end W1 and W2 ran 6% and 25% faster with them. Decode cascades read
+    # each shared prefix without split-kv: 2-3% faster on fa2, the same on fa3 (`--only levels`).
     def __init__(self, *, prefill_backend: str = "auto", cascade_backend: str = "fa2", cascade_levels: int = 3,
                  max_rows: int = 16384, decode_tensor_cores: bool = True, **kwargs):
         super().__init__(**kwargs)
@@ -40,7 +41,8 @@ class FlashInferAttentionBackend(AttentionBackend):
         # prefill steps (many query rows: the prefill backend), sharing their output buffers.
         self.cascade = FlashInferCascadeAttention(
             self.workspace, cascade_levels, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
-            self.dtype, max_rows, backend=cascade_backend, sm_scale=self.sm_scale, decode_last_level=True)
+            self.dtype, max_rows, backend=cascade_backend, sm_scale=self.sm_scale, decode_last_level=True,
+            shared_split_kv=False)
         self.cascade_prefill = FlashInferCascadeAttention(
             self.workspace, cascade_levels, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
             self.dtype, max_rows, backend=prefill_backend, sm_scale=self.sm_scale,
@@ -109,7 +111,8 @@ class FlashInferAttentionBackend(AttentionBackend):
                         self.workspace, levels, self.num_qo_heads, self.num_kv_heads, self.head_dim,
                         self.page_size, self.dtype, bs, backend=self.cascade_backend, use_cuda_graph=True,
                         sm_scale=self.sm_scale, buffers=bufs[:levels - 1] + bufs[-1:],
-                        outputs=self.graph_cascade_outputs, decode_last_level=True, shared_backend=shared)
+                        outputs=self.graph_cascade_outputs, decode_last_level=True, shared_backend=shared,
+                        shared_split_kv=False)
         self.graph[bs] = (decode, cascade)
 
     def graph_key(self, plan) -> tuple:

@@ -27,7 +27,7 @@ class FlashInferCascadeAttention:
                  head_dim: int, page_size: int, dtype: torch.dtype, max_rows: int, backend: str = "fa2",
                  use_cuda_graph: bool = False, max_pages: int = 0, sm_scale: float | None = None,
                  buffers: list | None = None, outputs: tuple | None = None, decode_last_level: bool = False,
-                 shared_backend: str | None = None):
+                 shared_backend: str | None = None, shared_split_kv: bool = True):
         """buffers: per level (qo_indptr, kv_indptr, kv_indices, last_page_len) device views for CUDA-graph
         mode; outputs: (out, lse, level_out, level_lse) to use instead of allocating (callers that keep
         one wrapper per captured batch size share the largest)."""
@@ -36,6 +36,7 @@ class FlashInferCascadeAttention:
         self.dtype = dtype
         self.sm_scale = sm_scale if sm_scale is not None else head_dim ** -0.5
         self.use_cuda_graph = use_cuda_graph
+        self.shared_split_kv = shared_split_kv  # False: one CTA per group tile reads the whole prefix, no merge kernel
         self.max_rows = max_rows
         dev = workspace.device
         # Shared levels (many query rows per group) may use another backend than the per-request level.
@@ -90,7 +91,7 @@ class FlashInferCascadeAttention:
         hq, hkv, d, page = self.shape
         common = dict(sm_scale=self.sm_scale, q_data_type=self.dtype, kv_data_type=self.dtype)
         for wrapper, lv in zip(self.active[:-1], levels[:-1]):
-            wrapper.plan(*lv, hq, hkv, d, page, causal=False, **common)
+            wrapper.plan(*lv, hq, hkv, d, page, causal=False, disable_split_kv=not self.shared_split_kv, **common)
         qo_indptr, kv_indptr, kv_indices, last_len = levels[-1]
         one_row_each = qo_indptr.numel() - 1 == int(qo_indptr[-1])
         if self.decode_last is not None and one_row_each:
