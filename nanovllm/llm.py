@@ -43,5 +43,7 @@ class LLM(LLMEngine):
             raise
         finally:
             bar.close()
-        return [{"text": self.output_text(s), "token_ids": s.completion_token_ids, "finish_reason": s.finish_reason,
-                 "prompt_token_ids": s.prompt_token_ids, "num_cached_tokens": s.num_cached_tokens} for s in seqs]
+        texts = self.output_texts(seqs)
+        return [{"text": text, "token_ids": s.completion_token_ids, "finish_reason": s.finish_reason,
+                 "prompt_token_ids": s.prompt_token_ids, "num_cached_tokens": s.num_cached_tokens}
+                for s, text in zip(seqs, texts)]

@@ -165,10 +165,26 @@ class LLMEngine:
         return outputs
 
     def output_text(self, seq: Sequence) -> str:
-        detok = self.detokenizers.pop(seq.seq_id, None)
-        if detok is not None and detok.stopped:
-            return detok.text
-        return self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
+        return self.output_texts([seq])[0]
+
+    def output_texts(self, seqs: list[Sequence]) -> list[str]:
+        """Final texts (dropping their detokenizers): a stop string's cut, else the decoded completion,
+        all in one batch call of the Rust tokenizer where there is one (it decodes in parallel)."""
+        texts: list[str | None] = [None] * len(seqs)
+        for i, seq in enumerate(seqs):
+            detok = self.detokenizers.pop(seq.seq_id, None)
+            if detok is not None and detok.stopped:
+                texts[i] = detok.text
+        todo = [i for i, t in enumerate(texts) if t is None]
+        ids = [seqs[i].completion_token_ids for i in todo]
+        rust = getattr(self.tokenizer, "_tokenizer", None)
+        if rust is not None and hasattr(rust, "decode_batch") and not self.tokenizer.clean_up_tokenization_spaces:
+            decoded = rust.decode_batch(ids, skip_special_tokens=True)  # what decode() does, per sequence
+        else:
+            decoded = [self.tokenizer.decode(t, skip_special_tokens=True) for t in ids]
+        for i, text in zip(todo, decoded):
+            texts[i] = text
+        return texts
 
     def kv_usage(self) -> dict:
         bm = self.scheduler.block_manager
