@@ -114,3 +114,19 @@ def test_uncomputed_pages_are_forgotten_when_freed():
     b = Sequence(list(range(9)), SP, BS)
     assert bm.match(b) == ([], False)
     assert not bm.hash_to_block_id
+
+
+def test_page_hashes_from_validated_prompt_bytes_equal_hashes_from_token_ids():
+    """The engine hashes prompt pages from the int64 bytes it converted at validation; decode-filled
+    pages (and sequences built without them) from the token ids: both give the same chain."""
+    from array import array
+    prompt = list(range(100, 137))
+    with_bytes = Sequence(prompt, SP, BS, array("q", prompt).tobytes())
+    plain = Sequence(prompt, SP, BS)
+    for seq in (with_bytes, plain):
+        seq.token_ids += [7, 8, 9, 10, 11]  # pages that span the prompt's end and the output
+    bm = BlockManager(64, BS)
+    n = len(with_bytes) // BS
+    assert bm._hashes(with_bytes, 2) == bm._hashes(plain, 2)
+    assert bm._hashes(with_bytes, n) == bm._hashes(plain, n)
+    assert with_bytes.block_keys == plain.block_keys

@@ -97,14 +97,18 @@ class BlockManager:
         start = len(hashes)
         if start < n:
             bs = self.block_size
-            data = np.asarray(seq.token_ids[start * bs:n * bs], dtype=np.int64).tobytes()
             width = 8 * bs
+            if seq.prompt_bytes is not None and n * bs <= seq.num_prompt_tokens:
+                data = seq.prompt_bytes[start * width:n * width]  # converted once, at validation
+            else:
+                data = np.asarray(seq.token_ids[start * bs:n * bs], dtype=np.int64).tobytes()
+            new_keys = [data[offset:offset + width] for offset in range(0, len(data), width)]
             h = hashes[-1] if hashes else -1
-            for offset in range(0, len(data), width):
-                key = data[offset:offset + width]
-                h = block_hash(key, h)
+            digest = xxhash.xxh64_intdigest  # block_hash inlined: this loop runs for every prompt page
+            for key in new_keys:
+                h = digest(key, 0 if h == -1 else h)
                 hashes.append(h)
-                keys.append(key)
+            keys.extend(new_keys)
         return hashes
 
     def can_allocate(self, seq: Sequence, hits: list[int]) -> bool:
