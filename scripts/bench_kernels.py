@@ -204,7 +204,8 @@ def cascade_backends(quick):
     """The shared levels on fa2 vs fa3, the per-request level on the decode kernel (CUDA graphs)."""
     page, unique = 16, 256
     print("\n### Cascade shared-level backend (decode step, one layer, CUDA graphs)\n\n"
-          "| groups x requests | shared | shared fa2 ms | shared fa3 ms | fa2 no split-kv | fa3 no split-kv |\n|---|---|---|---|---|---|")
+          "| groups x requests | shared | shared fa2 ms | shared fa3 ms | fa2 no split-kv | fa3 no split-kv | fa2 no split, side stream | fa3 no split, side stream |\n|---|---|---|---|---|---|---|---|")
+    side, side_ws = torch.cuda.Stream(), torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
     for groups, per, shared in [(64, 16, 2048), (1, 1024, 8192), (8, 128, 4096), (256, 4, 1024), (128, 8, 2048), (16, 64, 2048)]:
         bs = groups * per
         sp, own = shared // page, unique // page
@@ -216,13 +217,20 @@ def cascade_backends(quick):
         plan = plan_cascade(table, np.full(bs, shared + unique, np.int32), np.ones(bs, np.int32), page, max_levels=2)
         q = torch.randn(bs, HQ, D, device="cuda", dtype=DT)
         res = []
-        for split in (True, False):
+        ref = None
+        for split, stream in ((True, None), (False, None), (False, side)):
             for backend in ("fa2", "fa3"):
                 casc = FlashInferCascadeAttention(WS, 2, HQ, HKV, D, page, DT, bs, backend="fa2", use_cuda_graph=True,
                                                   max_pages=int(table.size) + bs, decode_last_level=True,
-                                                  shared_backend=backend, shared_split_kv=split)
+                                                  shared_backend=backend, shared_split_kv=split, side_stream=stream,
+                                                  shared_workspace=side_ws if stream is not None else None)
                 casc.plan(plan)
                 res.append(graphed(lambda: casc.run(q, (kc, vc))))
+                out = casc.run(q, (kc, vc)).clone()
+                if ref is None:
+                    ref = out
+                elif (out.float() - ref.float()).abs().max().item() > 2e-2:
+                    print(f"MISMATCH split={split} stream={stream is not None} {backend}")
         print(f"| {groups} x {per} | {shared} | " + " | ".join(f"{r:.3f}" for r in res) + " |")
 
 

@@ -201,12 +201,15 @@ def test_cascade_fa2_matches_regular_attention(name, decode):
     bf16_close(out, cascade_attention(q, kc, vc, plan, D ** -0.5))
 
 
+@pytest.mark.parametrize("engine_mode", [False, True], ids=["plain", "engine-mode"])
 @pytest.mark.parametrize("structure, bs, shared", [
     ([(9, 4, [(5, 3), (4, 2)]), (3, 5, None), (2, 0, None)], 32, "fa2"),
     ([(96, 4, None), (20, 2, None)], 128, "fa2"),
     ([(96, 4, None), (20, 2, None)], 128, "fa3"),   # >= 64 rows per group: the engine picks fa3
 ], ids=["nested-fa2", "big-group-fa2", "big-group-fa3"])
-def test_cascade_graph_mode_matches_eager(structure, bs, shared):
+def test_cascade_graph_mode_matches_eager(structure, bs, shared, engine_mode):
+    """engine_mode: as the engine's graphs run it, shared levels without split-kv and the first one on
+    a side stream beside the per-request level."""
     from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention
     _, _, plan = cascade_case(structure, True, seed=4)
     kc, vc = random_cache(8192, seed=5)
@@ -217,7 +220,11 @@ def test_cascade_graph_mode_matches_eager(structure, bs, shared):
     expected = eager.run(q[:plan.num_rows], (kc, vc)).clone()
     graphed = FlashInferCascadeAttention(torch.zeros(128 << 20, dtype=torch.uint8, device="cuda"), len(plan.levels),
                                          HQ, HKV, D, PAGE, DT, max_rows=bs, backend="fa2", use_cuda_graph=True,
-                                         max_pages=8192, decode_last_level=True, shared_backend=shared)
+                                         max_pages=8192, decode_last_level=True, shared_backend=shared,
+                                         shared_split_kv=not engine_mode,
+                                         side_stream=torch.cuda.Stream() if engine_mode else None,
+                                         shared_workspace=torch.zeros(64 << 20, dtype=torch.uint8, device="cuda")
+                                         if engine_mode else None)
     _, _, dummy = cascade_case([(bs, 1, None)] if len(plan.levels) == 2 else [(bs, 1, [(bs // 2, 1), (bs // 2, 0)])],
                                True, seed=6)
     graphed.plan(dummy)

@@ -17,6 +17,7 @@ from nanovllm.cascade.cost_model import shared_level_backend
 from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention
 
 WORKSPACE_BYTES = 256 << 20
+SIDE_WORKSPACE_BYTES = 128 << 20
 
 
 class FlashInferAttentionBackend(AttentionBackend):
@@ -85,7 +86,12 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.graph_decode_bufs = (torch.zeros(max_bs + 1, **i32), torch.zeros(max_indices + max_bs, **i32),
                                   torch.zeros(max_bs, **i32))
         self.graph_cascade_bufs = self.graph_cascade_outputs = None
+        self.side_stream = self.side_workspace = None
         if with_cascade:
+            # Graphed cascade steps run the first shared level on a side stream, beside the per-request
+            # level (`--only levels`: 2-4% faster), with a workspace of its own.
+            self.side_stream = torch.cuda.Stream(self.device)
+            self.side_workspace = torch.zeros(SIDE_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
             self.graph_cascade_bufs = [(torch.zeros(max_bs + 1, **i32), torch.zeros(max_bs + 1, **i32),
                                         torch.zeros(max_indices + max_bs, **i32), torch.zeros(max_bs, **i32))
                                        for _ in range(self.cascade_levels)]
@@ -112,7 +118,7 @@ class FlashInferAttentionBackend(AttentionBackend):
                         self.page_size, self.dtype, bs, backend=self.cascade_backend, use_cuda_graph=True,
                         sm_scale=self.sm_scale, buffers=bufs[:levels - 1] + bufs[-1:],
                         outputs=self.graph_cascade_outputs, decode_last_level=True, shared_backend=shared,
-                        shared_split_kv=False)
+                        shared_split_kv=False, side_stream=self.side_stream, shared_workspace=self.side_workspace)
         self.graph[bs] = (decode, cascade)
 
     def graph_key(self, plan) -> tuple:

@@ -27,7 +27,8 @@ class FlashInferCascadeAttention:
                  head_dim: int, page_size: int, dtype: torch.dtype, max_rows: int, backend: str = "fa2",
                  use_cuda_graph: bool = False, max_pages: int = 0, sm_scale: float | None = None,
                  buffers: list | None = None, outputs: tuple | None = None, decode_last_level: bool = False,
-                 shared_backend: str | None = None, shared_split_kv: bool = True):
+                 shared_backend: str | None = None, shared_split_kv: bool = True,
+                 side_stream: "torch.cuda.Stream | None" = None, shared_workspace: torch.Tensor | None = None):
         """buffers: per level (qo_indptr, kv_indptr, kv_indices, last_page_len) device views for CUDA-graph
         mode; outputs: (out, lse, level_out, level_lse) to use instead of allocating (callers that keep
         one wrapper per captured batch size share the largest)."""
@@ -37,10 +38,14 @@ class FlashInferCascadeAttention:
         self.sm_scale = sm_scale if sm_scale is not None else head_dim ** -0.5
         self.use_cuda_graph = use_cuda_graph
         self.shared_split_kv = shared_split_kv  # False: one CTA per group tile reads the whole prefix, no merge kernel
+        # With a side stream the first shared level runs beside the per-request level (both read
+        # memory; together they fill the GPU's tail waves), on a workspace of its own.
+        self.side_stream = side_stream
         self.max_rows = max_rows
         dev = workspace.device
         # Shared levels (many query rows per group) may use another backend than the per-request level.
         backends = [shared_backend or backend] * (num_levels - 1) + [backend]
+        workspaces = [shared_workspace if shared_workspace is not None else workspace] * (num_levels - 1) + [workspace]
         if use_cuda_graph:
             # Fixed buffers per level; the group count of every level is fixed to max_rows.
             i32 = dict(dtype=torch.int32, device=dev)
@@ -48,12 +53,12 @@ class FlashInferCascadeAttention:
                                         torch.zeros(max_pages + max_rows, **i32), torch.zeros(max_rows, **i32))
                                        for _ in range(num_levels)]
             self.wrappers = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-                workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=b[0], paged_kv_indptr_buf=b[1],
+                ws, "NHD", use_cuda_graph=True, qo_indptr_buf=b[0], paged_kv_indptr_buf=b[1],
                 paged_kv_indices_buf=b[2], paged_kv_last_page_len_buf=b[3], backend=be)
-                for b, be in zip(self.buffers, backends)]
+                for b, be, ws in zip(self.buffers, backends, workspaces)]
         else:
-            self.wrappers = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=be)
-                             for be in backends]
+            self.wrappers = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=be)
+                             for be, ws in zip(backends, workspaces)]
         # The per-request level of decode steps on the batch-decode kernel (see module doc).
         self.decode_last = None
         if decode_last_level:
@@ -104,9 +109,20 @@ class FlashInferCascadeAttention:
     def run(self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         n = q.shape[0]
         out, lse = self.out[:n], self.lse[:n]
-        self.active[-1].run(q, kv_cache, out=out, lse=lse, return_lse=True)
         level_out, level_lse = self.level_out[:n], self.level_lse[:n]
-        for wrapper in self.active[:-1]:
+        shared = self.active[:-1]
+        if self.side_stream is not None and shared:
+            main = torch.cuda.current_stream()
+            self.side_stream.wait_stream(main)
+            with torch.cuda.stream(self.side_stream):
+                shared[0].run(q, kv_cache, out=level_out, lse=level_lse, return_lse=True)
+            self.active[-1].run(q, kv_cache, out=out, lse=lse, return_lse=True)
+            main.wait_stream(self.side_stream)
+            flashinfer.merge_state_in_place(out, lse, level_out, level_lse)
+            shared = shared[1:]
+        else:
+            self.active[-1].run(q, kv_cache, out=out, lse=lse, return_lse=True)
+        for wrapper in shared:
             wrapper.run(q, kv_cache, out=level_out, lse=level_lse, return_lse=True)
             flashinfer.merge_state_in_place(out, lse, level_out, level_lse)
         return out
