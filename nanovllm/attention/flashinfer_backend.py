@@ -15,6 +15,7 @@ from nanovllm.attention.backend import AttentionBackend, StepBatch
 from nanovllm.attention.triton_kv import store_kv_triton
 from nanovllm.cascade.cost_model import shared_level_backend
 from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention
+from nanovllm.utils.transfer import pinned, to_device
 
 WORKSPACE_BYTES = 256 << 20
 SIDE_WORKSPACE_BYTES = 128 << 20
@@ -61,7 +62,7 @@ class FlashInferAttentionBackend(AttentionBackend):
             self.active = self.cascade_prefill if batch.is_prefill else self.cascade
             self.active.plan(batch.cascade)
             return
-        t = torch.from_numpy
+        t = pinned  # FlashInfer's plan copies these to the device
         hq, hkv, d, page = self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size
         if batch.is_prefill:
             self.prefill.plan(t(batch.qo_indptr), t(batch.kv_indptr), t(batch.kv_indices), t(batch.kv_last_page_len),
@@ -143,7 +144,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         t = torch.from_numpy
         # The page list goes to the device first: FlashInfer copies a host page list into its graph
         # buffer with a blocking copy, which would stall the host until the device drains (no overlap).
-        decode.plan(t(indptr), t(indices).to(self.device, non_blocking=True), t(last), self.num_qo_heads,
+        decode.plan(t(indptr), to_device(indices, self.device), t(last), self.num_qo_heads,
                     self.num_kv_heads, self.head_dim, self.page_size, **self._common())
         self.active = decode
 

@@ -19,6 +19,7 @@ import flashinfer
 import torch
 
 from nanovllm.cascade.planner import CascadePlan
+from nanovllm.utils.transfer import to_device
 
 
 class FlashInferCascadeAttention:
@@ -90,7 +91,9 @@ class FlashInferCascadeAttention:
             # Page lists to the device first: FlashInfer copies host page lists into its graph
             # buffers with a blocking copy, which would stall the host until the device drains.
             dev = self.buffers[0][0].device
-            levels = [(qo, kv, idx.to(dev, non_blocking=True), lpl) for qo, kv, idx, lpl in levels]
+            levels = [(qo, kv, to_device(idx, dev), lpl) for qo, kv, idx, lpl in levels]
+        else:  # eager: FlashInfer copies every array to the device, from pinned memory without a stall
+            levels = [tuple(a if a.is_cuda else a.pin_memory() for a in lv) for lv in levels]
         # Shared levels use the first wrappers, the last level always the last one (it is causal).
         self.active = self.wrappers[:len(levels) - 1] + [self.wrappers[-1]]
         hq, hkv, d, page = self.shape

@@ -9,6 +9,7 @@ from nanovllm.layers.sampler import Sampler, seeded_row_seed
 from nanovllm.models.qwen3 import model_class
 from nanovllm.utils.context import reset_context, set_context
 from nanovllm.utils.loader import load_model
+from nanovllm.utils.transfer import to_device
 
 CPU_MAX_KV_BLOCKS = 16384  # the CPU path is for tests and small runs: keep the block manager small
 
@@ -168,23 +169,23 @@ class ModelRunner:
         last_page_len = kv_lens - (num_pages - 1) * bs
         dev = self.device
         batch = StepBatch(is_prefill, q_lens, kv_lens, qo_indptr, kv_indptr, kv_indices, last_page_len.astype(np.int32),
-                          torch.from_numpy(slot_mapping).to(dev, non_blocking=True), bs)
-        ids = torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True)
+                          to_device(slot_mapping, dev), bs)
+        ids = to_device(torch.tensor(input_ids, dtype=torch.long), dev)
         if gather is not None:
-            src = torch.tensor(gather, dtype=torch.long).to(dev, non_blocking=True)
+            src = to_device(torch.tensor(gather, dtype=torch.long), dev)
             ids = torch.where(src >= 0, prev.tokens[src.clamp(min=0)], ids)
-        positions = torch.from_numpy(positions).to(dev, non_blocking=True)
+        positions = to_device(positions, dev)
         return batch, ids, positions
 
     def _sampling_inputs(self, seqs: list[Sequence]):
         dev = self.device
         params = [s.sampling_params for s in seqs]
-        temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(dev, non_blocking=True)
+        temperatures = to_device(torch.tensor([p.temperature for p in params], dtype=torch.float32), dev)
         top_ks = top_ps = None
         if any(p.top_k > 0 for p in params):
-            top_ks = torch.tensor([p.top_k for p in params], dtype=torch.long).to(dev, non_blocking=True)
+            top_ks = to_device(torch.tensor([p.top_k for p in params], dtype=torch.long), dev)
         if any(p.top_p < 1 for p in params):
-            top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32).to(dev, non_blocking=True)
+            top_ps = to_device(torch.tensor([p.top_p for p in params], dtype=torch.float32), dev)
         all_greedy = all(p.temperature == 0 for p in params)
         if dev.type == "cuda" and top_ks is None and top_ps is None and not all_greedy:
             # The fused GPU sampler: Philox seeds per row, a seeded request's from its seed and token index.
@@ -192,7 +193,7 @@ class ModelRunner:
             for row, s in enumerate(seqs):
                 if s.sampling_params.seed is not None:
                     seeds[row] = seeded_row_seed(s.sampling_params.seed, s.num_completion_tokens)
-            return temperatures, None, None, None, False, torch.from_numpy(seeds).to(dev, non_blocking=True)
+            return temperatures, None, None, None, False, to_device(seeds, dev)
         generators = {}
         for row, s in enumerate(seqs):
             # Only rows that sample draw from their generator: a prompt chunk short of the end
@@ -251,7 +252,7 @@ class ModelRunner:
         self._plan_fence()
         self.backend.plan(batch)
         self._plan_recorded()
-        logits_indices = torch.from_numpy(batch.qo_indptr[1:] - 1).to(self.device, non_blocking=True)
+        logits_indices = to_device(batch.qo_indptr[1:] - 1, self.device)
         set_context(is_prefill=batch.is_prefill, attn=self.backend, logits_indices=logits_indices)
         try:
             return self.model.compute_logits(self.model(input_ids, positions))

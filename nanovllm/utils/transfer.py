@@ -1,0 +1,22 @@
+"""Host-to-device copies that never stall the host.
+
+A copy from pageable host memory is staged by the driver, and once it outgrows the staging buffer
+(prefill's 16k-token inputs do) the call waits until the device has drained the work queued before
+it: the host stops preparing the next step. Staged through PyTorch's pinned-memory cache instead,
+the copy is queued and the call returns at once (the cache keeps the pinned block until the copy
+is done)."""
+import numpy as np
+import torch
+
+
+def to_device(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def pinned(x: np.ndarray) -> torch.Tensor:
+    """A host tensor in pinned memory (for FlashInfer's plan(), which copies its inputs to the device)."""
+    t = torch.from_numpy(x)
+    return t.pin_memory() if torch.cuda.is_available() else t
