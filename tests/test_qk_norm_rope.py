@@ -1,11 +1,9 @@
 """The fused q/k norm + rotary + KV-write Triton kernel against the same math in float64
 (CPU under TRITON_INTERPRET=1, and on CUDA)."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+
+from triton_script import run_interpreted, run_on_gpu
 
 SCRIPT = r"""
 import torch
@@ -56,13 +54,10 @@ print("ok")
 
 
 def test_qk_norm_rope_store_interpreted_on_cpu():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", SCRIPT.format(device="cpu")], env=env, capture_output=True,
-                         text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    run_interpreted(SCRIPT)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_qk_norm_rope_store_on_gpu():
-    exec(SCRIPT.format(device="cuda"), {})
+    run_on_gpu(SCRIPT)

@@ -1,11 +1,9 @@
 """The fused Gumbel-max sampler (Triton) against the distribution it must draw from and torch.argmax
 (CPU under TRITON_INTERPRET=1, and on CUDA)."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+
+from triton_script import run_interpreted, run_on_gpu
 
 from nanovllm.layers.sampler import seeded_row_seed
 
@@ -51,10 +49,7 @@ print("ok")
 
 
 def test_sample_gumbel_interpreted_on_cpu():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", SCRIPT.format(device="cpu")], env=env, capture_output=True,
-                         text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+    run_interpreted(SCRIPT)
 
 
 def test_seeded_row_seed_depends_on_seed_and_index_only():
@@ -66,4 +61,4 @@ def test_seeded_row_seed_depends_on_seed_and_index_only():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sample_gumbel_on_gpu():
-    exec(SCRIPT.format(device="cuda"), {})
+    run_on_gpu(SCRIPT)

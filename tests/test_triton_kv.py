@@ -1,10 +1,8 @@
 """The Triton KV-store kernel against the PyTorch one (CPU under TRITON_INTERPRET=1, and on CUDA)."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+
+from triton_script import run_interpreted, run_on_gpu
 
 SCRIPT = r"""
 import torch
@@ -28,13 +26,10 @@ print("ok")
 
 
 def test_store_kv_triton_interpreted_on_cpu():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", SCRIPT.format(device="cpu")], env=env, capture_output=True,
-                         text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    run_interpreted(SCRIPT)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_store_kv_triton_on_gpu():
-    exec(SCRIPT.format(device="cuda"), {})
+    run_on_gpu(SCRIPT)
