@@ -33,11 +33,6 @@ class Block:
         self.computed = False
 
 
-def block_hash(key: bytes, prefix: int = -1) -> int:
-    """Chained: the previous page's hash seeds this one's (0 for the first page)."""
-    return xxhash.xxh64_intdigest(key, seed=0 if prefix == -1 else prefix)
-
-
 class BlockManager:
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
@@ -103,10 +98,11 @@ class BlockManager:
             else:
                 data = np.asarray(seq.token_ids[start * bs:n * bs], dtype=np.int64).tobytes()
             new_keys = [data[offset:offset + width] for offset in range(0, len(data), width)]
-            h = hashes[-1] if hashes else -1
-            digest = xxhash.xxh64_intdigest  # block_hash inlined: this loop runs for every prompt page
+            # Chained: the previous page's hash seeds this one's (0 for the first page).
+            h = hashes[-1] if hashes else 0
+            digest = xxhash.xxh64_intdigest  # bound once: this loop runs for every prompt page
             for key in new_keys:
-                h = digest(key, 0 if h == -1 else h)
+                h = digest(key, h)
                 hashes.append(h)
             keys.extend(new_keys)
         return hashes
