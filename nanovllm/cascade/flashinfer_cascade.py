@@ -19,7 +19,7 @@ import flashinfer
 import torch
 
 from nanovllm.cascade.planner import CascadePlan
-from nanovllm.utils.transfer import to_device
+from nanovllm.utils.transfer import pinned, to_device
 
 
 class FlashInferCascadeAttention:
@@ -93,7 +93,7 @@ class FlashInferCascadeAttention:
             dev = self.buffers[0][0].device
             levels = [(qo, kv, to_device(idx, dev), lpl) for qo, kv, idx, lpl in levels]
         else:  # eager: FlashInfer copies every array to the device, from pinned memory without a stall
-            levels = [tuple(a if a.is_cuda else a.pin_memory() for a in lv) for lv in levels]
+            levels = [tuple(pinned(a) for a in lv) for lv in levels]
         # Shared levels use the first wrappers, the last level always the last one (it is causal).
         self.active = self.wrappers[:len(levels) - 1] + [self.wrappers[-1]]
         hq, hkv, d, page = self.shape

@@ -24,7 +24,7 @@ class Attention(nn.Module):
         q and k and writes k and v to the cache, then attention runs over the cache."""
         from nanovllm.layers.qk_norm_rope import qk_norm_rope_store  # Triton: GPU machines only
         backend = get_context().attn
-        slots = getattr(backend, "slot_mapping", None)  # None in the memory warm-up: no cache yet
+        slots = backend.slot_mapping  # None in the memory warm-up: no cache yet
         q = qk_norm_rope_store(qkv, positions, cos_sin, q_norm.weight if q_norm is not None else None,
                                k_norm.weight if k_norm is not None else None,
                                q_norm.eps if q_norm is not None else 0.0, self.num_heads, self.num_kv_heads,

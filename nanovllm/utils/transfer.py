@@ -16,7 +16,8 @@ def to_device(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tenso
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def pinned(x: np.ndarray) -> torch.Tensor:
-    """A host tensor in pinned memory (for FlashInfer's plan(), which copies its inputs to the device)."""
-    t = torch.from_numpy(x)
-    return t.pin_memory() if torch.cuda.is_available() else t
+def pinned(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A host array in pinned memory, for FlashInfer's plan(), which copies its inputs to the device
+    (a tensor already on the device is returned as it is)."""
+    t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+    return t.pin_memory() if not t.is_cuda and torch.cuda.is_available() else t
