@@ -234,6 +234,132 @@ def cascade_backends(quick):
         print(f"| {groups} x {per} | {shared} | " + " | ".join(f"{r:.3f}" for r in res) + " |")
 
 
+def kv_layouts(quick):
+    """NHD vs HND cache layout and page size, per kernel the engine runs (CUDA graphs, ms; TB/s of
+    KV read): regular decode, a cascade step's per-request level (decode kernel, no tensor cores)
+    and its shared level (prefill kernel, no split-kv)."""
+    rng = np.random.default_rng(0)
+
+    def kv(pages, page, layout):
+        shape = (pages, page, HKV, D) if layout == "NHD" else (pages, HKV, page, D)
+        return torch.randn(shape, device="cuda", dtype=DT), torch.randn(shape, device="cuda", dtype=DT)
+
+    def decode(lens, page, layout, tc):
+        lens = np.asarray(lens, np.int32)
+        ind, idx, last = paged(lens, page)
+        kc, vc = kv(int(ind[-1]) + 8, page, layout)
+        q = torch.randn(len(lens), HQ, D, device="cuda", dtype=DT)
+        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            WS, layout, use_cuda_graph=True, use_tensor_cores=tc, paged_kv_indptr_buffer=ind.cuda(),
+            paged_kv_indices_buffer=idx.cuda(), paged_kv_last_page_len_buffer=last.cuda())
+        w.plan(ind, idx, last, HQ, HKV, D, page, q_data_type=DT, kv_data_type=DT)
+        return graphed(lambda: w.run(q, (kc, vc))), float(lens.sum())
+
+    def shared(groups, rows, length, page, layout, backend):
+        ind, idx, last = paged([length] * groups, page)
+        kc, vc = kv(int(ind[-1]) + 8, page, layout)
+        qo = torch.arange(0, groups * rows + 1, rows, dtype=torch.int32)
+        q = torch.randn(groups * rows, HQ, D, device="cuda", dtype=DT)
+        w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            WS, layout, use_cuda_graph=True, qo_indptr_buf=qo.cuda(), paged_kv_indptr_buf=ind.cuda(),
+            paged_kv_indices_buf=idx.cuda(), paged_kv_last_page_len_buf=last.cuda(), backend=backend)
+        w.plan(qo, ind, idx, last, HQ, HKV, D, page, causal=False, disable_split_kv=True, q_data_type=DT, kv_data_type=DT)
+        return graphed(lambda: w.run(q, (kc, vc))), float(groups * length)
+
+    cases = [("regular decode tc, 1024 x 2304 (W2 off)", lambda p, l: decode([2304] * 1024, p, l, True)),
+             ("regular decode tc, 256 x U(200,1600) (W1)", lambda p, l: decode(rng.integers(200, 1600, 256), p, l, True)),
+             ("per-request level, 1024 x 256 (W2 on)", lambda p, l: decode([256] * 1024, p, l, False)),
+             ("shared fa2, 64 x 16 rows x 2048 (W2 on)", lambda p, l: shared(64, 16, 2048, p, l, "fa2")),
+             ("shared fa3, 1 x 1024 rows x 8192 (W3 on)", lambda p, l: shared(1, 1024, 8192, p, l, "fa3"))]
+    pages = (16,) if quick else (16, 32, 64)
+    cols = [(p, l) for p in pages for l in ("NHD", "HND")]
+    print("\n### KV layout and page size (one layer, CUDA graphs, ms (TB/s))\n\n| kernel | "
+          + " | ".join(f"page {p} {l}" for p, l in cols) + " |\n|" + "---|" * (len(cols) + 1))
+    for label, fn in cases:
+        res = []
+        for p, l in cols:
+            ms, tokens = fn(p, l)
+            res.append(f"{ms:.3f} ({tokens * HKV * D * 2 * DT.itemsize / ms / 1e9:.2f})")
+            torch.cuda.empty_cache()
+        print(f"| {label} | " + " | ".join(res) + " |")
+
+
+def triton_shared(quick):
+    """A cascade decode step's shared level on the Triton kernel (nanovllm/cascade/shared_kernel.py)
+    against FlashInfer's fa2 prefill kernel without split-kv, each merged into an output (CUDA graphs):
+    a sweep of tile sizes on W2's shape, then the best configurations on other shapes."""
+    from nanovllm.cascade.shared_kernel import shared_level_attention, shared_level_items
+    page = 16
+
+    def setup(groups, rows, length):
+        ind, idx, last = paged([length] * groups, page)
+        kc, vc = cache(int(ind[-1]) + 8, page)
+        qo = torch.arange(0, groups * rows + 1, rows, dtype=torch.int32)
+        q = torch.randn(groups * rows, HQ, D, device="cuda", dtype=DT)
+        out = torch.randn(groups * rows, HQ, D, device="cuda", dtype=DT)
+        lse = torch.randn(groups * rows, HQ, device="cuda", dtype=torch.float32)
+        return ind, idx, last, kc, vc, qo, q, out, lse
+
+    def fa2(groups, rows, length):
+        ind, idx, last, kc, vc, qo, q, out, lse = setup(groups, rows, length)
+        lo, ll = torch.empty_like(out), torch.empty_like(lse)
+        w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            WS, "NHD", use_cuda_graph=True, qo_indptr_buf=qo.cuda(), paged_kv_indptr_buf=ind.cuda(),
+            paged_kv_indices_buf=idx.cuda(), paged_kv_last_page_len_buf=last.cuda(), backend="fa2")
+        w.plan(qo, ind, idx, last, HQ, HKV, D, page, causal=False, disable_split_kv=True, q_data_type=DT, kv_data_type=DT)
+
+        def fn():
+            w.run(q, (kc, vc), out=lo, lse=ll, return_lse=True)
+            flashinfer.merge_state_in_place(out, lse, lo, ll)
+        fn()
+        return graphed(fn), lo.clone(), ll.clone()
+
+    def tri(groups, rows, length, block_rows, block_tokens, warps, stages, splits):
+        ind, idx, last, kc, vc, qo, q, out, lse = setup(groups, rows, length)
+        items = torch.from_numpy(shared_level_items(qo.numpy(), ind.numpy(), block_rows)).cuda()
+        po = torch.empty(splits, *out.shape, device="cuda", dtype=DT)
+        pl = torch.empty(splits, *lse.shape, device="cuda", dtype=torch.float32)
+        ind_d, idx_d = ind.cuda(), idx.cuda()
+
+        def fn():
+            shared_level_attention(q, kc, vc, items, ind_d, idx_d, po, pl, D ** -0.5, block_rows, block_tokens, warps, stages)
+            for s in range(splits):
+                flashinfer.merge_state_in_place(out, lse, po[s], pl[s])
+        fn()
+        # the level's own result: merge the splits into an empty state
+        mo, ml = po[0].clone(), pl[0].clone()
+        for s in range(1, splits):
+            flashinfer.merge_state_in_place(mo, ml, po[s], pl[s])
+        return graphed(fn), mo, ml
+
+    w2 = (64, 16, 2048)
+    gbytes = lambda g, r, l: g * l * HKV * D * 2 * 2 / 1e9
+    base, ref_o, ref_l = fa2(*w2)
+    print(f"\n### Shared level, Triton kernel sweep on 64 x 16 rows x 2048 (fa2 no split-kv: {base:.3f} ms, "
+          f"{gbytes(*w2) / base:.2f} TB/s)\n\n| rows/item | tokens/tile | warps | stages | splits | ms | TB/s | max diff vs fa2 |\n|---|---|---|---|---|---|---|---|")
+    configs = [(r, t, w, st, sp) for r in (16,) for t in ((64,) if quick else (32, 64, 128)) for w in (4, 8)
+               for st in (2, 3, 4) for sp in (1, 2)]
+    results = []
+    for cfg in configs:
+        try:
+            ms, o, l = tri(*w2, *cfg)
+        except Exception as e:
+            print(f"| {' | '.join(map(str, cfg))} | failed: {type(e).__name__} {str(e)[:80]} | | |")
+            continue
+        diff = (o.float() - ref_o.float()).abs().max().item()
+        results.append((ms, cfg))
+        print(f"| {' | '.join(map(str, cfg))} | {ms:.3f} | {gbytes(*w2) / ms:.2f} | {diff:.3g} |")
+    best = [cfg for _, cfg in sorted(results)[:3]]
+    print("\n| groups x rows x shared | fa2 no split ms | " + " | ".join(f"triton {c}" for c in best) + " |\n|" + "---|" * (len(best) + 2))
+    for shape in [(64, 16, 2048), (128, 8, 2048), (256, 4, 1024), (16, 64, 2048), (8, 32, 512), (32, 16, 2048), (4, 64, 4096)]:
+        f, fo, _ = fa2(*shape)
+        cells = []
+        for cfg in best:
+            ms, o, _ = tri(*shape, *cfg)
+            cells.append(f"{ms:.3f} ({(o.float() - fo.float()).abs().max().item():.2g})")
+        print(f"| {' x '.join(map(str, shape))} | {f:.3f} | " + " | ".join(cells) + " |")
+
+
 def fit(samples, page):
     from nanovllm.cascade.cost_model import shared_qk_pages
     reg_x = np.array([[1.0, p.regular_kv_pages * page] for p, _, _ in samples])
@@ -253,7 +379,7 @@ def fit(samples, page):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--only", choices=["prefill", "decode", "decode-kernels", "cascade", "levels"])
+    p.add_argument("--only", choices=["prefill", "decode", "decode-kernels", "cascade", "levels", "layout", "triton-shared"])
     args = p.parse_args()
     if args.only in (None, "prefill"):
         prefill_backends(args.quick)
@@ -263,6 +389,10 @@ def main():
         decode_kernels(args.quick)
     if args.only in (None, "levels"):
         cascade_backends(args.quick)
+    if args.only in (None, "triton-shared"):
+        triton_shared(args.quick)
+    if args.only in (None, "layout"):
+        kv_layouts(args.quick)
     if args.only in (None, "cascade"):
         fit(*cascade_grid(args.quick))
 

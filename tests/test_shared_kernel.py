@@ -1,0 +1,99 @@
+"""The Triton shared-level kernel (cascade decode with many small groups) against float64 attention
+over each group's pages (CPU under TRITON_INTERPRET=1, and on CUDA)."""
+import numpy as np
+import pytest
+import torch
+
+from nanovllm.cascade.shared_kernel import max_items, shared_level_items
+from triton_script import run_interpreted, run_on_gpu
+
+
+def test_items_cover_every_row_once():
+    qo = np.array([0, 3, 3, 40, 41, 58])       # groups of 3, 0, 37, 1, 17 rows
+    kv = np.array([0, 2, 2, 2, 9, 12])         # ... with 2, 0, 0, 7, 3 pages
+    items = shared_level_items(qo, kv, block_rows=16)
+    covered = np.concatenate([np.arange(s, s + n) for s, n, _ in items])
+    assert np.array_equal(np.sort(covered), np.arange(58))
+    assert (items[:, 1] <= 16).all() and (items[:, 1] > 0).all()
+    for s, n, g in items:
+        assert qo[g] <= s and s + n <= qo[g + 1]
+    assert len(items) <= max_items(58, 16)
+
+
+SCRIPT = r"""
+import math
+import numpy as np
+import torch
+from nanovllm.cascade.shared_kernel import shared_level_attention, shared_level_items
+device = "{device}"
+torch.manual_seed(0)
+rng = np.random.default_rng(0)
+
+def reference(q, kc, vc, qo, kv, idx, scale):
+    # float64 attention of each group's rows over its pages; lse in base 2
+    hq, d = q.shape[1], q.shape[2]
+    hkv = kc.shape[2]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float64)
+    for g in range(len(qo) - 1):
+        pages = idx[kv[g]:kv[g + 1]]
+        if qo[g + 1] == qo[g] or len(pages) == 0:
+            continue
+        k = kc[pages].reshape(-1, hkv, d).double().repeat_interleave(hq // hkv, 1)
+        v = vc[pages].reshape(-1, hkv, d).double().repeat_interleave(hq // hkv, 1)
+        qq = q[qo[g]:qo[g + 1]].double()
+        s = torch.einsum("rhd,thd->rht", qq, k) * scale
+        out[qo[g]:qo[g + 1]] = torch.einsum("rht,thd->rhd", torch.softmax(s, -1), v)
+        lse[qo[g]:qo[g + 1]] = torch.logsumexp(s, -1) / math.log(2)
+    return out, lse
+
+for hq, hkv, d, page, rows_per_group, splits, block_rows, block_tokens in (
+        (4, 2, 32, 4, [3, 0, 20, 1, 5], 1, 8, 16), (16, 8, 128, 16, [16, 16, 2], 2, 16, 64),
+        (6, 2, 64, 8, [7, 1], 3, 4, 32)):
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        groups = len(rows_per_group)
+        pages_per_group = rng.integers(0, 9, groups)
+        pages_per_group[0] = 5
+        qo = np.concatenate([[0], np.cumsum(rows_per_group)])
+        kv = np.concatenate([[0], np.cumsum(pages_per_group)])
+        total_pages = int(kv[-1]) + 4
+        idx = rng.permutation(total_pages)[:kv[-1]].astype(np.int32)  # scattered pages
+        rows = int(qo[-1])
+        q = torch.randn(rows, hq, d, dtype=dtype, device=device)
+        kc = torch.randn(total_pages, page, hkv, d, dtype=dtype, device=device)
+        vc = torch.randn(total_pages, page, hkv, d, dtype=dtype, device=device)
+        items = shared_level_items(qo, kv, block_rows)
+        pad = np.zeros((3, 3), np.int32)  # padded items (CUDA-graph batches): no rows
+        items = torch.from_numpy(np.concatenate([items, pad])).to(device)
+        out = torch.full((splits, rows + 2, hq, d), float("nan"), dtype=dtype, device=device)
+        lse = torch.full((splits, rows + 2, hq), float("nan"), dtype=torch.float32, device=device)
+        scale = d ** -0.5
+        shared_level_attention(q, kc, vc, items, torch.from_numpy(kv.astype(np.int32)).to(device),
+                               torch.from_numpy(idx).to(device), out, lse, scale, block_rows=block_rows,
+                               block_tokens=block_tokens)
+        o, l = out[:, :rows].double().cpu(), lse[:, :rows].double().cpu()
+        assert not torch.isnan(o).any() and not torch.isnan(l).any(), "every row written"
+        assert torch.isnan(out[:, rows:]).all(), "nothing written past the rows"
+        # merge the splits (base 2), as merge_state_in_place does
+        m = l.max(0).values
+        w = torch.where(torch.isinf(l), torch.zeros_like(l), torch.exp2(l - m.nan_to_num(neginf=0.0)))
+        merged = (w[..., None] * o).sum(0) / w.sum(0).clamp_min(1e-300)[..., None]
+        merged_lse = torch.where(w.sum(0) > 0, m + torch.log2(w.sum(0)), torch.full_like(m, float("-inf")))
+        ref_out, ref_lse = reference(q.cpu(), kc.cpu(), vc.cpu(), qo, kv, idx, scale)
+        assert (merged - ref_out).abs().max() <= tol, (hq, dtype, (merged - ref_out).abs().max())
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(finite, torch.isfinite(merged_lse))
+        assert (merged_lse[finite] - ref_lse[finite]).abs().max() <= tol * 10, (hq, dtype)
+        assert (merged[~finite] == 0).all()
+print("ok")
+"""
+
+
+def test_shared_level_kernel_interpreted_on_cpu():
+    run_interpreted(SCRIPT)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_shared_level_kernel_on_gpu():
+    run_on_gpu(SCRIPT)
