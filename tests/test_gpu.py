@@ -178,16 +178,20 @@ def test_cascade_bit_identical_to_flashinfer_wrapper(name, decode):
     assert torch.equal(out, expected), (out.float() - expected.float()).abs().max()
 
 
+@pytest.mark.parametrize("shared", ["fa2", "triton"])
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
 @pytest.mark.parametrize("name", list(STRUCTURES))
-def test_cascade_fa2_matches_regular_attention(name, decode):
+def test_cascade_fa2_matches_regular_attention(name, decode, shared):
+    """The engine's decode modes (shared levels on fa2 or the Triton kernel) against regular paged
+    attention over the same KV and against the PyTorch cascade."""
     from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention
     batch, table, plan = cascade_case(STRUCTURES[name], decode, seed=2)
     order = plan.order.numpy()
     kc, vc = random_cache(8192, seed=3)
     q = torch.randn(plan.num_rows, HQ, D, device="cuda").to(DT)
     casc = FlashInferCascadeAttention(torch.zeros(128 << 20, dtype=torch.uint8, device="cuda"), 3, HQ, HKV, D, PAGE,
-                                      DT, max_rows=plan.num_rows, backend="fa2", decode_last_level=decode)
+                                      DT, max_rows=plan.num_rows, backend="fa2", decode_last_level=decode,
+                                      shared_backend=shared)
     casc.plan(plan)
     out = casc.run(q, (kc, vc)).clone()
     # Regular paged attention over the same full KV, requests in plan order.
@@ -206,7 +210,9 @@ def test_cascade_fa2_matches_regular_attention(name, decode):
     ([(9, 4, [(5, 3), (4, 2)]), (3, 5, None), (2, 0, None)], 32, "fa2"),
     ([(96, 4, None), (20, 2, None)], 128, "fa2"),
     ([(96, 4, None), (20, 2, None)], 128, "fa3"),   # >= 64 rows per group: the engine picks fa3
-], ids=["nested-fa2", "big-group-fa2", "big-group-fa3"])
+    ([(9, 4, [(5, 3), (4, 2)]), (3, 5, None), (2, 0, None)], 32, "triton"),  # fewer: the Triton kernel
+    ([(96, 4, None), (20, 2, None)], 128, "triton"),
+], ids=["nested-fa2", "big-group-fa2", "big-group-fa3", "nested-triton", "big-group-triton"])
 def test_cascade_graph_mode_matches_eager(structure, bs, shared, engine_mode):
     """engine_mode: as the engine's graphs run it, shared levels without split-kv and the first one on
     a side stream beside the per-request level."""

@@ -63,13 +63,15 @@ for hq, hkv, d, page, rows_per_group, splits, block_rows, block_tokens in (
         kc = torch.randn(total_pages, page, hkv, d, dtype=dtype, device=device)
         vc = torch.randn(total_pages, page, hkv, d, dtype=dtype, device=device)
         items = shared_level_items(qo, kv, block_rows)
-        pad = np.zeros((3, 3), np.int32)  # padded items (CUDA-graph batches): no rows
+        count = torch.tensor([len(items)], dtype=torch.int32, device=device)
+        pad = np.full((3, 3), 7, np.int32)  # past the count (a CUDA graph's fixed buffer): never read
         items = torch.from_numpy(np.concatenate([items, pad])).to(device)
         out = torch.full((splits, rows + 2, hq, d), float("nan"), dtype=dtype, device=device)
         lse = torch.full((splits, rows + 2, hq), float("nan"), dtype=torch.float32, device=device)
         scale = d ** -0.5
-        shared_level_attention(q, kc, vc, items, torch.from_numpy(kv.astype(np.int32)).to(device),
-                               torch.from_numpy(idx).to(device), out, lse, scale, block_rows=block_rows,
+        programs = int(rng.integers(1, 6))  # programs loop over the items
+        shared_level_attention(q, kc, vc, items, count, torch.from_numpy(kv.astype(np.int32)).to(device),
+                               torch.from_numpy(idx).to(device), out, lse, scale, programs, block_rows=block_rows,
                                block_tokens=block_tokens)
         o, l = out[:, :rows].double().cpu(), lse[:, :rows].double().cpu()
         assert not torch.isnan(o).any() and not torch.isnan(l).any(), "every row written"

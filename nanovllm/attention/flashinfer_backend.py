@@ -13,7 +13,7 @@ import torch
 
 from nanovllm.attention.backend import AttentionBackend, StepBatch
 from nanovllm.attention.triton_kv import store_kv_triton
-from nanovllm.cascade.cost_model import shared_level_backend
+from nanovllm.cascade.cost_model import SHARED_BACKENDS, shared_level_backend
 from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention
 from nanovllm.utils.transfer import pinned, to_device
 
@@ -113,7 +113,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         if self.graph_cascade_bufs is not None:
             bufs = [(qo[:bs + 1], kv[:bs + 1], idx, lpl[:bs]) for qo, kv, idx, lpl in self.graph_cascade_bufs]
             for levels in range(2, self.cascade_levels + 1):
-                for shared in ("fa2", "fa3"):
+                for shared in SHARED_BACKENDS:
                     cascade[levels, shared] = FlashInferCascadeAttention(
                         self.workspace, levels, self.num_qo_heads, self.num_kv_heads, self.head_dim,
                         self.page_size, self.dtype, bs, backend=self.cascade_backend, use_cuda_graph=True,

@@ -51,13 +51,17 @@ class AlwaysCascade:
 
 
 # Shared levels with many query rows per group are compute-bound and run faster on fa3 (Hopper's
-# wgmma); many small groups run faster on fa2. Measured per layer, 1024 rows: 1 group of 8192 tokens
-# fa2 0.712 ms / fa3 0.387; 8 x 128 rows fa2 0.522 / fa3 0.329; 64 x 16 rows fa2 0.453 / fa3 0.539.
+# wgmma); many small groups are memory-bound and run faster on our Triton kernel (cascade/
+# shared_kernel.py), then fa2. Measured per layer, 1024 rows: 1 group of 8192 tokens fa2 0.712 ms / fa3
+# 0.387; 8 x 128 rows fa2 0.522 / fa3 0.329; 64 x 16 rows fa2 0.453 / fa3 0.539 (with the per-request
+# level); shared level alone, 64 x 16 rows x 2048: fa2 0.215, Triton 0.146; 16 x 64 x 2048: fa2
+# 0.110, Triton 0.117 (scripts/bench_kernels.py --only levels, --only triton-shared).
 FA3_MIN_ROWS_PER_GROUP = 64
+SHARED_BACKENDS = ("triton", "fa3")  # the choices below, one CUDA graph each
 
 
 def shared_level_backend(plan) -> str:
     if getattr(plan, "shared_backend", None):  # set explicitly (CUDA-graph capture)
         return plan.shared_backend
     rows_per_group = plan.num_rows / max(plan.groups_per_level[0], 1)
-    return "fa3" if rows_per_group >= FA3_MIN_ROWS_PER_GROUP else "fa2"
+    return "fa3" if rows_per_group >= FA3_MIN_ROWS_PER_GROUP else "triton"

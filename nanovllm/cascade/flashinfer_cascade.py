@@ -14,11 +14,15 @@ padded groups have no rows or no pages, so they add nothing).
 With `decode_last_level` a decode step's per-request level (one query row per group) runs on
 FlashInfer's batch-decode kernel, which suits one-row queries better than the prefill kernel; the
 result then differs from the wrapper's in rounding only (tests hold it to bf16 tolerance).
+
+Shared levels may also run on our Triton kernel (`shared_backend="triton"`, nanovllm/cascade/
+shared_kernel.py), ~1.5x faster than fa2 for many small groups; within bf16 tolerance as well.
 """
 import flashinfer
 import torch
 
 from nanovllm.cascade.planner import CascadePlan
+from nanovllm.cascade.shared_kernel import TritonSharedLevel
 from nanovllm.utils.transfer import pinned, to_device
 
 
@@ -46,6 +50,7 @@ class FlashInferCascadeAttention:
         dev = workspace.device
         # Shared levels (many query rows per group) may use another backend than the per-request level.
         backends = [shared_backend or backend] * (num_levels - 1) + [backend]
+        assert backend != "triton", "the per-request level is causal: FlashInfer's"
         workspaces = [shared_workspace if shared_workspace is not None else workspace] * (num_levels - 1) + [workspace]
         if use_cuda_graph:
             # Fixed buffers per level; the group count of every level is fixed to max_rows.
@@ -53,12 +58,15 @@ class FlashInferCascadeAttention:
             self.buffers = buffers or [(torch.zeros(max_rows + 1, **i32), torch.zeros(max_rows + 1, **i32),
                                         torch.zeros(max_pages + max_rows, **i32), torch.zeros(max_rows, **i32))
                                        for _ in range(num_levels)]
-            self.wrappers = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-                ws, "NHD", use_cuda_graph=True, qo_indptr_buf=b[0], paged_kv_indptr_buf=b[1],
-                paged_kv_indices_buf=b[2], paged_kv_last_page_len_buf=b[3], backend=be)
+            self.wrappers = [
+                TritonSharedLevel(max_rows, dev, True, kv_indptr_buf=b[1], kv_indices_buf=b[2]) if be == "triton"
+                else flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+                    ws, "NHD", use_cuda_graph=True, qo_indptr_buf=b[0], paged_kv_indptr_buf=b[1],
+                    paged_kv_indices_buf=b[2], paged_kv_last_page_len_buf=b[3], backend=be)
                 for b, be, ws in zip(self.buffers, backends, workspaces)]
         else:
-            self.wrappers = [flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=be)
+            self.wrappers = [TritonSharedLevel(max_rows, dev) if be == "triton"
+                             else flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=be)
                              for be, ws in zip(backends, workspaces)]
         # The per-request level of decode steps on the batch-decode kernel (see module doc).
         self.decode_last = None

@@ -3,6 +3,7 @@ import numpy as np
 import torch
 
 from nanovllm.attention import StepBatch, make_backend
+from nanovllm.cascade.cost_model import SHARED_BACKENDS
 from nanovllm.config import Config
 from nanovllm.engine.sequence import PLACEHOLDER, Sequence
 from nanovllm.layers.sampler import Sampler, seeded_row_seed
@@ -306,7 +307,7 @@ class ModelRunner:
     def capture_cuda_graphs(self):
         """One graph per batch size (1, 2, 4, 8, 16, 32, ... 256, 320, ... max_num_seqs) for regular
         decode; with cascade on, also one per level count (2 .. cascade_max_levels) and shared-level
-        backend (fa2, fa3). Sizes are captured largest first so that smaller graphs reuse the memory
+        backend (Triton, fa3). Sizes are captured largest first so that smaller graphs reuse the memory
         pool of the larger ones."""
         max_bs = self.config.max_num_seqs
         sizes = {1, 2, 4, 8} | set(range(16, 257, 16)) | set(range(320, max_bs, 64))
@@ -320,7 +321,7 @@ class ModelRunner:
             hidden=torch.zeros(max_bs, hidden_size, dtype=self.dtype, device=dev))
         gv = self.graph_vars
         modes = [0] + (list(range(2, self.config.cascade_max_levels + 1)) if self.cascade is not None else [])
-        shared_backends = ("fa2", "fa3")  # see cost_model.shared_level_backend
+        shared_backends = SHARED_BACKENDS  # see cost_model.shared_level_backend
         pool = None
         for bs in reversed(self.graph_sizes):
             self.backend.graph_wrappers(bs)
