@@ -55,8 +55,9 @@ def run(args) -> dict:
     cfg.update(enforce_eager=args.enforce_eager)
     if args.enable_cascade_attention:
         cfg["enable_cascade_attention"] = True
-    for key in ("max_num_seqs", "max_num_batched_tokens", "kvcache_block_size", "gpu_memory_utilization", "max_model_len"):
-        if getattr(args, key) is not None:
+    for key in ("max_num_seqs", "max_num_batched_tokens", "kvcache_block_size", "gpu_memory_utilization", "max_model_len",
+                "cascade_shared_backend"):
+        if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
     t0 = time.perf_counter()
     llm = LLM(model, **cfg)
@@ -74,6 +75,7 @@ def run(args) -> dict:
     kv = llm.kv_usage()
     result = dict(
         workload=args.workload, model=args.model or args.preset, cascade=bool(cfg.get("enable_cascade_attention")),
+        cascade_shared_backend=cfg.get("cascade_shared_backend", "auto"),
         enforce_eager=args.enforce_eager, requests=len(prompts), output_tokens=output_tokens,
         seconds=round(seconds, 3), output_tok_s=round(output_tokens / seconds, 1),
         prompt_tokens=sum(len(p) for p in prompts), cached_prompt_tokens=kv["cache_hit_tokens"] - hits0,
@@ -98,6 +100,7 @@ def main(argv=None):
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--kvcache-block-size", type=int)
     p.add_argument("--gpu-memory-utilization", type=float)
+    p.add_argument("--cascade-shared-backend", choices=["auto", "triton", "fa2", "fa3"])
     p.add_argument("--json", default="bench_results.jsonl", help="append the result as one JSON line here")
     args = p.parse_args(argv)
     result = run(args)

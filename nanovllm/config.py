@@ -25,6 +25,7 @@ class Config:
     enable_cascade_attention: bool = False
     cascade_shared_prefix_len: int = 0    # >0 forces one shared level of this many tokens
     cascade_max_levels: int = 3           # shared levels + the per-request level
+    cascade_shared_backend: str = "auto"  # kernel of shared levels in graphed decode: auto, triton, fa2, fa3
     seed: int = 0
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
     eos_token_ids: tuple = ()               # set by the engine from the tokenizer and generation config
@@ -44,6 +45,8 @@ class Config:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
         if self.cascade_max_levels < 2:
             raise ValueError(f"cascade_max_levels must be >= 2, got {self.cascade_max_levels}")
+        if self.cascade_shared_backend not in ("auto", "triton", "fa2", "fa3"):
+            raise ValueError(f"cascade_shared_backend must be auto, triton, fa2 or fa3, got {self.cascade_shared_backend!r}")
         self.hf_config = AutoConfig.from_pretrained(self.model)
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
         if self.device == "auto":

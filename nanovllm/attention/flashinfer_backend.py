@@ -30,12 +30,14 @@ class FlashInferAttentionBackend(AttentionBackend):
     # W1-like shapes, but end to end W1 and W2 ran 6% and 25% faster with them. Decode cascades read
     # each shared prefix without split-kv: 2-3% faster on fa2, the same on fa3 (`--only levels`).
     def __init__(self, *, prefill_backend: str = "auto", cascade_backend: str = "fa2", cascade_levels: int = 3,
-                 max_rows: int = 16384, decode_tensor_cores: bool = True, **kwargs):
+                 max_rows: int = 16384, decode_tensor_cores: bool = True, shared_backend: str = "auto", **kwargs):
         super().__init__(**kwargs)
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.cascade_backend = cascade_backend
         self.cascade_levels = cascade_levels
         self.decode_tensor_cores = decode_tensor_cores
+        # Shared levels of graphed cascade decode: chosen per step (auto) or one kernel for all.
+        self.shared_backends = SHARED_BACKENDS if shared_backend == "auto" else (shared_backend,)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=prefill_backend)
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                     use_tensor_cores=decode_tensor_cores)
@@ -113,7 +115,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         if self.graph_cascade_bufs is not None:
             bufs = [(qo[:bs + 1], kv[:bs + 1], idx, lpl[:bs]) for qo, kv, idx, lpl in self.graph_cascade_bufs]
             for levels in range(2, self.cascade_levels + 1):
-                for shared in SHARED_BACKENDS:
+                for shared in self.shared_backends:
                     cascade[levels, shared] = FlashInferCascadeAttention(
                         self.workspace, levels, self.num_qo_heads, self.num_kv_heads, self.head_dim,
                         self.page_size, self.dtype, bs, backend=self.cascade_backend, use_cuda_graph=True,
@@ -125,7 +127,11 @@ class FlashInferAttentionBackend(AttentionBackend):
     def graph_key(self, plan) -> tuple:
         """Which captured graph runs a decode step: regular, or cascade by its level count and
         shared-level backend."""
-        return ("regular",) if plan is None else graph_cascade_key(plan)
+        if plan is None:
+            return ("regular",)
+        if len(self.shared_backends) == 1:
+            return ("cascade", len(plan.levels), self.shared_backends[0])
+        return graph_cascade_key(plan)
 
     def plan_graph(self, batch: StepBatch, bs: int, slot_mapping: torch.Tensor):
         """Plan a decode batch of n <= bs requests on the wrappers captured for bs. Padded requests
@@ -133,7 +139,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         decode, cascade = self.graph[bs]
         self.slot_mapping = slot_mapping
         if batch.cascade is not None:
-            self.active = cascade[graph_cascade_key(batch.cascade)[1:]]
+            self.active = cascade[self.graph_key(batch.cascade)[1:]]
             self.active.plan(batch.cascade)
             return
         n = len(batch.kv_lens)

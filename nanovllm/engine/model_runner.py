@@ -3,7 +3,6 @@ import numpy as np
 import torch
 
 from nanovllm.attention import StepBatch, make_backend
-from nanovllm.cascade.cost_model import SHARED_BACKENDS
 from nanovllm.config import Config
 from nanovllm.engine.sequence import PLACEHOLDER, Sequence
 from nanovllm.layers.sampler import Sampler, seeded_row_seed
@@ -40,7 +39,8 @@ class ModelRunner:
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         extra = {}
         if config.attention_backend == "flashinfer":
-            extra = dict(cascade_levels=config.cascade_max_levels, max_rows=config.max_num_batched_tokens)
+            extra = dict(cascade_levels=config.cascade_max_levels, max_rows=config.max_num_batched_tokens,
+                         shared_backend=config.cascade_shared_backend)
         self.backend = make_backend(
             config.attention_backend, num_qo_heads=hf.num_attention_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, page_size=self.block_size, dtype=self.dtype, device=self.device, **extra)
@@ -321,7 +321,7 @@ class ModelRunner:
             hidden=torch.zeros(max_bs, hidden_size, dtype=self.dtype, device=dev))
         gv = self.graph_vars
         modes = [0] + (list(range(2, self.config.cascade_max_levels + 1)) if self.cascade is not None else [])
-        shared_backends = SHARED_BACKENDS  # see cost_model.shared_level_backend
+        shared_backends = self.backend.shared_backends  # see cost_model.shared_level_backend
         pool = None
         for bs in reversed(self.graph_sizes):
             self.backend.graph_wrappers(bs)
