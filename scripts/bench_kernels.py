@@ -6,7 +6,7 @@
 1. prefill backend: fa2 vs fa3 (auto) on causal prompt batches;
 2. decode: tensor cores on/off and page sizes 16/32/64;
 3. cascade vs regular decode over a grid of groups x requests x shared length (page 16), with
-   FlashInferCascadeAttention (fa2) in CUDA-graph mode as the engine runs it, and a least-squares
+   FlashInferCascadeAttention in CUDA-graph mode as the engine runs it, and a least-squares
    fit of nanovllm/cascade/cost_model.py's coefficients.
 """
 import argparse
@@ -16,12 +16,14 @@ import flashinfer
 import numpy as np
 import torch
 
+from nanovllm.cascade.cost_model import shared_level_backend
 from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention
 from nanovllm.cascade.planner import plan_cascade
 
 HQ, HKV, D = 16, 8, 128
 DT = torch.bfloat16
 WS = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+SIDE, SIDE_WS = torch.cuda.Stream(), torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
 
 
 def timed(fn, reps=30):
@@ -163,7 +165,7 @@ def cascade_grid(quick):
         grid = grid[:4]
     unique = 256
     print(f"\n### Cascade vs regular decode, one layer, CUDA graphs, page {page}, {unique} unique tokens per request\n\n"
-          "| groups x requests | shared | regular ms | cascade ms | speed-up | model regular | model cascade |\n|---|---|---|---|---|---|---|")
+          "| groups x requests | shared | regular ms | cascade ms | speed-up | shared levels on |\n|---|---|---|---|---|---|")
     samples = []
     for groups, per, shared in grid:
         bs = groups * per
@@ -191,12 +193,16 @@ def cascade_grid(quick):
             paged_kv_indices_buffer=idx.cuda(), paged_kv_last_page_len_buffer=last.cuda())
         w.plan(ind, idx, last, HQ, HKV, D, page, q_data_type=DT, kv_data_type=DT)
         regular = graphed(lambda: w.run(q, (kc, vc)))
+        # As the engine's graphs run it: shared levels on the kernel the engine picks, without split-kv,
+        # the first one on a side stream beside the per-request level.
         casc = FlashInferCascadeAttention(WS, len(plan.levels), HQ, HKV, D, page, DT, bs, backend="fa2",
-                                          use_cuda_graph=True, max_pages=int(table.size) + bs, decode_last_level=True)
+                                          use_cuda_graph=True, max_pages=int(table.size) + bs, decode_last_level=True,
+                                          shared_backend=shared_level_backend(plan), shared_split_kv=False,
+                                          side_stream=SIDE, shared_workspace=SIDE_WS)
         casc.plan(plan)
         cascade = graphed(lambda: casc.run(q, (kc, vc)))
         samples.append((plan, regular, cascade))
-        print(f"| {groups} x {per} | {shared} | {regular:.3f} | {cascade:.3f} | {regular / cascade:.2f} | | |")
+        print(f"| {groups} x {per} | {shared} | {regular:.3f} | {cascade:.3f} | {regular / cascade:.2f} | {shared_level_backend(plan)} |")
     return samples, page
 
 
