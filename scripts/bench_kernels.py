@@ -294,7 +294,7 @@ def triton_shared(quick):
     """A cascade decode step's shared level on the Triton kernel (nanovllm/cascade/shared_kernel.py)
     against FlashInfer's fa2 prefill kernel without split-kv, each merged into an output (CUDA graphs):
     a sweep of tile sizes on W2's shape, then the best configurations on other shapes."""
-    from nanovllm.cascade.shared_kernel import shared_level_attention, shared_level_items
+    from nanovllm.cascade.shared_kernel import choose_splits, merge_partials, shared_level_attention, shared_level_items
     page = 16
 
     def setup(groups, rows, length):
@@ -307,13 +307,14 @@ def triton_shared(quick):
         lse = torch.randn(groups * rows, HQ, device="cuda", dtype=torch.float32)
         return ind, idx, last, kc, vc, qo, q, out, lse
 
-    def fa2(groups, rows, length):
+    def fa2(groups, rows, length, split=False):
         ind, idx, last, kc, vc, qo, q, out, lse = setup(groups, rows, length)
         lo, ll = torch.empty_like(out), torch.empty_like(lse)
         w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
             WS, "NHD", use_cuda_graph=True, qo_indptr_buf=qo.cuda(), paged_kv_indptr_buf=ind.cuda(),
             paged_kv_indices_buf=idx.cuda(), paged_kv_last_page_len_buf=last.cuda(), backend="fa2")
-        w.plan(qo, ind, idx, last, HQ, HKV, D, page, causal=False, disable_split_kv=True, q_data_type=DT, kv_data_type=DT)
+        w.plan(qo, ind, idx, last, HQ, HKV, D, page, causal=False, disable_split_kv=not split, q_data_type=DT,
+               kv_data_type=DT)
 
         def fn():
             w.run(q, (kc, vc), out=lo, lse=ll, return_lse=True)
@@ -321,33 +322,31 @@ def triton_shared(quick):
         fn()
         return graphed(fn), lo.clone(), ll.clone()
 
-    def tri(groups, rows, length, block_rows, block_tokens, warps, stages, splits, programs=None):
+    def tri(groups, rows, length, block_tokens, warps, stages, splits, programs=None):
         ind, idx, last, kc, vc, qo, q, out, lse = setup(groups, rows, length)
-        items = torch.from_numpy(shared_level_items(qo.numpy(), ind.numpy(), block_rows)).cuda()
-        count = torch.tensor([len(items)], dtype=torch.int32, device="cuda")
-        programs = programs or len(items)
-        po = torch.empty(splits, *out.shape, device="cuda", dtype=DT)
-        pl = torch.empty(splits, *lse.shape, device="cuda", dtype=torch.float32)
+        items = torch.from_numpy(shared_level_items(qo.numpy(), ind.numpy())).cuda()
+        meta = torch.tensor([len(items), splits], dtype=torch.int32, device="cuda")
+        programs = programs or len(items) * splits
+        po = torch.empty(splits * len(q), HQ, D, device="cuda", dtype=DT)
+        pl = torch.empty(splits * len(q), HQ, device="cuda", dtype=torch.float32)
         ind_d, idx_d = ind.cuda(), idx.cuda()
 
         def fn():
-            shared_level_attention(q, kc, vc, items, count, ind_d, idx_d, po, pl, D ** -0.5, programs, block_rows,
-                                   block_tokens, warps, stages)
-            for s in range(splits):
-                flashinfer.merge_state_in_place(out, lse, po[s], pl[s])
+            shared_level_attention(q, kc, vc, items, meta, ind_d, idx_d, po, pl, D ** -0.5, programs, block_tokens,
+                                   warps, stages)
+            merge_partials(out, lse, po, pl, meta)
         fn()
-        # the level's own result: merge the splits into an empty state
-        mo, ml = po[0].clone(), pl[0].clone()
-        for s in range(1, splits):
-            flashinfer.merge_state_in_place(mo, ml, po[s], pl[s])
+        # the level's own result: its partials merged into an empty state
+        mo, ml = torch.zeros_like(out), torch.full_like(lse, float("-inf"))
+        merge_partials(mo, ml, po, pl, meta)
         return graphed(fn), mo, ml
 
     w2 = (64, 16, 2048)
     gbytes = lambda g, r, l: g * l * HKV * D * 2 * 2 / 1e9
     base, ref_o, ref_l = fa2(*w2)
     print(f"\n### Shared level, Triton kernel sweep on 64 x 16 rows x 2048 (fa2 no split-kv: {base:.3f} ms, "
-          f"{gbytes(*w2) / base:.2f} TB/s)\n\n| rows/item | tokens/tile | warps | stages | splits | ms | TB/s | max diff vs fa2 |\n|---|---|---|---|---|---|---|---|")
-    configs = [(r, t, w, st, sp) for r in (16,) for t in (64, 128) for w in (4, 8) for st in (2, 3) for sp in (1, 2)]
+          f"{gbytes(*w2) / base:.2f} TB/s)\n\n| tokens/tile | warps | stages | splits | ms | TB/s | max diff vs fa2 |\n|---|---|---|---|---|---|---|")
+    configs = [(t, w, st, sp) for t in (64, 128) for w in (4, 8) for st in (2, 3) for sp in (1, 2)]
     results = []
     for cfg in configs:
         try:

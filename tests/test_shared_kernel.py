@@ -24,7 +24,7 @@ SCRIPT = r"""
 import math
 import numpy as np
 import torch
-from nanovllm.cascade.shared_kernel import shared_level_attention, shared_level_items
+from nanovllm.cascade.shared_kernel import merge_partials, shared_level_attention, shared_level_items
 device = "{device}"
 torch.manual_seed(0)
 rng = np.random.default_rng(0)
@@ -47,13 +47,19 @@ def reference(q, kc, vc, qo, kv, idx, scale):
         lse[qo[g]:qo[g + 1]] = torch.logsumexp(s, -1) / math.log(2)
     return out, lse
 
-for hq, hkv, d, page, rows_per_group, splits, block_rows, block_tokens in (
-        (4, 2, 32, 4, [3, 0, 20, 1, 5], 1, 8, 16), (16, 8, 128, 16, [16, 16, 2], 2, 16, 64),
-        (6, 2, 64, 8, [7, 1], 3, 4, 32)):
+def merge(o1, l1, o2, l2):
+    # two attention states (base-2 lse) in float64
+    m = torch.maximum(l1, l2).nan_to_num(neginf=0.0)
+    w1, w2 = torch.exp2(l1 - m), torch.exp2(l2 - m)
+    return (o1 * w1[..., None] + o2 * w2[..., None]) / (w1 + w2)[..., None], m + torch.log2(w1 + w2)
+
+for hq, hkv, d, page, rows_per_group, splits, programs in (
+        (4, 2, 32, 4, [3, 0, 20, 1, 5], 1, 2), (16, 8, 128, 16, [16, 16, 2], 2, 5), (6, 2, 64, 8, [7, 1], 3, 1)):
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         groups = len(rows_per_group)
-        pages_per_group = rng.integers(0, 9, groups)
-        pages_per_group[0] = 5
+        pages_per_group = rng.integers(0, 40, groups)
+        pages_per_group[0] = 37
+        pages_per_group[-1] = 0       # a group with no pages: its rows get lse -inf
         qo = np.concatenate([[0], np.cumsum(rows_per_group)])
         kv = np.concatenate([[0], np.cumsum(pages_per_group)])
         total_pages = int(kv[-1]) + 4
@@ -62,31 +68,28 @@ for hq, hkv, d, page, rows_per_group, splits, block_rows, block_tokens in (
         q = torch.randn(rows, hq, d, dtype=dtype, device=device)
         kc = torch.randn(total_pages, page, hkv, d, dtype=dtype, device=device)
         vc = torch.randn(total_pages, page, hkv, d, dtype=dtype, device=device)
-        items = shared_level_items(qo, kv, block_rows)
-        count = torch.tensor([len(items)], dtype=torch.int32, device=device)
+        items = shared_level_items(qo, kv)
+        meta = torch.tensor([len(items), splits], dtype=torch.int32, device=device)
         pad = np.full((3, 3), 7, np.int32)  # past the count (a CUDA graph's fixed buffer): never read
         items = torch.from_numpy(np.concatenate([items, pad])).to(device)
-        out = torch.full((splits, rows + 2, hq, d), float("nan"), dtype=dtype, device=device)
-        lse = torch.full((splits, rows + 2, hq), float("nan"), dtype=torch.float32, device=device)
+        part_out = torch.full((splits * rows + 2, hq, d), float("nan"), dtype=dtype, device=device)
+        part_lse = torch.full((splits * rows + 2, hq), float("nan"), dtype=torch.float32, device=device)
         scale = d ** -0.5
-        programs = int(rng.integers(1, 6))  # programs loop over the items
-        shared_level_attention(q, kc, vc, items, count, torch.from_numpy(kv.astype(np.int32)).to(device),
-                               torch.from_numpy(idx).to(device), out, lse, scale, programs, block_rows=block_rows,
-                               block_tokens=block_tokens)
-        o, l = out[:, :rows].double().cpu(), lse[:, :rows].double().cpu()
-        assert not torch.isnan(o).any() and not torch.isnan(l).any(), "every row written"
-        assert torch.isnan(out[:, rows:]).all(), "nothing written past the rows"
-        # merge the splits (base 2), as merge_state_in_place does
-        m = l.max(0).values
-        w = torch.where(torch.isinf(l), torch.zeros_like(l), torch.exp2(l - m.nan_to_num(neginf=0.0)))
-        merged = (w[..., None] * o).sum(0) / w.sum(0).clamp_min(1e-300)[..., None]
-        merged_lse = torch.where(w.sum(0) > 0, m + torch.log2(w.sum(0)), torch.full_like(m, float("-inf")))
+        shared_level_attention(q, kc, vc, items, meta, torch.from_numpy(kv.astype(np.int32)).to(device),
+                               torch.from_numpy(idx).to(device), part_out, part_lse, scale, programs,
+                               block_tokens=32)
+        assert not torch.isnan(part_out[:splits * rows]).any() and not torch.isnan(part_lse[:splits * rows]).any()
+        assert torch.isnan(part_out[splits * rows:]).all(), "nothing written past the partials"
         ref_out, ref_lse = reference(q.cpu(), kc.cpu(), vc.cpu(), qo, kv, idx, scale)
-        assert (merged - ref_out).abs().max() <= tol, (hq, dtype, (merged - ref_out).abs().max())
-        finite = torch.isfinite(ref_lse)
-        assert torch.equal(finite, torch.isfinite(merged_lse))
-        assert (merged_lse[finite] - ref_lse[finite]).abs().max() <= tol * 10, (hq, dtype)
-        assert (merged[~finite] == 0).all()
+        # Merged into a running state (as the per-request level's), against the same merge in float64.
+        out0 = torch.randn(rows, hq, d, dtype=dtype, device=device)
+        lse0 = torch.randn(rows, hq, dtype=torch.float32, device=device) * 3
+        want_out, want_lse = merge(out0.double().cpu(), lse0.double().cpu(), ref_out, ref_lse)
+        out, lse = out0.clone(), lse0.clone()
+        merge_partials(out, lse, part_out, part_lse, meta)
+        err = (out.double().cpu() - want_out).abs().max()
+        assert err <= tol, (hq, dtype, splits, err)
+        assert (lse.double().cpu() - want_lse).abs().max() <= tol * 10, (hq, dtype)
 print("ok")
 """
 

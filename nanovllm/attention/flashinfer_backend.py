@@ -36,21 +36,24 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.cascade_backend = cascade_backend
         self.cascade_levels = cascade_levels
         self.decode_tensor_cores = decode_tensor_cores
-        # Shared levels of graphed cascade decode: chosen per step (auto) or one kernel for all.
-        self.shared_backends = SHARED_BACKENDS if shared_backend == "auto" else (shared_backend,)
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=prefill_backend)
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                     use_tensor_cores=decode_tensor_cores)
-        # Cascade for eager decode steps (fa2, decode kernel for the per-request level) and for
-        # prefill steps (many query rows: the prefill backend), sharing their output buffers.
-        self.cascade = FlashInferCascadeAttention(
+        # Shared levels of cascade decode: chosen per step (auto) or one kernel for all.
+        self.shared_backends = SHARED_BACKENDS if shared_backend == "auto" else (shared_backend,)
+        # Cascade for eager decode steps (shared levels as in graphs, the decode kernel for the
+        # per-request level) and for prefill steps (many query rows: the prefill backend), sharing
+        # their output buffers.
+        out = torch.empty(max_rows, self.num_qo_heads, self.head_dim, dtype=self.dtype, device=self.device)
+        lse = torch.empty(max_rows, self.num_qo_heads, dtype=torch.float32, device=self.device)
+        outputs = (out, lse, torch.empty_like(out), torch.empty_like(lse))
+        self.cascade = {shared: FlashInferCascadeAttention(
             self.workspace, cascade_levels, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
             self.dtype, max_rows, backend=cascade_backend, sm_scale=self.sm_scale, decode_last_level=True,
-            shared_split_kv=False)
+            shared_backend=shared, shared_split_kv=False, outputs=outputs) for shared in self.shared_backends}
         self.cascade_prefill = FlashInferCascadeAttention(
             self.workspace, cascade_levels, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
-            self.dtype, max_rows, backend=prefill_backend, sm_scale=self.sm_scale,
-            outputs=(self.cascade.out, self.cascade.lse, self.cascade.level_out, self.cascade.level_lse))
+            self.dtype, max_rows, backend=prefill_backend, sm_scale=self.sm_scale, outputs=outputs)
         self.graph = {}  # batch size -> (decode wrapper, {(levels, shared backend): cascade attention})
         self.active = None
         self.slot_mapping = None
@@ -61,7 +64,8 @@ class FlashInferAttentionBackend(AttentionBackend):
     def plan(self, batch: StepBatch):
         self.slot_mapping = batch.slot_mapping
         if batch.cascade is not None:
-            self.active = self.cascade_prefill if batch.is_prefill else self.cascade
+            self.active = (self.cascade_prefill if batch.is_prefill
+                           else self.cascade[self.graph_key(batch.cascade)[2]])
             self.active.plan(batch.cascade)
             return
         t = pinned  # FlashInfer's plan copies these to the device

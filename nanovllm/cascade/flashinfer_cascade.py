@@ -48,8 +48,14 @@ class FlashInferCascadeAttention:
         self.side_stream = side_stream
         self.max_rows = max_rows
         dev = workspace.device
+        if outputs is None:
+            out = torch.empty(max_rows, num_qo_heads, head_dim, dtype=dtype, device=dev)
+            lse = torch.empty(max_rows, num_qo_heads, dtype=torch.float32, device=dev)
+            outputs = (out, lse, torch.empty_like(out), torch.empty_like(lse))
+        self.out, self.lse, self.level_out, self.level_lse = outputs
         # Shared levels (many query rows per group) may use another backend than the per-request level.
         backends = [shared_backend or backend] * (num_levels - 1) + [backend]
+        partials = (self.level_out, self.level_lse)  # the Triton levels' split partials
         assert backend != "triton", "the per-request level is causal: FlashInfer's"
         workspaces = [shared_workspace if shared_workspace is not None else workspace] * (num_levels - 1) + [workspace]
         if use_cuda_graph:
@@ -59,13 +65,13 @@ class FlashInferCascadeAttention:
                                         torch.zeros(max_pages + max_rows, **i32), torch.zeros(max_rows, **i32))
                                        for _ in range(num_levels)]
             self.wrappers = [
-                TritonSharedLevel(max_rows, dev, True, kv_indptr_buf=b[1], kv_indices_buf=b[2]) if be == "triton"
+                TritonSharedLevel(max_rows, partials, True, kv_indptr_buf=b[1], kv_indices_buf=b[2]) if be == "triton"
                 else flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                     ws, "NHD", use_cuda_graph=True, qo_indptr_buf=b[0], paged_kv_indptr_buf=b[1],
                     paged_kv_indices_buf=b[2], paged_kv_last_page_len_buf=b[3], backend=be)
                 for b, be, ws in zip(self.buffers, backends, workspaces)]
         else:
-            self.wrappers = [TritonSharedLevel(max_rows, dev) if be == "triton"
+            self.wrappers = [TritonSharedLevel(max_rows, partials) if be == "triton"
                              else flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=be)
                              for be, ws in zip(backends, workspaces)]
         # The per-request level of decode steps on the batch-decode kernel (see module doc).
@@ -78,11 +84,6 @@ class FlashInferCascadeAttention:
                                   paged_kv_last_page_len_buffer=last_len)
             self.decode_last = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 workspace, "NHD", use_cuda_graph=use_cuda_graph, use_tensor_cores=False, **graph_bufs)
-        if outputs is None:
-            out = torch.empty(max_rows, num_qo_heads, head_dim, dtype=dtype, device=dev)
-            lse = torch.empty(max_rows, num_qo_heads, dtype=torch.float32, device=dev)
-            outputs = (out, lse, torch.empty_like(out), torch.empty_like(lse))
-        self.out, self.lse, self.level_out, self.level_lse = outputs
         self.active: list = []
 
     def plan(self, plan: CascadePlan, num_rows: int | None = None):
@@ -120,23 +121,38 @@ class FlashInferCascadeAttention:
     def run(self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         n = q.shape[0]
         out, lse = self.out[:n], self.lse[:n]
-        level_out, level_lse = self.level_out[:n], self.level_lse[:n]
         shared = self.active[:-1]
         if self.side_stream is not None and shared:
             main = torch.cuda.current_stream()
             self.side_stream.wait_stream(main)
             with torch.cuda.stream(self.side_stream):
-                shared[0].run(q, kv_cache, out=level_out, lse=level_lse, return_lse=True)
+                self._run_shared(shared[0], q, kv_cache)
             self.active[-1].run(q, kv_cache, out=out, lse=lse, return_lse=True)
             main.wait_stream(self.side_stream)
-            flashinfer.merge_state_in_place(out, lse, level_out, level_lse)
+            self._merge_shared(shared[0], out, lse)
             shared = shared[1:]
         else:
             self.active[-1].run(q, kv_cache, out=out, lse=lse, return_lse=True)
         for wrapper in shared:
-            wrapper.run(q, kv_cache, out=level_out, lse=level_lse, return_lse=True)
-            flashinfer.merge_state_in_place(out, lse, level_out, level_lse)
+            self._run_shared(wrapper, q, kv_cache)
+            self._merge_shared(wrapper, out, lse)
         return out
+
+    def _run_shared(self, wrapper, q, kv_cache):
+        """A shared level's partial result: into level_out/level_lse (FlashInfer), or into the Triton
+        level's split partials (which live in the same buffers)."""
+        if isinstance(wrapper, TritonSharedLevel):
+            wrapper.run(q, kv_cache)
+        else:
+            n = q.shape[0]
+            wrapper.run(q, kv_cache, out=self.level_out[:n], lse=self.level_lse[:n], return_lse=True)
+
+    def _merge_shared(self, wrapper, out, lse):
+        if isinstance(wrapper, TritonSharedLevel):
+            wrapper.merge_into(out, lse)
+        else:
+            n = out.shape[0]
+            flashinfer.merge_state_in_place(out, lse, self.level_out[:n], self.level_lse[:n])
 
 
 def _i32(values) -> torch.Tensor:

@@ -3,21 +3,22 @@ system prompts x 16 requests), where FlashInfer's prefill kernel reads each grou
 TB/s (scripts/bench_kernels.py --only layout).
 
 Work is split into items, one per (group, block of up to 16 query rows), built on the host at plan
-time. An item, for one kv head and one split of the group's pages, loads the item's query rows for
-the q heads of that kv head (all GQA heads at once: they meet the same keys), streams the pages once
-with an online softmax, and writes a partial (out, base-2 lse) for those rows to out[split],
-lse[split]; the caller merges that into the running output with merge_state_in_place, like any
-other level. An item with no pages writes out 0 and lse -inf, which a merge ignores. Programs loop
-over items (item count read on the device), so a CUDA graph captures one fixed grid whatever the
-step's group count.
+time, and each item's pages into `splits` equal parts when there are too few items to fill the GPU
+(a few requests sharing a long document). A work unit (item, split), for one kv head, loads the
+item's query rows for the q heads of that kv head (all GQA heads at once: they meet the same keys),
+streams the split's pages once with an online softmax, and writes a partial (out, base-2 lse) for
+those rows to partial row `split * rows + row`. A unit with no pages writes out 0 and lse -inf.
+A second kernel merges a row's partials into the running output and lse (the per-request level's),
+like merge_state_in_place. Programs loop over the units, whose count is read on the device, so a
+CUDA graph captures one fixed grid whatever the step's groups.
 
 Measured on the H200 (scripts/bench_kernels.py --only triton-shared, one layer, CUDA graphs), 64
 groups x 16 rows x 2048 tokens: 0.146 ms (3.67 TB/s) against 0.215 ms for FlashInfer fa2 without
-split-kv; 16 rows and 128 tokens a tile, 4 warps, 2 stages, no split were fastest.
+split-kv; 16 rows and 128 tokens a tile, 4 warps, 2 stages were fastest.
 
 Not bit-identical to FlashInfer (other tiling and summation order): held to bf16 tolerance against
 float64 attention (tests/test_shared_kernel.py, CPU under TRITON_INTERPRET=1 and GPU) and against
-FlashInferCascadeAttention's fa2 mode in tests/test_gpu.py.
+regular paged attention in tests/test_gpu.py.
 """
 import os
 
@@ -28,35 +29,39 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # CPU tests
+BLOCK_ROWS = 16
+MAX_SPLITS = 32
+MIN_SPLIT_TOKENS = 512      # a split reads at least this many tokens
+TARGET_UNITS = 2 * 132      # work units x kv heads wanted: two per SM of an H200
 
 
 @triton.jit
-def _shared_level_kernel(q_ptr, k_ptr, v_ptr, items_ptr, count_ptr, kv_indptr_ptr, kv_indices_ptr, out_ptr,
-                         lse_ptr, sm_scale_log2, page_stride, token_stride, split_rows,
+def _shared_level_kernel(q_ptr, k_ptr, v_ptr, items_ptr, meta_ptr, kv_indptr_ptr, kv_indices_ptr, out_ptr,
+                         lse_ptr, sm_scale_log2, page_stride, token_stride, num_rows,
                          HQ: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                         BLOCK_R: tl.constexpr, M: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr,
-                         DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+                         M: tl.constexpr, BLOCK_T: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     h = tl.program_id(1)
-    split = tl.program_id(2)
     offs_m = tl.arange(0, M)             # query rows of an item: (request, GQA head) pairs
     offs_d = tl.arange(0, D)
     offs_t = tl.arange(0, BLOCK_T)
     r = offs_m // GQA
     head = h * GQA + offs_m % GQA
-    count = tl.load(count_ptr)
-    for item in range(tl.program_id(0), count, tl.num_programs(0)):
+    splits = tl.load(meta_ptr + 1)
+    units = tl.load(meta_ptr) * splits
+    for unit in range(tl.program_id(0), units, tl.num_programs(0)):
+        item = unit // splits
+        split = unit % splits
         row0 = tl.load(items_ptr + item * 3)
         nrows = tl.load(items_ptr + item * 3 + 1)
         group = tl.load(items_ptr + item * 3 + 2)
         kv0 = tl.load(kv_indptr_ptr + group)
         tokens = (tl.load(kv_indptr_ptr + group + 1) - kv0) * PAGE  # shared levels hold whole pages only
-        chunk = tl.cdiv(tl.cdiv(tokens, SPLITS), BLOCK_T) * BLOCK_T
+        chunk = tl.cdiv(tl.cdiv(tokens, splits), BLOCK_T) * BLOCK_T
         t0 = split * chunk
         t1 = tl.minimum(t0 + chunk, tokens)
-        row_ok = r < nrows               # items hold at most BLOCK_R rows, so r < BLOCK_R too
+        row_ok = r < nrows               # items hold at most BLOCK_ROWS rows, so r < BLOCK_ROWS too
         row = (row0 + r).to(tl.int64)
-        qo_off = (row * HQ + head)[:, None] * D + offs_d[None, :]
-        q = tl.load(q_ptr + qo_off, mask=row_ok[:, None], other=0.0)
+        q = tl.load(q_ptr + (row * HQ + head)[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         if DOT_F32:  # exact: bf16 values in float32 (Triton's interpreter multiplies bf16 dots wrongly)
             q = q.to(tl.float32)
         m_i = tl.full([M], float("-inf"), tl.float32)
@@ -85,12 +90,36 @@ def _shared_level_kernel(q_ptr, k_ptr, v_ptr, items_ptr, count_ptr, kv_indptr_pt
         has = l_i > 0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        split_off = split.to(tl.int64) * split_rows
-        tl.store(out_ptr + split_off * HQ * D + qo_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-        tl.store(lse_ptr + split_off * HQ + row * HQ + head, lse, mask=row_ok)
+        part = (split * num_rows + row) * HQ + head
+        tl.store(out_ptr + part[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(lse_ptr + part, lse, mask=row_ok)
 
 
-BLOCK_ROWS = 16
+@triton.jit
+def _merge_partials_kernel(out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, meta_ptr, num_rows,
+                           HQ: tl.constexpr, HQ_P2: tl.constexpr, D: tl.constexpr):
+    """Merge a row's partials (every split) into its running (out, lse), in float32, in place."""
+    row = tl.program_id(0).to(tl.int64)
+    heads = tl.arange(0, HQ_P2)
+    offs_d = tl.arange(0, D)
+    hmask = heads < HQ
+    off = (row * HQ + heads)[:, None] * D + offs_d[None, :]
+    o = tl.load(out_ptr + off, mask=hmask[:, None], other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + row * HQ + heads, mask=hmask, other=float("-inf"))
+    splits = tl.load(meta_ptr + 1)
+    for s in range(0, splits):
+        part = (s * num_rows + row) * HQ + heads
+        p_lse = tl.load(part_lse_ptr + part, mask=hmask, other=float("-inf"))
+        p_o = tl.load(part_out_ptr + part[:, None] * D + offs_d[None, :], mask=hmask[:, None], other=0.0).to(tl.float32)
+        m = tl.maximum(lse, p_lse)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        w_a = tl.exp2(lse - m_safe)
+        w_b = tl.exp2(p_lse - m_safe)
+        total = w_a + w_b
+        o = (o * w_a[:, None] + p_o * w_b[:, None]) / tl.where(total > 0, total, 1.0)[:, None]
+        lse = tl.where(total > 0, m_safe + tl.log2(tl.where(total > 0, total, 1.0)), float("-inf"))
+    tl.store(out_ptr + off, o.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+    tl.store(lse_ptr + row * HQ + heads, lse, mask=hmask)
 
 
 def shared_level_items(qo_indptr: np.ndarray, kv_indptr: np.ndarray, block_rows: int = BLOCK_ROWS) -> np.ndarray:
@@ -107,6 +136,13 @@ def shared_level_items(qo_indptr: np.ndarray, kv_indptr: np.ndarray, block_rows:
     return np.stack([start, count, group], axis=1).astype(np.int32)
 
 
+def choose_splits(num_items: int, num_kv_heads: int, max_tokens: int, num_rows: int, partial_rows: int) -> int:
+    """Splits per item: enough work units to fill the GPU, each reading >= MIN_SPLIT_TOKENS tokens,
+    and every split's partials fitting the partial buffer (partial_rows rows)."""
+    want = -(-TARGET_UNITS // max(num_items * num_kv_heads, 1))
+    return max(1, min(want, MAX_SPLITS, max_tokens // MIN_SPLIT_TOKENS, partial_rows // max(num_rows, 1)))
+
+
 def max_items(max_rows: int, block_rows: int = BLOCK_ROWS) -> int:
     """Most items a level of max_rows rows can have: one per full block, plus a partial block for
     each group (at most max_rows groups)."""
@@ -114,76 +150,92 @@ def max_items(max_rows: int, block_rows: int = BLOCK_ROWS) -> int:
 
 
 def shared_level_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, items: torch.Tensor,
-                           count: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
-                           out: torch.Tensor, lse: torch.Tensor, sm_scale: float, programs: int,
-                           block_rows: int = BLOCK_ROWS, block_tokens: int = 128, num_warps: int = 4,
-                           num_stages: int = 2):
+                           meta: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+                           part_out: torch.Tensor, part_lse: torch.Tensor, sm_scale: float, programs: int,
+                           block_tokens: int = 128, num_warps: int = 4, num_stages: int = 2):
     """q [rows, hq, d]; caches [pages, page_size, hkv, d] (NHD); items from shared_level_items on q's
-    device, the first `count` (int32 [1] on the device) of them used; out [splits, >= rows, hq, d]
-    and lse [splits, >= rows, hq] float32 receive each split's partial attention (base-2 lse, as
-    FlashInfer's). `programs` programs per kv head and split loop over the items."""
+    device; meta int32 [2] on the device: (items used, splits). part_out [>= splits * rows, hq, d]
+    and part_lse [>= splits * rows, hq] float32 receive each split's partial attention at row
+    split * rows + row (base-2 lse, as FlashInfer's). `programs` programs per kv head loop over the
+    (item, split) units."""
     hq, d = q.shape[1], q.shape[2]
     page, hkv = k_cache.shape[1], k_cache.shape[2]
     assert hq % hkv == 0 and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
-    assert q.is_contiguous() and out.is_contiguous() and lse.is_contiguous()
-    assert block_rows * (hq // hkv) <= 128, "query rows x GQA heads of an item must fit one tile"
+    assert q.is_contiguous() and part_out.is_contiguous() and part_lse.is_contiguous()
+    assert BLOCK_ROWS * (hq // hkv) <= 128, "query rows x GQA heads of an item must fit one tile"
     if programs == 0:
         return
     gqa = hq // hkv
     exact = INTERPRETED or q.dtype == torch.float32
-    _shared_level_kernel[(programs, hkv, out.shape[0])](
-        q, k_cache, v_cache, items, count, kv_indptr, kv_indices, out, lse, sm_scale * LOG2E,
-        k_cache.stride(0), k_cache.stride(1), out.shape[1],
-        HQ=hq, GQA=gqa, D=d, PAGE=page, BLOCK_R=block_rows, M=max(16, triton.next_power_of_2(block_rows * gqa)),
-        BLOCK_T=block_tokens, SPLITS=out.shape[0], DOT_F32=INTERPRETED, PRECISION="ieee" if exact else "tf32",
-        num_warps=num_warps, num_stages=num_stages)
+    _shared_level_kernel[(programs, hkv)](
+        q, k_cache, v_cache, items, meta, kv_indptr, kv_indices, part_out, part_lse, sm_scale * LOG2E,
+        k_cache.stride(0), k_cache.stride(1), q.shape[0],
+        HQ=hq, GQA=gqa, D=d, PAGE=page, M=max(16, triton.next_power_of_2(BLOCK_ROWS * gqa)), BLOCK_T=block_tokens,
+        DOT_F32=INTERPRETED, PRECISION="ieee" if exact else "tf32", num_warps=num_warps, num_stages=num_stages)
+
+
+def merge_partials(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor,
+                   meta: torch.Tensor):
+    """Merge the partials of every split (meta[1] of them) into out [rows, hq, d] and lse [rows, hq]."""
+    rows, hq, d = out.shape
+    assert out.is_contiguous() and lse.is_contiguous()
+    _merge_partials_kernel[(rows,)](out, lse, part_out, part_lse, meta, rows, HQ=hq,
+                                    HQ_P2=triton.next_power_of_2(hq), D=d, num_warps=4)
 
 
 class TritonSharedLevel:
-    """A shared (non-causal, whole-page) cascade level on the Triton kernel, called like FlashInfer's
-    paged prefill wrapper: plan() once per step on the host, run(q, kv_cache, out=, lse=) per layer.
-    In CUDA-graph mode the items, their count and the level's page arrays live in fixed device
-    buffers and the grid is fixed (`programs` per kv head); plan() fills them."""
+    """A shared (non-causal, whole-page) cascade level on the Triton kernel. plan() runs once per
+    step on the host (FlashInfer's wrapper signature); per layer, run(q, kv_cache) writes the
+    partials and merge_into(out, lse) folds them into the running output. The partials live in
+    caller-given buffers (FlashInferCascadeAttention's level_out/level_lse, shared by all captured
+    sizes). In CUDA-graph mode the items, (count, splits) and the level's page arrays live in fixed
+    device buffers and the grid is fixed (`programs` per kv head); plan() fills them."""
 
-    def __init__(self, max_rows: int, device, use_cuda_graph: bool = False, kv_indptr_buf=None,
-                 kv_indices_buf=None, programs: int = 256):
-        self.device = torch.device(device)
+    def __init__(self, max_rows: int, partials: tuple[torch.Tensor, torch.Tensor], use_cuda_graph: bool = False,
+                 kv_indptr_buf=None, kv_indices_buf=None, programs: int = 256):
+        self.part_out, self.part_lse = partials
+        self.device = self.part_out.device
         self.use_cuda_graph = use_cuda_graph
         self.max_items = max_items(max_rows)
         self.programs = programs
-        self.count = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self.meta = torch.zeros(2, dtype=torch.int32, device=self.device)
         if use_cuda_graph:
             self.items = torch.zeros(self.max_items, 3, dtype=torch.int32, device=self.device)
             self.kv_indptr, self.kv_indices = kv_indptr_buf, kv_indices_buf
         self.sm_scale = None
+        self.splits = 1
 
     def plan(self, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
              page_size, causal=False, sm_scale=None, **_):
         from nanovllm.utils.transfer import to_device
         assert not causal, "a shared level is not causal"
-        pages = np.diff(kv_indptr.numpy())
+        qo, kv = qo_indptr.numpy(), kv_indptr.numpy()
+        pages = np.diff(kv)
         if (kv_last_page_len.numpy()[pages > 0] != page_size).any():
             raise ValueError("shared levels hold whole pages only")
         self.sm_scale = sm_scale if sm_scale is not None else head_dim ** -0.5
-        items = shared_level_items(qo_indptr.numpy(), kv_indptr.numpy())
+        items = shared_level_items(qo, kv)
         n = len(items)
-        count = np.array([n], np.int32)
+        self.splits = choose_splits(n, num_kv_heads, int(pages.max(initial=0)) * page_size, int(qo[-1]),
+                                    self.part_out.shape[0])
+        meta = np.array([n, self.splits], np.int32)
         if self.use_cuda_graph:
             assert n <= self.max_items and kv_indptr.numel() <= self.kv_indptr.numel()
-            for buf, x in ((self.items, items), (self.count, count), (self.kv_indptr, kv_indptr),
+            for buf, x in ((self.items, items), (self.meta, meta), (self.kv_indptr, kv_indptr),
                            (self.kv_indices, kv_indices)):
                 if len(x):
                     buf[:len(x)].copy_(x if isinstance(x, torch.Tensor) and x.device == self.device
                                        else to_device(x, self.device), non_blocking=True)
             self.grid = self.programs
         else:
-            self.items, self.count = to_device(items, self.device), to_device(count, self.device)
+            self.items, self.meta = to_device(items, self.device), to_device(meta, self.device)
             self.kv_indptr, self.kv_indices = to_device(kv_indptr, self.device), to_device(kv_indices, self.device)
-            self.grid = min(n, self.programs)
+            self.grid = min(n * self.splits, self.programs)
 
-    def run(self, q, kv_cache, out=None, lse=None, return_lse=True):
+    def run(self, q, kv_cache):
         k_cache, v_cache = kv_cache
-        n = q.shape[0]
-        shared_level_attention(q, k_cache, v_cache, self.items, self.count, self.kv_indptr, self.kv_indices,
-                               out[:n][None], lse[:n][None], self.sm_scale, self.grid)
-        return out, lse
+        shared_level_attention(q, k_cache, v_cache, self.items, self.meta, self.kv_indptr, self.kv_indices,
+                               self.part_out, self.part_lse, self.sm_scale, self.grid)
+
+    def merge_into(self, out, lse):
+        merge_partials(out, lse, self.part_out, self.part_lse, self.meta)
