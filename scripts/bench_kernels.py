@@ -357,17 +357,17 @@ def triton_shared(quick):
         diff = (o.float() - ref_o.float()).abs().max().item()
         results.append((ms, cfg))
         print(f"| {' | '.join(map(str, cfg))} | {ms:.3f} | {gbytes(*w2) / ms:.2f} | {diff:.3g} |")
-    best = [cfg for _, cfg in sorted(results)[:2]]
-    print("\n| groups x rows x shared | fa2 no split ms | " + " | ".join(f"triton {c}" for c in best) + " |\n|" + "---|" * (len(best) + 2))
-    best += [best[0] + (p,) for p in (64, 128, 256)]  # a fixed grid of p programs looping over the items (CUDA graphs)
-    for shape in [(64, 16, 2048), (128, 8, 2048), (256, 4, 1024), (16, 64, 2048), (8, 32, 512), (32, 16, 2048), (4, 64, 4096), (1024, 1, 512)]:
+    best = sorted(results)[0][1][:3]
+    # As the engine runs it: splits from choose_splits, a fixed grid of 256 programs per kv head.
+    print(f"\n| groups x rows x shared | fa2 no split ms | fa2 split-kv ms | triton {best}, engine's splits, 256 programs | splits |\n|---|---|---|---|---|")
+    for shape in [(64, 16, 2048), (128, 8, 2048), (256, 4, 1024), (16, 64, 2048), (8, 32, 512), (32, 16, 2048),
+                  (4, 64, 4096), (1024, 1, 512), (1, 16, 16384), (2, 8, 8192), (4, 4, 4096)]:
         f, fo, _ = fa2(*shape)
-        cells = []
-        for cfg in best:
-            ms, o, _ = tri(*shape, *cfg)
-            cells.append(f"{ms:.3f} ({(o.float() - fo.float()).abs().max().item():.2g})")
-        print(f"| {' x '.join(map(str, shape))} | {f:.3f} | " + " | ".join(cells) + " |")
-
+        fs, _, _ = fa2(*shape, split=True)
+        groups, rows, length = shape
+        sp = choose_splits(-(-rows // 16) * groups, HKV, length, groups * rows, 1 << 20)
+        ms, o, _ = tri(*shape, *best, sp, 256)
+        print(f"| {' x '.join(map(str, shape))} | {f:.3f} | {fs:.3f} | {ms:.3f} ({(o.float() - fo.float()).abs().max().item():.2g}) | {sp} |")
 
 def fit(samples, page):
     from nanovllm.cascade.cost_model import shared_qk_pages

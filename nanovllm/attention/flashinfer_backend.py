@@ -14,7 +14,7 @@ import torch
 from nanovllm.attention.backend import AttentionBackend, StepBatch
 from nanovllm.attention.triton_kv import store_kv_triton
 from nanovllm.cascade.cost_model import SHARED_BACKENDS, shared_level_backend
-from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention
+from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention, cascade_outputs
 from nanovllm.utils.transfer import pinned, to_device
 
 WORKSPACE_BYTES = 256 << 20
@@ -44,9 +44,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         # Cascade for eager decode steps (shared levels as in graphs, the decode kernel for the
         # per-request level) and for prefill steps (many query rows: the prefill backend), sharing
         # their output buffers.
-        out = torch.empty(max_rows, self.num_qo_heads, self.head_dim, dtype=self.dtype, device=self.device)
-        lse = torch.empty(max_rows, self.num_qo_heads, dtype=torch.float32, device=self.device)
-        outputs = (out, lse, torch.empty_like(out), torch.empty_like(lse))
+        outputs = cascade_outputs(max_rows, self.num_qo_heads, self.head_dim, self.dtype, self.device)
         self.cascade = {shared: FlashInferCascadeAttention(
             self.workspace, cascade_levels, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
             self.dtype, max_rows, backend=cascade_backend, sm_scale=self.sm_scale, decode_last_level=True,
@@ -102,9 +100,8 @@ class FlashInferAttentionBackend(AttentionBackend):
             self.graph_cascade_bufs = [(torch.zeros(max_bs + 1, **i32), torch.zeros(max_bs + 1, **i32),
                                         torch.zeros(max_indices + max_bs, **i32), torch.zeros(max_bs, **i32))
                                        for _ in range(self.cascade_levels)]
-            out = torch.empty(max_bs, self.num_qo_heads, self.head_dim, dtype=self.dtype, device=self.device)
-            lse = torch.empty(max_bs, self.num_qo_heads, dtype=torch.float32, device=self.device)
-            self.graph_cascade_outputs = (out, lse, torch.empty_like(out), torch.empty_like(lse))
+            self.graph_cascade_outputs = cascade_outputs(max_bs, self.num_qo_heads, self.head_dim, self.dtype,
+                                                         self.device)
 
     def graph_wrappers(self, bs: int):
         """Wrappers for one captured batch size, over views of the shared buffers."""

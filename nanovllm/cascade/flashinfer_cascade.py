@@ -22,7 +22,7 @@ import flashinfer
 import torch
 
 from nanovllm.cascade.planner import CascadePlan
-from nanovllm.cascade.shared_kernel import TritonSharedLevel
+from nanovllm.cascade.shared_kernel import TritonSharedLevel, partial_rows
 from nanovllm.utils.transfer import pinned, to_device
 
 
@@ -49,9 +49,7 @@ class FlashInferCascadeAttention:
         self.max_rows = max_rows
         dev = workspace.device
         if outputs is None:
-            out = torch.empty(max_rows, num_qo_heads, head_dim, dtype=dtype, device=dev)
-            lse = torch.empty(max_rows, num_qo_heads, dtype=torch.float32, device=dev)
-            outputs = (out, lse, torch.empty_like(out), torch.empty_like(lse))
+            outputs = cascade_outputs(max_rows, num_qo_heads, head_dim, dtype, dev)
         self.out, self.lse, self.level_out, self.level_lse = outputs
         # Shared levels (many query rows per group) may use another backend than the per-request level.
         backends = [shared_backend or backend] * (num_levels - 1) + [backend]
@@ -153,6 +151,16 @@ class FlashInferCascadeAttention:
         else:
             n = out.shape[0]
             flashinfer.merge_state_in_place(out, lse, self.level_out[:n], self.level_lse[:n])
+
+
+def cascade_outputs(max_rows: int, num_qo_heads: int, head_dim: int, dtype: torch.dtype, device) -> tuple:
+    """(out, lse, level_out, level_lse) for up to max_rows query rows; the level buffers have extra
+    rows for the Triton levels' split partials (shared_kernel.partial_rows)."""
+    out = torch.empty(max_rows, num_qo_heads, head_dim, dtype=dtype, device=device)
+    lse = torch.empty(max_rows, num_qo_heads, dtype=torch.float32, device=device)
+    rows = partial_rows(max_rows)
+    return (out, lse, torch.empty(rows, num_qo_heads, head_dim, dtype=dtype, device=device),
+            torch.empty(rows, num_qo_heads, dtype=torch.float32, device=device))
 
 
 def _i32(values) -> torch.Tensor:

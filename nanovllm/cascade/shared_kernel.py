@@ -143,6 +143,13 @@ def choose_splits(num_items: int, num_kv_heads: int, max_tokens: int, num_rows: 
     return max(1, min(want, MAX_SPLITS, max_tokens // MIN_SPLIT_TOKENS, partial_rows // max(num_rows, 1)))
 
 
+def partial_rows(max_rows: int) -> int:
+    """Rows of a partial buffer for levels of up to max_rows rows: splits are only chosen when few
+    items (< TARGET_UNITS / kv heads) fill the GPU, so split x rows stays within max_rows + 1024
+    for 8 kv heads (choose_splits caps splits to the buffer in any case)."""
+    return max_rows + 1024
+
+
 def max_items(max_rows: int, block_rows: int = BLOCK_ROWS) -> int:
     """Most items a level of max_rows rows can have: one per full block, plus a partial block for
     each group (at most max_rows groups)."""
