@@ -22,13 +22,14 @@ def shared_qk_pages(plan) -> int:
 @dataclass(frozen=True)
 class CascadeCostModel:
     # Fitted by scripts/bench_kernels.py --only cascade on the H200 (Qwen3-0.6B heads, page 16, CUDA
-    # graphs, shared levels fa2, per-request level on the decode kernel); table in claude_docs/cascade.md.
-    # Regular decode's per-token cost is low because shared pages hit L2 across requests.
-    regular_fixed_ms: float = 0.0797
-    regular_per_token_ms: float = 4.24e-7
-    cascade_fixed_ms: float = 0.0139        # per level (a launch, a plan, a merge)
-    cascade_per_token_ms: float = 8.53e-7
-    cascade_per_qk_ms: float = 5.30e-8      # per (query row x shared KV token)
+    # graphs, cascade as the engine runs it: shared levels on the Triton kernel or fa3, the per-request
+    # level on the decode kernel); table in claude_docs/cascade.md. Regular decode's per-token cost is
+    # low because shared pages hit L2 across requests.
+    regular_fixed_ms: float = 0.0781
+    regular_per_token_ms: float = 4.25e-7
+    cascade_fixed_ms: float = 0.0143        # per level (a launch, a plan, a merge)
+    cascade_per_token_ms: float = 8.92e-7
+    cascade_per_qk_ms: float = 1.30e-8      # per (query row x shared KV token)
     margin: float = 0.9                     # cascade must be predicted >= 10% faster
 
     def regular_ms(self, plan, page_size: int) -> float:
