@@ -62,8 +62,7 @@ class FlashInferAttentionBackend(AttentionBackend):
     def plan(self, batch: StepBatch):
         self.slot_mapping = batch.slot_mapping
         if batch.cascade is not None:
-            self.active = (self.cascade_prefill if batch.is_prefill
-                           else self.cascade[self.graph_key(batch.cascade)[2]])
+            self.active = self.cascade_prefill if batch.is_prefill else self.cascade[self.shared_kernel(batch.cascade)]
             self.active.plan(batch.cascade)
             return
         t = pinned  # FlashInfer's plan copies these to the device
@@ -128,11 +127,12 @@ class FlashInferAttentionBackend(AttentionBackend):
     def graph_key(self, plan) -> tuple:
         """Which captured graph runs a decode step: regular, or cascade by its level count and
         shared-level backend."""
-        if plan is None:
-            return ("regular",)
-        if len(self.shared_backends) == 1:
-            return ("cascade", len(plan.levels), self.shared_backends[0])
-        return graph_cascade_key(plan)
+        return ("regular",) if plan is None else ("cascade", len(plan.levels), self.shared_kernel(plan))
+
+    def shared_kernel(self, plan) -> str:
+        """The kernel of a cascade decode step's shared levels: the configured one, or the cost
+        model's choice for the plan's group sizes."""
+        return self.shared_backends[0] if len(self.shared_backends) == 1 else shared_level_backend(plan)
 
     def plan_graph(self, batch: StepBatch, bs: int, slot_mapping: torch.Tensor):
         """Plan a decode batch of n <= bs requests on the wrappers captured for bs. Padded requests
@@ -155,7 +155,3 @@ class FlashInferAttentionBackend(AttentionBackend):
                     self.num_kv_heads, self.head_dim, self.page_size, **self._common())
         self.active = decode
 
-
-def graph_cascade_key(plan) -> tuple:
-    """(kind, level count, shared-level backend) of a cascade decode step's CUDA graph."""
-    return ("cascade", len(plan.levels), shared_level_backend(plan))

@@ -32,7 +32,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # CPU tests
 BLOCK_ROWS = 16
 MAX_SPLITS = 32
 MIN_SPLIT_TOKENS = 512      # a split reads at least this many tokens
-TARGET_UNITS = 2 * 132      # work units x kv heads wanted: two per SM of an H200
+UNITS_PER_SM = 2            # work units x kv heads wanted per SM before pages are split
 
 
 @triton.jit
@@ -136,17 +136,18 @@ def shared_level_items(qo_indptr: np.ndarray, kv_indptr: np.ndarray, block_rows:
     return np.stack([start, count, group], axis=1).astype(np.int32)
 
 
-def choose_splits(num_items: int, num_kv_heads: int, max_tokens: int, num_rows: int, partial_rows: int) -> int:
-    """Splits per item: enough work units to fill the GPU, each reading >= MIN_SPLIT_TOKENS tokens,
-    and every split's partials fitting the partial buffer (partial_rows rows)."""
-    want = -(-TARGET_UNITS // max(num_items * num_kv_heads, 1))
+def choose_splits(num_items: int, num_kv_heads: int, max_tokens: int, num_rows: int, partial_rows: int,
+                  num_sms: int = 132) -> int:
+    """Splits per item: enough work units to fill the GPU (UNITS_PER_SM per SM), each reading >=
+    MIN_SPLIT_TOKENS tokens, and every split's partials fitting the partial buffer (partial_rows rows)."""
+    want = -(-UNITS_PER_SM * num_sms // max(num_items * num_kv_heads, 1))
     return max(1, min(want, MAX_SPLITS, max_tokens // MIN_SPLIT_TOKENS, partial_rows // max(num_rows, 1)))
 
 
 def partial_rows(max_rows: int) -> int:
     """Rows of a partial buffer for levels of up to max_rows rows: splits are only chosen when few
-    items (< TARGET_UNITS / kv heads) fill the GPU, so split x rows stays within max_rows + 1024
-    for 8 kv heads (choose_splits caps splits to the buffer in any case)."""
+    items (< 2 x SMs / kv heads) fill the GPU, so splits x rows stays within max_rows + 1024 for 8 kv
+    heads on an H200 (choose_splits caps splits to the buffer in any case)."""
     return max_rows + 1024
 
 
@@ -211,6 +212,8 @@ class TritonSharedLevel:
             self.kv_indptr, self.kv_indices = kv_indptr_buf, kv_indices_buf
         self.sm_scale = None
         self.splits = 1
+        self.num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                        if self.device.type == "cuda" else 132)
 
     def plan(self, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
              page_size, causal=False, sm_scale=None, **_):
@@ -224,7 +227,7 @@ class TritonSharedLevel:
         items = shared_level_items(qo, kv)
         n = len(items)
         self.splits = choose_splits(n, num_kv_heads, int(pages.max(initial=0)) * page_size, int(qo[-1]),
-                                    self.part_out.shape[0])
+                                    self.part_out.shape[0], self.num_sms)
         meta = np.array([n, self.splits], np.int32)
         if self.use_cuda_graph:
             assert n <= self.max_items and kv_indptr.numel() <= self.kv_indptr.numel()
