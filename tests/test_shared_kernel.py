@@ -90,6 +90,35 @@ for hq, hkv, d, page, rows_per_group, splits, programs in (
         err = (out.double().cpu() - want_out).abs().max()
         assert err <= tol, (hq, dtype, splits, err)
         assert (lse.double().cpu() - want_lse).abs().max() <= tol * 10, (hq, dtype)
+
+# TritonSharedLevel as FlashInferCascadeAttention drives it: plan() on host arrays (it picks the splits:
+# two here, for 1,280 shared tokens and few items), run(), merge_into() the running state.
+from nanovllm.cascade.shared_kernel import TritonSharedLevel
+hq, hkv, d, page = 4, 2, 32, 16
+qo = np.array([0, 3, 5, 9])
+kv = np.array([0, 80, 80, 84])                  # 80 pages, none, 4 pages
+idx = rng.permutation(100)[:84].astype(np.int32)
+last = np.where(np.diff(kv) > 0, page, 0).astype(np.int32)
+q = torch.randn(9, hq, d, device=device)
+kc, vc = (torch.randn(100, page, hkv, d, device=device) for _ in range(2))
+buffers = (torch.empty(40, hq, d, device=device), torch.empty(40, hq, device=device))
+level = TritonSharedLevel(9, buffers)
+level.plan(*(torch.from_numpy(a.astype(np.int32)) for a in (qo, kv, idx, last)), hq, hkv, d, page)
+assert level.splits == 2
+out0 = torch.randn(9, hq, d, device=device)
+lse0 = torch.randn(9, hq, device=device)
+out, lse = out0.clone(), lse0.clone()
+level.run(q, (kc, vc))
+level.merge_into(out, lse)
+ref_out, ref_lse = reference(q.cpu(), kc.cpu(), vc.cpu(), qo, kv, idx, d ** -0.5)
+want_out, want_lse = merge(out0.double().cpu(), lse0.double().cpu(), ref_out, ref_lse)
+assert (out.double().cpu() - want_out).abs().max() <= 1e-5
+assert (lse.double().cpu() - want_lse).abs().max() <= 1e-4
+try:
+    level.plan(*(torch.from_numpy(a.astype(np.int32)) for a in (qo, kv, idx, last - 1)), hq, hkv, d, page)
+    raise AssertionError("a partial page in a shared level must be refused")
+except ValueError:
+    pass
 print("ok")
 """
 
