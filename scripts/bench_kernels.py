@@ -385,25 +385,19 @@ def fit(samples, page):
     print(json.dumps(dict(regular=reg_coef.tolist(), cascade=cas_coef.tolist())))
 
 
+SECTIONS = {"prefill": prefill_backends, "decode": decode_options, "decode-kernels": decode_kernels,
+            "levels": cascade_backends, "triton-shared": triton_shared, "layout": kv_layouts,
+            "cascade": lambda quick: fit(*cascade_grid(quick))}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--only", choices=["prefill", "decode", "decode-kernels", "cascade", "levels", "layout", "triton-shared"])
+    p.add_argument("--only", choices=list(SECTIONS))
     args = p.parse_args()
-    if args.only in (None, "prefill"):
-        prefill_backends(args.quick)
-    if args.only in (None, "decode"):
-        decode_options(args.quick)
-    if args.only in (None, "decode-kernels"):
-        decode_kernels(args.quick)
-    if args.only in (None, "levels"):
-        cascade_backends(args.quick)
-    if args.only in (None, "triton-shared"):
-        triton_shared(args.quick)
-    if args.only in (None, "layout"):
-        kv_layouts(args.quick)
-    if args.only in (None, "cascade"):
-        fit(*cascade_grid(args.quick))
+    for name, section in SECTIONS.items():
+        if args.only in (None, name):
+            section(args.quick)
 
 
 if __name__ == "__main__":

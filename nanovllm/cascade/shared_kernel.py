@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.utils.transfer import to_device
+
 LOG2E = 1.4426950408889634
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # CPU tests
 BLOCK_ROWS = 16
@@ -206,8 +208,8 @@ class TritonSharedLevel:
         self.use_cuda_graph = use_cuda_graph
         self.max_items = max_items(max_rows)
         self.programs = programs
-        self.meta = torch.zeros(2, dtype=torch.int32, device=self.device)
         if use_cuda_graph:
+            self.meta = torch.zeros(2, dtype=torch.int32, device=self.device)
             self.items = torch.zeros(self.max_items, 3, dtype=torch.int32, device=self.device)
             self.kv_indptr, self.kv_indices = kv_indptr_buf, kv_indices_buf
         self.sm_scale = None
@@ -217,7 +219,6 @@ class TritonSharedLevel:
 
     def plan(self, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
              page_size, causal=False, sm_scale=None, **_):
-        from nanovllm.utils.transfer import to_device
         assert not causal, "a shared level is not causal"
         qo, kv = qo_indptr.numpy(), kv_indptr.numpy()
         pages = np.diff(kv)
@@ -234,8 +235,7 @@ class TritonSharedLevel:
             for buf, x in ((self.items, items), (self.meta, meta), (self.kv_indptr, kv_indptr),
                            (self.kv_indices, kv_indices)):
                 if len(x):
-                    buf[:len(x)].copy_(x if isinstance(x, torch.Tensor) and x.device == self.device
-                                       else to_device(x, self.device), non_blocking=True)
+                    buf[:len(x)].copy_(to_device(x, self.device), non_blocking=True)
             self.grid = self.programs
         else:
             self.items, self.meta = to_device(items, self.device), to_device(meta, self.device)

@@ -10,8 +10,9 @@ import torch
 
 
 def to_device(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """x on device (a tensor already on a GPU is copied there directly, or returned as it is)."""
     t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
-    if device.type != "cuda":
+    if device.type != "cuda" or t.is_cuda:
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
