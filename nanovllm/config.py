@@ -17,7 +17,14 @@ class Config:
     num_kvcache_blocks: int = -1          # explicit KV pages; -1 sizes it from memory
     cpu_kvcache_gb: float = 2.0           # KV cache size on CPU when num_kvcache_blocks is -1
     enforce_eager: bool = False           # no CUDA graphs
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1         # ranks (GPUs) that split every layer; all nodes together
+    nnodes: int = 1                       # hosts of the tensor-parallel group (tensor_parallel_size / nnodes GPUs each)
+    node_rank: int = 0                    # this host's index; node 0 runs the engine (rank 0)
+    master_addr: str = "127.0.0.1"        # rendezvous host (node 0), torch.distributed tcp://
+    master_port: int = 0                  # rendezvous port; 0 picks a free one (single node only)
+    distributed_timeout_s: float = 1800.0 # collectives and rendezvous give up after this long
+    disable_custom_all_reduce: bool = False  # NCCL for every all-reduce (no FlashInfer IPC all-reduce)
+    load_format: str = "auto"             # auto: safetensors from the model folder; dummy: random weights from config.json
     dtype: str = "auto"                   # auto: checkpoint dtype on GPU, float32 on CPU
     device: str = "auto"                  # auto: cuda when available, else cpu
     attention_backend: str = "auto"       # auto: flashinfer on cuda, torch on cpu
@@ -41,12 +48,12 @@ class Config:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet")
         if self.cascade_max_levels < 2:
             raise ValueError(f"cascade_max_levels must be >= 2, got {self.cascade_max_levels}")
         if self.cascade_shared_backend not in ("auto", "triton", "fa2", "fa3"):
             raise ValueError(f"cascade_shared_backend must be auto, triton, fa2 or fa3, got {self.cascade_shared_backend!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         self.hf_config = AutoConfig.from_pretrained(self.model)
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
         if self.device == "auto":
@@ -66,3 +73,30 @@ class Config:
                 raise ValueError(f"unknown dtype {self.dtype!r}")
         if self.device == "cpu" or not torch.cuda.is_available():
             self.enforce_eager = True  # CUDA graphs need CUDA
+        self._check_parallel()
+
+    def _check_parallel(self):
+        """Tensor-parallel settings, checked before any process starts."""
+        n, nodes, hf = self.tensor_parallel_size, self.nnodes, self.hf_config
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {n!r}")
+        if not isinstance(nodes, int) or nodes < 1 or n % nodes:
+            raise ValueError(f"nnodes={nodes!r} must be >= 1 and divide tensor_parallel_size={n}")
+        if not 0 <= self.node_rank < nodes:
+            raise ValueError(f"node_rank={self.node_rank} must be in [0, nnodes={nodes})")
+        if nodes > 1 and not (0 < self.master_port < 65536 and self.master_addr):
+            raise ValueError("several nodes need --master-addr and --master-port (node 0's address and a free port)")
+        if not 0 <= self.master_port < 65536:
+            raise ValueError(f"master_port must be in [0, 65536), got {self.master_port}")
+        if n == 1:
+            return
+        heads, kv_heads = hf.num_attention_heads, hf.num_key_value_heads
+        if heads % n:
+            raise ValueError(f"tensor_parallel_size={n} does not divide the {heads} attention heads")
+        if kv_heads % n and n % kv_heads:
+            raise ValueError(f"tensor_parallel_size={n} neither divides nor is a multiple of the {kv_heads} KV heads")
+        if hf.intermediate_size % n:
+            raise ValueError(f"tensor_parallel_size={n} does not divide intermediate_size={hf.intermediate_size}")
+        if self.device.startswith("cuda") and n // nodes > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={n} over {nodes} node(s) needs {n // nodes} GPUs per node, "
+                             f"{torch.cuda.device_count()} visible")

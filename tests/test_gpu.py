@@ -273,7 +273,8 @@ def next_token_logits(llm, tokens):
     llm.add_request(tokens, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     seqs, is_prefill = llm.scheduler.schedule()
     runner = llm.model_runner
-    batch, ids, pos = runner.build_batch(seqs, is_prefill)
+    step, seqs = llm.step_builder.build(seqs, is_prefill)
+    batch, ids, pos = runner.prepare(step)
     with torch.inference_mode():
         logits = runner.forward(batch, ids, pos)[0].float()
     samples = llm.scheduler.launched(seqs)
@@ -324,7 +325,7 @@ def test_greedy_cascade_on_equals_off_gpu(gpu_model):
     del off
     on = LLM(gpu_model, dtype="bfloat16", max_model_len=2048, max_num_seqs=128, enable_cascade_attention=True,
              num_kvcache_blocks=4096)
-    on.model_runner.cascade.cost_model = __import__("nanovllm.cascade.cost_model", fromlist=["x"]).AlwaysCascade()
+    on.step_builder.cascade.cost_model = __import__("nanovllm.cascade.cost_model", fromlist=["x"]).AlwaysCascade()
     got = [o["token_ids"] for o in on.generate(prompts, sp, use_tqdm=False)]
     report = [first_divergence(a, b) for a, b in zip(got, expected)]
     print("cascade on vs off, first divergence:", report, "cascade steps:", on.stats["cascade_steps"])

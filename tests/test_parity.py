@@ -30,7 +30,8 @@ def engine_logits(llm, token_lists, num_decode_steps):
     runner = llm.model_runner
     while not llm.is_finished():
         batch_seqs, is_prefill = llm.scheduler.schedule()
-        batch, ids, pos = runner.build_batch(batch_seqs, is_prefill)
+        step, batch_seqs = llm.step_builder.build(batch_seqs, is_prefill)
+        batch, ids, pos = runner.prepare(step)
         with torch.inference_mode():
             logits = runner.forward(batch, ids, pos)
         for s, row in zip(batch_seqs, logits):

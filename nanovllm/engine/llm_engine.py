@@ -8,9 +8,10 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from nanovllm.config import Config
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
-from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.scheduled_step import ScheduledStep
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.step_builder import StepBuilder
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -25,6 +26,19 @@ def eos_token_ids(model: str, tokenizer, hf_config) -> tuple[int, ...]:
     for source in (hf_config.eos_token_id, generation):
         ids.update(source if isinstance(source, (list, tuple)) else [source])
     return tuple(sorted(i for i in ids if isinstance(i, int)))
+
+
+@dataclass
+class InFlightStep:
+    """A step handed to the runner(s) and not yet collected, with what the engine side needs back."""
+    step: ScheduledStep
+    seqs: list[Sequence]    # in the step's row order
+    samples: list[bool]     # which rows sample a token (a prompt chunk short of the end does not)
+    pending: object         # the runner's handle (PendingResult)
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.step.is_prefill
 
 
 @dataclass
@@ -46,8 +60,11 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         config.eos_token_ids = eos_token_ids(model, self.tokenizer, config.hf_config)
         self.config = config
-        self.model_runner = ModelRunner(config)
-        self.scheduler = Scheduler(config, self.model_runner.num_kvcache_blocks)
+        from nanovllm.distributed.executor import make_executor
+        self.executor = make_executor(config)      # the runner, or rank 0 of a tensor-parallel group
+        self.model_runner = self.executor.runner   # this process's runner
+        self.scheduler = Scheduler(config, self.executor.num_kvcache_blocks)
+        self.step_builder = StepBuilder(config)
         self.vocab_size = config.hf_config.vocab_size
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self.seqs: dict[int, Sequence] = {}
@@ -124,13 +141,13 @@ class LLMEngine:
         seqs, is_prefill = self.scheduler.schedule()
         launched = None
         if seqs:
-            launched = self.model_runner.launch(seqs, is_prefill, self.in_flight)
-            launched.samples = self.scheduler.launched(launched.seqs)
-            launched.is_prefill = is_prefill
+            step, seqs = self.step_builder.build(seqs, is_prefill, self.in_flight.step if self.in_flight else None)
+            pending = self.executor.execute(step)
+            launched = InFlightStep(step, seqs, self.scheduler.launched(seqs), pending)
             st["steps"] += 1
             st["prefill_steps" if is_prefill else "decode_steps"] += 1
-            st["cascade_steps"] += launched.cascade
-            st["max_batch_size"] = max(st["max_batch_size"], len(launched.seqs))
+            st["cascade_steps"] += step.cascade is not None
+            st["max_batch_size"] = max(st["max_batch_size"], len(seqs))
             st["prefill_seconds" if is_prefill else "decode_seconds"] += perf_counter() - start
         outputs = self.drain()  # the previous step; its wait is charged to its own phase
         self.in_flight = launched
@@ -146,8 +163,8 @@ class LLMEngine:
         self.stats["prefill_seconds" if step.is_prefill else "decode_seconds"] += perf_counter() - start
         return outputs
 
-    def _collect(self, step) -> list[StepOutput]:
-        token_ids = self.model_runner.collect(step)
+    def _collect(self, step: InFlightStep) -> list[StepOutput]:
+        token_ids = self.executor.collect(step.pending).token_ids
         advanced = self.scheduler.postprocess(step.seqs, token_ids, step.samples)
         self.stats["generated_tokens"] += len(advanced)
         outputs = []
@@ -188,6 +205,10 @@ class LLMEngine:
         for i, text in zip(todo, decoded):
             texts[i] = text
         return texts
+
+    def close(self):
+        """Stop the tensor-parallel workers, if any (idempotent; also at interpreter exit)."""
+        self.executor.close()
 
     def kv_usage(self) -> dict:
         bm = self.scheduler.block_manager

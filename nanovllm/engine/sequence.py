@@ -38,7 +38,6 @@ class Sequence:
         self.block_hashes: list[int] = []  # chained hashes of full pages, filled lazily
         self.block_keys: list[bytes] = []  # those pages' token ids as bytes, to confirm cache hits
         self.finish_reason: str | None = None
-        self.generator = None         # torch.Generator for seeded sampling, made by the sampler
         self.num_pending = 0          # trailing PLACEHOLDER tokens: sampled by steps not yet collected
         self.last_launched = False    # its last token is launched and will end it by length
         self._pages: np.ndarray | None = None  # numpy copy of block_table, extended as pages are appended

@@ -3,8 +3,12 @@
 Sampling draws token = argmax(p / E) with E ~ Exponential(1) per token, which picks token i with
 probability p_i (the exponential race). Seeded requests draw E from their own generator, so their
 output does not depend on what else is in the batch."""
+import numpy as np
 import torch
 from torch import nn
+
+_MASK64 = (1 << 64) - 1
+
 
 def seeded_row_seed(seed: int, token_index: int) -> int:
     """A seeded request's Philox seed for its token_index-th sampled token on the GPU sampler (a
@@ -17,13 +21,25 @@ def seeded_row_seed(seed: int, token_index: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
+def step_row_seeds(step_seed: int, num_rows: int) -> np.ndarray:
+    """Philox seeds of a step's unseeded rows on the GPU sampler: seeded_row_seed(step_seed, row)
+    for every row at once (uint64 arithmetic wraps like the masks above)."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(step_seed & _MASK64) + (np.arange(num_rows, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return ((z ^ (z >> np.uint64(31))) >> np.uint64(1)).astype(np.int64)
+
+
 class Sampler(nn.Module):
 
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor | None = None,
                 top_ps: torch.Tensor | None = None, generators: dict | None = None,
-                all_greedy: bool = False, seeds: torch.Tensor | None = None) -> torch.Tensor:
+                all_greedy: bool = False, seeds: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
         """logits [B, V]; temperatures [B] (0 = greedy); top_ks [B] int (<= 0 keeps all); top_ps [B];
-        generators: row -> torch.Generator for seeded rows. Masks are applied only when given.
+        generators: row -> torch.Generator for seeded rows; generator: the other rows' draws (None: the
+        global RNG). Masks are applied only when given.
         all_greedy (known on the host from the requests): skip the sampling work.
         seeds [B] (GPU, no top-k/top-p): one fused pass instead (layers/sample_kernel.py)."""
         if all_greedy:
@@ -37,7 +53,7 @@ class Sampler(nn.Module):
         if top_ks is not None or top_ps is not None:
             scaled = self._restrict(scaled, top_ks, top_ps)
         probs = torch.softmax(scaled, dim=-1)
-        noise = torch.empty_like(probs).exponential_(1)
+        noise = torch.empty_like(probs).exponential_(1, generator=generator)
         for row, gen in (generators or {}).items():
             noise[row].exponential_(1, generator=gen)
         sampled = probs.div_(noise).argmax(dim=-1)

@@ -1,8 +1,13 @@
-"""Qwen3 dense decoder (and Qwen2: attention bias, no q/k norm), in the Hugging Face weight layout."""
+"""Qwen3 dense decoder (and Qwen2: attention bias, no q/k norm), in the Hugging Face weight layout.
+
+Tensor parallel as in Megatron: q/k/v and gate/up column parallel, o_proj and down_proj row
+parallel (two all-reduces a layer), the vocabulary split for the embedding and the LM head; each
+rank attends with its own heads over its own KV heads (layers/linear.py, layers/embed_head.py)."""
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from nanovllm.distributed.parallel_state import tp_size
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import LMHead, VocabEmbedding
@@ -17,13 +22,15 @@ class Qwen3Attention(nn.Module):
 
     def __init__(self, config: PretrainedConfig, qk_norm: bool, bias: bool):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        total_heads = config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_heads
+        self.qkv_proj = PackedLinear.qkv(config.hidden_size, self.head_dim, total_heads, config.num_key_value_heads, bias)
+        # This rank's heads (all of them without tensor parallelism).
+        self.num_heads = total_heads // tp_size()
+        self.num_kv_heads = self.qkv_proj.shard_offsets["k"][1] // self.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = PackedLinear(config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size)
+        self.o_proj = Linear(total_heads * self.head_dim, config.hidden_size, tp_dim=1)
         rope_theta = getattr(config, "rope_theta", None)
         if rope_theta is None:  # newer transformers keep it under rope_parameters
             rope_theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
@@ -53,8 +60,9 @@ class Qwen3MLP(nn.Module):
 
     def __init__(self, config: PretrainedConfig):
         super().__init__()
-        self.gate_up_proj = PackedLinear(config.hidden_size, {0: config.intermediate_size, 1: config.intermediate_size})
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        self.gate_up_proj = PackedLinear.column_split(config.hidden_size,
+                                                      {0: config.intermediate_size, 1: config.intermediate_size})
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, tp_dim=1)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,161 @@
+"""This process's place in the tensor-parallel group, and the collectives the layers call.
+
+Without tensor parallelism (the default) there is no group: tp_rank() is 0, tp_size() 1 and every
+collective is the identity, so the single-GPU and CPU paths pay nothing. With it, torch.distributed's
+default process group carries the activations (NCCL on CUDA, gloo on CPU so that CI tests it), a
+second gloo group carries host objects (steps, page counts, IPC handles), and on the GPU small
+all-reduces may go through FlashInfer's custom all-reduce (distributed/custom_all_reduce.py) where
+it measured faster than NCCL. One group per process: one tensor-parallel engine per process.
+
+Rendezvous is torch.distributed's: tcp://MASTER_ADDR:MASTER_PORT, or env:// under torchrun.
+"""
+import contextlib
+import datetime
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("nanovllm.distributed")
+
+# NVLink multicast can take a host's GPUs out of service: never on, in any process we start.
+NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+
+@dataclass
+class TPGroup:
+    rank: int
+    size: int
+    device: torch.device
+    cpu_group: object                         # gloo ProcessGroup over the same ranks
+    custom_ar: object = None                  # CustomAllReduce for small GPU messages, or None
+    health_check: object = None               # rank 0: () -> Exception | None, a worker's failure
+    store: object = field(default=None, repr=False)  # the rendezvous store (workers post errors there)
+
+
+_group: TPGroup | None = None
+
+
+def tp_rank() -> int:
+    return _group.rank if _group is not None else 0
+
+
+def tp_size() -> int:
+    return _group.size if _group is not None else 1
+
+
+def group() -> TPGroup | None:
+    return _group
+
+
+def init_tensor_parallel(rank: int, size: int, device: torch.device, master_addr: str | None = None,
+                         master_port: int | None = None, timeout_s: float = 1800.0,
+                         custom_all_reduce: bool = True) -> TPGroup:
+    """Join the group (blocks until all `size` ranks have joined). master_addr/port None: env://."""
+    global _group
+    if _group is not None or dist.is_initialized():
+        raise RuntimeError("this process already belongs to a torch.distributed group: one tensor-parallel "
+                           "engine per process (close() the other LLM first)")
+    for key, value in NO_MULTICAST_ENV.items():
+        os.environ.setdefault(key, value)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    init_method = f"tcp://{master_addr}:{master_port}" if master_addr else "env://"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    kwargs = dict(device_id=device) if device.type == "cuda" else {}
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=timeout, **kwargs)
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+    store = dist.distributed_c10d._get_default_store()
+    _group = TPGroup(rank, size, device, cpu_group, store=store)
+    if device.type == "cuda" and custom_all_reduce and size > 1:
+        _group.custom_ar = _make_custom_all_reduce(cpu_group, rank, size, device)
+    return _group
+
+
+def _make_custom_all_reduce(cpu_group, rank, size, device):
+    try:
+        from nanovllm.distributed.custom_all_reduce import CustomAllReduce
+        car = CustomAllReduce(cpu_group, rank, size, device)
+    except Exception as e:  # an optimisation: NCCL serves every size
+        logger.warning("custom all-reduce unavailable (%s); NCCL for every all-reduce", e)
+        return None
+    return None if getattr(car, "disabled", False) else car
+
+
+def destroy_tensor_parallel(timeout_s: float = 10.0):
+    """Leave the group. destroy_process_group was seen hanging at exit (NCCL 2.28): it runs in a
+    daemon thread and is abandoned after timeout_s."""
+    global _group
+    grp, _group = _group, None
+    if grp is not None and grp.custom_ar is not None:
+        with contextlib.suppress(Exception):
+            grp.custom_ar.close()
+    if not dist.is_initialized():
+        return
+    def destroy():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+    done = threading.Thread(target=destroy, daemon=True)
+    done.start()
+    done.join(timeout_s)
+    if done.is_alive():
+        logger.warning("destroy_process_group did not return within %.0f s; abandoned", timeout_s)
+
+
+# ---- collectives the layers call (identity without a group) --------------------------------------
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (the result may be a new tensor)."""
+    if _group is None:
+        return x
+    car = _group.custom_ar
+    if car is not None and car.should_use(x):
+        return car.all_reduce(x)
+    dist.all_reduce(x)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's x side by side along the last dimension, in rank order."""
+    if _group is None:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(_group.size)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts, dim=-1)
+
+
+def min_over_ranks(value: int) -> int:
+    if _group is None:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_group.cpu_group)
+    return int(t.item())
+
+
+def graph_capture():
+    """Wraps the capture of every CUDA graph (the custom all-reduce registers the graphs' buffers)."""
+    if _group is not None and _group.custom_ar is not None:
+        return _group.custom_ar.capture()
+    return contextlib.nullcontext()
+
+
+def wait_event(event, check_every_s: float = 0.01):
+    """event.synchronize(), except that on rank 0 a worker's failure ends the wait with its error
+    (a peer that died leaves a collective, and so this event, waiting for ever)."""
+    check = _group.health_check if _group is not None else None
+    if check is None:
+        event.synchronize()
+        return
+    next_check = time.monotonic() + check_every_s
+    while not event.query():
+        now = time.monotonic()
+        if now >= next_check:
+            error = check()
+            if error is not None:
+                raise error
+            next_check = now + check_every_s
+        time.sleep(0)

@@ -1,0 +1,134 @@
+"""How a ScheduledStep gets from rank 0 to the workers: pickled once, then one of two transports.
+
+  ShmChannel    one host: rank 0 writes the pickle into one of two shared-memory slots and wakes
+                each worker's semaphore (nano-vllm's way); a worker acknowledges in the header, so
+                rank 0 never overwrites a slot that is still being read.
+  GlooChannel   any hosts: a gloo broadcast over the group's CPU group of one fixed-size packet
+                (header + pickle), and a second broadcast for whatever does not fit.
+Measured per step on both (scripts/bench_step_channel.py, claude_docs/performance.md); the
+executor uses shared memory when every rank is on rank 0's host and gloo otherwise.
+
+A message is a ScheduledStep, or None to tell the workers to exit.
+"""
+import os
+import pickle
+import struct
+import time
+from multiprocessing import shared_memory
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+PACKET_BYTES = 64 << 10   # gloo: one broadcast carries steps up to this size (decode at batch 256 ~ 30 KB)
+
+
+class GlooChannel:
+
+    def __init__(self, cpu_group, rank: int):
+        self.group, self.rank = cpu_group, rank
+        self.packet = torch.empty(PACKET_BYTES, dtype=torch.uint8)
+
+    def send(self, message):
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        head = len(data).to_bytes(8, "little")
+        fits = min(len(data), PACKET_BYTES - 8)
+        packet = self.packet.numpy()
+        packet[:8] = np.frombuffer(head, np.uint8)
+        packet[8:8 + fits] = np.frombuffer(data, np.uint8, count=fits)
+        dist.broadcast(self.packet, 0, group=self.group)
+        if fits < len(data):
+            dist.broadcast(torch.frombuffer(bytearray(data[fits:]), dtype=torch.uint8), 0, group=self.group)
+
+    def recv(self):
+        dist.broadcast(self.packet, 0, group=self.group)
+        packet = self.packet.numpy()
+        size = int.from_bytes(packet[:8].tobytes(), "little")
+        fits = min(size, PACKET_BYTES - 8)
+        data = packet[8:8 + fits].tobytes()
+        if fits < size:
+            rest = torch.empty(size - fits, dtype=torch.uint8)
+            dist.broadcast(rest, 0, group=self.group)
+            data += rest.numpy().tobytes()
+        return pickle.loads(data)
+
+    def close(self):
+        pass
+
+
+class ShmChannel:
+    """Header: int64 write_seq, then one int64 read_seq per worker; then two slots of slot_bytes,
+    each [int64 length][pickle]."""
+
+    def __init__(self, num_readers: int, slot_bytes: int, semaphores, name: str | None = None, reader: int = -1):
+        self.num_readers, self.slot_bytes, self.reader = num_readers, slot_bytes, reader
+        self.header_bytes = 8 * (1 + num_readers)
+        size = self.header_bytes + 2 * slot_bytes
+        self.owner = name is None
+        self.shm = shared_memory.SharedMemory(name=name, create=self.owner, size=size if self.owner else 0)
+        if not self.owner:
+            # The creator unlinks; a reader must not have the resource tracker unlink it too.
+            from multiprocessing import resource_tracker
+            try:
+                resource_tracker.unregister(self.shm._name, "shared_memory")
+            except Exception:
+                pass
+        self.header = np.ndarray((1 + num_readers,), dtype=np.int64, buffer=self.shm.buf)
+        if self.owner:
+            self.header[:] = 0
+        self.semaphores = semaphores
+        self.seq = 0
+        self.parent = os.getppid()
+
+    @property
+    def name(self) -> str:
+        return self.shm.name
+
+    def _slot(self, seq: int) -> memoryview:
+        start = self.header_bytes + (seq % 2) * self.slot_bytes
+        return self.shm.buf[start:start + self.slot_bytes]
+
+    def send(self, message, alive=None):
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        if len(data) + 8 > self.slot_bytes:
+            raise ValueError(f"step of {len(data)} bytes does not fit the {self.slot_bytes}-byte channel slot")
+        self.seq += 1
+        # The slot last held message seq-2: every worker must have read it.
+        while int(self.header[1:].min()) < self.seq - 2:
+            if alive is not None:
+                alive()
+            time.sleep(20e-6)
+        slot = self._slot(self.seq)
+        slot[:8] = struct.pack("<q", len(data))
+        slot[8:8 + len(data)] = data
+        self.header[0] = self.seq
+        for sem in self.semaphores:
+            sem.release()
+
+    def recv(self):
+        sem = self.semaphores[self.reader]
+        while not sem.acquire(timeout=1.0):
+            if os.getppid() != self.parent:
+                raise RuntimeError("rank 0's process is gone")
+        self.seq += 1
+        slot = self._slot(self.seq)
+        size = struct.unpack("<q", bytes(slot[:8]))[0]
+        data = bytes(slot[8:8 + size])
+        self.header[1 + self.reader] = self.seq
+        return pickle.loads(data)
+
+    def close(self):
+        self.header = None
+        try:
+            self.shm.close()
+            if self.owner:
+                self.shm.unlink()
+        except (FileNotFoundError, BufferError):
+            pass
+
+
+def slot_bytes_for(config) -> int:
+    """A step's worst case: every row's page list (twice with cascade levels) and every token's
+    id, position and slot, plus room for the rest."""
+    pages = config.max_num_seqs * -(-config.max_model_len // config.kvcache_block_size)
+    return (1 << 20) + 3 * 4 * pages + 4 * 8 * config.max_num_batched_tokens
