@@ -27,6 +27,10 @@ def generate(argv: list[str]):
     add_engine_args(parser)
     args = parser.parse_args(argv)
 
+    from nanovllm.distributed.launch import run_if_worker_host
+    code = run_if_worker_host(args.model, engine_kwargs(args))  # --node-rank > 0, or a torchrun rank > 0
+    if code is not None:
+        raise SystemExit(code)
     from nanovllm import LLM, SamplingParams
     llm = LLM(args.model, **engine_kwargs(args))
     prompts = args.prompts

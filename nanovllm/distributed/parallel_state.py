@@ -52,6 +52,18 @@ def group() -> TPGroup | None:
     return _group
 
 
+@contextlib.contextmanager
+def outside_group():
+    """Build a single-rank model in a process that also holds a group (tests run both side by side):
+    layers read tp_size()/tp_rank() when they are constructed."""
+    global _group
+    saved, _group = _group, None
+    try:
+        yield
+    finally:
+        _group = saved
+
+
 def init_tensor_parallel(rank: int, size: int, device: torch.device, master_addr: str | None = None,
                          master_port: int | None = None, timeout_s: float = 1800.0,
                          custom_all_reduce: bool = True) -> TPGroup:

@@ -66,13 +66,8 @@ class ShmChannel:
         size = self.header_bytes + 2 * slot_bytes
         self.owner = name is None
         self.shm = shared_memory.SharedMemory(name=name, create=self.owner, size=size if self.owner else 0)
-        if not self.owner:
-            # The creator unlinks; a reader must not have the resource tracker unlink it too.
-            from multiprocessing import resource_tracker
-            try:
-                resource_tracker.unregister(self.shm._name, "shared_memory")
-            except Exception:
-                pass
+        # Readers are spawned by the creator and share its resource tracker, which the creator's
+        # unlink() tells: a reader's close() leaves the segment alone.
         self.header = np.ndarray((1 + num_readers,), dtype=np.int64, buffer=self.shm.buf)
         if self.owner:
             self.header[:] = 0

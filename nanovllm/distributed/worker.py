@@ -23,6 +23,9 @@ def worker_main(config, rank: int, local_rank: int, master_addr: str | None, mas
     from nanovllm.distributed.step_channel import GlooChannel, ShmChannel
     from nanovllm.engine.model_runner import ModelRunner
 
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where a worker is
     code = 0
     channel = None
     try:
@@ -40,10 +43,13 @@ def worker_main(config, rank: int, local_rank: int, master_addr: str | None, mas
         else:
             channel = GlooChannel(grp.cpu_group, rank)
         runner = ModelRunner(config)
+        fault = injected_fault(rank)
         while True:
             step = channel.recv()
             if step is None:
                 break
+            if fault is not None and step.step_id >= fault:
+                raise RuntimeError(f"injected fault at step {step.step_id} (NANOVLLM_WORKER_FAULT)")
             runner.execute(step)
     except BaseException:
         code = 1
@@ -62,3 +68,12 @@ def worker_main(config, rank: int, local_rank: int, master_addr: str | None, mas
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def injected_fault(rank: int) -> int | None:
+    """Test hook: NANOVLLM_WORKER_FAULT="RANK:STEP" makes that rank raise at that step."""
+    spec = os.environ.get("NANOVLLM_WORKER_FAULT", "")
+    if not spec:
+        return None
+    fault_rank, step = (int(x) for x in spec.split(":"))
+    return step if fault_rank == rank else None

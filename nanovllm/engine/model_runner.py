@@ -6,6 +6,7 @@ and every tensor-parallel worker (distributed/worker.py) run the same step throu
 `execute` queues the step and returns at once; `collect` waits for its tokens, so the host can
 build step N+1 while the device runs step N. Jobs split out: engine/kv_cache.py (how many pages,
 the cache tensor), engine/cuda_graphs.py (capture and replay of decode graphs)."""
+import contextlib
 import warnings
 
 import numpy as np
@@ -38,8 +39,9 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
+        self.distributed = config.tensor_parallel_size > 1
         try:
-            with torch.device(self.device):
+            with torch.device(self.device), (contextlib.nullcontext() if self.distributed else tp.outside_group()):
                 self.model = model_class(hf)(hf)
         finally:
             torch.set_default_dtype(default_dtype)
@@ -81,11 +83,11 @@ class ModelRunner:
             blocks = cpu_kv_blocks(config, page_bytes)
         else:
             blocks = gpu_kv_blocks(config, page_bytes, self.warmup)
-        self.num_kvcache_blocks = tp.min_over_ranks(blocks)  # one page table for every rank
+        self.num_kvcache_blocks = tp.min_over_ranks(blocks) if self.distributed else blocks  # one page table for all
         self.kv_cache = allocate_kv_cache(self.model, self.num_layers, self.num_kvcache_blocks, self.block_size,
                                           self.num_kv_heads, self.head_dim, self.dtype, self.device)
         if self.graphs is not None:
-            with tp.graph_capture():
+            with tp.graph_capture() if self.distributed else contextlib.nullcontext():
                 self.graphs.capture(self.num_kvcache_blocks,
                                     config.cascade_max_levels if config.enable_cascade_attention else 0)
 
@@ -134,6 +136,8 @@ class ModelRunner:
         tokens = self.sample(logits, step.sampling)
         self.last_tokens = tokens
         pending = PendingResult(step.step_id, tokens)
+        if step.want_logits:
+            pending.logits = logits.float()
         if self.device.type == "cuda":
             # Double-buffered pinned copies: the step collected last may still be read while this one lands.
             self.host_slot ^= 1
@@ -144,10 +148,11 @@ class ModelRunner:
         return pending
 
     def collect(self, pending: "PendingResult") -> StepResult:
+        logits = pending.logits.cpu() if pending.logits is not None else None
         if pending.done is not None:
-            tp.wait_event(pending.done)
-            return StepResult(pending.step_id, pending.host_tokens.tolist())
-        return StepResult(pending.step_id, pending.tokens.tolist())
+            tp.wait_event(pending.done) if self.distributed else pending.done.synchronize()
+            return StepResult(pending.step_id, pending.host_tokens.tolist(), logits)
+        return StepResult(pending.step_id, pending.tokens.tolist(), logits)
 
     def sample(self, logits: torch.Tensor, s: SamplingInputs) -> torch.Tensor:
         if s.all_greedy:
@@ -210,7 +215,7 @@ class PendingResult:
 
     def __init__(self, step_id: int, tokens: torch.Tensor):
         self.step_id, self.tokens = step_id, tokens
-        self.host_tokens = self.done = None
+        self.host_tokens = self.done = self.logits = None
 
 
 class _PassThroughAttention:

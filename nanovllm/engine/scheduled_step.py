@@ -23,6 +23,8 @@ Data contract (all host numpy arrays; `rows` = sequences in the step, `tokens` =
   kv_last_page_len   int32           [rows]
   cascade            CascadePlan | None        the shared-prefix levels (cascade/planner.py contract)
   sampling           SamplingInputs            per row, see below
+  want_logits        bool                      StepResult carries the rows' logits too (tests, and
+                                               later logprobs)
 
 Sampling is a pure function of the logits and `sampling`, so every rank samples the same tokens:
 unseeded rows draw from a generator seeded with `step_seed`, seeded requests from their own
@@ -68,6 +70,7 @@ class ScheduledStep:
     page_size: int
     cascade: object
     sampling: SamplingInputs
+    want_logits: bool = False
 
     def __post_init__(self):
         for name in ("input_ids", "prev_rows", "positions", "slot_mapping", "q_lens", "kv_lens", "qo_indptr",
@@ -90,3 +93,4 @@ class ScheduledStep:
 class StepResult:
     step_id: int
     token_ids: list   # one sampled token per row, in the step's row order
+    logits: object = None  # float32 [rows, vocab] on the host, when the step asked for them

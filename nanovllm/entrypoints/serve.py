@@ -5,6 +5,10 @@
 
 Engine options are made from the fields of nanovllm.config.Config (one flag per field, dashes for
 underscores), so the server accepts exactly what LLMEngine does and never drifts from it.
+
+The server speaks HTTP/1.1. A connection that opens with the HTTP/2 preface (SGLang's router probes
+every worker for gRPC that way) is answered in HTTP/2, GOAWAY with HTTP_1_1_REQUIRED, and closed,
+instead of being parsed as a broken HTTP/1.1 request and logged as "Invalid HTTP request received".
 """
 import argparse
 import logging
@@ -17,6 +21,11 @@ from dataclasses import MISSING, fields
 from nanovllm.config import Config
 
 _NOT_OPTIONS = {"model", "hf_config", "eos_token_ids"}
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# HTTP/2 frames (RFC 9113): our preface, an empty SETTINGS frame; then GOAWAY, last stream 0,
+# error HTTP_1_1_REQUIRED (0xd): "nothing was processed, ask again over HTTP/1.1".
+H2_GOAWAY = bytes.fromhex("000000" "04" "00" "00000000" "000008" "07" "00" "00000000" "00000000" "0000000d")
+logger = logging.getLogger("nanovllm.server")
 
 
 def add_engine_args(parser: argparse.ArgumentParser):
@@ -53,6 +62,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def http1_protocol() -> type:
+    """uvicorn's HTTP/1.1 protocol class, answering an HTTP/2 preface with GOAWAY (see module doc)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class Http1Protocol(AutoHTTPProtocol):
+        _head: bytes | None = b""   # the connection's first bytes while they may still be the preface
+
+        def data_received(self, data: bytes):
+            if self._head is not None:
+                data, self._head = self._head + data, None
+                n = min(len(data), len(H2_PREFACE))
+                if data[:n] == H2_PREFACE[:n]:
+                    if n < len(H2_PREFACE):
+                        self._head = data   # wait for the rest of the preface
+                        return
+                    logger.debug("HTTP/2 preface from %s: answered GOAWAY(HTTP_1_1_REQUIRED)",
+                                 self.transport.get_extra_info("peername"))
+                    self.transport.write(H2_GOAWAY)
+                    self.transport.close()
+                    return
+            super().data_received(data)
+
+    return Http1Protocol
+
+
 def build(model: str, served_model_names: list[str] | None = None, api_key: str | None = None, **engine_config):
     """The engine, its loop and the app (the loop starts with the app's lifespan)."""
     # Imported here so that `--help` answers without loading torch.
@@ -77,7 +111,7 @@ class ServerThread:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
         self.host, self.port = self.sock.getsockname()[:2]
-        config = uvicorn.Config(self.app, log_level=log_level, timeout_graceful_shutdown=5)
+        config = uvicorn.Config(self.app, log_level=log_level, timeout_graceful_shutdown=5, http=http1_protocol())
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="nanovllm-http", daemon=True)
@@ -110,9 +144,14 @@ class ServerThread:
 def main(argv: list[str] | None = None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from nanovllm.distributed.launch import run_if_worker_host
+    code = run_if_worker_host(args.model, engine_kwargs(args))  # --node-rank > 0, or a torchrun rank > 0
+    if code is not None:
+        raise SystemExit(code)
     import uvicorn
     _, app = build(args.model, args.served_model_name, args.api_key, **engine_kwargs(args))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                http=http1_protocol())
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
         self.vocab_size = vocab_size
-        self.rows = -(-vocab_size // tp_size())
+        self.tp_size = tp_size()  # fixed at construction: a layer built without a group never joins one
+        self.rows = -(-vocab_size // self.tp_size)
         self.first = tp_rank() * self.rows
         self.weight = nn.Parameter(torch.empty(self.rows, hidden_size))
         self.weight.weight_loader = self.weight_loader
@@ -30,7 +31,7 @@ class VocabEmbedding(nn.Module):
         param.data[len(mine):].zero_()
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        if tp_size() == 1:
+        if self.tp_size == 1:
             return F.embedding(token_ids, self.weight)
         local = token_ids - self.first
         mine = (local >= 0) & (local < self.rows)
@@ -46,6 +47,6 @@ class LMHead(VocabEmbedding):
         if ctx.logits_indices is not None:
             hidden = hidden[ctx.logits_indices]
         logits = F.linear(hidden, self.weight)
-        if tp_size() == 1:
+        if self.tp_size == 1:
             return logits
         return all_gather_last_dim(logits)[:, :self.vocab_size]

@@ -26,6 +26,7 @@ class Linear(nn.Module):
     def __init__(self, input_size: int, output_size: int, bias: bool = False, tp_dim: int | None = None):
         super().__init__()
         self.tp_dim = tp_dim
+        self.tp_size = tp_size()  # fixed at construction: a layer built without a group never joins one
         if tp_dim == 0:
             output_size = _split(output_size, "output features")
         elif tp_dim == 1:
@@ -42,15 +43,15 @@ class Linear(nn.Module):
         dim = self.tp_dim if param is self.weight or self.tp_dim == 0 else None  # a row-parallel bias is whole
         expected = list(param.shape)
         if dim is not None:
-            expected[dim] *= tp_size()
+            expected[dim] *= self.tp_size
         if tuple(loaded.shape) != tuple(expected):
             raise ValueError(f"shape mismatch: parameter {tuple(expected)} vs checkpoint {tuple(loaded.shape)}")
-        if dim is not None and tp_size() > 1:
+        if dim is not None and self.tp_size > 1:
             loaded = loaded.narrow(dim, tp_rank() * param.shape[dim], param.shape[dim])
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_dim == 1 and tp_size() > 1:
+        if self.tp_dim == 1 and self.tp_size > 1:
             y = all_reduce(F.linear(x, self.weight))
             return y + self.bias if self.bias is not None else y
         return F.linear(x, self.weight, self.bias)

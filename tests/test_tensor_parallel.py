@@ -1,0 +1,197 @@
+"""Tensor parallelism on CPU (gloo): the same logits and tokens as one rank, workers that fail loudly
+and leave nothing behind, two "nodes" on loopback, and bad configs refused before any process starts."""
+import dataclasses
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.distributed.executor import WorkerError, free_port
+from conftest import assert_no_leaks
+
+PROMPTS = [[(7 * i + j * 13) % 1900 for j in range(n)] for i, n in enumerate([5, 17, 33, 64, 100, 129])]
+
+
+def children() -> list[int]:
+    """Live (not zombie) descendants of this process, from /proc, but multiprocessing's resource
+    tracker (one per process, for good)."""
+    parent_of = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    tracker = b"resource_tracker" in f.read()
+            except OSError:
+                continue
+            if fields[0] != "Z" and not tracker:
+                parent_of[int(entry)] = int(fields[1])
+    found, frontier = [], {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, ppid in parent_of.items() if ppid in frontier}
+        found += frontier
+    return found
+
+
+@pytest.fixture
+def tp_llm():
+    """Build tensor-parallel LLMs; after the test each is closed, with every page free and no
+    worker process left."""
+    made = []
+
+    def make(model, tp, **kwargs):
+        kwargs.setdefault("max_model_len", 1024)
+        kwargs.setdefault("max_num_seqs", 64)
+        llm = LLM(model, tensor_parallel_size=tp, **kwargs)
+        made.append(llm)
+        return llm
+
+    yield make
+    for llm in made:
+        if llm.executor.failure is None:
+            assert_no_leaks(llm)
+        llm.close()
+    deadline = time.monotonic() + 10
+    while children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not children(), f"processes left behind: {children()}"
+
+
+def logits_by_step(llm, token_lists, decode_steps=4):
+    """Teacher-forced greedy run through the executor (every rank runs each step); per request, the
+    logits of each step that sampled for it."""
+    seqs = [llm.add_request(t, SamplingParams(temperature=0, max_tokens=decode_steps + 1, ignore_eos=True))
+            for t in token_lists]
+    rows = {s.seq_id: [] for s in seqs}
+    while not llm.is_finished():
+        batch, is_prefill = llm.scheduler.schedule()
+        step, batch = llm.step_builder.build(batch, is_prefill)
+        step = dataclasses.replace(step, want_logits=True)
+        result = llm.executor.collect(llm.executor.execute(step))
+        samples = llm.scheduler.launched(batch)
+        for s, sampled, row in zip(batch, samples, result.logits):
+            if sampled:
+                rows[s.seq_id].append(row)
+        llm.scheduler.postprocess(batch, result.token_ids, samples)
+    return [(s, torch.stack(rows[s.seq_id])) for s in seqs]
+
+
+@pytest.mark.parametrize("preset,tp", [("qwen3-tiny", 2), ("qwen3-tiny", 4), ("qwen3-tiny-hd", 2), ("qwen2-tiny", 2)])
+def test_logits_match_one_rank_and_transformers(model_dirs, make_llm, tp_llm, preset, tp):
+    """qwen3-tiny: 4 heads, 2 KV heads (tp=4 replicates KV heads); -hd: 1 KV head, separate LM head;
+    qwen2: q/k/v biases."""
+    path = model_dirs[preset]
+    one = logits_by_step(make_llm(path), PROMPTS[:4])
+    many = logits_by_step(tp_llm(path, tp), PROMPTS[:4])
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for (seq, ours), (seq1, single) in zip(many, one):
+        assert seq.token_ids == seq1.token_ids
+        assert (ours - single).abs().max().item() <= 1e-4
+        with torch.no_grad():
+            theirs = hf(torch.tensor([seq.token_ids])).logits[0]
+        n = seq.num_prompt_tokens
+        assert (ours - theirs[n - 1:n - 1 + len(ours)]).abs().max().item() <= 1e-4
+
+
+def shared_prompt_workload(seed=0):
+    rng = random.Random(seed)
+    prompts = []
+    for sys_len, members in ((80, 5), (300, 6), (40, 3)):
+        system = [rng.randrange(1900) for _ in range(sys_len)]
+        prompts += [system + [rng.randrange(1900) for _ in range(rng.randrange(3, 40))] for _ in range(members)]
+    rng.shuffle(prompts)
+    return prompts
+
+
+def test_greedy_generate_equals_one_rank(tiny_model, make_llm, tp_llm):
+    """Cascade on, prefix hits, chunked prefill (a 96-token budget) and preemption (40 pages)."""
+    prompts = shared_prompt_workload()
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    engine = dict(enable_cascade_attention=True, max_num_batched_tokens=96, num_kvcache_blocks=40)
+    single = make_llm(tiny_model, **engine)
+    expected = single.generate(prompts, sp, use_tqdm=False)
+    llm = tp_llm(tiny_model, 2, **engine)
+    got = llm.generate(prompts, sp, use_tqdm=False)
+    assert [o["token_ids"] for o in got] == [o["token_ids"] for o in expected]
+    assert llm.stats["cascade_steps"] > 0
+    assert llm.scheduler.num_preemptions > 0
+    assert sum(o["num_cached_tokens"] for o in got) > 0
+    assert llm.stats["prefill_steps"] > 1
+    # seeded sampling is the same on every rank and the same as one rank's
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True)
+    assert (llm.generate(PROMPTS[:3], seeded, use_tqdm=False)[1]["token_ids"]
+            == single.generate(PROMPTS[:3], seeded, use_tqdm=False)[1]["token_ids"])
+
+
+def test_killed_worker_gives_rank0_an_error(tiny_model, tp_llm):
+    llm = tp_llm(tiny_model, 2)
+    rank, proc = llm.executor.procs[0]
+    sp = SamplingParams(temperature=0, max_tokens=900, ignore_eos=True)
+    llm.generate(PROMPTS[:2], SamplingParams(max_tokens=2), use_tqdm=False)  # serving
+    import threading
+    threading.Timer(0.5, lambda: os.kill(proc.pid, 9)).start()
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match="rank 1.*died"):
+        llm.generate(PROMPTS, sp, use_tqdm=False)
+    assert time.monotonic() - start < 10
+    with pytest.raises(WorkerError):  # the engine stays failed, with the same error
+        llm.generate(PROMPTS[:1], sp, use_tqdm=False)
+
+
+def test_worker_exception_carries_its_traceback(tiny_model, tp_llm, monkeypatch):
+    monkeypatch.setenv("NANOVLLM_WORKER_FAULT", "1:5")  # rank 1 raises at step 5 (read by the worker)
+    llm = tp_llm(tiny_model, 2)
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match=r"(?s)rank 1 failed:.*Traceback.*injected fault at step 5"):
+        llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), use_tqdm=False)
+    assert time.monotonic() - start < 10
+
+
+def test_two_nodes_on_loopback(tiny_model, make_llm, tp_llm):
+    """tp=4 over two "nodes" of 2 ranks: node 1 is `nanovllm serve --node-rank 1` in another process."""
+    port = free_port()
+    common = ["--model", tiny_model, "--tensor-parallel-size", "4", "--nnodes", "2", "--master-addr", "127.0.0.1",
+              "--master-port", str(port), "--max-model-len", "1024", "--max-num-seqs", "64",
+              "--distributed-timeout-s", "60"]
+    node1 = subprocess.Popen([sys.executable, "-m", "nanovllm.cli", "serve", *common, "--node-rank", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        llm = tp_llm(tiny_model, 4, nnodes=2, node_rank=0, master_addr="127.0.0.1", master_port=port,
+                     distributed_timeout_s=60)
+        sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        got = llm.generate(PROMPTS, sp, use_tqdm=False)
+        expected = make_llm(tiny_model).generate(PROMPTS, sp, use_tqdm=False)
+        assert [o["token_ids"] for o in got] == [o["token_ids"] for o in expected]
+        llm.close()
+        assert node1.wait(timeout=20) == 0, node1.stdout.read().decode()[-2000:]
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+            node1.wait()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(tensor_parallel_size=3), "does not divide the 4 attention heads"),
+    (dict(tensor_parallel_size=8), "does not divide the 4 attention heads"),
+    (dict(tensor_parallel_size=2, device="cuda"), "GPUs per node"),
+    (dict(tensor_parallel_size=4, nnodes=3), "nnodes=3"),
+    (dict(tensor_parallel_size=4, nnodes=2, node_rank=2, master_port=29500), "node_rank=2"),
+    (dict(tensor_parallel_size=4, nnodes=2), "master-port"),
+    (dict(tensor_parallel_size=0), "tensor_parallel_size must be"),
+])
+def test_bad_parallel_config_is_refused_before_any_process(tiny_model, kwargs, match):
+    if kwargs.get("device") == "cuda" and torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs")
+    with pytest.raises(ValueError, match=match):
+        LLM(tiny_model, **kwargs)
+    assert not children()
