@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from nanovllm.tools.make_model import PRESETS, default_tiny_model_dir, make_model
+from nanovllm.tools.make_model import (LARGE_CHECKPOINT_BYTES, PRESETS, default_tiny_model_dir, main,
+                                       make_model, num_parameters)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["qwen3-tiny", "qwen3-tiny-hd", "qwen2-tiny"]
@@ -150,3 +151,95 @@ def test_default_tiny_model_dir(monkeypatch, tmp_path, built):
     assert sorted(os.listdir(tmp_path)) == ["qwen3-tiny-seed0"]  # no temp dirs left
     a, b = tensors(path), tensors(built["qwen3-tiny"])
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------
+# Config-only folders (load_format="dummy") and the real-shape presets
+
+# Shapes of Qwen's published config.json for Qwen3-8B / Qwen3-32B.
+REAL = {
+    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32),
+    "qwen3-32b": dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64),
+}
+COMMON = dict(vocab_size=151936, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, tie_word_embeddings=False,
+              max_position_embeddings=40960, hidden_act="silu", attention_bias=False, model_type="qwen3",
+              architectures=["Qwen3ForCausalLM"])
+
+
+def expected_params(c: dict) -> int:
+    """Qwen3 dense parameter count from the config (untied: embedding and lm_head both counted)."""
+    h, i, hd, v = c["hidden_size"], c["intermediate_size"], c["head_dim"], c["vocab_size"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h + 2 * hd  # qkv, o, gate/up/down, 2 norms, q/k norm
+    return 2 * v * h + c["num_hidden_layers"] * layer + h
+
+
+@pytest.fixture(scope="module")
+def config_only(tmp_path_factory):
+    return {p: make_model(p, str(tmp_path_factory.mktemp(p)), weights=False) for p in REAL}
+
+
+@pytest.mark.parametrize("preset", sorted(REAL))
+def test_config_only_real_shapes(config_only, preset):
+    path = Path(config_only[preset])
+    assert not list(path.glob("*.safetensors")) and not list(path.glob("*.index.json"))
+    assert sum(f.stat().st_size for f in path.iterdir()) < 1_000_000  # a few KB of json, not GBs
+    cfg = json.loads((path / "config.json").read_text())
+    for k, v in {**COMMON, **REAL[preset]}.items():
+        assert cfg[k] == v, k
+    assert cfg["rope_theta"] == 1e6 and cfg["dtype"] == "bfloat16"
+
+    config = AutoConfig.from_pretrained(path)
+    assert config.num_hidden_layers == REAL[preset]["num_hidden_layers"] and config.dtype == torch.bfloat16
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.decode(tok.encode("Hello, world!")) == "Hello, world!"
+    assert len(tok) <= config.vocab_size and tok.eos_token_id == cfg["eos_token_id"]
+    gen = json.loads((path / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == cfg["eos_token_id"] and gen["pad_token_id"] == tok.pad_token_id
+
+
+@pytest.mark.parametrize("preset,billions", [("qwen3-8b", 8.2), ("qwen3-32b", 32.8)])
+def test_real_preset_parameter_count_on_meta(config_only, preset, billions):
+    from nanovllm.models.qwen3 import Qwen3ForCausalLM as Ours
+    config = AutoConfig.from_pretrained(config_only[preset])
+    with torch.device("meta"):
+        model = Ours(config)
+    n = sum(p.numel() for p in model.parameters())
+    assert all(p.is_meta for p in model.parameters())
+    assert n == expected_params({**COMMON, **REAL[preset]}) == num_parameters(config)  # ours == HF's
+    assert round(n / 1e9, 1) == billions
+
+
+def test_config_only_matches_full_checkpoint(built, tmp_path):
+    """Same config, generation config and tokenizer files as the folder with weights."""
+    path = make_model("qwen3-tiny", str(tmp_path), weights=False)
+    assert not list(Path(path).glob("*.safetensors"))
+    for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]:
+        assert Path(path, f).read_bytes() == Path(built["qwen3-tiny"], f).read_bytes(), f
+
+
+def test_large_weights_need_explicit_flag(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="--no-weights"):
+        make_model("qwen3-8b", str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()  # refused before writing anything
+    with pytest.raises(SystemExit):
+        main(["--preset", "qwen3-32b", "--out", str(tmp_path / "cli")])
+    assert not (tmp_path / "cli").exists()
+    # the guard is about size alone, and allow_large / --allow-large lifts it
+    monkeypatch.setattr("nanovllm.tools.make_model.LARGE_CHECKPOINT_BYTES", 1000)
+    with pytest.raises(ValueError, match="allow_large"):
+        make_model("qwen3-tiny", str(tmp_path / "tiny"))
+    make_model("qwen3-tiny", str(tmp_path / "tiny"), allow_large=True)
+    main(["--preset", "qwen3-tiny", "--out", str(tmp_path / "tiny-cli"), "--allow-large"])
+    for d in ["tiny", "tiny-cli"]:
+        assert list((tmp_path / d).glob("*.safetensors"))
+    assert LARGE_CHECKPOINT_BYTES < 2 * expected_params({**COMMON, **REAL["qwen3-8b"]})
+
+
+@pytest.mark.parametrize("flag", ["--no-weights", "--config-only"])
+def test_cli_config_only(tmp_path, flag, capsys):
+    main(["--preset", "qwen3-32b", "--out", str(tmp_path), flag])
+    assert capsys.readouterr().out.strip() == str(tmp_path)
+    assert (tmp_path / "config.json").exists() and (tmp_path / "tokenizer.json").exists()
+    assert not list(tmp_path.glob("*.safetensors"))
+    assert AutoConfig.from_pretrained(tmp_path).hidden_size == 5120

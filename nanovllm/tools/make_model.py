@@ -1,11 +1,21 @@
 """Build Hugging Face-layout Qwen checkpoints with seeded random weights, offline.
 
     python -m nanovllm.tools.make_model --preset qwen3-tiny --out /tmp/qwen3-tiny
+    python -m nanovllm.tools.make_model --preset qwen3-32b --out /tmp/qwen3-32b --no-weights
 
 The folder holds config.json, generation_config.json, model*.safetensors (sharded
 with an index when larger than --max-shard-size) and tokenizer files, and loads with
 AutoConfig / AutoTokenizer / AutoModelForCausalLM.from_pretrained(folder). Nothing
 is downloaded: the tokenizer is a byte-level BPE trained here on a built-in corpus.
+
+--no-weights (alias --config-only; make_model(..., weights=False)) writes the same
+folder without any weight file: real model shapes (qwen3-8b, qwen3-32b) in a few KB,
+for the engine's load_format="dummy" (nanovllm.utils.loader.fill_dummy_weights fills
+the parameters on the GPU). Writing weights is refused above LARGE_CHECKPOINT_BYTES
+(about 10 GB: qwen3-8b is 16 GB, qwen3-32b 66 GB in bf16, and building them first
+takes twice that in float32 host memory) unless --allow-large / allow_large=True.
+The 8b/32b presets match Qwen's published config.json shapes (vocab, widths, heads,
+layers, rope_theta, eps, untied embeddings); the tokenizer and its token ids are ours.
 """
 import argparse
 import functools
@@ -43,9 +53,15 @@ _QWEN3_TINY = dict(
     rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
     max_position_embeddings=4096, dtype="float32", hidden_act="silu", attention_bias=False,
 )
+_QWEN3_8B = {**_QWEN3_06B, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+             "num_attention_heads": 32, "tie_word_embeddings": False}
 PRESETS: dict[str, dict] = {
     "qwen3-0.6b": _QWEN3_06B,
     "qwen3-1.7b": {**_QWEN3_06B, "hidden_size": 2048, "intermediate_size": 6144},
+    # Real shapes, for load_format="dummy" with a --no-weights folder (see the module docstring).
+    "qwen3-8b": _QWEN3_8B,
+    "qwen3-32b": {**_QWEN3_8B, "hidden_size": 5120, "intermediate_size": 25600, "num_hidden_layers": 64,
+                  "num_attention_heads": 64},
     "qwen3-tiny": _QWEN3_TINY,
     # head_dim != hidden_size // num_attention_heads, MQA (1 kv head), separate lm_head
     "qwen3-tiny-hd": {**_QWEN3_TINY, "head_dim": 32, "num_key_value_heads": 1,
@@ -148,12 +164,12 @@ def _size_bytes(size: str) -> int:
     return int(s)
 
 
-def make_model(preset: str, out_dir: str, seed: int = 0, dtype: str | None = None,
-               max_shard_size: str = "2GB", **overrides) -> str:
-    """Write a random-weight checkpoint for `preset` into out_dir; return out_dir.
+# make_model refuses to write weights above this without allow_large (qwen3-8b: 16 GB, qwen3-32b: 66 GB).
+LARGE_CHECKPOINT_BYTES = 10 * 10**9
 
-    overrides patch config fields (e.g. num_hidden_layers=2). Same seed -> same tensors.
-    """
+
+def _build_config(preset: str, dtype: str | None, overrides: dict):
+    """(config, HF model class, tokenizer, special token ids, preset fields, dtype name) for a preset."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}, choose from {sorted(PRESETS)}")
     fields = {**PRESETS[preset], **overrides}
@@ -168,25 +184,59 @@ def make_model(preset: str, out_dir: str, seed: int = 0, dtype: str | None = Non
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
     )
     config = config_cls(**fields, **special, dtype=dtype, initializer_range=0.02)
+    config.architectures = [model_cls.__name__]  # what save_pretrained of the model writes
+    return config, model_cls, tokenizer, special, fields, dtype
 
-    # Init in float32 (HF default: normal(0, 0.02) linears/embeddings, ones for norms),
-    # then cast, so values are the same rounding of one float32 draw for every dtype.
-    torch.manual_seed(seed)
-    model = model_cls(config)
-    # HF inits RMSNorm weights to 1 and biases to 0, so an engine that forgot to apply
-    # them would still match. Perturb them (mildly, to stay numerically tame).
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.add_(0.1 * torch.randn_like(p))
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    model = model.to(getattr(torch, dtype))
-    model.generation_config = GenerationConfig(**special, pad_token_id=tokenizer.pad_token_id)
 
+def num_parameters(config) -> int:
+    """Parameter count of the HF model for `config` (tied embeddings once), built on the meta device."""
+    model_cls = _ARCHS[config.model_type][1]
+    with torch.device("meta"):
+        model = model_cls(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_model(preset: str, out_dir: str, seed: int = 0, dtype: str | None = None,
+               max_shard_size: str = "2GB", weights: bool = True, allow_large: bool = False,
+               **overrides) -> str:
+    """Write a random-weight checkpoint for `preset` into out_dir; return out_dir.
+
+    overrides patch config fields (e.g. num_hidden_layers=2). Same seed -> same tensors.
+    weights=False writes config, generation config and tokenizer but no weight file (for
+    load_format="dummy"). With weights, a checkpoint over LARGE_CHECKPOINT_BYTES (qwen3-8b,
+    qwen3-32b) raises ValueError unless allow_large=True.
+    """
+    config, model_cls, tokenizer, special, fields, dtype = _build_config(preset, dtype, overrides)
+    generation_config = GenerationConfig(**special, pad_token_id=tokenizer.pad_token_id)
+    if weights and not allow_large:
+        size = num_parameters(config) * torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+        if size > LARGE_CHECKPOINT_BYTES:
+            raise ValueError(
+                f"{preset} weights would be {size / 1e9:.0f} GB on disk (and about twice that in host memory "
+                f"while building): pass weights=False (--no-weights) for load_format='dummy', "
+                f"or allow_large=True (--allow-large) to write them anyway")
     os.makedirs(out_dir, exist_ok=True)
-    # Tied models save no lm_head.weight (HF drops tied duplicates).
-    model.save_pretrained(out_dir, max_shard_size=_size_bytes(max_shard_size))
+
+    if not weights:
+        config.save_pretrained(out_dir)
+        generation_config.save_pretrained(out_dir)
+    else:
+        # Init in float32 (HF default: normal(0, 0.02) linears/embeddings, ones for norms),
+        # then cast, so values are the same rounding of one float32 draw for every dtype.
+        torch.manual_seed(seed)
+        model = model_cls(config)
+        # HF inits RMSNorm weights to 1 and biases to 0, so an engine that forgot to apply
+        # them would still match. Perturb them (mildly, to stay numerically tame).
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.add_(0.1 * torch.randn_like(p))
+                elif name.endswith(".bias"):
+                    p.copy_(0.1 * torch.randn_like(p))
+        model = model.to(getattr(torch, dtype))
+        model.generation_config = generation_config
+        # Tied models save no lm_head.weight (HF drops tied duplicates).
+        model.save_pretrained(out_dir, max_shard_size=_size_bytes(max_shard_size))
     tokenizer.save_pretrained(out_dir)
 
     # transformers 5 writes rope_theta only inside "rope_parameters"; real Qwen
@@ -231,9 +281,16 @@ def main(argv: list[str] | None = None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--no-weights", "--config-only", dest="weights", action="store_false",
+                   help="config, generation config and tokenizer only, no weight files (load_format='dummy')")
+    p.add_argument("--allow-large", action="store_true",
+                   help=f"write weights even above {LARGE_CHECKPOINT_BYTES // 10**9} GB (qwen3-8b, qwen3-32b)")
     args = p.parse_args(argv)
-    make_model(args.preset, args.out, seed=args.seed, dtype=args.dtype,
-               max_shard_size=args.max_shard_size)
+    try:
+        make_model(args.preset, args.out, seed=args.seed, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                   weights=args.weights, allow_large=args.allow_large)
+    except ValueError as e:
+        p.error(str(e))
     print(args.out)
 
 

@@ -1,10 +1,16 @@
-"""Load Hugging Face safetensors checkpoints (single file or sharded with an index) into our modules."""
+"""Load Hugging Face safetensors checkpoints (single file or sharded with an index) into our modules,
+or fill a model with seeded random weights when there is no checkpoint (load_format="dummy")."""
 import json
 import os
+import zlib
 from glob import glob
 
+import torch
 from safetensors import safe_open
 from torch import nn
+
+# Half-width of the uniform range of dummy matrices (see fill_dummy_weights).
+DUMMY_WEIGHT_RANGE = 0.02
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -67,3 +73,38 @@ def _check_complete(model: nn.Module, params: dict, loaded: set[str], path: str)
     if missing:
         raise ValueError(f"checkpoint {path!r} is missing tensors: {', '.join(sorted(missing)[:8])}"
                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+
+
+@torch.no_grad()
+def fill_dummy_weights(model: nn.Module, seed: int = 0, scale: float = DUMMY_WEIGHT_RANGE):
+    """Fill every parameter of a constructed model in place with seeded random values (no checkpoint).
+
+    RMSNorm weights (names ending in "norm.weight") get ones, biases zeros, everything else
+    (embeddings, projections, lm_head) uniform(-scale, scale). With pre-norm layers every block
+    sees a unit-RMS input, so each one adds a bounded amount to the residual stream and the
+    activations stay finite in bf16 however deep the model; 0.02 keeps the embeddings well above
+    RMSNorm's eps and gives logits a spread of about one unit, so greedy choices still depend on
+    the input. Parameters are filled where they live (a CUDA tensor, a tensor-parallel shard):
+    one in-place op each, nothing built on the host. Each parameter draws from a generator on
+    its own device seeded from (seed, its name), so the values do not depend on the order or
+    on which other parameters exist; identically named shards on different ranks get the same
+    values. Tied parameters (lm_head.weight is model.embed_tokens.weight) are filled once.
+    The same seed gives the same weights on the same kind of device (CPU and CUDA generators
+    draw different streams). Parameters on the meta device are skipped.
+    """
+    generators: dict[torch.device, torch.Generator] = {}
+    for name, param in model.named_parameters():  # remove_duplicate=True: tied weights once
+        data = param.data
+        if data.is_meta:
+            continue  # nothing allocated to fill
+        if name.endswith("norm.weight"):
+            data.fill_(1.0)
+        elif name.endswith("bias") or not data.is_floating_point():
+            data.zero_()
+        else:
+            gen = generators.get(data.device)
+            if gen is None:
+                gen = generators[data.device] = torch.Generator(device=data.device)
+            # crc32, not hash(): str hashes change per process.
+            gen.manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 63))
+            data.uniform_(-scale, scale, generator=gen)
