@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from nanovllm.engine.llm_engine import LLMEngine
@@ -24,6 +25,8 @@ logger = logging.getLogger("nanovllm.server")
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+SLOW_STATS_PERIOD = 0.1     # seconds between refreshes of the stats that walk the waiting queue
+THROUGHPUT_WINDOW = 10.0    # generation throughput is measured over about this many seconds
 
 
 @dataclass
@@ -77,6 +80,9 @@ class AsyncEngine:
         self.batch_size_hist = Histogram(BATCH_SIZE_BUCKETS)
         self.ttft_hist = Histogram(TTFT_BUCKETS)
         self.finished_by_reason = {"stop": 0, "length": 0, "abort": 0, "error": 0}
+        self._slow_at = -SLOW_STATS_PERIOD
+        self._gen_marks: deque[tuple[float, int]] = deque()   # (time, generated tokens), the last window
+        self._waiting_tokens = 0
         self.snapshot: dict = {}
         self._publish()
 
@@ -217,9 +223,21 @@ class AsyncEngine:
     def _publish(self):
         engine = self.engine
         scheduler = engine.scheduler
+        now = time.monotonic()
+        if now - self._slow_at >= SLOW_STATS_PERIOD:  # a pass over the queue: not every step
+            self._slow_at = now
+            marks = self._gen_marks
+            marks.append((now, engine.stats["generated_tokens"]))
+            while now - marks[0][0] > THROUGHPUT_WINDOW:
+                marks.popleft()
+            self._waiting_tokens = sum(len(seq) for seq in scheduler.waiting)
+        if not scheduler.waiting:
+            self._waiting_tokens = 0
         self.snapshot = {
             "running": len(scheduler.running),
             "waiting": len(scheduler.waiting),
+            "waiting_tokens": self._waiting_tokens,     # tokens queued for prefill, before cache lookup
+            "gen_window": self._gen_marks[0],           # (time, generated tokens) where the window opens
             "live_requests": len({id(r) for r in self._live.values()}),
             "kv": engine.kv_usage(),
             "stats": dict(engine.stats),

@@ -1,5 +1,7 @@
 """OpenAI-compatible HTTP API over the AsyncEngine: /v1/completions, /v1/chat/completions, /v1/models,
-/health and /metrics.
+/health and /metrics; and for a router in front of several servers (SGLang's `smg` / `sglang-router`),
+the discovery and load endpoints it reads: /server_info, /model_info (and their /get_* aliases),
+/v1/loads and the older /get_load, in the shapes SGLang answers them.
 
 Each handler parses and validates the whole request (types, ranges, context length, model name)
 before it queues anything, so a bad request costs the engine nothing. Errors use OpenAI's shape,
@@ -11,6 +13,8 @@ import json
 import time
 import uuid
 from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from typing import Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -26,6 +30,12 @@ from nanovllm.sampling_params import SamplingParams
 MAX_N = 64                    # choices per prompt; each one is a sequence in the batch
 MAX_SEQS_PER_REQUEST = 256    # prompts x n
 INT64 = 2 ** 63
+LOAD_SECTIONS = {"core", "memory", "spec", "lora", "disagg", "queues", "all"}  # SGLang's /v1/loads?include=
+
+try:
+    VERSION = version("nanovllm")
+except PackageNotFoundError:  # run from a source tree without installing
+    VERSION = "unknown"
 
 # ---------------------------------------------------------------------------------------------
 # Protocol. Strict: JSON types must match ("5" is not an integer); unknown fields are ignored.
@@ -182,6 +192,7 @@ class OpenAIServing:
         # Our own tokenizer: the engine thread decodes with the engine's, and a tokenizer object is not
         # safe to share across threads. Tokenizing here gives the same ids as engine.make_sequence(str).
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.config = config
         self.max_model_len = config.max_model_len
         self.kv_capacity = engine.engine.scheduler.block_manager.num_blocks * config.kvcache_block_size
         self.created = int(time.time())
@@ -270,6 +281,85 @@ def _sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
+# ---------------------------------------------------------------------------------------------
+# What a router reads: SGLang's field names and JSON types (its Rust parsers reject a float where
+# they expect an integer), one data-parallel rank (0), numbers from the engine thread's snapshot.
+
+
+def _server_info(serving: OpenAIServing) -> dict:
+    c = serving.config
+    return {"model_path": c.model, "tokenizer_path": c.model, "served_model_name": serving.model_names[0],
+            "served_model_names": serving.model_names, "tp_size": c.tensor_parallel_size, "dp_size": 1,
+            "context_length": c.max_model_len, "page_size": c.kvcache_block_size,
+            "max_total_num_tokens": serving.kv_capacity, "max_running_requests": c.max_num_seqs,
+            "max_prefill_tokens": c.max_num_batched_tokens, "enable_prefix_caching": c.enable_prefix_caching,
+            "enable_cascade_attention": c.enable_cascade_attention, "device": str(c.device),
+            "dtype": str(c.torch_dtype).removeprefix("torch."), "engine": "nanovllm", "version": VERSION}
+
+
+def _model_info(serving: OpenAIServing) -> dict:
+    hf = serving.config.hf_config
+    return {"model_path": serving.config.model, "tokenizer_path": serving.config.model, "is_generation": True,
+            "model_type": hf.model_type, "architectures": list(hf.architectures or []),
+            "has_image_understanding": False, "has_audio_understanding": False}
+
+
+def _rank_load(snapshot: dict, serving: OpenAIServing, sections: set[str]) -> dict:
+    """One rank's load: requests are sequences (n choices count n), tokens are KV pages x page size."""
+    kv, st, c = snapshot["kv"], snapshot["stats"], serving.config
+    running, waiting = snapshot["running"], snapshot["waiting"]
+    used = kv["blocks_used"] * c.kvcache_block_size
+    total = kv["blocks_total"] * c.kvcache_block_size
+    since, generated = snapshot["gen_window"]   # tokens generated since then, over at least a second
+    throughput = (st["generated_tokens"] - generated) / max(time.monotonic() - since, 1.0)
+    hit_rate = kv["cache_hit_tokens"] / kv["cache_query_tokens"] if kv["cache_query_tokens"] else 0.0
+    load = {"dp_rank": 0, "num_running_reqs": running, "num_waiting_reqs": waiting,
+            "num_total_reqs": running + waiting, "num_waiting_uncached_tokens": snapshot["waiting_tokens"],
+            "num_used_tokens": used, "num_total_tokens": used + snapshot["waiting_tokens"],
+            "max_total_num_tokens": total, "token_usage": round(used / total, 4) if total else 0.0,
+            "gen_throughput": round(throughput, 2), "cache_hit_rate": round(hit_rate, 4),
+            "utilization": round(running / c.max_num_seqs, 4), "max_running_requests": c.max_num_seqs}
+    if sections & {"queues", "all"}:
+        load["queues"] = {"waiting": waiting, "grammar": 0, "paused": 0, "retracted": 0}
+    return load
+
+
+def _loads(snapshot: dict, serving: OpenAIServing, query) -> dict:
+    """GET /v1/loads?include=core,queues&dp_rank=0 as SGLang answers it (sections we lack are left out)."""
+    sections = {part.strip() for part in query.get("include", "all").split(",") if part.strip()} or {"all"}
+    if sections - LOAD_SECTIONS:
+        raise ApiError(400, f"Invalid include sections: {sorted(sections - LOAD_SECTIONS)}; valid: "
+                            f"{sorted(LOAD_SECTIONS)}", param="include")
+    if query.get("format", "json") != "json":
+        raise ApiError(400, "format must be json (the Prometheus text is at /metrics)", param="format")
+    rank = query.get("dp_rank")
+    try:
+        rank = None if rank is None else int(rank)
+    except ValueError:
+        raise ApiError(400, f"dp_rank must be an integer, got {rank[:20]!r}", param="dp_rank") from None
+    loads = [_rank_load(snapshot, serving, sections)] if rank in (None, 0) else []  # one rank: 0
+    n = max(len(loads), 1)
+    aggregate = {
+        "total_running_reqs": sum(d["num_running_reqs"] for d in loads),
+        "total_waiting_reqs": sum(d["num_waiting_reqs"] for d in loads),
+        "total_reqs": sum(d["num_total_reqs"] for d in loads),
+        "total_used_tokens": sum(d["num_used_tokens"] for d in loads),
+        "total_tokens": sum(d["num_total_tokens"] for d in loads),
+        "avg_token_usage": round(sum(d["token_usage"] for d in loads) / n, 4),
+        "avg_throughput": round(sum(d["gen_throughput"] for d in loads) / n, 2),
+        "avg_utilization": round(sum(d["utilization"] for d in loads) / n, 4)}
+    return {"timestamp": datetime.now(timezone.utc).isoformat(), "version": VERSION,
+            "dp_rank_count": len(loads), "loads": loads, "aggregate": aggregate}
+
+
+def _legacy_load(snapshot: dict, serving: OpenAIServing) -> list[dict]:
+    """GET /get_load, SGLang's older endpoint (sglang-router 0.3 polls it): one entry per rank, and
+    num_tokens counts the KV tokens in use plus those queued for prefill."""
+    load = _rank_load(snapshot, serving, set())
+    return [{"dp_rank": 0, "num_reqs": load["num_total_reqs"], "num_waiting_reqs": load["num_waiting_reqs"],
+             "num_tokens": load["num_total_tokens"]}]
+
+
 async def _watch_disconnect(http_request: Request, engine: AsyncEngine, request: RequestStream):
     """Wait for the client to leave; then abort its sequences and wake whoever waits on their deltas.
 
@@ -339,6 +429,25 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
     @app.get("/metrics")
     async def metrics():
         return Response(render(engine.snapshot, http_errors), media_type=CONTENT_TYPE)
+
+    # For routers (open like /health and /metrics: they are probes). /get_* are SGLang's older names.
+    @app.get("/server_info")
+    @app.get("/get_server_info")
+    async def server_info():
+        return _server_info(serving)
+
+    @app.get("/model_info")
+    @app.get("/get_model_info")
+    async def model_info():
+        return _model_info(serving)
+
+    @app.get("/v1/loads")
+    async def loads(request: Request):
+        return _loads(engine.snapshot, serving, request.query_params)
+
+    @app.get("/get_load")
+    async def legacy_load():
+        return _legacy_load(engine.snapshot, serving)
 
     @v1.get("/models")
     async def models():

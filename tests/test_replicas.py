@@ -1,0 +1,268 @@
+"""Replicas behind SGLang's cache-aware router. In process: the discovery and load endpoints routers read
+(/server_info, /model_info, /v1/loads, /get_load) and the HTTP/2 preface answered with GOAWAY. End to end,
+per installed router (smg, sglang-router): scripts/serve_replicas.py with two tiny-model replicas; each
+of four system prompts is served by one replica, both replicas serve, outputs and prefix-cache hits equal
+one server's, the router reads our loads, and no process or port outlives the script."""
+import asyncio
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from nanovllm.entrypoints.metrics import parse
+from nanovllm.entrypoints.serve import H2_GOAWAY, H2_PREFACE, ServerThread
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "serve_replicas.py")
+MODEL = "tiny"
+ENGINE = dict(max_model_len=512, num_kvcache_blocks=256)
+ENGINE_FLAGS = ["--max-model-len", "512", "--num-kvcache-blocks", "256"]
+# Distinct from the first word, so no KV page (16 tokens) is shared between two of them.
+SYSTEMS = ["Alpha here. You are a careful cooking assistant: exact quantities, short numbered steps, no chatter.",
+           "Bravo speaking. You are a terse astronomy guide who names planets and stars precisely every time.",
+           "Charlie. You answer only about rivers and their lengths in kilometres, and you never guess a number.",
+           "Delta, your friendly chess tutor for beginners: explain each move with one simple reason, kindly."]
+QUESTIONS = ["What should I do first?", "Tell me one more thing.", "Summarize that in five words.", "Why?"]
+ROUTERS = {  # name: (module, router options for the test)
+    "smg": ("smg", "--load-monitor-interval 1"),   # poll loads every second, not every 10
+    "sglang-router": ("sglang_router", ""),
+}
+
+
+def chat(system: str, question: str, max_tokens: int) -> dict:
+    return {"model": MODEL, "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+            "max_tokens": max_tokens, "temperature": 0}
+
+
+# Round 0 is sent all at once (long answers, so they overlap and the router spreads them by load); the
+# later rounds one request at a time, so each can be traced to the replica that served it.
+ROUNDS = [[chat(s, QUESTIONS[r], 24 if r == 0 else 6) for s in SYSTEMS] for r in range(len(QUESTIONS))]
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        time.sleep(interval)
+
+
+def post_all(url: str, bodies: list[dict]) -> list[dict]:
+    async def go():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            responses = await asyncio.gather(*(c.post("/v1/chat/completions", json=b) for b in bodies))
+        for r in responses:
+            assert r.status_code == 200, r.text
+        return [r.json() for r in responses]
+    return asyncio.run(go())
+
+
+def answer(body: dict) -> tuple:
+    return body["choices"][0]["message"]["content"], body["choices"][0]["finish_reason"], body["usage"]
+
+
+def finished(url: str) -> int:
+    m = parse(httpx.get(f"{url}/metrics", timeout=10).text)
+    return int(sum(v for k, v in m.items() if k.startswith("nanovllm_sequences_finished_total")))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    with ServerThread(tiny_model, [MODEL], **ENGINE) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def expected(server) -> list[list[tuple]]:
+    """One server's answers to ROUNDS, sent one at a time."""
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        return [[answer(c.post("/v1/chat/completions", json=b).json()) for b in bodies] for bodies in ROUNDS]
+
+
+# ---- the endpoints, in process ------------------------------------------------------------------
+
+def test_discovery_endpoints(server, tiny_model):
+    for path in ("/server_info", "/get_server_info"):
+        info = httpx.get(server.url + path).json()
+        assert info["model_path"] == tiny_model and info["served_model_name"] == MODEL
+        assert info["tp_size"] == 1 and info["dp_size"] == 1 and info["context_length"] == 512
+        assert info["max_total_num_tokens"] == 256 * 16 and isinstance(info["max_running_requests"], int)
+    for path in ("/model_info", "/get_model_info"):
+        info = httpx.get(server.url + path).json()
+        assert info["is_generation"] is True and info["tokenizer_path"] == tiny_model
+        assert info["model_type"] == "qwen3" and info["architectures"] == ["Qwen3ForCausalLM"]
+
+
+def test_loads_report_the_engine(server):
+    def loads(**params):
+        r = httpx.get(f"{server.url}/v1/loads", params=params)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    idle = loads(include="core,disagg,queues,memory")
+    assert idle["dp_rank_count"] == 1 and isinstance(idle["timestamp"], str)
+    rank = idle["loads"][0]
+    assert rank["max_total_num_tokens"] == 256 * 16 and rank["queues"]["waiting"] == 0
+    for key in ("num_running_reqs", "num_waiting_reqs", "num_used_tokens", "max_total_num_tokens",
+                "num_total_reqs", "num_total_tokens", "max_running_requests"):
+        assert type(rank[key]) is int, key  # routers parse these as integers: 0.0 would be refused
+    assert "queues" not in loads(include="core")["loads"][0]
+    assert loads(dp_rank=1)["loads"] == []
+
+    # While a long request runs, its sequence and KV pages show; afterwards, the tokens it made.
+    body = {"model": MODEL, "prompt": "A heron stood in the shallows", "max_tokens": 400, "ignore_eos": True}
+    t = threading.Thread(target=httpx.post, args=(f"{server.url}/v1/completions",),
+                         kwargs={"json": body, "timeout": 120})
+    t.start()
+    busy = {}
+    wait_until(lambda: busy.update(loads()["loads"][0]) or busy["num_running_reqs"] == 1, 30, "request running")
+    assert busy["num_used_tokens"] > 0 and 0 < busy["token_usage"] < 1 and busy["utilization"] > 0
+    t.join(120)
+    wait_until(lambda: loads()["loads"][0]["num_running_reqs"] == 0, 10, "request finished")
+    rank = loads()["loads"][0]
+    assert rank["num_used_tokens"] == 0 and rank["gen_throughput"] > 0 and rank["cache_hit_rate"] >= 0
+    legacy = httpx.get(f"{server.url}/get_load").json()
+    assert legacy == [{"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0}]
+
+
+def test_loads_bad_queries_are_400(server):
+    for params in ({"include": "core,bogus"}, {"dp_rank": "x"}, {"dp_rank": "9" * 5000}, {"format": "xml"}):
+        r = httpx.get(f"{server.url}/v1/loads", params=params)
+        assert r.status_code == 400 and r.json()["error"]["param"] in params, r.text
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_http2_preface_gets_goaway(server):
+    """The gRPC probe of sglang-router: HTTP/2 prior knowledge. Split in two reads on purpose."""
+    with socket.create_connection((server.host, server.port), timeout=10) as s:
+        s.sendall(H2_PREFACE[:10])
+        time.sleep(0.05)
+        s.sendall(H2_PREFACE[10:] + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # + an empty SETTINGS frame
+        got = b""
+        while chunk := s.recv(1024):
+            got += chunk
+    assert got == H2_GOAWAY  # then the server closed the connection
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+# ---- two replicas behind the router, end to end -------------------------------------------------
+
+def start_script(tiny_model: str, router: str, router_args: str, log_dir) -> subprocess.Popen:
+    out = open(log_dir / "script.log", "wb")
+    cmd = [sys.executable, SCRIPT, "--model", tiny_model, "--replicas", "2", "--port", "0", "--router", router,
+           f"--router-args={router_args}", "--log-dir", str(log_dir), "--grace", "3", "--timeout", "90",
+           "--", "--served-model-name", MODEL, *ENGINE_FLAGS]
+    try:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    finally:
+        out.close()
+
+
+def read_ready(script: subprocess.Popen, log_dir, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = (log_dir / "script.log").read_text(errors="replace")
+        for line in text.splitlines():
+            if line.startswith("ready "):
+                return json.loads(line[len("ready "):])
+        if script.poll() is not None:
+            break
+        time.sleep(0.2)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(log_dir.glob("*.log")))
+    raise AssertionError(f"serve_replicas.py not ready (exit {script.poll()}):\n{logs}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited (init reaps it)
+    except FileNotFoundError:
+        return False
+
+
+def port_free(url: str) -> bool:
+    host, port = url.rsplit("/", 1)[1].rsplit(":", 1)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, int(port)))
+        except OSError:
+            return False
+    return True
+
+
+def router_loads(router_url: str) -> dict:
+    """Worker URL -> what the router holds of its load: smg keeps our /v1/loads rank, sglang-router 0.3
+    the token count it read from /get_load."""
+    body = httpx.get(f"{router_url}/get_loads", timeout=10).json()
+    if "workers" in body:
+        return {w["worker"]: {"load": w["load"]} for w in body["workers"]}
+    return {rank["worker"]: rank for rank in body["loads"]}
+
+
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_replicas_behind_router(router, tiny_model, expected, tmp_path):
+    module, router_args = ROUTERS[router]
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"router not installed: pip install {router}")
+    script = start_script(tiny_model, router, router_args, tmp_path)
+    try:
+        ready = read_ready(script, tmp_path)
+        url, replicas = ready["router"], ready["replicas"]
+        count = lambda: [finished(r) for r in replicas]
+
+        # Round 0, all at once: unmatched prefixes go to the least-loaded replica, so both get some.
+        got = [answer(b) for b in post_all(url, ROUNDS[0])]
+        wait_until(lambda: sum(count()) == len(SYSTEMS), 10, "round 0 counted")
+        per_replica = count()
+        assert min(per_replica) > 0, f"all of round 0 went to one replica: {per_replica}"
+        answers = [got]
+
+        # Later rounds, one request at a time: the replica that served each one.
+        home = {}
+        with httpx.Client(base_url=url, timeout=60) as c:
+            for bodies in ROUNDS[1:]:
+                got = []
+                for g, body in enumerate(bodies):
+                    before = count()
+                    got.append(answer(c.post("/v1/chat/completions", json=body).json()))
+                    wait_until(lambda: sum(count()) == sum(before) + 1, 10, "request counted")
+                    served = [i for i, (a, b) in enumerate(zip(count(), before)) if a > b]
+                    assert home.setdefault(g, served[0]) == served[0], f"system prompt {g} moved replicas"
+                    # Its prefix was cached there: round 0 of this prompt ran on the same replica.
+                    assert got[-1][2]["prompt_tokens_details"]["cached_tokens"] > 0
+                answers.append(got)
+        assert sorted(per_replica) == sorted(list(home.values()).count(i) for i in range(len(replicas)))
+        # Same texts, same usage (prefix-cache hits included) as one server given the same requests.
+        assert answers == expected
+
+        # The router read our loads: smg keeps our /v1/loads fields, sglang-router 0.3 the /get_load sum.
+        def seen():
+            loads = router_loads(url)
+            return set(loads) == set(replicas) and all(v.get("load", 0) >= 0 for v in loads.values())
+        wait_until(seen, 15, "router reports both replicas' loads", interval=0.5)
+        if router == "smg":
+            assert all(rank["max_total_num_tokens"] == 256 * 16 for rank in router_loads(url).values())
+    finally:
+        if script.poll() is None:
+            script.send_signal(signal.SIGINT)
+        try:
+            script.wait(60)
+        except subprocess.TimeoutExpired:
+            script.kill()  # its children get SIGTERM from the kernel (PR_SET_PDEATHSIG)
+            script.wait()
+    assert script.returncode == 130, (tmp_path / "script.log").read_text()
+    pids = ready["pids"].values()
+    wait_until(lambda: not any(alive(pid) for pid in pids), 10, "children gone")
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in ps and not any(f"--port {u.rsplit(':', 1)[1]} " in ps for u in replicas), ps
+    assert all(port_free(u) for u in [url, *replicas])
