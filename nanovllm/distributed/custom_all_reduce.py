@@ -1,0 +1,633 @@
+"""One-shot all-reduce over CUDA IPC for the small messages of tensor-parallel decode (FlashInfer's kernels).
+
+Why: on 2 x H200 with NCCL 2.28 a 16 KB all-reduce took ~22 us eagerly, and 56 of them in one CUDA
+graph (two per layer of Qwen3-0.6B) took 1.08 ms: more than half of a decode step (issue #10 part 3).
+For a message this small the time goes on NCCL's protocol, not on moving bytes over NVLink. A kernel that reads
+or writes the peers' buffers directly, through CUDA IPC mappings, needs one launch and one or two flag
+handshakes.
+
+What runs. Two FlashInfer 0.7.2.post1 kernels can do this without NVLink multicast. `backend` picks one:
+
+* "vllm" (the default): flashinfer.comm.vllm_ar (vLLM's custom all-reduce). Each rank has a
+  registered IPC buffer. On two GPUs the kernel is always `cross_device_reduce_1stage`: a flag barrier,
+  then every rank reads all the peers' inputs over NVLink, sums in fp32 and writes its own output, and a
+  closing barrier. On 4/6/8 GPUs with NVLink between every pair, the two-stage kernel (reduce-scatter
+  then all-gather) takes over from 512 KB (4 GPUs) or 256 KB (6 or 8 GPUs). Calls:
+    meta_size(); init_custom_ar(signal_ptrs, rank_data, rank, full_nvlink) -> fa;
+    register_buffer(fa, buffer_ptrs); all_reduce(fa, inp, out, reg_buffer, reg_buffer_bytes, num_ctas);
+    get_graph_buffer_ipc_meta(fa) -> (handle_bytes, offsets); register_graph_buffers(fa, handles, offsets);
+    dispose(fa).
+  Eagerly, all_reduce copies the input into the registered buffer first (`reg_buffer` set). While a
+  CUDA graph is captured, it is called with reg_buffer=0: the kernel then reads the input where it lies
+  (a graph-pool address), records that address, and launches with a slot of `rank_data` that is still
+  empty. After the capture every rank exports IPC handles for those addresses
+  (get_graph_buffer_ipc_meta), they are exchanged over the gloo group, and register_graph_buffers
+  fills in the slots. That is what `capture()` does on exit. Every rank must capture the same
+  all-reduces in the same order.
+* "trtllm": flashinfer.comm trtllm_allreduce_fusion (TensorRT-LLM's all-reduce fusion kernel),
+  pattern kAllReduce, and with `fused_add_rmsnorm` the pattern kARResidualRMSNorm: all-reduce,
+  + residual, then RMSNorm, all in one kernel. One-shot it is a "Lamport" kernel: each rank pushes its
+  input into every peer's buffer, and then polls its own buffer until no element still holds the
+  -0.0 sentinel. So it has no barrier and no registered input, and nothing to register after a graph
+  capture. The workspace layout is what the kernel reads (trtllm_allreduce_fusion.cuh, SyncComm and
+  LamportComm): [comm buffer x ws | barrier flags x ws | 3-slot lamport buffer x ws | control flags].
+  This module allocates it itself with cudaMalloc and legacy CUDA IPC. FlashInfer's workspace creators
+  use torch symmetric memory, or SymmDeviceMemory from comm/mnnvl.py, and neither is used here.
+  Only bf16 and fp16.
+
+Never used: NVLS, multimem or multicast, symmetric memory, and the MNNVL/mixed_comm/nvshmem
+paths. The one kind of memory here is cudaMalloc shared through
+cudaIpcGetMemHandle / cudaIpcOpenMemHandle, whose handles travel over the gloo group. This module, like
+every process of ours, sets NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1.
+
+Why "vllm" is the default until measured: the plain and graph paths of both kernels have the same
+interface here. vLLM's one-stage kernel takes any contiguous bf16/fp16/fp32 tensor of 16-byte multiple
+size, and it keeps no state between calls. The Lamport kernel should have the lower latency for tiny
+messages: one NVLink write and a local poll, against a barrier, remote reads and a second barrier. It
+can also fuse the residual-add + RMSNorm that follows every all-reduce in the model. But it needs a
+[tokens, hidden] shape and 16-bit dtypes, and it carries a rotating 3-slot state. FlashInfer's
+tracker has hang reports for this kernel family: flashinfer#3408 (this kernel, with PP > 1) and
+flashinfer#3053 (its MNNVL sibling, in piecewise CUDA graphs).
+scripts/bench_allreduce.py measures both (eager, and 56 ops in one CUDA graph) against NCCL. Set the
+default, and the `max_bytes` crossover, from its table.
+
+Switches (must be the same on every rank): NANOVLLM_DISABLE_CUSTOM_AR=1 turns it off,
+NANOVLLM_CUSTOM_AR_BACKEND=trtllm picks the other kernel when the caller passes no backend. The vllm
+backend refuses PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, because legacy IPC can't export the
+graph pool's cuMem memory.
+
+Measurements (scripts/bench_allreduce.py; per-op microseconds, median over runs, max over ranks)
+---------------------------------------------------------------------------------------
+NOT YET MEASURED: a placeholder for the GPU machine's run. Every '?' is waiting for it; the one figure,
+marked *, is issue #10's.
+
+| size   | nccl eager | nccl graph | vllm eager | vllm graph | trtllm eager | trtllm graph |
+|--------|-----------:|-----------:|-----------:|-----------:|-------------:|-------------:|
+| 16 KB  |     (~22)* |          ? |          ? |          ? |            ? |            ? |
+| 64 KB  |          ? |          ? |          ? |          ? |            ? |            ? |
+| 256 KB |          ? |          ? |          ? |          ? |            ? |            ? |
+| 1 MB   |          ? |          ? |          ? |          ? |            ? |            ? |
+| 4 MB   |          ? |          ? |          ? |          ? |            ? |            ? |
+| 8 MB   |          ? |          ? |          ? |          ? |            ? |            ? |
+* issue #10's figure (2 x H200, NCCL 2.28); in a graph it was 1.08 ms / 56 = ~19 us per op.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import logging
+import os
+import re
+
+# NVLink multicast can take the host's GPUs out of service: never on (see the module docstring).
+for _key, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                     ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ.setdefault(_key, _value)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+logger = logging.getLogger("nanovllm.distributed")
+
+BACKENDS = ("vllm", "trtllm")
+VLLM_WORLD_SIZES = (2, 4, 6, 8)          # vllm_custom_all_reduce.cuh: REDUCE_CASE(2/4/6/8)
+TRTLLM_WORLD_SIZES = (2, 4, 8, 16)       # trtllm_allreduce_fusion.cuh: allreduce_fusion_op
+VLLM_MAX_CTAS = 36                       # vllm::kMaxBlocks
+RANK_DATA_BYTES = 8 << 20                # room for 131072 registered (graph) buffers of 64 B each
+TRTLLM_BARRIER_FLAGS = 256               # details::kBarrierFlagCount
+TRTLLM_PATTERN_ALLREDUCE = 0             # AllReduceFusionPattern.kAllReduce
+TRTLLM_PATTERN_RESIDUAL_RMSNORM = 1      # AllReduceFusionPattern.kARResidualRMSNorm
+_IPC_HANDLE_BYTES = 64                   # sizeof(cudaIpcMemHandle_t)
+
+
+class _Unavailable(Exception):
+    """Raised by a setup step; every rank then disables the custom all-reduce (same reason)."""
+
+
+# ---- CUDA runtime through ctypes: cudaMalloc'd IPC buffers ------------------------------------------
+class _IpcHandle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_ubyte * _IPC_HANDLE_BYTES)]
+
+
+def _find_cudart_path() -> str | None:
+    """The libcudart this process already has loaded (PyTorch's), so ours shares its runtime."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) < 6:
+                    continue
+                path = parts[5].strip()
+                if re.fullmatch(r"libcudart(-[0-9a-fA-F]+)?\.so(\.\d+)*", os.path.basename(path)):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+class _CudaRT:
+    """The handful of CUDA runtime calls that CUDA IPC needs and torch does not expose."""
+
+    def __init__(self):
+        path = _find_cudart_path()
+        candidates = [path] if path else []
+        candidates += ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
+        last = None
+        for name in candidates:
+            try:
+                self.lib = ctypes.CDLL(name)
+                break
+            except OSError as e:
+                last = e
+        else:
+            raise _Unavailable(f"cannot load libcudart ({last})")
+        lib = self.lib
+        vp, sz = ctypes.c_void_p, ctypes.c_size_t
+        for fname, restype, argtypes in (
+            ("cudaGetErrorString", ctypes.c_char_p, [ctypes.c_int]),
+            ("cudaMalloc", ctypes.c_int, [ctypes.POINTER(vp), sz]),
+            ("cudaFree", ctypes.c_int, [vp]),
+            ("cudaMemset", ctypes.c_int, [vp, ctypes.c_int, sz]),
+            ("cudaIpcGetMemHandle", ctypes.c_int, [ctypes.POINTER(_IpcHandle), vp]),
+            ("cudaIpcOpenMemHandle", ctypes.c_int, [ctypes.POINTER(vp), _IpcHandle, ctypes.c_uint]),
+            ("cudaIpcCloseMemHandle", ctypes.c_int, [vp]),
+        ):
+            fn = getattr(lib, fname)
+            fn.restype, fn.argtypes = restype, argtypes
+
+    def _check(self, err: int, what: str):
+        if err != 0:
+            msg = self.lib.cudaGetErrorString(err)
+            raise RuntimeError(f"{what}: CUDA error {err} ({msg.decode() if msg else '?'})")
+
+    def malloc(self, nbytes: int) -> int:
+        ptr = ctypes.c_void_p()
+        self._check(self.lib.cudaMalloc(ctypes.byref(ptr), nbytes), f"cudaMalloc({nbytes})")
+        return int(ptr.value)
+
+    def free(self, ptr: int):
+        self._check(self.lib.cudaFree(ctypes.c_void_p(ptr)), "cudaFree")
+
+    def memset(self, ptr: int, value: int, nbytes: int):
+        self._check(self.lib.cudaMemset(ctypes.c_void_p(ptr), value, nbytes), "cudaMemset")
+
+    def ipc_handle(self, ptr: int) -> bytes:
+        h = _IpcHandle()
+        self._check(self.lib.cudaIpcGetMemHandle(ctypes.byref(h), ctypes.c_void_p(ptr)), "cudaIpcGetMemHandle")
+        return bytes(h.reserved)
+
+    def ipc_open(self, handle: bytes) -> int:
+        h = _IpcHandle()
+        ctypes.memmove(ctypes.addressof(h), handle, _IPC_HANDLE_BYTES)
+        ptr = ctypes.c_void_p()
+        lazy_enable_peer_access = 1  # cudaIpcMemLazyEnablePeerAccess
+        self._check(self.lib.cudaIpcOpenMemHandle(ctypes.byref(ptr), h, lazy_enable_peer_access),
+                    "cudaIpcOpenMemHandle")
+        return int(ptr.value)
+
+    def ipc_close(self, ptr: int):
+        self._check(self.lib.cudaIpcCloseMemHandle(ctypes.c_void_p(ptr)), "cudaIpcCloseMemHandle")
+
+
+# ---- FlashInfer's ops: the public flashinfer.comm wrappers, or the same JIT module directly --------
+def _load_ops(backend: str):
+    """FlashInfer's ops for `backend`: flashinfer.comm's own (vllm_ar.get_vllm_comm_module() or
+    trtllm_ar.get_trtllm_comm_module()), which build the JIT module on first use. flashinfer.comm
+    imports pynvml, cuda-python and many other modules the kernels don't need: where that import fails,
+    the same JIT module (same name, same cache) is loaded directly. Its functions take the same
+    arguments, because the flashinfer.comm wrappers only pass them through."""
+    try:
+        if backend == "vllm":
+            from flashinfer.comm import vllm_ar as mod
+        else:
+            from flashinfer.comm import trtllm_ar as mod
+    except Exception as e:
+        logger.info("flashinfer.comm not importable (%s); loading the %s JIT module directly", e, backend)
+        mod = None
+    if mod is not None:
+        return mod.get_vllm_comm_module() if backend == "vllm" else mod.get_trtllm_comm_module()
+    from flashinfer.jit import comm as jit_comm
+    spec = jit_comm.gen_vllm_comm_module() if backend == "vllm" else jit_comm.gen_trtllm_comm_module()
+    return spec.build_and_load()
+
+
+def _uuid(device: torch.device) -> str:
+    u = str(torch.cuda.get_device_properties(device).uuid)
+    return u if u.startswith("GPU-") else "GPU-" + u
+
+
+def _all_pairs_nvlink(uuids: list[str]) -> bool:
+    """True when NVML reports NVLink P2P between every pair of these GPUs (False if it can't tell)."""
+    try:
+        import pynvml
+    except ImportError:
+        return False
+    try:
+        pynvml.nvmlInit()
+        try:
+            handles = [pynvml.nvmlDeviceGetHandleByUUID(u) for u in uuids]
+            for i, a in enumerate(handles):
+                for b in handles[i + 1:]:
+                    if pynvml.nvmlDeviceGetP2PStatus(a, b, pynvml.NVML_P2P_CAPS_INDEX_NVLINK) \
+                            != pynvml.NVML_P2P_STATUS_OK:
+                        return False
+            return True
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # pynvml.NVMLError and friends
+        return False
+
+
+class CustomAllReduce:
+    """Sum over the ranks of a tensor-parallel group, out of place, for small CUDA tensors.
+
+    CustomAllReduce(cpu_group, rank, world_size, device, max_bytes=8 << 20, backend=None)
+
+    backend None: $NANOVLLM_CUSTOM_AR_BACKEND, else "vllm". num_ctas (vllm, <= 36) and
+    launch_with_pdl (trtllm: programmatic dependent launch) are knobs for the benchmark.
+
+    Construction is collective over `cpu_group` (gloo, the same ranks): every rank must construct it
+    with the same arguments. It never raises for an unusable setup. It sets `disabled = True` and
+    `disabled_reason`, the same on every rank, and the caller then uses NCCL. The reasons: world size 1
+    or unsupported, a device that is not CUDA, FlashInfer missing or failing to build, no P2P, IPC
+    failing, NANOVLLM_DISABLE_CUSTOM_AR=1. `close()` is collective too.
+
+    Use: `if car.should_use(x): y = car.all_reduce(x)`. Wrap the capture of all CUDA graphs in
+    `with car.capture(): ...`, which registers the graphs' buffers on exit.
+    """
+
+    def __init__(self, cpu_group, rank: int, world_size: int, device: torch.device,
+                 max_bytes: int = 8 << 20, backend: str | None = None, num_ctas: int = VLLM_MAX_CTAS,
+                 launch_with_pdl: bool = False):
+        if backend is None:  # NANOVLLM_CUSTOM_AR_BACKEND=trtllm tries the other kernel without code changes
+            backend = os.environ.get("NANOVLLM_CUSTOM_AR_BACKEND", "") or "vllm"
+        self.cpu_group = cpu_group
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.max_bytes = (int(max_bytes) + 15) // 16 * 16
+        self.backend = backend
+        self.num_ctas = int(num_ctas)
+        self.launch_with_pdl = bool(launch_with_pdl)
+        self.disabled = True
+        self.disabled_reason = "not initialised"
+        self.full_nvlink = False
+        self._capturing = False
+        self._ready = False                  # setup completed on every rank: close() has work to do
+        self._closed = False
+        self._ops = None
+        self._rt = None
+        self._shared: list[list[int]] = []   # per shared buffer: one pointer per rank (ours at [rank])
+        self._fa = None                      # vllm: the CustomAllreduce object (an int handle)
+        self._buffer_ptr = 0                 # vllm: our registered input buffer
+        self._rank_data = None               # vllm: device scratch for the registered pointers
+        self._workspace = None               # trtllm: int64 device tensor of pointers
+        self._control = None                 # trtllm: the 5 control ints
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.device = dev
+
+        # Checks every rank answers alike from its arguments: no collective needed.
+        reason = self._static_check()
+        if reason:
+            self._disable(reason)
+            return
+        try:
+            self._setup()
+        except _Unavailable as e:
+            self._disable(str(e))
+            return
+        self._ready = True
+        self.disabled = False
+        self.disabled_reason = ""
+        logger.info("custom all-reduce on: backend=%s rank=%d/%d max_bytes=%d full_nvlink=%s",
+                    self.backend, self.rank, self.world_size, self.max_bytes, self.full_nvlink)
+
+    # ---- setup ------------------------------------------------------------------------------------
+    def _static_check(self) -> str:
+        if self.backend not in BACKENDS:
+            return f"unknown backend {self.backend!r} (one of {BACKENDS})"
+        if self.world_size < 2:
+            return f"world_size {self.world_size}: nothing to reduce"
+        sizes = VLLM_WORLD_SIZES if self.backend == "vllm" else TRTLLM_WORLD_SIZES
+        if self.world_size not in sizes:
+            return f"world_size {self.world_size} not supported by the {self.backend} kernel {sizes}"
+        if self.device.type != "cuda":
+            return f"device {self.device} is not CUDA"
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        if not 0 <= self.rank < self.world_size:
+            return f"rank {self.rank} outside world_size {self.world_size}"
+        if self.cpu_group is None:
+            return "no cpu (gloo) group to exchange IPC handles over"
+        if not 1 <= self.num_ctas <= VLLM_MAX_CTAS:
+            return f"num_ctas {self.num_ctas} outside 1..{VLLM_MAX_CTAS}"
+        if self.backend == "trtllm" and 3 * self.world_size * self.max_bytes >= 1 << 31:
+            # LamportComm computes `clear_offset * comm_size` (up to 2 slots of ws * max_bytes) in int32.
+            return "trtllm: 3 * world_size * max_bytes must stay below 2 GiB (int32 lamport offsets)"
+        return ""
+
+    def _allgather(self, obj) -> list:
+        out = [None] * self.world_size
+        # gloo's all_gather writes its tensors from another thread, which inference mode (on around
+        # CUDA-graph capture) refuses: pytorch issue 126032. Plain tensors here.
+        with torch.inference_mode(False):
+            dist.all_gather_object(out, obj, group=self.cpu_group)
+        return out
+
+    def _agree(self, error: str | None, payload=None) -> list:
+        """Collective: everyone's payloads, or _Unavailable (on every rank) if any rank had an error."""
+        infos = self._allgather((error, payload))
+        errors = [f"rank {r}: {e}" for r, (e, _) in enumerate(infos) if e]
+        if errors:
+            raise _Unavailable("; ".join(errors))
+        return [p for _, p in infos]
+
+    @staticmethod
+    def _describe(e: BaseException) -> str:
+        return str(e) if isinstance(e, _Unavailable) else f"{type(e).__name__}: {e}"
+
+    def _setup(self):
+        # 1. Environment: the switch, the group, FlashInfer (JIT build on first use), libcudart, GPU id.
+        error, uuid = None, None
+        try:
+            if os.environ.get("NANOVLLM_DISABLE_CUSTOM_AR", "0") not in ("", "0"):
+                raise _Unavailable("NANOVLLM_DISABLE_CUSTOM_AR is set")
+            if dist.get_rank(self.cpu_group) != self.rank:
+                raise _Unavailable(f"rank {self.rank} is rank {dist.get_rank(self.cpu_group)} of cpu_group")
+            if dist.get_world_size(self.cpu_group) != self.world_size:
+                raise _Unavailable(f"cpu_group has {dist.get_world_size(self.cpu_group)} ranks")
+            if self.backend == "vllm" and "expandable_segments:true" in \
+                    os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower():
+                # Graph buffers are exported with cudaIpcGetMemHandle, which cuMem (expandable) memory refuses.
+                raise _Unavailable("PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True (no legacy IPC of graph buffers)")
+            torch.cuda.init()
+            self._ops = _load_ops(self.backend)
+            self._rt = _CudaRT()
+            uuid = _uuid(self.device)
+        except Exception as e:
+            error = self._describe(e)
+        infos = self._agree(error, (uuid, self.backend, self.max_bytes))
+        if len({(b, m) for _, b, m in infos}) != 1:  # e.g. NANOVLLM_CUSTOM_AR_BACKEND set on one rank only
+            raise _Unavailable(f"ranks disagree on (backend, max_bytes): {[(b, m) for _, b, m in infos]}")
+        uuids = [u for u, _, _ in infos]
+
+        # 2. P2P between this GPU and every peer it can see (a peer hidden by CUDA_VISIBLE_DEVICES
+        #    is left to cudaIpcOpenMemHandle), and NVLink between all pairs where the kernel needs it.
+        error = None
+        try:
+            local = {_uuid(torch.device("cuda", i)): i for i in range(torch.cuda.device_count())}
+            for r, u in enumerate(uuids):
+                if r != self.rank and u in local and local[u] != self.device.index:
+                    if not torch.cuda.can_device_access_peer(self.device.index, local[u]):
+                        raise _Unavailable(f"no P2P access from {self.device} to rank {r}'s GPU")
+            self.full_nvlink = self.world_size == 2 or _all_pairs_nvlink(uuids)
+            if self.backend == "vllm" and not self.full_nvlink:
+                # vllm_custom_all_reduce.cuh launches nothing for >2 GPUs without full NVLink.
+                raise _Unavailable("more than 2 GPUs without NVLink between every pair (or NVML can't tell)")
+        except Exception as e:
+            error = self._describe(e)
+        self._agree(error)
+
+        # 3. Buffers, shared over IPC; then the kernel's state. Each step ends in a collective
+        #    agreement, so a failure anywhere raises _Unavailable on every rank, and all tear down.
+        try:
+            with torch.cuda.device(self.device):
+                if self.backend == "vllm":
+                    self._setup_vllm()
+                else:
+                    self._setup_trtllm()
+                error = None
+                try:
+                    torch.cuda.synchronize(self.device)
+                except Exception as e:
+                    error = self._describe(e)
+            self._agree(error)  # no rank launches a kernel before every rank's buffers are ready
+        except _Unavailable:
+            self._release(barrier=False)
+            raise
+
+    def _share(self, sizes: list[int]) -> list[list[int]]:
+        """Collective: cudaMalloc each size here (zeroed), open every peer's; pointer lists per buffer."""
+        error, mine = None, []
+        try:
+            for n in sizes:
+                ptr = self._rt.malloc(n)
+                self._shared.append([None] * self.world_size)
+                self._shared[-1][self.rank] = ptr
+                self._rt.memset(ptr, 0, n)
+                mine.append(self._rt.ipc_handle(ptr))
+        except Exception as e:
+            error = self._describe(e)
+        handles = self._agree(error, mine)
+        error = None
+        new = self._shared[-len(sizes):]
+        try:
+            for i, buf in enumerate(new):
+                for r in range(self.world_size):
+                    if r != self.rank:
+                        buf[r] = self._rt.ipc_open(handles[r][i])
+        except Exception as e:
+            error = self._describe(e)
+        self._agree(error)
+        return [list(b) for b in new]
+
+    def _setup_vllm(self):
+        error = None
+        try:
+            meta = int(self._ops.meta_size())
+        except Exception as e:
+            meta, error = 0, self._describe(e)
+        self._agree(error)
+        # Signal (flags) + room for the two-stage kernel's intermediate results; the input buffer.
+        signals, buffers = self._share([meta + self.max_bytes, self.max_bytes])
+        error = None
+        try:
+            self._rank_data = torch.empty(RANK_DATA_BYTES, dtype=torch.uint8, device=self.device)
+            self._fa = self._ops.init_custom_ar(signals, self._rank_data, self.rank, self.full_nvlink)
+            self._ops.register_buffer(self._fa, buffers)
+            self._buffer_ptr = buffers[self.rank]
+        except Exception as e:
+            error = self._describe(e)
+        self._agree(error)
+
+    def _setup_trtllm(self):
+        ws = self.world_size
+        comm_bytes = 2 * self.max_bytes                 # two-shot: inputs, then partial sums after them
+        flag_bytes = ws * TRTLLM_BARRIER_FLAGS * 4      # one int per (block slot, peer)
+        lamport_slot = ws * self.max_bytes              # one-shot: every rank's input, side by side
+        comm, flags, lamport = self._share([comm_bytes, flag_bytes, 3 * lamport_slot])
+        error = None
+        try:
+            # Lamport buffers start as -0.0 everywhere (0x8000 for fp16 and bf16 alike).
+            self._ops.trtllm_lamport_initialize(lamport[self.rank], 3 * lamport_slot // 2, torch.float16)
+            # [block counter, two-shot flag, lamport flag, lamport slot bytes, elements to clear]
+            self._control = torch.tensor([0, 0, 0, lamport_slot, 0], dtype=torch.int32, device=self.device)
+            self._workspace = torch.tensor(comm + flags + lamport + [self._control.data_ptr()],
+                                           dtype=torch.int64, device=self.device)
+        except Exception as e:
+            error = self._describe(e)
+        self._agree(error)
+
+    def _disable(self, reason: str):
+        self.disabled = True
+        self.disabled_reason = reason
+        if self.world_size > 1 and self.rank == 0:
+            logger.warning("custom all-reduce off (%s): NCCL for every all-reduce", reason)
+
+    # ---- use --------------------------------------------------------------------------------------
+    def should_use(self, x: torch.Tensor) -> bool:
+        """Whether all_reduce(x) is valid and meant for x (else use NCCL)."""
+        if self.disabled:
+            return False
+        if x.device != self.device or not x.is_contiguous():
+            return False
+        nbytes = x.numel() * x.element_size()
+        if nbytes == 0 or nbytes > self.max_bytes or nbytes % 16:
+            return False
+        if self.backend == "vllm":
+            return x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            return False
+        return self._trtllm_shape_ok(x)
+
+    @staticmethod
+    def _trtllm_shape_ok(x: torch.Tensor) -> bool:
+        # Rows of x.shape[-1]: 16-byte vectors, one row's vectors within one thread block of <= 1024
+        # threads (the kernel may split a row over a cluster, but never needs to below this bound).
+        if x.dim() == 0:
+            return False
+        row_bytes = x.shape[-1] * x.element_size()
+        return row_bytes % 16 == 0 and row_bytes // 16 <= 1024
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of x over the ranks, in a new tensor. Eager, or inside capture() during graph capture."""
+        if self.disabled:
+            raise RuntimeError(f"custom all-reduce is disabled: {self.disabled_reason}")
+        out = torch.empty_like(x)
+        if self.backend == "trtllm":
+            self._trtllm(x, TRTLLM_PATTERN_ALLREDUCE, allreduce_out=out)
+            return out
+        if torch.cuda.is_current_stream_capturing():
+            if not self._capturing:
+                raise RuntimeError("custom all-reduce captured in a CUDA graph outside CustomAllReduce.capture(): "
+                                   "its buffers would never be registered")
+            # Read x in place: its graph-pool address is registered with the peers when capture() ends.
+            self._ops.all_reduce(self._fa, x, out, 0, 0, self.num_ctas)
+        else:
+            # Copy x into the registered buffer first (the FFI op does the copy on the stream).
+            self._ops.all_reduce(self._fa, x, out, self._buffer_ptr, self.max_bytes, self.num_ctas)
+        return out
+
+    def should_use_fused(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether fused_add_rmsnorm(x, residual, weight, eps) is available for these tensors."""
+        return (self.backend == "trtllm" and self.should_use(x) and x.dim() >= 1
+                and residual.shape == x.shape and residual.dtype == x.dtype and residual.is_contiguous()
+                and residual.device == x.device and weight.shape == (x.shape[-1],)
+                and weight.dtype == x.dtype and weight.is_contiguous() and weight.device == x.device)
+
+    def fused_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """trtllm only: s = all_reduce(x); residual += s (in place); returns (rmsnorm(residual) * weight,
+        residual), the same as NCCL all-reduce followed by flashinfer.fused_add_rmsnorm."""
+        if self.disabled or self.backend != "trtllm":
+            raise RuntimeError("fused_add_rmsnorm needs an enabled backend='trtllm' CustomAllReduce")
+        norm_out = torch.empty_like(x)
+        # Each element of residual is read and then written by the same thread: in place is safe.
+        self._trtllm(x, TRTLLM_PATTERN_RESIDUAL_RMSNORM, residual_in=residual, residual_out=residual,
+                     norm_out=norm_out, rms_gamma=weight, rms_eps=float(eps))
+        return norm_out, residual
+
+    def _trtllm(self, x, pattern, allreduce_out=None, residual_in=None, residual_out=None,
+                norm_out=None, rms_gamma=None, rms_eps=None):
+        hidden = x.shape[-1]
+        tokens = x.numel() // hidden
+        # One-shot (Lamport) whenever it fits, which the workspace sizing guarantees up to max_bytes.
+        # Two-shot needs more tokens than ranks; it is never chosen by default.
+        oneshot = True
+        # Arguments in the order of trtllm_allreduce_fusion (csrc/trtllm_allreduce_fusion.cu).
+        self._ops.trtllm_allreduce_fusion(
+            x, self.world_size, self.rank, tokens, hidden, self._workspace,
+            self.launch_with_pdl, oneshot, True, True, pattern,       # pdl, oneshot, trigger at end, fp32 acc
+            allreduce_out, residual_in, residual_out, norm_out,
+            None, None, rms_gamma, rms_eps, None, None, None, None)   # quant_out, scale_out, ..., weight_bias
+
+    @contextlib.contextmanager
+    def capture(self):
+        """Wrap the capture of every CUDA graph that calls all_reduce. On exit (collective over
+        cpu_group) the addresses the captured all-reduces read are exchanged and registered: every
+        rank must have captured the same all-reduces in the same order. Eager calls inside run
+        normally (warm-up passes)."""
+        if self.disabled or self.backend != "vllm":
+            yield
+            return
+        if self._capturing:
+            raise RuntimeError("CustomAllReduce.capture() is not reentrant")
+        self._capturing = True
+        try:
+            yield
+        finally:
+            self._capturing = False
+        self._register_graph_buffers()
+
+    def _register_graph_buffers(self):
+        handle_bytes, offsets = self._ops.get_graph_buffer_ipc_meta(self._fa)
+        mine = ([int(b) for b in handle_bytes], [int(o) for o in offsets])
+        everyone = self._allgather(mine)
+        counts = [len(o) for _, o in everyone]
+        if len(set(counts)) != 1:
+            raise RuntimeError(f"ranks captured different numbers of custom all-reduces: {counts}")
+        if counts[0]:
+            self._ops.register_graph_buffers(self._fa, [h for h, _ in everyone], [o for _, o in everyone])
+        logger.info("custom all-reduce: registered %d graph buffers", counts[0])
+
+    # ---- teardown ---------------------------------------------------------------------------------
+    def close(self):
+        """Free the IPC buffers and handles. Collective (all ranks call it); idempotent. Call it only
+        once no CUDA graph that captured these all-reduces will be replayed again."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._ready:  # never set up, or already torn down when setup failed
+            return
+        self.disabled = True
+        self.disabled_reason = "closed"
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize(self.device)
+        self._release(barrier=True)
+
+    def _release(self, barrier: bool):
+        if self._fa is not None:
+            with contextlib.suppress(Exception):
+                self._ops.dispose(self._fa)  # closes the peers' graph buffers it opened
+            self._fa = None
+        self._rank_data = self._workspace = self._control = None
+        for buf in self._shared:  # first our mappings of the peers' memory ...
+            for r, ptr in enumerate(buf):
+                if r != self.rank and ptr is not None:
+                    with contextlib.suppress(Exception):
+                        self._rt.ipc_close(ptr)
+        if barrier:  # ... then, once no peer maps ours any more, our own
+            try:
+                if dist.get_backend(self.cpu_group) == "gloo":
+                    dist.monitored_barrier(group=self.cpu_group, timeout=datetime.timedelta(seconds=60))
+                else:
+                    dist.barrier(group=self.cpu_group)
+            except Exception as e:
+                logger.warning("custom all-reduce close: peers did not reach the barrier (%s); "
+                               "leaving our IPC buffers allocated", e)
+                self._shared = []
+                return
+        for buf in self._shared:
+            if buf[self.rank] is not None:
+                with contextlib.suppress(Exception):
+                    self._rt.free(buf[self.rank])
+        self._shared = []
+
+    def __repr__(self):
+        state = f"disabled: {self.disabled_reason}" if self.disabled else f"max_bytes={self.max_bytes}"
+        return f"CustomAllReduce(backend={self.backend}, rank={self.rank}/{self.world_size}, {state})"
+
+
+__all__ = ["CustomAllReduce", "BACKENDS"]
