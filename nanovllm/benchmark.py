@@ -3,6 +3,7 @@
     python bench.py --preset qwen3-0.6b                      # W1: throughput, random-weight Qwen3-0.6B
     python bench.py --workload w2 --enable-cascade-attention # many shared system prompts
     python bench.py --model PATH --workload w3               # one shared system prompt, a real checkpoint
+    python bench.py --preset qwen3-8b --tensor-parallel-size 2 # 8B shapes on two GPUs (dummy weights)
 
 Each run prints output tokens, seconds and tok/s, and appends one JSON line to --json.
 """
@@ -16,20 +17,21 @@ import time
 from nanovllm import LLM, SamplingParams
 
 
-def w1():
+def w1(top: int = 10000):
     random.seed(0)
-    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))] for _ in range(256)]
+    prompts = [[random.randint(0, top) for _ in range(random.randint(100, 1024))] for _ in range(256)]
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, 1024)) for _ in range(256)]
     return prompts, params
 
 
-def shared_prompts(groups: int, per_group: int, system_len: int, question_len: int, output_len: int, seed: int = 0):
+def shared_prompts(groups: int, per_group: int, system_len: int, question_len: int, output_len: int, seed: int = 0,
+                   top: int = 10000):
     """SGLang's generated-shared-prefix workload: random-token system prompts, one per group."""
     rng = random.Random(seed)
     prompts = []
     for _ in range(groups):
-        system = [rng.randint(0, 10000) for _ in range(system_len)]
-        prompts += [system + [rng.randint(0, 10000) for _ in range(question_len)] for _ in range(per_group)]
+        system = [rng.randint(0, top) for _ in range(system_len)]
+        prompts += [system + [rng.randint(0, top) for _ in range(question_len)] for _ in range(per_group)]
     rng.shuffle(prompts)
     params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=output_len)] * len(prompts)
     return prompts, params
@@ -37,22 +39,27 @@ def shared_prompts(groups: int, per_group: int, system_len: int, question_len: i
 
 WORKLOADS = {
     "w1": (w1, {}),
-    "w2": (lambda: shared_prompts(64, 16, 2048, 128, 256), dict(max_num_seqs=1024, max_model_len=2560)),
-    "w3": (lambda: shared_prompts(1, 1024, 8192, 128, 256), dict(max_num_seqs=1024, max_model_len=8704)),
+    "w2": (lambda top: shared_prompts(64, 16, 2048, 128, 256, top=top), dict(max_num_seqs=1024, max_model_len=2560)),
+    "w3": (lambda top: shared_prompts(1, 1024, 8192, 128, 256, top=top), dict(max_num_seqs=1024, max_model_len=8704)),
     "w4": (w1, dict(enable_cascade_attention=True)),
 }
 
 
 def run(args) -> dict:
     model = args.model
+    load_format = args.load_format
     if model is None:
-        from nanovllm.tools.make_model import make_model
-        model = os.path.join(tempfile.gettempdir(), f"nanovllm-{args.preset}")
+        from nanovllm.tools.make_model import BIG_PRESETS, make_model
+        # Shapes too big to write (qwen3-8b, qwen3-32b): config and tokenizer only, random weights on the device.
+        big = load_format == "dummy" or args.preset in BIG_PRESETS
+        model = os.path.join(tempfile.gettempdir(), f"nanovllm-{args.preset}" + ("-config" if big else ""))
         if not os.path.exists(os.path.join(model, "config.json")):
-            make_model(args.preset, model, seed=0)
+            make_model(args.preset, model, seed=0, weights=not big)
+        load_format = "dummy" if big else load_format
     make, defaults = WORKLOADS[args.workload]
     cfg = dict(defaults)
-    cfg.update(enforce_eager=args.enforce_eager)
+    cfg.update(enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+               load_format=load_format or "auto", disable_custom_all_reduce=args.disable_custom_all_reduce)
     if args.enable_cascade_attention:
         cfg["enable_cascade_attention"] = True
     for key in ("max_num_seqs", "max_num_batched_tokens", "kvcache_block_size", "gpu_memory_utilization", "max_model_len",
@@ -61,8 +68,15 @@ def run(args) -> dict:
             cfg[key] = getattr(args, key)
     t0 = time.perf_counter()
     llm = LLM(model, **cfg)
-    startup = time.perf_counter() - t0
-    prompts, params = make()
+    try:
+        return measure(args, llm, cfg, time.perf_counter() - t0, make)
+    finally:
+        llm.close()
+
+
+def measure(args, llm, cfg, startup, make) -> dict:
+    # Token ids up to 10,000 as the workloads define them, or the vocabulary's last id if smaller.
+    prompts, params = make(min(10000, llm.vocab_size - 1))
     llm.generate(["Benchmark: "], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     before = dict(llm.stats)
     hits0 = llm.kv_usage()["cache_hit_tokens"]
@@ -74,7 +88,8 @@ def run(args) -> dict:
                                                    "prefill_seconds", "decode_seconds")}
     kv = llm.kv_usage()
     result = dict(
-        workload=args.workload, model=args.model or args.preset, cascade=bool(cfg.get("enable_cascade_attention")),
+        workload=args.workload, model=args.model or args.preset, tp=args.tensor_parallel_size,
+        custom_all_reduce=not args.disable_custom_all_reduce, cascade=bool(cfg.get("enable_cascade_attention")),
         cascade_shared_backend=cfg.get("cascade_shared_backend", "auto"),
         enforce_eager=args.enforce_eager, requests=len(prompts), output_tokens=output_tokens,
         seconds=round(seconds, 3), output_tok_s=round(output_tokens / seconds, 1),
@@ -84,7 +99,8 @@ def run(args) -> dict:
     if llm.model_runner.device.type == "cuda":
         import torch
         total = torch.cuda.get_device_properties(0).total_memory
-        result["peak_gpu_mem_frac"] = round(torch.cuda.max_memory_reserved() / total, 3)
+        result["peak_gpu_mem_frac"] = round(torch.cuda.max_memory_reserved() / total, 3)  # rank 0's GPU
+        result["gpu"] = torch.cuda.get_device_name(0)
     return result
 
 
@@ -101,6 +117,10 @@ def main(argv=None):
     p.add_argument("--kvcache-block-size", type=int)
     p.add_argument("--gpu-memory-utilization", type=float)
     p.add_argument("--cascade-shared-backend", choices=["auto", "triton", "fa2", "fa3"])
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--disable-custom-all-reduce", action="store_true", help="NCCL for every all-reduce")
+    p.add_argument("--load-format", choices=["auto", "dummy"], default=None,
+                   help="dummy: random weights from config.json (the default for presets too big to write)")
     p.add_argument("--json", default="bench_results.jsonl", help="append the result as one JSON line here")
     args = p.parse_args(argv)
     result = run(args)

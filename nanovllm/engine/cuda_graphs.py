@@ -25,6 +25,7 @@ class DecodeGraphs:
         self.model, self.backend = model, backend
         self.sizes = graph_batch_sizes(max_bs)
         self.graphs: dict = {}
+        self.replays = 0  # decode steps run from a graph (benchmarks and tests read it)
         self.vars = dict(
             input_ids=torch.zeros(max_bs, dtype=torch.long, device=device),
             positions=torch.zeros(max_bs, dtype=torch.long, device=device),
@@ -54,6 +55,7 @@ class DecodeGraphs:
     def replay(self, key, n: int) -> torch.Tensor:
         """Hidden states of the step's n rows (the graph's output buffer, valid until the next replay)."""
         self.graphs[key].replay()
+        self.replays += 1
         return self.vars["hidden"][:n]
 
     def _dummy_batch(self, bs: int, levels: int, num_pages: int) -> StepBatch:

@@ -14,7 +14,7 @@ from nanovllm.layers.embed_head import LMHead, VocabEmbedding
 from nanovllm.layers.fused import use_fused
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import Linear, PackedLinear
-from nanovllm.layers.rotary_embedding import RotaryEmbedding
+from nanovllm.layers.rotary_embedding import get_rope
 from nanovllm.utils.context import get_context
 
 
@@ -34,7 +34,7 @@ class Qwen3Attention(nn.Module):
         rope_theta = getattr(config, "rope_theta", None)
         if rope_theta is None:  # newer transformers keep it under rope_parameters
             rope_theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, rope_theta)
+        self.rotary_emb = get_rope(self.head_dim, config.max_position_embeddings, rope_theta)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
         self.qk_norm = qk_norm
         if qk_norm:

@@ -166,6 +166,7 @@ def _size_bytes(size: str) -> int:
 
 # make_model refuses to write weights above this without allow_large (qwen3-8b: 16 GB, qwen3-32b: 66 GB).
 LARGE_CHECKPOINT_BYTES = 10 * 10**9
+BIG_PRESETS = ("qwen3-8b", "qwen3-32b")  # over LARGE_CHECKPOINT_BYTES: benchmarks use load_format="dummy"
 
 
 def _build_config(preset: str, dtype: str | None, overrides: dict):
