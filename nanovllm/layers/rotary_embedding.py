@@ -1,5 +1,3 @@
-import functools
-
 import torch
 from torch import nn
 
@@ -36,13 +34,3 @@ class RotaryEmbedding(nn.Module):
         k_out = k.float() * cos + _rotate_half(k.float()) * sin
         return q_out.to(q.dtype), k_out.to(k.dtype)
 
-
-def get_rope(head_dim: int, max_position: int, base: float) -> RotaryEmbedding:
-    """One table for every layer of a model (a table per layer took 42 MB each at 40,960 positions:
-    2.7 GB for Qwen3-32B's 64 layers), per dtype and device in force (the model is built under them)."""
-    return _rope(head_dim, max_position, base, torch.get_default_dtype(), torch.empty(0).device)
-
-
-@functools.cache
-def _rope(head_dim, max_position, base, dtype, device) -> RotaryEmbedding:
-    return RotaryEmbedding(head_dim, max_position, base)
