@@ -195,3 +195,17 @@ def test_bad_parallel_config_is_refused_before_any_process(tiny_model, kwargs, m
     with pytest.raises(ValueError, match=match):
         LLM(tiny_model, **kwargs)
     assert not children()
+
+
+def test_torchrun_launch(tiny_model):
+    """Every rank started by torchrun (env:// rendezvous, steps over the gloo channel): the same text
+    as one process."""
+    args = ["-m", "nanovllm.cli", "generate", "--model", tiny_model, "--max-tokens", "8", "--max-model-len", "512",
+            "Hello there", "The river"]
+    single = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                               "--master-port", str(free_port()), *args, "--tensor-parallel-size", "2"],
+                              capture_output=True, text=True, timeout=180)
+    assert torchrun.returncode == 0, torchrun.stderr[-2000:]
+    assert torchrun.stdout == single.stdout and single.stdout.count("\n") == 2

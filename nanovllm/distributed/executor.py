@@ -215,16 +215,23 @@ class TensorParallelExecutor:
             return
         self.closed = True
         atexit.unregister(self.close)
-        if self.channel is not None and self.failure is None and parallel_state.group() is not None:
+        orderly = self.channel is not None and self.failure is None and parallel_state.group() is not None
+        if orderly:
             try:
                 self._send(None)  # the workers leave their loop and the group
             except Exception as e:
                 logger.warning("could not tell the workers to stop: %s", e)
-        stop_processes(self.procs)
+                orderly = False
+        if orderly:
+            # Leaving the group is collective (the custom all-reduce frees its IPC buffers after a
+            # barrier): together with the workers, then wait for them to exit.
+            parallel_state.destroy_tensor_parallel()
+            stop_processes(self.procs)
+        else:
+            stop_processes(self.procs, timeout_s=2.0)
+            parallel_state.destroy_tensor_parallel()
         if self.channel is not None:
             self.channel.close()
-        parallel_state.destroy_tensor_parallel()
-
 
 def run_node(config):
     """A node other than 0: start its ranks, wait for them (they exit when rank 0 closes the
