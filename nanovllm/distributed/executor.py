@@ -215,6 +215,7 @@ class TensorParallelExecutor:
             return
         self.closed = True
         atexit.unregister(self.close)
+        runner = getattr(self, "runner", None)
         orderly = self.channel is not None and self.failure is None and parallel_state.group() is not None
         if orderly:
             try:
@@ -222,6 +223,8 @@ class TensorParallelExecutor:
             except Exception as e:
                 logger.warning("could not tell the workers to stop: %s", e)
                 orderly = False
+        if runner is not None and self.failure is None:
+            runner.release_graphs()
         if orderly:
             # Leaving the group is collective (the custom all-reduce frees its IPC buffers after a
             # barrier): together with the workers, then wait for them to exit.

@@ -27,7 +27,7 @@ def worker_main(config, rank: int, local_rank: int, master_addr: str | None, mas
     import signal
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where a worker is
     code = 0
-    channel = None
+    channel = runner = None
     try:
         device = local_device(config, local_rank)
         if device.type == "cuda":
@@ -62,6 +62,8 @@ def worker_main(config, rank: int, local_rank: int, master_addr: str | None, mas
             except Exception:
                 pass
     finally:
+        if runner is not None and code == 0:
+            runner.release_graphs()
         if channel is not None:
             channel.close()
         parallel_state.destroy_tensor_parallel(timeout_s=5.0)

@@ -91,6 +91,14 @@ class ModelRunner:
                 self.graphs.capture(self.num_kvcache_blocks,
                                     config.cascade_max_levels if config.enable_cascade_attention else 0)
 
+    def release_graphs(self):
+        """Drop the CUDA graphs before the process group goes: a graph that captured NCCL kernels and
+        outlives its communicator aborted the process at exit (seen with 32B shapes under TP=2)."""
+        if self.graphs is not None:
+            torch.cuda.synchronize()
+            self.graphs = None
+            torch.cuda.empty_cache()
+
     @torch.inference_mode()
     def warmup(self, decode: bool = False):
         """The largest prefill (token budget) or decode step (max_num_seqs rows, sampled with top-k/top-p),
