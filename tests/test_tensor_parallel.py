@@ -209,3 +209,26 @@ def test_torchrun_launch(tiny_model):
                               capture_output=True, text=True, timeout=180)
     assert torchrun.returncode == 0, torchrun.stderr[-2000:]
     assert torchrun.stdout == single.stdout and single.stdout.count("\n") == 2
+
+
+def test_server_reports_a_failed_worker_and_stops_clean(tiny_model):
+    """TP=2 behind the HTTP server: a killed worker makes /health 503 and requests fail with the error
+    (the server itself keeps answering); stopping the server leaves no process behind."""
+    import httpx
+
+    from nanovllm.entrypoints.serve import ServerThread
+    server = ServerThread(tiny_model, ["tiny"], tensor_parallel_size=2, max_model_len=512, max_num_seqs=16).start()
+    try:
+        body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0}
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            assert client.post("/v1/completions", json=body).status_code == 200
+            assert client.get("/health").status_code == 200
+            rank, proc = server.engine.engine.executor.procs[0]
+            os.kill(proc.pid, 9)
+            proc.join(10)
+            reply = client.post("/v1/completions", json=body)
+            assert reply.status_code >= 500 and "rank 1" in reply.text
+            assert client.get("/health").status_code == 503
+    finally:
+        server.stop()
+    assert not children()

@@ -210,6 +210,11 @@ class LLMEngine:
         """Stop the tensor-parallel workers, if any (idempotent; also at interpreter exit)."""
         self.executor.close()
 
+    @property
+    def failure(self) -> Exception | None:
+        """The error that stopped the engine for good (a tensor-parallel worker failed), else None."""
+        return getattr(self.executor, "failure", None)
+
     def kv_usage(self) -> dict:
         bm = self.scheduler.block_manager
         return {"blocks_total": bm.num_blocks, "blocks_free": bm.num_free_blocks,

@@ -93,14 +93,18 @@ class AsyncEngine:
             self._thread.start()
 
     def shutdown(self, timeout: float = 10.0):
-        """Abort whatever is live (freeing its pages) and stop the loop."""
+        """Abort whatever is live (freeing its pages), stop the loop, then the engine's
+        tensor-parallel workers (if any)."""
         if self._started and self._thread.is_alive():
             self._inbox.put(("stop",))
             self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.engine.close()
 
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        """The loop runs and the engine can step (a failed tensor-parallel worker ends that)."""
+        return self._thread.is_alive() and self.engine.failure is None
 
     # ---- requests (event-loop thread) ---------------------------------------------------------
     def make_sequence(self, token_ids: list[int], sampling_params) -> Sequence:
