@@ -71,6 +71,10 @@ class Config:
             self.torch_dtype = getattr(torch, self.dtype, None)
             if not isinstance(self.torch_dtype, torch.dtype):
                 raise ValueError(f"unknown dtype {self.dtype!r}")
+        if self.attention_backend == "flashinfer" and self.torch_dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"FlashInfer attention runs in bfloat16 or float16, not {self.torch_dtype}: on a GPU, "
+                             f"pass dtype='bfloat16', or attention_backend='torch' for {self.torch_dtype} (unfused "
+                             f"PyTorch layers, slow)")
         if self.device == "cpu" or not torch.cuda.is_available():
             self.enforce_eager = True  # CUDA graphs need CUDA
         self._check_parallel()

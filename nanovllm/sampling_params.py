@@ -1,6 +1,8 @@
 """Per-request sampling settings, checked when the request is added."""
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 @dataclass
 class SamplingParams:
@@ -27,6 +29,8 @@ class SamplingParams:
             bad(f"temperature must be >= 0, got {self.temperature}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if not np.float32(self.top_p) > 0:  # sampling runs in float32: 1e-300 would become 0, keeping no token
+            bad(f"top_p={self.top_p} rounds to 0 in float32; use at least {float(np.finfo(np.float32).tiny):.3g}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not -1 <= self.top_k < 2**31:
             bad(f"top_k must be -1 (off) or in [0, 2**31), got {self.top_k}")
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:

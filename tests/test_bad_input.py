@@ -25,7 +25,8 @@ def llm(tiny_model):
     ([10**9], OK, "out of range"),
     (None, OK, "prompt must be"),
     ([1.5, 2.0], OK, "integers"),
-], ids=["empty-text", "empty-ids", "too-long", "bad-token-id", "not-a-prompt", "float-ids"])
+    ([2**70], OK, "out of range"),
+], ids=["empty-text", "empty-ids", "too-long", "bad-token-id", "not-a-prompt", "float-ids", "huge-token-id"])
 def test_bad_requests(llm, prompt, sp, message):
     with pytest.raises(ValueError, match=message):
         llm.generate([prompt], sp, use_tqdm=False)
@@ -72,3 +73,9 @@ def test_request_that_can_never_fit_the_cache(tiny_model, make_llm):
     with pytest.raises(ValueError, match="KV cache"):
         llm.generate(["word " * 40], SamplingParams(max_tokens=100), use_tqdm=False)
     assert llm.generate(["short"], OK, use_tqdm=False)[0]["token_ids"]
+
+
+def test_float32_with_flashinfer_is_refused_clearly(tiny_model):
+    """FlashInfer's attention has no float32 kernels: a clear error, not a crash inside it."""
+    with pytest.raises(ValueError, match="bfloat16 or float16.*attention_backend='torch'"):
+        LLM(tiny_model, device="cuda", dtype="float32", attention_backend="flashinfer")

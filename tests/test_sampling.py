@@ -72,7 +72,8 @@ def test_stop_strings_and_stop_token_ids(tiny_model, make_llm):
 
 
 @pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(max_tokens=0),
-                                    dict(top_k=-2), dict(max_tokens=1.5), dict(top_k=2**63), dict(seed=2**64)])
+                                    dict(top_k=-2), dict(max_tokens=1.5), dict(top_k=2**63), dict(seed=2**64),
+                                    dict(top_p=1e-300)])
 def test_bad_sampling_params(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         SamplingParams(**kwargs)

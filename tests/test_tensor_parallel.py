@@ -113,14 +113,15 @@ def shared_prompt_workload(seed=0):
     return prompts
 
 
-def test_greedy_generate_equals_one_rank(tiny_model, make_llm, tp_llm):
+@pytest.mark.parametrize("tp", [2, 4])
+def test_greedy_generate_equals_one_rank(tiny_model, make_llm, tp_llm, tp):
     """Cascade on, prefix hits, chunked prefill (a 96-token budget) and preemption (40 pages)."""
     prompts = shared_prompt_workload()
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     engine = dict(enable_cascade_attention=True, max_num_batched_tokens=96, num_kvcache_blocks=40)
     single = make_llm(tiny_model, **engine)
     expected = single.generate(prompts, sp, use_tqdm=False)
-    llm = tp_llm(tiny_model, 2, **engine)
+    llm = tp_llm(tiny_model, tp, **engine)
     got = llm.generate(prompts, sp, use_tqdm=False)
     assert [o["token_ids"] for o in got] == [o["token_ids"] for o in expected]
     assert llm.stats["cascade_steps"] > 0

@@ -1,4 +1,5 @@
 """The engine: requests in, tokens out. `add_request` validates and queues; `step` runs one step."""
+import logging
 from array import array
 from dataclasses import dataclass, fields
 from time import perf_counter
@@ -13,6 +14,8 @@ from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_builder import StepBuilder
 from nanovllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("nanovllm")
 
 
 def eos_token_ids(model: str, tokenizer, hf_config) -> tuple[int, ...]:
@@ -65,6 +68,7 @@ class LLMEngine:
         self.model_runner = self.executor.runner   # this process's runner
         self.scheduler = Scheduler(config, self.executor.num_kvcache_blocks)
         self.step_builder = StepBuilder(config)
+        self._log_startup()
         self.vocab_size = config.hf_config.vocab_size
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self.seqs: dict[int, Sequence] = {}
@@ -88,7 +92,10 @@ class LLMEngine:
             # kept: the prefix cache hashes the prompt's pages from them.
             try:
                 prompt_bytes = array("q", prompt).tobytes()
-            except (TypeError, OverflowError):
+            except OverflowError:
+                raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): an id does not fit "
+                                 f"in 64 bits") from None
+            except TypeError:
                 raise ValueError("prompt must be a string or a list of token ids (integers)") from None
             ids = np.frombuffer(prompt_bytes, dtype=np.int64)
             if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
@@ -205,6 +212,16 @@ class LLMEngine:
         for i, text in zip(todo, decoded):
             texts[i] = text
         return texts
+
+    def _log_startup(self):
+        cfg, runner = self.config, self.model_runner
+        pages = self.executor.num_kvcache_blocks
+        graphs = runner.graphs.sizes if runner.graphs is not None else None
+        logger.info("engine ready: device %s, dtype %s, tensor parallel %d, %d KV pages (%d tokens), max %d sequences "
+                    "of %d tokens, CUDA graphs %s, cascade %s", cfg.device, str(cfg.torch_dtype).replace("torch.", ""),
+                    cfg.tensor_parallel_size, pages, pages * cfg.kvcache_block_size, cfg.max_num_seqs, cfg.max_model_len,
+                    f"for batch sizes {graphs[0]}..{graphs[-1]} ({len(graphs)})" if graphs else "off",
+                    "on" if cfg.enable_cascade_attention else "off")
 
     def close(self):
         """Stop the tensor-parallel workers, if any (idempotent; also at interpreter exit)."""

@@ -6,6 +6,8 @@ FlashInfer's default RMSNorm needs nvidia-cutlass-dsl (absent on our GPU machine
 sets FLASHINFER_USE_CUDA_NORM before FlashInfer can be imported, to select its CUDA norm kernels."""
 import functools
 
+import torch
+
 
 @functools.cache
 def flashinfer_ops():
@@ -18,4 +20,5 @@ def flashinfer_ops():
 
 
 def use_fused(x) -> bool:
-    return x.is_cuda and flashinfer_ops() is not None
+    """FlashInfer's kernels serve 16-bit CUDA tensors; float32 (and CPU) take the PyTorch path."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and flashinfer_ops() is not None
