@@ -184,7 +184,7 @@ def test_two_nodes_on_loopback(tiny_model, make_llm, tp_llm):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(tensor_parallel_size=3), "does not divide the 4 attention heads"),
     (dict(tensor_parallel_size=8), "does not divide the 4 attention heads"),
-    (dict(tensor_parallel_size=2, device="cuda"), "GPUs per node"),
+    (dict(tensor_parallel_size=2, device="cuda", dtype="bfloat16"), "GPUs per node"),
     (dict(tensor_parallel_size=4, nnodes=3), "nnodes=3"),
     (dict(tensor_parallel_size=4, nnodes=2, node_rank=2, master_port=29500), "node_rank=2"),
     (dict(tensor_parallel_size=4, nnodes=2), "master-port"),
