@@ -229,7 +229,10 @@ def test_server_reports_a_failed_worker_and_stops_clean(tiny_model):
             proc.join(10)
             reply = client.post("/v1/completions", json=body)
             assert reply.status_code >= 500 and "rank 1" in reply.text
-            assert client.get("/health").status_code == 503
+            health = client.get("/health")
+            assert health.status_code == 503 and "rank 1" in health.text
+            again = client.post("/v1/completions", json=body)
+            assert again.status_code == 503 and "rank 1" in again.text
     finally:
         server.stop()
     assert not children()

@@ -80,7 +80,10 @@ def init_tensor_parallel(rank: int, size: int, device: torch.device, master_addr
     kwargs = dict(device_id=device) if device.type == "cuda" else {}
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=timeout, **kwargs)
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
-    store = dist.distributed_c10d._get_default_store()
+    try:  # where workers post their errors (distributed/executor.py); a private torch API, so optional
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:
+        store = None
     _group = TPGroup(rank, size, device, cpu_group, store=store)
     if device.type == "cuda" and custom_all_reduce and size > 1:
         _group.custom_ar = _make_custom_all_reduce(cpu_group, rank, size, device)

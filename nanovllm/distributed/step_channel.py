@@ -89,9 +89,11 @@ class ShmChannel:
             raise ValueError(f"step of {len(data)} bytes does not fit the {self.slot_bytes}-byte channel slot")
         self.seq += 1
         # The slot last held message seq-2: every worker must have read it.
+        next_check = time.monotonic() + 0.01
         while int(self.header[1:].min()) < self.seq - 2:
-            if alive is not None:
-                alive()
+            if alive is not None and time.monotonic() >= next_check:
+                alive()  # raises if a worker has failed (every 10 ms)
+                next_check = time.monotonic() + 0.01
             time.sleep(20e-6)
         slot = self._slot(self.seq)
         slot[:8] = struct.pack("<q", len(data))

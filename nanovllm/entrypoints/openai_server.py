@@ -423,7 +423,9 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
     @app.get("/health")
     async def health():
         if not engine.is_alive:
-            return JSONResponse({"status": "engine loop not running"}, status_code=503)
+            failure = engine.engine.failure
+            return JSONResponse({"status": f"engine stopped: {failure}" if failure else "engine loop not running"},
+                                status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -474,7 +476,9 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
 
     async def _respond(http_request: Request, req: _SamplingRequest, seqs: list, model: str, chat: bool):
         if not engine.is_alive:
-            raise ApiError(503, "the engine loop is not running", type="server_error")
+            failure = engine.engine.failure
+            raise ApiError(503, f"the engine stopped: {failure}" if failure else "the engine loop is not running",
+                           type="server_error")
         index = {s.seq_id: i for i, s in enumerate(seqs)}
         request = engine.submit(seqs, stream=req.stream)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": None,
