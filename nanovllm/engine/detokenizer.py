@@ -1,6 +1,14 @@
-"""Incremental detokenization: text of a growing list of tokens, never splitting a character.
+"""Incremental detokenization with stop strings: text of a growing list of tokens, never splitting a
+character, and never handing out text that a stop string could still cut.
 
-Decoding only a short window of recent tokens keeps each step O(1) rather than O(length)."""
+Decoding only a short window of recent tokens keeps each step O(1) rather than O(length). Text is
+released in three stages: decoded (`text`), then released to the caller once no stop string can
+begin inside it. The tail of `text` that is a prefix of some stop string is held back until the
+next tokens show whether the stop string completes (it is then cut, with everything after it) or
+not (it is released), or until the sequence ends (`flush`). So the concatenation of everything
+`add` and `flush` return equals the final text, and no stop string, nor the start of one, ever
+reaches a streaming client.
+"""
 
 
 class IncrementalDetokenizer:
@@ -11,6 +19,7 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0  # window start: decoded for context only
         self.read_offset = 0    # tokens up to here are already in self.text
         self.text = ""
+        self.released = 0       # characters of self.text handed out so far
         self.stop = stop or []
         self.stopped = False
 
@@ -18,35 +27,49 @@ class IncrementalDetokenizer:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def add(self, token_ids: list[int]) -> str:
-        """Append tokens; returns the new text (empty while a character is incomplete, or after a stop)."""
+        """Append tokens; returns the text now safe to hand out (maybe empty)."""
         if self.stopped:
             return ""
         self.tokens.extend(token_ids)
-        prefix = self._decode(self.tokens[self.prefix_offset:self.read_offset])
-        full = self._decode(self.tokens[self.prefix_offset:])
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return ""
-        delta = full[len(prefix):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
-        return self._emit(delta)
-
-    def _emit(self, delta: str) -> str:
-        start = len(self.text)
-        self.text += delta
-        for s in self.stop:
-            # A stop string may straddle earlier text: search from len(s) - 1 characters back.
-            i = self.text.find(s, max(0, start - len(s) + 1))
-            if i != -1:
-                self.stopped = True
-                self.text = self.text[:i]
-                return self.text[start:] if i > start else ""
-        return delta
+        self._decode_new()
+        return self._release(final=False)
 
     def flush(self) -> str:
-        """Text of tokens still held back (an incomplete character at the very end)."""
-        if self.stopped or self.read_offset == len(self.tokens):
-            return ""
+        """The sequence ended: the rest of the text (an incomplete character at the very end, and
+        text held back for a stop string that never completed)."""
+        if not self.stopped and self.read_offset < len(self.tokens):
+            self._decode_new(final=True)
+        return self._release(final=True)
+
+    def _decode_new(self, final: bool = False):
         prefix = self._decode(self.tokens[self.prefix_offset:self.read_offset])
         full = self._decode(self.tokens[self.prefix_offset:])
-        self.read_offset = len(self.tokens)
-        return self._emit(full[len(prefix):])
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
+            return  # nothing new, or a character still incomplete
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        start = len(self.text)
+        self.text += full[len(prefix):]
+        # The earliest stop string that now appears; it may straddle earlier text.
+        cuts = [i for s in self.stop if (i := self.text.find(s, max(0, start - len(s) + 1))) != -1]
+        if cuts:
+            self.stopped = True
+            self.text = self.text[:min(cuts)]
+
+    def _release(self, final: bool) -> str:
+        end = len(self.text)
+        if not (final or self.stopped):
+            end -= self._held_back()
+        end = max(end, self.released)
+        out = self.text[self.released:end]
+        self.released = end
+        return out
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that a stop string starts with."""
+        held = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), held, -1):
+                if self.text.endswith(s[:k]):
+                    held = k
+                    break
+        return held
