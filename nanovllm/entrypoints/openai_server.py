@@ -12,6 +12,7 @@ import hmac
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -193,6 +194,9 @@ class OpenAIServing:
         # safe to share across threads. Tokenizing here gives the same ids as engine.make_sequence(str).
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.config = config
+        # Tokenizing (and validating) a prompt can take a second for a megabyte of text: it runs on this
+        # one thread, off the event loop (one thread: the tokenizer object is not safe to share).
+        self.tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanovllm-tokenize")
         self.max_model_len = config.max_model_len
         self.kv_capacity = engine.engine.scheduler.block_manager.num_blocks * config.kvcache_block_size
         self.created = int(time.time())
@@ -241,6 +245,10 @@ class OpenAIServing:
                                     f"max_model_len={self.max_model_len}; lower max_tokens or the prompt",
                                param="max_tokens", code="context_length_exceeded")
         return seqs
+
+    async def off_loop(self, fn):
+        """fn() on the tokenizer thread; its exceptions (ApiError for bad requests) come back here."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, fn)
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
@@ -388,6 +396,7 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
             yield
         finally:
             await asyncio.to_thread(engine.shutdown)
+            serving.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="nanovllm", lifespan=lifespan)
 
@@ -462,7 +471,8 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
         req = _parse(CompletionRequest, await http_request.body())
         model = serving.check_model(req.model)
         _unsupported(req)
-        seqs = serving.make_sequences(req, serving.completion_prompts(req), req.max_tokens, "prompt")
+        seqs = await serving.off_loop(lambda: serving.make_sequences(req, serving.completion_prompts(req),
+                                                                      req.max_tokens, "prompt"))
         return await _respond(http_request, req, seqs, model, chat=False)
 
     @v1.post("/chat/completions")
@@ -471,7 +481,8 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
         model = serving.check_model(req.model)
         _unsupported(req)
         max_tokens = req.max_completion_tokens or req.max_tokens
-        seqs = serving.make_sequences(req, [serving.chat_prompt(req)], max_tokens, "messages")
+        seqs = await serving.off_loop(lambda: serving.make_sequences(req, [serving.chat_prompt(req)], max_tokens,
+                                                                      "messages"))
         return await _respond(http_request, req, seqs, model, chat=True)
 
     async def _respond(http_request: Request, req: _SamplingRequest, seqs: list, model: str, chat: bool):
