@@ -450,3 +450,25 @@ def test_a_megabyte_prompt_does_not_stall_the_server(server, client):
     waits.sort()
     # On the event loop this was 326 ms; the median has to stay under 50 ms (the max only bounds noise).
     assert waits[len(waits) // 2] < 0.05 and waits[-1] < 0.2, f"/health waits (s): {waits}"
+
+
+@pytest.mark.parametrize("field, value", [("repetition_penalty", 1.2), ("min_p", 0.1), ("min_tokens", 3),
+                                          ("include_stop_str_in_output", True), ("skip_special_tokens", False),
+                                          ("chat_template_kwargs", {"enable_thinking": False}),
+                                          ("tool_choice", "auto"), ("functions", [{"name": "f"}]),
+                                          ("reasoning_effort", "low"), ("no_such_field", 1)])
+def test_fields_we_do_not_implement_get_a_400_naming_them(client, field, value):
+    for path, body in (("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2}),
+                       ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                                 "max_tokens": 2})):
+        reply = client.post(path, json={**body, field: value})
+        assert reply.status_code == 400 and field in reply.json()["error"]["message"], (path, reply.text)
+        assert reply.json()["error"]["param"] == field
+    # the value that asks for what the server does anyway, or null, is accepted
+    ok = {"repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 0, "include_stop_str_in_output": False,
+          "skip_special_tokens": True}
+    if field in ok:
+        assert client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2,
+                                                    field: ok[field]}).status_code == 200
+    assert client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2,
+                                                field: None}).status_code == 200

@@ -70,7 +70,21 @@ class _SamplingRequest(_Strict):
     user: str | None = None
 
 
-class CompletionRequest(_SamplingRequest):
+# Fields other servers take that we do not implement, and the value that asks for what we do anyway
+# (accepted); any other value, or a field nobody declared, gets a 400 naming it (a request must never be
+# answered as if a setting had been applied).
+DEFAULT_EXTRAS = {"skip_special_tokens": True, "include_stop_str_in_output": False, "min_tokens": 0, "min_p": 0.0,
+                  "repetition_penalty": 1.0, "spaces_between_special_tokens": True,
+                  # sglang-router 0.3.2 adds these to every chat request it forwards (SGLang's defaults)
+                  "no_stop_trim": False, "continue_final_message": False, "return_hidden_states": False,
+                  "separate_reasoning": True, "stream_reasoning": True}
+
+
+class _TopLevel(_SamplingRequest):
+    model_config = ConfigDict(strict=True, extra="allow")  # undeclared fields are seen, then refused
+
+
+class CompletionRequest(_TopLevel):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)            # OpenAI's default; null: up to the context
     echo: bool = False
@@ -90,7 +104,7 @@ class ChatMessage(_Strict):
     name: str | None = None
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(_TopLevel):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)          # chat default: up to the context
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -155,6 +169,9 @@ def _unsupported(req: _SamplingRequest):
     """Reject options we would otherwise silently ignore (a wrong answer is worse than a 400)."""
     def no(param, why="is not supported"):
         raise ApiError(400, f"'{param}' {why}", param=param, code="unsupported_parameter")
+    for name, value in (req.model_extra or {}).items():
+        if value is not None and not (name in DEFAULT_EXTRAS and value == DEFAULT_EXTRAS[name]):
+            no(name, "is not supported by this server")
     if req.presence_penalty:
         no("presence_penalty", "is not supported (only 0)")
     if req.frequency_penalty:
