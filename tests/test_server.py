@@ -472,3 +472,21 @@ def test_fields_we_do_not_implement_get_a_400_naming_them(client, field, value):
                                                     field: ok[field]}).status_code == 200
     assert client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2,
                                                 field: None}).status_code == 200
+
+
+def test_model_tokenize_detokenize_endpoints(server, client, tiny_model):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert client.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
+    assert client.get("/v1/models/gpt-9").status_code == 404
+    text = "The river runs to the sea"
+    got = client.post("/tokenize", json={"model": MODEL, "prompt": text}).json()
+    assert got["tokens"] == tok.encode(text) and got["count"] == len(got["tokens"])
+    chat = client.post("/tokenize", json={"model": MODEL, "messages": USER}).json()["tokens"]
+    template = tok.apply_chat_template(USER, add_generation_prompt=True, tokenize=False)
+    assert chat == tok.encode(template, add_special_tokens=False)
+    assert client.post("/detokenize", json={"model": MODEL, "tokens": got["tokens"]}).json()["prompt"] == text
+    assert client.post("/detokenize", json={"tokens": [10**9]}).status_code == 400
+    assert client.post("/tokenize", json={"prompt": "a", "messages": USER}).status_code == 400
+    with httpx.Client(base_url=server.url) as anonymous:  # the API key guards them like /v1
+        assert anonymous.post("/tokenize", json={"prompt": "a"}).status_code == 401

@@ -114,6 +114,18 @@ class ChatCompletionRequest(_TopLevel):
     response_format: dict | None = None
 
 
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 
@@ -477,11 +489,41 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
     async def legacy_load():
         return _legacy_load(engine.snapshot, serving)
 
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": serving.created, "owned_by": "nanovllm",
+                "max_model_len": serving.max_model_len}
+
     @v1.get("/models")
     async def models():
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": serving.created, "owned_by": "nanovllm",
-             "max_model_len": serving.max_model_len} for name in served_model_names]}
+        return {"object": "list", "data": [model_card(name) for name in served_model_names]}
+
+    @v1.get("/models/{name:path}")
+    async def model(name: str):
+        return model_card(serving.check_model(name))
+
+    @app.post("/tokenize", dependencies=[Depends(check_api_key)])
+    async def tokenize(http_request: Request):
+        req = _parse(TokenizeRequest, await http_request.body())
+        serving.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "pass exactly one of 'prompt' and 'messages'", param="prompt")
+
+        def ids():
+            if req.prompt is not None:
+                return serving.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            return serving.chat_prompt(ChatCompletionRequest(messages=req.messages))
+        tokens = await serving.off_loop(ids)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": serving.max_model_len}
+
+    @app.post("/detokenize", dependencies=[Depends(check_api_key)])
+    async def detokenize(http_request: Request):
+        req = _parse(DetokenizeRequest, await http_request.body())
+        serving.check_model(req.model)
+        vocab = serving.config.hf_config.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"token ids out of range [0, {vocab}): {bad[:5]}", param="tokens")
+        return {"prompt": await serving.off_loop(lambda: serving.tokenizer.decode(req.tokens))}
 
     @v1.post("/completions")
     async def completions(http_request: Request):
