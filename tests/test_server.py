@@ -416,6 +416,46 @@ def test_serve_command_line(tiny_model, tmp_path):
                 proc.kill()
 
 
+def test_sigterm_ends_live_streams_cleanly(tiny_model, tmp_path):
+    """SIGTERM with a stream in flight: the client gets an error event and [DONE] (not a cut connection),
+    the log has no traceback, and the process exits within 10 s."""
+    port = free_port()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "nanovllm.entrypoints.serve", "--model", tiny_model, "--port", str(port),
+           "--served-model-name", "t", "--max-model-len", "4096", "--max-num-seqs", "8", "--log-level", "warning"]
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out, subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT) as proc:
+        try:
+            url = f"http://127.0.0.1:{port}"
+
+            def up():
+                assert proc.poll() is None, log.read_text()
+                try:
+                    return httpx.get(f"{url}/health", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return False
+            wait_until(up, timeout=60, interval=0.1)
+            body = {"model": "t", "prompt": "Once", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+            events = []
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        if len(events) == 5:
+                            proc.send_signal(signal.SIGTERM)
+                            stopped_at = time.monotonic()
+            assert events[-1] == "[DONE]" and "shutting down" in events[-2], events[-3:]
+            assert len(events) < 4000
+            # uvicorn re-raises the signal it stopped on once it is done: killed by SIGTERM, on time
+            assert proc.wait(timeout=10) in (0, -signal.SIGTERM), log.read_text()
+            assert time.monotonic() - stopped_at < 10
+            assert "Traceback" not in log.read_text(), log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
 def test_generate_command(tiny_model, capsys):
     from nanovllm.cli import main
     prompts = ["Hello", "The small engine reads a prompt"]

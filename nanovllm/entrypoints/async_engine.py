@@ -92,6 +92,12 @@ class AsyncEngine:
             self._started = True
             self._thread.start()
 
+    def begin_shutdown(self):
+        """Stop taking requests and end the live ones with an error (streams then close at once);
+        returns without waiting (safe from a signal handler)."""
+        if self._started and self._thread.is_alive():
+            self._inbox.put(("stop",))
+
     def shutdown(self, timeout: float = 10.0):
         """Abort whatever is live (freeing its pages), stop the loop, then the engine's
         tensor-parallel workers (if any)."""

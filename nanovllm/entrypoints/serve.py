@@ -112,7 +112,7 @@ class ServerThread:
         self.sock.bind((host, 0))
         self.host, self.port = self.sock.getsockname()[:2]
         config = uvicorn.Config(self.app, log_level=log_level, timeout_graceful_shutdown=5, http=http1_protocol())
-        self.server = uvicorn.Server(config)
+        self.server = graceful_server(config, self.engine)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="nanovllm-http", daemon=True)
 
@@ -130,6 +130,7 @@ class ServerThread:
         return self
 
     def stop(self, timeout: float = 30.0):
+        self.engine.begin_shutdown()
         self.server.should_exit = True
         self.thread.join(timeout)
         self.sock.close()
@@ -149,9 +150,27 @@ def main(argv: list[str] | None = None):
     if code is not None:
         raise SystemExit(code)
     import uvicorn
-    _, app = build(args.model, args.served_model_name, args.api_key, **engine_kwargs(args))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
-                http=http1_protocol())
+    engine, app = build(args.model, args.served_model_name, args.api_key, **engine_kwargs(args))
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5, http=http1_protocol())
+    try:
+        graceful_server(config, engine).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the signal it stopped on; Ctrl-C is a clean exit (as uvicorn.run)
+        pass
+
+
+def graceful_server(config, engine):
+    """uvicorn's server, except that SIGINT/SIGTERM first ends every live request (streams get an error
+    event and [DONE]) so the connections close at once, instead of running on through the grace period
+    and being cut with nothing."""
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            engine.begin_shutdown()
+            super().handle_exit(sig, frame)
+
+    return GracefulServer(config)
 
 
 if __name__ == "__main__":
