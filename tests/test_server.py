@@ -493,8 +493,6 @@ def test_a_megabyte_prompt_does_not_stall_the_server(server, client):
 
 
 @pytest.mark.parametrize("field, value", [("repetition_penalty", 1.2), ("min_p", 0.1), ("min_tokens", 3),
-                                          ("include_stop_str_in_output", True), ("skip_special_tokens", False),
-                                          ("chat_template_kwargs", {"enable_thinking": False}),
                                           ("tool_choice", "auto"), ("functions", [{"name": "f"}]),
                                           ("reasoning_effort", "low"), ("no_such_field", 1)])
 def test_fields_we_do_not_implement_get_a_400_naming_them(client, field, value):
@@ -505,8 +503,7 @@ def test_fields_we_do_not_implement_get_a_400_naming_them(client, field, value):
         assert reply.status_code == 400 and field in reply.json()["error"]["message"], (path, reply.text)
         assert reply.json()["error"]["param"] == field
     # the value that asks for what the server does anyway, or null, is accepted
-    ok = {"repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 0, "include_stop_str_in_output": False,
-          "skip_special_tokens": True}
+    ok = {"repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 0}
     if field in ok:
         assert client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2,
                                                     field: ok[field]}).status_code == 200
@@ -530,3 +527,33 @@ def test_model_tokenize_detokenize_endpoints(server, client, tiny_model):
     assert client.post("/tokenize", json={"prompt": "a", "messages": USER}).status_code == 400
     with httpx.Client(base_url=server.url) as anonymous:  # the API key guards them like /v1
         assert anonymous.post("/tokenize", json={"prompt": "a"}).status_code == 401
+
+
+def test_stop_string_kept_special_tokens_and_template_kwargs(client, tiny_model):
+    """include_stop_str_in_output, skip_special_tokens and chat_template_kwargs do what vLLM's do."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    base = {"model": MODEL, "prompt": "The river", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    free = client.post("/v1/completions", json=base).json()["choices"][0]["text"]
+    stop = free[4:6]
+    cut = client.post("/v1/completions", json={**base, "stop": [stop]}).json()["choices"][0]["text"]
+    kept = client.post("/v1/completions", json={**base, "stop": [stop], "include_stop_str_in_output": True})
+    assert kept.json()["choices"][0]["text"] == cut + stop
+    assert client.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, "max_tokens": 2,
+                                                     "chat_template_kwargs": {"enable_thinking": False}}
+                       ).status_code == 200
+
+
+def test_skip_special_tokens_in_final_and_streamed_text(tiny_model):
+    from nanovllm.engine.detokenizer import IncrementalDetokenizer
+    from nanovllm.engine.sequence import Sequence
+    llm = LLM(tiny_model, max_model_len=128)
+    special = llm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    word = llm.tokenizer.encode("river")
+    for skip in (True, False):
+        seq = Sequence([1, 2], SamplingParams(skip_special_tokens=skip), 16)
+        seq.token_ids += word + [special] + word
+        text = llm.output_texts([seq])[0]
+        assert ("<|im_end|>" in text) == (not skip) and text.count("river") == 2
+        detok = IncrementalDetokenizer(llm.tokenizer, skip_special_tokens=skip)
+        assert "".join(detok.add([t]) for t in word + [special] + word) + detok.flush() == text

@@ -35,14 +35,19 @@ def test_streamed_text_equals_final_text(llm, data):
             stops.append(text[start:start + data.draw(st.integers(1, 4))])
         else:
             stops.append(data.draw(st.text(min_size=1, max_size=3)))
-    sp = SamplingParams(temperature=temperature, seed=5, max_tokens=20, ignore_eos=True, stop=stops)
+    include = data.draw(st.booleans(), label="include_stop_str_in_output")
+    sp = SamplingParams(temperature=temperature, seed=5, max_tokens=20, ignore_eos=True, stop=stops,
+                        include_stop_str_in_output=include)
     chunks, final, reason = streamed(llm, prompt, sp)
     sofar = ""
     for chunk in chunks:
         sofar += chunk
         assert final.startswith(sofar), (sofar, final, stops)  # nothing streamed is ever taken back
     assert sofar == final, (chunks, final, stops)
-    assert not any(s in final for s in stops)
+    if include and reason == "stop":  # the stop string that ended it, and no earlier one
+        assert any(final.endswith(s) and not any(t in final[:-len(s)] for t in stops) for s in stops), (final, stops)
+    else:
+        assert not any(s in final for s in stops)
     offline = llm.generate([prompt], sp, use_tqdm=False)[0]
     assert offline["text"] == final and offline["finish_reason"] == reason
 
@@ -54,14 +59,15 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids)
 
 
-@pytest.mark.parametrize("stop, pieces, streamed_text, final", [
-    (["hihi"], "hi" "x", "hix", "hix"),          # "hi" held back until "x" shows it is no stop
-    (["hihi"], "hihi" "yy", "", ""),            # cut at the stop: nothing of it was sent
-    (["ih"], "aih", "a", "a"),                  # the start of a stop string is never sent
-    (["ab", "b"], "xab", "x", "x"),             # the earliest stop string wins
-    (["zz"], "az", "az", "az"),                 # held "z" released when the sequence ends
+@pytest.mark.parametrize("stop, pieces, streamed_text, final, include", [
+    (["hihi"], "hi" "x", "hix", "hix", False),          # "hi" held back until "x" shows it is no stop
+    (["hihi"], "hihi" "yy", "", "", False),            # cut at the stop: nothing of it was sent
+    (["ih"], "aih", "a", "a", False),                  # the start of a stop string is never sent
+    (["ab", "b"], "xab", "x", "x", False),             # the earliest stop string wins
+    (["zz"], "az", "az", "az", False),                 # held "z" released when the sequence ends
+    (["ih"], "aihzz", "aih", "aih", True),             # include_stop_str_in_output keeps it, and no more
 ])
-def test_held_back_text(stop, pieces, streamed_text, final):
-    detok = IncrementalDetokenizer(CharTokenizer(), stop)
+def test_held_back_text(stop, pieces, streamed_text, final, include):
+    detok = IncrementalDetokenizer(CharTokenizer(), stop, include_stop=include)
     out = "".join(detok.add([ord(c)]) for c in pieces) + detok.flush()
     assert out == streamed_text and detok.text == final

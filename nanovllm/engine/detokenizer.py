@@ -13,8 +13,11 @@ reaches a streaming client.
 
 class IncrementalDetokenizer:
 
-    def __init__(self, tokenizer, stop: list[str] | None = None):
+    def __init__(self, tokenizer, stop: list[str] | None = None, include_stop: bool = False,
+                 skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        self.include_stop = include_stop  # the text keeps the stop string that ended it
+        self.skip_special_tokens = skip_special_tokens
         self.tokens: list[int] = []
         self.prefix_offset = 0  # window start: decoded for context only
         self.read_offset = 0    # tokens up to here are already in self.text
@@ -24,7 +27,7 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_ids: list[int]) -> str:
         """Append tokens; returns the text now safe to hand out (maybe empty)."""
@@ -50,10 +53,11 @@ class IncrementalDetokenizer:
         start = len(self.text)
         self.text += full[len(prefix):]
         # The earliest stop string that now appears; it may straddle earlier text.
-        cuts = [i for s in self.stop if (i := self.text.find(s, max(0, start - len(s) + 1))) != -1]
-        if cuts:
+        found = [(i, len(s)) for s in self.stop if (i := self.text.find(s, max(0, start - len(s) + 1))) != -1]
+        if found:
             self.stopped = True
-            self.text = self.text[:min(cuts)]
+            at, length = min(found)
+            self.text = self.text[:at + length if self.include_stop else at]
 
     def _release(self, final: bool) -> str:
         end = len(self.text)

@@ -119,8 +119,10 @@ class LLMEngine:
 
     def add_sequence(self, seq: Sequence, stream: bool = False):
         self.seqs[seq.seq_id] = seq
-        if stream or seq.sampling_params.stop:
-            self.detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, seq.sampling_params.stop)
+        sp = seq.sampling_params
+        if stream or sp.stop:
+            self.detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, sp.stop, sp.include_stop_str_in_output,
+                                                                   sp.skip_special_tokens)
         self.stats["prompt_tokens"] += seq.num_prompt_tokens
         self.scheduler.add(seq)
 
@@ -202,15 +204,17 @@ class LLMEngine:
             detok = self.detokenizers.pop(seq.seq_id, None)
             if detok is not None and detok.stopped:
                 texts[i] = detok.text
-        todo = [i for i, t in enumerate(texts) if t is None]
-        ids = [seqs[i].completion_token_ids for i in todo]
         rust = getattr(self.tokenizer, "_tokenizer", None)
-        if rust is not None and hasattr(rust, "decode_batch") and not self.tokenizer.clean_up_tokenization_spaces:
-            decoded = rust.decode_batch(ids, skip_special_tokens=True)  # what decode() does, per sequence
-        else:
-            decoded = [self.tokenizer.decode(t, skip_special_tokens=True) for t in ids]
-        for i, text in zip(todo, decoded):
-            texts[i] = text
+        batch = rust is not None and hasattr(rust, "decode_batch") and not self.tokenizer.clean_up_tokenization_spaces
+        for skip in (True, False):
+            todo = [i for i, t in enumerate(texts) if t is None and seqs[i].sampling_params.skip_special_tokens == skip]
+            ids = [seqs[i].completion_token_ids for i in todo]
+            if batch:
+                decoded = rust.decode_batch(ids, skip_special_tokens=skip)  # what decode() does, per sequence
+            else:
+                decoded = [self.tokenizer.decode(t, skip_special_tokens=skip) for t in ids]
+            for i, text in zip(todo, decoded):
+                texts[i] = text
         return texts
 
     def _log_startup(self):

@@ -68,12 +68,14 @@ class _SamplingRequest(_Strict):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    include_stop_str_in_output: bool = False            # vLLM's: keep the stop string in the text
+    skip_special_tokens: bool = True                    # vLLM's: leave special tokens out of the text
 
 
 # Fields other servers take that we do not implement, and the value that asks for what we do anyway
 # (accepted); any other value, or a field nobody declared, gets a 400 naming it (a request must never be
 # answered as if a setting had been applied).
-DEFAULT_EXTRAS = {"skip_special_tokens": True, "include_stop_str_in_output": False, "min_tokens": 0, "min_p": 0.0,
+DEFAULT_EXTRAS = {"min_tokens": 0, "min_p": 0.0,
                   "repetition_penalty": 1.0, "spaces_between_special_tokens": True,
                   # sglang-router 0.3.2 adds these to every chat request it forwards (SGLang's defaults)
                   "no_stop_trim": False, "continue_final_message": False, "return_hidden_states": False,
@@ -112,6 +114,7 @@ class ChatCompletionRequest(_TopLevel):
     top_logprobs: int | None = None
     tools: list | None = None
     response_format: dict | None = None
+    chat_template_kwargs: dict | None = None            # e.g. Qwen3's {"enable_thinking": false}
 
 
 class TokenizeRequest(_Strict):
@@ -245,7 +248,8 @@ class OpenAIServing:
                 top_p=1.0 if req.top_p is None else req.top_p,
                 top_k=-1 if req.top_k is None else req.top_k,
                 max_tokens=max_tokens, ignore_eos=req.ignore_eos, stop=req.stop,
-                stop_token_ids=req.stop_token_ids or [],
+                stop_token_ids=req.stop_token_ids or [], include_stop_str_in_output=req.include_stop_str_in_output,
+                skip_special_tokens=req.skip_special_tokens,
                 # n > 1 with a seed: distinct but reproducible choices.
                 seed=None if req.seed is None else req.seed + choice)
         except ValueError as e:
@@ -294,7 +298,8 @@ class OpenAIServing:
             role = "system" if m.role == "developer" else m.role
             messages.append({"role": role, "content": content})
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                      **(req.chat_template_kwargs or {}))
         except Exception as e:  # a template may reject a conversation (e.g. roles out of order)
             raise ApiError(400, f"chat template failed on these messages: {e}", param="messages") from None
         # The template wrote the special tokens already.
