@@ -183,7 +183,7 @@ def test_concurrent_greedy_matches_offline(server, tiny_model):
         assert choice["finish_reason"] == want["finish_reason"]
     after = metrics(server)
     assert after["nanovllm_max_batch_size"] > 1
-    batched = lambda m: m["nanovllm_step_batch_size_count"] - m['nanovllm_step_batch_size_bucket{le="1"}']
+    batched = lambda m: m["nanovllm_step_batch_size_count"] - m['nanovllm_step_batch_size_bucket{le="1.0"}']
     assert batched(after) > batched(before), "no step ran more than one of these requests"
 
 
@@ -557,3 +557,13 @@ def test_skip_special_tokens_in_final_and_streamed_text(tiny_model):
         assert ("<|im_end|>" in text) == (not skip) and text.count("river") == 2
         detok = IncrementalDetokenizer(llm.tokenizer, skip_special_tokens=skip)
         assert "".join(detok.add([t]) for t in word + [special] + word) + detok.flush() == text
+
+
+def test_metrics_answers_head_and_parses_with_prometheus_client(client):
+    from prometheus_client.parser import text_string_to_metric_families
+    assert client.head("/metrics").status_code == 200
+    reply = client.get("/metrics")
+    assert reply.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(reply.text)}
+    assert families["nanovllm_kv_blocks_total"].samples[0].value > 0
+    assert families["nanovllm_step_batch_size"].type == "histogram"

@@ -471,7 +471,7 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
                                 status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])  # scrapers and aiperf send HEAD first
     async def metrics():
         return Response(render(engine.snapshot, http_errors), media_type=CONTENT_TYPE)
 
