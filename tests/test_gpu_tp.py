@@ -29,7 +29,6 @@ def first_divergence(a, b):
 
 def near_tie(llm, prompt, tokens, d, picked):
     """How far below the reference's best logit the other engine's pick was, at the divergence."""
-    from nanovllm.engine.scheduled_step import StepResult  # noqa: F401  (the reference is one-rank)
     import dataclasses
     seq = llm.add_request(prompt + tokens[:d], SamplingParams(temperature=0, max_tokens=1))
     batch, is_prefill = llm.scheduler.schedule()

@@ -1,6 +1,7 @@
 """The OpenAI-compatible server, live on 127.0.0.1: official client, batching parity with the offline
 API, aborts on disconnect, error answers, bounded load, and no leaked KV pages at the end."""
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -385,14 +386,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_serve_command_line(tiny_model, tmp_path):
-    """python -m nanovllm.entrypoints.serve: starts, answers, and exits cleanly on Ctrl-C."""
+@contextlib.contextmanager
+def serve_process(tiny_model, tmp_path, *args):
+    """`python -m nanovllm.entrypoints.serve` on a free port, up and answering /health: (process, url, log)."""
     port = free_port()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "nanovllm.entrypoints.serve", "--model", tiny_model, "--port", str(port),
-           "--served-model-name", "cli-tiny", "--max-model-len", "256", "--max-num-seqs", "8",
-           "--no-enable-prefix-caching", "--log-level", "warning"]
+           "--log-level", "warning", *args]
     log = tmp_path / "serve.log"
     with open(log, "w") as out, subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT) as proc:
         try:
@@ -405,55 +406,44 @@ def test_serve_command_line(tiny_model, tmp_path):
                 except httpx.HTTPError:
                     return False
             wait_until(up, timeout=60, interval=0.1)
-            r = httpx.post(f"{url}/v1/completions", json={"model": "cli-tiny", "prompt": "Hello", "max_tokens": 3,
-                                                         "ignore_eos": True}, timeout=30)
-            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
-            assert parse(httpx.get(f"{url}/metrics").text)["nanovllm_kv_blocks_total"] > 0
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=30) == 0, log.read_text()
+            yield proc, url, log
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_serve_command_line(tiny_model, tmp_path):
+    """python -m nanovllm.entrypoints.serve: starts, answers, and exits cleanly on Ctrl-C."""
+    with serve_process(tiny_model, tmp_path, "--served-model-name", "cli-tiny", "--max-model-len", "256",
+                       "--max-num-seqs", "8", "--no-enable-prefix-caching") as (proc, url, log):
+        r = httpx.post(f"{url}/v1/completions", json={"model": "cli-tiny", "prompt": "Hello", "max_tokens": 3,
+                                                     "ignore_eos": True}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        assert parse(httpx.get(f"{url}/metrics").text)["nanovllm_kv_blocks_total"] > 0
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, log.read_text()
 
 
 def test_sigterm_ends_live_streams_cleanly(tiny_model, tmp_path):
     """SIGTERM with a stream in flight: the client gets an error event and [DONE] (not a cut connection),
     the log has no traceback, and the process exits within 10 s."""
-    port = free_port()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "nanovllm.entrypoints.serve", "--model", tiny_model, "--port", str(port),
-           "--served-model-name", "t", "--max-model-len", "4096", "--max-num-seqs", "8", "--log-level", "warning"]
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out, subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT) as proc:
-        try:
-            url = f"http://127.0.0.1:{port}"
-
-            def up():
-                assert proc.poll() is None, log.read_text()
-                try:
-                    return httpx.get(f"{url}/health", timeout=1).status_code == 200
-                except httpx.HTTPError:
-                    return False
-            wait_until(up, timeout=60, interval=0.1)
-            body = {"model": "t", "prompt": "Once", "max_tokens": 4000, "ignore_eos": True, "stream": True}
-            events = []
-            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        if len(events) == 5:
-                            proc.send_signal(signal.SIGTERM)
-                            stopped_at = time.monotonic()
-            assert events[-1] == "[DONE]" and "shutting down" in events[-2], events[-3:]
-            assert len(events) < 4000
-            # uvicorn re-raises the signal it stopped on once it is done: killed by SIGTERM, on time
-            assert proc.wait(timeout=10) in (0, -signal.SIGTERM), log.read_text()
-            assert time.monotonic() - stopped_at < 10
-            assert "Traceback" not in log.read_text(), log.read_text()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    with serve_process(tiny_model, tmp_path, "--served-model-name", "t", "--max-model-len", "4096",
+                       "--max-num-seqs", "8") as (proc, url, log):
+        body = {"model": "t", "prompt": "Once", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+        events = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 5:
+                        proc.send_signal(signal.SIGTERM)
+                        stopped_at = time.monotonic()
+        assert events[-1] == "[DONE]" and "shutting down" in events[-2], events[-3:]
+        assert len(events) < 4000
+        # uvicorn re-raises the signal it stopped on once it is done: killed by SIGTERM, on time
+        assert proc.wait(timeout=10) in (0, -signal.SIGTERM), log.read_text()
+        assert time.monotonic() - stopped_at < 10
+        assert "Traceback" not in log.read_text(), log.read_text()
 
 
 def test_generate_command(tiny_model, capsys):
