@@ -183,11 +183,11 @@ class LLMEngine:
             detok = self.detokenizers.get(seq.seq_id)
             if detok is not None:
                 new_text = detok.add([token])
+                if seq.is_finished and not detok.stopped:
+                    new_text += detok.flush()  # may complete a stop string too (a last, held-back character)
                 if detok.stopped:
                     self.scheduler.finish(seq, "stop")
                     seq.finish_reason = "stop"  # also when the same token hit max_tokens
-                elif seq.is_finished:
-                    new_text += detok.flush()
             outputs.append(StepOutput(seq, [token], new_text, seq.is_finished))
             if seq.is_finished:
                 self.seqs.pop(seq.seq_id, None)
