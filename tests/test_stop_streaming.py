@@ -21,7 +21,9 @@ def streamed(llm, prompt, sp):
     return chunks, llm.output_text(seq), seq.finish_reason
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same 80 examples in every CI run (explore more locally with --hypothesis-seed=N)
+@settings(max_examples=80, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_streamed_text_equals_final_text(llm, data):
     prompt = data.draw(st.lists(st.integers(0, 1899), min_size=1, max_size=12), label="prompt")
