@@ -21,7 +21,7 @@ def streamed(llm, prompt, sp):
     return chunks, llm.output_text(seq), seq.finish_reason
 
 
-# derandomize: the same 80 examples in every CI run (explore more locally with --hypothesis-seed=N)
+# derandomize: the same 80 examples in every CI run (drop it locally to explore new ones)
 @settings(max_examples=80, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
