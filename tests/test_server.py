@@ -557,3 +557,28 @@ def test_metrics_answers_head_and_parses_with_prometheus_client(client):
     families = {f.name: f for f in text_string_to_metric_families(reply.text)}
     assert families["nanovllm_kv_blocks_total"].samples[0].value > 0
     assert families["nanovllm_step_batch_size"].type == "histogram"
+
+
+def test_sglang_native_generate(client):
+    """POST /generate (SGLang's native API): the same text as /v1/completions, single and batched, text or
+    input_ids, streamed as the text so far; unknown sampling fields refused by name."""
+    base = {"model": MODEL, "prompt": "The river", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    want = client.post("/v1/completions", json=base).json()["choices"][0]["text"]
+    sampling = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+    one = client.post("/generate", json={"text": "The river", "sampling_params": sampling}).json()
+    assert one["text"] == want and one["meta_info"]["completion_tokens"] == 8
+    assert one["meta_info"]["finish_reason"]["type"] == "length"
+    many = client.post("/generate", json={"text": ["The river", "The river"], "sampling_params": sampling}).json()
+    assert [m["text"] for m in many] == [want, want]
+    ids = client.post("/tokenize", json={"prompt": "The river"}).json()["tokens"]
+    assert client.post("/generate", json={"input_ids": ids, "sampling_params": sampling}).json()["text"] == want
+    events = []
+    with client.stream("POST", "/generate", json={"text": "The river", "sampling_params": sampling,
+                                                  "stream": True}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    texts = [json.loads(e)["text"] for e in events[:-1]]
+    assert texts[-1] == want and all(want.startswith(t) for t in texts)
+    bad = client.post("/generate", json={"text": "x", "sampling_params": {"frequency_penalty": 0.5}})
+    assert bad.status_code == 400 and "frequency_penalty" in bad.text
+    assert client.post("/generate", json={"sampling_params": sampling}).status_code == 400

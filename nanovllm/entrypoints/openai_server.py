@@ -117,6 +117,32 @@ class ChatCompletionRequest(_TopLevel):
     chat_template_kwargs: dict | None = None            # e.g. Qwen3's {"enable_thinking": false}
 
 
+class GenerateSampling(_Strict):
+    """SGLang's native sampling_params (the subset we implement; the rest is refused by name)."""
+    model_config = ConfigDict(strict=True, extra="allow")
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1, le=2 ** 31 - 1)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False                          # keep the stop string (our include_stop_str_in_output)
+    n: int = Field(1, ge=1, le=MAX_N)
+    sampling_seed: int | None = Field(None, ge=-INT64, lt=INT64 - MAX_N)
+
+
+class GenerateRequest(_Strict):
+    """SGLang's native POST /generate: `text` or `input_ids`, one prompt or a batch."""
+    model_config = ConfigDict(strict=True, extra="allow")
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: GenerateSampling = Field(default_factory=GenerateSampling)
+    stream: bool = False
+    rid: str | list[str] | None = None                  # request id(s), echoed in meta_info
+
+
 class TokenizeRequest(_Strict):
     model: str | None = None
     prompt: str | None = None
@@ -529,6 +555,79 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
         if bad:
             raise ApiError(400, f"token ids out of range [0, {vocab}): {bad[:5]}", param="tokens")
         return {"prompt": await serving.off_loop(lambda: serving.tokenizer.decode(req.tokens))}
+
+    @app.post("/generate", dependencies=[Depends(check_api_key)])
+    async def generate(http_request: Request):
+        """SGLang's native endpoint, on the same engine path as /v1/completions."""
+        req = _parse(GenerateRequest, await http_request.body())
+        sp = req.sampling_params
+        for extra in (req.model_extra, sp.model_extra):
+            for name, value in (extra or {}).items():
+                if value is not None:
+                    raise ApiError(400, f"'{name}' is not supported by this server", param=name,
+                                   code="unsupported_parameter")
+        if (req.text is None) == (req.input_ids is None):
+            raise ApiError(400, "pass exactly one of 'text' and 'input_ids'", param="text")
+        prompt = req.text if req.text is not None else req.input_ids
+        batch = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
+        completion = CompletionRequest(
+            prompt=prompt, max_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+            stop=sp.stop, stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos, n=sp.n,
+            skip_special_tokens=sp.skip_special_tokens, include_stop_str_in_output=sp.no_stop_trim,
+            seed=sp.sampling_seed)
+        seqs = await serving.off_loop(lambda: serving.make_sequences(
+            completion, serving.completion_prompts(completion), completion.max_tokens, "text"))
+        if not engine.is_alive:
+            raise ApiError(503, "the engine loop is not running", type="server_error")
+        rids = req.rid if isinstance(req.rid, list) else [req.rid or uuid.uuid4().hex] * len(seqs)
+        index = {s.seq_id: i for i, s in enumerate(seqs)}
+        request = engine.submit(seqs, stream=req.stream)
+
+        def item(i: int, text: str, d: Delta | None) -> dict:
+            meta = {"id": f"{rids[i % len(rids)]}" + (f"-{i}" if len(seqs) > 1 else ""),
+                    "finish_reason": {"type": d.finish_reason} if d is not None else None}
+            if d is not None:
+                meta.update(prompt_tokens=d.prompt_tokens, completion_tokens=d.completion_tokens,
+                            cached_tokens=d.cached_tokens)
+            return {"text": text, "meta_info": meta, "index": i}
+
+        if req.stream:
+            async def events():
+                watcher = asyncio.create_task(_watch_disconnect(http_request, engine, request))
+                texts = [""] * len(seqs)
+                try:
+                    while not request.finished:
+                        d = await request.get()
+                        if d.error is not None:
+                            if d.seq_id != -1:
+                                yield _sse(ApiError(500, d.error, type="server_error").body())
+                                yield b"data: [DONE]\n\n"
+                            return
+                        i = index[d.seq_id]
+                        texts[i] += d.text
+                        if d.text or d.finished:  # SGLang streams the text so far
+                            yield _sse(item(i, texts[i], d if d.finished else None))
+                    yield b"data: [DONE]\n\n"
+                finally:
+                    watcher.cancel()
+                    engine.abort(request)
+            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        watcher = asyncio.create_task(_watch_disconnect(http_request, engine, request))
+        finals: dict[int, Delta] = {}
+        try:
+            while not request.finished:
+                d = await request.get()
+                if d.seq_id == -1:
+                    raise ApiError(499, d.error, type="client_closed_request")
+                if d.error is not None:
+                    raise ApiError(500, d.error, type="server_error")
+                if d.finished:
+                    finals[d.seq_id] = d
+        finally:
+            watcher.cancel()
+            engine.abort(request)
+        out = [item(i, finals[s.seq_id].final_text, finals[s.seq_id]) for i, s in enumerate(seqs)]
+        return out if batch or len(out) > 1 else out[0]
 
     @v1.post("/completions")
     async def completions(http_request: Request):
