@@ -612,20 +612,7 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
                     watcher.cancel()
                     engine.abort(request)
             return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        watcher = asyncio.create_task(_watch_disconnect(http_request, engine, request))
-        finals: dict[int, Delta] = {}
-        try:
-            while not request.finished:
-                d = await request.get()
-                if d.seq_id == -1:
-                    raise ApiError(499, d.error, type="client_closed_request")
-                if d.error is not None:
-                    raise ApiError(500, d.error, type="server_error")
-                if d.finished:
-                    finals[d.seq_id] = d
-        finally:
-            watcher.cancel()
-            engine.abort(request)
+        finals = await _finals(http_request, request)
         out = [item(i, finals[s.seq_id].final_text, finals[s.seq_id]) for i, s in enumerate(seqs)]
         return out if batch or len(out) > 1 else out[0]
 
@@ -648,19 +635,8 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
                                                                       "messages"))
         return await _respond(http_request, req, seqs, model, chat=True)
 
-    async def _respond(http_request: Request, req: _SamplingRequest, seqs: list, model: str, chat: bool):
-        if not engine.is_alive:
-            failure = engine.engine.failure
-            raise ApiError(503, f"the engine stopped: {failure}" if failure else "the engine loop is not running",
-                           type="server_error")
-        index = {s.seq_id: i for i, s in enumerate(seqs)}
-        request = engine.submit(seqs, stream=req.stream)
-        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": None,
-                "created": int(time.time()), "model": model}
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(http_request, request, index, head, chat, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    async def _finals(http_request: Request, request: RequestStream) -> dict[int, Delta]:
+        """Wait for every sequence of a non-streamed request: its final delta by sequence id."""
         watcher = asyncio.create_task(_watch_disconnect(http_request, engine, request))
         finals: dict[int, Delta] = {}
         try:
@@ -675,6 +651,22 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
         finally:
             watcher.cancel()
             engine.abort(request)  # no-op unless we are leaving early
+        return finals
+
+    async def _respond(http_request: Request, req: _SamplingRequest, seqs: list, model: str, chat: bool):
+        if not engine.is_alive:
+            failure = engine.engine.failure
+            raise ApiError(503, f"the engine stopped: {failure}" if failure else "the engine loop is not running",
+                           type="server_error")
+        index = {s.seq_id: i for i, s in enumerate(seqs)}
+        request = engine.submit(seqs, stream=req.stream)
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": None,
+                "created": int(time.time()), "model": model}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_stream(http_request, request, index, head, chat, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        finals = await _finals(http_request, request)
         done = [finals[s.seq_id] for s in seqs]
         if chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": d.final_text},
