@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
+from test_gpu import PROMPTS, first_divergence, next_token_logits  # the one-GPU parity test's prompts and helpers
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")]
-
-PROMPTS = [[(7 * i + j * 13) % 1900 for j in range(n)] for i, n in enumerate([5, 17, 33, 64, 100, 129, 250, 400])]
 
 
 @pytest.fixture(scope="module")
@@ -23,22 +22,6 @@ def model_06b(tmp_path_factory):
     return path
 
 
-def first_divergence(a, b):
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-
-
-def near_tie(llm, prompt, tokens, d, picked):
-    """How far below the reference's best logit the other engine's pick was, at the divergence."""
-    import dataclasses
-    seq = llm.add_request(prompt + tokens[:d], SamplingParams(temperature=0, max_tokens=1))
-    batch, is_prefill = llm.scheduler.schedule()
-    step, batch = llm.step_builder.build(batch, is_prefill)
-    result = llm.executor.collect(llm.executor.execute(dataclasses.replace(step, want_logits=True)))
-    llm.scheduler.postprocess(batch, result.token_ids, llm.scheduler.launched(batch))
-    logits = result.logits[0]
-    return float(logits.max() - logits[picked])
-
-
 def compare(ref_llm, got, expected, prompts, what):
     report = []
     for prompt, a, b in zip(prompts, got, expected):
@@ -46,7 +29,8 @@ def compare(ref_llm, got, expected, prompts, what):
         if d is None:
             report.append("identical")
             continue
-        gap = near_tie(ref_llm, prompt, b, d, a[d])
+        logits = next_token_logits(ref_llm, prompt + b[:d])  # the one-rank reference's, at the divergence
+        gap = float(logits.max() - logits[a[d]])
         report.append(f"diverges at {d}: pick {gap:.4f} below the reference's best")
         assert gap <= 0.0625, f"{what}: {report[-1]}"  # a bf16 rounding flip, not a bug
     print(f"{what}:", report)  # random weights: bf16 logits tie often, so only ties may part the two
@@ -74,8 +58,8 @@ def test_tp2_greedy_equals_tp1_with_graphs_and_cascade(model_06b):
     try:
         got = [o["token_ids"] for o in two.generate(PROMPTS, sp, use_tqdm=False)]
         assert two.model_runner.graphs.replays > 0, "decode ran eagerly under TP"
-        print("custom all-reduce:", type(two.model_runner.graphs).__name__,
-              __import__("nanovllm.distributed.parallel_state", fromlist=["x"]).group().custom_ar)
+        from nanovllm.distributed.parallel_state import group
+        print("custom all-reduce:", group().custom_ar)
         compare(one, got, expected, PROMPTS, "TP=2 vs TP=1 (graphs)")
         bm = two.scheduler.block_manager
         assert bm.num_free_blocks == bm.num_blocks
