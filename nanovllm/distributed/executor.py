@@ -115,9 +115,9 @@ class TensorParallelExecutor:
         external = launched_by_torchrun()
         addr = None if external else config.master_addr
         port = None if external else (config.master_port or free_port())
-        self.single_host = config.nnodes == 1 and not external
+        single_host = config.nnodes == 1 and not external
         channel_args = None
-        if self.single_host:
+        if single_host:
             ctx = mp.get_context("spawn")
             semaphores = [ctx.Semaphore(0) for _ in range(per_node - 1)]
             self.channel = ShmChannel(per_node - 1, slot_bytes_for(config), semaphores)
@@ -132,7 +132,7 @@ class TensorParallelExecutor:
             config.device = str(device)
             grp = parallel_state.init_tensor_parallel(0, n, device, addr, port, config.distributed_timeout_s,
                                                       not config.disable_custom_all_reduce)
-            if not self.single_host:
+            if not single_host:
                 self.channel = GlooChannel(grp.cpu_group, 0)
             grp.health_check = self.check_workers
             self.runner = self._guarded(ModelRunner, config)
@@ -154,10 +154,7 @@ class TensorParallelExecutor:
         return self._guarded(self.runner.collect, pending)
 
     def _send(self, step):
-        if isinstance(self.channel, ShmChannel):
-            self.channel.send(step, alive=self._raise_if_failed)
-        else:
-            self.channel.send(step)
+        self.channel.send(step, alive=self._raise_if_failed)
 
     def _guarded(self, fn, *args):
         """fn(*args); when it fails (a collective broken by a dead peer, say) and a worker has failed,
@@ -239,8 +236,7 @@ class TensorParallelExecutor:
 def run_node(config):
     """A node other than 0: start its ranks, wait for them (they exit when rank 0 closes the
     engine or its host goes away), and return their worst exit code."""
-    port = config.master_port
-    procs = spawn_workers(config, config.node_rank, config.master_addr, port)
+    procs = spawn_workers(config, config.node_rank, config.master_addr, config.master_port)
     try:
         for _, p in procs:
             p.join()

@@ -29,7 +29,8 @@ class GlooChannel:
         self.group, self.rank = cpu_group, rank
         self.packet = torch.empty(PACKET_BYTES, dtype=torch.uint8)
 
-    def send(self, message):
+    def send(self, message, alive=None):
+        """alive: unused here (a broadcast to a dead peer fails by itself)."""
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         head = len(data).to_bytes(8, "little")
         fits = min(len(data), PACKET_BYTES - 8)
