@@ -86,9 +86,10 @@ import logging
 import os
 import re
 
+from nanovllm.distributed.parallel_state import NO_MULTICAST_ENV  # noqa: E402
+
 # NVLink multicast can take the host's GPUs out of service: never on (see the module docstring).
-for _key, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                     ("NVSHMEM_DISABLE_NVLS", "1")):
+for _key, _value in NO_MULTICAST_ENV.items():
     os.environ.setdefault(_key, _value)
 
 import torch  # noqa: E402

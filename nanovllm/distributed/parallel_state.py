@@ -23,7 +23,7 @@ import torch.distributed as dist
 logger = logging.getLogger("nanovllm.distributed")
 
 # NVLink multicast can take a host's GPUs out of service: never on, in any process we start.
-NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 @dataclass
