@@ -206,13 +206,18 @@ def _parse(model: type[BaseModel], body: bytes):
         raise _validation_error(e) from None
 
 
+def _refuse_extras(req: BaseModel, accepted: dict | None = None):
+    """A 400 naming the first undeclared field, unless it is null or has the value `accepted` gives it."""
+    for name, value in (req.model_extra or {}).items():
+        if value is not None and not (accepted and name in accepted and value == accepted[name]):
+            raise ApiError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+
+
 def _unsupported(req: _SamplingRequest):
     """Reject options we would otherwise silently ignore (a wrong answer is worse than a 400)."""
     def no(param, why="is not supported"):
         raise ApiError(400, f"'{param}' {why}", param=param, code="unsupported_parameter")
-    for name, value in (req.model_extra or {}).items():
-        if value is not None and not (name in DEFAULT_EXTRAS and value == DEFAULT_EXTRAS[name]):
-            no(name, "is not supported by this server")
+    _refuse_extras(req, DEFAULT_EXTRAS)
     if req.presence_penalty:
         no("presence_penalty", "is not supported (only 0)")
     if req.frequency_penalty:
@@ -561,11 +566,8 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
         """SGLang's native endpoint, on the same engine path as /v1/completions."""
         req = _parse(GenerateRequest, await http_request.body())
         sp = req.sampling_params
-        for extra in (req.model_extra, sp.model_extra):
-            for name, value in (extra or {}).items():
-                if value is not None:
-                    raise ApiError(400, f"'{name}' is not supported by this server", param=name,
-                                   code="unsupported_parameter")
+        _refuse_extras(req)
+        _refuse_extras(sp)
         if (req.text is None) == (req.input_ids is None):
             raise ApiError(400, "pass exactly one of 'text' and 'input_ids'", param="text")
         prompt = req.text if req.text is not None else req.input_ids
