@@ -146,7 +146,10 @@ class Qwen2ForCausalLM(Qwen3ForCausalLM):
     qk_norm, bias = False, True
 
 
-MODELS = {"Qwen3ForCausalLM": Qwen3ForCausalLM, "Qwen2ForCausalLM": Qwen2ForCausalLM}
+from nanovllm.models.qwen3_moe import Qwen3MoeForCausalLM  # noqa: E402 (it builds on the classes above)
+
+MODELS = {"Qwen3ForCausalLM": Qwen3ForCausalLM, "Qwen2ForCausalLM": Qwen2ForCausalLM,
+          "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM}
 
 
 def model_class(config: PretrainedConfig) -> type[nn.Module]:
