@@ -146,10 +146,8 @@ class Qwen2ForCausalLM(Qwen3ForCausalLM):
     qk_norm, bias = False, True
 
 
-from nanovllm.models.qwen3_moe import Qwen3MoeForCausalLM  # noqa: E402 (it builds on the classes above)
-
-MODELS = {"Qwen3ForCausalLM": Qwen3ForCausalLM, "Qwen2ForCausalLM": Qwen2ForCausalLM,
-          "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM}
+MODELS = {"Qwen3ForCausalLM": Qwen3ForCausalLM, "Qwen2ForCausalLM": Qwen2ForCausalLM}
+import nanovllm.models.qwen3_moe  # noqa: E402,F401 (adds Qwen3MoeForCausalLM to MODELS; it builds on the classes above)
 
 
 def model_class(config: PretrainedConfig) -> type[nn.Module]:

@@ -13,8 +13,8 @@ from nanovllm.layers.embed_head import LMHead, VocabEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.moe import SparseMoeBlock, expert_checkpoint_target
 from nanovllm.layers.rotary_embedding import RotaryEmbedding
-from nanovllm.models.qwen3 import (Qwen3Attention, Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3MLP, Qwen3Model,
-                                   head_dim, rope_theta)
+from nanovllm.models.qwen3 import (MODELS, Qwen3Attention, Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3MLP,
+                                   Qwen3Model, head_dim, rope_theta)
 
 
 def check_config(config: PretrainedConfig):
@@ -95,3 +95,6 @@ class Qwen3MoeForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+
+MODELS["Qwen3MoeForCausalLM"] = Qwen3MoeForCausalLM
