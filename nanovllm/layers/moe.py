@@ -93,7 +93,8 @@ def fused_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gat
     num_tokens, top_k = ids.shape
     flat = ids.flatten()
     order = torch.argsort(flat, stable=True)  # pair index, grouped by expert
-    counts = torch.bincount(flat, minlength=gate_up.shape[0])
+    # rows per expert (not torch.bincount: on CUDA it reads the largest id on the host to size its output)
+    counts = torch.zeros(gate_up.shape[0], dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     if expert_mlp is None:
         expert_mlp = expert_mlp_grouped if use_grouped_mm(x) else expert_mlp_loop
     y_sorted = expert_mlp(x[order // top_k], counts, gate_up, down)
