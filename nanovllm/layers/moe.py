@@ -30,8 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed.parallel_state import all_reduce, tp_rank, tp_size
+from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.linear import Linear, _split
 
+_silu_and_mul = SiluAndMul()  # silu(gate) * up: FlashInfer's kernel on 16-bit CUDA tensors, PyTorch elsewhere
 _EXPERT_TENSOR = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 
 
@@ -52,11 +54,6 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights.to(router_logits.dtype), ids
-
-
-def _silu_and_mul(h: torch.Tensor) -> torch.Tensor:
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 def expert_mlp_loop(x_sorted: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor,
@@ -100,7 +97,7 @@ def fused_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gat
     y_sorted = expert_mlp(x[order // top_k], counts, gate_up, down)
     y = torch.empty_like(y_sorted)
     y[order] = y_sorted  # back to (token, j) order
-    return (y.view(num_tokens, top_k, -1) * weights.unsqueeze(-1)).sum(dim=1)
+    return (y.view(num_tokens, top_k, y.shape[-1]) * weights.unsqueeze(-1)).sum(dim=1)
 
 
 class Experts(nn.Module):
