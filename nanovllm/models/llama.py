@@ -2,10 +2,11 @@
 Mistral (here), Qwen2 and Qwen3 (models/qwen3.py), in the Hugging Face weight layout.
 
 A layer: RMSNorm -> qkv_proj -> [q/k RMSNorm] -> RoPE (neox) -> paged attention -> o_proj -> add + RMSNorm
--> gate_up -> SiluAndMul -> down. A variant sets class attributes only: `qk_norm` (Qwen3), `qkv_bias`
-(None: the config's attention_bias, which also puts a bias on o_proj; True: q/k/v only, Qwen2), and
-what check_config refuses. Tied or untied embeddings as the config says; rope scaling lives in
-layers/rotary_embedding.py.
+-> gate_up -> SiluAndMul -> down. A variant sets class attributes: `qk_norm` (Qwen3), `qkv_bias`
+(None: the config's attention_bias, which also puts a bias on o_proj; True: q/k/v only, Qwen2); it
+may refuse more in check_config, and build other modules through make_mlp / make_attention /
+make_layer (claude_docs/models.md). Tied or untied embeddings as the config says; rope scaling lives
+in layers/rotary_embedding.py.
 
 Tensor parallel as in Megatron: q/k/v and gate/up column parallel, o_proj and down_proj row
 parallel (two all-reduces a layer), the vocabulary split for the embedding and the LM head; each
@@ -137,12 +138,18 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def make_layer(self, config: PretrainedConfig, index: int, rotary_emb: RotaryEmbedding) -> nn.Module:
-        """Decoder layer `index` (a variant with other MLPs, e.g. mixture of experts, overrides this)."""
+        """Decoder layer `index`: this class's attention and MLP between the two RMSNorms."""
+        return LlamaDecoderLayer(config, self.make_attention(config, rotary_emb), self.make_mlp(config, index))
+
+    def make_attention(self, config: PretrainedConfig, rotary_emb: RotaryEmbedding) -> LlamaAttention:
         attention_bias = bool(getattr(config, "attention_bias", False))
         qkv_bias = attention_bias if self.qkv_bias is None else self.qkv_bias
         o_bias = attention_bias and self.qkv_bias is None
-        attn = LlamaAttention(config, self.qk_norm, qkv_bias, o_bias, rotary_emb)
-        return LlamaDecoderLayer(config, attn, LlamaMLP(config, bool(getattr(config, "mlp_bias", False))))
+        return LlamaAttention(config, self.qk_norm, qkv_bias, o_bias, rotary_emb)
+
+    def make_mlp(self, config: PretrainedConfig, index: int) -> nn.Module:
+        """Layer `index`'s MLP (a mixture-of-experts variant overrides this, e.g. per layer index)."""
+        return LlamaMLP(config, bool(getattr(config, "mlp_bias", False)))
 
     @classmethod
     def check_config(cls, config: PretrainedConfig, max_model_len: int) -> None:
