@@ -174,8 +174,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """gather=False under tensor parallelism: this rank's vocabulary slice only (embed_head.LMHead)."""
+        return self.lm_head(hidden, gather)
 
 
 def sliding_window(config: PretrainedConfig) -> int | None:
