@@ -20,7 +20,7 @@ from nanovllm.engine.kv_cache import allocate_kv_cache, block_bytes, cpu_kv_bloc
 from nanovllm.engine.scheduled_step import SamplingInputs, ScheduledStep, StepResult
 from nanovllm.layers.sampler import Sampler, step_row_seeds
 from nanovllm.layers.vocab_parallel_sample import pick_over_ranks, shard_candidates
-from nanovllm.models.qwen3 import model_class
+from nanovllm.models.registry import model_class
 from nanovllm.utils.context import reset_context, set_context
 from nanovllm.utils.loader import load_model
 from nanovllm.utils.transfer import to_device
