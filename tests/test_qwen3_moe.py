@@ -22,9 +22,10 @@ from test_tensor_parallel import logits_by_step, tp_llm  # noqa: F401 (fixture)
 def moe_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
     return {"normalized": make_model("qwen3-moe-tiny", str(root / "normalized"), seed=0),
-            # norm_topk_prob False (the top-k weights are not rescaled), every second layer sparse
+            # norm_topk_prob False (the top-k weights are not rescaled), every second layer sparse,
+            # biases on q/k/v/o (attention_bias)
             "unnormalized": make_model("qwen3-moe-tiny", str(root / "unnormalized"), seed=1, norm_topk_prob=False,
-                                       mlp_only_layers=[], decoder_sparse_step=2)}
+                                       mlp_only_layers=[], decoder_sparse_step=2, attention_bias=True)}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_logits_match_transformers(moe_dirs, make_llm, variant):
     assert kinds == {"Qwen3MoeSparseMoeBlock", "Qwen3MoeMLP"}  # both layer kinds are covered
     llm = make_llm(path)
     ours = {type(layer.mlp).__name__ for layer in llm.model_runner.model.model.layers}
-    assert ours == {"SparseMoeBlock", "Qwen3MLP"}
+    assert ours == {"SparseMoeBlock", "LlamaMLP"}
     tok = AutoTokenizer.from_pretrained(path)
     diff = max_logit_diff(ref, engine_logits(llm, [tok.encode(p) for p in PROMPTS[:5]], 6))
     assert diff <= 1e-4, f"max abs logit diff {diff}"
@@ -181,15 +182,16 @@ def patched_model(moe_model, tmp_path, **fields):
 
 
 @pytest.mark.parametrize("fields,match", [
-    (dict(hidden_act="gelu"), "hidden_act='gelu'"),
-    (dict(use_sliding_window=True, sliding_window=64), "use_sliding_window=True"),
-    (dict(attention_bias=True), "attention_bias=True"),
-    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
-                           "original_max_position_embeddings": 1024}), "rope_parameters"),
-    (dict(num_experts_per_tok=9), "num_experts_per_tok=9"),
+    (dict(num_experts_per_tok=9), "num_experts_per_tok=9 must be in"),
+    (dict(num_experts_per_tok=0), "num_experts_per_tok=0 must be in"),
+    (dict(decoder_sparse_step=0), "decoder_sparse_step=0"),
+    # Qwen3's refusals hold for the MoE too
+    (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+    (dict(use_sliding_window=True, sliding_window=64), "sliding_window=64"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}), "yarn"),
 ])
 def test_unsupported_config_is_refused_by_name(moe_model, tmp_path, fields, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=f"Qwen3MoeForCausalLM: .*{match}"):
         LLM(patched_model(moe_model, tmp_path, **fields), max_model_len=256)
 
 
