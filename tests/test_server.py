@@ -59,7 +59,7 @@ def server(tiny_model):
     assert not s.engine.is_alive
     engine = s.engine.engine  # the loop has exited: the engine is ours to inspect
     assert_no_leaks(engine)
-    assert not engine.seqs and not engine.detokenizers, "per-request state left in the engine"
+    assert not engine.seqs and not engine.output_processor.detokenizers, "per-request state left in the engine"
 
 
 @pytest.fixture

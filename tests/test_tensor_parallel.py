@@ -78,11 +78,11 @@ def logits_by_step(llm, token_lists, decode_steps=4):
         step, batch = llm.step_builder.build(batch, is_prefill)
         step = dataclasses.replace(step, want_logits=True)
         result = llm.executor.collect(llm.executor.execute(step))
-        samples = llm.scheduler.launched(batch)
+        samples = llm.launched(batch)
         for s, sampled, row in zip(batch, samples, result.logits):
             if sampled:
                 rows[s.seq_id].append(row)
-        llm.scheduler.postprocess(batch, result.token_ids, samples)
+        llm.postprocess(batch, result.token_ids, samples)
     return [(s, torch.stack(rows[s.seq_id])) for s in seqs]
 
 
