@@ -303,3 +303,44 @@ def test_penalties_end_to_end_match_a_step_by_step_reference(llm, hf, kw):
         return torch.from_numpy(reference_logits(logits.numpy(), seq, None))
     assert got == hf_greedy(hf, prompt, 14, process)
     assert got != greedy(llm, prompt, max_tokens=14, ignore_eos=True)["token_ids"]  # the controls did something
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_the_gpu_same_as_cpu_and_no_host_sync(tiny_model):
+    """process_logits on CUDA: the CPU's values, and not one host sync (decode must not wait); then the
+    engine on the GPU (FlashInfer, bf16, CUDA graphs, the fused sampler on processed logits)."""
+    from nanovllm import LLM
+    rng = random.Random(0)
+    seqs, newest = [], []
+    for _ in range(64):
+        seq, new = make_seq(rng, random_params(rng), pending=rng.random() < 0.5)
+        seqs.append(seq)
+        newest.append(new if new is not None else seq.token_ids[-1])
+    sampling = builder()._sampling_inputs(seqs)
+    logits = torch.randn(len(seqs), VOCAB) * 4
+    want = process_logits(logits, sampling, torch.tensor(newest))
+    logits_gpu, newest_gpu = logits.cuda(), torch.tensor(newest).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = process_logits(logits_gpu, sampling, newest_gpu)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got.cpu()), finite)
+    assert torch.allclose(got.cpu()[finite], want[finite], rtol=1e-6, atol=1e-5)
+    llm = LLM(tiny_model, device="cuda", dtype="bfloat16", max_model_len=256, max_num_seqs=16)
+    try:
+        eos = llm.config.eos_token_ids[0]
+        outs = llm.generate(["The river", "The river", "Other"], [
+            SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logit_bias={77: 100}),
+            SamplingParams(temperature=1.0, seed=1, max_tokens=16, logit_bias={eos: 60}, min_tokens=5,
+                           presence_penalty=1.0, repetition_penalty=1.2),
+            SamplingParams(temperature=0.8, seed=2, max_tokens=16, ignore_eos=True, min_p=0.2, frequency_penalty=1.0)],
+            use_tqdm=False)
+        assert outs[0]["token_ids"] == [77] * 8
+        assert outs[1]["token_ids"][5:] == [eos] and eos not in outs[1]["token_ids"][:5]
+        assert len(outs[2]["token_ids"]) == 16
+    finally:
+        llm.close()
