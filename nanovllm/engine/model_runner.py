@@ -18,6 +18,7 @@ from nanovllm.distributed import parallel_state as tp
 from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.kv_cache import allocate_kv_cache, block_bytes, cpu_kv_blocks, gpu_kv_blocks
 from nanovllm.engine.scheduled_step import SamplingInputs, ScheduledStep, StepResult
+from nanovllm.layers.logprobs import prompt_token_logprobs, token_logprobs
 from nanovllm.layers.sampler import Sampler, step_row_seeds
 from nanovllm.models.qwen3 import model_class
 from nanovllm.utils.context import reset_context, set_context
@@ -140,12 +141,13 @@ class ModelRunner:
     def execute(self, step: ScheduledStep) -> "PendingResult":
         """Queue one step on the device and return at once; collect() waits for its tokens."""
         batch, input_ids, positions = self.prepare(step)
-        logits = self.forward(batch, input_ids, positions)
+        hidden, logits = self.forward_hidden(batch, input_ids, positions)
         tokens = self.sample(logits, step.sampling)
         self.last_tokens = tokens
         pending = PendingResult(step.step_id, tokens)
         if step.want_logits:
             pending.logits = logits.float()
+        self.logprobs(step, hidden, logits, tokens, pending)
         if self.device.type == "cuda":
             # Double-buffered pinned copies: the step collected last may still be read while this one lands.
             self.host_slot ^= 1
@@ -155,12 +157,31 @@ class ModelRunner:
             pending.done.record()
         return pending
 
+    def logprobs(self, step: ScheduledStep, hidden: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor,
+                 pending: "PendingResult"):
+        """The rows' logprobs (layers/logprobs.py), queued for the host before the step's completion
+        event, so collect() waits for nothing more than the tokens."""
+        if step.logprobs_k is not None:
+            rows = np.flatnonzero(step.logprobs_k >= 0)
+            idx = to_device(rows, self.device)
+            pending.logprobs = token_logprobs(logits[idx], tokens[idx], int(step.logprobs_k.max())).copy_to_host()
+        if step.prompt_logprobs_tokens is not None:
+            # Rows of the LM head at a time: max_num_seqs rows are what the decode warm-up's sampler
+            # held (in more copies), so this fits the activation memory measured at start-up.
+            pending.prompt_logprobs = prompt_token_logprobs(
+                hidden[to_device(step.prompt_logprobs_tokens, self.device)], self.model.compute_logits,
+                to_device(step.prompt_logprobs_targets, self.device), step.prompt_logprobs_k,
+                self.config.max_num_seqs).copy_to_host()
+
     def collect(self, pending: "PendingResult") -> StepResult:
         logits = pending.logits.cpu() if pending.logits is not None else None
         if pending.done is not None:
             tp.wait_event(pending.done) if self.distributed else pending.done.synchronize()
-            return StepResult(pending.step_id, pending.host_tokens.tolist(), logits)
-        return StepResult(pending.step_id, pending.tokens.tolist(), logits)
+            token_ids = pending.host_tokens.tolist()
+        else:
+            token_ids = pending.tokens.tolist()
+        logprobs, prompt = (None if x is None else x.as_numpy() for x in (pending.logprobs, pending.prompt_logprobs))
+        return StepResult(pending.step_id, token_ids, logits, logprobs, prompt)
 
     def sample(self, logits: torch.Tensor, s: SamplingInputs) -> torch.Tensor:
         if s.all_greedy:
@@ -196,6 +217,13 @@ class ModelRunner:
             self.plan_copied.record()
 
     def forward(self, batch: StepBatch, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The logits of each row's last token."""
+        return self.forward_hidden(batch, input_ids, positions)[1]
+
+    def forward_hidden(self, batch: StepBatch, input_ids: torch.Tensor,
+                       positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final hidden states of every query token (prompt logprobs read them), and the logits
+        of each row's last token."""
         key = self.graphs.key(batch) if self.graphs is not None else None
         self._plan_fence()
         if key is not None:
@@ -213,7 +241,7 @@ class ModelRunner:
         try:
             if hidden is None:
                 hidden = self.model(input_ids, positions)
-            return self.model.compute_logits(hidden)
+            return hidden, self.model.compute_logits(hidden)
         finally:
             reset_context()
 
@@ -224,6 +252,7 @@ class PendingResult:
     def __init__(self, step_id: int, tokens: torch.Tensor):
         self.step_id, self.tokens = step_id, tokens
         self.host_tokens = self.done = self.logits = None
+        self.logprobs = self.prompt_logprobs = None  # TokenLogprobs, copies to the host queued
 
 
 class _PassThroughAttention:

@@ -41,6 +41,10 @@ class Sequence:
         self.num_pending = 0          # trailing PLACEHOLDER tokens: sampled by steps not yet collected
         self.last_launched = False    # its last token is launched and will end it by length
         self._pages: np.ndarray | None = None  # numpy copy of block_table, extended as pages are appended
+        # Asked-for logprobs ({token_id: logprob} per position, layers/logprobs.py): one per completion
+        # token, and one per prompt token (None for the first, which has no prefix).
+        self.logprobs: list[dict] | None = [] if sampling_params.logprobs is not None else None
+        self.prompt_logprobs: list[dict | None] | None = [None] if sampling_params.prompt_logprobs is not None else None
 
     def __len__(self):
         return len(self.token_ids)
@@ -69,6 +73,13 @@ class Sequence:
     @property
     def num_blocks(self):
         return (len(self.token_ids) + self.block_size - 1) // self.block_size
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Its prompt's logprobs are still to compute: every prompt position needs its logits, so no
+        page may come from the prefix cache. Once a token is sampled they are all launched (a
+        re-prefill after preemption computes none again)."""
+        return self.prompt_logprobs is not None and self.num_completion_tokens == 0
 
     @property
     def in_prefill(self) -> bool:
