@@ -134,3 +134,138 @@ def test_tensor_parallel_equals_transformers(tiny_model, hf_logprobs):
         assert_no_leaks(llm)
     finally:
         llm.close()
+
+
+# ---- through the server, with the official client ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    s = ServerThread(tiny_model, ["tiny"], max_model_len=512, max_num_seqs=16, max_num_batched_tokens=64).start()
+    yield s
+    s.stop()
+    assert_no_leaks(s.engine.engine)
+
+
+@pytest.fixture
+def oai(server):
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60) as c:
+        yield c
+
+
+def check_legacy(logprobs, ids: list[int], ref: torch.Tensor, k: int, strings):
+    """The legacy completions shape for `ids` (prompt first when echoed) against the reference."""
+    assert logprobs.tokens == [strings[t] for t in ids]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    for p in range(1, len(ids)):
+        assert abs(logprobs.token_logprobs[p] - ref[p - 1, ids[p]].item()) <= TOL
+        top = logprobs.top_logprobs[p]
+        expected = {strings[t]: ref[p - 1, t].item() for t in ref[p - 1].topk(k).indices.tolist() + [ids[p]]}
+        assert top.keys() == expected.keys()
+        assert all(abs(top[s] - expected[s]) <= TOL for s in top)
+    offsets = [sum(len(strings[t]) for t in ids[:p]) for p in range(len(ids))]
+    assert logprobs.text_offset == offsets
+
+
+def test_completions_echo_logprobs_on_token_id_prompts(tiny_model, oai, hf_logprobs):
+    """What lm-eval's loglikelihood sends: a batch of token-id prompts, echo, logprobs, max_tokens 1."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    strings = {t: tok.decode([t]) if t < len(tok) else "" for t in range(len(tok) + 64)}
+    ascii_ids = [t for t in range(len(tok)) if strings[t].isascii() and strings[t].strip()]
+    rng = random.Random(6)
+    prompts = [[rng.choice(ascii_ids) for _ in range(n)] for n in (4, 19, 40)]
+    r = oai.completions.create(model="tiny", prompt=prompts, max_tokens=1, logprobs=3, echo=True, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for prompt, choice in zip(prompts, r.choices):
+        token = hf_logprobs(prompt)[-1].argmax().item()  # greedy: the reference's top token
+        ids = prompt + [token]
+        assert choice.text == tok.decode(prompt) + strings[token]
+        check_legacy(choice.logprobs, ids, hf_logprobs(ids), 3, strings)
+    # echo only (max_tokens 0): the prompt and its logprobs, nothing generated
+    r = oai.completions.create(model="tiny", prompt=prompts[1], max_tokens=0, logprobs=0, echo=True)
+    choice = r.choices[0]
+    assert choice.text == tok.decode(prompts[1]) and choice.finish_reason == "length"
+    assert r.usage.completion_tokens == 0 and len(choice.logprobs.tokens) == len(prompts[1])
+    check_legacy(choice.logprobs, prompts[1], hf_logprobs(prompts[1]), 0, strings)
+    assert "".join(choice.logprobs.tokens) == choice.text  # ASCII tokens: their strings add up to the text
+    # without echo: only the completion, offsets from 0
+    r = oai.completions.create(model="tiny", prompt=prompts[2], max_tokens=4, logprobs=2, temperature=0,
+                               extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 4 and lp.text_offset[0] == 0
+    ids = list(prompts[2])
+    for t in range(4):
+        ref = hf_logprobs(ids)[-1]
+        ids.append(ref.argmax().item())
+        assert abs(lp.token_logprobs[t] - ref.max().item()) <= TOL
+        assert lp.tokens[t] == strings[ids[-1]]
+
+
+def test_streamed_completion_equals_whole(oai):
+    kwargs = dict(model="tiny", prompt=[[11, 12, 13, 14, 15], [3, 4]], max_tokens=5, logprobs=2, echo=True,
+                  temperature=0, extra_body={"ignore_eos": True})
+    whole = oai.completions.create(**kwargs)
+    parts = {0: [], 1: []}
+    for chunk in oai.completions.create(stream=True, **kwargs):
+        for c in chunk.choices:
+            parts[c.index].append(c)
+    for choice in whole.choices:
+        chunks = parts[choice.index]
+        assert "".join(c.text for c in chunks) == choice.text
+        for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            got = [x for c in chunks if c.logprobs for x in getattr(c.logprobs, field)]
+            assert got == getattr(choice.logprobs, field), field
+
+
+def test_chat_logprobs(tiny_model, oai, hf_logprobs):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    messages = [{"role": "user", "content": "The schedule runs"}]
+    r = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=4, logprobs=True, top_logprobs=3,
+                                    temperature=0, extra_body={"ignore_eos": True})
+    prompt = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                        add_special_tokens=False)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4
+    ids = list(prompt)
+    for entry in content:
+        ref = hf_logprobs(ids)[-1]
+        token = ref.argmax().item()
+        assert entry.token == tok.decode([token]) and abs(entry.logprob - ref[token].item()) <= TOL
+        assert bytes(entry.bytes).decode(errors="replace") == entry.token or not entry.token.isascii()
+        top = ref.topk(3)
+        assert [e.token for e in entry.top_logprobs] == [tok.decode([t]) if t < len(tok) else ""
+                                                        for t in top.indices.tolist()]
+        assert all(abs(e.logprob - v) <= TOL for e, v in zip(entry.top_logprobs, top.values.tolist()))
+        ids.append(token)
+    # logprobs without top_logprobs: the token's own logprob and no alternatives
+    r = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=2, logprobs=True, temperature=0)
+    assert [e.top_logprobs for e in r.choices[0].logprobs.content] == [[], []]
+    # streamed: the same entries, chunk by chunk
+    streamed = [e for chunk in oai.chat.completions.create(model="tiny", messages=messages, max_tokens=4,
+                                                            logprobs=True, top_logprobs=3, temperature=0,
+                                                            stream=True, extra_body={"ignore_eos": True})
+                for c in chunk.choices if c.logprobs for e in c.logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": -1}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": "2"}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -1, "echo": True}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 21}, "top_logprobs"),
+])
+def test_bad_logprob_requests_get_400(server, path, body, param):
+    r = httpx.post(f"{server.url}{path}", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_tokenizer_info_and_version(tiny_model, server):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    info = httpx.get(f"{server.url}/tokenizer_info", timeout=30).json()
+    assert info["eos_token"] == tok.eos_token and info["pad_token"] == tok.pad_token
+    assert info["chat_template"] == tok.chat_template and info["model_max_length"] == 512
+    assert httpx.get(f"{server.url}/version", timeout=30).json()["version"]
