@@ -117,3 +117,32 @@ def test_lm_eval(server, tiny_model, tmp_path, reference, tokenizer_args):
     assert len(gen) == len(gen_docs)
     for sample, doc in zip(gen, gen_docs):
         assert sample["resps"][0][0] == greedy(doc["question"], 8, ["\n", "<|im_end|>"])
+
+
+def test_aiperf_shared_system_prompt_chat(server, tiny_model, tmp_path):
+    """A short streamed chat load whose requests share a 128-token system prompt: every request
+    completes, none fails, and the shared prompt is read from the prefix cache.
+
+    aiperf 0.13 cannot load a tokenizer from a local folder while HF_HUB_OFFLINE is set: its offline
+    branch resolves the name with huggingface_hub.snapshot_download(name, local_files_only=True),
+    which takes only a repo id (HFValidationError). So the variable is unset for this process alone;
+    a local folder is then read from disk and nothing asks the hub."""
+    if shutil.which("aiperf") is None:
+        pytest.skip("aiperf is not installed")
+    env = offline_env(tmp_path)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        env.pop(name)
+    art = tmp_path / "aiperf"
+    cmd = ["aiperf", "profile", "--model", "tiny", "--url", server.url, "--endpoint-type", "chat", "--streaming",
+           "--tokenizer", tiny_model, "--shared-system-prompt-length", "128", "--user-context-prompt-length", "16",
+           "--synthetic-input-tokens-mean", "32", "--output-tokens-mean", "16", "--extra-inputs", "ignore_eos:true",
+           "--num-conversations", "12", "--request-count", "12", "--concurrency", "4", "--random-seed", "1",
+           "--ui", "none", "--no-gpu-telemetry", "--no-server-metrics", "--artifact-dir", str(art)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads((art / "profile_export_aiperf.json").read_text())
+    assert result["completed_request_count"]["avg"] == 12
+    assert result["error_summary"] == [] and result["request_error_rate"]["avg"] == 0
+    # the shared system prompt comes from the prefix cache (the first wave of 4 may compute it)
+    assert result["total_usage_prompt_cache_read_tokens"]["avg"] >= 8 * 128
+    assert result["output_token_count"]["count"] == 12
