@@ -1,5 +1,6 @@
-"""OpenAI-compatible HTTP API over the AsyncEngine: /v1/completions, /v1/chat/completions, /v1/models,
-/health and /metrics; and for a router in front of several servers (SGLang's `smg` / `sglang-router`),
+"""OpenAI-compatible HTTP API over the AsyncEngine: /v1/completions (with logprobs and echo),
+/v1/chat/completions (with logprobs), /v1/models, /tokenize, /detokenize, /tokenizer_info, /version,
+/health and /metrics; SGLang's native /generate; and for a router in front of several servers (SGLang's `smg` / `sglang-router`),
 the discovery and load endpoints it reads: /server_info, /model_info (and their /get_* aliases),
 /v1/loads and the older /get_load, in the shapes SGLang answers them.
 
