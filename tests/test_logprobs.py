@@ -102,6 +102,20 @@ def test_prefix_cache_is_bypassed_for_prompt_logprobs(tiny_model, make_llm, hf_l
     check_output(outs[1], asks, hf_logprobs)
 
 
+def test_cascade_decode_rows_reordered(tiny_model, make_llm, hf_logprobs):
+    """Cascade attention reorders the rows of a step (groups sharing a prefix): each row's logprobs
+    still reach its own sequence."""
+    llm = make_llm(tiny_model, enable_cascade_attention=True, cascade_shared_prefix_len=32)
+    system = random_prompts(7, [40])[0]
+    prompts = random_prompts(8, [5, 9, 3, 12, 7, 6], prefix=system) + random_prompts(9, [20, 30])
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=k % 4 if k % 3 else None)
+              for k in range(len(prompts))]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.stats["cascade_steps"] > 0
+    for out, sp in zip(outs, params):
+        check_output(out, sp, hf_logprobs)
+
+
 def test_preemption_keeps_one_entry_per_token(tiny_model, make_llm, hf_logprobs):
     """Few pages: sequences are preempted and re-prefilled (from their own cached pages); logprobs
     stay one per completion token and prompt logprobs are not computed twice."""
