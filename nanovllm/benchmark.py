@@ -50,7 +50,7 @@ def run(args) -> dict:
     load_format = args.load_format
     if model is None:
         from nanovllm.tools.make_model import BIG_PRESETS, make_model
-        # Shapes too big to write (qwen3-8b, qwen3-32b): config and tokenizer only, random weights on the device.
+        # Real shapes (BIG_PRESETS: qwen3-8b, llama-3.1-8b, ...): config and tokenizer only, random weights on the device.
         big = load_format == "dummy" or args.preset in BIG_PRESETS
         model = os.path.join(tempfile.gettempdir(), f"nanovllm-{args.preset}" + ("-config" if big else ""))
         if not os.path.exists(os.path.join(model, "config.json")):

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from nanovllm.models.registry import check_model_config
+
 
 @dataclass
 class Config:
@@ -56,6 +58,7 @@ class Config:
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         self.hf_config = AutoConfig.from_pretrained(self.model)
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
+        check_model_config(self.hf_config, self.max_model_len)  # architecture and its features, before any device work
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.attention_backend == "auto":

@@ -1,6 +1,9 @@
 """Where a decode step's time goes, on the GPU machine: GPU kernels by category and host time.
 
     python scripts/profile_step.py --model /tmp/qwen3-0.6b [--batch 256] [--context 600] [--cascade]
+    python scripts/profile_step.py --model /tmp/qwen3-8b --load-format dummy --tensor-parallel-size 2
+
+Under tensor parallelism the kernels are rank 0's (the other ranks run the same step).
 
 Prefills `batch` requests of `context` random tokens, then profiles decode steps: kernel time by
 category (attention, GEMM, KV write, sampling, other) from torch.profiler, step wall time, and the
@@ -18,10 +21,12 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 
-CATEGORIES = [("attention", ("flashinfer", "BatchDecode", "BatchPrefill", "Prefill", "merge_state", "Attention")),
+CATEGORIES = [("all-reduce / all-gather", ("nccl", "allreduce", "all_reduce", "allgather", "cross_device_reduce",
+                                            "oneshot", "twoshot", "lamport")),
+              ("attention", ("flashinfer", "BatchDecode", "BatchPrefill", "Prefill", "merge_state", "Attention")),
               ("kv write", ("_store_kv",)),
               ("gemm", ("gemm", "Gemm", "cutlass", "sm90", "xmma", "nvjet", "cublas", "splitK")),
-              ("sampling", ("softmax", "exponential", "argmax", "sort", "distribution", "reduce", "radix", "cumsum")),
+              ("sampling", ("softmax", "exponential", "argmax", "sort", "distribution", "reduce", "radix", "cumsum", "_sample_chunk")),
               ]
 
 
@@ -70,9 +75,12 @@ def main():
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--greedy", action="store_true", help="temperature 0 (W2/W3) instead of 0.6 (W1)")
     p.add_argument("--kernels", type=int, default=0, help="also list the N kernels that take the most time")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     args = p.parse_args()
     llm = LLM(args.model, enable_cascade_attention=args.cascade, enforce_eager=args.enforce_eager,
-              max_num_seqs=max(args.batch, 16), max_model_len=args.context + 4 * args.steps + 64)
+              max_num_seqs=max(args.batch, 16), max_model_len=args.context + 4 * args.steps + 64,
+              tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format)
     rng = random.Random(0)
     systems = [[rng.randint(0, 10000) for _ in range(args.shared)] for _ in range(args.groups)]
     prompts = [systems[i % args.groups] + [rng.randint(0, 10000) for _ in range(args.context - args.shared)]

@@ -1,6 +1,7 @@
 """Where a benchmark's seconds go, step by step, on the GPU machine.
 
     python scripts/step_timeline.py --model /tmp/qwen3-0.6b --workload w1 [--enable-cascade-attention]
+    python scripts/step_timeline.py --model /tmp/qwen3-8b --load-format dummy --tensor-parallel-size 2
 
 Runs one workload of bench.py through LLM.step() and records every step's wall time (with
 overlapped steps a step() call returns once the previous step's tokens are in, so its wall time is
@@ -25,12 +26,14 @@ def main():
     p.add_argument("--workload", default="w1", choices=sorted(WORKLOADS))
     p.add_argument("--enable-cascade-attention", action="store_true")
     p.add_argument("--cprofile", type=int, default=0, help="also profile the host: top N functions by own time")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     args = p.parse_args()
     make, cfg = WORKLOADS[args.workload]
     cfg = dict(cfg)
     if args.enable_cascade_attention:
         cfg["enable_cascade_attention"] = True
-    llm = LLM(args.model, **cfg)
+    llm = LLM(args.model, tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format, **cfg)
     prompts, params = make()
     llm.generate(["Benchmark: "], SamplingParams(max_tokens=8), use_tqdm=False)
     runner, waited = llm.model_runner, []

@@ -60,6 +60,13 @@ def check_output(out: dict, sp: SamplingParams, hf_logprobs):
             check_position(out["prompt_logprobs"][p], ref[p - 1], prompt[p], sp.prompt_logprobs)
 
 
+def hf_greedy(hf_logprobs, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(hf_logprobs(ids)[-1].argmax().item())
+    return ids[len(prompt):]
+
+
 def random_prompts(seed, lengths, prefix=()):
     rng = random.Random(seed)
     return [list(prefix) + [rng.randrange(1900) for _ in range(n)] for n in lengths]
@@ -137,7 +144,8 @@ def test_bad_values_are_refused(tiny_model, make_llm, field, value):
 
 
 def test_tensor_parallel_equals_transformers(tiny_model, hf_logprobs):
-    """Two gloo ranks: the logits are all-gathered, every rank runs the same LM-head chunks."""
+    """Two gloo ranks: a step with logprobs samples from all-gathered logits (greedy steps without
+    them sample from each rank's vocabulary slice); every rank runs the same LM-head chunks."""
     from nanovllm import LLM
     llm = LLM(tiny_model, tensor_parallel_size=2, max_model_len=512, max_num_seqs=16, max_num_batched_tokens=40)
     try:
@@ -145,6 +153,12 @@ def test_tensor_parallel_equals_transformers(tiny_model, hf_logprobs):
         sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=4, prompt_logprobs=4)
         for out in llm.generate(prompts, sp, use_tqdm=False):
             check_output(out, sp, hf_logprobs)
+        # a short request with logprobs beside a longer one without: split-sampled steps follow
+        plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        params = [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=2), plain]
+        for out, p in zip(llm.generate(prompts[:2], params, use_tqdm=False), params):
+            check_output(out, p, hf_logprobs)
+            assert out["token_ids"] == hf_greedy(hf_logprobs, out["prompt_token_ids"], len(out["token_ids"]))
         assert_no_leaks(llm)
     finally:
         llm.close()

@@ -24,12 +24,16 @@ def reference(qkv, positions, cos_sin, qw, kw, eps, hq, hkv, d, dtype):
     return rot(q), rot(k), v
 
 for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-    for hq, hkv, d, norm in ((4, 2, 16, True), (3, 1, 8, False), (16, 8, 128, True)):
+    # Qwen3 (q/k norm), Qwen2/Llama/Mistral (no norm; GQA 3:1 and 4:1), Qwen3-0.6B's and Llama-3's head shapes
+    for hq, hkv, d, norm in ((4, 2, 16, True), (3, 1, 8, False), (8, 2, 16, False), (16, 8, 128, True),
+                             (32, 8, 128, False)):
         tokens, pages, page = 9, 7, 4
         wide = torch.randn(tokens, (hq + 2 * hkv) * d + 8, dtype=dtype, device=device)
         qkv = wide[:, :(hq + 2 * hkv) * d]           # strided rows
         positions = torch.randint(0, 60, (tokens,), device=device)
-        cos_sin = RotaryEmbedding(d, 64, 10000.0).cos_sin_half.to(device)
+        scaling = None if norm else dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                         original_max_position_embeddings=16)  # Llama 3.1's table
+        cos_sin = RotaryEmbedding(d, 64, 500000.0, scaling).cos_sin_half.to(device)
         qw = kw = None
         if norm:
             qw = (1 + 0.1 * torch.randn(d, device=device)).to(dtype)

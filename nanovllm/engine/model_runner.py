@@ -20,7 +20,8 @@ from nanovllm.engine.kv_cache import allocate_kv_cache, block_bytes, cpu_kv_bloc
 from nanovllm.engine.scheduled_step import SamplingInputs, ScheduledStep, StepResult
 from nanovllm.layers.logprobs import prompt_token_logprobs, token_logprobs
 from nanovllm.layers.sampler import Sampler, step_row_seeds
-from nanovllm.models.qwen3 import model_class
+from nanovllm.layers.vocab_parallel_sample import pick_over_ranks, shard_candidates
+from nanovllm.models.registry import model_class
 from nanovllm.utils.context import reset_context, set_context
 from nanovllm.utils.loader import load_model
 from nanovllm.utils.transfer import to_device
@@ -141,8 +142,13 @@ class ModelRunner:
     def execute(self, step: ScheduledStep) -> "PendingResult":
         """Queue one step on the device and return at once; collect() waits for its tokens."""
         batch, input_ids, positions = self.prepare(step)
-        hidden, logits = self.forward_hidden(batch, input_ids, positions)
-        tokens = self.sample(logits, step.sampling)
+        s = step.sampling
+        # Under tensor parallelism the one-pass samplers work on each rank's vocabulary slice, unless
+        # a row's logprobs need the full logits.
+        split = (self.distributed and not step.want_logits and step.logprobs_k is None
+                 and (s.all_greedy or (self.device.type == "cuda" and s.fused)))
+        hidden, logits = self.forward_hidden(batch, input_ids, positions, gather=not split)
+        tokens = self.sample_split(logits, s) if split else self.sample(logits, s)
         self.last_tokens = tokens
         pending = PendingResult(step.step_id, tokens)
         if step.want_logits:
@@ -189,11 +195,7 @@ class ModelRunner:
         dev = self.device
         temperatures = to_device(s.temperatures, dev)
         if dev.type == "cuda" and s.fused:
-            # The fused GPU sampler: a Philox seed per row (a seeded request's own).
-            seeds = step_row_seeds(s.step_seed, len(s.temperatures))
-            if s.row_seeds is not None:
-                seeds = np.where(s.row_seeds >= 0, s.row_seeds, seeds)
-            return self.sampler(logits, temperatures, seeds=to_device(seeds, dev))
+            return self.sampler(logits, temperatures, seeds=self._row_seeds(s))
         generator = self.generator if dev.type == "cuda" else torch.Generator()
         generator.manual_seed(s.step_seed)
         generators = {}
@@ -203,6 +205,21 @@ class ModelRunner:
         top_ks = to_device(s.top_ks, dev) if s.top_ks is not None else None
         top_ps = to_device(s.top_ps, dev) if s.top_ps is not None else None
         return self.sampler(logits, temperatures, top_ks, top_ps, generators, generator=generator)
+
+    def _row_seeds(self, s: SamplingInputs) -> torch.Tensor:
+        """The fused GPU sampler's Philox seed per row (a seeded request's own)."""
+        seeds = step_row_seeds(s.step_seed, len(s.temperatures))
+        if s.row_seeds is not None:
+            seeds = np.where(s.row_seeds >= 0, s.row_seeds, seeds)
+        return to_device(seeds, self.device)
+
+    def sample_split(self, logits: torch.Tensor, s: SamplingInputs) -> torch.Tensor:
+        """Greedy or temperature-only rows from this rank's vocabulary slice (layers/vocab_parallel_sample.py)."""
+        first = self.model.lm_head.first
+        if s.all_greedy:
+            return pick_over_ranks(*shard_candidates(logits, first))
+        temperatures = to_device(s.temperatures, self.device)
+        return pick_over_ranks(*shard_candidates(logits, first, temperatures, self._row_seeds(s)))
 
     def _plan_fence(self):
         """FlashInfer's plan() stages its arrays in a pinned buffer it reuses, copied to the device
@@ -216,12 +233,14 @@ class ModelRunner:
             self.plan_copied = torch.cuda.Event()
             self.plan_copied.record()
 
-    def forward(self, batch: StepBatch, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The logits of each row's last token."""
-        return self.forward_hidden(batch, input_ids, positions)[1]
+    def forward(self, batch: StepBatch, input_ids: torch.Tensor, positions: torch.Tensor,
+                gather: bool = True) -> torch.Tensor:
+        """The logits of each row's last token (gather=False under tensor parallelism: this rank's
+        vocabulary slice only)."""
+        return self.forward_hidden(batch, input_ids, positions, gather)[1]
 
-    def forward_hidden(self, batch: StepBatch, input_ids: torch.Tensor,
-                       positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_hidden(self, batch: StepBatch, input_ids: torch.Tensor, positions: torch.Tensor,
+                       gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The final hidden states of every query token (prompt logprobs read them), and the logits
         of each row's last token."""
         key = self.graphs.key(batch) if self.graphs is not None else None
@@ -241,7 +260,7 @@ class ModelRunner:
         try:
             if hidden is None:
                 hidden = self.model(input_ids, positions)
-            return hidden, self.model.compute_logits(hidden)
+            return hidden, self.model.compute_logits(hidden, gather)
         finally:
             reset_context()
 

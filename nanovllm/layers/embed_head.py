@@ -2,7 +2,9 @@
 
 Each rank holds ceil(vocab / n) rows of the table (the last rank's tail is zero padding). The
 embedding looks up the ids in its own rows, zeroes the rest and all-reduces; the LM head computes
-logits for its rows and all-gathers them, so every rank holds the full logits and samples alike."""
+logits for its rows and all-gathers them, so every rank holds the full logits and samples alike, or
+(gather=False) returns its own slice without padding for the samplers that need no full row
+(layers/vocab_parallel_sample.py)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,11 +44,13 @@ class VocabEmbedding(nn.Module):
 class LMHead(VocabEmbedding):
     """Logits for the last token of each sequence only (prefill computes many, samples one)."""
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
         ctx = get_context()
         if ctx.logits_indices is not None:
             hidden = hidden[ctx.logits_indices]
-        logits = F.linear(hidden, self.weight)
         if self.tp_size == 1:
-            return logits
-        return all_gather_last_dim(logits)[:, :self.vocab_size]
+            return F.linear(hidden, self.weight)
+        if not gather:  # this rank's tokens first .. first + width - 1, padding rows left out
+            width = max(0, min(self.rows, self.vocab_size - self.first))
+            return F.linear(hidden, self.weight[:width])
+        return all_gather_last_dim(F.linear(hidden, self.weight))[:, :self.vocab_size]

@@ -1,4 +1,4 @@
-"""Build Hugging Face-layout Qwen checkpoints with seeded random weights, offline.
+"""Build Hugging Face-layout checkpoints (Qwen3, Qwen2, Llama, Mistral) with seeded random weights, offline.
 
     python -m nanovllm.tools.make_model --preset qwen3-tiny --out /tmp/qwen3-tiny
     python -m nanovllm.tools.make_model --preset qwen3-32b --out /tmp/qwen3-32b --no-weights
@@ -15,9 +15,12 @@ the parameters on the GPU). Writing weights is refused above LARGE_CHECKPOINT_BY
 (about 10 GB: qwen3-8b is 16 GB, qwen3-32b 66 GB in bf16, and building them first
 takes twice that in float32 host memory) unless --allow-large / allow_large=True.
 The 8b/32b presets match Qwen's published config.json shapes (vocab, widths, heads,
-layers, rope_theta, eps, untied embeddings); the tokenizer and its token ids are ours.
+layers, rope_theta, eps, untied embeddings); llama-3.1-8b, llama-3.2-1b and
+mistral-7b-v0.3 match Meta's and Mistral's (llama3 rope scaling included, Mistral
+without a sliding window); the tokenizer and its token ids are ours.
 """
 import argparse
+import copy
 import functools
 import itertools
 import json
@@ -27,8 +30,8 @@ import tempfile
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 BPE_VOCAB_SIZE = 2000  # learned tokens (256 bytes + merges); specials come after
@@ -55,6 +58,23 @@ _QWEN3_TINY = dict(
 )
 _QWEN3_8B = {**_QWEN3_06B, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
              "num_attention_heads": 32, "tie_word_embeddings": False}
+# initializer_range 0.1, not HF's 0.02: at 0.02 a tied tiny model's layers barely move the residual
+# stream, so greedy decoding repeats the prompt's last token forever (qwen3-tiny does) and a greedy
+# comparison tests little; at 0.1 the 8 test prompts continue with 3 to 19 distinct tokens out of 20.
+_LLAMA_TINY = dict(
+    arch="llama", vocab_size=None, hidden_size=64, intermediate_size=128,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    max_position_embeddings=4096, dtype="float32", hidden_act="silu", initializer_range=0.1,
+)
+_LLAMA31_8B = dict(
+    arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+    rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    max_position_embeddings=131072, dtype="bfloat16", hidden_act="silu",
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
+)
 PRESETS: dict[str, dict] = {
     "qwen3-0.6b": _QWEN3_06B,
     "qwen3-1.7b": {**_QWEN3_06B, "hidden_size": 2048, "intermediate_size": 6144},
@@ -73,8 +93,28 @@ PRESETS: dict[str, dict] = {
         rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
         max_position_embeddings=4096, dtype="float32", hidden_act="silu",
     ),
+    # Llama 2 style: plain RoPE, tied embeddings
+    "llama-tiny": _LLAMA_TINY,
+    # Llama 3.1 style: llama3 rope scaling (original context 256 puts the tiny model's 8 frequency
+    # pairs in all three bands: kept, blended, divided by factor), untied lm_head, 8 query heads on 2
+    # KV heads, head_dim 16 with 8 heads != hidden_size / heads
+    "llama3-tiny": {**_LLAMA_TINY, "num_hidden_layers": 3, "num_attention_heads": 8, "intermediate_size": 192,
+                    "rope_theta": 500000.0, "tie_word_embeddings": False, "rms_norm_eps": 1e-5,
+                    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 256}},
+    # Mistral v0.2+ style: no sliding window, one KV head (MQA), untied
+    "mistral-tiny": {**_LLAMA_TINY, "arch": "mistral", "num_key_value_heads": 1, "rope_theta": 1e6,
+                     "tie_word_embeddings": False, "sliding_window": None},
+    # Real shapes (config only, load_format="dummy"), as Meta's and Mistral's config.json
+    "llama-3.1-8b": _LLAMA31_8B,
+    "llama-3.2-1b": {**_LLAMA31_8B, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                     "head_dim": 64, "tie_word_embeddings": True,
+                     "rope_scaling": {**_LLAMA31_8B["rope_scaling"], "factor": 32.0}},
+    "mistral-7b-v0.3": {**_LLAMA31_8B, "arch": "mistral", "vocab_size": 32768, "rope_theta": 1e6,
+                        "max_position_embeddings": 32768, "sliding_window": None, "rope_scaling": None},
 }
-_ARCHS = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+_ARCHS = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+          "llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
 
 # ---------------------------------------------------------------------------------
 # Tokenizer
@@ -166,14 +206,15 @@ def _size_bytes(size: str) -> int:
 
 # make_model refuses to write weights above this without allow_large (qwen3-8b: 16 GB, qwen3-32b: 66 GB).
 LARGE_CHECKPOINT_BYTES = 10 * 10**9
-BIG_PRESETS = ("qwen3-8b", "qwen3-32b")  # over LARGE_CHECKPOINT_BYTES: benchmarks use load_format="dummy"
+# Real shapes benchmarks run with load_format="dummy" (all but llama-3.2-1b are over LARGE_CHECKPOINT_BYTES).
+BIG_PRESETS = ("qwen3-8b", "qwen3-32b", "llama-3.1-8b", "llama-3.2-1b", "mistral-7b-v0.3")
 
 
 def _build_config(preset: str, dtype: str | None, overrides: dict):
     """(config, HF model class, tokenizer, special token ids, preset fields, dtype name) for a preset."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}, choose from {sorted(PRESETS)}")
-    fields = {**PRESETS[preset], **overrides}
+    fields = copy.deepcopy({**PRESETS[preset], **overrides})  # HF configs edit the rope dicts they are given
     config_cls, model_cls = _ARCHS[fields.pop("arch")]
     preset_dtype = fields.pop("dtype")
     dtype = dtype or preset_dtype
@@ -184,7 +225,8 @@ def _build_config(preset: str, dtype: str | None, overrides: dict):
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
     )
-    config = config_cls(**fields, **special, dtype=dtype, initializer_range=0.02)
+    fields.setdefault("initializer_range", 0.02)
+    config = config_cls(**fields, **special, dtype=dtype)
     config.architectures = [model_cls.__name__]  # what save_pretrained of the model writes
     return config, model_cls, tokenizer, special, fields, dtype
 
@@ -240,12 +282,14 @@ def make_model(preset: str, out_dir: str, seed: int = 0, dtype: str | None = Non
         model.save_pretrained(out_dir, max_shard_size=_size_bytes(max_shard_size))
     tokenizer.save_pretrained(out_dir)
 
-    # transformers 5 writes rope_theta only inside "rope_parameters"; real Qwen
-    # checkpoints (and simple readers of config.json) have it at the top level too.
+    # transformers 5 writes rope_theta and the scaling only inside "rope_parameters"; real
+    # checkpoints (and simple readers of config.json) have them at the top level too.
     path = os.path.join(out_dir, "config.json")
     with open(path) as f:
         cfg = json.load(f)
     cfg["rope_theta"] = fields["rope_theta"]
+    if fields.get("rope_scaling"):
+        cfg["rope_scaling"] = {k: v for k, v in fields["rope_scaling"].items() if k != "rope_theta"}
     with open(path, "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
         f.write("\n")
