@@ -18,7 +18,7 @@ from nanovllm.distributed import parallel_state as tp
 from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.kv_cache import allocate_kv_cache, block_bytes, cpu_kv_blocks, gpu_kv_blocks
 from nanovllm.engine.scheduled_step import SamplingInputs, ScheduledStep, StepResult
-from nanovllm.layers.logprobs import prompt_token_logprobs, token_logprobs
+from nanovllm.layers.logprobs import log_softmax, prompt_token_logprobs, select
 from nanovllm.layers.sampler import Sampler, step_row_seeds
 from nanovllm.layers.vocab_parallel_sample import pick_over_ranks, shard_candidates
 from nanovllm.models.registry import model_class
@@ -148,12 +148,15 @@ class ModelRunner:
         split = (self.distributed and not step.want_logits and step.logprobs_k is None
                  and (s.all_greedy or (self.device.type == "cuda" and s.fused)))
         hidden, logits = self.forward_hidden(batch, input_ids, positions, gather=not split)
+        # The asked rows' logprobs before sampling: they are the raw model's, whatever the sampler does to
+        # the logits (held through sampling: 4 bytes per vocabulary entry of each asking row).
+        asked = self.asked_logprobs(step, logits)
         tokens = self.sample_split(logits, s) if split else self.sample(logits, s)
         self.last_tokens = tokens
         pending = PendingResult(step.step_id, tokens)
         if step.want_logits:
             pending.logits = logits.float()
-        self.logprobs(step, hidden, logits, tokens, pending)
+        self.logprobs(step, hidden, asked, tokens, pending)
         if self.device.type == "cuda":
             # Double-buffered pinned copies: the step collected last may still be read while this one lands.
             self.host_slot ^= 1
@@ -163,14 +166,20 @@ class ModelRunner:
             pending.done.record()
         return pending
 
-    def logprobs(self, step: ScheduledStep, hidden: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor,
+    def asked_logprobs(self, step: ScheduledStep, logits: torch.Tensor) -> tuple | None:
+        """(rows that ask for logprobs (device), their float32 log_softmax), or None."""
+        if step.logprobs_k is None:
+            return None
+        rows = to_device(np.flatnonzero(step.logprobs_k >= 0), self.device)
+        return rows, log_softmax(logits[rows])
+
+    def logprobs(self, step: ScheduledStep, hidden: torch.Tensor, asked: tuple | None, tokens: torch.Tensor,
                  pending: "PendingResult"):
         """The rows' logprobs (layers/logprobs.py), queued for the host before the step's completion
         event, so collect() waits for nothing more than the tokens."""
-        if step.logprobs_k is not None:
-            rows = np.flatnonzero(step.logprobs_k >= 0)
-            idx = to_device(rows, self.device)
-            pending.logprobs = token_logprobs(logits[idx], tokens[idx], int(step.logprobs_k.max())).copy_to_host()
+        if asked is not None:
+            rows, logprobs = asked
+            pending.logprobs = select(logprobs, tokens[rows], int(step.logprobs_k.max())).copy_to_host()
         if step.prompt_logprobs_tokens is not None:
             # Rows of the LM head at a time: max_num_seqs rows are what the decode warm-up's sampler
             # held (in more copies), so this fits the activation memory measured at start-up.

@@ -48,12 +48,22 @@ class TokenLogprobs:
         return out
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> TokenLogprobs:
-    """logits [n, vocab] (any float dtype), targets [n] token ids, k top alternatives (may be 0)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits [n, vocab] (any float dtype) -> float32 logprobs, a new tensor: taken before sampling, it
+    is the raw model's whatever the sampler then does to its logits."""
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def select(logprobs: torch.Tensor, targets: torch.Tensor, k: int) -> TokenLogprobs:
+    """From logprobs [n, vocab]: each row's target token (targets [n]) and the top k (may be 0)."""
     target = logprobs.gather(1, targets.long().unsqueeze(1)).squeeze(1)
     top = logprobs.topk(k, dim=-1)
     return TokenLogprobs(target, top.indices, top.values)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> TokenLogprobs:
+    """logits [n, vocab] (any float dtype), targets [n] token ids, k top alternatives (may be 0)."""
+    return select(log_softmax(logits), targets, k)
 
 
 def prompt_token_logprobs(hidden: torch.Tensor, compute_logits, targets: torch.Tensor, k: int,
