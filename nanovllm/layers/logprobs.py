@@ -1,7 +1,8 @@
 """Logprobs: log_softmax of the model's raw logits in float32, for the rows that asked, on the device.
 
 What is returned is the model's distribution (vLLM's default, `raw_logprobs`): before temperature,
-top-k or top-p, whatever the request samples with. Each asked position gives the logprob of one
+top-k or top-p, whatever the request samples with (the runner takes the log_softmax before sampling,
+so no processing of the logits on the sampler's side can show in it). Each asked position gives the logprob of one
 target token (the sampled token, or for prompt logprobs the next prompt token) and the top-k
 (ids, logprobs) with k the largest any row of the step asked for; the host trims each row to its
 own k. Only these small tensors leave the device, copied when the step's tokens are (no extra
