@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+MAX_LOGPROBS = 20  # top alternatives per position at most (OpenAI's and vLLM's default limit)
+
 
 @dataclass
 class SamplingParams:
@@ -27,6 +29,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     include_stop_str_in_output: bool = False  # keep the stop string that ended the text
     skip_special_tokens: bool = True          # leave special tokens out of the text
+    logprobs: int | None = None        # k: each sampled token's logprob and the top-k alternatives
+    prompt_logprobs: int | None = None  # k: each prompt token's logprob given its prefix, and the top-k
     # Set by validate(): some logits control is on (read once per row and step by the step builder,
     # so a batch without any costs one attribute read a row).
     processes_logits: bool = field(default=False, init=False, repr=False, compare=False)
@@ -84,6 +88,10 @@ class SamplingParams:
         for name in ("include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 bad(f"{name} must be a boolean, got {getattr(self, name)!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not is_int(k) or not 0 <= k <= MAX_LOGPROBS):
+                bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {k!r}")
         if self.seed is not None and (not is_int(self.seed) or not -2**63 <= self.seed < 2**63):
             bad(f"seed must be a 64-bit integer, got {self.seed!r}")
         self.processes_logits = bool(self.presence_penalty or self.frequency_penalty or rep != 1 or self.logit_bias

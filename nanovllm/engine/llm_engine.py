@@ -13,6 +13,7 @@ from nanovllm.engine.scheduled_step import ScheduledStep
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_builder import StepBuilder
+from nanovllm.layers.logprobs import TokenLogprobs
 from nanovllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("nanovllm")
@@ -171,7 +172,13 @@ class LLMEngine:
         return outputs
 
     def _collect(self, step: InFlightStep) -> list[StepOutput]:
-        return self.postprocess(step.seqs, self.executor.collect(step.pending).token_ids, step.samples)
+        result = self.executor.collect(step.pending)
+        if result.prompt_logprobs is not None:
+            self._attach_prompt_logprobs(step, result.prompt_logprobs)
+        advanced = self.scheduler.postprocess(step.seqs, result.token_ids, step.samples)
+        if result.logprobs is not None:
+            self._attach_logprobs(step, result.logprobs, result.token_ids, advanced)
+        return self._finish_step(advanced)
 
     def launched(self, seqs: list[Sequence]) -> list[bool]:
         """A step was handed to the runner(s): the scheduler's placeholders, then the length rule.
@@ -183,12 +190,41 @@ class LLMEngine:
     def postprocess(self, seqs: list[Sequence], token_ids: list[int], samples: list[bool]) -> list[StepOutput]:
         """A step's tokens came back: the scheduler fills them in, the output processor applies the stop
         rules (finishing what ends) and hands out the text."""
-        outputs = self.output_processor.process(self.scheduler.postprocess(seqs, token_ids, samples))
+        return self._finish_step(self.scheduler.postprocess(seqs, token_ids, samples))
+
+    def _finish_step(self, advanced: list[Sequence]) -> list[StepOutput]:
+        outputs = self.output_processor.process(advanced)
         self.stats["generated_tokens"] += len(outputs)
         for out in outputs:
             if out.finished:
                 self.seqs.pop(out.seq.seq_id, None)
         return outputs
+
+    @staticmethod
+    def _attach_logprobs(step: InFlightStep, logprobs: TokenLogprobs, token_ids: list[int], advanced: list[Sequence]):
+        """Each advanced sequence that asked gets its sampled token's {token_id: logprob} (a token
+        dropped after its sequence ended gets none: one entry per completion token)."""
+        ks = step.step.logprobs_k
+        row_of = {seq.seq_id: row for row, seq in enumerate(step.seqs)}
+        entry_of = {row: i for i, row in enumerate(np.flatnonzero(ks >= 0).tolist())}  # logprobs' rows: the asking ones
+        rows = [row_of[seq.seq_id] for seq in advanced if seq.logprobs is not None]
+        if rows:
+            dicts = logprobs.select([entry_of[r] for r in rows]).dicts([token_ids[r] for r in rows],
+                                                                        [int(ks[r]) for r in rows])
+            for row, d in zip(rows, dicts):
+                step.seqs[row].logprobs.append(d)
+
+    @staticmethod
+    def _attach_prompt_logprobs(step: InFlightStep, logprobs: TokenLogprobs):
+        """The prompt positions this step computed go to their sequences (entries are in row order)."""
+        s = step.step
+        bounds = np.searchsorted(s.prompt_logprobs_tokens, s.qo_indptr).tolist()  # row r: bounds[r]:bounds[r + 1]
+        targets = s.prompt_logprobs_targets.tolist()
+        for row, seq in enumerate(step.seqs):
+            lo, hi = bounds[row], bounds[row + 1]
+            if hi > lo and not seq.is_finished:
+                k = seq.sampling_params.prompt_logprobs
+                seq.prompt_logprobs.extend(logprobs.select(slice(lo, hi)).dicts(targets[lo:hi], [k] * (hi - lo)))
 
     def output_text(self, seq: Sequence) -> str:
         return self.output_texts([seq])[0]
