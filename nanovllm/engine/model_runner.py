@@ -18,6 +18,7 @@ from nanovllm.distributed import parallel_state as tp
 from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.kv_cache import allocate_kv_cache, block_bytes, cpu_kv_blocks, gpu_kv_blocks
 from nanovllm.engine.scheduled_step import SamplingInputs, ScheduledStep, StepResult
+from nanovllm.layers.grammar_mask import apply_grammar_mask
 from nanovllm.layers.sampler import Sampler, step_row_seeds
 from nanovllm.layers.vocab_parallel_sample import pick_over_ranks, shard_candidates
 from nanovllm.models.registry import model_class
@@ -145,6 +146,8 @@ class ModelRunner:
         # Under tensor parallelism the one-pass samplers work on each rank's vocabulary slice.
         split = self.distributed and not step.want_logits and (s.all_greedy or (self.device.type == "cuda" and s.fused))
         logits = self.forward(batch, input_ids, positions, gather=not split)
+        if step.grammar is not None:  # structured output: disallowed tokens can never be sampled
+            apply_grammar_mask(logits, step.grammar.rows, step.grammar.bitmask, self.model.lm_head.first if split else 0)
         tokens = self.sample_split(logits, s) if split else self.sample(logits, s)
         self.last_tokens = tokens
         pending = PendingResult(step.step_id, tokens)

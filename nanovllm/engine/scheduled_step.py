@@ -25,6 +25,8 @@ Data contract (all host numpy arrays; `rows` = sequences in the step, `tokens` =
   sampling           SamplingInputs            per row, see below
   want_logits        bool                      StepResult carries the rows' logits too (tests, and
                                                later logprobs)
+  grammar            GrammarMask | None        structured output: allowed tokens of the rows with a
+                                               grammar (engine/grammar.py), applied before sampling
 
 Sampling is a pure function of the logits and `sampling`, so every rank samples the same tokens:
 unseeded rows draw from a generator seeded with `step_seed`, seeded requests from their own
@@ -53,6 +55,18 @@ class SamplingInputs:
 
 
 @dataclass(frozen=True)
+class GrammarMask:
+    """The allowed tokens of a step's grammar rows: bit t % 32 of bitmask[j, t // 32] set = token t may
+    be sampled in row rows[j] (xgrammar's packing; words cover the model's whole vocabulary)."""
+    rows: np.ndarray      # int64 [g], rows of the step, ascending
+    bitmask: np.ndarray   # int32 [g, ceil(vocab / 32)]
+
+    def __post_init__(self):
+        self.rows.flags.writeable = False
+        self.bitmask.flags.writeable = False
+
+
+@dataclass(frozen=True)
 class ScheduledStep:
     step_id: int
     is_prefill: bool
@@ -71,6 +85,7 @@ class ScheduledStep:
     cascade: object
     sampling: SamplingInputs
     want_logits: bool = False
+    grammar: GrammarMask | None = None
 
     def __post_init__(self):
         for name in ("input_ids", "prev_rows", "positions", "slot_mapping", "q_lens", "kv_lens", "qo_indptr",

@@ -41,6 +41,7 @@ class Sequence:
         self.num_pending = 0          # trailing PLACEHOLDER tokens: sampled by steps not yet collected
         self.last_launched = False    # its last token is launched and will end it by length
         self._pages: np.ndarray | None = None  # numpy copy of block_table, extended as pages are appended
+        self.grammar = None           # structured output: its xgrammar GrammarMatcher (engine/grammar.py)
 
     def __len__(self):
         return len(self.token_ids)

@@ -8,6 +8,7 @@ about a millisecond of host time (claude_docs/performance.md).
 import numpy as np
 
 from nanovllm.config import Config
+from nanovllm.engine.grammar import grammar_mask
 from nanovllm.engine.scheduled_step import SamplingInputs, ScheduledStep
 from nanovllm.engine.sequence import PLACEHOLDER, Sequence
 from nanovllm.layers.sampler import seeded_row_seed
@@ -17,6 +18,7 @@ class StepBuilder:
 
     def __init__(self, config: Config):
         self.page_size = config.kvcache_block_size
+        self.vocab_size = config.hf_config.vocab_size
         self.seed_rng = np.random.default_rng(config.seed)  # step seeds of unseeded rows
         self.cascade = None
         if config.enable_cascade_attention:
@@ -68,7 +70,9 @@ class StepBuilder:
         self.num_steps += 1
         step = ScheduledStep(self.num_steps, is_prefill, tuple(s.seq_id for s in seqs), input_ids, prev_rows, positions,
                              slot_mapping, q_lens, kv_lens, qo_indptr, kv_indptr, kv_indices, last_page_len, bs, plan,
-                             self._sampling_inputs(seqs))
+                             self._sampling_inputs(seqs),
+                             grammar=grammar_mask(seqs, self.vocab_size) if any(s.grammar is not None for s in seqs)
+                             else None)
         return step, seqs
 
     def _sampling_inputs(self, seqs: list[Sequence]) -> SamplingInputs:
