@@ -207,3 +207,74 @@ def test_tensor_parallel_same_constrained_tokens(tiny_model, make_llm, tp_llm):
     got = llm.generate(prompts(5), greedy, use_tqdm=False)
     assert [o["token_ids"] for o in got] == [o["token_ids"] for o in expected]
     assert all(o["finish_reason"] == "stop" for o in got)
+
+
+# ---- through the server, with the official client ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    from conftest import assert_no_leaks
+    from nanovllm.entrypoints.serve import ServerThread
+    from test_server import idle, wait_until
+    s = ServerThread(tiny_model, ["tiny"], api_key="k", max_model_len=512, max_num_seqs=64).start()
+    yield s
+    try:
+        wait_until(lambda: idle(s), timeout=10)
+    finally:
+        s.stop()
+    assert_no_leaks(s.engine.engine)
+
+
+@pytest.fixture
+def oai(server):
+    import openai
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="k", max_retries=0, timeout=60) as c:
+        yield c
+
+
+def test_server_json_schema_regex_choice(oai):
+    for i, schema in enumerate(SCHEMAS):
+        r = oai.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"give me JSON {i}"}], max_tokens=150, seed=i,
+            response_format={"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema, "strict": True}})
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    # any object: free-text keys and values may run past max_tokens on random weights
+    r = oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "an object"}], max_tokens=150,
+                                    n=6, seed=3, response_format={"type": "json_object"})
+    done = [c.message.content for c in r.choices if c.finish_reason == "stop"]
+    assert len(done) >= 3 and all(isinstance(json.loads(text), dict) for text in done)
+    r = oai.completions.create(model="tiny", prompt="code:", max_tokens=30, n=4, seed=5, extra_body={"guided_regex": REGEX})
+    assert all(re.fullmatch(REGEX, c.text) and c.finish_reason == "stop" for c in r.choices)
+    r = oai.completions.create(model="tiny", prompt="well?", max_tokens=30, n=4, seed=6,
+                               extra_body={"guided_choice": CHOICES})
+    assert all(c.text in CHOICES for c in r.choices)
+    r = oai.completions.create(model="tiny", prompt="json as text", max_tokens=60, seed=7,
+                               extra_body={"guided_json": json.dumps(SCHEMAS[2])})
+    jsonschema.validate(json.loads(r.choices[0].text), SCHEMAS[2])
+    # streamed: the chunks add up to the same constrained text as the non-streamed answer
+    body = dict(model="tiny", prompt="stream it", max_tokens=60, seed=8, extra_body={"guided_json": SCHEMAS[0]})
+    text = "".join(c.choices[0].text for c in oai.completions.create(stream=True, **body))
+    assert text == oai.completions.create(**body).choices[0].text
+    jsonschema.validate(json.loads(text), SCHEMAS[0])
+
+
+@pytest.mark.parametrize("extra, param, words", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
+     "response_format", "Unsupported type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "schema"),
+    ({"response_format": {"type": "yaml"}}, "response_format", "type"),
+    ({"guided_regex": "(ab"}, "guided_regex", "regex does not compile"),
+    ({"guided_json": "{oops"}, "guided_json", "not valid JSON"),
+    ({"guided_choice": []}, "guided_choice", "choice"),
+    ({"guided_grammar": "root ::= "}, "guided_grammar", "grammar does not compile"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "at most one"),
+])
+def test_server_bad_grammar_is_a_400_and_the_server_keeps_serving(oai, extra, param, words):
+    import openai
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                    extra_body=extra)
+    assert err.value.status_code == 400 and err.value.body["param"] == param and words in err.value.body["message"]
+    r = oai.completions.create(model="tiny", prompt="still there?", max_tokens=10, extra_body={"guided_choice": ["yes"]})
+    assert r.choices[0].text == "yes"
