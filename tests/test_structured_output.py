@@ -278,3 +278,18 @@ def test_server_bad_grammar_is_a_400_and_the_server_keeps_serving(oai, extra, pa
     assert err.value.status_code == 400 and err.value.body["param"] == param and words in err.value.body["message"]
     r = oai.completions.create(model="tiny", prompt="still there?", max_tokens=10, extra_body={"guided_choice": ["yes"]})
     assert r.choices[0].text == "yes"
+
+
+def test_cascade_reorders_rows_and_masks_follow(tiny_model, make_llm):
+    """With cascade attention the policy reorders a step's rows (shared prefixes first): each mask must
+    still land on its own request's row."""
+    llm = make_llm(tiny_model, enable_cascade_attention=True, cascade_shared_prefix_len=64)
+    shared = [(3 * j) % 1900 + 1 for j in range(80)]
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=40,
+                             structured_output=guided(regex=REGEX) if i % 2 else guided(choice=CHOICES))
+              for i in range(16)]
+    outs = llm.generate([shared + [i + 1, 2 * i + 1] for i in range(16)][::-1], params[::-1], use_tqdm=False)[::-1]
+    assert llm.stats["cascade_steps"] > 0
+    for i, out in enumerate(outs):
+        assert out["finish_reason"] == "stop"
+        assert re.fullmatch(REGEX, out["text"]) if i % 2 else out["text"] in CHOICES

@@ -17,6 +17,7 @@ the next one is scheduled (LLMEngine.step): those steps do not overlap host and 
 The model's vocabulary is larger than the tokenizer's (padding rows of the embedding): TokenizerInfo
 is built with the model's vocab size, and xgrammar never allows the padding ids.
 """
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -25,6 +26,8 @@ import numpy as np
 
 from nanovllm.engine.scheduled_step import GrammarMask
 from nanovllm.sampling_params import StructuredOutput
+
+logger = logging.getLogger("nanovllm")
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -114,6 +117,7 @@ def advance(seq, token_id: int) -> bool:
     """The sampled token goes into the request's matcher. True when the request must end here: the
     matcher terminated, or (never with the mask applied) refused the token."""
     matcher = seq.grammar
-    if not matcher.accept_token(token_id):
+    if not matcher.accept_token(token_id):  # the mask makes this impossible: say so loudly
+        logger.error("sequence %d: grammar refused sampled token %d; ending the request", seq.seq_id, token_id)
         return True
     return matcher.is_terminated()
