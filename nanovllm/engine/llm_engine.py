@@ -124,9 +124,11 @@ class LLMEngine:
 
     @property
     def grammar_compiler(self) -> GrammarCompiler:
-        """Structured output's compiler and cache, one per engine (made on the first grammar request)."""
+        """Structured output's compiler and cache, one per engine (made on the first grammar request, from
+        its own tokenizer: the server makes it on its tokenizer thread while the engine thread decodes)."""
         if self._grammar_compiler is None:
-            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.config.eos_token_ids)
+            self._grammar_compiler = GrammarCompiler(AutoTokenizer.from_pretrained(self.config.model), self.vocab_size,
+                                                     self.config.eos_token_ids)
         return self._grammar_compiler
 
     def add_sequence(self, seq: Sequence, stream: bool = False):
