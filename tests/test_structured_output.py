@@ -293,3 +293,19 @@ def test_cascade_reorders_rows_and_masks_follow(tiny_model, make_llm):
     for i, out in enumerate(outs):
         assert out["finish_reason"] == "stop"
         assert re.fullmatch(REGEX, out["text"]) if i % 2 else out["text"] in CHOICES
+
+
+def test_sglang_generate_structured_fields(server):
+    """SGLang's native /generate: sampling_params json_schema (text), regex, ebnf; errors name its fields."""
+    import httpx
+    with httpx.Client(base_url=server.url, headers={"Authorization": "Bearer k"}, timeout=60) as c:
+        def gen(**extra):
+            return c.post("/generate", json={"text": "go", "sampling_params": {"max_new_tokens": 60, **extra}})
+        r = gen(json_schema=json.dumps(SCHEMAS[2]), sampling_seed=1)
+        assert r.status_code == 200 and r.json()["meta_info"]["finish_reason"]["type"] == "stop"
+        jsonschema.validate(json.loads(r.json()["text"]), SCHEMAS[2])
+        assert re.fullmatch(REGEX, gen(regex=REGEX, sampling_seed=2).json()["text"])
+        assert gen(ebnf='root ::= "a" | "b"').json()["text"] in ("a", "b")
+        bad = gen(regex="(ab")
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "regex", bad.text
+        assert bad.json()["error"]["message"].startswith("regex: regex does not compile")

@@ -136,6 +136,12 @@ class GenerateSampling(_Strict):
     no_stop_trim: bool = False                          # keep the stop string (our include_stop_str_in_output)
     n: int = Field(1, ge=1, le=MAX_N)
     sampling_seed: int | None = Field(None, ge=-INT64, lt=INT64 - MAX_N)
+    json_schema: str | None = None                      # structured output (SGLang's names): a schema's text,
+    regex: str | None = None                            # a regular expression,
+    ebnf: str | None = None                             # or an EBNF grammar
+
+
+SGLANG_GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_grammar": "ebnf"}
 
 
 class GenerateRequest(_Strict):
@@ -618,9 +624,16 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
             prompt=prompt, max_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
             stop=sp.stop, stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos, n=sp.n,
             skip_special_tokens=sp.skip_special_tokens, include_stop_str_in_output=sp.no_stop_trim,
-            seed=sp.sampling_seed)
-        seqs = await serving.off_loop(lambda: serving.make_sequences(
-            completion, serving.completion_prompts(completion), completion.max_tokens, "text"))
+            seed=sp.sampling_seed, **{ours: getattr(sp, theirs) for ours, theirs in SGLANG_GUIDED.items()})
+        try:
+            seqs = await serving.off_loop(lambda: serving.make_sequences(
+                completion, serving.completion_prompts(completion), completion.max_tokens, "text"))
+        except ApiError as e:  # name the field as this request spelled it
+            if e.param in SGLANG_GUIDED:
+                theirs = SGLANG_GUIDED[e.param]
+                e.message = e.message.replace(e.param, theirs)
+                e.param = theirs
+            raise
         if not engine.is_alive:
             raise ApiError(503, "the engine loop is not running", type="server_error")
         rids = req.rid if isinstance(req.rid, list) else [req.rid or uuid.uuid4().hex] * len(seqs)
