@@ -112,6 +112,14 @@ def test_bad_grammars_are_refused_and_the_engine_keeps_serving(tiny_model, make_
             llm.generate([[1, 2, 3], [4, 5]], [good, SamplingParams(structured_output=bad)], use_tqdm=False)
         assert llm.is_finished() and not llm.seqs  # nothing was queued
     assert llm.generate([[1, 2, 3]], good, use_tqdm=False)[0]["text"] in ("yes", "no")
+    # choices are literals: quotes, backslashes, newlines and non-ASCII stay what they are
+    odd = ['say "hi"', "back\\slash", "two\nlines", "é ü"]
+    compiled = llm.grammar_compiler.compile(guided(choice=odd))
+    for text in odd:
+        matcher = xgr.GrammarMatcher(compiled)
+        assert matcher.accept_string(text) and matcher.is_completed(), text
+    assert not xgr.GrammarMatcher(compiled).accept_string("say hi")
+    assert llm.grammar_compiler.compile(guided(choice=odd)) is compiled  # cached
 
 
 @pytest.mark.slow

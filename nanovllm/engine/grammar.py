@@ -17,6 +17,7 @@ the next one is scheduled (LLMEngine.step): those steps do not overlap host and 
 The model's vocabulary is larger than the tokenizer's (padding rows of the embedding): TokenizerInfo
 is built with the model's vocab size, and xgrammar never allows the padding ids.
 """
+import json
 import logging
 import re
 import threading
@@ -42,7 +43,6 @@ def _message(e: Exception) -> str:
 
 def choice_grammar(choices: list[str]) -> str:
     """An EBNF grammar whose language is exactly the given strings (JSON string escapes are EBNF's)."""
-    import json
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
