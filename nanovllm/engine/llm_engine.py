@@ -9,6 +9,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from nanovllm.config import Config
 from nanovllm.engine.output_processor import OutputProcessor, StepOutput
+from nanovllm.engine.grammar import GrammarCompiler
 from nanovllm.engine.scheduled_step import ScheduledStep
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
@@ -67,6 +68,7 @@ class LLMEngine:
                                                 config.max_model_len)
         self.seqs: dict[int, Sequence] = {}
         self.in_flight = None  # the step launched last, not yet collected
+        self._grammar_compiler = None  # structured output, built on first use (engine/grammar.py)
         self.stats = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "cascade_steps": 0,
                       "generated_tokens": 0, "prompt_tokens": 0, "max_batch_size": 0,
                       "prefill_seconds": 0.0, "decode_seconds": 0.0}
@@ -110,7 +112,19 @@ class LLMEngine:
         if -(-worst // bs) > self.scheduler.block_manager.num_blocks:
             raise ValueError(f"request needs up to {worst} tokens of KV cache but the cache holds only "
                              f"{self.scheduler.block_manager.num_blocks * bs}; lower max_tokens or the prompt")
-        return Sequence(token_ids, sampling_params, bs, prompt_bytes)
+        seq = Sequence(token_ids, sampling_params, bs, prompt_bytes)
+        if sampling_params.structured_output is not None:
+            seq.grammar = self.grammar_compiler.matcher(sampling_params.structured_output)  # ValueError if it fails
+        return seq
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """Structured output's compiler and cache, one per engine (made on the first grammar request, from
+        its own tokenizer: the server makes it on its tokenizer thread while the engine thread decodes)."""
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(AutoTokenizer.from_pretrained(self.config.model), self.vocab_size,
+                                                     self.config.eos_token_ids)
+        return self._grammar_compiler
 
     def _check_token_ids(self, sp: SamplingParams):
         """Token ids of the sampling params index the logits on the device: they must be in the vocabulary."""
@@ -145,6 +159,10 @@ class LLMEngine:
         """Schedule and launch the next step, then collect the one launched before it (its outputs are
         returned): the host schedules step N+1 while the device still runs step N."""
         st = self.stats
+        outputs = []
+        if self.in_flight is not None and self.in_flight.step.grammar is not None:
+            # Grammar rows' masks for the next step need this step's tokens: collect it first (no overlap).
+            outputs = self.drain()
         start = perf_counter()
         seqs, is_prefill = self.scheduler.schedule()
         launched = None
@@ -157,7 +175,7 @@ class LLMEngine:
             st["cascade_steps"] += step.cascade is not None
             st["max_batch_size"] = max(st["max_batch_size"], len(seqs))
             st["prefill_seconds" if is_prefill else "decode_seconds"] += perf_counter() - start
-        outputs = self.drain()  # the previous step; its wait is charged to its own phase
+        outputs += self.drain()  # the previous step; its wait is charged to its own phase
         self.in_flight = launched
         return outputs
 

@@ -21,6 +21,7 @@ from nanovllm.engine.kv_cache import allocate_kv_cache, block_bytes, cpu_kv_bloc
 from nanovllm.engine.scheduled_step import SamplingInputs, ScheduledStep, StepResult
 from nanovllm.layers.logits_processor import process_logits
 from nanovllm.layers.logprobs import log_softmax, prompt_token_logprobs, select
+from nanovllm.layers.grammar_mask import apply_grammar_mask
 from nanovllm.layers.sampler import Sampler, step_row_seeds
 from nanovllm.layers.vocab_parallel_sample import pick_over_ranks, shard_candidates
 from nanovllm.models.registry import model_class
@@ -153,6 +154,8 @@ class ModelRunner:
         # The asked rows' logprobs before sampling: they are the raw model's, whatever the logits processing
         # and the sampler do (held through sampling: 4 bytes per vocabulary entry of each asking row).
         asked = self.asked_logprobs(step, logits)
+        if step.grammar is not None:  # structured output: disallowed tokens can never be sampled
+            apply_grammar_mask(logits, step.grammar.rows, step.grammar.bitmask, self.model.lm_head.first if split else 0)
         if split:
             tokens = self.sample_split(logits, s)
         else:

@@ -30,6 +30,8 @@ Data contract (all host numpy arrays; `rows` = sequences in the step, `tokens` =
                                                asked (prompt_logprobs), in row order; None if none
   prompt_logprobs_targets int64 | None  [m]    that next prompt token
   prompt_logprobs_k  int                       top-k computed for them (the largest asked this step)
+  grammar            GrammarMask | None        structured output: allowed tokens of the rows with a
+                                               grammar (engine/grammar.py), applied before sampling
 
 Sampling is a pure function of the logits and `sampling`, so every rank samples the same tokens:
 unseeded rows draw from a generator seeded with `step_seed`, seeded requests from their own
@@ -94,6 +96,18 @@ class SamplingInputs:
 
 
 @dataclass(frozen=True)
+class GrammarMask:
+    """The allowed tokens of a step's grammar rows: bit t % 32 of bitmask[j, t // 32] set = token t may
+    be sampled in row rows[j] (xgrammar's packing; words cover the model's whole vocabulary)."""
+    rows: np.ndarray      # int64 [g], rows of the step, ascending
+    bitmask: np.ndarray   # int32 [g, ceil(vocab / 32)]
+
+    def __post_init__(self):
+        self.rows.flags.writeable = False
+        self.bitmask.flags.writeable = False
+
+
+@dataclass(frozen=True)
 class ScheduledStep:
     step_id: int
     is_prefill: bool
@@ -116,6 +130,7 @@ class ScheduledStep:
     prompt_logprobs_tokens: np.ndarray | None = None
     prompt_logprobs_targets: np.ndarray | None = None
     prompt_logprobs_k: int = 0
+    grammar: GrammarMask | None = None
 
     def __post_init__(self):
         for name in ("input_ids", "prev_rows", "positions", "slot_mapping", "q_lens", "kv_lens", "qo_indptr",

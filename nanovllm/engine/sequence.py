@@ -48,6 +48,7 @@ class Sequence:
         # token, and one per prompt token (None for the first, which has no prefix).
         self.logprobs: list[dict] | None = [] if sampling_params.logprobs is not None else None
         self.prompt_logprobs: list[dict | None] | None = [None] if sampling_params.prompt_logprobs is not None else None
+        self.grammar = None           # structured output: its xgrammar GrammarMatcher (engine/grammar.py)
 
     def __len__(self):
         return len(self.token_ids)

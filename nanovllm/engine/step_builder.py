@@ -10,6 +10,7 @@ pays one attribute read a row for them.
 import numpy as np
 
 from nanovllm.config import Config
+from nanovllm.engine.grammar import grammar_mask
 from nanovllm.engine.scheduled_step import Penalties, SamplingInputs, ScheduledStep, TokenBias
 from nanovllm.engine.sequence import PLACEHOLDER, Sequence
 from nanovllm.layers.sampler import seeded_row_seed
@@ -21,6 +22,7 @@ class StepBuilder:
         self.page_size = config.kvcache_block_size
         vocab = config.hf_config.vocab_size
         self.eos_ids = [i for i in config.eos_token_ids if 0 <= i < vocab]  # min_tokens masks them
+        self.vocab_size = vocab
         self.seed_rng = np.random.default_rng(config.seed)  # step seeds of unseeded rows
         self.cascade = None
         if config.enable_cascade_attention:
@@ -72,7 +74,9 @@ class StepBuilder:
         self.num_steps += 1
         step = ScheduledStep(self.num_steps, is_prefill, tuple(s.seq_id for s in seqs), input_ids, prev_rows, positions,
                              slot_mapping, q_lens, kv_lens, qo_indptr, kv_indptr, kv_indices, last_page_len, bs, plan,
-                             self._sampling_inputs(seqs), False, *self._logprob_inputs(seqs, qo_indptr, is_prefill))
+                             self._sampling_inputs(seqs), False, *self._logprob_inputs(seqs, qo_indptr, is_prefill),
+                             grammar=grammar_mask(seqs, self.vocab_size) if any(s.grammar is not None for s in seqs)
+                             else None)
         return step, seqs
 
     @staticmethod

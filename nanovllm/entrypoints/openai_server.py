@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 from nanovllm.entrypoints.async_engine import AsyncEngine, Delta, RequestStream
 from nanovllm.entrypoints.metrics import CONTENT_TYPE, render
 from nanovllm.entrypoints.logprobs_format import TokenStrings, chat_logprobs, completion_logprobs
-from nanovllm.sampling_params import MAX_LOGPROBS, SamplingParams
+from nanovllm.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutput
 
 MAX_N = 64                    # choices per prompt; each one is a sequence in the batch
 MAX_SEQS_PER_REQUEST = 256    # prompts x n
@@ -75,6 +75,12 @@ class _SamplingRequest(_Strict):
     user: str | None = None
     include_stop_str_in_output: bool = False            # vLLM's: keep the stop string in the text
     skip_special_tokens: bool = True                    # vLLM's: leave special tokens out of the text
+    # Structured output (engine/grammar.py): OpenAI's response_format, or one of vLLM's guided_* fields.
+    response_format: dict | None = None                 # {"type": "text" | "json_object" | "json_schema", ...}
+    guided_json: dict | str | None = None               # a JSON schema (object or its text)
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None                   # EBNF (xgrammar's dialect, rule `root`)
 
 
 # Fields other servers take that we do not implement, and the value that asks for what we do anyway
@@ -117,7 +123,6 @@ class ChatCompletionRequest(_TopLevel):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list | None = None
-    response_format: dict | None = None
     chat_template_kwargs: dict | None = None            # e.g. Qwen3's {"enable_thinking": false}
 
 
@@ -141,6 +146,12 @@ class GenerateSampling(_Strict):
     min_p: float = Field(0.0, ge=0, le=1)
     min_new_tokens: int = Field(0, ge=0)                # our min_tokens
     logit_bias: dict[str, float] | None = None
+    json_schema: str | None = None                      # structured output (SGLang's names): a schema's text,
+    regex: str | None = None                            # a regular expression,
+    ebnf: str | None = None                             # or an EBNF grammar
+
+
+SGLANG_GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_grammar": "ebnf"}
 
 
 class GenerateRequest(_Strict):
@@ -240,8 +251,38 @@ def _unsupported(req: _SamplingRequest):
             no("top_logprobs", "needs logprobs: true")
         if req.tools:
             no("tools")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            no("response_format", "only {'type': 'text'} is supported")
+
+
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def _structured_output(req: _SamplingRequest) -> tuple[StructuredOutput | None, str | None]:
+    """The request's grammar and the field that asked for it, or (None, None). At most one field may ask."""
+    asked = [(name, {GUIDED_FIELDS[name]: getattr(req, name)}) for name in GUIDED_FIELDS if getattr(req, name) is not None]
+    rf = req.response_format
+    if rf is not None:
+        kind = rf.get("type")
+        if kind == "json_object":
+            asked.append(("response_format", {"json_object": True}))
+        elif kind == "json_schema":
+            spec = rf.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise ApiError(400, "response_format.json_schema.schema must be a JSON schema object",
+                               param="response_format", code="invalid_value")
+            asked.append(("response_format", {"json": spec["schema"]}))
+        elif kind != "text":
+            raise ApiError(400, f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                           param="response_format", code="invalid_value")
+    if len(asked) > 1:
+        raise ApiError(400, f"pass at most one of response_format and {', '.join(GUIDED_FIELDS)}; got "
+                            f"{', '.join(name for name, _ in asked)}", param=asked[1][0], code="invalid_value")
+    if not asked:
+        return None, None
+    name, fields = asked[0]
+    try:
+        return StructuredOutput(**fields), name
+    except ValueError as e:
+        raise ApiError(400, f"{name}: {e}", param=name, code="invalid_value") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +317,8 @@ class OpenAIServing:
                            param="model", code="model_not_found")
         return name
 
-    def _sampling_params(self, req: _SamplingRequest, max_tokens: int, choice: int) -> SamplingParams:
+    def _sampling_params(self, req: _SamplingRequest, max_tokens: int, choice: int,
+                         structured: StructuredOutput | None = None) -> SamplingParams:
         def default(value, otherwise):
             return otherwise if value is None else value
 
@@ -296,6 +338,7 @@ class OpenAIServing:
                 max_tokens=max_tokens, ignore_eos=req.ignore_eos, stop=req.stop,
                 stop_token_ids=req.stop_token_ids or [], include_stop_str_in_output=req.include_stop_str_in_output,
                 skip_special_tokens=req.skip_special_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                structured_output=structured,
                 # n > 1 with a seed: distinct but reproducible choices.
                 seed=None if req.seed is None else req.seed + choice)
         except ValueError as e:
@@ -307,12 +350,18 @@ class OpenAIServing:
         if len(prompts) * req.n > MAX_SEQS_PER_REQUEST:
             raise ApiError(400, f"{len(prompts)} prompts x n={req.n} is more than {MAX_SEQS_PER_REQUEST} "
                                 f"sequences in one request", param=prompt_param)
+        structured, param = _structured_output(req)
+        if structured is not None:
+            try:  # compiled here, on the tokenizer thread (cached): the engine's matchers come from the cache
+                self.engine.engine.grammar_compiler.compile(structured)
+            except ValueError as e:
+                raise ApiError(400, f"{param}: {e}", param=param, code="invalid_value") from None
         seqs = []
         for token_ids in prompts:
             # Default length: whatever fits the context and the KV pool after the prompt.
             limit = max(1, min(self.max_model_len, self.kv_capacity) - len(token_ids))
             for choice in range(req.n):
-                sp = self._sampling_params(req, max_tokens or limit, choice)
+                sp = self._sampling_params(req, max_tokens or limit, choice, structured)
                 try:
                     seq = self.engine.make_sequence(token_ids, sp)
                 except ValueError as e:
@@ -710,9 +759,16 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
             skip_special_tokens=sp.skip_special_tokens, include_stop_str_in_output=sp.no_stop_trim,
             seed=sp.sampling_seed, presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
             repetition_penalty=sp.repetition_penalty, min_p=sp.min_p, min_tokens=sp.min_new_tokens,
-            logit_bias=sp.logit_bias)
-        seqs = await serving.off_loop(lambda: serving.make_sequences(
-            completion, serving.completion_prompts(completion), completion.max_tokens, "text"))
+            logit_bias=sp.logit_bias, **{ours: getattr(sp, theirs) for ours, theirs in SGLANG_GUIDED.items()})
+        try:
+            seqs = await serving.off_loop(lambda: serving.make_sequences(
+                completion, serving.completion_prompts(completion), completion.max_tokens, "text"))
+        except ApiError as e:  # name the field as this request spelled it
+            if e.param in SGLANG_GUIDED:
+                theirs = SGLANG_GUIDED[e.param]
+                e.message = e.message.replace(e.param, theirs)
+                e.param = theirs
+            raise
         if not engine.is_alive:
             raise ApiError(503, "the engine loop is not running", type="server_error")
         rids = req.rid if isinstance(req.rid, list) else [req.rid or uuid.uuid4().hex] * len(seqs)
