@@ -8,6 +8,11 @@ from transformers import AutoConfig, PretrainedConfig
 from nanovllm.models.registry import check_model_config
 
 
+# The head sizes FlashInfer's paged prefill/decode kernels are built for here (head_dim 16 stops inside
+# FlashInfer with "Invalid configuration", seen on the H200).
+FLASHINFER_HEAD_DIMS = (64, 128, 256)
+
+
 @dataclass
 class Config:
     model: str
@@ -78,6 +83,10 @@ class Config:
             raise ValueError(f"FlashInfer attention runs in bfloat16 or float16, not {self.torch_dtype}: on a GPU, "
                              f"pass dtype='bfloat16', or attention_backend='torch' for {self.torch_dtype} (unfused "
                              f"PyTorch layers, slow)")
+        head_dim = getattr(self.hf_config, "head_dim", None) or self.hf_config.hidden_size // self.hf_config.num_attention_heads
+        if self.attention_backend == "flashinfer" and head_dim not in FLASHINFER_HEAD_DIMS:
+            raise ValueError(f"FlashInfer attention needs head_dim in {FLASHINFER_HEAD_DIMS}, this model has {head_dim}: "
+                             f"use attention_backend='torch' (unfused PyTorch attention, slow)")
         if self.device == "cpu" or not torch.cuda.is_available():
             self.enforce_eager = True  # CUDA graphs need CUDA
         self._check_parallel()

@@ -45,6 +45,7 @@ def main():
     logits = torch.randn(args.rows, args.vocab, device=dev, dtype=torch.bfloat16)
     newest = torch.randint(0, args.vocab, (args.rows,), device=dev)
     runner = SimpleNamespace(device=dev, sampler=Sampler(), generator=torch.Generator(device=dev))
+    runner._row_seeds = lambda s: ModelRunner._row_seeds(runner, s)
 
     def step(s):
         x = process_logits(logits, s, newest) if s.processes_logits else logits

@@ -79,3 +79,10 @@ def test_float32_with_flashinfer_is_refused_clearly(tiny_model):
     """FlashInfer's attention has no float32 kernels: a clear error, not a crash inside it."""
     with pytest.raises(ValueError, match="bfloat16 or float16.*attention_backend='torch'"):
         LLM(tiny_model, device="cuda", dtype="float32", attention_backend="flashinfer")
+
+
+def test_head_dim_flashinfer_cannot_run_is_refused_clearly(tiny_model):
+    """FlashInfer's kernels have no head_dim 16 (the tiny presets'): a clear error before any device work,
+    not FlashInfer's "Invalid configuration" from inside graph capture."""
+    with pytest.raises(ValueError, match="head_dim in .*this model has 16.*attention_backend='torch'"):
+        LLM(tiny_model, device="cuda", dtype="bfloat16", attention_backend="flashinfer")

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+
 from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
@@ -19,6 +20,7 @@ from nanovllm.engine.sequence import PLACEHOLDER, Sequence
 from nanovllm.engine.step_builder import StepBuilder
 from nanovllm.layers.logits_processor import process_logits
 from nanovllm.layers.sampler import Sampler
+from nanovllm.tools.make_model import make_model
 
 VOCAB = 97
 EOS = (3, 5)
@@ -307,7 +309,7 @@ def test_penalties_end_to_end_match_a_step_by_step_reference(llm, hf, kw):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_on_the_gpu_same_as_cpu_and_no_host_sync(tiny_model):
+def test_on_the_gpu_same_as_cpu_and_no_host_sync(tmp_path):
     """process_logits on CUDA: the CPU's values, and not one host sync (decode must not wait); then the
     engine on the GPU (FlashInfer, bf16, CUDA graphs, the fused sampler on processed logits)."""
     from nanovllm import LLM
@@ -330,7 +332,9 @@ def test_on_the_gpu_same_as_cpu_and_no_host_sync(tiny_model):
     finite = torch.isfinite(want)
     assert torch.equal(torch.isfinite(got.cpu()), finite)
     assert torch.allclose(got.cpu()[finite], want[finite], rtol=1e-6, atol=1e-5)
-    llm = LLM(tiny_model, device="cuda", dtype="bfloat16", max_model_len=256, max_num_seqs=16)
+    # FlashInfer needs head_dim 64/128/256 (config.FLASHINFER_HEAD_DIMS): the tiny shape with wider heads
+    model = make_model("qwen3-tiny", str(tmp_path / "m"), seed=0, dtype="bfloat16", hidden_size=256, head_dim=64)
+    llm = LLM(model, device="cuda", dtype="bfloat16", max_model_len=256, max_num_seqs=16)
     try:
         eos = llm.config.eos_token_ids[0]
         outs = llm.generate(["The river", "The river", "Other"], [
