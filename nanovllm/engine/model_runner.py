@@ -18,6 +18,8 @@ from nanovllm.distributed import parallel_state as tp
 from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.kv_cache import allocate_kv_cache, block_bytes, cpu_kv_blocks, gpu_kv_blocks
 from nanovllm.engine.scheduled_step import SamplingInputs, ScheduledStep, StepResult
+from nanovllm.layers.awq import quantize_linears
+from nanovllm.layers.linear import meta_weights
 from nanovllm.layers.sampler import Sampler, step_row_seeds
 from nanovllm.layers.vocab_parallel_sample import pick_over_ranks, shard_candidates
 from nanovllm.models.registry import model_class
@@ -43,7 +45,12 @@ class ModelRunner:
         self.distributed = config.tensor_parallel_size > 1
         try:
             with torch.device(self.device), (contextlib.nullcontext() if self.distributed else tp.outside_group()):
-                self.model = model_class(hf)(hf)
+                if config.quantization is None:
+                    self.model = model_class(hf)(hf)
+                else:  # dense linears on meta, swapped for AWQ ones (layers/awq.py)
+                    with meta_weights():
+                        self.model = model_class(hf)(hf)
+                    quantize_linears(self.model, config.quantization)
         finally:
             torch.set_default_dtype(default_dtype)
         if config.load_format == "dummy":
