@@ -250,14 +250,15 @@ def num_parameters(config) -> int:
 
 def make_model(preset: str, out_dir: str, seed: int = 0, dtype: str | None = None,
                max_shard_size: str = "2GB", weights: bool = True, allow_large: bool = False,
-               awq_group_size: int | None = None, **overrides) -> str:
+               awq_group_size: int | None = None, awq_keep_dense: list[str] | None = None, **overrides) -> str:
     """Write a random-weight checkpoint for `preset` into out_dir; return out_dir.
 
     overrides patch config fields (e.g. num_hidden_layers=2). Same seed -> same tensors.
     weights=False writes config, generation config and tokenizer but no weight file (for
     load_format="dummy"). With weights, a checkpoint over LARGE_CHECKPOINT_BYTES (qwen3-8b,
     qwen3-32b) raises ValueError unless allow_large=True. awq_group_size: write an AWQ int4 checkpoint
-    with groups of that many input rows (see the module docstring).
+    with groups of that many input rows (see the module docstring); awq_keep_dense: its
+    modules_to_not_convert (default: ["gate"], the MoE router, when the model has experts, else none).
     """
     config, model_cls, tokenizer, special, fields, dtype = _build_config(preset, dtype, overrides)
     generation_config = GenerationConfig(**special, pad_token_id=tokenizer.pad_token_id)
@@ -293,8 +294,10 @@ def make_model(preset: str, out_dir: str, seed: int = 0, dtype: str | None = Non
     tokenizer.save_pretrained(out_dir)
     quant = None
     if awq_group_size is not None:
+        if awq_keep_dense is None:
+            awq_keep_dense = ["gate"] if "num_experts" in fields else None
         quant = {"quant_method": "awq", "bits": 4, "group_size": awq_group_size, "zero_point": True,
-                 "version": "gemm", "modules_to_not_convert": ["gate"] if "num_experts" in fields else None}
+                 "version": "gemm", "modules_to_not_convert": awq_keep_dense}
         if weights:
             _quantize_awq(out_dir, AWQConfig(awq_group_size, tuple(quant["modules_to_not_convert"] or ())))
 
