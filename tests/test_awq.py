@@ -92,7 +92,9 @@ CASES = {  # name -> (preset, group size, modules_to_not_convert)
     "llama-g64": ("llama-tiny", 64, None),
     "qwen2-g32": ("qwen2-tiny", 32, None),           # q/k/v biases, kept in fp16 beside the int4 weights
     "llama3-g32-dense-mlp": ("llama3-tiny", 32, ["down_proj"]),  # a module AWQ leaves dense
+    "llama-bias-g32": ("llama-tiny", 32, None),      # attention_bias, mlp_bias: row-parallel biases too
 }
+OVERRIDES = {"llama-bias-g32": dict(seed=1, attention_bias=True, mlp_bias=True)}
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +103,9 @@ def awq_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("awq")
     dirs = {}
     for name, (preset, group, keep) in CASES.items():
-        awq = make_model(preset, str(root / f"{name}-awq"), seed=0, awq_group_size=group, awq_keep_dense=keep)
-        dense = make_model(preset, str(root / f"{name}-dense-src"), seed=0)
+        kwargs = OVERRIDES.get(name, dict(seed=0))
+        awq = make_model(preset, str(root / f"{name}-awq"), awq_group_size=group, awq_keep_dense=keep, **kwargs)
+        dense = make_model(preset, str(root / f"{name}-dense-src"), **kwargs)
         dirs[name] = (awq, dequantized_copy(dense, str(root / f"{name}-dequant"), group, keep or ()))
     return dirs
 
@@ -157,10 +160,12 @@ def test_greedy_generate_equals_dequantized_model(awq_dirs, make_llm, case):
     assert outs == hf_greedy(dense, PROMPTS, 16)
 
 
-def test_tensor_parallel_equals_one_rank(awq_dirs, make_llm, tp_llm):  # noqa: F811
-    """qwen3-tiny, group 32, over 2 gloo ranks: q/k/v and gate/up split by output words, o_proj and
-    down_proj by input groups (32 of o_proj's 64 rows a rank: one group each)."""
-    awq, _ = awq_dirs["qwen3-g32"]
+@pytest.mark.parametrize("case", ["qwen3-g32", "llama-bias-g32"])
+def test_tensor_parallel_equals_one_rank(awq_dirs, make_llm, tp_llm, case):  # noqa: F811
+    """Group 32 over 2 gloo ranks: q/k/v and gate/up split by output words, o_proj and down_proj by
+    input groups (32 of o_proj's 64 rows a rank: one group each); llama-bias: biases on every
+    projection, the row-parallel ones added once after the all-reduce."""
+    awq, _ = awq_dirs[case]
     one = logits_by_step(make_llm(awq), PROMPTS[:4])
     two = logits_by_step(tp_llm(awq, 2), PROMPTS[:4])
     for (seq, ours), (seq1, single) in zip(two, one):
@@ -206,6 +211,16 @@ def test_tensor_parallel_split_inside_a_group_refused(awq_dirs, make_llm, tmp_pa
     with pytest.raises(ValueError, match=r"o_proj input rows per rank \(32\) is not a multiple of it "
                                          r"\(tensor_parallel_size=2\)"):
         make_llm(path, tensor_parallel_size=2)  # refused before any worker starts
+
+
+def test_make_model_cli_writes_awq(tmp_path):
+    from nanovllm.tools.make_model import main
+    main(["--preset", "llama-tiny", "--out", str(tmp_path / "m"), "--awq", "--group-size", "64"])
+    cfg = json.load(open(tmp_path / "m" / "config.json"))
+    assert cfg["quantization_config"]["group_size"] == 64
+    assert Config(str(tmp_path / "m")).quantization == AWQConfig(64)
+    with pytest.raises(SystemExit):  # 128 does not divide llama-tiny's hidden size 64
+        main(["--preset", "llama-tiny", "--out", str(tmp_path / "bad"), "--awq", "--group-size", "128"])
 
 
 def test_partly_dense_packed_projection_refused(awq_dirs, tmp_path):
@@ -284,5 +299,5 @@ def test_awq_engine_gpu_greedy(awq_dirs):
     for path in (awq, dense):
         llm = LLM(path, dtype="float32", attention_backend="torch", max_model_len=256, max_num_seqs=16)
         outs.append([o["token_ids"] for o in llm.generate(PROMPTS, sp, use_tqdm=False)])
-        llm.close() if hasattr(llm, "close") else None
+        llm.close()
     assert outs[0] == outs[1]

@@ -34,13 +34,15 @@ import json
 import os
 import shutil
 import tempfile
+import types
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-from nanovllm.layers.awq_format import AWQConfig, pack, quantize
+from nanovllm.layers.awq_format import AWQConfig, pack, quantize, read_quant_config
+from nanovllm.layers.awq_format import check_parallel as check_awq_shapes
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 BPE_VOCAB_SIZE = 2000  # learned tokens (256 bytes + merges); specials come after
@@ -261,6 +263,14 @@ def make_model(preset: str, out_dir: str, seed: int = 0, dtype: str | None = Non
     modules_to_not_convert (default: ["gate"], the MoE router, when the model has experts, else none).
     """
     config, model_cls, tokenizer, special, fields, dtype = _build_config(preset, dtype, overrides)
+    quant = None
+    if awq_group_size is not None:  # checked before anything is written, as the engine will check it
+        if awq_keep_dense is None:
+            awq_keep_dense = ["gate"] if "num_experts" in fields else None
+        quant = {"quant_method": "awq", "bits": 4, "group_size": awq_group_size, "zero_point": True,
+                 "version": "gemm", "modules_to_not_convert": awq_keep_dense}
+        awq = read_quant_config(types.SimpleNamespace(quantization_config=quant))
+        check_awq_shapes(config, awq, 1)
     generation_config = GenerationConfig(**special, pad_token_id=tokenizer.pad_token_id)
     if weights and not allow_large:
         size = num_parameters(config) * torch.tensor([], dtype=getattr(torch, dtype)).element_size()
@@ -292,14 +302,8 @@ def make_model(preset: str, out_dir: str, seed: int = 0, dtype: str | None = Non
         # Tied models save no lm_head.weight (HF drops tied duplicates).
         model.save_pretrained(out_dir, max_shard_size=_size_bytes(max_shard_size))
     tokenizer.save_pretrained(out_dir)
-    quant = None
-    if awq_group_size is not None:
-        if awq_keep_dense is None:
-            awq_keep_dense = ["gate"] if "num_experts" in fields else None
-        quant = {"quant_method": "awq", "bits": 4, "group_size": awq_group_size, "zero_point": True,
-                 "version": "gemm", "modules_to_not_convert": awq_keep_dense}
-        if weights:
-            _quantize_awq(out_dir, AWQConfig(awq_group_size, tuple(quant["modules_to_not_convert"] or ())))
+    if quant is not None and weights:
+        _quantize_awq(out_dir, awq)
 
     # transformers 5 writes rope_theta and the scaling only inside "rope_parameters"; real
     # checkpoints (and simple readers of config.json) have them at the top level too.
