@@ -301,3 +301,21 @@ def test_awq_engine_gpu_greedy(awq_dirs):
         outs.append([o["token_ids"] for o in llm.generate(PROMPTS, sp, use_tqdm=False)])
         llm.close()
     assert outs[0] == outs[1]
+
+
+def test_triton_kernel_compiles_for_hopper():
+    """The interpreter runs the kernel's math, not its lowering: compile it for sm_90 (Triton's own
+    ptxas, no GPU needed) with every block shape awq_gemm picks, bf16 with and without split-K."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from nanovllm.layers.awq_gemm import _awq_gemm_kernel
+    for (bm, bn), split in (((16, 64), 4), ((32, 64), 1), ((64, 64), 2), ((64, 128), 1)):
+        out = "fp32" if split > 1 else "bf16"
+        sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": f"*{out}",
+               "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32"}
+        consts = dict(GROUP=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, SPLIT_K=split, IEEE=False)
+        sig.update({name: "constexpr" for name in consts})
+        kernel = triton.compile(ASTSource(_awq_gemm_kernel, sig, consts), target=GPUTarget("cuda", 90, 32))
+        assert "mma" in kernel.asm["ptx"]  # tl.dot lowered to tensor-core instructions
