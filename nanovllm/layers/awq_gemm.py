@@ -1,8 +1,8 @@
 """W4A16 GEMMs on AWQ-packed weights (layers/awq_format.py): y = x @ dequant(qweight, qzeros, scales).
 
 - `awq_gemm`: our Triton kernel. Each program owns a [BLOCK_M, BLOCK_N] tile of y; per K step it loads
-  a [BLOCK_K, BLOCK_N] tile of codes straight from the AWQ words (column n is word n // 8, shifted by 4 *
-  SLOT_OF_COLUMN[n % 8]), the group's zero points and scales (one group per K step: BLOCK_K divides the
+  the [BLOCK_K, BLOCK_N / 8] AWQ words of the tile once and expands each into its 8 codes (column 8c + j
+  is word c shifted by 4 * SLOT_OF_COLUMN[j]), the group's zero points and scales (one group per K step: BLOCK_K divides the
   group size), dequantizes in registers to the activation dtype and accumulates x @ w with tl.dot in
   float32. Small M (decode) splits K across programs (atomic adds into a float32 buffer) so a 4096-wide
   layer still fills the GPU. Runs on CPU under TRITON_INTERPRET=1 (the tests). Not yet measured on a
@@ -40,17 +40,19 @@ def _awq_gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, M, N, K, stride_xm, st
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
     words_n = N // 8
-    word = offs_n // 8
-    j = offs_n % 8
+    offs_w = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # the tile's words, each loaded once
+    mask_w = offs_w < words_n
+    j = tl.arange(0, 8)
     shift = ((j % 2) * 4 + j // 2) * 4  # column j of a word sits in slot (j % 2) * 4 + j // 2
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)  # K is a multiple of GROUP, GROUP of BLOCK_K: no K mask
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-        words = tl.load(qw_ptr + offs_k[:, None] * words_n + word[None, :], mask=mask_n[None, :], other=0)
-        q = (words >> shift[None, :]) & 0xF
+        words = tl.load(qw_ptr + offs_k[:, None] * words_n + offs_w[None, :], mask=mask_w[None, :], other=0)
+        q = tl.reshape((words[:, :, None] >> shift[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
         g = k0 // GROUP
-        z = (tl.load(qz_ptr + g * words_n + word, mask=mask_n, other=0) >> shift) & 0xF
+        zw = tl.load(qz_ptr + g * words_n + offs_w, mask=mask_w, other=0)
+        z = tl.reshape((zw[:, None] >> shift[None, :]) & 0xF, (BLOCK_N,))
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         w = ((q - z[None, :]).to(tl.float32) * s[None, :]).to(a.dtype)
         if IEEE:
