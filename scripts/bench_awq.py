@@ -89,19 +89,19 @@ def bench_gemm(group: int):
             print("| " + " | ".join(str(c) for c in row + [f"{e:.1e}" for e in errs]) + " |", flush=True)
 
 
-def decode_one(variant: str, group: int, max_tokens: int) -> list[dict]:
-    """One engine (bf16 or awq) on qwen3-8b dummy weights; decode tok/s per batch size."""
+def decode_one(variant: str, group: int, max_tokens: int, preset: str, batches: list[int]) -> list[dict]:
+    """One engine (bf16 or awq) on `preset` dummy weights; decode tok/s per batch size."""
     from nanovllm import LLM, SamplingParams
     from nanovllm.tools.make_model import make_model
-    path = os.path.join(tempfile.gettempdir(), f"nanovllm-bench-awq-qwen3-8b-{variant}-g{group}")
+    path = os.path.join(tempfile.gettempdir(), f"nanovllm-bench-awq-{preset}-{variant}-g{group}")
     if not os.path.exists(os.path.join(path, "config.json")):
-        make_model("qwen3-8b", path, weights=False, awq_group_size=group if variant == "awq" else None)
-    llm = LLM(path, load_format="dummy", max_num_seqs=max(BATCHES), max_model_len=1024)
+        make_model(preset, path, weights=False, awq_group_size=group if variant == "awq" else None)
+    llm = LLM(path, load_format="dummy", max_num_seqs=max(batches), max_model_len=1024)
     rng = np.random.default_rng(0)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     results = []
-    for batch in BATCHES:
-        prompts = [rng.integers(0, 10000, 32).tolist() for _ in range(batch)]
+    for batch in batches:
+        prompts = [rng.integers(0, min(10000, llm.vocab_size), 32).tolist() for _ in range(batch)]
         sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         before = dict(llm.stats)
         outs = llm.generate(prompts, sp, use_tqdm=False)
@@ -110,28 +110,31 @@ def decode_one(variant: str, group: int, max_tokens: int) -> list[dict]:
         results.append(dict(variant=variant, kernel=os.environ.get("NANOVLLM_AWQ_KERNEL", "triton") if variant == "awq"
                             else "cublas", batch=batch, decode_tok_s=round(decoded / seconds, 1),
                             decode_steps=llm.stats["decode_steps"] - before["decode_steps"]))
-    results.append(dict(variant=variant, peak_gpu_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 1)))
+    peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan")
+    results.append(dict(variant=variant, peak_gpu_mem_gb=round(peak, 1)))
     llm.close()
     return results
 
 
-def bench_decode(group: int, max_tokens: int, kernels: list[str]):
+def bench_decode(group: int, max_tokens: int, kernels: list[str], preset: str, batches: list[int]):
     runs = [("bf16", None)] + [("awq", k) for k in kernels]
     rows = {}
     for variant, kernel in runs:
         env = dict(os.environ, **({"NANOVLLM_AWQ_KERNEL": kernel} if kernel else {}))
         out = subprocess.run([sys.executable, __file__, "--decode-one", variant, "--group-size", str(group),
-                              "--max-tokens", str(max_tokens)], env=env, capture_output=True, text=True)
+                              "--max-tokens", str(max_tokens), "--preset", preset,
+                              "--batches", *map(str, batches)], env=env, capture_output=True, text=True)
         lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
         if out.returncode or not lines:
             print(f"{variant}/{kernel}: failed\n{out.stderr[-3000:]}")
             continue
         rows[(variant, kernel)] = [json.loads(line) for line in lines]
-    print(f"\n### Decode tok/s, qwen3-8b dummy weights, {max_tokens} tokens a request ({torch.cuda.get_device_name(0)})\n")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    print(f"\n### Decode tok/s, {preset} dummy weights, {max_tokens} tokens a request ({device})\n")
     names = [f"{v}" + (f" ({k})" if k else "") for v, k in rows]
     print("| batch | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
-    for i, batch in enumerate(BATCHES):
+    for i, batch in enumerate(batches):
         print(f"| {batch} | " + " | ".join(str(r[i]["decode_tok_s"]) for r in rows.values()) + " |")
     print("| peak GB | " + " | ".join(str(r[-1]["peak_gpu_mem_gb"]) for r in rows.values()) + " |")
 
@@ -143,16 +146,18 @@ def main():
     p.add_argument("--skip-gemm", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--awq-kernels", nargs="+", default=["triton"], choices=["triton", "gemlite", "dequant"])
+    p.add_argument("--preset", default="qwen3-8b", help="make_model preset of the decode runs")
+    p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     p.add_argument("--decode-one", choices=["bf16", "awq"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.decode_one:
-        for r in decode_one(args.decode_one, args.group_size, args.max_tokens):
+        for r in decode_one(args.decode_one, args.group_size, args.max_tokens, args.preset, args.batches):
             print(json.dumps(r), flush=True)
         return
     if not args.skip_gemm:
         bench_gemm(args.group_size)
     if not args.skip_decode:
-        bench_decode(args.group_size, args.max_tokens, args.awq_kernels)
+        bench_decode(args.group_size, args.max_tokens, args.awq_kernels, args.preset, args.batches)
 
 
 if __name__ == "__main__":
