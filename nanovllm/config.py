@@ -108,6 +108,9 @@ class Config:
             raise ValueError(f"tensor_parallel_size={n} neither divides nor is a multiple of the {kv_heads} KV heads")
         if hf.intermediate_size % n:
             raise ValueError(f"tensor_parallel_size={n} does not divide intermediate_size={hf.intermediate_size}")
+        moe_width = getattr(hf, "moe_intermediate_size", None)  # each expert's width (MoE models)
+        if moe_width and moe_width % n:
+            raise ValueError(f"tensor_parallel_size={n} does not divide moe_intermediate_size={moe_width}")
         if self.device.startswith("cuda") and n // nodes > torch.cuda.device_count():
             raise ValueError(f"tensor_parallel_size={n} over {nodes} node(s) needs {n // nodes} GPUs per node, "
                              f"{torch.cuda.device_count()} visible")

@@ -277,8 +277,8 @@ def next_token_logits(llm, tokens):
     batch, ids, pos = runner.prepare(step)
     with torch.inference_mode():
         logits = runner.forward(batch, ids, pos)[0].float()
-    samples = llm.scheduler.launched(seqs)
-    llm.scheduler.postprocess(seqs, [int(logits.argmax())], samples)
+    samples = llm.launched(seqs)
+    llm.postprocess(seqs, [int(logits.argmax())], samples)
     return logits
 
 

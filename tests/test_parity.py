@@ -37,8 +37,8 @@ def engine_logits(llm, token_lists, num_decode_steps):
         for s, row in zip(batch_seqs, logits):
             if s.num_computed_tokens + s.chunk_len == len(s):
                 rows[s.seq_id].append(row.clone())
-        samples = llm.scheduler.launched(batch_seqs)
-        llm.scheduler.postprocess(batch_seqs, logits.argmax(-1).tolist(), samples)
+        samples = llm.launched(batch_seqs)
+        llm.postprocess(batch_seqs, logits.argmax(-1).tolist(), samples)
     return [(s, torch.stack(rows[s.seq_id])) for s in seqs]
 
 

@@ -59,7 +59,7 @@ def server(tiny_model):
     assert not s.engine.is_alive
     engine = s.engine.engine  # the loop has exited: the engine is ours to inspect
     assert_no_leaks(engine)
-    assert not engine.seqs and not engine.detokenizers, "per-request state left in the engine"
+    assert not engine.seqs and not engine.output_processor.detokenizers, "per-request state left in the engine"
 
 
 @pytest.fixture
@@ -249,7 +249,26 @@ ERROR_CASES = [
     ("top-k-overflow", C, {"prompt": "hi", "top_k": 2 ** 63}, AUTH, 400, ["top_k"], "top_k"),
     ("logprobs", C, {"prompt": "hi", "logprobs": 1}, AUTH, 400, ["logprobs"], "logprobs"),
     ("too-many-sequences", C, {"prompt": ["a", "b", "c", "d", "e"], "n": 64}, AUTH, 400, ["sequences"], "prompt"),
-    ("unsupported", C, {"prompt": "hi", "presence_penalty": 0.5}, AUTH, 400, ["presence_penalty"],
+    ("unsupported", C, {"prompt": "hi", "suffix": "x"}, AUTH, 400, ["suffix"], "suffix"),
+    ("presence-range", C, {"prompt": "hi", "presence_penalty": 2.5}, AUTH, 400, ["presence_penalty"],
+     "presence_penalty"),
+    ("frequency-range", C, {"prompt": "hi", "frequency_penalty": -3}, AUTH, 400, ["frequency_penalty"],
+     "frequency_penalty"),
+    ("repetition-range", C, {"prompt": "hi", "repetition_penalty": 0}, AUTH, 400, ["repetition_penalty"],
+     "repetition_penalty"),
+    ("min-p-range", C, {"prompt": "hi", "min_p": 1.5}, AUTH, 400, ["min_p"], "min_p"),
+    ("min-tokens-range", C, {"prompt": "hi", "min_tokens": -1}, AUTH, 400, ["min_tokens"], "min_tokens"),
+    ("min-tokens-over-max", C, {"prompt": "hi", "max_tokens": 4, "min_tokens": 5}, AUTH, 400, ["min_tokens"],
+     "min_tokens"),
+    ("logit-bias-range", C, {"prompt": "hi", "logit_bias": {"5": 101}}, AUTH, 400, ["logit_bias"], "logit_bias"),
+    ("logit-bias-key", C, {"prompt": "hi", "logit_bias": {"five": 1}}, AUTH, 400, ["logit_bias"], "logit_bias"),
+    ("logit-bias-vocab", C, {"prompt": "hi", "logit_bias": {"999999": 1}}, AUTH, 400, ["logit_bias", "vocabulary"],
+     "logit_bias"),
+    ("stop-token-vocab", C, {"prompt": "hi", "stop_token_ids": [999999]}, AUTH, 400, ["stop_token_ids"],
+     "stop_token_ids"),
+    ("chat-min-tokens-range", CHAT, {"messages": USER, "max_tokens": 2, "min_tokens": 3}, AUTH, 400, ["min_tokens"],
+     "min_tokens"),
+    ("chat-presence-range", CHAT, {"messages": USER, "presence_penalty": -2.5}, AUTH, 400, ["presence_penalty"],
      "presence_penalty"),
     ("chat-messages-empty", CHAT, {"messages": []}, AUTH, 400, ["messages"], "messages"),
     ("chat-messages-type", CHAT, {"messages": "hi"}, AUTH, 400, ["messages"], "messages"),
@@ -482,7 +501,7 @@ def test_a_megabyte_prompt_does_not_stall_the_server(server, client):
     assert waits[len(waits) // 2] < 0.05 and waits[-1] < 0.2, f"/health waits (s): {waits}"
 
 
-@pytest.mark.parametrize("field, value", [("repetition_penalty", 1.2), ("min_p", 0.1), ("min_tokens", 3),
+@pytest.mark.parametrize("field, value", [("spaces_between_special_tokens", False),
                                           ("tool_choice", "auto"), ("functions", [{"name": "f"}]),
                                           ("reasoning_effort", "low"), ("no_such_field", 1)])
 def test_fields_we_do_not_implement_get_a_400_naming_them(client, field, value):
@@ -493,7 +512,7 @@ def test_fields_we_do_not_implement_get_a_400_naming_them(client, field, value):
         assert reply.status_code == 400 and field in reply.json()["error"]["message"], (path, reply.text)
         assert reply.json()["error"]["param"] == field
     # the value that asks for what the server does anyway, or null, is accepted
-    ok = {"repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 0}
+    ok = {"spaces_between_special_tokens": True}
     if field in ok:
         assert client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2,
                                                     field: ok[field]}).status_code == 200
@@ -579,6 +598,46 @@ def test_sglang_native_generate(client):
     assert events[-1] == "[DONE]"
     texts = [json.loads(e)["text"] for e in events[:-1]]
     assert texts[-1] == want and all(want.startswith(t) for t in texts)
-    bad = client.post("/generate", json={"text": "x", "sampling_params": {"frequency_penalty": 0.5}})
-    assert bad.status_code == 400 and "frequency_penalty" in bad.text
+    bad = client.post("/generate", json={"text": "x", "sampling_params": {"no_such_option": 0.5}})
+    assert bad.status_code == 400 and "no_such_option" in bad.text
     assert client.post("/generate", json={"sampling_params": sampling}).status_code == 400
+
+
+CONTROLS = {"presence_penalty": 1.5, "frequency_penalty": 0.5, "repetition_penalty": 1.3, "min_p": 0.05,
+            "logit_bias": {"77": 5.0, "292": -2.0}, "min_tokens": 6}
+
+
+def test_sampling_controls_answer_as_offline(client, oai, tiny_model):
+    """Penalties, min_p, logit_bias and min_tokens through /v1/completions (the openai client's
+    extra_body for the non-OpenAI ones), chat and SGLang's /generate give what LLM.generate gives."""
+    llm = LLM(tiny_model, **ENGINE)
+    try:
+        prompt = llm.tokenizer.encode("The river runs")
+        eos = llm.config.eos_token_ids[0]
+        controls = {**CONTROLS, "logit_bias": {**CONTROLS["logit_bias"], str(eos): 50.0}}  # EOS held back
+        sp = SamplingParams(temperature=0, max_tokens=10, presence_penalty=1.5, frequency_penalty=0.5,
+                            repetition_penalty=1.3, min_p=0.05, logit_bias={77: 5.0, 292: -2.0, eos: 50.0}, min_tokens=6)
+        want = llm.generate([prompt], sp, use_tqdm=False)[0]
+        assert len(want["token_ids"]) == 7 and want["finish_reason"] == "stop"  # EOS right after min_tokens
+    finally:
+        llm.close()
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 10, "temperature": 0, **controls}
+    got = client.post("/v1/completions", json=body)
+    assert got.status_code == 200, got.text
+    assert got.json()["choices"][0]["text"] == want["text"] and got.json()["usage"]["completion_tokens"] == 7
+    extra = {k: v for k, v in controls.items() if k not in ("presence_penalty", "frequency_penalty", "logit_bias")}
+    r = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0,
+                               presence_penalty=1.5, frequency_penalty=0.5, logit_bias=controls["logit_bias"],
+                               extra_body=extra)
+    assert r.choices[0].text == want["text"] and r.choices[0].finish_reason == "stop"
+    sampling = {"max_new_tokens": 10, "temperature": 0, **{k: v for k, v in controls.items() if k != "min_tokens"},
+                "min_new_tokens": 6}
+    native = client.post("/generate", json={"input_ids": prompt, "sampling_params": sampling})
+    assert native.status_code == 200, native.text
+    assert native.json()["text"] == want["text"] and native.json()["meta_info"]["completion_tokens"] == 7
+    chat = client.post("/v1/chat/completions", json={"model": MODEL, "messages": USER, "max_tokens": 10,
+                                                     "temperature": 0, **controls})
+    assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 7, chat.text
+    bad = client.post("/generate", json={"text": "x", "sampling_params": {"frequency_penalty": 2.5}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "sampling_params"
+    small_request_ok(client)

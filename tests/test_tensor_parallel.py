@@ -78,11 +78,11 @@ def logits_by_step(llm, token_lists, decode_steps=4):
         step, batch = llm.step_builder.build(batch, is_prefill)
         step = dataclasses.replace(step, want_logits=True)
         result = llm.executor.collect(llm.executor.execute(step))
-        samples = llm.scheduler.launched(batch)
+        samples = llm.launched(batch)
         for s, sampled, row in zip(batch, samples, result.logits):
             if sampled:
                 rows[s.seq_id].append(row)
-        llm.scheduler.postprocess(batch, result.token_ids, samples)
+        llm.postprocess(batch, result.token_ids, samples)
     return [(s, torch.stack(rows[s.seq_id])) for s in seqs]
 
 
@@ -132,6 +132,25 @@ def test_greedy_generate_equals_one_rank(tiny_model, make_llm, tp_llm, tp):
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True)
     assert (llm.generate(PROMPTS[:3], seeded, use_tqdm=False)[1]["token_ids"]
             == single.generate(PROMPTS[:3], seeded, use_tqdm=False)[1]["token_ids"])
+
+
+def test_sampling_controls_equal_one_rank(tiny_model, make_llm, tp_llm):
+    """Penalties, logit_bias, min_tokens and min_p: every rank applies them to the same full logits,
+    so a TP=2 run gives one rank's tokens (greedy and seeded rows, with plain rows in the batch)."""
+    single = make_llm(tiny_model)
+    eos = single.config.eos_token_ids[0]
+    controls = [
+        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=1.3, presence_penalty=0.5,
+                       frequency_penalty=0.3, logit_bias={77: 2.0}),
+        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=3, max_tokens=16, min_p=0.1, frequency_penalty=1.0, min_tokens=8,
+                       logit_bias={eos: 8.0}),
+        SamplingParams(temperature=0, max_tokens=16, repetition_penalty=0.7, min_tokens=4, logit_bias={eos: 50.0}),
+    ]
+    expected = single.generate(PROMPTS[:4], controls, use_tqdm=False)
+    got = tp_llm(tiny_model, 2).generate(PROMPTS[:4], controls, use_tqdm=False)
+    assert [o["token_ids"] for o in got] == [o["token_ids"] for o in expected]
+    assert len(got[3]["token_ids"]) == 5 and got[3]["token_ids"][-1] == eos  # EOS right after min_tokens
 
 
 def test_killed_worker_gives_rank0_an_error(tiny_model, tp_llm):

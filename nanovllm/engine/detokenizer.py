@@ -7,7 +7,8 @@ begin inside it. The tail of `text` that is a prefix of some stop string is held
 next tokens show whether the stop string completes (it is then cut, with everything after it) or
 not (it is released), or until the sequence ends (`flush`). So the concatenation of everything
 `add` and `flush` return equals the final text, and no stop string, nor the start of one, ever
-reaches a streaming client.
+reaches a streaming client. Whether a stop string ends the request is decided by
+engine/output_processor.py, which owns every stop rule; this class only finds stop strings.
 """
 
 
@@ -29,22 +30,25 @@ class IncrementalDetokenizer:
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special_tokens)
 
-    def add(self, token_ids: list[int]) -> str:
-        """Append tokens; returns the text now safe to hand out (maybe empty)."""
+    def add(self, token_ids: list[int], can_stop: bool = True) -> str:
+        """Append tokens; returns the text now safe to hand out (maybe empty). can_stop=False (the
+        request's min_tokens not reached yet): a stop string that completes in this text does not
+        count. Text is held back either way, so a stop string that starts now and completes after
+        min_tokens was never handed out."""
         if self.stopped:
             return ""
         self.tokens.extend(token_ids)
-        self._decode_new()
+        self._decode_new(can_stop=can_stop)
         return self._release(final=False)
 
-    def flush(self) -> str:
+    def flush(self, can_stop: bool = True) -> str:
         """The sequence ended: the rest of the text (an incomplete character at the very end, and
         text held back for a stop string that never completed)."""
         if not self.stopped and self.read_offset < len(self.tokens):
-            self._decode_new(final=True)
+            self._decode_new(final=True, can_stop=can_stop)
         return self._release(final=True)
 
-    def _decode_new(self, final: bool = False):
+    def _decode_new(self, final: bool = False, can_stop: bool = True):
         prefix = self._decode(self.tokens[self.prefix_offset:self.read_offset])
         full = self._decode(self.tokens[self.prefix_offset:])
         if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
@@ -52,6 +56,8 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
         start = len(self.text)
         self.text += full[len(prefix):]
+        if not can_stop:
+            return
         # The earliest stop string that now appears; it may straddle earlier text.
         found = [(i, len(s)) for s in self.stop if (i := self.text.find(s, max(0, start - len(s) + 1))) != -1]
         if found:

@@ -8,7 +8,7 @@ import numpy as np
 from transformers import AutoTokenizer, GenerationConfig
 
 from nanovllm.config import Config
-from nanovllm.engine.detokenizer import IncrementalDetokenizer
+from nanovllm.engine.output_processor import OutputProcessor, StepOutput
 from nanovllm.engine.scheduled_step import ScheduledStep
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
@@ -44,14 +44,6 @@ class InFlightStep:
         return self.step.is_prefill
 
 
-@dataclass
-class StepOutput:
-    seq: Sequence
-    new_token_ids: list[int]
-    new_text: str | None      # only for requests with stop strings or a streaming detokenizer
-    finished: bool
-
-
 class LLMEngine:
 
     def __init__(self, model: str, **kwargs):
@@ -70,7 +62,8 @@ class LLMEngine:
         self.step_builder = StepBuilder(config)
         self._log_startup()
         self.vocab_size = config.hf_config.vocab_size
-        self.detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self.output_processor = OutputProcessor(self.tokenizer, self.scheduler, config.eos_token_ids,
+                                                config.max_model_len)
         self.seqs: dict[int, Sequence] = {}
         self.in_flight = None  # the step launched last, not yet collected
         self.stats = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "cascade_steps": 0,
@@ -106,6 +99,7 @@ class LLMEngine:
             raise ValueError("prompt must be a string or a list of token ids")
         if not token_ids:
             raise ValueError("prompt is empty")
+        self._check_token_ids(sampling_params)
         max_len = self.config.max_model_len
         if len(token_ids) >= max_len:
             raise ValueError(f"prompt is {len(token_ids)} tokens, too long for max_model_len={max_len} "
@@ -117,12 +111,17 @@ class LLMEngine:
                              f"{self.scheduler.block_manager.num_blocks * bs}; lower max_tokens or the prompt")
         return Sequence(token_ids, sampling_params, bs, prompt_bytes)
 
+    def _check_token_ids(self, sp: SamplingParams):
+        """Token ids of the sampling params index the logits on the device: they must be in the vocabulary."""
+        for name, ids in (("stop_token_ids", sp.stop_token_ids), ("logit_bias", sp.logit_bias or ())):
+            bad = [t for t in ids if t >= self.vocab_size]
+            if bad:
+                raise ValueError(f"SamplingParams: {name} has token ids out of the vocabulary [0, {self.vocab_size}): "
+                                 f"{bad[:5]}")
+
     def add_sequence(self, seq: Sequence, stream: bool = False):
         self.seqs[seq.seq_id] = seq
-        sp = seq.sampling_params
-        if stream or sp.stop:
-            self.detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, sp.stop, sp.include_stop_str_in_output,
-                                                                   sp.skip_special_tokens)
+        self.output_processor.add(seq, stream)
         self.stats["prompt_tokens"] += seq.num_prompt_tokens
         self.scheduler.add(seq)
 
@@ -134,9 +133,8 @@ class LLMEngine:
     def abort_request(self, seq_id: int):
         """Stop a request (a client that left): its pages go back to the pool at once."""
         seq = self.seqs.pop(seq_id, None)
-        self.detokenizers.pop(seq_id, None)
-        if seq is not None and not seq.is_finished:
-            self.scheduler.finish(seq, "abort")
+        if seq is not None:
+            self.output_processor.abort(seq)
 
     def is_finished(self) -> bool:
         return self.scheduler.is_finished() and self.in_flight is None
@@ -152,7 +150,7 @@ class LLMEngine:
         if seqs:
             step, seqs = self.step_builder.build(seqs, is_prefill, self.in_flight.step if self.in_flight else None)
             pending = self.executor.execute(step)
-            launched = InFlightStep(step, seqs, self.scheduler.launched(seqs), pending)
+            launched = InFlightStep(step, seqs, self.launched(seqs), pending)
             st["steps"] += 1
             st["prefill_steps" if is_prefill else "decode_steps"] += 1
             st["cascade_steps"] += step.cascade is not None
@@ -173,49 +171,31 @@ class LLMEngine:
         return outputs
 
     def _collect(self, step: InFlightStep) -> list[StepOutput]:
-        token_ids = self.executor.collect(step.pending).token_ids
-        advanced = self.scheduler.postprocess(step.seqs, token_ids, step.samples)
-        self.stats["generated_tokens"] += len(advanced)
-        outputs = []
-        for seq in advanced:
-            new_text = None
-            token = seq.token_ids[len(seq) - seq.num_pending - 1]  # this step's, before later placeholders
-            detok = self.detokenizers.get(seq.seq_id)
-            if detok is not None:
-                new_text = detok.add([token])
-                if seq.is_finished and not detok.stopped:
-                    new_text += detok.flush()  # may complete a stop string too (a last, held-back character)
-                if detok.stopped:
-                    self.scheduler.finish(seq, "stop")
-                    seq.finish_reason = "stop"  # also when the same token hit max_tokens
-            outputs.append(StepOutput(seq, [token], new_text, seq.is_finished))
-            if seq.is_finished:
-                self.seqs.pop(seq.seq_id, None)
+        return self.postprocess(step.seqs, self.executor.collect(step.pending).token_ids, step.samples)
+
+    def launched(self, seqs: list[Sequence]) -> list[bool]:
+        """A step was handed to the runner(s): the scheduler's placeholders, then the length rule.
+        Returns which sequences sample a token."""
+        samples = self.scheduler.launched(seqs)
+        self.output_processor.launched(seqs, samples)
+        return samples
+
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int], samples: list[bool]) -> list[StepOutput]:
+        """A step's tokens came back: the scheduler fills them in, the output processor applies the stop
+        rules (finishing what ends) and hands out the text."""
+        outputs = self.output_processor.process(self.scheduler.postprocess(seqs, token_ids, samples))
+        self.stats["generated_tokens"] += len(outputs)
+        for out in outputs:
+            if out.finished:
+                self.seqs.pop(out.seq.seq_id, None)
         return outputs
 
     def output_text(self, seq: Sequence) -> str:
         return self.output_texts([seq])[0]
 
     def output_texts(self, seqs: list[Sequence]) -> list[str]:
-        """Final texts (dropping their detokenizers): a stop string's cut, else the decoded completion,
-        all in one batch call of the Rust tokenizer where there is one (it decodes in parallel)."""
-        texts: list[str | None] = [None] * len(seqs)
-        for i, seq in enumerate(seqs):
-            detok = self.detokenizers.pop(seq.seq_id, None)
-            if detok is not None and detok.stopped:
-                texts[i] = detok.text
-        rust = getattr(self.tokenizer, "_tokenizer", None)
-        batch = rust is not None and hasattr(rust, "decode_batch") and not self.tokenizer.clean_up_tokenization_spaces
-        for skip in (True, False):
-            todo = [i for i, t in enumerate(texts) if t is None and seqs[i].sampling_params.skip_special_tokens == skip]
-            ids = [seqs[i].completion_token_ids for i in todo]
-            if batch:
-                decoded = rust.decode_batch(ids, skip_special_tokens=skip)  # what decode() does, per sequence
-            else:
-                decoded = [self.tokenizer.decode(t, skip_special_tokens=skip) for t in ids]
-            for i, text in zip(todo, decoded):
-                texts[i] = text
-        return texts
+        """Final texts (dropping their detokenizers); see OutputProcessor.output_texts."""
+        return self.output_processor.output_texts(seqs)
 
     def _log_startup(self):
         cfg, runner = self.config, self.model_runner

@@ -1,5 +1,6 @@
 """Executes one ScheduledStep on this process's device: device inputs, attention planned once, the
-model (eager or a CUDA graph), logits, sampling. Returns a StepResult.
+model (eager or a CUDA graph), logits, logits processing (layers/logits_processor.py: bias,
+min_tokens' mask, penalties; only for steps with rows that use them), sampling. Returns a StepResult.
 
 The runner decides nothing about a step (engine/scheduled_step.py is the contract): rank 0's engine
 and every tensor-parallel worker (distributed/worker.py) run the same step through the same code.
@@ -20,6 +21,7 @@ from nanovllm.engine.kv_cache import allocate_kv_cache, block_bytes, cpu_kv_bloc
 from nanovllm.engine.scheduled_step import SamplingInputs, ScheduledStep, StepResult
 from nanovllm.layers.awq import quantize_linears
 from nanovllm.layers.linear import meta_weights
+from nanovllm.layers.logits_processor import process_logits
 from nanovllm.layers.sampler import Sampler, step_row_seeds
 from nanovllm.layers.vocab_parallel_sample import pick_over_ranks, shard_candidates
 from nanovllm.models.registry import model_class
@@ -149,10 +151,19 @@ class ModelRunner:
         """Queue one step on the device and return at once; collect() waits for its tokens."""
         batch, input_ids, positions = self.prepare(step)
         s = step.sampling
-        # Under tensor parallelism the one-pass samplers work on each rank's vocabulary slice.
-        split = self.distributed and not step.want_logits and (s.all_greedy or (self.device.type == "cuda" and s.fused))
+        # Under tensor parallelism the one-pass samplers work on each rank's vocabulary slice when
+        # nothing needs the full row (its logits, or logits processing).
+        split = (self.distributed and not step.want_logits and not s.processes_logits
+                 and (s.all_greedy or (self.device.type == "cuda" and s.fused)))
         logits = self.forward(batch, input_ids, positions, gather=not split)
-        tokens = self.sample_split(logits, s) if split else self.sample(logits, s)
+        if split:
+            tokens = self.sample_split(logits, s)
+        else:
+            sampled_from = logits
+            if s.processes_logits:  # a float32 copy: `logits` stays raw
+                # A decode row's newest token is its input, where a PLACEHOLDER in a history points.
+                sampled_from = process_logits(logits, s, None if step.is_prefill else input_ids)
+            tokens = self.sample(sampled_from, s)
         self.last_tokens = tokens
         pending = PendingResult(step.step_id, tokens)
         if step.want_logits:
@@ -188,7 +199,8 @@ class ModelRunner:
                           for row, seed in enumerate(s.row_seeds.tolist()) if seed >= 0}
         top_ks = to_device(s.top_ks, dev) if s.top_ks is not None else None
         top_ps = to_device(s.top_ps, dev) if s.top_ps is not None else None
-        return self.sampler(logits, temperatures, top_ks, top_ps, generators, generator=generator)
+        min_ps = to_device(s.min_ps, dev) if s.min_ps is not None else None
+        return self.sampler(logits, temperatures, top_ks, top_ps, generators, generator=generator, min_ps=min_ps)
 
     def _row_seeds(self, s: SamplingInputs) -> torch.Tensor:
         """The fused GPU sampler's Philox seed per row (a seeded request's own)."""

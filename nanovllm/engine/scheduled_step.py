@@ -29,12 +29,40 @@ Data contract (all host numpy arrays; `rows` = sequences in the step, `tokens` =
 Sampling is a pure function of the logits and `sampling`, so every rank samples the same tokens:
 unseeded rows draw from a generator seeded with `step_seed`, seeded requests from their own
 per-token seed (`row_seeds`, see layers/sampler.seeded_row_seed), never from a process's RNG state.
+The logits controls (`token_bias`, `penalties`, `min_ps`) are None unless a row of the step uses
+them, and then cover only such rows: a step without them builds and runs nothing for them.
 """
 from dataclasses import dataclass
 
 import numpy as np
 
 from nanovllm.attention.backend import StepBatch
+
+
+@dataclass(frozen=True)
+class TokenBias:
+    """Sparse additions to the logits: logits[rows[k], token_ids[k]] += values[k]. Entries come from
+    logit_bias, and -inf on the EOS and stop ids of rows still below their min_tokens."""
+    rows: np.ndarray                  # int64 [entries] row of the step
+    token_ids: np.ndarray             # int64 [entries]
+    values: np.ndarray                # float32 [entries]
+
+
+@dataclass(frozen=True)
+class Penalties:
+    """Repetition / frequency / presence penalties of the rows that have any (layers/logits_processor.py).
+    Row p's generated tokens are output_ids[output_indptr[p]:output_indptr[p+1]], one entry per
+    occurrence (frequency counts them); a PLACEHOLDER there is the row's newest token, this step's
+    input, still on the device (decode steps only). prompt_ids: row p's distinct prompt ids, only
+    when some row has a repetition penalty (it covers prompt and output)."""
+    rows: np.ndarray                  # int64 [P] rows of the step
+    repetition: np.ndarray            # float32 [P] (1 = off)
+    frequency: np.ndarray             # float32 [P] (0 = off)
+    presence: np.ndarray              # float32 [P] (0 = off)
+    output_ids: np.ndarray            # int64 [sum of output lengths]
+    output_indptr: np.ndarray         # int64 [P+1]
+    prompt_ids: np.ndarray | None     # int64 [sum of distinct prompt lengths]
+    prompt_indptr: np.ndarray | None  # int64 [P+1]
 
 
 @dataclass(frozen=True)
@@ -45,11 +73,19 @@ class SamplingInputs:
     all_greedy: bool                  # every row greedy: argmax only
     step_seed: int                    # seeds the draws of unseeded rows
     row_seeds: np.ndarray | None      # int64 [rows]: per-row seed, -1 for unseeded rows; None if none
+    min_ps: np.ndarray | None = None  # float32 [rows] (0: off), None when no row uses min-p
+    token_bias: TokenBias | None = None   # logit_bias and min_tokens' mask; None when no row has either
+    penalties: Penalties | None = None    # None when no row has a penalty
 
     @property
     def fused(self) -> bool:
-        """The GPU's one-pass Gumbel sampler applies: temperature only (no top-k / top-p)."""
-        return self.top_ks is None and self.top_ps is None and not self.all_greedy
+        """The GPU's one-pass Gumbel sampler applies: temperature only (no top-k / top-p / min-p)."""
+        return self.top_ks is None and self.top_ps is None and self.min_ps is None and not self.all_greedy
+
+    @property
+    def processes_logits(self) -> bool:
+        """The logits are changed before sampling (layers/logits_processor.py)."""
+        return self.token_bias is not None or self.penalties is not None
 
 
 @dataclass(frozen=True)

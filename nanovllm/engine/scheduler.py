@@ -7,9 +7,11 @@ later (mostly from the prefix cache), so the run completes, only slower.
 
 Steps overlap: `launched` records a step as soon as the GPU has it (each sequence that samples
 gets a PLACEHOLDER token, its K/V count as computed), so the next step can be scheduled while the GPU
-runs; `postprocess` fills the tokens in when the step is collected. A sequence whose launched token
-ends it by length is not scheduled again; one that ends by EOS or a stop token may have run one
-step too many, whose token is dropped.
+runs; `postprocess` fills the tokens in when the step is collected. Whether a sequence ends is not
+decided here: engine/output_processor.py owns every stop rule, marks a sequence whose launched token
+ends it by length (`last_launched`: not scheduled again), and calls `finish` for the ones that end,
+which frees their pages. One that ends by EOS or a stop may have run one step too many, whose token
+is dropped.
 """
 from collections import deque
 
@@ -23,8 +25,6 @@ class Scheduler:
     def __init__(self, config: Config, num_blocks: int):
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
-        self.max_model_len = config.max_model_len
-        self.eos_ids = frozenset(config.eos_token_ids)
         self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
@@ -125,14 +125,13 @@ class Scheduler:
             if sampled:
                 seq.append_token(PLACEHOLDER)
                 seq.num_pending += 1
-                seq.last_launched = (seq.num_completion_tokens >= seq.sampling_params.max_tokens
-                                     or len(seq) >= self.max_model_len)
             samples.append(sampled)
         return samples
 
     def postprocess(self, seqs: list[Sequence], token_ids: list[int], samples: list[bool]) -> list[Sequence]:
-        """A launched step was collected: fill in its tokens; returns the sequences that got one.
-        The oldest placeholder is this step's: later steps' come after it."""
+        """A launched step was collected: fill in its tokens; returns the sequences that got one (the
+        output processor then applies the stop rules to them). The oldest placeholder is this step's:
+        later steps' come after it."""
         advanced = []
         for seq, token_id, sampled in zip(seqs, token_ids, samples):
             if not sampled or seq.is_finished:
@@ -141,14 +140,11 @@ class Scheduler:
             seq.num_pending -= 1
             self.block_manager.mark_computed(seq)  # a page whose last token was this one
             advanced.append(seq)
-            sp = seq.sampling_params
-            if (not sp.ignore_eos and token_id in self.eos_ids) or token_id in sp.stop_token_ids:
-                self.finish(seq, "stop")
-            elif seq.last_launched and not seq.num_pending:
-                self.finish(seq, "length")
         return advanced
 
     def finish(self, seq: Sequence, reason: str):
+        """The output processor ended the sequence (or it was aborted): drop the tokens of steps still
+        in flight, free its pages, take it out of the queues."""
         if seq.is_finished:
             return
         if seq.num_pending:  # tokens of steps still in flight, after the end

@@ -41,6 +41,9 @@ class Sequence:
         self.num_pending = 0          # trailing PLACEHOLDER tokens: sampled by steps not yet collected
         self.last_launched = False    # its last token is launched and will end it by length
         self._pages: np.ndarray | None = None  # numpy copy of block_table, extended as pages are appended
+        self._outputs: np.ndarray | None = None  # collected completion tokens (penalties), grown by doubling
+        self._num_outputs = 0
+        self._prompt_distinct: np.ndarray | None = None  # the prompt's distinct ids (repetition penalty)
 
     def __len__(self):
         return len(self.token_ids)
@@ -91,6 +94,29 @@ class Sequence:
             pages = np.concatenate([pages, np.asarray(self.block_table[len(pages):], dtype=np.int32)])
         self._pages = pages
         return pages
+
+    def output_array(self) -> np.ndarray:
+        """The completion tokens collected so far (not the PLACEHOLDERs of steps in flight), int64, kept
+        between steps and extended by the new ones only: the penalties' history costs O(new tokens) a step."""
+        n = len(self.token_ids) - self.num_pending - self.num_prompt_tokens
+        buf, have = self._outputs, self._num_outputs
+        if n > have:
+            if buf is None or len(buf) < n:
+                grown = np.empty(max(16, 2 * n), dtype=np.int64)
+                grown[:have] = buf[:have] if buf is not None else []
+                self._outputs = buf = grown
+            start = self.num_prompt_tokens
+            buf[have:n] = self.token_ids[start + have:start + n]
+            self._num_outputs = n
+        return buf[:n] if buf is not None else np.zeros(0, np.int64)
+
+    def prompt_distinct(self) -> np.ndarray:
+        """The prompt's distinct token ids (int64, sorted), computed once."""
+        if self._prompt_distinct is None:
+            prompt = (np.frombuffer(self.prompt_bytes, dtype=np.int64) if self.prompt_bytes is not None
+                      else np.asarray(self._prompt, dtype=np.int64))
+            self._prompt_distinct = np.unique(prompt)
+        return self._prompt_distinct
 
     def append_token(self, token_id: int):
         self.token_ids.append(token_id)

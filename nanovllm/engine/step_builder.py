@@ -3,12 +3,14 @@
 This is the last stop on the scheduler side: the cascade policy orders the rows and plans the shared
 levels, then every host array a runner needs is built here, once, whatever the number of ranks
 (engine/scheduled_step.py has the contract). Building from numpy keeps a 1024-row decode step at
-about a millisecond of host time (claude_docs/performance.md).
+about a millisecond of host time (claude_docs/performance.md). The logits controls (penalties,
+logit_bias, min_tokens, min-p) are built only for the rows that use them; a step where no row does
+pays one attribute read a row for them.
 """
 import numpy as np
 
 from nanovllm.config import Config
-from nanovllm.engine.scheduled_step import SamplingInputs, ScheduledStep
+from nanovllm.engine.scheduled_step import Penalties, SamplingInputs, ScheduledStep, TokenBias
 from nanovllm.engine.sequence import PLACEHOLDER, Sequence
 from nanovllm.layers.sampler import seeded_row_seed
 
@@ -17,6 +19,8 @@ class StepBuilder:
 
     def __init__(self, config: Config):
         self.page_size = config.kvcache_block_size
+        vocab = config.hf_config.vocab_size
+        self.eos_ids = [i for i in config.eos_token_ids if 0 <= i < vocab]  # min_tokens masks them
         self.seed_rng = np.random.default_rng(config.seed)  # step seeds of unseeded rows
         self.cascade = None
         if config.enable_cascade_attention:
@@ -88,4 +92,65 @@ class StepBuilder:
                 row_seeds = np.array([-1 if s.sampling_params.seed is None else
                                       seeded_row_seed(s.sampling_params.seed, s.num_completion_tokens)
                                       for s in seqs], dtype=np.int64)
-        return SamplingInputs(temperatures, top_ks, top_ps, bool(all_greedy), step_seed, row_seeds)
+        min_ps = token_bias = penalties = None
+        if any(p.processes_logits for p in params):  # the one per-row read a step without controls pays
+            min_ps, token_bias, penalties = self._logits_controls(seqs, params)
+        return SamplingInputs(temperatures, top_ks, top_ps, bool(all_greedy), step_seed, row_seeds,
+                              min_ps, token_bias, penalties)
+
+    def _logits_controls(self, seqs: list[Sequence], params: list) -> tuple:
+        """min-p, the token bias (logit_bias; -inf on EOS and stop ids below min_tokens) and the
+        penalties' histories, each built only for the rows that use it (None when none does)."""
+        n = len(params)
+        min_ps = None
+        if any(p.min_p > 0 for p in params):
+            min_ps = np.fromiter((p.min_p for p in params), dtype=np.float32, count=n)
+        bias_rows, bias_ids, bias_values = [], [], []  # Python lists: per-row numpy calls cost ~5 us each
+        for row, (seq, p) in enumerate(zip(seqs, params)):
+            if p.logit_bias:
+                bias_rows += [row] * len(p.logit_bias)
+                bias_ids += p.logit_bias.keys()
+                bias_values += p.logit_bias.values()
+            # The token this step samples is the seq's num_completion_tokens-th (placeholders count).
+            if p.min_tokens and seq.num_completion_tokens < p.min_tokens:
+                banned = p.stop_token_ids + ([] if p.ignore_eos else self.eos_ids)
+                bias_rows += [row] * len(banned)
+                bias_ids += banned
+                bias_values += [-np.inf] * len(banned)
+        token_bias = None
+        if bias_ids:
+            token_bias = TokenBias(np.array(bias_rows, dtype=np.int64), np.array(bias_ids, dtype=np.int64),
+                                   np.array(bias_values, dtype=np.float32))
+        rows = [row for row, p in enumerate(params) if p.penalized]
+        penalties = None
+        if rows:
+            pen = [params[r] for r in rows]
+            pieces, lengths = [], []
+            for r in rows:
+                seq = seqs[r]
+                out = seq.output_array()
+                pieces.append(out)
+                if seq.num_pending:  # at most one step is in flight: only the newest token is pending
+                    pieces.append(_PENDING)
+                lengths.append(len(out) + seq.num_pending)
+            prompt_ids = prompt_indptr = None
+            if any(p.repetition_penalty != 1 for p in pen):
+                prompts = [seqs[r].prompt_distinct() for r in rows]
+                prompt_ids = np.concatenate(prompts)
+                prompt_indptr = _indptr([len(x) for x in prompts])
+            penalties = Penalties(
+                np.array(rows, dtype=np.int64),
+                np.fromiter((p.repetition_penalty for p in pen), dtype=np.float32, count=len(pen)),
+                np.fromiter((p.frequency_penalty for p in pen), dtype=np.float32, count=len(pen)),
+                np.fromiter((p.presence_penalty for p in pen), dtype=np.float32, count=len(pen)),
+                np.concatenate(pieces), _indptr(lengths), prompt_ids, prompt_indptr)
+        return min_ps, token_bias, penalties
+
+
+_PENDING = np.array([PLACEHOLDER], dtype=np.int64)
+
+
+def _indptr(lengths: list[int]) -> np.ndarray:
+    indptr = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    return indptr

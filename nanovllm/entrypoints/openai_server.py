@@ -64,9 +64,12 @@ class _SamplingRequest(_Strict):
     seed: int | None = Field(None, ge=-INT64, lt=INT64 - MAX_N)
     ignore_eos: bool = False                            # extension: generate past EOS (benchmarks)
     stop_token_ids: list[int] | None = None             # extension
-    presence_penalty: float | None = None               # accepted only as 0: not implemented
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)     # OpenAI's, over the generated tokens
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None          # token id (a JSON key: a string) -> bias in [-100, 100]
+    repetition_penalty: float | None = Field(None, gt=0)  # vLLM's: prompt + generated tokens
+    min_p: float | None = Field(None, ge=0, le=1)       # vLLM's
+    min_tokens: int | None = Field(None, ge=0)          # vLLM's: no EOS / stop before this many tokens
     user: str | None = None
     include_stop_str_in_output: bool = False            # vLLM's: keep the stop string in the text
     skip_special_tokens: bool = True                    # vLLM's: leave special tokens out of the text
@@ -75,8 +78,7 @@ class _SamplingRequest(_Strict):
 # Fields other servers take that we do not implement, and the value that asks for what we do anyway
 # (accepted); any other value, or a field nobody declared, gets a 400 naming it (a request must never be
 # answered as if a setting had been applied).
-DEFAULT_EXTRAS = {"min_tokens": 0, "min_p": 0.0,
-                  "repetition_penalty": 1.0, "spaces_between_special_tokens": True,
+DEFAULT_EXTRAS = {"spaces_between_special_tokens": True,
                   # sglang-router 0.3.2 adds these to every chat request it forwards (SGLang's defaults)
                   "no_stop_trim": False, "continue_final_message": False, "return_hidden_states": False,
                   "separate_reasoning": True, "stream_reasoning": True}
@@ -131,6 +133,12 @@ class GenerateSampling(_Strict):
     no_stop_trim: bool = False                          # keep the stop string (our include_stop_str_in_output)
     n: int = Field(1, ge=1, le=MAX_N)
     sampling_seed: int | None = Field(None, ge=-INT64, lt=INT64 - MAX_N)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0)
+    min_p: float = Field(0.0, ge=0, le=1)
+    min_new_tokens: int = Field(0, ge=0)                # our min_tokens
+    logit_bias: dict[str, float] | None = None
 
 
 class GenerateRequest(_Strict):
@@ -218,12 +226,6 @@ def _unsupported(req: _SamplingRequest):
     def no(param, why="is not supported"):
         raise ApiError(400, f"'{param}' {why}", param=param, code="unsupported_parameter")
     _refuse_extras(req, DEFAULT_EXTRAS)
-    if req.presence_penalty:
-        no("presence_penalty", "is not supported (only 0)")
-    if req.frequency_penalty:
-        no("frequency_penalty", "is not supported (only 0)")
-    if req.logit_bias:
-        no("logit_bias")
     if isinstance(req, CompletionRequest):
         if req.logprobs is not None:
             no("logprobs")
@@ -273,11 +275,16 @@ class OpenAIServing:
         return name
 
     def _sampling_params(self, req: _SamplingRequest, max_tokens: int, choice: int) -> SamplingParams:
+        def default(value, otherwise):
+            return otherwise if value is None else value
         try:
             return SamplingParams(
-                temperature=1.0 if req.temperature is None else req.temperature,
-                top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=-1 if req.top_k is None else req.top_k,
+                temperature=default(req.temperature, 1.0), top_p=default(req.top_p, 1.0),
+                top_k=default(req.top_k, -1), min_p=default(req.min_p, 0.0),
+                presence_penalty=default(req.presence_penalty, 0.0),
+                frequency_penalty=default(req.frequency_penalty, 0.0),
+                repetition_penalty=default(req.repetition_penalty, 1.0),
+                logit_bias=_logit_bias(req.logit_bias), min_tokens=default(req.min_tokens, 0),
                 max_tokens=max_tokens, ignore_eos=req.ignore_eos, stop=req.stop,
                 stop_token_ids=req.stop_token_ids or [], include_stop_str_in_output=req.include_stop_str_in_output,
                 skip_special_tokens=req.skip_special_tokens,
@@ -302,7 +309,9 @@ class OpenAIServing:
                     seq = self.engine.make_sequence(token_ids, sp)
                 except ValueError as e:
                     code = "context_length_exceeded" if "too long" in str(e) else "invalid_value"
-                    raise ApiError(400, str(e), param=prompt_param, code=code) from None
+                    # a sampling field (e.g. a logit_bias id out of the vocabulary), else the prompt
+                    param = _param_of(str(e)) if str(e).startswith("SamplingParams:") else prompt_param
+                    raise ApiError(400, str(e), param=param, code=code) from None
                 seqs.append(seq)
             if max_tokens is not None and len(token_ids) + max_tokens > self.max_model_len:
                 raise ApiError(400, f"max_tokens={max_tokens} plus the prompt's {len(token_ids)} tokens exceed "
@@ -335,6 +344,20 @@ class OpenAIServing:
             raise ApiError(400, f"chat template failed on these messages: {e}", param="messages") from None
         # The template wrote the special tokens already.
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias has token ids as JSON keys (strings): as ints, or a 400 naming the field."""
+    if not bias:
+        return None
+    ids = {}
+    for token, value in bias.items():
+        try:
+            ids[int(token)] = value
+        except ValueError:
+            raise ApiError(400, f"logit_bias keys must be token ids, got {token[:20]!r}", param="logit_bias",
+                           code="invalid_value") from None
+    return ids
 
 
 def _param_of(message: str) -> str | None:
@@ -576,7 +599,9 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
             prompt=prompt, max_tokens=sp.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
             stop=sp.stop, stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos, n=sp.n,
             skip_special_tokens=sp.skip_special_tokens, include_stop_str_in_output=sp.no_stop_trim,
-            seed=sp.sampling_seed)
+            seed=sp.sampling_seed, presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
+            repetition_penalty=sp.repetition_penalty, min_p=sp.min_p, min_tokens=sp.min_new_tokens,
+            logit_bias=sp.logit_bias)
         seqs = await serving.off_loop(lambda: serving.make_sequences(
             completion, serving.completion_prompts(completion), completion.max_tokens, "text"))
         if not engine.is_alive:

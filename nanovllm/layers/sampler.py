@@ -1,6 +1,10 @@
-"""Temperature, top-k and top-p sampling; temperature 0 is greedy.
+"""Temperature, min-p, top-k and top-p sampling; temperature 0 is greedy. The logits arrive
+processed (layers/logits_processor.py: bias, min_tokens' mask, penalties), so greedy rows take the
+argmax of the processed logits.
 
-Sampling draws token = argmax(p / E) with E ~ Exponential(1) per token, which picks token i with
+Filters apply after temperature, in vLLM's order: min-p (keep tokens whose probability is at least
+min_p x the top token's: in logits, scaled >= max + log(min_p), no softmax needed), then top-k, then
+top-p over what is left. Sampling draws token = argmax(p / E) with E ~ Exponential(1) per token, which picks token i with
 probability p_i (the exponential race). Seeded requests draw E from their own generator, so their
 output does not depend on what else is in the batch."""
 import numpy as np
@@ -36,10 +40,10 @@ class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor | None = None,
                 top_ps: torch.Tensor | None = None, generators: dict | None = None,
                 all_greedy: bool = False, seeds: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, min_ps: torch.Tensor | None = None) -> torch.Tensor:
         """logits [B, V]; temperatures [B] (0 = greedy); top_ks [B] int (<= 0 keeps all); top_ps [B];
-        generators: row -> torch.Generator for seeded rows; generator: the other rows' draws (None: the
-        global RNG). Masks are applied only when given.
+        min_ps [B] (0 keeps all); generators: row -> torch.Generator for seeded rows; generator: the
+        other rows' draws (None: the global RNG). Masks are applied only when given.
         all_greedy (known on the host from the requests): skip the sampling work.
         seeds [B] (GPU, no top-k/top-p): one fused pass instead (layers/sample_kernel.py)."""
         if all_greedy:
@@ -50,6 +54,8 @@ class Sampler(nn.Module):
         greedy = logits.argmax(dim=-1)
         logits = logits.float()
         scaled = logits / temperatures.clamp(min=1e-5).unsqueeze(1)
+        if min_ps is not None:
+            scaled = self.min_p_filter(scaled, min_ps)
         if top_ks is not None or top_ps is not None:
             scaled = self._restrict(scaled, top_ks, top_ps)
         probs = torch.softmax(scaled, dim=-1)
@@ -58,6 +64,13 @@ class Sampler(nn.Module):
             noise[row].exponential_(1, generator=gen)
         sampled = probs.div_(noise).argmax(dim=-1)
         return torch.where(temperatures == 0, greedy, sampled)
+
+    @staticmethod
+    def min_p_filter(scaled: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
+        """-inf where p < min_p x max p, p = softmax(scaled): in logits, where scaled < max + log(min_p)
+        (min_p 0: log 0 = -inf keeps every token)."""
+        floor = scaled.amax(dim=-1, keepdim=True) + min_ps.log().unsqueeze(1)
+        return scaled.masked_fill(scaled < floor, float("-inf"))
 
     @staticmethod
     def _restrict(logits: torch.Tensor, top_ks: torch.Tensor | None, top_ps: torch.Tensor | None) -> torch.Tensor:

@@ -8,12 +8,14 @@ from transformers import PretrainedConfig
 
 from nanovllm.models.llama import LlamaForCausalLM, MistralForCausalLM
 from nanovllm.models.qwen3 import Qwen2ForCausalLM, Qwen3ForCausalLM
+from nanovllm.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,      # Llama 2, Llama 3 / 3.1 / 3.2 (llama3 rope scaling)
     "MistralForCausalLM": MistralForCausalLM,  # without a sliding window shorter than max_model_len
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,  # Qwen3-30B-A3B, Qwen3-235B-A22B (claude_docs/models_moe.md)
 }
 
 

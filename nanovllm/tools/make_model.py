@@ -9,15 +9,16 @@ AutoConfig / AutoTokenizer / AutoModelForCausalLM.from_pretrained(folder). Nothi
 is downloaded: the tokenizer is a byte-level BPE trained here on a built-in corpus.
 
 --no-weights (alias --config-only; make_model(..., weights=False)) writes the same
-folder without any weight file: real model shapes (qwen3-8b, qwen3-32b) in a few KB,
+folder without any weight file: real model shapes (qwen3-8b, qwen3-32b, qwen3-30b-a3b) in a few KB,
 for the engine's load_format="dummy" (nanovllm.utils.loader.fill_dummy_weights fills
 the parameters on the GPU). Writing weights is refused above LARGE_CHECKPOINT_BYTES
 (about 10 GB: qwen3-8b is 16 GB, qwen3-32b 66 GB in bf16, and building them first
 takes twice that in float32 host memory) unless --allow-large / allow_large=True.
-The 8b/32b presets match Qwen's published config.json shapes (vocab, widths, heads,
-layers, rope_theta, eps, untied embeddings); llama-3.1-8b, llama-3.2-1b and
+The 8b/32b/30b-a3b presets match Qwen's published config.json shapes (vocab, widths, heads,
+layers, rope_theta, eps, untied embeddings; experts for the MoE); llama-3.1-8b, llama-3.2-1b and
 mistral-7b-v0.3 match Meta's and Mistral's (llama3 rope scaling included, Mistral
 without a sliding window); the tokenizer and its token ids are ours.
+qwen3-moe-tiny is Qwen3MoeForCausalLM written by transformers itself (per-expert tensors).
 
 --awq (make_model(..., awq_group_size=G)) writes an AutoAWQ "gemm" checkpoint instead: every linear
 weight of the decoder layers (any 2-D `model.layers.*.weight` but norms, experts included, except
@@ -39,7 +40,8 @@ import types
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 from nanovllm.layers.awq_format import AWQConfig, pack, quantize, read_quant_config
 from nanovllm.layers.awq_format import check_parallel as check_awq_shapes
@@ -123,9 +125,23 @@ PRESETS: dict[str, dict] = {
                      "rope_scaling": {**_LLAMA31_8B["rope_scaling"], "factor": 32.0}},
     "mistral-7b-v0.3": {**_LLAMA31_8B, "arch": "mistral", "vocab_size": 32768, "rope_theta": 1e6,
                         "max_position_embeddings": 32768, "sliding_window": None, "rope_scaling": None},
+    # Qwen3-MoE: 8 experts, top-2 renormalized; layer 1 keeps a dense MLP (mlp_only_layers) to cover both
+    "qwen3-moe-tiny": {**_QWEN3_TINY, "arch": "qwen3_moe", "num_hidden_layers": 3, "num_experts": 8,
+                       "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True,
+                       "decoder_sparse_step": 1, "mlp_only_layers": [1], "tie_word_embeddings": False},
+    # Qwen3-30B-A3B's published shapes (128 experts, 8 active, 48 layers): config-only, load_format="dummy"
+    "qwen3-30b-a3b": {**_QWEN3_06B, "arch": "qwen3_moe", "hidden_size": 2048, "intermediate_size": 6144,
+                      "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+                      "tie_word_embeddings": False, "num_experts": 128, "num_experts_per_tok": 8,
+                      "moe_intermediate_size": 768, "norm_topk_prob": True, "decoder_sparse_step": 1,
+                      "mlp_only_layers": []},
 }
 _ARCHS = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-          "llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
+          "llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+          "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}
+# MoE routers are drawn this many times wider than HF's init (std 0.02): top-k then picks clear
+# winners with unequal weights, so routing mistakes show in the logits.
+ROUTER_INIT_SCALE = 10.0
 
 # ---------------------------------------------------------------------------------
 # Tokenizer
@@ -218,7 +234,7 @@ def _size_bytes(size: str) -> int:
 # make_model refuses to write weights above this without allow_large (qwen3-8b: 16 GB, qwen3-32b: 66 GB).
 LARGE_CHECKPOINT_BYTES = 10 * 10**9
 # Real shapes benchmarks run with load_format="dummy" (all but llama-3.2-1b are over LARGE_CHECKPOINT_BYTES).
-BIG_PRESETS = ("qwen3-8b", "qwen3-32b", "llama-3.1-8b", "llama-3.2-1b", "mistral-7b-v0.3")
+BIG_PRESETS = ("qwen3-8b", "qwen3-32b", "llama-3.1-8b", "llama-3.2-1b", "mistral-7b-v0.3", "qwen3-30b-a3b")
 
 
 def _build_config(preset: str, dtype: str | None, overrides: dict):
@@ -297,6 +313,8 @@ def make_model(preset: str, out_dir: str, seed: int = 0, dtype: str | None = Non
                     p.add_(0.1 * torch.randn_like(p))
                 elif name.endswith(".bias"):
                     p.copy_(0.1 * torch.randn_like(p))
+                elif name.endswith("mlp.gate.weight"):  # MoE router
+                    p.mul_(ROUTER_INIT_SCALE)
         model = model.to(getattr(torch, dtype))
         model.generation_config = generation_config
         # Tied models save no lm_head.weight (HF drops tied duplicates).
@@ -315,6 +333,8 @@ def make_model(preset: str, out_dir: str, seed: int = 0, dtype: str | None = Non
         cfg["quantization_config"] = quant
     if fields.get("rope_scaling"):
         cfg["rope_scaling"] = {k: v for k, v in fields["rope_scaling"].items() if k != "rope_theta"}
+    if "num_local_experts" in cfg:  # transformers 5's name for it; Qwen's config.json says num_experts
+        cfg["num_experts"] = cfg["num_local_experts"]
     with open(path, "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -388,7 +408,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--no-weights", "--config-only", dest="weights", action="store_false",
                    help="config, generation config and tokenizer only, no weight files (load_format='dummy')")
     p.add_argument("--allow-large", action="store_true",
-                   help=f"write weights even above {LARGE_CHECKPOINT_BYTES // 10**9} GB (qwen3-8b, qwen3-32b)")
+                   help=f"write weights even above {LARGE_CHECKPOINT_BYTES // 10**9} GB ({', '.join(BIG_PRESETS)})")
     p.add_argument("--awq", action="store_true", help="write an AutoAWQ int4 (gemm) checkpoint")
     p.add_argument("--group-size", type=int, default=128, help="AWQ group size (input rows per scale)")
     args = p.parse_args(argv)

@@ -27,17 +27,26 @@ def checkpoint_files(path: str) -> list[str]:
 
 
 def load_model(model: nn.Module, path: str):
+    """Copy every checkpoint tensor into its parameter (or its shard of one). A checkpoint name goes
+    to the parameter of the same name, or, in this order: to the slice that the model's own
+    `checkpoint_target(name)` returns ((parameter, shard id) or None; MoE experts stacked from
+    per-expert tensors), or through `packed_modules_mapping` (q/k/v -> qkv_proj, ...)."""
     packed = getattr(model, "packed_modules_mapping", {})
+    custom = getattr(model, "checkpoint_target", None)
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     for file in checkpoint_files(path):
         with safe_open(file, "pt", "cpu") as f:
             for name in f.keys():
                 target, shard_id = name, None
-                for ckpt_name, (our_name, shard) in packed.items():
-                    if f".{ckpt_name}." in name:
-                        target, shard_id = name.replace(ckpt_name, our_name), shard
-                        break
+                mapped = custom(name) if custom is not None else None
+                if mapped is not None:
+                    target, shard_id = mapped
+                else:
+                    for ckpt_name, (our_name, shard) in packed.items():
+                        if f".{ckpt_name}." in name:
+                            target, shard_id = name.replace(ckpt_name, our_name), shard
+                            break
                 if target not in params:
                     if "rotary_emb.inv_freq" in name:
                         continue
@@ -56,7 +65,8 @@ def load_model(model: nn.Module, path: str):
 
 
 def _check_complete(model: nn.Module, params: dict, loaded: set[str], path: str):
-    """Every parameter (every shard of a packed one) must have come from the checkpoint."""
+    """Every parameter (every shard of a packed one) must have come from the checkpoint. A parameter
+    listing its `shard_ids` (stacked experts) came whole, or as every one of those shards."""
     shards: dict[str, list] = {}
     for ckpt_name, (our_name, shard) in getattr(model, "packed_modules_mapping", {}).items():
         shards.setdefault(our_name, []).append((ckpt_name, shard))
@@ -66,7 +76,11 @@ def _check_complete(model: nn.Module, params: dict, loaded: set[str], path: str)
         if tied and name == "lm_head.weight":
             name = "model.embed_tokens.weight"
         module_name = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
-        if module_name in shards:
+        shard_ids = getattr(params[name], "shard_ids", None)
+        if shard_ids is not None:
+            if name not in loaded:
+                missing += [f"{name} {s}" for s in shard_ids if f"{name}#{s}" not in loaded]
+        elif module_name in shards:
             for ckpt_name, shard in shards[module_name]:
                 if f"{name}#{shard}" not in loaded:
                     missing.append(name.replace(module_name, ckpt_name))
