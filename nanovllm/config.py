@@ -5,7 +5,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from nanovllm.layers.awq_format import check_parallel as check_awq_parallel, read_quant_config
+from nanovllm.layers.awq_format import check_model as check_awq_model
+from nanovllm.layers.awq_format import check_parallel as check_awq_parallel
+from nanovllm.layers.awq_format import read_quant_config
 from nanovllm.models.registry import check_model_config
 
 
@@ -84,6 +86,7 @@ class Config:
             self.enforce_eager = True  # CUDA graphs need CUDA
         self._check_parallel()
         if self.quantization is not None:
+            check_awq_model(self.hf_config)
             check_awq_parallel(self.hf_config, self.quantization, self.tensor_parallel_size)
 
     def _check_parallel(self):

@@ -213,6 +213,21 @@ def test_tensor_parallel_split_inside_a_group_refused(awq_dirs, make_llm, tmp_pa
         make_llm(path, tensor_parallel_size=2)  # refused before any worker starts
 
 
+def test_moe_checkpoint_written_but_refused(tmp_path):
+    """make_model --awq quantizes every expert (per-expert tensors, as transformers writes them) and keeps
+    the router dense; the engine, which stacks experts, refuses the checkpoint by name."""
+    path = make_model("qwen3-moe-tiny", str(tmp_path / "moe"), seed=0, awq_group_size=32)
+    cfg = json.load(open(f"{path}/config.json"))["quantization_config"]
+    assert cfg["modules_to_not_convert"] == ["gate"]
+    t = load_file(f"{path}/model.safetensors")
+    experts = [k for k in t if ".mlp.experts." in k]
+    assert experts and all(k.endswith((".qweight", ".qzeros", ".scales")) for k in experts)
+    assert "model.layers.0.mlp.experts.7.down_proj.qweight" in t
+    assert "model.layers.0.mlp.gate.weight" in t and t["model.layers.0.mlp.gate.weight"].is_floating_point()
+    with pytest.raises(ValueError, match=r"AWQ checkpoints of mixture-of-experts models \(num_experts=8\)"):
+        Config(path)
+
+
 def test_make_model_cli_writes_awq(tmp_path):
     from nanovllm.tools.make_model import main
     main(["--preset", "llama-tiny", "--out", str(tmp_path / "m"), "--awq", "--group-size", "64"])

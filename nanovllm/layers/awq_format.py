@@ -70,6 +70,15 @@ def read_quant_config(hf_config) -> AWQConfig | None:
     return AWQConfig(group, tuple(q.get("modules_to_not_convert") or ()))
 
 
+def check_model(hf_config) -> None:
+    """What the engine cannot run quantized: mixture-of-experts checkpoints, whose experts it stacks
+    into one tensor per layer (layers/moe.py) with no int4 expert kernel behind them."""
+    experts = getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", None)
+    if experts:
+        raise ValueError(f"AWQ checkpoints of mixture-of-experts models (num_experts={experts}) are not supported: "
+                         f"the engine stacks the experts (layers/moe.py) and has no int4 expert kernel")
+
+
 def check_parallel(hf_config, quant: AWQConfig, n: int) -> None:
     """Tensor parallelism splits packed words and groups whole: column-parallel slices (q/k/v heads, the
     MLP width) must be multiples of 8 columns, row-parallel ones (o_proj's and down_proj's inputs)
