@@ -6,6 +6,6 @@ os.environ.setdefault("FLASHINFER_USE_CUDA_NORM", "1")
 
 from nanovllm.config import Config
 from nanovllm.llm import LLM
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling_params import SamplingParams, StructuredOutput
 
-__all__ = ["LLM", "SamplingParams", "Config"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutput", "Config"]

@@ -4,6 +4,12 @@
     python bench.py --workload w2 --enable-cascade-attention # many shared system prompts
     python bench.py --model PATH --workload w3               # one shared system prompt, a real checkpoint
     python bench.py --preset qwen3-8b --tensor-parallel-size 2 # 8B shapes on two GPUs (dummy weights)
+    python bench.py --workload w1-json                       # W1 with a JSON schema on every request
+    python bench.py --workload w1-json-half                  # ... on every other request (mixed batches)
+
+The w1-json workloads measure structured output's cost (claude_docs/serving.md): W1's prompts and
+lengths, each constrained request's schema an object holding one array of strings (random weights
+rarely close it, so most requests still run to max_tokens like W1's); compare with w1 on the same GPU.
 
 Each run prints output tokens, seconds and tok/s, and appends one JSON line to --json.
 """
@@ -14,13 +20,27 @@ import random
 import tempfile
 import time
 
-from nanovllm import LLM, SamplingParams
+from nanovllm import LLM, SamplingParams, StructuredOutput
 
 
 def w1(top: int = 10000):
     random.seed(0)
     prompts = [[random.randint(0, top) for _ in range(random.randint(100, 1024))] for _ in range(256)]
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, 1024)) for _ in range(256)]
+    return prompts, params
+
+
+JSON_SCHEMA = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "string"}}},
+               "required": ["items"]}
+
+
+def w1_json(top: int = 10000, every: int = 1):
+    """W1, with every `every`-th request constrained to JSON_SCHEMA."""
+    prompts, params = w1(top)
+    grammar = StructuredOutput(json=JSON_SCHEMA)
+    for i in range(0, len(params), every):
+        params[i] = SamplingParams(temperature=params[i].temperature, ignore_eos=True, max_tokens=params[i].max_tokens,
+                                   structured_output=grammar)
     return prompts, params
 
 
@@ -42,6 +62,8 @@ WORKLOADS = {
     "w2": (lambda top: shared_prompts(64, 16, 2048, 128, 256, top=top), dict(max_num_seqs=1024, max_model_len=2560)),
     "w3": (lambda top: shared_prompts(1, 1024, 8192, 128, 256, top=top), dict(max_num_seqs=1024, max_model_len=8704)),
     "w4": (w1, dict(enable_cascade_attention=True)),
+    "w1-json": (w1_json, {}),
+    "w1-json-half": (lambda top: w1_json(top, every=2), {}),
 }
 
 
@@ -92,6 +114,7 @@ def measure(args, llm, cfg, startup, make) -> dict:
         custom_all_reduce=not args.disable_custom_all_reduce, cascade=bool(cfg.get("enable_cascade_attention")),
         cascade_shared_backend=cfg.get("cascade_shared_backend", "auto"),
         enforce_eager=args.enforce_eager, requests=len(prompts), output_tokens=output_tokens,
+        finished_stop=sum(o["finish_reason"] == "stop" for o in outs),
         seconds=round(seconds, 3), output_tok_s=round(output_tokens / seconds, 1),
         prompt_tokens=sum(len(p) for p in prompts), cached_prompt_tokens=kv["cache_hit_tokens"] - hits0,
         decode_share=round(stats["decode_seconds"] / seconds, 3), startup_s=round(startup, 1),

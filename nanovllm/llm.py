@@ -11,7 +11,8 @@ class LLM(LLMEngine):
 
     def generate(self, prompts: list[str] | list[list[int]] | str, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[dict]:
-        """One dict per prompt, in input order: text, token_ids, finish_reason, prompt_token_ids, num_cached_tokens.
+        """One dict per prompt, in input order: text, token_ids, finish_reason, prompt_token_ids, num_cached_tokens,
+        logprobs and prompt_logprobs (None unless asked; layers/logprobs.py has their form).
 
         Every request is validated before any is queued, so a bad one leaves the engine untouched."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
@@ -45,5 +46,6 @@ class LLM(LLMEngine):
             bar.close()
         texts = self.output_texts(seqs)
         return [{"text": text, "token_ids": s.completion_token_ids, "finish_reason": s.finish_reason,
-                 "prompt_token_ids": s.prompt_token_ids, "num_cached_tokens": s.num_cached_tokens}
+                 "prompt_token_ids": s.prompt_token_ids, "num_cached_tokens": s.num_cached_tokens,
+                 "logprobs": s.logprobs, "prompt_logprobs": s.prompt_logprobs}
                 for s, text in zip(seqs, texts)]

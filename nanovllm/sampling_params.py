@@ -2,11 +2,74 @@
 
 Stop rules (eos, stop strings and ids, max_tokens, min_tokens) are applied by
 engine/output_processor.py; the logits controls (penalties, logit_bias, min_tokens' mask) by
-layers/logits_processor.py and min_p by layers/sampler.py, all on the device."""
+layers/logits_processor.py and min_p by layers/sampler.py, all on the device; structured_output's grammar by engine/grammar.py."""
+import json
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+MAX_LOGPROBS = 20  # top alternatives per position at most (OpenAI's and vLLM's default limit)
+
+
+@dataclass
+class StructuredOutput:
+    """Constrain the output to a grammar (engine/grammar.py compiles it with xgrammar). Exactly one of:
+    json         a JSON schema (dict, or its JSON text)
+    json_object  True: any JSON object (OpenAI's response_format {"type": "json_object"})
+    regex        a regular expression the whole output matches
+    choice       a list of strings; the output is exactly one of them
+    grammar      an EBNF grammar (xgrammar's GBNF dialect, root rule `root`)"""
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        def bad(msg):
+            raise ValueError(f"StructuredOutput: {msg}")
+        given = [k for k in self.KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            bad(f"give exactly one of {', '.join(self.KINDS)}; got {given or 'none'}")
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except json.JSONDecodeError as e:
+                bad(f"json is not valid JSON: {e}")
+        if self.json is not None and not isinstance(self.json, dict):
+            bad(f"json must be a JSON schema object, got {type(self.json).__name__}")
+        if self.json_object is not False and self.json_object is not True:
+            bad(f"json_object must be a boolean, got {self.json_object!r}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                bad(f"{name} must be a non-empty string")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or any(not isinstance(c, str) or not c for c in self.choice)):
+                bad("choice must be a non-empty list of non-empty strings")
+            self.choice = list(self.choice)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in self.KINDS if getattr(self, k) not in (None, False))
+
+    def key(self) -> tuple[str, str]:
+        """(kind, canonical text): equal keys compile to the same grammar (the compile cache's key)."""
+        kind = self.kind
+        if kind == "json":
+            return kind, json.dumps(self.json, separators=(",", ":"), ensure_ascii=False)  # key order is the output order
+        if kind == "choice":
+            return kind, json.dumps(self.choice, ensure_ascii=False)
+        if kind == "json_object":
+            return kind, ""
+        return kind, getattr(self, kind)
 
 
 @dataclass
@@ -27,6 +90,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
     include_stop_str_in_output: bool = False  # keep the stop string that ended the text
     skip_special_tokens: bool = True          # leave special tokens out of the text
+    logprobs: int | None = None        # k: each sampled token's logprob and the top-k alternatives
+    prompt_logprobs: int | None = None  # k: each prompt token's logprob given its prefix, and the top-k
+    structured_output: StructuredOutput | None = None  # constrain the output to a grammar
     # Set by validate(): some logits control is on (read once per row and step by the step builder,
     # so a batch without any costs one attribute read a row).
     processes_logits: bool = field(default=False, init=False, repr=False, compare=False)
@@ -84,6 +150,14 @@ class SamplingParams:
         for name in ("include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 bad(f"{name} must be a boolean, got {getattr(self, name)!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not is_int(k) or not 0 <= k <= MAX_LOGPROBS):
+                bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {k!r}")
+        if self.structured_output is not None:
+            if not isinstance(self.structured_output, StructuredOutput):
+                bad(f"structured_output must be a StructuredOutput, got {type(self.structured_output).__name__}")
+            self.structured_output.validate()
         if self.seed is not None and (not is_int(self.seed) or not -2**63 <= self.seed < 2**63):
             bad(f"seed must be a 64-bit integer, got {self.seed!r}")
         self.processes_logits = bool(self.presence_penalty or self.frequency_penalty or rep != 1 or self.logit_bias

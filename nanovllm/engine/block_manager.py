@@ -70,9 +70,10 @@ class BlockManager:
         """Leading pages of `seq` already cached, and whether a longer match is still being computed.
 
         At least one token is always left to compute (a fully cached prompt still needs the logits
-        of its last token), so the last page never counts as a hit."""
+        of its last token), so the last page never counts as a hit; nor does any page of a prompt
+        whose logprobs are asked (they need the logits of every prompt position)."""
         hits: list[int] = []
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
             return hits, False
         n = (len(seq) - 1) // self.block_size
         hashes = self._hashes(seq, n)

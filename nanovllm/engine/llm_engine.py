@@ -9,10 +9,12 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from nanovllm.config import Config
 from nanovllm.engine.output_processor import OutputProcessor, StepOutput
+from nanovllm.engine.grammar import GrammarCompiler
 from nanovllm.engine.scheduled_step import ScheduledStep
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.step_builder import StepBuilder
+from nanovllm.layers.logprobs import TokenLogprobs
 from nanovllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("nanovllm")
@@ -66,6 +68,7 @@ class LLMEngine:
                                                 config.max_model_len)
         self.seqs: dict[int, Sequence] = {}
         self.in_flight = None  # the step launched last, not yet collected
+        self._grammar_compiler = None  # structured output, built on first use (engine/grammar.py)
         self.stats = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "cascade_steps": 0,
                       "generated_tokens": 0, "prompt_tokens": 0, "max_batch_size": 0,
                       "prefill_seconds": 0.0, "decode_seconds": 0.0}
@@ -109,7 +112,19 @@ class LLMEngine:
         if -(-worst // bs) > self.scheduler.block_manager.num_blocks:
             raise ValueError(f"request needs up to {worst} tokens of KV cache but the cache holds only "
                              f"{self.scheduler.block_manager.num_blocks * bs}; lower max_tokens or the prompt")
-        return Sequence(token_ids, sampling_params, bs, prompt_bytes)
+        seq = Sequence(token_ids, sampling_params, bs, prompt_bytes)
+        if sampling_params.structured_output is not None:
+            seq.grammar = self.grammar_compiler.matcher(sampling_params.structured_output)  # ValueError if it fails
+        return seq
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """Structured output's compiler and cache, one per engine (made on the first grammar request, from
+        its own tokenizer: the server makes it on its tokenizer thread while the engine thread decodes)."""
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(AutoTokenizer.from_pretrained(self.config.model), self.vocab_size,
+                                                     self.config.eos_token_ids)
+        return self._grammar_compiler
 
     def _check_token_ids(self, sp: SamplingParams):
         """Token ids of the sampling params index the logits on the device: they must be in the vocabulary."""
@@ -144,6 +159,10 @@ class LLMEngine:
         """Schedule and launch the next step, then collect the one launched before it (its outputs are
         returned): the host schedules step N+1 while the device still runs step N."""
         st = self.stats
+        outputs = []
+        if self.in_flight is not None and self.in_flight.step.grammar is not None:
+            # Grammar rows' masks for the next step need this step's tokens: collect it first (no overlap).
+            outputs = self.drain()
         start = perf_counter()
         seqs, is_prefill = self.scheduler.schedule()
         launched = None
@@ -156,7 +175,7 @@ class LLMEngine:
             st["cascade_steps"] += step.cascade is not None
             st["max_batch_size"] = max(st["max_batch_size"], len(seqs))
             st["prefill_seconds" if is_prefill else "decode_seconds"] += perf_counter() - start
-        outputs = self.drain()  # the previous step; its wait is charged to its own phase
+        outputs += self.drain()  # the previous step; its wait is charged to its own phase
         self.in_flight = launched
         return outputs
 
@@ -171,7 +190,13 @@ class LLMEngine:
         return outputs
 
     def _collect(self, step: InFlightStep) -> list[StepOutput]:
-        return self.postprocess(step.seqs, self.executor.collect(step.pending).token_ids, step.samples)
+        result = self.executor.collect(step.pending)
+        if result.prompt_logprobs is not None:
+            self._attach_prompt_logprobs(step, result.prompt_logprobs)
+        advanced = self.scheduler.postprocess(step.seqs, result.token_ids, step.samples)
+        if result.logprobs is not None:
+            self._attach_logprobs(step, result.logprobs, result.token_ids, advanced)
+        return self._finish_step(advanced)
 
     def launched(self, seqs: list[Sequence]) -> list[bool]:
         """A step was handed to the runner(s): the scheduler's placeholders, then the length rule.
@@ -183,12 +208,41 @@ class LLMEngine:
     def postprocess(self, seqs: list[Sequence], token_ids: list[int], samples: list[bool]) -> list[StepOutput]:
         """A step's tokens came back: the scheduler fills them in, the output processor applies the stop
         rules (finishing what ends) and hands out the text."""
-        outputs = self.output_processor.process(self.scheduler.postprocess(seqs, token_ids, samples))
+        return self._finish_step(self.scheduler.postprocess(seqs, token_ids, samples))
+
+    def _finish_step(self, advanced: list[Sequence]) -> list[StepOutput]:
+        outputs = self.output_processor.process(advanced)
         self.stats["generated_tokens"] += len(outputs)
         for out in outputs:
             if out.finished:
                 self.seqs.pop(out.seq.seq_id, None)
         return outputs
+
+    @staticmethod
+    def _attach_logprobs(step: InFlightStep, logprobs: TokenLogprobs, token_ids: list[int], advanced: list[Sequence]):
+        """Each advanced sequence that asked gets its sampled token's {token_id: logprob} (a token
+        dropped after its sequence ended gets none: one entry per completion token)."""
+        ks = step.step.logprobs_k
+        row_of = {seq.seq_id: row for row, seq in enumerate(step.seqs)}
+        entry_of = {row: i for i, row in enumerate(np.flatnonzero(ks >= 0).tolist())}  # logprobs' rows: the asking ones
+        rows = [row_of[seq.seq_id] for seq in advanced if seq.logprobs is not None]
+        if rows:
+            dicts = logprobs.select([entry_of[r] for r in rows]).dicts([token_ids[r] for r in rows],
+                                                                        [int(ks[r]) for r in rows])
+            for row, d in zip(rows, dicts):
+                step.seqs[row].logprobs.append(d)
+
+    @staticmethod
+    def _attach_prompt_logprobs(step: InFlightStep, logprobs: TokenLogprobs):
+        """The prompt positions this step computed go to their sequences (entries are in row order)."""
+        s = step.step
+        bounds = np.searchsorted(s.prompt_logprobs_tokens, s.qo_indptr).tolist()  # row r: bounds[r]:bounds[r + 1]
+        targets = s.prompt_logprobs_targets.tolist()
+        for row, seq in enumerate(step.seqs):
+            lo, hi = bounds[row], bounds[row + 1]
+            if hi > lo and not seq.is_finished:
+                k = seq.sampling_params.prompt_logprobs
+                seq.prompt_logprobs.extend(logprobs.select(slice(lo, hi)).dicts(targets[lo:hi], [k] * (hi - lo)))
 
     def output_text(self, seq: Sequence) -> str:
         return self.output_texts([seq])[0]

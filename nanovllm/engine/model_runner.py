@@ -22,6 +22,8 @@ from nanovllm.engine.scheduled_step import SamplingInputs, ScheduledStep, StepRe
 from nanovllm.layers.awq import quantize_linears
 from nanovllm.layers.linear import meta_weights
 from nanovllm.layers.logits_processor import process_logits
+from nanovllm.layers.logprobs import log_softmax, prompt_token_logprobs, select
+from nanovllm.layers.grammar_mask import apply_grammar_mask
 from nanovllm.layers.sampler import Sampler, step_row_seeds
 from nanovllm.layers.vocab_parallel_sample import pick_over_ranks, shard_candidates
 from nanovllm.models.registry import model_class
@@ -152,10 +154,15 @@ class ModelRunner:
         batch, input_ids, positions = self.prepare(step)
         s = step.sampling
         # Under tensor parallelism the one-pass samplers work on each rank's vocabulary slice when
-        # nothing needs the full row (its logits, or logits processing).
-        split = (self.distributed and not step.want_logits and not s.processes_logits
+        # nothing needs the full row (its logits, logprobs, or logits processing).
+        split = (self.distributed and not step.want_logits and step.logprobs_k is None and not s.processes_logits
                  and (s.all_greedy or (self.device.type == "cuda" and s.fused)))
-        logits = self.forward(batch, input_ids, positions, gather=not split)
+        hidden, logits = self.forward_hidden(batch, input_ids, positions, gather=not split)
+        # The asked rows' logprobs before sampling: they are the raw model's, whatever the logits processing
+        # and the sampler do (held through sampling: 4 bytes per vocabulary entry of each asking row).
+        asked = self.asked_logprobs(step, logits)
+        if step.grammar is not None:  # structured output: disallowed tokens can never be sampled
+            apply_grammar_mask(logits, step.grammar.rows, step.grammar.bitmask, self.model.lm_head.first if split else 0)
         if split:
             tokens = self.sample_split(logits, s)
         else:
@@ -168,6 +175,7 @@ class ModelRunner:
         pending = PendingResult(step.step_id, tokens)
         if step.want_logits:
             pending.logits = logits.float()
+        self.logprobs(step, hidden, asked, tokens, pending)
         if self.device.type == "cuda":
             # Double-buffered pinned copies: the step collected last may still be read while this one lands.
             self.host_slot ^= 1
@@ -177,12 +185,37 @@ class ModelRunner:
             pending.done.record()
         return pending
 
+    def asked_logprobs(self, step: ScheduledStep, logits: torch.Tensor) -> tuple | None:
+        """(rows that ask for logprobs (device), their float32 log_softmax), or None."""
+        if step.logprobs_k is None:
+            return None
+        rows = to_device(np.flatnonzero(step.logprobs_k >= 0), self.device)
+        return rows, log_softmax(logits[rows])
+
+    def logprobs(self, step: ScheduledStep, hidden: torch.Tensor, asked: tuple | None, tokens: torch.Tensor,
+                 pending: "PendingResult"):
+        """The rows' logprobs (layers/logprobs.py), queued for the host before the step's completion
+        event, so collect() waits for nothing more than the tokens."""
+        if asked is not None:
+            rows, logprobs = asked
+            pending.logprobs = select(logprobs, tokens[rows], int(step.logprobs_k.max())).copy_to_host()
+        if step.prompt_logprobs_tokens is not None:
+            # Rows of the LM head at a time: max_num_seqs rows are what the decode warm-up's sampler
+            # held (in more copies), so this fits the activation memory measured at start-up.
+            pending.prompt_logprobs = prompt_token_logprobs(
+                hidden[to_device(step.prompt_logprobs_tokens, self.device)], self.model.compute_logits,
+                to_device(step.prompt_logprobs_targets, self.device), step.prompt_logprobs_k,
+                self.config.max_num_seqs).copy_to_host()
+
     def collect(self, pending: "PendingResult") -> StepResult:
         logits = pending.logits.cpu() if pending.logits is not None else None
         if pending.done is not None:
             tp.wait_event(pending.done) if self.distributed else pending.done.synchronize()
-            return StepResult(pending.step_id, pending.host_tokens.tolist(), logits)
-        return StepResult(pending.step_id, pending.tokens.tolist(), logits)
+            token_ids = pending.host_tokens.tolist()
+        else:
+            token_ids = pending.tokens.tolist()
+        logprobs, prompt = (None if x is None else x.as_numpy() for x in (pending.logprobs, pending.prompt_logprobs))
+        return StepResult(pending.step_id, token_ids, logits, logprobs, prompt)
 
     def sample(self, logits: torch.Tensor, s: SamplingInputs) -> torch.Tensor:
         if s.all_greedy:
@@ -231,6 +264,14 @@ class ModelRunner:
 
     def forward(self, batch: StepBatch, input_ids: torch.Tensor, positions: torch.Tensor,
                 gather: bool = True) -> torch.Tensor:
+        """The logits of each row's last token (gather=False under tensor parallelism: this rank's
+        vocabulary slice only)."""
+        return self.forward_hidden(batch, input_ids, positions, gather)[1]
+
+    def forward_hidden(self, batch: StepBatch, input_ids: torch.Tensor, positions: torch.Tensor,
+                       gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final hidden states of every query token (prompt logprobs read them), and the logits
+        of each row's last token."""
         key = self.graphs.key(batch) if self.graphs is not None else None
         self._plan_fence()
         if key is not None:
@@ -248,7 +289,7 @@ class ModelRunner:
         try:
             if hidden is None:
                 hidden = self.model(input_ids, positions)
-            return self.model.compute_logits(hidden, gather)
+            return hidden, self.model.compute_logits(hidden, gather)
         finally:
             reset_context()
 
@@ -259,6 +300,7 @@ class PendingResult:
     def __init__(self, step_id: int, tokens: torch.Tensor):
         self.step_id, self.tokens = step_id, tokens
         self.host_tokens = self.done = self.logits = None
+        self.logprobs = self.prompt_logprobs = None  # TokenLogprobs, copies to the host queued
 
 
 class _PassThroughAttention:

@@ -7,7 +7,9 @@ A sequence ends, checked once for each token when its step is collected (`proces
   - "length": max_tokens completion tokens, or max_model_len tokens in all;
   - "stop": a stop string completes in its text (engine/detokenizer.py finds it; from the
     min_tokens-th token on, as vLLM checks). The text is cut before it (after it with
-    include_stop_str_in_output). It wins over "length": a stop on the last allowed token is a stop.
+    include_stop_str_in_output). It wins over "length": a stop on the last allowed token is a stop;
+  - "stop": structured output's grammar is complete (engine/grammar.advance: its matcher accepted
+    the token and terminated).
 Length is known before the token exists: `launched` marks a sequence whose token in flight is its
 last by length (`last_launched`), and the scheduler schedules it no more. The other rules are known
 only once the token is collected; by then the next step may already be in flight with the sequence
@@ -18,6 +20,7 @@ finished here (and of aborted ones), nothing else.
 from dataclasses import dataclass
 
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
+from nanovllm.engine.grammar import advance
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 
@@ -72,6 +75,8 @@ class OutputProcessor:
                 reason = "stop"
             elif self._reaches_length(seq, num_tokens):
                 reason = "length"
+            if seq.grammar is not None and advance(seq, token):
+                reason = "stop"  # the grammar is complete (its matcher accepted its stop token)
             new_text = None
             detok = self.detokenizers.get(seq.seq_id)
             if detok is not None:

@@ -23,8 +23,15 @@ Data contract (all host numpy arrays; `rows` = sequences in the step, `tokens` =
   kv_last_page_len   int32           [rows]
   cascade            CascadePlan | None        the shared-prefix levels (cascade/planner.py contract)
   sampling           SamplingInputs            per row, see below
-  want_logits        bool                      StepResult carries the rows' logits too (tests, and
-                                               later logprobs)
+  want_logits        bool                      StepResult carries the rows' logits too (tests)
+  logprobs_k         int32 | None    [rows]    k of each row's sampled-token logprobs (top-k
+                                               alternatives), -1 where not asked; None if no row asks
+  prompt_logprobs_tokens  int64 | None  [m]    query tokens whose next prompt token's logprob is
+                                               asked (prompt_logprobs), in row order; None if none
+  prompt_logprobs_targets int64 | None  [m]    that next prompt token
+  prompt_logprobs_k  int                       top-k computed for them (the largest asked this step)
+  grammar            GrammarMask | None        structured output: allowed tokens of the rows with a
+                                               grammar (engine/grammar.py), applied before sampling
 
 Sampling is a pure function of the logits and `sampling`, so every rank samples the same tokens:
 unseeded rows draw from a generator seeded with `step_seed`, seeded requests from their own
@@ -89,6 +96,18 @@ class SamplingInputs:
 
 
 @dataclass(frozen=True)
+class GrammarMask:
+    """The allowed tokens of a step's grammar rows: bit t % 32 of bitmask[j, t // 32] set = token t may
+    be sampled in row rows[j] (xgrammar's packing; words cover the model's whole vocabulary)."""
+    rows: np.ndarray      # int64 [g], rows of the step, ascending
+    bitmask: np.ndarray   # int32 [g, ceil(vocab / 32)]
+
+    def __post_init__(self):
+        self.rows.flags.writeable = False
+        self.bitmask.flags.writeable = False
+
+
+@dataclass(frozen=True)
 class ScheduledStep:
     step_id: int
     is_prefill: bool
@@ -107,10 +126,16 @@ class ScheduledStep:
     cascade: object
     sampling: SamplingInputs
     want_logits: bool = False
+    logprobs_k: np.ndarray | None = None
+    prompt_logprobs_tokens: np.ndarray | None = None
+    prompt_logprobs_targets: np.ndarray | None = None
+    prompt_logprobs_k: int = 0
+    grammar: GrammarMask | None = None
 
     def __post_init__(self):
         for name in ("input_ids", "prev_rows", "positions", "slot_mapping", "q_lens", "kv_lens", "qo_indptr",
-                     "kv_indptr", "kv_indices", "kv_last_page_len"):
+                     "kv_indptr", "kv_indices", "kv_last_page_len", "logprobs_k", "prompt_logprobs_tokens",
+                     "prompt_logprobs_targets"):
             array = getattr(self, name)
             if array is not None:
                 array.flags.writeable = False
@@ -130,3 +155,5 @@ class StepResult:
     step_id: int
     token_ids: list   # one sampled token per row, in the step's row order
     logits: object = None  # float32 [rows, vocab] on the host, when the step asked for them
+    logprobs: object = None         # TokenLogprobs (layers/logprobs.py) of the rows with logprobs_k >= 0
+    prompt_logprobs: object = None  # TokenLogprobs of prompt_logprobs_tokens, in the same order

@@ -44,6 +44,11 @@ class Sequence:
         self._outputs: np.ndarray | None = None  # collected completion tokens (penalties), grown by doubling
         self._num_outputs = 0
         self._prompt_distinct: np.ndarray | None = None  # the prompt's distinct ids (repetition penalty)
+        # Asked-for logprobs ({token_id: logprob} per position, layers/logprobs.py): one per completion
+        # token, and one per prompt token (None for the first, which has no prefix).
+        self.logprobs: list[dict] | None = [] if sampling_params.logprobs is not None else None
+        self.prompt_logprobs: list[dict | None] | None = [None] if sampling_params.prompt_logprobs is not None else None
+        self.grammar = None           # structured output: its xgrammar GrammarMatcher (engine/grammar.py)
 
     def __len__(self):
         return len(self.token_ids)
@@ -72,6 +77,13 @@ class Sequence:
     @property
     def num_blocks(self):
         return (len(self.token_ids) + self.block_size - 1) // self.block_size
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Its prompt's logprobs are still to compute: every prompt position needs its logits, so no
+        page may come from the prefix cache. Once a token is sampled they are all launched (a
+        re-prefill after preemption computes none again)."""
+        return self.prompt_logprobs is not None and self.num_completion_tokens == 0
 
     @property
     def in_prefill(self) -> bool:

@@ -10,6 +10,7 @@ pays one attribute read a row for them.
 import numpy as np
 
 from nanovllm.config import Config
+from nanovllm.engine.grammar import grammar_mask
 from nanovllm.engine.scheduled_step import Penalties, SamplingInputs, ScheduledStep, TokenBias
 from nanovllm.engine.sequence import PLACEHOLDER, Sequence
 from nanovllm.layers.sampler import seeded_row_seed
@@ -21,6 +22,7 @@ class StepBuilder:
         self.page_size = config.kvcache_block_size
         vocab = config.hf_config.vocab_size
         self.eos_ids = [i for i in config.eos_token_ids if 0 <= i < vocab]  # min_tokens masks them
+        self.vocab_size = vocab
         self.seed_rng = np.random.default_rng(config.seed)  # step seeds of unseeded rows
         self.cascade = None
         if config.enable_cascade_attention:
@@ -72,8 +74,39 @@ class StepBuilder:
         self.num_steps += 1
         step = ScheduledStep(self.num_steps, is_prefill, tuple(s.seq_id for s in seqs), input_ids, prev_rows, positions,
                              slot_mapping, q_lens, kv_lens, qo_indptr, kv_indptr, kv_indices, last_page_len, bs, plan,
-                             self._sampling_inputs(seqs))
+                             self._sampling_inputs(seqs), False, *self._logprob_inputs(seqs, qo_indptr, is_prefill),
+                             grammar=grammar_mask(seqs, self.vocab_size) if any(s.grammar is not None for s in seqs)
+                             else None)
         return step, seqs
+
+    @staticmethod
+    def _logprob_inputs(seqs: list[Sequence], qo_indptr: np.ndarray, is_prefill: bool) -> tuple:
+        """logprobs_k, prompt_logprobs_tokens, _targets and _k (engine/scheduled_step.py). When no row
+        asks: one pass over the rows in decode, two in prefill (a Sequence's lists are None unless asked;
+        measured 18 us a 1,024-row decode step on the shared 2-core CPU, 68 us as a loop over the
+        sampling params; a decode step builds in ~1 ms)."""
+        n = len(seqs)
+        logprobs_k = None
+        if [s.logprobs for s in seqs].count(None) < n:
+            logprobs_k = np.array([-1 if s.logprobs is None else s.sampling_params.logprobs for s in seqs],
+                                  dtype=np.int32)
+        if not is_prefill or [s.prompt_logprobs for s in seqs].count(None) == n:
+            return logprobs_k, None, None, 0
+        tokens, targets, top_k = [], [], 0
+        for row, s in enumerate(seqs):
+            if not s.needs_prompt_logprobs:
+                continue
+            # Position p's logits give the logprob of prompt token p + 1; the last prompt
+            # position's are the first sampled token's.
+            start = s.num_computed_tokens
+            end = min(start + s.chunk_len, s.num_prompt_tokens - 1)
+            if end > start:
+                tokens.append(np.arange(qo_indptr[row], qo_indptr[row] + end - start, dtype=np.int64))
+                targets.append(np.asarray(s.token_ids[start + 1:end + 1], dtype=np.int64))
+                top_k = max(top_k, s.sampling_params.prompt_logprobs)
+        if not tokens:
+            return logprobs_k, None, None, 0
+        return logprobs_k, np.concatenate(tokens), np.concatenate(targets), top_k
 
     def _sampling_inputs(self, seqs: list[Sequence]) -> SamplingInputs:
         params = [s.sampling_params for s in seqs]

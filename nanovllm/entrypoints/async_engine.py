@@ -42,6 +42,12 @@ class Delta:
     cached_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None        # the engine failed or is shutting down: the request is over
+    # Logprobs, for sequences that asked (SamplingParams.logprobs / prompt_logprobs):
+    token_ids: list | None = None        # this delta's new tokens
+    logprobs: list | None = None         # their {token_id: logprob}
+    prompt_logprobs: list | None = None  # the prompt's, on a sequence's first and final deltas
+    final_token_ids: list | None = None  # all completion tokens and their logprobs, when finished
+    final_logprobs: list | None = None
 
 
 class RequestStream:
@@ -190,12 +196,14 @@ class AsyncEngine:
             request = self._live.get(out.seq.seq_id)
             if request is None:
                 continue
-            delta = Delta(out.seq.seq_id, out.new_text or "", len(out.new_token_ids), out.finished)
+            seq = out.seq
+            delta = Delta(seq.seq_id, out.new_text or "", len(out.new_token_ids), out.finished)
+            if seq.logprobs is not None or seq.prompt_logprobs is not None:
+                self._add_logprobs(delta, out)
             if not request.first_token_seen:
                 request.first_token_seen = True
                 self.ttft_hist.observe(now - request.submitted_at)
             if out.finished:
-                seq = out.seq
                 del self._live[seq.seq_id]
                 delta.finish_reason = seq.finish_reason
                 delta.final_text = self.engine.output_text(seq)  # also drops its detokenizer
@@ -206,6 +214,22 @@ class AsyncEngine:
             by_loop.setdefault(request.loop, []).append((request, delta))
         for loop, items in by_loop.items():
             self._deliver(loop, items)
+
+    @staticmethod
+    def _add_logprobs(delta: Delta, out):
+        """The step's tokens and their logprobs (the engine appended them before returning the output);
+        the prompt's with the first token and at the end; everything at the end."""
+        seq = out.seq
+        n = len(out.new_token_ids)
+        delta.token_ids = list(out.new_token_ids)
+        if seq.logprobs is not None:
+            delta.logprobs = seq.logprobs[-n:]
+        first = seq.num_completion_tokens - seq.num_pending == n
+        if seq.prompt_logprobs is not None and (first or out.finished):
+            delta.prompt_logprobs = seq.prompt_logprobs
+        if out.finished:
+            delta.final_token_ids = list(seq.completion_token_ids)
+            delta.final_logprobs = None if seq.logprobs is None else list(seq.logprobs)
 
     def _fail_all(self, message: str, reason: str = "error"):
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}

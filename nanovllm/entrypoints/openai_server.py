@@ -1,5 +1,6 @@
-"""OpenAI-compatible HTTP API over the AsyncEngine: /v1/completions, /v1/chat/completions, /v1/models,
-/health and /metrics; and for a router in front of several servers (SGLang's `smg` / `sglang-router`),
+"""OpenAI-compatible HTTP API over the AsyncEngine: /v1/completions (with logprobs and echo),
+/v1/chat/completions (with logprobs), /v1/models, /tokenize, /detokenize, /tokenizer_info, /version,
+/health and /metrics; SGLang's native /generate; and for a router in front of several servers (SGLang's `smg` / `sglang-router`),
 the discovery and load endpoints it reads: /server_info, /model_info (and their /get_* aliases),
 /v1/loads and the older /get_load, in the shapes SGLang answers them.
 
@@ -26,7 +27,8 @@ from transformers import AutoTokenizer
 
 from nanovllm.entrypoints.async_engine import AsyncEngine, Delta, RequestStream
 from nanovllm.entrypoints.metrics import CONTENT_TYPE, render
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.entrypoints.logprobs_format import TokenStrings, chat_logprobs, completion_logprobs
+from nanovllm.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutput
 
 MAX_N = 64                    # choices per prompt; each one is a sequence in the batch
 MAX_SEQS_PER_REQUEST = 256    # prompts x n
@@ -73,6 +75,12 @@ class _SamplingRequest(_Strict):
     user: str | None = None
     include_stop_str_in_output: bool = False            # vLLM's: keep the stop string in the text
     skip_special_tokens: bool = True                    # vLLM's: leave special tokens out of the text
+    # Structured output (engine/grammar.py): OpenAI's response_format, or one of vLLM's guided_* fields.
+    response_format: dict | None = None                 # {"type": "text" | "json_object" | "json_schema", ...}
+    guided_json: dict | str | None = None               # a JSON schema (object or its text)
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None                   # EBNF (xgrammar's dialect, rule `root`)
 
 
 # Fields other servers take that we do not implement, and the value that asks for what we do anyway
@@ -90,11 +98,11 @@ class _TopLevel(_SamplingRequest):
 
 class CompletionRequest(_TopLevel):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)            # OpenAI's default; null: up to the context
-    echo: bool = False
+    max_tokens: int | None = Field(16, ge=0)            # OpenAI's default; null: up to the context; 0: echo only
+    echo: bool = False                                  # the prompt before the completion (and its logprobs)
     best_of: int | None = None
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top-k per token (legacy shape)
 
 
 class ContentPart(_Strict):
@@ -113,9 +121,8 @@ class ChatCompletionRequest(_TopLevel):
     max_tokens: int | None = Field(None, ge=1)          # chat default: up to the context
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list | None = None
-    response_format: dict | None = None
     chat_template_kwargs: dict | None = None            # e.g. Qwen3's {"enable_thinking": false}
 
 
@@ -139,6 +146,12 @@ class GenerateSampling(_Strict):
     min_p: float = Field(0.0, ge=0, le=1)
     min_new_tokens: int = Field(0, ge=0)                # our min_tokens
     logit_bias: dict[str, float] | None = None
+    json_schema: str | None = None                      # structured output (SGLang's names): a schema's text,
+    regex: str | None = None                            # a regular expression,
+    ebnf: str | None = None                             # or an EBNF grammar
+
+
+SGLANG_GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_grammar": "ebnf"}
 
 
 class GenerateRequest(_Strict):
@@ -227,21 +240,49 @@ def _unsupported(req: _SamplingRequest):
         raise ApiError(400, f"'{param}' {why}", param=param, code="unsupported_parameter")
     _refuse_extras(req, DEFAULT_EXTRAS)
     if isinstance(req, CompletionRequest):
-        if req.logprobs is not None:
-            no("logprobs")
-        if req.echo:
-            no("echo")
+        if req.max_tokens == 0 and not req.echo:
+            no("max_tokens", "may be 0 only with echo (nothing would be returned)")
         if req.suffix:
             no("suffix")
         if req.best_of not in (None, req.n):
             no("best_of", "must equal n (no server-side best-of sampling)")
     else:
-        if req.logprobs or req.top_logprobs is not None:
-            no("logprobs")
+        if req.top_logprobs is not None and not req.logprobs:
+            no("top_logprobs", "needs logprobs: true")
         if req.tools:
             no("tools")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            no("response_format", "only {'type': 'text'} is supported")
+
+
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def _structured_output(req: _SamplingRequest) -> tuple[StructuredOutput | None, str | None]:
+    """The request's grammar and the field that asked for it, or (None, None). At most one field may ask."""
+    asked = [(name, {GUIDED_FIELDS[name]: getattr(req, name)}) for name in GUIDED_FIELDS if getattr(req, name) is not None]
+    rf = req.response_format
+    if rf is not None:
+        kind = rf.get("type")
+        if kind == "json_object":
+            asked.append(("response_format", {"json_object": True}))
+        elif kind == "json_schema":
+            spec = rf.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise ApiError(400, "response_format.json_schema.schema must be a JSON schema object",
+                               param="response_format", code="invalid_value")
+            asked.append(("response_format", {"json": spec["schema"]}))
+        elif kind != "text":
+            raise ApiError(400, f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                           param="response_format", code="invalid_value")
+    if len(asked) > 1:
+        raise ApiError(400, f"pass at most one of response_format and {', '.join(GUIDED_FIELDS)}; got "
+                            f"{', '.join(name for name, _ in asked)}", param=asked[1][0], code="invalid_value")
+    if not asked:
+        return None, None
+    name, fields = asked[0]
+    try:
+        return StructuredOutput(**fields), name
+    except ValueError as e:
+        raise ApiError(400, f"{name}: {e}", param=name, code="invalid_value") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +305,8 @@ class OpenAIServing:
         self.tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanovllm-tokenize")
         self.max_model_len = config.max_model_len
         self.kv_capacity = engine.engine.scheduler.block_manager.num_blocks * config.kvcache_block_size
+        # Token strings for logprobs, on the event loop: a third tokenizer, used by that thread only.
+        self.token_strings = TokenStrings(AutoTokenizer.from_pretrained(config.model))
         self.created = int(time.time())
 
     def check_model(self, name: str | None) -> str:
@@ -274,9 +317,16 @@ class OpenAIServing:
                            param="model", code="model_not_found")
         return name
 
-    def _sampling_params(self, req: _SamplingRequest, max_tokens: int, choice: int) -> SamplingParams:
+    def _sampling_params(self, req: _SamplingRequest, max_tokens: int, choice: int,
+                         structured: StructuredOutput | None = None) -> SamplingParams:
         def default(value, otherwise):
             return otherwise if value is None else value
+
+        if isinstance(req, CompletionRequest):
+            logprobs = req.logprobs
+            prompt_logprobs = logprobs if req.echo else None
+        else:
+            logprobs, prompt_logprobs = (req.top_logprobs or 0) if req.logprobs else None, None
         try:
             return SamplingParams(
                 temperature=default(req.temperature, 1.0), top_p=default(req.top_p, 1.0),
@@ -287,7 +337,8 @@ class OpenAIServing:
                 logit_bias=_logit_bias(req.logit_bias), min_tokens=default(req.min_tokens, 0),
                 max_tokens=max_tokens, ignore_eos=req.ignore_eos, stop=req.stop,
                 stop_token_ids=req.stop_token_ids or [], include_stop_str_in_output=req.include_stop_str_in_output,
-                skip_special_tokens=req.skip_special_tokens,
+                skip_special_tokens=req.skip_special_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                structured_output=structured,
                 # n > 1 with a seed: distinct but reproducible choices.
                 seed=None if req.seed is None else req.seed + choice)
         except ValueError as e:
@@ -299,12 +350,18 @@ class OpenAIServing:
         if len(prompts) * req.n > MAX_SEQS_PER_REQUEST:
             raise ApiError(400, f"{len(prompts)} prompts x n={req.n} is more than {MAX_SEQS_PER_REQUEST} "
                                 f"sequences in one request", param=prompt_param)
+        structured, param = _structured_output(req)
+        if structured is not None:
+            try:  # compiled here, on the tokenizer thread (cached): the engine's matchers come from the cache
+                self.engine.engine.grammar_compiler.compile(structured)
+            except ValueError as e:
+                raise ApiError(400, f"{param}: {e}", param=param, code="invalid_value") from None
         seqs = []
         for token_ids in prompts:
             # Default length: whatever fits the context and the KV pool after the prompt.
             limit = max(1, min(self.max_model_len, self.kv_capacity) - len(token_ids))
             for choice in range(req.n):
-                sp = self._sampling_params(req, max_tokens or limit, choice)
+                sp = self._sampling_params(req, max_tokens or limit, choice, structured)
                 try:
                     seq = self.engine.make_sequence(token_ids, sp)
                 except ValueError as e:
@@ -330,6 +387,15 @@ class OpenAIServing:
         if not p or isinstance(p[0], int):
             return [list(p)]
         return [self.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in p]
+
+    def echo_texts(self, req: CompletionRequest, prompts: list[list[int]]) -> list[str]:
+        """The prompts as echoed: a text prompt as sent, a token-id prompt decoded."""
+        p = req.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], str):
+            return list(p)
+        return [self.tokenizer.decode(ids) for ids in prompts]
 
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         messages = []
@@ -358,6 +424,79 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
             raise ApiError(400, f"logit_bias keys must be token ids, got {token[:20]!r}", param="logit_bias",
                            code="invalid_value") from None
     return ids
+
+
+class Choices:
+    """One response's choices in OpenAI's shapes: text or message, echo (completions) and logprobs, whole
+    (non-streamed) or chunk by chunk. Choice i is seqs[i]; prompts are n choices each, prompt-major."""
+
+    def __init__(self, req: _SamplingRequest, seqs: list, chat: bool, echo: list[str] | None,
+                 strings: TokenStrings):
+        self.chat, self.echo, self.strings, self.seqs = chat, echo, strings, seqs
+        self.n = req.n
+        self.echo_only = not chat and req.max_tokens == 0   # the one token generated is not returned
+        if chat:
+            self.k = (req.top_logprobs or 0) if req.logprobs else None
+        else:
+            self.k = req.logprobs
+        self.offsets = [0] * len(seqs)       # text_offset where a stream's next token starts
+        self.echoed = [False] * len(seqs)
+
+    def _completion_logprobs(self, i: int, token_ids: list[int], dicts: list) -> dict | None:
+        if self.k is None:
+            return None
+        logprobs, self.offsets[i] = completion_logprobs(self.strings, token_ids, dicts, self.k, self.offsets[i])
+        return logprobs
+
+    def _chat_logprobs(self, token_ids: list[int], dicts: list) -> dict | None:
+        if self.k is None:
+            return None
+        return {"content": chat_logprobs(self.strings, token_ids, dicts, self.k), "refusal": None}
+
+    def final(self, i: int, d: Delta) -> dict:
+        """A non-streamed choice from its sequence's final delta."""
+        token_ids, dicts, text = d.final_token_ids, d.final_logprobs, d.final_text
+        if self.chat:
+            return {"index": i, "message": {"role": "assistant", "content": text},
+                    "logprobs": self._chat_logprobs(token_ids, dicts), "finish_reason": d.finish_reason}
+        if self.echo_only:
+            token_ids, dicts, text, d.finish_reason, d.completion_tokens = [], [], "", "length", 0
+        if self.echo is not None:
+            text = self.echo[i // self.n] + text
+            if self.k is not None:
+                token_ids = self.seqs[i].prompt_token_ids + token_ids
+                dicts = d.prompt_logprobs + dicts
+        return {"index": i, "text": text, "logprobs": self._completion_logprobs(i, token_ids, dicts),
+                "finish_reason": d.finish_reason}
+
+    def first_chunk(self, i: int) -> dict | None:
+        """Chat: the assistant role, before any token. Completions: nothing (echo waits for the prompt's logprobs)."""
+        if self.chat:
+            return {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        return None
+
+    def chunks(self, i: int, d: Delta) -> list[dict]:
+        """What one delta of choice i streams: its echo first (completions), then the new text."""
+        out = []
+        token_ids, dicts, text, finish = d.token_ids or [], d.logprobs or [], d.text, d.finish_reason
+        if self.echo_only:
+            token_ids, dicts, text = [], [], ""
+            if d.finished:
+                finish, d.completion_tokens = "length", 0
+        if self.echo is not None and not self.echoed[i]:
+            self.echoed[i] = True
+            prompt = self.seqs[i].prompt_token_ids
+            logprobs = self._completion_logprobs(i, prompt, d.prompt_logprobs) if self.k is not None else None
+            out.append({"index": i, "text": self.echo[i // self.n], "logprobs": logprobs, "finish_reason": None})
+        if not (text or d.finished or (self.k is not None and token_ids)):
+            return out
+        if self.chat:
+            out.append({"index": i, "delta": {"content": text} if text else {},
+                        "logprobs": self._chat_logprobs(token_ids, dicts), "finish_reason": finish})
+        else:
+            out.append({"index": i, "text": text, "logprobs": self._completion_logprobs(i, token_ids, dicts),
+                        "finish_reason": finish})
+        return out
 
 
 def _param_of(message: str) -> str | None:
@@ -391,6 +530,15 @@ def _server_info(serving: OpenAIServing) -> dict:
             "max_prefill_tokens": c.max_num_batched_tokens, "enable_prefix_caching": c.enable_prefix_caching,
             "enable_cascade_attention": c.enable_cascade_attention, "device": str(c.device),
             "dtype": str(c.torch_dtype).removeprefix("torch."), "engine": "nanovllm", "version": VERSION}
+
+
+def _tokenizer_info(serving: OpenAIServing) -> dict:
+    tok = serving.tokenizer
+    return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "eos_token_id": tok.eos_token_id,
+            "bos_token": tok.bos_token, "bos_token_id": tok.bos_token_id, "pad_token": tok.pad_token,
+            "pad_token_id": tok.pad_token_id, "unk_token": tok.unk_token, "chat_template": tok.chat_template,
+            "model_max_length": serving.max_model_len, "vocab_size": len(tok),
+            "add_bos_token": bool(getattr(tok, "add_bos_token", False))}
 
 
 def _model_info(serving: OpenAIServing) -> dict:
@@ -574,6 +722,16 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
         tokens = await serving.off_loop(ids)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": serving.max_model_len}
 
+    @app.get("/tokenizer_info", dependencies=[Depends(check_api_key)])
+    async def tokenizer_info():
+        """vLLM's shape: what a client needs to tokenize like us (lm-eval's remote tokenizer reads the
+        special tokens and the chat template from it, then calls /tokenize and /detokenize)."""
+        return _tokenizer_info(serving)
+
+    @app.get("/version")
+    async def version_():
+        return {"version": VERSION}
+
     @app.post("/detokenize", dependencies=[Depends(check_api_key)])
     async def detokenize(http_request: Request):
         req = _parse(DetokenizeRequest, await http_request.body())
@@ -601,9 +759,16 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
             skip_special_tokens=sp.skip_special_tokens, include_stop_str_in_output=sp.no_stop_trim,
             seed=sp.sampling_seed, presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
             repetition_penalty=sp.repetition_penalty, min_p=sp.min_p, min_tokens=sp.min_new_tokens,
-            logit_bias=sp.logit_bias)
-        seqs = await serving.off_loop(lambda: serving.make_sequences(
-            completion, serving.completion_prompts(completion), completion.max_tokens, "text"))
+            logit_bias=sp.logit_bias, **{ours: getattr(sp, theirs) for ours, theirs in SGLANG_GUIDED.items()})
+        try:
+            seqs = await serving.off_loop(lambda: serving.make_sequences(
+                completion, serving.completion_prompts(completion), completion.max_tokens, "text"))
+        except ApiError as e:  # name the field as this request spelled it
+            if e.param in SGLANG_GUIDED:
+                theirs = SGLANG_GUIDED[e.param]
+                e.message = e.message.replace(e.param, theirs)
+                e.param = theirs
+            raise
         if not engine.is_alive:
             raise ApiError(503, "the engine loop is not running", type="server_error")
         rids = req.rid if isinstance(req.rid, list) else [req.rid or uuid.uuid4().hex] * len(seqs)
@@ -648,9 +813,14 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
         req = _parse(CompletionRequest, await http_request.body())
         model = serving.check_model(req.model)
         _unsupported(req)
-        seqs = await serving.off_loop(lambda: serving.make_sequences(req, serving.completion_prompts(req),
-                                                                      req.max_tokens, "prompt"))
-        return await _respond(http_request, req, seqs, model, chat=False)
+
+        def build():
+            prompts = serving.completion_prompts(req)
+            max_tokens = 1 if req.max_tokens == 0 else req.max_tokens  # 0 (echo only): one token, not returned
+            seqs = serving.make_sequences(req, prompts, max_tokens, "prompt")
+            return seqs, serving.echo_texts(req, prompts) if req.echo else None
+        seqs, echo = await serving.off_loop(build)
+        return await _respond(http_request, req, seqs, model, chat=False, echo=echo)
 
     @v1.post("/chat/completions")
     async def chat_completions(http_request: Request):
@@ -680,7 +850,8 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
             engine.abort(request)  # no-op unless we are leaving early
         return finals
 
-    async def _respond(http_request: Request, req: _SamplingRequest, seqs: list, model: str, chat: bool):
+    async def _respond(http_request: Request, req: _SamplingRequest, seqs: list, model: str, chat: bool,
+                       echo: list[str] | None = None):
         if not engine.is_alive:
             failure = engine.engine.failure
             raise ApiError(503, f"the engine stopped: {failure}" if failure else "the engine loop is not running",
@@ -689,40 +860,31 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
         request = engine.submit(seqs, stream=req.stream)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": None,
                 "created": int(time.time()), "model": model}
+        choices = Choices(req, seqs, chat, echo, serving.token_strings)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream(http_request, request, index, head, chat, include_usage),
+            return StreamingResponse(_stream(http_request, request, index, head, choices, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         finals = await _finals(http_request, request)
         done = [finals[s.seq_id] for s in seqs]
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": d.final_text},
-                        "logprobs": None, "finish_reason": d.finish_reason} for i, d in enumerate(done)]
-            obj = "chat.completion"
-        else:
-            choices = [{"index": i, "text": d.final_text, "logprobs": None, "finish_reason": d.finish_reason}
-                       for i, d in enumerate(done)]
-            obj = "text_completion"
-        return {**head, "object": obj, "choices": choices, "usage": _usage(done)}
+        out = [choices.final(i, d) for i, d in enumerate(done)]
+        return {**head, "object": "chat.completion" if chat else "text_completion", "choices": out,
+                "usage": _usage(done)}
 
     async def _stream(http_request: Request, request: RequestStream, index: dict[int, int], head: dict,
-                      chat: bool, include_usage: bool):
-        obj = "chat.completion.chunk" if chat else "text_completion"
+                      choices: "Choices", include_usage: bool):
+        obj = "chat.completion.chunk" if choices.chat else "text_completion"
 
-        def chunk(i: int, text: str, finish_reason: str | None, first: bool = False) -> bytes:
-            if chat:
-                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            else:
-                choice = {"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        def sse(choice: dict) -> bytes:
             return _sse({**head, "object": obj, "choices": [choice]})
 
         watcher = asyncio.create_task(_watch_disconnect(http_request, engine, request))
         finals = []
         try:
-            if chat:
-                for i in range(len(index)):
-                    yield chunk(i, "", None, first=True)
+            for i in range(len(index)):
+                first = choices.first_chunk(i)
+                if first is not None:
+                    yield sse(first)
             while not request.finished:
                 delta = await request.get()
                 if delta.error is not None:
@@ -730,11 +892,11 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
                         yield _sse(ApiError(500, delta.error, type="server_error").body())
                         yield b"data: [DONE]\n\n"
                     return
+                i = index[delta.seq_id]
                 if delta.finished:
                     finals.append(delta)
-                    yield chunk(index[delta.seq_id], delta.text, delta.finish_reason)
-                elif delta.text:
-                    yield chunk(index[delta.seq_id], delta.text, None)
+                for choice in choices.chunks(i, delta):
+                    yield sse(choice)
             if include_usage:
                 yield _sse({**head, "object": obj, "choices": [], "usage": _usage(finals)})
             yield b"data: [DONE]\n\n"
