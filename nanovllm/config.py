@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from nanovllm.layers.awq_format import check_model as check_awq_model
+from nanovllm.layers.awq_format import check_parallel as check_awq_parallel
+from nanovllm.layers.awq_format import read_quant_config
 from nanovllm.models.registry import check_model_config
 
 
@@ -64,6 +67,7 @@ class Config:
         self.hf_config = AutoConfig.from_pretrained(self.model)
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
         check_model_config(self.hf_config, self.max_model_len)  # architecture and its features, before any device work
+        self.quantization = read_quant_config(self.hf_config)  # None (dense) or AWQConfig; unsupported ones refused
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.attention_backend == "auto":
@@ -90,6 +94,9 @@ class Config:
         if self.device == "cpu" or not torch.cuda.is_available():
             self.enforce_eager = True  # CUDA graphs need CUDA
         self._check_parallel()
+        if self.quantization is not None:
+            check_awq_model(self.hf_config)
+            check_awq_parallel(self.hf_config, self.quantization, self.tensor_parallel_size)
 
     def _check_parallel(self):
         """Tensor-parallel settings, checked before any process starts."""

@@ -19,6 +19,8 @@ from nanovllm.distributed import parallel_state as tp
 from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.kv_cache import allocate_kv_cache, block_bytes, cpu_kv_blocks, gpu_kv_blocks
 from nanovllm.engine.scheduled_step import SamplingInputs, ScheduledStep, StepResult
+from nanovllm.layers.awq import quantize_linears
+from nanovllm.layers.linear import meta_weights
 from nanovllm.layers.logits_processor import process_logits
 from nanovllm.layers.logprobs import log_softmax, prompt_token_logprobs, select
 from nanovllm.layers.grammar_mask import apply_grammar_mask
@@ -47,7 +49,12 @@ class ModelRunner:
         self.distributed = config.tensor_parallel_size > 1
         try:
             with torch.device(self.device), (contextlib.nullcontext() if self.distributed else tp.outside_group()):
-                self.model = model_class(hf)(hf)
+                if config.quantization is None:
+                    self.model = model_class(hf)(hf)
+                else:  # dense linears on meta, swapped for AWQ ones (layers/awq.py)
+                    with meta_weights():
+                        self.model = model_class(hf)(hf)
+                    quantize_linears(self.model, config.quantization)
         finally:
             torch.set_default_dtype(default_dtype)
         if config.load_format == "dummy":

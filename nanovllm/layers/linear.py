@@ -5,12 +5,29 @@ Row parallel (`tp_dim=1`): each rank holds a slice of the input features and the
 are summed with one all-reduce (attention's o_proj and the MLP's down_proj: two a layer).
 PackedLinear stores several projections as one matrix (q/k/v, gate/up), each one column parallel:
 a rank holds its own rows of every projection. Every weight_loader takes the full checkpoint tensor
-and copies this rank's slice of it."""
+and copies this rank's slice of it. Under `meta_weights()` the weights are built on the meta device (no
+memory): a quantized checkpoint swaps the layers for its own (layers/awq.py)."""
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed.parallel_state import all_reduce, tp_rank, tp_size
+
+
+_META_WEIGHTS = False
+
+
+@contextlib.contextmanager
+def meta_weights():
+    """Linear weights built in this block live on the meta device until materialize_weight()."""
+    global _META_WEIGHTS
+    before, _META_WEIGHTS = _META_WEIGHTS, True
+    try:
+        yield
+    finally:
+        _META_WEIGHTS = before
 
 
 def _split(size: int, what: str) -> int:
@@ -31,13 +48,19 @@ class Linear(nn.Module):
             output_size = _split(output_size, "output features")
         elif tp_dim == 1:
             input_size = _split(input_size, "input features")
-        self.weight = nn.Parameter(torch.empty(output_size, input_size))
+        self.weight = nn.Parameter(torch.empty(output_size, input_size, device="meta" if _META_WEIGHTS else None))
         self.weight.weight_loader = self.weight_loader
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size))
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+
+    def materialize_weight(self):
+        """Allocate a weight built under meta_weights() (current default device and dtype)."""
+        if self.weight.is_meta:
+            self.weight = nn.Parameter(torch.empty(self.weight.shape))
+            self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
         dim = self.tp_dim if param is self.weight or self.tp_dim == 0 else None  # a row-parallel bias is whole

@@ -19,6 +19,13 @@ layers, rope_theta, eps, untied embeddings; experts for the MoE); llama-3.1-8b, 
 mistral-7b-v0.3 match Meta's and Mistral's (llama3 rope scaling included, Mistral
 without a sliding window); the tokenizer and its token ids are ours.
 qwen3-moe-tiny is Qwen3MoeForCausalLM written by transformers itself (per-expert tensors).
+
+--awq (make_model(..., awq_group_size=G)) writes an AutoAWQ "gemm" checkpoint instead: every linear
+weight of the decoder layers (any 2-D `model.layers.*.weight` but norms, experts included, except
+modules_to_not_convert: the MoE router `gate`) quantized to 4 bits by per-group min/max and packed as
+AutoAWQ packs it (nanovllm/layers/awq_format.py), plus config.json's quantization_config. Embeddings
+and lm_head stay dense, as in AutoAWQ's checkpoints. With --no-weights it writes the config only
+(load_format="dummy" then fills random codes).
 """
 import argparse
 import copy
@@ -28,12 +35,16 @@ import json
 import os
 import shutil
 import tempfile
+import types
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
                           Qwen3MoeConfig, Qwen3MoeForCausalLM)
+
+from nanovllm.layers.awq_format import AWQConfig, pack, quantize, read_quant_config
+from nanovllm.layers.awq_format import check_parallel as check_awq_shapes
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 BPE_VOCAB_SIZE = 2000  # learned tokens (256 bytes + merges); specials come after
@@ -257,15 +268,25 @@ def num_parameters(config) -> int:
 
 def make_model(preset: str, out_dir: str, seed: int = 0, dtype: str | None = None,
                max_shard_size: str = "2GB", weights: bool = True, allow_large: bool = False,
-               **overrides) -> str:
+               awq_group_size: int | None = None, awq_keep_dense: list[str] | None = None, **overrides) -> str:
     """Write a random-weight checkpoint for `preset` into out_dir; return out_dir.
 
     overrides patch config fields (e.g. num_hidden_layers=2). Same seed -> same tensors.
     weights=False writes config, generation config and tokenizer but no weight file (for
     load_format="dummy"). With weights, a checkpoint over LARGE_CHECKPOINT_BYTES (qwen3-8b,
-    qwen3-32b) raises ValueError unless allow_large=True.
+    qwen3-32b) raises ValueError unless allow_large=True. awq_group_size: write an AWQ int4 checkpoint
+    with groups of that many input rows (see the module docstring); awq_keep_dense: its
+    modules_to_not_convert (default: ["gate"], the MoE router, when the model has experts, else none).
     """
     config, model_cls, tokenizer, special, fields, dtype = _build_config(preset, dtype, overrides)
+    quant = None
+    if awq_group_size is not None:  # checked before anything is written, as the engine will check it
+        if awq_keep_dense is None:
+            awq_keep_dense = ["gate"] if "num_experts" in fields else None
+        quant = {"quant_method": "awq", "bits": 4, "group_size": awq_group_size, "zero_point": True,
+                 "version": "gemm", "modules_to_not_convert": awq_keep_dense}
+        awq = read_quant_config(types.SimpleNamespace(quantization_config=quant))
+        check_awq_shapes(config, awq, 1)
     generation_config = GenerationConfig(**special, pad_token_id=tokenizer.pad_token_id)
     if weights and not allow_large:
         size = num_parameters(config) * torch.tensor([], dtype=getattr(torch, dtype)).element_size()
@@ -299,6 +320,8 @@ def make_model(preset: str, out_dir: str, seed: int = 0, dtype: str | None = Non
         # Tied models save no lm_head.weight (HF drops tied duplicates).
         model.save_pretrained(out_dir, max_shard_size=_size_bytes(max_shard_size))
     tokenizer.save_pretrained(out_dir)
+    if quant is not None and weights:
+        _quantize_awq(out_dir, awq)
 
     # transformers 5 writes rope_theta and the scaling only inside "rope_parameters"; real
     # checkpoints (and simple readers of config.json) have them at the top level too.
@@ -306,6 +329,8 @@ def make_model(preset: str, out_dir: str, seed: int = 0, dtype: str | None = Non
     with open(path) as f:
         cfg = json.load(f)
     cfg["rope_theta"] = fields["rope_theta"]
+    if quant is not None:
+        cfg["quantization_config"] = quant
     if fields.get("rope_scaling"):
         cfg["rope_scaling"] = {k: v for k, v in fields["rope_scaling"].items() if k != "rope_theta"}
     if "num_local_experts" in cfg:  # transformers 5's name for it; Qwen's config.json says num_experts
@@ -314,6 +339,40 @@ def make_model(preset: str, out_dir: str, seed: int = 0, dtype: str | None = Non
         json.dump(cfg, f, indent=2, sort_keys=True)
         f.write("\n")
     return out_dir
+
+
+def awq_quantizable(name: str, tensor: torch.Tensor, quant: AWQConfig) -> bool:
+    """Whether checkpoint tensor `name` is a linear weight AWQ quantizes (see the module docstring)."""
+    module, _, leaf = name.rpartition(".")
+    return (leaf == "weight" and tensor.dim() == 2 and module.startswith("model.layers.")
+            and not module.endswith("norm") and not quant.keeps_dense(module))
+
+
+def _quantize_awq(out_dir: str, quant: AWQConfig):
+    """Rewrite the dense safetensors of out_dir in AutoAWQ's gemm layout (and the shard index)."""
+    from safetensors.torch import load_file, save_file
+    index_path = os.path.join(out_dir, "model.safetensors.index.json")
+    index = json.load(open(index_path)) if os.path.isfile(index_path) else None
+    for file in sorted(f for f in os.listdir(out_dir) if f.endswith(".safetensors")):
+        path = os.path.join(out_dir, file)
+        tensors = load_file(path)
+        out = {}
+        for name, t in tensors.items():
+            if not awq_quantizable(name, t, quant):
+                out[name] = t
+                continue
+            codes, zeros, scales = quantize(t.float(), quant.group_size)
+            module = name[:-len(".weight")]
+            out[f"{module}.qweight"], out[f"{module}.qzeros"] = pack(codes), pack(zeros)
+            out[f"{module}.scales"] = scales
+            if index is not None:
+                del index["weight_map"][name]
+                for leaf in ("qweight", "qzeros", "scales"):
+                    index["weight_map"][f"{module}.{leaf}"] = file
+        save_file(out, path, metadata={"format": "pt"})
+    if index is not None:
+        with open(index_path, "w") as f:
+            json.dump(index, f, indent=2)
 
 
 def default_tiny_model_dir() -> str:
@@ -350,10 +409,13 @@ def main(argv: list[str] | None = None):
                    help="config, generation config and tokenizer only, no weight files (load_format='dummy')")
     p.add_argument("--allow-large", action="store_true",
                    help=f"write weights even above {LARGE_CHECKPOINT_BYTES // 10**9} GB ({', '.join(BIG_PRESETS)})")
+    p.add_argument("--awq", action="store_true", help="write an AutoAWQ int4 (gemm) checkpoint")
+    p.add_argument("--group-size", type=int, default=128, help="AWQ group size (input rows per scale)")
     args = p.parse_args(argv)
     try:
         make_model(args.preset, args.out, seed=args.seed, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                   weights=args.weights, allow_large=args.allow_large)
+                   weights=args.weights, allow_large=args.allow_large,
+                   awq_group_size=args.group_size if args.awq else None)
     except ValueError as e:
         p.error(str(e))
     print(args.out)

@@ -11,6 +11,8 @@ from torch import nn
 
 # Half-width of the uniform range of dummy matrices (see fill_dummy_weights).
 DUMMY_WEIGHT_RANGE = 0.02
+# AWQ dummy scales relative to DUMMY_WEIGHT_RANGE: 1 / (sqrt(3) * 6.52), 6.52 the std of q - z for uniform codes.
+AWQ_DUMMY_SCALE = 0.0886
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -94,7 +96,8 @@ def fill_dummy_weights(model: nn.Module, seed: int = 0, scale: float = DUMMY_WEI
     """Fill every parameter of a constructed model in place with seeded random values (no checkpoint).
 
     RMSNorm weights (names ending in "norm.weight") get ones, biases zeros, everything else
-    (embeddings, projections, lm_head) uniform(-scale, scale). With pre-norm layers every block
+    (embeddings, projections, lm_head) uniform(-scale, scale); AWQ layers (layers/awq.py) get random
+    4-bit codes and zero points and small positive scales, so dequantized weights have the same spread. With pre-norm layers every block
     sees a unit-RMS input, so each one adds a bounded amount to the residual stream and the
     activations stay finite in bf16 however deep the model; 0.02 keeps the embeddings well above
     RMSNorm's eps and gives logits a spread of about one unit, so greedy choices still depend on
@@ -107,18 +110,28 @@ def fill_dummy_weights(model: nn.Module, seed: int = 0, scale: float = DUMMY_WEI
     draw different streams). Parameters on the meta device are skipped.
     """
     generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(data: torch.Tensor, name: str) -> torch.Generator:
+        gen = generators.get(data.device)
+        if gen is None:
+            gen = generators[data.device] = torch.Generator(device=data.device)
+        # crc32, not hash(): str hashes change per process.
+        gen.manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 63))
+        return gen
+
     for name, param in model.named_parameters():  # remove_duplicate=True: tied weights once
         data = param.data
         if data.is_meta:
             continue  # nothing allocated to fill
         if name.endswith("norm.weight"):
             data.fill_(1.0)
+        elif name.endswith(("qweight", "qzeros")):  # AWQ words: 8 random 4-bit codes each
+            data.random_(-2**31, 2**31, generator=generator(data, name))
+        elif name.endswith("scales"):
+            # AWQ scales: (q - z) of independent uniform codes has std 6.5, so s around scale / 11.3 gives
+            # dequantized weights the std of uniform(-scale, scale) (scale / sqrt(3)); spread by 0.5x-1.5x.
+            data.uniform_(0.5 * AWQ_DUMMY_SCALE * scale, 1.5 * AWQ_DUMMY_SCALE * scale, generator=generator(data, name))
         elif name.endswith("bias") or not data.is_floating_point():
             data.zero_()
         else:
-            gen = generators.get(data.device)
-            if gen is None:
-                gen = generators[data.device] = torch.Generator(device=data.device)
-            # crc32, not hash(): str hashes change per process.
-            gen.manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 63))
-            data.uniform_(-scale, scale, generator=gen)
+            data.uniform_(-scale, scale, generator=generator(data, name))

@@ -1,0 +1,338 @@
+"""AWQ int4 checkpoints (AutoAWQ gemm layout): the packing by hand, quantize/pack/unpack round trips,
+the engine on make_model --awq checkpoints against transformers' own model on the dequantized weights
+(written as a dense checkpoint without going through pack/unpack), greedy generation, tensor
+parallelism, refusals, dummy weights, and the Triton W4A16 kernel interpreted on CPU."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from nanovllm import SamplingParams
+from nanovllm.config import Config
+from nanovllm.layers.awq import AWQLinear
+from nanovllm.layers.awq_format import AWQConfig, dequantize, pack, quantize, unpack
+from nanovllm.tools.make_model import make_model
+from test_parity import PROMPTS, engine_logits, hf_greedy, hf_model
+from test_tensor_parallel import logits_by_step, tp_llm  # noqa: F401 (tp_llm is a fixture)
+from triton_script import run_interpreted, run_on_gpu
+
+
+# ---- the format -----------------------------------------------------------------------------------
+
+def test_pack_hand_example():
+    """Slot i (bits 4i..4i+3) holds column PACK_ORDER[i] = [0, 2, 4, 6, 1, 3, 5, 7][i]."""
+    codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8],     # slots hold 1,3,5,7,2,4,6,8 -> 0x86427531
+                          [15, 0, 0, 0, 0, 0, 0, 0],    # column 0 -> slot 0 -> 0x0000000F
+                          [0, 9, 0, 0, 0, 0, 0, 0],     # column 1 -> slot 4 -> 0x00090000
+                          [0, 0, 0, 0, 0, 0, 0, 12]])   # column 7 -> slot 7 -> 0xC0000000
+    words = pack(codes)
+    expected = [0x86427531 - 2**32, 0xF, 0x90000, 0xC0000000 - 2**32]  # int32 holds the same bits signed
+    assert words.dtype == torch.int32 and words.shape == (4, 1)
+    assert words[:, 0].tolist() == expected
+    assert unpack(words).tolist() == codes.tolist()
+    # two words side by side: columns 8..15 are the second word's
+    wide = torch.cat([codes, codes.flip(0)], dim=1)
+    assert pack(wide)[:, 1].tolist() == expected[::-1]
+
+
+def test_pack_unpack_round_trip_and_dequantize():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (96, 64), generator=g)
+    assert torch.equal(unpack(pack(codes)), codes.int())
+    with pytest.raises(ValueError, match="0..15"):
+        pack(codes + 1)
+    # quantize: per group of 32 input rows and output column, min/max to 16 levels
+    w = torch.randn(40, 96, generator=g, dtype=torch.float64) * 0.1   # [out, in]
+    q, z, s = quantize(w, 32)
+    assert q.shape == (96, 40) and z.shape == (3, 40) and s.shape == (3, 40) and s.dtype == torch.float16
+    assert q.min() >= 0 and q.max() <= 15 and z.min() >= 0 and z.max() <= 15
+    direct = (q - z.repeat_interleave(32, 0)).double() * s.double().repeat_interleave(32, 0)   # no packing
+    step = s.double().repeat_interleave(32, 0)
+    assert ((direct - w.t()).abs() <= step * 0.5 + 1e-3 * step).all()  # at most half a step away
+    packed = dequantize(pack(q), pack(z), s, 32)
+    assert packed.dtype == torch.float32 and torch.equal(packed.double(), direct.float().double())
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        quantize(w, 64)
+
+
+def test_keeps_dense_matches_whole_components():
+    quant = AWQConfig(32, ("gate", "model.layers.1.mlp"))
+    assert quant.keeps_dense("model.layers.0.mlp.gate")
+    assert not quant.keeps_dense("model.layers.0.mlp.gate_proj")
+    assert quant.keeps_dense("model.layers.1.mlp.down_proj")
+    assert not quant.keeps_dense("model.layers.11.mlp.down_proj")
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------
+
+def dequantized_copy(dense_dir: str, out_dir: str, group_size: int, keep_dense=()) -> str:
+    """dense_dir with every weight AWQ would quantize replaced by (q - z) * s, from quantize() directly
+    (no pack/unpack): the float model an AWQ checkpoint of the same weights stands for."""
+    shutil.copytree(dense_dir, out_dir)
+    quant = AWQConfig(group_size, tuple(keep_dense))
+    path = os.path.join(out_dir, "model.safetensors")
+    tensors = load_file(path)
+    for name, t in tensors.items():
+        module = name.rpartition(".")[0]
+        if name.endswith(".weight") and t.dim() == 2 and module.startswith("model.layers.") \
+                and not quant.keeps_dense(module):
+            q, z, s = quantize(t.float(), group_size)
+            w = (q - z.repeat_interleave(group_size, 0)).double() * s.double().repeat_interleave(group_size, 0)
+            tensors[name] = w.t().to(t.dtype).contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
+    return out_dir
+
+
+CASES = {  # name -> (preset, group size, modules_to_not_convert)
+    "qwen3-g32": ("qwen3-tiny", 32, None),
+    "llama-g64": ("llama-tiny", 64, None),
+    "qwen2-g32": ("qwen2-tiny", 32, None),           # q/k/v biases, kept in fp16 beside the int4 weights
+    "llama3-g32-dense-mlp": ("llama3-tiny", 32, ["down_proj"]),  # a module AWQ leaves dense
+    "llama-bias-g32": ("llama-tiny", 32, None),      # attention_bias, mlp_bias: row-parallel biases too
+}
+OVERRIDES = {"llama-bias-g32": dict(seed=1, attention_bias=True, mlp_bias=True)}
+
+
+@pytest.fixture(scope="module")
+def awq_dirs(tmp_path_factory):
+    """name -> (AWQ checkpoint, dense checkpoint of its dequantized weights)."""
+    root = tmp_path_factory.mktemp("awq")
+    dirs = {}
+    for name, (preset, group, keep) in CASES.items():
+        kwargs = OVERRIDES.get(name, dict(seed=0))
+        awq = make_model(preset, str(root / f"{name}-awq"), awq_group_size=group, awq_keep_dense=keep, **kwargs)
+        dense = make_model(preset, str(root / f"{name}-dense-src"), **kwargs)
+        dirs[name] = (awq, dequantized_copy(dense, str(root / f"{name}-dequant"), group, keep or ()))
+    return dirs
+
+
+def test_checkpoint_layout(awq_dirs):
+    awq, _ = awq_dirs["llama3-g32-dense-mlp"]
+    cfg = json.load(open(f"{awq}/config.json"))["quantization_config"]
+    assert cfg == {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm",
+                   "modules_to_not_convert": ["down_proj"]}
+    t = load_file(f"{awq}/model.safetensors")
+    # llama3-tiny: hidden 64, 8 heads x 16, 2 KV heads, MLP 192
+    assert t["model.layers.0.self_attn.q_proj.qweight"].shape == (64, 128 // 8)
+    assert t["model.layers.0.self_attn.k_proj.qzeros"].shape == (64 // 32, 32 // 8)
+    assert t["model.layers.0.mlp.gate_proj.scales"].shape == (2, 192)
+    assert t["model.layers.0.mlp.gate_proj.scales"].dtype == torch.float16
+    assert t["model.layers.0.self_attn.o_proj.qweight"].dtype == torch.int32
+    assert "model.layers.0.mlp.down_proj.weight" in t and "model.layers.0.mlp.down_proj.qweight" not in t
+    assert "model.embed_tokens.weight" in t and "lm_head.weight" in t  # untied head stays dense
+    assert not any(k.endswith("q_proj.weight") for k in t)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers_on_dequantized_weights(awq_dirs, make_llm, case):
+    awq, dense = awq_dirs[case]
+    llm = make_llm(awq)
+    layer = llm.model_runner.model.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, AWQLinear)
+    assert isinstance(layer.mlp.down_proj, AWQLinear) == (case != "llama3-g32-dense-mlp")
+    ref = hf_model(dense)
+    tok = AutoTokenizer.from_pretrained(awq)
+    dense_llm = make_llm(dense)
+    token_lists = [tok.encode(p) for p in PROMPTS[:4]]
+    ours = engine_logits(llm, token_lists, num_decode_steps=5)
+    theirs_engine = engine_logits(dense_llm, token_lists, num_decode_steps=5)
+    for (seq, rows), (seq_d, rows_d) in zip(ours, theirs_engine):
+        assert seq.token_ids == seq_d.token_ids
+        with torch.no_grad():
+            theirs = ref(torch.tensor([seq.token_ids])).logits[0]
+        n = seq.num_prompt_tokens
+        expected = theirs[n - 1:n - 1 + len(rows)]
+        scale = expected.abs().max().item()
+        assert (rows - expected).abs().max().item() <= 1e-3 * scale, case
+        assert (rows - rows_d).abs().max().item() <= 1e-3 * scale, case
+
+
+@pytest.mark.parametrize("case", ["qwen3-g32", "llama-g64"])
+def test_greedy_generate_equals_dequantized_model(awq_dirs, make_llm, case):
+    awq, dense = awq_dirs[case]
+    sp = SamplingParams(temperature=0, max_tokens=16)
+    outs = [o["token_ids"] for o in make_llm(awq).generate(PROMPTS, sp, use_tqdm=False)]
+    assert outs == [o["token_ids"] for o in make_llm(dense).generate(PROMPTS, sp, use_tqdm=False)]
+    assert outs == hf_greedy(dense, PROMPTS, 16)
+
+
+@pytest.mark.parametrize("case", ["qwen3-g32", "llama-bias-g32"])
+def test_tensor_parallel_equals_one_rank(awq_dirs, make_llm, tp_llm, case):  # noqa: F811
+    """Group 32 over 2 gloo ranks: q/k/v and gate/up split by output words, o_proj and down_proj by
+    input groups (32 of o_proj's 64 rows a rank: one group each); llama-bias: biases on every
+    projection, the row-parallel ones added once after the all-reduce."""
+    awq, _ = awq_dirs[case]
+    one = logits_by_step(make_llm(awq), PROMPTS[:4])
+    two = logits_by_step(tp_llm(awq, 2), PROMPTS[:4])
+    for (seq, ours), (seq1, single) in zip(two, one):
+        assert seq.token_ids == seq1.token_ids
+        assert (ours - single).abs().max().item() <= 1e-4
+
+
+# ---- refusals ---------------------------------------------------------------------------------------
+
+def with_quant(src: str, dst, **changes) -> str:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            cfg["quantization_config"].pop(key, None)
+        else:
+            cfg["quantization_config"][key] = value
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return str(dst)
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"bits": 8}, r"AWQ bits=8 is not supported \(4 only\)"),
+    ({"version": "gemv"}, "AWQ version 'gemv' is not supported"),
+    ({"version": "marlin"}, "AWQ version 'marlin' is not supported"),
+    ({"version": "exllama"}, "AWQ version 'exllama' is not supported"),
+    ({"zero_point": False}, "AWQ zero_point=False is not supported"),
+    ({"quant_method": "gptq"}, r"quant_method 'gptq' is not supported \(awq only\)"),
+    ({"group_size": 24}, "AWQ group_size=24 is not supported"),
+    ({"group_size": -1}, "AWQ group_size=-1 is not supported"),
+    ({"group_size": 128}, r"AWQ group_size=128: hidden_size \(64\) is not a multiple of it"),
+])
+def test_unsupported_quantization_refused(awq_dirs, tmp_path, changes, match):
+    path = with_quant(awq_dirs["qwen3-g32"][0], tmp_path / "m", **changes)
+    with pytest.raises(ValueError, match=match):
+        Config(path)
+
+
+def test_tensor_parallel_split_inside_a_group_refused(awq_dirs, make_llm, tmp_path):
+    """group 64 on qwen3-tiny: o_proj's 64 input rows split over 2 ranks would cut a group in half."""
+    path = with_quant(awq_dirs["qwen3-g32"][0], tmp_path / "m", group_size=64)
+    Config(path)  # one rank: fine
+    with pytest.raises(ValueError, match=r"o_proj input rows per rank \(32\) is not a multiple of it "
+                                         r"\(tensor_parallel_size=2\)"):
+        make_llm(path, tensor_parallel_size=2)  # refused before any worker starts
+
+
+def test_moe_checkpoint_written_but_refused(tmp_path):
+    """make_model --awq quantizes every expert (per-expert tensors, as transformers writes them) and keeps
+    the router dense; the engine, which stacks experts, refuses the checkpoint by name."""
+    path = make_model("qwen3-moe-tiny", str(tmp_path / "moe"), seed=0, awq_group_size=32)
+    cfg = json.load(open(f"{path}/config.json"))["quantization_config"]
+    assert cfg["modules_to_not_convert"] == ["gate"]
+    t = load_file(f"{path}/model.safetensors")
+    experts = [k for k in t if ".mlp.experts." in k]
+    assert experts and all(k.endswith((".qweight", ".qzeros", ".scales")) for k in experts)
+    assert "model.layers.0.mlp.experts.7.down_proj.qweight" in t
+    assert "model.layers.0.mlp.gate.weight" in t and t["model.layers.0.mlp.gate.weight"].is_floating_point()
+    with pytest.raises(ValueError, match=r"AWQ checkpoints of mixture-of-experts models \(num_experts=8\)"):
+        Config(path)
+
+
+def test_make_model_cli_writes_awq(tmp_path):
+    from nanovllm.tools.make_model import main
+    main(["--preset", "llama-tiny", "--out", str(tmp_path / "m"), "--awq", "--group-size", "64"])
+    cfg = json.load(open(tmp_path / "m" / "config.json"))
+    assert cfg["quantization_config"]["group_size"] == 64
+    assert Config(str(tmp_path / "m")).quantization == AWQConfig(64)
+    with pytest.raises(SystemExit):  # 128 does not divide llama-tiny's hidden size 64
+        main(["--preset", "llama-tiny", "--out", str(tmp_path / "bad"), "--awq", "--group-size", "128"])
+
+
+def test_partly_dense_packed_projection_refused(awq_dirs, tmp_path):
+    from nanovllm import LLM
+    path = with_quant(awq_dirs["qwen3-g32"][0], tmp_path / "m", modules_to_not_convert=["q_proj"])
+    with pytest.raises(ValueError, match="qkv_proj packs .* but modules_to_not_convert keeps only some"):
+        LLM(path, max_model_len=256)
+
+
+# ---- dummy weights (load_format="dummy") -------------------------------------------------------------
+
+def test_dummy_awq_weights(tmp_path, make_llm):
+    path = make_model("qwen3-tiny", str(tmp_path / "m"), weights=False, awq_group_size=32)
+    llm = make_llm(path, load_format="dummy")
+    proj = llm.model_runner.model.model.layers[0].mlp.gate_up_proj
+    assert isinstance(proj, AWQLinear)
+    codes = unpack(proj.qweight)
+    assert codes.min() == 0 and codes.max() == 15 and codes.float().std() > 4  # random nibbles
+    assert (proj.scales > 0).all()
+    w = dequantize(proj.qweight, proj.qzeros, proj.scales, 32)
+    assert 0.5 * 0.02 / 3**0.5 < w.std().item() < 1.5 * 0.02 / 3**0.5  # the spread of dense dummies
+    out = llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert all(len(o["token_ids"]) == 4 for o in out)
+
+
+# ---- the Triton W4A16 kernel ---------------------------------------------------------------------------
+
+KERNEL_SCRIPT = r"""
+import torch
+from nanovllm.layers.awq_format import dequantize, pack
+from nanovllm.layers.awq_gemm import awq_gemm
+device = "{device}"
+g = torch.Generator().manual_seed(0)
+cases = [(1, 128, 96, 32, None), (5, 128, 96, 64, None), (33, 256, 136, 32, 1), (70, 128, 64, 128, 1),
+         (3, 256, 64, 32, 4), (17, 64, 256, 16, 2)]   # M, K, N, group, split_k (None: the heuristic)
+dtypes = [(torch.float32, 1e-5), (torch.float16, 1e-2)]
+if device == "cuda":  # Triton 3.9's interpreter gets bf16 tl.dot wrong (1e10 errors on a bare 16x16 dot)
+    dtypes.append((torch.bfloat16, 2e-2))
+for dtype, tol in dtypes:
+    for M, K, N, G, split in cases:
+        codes = torch.randint(0, 16, (K, N), generator=g)
+        zeros = torch.randint(0, 16, (K // G, N), generator=g)
+        scales = (torch.rand(K // G, N, generator=g) * 0.02 + 0.001).half()
+        qw, qz = pack(codes).to(device), pack(zeros).to(device)
+        x = torch.randn(M, K + 3, generator=g)[:, :K].to(dtype)   # strided rows
+        x = x.to(device)
+        y = awq_gemm(x, qw, qz, scales.to(device), G, split_k=split)
+        assert y.dtype == dtype and y.shape == (M, N)
+        ref = x.double() @ dequantize(qw, qz, scales.to(device), G).double()
+        err = (y.double() - ref).abs().max().item() / ref.abs().max().item()
+        assert err <= tol, (dtype, M, K, N, G, split, err)
+print("ok")
+"""
+
+
+def test_triton_kernel_interpreted():
+    run_interpreted(KERNEL_SCRIPT)
+
+
+@pytest.mark.gpu
+def test_triton_kernel_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    run_on_gpu(KERNEL_SCRIPT)
+
+
+@pytest.mark.gpu
+def test_awq_engine_gpu_greedy(awq_dirs):
+    """On CUDA (the Triton kernel, IEEE float32 dots) greedy equals the dequantized dense model's in
+    float32 (the PyTorch attention backend, eager; scripts/bench_awq.py's decode runs CUDA graphs)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    from nanovllm import LLM
+    awq, dense = awq_dirs["qwen3-g32"]
+    sp = SamplingParams(temperature=0, max_tokens=16)
+    outs = []
+    for path in (awq, dense):
+        llm = LLM(path, dtype="float32", attention_backend="torch", enforce_eager=True, max_model_len=256,
+                  max_num_seqs=16)
+        outs.append([o["token_ids"] for o in llm.generate(PROMPTS, sp, use_tqdm=False)])
+        llm.close()
+    assert outs[0] == outs[1]
+
+
+def test_triton_kernel_compiles_for_hopper():
+    """The interpreter runs the kernel's math, not its lowering: compile it for sm_90 (Triton's own
+    ptxas, no GPU needed) with every block shape awq_gemm picks, bf16 with and without split-K."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from nanovllm.layers.awq_gemm import _awq_gemm_kernel
+    for (bm, bn), split in (((16, 64), 4), ((32, 64), 1), ((64, 64), 2), ((64, 128), 1)):
+        out = "fp32" if split > 1 else "bf16"
+        sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": f"*{out}",
+               "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32"}
+        consts = dict(GROUP=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, SPLIT_K=split, IEEE=False)
+        sig.update({name: "constexpr" for name in consts})
+        kernel = triton.compile(ASTSource(_awq_gemm_kernel, sig, consts), target=GPUTarget("cuda", 90, 32))
+        assert "mma" in kernel.asm["ptx"]  # tl.dot lowered to tensor-core instructions
