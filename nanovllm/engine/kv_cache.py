@@ -38,8 +38,11 @@ def gpu_kv_blocks(config, page_bytes: int, warmup) -> int:
     available = int(total * config.gpu_memory_utilization) - used - max(prefill_peak, decode_peak) - graph_pool
     blocks = available // page_bytes
     if blocks < 1:
+        gb = lambda x: f"{x / 2**30:.2f} GB"  # noqa: E731
         raise RuntimeError(f"no GPU memory left for the KV cache at gpu_memory_utilization="
-                           f"{config.gpu_memory_utilization}")
+                           f"{config.gpu_memory_utilization}: {gb(total)} in all, {gb(used)} in use (weights, and "
+                           f"other processes), {gb(max(prefill_peak, decode_peak))} for the largest step's "
+                           f"activations, {gb(graph_pool)} for CUDA graphs")
     return int(blocks)
 
 
