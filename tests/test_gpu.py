@@ -249,12 +249,16 @@ def test_cascade_graph_mode_matches_eager(structure, bs, shared, engine_mode):
 
 
 # ---- end to end ---------------------------------------------------------------------------------
-# On the shipped trained tiny model (nanovllm/assets/, head_dim 128): its greedy choices have float32
-# margins far above bf16 rounding along these prompts' paths (tests/test_tiny_trained.py measures them
-# on CPU), so any divergence between two correct paths would be a bug, and these tests demand equality.
-from test_tiny_trained import MAX_TOKENS, corpus_prompts, shared_corpus_prompts  # noqa: E402
+# On the shipped trained tiny model (nanovllm/assets/, head_dim 128) and 64 corpus prompts. Its greedy
+# choices have wide margins next to random weights' (median top1 - top2 about 0.5 vs 0.01), but 1% of them
+# are still within 0.01, under bf16 rounding (tests/test_tiny_trained.py measures both). So: two paths may
+# part only where the reference's own logits make the other pick a bf16 near-tie, and most prompts must
+# stay identical; a bug that moves logits by more than bf16 rounding breaks a confident choice somewhere.
+from test_parity import engine_logits  # noqa: E402
+from test_tiny_trained import MAX_TOKENS, corpus_prompts, shared_corpus_prompts, within_bf16_rounding  # noqa: E402
 
 PROMPTS = [[(7 * i + j * 13) % 1900 for j in range(n)] for i, n in enumerate([5, 17, 33, 64, 100, 129, 250, 400])]
+MIN_IDENTICAL = 48  # of 64 prompts (a rough bound: no GPU run of these tests on the trained model yet)
 
 
 def first_divergence(a, b):
@@ -278,28 +282,39 @@ def next_token_logits(llm, tokens):
     return logits
 
 
-def divergences(ref, prompts, got, expected):
-    """For each prompt whose tokens differ: where, and the reference's top-2 margin there (for the message)."""
-    report = []
-    for i, (prompt, a, b) in enumerate(zip(prompts, got, expected)):
-        d = first_divergence(a, b)
-        if d is not None:
-            top2 = next_token_logits(ref, prompt + b[:d]).topk(2).values
-            report.append(f"prompt {i} diverges at token {d}: reference top-2 margin {float(top2[0] - top2[1]):.4f}")
-    return report
+def reference_paths(llm, prompts):
+    """The greedy paths of `llm`, with the logits of every choice on them."""
+    runs = engine_logits(llm, prompts, MAX_TOKENS - 1)
+    return [(seq.token_ids[seq.num_prompt_tokens:], rows) for seq, rows in runs]
+
+
+def assert_same_but_bf16_ties(reference, got, what):
+    """Every path equals the reference's or parts from it at a choice within bf16 rounding of the
+    reference's best; at least MIN_IDENTICAL of them are identical. Prints what parted where."""
+    report, identical = [], 0
+    for i, ((expected, rows), tokens) in enumerate(zip(reference, got)):
+        d = first_divergence(tokens, expected)
+        if d is None:
+            identical += 1
+            continue
+        gap = float(rows[d].float().max() - rows[d].float()[tokens[d]])
+        report.append(f"prompt {i} parts at token {d}: its pick is {gap:.4f} below the reference's best")
+        assert within_bf16_rounding(rows[d], tokens[d]), f"{what}: {report[-1]}, more than bf16 rounding"
+    print(f"{what}: {identical}/{len(got)} identical;", report)
+    assert identical >= MIN_IDENTICAL, report
 
 
 def test_greedy_flashinfer_equals_torch_reference(trained_model):
-    """bf16 greedy decoding, FlashInfer with CUDA graphs (and eager) vs the PyTorch reference backend on
-    the same weights, 64 prompts of 5-400 tokens: token for token."""
+    """bf16 greedy decoding, FlashInfer with CUDA graphs (and eager, which must be bit-identical) vs the
+    PyTorch reference backend on the same weights, 64 corpus prompts of 5-220 tokens."""
     prompts = corpus_prompts()
     sp = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     ref = LLM(trained_model, attention_backend="torch", enforce_eager=True, dtype="bfloat16", max_model_len=1024,
               num_kvcache_blocks=2048)
-    expected = [o["token_ids"] for o in ref.generate(prompts, sp, use_tqdm=False)]
+    reference = reference_paths(ref, prompts)
     llm = LLM(trained_model, dtype="bfloat16", max_model_len=1024, max_num_seqs=64, num_kvcache_blocks=2048)
     got = [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
-    assert got == expected, divergences(ref, prompts, got, expected)
+    assert_same_but_bf16_ties(reference, got, "FlashInfer vs reference")
     eager = LLM(trained_model, dtype="bfloat16", max_model_len=1024, max_num_seqs=64, enforce_eager=True,
                 num_kvcache_blocks=2048)
     assert [o["token_ids"] for o in eager.generate(prompts, sp, use_tqdm=False)] == got, "graphs vs eager"
@@ -309,18 +324,18 @@ def test_greedy_flashinfer_equals_torch_reference(trained_model):
 
 @pytest.mark.parametrize("shared_backend", ["triton", "fa2", "fa3"])
 def test_greedy_cascade_on_equals_off_gpu(trained_model, shared_backend):
-    """64 requests behind four shared prefixes (80-1,000 tokens, 5-45 requests a group), cascade on every
-    step it can (shared levels on each kernel in turn) vs off, CUDA graphs: token for token."""
+    """64 requests behind four shared corpus prefixes (64-200 tokens, 5-45 requests a group), cascade on
+    every step it can (shared levels on each kernel in turn) vs off, CUDA graphs."""
     from nanovllm.cascade.cost_model import AlwaysCascade
     prompts = shared_corpus_prompts()
     sp = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    off = LLM(trained_model, dtype="bfloat16", max_model_len=2048, max_num_seqs=128, num_kvcache_blocks=4096)
-    expected = [o["token_ids"] for o in off.generate(prompts, sp, use_tqdm=False)]
-    on = LLM(trained_model, dtype="bfloat16", max_model_len=2048, max_num_seqs=128, enable_cascade_attention=True,
+    off = LLM(trained_model, dtype="bfloat16", max_model_len=1024, max_num_seqs=128, num_kvcache_blocks=4096)
+    reference = reference_paths(off, prompts)
+    on = LLM(trained_model, dtype="bfloat16", max_model_len=1024, max_num_seqs=128, enable_cascade_attention=True,
              cascade_shared_backend=shared_backend, num_kvcache_blocks=4096)
     on.step_builder.cascade.cost_model = AlwaysCascade()
     got = [o["token_ids"] for o in on.generate(prompts, sp, use_tqdm=False)]
     assert on.stats["cascade_steps"] > 0
-    assert got == expected, divergences(off, prompts, got, expected)
+    assert_same_but_bf16_ties(reference, got, f"cascade ({shared_backend}) vs off")
     bm = on.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
