@@ -78,12 +78,14 @@ def main():
     train_texts, held_out_texts = corpus_split()
     lines = [line for text in train_texts for line in text.splitlines(keepends=True)]
     tokenizer = make_tokenizer(train_tokenizer(lines, args.vocab))
+    max_len, tokenizer.model_max_length = tokenizer.model_max_length, 10**9  # whole books: no length warning
     train_ids = token_stream(tokenizer, train_texts)
     held_out_ids = token_stream(tokenizer, held_out_texts)
     print(f"corpus: {sum(map(len, train_texts))} training chars -> {len(train_ids)} tokens, "
           f"{sum(map(len, held_out_texts))} held-out chars -> {len(held_out_ids)} tokens; "
           f"tokenizer {len(tokenizer)} tokens ({time.time() - t0:.0f} s)")
 
+    tokenizer.model_max_length = max_len
     config, model_cls, *_ = build_config("qwen3-tiny", "bfloat16", SHAPES, tokenizer=tokenizer)
     torch.manual_seed(args.seed)
     model = model_cls(config).float()

@@ -250,10 +250,11 @@ def test_cascade_graph_mode_matches_eager(structure, bs, shared, engine_mode):
 
 # ---- end to end ---------------------------------------------------------------------------------
 # On the shipped trained tiny model (nanovllm/assets/, head_dim 128) and 64 corpus prompts. Its greedy
-# choices have wide margins next to random weights' (median top1 - top2 about 0.5 vs 0.01), but 1% of them
-# are still within 0.01, under bf16 rounding (tests/test_tiny_trained.py measures both). So: two paths may
-# part only where the reference's own logits make the other pick a bf16 near-tie, and most prompts must
-# stay identical; a bug that moves logits by more than bf16 rounding breaks a confident choice somewhere.
+# paths are varied text (random weights loop on one token), with a median top1 - top2 margin of about 0.5,
+# but 1% of its choices are within 0.01, under bf16 rounding (tests/test_tiny_trained.py measures both).
+# So: two paths may part only where the reference's own logits make the other pick a bf16 near-tie, and
+# most prompts must stay identical; a bug that moves logits by more than bf16 rounding breaks a confident
+# choice somewhere.
 from test_parity import engine_logits  # noqa: E402
 from test_tiny_trained import MAX_TOKENS, corpus_prompts, shared_corpus_prompts, within_bf16_rounding  # noqa: E402
 
