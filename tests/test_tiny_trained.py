@@ -197,3 +197,23 @@ def test_greedy_cascade_on_equals_off(trained_model, make_llm):
     hf, margins = reference_runs("shared")
     assert min(m for row in margins for m in row) > 1e-4
     assert expected == hf
+
+
+# ---- the training script ----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_train_script_writes_a_loadable_checkpoint(tmp_path, trained_model, make_llm):
+    """scripts/train_tiny.py for 3 steps: it logs the loss curve and held-out loss, writes a folder the
+    engine serves, and its tokenizer (a function of the corpus alone) is the shipped one, byte for byte."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, os.path.join(root, "scripts", "train_tiny.py"), "--out", str(tmp_path),
+                          "--steps", "3", "--log-every", "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("\nstep ") == 3 and "held-out loss" in out.stdout, out.stdout
+    for name in ("tokenizer.json", "config.json"):
+        with open(tmp_path / name) as f, open(os.path.join(trained_model, name)) as g:
+            assert f.read() == g.read(), name
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    assert len(make_llm(str(tmp_path)).generate(["Alice was"], sp, use_tqdm=False)[0]["token_ids"]) == 4
