@@ -13,6 +13,11 @@ held-out slice (nanovllm.assets.corpus_split). Steps:
    top-level rope_theta, generation_config.json, model.safetensors, tokenizer and chat template).
 It prints the loss curve, the held-out loss against ln(vocab) (uniform guessing) and a greedy
 continuation of a corpus sentence. Same seed and thread count -> the same checkpoint.
+
+Measured (claude_docs/tiny_trained.md): 2.94M parameters; about 0.6 s a step on one free core, so the
+default 1,000 steps (8 x 256 tokens, 2M tokens, about 9 epochs) take 10 minutes (19 on a busy shared
+machine); training loss 8.06 -> 4.03, held-out 4.53 nats against ln(3008) = 8.01; 6.1 MB written.
+Windows of 256 tokens cover the test prompts (up to 252 tokens with their continuations).
 """
 import argparse
 import math
@@ -93,8 +98,8 @@ def main():
     print(f"model: {n_params / 1e6:.2f}M parameters, vocab {config.vocab_size}, "
           f"uniform loss ln(vocab) = {math.log(config.vocab_size):.3f}")
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(args.seed)
