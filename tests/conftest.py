@@ -1,9 +1,11 @@
-"""Shared fixtures: random-weight checkpoints built once per run, and LLMs checked for leaked pages."""
+"""Shared fixtures: random-weight checkpoints built once per run, the shipped trained tiny model, and LLMs
+checked for leaked pages."""
 
 import pytest
 import torch
 
 from nanovllm import LLM
+from nanovllm.assets import tiny_trained_path
 from nanovllm.tools.make_model import make_model
 
 # Tiny models: one thread beats two, which spin against each other (and against a second test process).
@@ -20,6 +22,13 @@ def model_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(model_dirs):
     return model_dirs["qwen3-tiny"]
+
+
+@pytest.fixture(scope="session")
+def trained_model():
+    """The shipped tiny Qwen3 trained on public-domain text (nanovllm/assets/, head_dim 128 so FlashInfer
+    runs it): varied greedy paths with wide margins, for token-for-token comparisons."""
+    return tiny_trained_path()
 
 
 def assert_no_leaks(llm: LLM):

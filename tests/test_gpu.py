@@ -249,16 +249,17 @@ def test_cascade_graph_mode_matches_eager(structure, bs, shared, engine_mode):
 
 
 # ---- end to end ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def gpu_model(tmp_path_factory):
-    from nanovllm.tools.make_model import make_model
-    # FlashInfer kernels are built for head_dim 128: a tiny model with Qwen3-0.6B's head shape.
-    return make_model("qwen3-tiny", str(tmp_path_factory.mktemp("m") / "tiny128"), seed=0, dtype="bfloat16",
-                      hidden_size=256, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                      intermediate_size=512, num_hidden_layers=3)
-
+# On the shipped trained tiny model (nanovllm/assets/, head_dim 128) and 64 corpus prompts. Its greedy
+# paths are varied text (random weights loop on one token), with a median top1 - top2 margin of about 0.5,
+# but 1% of its choices are within 0.01, under bf16 rounding (tests/test_tiny_trained.py measures both).
+# So: two paths may part only where the reference's own logits make the other pick a bf16 near-tie, and
+# most prompts must stay identical; a bug that moves logits by more than bf16 rounding breaks a confident
+# choice somewhere.
+from test_parity import engine_logits  # noqa: E402
+from test_tiny_trained import MAX_TOKENS, corpus_prompts, shared_corpus_prompts, within_bf16_rounding  # noqa: E402
 
 PROMPTS = [[(7 * i + j * 13) % 1900 for j in range(n)] for i, n in enumerate([5, 17, 33, 64, 100, 129, 250, 400])]
+MIN_IDENTICAL = 48  # of 64 prompts (a rough bound: no GPU run of these tests on the trained model yet)
 
 
 def first_divergence(a, b):
@@ -282,53 +283,60 @@ def next_token_logits(llm, tokens):
     return logits
 
 
-def test_greedy_flashinfer_equals_torch_reference(gpu_model):
-    """bf16 greedy decoding, FlashInfer vs the PyTorch reference backend on the same weights. Where they
-    part, the reference's logits must be a near-tie there (a bf16 rounding flip), and we report it."""
-    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    ref = LLM(gpu_model, attention_backend="torch", enforce_eager=True, dtype="bfloat16", max_model_len=1024,
-              num_kvcache_blocks=2048)
-    expected = [o["token_ids"] for o in ref.generate(PROMPTS, sp, use_tqdm=False)]
-    llm = LLM(gpu_model, dtype="bfloat16", max_model_len=1024, max_num_seqs=64, num_kvcache_blocks=2048)
-    got = [o["token_ids"] for o in llm.generate(PROMPTS, sp, use_tqdm=False)]
-    report = []
-    for prompt, a, b in zip(PROMPTS, got, expected):
-        d = first_divergence(a, b)
+def reference_paths(llm, prompts):
+    """The greedy paths of `llm`, with the logits of every choice on them."""
+    runs = engine_logits(llm, prompts, MAX_TOKENS - 1)
+    return [(seq.token_ids[seq.num_prompt_tokens:], rows) for seq, rows in runs]
+
+
+def assert_same_but_bf16_ties(reference, got, what):
+    """Every path equals the reference's or parts from it at a choice within bf16 rounding of the
+    reference's best; at least MIN_IDENTICAL of them are identical. Prints what parted where."""
+    report, identical = [], 0
+    for i, ((expected, rows), tokens) in enumerate(zip(reference, got)):
+        d = first_divergence(tokens, expected)
         if d is None:
-            report.append("identical x40")
+            identical += 1
             continue
-        logits = next_token_logits(ref, prompt + b[:d])
-        top2 = logits.topk(2).values
-        margin = float(top2[0] - top2[1])
-        chosen_gap = float(logits.max() - logits[a[d]])
-        report.append(f"diverges at {d}: reference top-2 margin {margin:.4f}, flashinfer's pick {chosen_gap:.4f} below the max")
-        assert chosen_gap <= 0.0625, report[-1]  # a bf16 ulp at |logit| ~ 4-8: a rounding flip, not a bug
-    print("FlashInfer vs reference, greedy bf16, 8 prompts:", report)
-    assert sum(r == "identical x40" for r in report) >= 6, report
-    eager = LLM(gpu_model, dtype="bfloat16", max_model_len=1024, max_num_seqs=64, enforce_eager=True,
+        gap = float(rows[d].float().max() - rows[d].float()[tokens[d]])
+        report.append(f"prompt {i} parts at token {d}: its pick is {gap:.4f} below the reference's best")
+        assert within_bf16_rounding(rows[d], tokens[d]), f"{what}: {report[-1]}, more than bf16 rounding"
+    print(f"{what}: {identical}/{len(got)} identical;", report)
+    assert identical >= MIN_IDENTICAL, report
+
+
+def test_greedy_flashinfer_equals_torch_reference(trained_model):
+    """bf16 greedy decoding, FlashInfer with CUDA graphs (and eager, which must be bit-identical) vs the
+    PyTorch reference backend on the same weights, 64 corpus prompts of 5-220 tokens."""
+    prompts = corpus_prompts()
+    sp = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    ref = LLM(trained_model, attention_backend="torch", enforce_eager=True, dtype="bfloat16", max_model_len=1024,
+              num_kvcache_blocks=2048)
+    reference = reference_paths(ref, prompts)
+    llm = LLM(trained_model, dtype="bfloat16", max_model_len=1024, max_num_seqs=64, num_kvcache_blocks=2048)
+    got = [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    assert_same_but_bf16_ties(reference, got, "FlashInfer vs reference")
+    eager = LLM(trained_model, dtype="bfloat16", max_model_len=1024, max_num_seqs=64, enforce_eager=True,
                 num_kvcache_blocks=2048)
-    assert [o["token_ids"] for o in eager.generate(PROMPTS, sp, use_tqdm=False)] == got, "graphs vs eager"
+    assert [o["token_ids"] for o in eager.generate(prompts, sp, use_tqdm=False)] == got, "graphs vs eager"
     bm = llm.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
 
 
-def test_greedy_cascade_on_equals_off_gpu(gpu_model):
-    rng = random.Random(0)
-    prompts = []
-    for sys_len, members in ((80, 6), (300, 8), (1000, 5), (200, 70)):  # 70 members: fa3 shared level
-        system = [rng.randrange(1900) for _ in range(sys_len)]
-        prompts += [system + [rng.randrange(1900) for _ in range(rng.randrange(3, 50))] for _ in range(members)]
-    rng.shuffle(prompts)
-    sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    off = LLM(gpu_model, dtype="bfloat16", max_model_len=2048, max_num_seqs=128, num_kvcache_blocks=4096)
-    expected = [o["token_ids"] for o in off.generate(prompts, sp, use_tqdm=False)]
-    del off
-    on = LLM(gpu_model, dtype="bfloat16", max_model_len=2048, max_num_seqs=128, enable_cascade_attention=True,
-             num_kvcache_blocks=4096)
-    on.step_builder.cascade.cost_model = __import__("nanovllm.cascade.cost_model", fromlist=["x"]).AlwaysCascade()
+@pytest.mark.parametrize("shared_backend", ["triton", "fa2", "fa3"])
+def test_greedy_cascade_on_equals_off_gpu(trained_model, shared_backend):
+    """64 requests behind four shared corpus prefixes (64-200 tokens, 5-45 requests a group), cascade on
+    every step it can (shared levels on each kernel in turn) vs off, CUDA graphs."""
+    from nanovllm.cascade.cost_model import AlwaysCascade
+    prompts = shared_corpus_prompts()
+    sp = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    off = LLM(trained_model, dtype="bfloat16", max_model_len=1024, max_num_seqs=128, num_kvcache_blocks=4096)
+    reference = reference_paths(off, prompts)
+    on = LLM(trained_model, dtype="bfloat16", max_model_len=1024, max_num_seqs=128, enable_cascade_attention=True,
+             cascade_shared_backend=shared_backend, num_kvcache_blocks=4096)
+    on.step_builder.cascade.cost_model = AlwaysCascade()
     got = [o["token_ids"] for o in on.generate(prompts, sp, use_tqdm=False)]
-    report = [first_divergence(a, b) for a, b in zip(got, expected)]
-    print("cascade on vs off, first divergence:", report, "cascade steps:", on.stats["cascade_steps"])
     assert on.stats["cascade_steps"] > 0
-    # Cascade sums in another order than regular attention: allow a rare bf16 near-tie flip.
-    assert sum(d is None for d in report) >= len(report) - 2, report
+    assert_same_but_bf16_ties(reference, got, f"cascade ({shared_backend}) vs off")
+    bm = on.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks

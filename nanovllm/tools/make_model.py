@@ -193,27 +193,34 @@ def _corpus() -> list[str]:
     return lines
 
 
-@functools.lru_cache(maxsize=None)
-def _tokenizer_json() -> str:
-    """Train the byte-level BPE (once per process) and return it serialized."""
+def train_tokenizer(lines, vocab_size: int = BPE_VOCAB_SIZE) -> str:
+    """Train the byte-level BPE on `lines` (vocab_size learned tokens, then SPECIAL_TOKENS) and
+    return it serialized. scripts/train_tiny.py trains one on its corpus."""
     tok = Tokenizer(models.BPE())
     # ByteLevel maps every byte to a printable symbol, so any unicode string
     # round-trips through encode/decode and nothing is ever <unk>.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB_SIZE, min_frequency=1, show_progress=False,
+        vocab_size=vocab_size, min_frequency=1, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(lines, trainer=trainer)
     # Added after training so they get the ids right after the learned vocab (as in Qwen).
     tok.add_special_tokens(SPECIAL_TOKENS)
     return tok.to_str()
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
+@functools.lru_cache(maxsize=None)
+def _tokenizer_json() -> str:
+    """The built-in corpus's BPE (trained once per process), serialized."""
+    return train_tokenizer(_corpus())
+
+
+def make_tokenizer(tokenizer_json: str | None = None) -> PreTrainedTokenizerFast:
+    """The checkpoints' tokenizer: the built-in BPE, or a serialized one from train_tokenizer."""
     return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        tokenizer_object=Tokenizer.from_str(tokenizer_json or _tokenizer_json()),
         eos_token="<|im_end|>", pad_token="<|endoftext|>",
         chat_template=CHAT_TEMPLATE, model_max_length=131072,
     )
@@ -237,15 +244,16 @@ LARGE_CHECKPOINT_BYTES = 10 * 10**9
 BIG_PRESETS = ("qwen3-8b", "qwen3-32b", "llama-3.1-8b", "llama-3.2-1b", "mistral-7b-v0.3", "qwen3-30b-a3b")
 
 
-def _build_config(preset: str, dtype: str | None, overrides: dict):
-    """(config, HF model class, tokenizer, special token ids, preset fields, dtype name) for a preset."""
+def build_config(preset: str, dtype: str | None, overrides: dict, tokenizer=None):
+    """(config, HF model class, tokenizer, special token ids, preset fields, dtype name) for a preset;
+    `tokenizer` (default: make_tokenizer()) sets the vocab size of presets that leave it open."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}, choose from {sorted(PRESETS)}")
     fields = copy.deepcopy({**PRESETS[preset], **overrides})  # HF configs edit the rope dicts they are given
     config_cls, model_cls = _ARCHS[fields.pop("arch")]
     preset_dtype = fields.pop("dtype")
     dtype = dtype or preset_dtype
-    tokenizer = make_tokenizer()
+    tokenizer = tokenizer or make_tokenizer()
     if fields["vocab_size"] is None:
         fields["vocab_size"] = (len(tokenizer) + 63) // 64 * 64
     special = dict(
@@ -278,7 +286,7 @@ def make_model(preset: str, out_dir: str, seed: int = 0, dtype: str | None = Non
     with groups of that many input rows (see the module docstring); awq_keep_dense: its
     modules_to_not_convert (default: ["gate"], the MoE router, when the model has experts, else none).
     """
-    config, model_cls, tokenizer, special, fields, dtype = _build_config(preset, dtype, overrides)
+    config, model_cls, tokenizer, special, fields, dtype = build_config(preset, dtype, overrides)
     quant = None
     if awq_group_size is not None:  # checked before anything is written, as the engine will check it
         if awq_keep_dense is None:
@@ -319,10 +327,25 @@ def make_model(preset: str, out_dir: str, seed: int = 0, dtype: str | None = Non
         model.generation_config = generation_config
         # Tied models save no lm_head.weight (HF drops tied duplicates).
         model.save_pretrained(out_dir, max_shard_size=_size_bytes(max_shard_size))
-    tokenizer.save_pretrained(out_dir)
     if quant is not None and weights:
         _quantize_awq(out_dir, awq)
+    _finish_folder(out_dir, tokenizer, fields, quant)
+    return out_dir
 
+
+def save_checkpoint(model, tokenizer, out_dir: str, rope_theta: float, max_shard_size: str = "2GB") -> str:
+    """Write a (trained) HF model and its tokenizer as make_model writes a folder; return out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    model.generation_config = GenerationConfig(bos_token_id=model.config.bos_token_id,
+                                               eos_token_id=model.config.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(out_dir, max_shard_size=_size_bytes(max_shard_size))
+    _finish_folder(out_dir, tokenizer, {"rope_theta": rope_theta})
+    return out_dir
+
+
+def _finish_folder(out_dir: str, tokenizer, fields: dict, quant: dict | None = None):
+    tokenizer.save_pretrained(out_dir)
     # transformers 5 writes rope_theta and the scaling only inside "rope_parameters"; real
     # checkpoints (and simple readers of config.json) have them at the top level too.
     path = os.path.join(out_dir, "config.json")
@@ -338,7 +361,6 @@ def make_model(preset: str, out_dir: str, seed: int = 0, dtype: str | None = Non
     with open(path, "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
         f.write("\n")
-    return out_dir
 
 
 def awq_quantizable(name: str, tensor: torch.Tensor, quant: AWQConfig) -> bool:
