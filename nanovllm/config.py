@@ -87,13 +87,13 @@ class Config:
             raise ValueError(f"FlashInfer attention runs in bfloat16 or float16, not {self.torch_dtype}: on a GPU, "
                              f"pass dtype='bfloat16', or attention_backend='torch' for {self.torch_dtype} (unfused "
                              f"PyTorch layers, slow)")
+        if self.device == "cpu" or not torch.cuda.is_available():
+            self.enforce_eager = True  # CUDA graphs need CUDA
+        self._check_parallel()
         head_dim = getattr(self.hf_config, "head_dim", None) or self.hf_config.hidden_size // self.hf_config.num_attention_heads
         if self.attention_backend == "flashinfer" and head_dim not in FLASHINFER_HEAD_DIMS:
             raise ValueError(f"FlashInfer attention needs head_dim in {FLASHINFER_HEAD_DIMS}, this model has {head_dim}: "
                              f"use attention_backend='torch' (unfused PyTorch attention, slow)")
-        if self.device == "cpu" or not torch.cuda.is_available():
-            self.enforce_eager = True  # CUDA graphs need CUDA
-        self._check_parallel()
         if self.quantization is not None:
             check_awq_model(self.hf_config)
             check_awq_parallel(self.hf_config, self.quantization, self.tensor_parallel_size)

@@ -55,3 +55,11 @@ def make_llm():
     yield make
     for llm in made:
         assert_no_leaks(llm)
+
+
+@pytest.fixture
+def oai(server):
+    """The official `openai` client on the module's `server` fixture (a ServerThread without an API key)."""
+    import openai
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60) as c:
+        yield c

@@ -283,6 +283,20 @@ def next_token_logits(llm, tokens):
     return logits
 
 
+def identical_or_at_ties(prompts, got, expected, logits_after, tol=0.0625) -> int:
+    """How many outputs equal the reference's; each other one must part at a near-tie of the reference's
+    logits after the common prefix (logits_after(tokens), within tol of its best). For random weights."""
+    identical = 0
+    for prompt, a, b in zip(prompts, got, expected):
+        d = first_divergence(a, b)
+        if d is None:
+            identical += 1
+            continue
+        logits = logits_after(prompt + b[:d])
+        assert float(logits.max() - logits[a[d]]) <= tol, (d, float(logits.max() - logits[a[d]]))
+    return identical
+
+
 def reference_paths(llm, prompts):
     """The greedy paths of `llm`, with the logits of every choice on them."""
     runs = engine_logits(llm, prompts, MAX_TOKENS - 1)

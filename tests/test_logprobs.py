@@ -4,7 +4,6 @@ and tensor parallelism; then through the server with the official `openai` clien
 import random
 
 import httpx
-import openai
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -172,12 +171,6 @@ def server(tiny_model):
     yield s
     s.stop()
     assert_no_leaks(s.engine.engine)
-
-
-@pytest.fixture
-def oai(server):
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60) as c:
-        yield c
 
 
 def check_legacy(logprobs, ids: list[int], ref: torch.Tensor, k: int, strings):

@@ -233,13 +233,6 @@ def server(tiny_model):
     assert_no_leaks(s.engine.engine)
 
 
-@pytest.fixture
-def oai(server):
-    import openai
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="k", max_retries=0, timeout=60) as c:
-        yield c
-
-
 def test_server_json_schema_regex_choice(oai):
     for i, schema in enumerate(SCHEMAS):
         r = oai.chat.completions.create(
