@@ -7,6 +7,19 @@ its hash as soon as it is allocated for a prompt, but it only counts as a hit on
 computed: a request that would hit a page still being computed waits a step (see `match`), so that
 requests arriving together with the same system prompt compute it once, not once each.
 Freed pages keep their hash and contents until they are handed out again (least recently freed first).
+
+Host tier (num_host_blocks > 0): a page handed out again while it still holds a cached prefix is
+first written back to a host page (`swap_out`, GPU page -> host page) instead of being dropped;
+`match` follows the hash chain through both tiers, and a hit in host memory is copied into a fresh
+GPU page (`swap_in`, host page -> GPU page) before the step that admits the request runs. A hash
+lives in one tier at a time (a restore moves it back; a GPU page registered under a hash the host
+holds drops the host copy), and a host page is dropped only from the host's LRU end. This class
+only decides the copies; `take_copies` hands them to the step (engine/scheduled_step.py) and every
+rank's runner executes them on its own pools, swap_out before swap_in. Within a step that order is
+safe: a host page read by a restore is released only at the end of the step, and no GPU page is
+freed while a step is scheduled. `copy_after_prev` says whether a copy touches a page freed since
+the step in flight was scheduled (that step may still read or write it): only then must the copy
+wait for it; otherwise it may overlap it.
 """
 from collections import OrderedDict
 
@@ -16,8 +29,13 @@ import xxhash
 from nanovllm.engine.sequence import Sequence
 
 
+def is_host_hit(hit: int) -> bool:
+    """`match` returns GPU pages as their ids and host pages h as -1 - h."""
+    return hit < 0
+
+
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_key", "computed")
+    __slots__ = ("block_id", "ref_count", "hash", "token_key", "computed", "freed_at")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
@@ -25,6 +43,7 @@ class Block:
         self.hash = -1
         self.token_key = b""  # its token ids as int64 bytes, once hashed
         self.computed = False
+        self.freed_at = -1    # the scheduling clock when it was last freed
 
     def reset(self):
         self.ref_count = 1
@@ -35,15 +54,34 @@ class Block:
 
 class BlockManager:
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, num_host_blocks: int = 0):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.hash_to_block_id: dict[int, int] = {}
         # Ordered so that the least recently freed page is reused first: cached prefixes live longest.
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.num_cache_hit_tokens = 0   # prompt tokens served from the cache, for metrics
+        self.num_cache_hit_tokens = 0   # prompt tokens served from the cache (either tier), for metrics
         self.num_cache_query_tokens = 0
+        # The host tier: each host page's hash and token key; occupied pages in LRU order (oldest
+        # first); free pages; pages released this step (reusable from the next step on).
+        self.num_host_blocks = num_host_blocks
+        self.host_hash = [-1] * num_host_blocks
+        self.host_key = [b""] * num_host_blocks
+        self.host_hash_to_page: dict[int, int] = {}
+        self.host_lru: OrderedDict[int, None] = OrderedDict()
+        self.host_free: list[int] = list(range(num_host_blocks - 1, -1, -1))
+        self.host_released: list[int] = []
+        self.restore_pays = True        # a host hit is restored (else recomputed): the scheduler's cost choice
+        self.swap_out: list[tuple[int, int]] = []   # this step's (GPU page, host page) write-backs
+        self.swap_in: list[tuple[int, int]] = []    # this step's (host page, GPU page) restores
+        self.copy_after_prev = False
+        self.clock = 0          # scheduling steps so far
+        self.launch_clock = -1  # the clock of the step launched last
+        self.num_host_hit_tokens = 0    # prompt tokens restored from the host tier
+        self.num_swapped_out = 0        # pages written back to host
+        self.num_swapped_in = 0         # pages restored from host
+        self.num_host_dropped = 0       # host pages dropped from the LRU end (or not stored: host full this step)
 
     @property
     def num_blocks(self) -> int:
@@ -53,12 +91,69 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self.free_block_ids)
 
+    @property
+    def num_free_host_blocks(self) -> int:
+        return len(self.host_free) + len(self.host_released)
+
+    # ---- steps and copies ---------------------------------------------------------------------
+    def begin_step(self):
+        self.clock += 1
+
+    def launched(self):
+        """The step scheduled at this clock went to the device."""
+        self.launch_clock = self.clock
+
+    def take_copies(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]], bool]:
+        """This step's swap_out and swap_in pairs and whether they must wait for the step in flight;
+        host pages restored this step become free for the next."""
+        copies = (self.swap_out, self.swap_in, self.copy_after_prev)
+        self.swap_out, self.swap_in, self.copy_after_prev = [], [], False
+        self.host_free.extend(self.host_released)
+        self.host_released = []
+        return copies
+
+    def _note_copy(self, block: Block):
+        if block.freed_at >= self.launch_clock:  # freed after the step in flight was scheduled
+            self.copy_after_prev = True
+
+    def _store_on_host(self, block: Block):
+        """Write back a cached GPU page that is about to be overwritten."""
+        if self.host_free:
+            page = self.host_free.pop()
+        elif self.host_lru:
+            page, _ = self.host_lru.popitem(last=False)
+            del self.host_hash_to_page[self.host_hash[page]]
+            self.num_host_dropped += 1
+        else:  # every host page is being read by this step's restores
+            self.num_host_dropped += 1
+            return
+        self.host_hash[page], self.host_key[page] = block.hash, block.token_key
+        self.host_hash_to_page[block.hash] = page
+        self.host_lru[page] = None
+        self.swap_out.append((block.block_id, page))
+        self.num_swapped_out += 1
+        self._note_copy(block)
+
+    def _drop_from_host(self, h: int):
+        """The GPU holds hash h again: its host copy goes (a hash lives in one tier at a time)."""
+        page = self.host_hash_to_page.pop(h, None)
+        if page is not None:
+            del self.host_lru[page]
+            self.host_hash[page], self.host_key[page] = -1, b""
+            self.host_released.append(page)  # a restore of this step may still read it
+
+    def _register(self, block: Block):
+        if self.hash_to_block_id.setdefault(block.hash, block.block_id) == block.block_id and self.num_host_blocks:
+            self._drop_from_host(block.hash)
+
     def _take_free(self, block_id: int | None = None) -> Block:
         if block_id is None:
             block_id, _ = self.free_block_ids.popitem(last=False)
             block = self.blocks[block_id]
             if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block_id:
                 del self.hash_to_block_id[block.hash]   # its old contents are about to be overwritten
+                if self.num_host_blocks and block.computed:
+                    self._store_on_host(block)
             block.reset()
         else:
             del self.free_block_ids[block_id]
@@ -74,16 +169,36 @@ class BlockManager:
         hits: list[int] = []
         if not self.enable_prefix_caching:
             return hits, False
-        n = (len(seq) - 1) // self.block_size
-        hashes = self._hashes(seq, n)
-        for i in range(n):
+        hashes = self.prefix_hashes(seq)
+        host = self.num_host_blocks and self.restore_pays
+        for i in range(len(hashes)):
             block_id = self.hash_to_block_id.get(hashes[i])
-            if block_id is None or self.blocks[block_id].token_key != seq.block_keys[i]:
+            if block_id is not None and self.blocks[block_id].token_key == seq.block_keys[i]:
+                if not self.blocks[block_id].computed:
+                    return hits, True
+                hits.append(block_id)
+                continue
+            page = self.host_hash_to_page.get(hashes[i]) if host else None
+            if page is None or self.host_key[page] != seq.block_keys[i]:
                 break
-            if not self.blocks[block_id].computed:
-                return hits, True
-            hits.append(block_id)
+            hits.append(-1 - page)
         return hits, False
+
+    def prefix_hashes(self, seq: Sequence) -> list[int]:
+        """Hashes of the pages that can be prefix hits (all full pages but one token)."""
+        n = (len(seq) - 1) // self.block_size
+        return self._hashes(seq, n)[:n]
+
+    def cached_prefix_pages(self, seq: Sequence) -> int:
+        """Leading pages of `seq` held in either tier (computed or not): the lpm policy's key."""
+        if not self.enable_prefix_caching:
+            return 0
+        n = 0
+        for h in self.prefix_hashes(seq):
+            if h not in self.hash_to_block_id and h not in self.host_hash_to_page:
+                break
+            n += 1
+        return n
 
     def _hashes(self, seq: Sequence, n: int) -> list[int]:
         """Chained hashes (and token keys, seq.block_keys) of at least the first n full pages, kept
@@ -108,18 +223,37 @@ class BlockManager:
         return hashes
 
     def can_allocate(self, seq: Sequence, hits: list[int]) -> bool:
-        hits_in_use = sum(self.blocks[b].ref_count > 0 for b in hits)
+        hits_in_use = sum(hit >= 0 and self.blocks[hit].ref_count > 0 for hit in hits)
         return self.num_free_blocks >= seq.num_blocks - hits_in_use
 
     def allocate(self, seq: Sequence, hits: list[int]):
+        """Pages for `seq`: its GPU hits shared, its host hits restored into fresh pages, new pages
+        for the rest. GPU hits are taken first, so that taking fresh pages cannot evict them."""
         assert not seq.block_table
-        for block_id in hits:
-            block = self.blocks[block_id]
-            if block.ref_count == 0:
-                self._take_free(block_id)
-            else:
-                block.ref_count += 1
-            seq.block_table.append(block_id)
+        for hit in hits:
+            if hit >= 0:
+                block = self.blocks[hit]
+                if block.ref_count == 0:
+                    self._take_free(hit)
+                else:
+                    block.ref_count += 1
+        # Host hits leave the host LRU before any write-back below could pick them as its victim.
+        restored = {hit: (self.host_hash[-1 - hit], self.host_key[-1 - hit]) for hit in hits if hit < 0}
+        for h, _ in restored.values():
+            self._drop_from_host(h)
+        for hit in hits:
+            if hit < 0:
+                page = -1 - hit
+                block = self._take_free()
+                block.hash, block.token_key = restored[hit]
+                block.computed = True   # the step's copies land before its forward
+                self._register(block)
+                self.swap_in.append((page, block.block_id))
+                self.num_swapped_in += 1
+                self.num_host_hit_tokens += self.block_size
+                self._note_copy(block)
+                hit = block.block_id
+            seq.block_table.append(hit)
         num_full = len(seq) // self.block_size if self.enable_prefix_caching else 0
         hashes = self._hashes(seq, num_full)
         for i in range(len(hits), seq.num_blocks):
@@ -128,7 +262,7 @@ class BlockManager:
                 # Registered now, computed later: a request arriving meanwhile waits for it (see match).
                 block.token_key = seq.block_keys[i]
                 block.hash = hashes[i]
-                self.hash_to_block_id.setdefault(block.hash, block.block_id)
+                self._register(block)
             seq.block_table.append(block.block_id)
         seq.num_computed_tokens = len(hits) * self.block_size
         if not seq.num_completion_tokens:  # a re-admission after preemption also hits its own output
@@ -148,6 +282,7 @@ class BlockManager:
                         del self.hash_to_block_id[block.hash]
                     block.hash = -1
                     block.token_key = b""
+                block.freed_at = self.clock
                 self.free_block_ids[block_id] = None
         seq.release_pages()
 
@@ -175,12 +310,19 @@ class BlockManager:
                 block.hash = self._hashes(seq, i + 1)[i]
                 block.token_key = seq.block_keys[i]
             if block.hash != -1:
-                self.hash_to_block_id.setdefault(block.hash, block.block_id)
+                self._register(block)
 
     def check_invariants(self):
-        """For tests: ref counts agree with the free list, the hash map points at matching pages."""
+        """For tests: ref counts agree with the free list, the hash map points at matching pages; the
+        host pages are each free, released or in the LRU exactly once, and no hash is in both tiers."""
         for block in self.blocks:
             assert block.ref_count >= 0
             assert (block.ref_count == 0) == (block.block_id in self.free_block_ids), block.block_id
         for h, block_id in self.hash_to_block_id.items():
             assert self.blocks[block_id].hash == h
+        pages = sorted(self.host_free + self.host_released + list(self.host_lru))
+        assert pages == list(range(self.num_host_blocks)), "a host page lost or held twice"
+        assert sorted(self.host_hash_to_page.values()) == sorted(self.host_lru)
+        for h, page in self.host_hash_to_page.items():
+            assert self.host_hash[page] == h
+        assert not set(self.host_hash_to_page) & set(self.hash_to_block_id), "a hash in both tiers"

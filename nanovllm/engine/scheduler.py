@@ -10,22 +10,32 @@ gets a PLACEHOLDER token, its K/V count as computed), so the next step can be sc
 runs; `postprocess` fills the tokens in when the step is collected. A sequence whose launched token
 ends it by length is not scheduled again; one that ends by EOS or a stop token may have run one
 step too many, whose token is dropped.
+
+Admission order is the schedule policy's (engine/schedule_policy.py: fcfs, lpm, dfs-weight, random,
+with a starvation bound). With a host KV tier (block_manager.py) a preempted sequence's pages are
+not lost: its full pages keep their hashes, are written back to host memory if the GPU needs them
+for others, and are copied back at re-admission instead of being recomputed (swap-preemption), as
+long as the copy is cheaper than the prefill (`restore_pays`, from the measured copy bandwidth and
+prefill speed).
 """
 from collections import deque
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.schedule_policy import SchedulePolicy
 from nanovllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 
 class Scheduler:
 
-    def __init__(self, config: Config, num_blocks: int):
+    def __init__(self, config: Config, num_blocks: int, num_host_blocks: int = 0):
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
         self.eos_ids = frozenset(config.eos_token_ids)
-        self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching,
+                                          num_host_blocks)
+        self.policy = SchedulePolicy(config.schedule_policy, config.max_wait_s, config.seed)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
@@ -37,6 +47,7 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> tuple[list[Sequence], bool]:
+        self.block_manager.begin_step()
         scheduled = self._schedule_prefill()
         if scheduled:
             return scheduled, True
@@ -54,6 +65,8 @@ class Scheduler:
                 budget -= seq.chunk_len
                 scheduled.append(seq)
         bm = self.block_manager
+        if self.waiting and self.policy.name != "fcfs":
+            self.waiting = deque(self.policy.order(list(self.waiting), bm))
         deferred = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             if not bm.num_free_blocks:
@@ -118,6 +131,7 @@ class Scheduler:
         gets a placeholder for its token. Returns which of them sample (a prompt chunk short of the
         end does not)."""
         samples = []
+        self.block_manager.launched()
         for seq in seqs:
             seq.num_computed_tokens += seq.chunk_len
             self.block_manager.mark_computed(seq)  # a prompt's pages: cache hits from the next step on
