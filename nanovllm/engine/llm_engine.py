@@ -66,7 +66,7 @@ class LLMEngine:
         from nanovllm.distributed.executor import make_executor
         self.executor = make_executor(config)      # the runner, or rank 0 of a tensor-parallel group
         self.model_runner = self.executor.runner   # this process's runner
-        self.scheduler = Scheduler(config, self.executor.num_kvcache_blocks)
+        self.scheduler = Scheduler(config, self.executor.num_kvcache_blocks, self.model_runner.num_host_blocks)
         self.step_builder = StepBuilder(config)
         self._log_startup()
         self.vocab_size = config.hf_config.vocab_size
@@ -75,7 +75,8 @@ class LLMEngine:
         self.in_flight = None  # the step launched last, not yet collected
         self.stats = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "cascade_steps": 0,
                       "generated_tokens": 0, "prompt_tokens": 0, "max_batch_size": 0,
-                      "prefill_seconds": 0.0, "decode_seconds": 0.0}
+                      "prefill_seconds": 0.0, "decode_seconds": 0.0, "copy_seconds": 0.0, "copy_steps": 0,
+                      "prefill_tokens": 0}
 
     # ---- requests ---------------------------------------------------------------------------
     def make_sequence(self, prompt: str | list[int], sampling_params: SamplingParams) -> Sequence:
@@ -150,7 +151,11 @@ class LLMEngine:
         seqs, is_prefill = self.scheduler.schedule()
         launched = None
         if seqs:
-            step, seqs = self.step_builder.build(seqs, is_prefill, self.in_flight.step if self.in_flight else None)
+            copies = self.scheduler.block_manager.take_copies()
+            step, seqs = self.step_builder.build(seqs, is_prefill, self.in_flight.step if self.in_flight else None,
+                                                 copies)
+            if is_prefill:
+                st["prefill_tokens"] += len(step.input_ids)
             pending = self.executor.execute(step)
             launched = InFlightStep(step, seqs, self.scheduler.launched(seqs), pending)
             st["steps"] += 1
@@ -173,7 +178,12 @@ class LLMEngine:
         return outputs
 
     def _collect(self, step: InFlightStep) -> list[StepOutput]:
-        token_ids = self.executor.collect(step.pending).token_ids
+        result = self.executor.collect(step.pending)
+        token_ids = result.token_ids
+        if step.step.swap_out is not None or step.step.swap_in is not None:
+            self.stats["copy_seconds"] += result.copy_seconds
+            self.stats["copy_steps"] += 1
+            self._update_restore_cost()
         advanced = self.scheduler.postprocess(step.seqs, token_ids, step.samples)
         self.stats["generated_tokens"] += len(advanced)
         outputs = []
@@ -235,6 +245,24 @@ class LLMEngine:
     def failure(self) -> Exception | None:
         """The error that stopped the engine for good (a tensor-parallel worker failed), else None."""
         return getattr(self.executor, "failure", None)
+
+    def _update_restore_cost(self):
+        """Swap or recompute: restoring a host page pays while copying its bytes is faster than
+        prefilling its tokens, at the copy bandwidth and prefill speed measured so far."""
+        st, bm = self.stats, self.scheduler.block_manager
+        pages = bm.num_swapped_in + bm.num_swapped_out
+        if st["copy_seconds"] <= 0 or st["prefill_seconds"] <= 0 or not st["prefill_tokens"]:
+            return
+        copy_s_per_page = st["copy_seconds"] / pages
+        prefill_s_per_page = st["prefill_seconds"] / st["prefill_tokens"] * bm.block_size
+        bm.restore_pays = copy_s_per_page < prefill_s_per_page
+
+    def kv_state(self, max_pages: int = 64) -> dict:
+        """The KV cache as a dict (GET /debug/kv): pages per tier, the prefix groups of the running
+        requests (shared leading pages and their users), the LRU ends of both tiers (next to be
+        evicted first, at most max_pages each), hit rates and host-tier traffic."""
+        from nanovllm.engine.kv_state import kv_state
+        return kv_state(self, max_pages)
 
     def kv_usage(self) -> dict:
         bm = self.scheduler.block_manager

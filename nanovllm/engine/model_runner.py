@@ -16,6 +16,7 @@ from nanovllm.attention import StepBatch, make_backend
 from nanovllm.config import Config
 from nanovllm.distributed import parallel_state as tp
 from nanovllm.engine.cuda_graphs import DecodeGraphs
+from nanovllm.engine.host_tier import HostTier
 from nanovllm.engine.kv_cache import allocate_kv_cache, block_bytes, cpu_kv_blocks, gpu_kv_blocks
 from nanovllm.engine.scheduled_step import SamplingInputs, ScheduledStep, StepResult
 from nanovllm.layers.sampler import Sampler, step_row_seeds
@@ -87,6 +88,13 @@ class ModelRunner:
         self.num_kvcache_blocks = tp.min_over_ranks(blocks) if self.distributed else blocks  # one page table for all
         self.kv_cache = allocate_kv_cache(self.model, self.num_layers, self.num_kvcache_blocks, self.block_size,
                                           self.num_kv_heads, self.head_dim, self.dtype, self.device)
+        self.page_bytes = page_bytes
+        self.host_tier = None
+        self.num_host_blocks = 0
+        if config.host_kvcache_gb > 0:
+            pages = int(config.host_kvcache_gb * 2**30) // page_bytes
+            self.num_host_blocks = tp.min_over_ranks(pages) if self.distributed else pages
+            self.host_tier = HostTier(self.kv_cache, self.num_host_blocks)
         if self.graphs is not None:
             with tp.graph_capture() if self.distributed else contextlib.nullcontext():
                 self.graphs.capture(self.num_kvcache_blocks,
@@ -140,6 +148,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: ScheduledStep) -> "PendingResult":
         """Queue one step on the device and return at once; collect() waits for its tokens."""
+        copy_timer = None
+        if step.swap_out is not None or step.swap_in is not None:
+            copy_timer = self.host_tier.copy(step.swap_out, step.swap_in, step.copy_after_prev)
         batch, input_ids, positions = self.prepare(step)
         s = step.sampling
         # Under tensor parallelism the one-pass samplers work on each rank's vocabulary slice.
@@ -148,6 +159,7 @@ class ModelRunner:
         tokens = self.sample_split(logits, s) if split else self.sample(logits, s)
         self.last_tokens = tokens
         pending = PendingResult(step.step_id, tokens)
+        pending.copy_timer = copy_timer
         if step.want_logits:
             pending.logits = logits.float()
         if self.device.type == "cuda":
@@ -161,10 +173,12 @@ class ModelRunner:
 
     def collect(self, pending: "PendingResult") -> StepResult:
         logits = pending.logits.cpu() if pending.logits is not None else None
+        tokens = pending.tokens
         if pending.done is not None:
             tp.wait_event(pending.done) if self.distributed else pending.done.synchronize()
-            return StepResult(pending.step_id, pending.host_tokens.tolist(), logits)
-        return StepResult(pending.step_id, pending.tokens.tolist(), logits)
+            tokens = pending.host_tokens
+        copy_seconds = pending.copy_timer.seconds() if pending.copy_timer is not None else 0.0
+        return StepResult(pending.step_id, tokens.tolist(), logits, copy_seconds)
 
     def sample(self, logits: torch.Tensor, s: SamplingInputs) -> torch.Tensor:
         if s.all_greedy:
@@ -239,7 +253,7 @@ class PendingResult:
 
     def __init__(self, step_id: int, tokens: torch.Tensor):
         self.step_id, self.tokens = step_id, tokens
-        self.host_tokens = self.done = self.logits = None
+        self.host_tokens = self.done = self.logits = self.copy_timer = None
 
 
 class _PassThroughAttention:

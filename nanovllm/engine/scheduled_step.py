@@ -25,6 +25,12 @@ Data contract (all host numpy arrays; `rows` = sequences in the step, `tokens` =
   sampling           SamplingInputs            per row, see below
   want_logits        bool                      StepResult carries the rows' logits too (tests, and
                                                later logprobs)
+  swap_out           int64 [n, 2] | None       (GPU page, host page): write these pages back to the
+                                               host tier, before the step's forward
+  swap_in            int64 [n, 2] | None       (host page, GPU page): restore these, after swap_out and
+                                               before the forward (engine/block_manager.py decides both)
+  copy_after_prev    bool                      the copies touch a page the step in flight may still
+                                               use: they wait for it (else they may overlap it)
 
 Sampling is a pure function of the logits and `sampling`, so every rank samples the same tokens:
 unseeded rows draw from a generator seeded with `step_seed`, seeded requests from their own
@@ -71,10 +77,13 @@ class ScheduledStep:
     cascade: object
     sampling: SamplingInputs
     want_logits: bool = False
+    swap_out: np.ndarray | None = None
+    swap_in: np.ndarray | None = None
+    copy_after_prev: bool = False
 
     def __post_init__(self):
         for name in ("input_ids", "prev_rows", "positions", "slot_mapping", "q_lens", "kv_lens", "qo_indptr",
-                     "kv_indptr", "kv_indices", "kv_last_page_len"):
+                     "kv_indptr", "kv_indices", "kv_last_page_len", "swap_out", "swap_in"):
             array = getattr(self, name)
             if array is not None:
                 array.flags.writeable = False
@@ -94,3 +103,4 @@ class StepResult:
     step_id: int
     token_ids: list   # one sampled token per row, in the step's row order
     logits: object = None  # float32 [rows, vocab] on the host, when the step asked for them
+    copy_seconds: float = 0.0  # time the step's host-tier copies took on the device (0: none)

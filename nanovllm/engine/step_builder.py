@@ -24,10 +24,11 @@ class StepBuilder:
             self.cascade = CascadePolicy(config)
         self.num_steps = 0
 
-    def build(self, seqs: list[Sequence], is_prefill: bool,
-              prev: ScheduledStep | None = None) -> tuple[ScheduledStep, list[Sequence]]:
+    def build(self, seqs: list[Sequence], is_prefill: bool, prev: ScheduledStep | None = None,
+              copies: tuple | None = None) -> tuple[ScheduledStep, list[Sequence]]:
         """The step and its sequences in row order. `prev` is the step launched last and not yet
-        collected: a decode input still PLACEHOLDER is the token one of its rows is sampling."""
+        collected: a decode input still PLACEHOLDER is the token one of its rows is sampling.
+        `copies`: the block manager's (swap_out, swap_in, copy_after_prev) for this step."""
         plan = self.cascade.plan(seqs) if self.cascade is not None else None
         if plan is not None:
             seqs = [seqs[i] for i in plan.order.tolist()]
@@ -68,8 +69,16 @@ class StepBuilder:
         self.num_steps += 1
         step = ScheduledStep(self.num_steps, is_prefill, tuple(s.seq_id for s in seqs), input_ids, prev_rows, positions,
                              slot_mapping, q_lens, kv_lens, qo_indptr, kv_indptr, kv_indices, last_page_len, bs, plan,
-                             self._sampling_inputs(seqs))
+                             self._sampling_inputs(seqs), False, *self._copies(copies))
         return step, seqs
+
+    @staticmethod
+    def _copies(copies: tuple | None) -> tuple:
+        if copies is None:
+            return None, None, False
+        swap_out, swap_in, after_prev = copies
+        as_array = lambda pairs: np.array(pairs, dtype=np.int64).reshape(-1, 2) if pairs else None
+        return as_array(swap_out), as_array(swap_in), bool(after_prev and (swap_out or swap_in))
 
     def _sampling_inputs(self, seqs: list[Sequence]) -> SamplingInputs:
         params = [s.sampling_params for s in seqs]
