@@ -1,0 +1,113 @@
+"""End to end on CPU: the host KV tier, swap-preemption and the schedule policies change which
+pages are computed and in which order requests run, never the text: greedy outputs must equal those
+of the plain engine. A tiny GPU budget forces evictions, restores and preemptions."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from nanovllm import SamplingParams
+from nanovllm.engine.host_tier import HostTier, runs
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+def tenants(n_systems=5, per=3, system_len=48, question_len=6, seed=0):
+    rng = random.Random(seed)
+    systems = [[rng.randint(1, 500) for _ in range(system_len)] for _ in range(n_systems)]
+    prompts = [s + [rng.randint(1, 500) for _ in range(question_len)] for s in systems for _ in range(per)]
+    rng.shuffle(prompts)
+    return prompts
+
+
+def run_rounds(llm, prompts, rounds=2, params=GREEDY):
+    return [o["token_ids"] for _ in range(rounds) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+TIGHT = dict(num_kvcache_blocks=32, kvcache_block_size=8, max_num_seqs=4, max_model_len=256)
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(tiny_model):
+    from nanovllm import LLM
+    llm = LLM(tiny_model, **TIGHT)
+    return run_rounds(llm, tenants())
+
+
+def test_host_tier_gives_the_same_outputs_and_serves_evicted_prefixes(tiny_model, make_llm, reference_outputs):
+    llm = make_llm(tiny_model, host_kvcache_gb=0.01, **TIGHT)
+    assert run_rounds(llm, tenants()) == reference_outputs
+    state = llm.kv_state()
+    assert state["copies"]["pages_to_host"] > 0 and state["copies"]["pages_from_host"] > 0
+    assert state["hits"]["host_hit_tokens"] > 0
+    assert state["copies"]["bytes_from_host"] == state["copies"]["pages_from_host"] * state["gpu"]["bytes_per_page"]
+    llm.scheduler.block_manager.check_invariants()
+
+
+def long_decodes(n=6, prompt_len=20, seed=1):
+    rng = random.Random(seed)
+    return [[rng.randint(1, 500) for _ in range(prompt_len)] for _ in range(n)]
+
+
+PREEMPT = dict(num_kvcache_blocks=16, kvcache_block_size=8, max_num_seqs=6, max_model_len=256)
+LONG = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+
+def test_swap_preemption_equals_recompute_preemption(tiny_model, make_llm):
+    """Six requests that outgrow 16 pages: preempted ones come back from host memory (swap) or are
+    prefilled again (recompute, the tier off or restores refused): the same tokens either way."""
+    prompts = long_decodes()
+    recompute = make_llm(tiny_model, **PREEMPT)
+    expected = [o["token_ids"] for o in recompute.generate(prompts, LONG, use_tqdm=False)]
+    assert recompute.scheduler.num_preemptions > 0
+    swap = make_llm(tiny_model, host_kvcache_gb=0.01, **PREEMPT)
+    assert [o["token_ids"] for o in swap.generate(prompts, LONG, use_tqdm=False)] == expected
+    bm = swap.scheduler.block_manager
+    assert swap.scheduler.num_preemptions > 0 and bm.num_swapped_in > 0
+    refused = make_llm(tiny_model, host_kvcache_gb=0.01, **PREEMPT)
+    refused.scheduler.block_manager.restore_pays = False   # the cost choice says recompute
+    refused._update_restore_cost = lambda: None
+    assert [o["token_ids"] for o in refused.generate(prompts, LONG, use_tqdm=False)] == expected
+    assert refused.scheduler.block_manager.num_swapped_in == 0
+
+
+@pytest.mark.parametrize("policy", ["lpm", "dfs-weight", "random"])
+def test_every_policy_gives_the_same_outputs(tiny_model, make_llm, reference_outputs, policy):
+    llm = make_llm(tiny_model, schedule_policy=policy, host_kvcache_gb=0.01 if policy == "lpm" else 0, **TIGHT)
+    assert run_rounds(llm, tenants()) == reference_outputs
+
+
+def test_kv_state_reports_prefix_groups_of_running_requests(tiny_model, make_llm):
+    llm = make_llm(tiny_model, kvcache_block_size=8)
+    system = list(range(10, 42))   # 4 pages
+    seqs = [llm.add_request(system + [100 + i, 200 + i], GREEDY) for i in range(3)]
+    while any(s.num_completion_tokens < 2 for s in seqs):
+        llm.step()
+    groups = llm.kv_state()["prefix_groups"]
+    assert groups and groups[0]["users"] == sorted(s.seq_id for s in seqs) and groups[0]["pages"] == 4
+    for s in seqs:
+        llm.abort_request(s.seq_id)
+    llm.drain()
+
+
+def test_host_tier_copies_move_the_exact_bytes():
+    """HostTier on CPU: random write-backs and restores, checked against a plain dict of pages."""
+    torch.manual_seed(0)
+    kv = torch.randn(2, 3, 10, 4, 2, 8)
+    tier = HostTier(kv, 7)
+    rng = np.random.default_rng(0)
+    host_copy = {}
+    for _ in range(30):
+        gpu = rng.choice(10, size=rng.integers(1, 6), replace=False)
+        host = rng.choice(7, size=len(gpu), replace=False)
+        tier.copy(np.stack([gpu, host], 1), None, False)
+        for g, h in zip(gpu, host):
+            host_copy[int(h)] = kv[:, :, g].clone()
+        kv[:, :, rng.integers(0, 10)] = torch.randn(2, 3, 4, 2, 8)   # the GPU page is reused
+        back_host = rng.choice(sorted(host_copy), size=min(3, len(host_copy)), replace=False)
+        back_gpu = rng.choice(10, size=len(back_host), replace=False)
+        tier.copy(None, np.stack([back_host, back_gpu], 1), False)
+        for h, g in zip(back_host, back_gpu):
+            assert torch.equal(kv[:, :, g], host_copy[int(h)])
+    assert runs([4, 5, 6, 9, 2, 3]) == [(0, 4, 3), (3, 9, 1), (4, 2, 2)]
