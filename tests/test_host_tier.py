@@ -117,7 +117,7 @@ def test_two_tier_operations_keep_invariants_and_bytes(num_blocks, num_host, ops
                 bm.deallocate(seq)
                 live.remove(seq)
             elif kind == "preempt":
-                bm.deallocate(seq)
+                bm.preempt(seq)
                 seq.reset_for_recompute()
                 live.remove(seq)
                 preempted.append(seq)
@@ -145,7 +145,7 @@ def computed_seq(bm, tokens):
 def test_evicted_prefix_is_written_back_and_restored():
     bm = BlockManager(4, BS, num_host_blocks=8)
     a = computed_seq(bm, list(range(9)))          # 3 pages, 2 of them full and cached
-    bm.deallocate(a)
+    bm.preempt(a)                                 # preempted: its pages are worth a write-back
     bm.take_copies()
     b = computed_seq(bm, [50 + i for i in range(13)])  # 4 pages: evicts a's two cached pages
     swap_out, swap_in, _ = bm.take_copies()
@@ -158,7 +158,7 @@ def test_evicted_prefix_is_written_back_and_restored():
     bm.allocate(c, hits)
     swap_out, swap_in, _ = bm.take_copies()
     assert swap_in == [(-1 - hits[0], c.block_table[0]), (-1 - hits[1], c.block_table[1])]
-    assert len(swap_out) == 2   # the pages it takes held b's cached pages: written back in turn
+    assert len(swap_out) == 2   # the pages it takes held b's prompt pages: written back in turn
     assert c.num_computed_tokens == 8 and bm.num_host_hit_tokens == 8
     assert not set(c.block_hashes[:2]) & set(bm.host_hash_to_page)   # moved back: one tier at a time
     bm.deallocate(c)
@@ -168,7 +168,7 @@ def test_evicted_prefix_is_written_back_and_restored():
 def test_host_hits_ignored_when_restoring_does_not_pay():
     bm = BlockManager(4, BS, num_host_blocks=8)
     a = computed_seq(bm, list(range(9)))
-    bm.deallocate(a)
+    bm.preempt(a)
     b = computed_seq(bm, [50 + i for i in range(13)])
     bm.deallocate(b)
     bm.take_copies()
@@ -187,9 +187,25 @@ def test_copy_waits_for_the_step_in_flight_only_for_pages_freed_since_it_was_sch
     bm.begin_step()
     a = computed_seq(bm, list(range(9)))
     bm.launched()                    # a's prefill is in flight
-    bm.deallocate(a)                 # a aborted while it runs
+    bm.preempt(a)                    # a preempted while it runs
     bm.take_copies()
     bm.begin_step()
     computed_seq(bm, [50 + i for i in range(13)])   # evicts a's pages: the copy must follow a's step
     swap_out, _, after_prev = bm.take_copies()
     assert swap_out and after_prev
+
+
+def test_decode_pages_never_hit_are_dropped_prompt_pages_are_written_back():
+    bm = BlockManager(6, BS, num_host_blocks=8)
+    seq = computed_seq(bm, list(range(9)))               # 2 full prompt pages
+    for t in range(7):                                   # decode fills pages 3 and 4
+        seq.append_token(100 + t)
+        bm.may_append(seq)
+        seq.num_computed_tokens += 1
+        bm.mark_computed(seq)
+    assert len(bm.hash_to_block_id) == 4   # 2 prompt pages, 2 filled by decode
+    bm.deallocate(seq)
+    bm.take_copies()
+    computed_seq(bm, [200 + i for i in range(23)])       # 6 pages: evicts everything
+    swap_out, _, _ = bm.take_copies()
+    assert sorted(bm.host_hash[h] for _, h in swap_out) == sorted(seq.block_hashes[:2])

@@ -8,8 +8,10 @@ computed: a request that would hit a page still being computed waits a step (see
 requests arriving together with the same system prompt compute it once, not once each.
 Freed pages keep their hash and contents until they are handed out again (least recently freed first).
 
-Host tier (num_host_blocks > 0): a page handed out again while it still holds a cached prefix is
-first written back to a host page (`swap_out`, GPU page -> host page) instead of being dropped;
+Host tier (num_host_blocks > 0): a page handed out again while it still holds a cached prefix worth
+keeping (a prompt page, a page that was hit, or one of a preempted sequence) is first written back to
+a host page (`swap_out`, GPU page -> host page) instead of being dropped; a page filled by decode and
+never hit (an answer) is dropped as before, so it costs no copy and no host room;
 `match` follows the hash chain through both tiers, and a hit in host memory is copied into a fresh
 GPU page (`swap_in`, host page -> GPU page) before the step that admits the request runs. A hash
 lives in one tier at a time (a restore moves it back; a GPU page registered under a hash the host
@@ -35,7 +37,7 @@ def is_host_hit(hit: int) -> bool:
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_key", "computed", "freed_at")
+    __slots__ = ("block_id", "ref_count", "hash", "token_key", "computed", "freed_at", "write_back")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
@@ -44,12 +46,14 @@ class Block:
         self.token_key = b""  # its token ids as int64 bytes, once hashed
         self.computed = False
         self.freed_at = -1    # the scheduling clock when it was last freed
+        self.write_back = False   # a prompt page, hit, or preempted: worth a copy to the host tier
 
     def reset(self):
         self.ref_count = 1
         self.hash = -1
         self.token_key = b""
         self.computed = False
+        self.write_back = False
 
 
 class BlockManager:
@@ -152,7 +156,7 @@ class BlockManager:
             block = self.blocks[block_id]
             if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block_id:
                 del self.hash_to_block_id[block.hash]   # its old contents are about to be overwritten
-                if self.num_host_blocks and block.computed:
+                if self.num_host_blocks and block.computed and block.write_back:
                     self._store_on_host(block)
             block.reset()
         else:
@@ -237,6 +241,7 @@ class BlockManager:
                     self._take_free(hit)
                 else:
                     block.ref_count += 1
+                block.write_back = True
         # Host hits leave the host LRU before any write-back below could pick them as its victim.
         restored = {hit: (self.host_hash[-1 - hit], self.host_key[-1 - hit]) for hit in hits if hit < 0}
         for h, _ in restored.values():
@@ -246,7 +251,7 @@ class BlockManager:
                 page = -1 - hit
                 block = self._take_free()
                 block.hash, block.token_key = restored[hit]
-                block.computed = True   # the step's copies land before its forward
+                block.computed = block.write_back = True   # the step's copies land before its forward
                 self._register(block)
                 self.swap_in.append((page, block.block_id))
                 self.num_swapped_in += 1
@@ -262,6 +267,7 @@ class BlockManager:
                 # Registered now, computed later: a request arriving meanwhile waits for it (see match).
                 block.token_key = seq.block_keys[i]
                 block.hash = hashes[i]
+                block.write_back = True
                 self._register(block)
             seq.block_table.append(block.block_id)
         seq.num_computed_tokens = len(hits) * self.block_size
@@ -270,6 +276,12 @@ class BlockManager:
         seq.num_marked_blocks = len(hits)
         self.num_cache_hit_tokens += seq.num_computed_tokens  # this admission's hits
         self.num_cache_query_tokens += len(seq)
+
+    def preempt(self, seq: Sequence):
+        """Free a preempted sequence's pages, marked worth a write-back: it will want them again."""
+        for block_id in seq.block_table:
+            self.blocks[block_id].write_back = True
+        self.deallocate(seq)
 
     def deallocate(self, seq: Sequence):
         # Last pages first, so that a prefix outlives its tails in the free list.

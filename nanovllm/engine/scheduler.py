@@ -122,7 +122,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence):
         self.num_preemptions += 1
-        self.block_manager.deallocate(seq)
+        self.block_manager.preempt(seq)
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
 
