@@ -42,6 +42,7 @@ def test_debug_kv_and_host_tier_metrics(server):
     assert m['nanovllm_kv_host_bytes_copied_total{direction="from_host"}'] == state["copies"]["bytes_from_host"] > 0
     assert m['nanovllm_kv_host_bytes_copied_total{direction="to_host"}'] == state["copies"]["bytes_to_host"] > 0
     assert m["nanovllm_kv_restore_latency_seconds"] > 0
+    assert 0 < m["nanovllm_max_queue_wait_seconds"] == state["scheduler"]["max_queue_wait_s"] < 10
     bad = httpx.get(f"{server.url}/debug/kv", params={"max_pages": -1}, timeout=10)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_pages"
 

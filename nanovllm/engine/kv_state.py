@@ -52,5 +52,6 @@ def kv_state(engine, max_pages: int = 64) -> dict:
         "scheduler": {"policy": engine.scheduler.policy.name, "max_wait_s": engine.scheduler.policy.max_wait_s,
                       "waiting": len(engine.scheduler.waiting), "running": len(engine.scheduler.running),
                       "preemptions": engine.scheduler.num_preemptions,
+                      "max_queue_wait_s": engine.scheduler.max_queue_wait_s,
                       "starved_admissions": engine.scheduler.policy.num_starved},
     }

@@ -19,6 +19,7 @@ long as the copy is cheaper than the prefill (`restore_pays`, from the measured 
 prefill speed).
 """
 from collections import deque
+from time import monotonic
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
@@ -39,6 +40,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.max_queue_wait_s = 0.0   # longest wait from arrival to first admission (the starvation bound's check)
 
     def is_finished(self) -> bool:
         return not self.waiting and not self.running
@@ -80,6 +82,8 @@ class Scheduler:
             if not bm.can_allocate(seq, hits):
                 break
             self.waiting.popleft()
+            if not seq.num_completion_tokens:   # a first admission, not a preempted one coming back
+                self.max_queue_wait_s = max(self.max_queue_wait_s, monotonic() - seq.arrival_time)
             bm.allocate(seq, hits)
             seq.status = SequenceStatus.RUNNING
             seq.chunk_len = min(len(seq) - seq.num_computed_tokens, budget)

@@ -266,6 +266,7 @@ class AsyncEngine:
             "kv": engine.kv_usage(),
             "stats": dict(engine.stats),
             "preemptions": scheduler.num_preemptions,
+            "max_queue_wait_s": scheduler.max_queue_wait_s,
             "finished_by_reason": dict(self.finished_by_reason),
             "batch_size_hist": self.batch_size_hist.copy(),
             "ttft_hist": self.ttft_hist.copy(),

@@ -93,6 +93,8 @@ class _SnapshotCollector:
                       samples=[("prefill", st["prefill_steps"]), ("decode", st["decode_steps"])])
         yield counter("nanovllm_cascade_steps", "Steps that ran cascade attention.", st["cascade_steps"])
         yield counter("nanovllm_preemptions", "Sequences preempted for lack of KV pages.", snap["preemptions"])
+        yield gauge("nanovllm_max_queue_wait_seconds", "Longest wait of a request from arrival to admission.",
+                    snap.get("max_queue_wait_s", 0.0))
         yield gauge("nanovllm_max_batch_size", "Most sequences one step has run.", st["max_batch_size"])
         yield histogram("nanovllm_step_batch_size", "Sequences that produced a token in one step.",
                         snap["batch_size_hist"])
