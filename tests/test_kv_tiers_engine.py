@@ -1,6 +1,10 @@
 """End to end on CPU: the host KV tier, swap-preemption and the schedule policies change which
 pages are computed and in which order requests run, never the text: greedy outputs must equal those
-of the plain engine. A tiny GPU budget forces evictions, restores and preemptions."""
+of the plain engine. A tiny GPU budget forces evictions, restores and preemptions.
+
+The model is llama-tiny (initializer_range 0.1), whose greedy tokens depend on the whole prefix:
+qwen3-tiny's repeat the prompt's last token whatever the cache holds, so it could not tell a wrong
+restore from a right one (test_wrong_restores_change_the_outputs is the control)."""
 import random
 
 import numpy as np
@@ -29,14 +33,32 @@ TIGHT = dict(num_kvcache_blocks=32, kvcache_block_size=8, max_num_seqs=4, max_mo
 
 
 @pytest.fixture(scope="module")
-def reference_outputs(tiny_model):
+def model(tmp_path_factory):
+    from nanovllm.tools.make_model import make_model
+    return make_model("llama-tiny", str(tmp_path_factory.mktemp("m") / "llama-tiny"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(model):
     from nanovllm import LLM
-    llm = LLM(tiny_model, **TIGHT)
-    return run_rounds(llm, tenants())
+    llm = LLM(model, **TIGHT)
+    outputs = run_rounds(llm, tenants())
+    assert len({tuple(o) for o in outputs}) > len(outputs) // 4   # not a degenerate model (2 rounds)
+    return outputs
 
 
-def test_host_tier_gives_the_same_outputs_and_serves_evicted_prefixes(tiny_model, make_llm, reference_outputs):
-    llm = make_llm(tiny_model, host_kvcache_gb=0.01, **TIGHT)
+def test_wrong_restores_change_the_outputs(model, make_llm, reference_outputs):
+    """The control: an engine whose restores copy nothing (the GPU pages keep stale K/V) must fail
+    the comparison the other tests make."""
+    llm = make_llm(model, host_kvcache_gb=0.01, **TIGHT)
+    tier = llm.model_runner.host_tier
+    copy = tier.copy
+    tier.copy = lambda swap_out, swap_in, after_prev: copy(swap_out, None, after_prev)
+    assert run_rounds(llm, tenants()) != reference_outputs
+
+
+def test_host_tier_gives_the_same_outputs_and_serves_evicted_prefixes(model, make_llm, reference_outputs):
+    llm = make_llm(model, host_kvcache_gb=0.01, **TIGHT)
     assert run_rounds(llm, tenants()) == reference_outputs
     state = llm.kv_state()
     assert state["copies"]["pages_to_host"] > 0 and state["copies"]["pages_from_host"] > 0
@@ -54,18 +76,18 @@ PREEMPT = dict(num_kvcache_blocks=16, kvcache_block_size=8, max_num_seqs=6, max_
 LONG = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
 
-def test_swap_preemption_equals_recompute_preemption(tiny_model, make_llm):
+def test_swap_preemption_equals_recompute_preemption(model, make_llm):
     """Six requests that outgrow 16 pages: preempted ones come back from host memory (swap) or are
     prefilled again (recompute, the tier off or restores refused): the same tokens either way."""
     prompts = long_decodes()
-    recompute = make_llm(tiny_model, **PREEMPT)
+    recompute = make_llm(model, **PREEMPT)
     expected = [o["token_ids"] for o in recompute.generate(prompts, LONG, use_tqdm=False)]
     assert recompute.scheduler.num_preemptions > 0
-    swap = make_llm(tiny_model, host_kvcache_gb=0.01, **PREEMPT)
+    swap = make_llm(model, host_kvcache_gb=0.01, **PREEMPT)
     assert [o["token_ids"] for o in swap.generate(prompts, LONG, use_tqdm=False)] == expected
     bm = swap.scheduler.block_manager
     assert swap.scheduler.num_preemptions > 0 and bm.num_swapped_in > 0
-    refused = make_llm(tiny_model, host_kvcache_gb=0.01, **PREEMPT)
+    refused = make_llm(model, host_kvcache_gb=0.01, **PREEMPT)
     refused.scheduler.block_manager.restore_pays = False   # the cost choice says recompute
     refused._update_restore_cost = lambda: None
     assert [o["token_ids"] for o in refused.generate(prompts, LONG, use_tqdm=False)] == expected
@@ -73,13 +95,13 @@ def test_swap_preemption_equals_recompute_preemption(tiny_model, make_llm):
 
 
 @pytest.mark.parametrize("policy", ["lpm", "dfs-weight", "random"])
-def test_every_policy_gives_the_same_outputs(tiny_model, make_llm, reference_outputs, policy):
-    llm = make_llm(tiny_model, schedule_policy=policy, host_kvcache_gb=0.01 if policy == "lpm" else 0, **TIGHT)
+def test_every_policy_gives_the_same_outputs(model, make_llm, reference_outputs, policy):
+    llm = make_llm(model, schedule_policy=policy, host_kvcache_gb=0.01 if policy == "lpm" else 0, **TIGHT)
     assert run_rounds(llm, tenants()) == reference_outputs
 
 
-def test_kv_state_reports_prefix_groups_of_running_requests(tiny_model, make_llm):
-    llm = make_llm(tiny_model, kvcache_block_size=8)
+def test_kv_state_reports_prefix_groups_of_running_requests(model, make_llm):
+    llm = make_llm(model, kvcache_block_size=8)
     system = list(range(10, 42))   # 4 pages
     seqs = [llm.add_request(system + [100 + i, 200 + i], GREEDY) for i in range(3)]
     while any(s.num_completion_tokens < 2 for s in seqs):
@@ -111,3 +133,18 @@ def test_host_tier_copies_move_the_exact_bytes():
         for h, g in zip(back_host, back_gpu):
             assert torch.equal(kv[:, :, g], host_copy[int(h)])
     assert runs([4, 5, 6, 9, 2, 3]) == [(0, 4, 3), (3, 9, 1), (4, 2, 2)]
+
+
+def test_tensor_parallel_ranks_run_the_same_copies(model, reference_outputs):
+    """TP=2 on CPU: each rank holds half the KV heads and its own host pool; were a worker to skip
+    or misplace a copy, its heads would be wrong and the tokens would change."""
+    from conftest import assert_no_leaks
+
+    from nanovllm import LLM
+    llm = LLM(model, tensor_parallel_size=2, host_kvcache_gb=0.01, **TIGHT)
+    try:
+        assert run_rounds(llm, tenants()) == reference_outputs
+        assert llm.scheduler.block_manager.num_swapped_in > 0
+        assert_no_leaks(llm)
+    finally:
+        llm.close()

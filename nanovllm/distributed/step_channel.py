@@ -126,7 +126,8 @@ class ShmChannel:
 
 
 def slot_bytes_for(config) -> int:
-    """A step's worst case: every row's page list (twice with cascade levels) and every token's
-    id, position and slot, plus room for the rest."""
+    """A step's worst case: every row's page list (twice with cascade levels), every token's id,
+    position and slot, the host-tier copies (a pair each way per page at most), plus room for the rest."""
     pages = config.max_num_seqs * -(-config.max_model_len // config.kvcache_block_size)
-    return (1 << 20) + 3 * 4 * pages + 4 * 8 * config.max_num_batched_tokens
+    copies = 2 * 16 * pages if config.host_kvcache_gb > 0 else 0   # host-tier (page, page) pairs, int64
+    return (1 << 20) + 3 * 4 * pages + 4 * 8 * config.max_num_batched_tokens + copies
