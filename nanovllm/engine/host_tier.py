@@ -17,6 +17,7 @@ step's forward waits for them with an event, so a restore overlaps the step befo
 time the copies (`seconds()`, read when the step is collected). On CPU (tests) the pool is a second
 tensor and copies are plain `copy_`.
 """
+import weakref
 from time import perf_counter
 
 import torch
@@ -25,11 +26,17 @@ CHUNK = 32  # pages staged at once: 32 x 2.4 MB for an 8B model's page
 
 
 def pinned_empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A host tensor the GPU can copy to and from asynchronously, registered in place (unregistered
+    when the tensor goes)."""
     t = torch.empty(shape, dtype=dtype)
-    if torch.cuda.is_available():
-        rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
-        if int(rc) != 0:  # not registrable here: fall back to PyTorch's pinned allocator
-            t = t.pin_memory()
+    try:
+        cudart = torch.cuda.cudart()
+        registered = int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)) == 0
+    except Exception:  # noqa: BLE001 - no cudart binding here: PyTorch's allocator does it
+        registered = False
+    if not registered:
+        return t.pin_memory()
+    weakref.finalize(t, cudart.cudaHostUnregister, t.data_ptr())
     return t
 
 
