@@ -149,9 +149,10 @@ class LLMEngine:
         st = self.stats
         start = perf_counter()
         seqs, is_prefill = self.scheduler.schedule()
+        copies = self.scheduler.block_manager.take_copies()   # host-tier copies this step decided
+        assert seqs or not (copies[0] or copies[1]), "host-tier copies without a step to carry them"
         launched = None
         if seqs:
-            copies = self.scheduler.block_manager.take_copies()
             step, seqs = self.step_builder.build(seqs, is_prefill, self.in_flight.step if self.in_flight else None,
                                                  copies)
             if is_prefill:
