@@ -191,7 +191,12 @@ class BlockManager:
     def prefix_hashes(self, seq: Sequence) -> list[int]:
         """Hashes of the pages that can be prefix hits (all full pages but one token)."""
         n = (len(seq) - 1) // self.block_size
-        return self._hashes(seq, n)[:n]
+        hashes = self._hashes(seq, n)
+        return hashes if len(hashes) == n else hashes[:n]
+
+    def first_page_hash(self, seq: Sequence) -> int | None:
+        """The hash of the first page, when it can be a prefix hit: a shared-prefix group's key."""
+        return self._hashes(seq, 1)[0] if len(seq) > self.block_size else None
 
     def cached_prefix_pages(self, seq: Sequence) -> int:
         """Leading pages of `seq` held in either tier (computed or not): the lpm policy's key."""

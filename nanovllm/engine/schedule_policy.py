@@ -17,10 +17,10 @@ Starvation bound: a request that has waited longer than `max_wait_s` goes before
 oldest first, whatever the policy (lpm at high hit rates otherwise starves cold requests).
 
 Cost: fcfs is free; the others hash every waiting prompt's pages once (kept on the sequence) and
-walk them each prefill-scheduling step: O(waiting pages) dictionary lookups (about 50 ms for 1,024
-waiting 8k-token prompts, so they suit queues of hundreds, not tens of thousands).
+order the queue on every prefill-scheduling step while requests wait. Measured on the shared 2-core
+CPU, 1,024 waiting prompts of 8,320 tokens (one system prompt) or of 2,176 (64 system prompts):
+lpm 8 / 6 ms, dfs-weight 23 / 22 ms, random 3 / 3 ms per ordering.
 """
-from collections import Counter
 from time import monotonic
 
 import numpy as np
@@ -62,32 +62,44 @@ def group_by_first_page(seqs: list[Sequence], block_manager) -> list[Sequence]:
     """Stable: each shared-prefix group (same first-page hash) moves up to its first member's place."""
     groups: dict = {}
     for seq in seqs:
-        hashes = block_manager.prefix_hashes(seq)
-        groups.setdefault(hashes[0] if hashes else ("own", seq.seq_id), []).append(seq)
+        first = block_manager.first_page_hash(seq)
+        groups.setdefault(("own", seq.seq_id) if first is None else first, []).append(seq)
     return [seq for group in groups.values() for seq in group]
 
 
 def dfs_weight_order(seqs: list[Sequence], block_manager) -> list[Sequence]:
     """Depth-first over the prefix tree of `seqs` (a node is a page's chained hash, so a node names
-    its whole prefix), heaviest child first, ties by the earliest request. A sort key per request
-    gives the same order: its path of (-weight, first index) pairs, kept only where the weight
-    drops (a node as heavy as its parent is its parent's only child, and adds nothing to the order);
-    a request whose path ends at a node comes before the node's subtrees, as a proper prefix sorts
-    first."""
+    its whole prefix): at a node, the requests that end there first (arrival order), then each child
+    subtree, the one with more requests first, ties by its earliest request.
+
+    Only branch points cost anything: within a group that shares its first `depth` pages, a binary
+    search finds how far the whole group goes on together (equal chained hashes at page k mean equal
+    pages up to k), so a 512-page shared prompt is a few probes, not 512 steps (an explicit tree walk
+    took 290 ms for 1,024 waiting 8k-token prompts; this, 23 ms)."""
     chains = [block_manager.prefix_hashes(seq) for seq in seqs]
-    weight: Counter = Counter()
-    first: dict[int, int] = {}
-    for index, chain in enumerate(chains):
-        weight.update(chain)
-        for h in chain:
-            first.setdefault(h, index)
-    keys = []
-    for index, chain in enumerate(chains):
-        key, parent_weight = [], len(seqs)
-        for h in chain:
-            w = weight[h]
-            if w != parent_weight:
-                key.append((-w, first[h]))
-                parent_weight = w
-        keys.append((key, index))
-    return [seqs[index] for _, index in sorted(keys)]
+    out: list[int] = []
+    stack = [(list(range(len(seqs))), 0)]   # (members in arrival order, pages they share)
+    while stack:
+        members, depth = stack.pop()
+        out.extend(i for i in members if len(chains[i]) == depth)
+        rest = [i for i in members if len(chains[i]) > depth]
+        if not rest:
+            continue
+        first = chains[rest[0]]
+        lo, hi = depth, min(len(chains[i]) for i in rest)   # the first page where they differ is in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if all(chains[i][mid] == first[mid] for i in rest):
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo > depth:   # all of `rest` share pages [depth, lo): one step down the tree
+            stack.append((rest, lo))
+            continue
+        children: dict[int, list[int]] = {}
+        for i in rest:
+            children.setdefault(chains[i][depth], []).append(i)
+        # Pushed lightest last-first, so the heaviest (then earliest) child is walked first.
+        for child in sorted(children.values(), key=lambda c: (-len(c), c[0]), reverse=True):
+            stack.append((child, depth + 1))
+    return [seqs[i] for i in out]
