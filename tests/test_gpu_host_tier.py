@@ -72,3 +72,21 @@ def test_greedy_with_host_tier_equals_without(gpu_model, backend):
     diverged = sum(a != b for a, b in zip(results[0], results[0.05]))
     print(backend, "requests whose output differs with the host tier:", diverged, "of", len(results[0]))
     assert diverged == 0 if backend == "torch" else diverged <= 2
+
+
+def test_restores_land_before_the_next_steps_forward():
+    """A step that does not read its restores (wait_for_restores False) leaves them to the copy
+    stream; the next step's before_forward orders its forward after them."""
+    kv = torch.randn(2, 2, 64, 16, 8, 128, device="cuda").to(torch.bfloat16)
+    tier = HostTier(kv, 64)
+    tier.pool.copy_(torch.randn(tier.pool.shape).to(torch.bfloat16))
+    host = np.arange(40)
+    gpu = np.random.default_rng(1).permutation(64)[:40]
+    tier.before_forward(None, np.stack([host, gpu], 1), False, False)
+    busy = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):   # this step's forward: independent work, not waiting for the restores
+        busy = busy @ busy / 64
+    tier.before_forward(None, None, False, False)   # the next step
+    got = kv[:, :, torch.from_numpy(gpu).cuda()].clone()   # its forward reads them
+    torch.cuda.synchronize()
+    assert torch.equal(got.cpu(), tier.pool[torch.from_numpy(host)].movedim(0, 2))

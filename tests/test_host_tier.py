@@ -27,7 +27,7 @@ class Store:
         self.host = np.full((max(num_host, 1), BS), -1, dtype=np.int64)
 
     def copy(self, bm: BlockManager):
-        swap_out, swap_in, _ = bm.take_copies()
+        swap_out, swap_in, *_ = bm.take_copies()
         for gpu, host in swap_out:
             self.host[host] = self.gpu[gpu]
         for host, gpu in swap_in:
@@ -148,7 +148,7 @@ def test_evicted_prefix_is_written_back_and_restored():
     bm.preempt(a)                                 # preempted: its pages are worth a write-back
     bm.take_copies()
     b = computed_seq(bm, [50 + i for i in range(13)])  # 4 pages: evicts a's two cached pages
-    swap_out, swap_in, _ = bm.take_copies()
+    swap_out, swap_in, *_ = bm.take_copies()
     assert len(swap_out) == 2 and not swap_in
     assert len(bm.host_lru) == 2
     bm.deallocate(b)
@@ -156,7 +156,7 @@ def test_evicted_prefix_is_written_back_and_restored():
     hits, pending = bm.match(c)
     assert not pending and len(hits) == 2 and all(h < 0 for h in hits)   # both in host memory
     bm.allocate(c, hits)
-    swap_out, swap_in, _ = bm.take_copies()
+    swap_out, swap_in, *_ = bm.take_copies()
     assert swap_in == [(-1 - hits[0], c.block_table[0]), (-1 - hits[1], c.block_table[1])]
     assert len(swap_out) == 2   # the pages it takes held b's prompt pages: written back in turn
     assert c.num_computed_tokens == 8 and bm.num_host_hit_tokens == 8
@@ -191,7 +191,7 @@ def test_copy_waits_for_the_step_in_flight_only_for_pages_freed_since_it_was_sch
     bm.take_copies()
     bm.begin_step()
     computed_seq(bm, [50 + i for i in range(13)])   # evicts a's pages: the copy must follow a's step
-    swap_out, _, after_prev = bm.take_copies()
+    swap_out, _, after_prev, _ = bm.take_copies()
     assert swap_out and after_prev
 
 
@@ -207,5 +207,5 @@ def test_decode_pages_never_hit_are_dropped_prompt_pages_are_written_back():
     bm.deallocate(seq)
     bm.take_copies()
     computed_seq(bm, [200 + i for i in range(23)])       # 6 pages: evicts everything
-    swap_out, _, _ = bm.take_copies()
+    swap_out, *_ = bm.take_copies()
     assert sorted(bm.host_hash[h] for _, h in swap_out) == sorted(seq.block_hashes[:2])

@@ -53,7 +53,7 @@ def test_wrong_restores_change_the_outputs(model, make_llm, reference_outputs):
     llm = make_llm(model, host_kvcache_gb=0.01, **TIGHT)
     tier = llm.model_runner.host_tier
     copy = tier.copy
-    tier.copy = lambda swap_out, swap_in, after_prev: copy(swap_out, None, after_prev)
+    tier.copy = lambda swap_out, swap_in, *flags: copy(swap_out, None, *flags)
     assert run_rounds(llm, tenants()) != reference_outputs
 
 
@@ -148,3 +148,28 @@ def test_tensor_parallel_ranks_run_the_same_copies(model, reference_outputs):
         assert_no_leaks(llm)
     finally:
         llm.close()
+
+
+def test_restores_overlap_a_step_or_run_alone(model, make_llm):
+    """A request admitted with host pages is prefilled one step later, so that its copies overlap a
+    step of the others (the forward does not wait); alone, it runs at once and its step waits for
+    them. One request at a time gives the second case, a batch the first: the same tokens as
+    without the tier either way."""
+    prompts = tenants()
+    plain = make_llm(model, **TIGHT)
+    expected = [plain.generate(p, GREEDY, use_tqdm=False)[0]["token_ids"] for p in prompts + prompts]
+    expected_batch = run_rounds(plain, prompts)
+    llm = make_llm(model, host_kvcache_gb=0.01, **TIGHT)
+    waited = []
+    execute = llm.executor.execute
+
+    def spy(step):
+        if step.swap_in is not None:
+            waited.append(step.wait_for_restores)
+        return execute(step)
+    llm.executor.execute = spy
+    assert [llm.generate(p, GREEDY, use_tqdm=False)[0]["token_ids"] for p in prompts + prompts] == expected
+    assert waited and all(waited)          # alone: the step waits for its own restores
+    waited.clear()
+    assert run_rounds(llm, prompts) == expected_batch
+    assert False in waited                 # with others: the restore overlaps their step

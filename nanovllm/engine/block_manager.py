@@ -17,7 +17,11 @@ GPU page (`swap_in`, host page -> GPU page) before the step that admits the requ
 lives in one tier at a time (a restore moves it back; a GPU page registered under a hash the host
 holds drops the host copy), and a host page is dropped only from the host's LRU end. This class
 only decides the copies; `take_copies` hands them to the step (engine/scheduled_step.py) and every
-rank's runner executes them on its own pools, swap_out before swap_in. Within a step that order is
+rank's runner executes them on its own pools, swap_out before swap_in, on a side stream. The step's
+forward waits for its write-backs (it may reuse those pages) but not for its restores unless
+`wait_for_restores` (the scheduler admits a restoring request's prefill one step later, so that the
+copy overlaps a step it does not hold up); the next step's forward waits for them. A restored page
+counts as computed once its step is launched. Within a step that order is
 safe: a host page read by a restore is released only at the end of the step, and no GPU page is
 freed while a step is scheduled. `copy_after_prev` says whether a copy touches a page freed since
 the step in flight was scheduled (that step may still read or write it): only then must the copy
@@ -80,6 +84,8 @@ class BlockManager:
         self.swap_out: list[tuple[int, int]] = []   # this step's (GPU page, host page) write-backs
         self.swap_in: list[tuple[int, int]] = []    # this step's (host page, GPU page) restores
         self.copy_after_prev = False
+        self.wait_for_restores = False   # this step's forward reads pages it restores (else the next step's does)
+        self.restored: list[int] = []    # GPU pages restored this step: computed once the step is launched
         self.clock = 0          # scheduling steps so far
         self.launch_clock = -1  # the clock of the step launched last
         self.num_host_hit_tokens = 0    # prompt tokens restored from the host tier
@@ -104,14 +110,19 @@ class BlockManager:
         self.clock += 1
 
     def launched(self):
-        """The step scheduled at this clock went to the device."""
+        """The step scheduled at this clock went to the device. Pages it restores count as computed
+        from now on: every later step's forward waits for this step's copies."""
         self.launch_clock = self.clock
+        for block_id in self.restored:
+            self.blocks[block_id].computed = True
+        self.restored = []
 
-    def take_copies(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]], bool]:
-        """This step's swap_out and swap_in pairs and whether they must wait for the step in flight;
-        host pages restored this step become free for the next."""
-        copies = (self.swap_out, self.swap_in, self.copy_after_prev)
-        self.swap_out, self.swap_in, self.copy_after_prev = [], [], False
+    def take_copies(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]], bool, bool]:
+        """This step's swap_out and swap_in pairs, whether they must wait for the step in flight and
+        whether this step's forward must wait for its restores; host pages restored this step
+        become free for the next."""
+        copies = (self.swap_out, self.swap_in, self.copy_after_prev, self.wait_for_restores)
+        self.swap_out, self.swap_in, self.copy_after_prev, self.wait_for_restores = [], [], False, False
         self.host_free.extend(self.host_released)
         self.host_released = []
         return copies
@@ -256,7 +267,9 @@ class BlockManager:
                 page = -1 - hit
                 block = self._take_free()
                 block.hash, block.token_key = restored[hit]
-                block.computed = block.write_back = True   # the step's copies land before its forward
+                block.write_back = True
+                block.computed = False   # until the step is launched: a request matching it meanwhile waits
+                self.restored.append(block.block_id)
                 self._register(block)
                 self.swap_in.append((page, block.block_id))
                 self.num_swapped_in += 1

@@ -12,9 +12,12 @@ tensor by one kernel per chunk of CHUNK pages, which bounds the staging memory.
 
 On CUDA the pool is pinned (cudaHostRegister on a plain allocation: PyTorch's pinned allocator
 rounds sizes up to a power of two) and the copies run on a side stream: they start after the step
-in flight only when the step says they must (`copy_after_prev`: a page it may still use), and the
-step's forward waits for them with an event, so a restore overlaps the step before it. CUDA events
-time the copies (`seconds()`, read when the step is collected). On CPU (tests) the pool is a second
+in flight only when the step says they must (`copy_after_prev`: a page it may still use). The
+step's forward waits for its write-backs (it may reuse those pages); its restores are read by the
+next step's forward (the scheduler admits a restoring request's prefill one step later), which
+waits for them, so a restore overlaps the step before it and the step it is issued with. A step
+whose own rows read the restored pages says so (`wait_for_restores`). CUDA events time the copies
+(`seconds()`, read when the step is collected). On CPU (tests) the pool is a second
 tensor and copies are plain `copy_`.
 """
 import weakref
@@ -76,13 +79,25 @@ class HostTier:
         shape = (num_pages,) + tuple(page_shape)
         self.pool = pinned_empty(shape, kv_cache.dtype) if self.cuda else torch.zeros(shape, dtype=kv_cache.dtype)
         self.stream = torch.cuda.Stream(device=kv_cache.device) if self.cuda else None
+        self.restore_event = None   # restores the next step's forward must wait for
 
     @property
     def num_pages(self) -> int:
         return self.pool.shape[0]
 
-    def copy(self, swap_out, swap_in, after_prev: bool) -> CopyTimer:
-        """Queue a step's copies (numpy [n, 2] arrays or None); the forward queued next waits for them."""
+    def before_forward(self, swap_out, swap_in, after_prev: bool, wait_for_restores: bool) -> CopyTimer | None:
+        """Called before every step's forward: orders it after the previous step's restores, then
+        queues this step's copies (numpy [n, 2] arrays or None). The forward waits for the
+        write-backs (it may reuse those pages); for the restores only if `wait_for_restores`, else
+        the next step's forward does."""
+        if self.cuda and self.restore_event is not None:
+            torch.cuda.current_stream().wait_event(self.restore_event)
+            self.restore_event = None
+        if swap_out is None and swap_in is None:
+            return None
+        return self.copy(swap_out, swap_in, after_prev, wait_for_restores)
+
+    def copy(self, swap_out, swap_in, after_prev: bool, wait_for_restores: bool = True) -> CopyTimer:
         timer = CopyTimer(self.cuda)
         if not self.cuda:
             start = perf_counter()
@@ -92,11 +107,18 @@ class HostTier:
         main = torch.cuda.current_stream()
         if after_prev:
             self.stream.wait_stream(main)
+        written_back = torch.cuda.Event()
         with torch.cuda.stream(self.stream):
             timer.start.record()
-            self._copies(swap_out, swap_in)
+            self._copies(swap_out, None)
+            written_back.record()
+            self._copies(None, swap_in)
             timer.end.record()
-        main.wait_event(timer.end)
+        main.wait_event(written_back)
+        if wait_for_restores:
+            main.wait_event(timer.end)
+        else:
+            self.restore_event = timer.end
         return timer
 
     @torch.inference_mode()

@@ -149,8 +149,9 @@ class ModelRunner:
     def execute(self, step: ScheduledStep) -> "PendingResult":
         """Queue one step on the device and return at once; collect() waits for its tokens."""
         copy_timer = None
-        if step.swap_out is not None or step.swap_in is not None:
-            copy_timer = self.host_tier.copy(step.swap_out, step.swap_in, step.copy_after_prev)
+        if self.host_tier is not None:   # the previous step's restores, then this step's copies
+            copy_timer = self.host_tier.before_forward(step.swap_out, step.swap_in, step.copy_after_prev,
+                                                       step.wait_for_restores)
         batch, input_ids, positions = self.prepare(step)
         s = step.sampling
         # Under tensor parallelism the one-pass samplers work on each rank's vocabulary slice.

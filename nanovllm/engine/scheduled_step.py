@@ -31,6 +31,8 @@ Data contract (all host numpy arrays; `rows` = sequences in the step, `tokens` =
                                                before the forward (engine/block_manager.py decides both)
   copy_after_prev    bool                      the copies touch a page the step in flight may still
                                                use: they wait for it (else they may overlap it)
+  wait_for_restores  bool                      this step's forward reads pages its swap_in restores
+                                               (else only the next step's forward waits for them)
 
 Sampling is a pure function of the logits and `sampling`, so every rank samples the same tokens:
 unseeded rows draw from a generator seeded with `step_seed`, seeded requests from their own
@@ -80,6 +82,7 @@ class ScheduledStep:
     swap_out: np.ndarray | None = None
     swap_in: np.ndarray | None = None
     copy_after_prev: bool = False
+    wait_for_restores: bool = False
 
     def __post_init__(self):
         for name in ("input_ids", "prev_rows", "positions", "slot_mapping", "q_lens", "kv_lens", "qo_indptr",

@@ -16,13 +16,14 @@ with a starvation bound). With a host KV tier (block_manager.py) a preempted seq
 not lost: its full pages keep their hashes, are written back to host memory if the GPU needs them
 for others, and are copied back at re-admission instead of being recomputed (swap-preemption), as
 long as the copy is cheaper than the prefill (`restore_pays`, from the measured copy bandwidth and
-prefill speed).
+prefill speed). A request admitted with pages in host memory is prefilled from the next step on, so
+that its copies overlap this step instead of holding it up (unless nothing else runs this step).
 """
 from collections import deque
 from time import monotonic
 
 from nanovllm.config import Config
-from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.block_manager import BlockManager, is_host_hit
 from nanovllm.engine.schedule_policy import SchedulePolicy
 from nanovllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
@@ -70,6 +71,7 @@ class Scheduler:
         if self.waiting and self.policy.name != "fcfs":
             self.waiting = deque(self.policy.order(list(self.waiting), bm))
         deferred = []
+        restoring = []   # admitted with pages restored from the host tier: they run from the next step
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             if not bm.num_free_blocks:
                 break  # a request's last page is never a cache hit: nothing fits without a free page
@@ -86,11 +88,23 @@ class Scheduler:
                 self.max_queue_wait_s = max(self.max_queue_wait_s, monotonic() - seq.arrival_time)
             bm.allocate(seq, hits)
             seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            if any(is_host_hit(h) for h in hits):
+                restoring.append(seq)   # its pages come from host memory while this step runs
+                continue
             seq.chunk_len = min(len(seq) - seq.num_computed_tokens, budget)
             budget -= seq.chunk_len
-            self.running.append(seq)
             scheduled.append(seq)
         self.waiting.extendleft(reversed(deferred))
+        if restoring and not scheduled:
+            # Nothing else to run: prefill them now, and this step's forward waits for the copies.
+            bm.wait_for_restores = True
+            for seq in restoring:
+                if budget == 0:
+                    break
+                seq.chunk_len = min(len(seq) - seq.num_computed_tokens, budget)
+                budget -= seq.chunk_len
+                scheduled.append(seq)
         return scheduled
 
     def _schedule_decode(self) -> list[Sequence]:

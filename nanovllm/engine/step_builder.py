@@ -28,7 +28,7 @@ class StepBuilder:
               copies: tuple | None = None) -> tuple[ScheduledStep, list[Sequence]]:
         """The step and its sequences in row order. `prev` is the step launched last and not yet
         collected: a decode input still PLACEHOLDER is the token one of its rows is sampling.
-        `copies`: the block manager's (swap_out, swap_in, copy_after_prev) for this step."""
+        `copies`: the block manager's (swap_out, swap_in, copy_after_prev, wait_for_restores)."""
         plan = self.cascade.plan(seqs) if self.cascade is not None else None
         if plan is not None:
             seqs = [seqs[i] for i in plan.order.tolist()]
@@ -75,10 +75,11 @@ class StepBuilder:
     @staticmethod
     def _copies(copies: tuple | None) -> tuple:
         if copies is None:
-            return None, None, False
-        swap_out, swap_in, after_prev = copies
+            return None, None, False, False
+        swap_out, swap_in, after_prev, wait_restores = copies
         as_array = lambda pairs: np.array(pairs, dtype=np.int64).reshape(-1, 2) if pairs else None
-        return as_array(swap_out), as_array(swap_in), bool(after_prev and (swap_out or swap_in))
+        return (as_array(swap_out), as_array(swap_in), bool(after_prev and (swap_out or swap_in)),
+                bool(wait_restores and swap_in))
 
     def _sampling_inputs(self, seqs: list[Sequence]) -> SamplingInputs:
         params = [s.sampling_params for s in seqs]
