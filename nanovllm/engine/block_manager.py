@@ -22,8 +22,9 @@ forward waits for its write-backs (it may reuse those pages) but not for its res
 `wait_for_restores` (the scheduler admits a restoring request's prefill one step later, so that the
 copy overlaps a step it does not hold up); the next step's forward waits for them. A restored page
 counts as computed once its step is launched. Within a step that order is
-safe: a host page read by a restore is released only at the end of the step, and no GPU page is
-freed while a step is scheduled. `copy_after_prev` says whether a copy touches a page freed since
+safe: a host page read by a restore is released only at the end of the step, and restores happen
+only in prefill steps, where no GPU page is freed while the step is scheduled (a decode step's
+preemptions free pages, but it restores none). `copy_after_prev` says whether a copy touches a page freed since
 the step in flight was scheduled (that step may still read or write it): only then must the copy
 wait for it; otherwise it may overlap it.
 """
@@ -250,6 +251,7 @@ class BlockManager:
         """Pages for `seq`: its GPU hits shared, its host hits restored into fresh pages, new pages
         for the rest. GPU hits are taken first, so that taking fresh pages cannot evict them."""
         assert not seq.block_table
+        restoring = self.num_host_blocks and hits and min(hits) < 0
         for hit in hits:
             if hit >= 0:
                 block = self.blocks[hit]
@@ -258,6 +260,30 @@ class BlockManager:
                 else:
                     block.ref_count += 1
                 block.write_back = True
+                if not restoring:
+                    seq.block_table.append(hit)
+        if restoring:
+            self._restore(seq, hits)
+        num_full = len(seq) // self.block_size if self.enable_prefix_caching else 0
+        hashes = self._hashes(seq, num_full)
+        for i in range(len(hits), seq.num_blocks):
+            block = self._take_free()
+            if i < num_full:
+                # Registered now, computed later: a request arriving meanwhile waits for it (see match).
+                block.token_key = seq.block_keys[i]
+                block.hash = hashes[i]
+                block.write_back = True
+                self._register(block)
+            seq.block_table.append(block.block_id)
+        seq.num_computed_tokens = len(hits) * self.block_size
+        if not seq.num_completion_tokens:  # a re-admission after preemption also hits its own output
+            seq.num_cached_tokens = seq.num_computed_tokens
+        seq.num_marked_blocks = len(hits)
+        self.num_cache_hit_tokens += seq.num_computed_tokens  # this admission's hits
+        self.num_cache_query_tokens += len(seq)
+
+    def _restore(self, seq: Sequence, hits: list[int]):
+        """The block table of a request with host hits: each gets a fresh GPU page and a swap_in."""
         # Host hits leave the host LRU before any write-back below could pick them as its victim.
         restored = {hit: (self.host_hash[-1 - hit], self.host_key[-1 - hit]) for hit in hits if hit < 0}
         for h, _ in restored.values():
@@ -277,23 +303,6 @@ class BlockManager:
                 self._note_copy(block)
                 hit = block.block_id
             seq.block_table.append(hit)
-        num_full = len(seq) // self.block_size if self.enable_prefix_caching else 0
-        hashes = self._hashes(seq, num_full)
-        for i in range(len(hits), seq.num_blocks):
-            block = self._take_free()
-            if i < num_full:
-                # Registered now, computed later: a request arriving meanwhile waits for it (see match).
-                block.token_key = seq.block_keys[i]
-                block.hash = hashes[i]
-                block.write_back = True
-                self._register(block)
-            seq.block_table.append(block.block_id)
-        seq.num_computed_tokens = len(hits) * self.block_size
-        if not seq.num_completion_tokens:  # a re-admission after preemption also hits its own output
-            seq.num_cached_tokens = seq.num_computed_tokens
-        seq.num_marked_blocks = len(hits)
-        self.num_cache_hit_tokens += seq.num_computed_tokens  # this admission's hits
-        self.num_cache_query_tokens += len(seq)
 
     def preempt(self, seq: Sequence):
         """Free a preempted sequence's pages, marked worth a write-back: it will want them again."""

@@ -89,7 +89,7 @@ class Scheduler:
             bm.allocate(seq, hits)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            if any(is_host_hit(h) for h in hits):
+            if bm.num_host_blocks and hits and is_host_hit(min(hits)):
                 restoring.append(seq)   # its pages come from host memory while this step runs
                 continue
             seq.chunk_len = min(len(seq) - seq.num_computed_tokens, budget)
