@@ -17,7 +17,7 @@ step's forward waits for its write-backs (it may reuse those pages); its restore
 next step's forward (the scheduler admits a restoring request's prefill one step later), which
 waits for them, so a restore overlaps the step before it and the step it is issued with. A step
 whose own rows read the restored pages says so (`wait_for_restores`). CUDA events time the copies
-(`seconds()`, read when the step is collected). On CPU (tests) the pool is a second
+(`seconds()`, read by the runner at a later collect once `ready()`: it never waits for them). On CPU (tests) the pool is a second
 tensor and copies are plain `copy_`.
 """
 import weakref
@@ -63,9 +63,12 @@ class CopyTimer:
         else:
             self.elapsed = 0.0
 
+    def ready(self) -> bool:
+        """The copies are done (never waits: a restore may outlast the step that issued it)."""
+        return not self.cuda or self.end.query()
+
     def seconds(self) -> float:
         if self.cuda:
-            self.end.synchronize()
             return self.start.elapsed_time(self.end) / 1000
         return self.elapsed
 

@@ -181,9 +181,9 @@ class LLMEngine:
     def _collect(self, step: InFlightStep) -> list[StepOutput]:
         result = self.executor.collect(step.pending)
         token_ids = result.token_ids
-        if step.step.swap_out is not None or step.step.swap_in is not None:
+        self.stats["copy_steps"] += step.step.swap_out is not None or step.step.swap_in is not None
+        if result.copy_seconds:
             self.stats["copy_seconds"] += result.copy_seconds
-            self.stats["copy_steps"] += 1
             self._update_restore_cost()
         advanced = self.scheduler.postprocess(step.seqs, token_ids, step.samples)
         self.stats["generated_tokens"] += len(advanced)

@@ -89,6 +89,7 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(self.model, self.num_layers, self.num_kvcache_blocks, self.block_size,
                                           self.num_kv_heads, self.head_dim, self.dtype, self.device)
         self.page_bytes = page_bytes
+        self.copy_timers = []   # host-tier copies whose time is not read yet
         self.host_tier = None
         self.num_host_blocks = 0
         if config.host_kvcache_gb > 0:
@@ -178,8 +179,19 @@ class ModelRunner:
         if pending.done is not None:
             tp.wait_event(pending.done) if self.distributed else pending.done.synchronize()
             tokens = pending.host_tokens
-        copy_seconds = pending.copy_timer.seconds() if pending.copy_timer is not None else 0.0
-        return StepResult(pending.step_id, tokens.tolist(), logits, copy_seconds)
+        return StepResult(pending.step_id, tokens.tolist(), logits, self._copy_seconds(pending.copy_timer))
+
+    def _copy_seconds(self, timer) -> float:
+        """Device time of the host-tier copies finished since the last collect (a restore that is
+        still running when its step is collected is counted at a later one)."""
+        if timer is not None:
+            self.copy_timers.append(timer)
+        if not self.copy_timers:
+            return 0.0
+        ready = [t.ready() for t in self.copy_timers]
+        seconds = sum(t.seconds() for t, r in zip(self.copy_timers, ready) if r)
+        self.copy_timers = [t for t, r in zip(self.copy_timers, ready) if not r]
+        return seconds
 
     def sample(self, logits: torch.Tensor, s: SamplingInputs) -> torch.Tensor:
         if s.all_greedy:
