@@ -33,16 +33,21 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
         prompt_tokens += sum(len(p) for p in prompts)
         for seq in seqs:
             scheduler.add(seq)
-        while not scheduler.is_finished():
+        in_flight = None   # as the engine: step N+1 is scheduled before step N's tokens come back
+        while not all(seq.is_finished for seq in seqs):
             t = time.perf_counter()
             batch, is_prefill = scheduler.schedule()
             bm.take_copies()
-            samples = scheduler.launched(batch)
+            launched = (batch, scheduler.launched(batch)) if batch else None
             schedule_seconds += time.perf_counter() - t
-            if is_prefill:
-                prefilled += sum(s.chunk_len for s in batch)
-            scheduler.postprocess(batch, [0] * len(batch), samples)
-            steps += 1
+            if batch:
+                steps += 1
+                prefilled += sum(s.chunk_len for s in batch) if is_prefill else 0
+            if in_flight is not None:
+                scheduler.postprocess(in_flight[0], [0] * len(in_flight[0]), in_flight[1])
+            in_flight = launched
+        if in_flight is not None:
+            scheduler.postprocess(in_flight[0], [0] * len(in_flight[0]), in_flight[1])
     return dict(gpu_pages=gpu_pages, host_pages=host_pages, policy=policy, prompt_tokens=prompt_tokens,
                 prefilled_tokens=prefilled, cached_prompt_tokens=bm.num_cache_hit_tokens,
                 host_hit_tokens=bm.num_host_hit_tokens, pages_to_host=bm.num_swapped_out,
