@@ -113,7 +113,8 @@ def measure(args, llm, cfg, startup, make) -> dict:
     seconds = sum(round_seconds)
     output_tokens = sum(len(o["token_ids"]) for o in outs)
     stats = {k: llm.stats[k] - before[k] for k in ("steps", "prefill_steps", "decode_steps", "cascade_steps",
-                                                   "prefill_seconds", "decode_seconds", "copy_seconds", "copy_steps")}
+                                                   "prefill_seconds", "decode_seconds", "copy_seconds", "copy_steps",
+                                                   "prefill_tokens")}
     kv = llm.kv_usage()
     state = llm.kv_state(max_pages=0)
     prompt_tokens = sum(len(p) for prompts, _ in rounds for p in prompts)
@@ -124,7 +125,9 @@ def measure(args, llm, cfg, startup, make) -> dict:
         cascade_shared_backend=cfg.get("cascade_shared_backend", "auto"),
         enforce_eager=args.enforce_eager, requests=len(outs), output_tokens=output_tokens,
         seconds=round(seconds, 3), output_tok_s=round(output_tokens / seconds, 1),
-        prompt_tokens=prompt_tokens, cached_prompt_tokens=cached, recomputed_prompt_tokens=prompt_tokens - cached,
+        # Prefilled = computed in prefill steps: prompts less cache hits, plus what preempted
+        # requests compute again (their hits count again at re-admission, so prompt - cached is no measure).
+        prompt_tokens=prompt_tokens, cached_prompt_tokens=cached, recomputed_prompt_tokens=stats["prefill_tokens"],
         decode_share=round(stats["decode_seconds"] / seconds, 3), startup_s=round(startup, 1),
         kv_blocks=kv["blocks_total"], leaked_blocks=kv["blocks_used"], **stats)
     if len(rounds) > 1:

@@ -58,7 +58,7 @@ def check(bm: BlockManager, store: Store, live: list[Sequence]):
         block = bm.blocks[block_id]
         if block.computed:
             assert store.gpu[block_id].tobytes() == block.token_key
-    for page in bm.host_lru:
+    for page in bm.host_eviction_order():
         assert store.host[page].tobytes() == bm.host_key[page]
 
 
@@ -155,7 +155,7 @@ def run_operations(num_blocks: int, num_host: int, ops: list) -> BlockManager:
     bm.take_copies()
     check(bm, store, [])
     assert bm.num_free_blocks == num_blocks
-    assert bm.num_free_host_blocks + len(bm.host_lru) == num_host
+    assert bm.num_free_host_blocks + bm.num_used_host_blocks == num_host
     return bm
 
 
@@ -175,7 +175,7 @@ def test_evicted_prefix_is_written_back_and_restored():
     b = computed_seq(bm, [50 + i for i in range(13)])  # 4 pages: evicts a's two cached pages
     swap_out, swap_in, *_ = bm.take_copies()
     assert len(swap_out) == 2 and not swap_in
-    assert len(bm.host_lru) == 2
+    assert bm.num_used_host_blocks == 2
     bm.deallocate(b)
     c = Sequence(list(range(9)) + [77], SP, BS)
     hits, pending = bm.match(c)
@@ -234,3 +234,24 @@ def test_decode_pages_never_hit_are_dropped_prompt_pages_are_written_back():
     computed_seq(bm, [200 + i for i in range(23)])       # 6 pages: evicts everything
     swap_out, *_ = bm.take_copies()
     assert sorted(bm.host_hash[h] for _, h in swap_out) == sorted(seq.block_hashes[:2])
+
+
+def test_probation_pages_never_push_protected_ones_out_of_the_host():
+    """Segmented LRU: a prompt page never hit (probation) is written back only into free room or in
+    place of older probation pages; a page that was hit (protected) evicts probation pages first."""
+    bm = BlockManager(4, BS, num_host_blocks=2)
+    shared = computed_seq(bm, list(range(9)))                 # 2 full prompt pages
+    other = Sequence(list(range(8)) + [42], SP, BS)
+    assert admit(bm, None, other)                             # hits them: protected
+    bm.deallocate(shared)
+    bm.deallocate(other)
+    bm.take_copies()
+    once = computed_seq(bm, [60 + i for i in range(13)])      # 4 pages: evicts the shared ones
+    assert len(bm.host_protected) == 2 and not bm.host_probation
+    bm.deallocate(once)                                       # its 3 full pages: probation, never hit
+    bm.take_copies()
+    computed_seq(bm, [90 + i for i in range(13)])             # evicts once's pages: host full of protected
+    assert len(bm.host_protected) == 2 and not bm.host_probation
+    assert set(bm.host_hash_to_page) == set(shared.block_hashes[:2])   # the shared prefix stayed
+    assert bm.num_host_dropped == 3
+    bm.check_invariants()

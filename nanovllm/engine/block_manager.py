@@ -9,9 +9,12 @@ requests arriving together with the same system prompt compute it once, not once
 Freed pages keep their hash and contents until they are handed out again (least recently freed first).
 
 Host tier (num_host_blocks > 0): a page handed out again while it still holds a cached prefix worth
-keeping (a prompt page, a page that was hit, or one of a preempted sequence) is first written back to
-a host page (`swap_out`, GPU page -> host page) instead of being dropped; a page filled by decode and
-never hit (an answer) is dropped as before, so it costs no copy and no host room;
+keeping is first written back to a host page (`swap_out`, GPU page -> host page) instead of being
+dropped. The host is a segmented LRU: a page that proved itself (it was hit, restored, or belongs to
+a preempted sequence) is PROTECTED; a prompt page never hit yet is on PROBATION, written back into
+free host room or in place of older probation pages, never of protected ones (a request's own
+question must not push a shared system prompt out). A page filled by decode and never hit (an
+answer) is dropped as before, so it costs no copy and no host room;
 `match` follows the hash chain through both tiers, and a hit in host memory is copied into a fresh
 GPU page (`swap_in`, host page -> GPU page) before the step that admits the request runs. A hash
 lives in one tier at a time (a restore moves it back; a GPU page registered under a hash the host
@@ -36,13 +39,16 @@ import xxhash
 from nanovllm.engine.sequence import Sequence
 
 
+DROP, PROBATION, PROTECTED = 0, 1, 2   # Block.keep
+
+
 def is_host_hit(hit: int) -> bool:
     """`match` returns GPU pages as their ids and host pages h as -1 - h."""
     return hit < 0
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_key", "computed", "freed_at", "write_back")
+    __slots__ = ("block_id", "ref_count", "hash", "token_key", "computed", "freed_at", "keep")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
@@ -51,14 +57,14 @@ class Block:
         self.token_key = b""  # its token ids as int64 bytes, once hashed
         self.computed = False
         self.freed_at = -1    # the scheduling clock when it was last freed
-        self.write_back = False   # a prompt page, hit, or preempted: worth a copy to the host tier
+        self.keep = DROP      # what a write-back to the host tier makes of it: DROP, PROBATION, PROTECTED
 
     def reset(self):
         self.ref_count = 1
         self.hash = -1
         self.token_key = b""
         self.computed = False
-        self.write_back = False
+        self.keep = DROP
 
 
 class BlockManager:
@@ -78,7 +84,8 @@ class BlockManager:
         self.host_hash = [-1] * num_host_blocks
         self.host_key = [b""] * num_host_blocks
         self.host_hash_to_page: dict[int, int] = {}
-        self.host_lru: OrderedDict[int, None] = OrderedDict()
+        self.host_probation: OrderedDict[int, None] = OrderedDict()   # oldest first; evicted first
+        self.host_protected: OrderedDict[int, None] = OrderedDict()
         self.host_free: list[int] = list(range(num_host_blocks - 1, -1, -1))
         self.host_released: list[int] = []
         self.restore_pays = True        # a host hit is restored (else recomputed): the scheduler's cost choice
@@ -105,6 +112,14 @@ class BlockManager:
     @property
     def num_free_host_blocks(self) -> int:
         return len(self.host_free) + len(self.host_released)
+
+    @property
+    def num_used_host_blocks(self) -> int:
+        return len(self.host_probation) + len(self.host_protected)
+
+    def host_eviction_order(self) -> list[int]:
+        """Occupied host pages, the next one dropped first."""
+        return list(self.host_probation) + list(self.host_protected)
 
     # ---- steps and copies ---------------------------------------------------------------------
     def begin_step(self):
@@ -136,16 +151,16 @@ class BlockManager:
         """Write back a cached GPU page that is about to be overwritten."""
         if self.host_free:
             page = self.host_free.pop()
-        elif self.host_lru:
-            page, _ = self.host_lru.popitem(last=False)
+        elif self.host_probation or (block.keep == PROTECTED and self.host_protected):
+            page, _ = (self.host_probation or self.host_protected).popitem(last=False)
             del self.host_hash_to_page[self.host_hash[page]]
             self.num_host_dropped += 1
-        else:  # every host page is being read by this step's restores
+        else:  # probation may not push protected pages out (or every host page is being restored)
             self.num_host_dropped += 1
             return
         self.host_hash[page], self.host_key[page] = block.hash, block.token_key
         self.host_hash_to_page[block.hash] = page
-        self.host_lru[page] = None
+        (self.host_protected if block.keep == PROTECTED else self.host_probation)[page] = None
         self.swap_out.append((block.block_id, page))
         self.num_swapped_out += 1
         self._note_copy(block)
@@ -154,7 +169,10 @@ class BlockManager:
         """The GPU holds hash h again: its host copy goes (a hash lives in one tier at a time)."""
         page = self.host_hash_to_page.pop(h, None)
         if page is not None:
-            del self.host_lru[page]
+            if page in self.host_probation:
+                del self.host_probation[page]
+            else:
+                del self.host_protected[page]
             self.host_hash[page], self.host_key[page] = -1, b""
             self.host_released.append(page)  # a restore of this step may still read it
 
@@ -168,7 +186,7 @@ class BlockManager:
             block = self.blocks[block_id]
             if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block_id:
                 del self.hash_to_block_id[block.hash]   # its old contents are about to be overwritten
-                if self.num_host_blocks and block.computed and block.write_back:
+                if self.num_host_blocks and block.computed and block.keep:
                     self._store_on_host(block)
             block.reset()
         else:
@@ -259,7 +277,7 @@ class BlockManager:
                     self._take_free(hit)
                 else:
                     block.ref_count += 1
-                block.write_back = True
+                block.keep = PROTECTED
                 if not restoring:
                     seq.block_table.append(hit)
         if restoring:
@@ -272,7 +290,7 @@ class BlockManager:
                 # Registered now, computed later: a request arriving meanwhile waits for it (see match).
                 block.token_key = seq.block_keys[i]
                 block.hash = hashes[i]
-                block.write_back = True
+                block.keep = PROBATION
                 self._register(block)
             seq.block_table.append(block.block_id)
         seq.num_computed_tokens = len(hits) * self.block_size
@@ -293,7 +311,7 @@ class BlockManager:
                 page = -1 - hit
                 block = self._take_free()
                 block.hash, block.token_key = restored[hit]
-                block.write_back = True
+                block.keep = PROTECTED
                 block.computed = False   # until the step is launched: a request matching it meanwhile waits
                 self.restored.append(block.block_id)
                 self._register(block)
@@ -307,7 +325,7 @@ class BlockManager:
     def preempt(self, seq: Sequence):
         """Free a preempted sequence's pages, marked worth a write-back: it will want them again."""
         for block_id in seq.block_table:
-            self.blocks[block_id].write_back = True
+            self.blocks[block_id].keep = PROTECTED
         self.deallocate(seq)
 
     def deallocate(self, seq: Sequence):
@@ -359,9 +377,10 @@ class BlockManager:
             assert (block.ref_count == 0) == (block.block_id in self.free_block_ids), block.block_id
         for h, block_id in self.hash_to_block_id.items():
             assert self.blocks[block_id].hash == h
-        pages = sorted(self.host_free + self.host_released + list(self.host_lru))
+        held = self.host_eviction_order()
+        pages = sorted(self.host_free + self.host_released + held)
         assert pages == list(range(self.num_host_blocks)), "a host page lost or held twice"
-        assert sorted(self.host_hash_to_page.values()) == sorted(self.host_lru)
+        assert sorted(self.host_hash_to_page.values()) == sorted(held)
         for h, page in self.host_hash_to_page.items():
             assert self.host_hash[page] == h
         assert not set(self.host_hash_to_page) & set(self.hash_to_block_id), "a hash in both tiers"

@@ -39,8 +39,9 @@ def kv_state(engine, max_pages: int = 64) -> dict:
         "gpu": {"pages": bm.num_blocks, "free": bm.num_free_blocks, "used": bm.num_blocks - bm.num_free_blocks,
                 "cached_free": len(cached_free), "bytes_per_page": bytes_per_page,
                 "lru": cached_free[:max_pages]},   # free pages that still hold a prefix, next evicted first
-        "host": {"pages": bm.num_host_blocks, "used": len(bm.host_lru), "free": bm.num_free_host_blocks,
-                 "lru": list(bm.host_lru)[:max_pages]},   # dropped first
+        "host": {"pages": bm.num_host_blocks, "used": bm.num_used_host_blocks, "free": bm.num_free_host_blocks,
+                 "protected": len(bm.host_protected), "probation": len(bm.host_probation),
+                 "lru": bm.host_eviction_order()[:max_pages]},   # dropped first
         "prefix_groups": prefix_groups(engine.scheduler.running, bm.block_size),
         "hits": {"query_tokens": bm.num_cache_query_tokens, "gpu_hit_tokens": bm.num_cache_hit_tokens - host_hits,
                  "host_hit_tokens": host_hits, "hit_rate": bm.num_cache_hit_tokens / queried,

@@ -271,6 +271,6 @@ class LLMEngine:
         return {"blocks_total": bm.num_blocks, "blocks_free": bm.num_free_blocks,
                 "blocks_used": bm.num_blocks - bm.num_free_blocks,
                 "cache_hit_tokens": bm.num_cache_hit_tokens, "cache_query_tokens": bm.num_cache_query_tokens,
-                "host_blocks_total": bm.num_host_blocks, "host_blocks_used": len(bm.host_lru),
+                "host_blocks_total": bm.num_host_blocks, "host_blocks_used": bm.num_used_host_blocks,
                 "host_hit_tokens": bm.num_host_hit_tokens, "bytes_to_host": bm.num_swapped_out * page_bytes,
                 "bytes_from_host": bm.num_swapped_in * page_bytes}
