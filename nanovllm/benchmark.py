@@ -4,7 +4,7 @@
     python bench.py --workload w2 --enable-cascade-attention # many shared system prompts
     python bench.py --model PATH --workload w3               # one shared system prompt, a real checkpoint
     python bench.py --preset qwen3-8b --tensor-parallel-size 2 # 8B shapes on two GPUs (dummy weights)
-    python bench.py --workload w6 --host-kv-cache-gb 40      # many tenants beyond a 16,384-page GPU cache
+    python bench.py --workload w6 --host-kv-cache-gb 64      # many tenants beyond a 16,384-page GPU cache
     python bench.py --workload w6                            # the same, GPU-only (evicted prefixes recomputed)
 
 W6 runs 4 `generate` rounds; its GPU cache is capped at 16,384 pages (--num-gpu-blocks to change).

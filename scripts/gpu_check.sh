@@ -18,7 +18,7 @@ declare -A ARGS=(
   [w2]="--workload w2" [w2-cascade]="--workload w2 --enable-cascade-attention"
   [w3]="--workload w3" [w3-cascade]="--workload w3 --enable-cascade-attention"
   [w4]="--workload w4"
-  [w6]="--workload w6" [w6-host]="--workload w6 --host-kv-cache-gb 40"
+  [w6]="--workload w6" [w6-host]="--workload w6 --host-kv-cache-gb 64"
 )
 for name in ${BENCH-w1 w1-eager w2 w2-cascade w3 w3-cascade w4}; do  # BENCH="" runs none
   python3 bench.py --model $model ${ARGS[$name]} --json "$out/bench.jsonl" 2>&1 | grep -v "^{" | tail -3
