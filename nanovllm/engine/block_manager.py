@@ -323,7 +323,7 @@ class BlockManager:
             seq.block_table.append(hit)
 
     def preempt(self, seq: Sequence):
-        """Free a preempted sequence's pages, marked worth a write-back: it will want them again."""
+        """Free a preempted sequence's pages, marked PROTECTED for the host tier: it will want them again."""
         for block_id in seq.block_table:
             self.blocks[block_id].keep = PROTECTED
         self.deallocate(seq)
