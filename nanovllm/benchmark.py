@@ -1,4 +1,4 @@
-"""Benchmarks W1-W4 (see ../shared/docs/workloads.md in the project notes and claude_docs/performance.md).
+"""Benchmarks W1-W4 and W6 (see ../shared/docs/workloads.md in the project notes and claude_docs/performance.md).
 
     python bench.py --preset qwen3-0.6b                      # W1: throughput, random-weight Qwen3-0.6B
     python bench.py --workload w2 --enable-cascade-attention # many shared system prompts
@@ -6,10 +6,14 @@
     python bench.py --preset qwen3-8b --tensor-parallel-size 2 # 8B shapes on two GPUs (dummy weights)
     python bench.py --workload w1-json                       # W1 with a JSON schema on every request
     python bench.py --workload w1-json-half                  # ... on every other request (mixed batches)
+    python bench.py --workload w6 --host-kv-cache-gb 64      # many tenants beyond a 16,384-page GPU cache
+    python bench.py --workload w6                            # the same, GPU-only (evicted prefixes recomputed)
 
 The w1-json workloads measure structured output's cost (claude_docs/serving.md): W1's prompts and
 lengths, each constrained request's schema an object holding one array of strings (random weights
 rarely close it, so most requests still run to max_tokens like W1's); compare with w1 on the same GPU.
+
+W6 runs 4 `generate` rounds; its GPU cache is capped at 16,384 pages (--num-gpu-blocks to change).
 
 Each run prints output tokens, seconds and tok/s, and appends one JSON line to --json.
 """
@@ -57,6 +61,20 @@ def shared_prompts(groups: int, per_group: int, system_len: int, question_len: i
     return prompts, params
 
 
+def w6(top: int = 10000, rounds: int = 4, tenants: int = 128, system_len: int = 4096, per_round: int = 4,
+       question_len: int = 64, output_len: int = 128):
+    """Many tenants: 128 system prompts of 4,096 tokens, 4 rounds of 4 requests per prompt (512 a round,
+    shuffled), each with its own 64-token question and 128 greedy output tokens."""
+    rng = random.Random(0)
+    systems = [[rng.randint(0, top) for _ in range(system_len)] for _ in range(tenants)]
+    out = []
+    for _ in range(rounds):
+        prompts = [s + [rng.randint(0, top) for _ in range(question_len)] for s in systems for _ in range(per_round)]
+        rng.shuffle(prompts)
+        out.append((prompts, [SamplingParams(temperature=0, ignore_eos=True, max_tokens=output_len)] * len(prompts)))
+    return out
+
+
 WORKLOADS = {
     "w1": (w1, {}),
     "w2": (lambda top: shared_prompts(64, 16, 2048, 128, 256, top=top), dict(max_num_seqs=1024, max_model_len=2560)),
@@ -64,6 +82,7 @@ WORKLOADS = {
     "w4": (w1, dict(enable_cascade_attention=True)),
     "w1-json": (w1_json, {}),
     "w1-json-half": (lambda top: w1_json(top, every=2), {}),
+    "w6": (w6, dict(num_kvcache_blocks=16384, max_model_len=4352)),
 }
 
 
@@ -84,8 +103,10 @@ def run(args) -> dict:
                load_format=load_format or "auto", disable_custom_all_reduce=args.disable_custom_all_reduce)
     if args.enable_cascade_attention:
         cfg["enable_cascade_attention"] = True
+    if args.num_gpu_blocks is not None:
+        cfg["num_kvcache_blocks"] = args.num_gpu_blocks
     for key in ("max_num_seqs", "max_num_batched_tokens", "kvcache_block_size", "gpu_memory_utilization", "max_model_len",
-                "cascade_shared_backend"):
+                "cascade_shared_backend", "host_kvcache_gb", "schedule_policy"):
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
     t0 = time.perf_counter()
@@ -98,27 +119,51 @@ def run(args) -> dict:
 
 def measure(args, llm, cfg, startup, make) -> dict:
     # Token ids up to 10,000 as the workloads define them, or the vocabulary's last id if smaller.
-    prompts, params = make(min(10000, llm.vocab_size - 1))
+    rounds = make(min(10000, llm.vocab_size - 1))
+    if isinstance(rounds, tuple):
+        rounds = [rounds]   # one generate call
     llm.generate(["Benchmark: "], SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
     before = dict(llm.stats)
-    hits0 = llm.kv_usage()["cache_hit_tokens"]
-    t = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - t
+    kv0 = llm.kv_usage()
+    state0 = llm.kv_state(max_pages=0)
+    preemptions0 = llm.scheduler.num_preemptions
+    outs, round_seconds = [], []
+    for prompts, params in rounds:
+        t = time.perf_counter()
+        outs += llm.generate(prompts, params, use_tqdm=False)
+        round_seconds.append(round(time.perf_counter() - t, 3))
+    seconds = sum(round_seconds)
     output_tokens = sum(len(o["token_ids"]) for o in outs)
     stats = {k: llm.stats[k] - before[k] for k in ("steps", "prefill_steps", "decode_steps", "cascade_steps",
-                                                   "prefill_seconds", "decode_seconds")}
+                                                   "prefill_seconds", "decode_seconds", "copy_seconds", "copy_steps",
+                                                   "prefill_tokens")}
     kv = llm.kv_usage()
+    state = llm.kv_state(max_pages=0)
+    prompt_tokens = sum(len(p) for prompts, _ in rounds for p in prompts)
+    cached = kv["cache_hit_tokens"] - kv0["cache_hit_tokens"]
     result = dict(
         workload=args.workload, model=args.model or args.preset, tp=args.tensor_parallel_size,
         custom_all_reduce=not args.disable_custom_all_reduce, cascade=bool(cfg.get("enable_cascade_attention")),
         cascade_shared_backend=cfg.get("cascade_shared_backend", "auto"),
-        enforce_eager=args.enforce_eager, requests=len(prompts), output_tokens=output_tokens,
+        enforce_eager=args.enforce_eager, requests=len(outs), output_tokens=output_tokens,
         finished_stop=sum(o["finish_reason"] == "stop" for o in outs),
         seconds=round(seconds, 3), output_tok_s=round(output_tokens / seconds, 1),
-        prompt_tokens=sum(len(p) for p in prompts), cached_prompt_tokens=kv["cache_hit_tokens"] - hits0,
+        # Prefilled = computed in prefill steps: prompts less cache hits, plus what preempted
+        # requests compute again (their hits count again at re-admission, so prompt - cached is no measure).
+        prompt_tokens=prompt_tokens, cached_prompt_tokens=cached, recomputed_prompt_tokens=stats["prefill_tokens"],
         decode_share=round(stats["decode_seconds"] / seconds, 3), startup_s=round(startup, 1),
         kv_blocks=kv["blocks_total"], leaked_blocks=kv["blocks_used"], **stats)
+    if len(rounds) > 1:
+        result["round_seconds"] = round_seconds
+    result["schedule_policy"] = state["scheduler"]["policy"]
+    result["preemptions"] = llm.scheduler.num_preemptions - preemptions0
+    if kv["host_blocks_total"]:
+        moved = {d: kv[f"bytes_{d}"] - kv0[f"bytes_{d}"] for d in ("to_host", "from_host")}
+        result.update(host_blocks=kv["host_blocks_total"],
+                      host_hit_tokens=kv["host_hit_tokens"] - kv0["host_hit_tokens"],
+                      gb_to_host=round(moved["to_host"] / 1e9, 2), gb_from_host=round(moved["from_host"] / 1e9, 2),
+                      host_pages_dropped=state["copies"]["host_pages_dropped"] - state0["copies"]["host_pages_dropped"],
+                      copy_gb_s=round(sum(moved.values()) / 1e9 / stats["copy_seconds"], 1) if stats["copy_seconds"] else None)
     if llm.model_runner.device.type == "cuda":
         import torch
         total = torch.cuda.get_device_properties(0).total_memory
@@ -140,6 +185,10 @@ def main(argv=None):
     p.add_argument("--kvcache-block-size", type=int)
     p.add_argument("--gpu-memory-utilization", type=float)
     p.add_argument("--cascade-shared-backend", choices=["auto", "triton", "fa2", "fa3"])
+    p.add_argument("--num-gpu-blocks", type=int, help="cap the GPU KV cache at this many pages (W6: 16384)")
+    p.add_argument("--host-kv-cache-gb", dest="host_kvcache_gb", type=float,
+                   help="host-memory KV tier per rank, GB (default 0: off)")
+    p.add_argument("--schedule-policy", choices=["fcfs", "lpm", "dfs-weight", "random"])
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--disable-custom-all-reduce", action="store_true", help="NCCL for every all-reduce")
     p.add_argument("--load-format", choices=["auto", "dummy"], default=None,

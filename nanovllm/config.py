@@ -39,6 +39,9 @@ class Config:
     device: str = "auto"                  # auto: cuda when available, else cpu
     attention_backend: str = "auto"       # auto: flashinfer on cuda, torch on cpu
     enable_prefix_caching: bool = True
+    host_kvcache_gb: float = 0.0          # host-memory KV tier per rank (pinned on CUDA); 0 = off
+    schedule_policy: str = "fcfs"         # order of waiting requests: fcfs, lpm, dfs-weight, random
+    max_wait_s: float = 10.0              # starvation bound: a request waiting longer is admitted first
     enable_cascade_attention: bool = False
     cascade_shared_prefix_len: int = 0    # >0 forces one shared level of this many tokens
     cascade_max_levels: int = 3           # shared levels + the per-request level
@@ -62,6 +65,14 @@ class Config:
             raise ValueError(f"cascade_max_levels must be >= 2, got {self.cascade_max_levels}")
         if self.cascade_shared_backend not in ("auto", "triton", "fa2", "fa3"):
             raise ValueError(f"cascade_shared_backend must be auto, triton, fa2 or fa3, got {self.cascade_shared_backend!r}")
+        if self.schedule_policy not in ("fcfs", "lpm", "dfs-weight", "random"):
+            raise ValueError(f"schedule_policy must be fcfs, lpm, dfs-weight or random, got {self.schedule_policy!r}")
+        if not self.max_wait_s > 0:
+            raise ValueError(f"max_wait_s must be > 0, got {self.max_wait_s}")
+        if self.host_kvcache_gb < 0:
+            raise ValueError(f"host_kvcache_gb must be >= 0, got {self.host_kvcache_gb}")
+        if self.host_kvcache_gb > 0 and not self.enable_prefix_caching:
+            raise ValueError("host_kvcache_gb needs enable_prefix_caching: host pages are found by their prefix hash")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         self.hf_config = AutoConfig.from_pretrained(self.model)

@@ -2,6 +2,7 @@
 # Everything GPU in one call, on the GPU machine (from the repo root):
 #   source .devkit/setup.sh && bash scripts/gpu_check.sh            # tests + all benchmarks
 #   TESTS=0 BENCH="w1 w1-eager" bash scripts/gpu_check.sh            # a subset
+#   TESTS=0 BENCH="w6 w6-host" bash scripts/gpu_check.sh             # W6, GPU-only vs host tier (not in the default set)
 # Runs the GPU tests (pytest -m gpu), then bench.py on random-weight Qwen3-0.6B, and prints a table last.
 set -uo pipefail
 out=${OUT:-/tmp/gpu_check}
@@ -10,13 +11,14 @@ model=/tmp/qwen3-0.6b
 [[ -f $model/config.json ]] || python3 -m nanovllm.tools.make_model --preset qwen3-0.6b --out $model >/dev/null
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [[ ${TESTS:-1} == 1 ]]; then
-  python3 -m pytest -q -m gpu -rA -s tests/test_gpu.py tests/test_triton_kv.py tests/test_qk_norm_rope.py tests/test_sample_kernel.py tests/test_shared_kernel.py tests/test_llama.py tests/test_qwen3_moe.py tests/test_sampling_controls.py tests/test_awq.py 2>&1 | tee "$out/gpu_tests.log" | grep -E "passed|failed|PASSED|FAILED|Error|divergence" | tail -40
+  python3 -m pytest -q -m gpu -rA -s tests/test_gpu.py tests/test_triton_kv.py tests/test_qk_norm_rope.py tests/test_sample_kernel.py tests/test_shared_kernel.py tests/test_llama.py tests/test_qwen3_moe.py tests/test_sampling_controls.py tests/test_gpu_host_tier.py tests/test_awq.py 2>&1 | tee "$out/gpu_tests.log" | grep -E "passed|failed|PASSED|FAILED|Error|divergence" | tail -40
 fi
 declare -A ARGS=(
   [w1]="--workload w1" [w1-eager]="--workload w1 --enforce-eager"
   [w2]="--workload w2" [w2-cascade]="--workload w2 --enable-cascade-attention"
   [w3]="--workload w3" [w3-cascade]="--workload w3 --enable-cascade-attention"
   [w4]="--workload w4"
+  [w6]="--workload w6" [w6-host]="--workload w6 --host-kv-cache-gb 64"
 )
 for name in ${BENCH-w1 w1-eager w2 w2-cascade w3 w3-cascade w4}; do  # BENCH="" runs none
   python3 bench.py --model $model ${ARGS[$name]} --json "$out/bench.jsonl" 2>&1 | grep -v "^{" | tail -3

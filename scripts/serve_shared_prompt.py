@@ -159,6 +159,9 @@ async def run(args) -> dict:
         "e2e_latency_s": percentiles([r["e2e"] for r in ok]),
         "prefix_cache_hit_rate": hit_rate,                  # from the server's /metrics (nanovllm only)
         "usage_cached_token_ratio": cached / prompt_tokens if prompt_tokens else None,
+        # nanovllm: the longest any request waited for admission since the server started
+        # (compare with its --max-wait-s starvation bound)
+        "server_max_queue_wait_s": after.get("nanovllm_max_queue_wait_seconds") if after else None,
     }
 
 

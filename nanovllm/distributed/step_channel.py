@@ -127,8 +127,9 @@ class ShmChannel:
 
 def slot_bytes_for(config) -> int:
     """A step's worst case: every row's page list (twice with cascade levels), every token's id,
-    position and slot, and every row's structured-output token bitmask (Qwen3 vocabulary: 19 KB a
-    row), plus room for the rest."""
+    position and slot, every row's structured-output token bitmask (Qwen3 vocabulary: 19 KB a row), the
+    host-tier copies (a pair each way per page at most), plus room for the rest."""
     pages = config.max_num_seqs * -(-config.max_model_len // config.kvcache_block_size)
     bitmasks = config.max_num_seqs * 4 * -(-config.hf_config.vocab_size // 32)
-    return (1 << 20) + 3 * 4 * pages + 4 * 8 * config.max_num_batched_tokens + bitmasks
+    copies = 2 * 16 * pages if config.host_kvcache_gb > 0 else 0   # host-tier (page, page) pairs, int64
+    return (1 << 20) + 3 * 4 * pages + 4 * 8 * config.max_num_batched_tokens + bitmasks + copies

@@ -60,7 +60,7 @@ class LLMEngine:
         from nanovllm.distributed.executor import make_executor
         self.executor = make_executor(config)      # the runner, or rank 0 of a tensor-parallel group
         self.model_runner = self.executor.runner   # this process's runner
-        self.scheduler = Scheduler(config, self.executor.num_kvcache_blocks)
+        self.scheduler = Scheduler(config, self.executor.num_kvcache_blocks, self.model_runner.num_host_blocks)
         self.step_builder = StepBuilder(config)
         self._log_startup()
         self.vocab_size = config.hf_config.vocab_size
@@ -71,7 +71,8 @@ class LLMEngine:
         self._grammar_compiler = None  # structured output, built on first use (engine/grammar.py)
         self.stats = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "cascade_steps": 0,
                       "generated_tokens": 0, "prompt_tokens": 0, "max_batch_size": 0,
-                      "prefill_seconds": 0.0, "decode_seconds": 0.0}
+                      "prefill_seconds": 0.0, "decode_seconds": 0.0, "copy_seconds": 0.0, "copy_steps": 0,
+                      "prefill_tokens": 0}
 
     # ---- requests ---------------------------------------------------------------------------
     def make_sequence(self, prompt: str | list[int], sampling_params: SamplingParams) -> Sequence:
@@ -165,9 +166,14 @@ class LLMEngine:
             outputs = self.drain()
         start = perf_counter()
         seqs, is_prefill = self.scheduler.schedule()
+        copies = self.scheduler.block_manager.take_copies()   # host-tier copies this step decided
+        assert seqs or not (copies[0] or copies[1]), "host-tier copies without a step to carry them"
         launched = None
         if seqs:
-            step, seqs = self.step_builder.build(seqs, is_prefill, self.in_flight.step if self.in_flight else None)
+            step, seqs = self.step_builder.build(seqs, is_prefill, self.in_flight.step if self.in_flight else None,
+                                                 copies)
+            if is_prefill:
+                st["prefill_tokens"] += len(step.input_ids)
             pending = self.executor.execute(step)
             launched = InFlightStep(step, seqs, self.launched(seqs), pending)
             st["steps"] += 1
@@ -191,6 +197,10 @@ class LLMEngine:
 
     def _collect(self, step: InFlightStep) -> list[StepOutput]:
         result = self.executor.collect(step.pending)
+        self.stats["copy_steps"] += step.step.swap_out is not None or step.step.swap_in is not None
+        if result.copy_seconds:
+            self.stats["copy_seconds"] += result.copy_seconds
+            self._update_restore_cost()
         if result.prompt_logprobs is not None:
             self._attach_prompt_logprobs(step, result.prompt_logprobs)
         advanced = self.scheduler.postprocess(step.seqs, result.token_ids, step.samples)
@@ -270,8 +280,30 @@ class LLMEngine:
         """The error that stopped the engine for good (a tensor-parallel worker failed), else None."""
         return getattr(self.executor, "failure", None)
 
+    def _update_restore_cost(self):
+        """Swap or recompute: restoring a host page pays while copying its bytes is faster than
+        prefilling its tokens, at the copy bandwidth and prefill speed measured so far."""
+        st, bm = self.stats, self.scheduler.block_manager
+        pages = bm.num_swapped_in + bm.num_swapped_out
+        if st["copy_seconds"] <= 0 or st["prefill_seconds"] <= 0 or not st["prefill_tokens"]:
+            return
+        copy_s_per_page = st["copy_seconds"] / pages
+        prefill_s_per_page = st["prefill_seconds"] / st["prefill_tokens"] * bm.block_size
+        bm.restore_pays = copy_s_per_page < prefill_s_per_page
+
+    def kv_state(self, max_pages: int = 64) -> dict:
+        """The KV cache as a dict (GET /debug/kv): pages per tier, the prefix groups of the running
+        requests (shared leading pages and their users), the LRU ends of both tiers (next to be
+        evicted first, at most max_pages each), hit rates and host-tier traffic."""
+        from nanovllm.engine.kv_state import kv_state
+        return kv_state(self, max_pages)
+
     def kv_usage(self) -> dict:
         bm = self.scheduler.block_manager
+        page_bytes = self.model_runner.page_bytes * self.config.tensor_parallel_size
         return {"blocks_total": bm.num_blocks, "blocks_free": bm.num_free_blocks,
                 "blocks_used": bm.num_blocks - bm.num_free_blocks,
-                "cache_hit_tokens": bm.num_cache_hit_tokens, "cache_query_tokens": bm.num_cache_query_tokens}
+                "cache_hit_tokens": bm.num_cache_hit_tokens, "cache_query_tokens": bm.num_cache_query_tokens,
+                "host_blocks_total": bm.num_host_blocks, "host_blocks_used": bm.num_used_host_blocks,
+                "host_hit_tokens": bm.num_host_hit_tokens, "bytes_to_host": bm.num_swapped_out * page_bytes,
+                "bytes_from_host": bm.num_swapped_in * page_bytes}

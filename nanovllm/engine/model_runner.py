@@ -17,6 +17,7 @@ from nanovllm.attention import StepBatch, make_backend
 from nanovllm.config import Config
 from nanovllm.distributed import parallel_state as tp
 from nanovllm.engine.cuda_graphs import DecodeGraphs
+from nanovllm.engine.host_tier import HostTier
 from nanovllm.engine.kv_cache import allocate_kv_cache, block_bytes, cpu_kv_blocks, gpu_kv_blocks
 from nanovllm.engine.scheduled_step import SamplingInputs, ScheduledStep, StepResult
 from nanovllm.layers.awq import quantize_linears
@@ -98,6 +99,14 @@ class ModelRunner:
         self.num_kvcache_blocks = tp.min_over_ranks(blocks) if self.distributed else blocks  # one page table for all
         self.kv_cache = allocate_kv_cache(self.model, self.num_layers, self.num_kvcache_blocks, self.block_size,
                                           self.num_kv_heads, self.head_dim, self.dtype, self.device)
+        self.page_bytes = page_bytes
+        self.copy_timers = []   # host-tier copies whose time is not read yet
+        self.host_tier = None
+        self.num_host_blocks = 0
+        if config.host_kvcache_gb > 0:
+            pages = int(config.host_kvcache_gb * 2**30) // page_bytes
+            self.num_host_blocks = tp.min_over_ranks(pages) if self.distributed else pages
+            self.host_tier = HostTier(self.kv_cache, self.num_host_blocks)
         if self.graphs is not None:
             with tp.graph_capture() if self.distributed else contextlib.nullcontext():
                 self.graphs.capture(self.num_kvcache_blocks,
@@ -151,6 +160,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: ScheduledStep) -> "PendingResult":
         """Queue one step on the device and return at once; collect() waits for its tokens."""
+        copy_timer = None
+        if self.host_tier is not None:   # the previous step's restores, then this step's copies
+            copy_timer = self.host_tier.before_forward(step.swap_out, step.swap_in, step.copy_after_prev,
+                                                       step.wait_for_restores)
         batch, input_ids, positions = self.prepare(step)
         s = step.sampling
         # Under tensor parallelism the one-pass samplers work on each rank's vocabulary slice when
@@ -173,6 +186,7 @@ class ModelRunner:
             tokens = self.sample(sampled_from, s)
         self.last_tokens = tokens
         pending = PendingResult(step.step_id, tokens)
+        pending.copy_timer = copy_timer
         if step.want_logits:
             pending.logits = logits.float()
         self.logprobs(step, hidden, asked, tokens, pending)
@@ -215,7 +229,20 @@ class ModelRunner:
         else:
             token_ids = pending.tokens.tolist()
         logprobs, prompt = (None if x is None else x.as_numpy() for x in (pending.logprobs, pending.prompt_logprobs))
-        return StepResult(pending.step_id, token_ids, logits, logprobs, prompt)
+        return StepResult(pending.step_id, token_ids, logits, logprobs, prompt,
+                          self._copy_seconds(pending.copy_timer))
+
+    def _copy_seconds(self, timer) -> float:
+        """Device time of the host-tier copies finished since the last collect (a restore that is
+        still running when its step is collected is counted at a later one)."""
+        if timer is not None:
+            self.copy_timers.append(timer)
+        if not self.copy_timers:
+            return 0.0
+        ready = [t.ready() for t in self.copy_timers]
+        seconds = sum(t.seconds() for t, r in zip(self.copy_timers, ready) if r)
+        self.copy_timers = [t for t, r in zip(self.copy_timers, ready) if not r]
+        return seconds
 
     def sample(self, logits: torch.Tensor, s: SamplingInputs) -> torch.Tensor:
         if s.all_greedy:
@@ -299,7 +326,7 @@ class PendingResult:
 
     def __init__(self, step_id: int, tokens: torch.Tensor):
         self.step_id, self.tokens = step_id, tokens
-        self.host_tokens = self.done = self.logits = None
+        self.host_tokens = self.done = self.logits = self.copy_timer = None
         self.logprobs = self.prompt_logprobs = None  # TokenLogprobs, copies to the host queued
 
 

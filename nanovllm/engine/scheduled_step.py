@@ -32,6 +32,14 @@ Data contract (all host numpy arrays; `rows` = sequences in the step, `tokens` =
   prompt_logprobs_k  int                       top-k computed for them (the largest asked this step)
   grammar            GrammarMask | None        structured output: allowed tokens of the rows with a
                                                grammar (engine/grammar.py), applied before sampling
+  swap_out           int64 [n, 2] | None       (GPU page, host page): write these pages back to the
+                                               host tier, before the step's forward
+  swap_in            int64 [n, 2] | None       (host page, GPU page): restore these, after swap_out and
+                                               before the forward (engine/block_manager.py decides both)
+  copy_after_prev    bool                      the copies touch a page the step in flight may still
+                                               use: they wait for it (else they may overlap it)
+  wait_for_restores  bool                      this step's forward reads pages its swap_in restores
+                                               (else only the next step's forward waits for them)
 
 Sampling is a pure function of the logits and `sampling`, so every rank samples the same tokens:
 unseeded rows draw from a generator seeded with `step_seed`, seeded requests from their own
@@ -132,10 +140,15 @@ class ScheduledStep:
     prompt_logprobs_k: int = 0
     grammar: GrammarMask | None = None
 
+    swap_out: np.ndarray | None = None
+    swap_in: np.ndarray | None = None
+    copy_after_prev: bool = False
+    wait_for_restores: bool = False
+
     def __post_init__(self):
         for name in ("input_ids", "prev_rows", "positions", "slot_mapping", "q_lens", "kv_lens", "qo_indptr",
                      "kv_indptr", "kv_indices", "kv_last_page_len", "logprobs_k", "prompt_logprobs_tokens",
-                     "prompt_logprobs_targets"):
+                     "prompt_logprobs_targets", "swap_out", "swap_in"):
             array = getattr(self, name)
             if array is not None:
                 array.flags.writeable = False
@@ -157,3 +170,4 @@ class StepResult:
     logits: object = None  # float32 [rows, vocab] on the host, when the step asked for them
     logprobs: object = None         # TokenLogprobs (layers/logprobs.py) of the rows with logprobs_k >= 0
     prompt_logprobs: object = None  # TokenLogprobs of prompt_logprobs_tokens, in the same order
+    copy_seconds: float = 0.0  # time the step's host-tier copies took on the device (0: none)

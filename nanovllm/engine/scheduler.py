@@ -12,23 +12,36 @@ decided here: engine/output_processor.py owns every stop rule, marks a sequence 
 ends it by length (`last_launched`: not scheduled again), and calls `finish` for the ones that end,
 which frees their pages. One that ends by EOS or a stop may have run one step too many, whose token
 is dropped.
+
+Admission order is the schedule policy's (engine/schedule_policy.py: fcfs, lpm, dfs-weight, random,
+with a starvation bound). With a host KV tier (block_manager.py) a preempted sequence's pages are
+not lost: its full pages keep their hashes, are written back to host memory if the GPU needs them
+for others, and are copied back at re-admission instead of being recomputed (swap-preemption), as
+long as the copy is cheaper than the prefill (`restore_pays`, from the measured copy bandwidth and
+prefill speed). A request admitted with pages in host memory is prefilled from the next step on, so
+that its copies overlap this step instead of holding it up (unless nothing else runs this step).
 """
 from collections import deque
+from time import monotonic
 
 from nanovllm.config import Config
-from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.block_manager import BlockManager, is_host_hit
+from nanovllm.engine.schedule_policy import SchedulePolicy
 from nanovllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 
 class Scheduler:
 
-    def __init__(self, config: Config, num_blocks: int):
+    def __init__(self, config: Config, num_blocks: int, num_host_blocks: int = 0):
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
-        self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching,
+                                          num_host_blocks)
+        self.policy = SchedulePolicy(config.schedule_policy, config.max_wait_s, config.seed)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.max_queue_wait_s = 0.0   # longest wait from arrival to first admission (the starvation bound's check)
 
     def is_finished(self) -> bool:
         return not self.waiting and not self.running
@@ -37,6 +50,7 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> tuple[list[Sequence], bool]:
+        self.block_manager.begin_step()
         scheduled = self._schedule_prefill()
         if scheduled:
             return scheduled, True
@@ -54,7 +68,10 @@ class Scheduler:
                 budget -= seq.chunk_len
                 scheduled.append(seq)
         bm = self.block_manager
+        if self.waiting and self.policy.name != "fcfs":
+            self.waiting = deque(self.policy.order(list(self.waiting), bm))
         deferred = []
+        restoring = []   # admitted with pages restored from the host tier: they run from the next step
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             if not bm.num_free_blocks:
                 break  # a request's last page is never a cache hit: nothing fits without a free page
@@ -67,13 +84,27 @@ class Scheduler:
             if not bm.can_allocate(seq, hits):
                 break
             self.waiting.popleft()
+            if not seq.num_completion_tokens:   # a first admission, not a preempted one coming back
+                self.max_queue_wait_s = max(self.max_queue_wait_s, monotonic() - seq.arrival_time)
             bm.allocate(seq, hits)
             seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            if bm.num_host_blocks and hits and is_host_hit(min(hits)):
+                restoring.append(seq)   # its pages come from host memory while this step runs
+                continue
             seq.chunk_len = min(len(seq) - seq.num_computed_tokens, budget)
             budget -= seq.chunk_len
-            self.running.append(seq)
             scheduled.append(seq)
         self.waiting.extendleft(reversed(deferred))
+        if restoring and not scheduled:
+            # Nothing else to run: prefill them now, and this step's forward waits for the copies.
+            bm.wait_for_restores = True
+            for seq in restoring:
+                if budget == 0:
+                    break
+                seq.chunk_len = min(len(seq) - seq.num_computed_tokens, budget)
+                budget -= seq.chunk_len
+                scheduled.append(seq)
         return scheduled
 
     def _schedule_decode(self) -> list[Sequence]:
@@ -109,7 +140,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence):
         self.num_preemptions += 1
-        self.block_manager.deallocate(seq)
+        self.block_manager.preempt(seq)
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
 
@@ -118,6 +149,7 @@ class Scheduler:
         gets a placeholder for its token. Returns which of them sample (a prompt chunk short of the
         end does not)."""
         samples = []
+        self.block_manager.launched()
         for seq in seqs:
             seq.num_computed_tokens += seq.chunk_len
             self.block_manager.mark_computed(seq)  # a prompt's pages: cache hits from the next step on

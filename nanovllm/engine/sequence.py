@@ -1,6 +1,7 @@
 """One request as the engine sees it: its tokens, its KV pages and how far they are computed."""
 from enum import Enum, auto
 from itertools import count
+from time import monotonic
 
 import numpy as np
 
@@ -23,6 +24,7 @@ class Sequence:
     def __init__(self, token_ids: list[int], sampling_params: SamplingParams, block_size: int,
                  prompt_bytes: bytes | None = None):
         self.seq_id = next(Sequence.counter)
+        self.arrival_time = monotonic()  # for the schedule policies' starvation bound
         self.status = SequenceStatus.WAITING
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)

@@ -30,10 +30,11 @@ class StepBuilder:
             self.cascade = CascadePolicy(config)
         self.num_steps = 0
 
-    def build(self, seqs: list[Sequence], is_prefill: bool,
-              prev: ScheduledStep | None = None) -> tuple[ScheduledStep, list[Sequence]]:
+    def build(self, seqs: list[Sequence], is_prefill: bool, prev: ScheduledStep | None = None,
+              copies: tuple | None = None) -> tuple[ScheduledStep, list[Sequence]]:
         """The step and its sequences in row order. `prev` is the step launched last and not yet
-        collected: a decode input still PLACEHOLDER is the token one of its rows is sampling."""
+        collected: a decode input still PLACEHOLDER is the token one of its rows is sampling.
+        `copies`: the block manager's (swap_out, swap_in, copy_after_prev, wait_for_restores)."""
         plan = self.cascade.plan(seqs) if self.cascade is not None else None
         if plan is not None:
             seqs = [seqs[i] for i in plan.order.tolist()]
@@ -76,7 +77,7 @@ class StepBuilder:
                              slot_mapping, q_lens, kv_lens, qo_indptr, kv_indptr, kv_indices, last_page_len, bs, plan,
                              self._sampling_inputs(seqs), False, *self._logprob_inputs(seqs, qo_indptr, is_prefill),
                              grammar=grammar_mask(seqs, self.vocab_size) if any(s.grammar is not None for s in seqs)
-                             else None)
+                             else None, **self._copies(copies))
         return step, seqs
 
     @staticmethod
@@ -107,6 +108,18 @@ class StepBuilder:
         if not tokens:
             return logprobs_k, None, None, 0
         return logprobs_k, np.concatenate(tokens), np.concatenate(targets), top_k
+
+
+    @staticmethod
+    def _copies(copies: tuple | None) -> dict:
+        """The host-tier copies of the step (engine/scheduled_step.py's swap_out, swap_in, ...)."""
+        if copies is None:
+            return {}
+        swap_out, swap_in, after_prev, wait_restores = copies
+        as_array = lambda pairs: np.array(pairs, dtype=np.int64).reshape(-1, 2) if pairs else None  # noqa: E731
+        return dict(swap_out=as_array(swap_out), swap_in=as_array(swap_in),
+                    copy_after_prev=bool(after_prev and (swap_out or swap_in)),
+                    wait_for_restores=bool(wait_restores and swap_in))
 
     def _sampling_inputs(self, seqs: list[Sequence]) -> SamplingInputs:
         params = [s.sampling_params for s in seqs]

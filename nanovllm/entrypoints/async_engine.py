@@ -2,7 +2,8 @@
 
 A step is blocking compute and the engine is not thread-safe, so nothing but this thread touches the
 engine's mutable state. The HTTP side (an asyncio event loop) talks to it through two one-way channels:
-  inbox   a thread-safe queue of commands ("add" a request's sequences, "abort" them, "stop"), drained
+  inbox   a thread-safe queue of commands ("add" a request's sequences, "abort" them, "kv_state" for
+          GET /debug/kv, "stop"), drained
           between steps, so requests join the running batch at the next step (continuous batching);
   deltas  per request, an asyncio.Queue filled through loop.call_soon_threadsafe, one call per step and
           event loop, carrying each sequence's new text / finish.
@@ -133,6 +134,15 @@ class AsyncEngine:
         self._inbox.put(("add", request))
         return request
 
+    async def kv_state(self) -> dict:
+        """engine.kv_state(), computed on the engine thread between two steps (GET /debug/kv)."""
+        if not self.is_alive:
+            raise RuntimeError("the engine loop is not running")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._inbox.put(("kv_state", future, loop))
+        return await future
+
     def abort(self, request: RequestStream):
         """The client left: free its unfinished sequences' pages at the next turn of the loop."""
         if request.unfinished:
@@ -155,6 +165,10 @@ class AsyncEngine:
                     self._add(command[1])
                 elif command[0] == "abort":
                     self._abort(command[1])
+                elif command[0] == "kv_state":
+                    _, future, loop = command
+                    state = engine.kv_state()
+                    loop.call_soon_threadsafe(lambda f=future, s=state: f.done() or f.set_result(s))
                 else:
                     stop = True
             if stop:  # after the adds, so that requests queued with the stop get their error too
@@ -276,6 +290,7 @@ class AsyncEngine:
             "kv": engine.kv_usage(),
             "stats": dict(engine.stats),
             "preemptions": scheduler.num_preemptions,
+            "max_queue_wait_s": scheduler.max_queue_wait_s,
             "finished_by_reason": dict(self.finished_by_reason),
             "batch_size_hist": self.batch_size_hist.copy(),
             "ttft_hist": self.ttft_hist.copy(),

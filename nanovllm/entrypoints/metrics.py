@@ -72,12 +72,29 @@ class _SnapshotCollector:
                       kv["cache_query_tokens"])
         yield gauge("nanovllm_prefix_cache_hit_rate", "Hit tokens / query tokens since start.",
                     kv["cache_hit_tokens"] / kv["cache_query_tokens"] if kv["cache_query_tokens"] else 0.0)
+        yield gauge("nanovllm_kv_host_blocks_total", "KV pages of the host-memory tier (0: off).",
+                    kv.get("host_blocks_total", 0))
+        yield gauge("nanovllm_kv_host_blocks_used", "Host-tier pages holding an evicted prefix.",
+                    kv.get("host_blocks_used", 0))
+        yield counter("nanovllm_kv_host_bytes_copied", "KV bytes copied between the GPU and the host tier.",
+                      label="direction", samples=[("to_host", kv.get("bytes_to_host", 0)),
+                                                  ("from_host", kv.get("bytes_from_host", 0))])
+        yield counter("nanovllm_kv_host_hit_tokens", "Prompt tokens restored from the host tier.",
+                      kv.get("host_hit_tokens", 0))
+        yield counter("nanovllm_kv_copy_seconds", "Device time of host-tier copies (write-backs and restores).",
+                      st.get("copy_seconds", 0.0))
+        yield counter("nanovllm_kv_copy_steps", "Steps that copied pages to or from the host tier.",
+                      st.get("copy_steps", 0))
+        yield gauge("nanovllm_kv_restore_latency_seconds", "Mean device time of a step's host-tier copies.",
+                    st.get("copy_seconds", 0.0) / st["copy_steps"] if st.get("copy_steps") else 0.0)
         yield counter("nanovllm_prompt_tokens", "Prompt tokens of admitted sequences.", st["prompt_tokens"])
         yield counter("nanovllm_generation_tokens", "Tokens generated.", st["generated_tokens"])
         yield counter("nanovllm_steps", "Engine steps by kind.", label="kind",
                       samples=[("prefill", st["prefill_steps"]), ("decode", st["decode_steps"])])
         yield counter("nanovllm_cascade_steps", "Steps that ran cascade attention.", st["cascade_steps"])
         yield counter("nanovllm_preemptions", "Sequences preempted for lack of KV pages.", snap["preemptions"])
+        yield gauge("nanovllm_max_queue_wait_seconds", "Longest wait of a request from arrival to admission.",
+                    snap.get("max_queue_wait_s", 0.0))
         yield gauge("nanovllm_max_batch_size", "Most sequences one step has run.", st["max_batch_size"])
         yield histogram("nanovllm_step_batch_size", "Sequences that produced a token in one step.",
                         snap["batch_size_hist"])

@@ -677,6 +677,18 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
     async def metrics():
         return Response(render(engine.snapshot, http_errors), media_type=CONTENT_TYPE)
 
+    @app.get("/debug/kv", dependencies=[Depends(check_api_key)])
+    async def debug_kv(max_pages: int = 64):
+        """The KV cache's tiers, prefix groups, LRU ends and hit rates (engine/kv_state.py)."""
+        if max_pages < 0:
+            raise ApiError(400, "max_pages must be >= 0", param="max_pages")
+        if not engine.is_alive:
+            raise ApiError(503, "the engine loop is not running")
+        state = await engine.kv_state()
+        for tier in ("gpu", "host"):
+            state[tier]["lru"] = state[tier]["lru"][:max_pages]
+        return state
+
     # For routers (open like /health and /metrics: they are probes). /get_* are SGLang's older names.
     @app.get("/server_info")
     @app.get("/get_server_info")

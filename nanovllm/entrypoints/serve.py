@@ -28,18 +28,22 @@ H2_GOAWAY = bytes.fromhex("000000" "04" "00" "00000000" "000008" "07" "00" "0000
 logger = logging.getLogger("nanovllm.server")
 
 
+_ALIASES = {"host_kvcache_gb": ["--host-kv-cache-gb"]}   # the spelling of vLLM-style flags
+
+
 def add_engine_args(parser: argparse.ArgumentParser):
     group = parser.add_argument_group("engine options (nanovllm.config.Config)")
     for f in fields(Config):
         if f.name in _NOT_OPTIONS or f.default is MISSING:
             continue
         flag = "--" + f.name.replace("_", "-")
+        flags = [flag] + _ALIASES.get(f.name, [])
         # default=None: only options given on the command line reach Config, the rest keep its defaults.
         if isinstance(f.default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None,
                                help=f"(default {f.default})")
         else:
-            group.add_argument(flag, type=type(f.default), default=None, metavar=f.name.upper(),
+            group.add_argument(*flags, type=type(f.default), default=None, metavar=f.name.upper(),
                                help=f"(default {f.default})")
 
 

@@ -1,0 +1,92 @@
+"""GPU: the host KV tier's CUDA path (pinned pool, side-stream copies ordered by events) and the
+engine with it on vs off under a tiny GPU budget. Skipped without CUDA; run by scripts/gpu_check.sh."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+from nanovllm import LLM, SamplingParams  # noqa: E402
+from nanovllm.engine.host_tier import HostTier  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def gpu_model(tmp_path_factory):
+    from nanovllm.tools.make_model import make_model
+    return make_model("qwen3-tiny", str(tmp_path_factory.mktemp("m") / "tiny128"), seed=0, dtype="bfloat16",
+                      hidden_size=256, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                      intermediate_size=512, num_hidden_layers=3, initializer_range=0.1)  # not degenerate
+
+
+@pytest.mark.parametrize("after_prev", [False, True])
+def test_cuda_copies_move_the_exact_bytes(after_prev):
+    kv = torch.randn(2, 3, 200, 16, 8, 128, device="cuda").to(torch.bfloat16)
+    tier = HostTier(kv, 100)
+    assert tier.pool.is_pinned()
+    rng = np.random.default_rng(0)
+    gpu = rng.choice(200, size=70, replace=False)
+    host = rng.choice(100, size=70, replace=False)
+    host[:40] = np.arange(10, 50)   # a long run of consecutive host pages: one memcpy
+    saved = kv[:, :, torch.from_numpy(gpu).cuda()].clone()
+    timer = tier.copy(np.stack([gpu, host], 1), None, after_prev)
+    kv[:, :, torch.from_numpy(gpu).cuda()] = 0   # the pages are reused by the next step's forward
+    back = rng.permutation(200)[:70]
+    timer2 = tier.copy(None, np.stack([host, back], 1), after_prev)
+    torch.cuda.synchronize()
+    assert torch.equal(kv[:, :, torch.from_numpy(back).cuda()], saved)
+    assert timer.seconds() > 0 and timer2.seconds() > 0
+
+
+def tenants(seed=0):
+    rng = random.Random(seed)
+    systems = [[rng.randrange(1900) for _ in range(300)] for _ in range(8)]
+    prompts = [s + [rng.randrange(1900) for _ in range(rng.randrange(3, 30))] for s in systems for _ in range(4)]
+    rng.shuffle(prompts)
+    return prompts
+
+
+@pytest.mark.parametrize("backend", ["torch", "flashinfer"])
+def test_greedy_with_host_tier_equals_without(gpu_model, backend):
+    """Eight 300-token system prompts, 4 requests each, twice, through 64 GPU pages: prefixes are
+    written back and restored. float32 on the torch backend (exact), bf16 on FlashInfer (a rare
+    near-tie flip is allowed, as batches differ)."""
+    kw = dict(max_model_len=512, max_num_seqs=8, num_kvcache_blocks=64)
+    if backend == "torch":
+        kw.update(attention_backend="torch", dtype="float32", enforce_eager=True)
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    results = {}
+    for host in (0, 0.05):
+        llm = LLM(gpu_model, host_kvcache_gb=host, **kw)
+        results[host] = [o["token_ids"] for _ in range(2) for o in llm.generate(tenants(), sp, use_tqdm=False)]
+        bm = llm.scheduler.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+        bm.check_invariants()
+        if host:
+            state = llm.kv_state()
+            print(backend, "host tier:", state["copies"], state["hits"])
+            assert state["copies"]["pages_from_host"] > 0
+        llm.close()
+        del llm
+    diverged = sum(a != b for a, b in zip(results[0], results[0.05]))
+    print(backend, "requests whose output differs with the host tier:", diverged, "of", len(results[0]))
+    assert diverged == 0 if backend == "torch" else diverged <= 2
+
+
+def test_restores_land_before_the_next_steps_forward():
+    """A step that does not read its restores (wait_for_restores False) leaves them to the copy
+    stream; the next step's before_forward orders its forward after them."""
+    kv = torch.randn(2, 2, 64, 16, 8, 128, device="cuda").to(torch.bfloat16)
+    tier = HostTier(kv, 64)
+    tier.pool.copy_(torch.randn(tier.pool.shape).to(torch.bfloat16))
+    host = np.arange(40)
+    gpu = np.random.default_rng(1).permutation(64)[:40]
+    tier.before_forward(None, np.stack([host, gpu], 1), False, False)
+    busy = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):   # this step's forward: independent work, not waiting for the restores
+        busy = busy @ busy / 64
+    tier.before_forward(None, None, False, False)   # the next step
+    got = kv[:, :, torch.from_numpy(gpu).cuda()].clone()   # its forward reads them
+    torch.cuda.synchronize()
+    assert torch.equal(got.cpu(), tier.pool[torch.from_numpy(host)].movedim(0, 2))

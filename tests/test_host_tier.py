@@ -1,0 +1,257 @@
+"""Property tests of the two-tier block manager (GPU pages + host pages).
+
+Random allocate / compute / decode / free / preempt / re-admit sequences over a tiny GPU pool and a
+tiny host pool, one scheduling step per operation. An independent model of the page contents
+(`Store`: one token id per KV slot, in each tier) executes the copies each step hands out, swap_out
+before swap_in, and then the step's forward writes; after every step every computed token of every
+live sequence must be found, through its block table, in the GPU store: restored bytes are the
+evicted ones. The block manager's own invariants (a hash in one tier at a time, every host page
+free / released / in the LRU exactly once, ref counts) are checked too, and nothing leaks."""
+import random
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.sequence import Sequence
+from nanovllm.sampling_params import SamplingParams
+
+BS = 4
+SP = SamplingParams(max_tokens=1000)
+PREFIXES = [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9], [7] * 12, [3] * 16, []]
+
+
+class Store:
+    """What the device and host pools hold, one token id per slot (-1: never written)."""
+
+    def __init__(self, num_gpu: int, num_host: int):
+        self.gpu = np.full((num_gpu, BS), -1, dtype=np.int64)
+        self.host = np.full((max(num_host, 1), BS), -1, dtype=np.int64)
+
+    def copy(self, bm: BlockManager):
+        swap_out, swap_in, *_ = bm.take_copies()
+        for gpu, host in swap_out:
+            self.host[host] = self.gpu[gpu]
+        for host, gpu in swap_in:
+            self.gpu[gpu] = self.host[host]
+        return swap_out, swap_in
+
+    def write(self, seq: Sequence, start: int, end: int):
+        """The forward pass writes tokens [start, end) of seq into its pages."""
+        for p in range(start, end):
+            self.gpu[seq.block_table[p // BS], p % BS] = seq.token_ids[p]
+
+
+def check(bm: BlockManager, store: Store, live: list[Sequence]):
+    bm.check_invariants()
+    holders = [0] * bm.num_blocks
+    for seq in live:
+        assert len(seq.block_table) == seq.num_blocks
+        for b in seq.block_table:
+            holders[b] += 1
+        for p in range(seq.num_computed_tokens):
+            assert store.gpu[seq.block_table[p // BS], p % BS] == seq.token_ids[p], (seq.seq_id, p)
+    assert [b.ref_count for b in bm.blocks] == holders
+    assert bm.num_free_blocks == holders.count(0)
+    # Every cached page holds what its hash says, in either tier.
+    for block_id in bm.hash_to_block_id.values():
+        block = bm.blocks[block_id]
+        if block.computed:
+            assert store.gpu[block_id].tobytes() == block.token_key
+    for page in bm.host_eviction_order():
+        assert store.host[page].tobytes() == bm.host_key[page]
+
+
+op = st.one_of(
+    st.tuples(st.just("new"), st.integers(0, len(PREFIXES) - 1), st.lists(st.integers(0, 3), max_size=9)),
+    st.tuples(st.just("compute"), st.integers(0, 50), st.integers(1, 9)),
+    st.tuples(st.just("decode"), st.integers(0, 50), st.integers(0, 3)),
+    st.tuples(st.just("free"), st.integers(0, 50), st.just(None)),
+    st.tuples(st.just("preempt"), st.integers(0, 50), st.just(None)),
+    st.tuples(st.just("readmit"), st.integers(0, 50), st.just(None)),
+)
+
+
+def admit(bm: BlockManager, store: Store, seq: Sequence) -> bool:
+    hits, pending = bm.match(seq)
+    if pending or not bm.can_allocate(seq, hits):
+        return False
+    bm.allocate(seq, hits)
+    return True
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(6, 12), st.integers(0, 6), st.lists(op, min_size=20, max_size=80))
+def test_two_tier_operations_keep_invariants_and_bytes(num_blocks, num_host, ops):
+    run_operations(num_blocks, num_host, ops)
+
+
+def test_seeded_soak_of_the_same_operations_moves_pages_both_ways():
+    """Hypothesis favours short, simple operation lists, in which pages seldom get evicted twice:
+    the same checker over 300 seeded lists of 60 operations, which must move pages both ways."""
+    rng = random.Random(0)
+    moved = [0, 0]
+    for _ in range(300):
+        ops = []
+        for _ in range(60):
+            kind = rng.choice(["new", "new", "compute", "compute", "decode", "free", "preempt", "readmit"])
+            b = ([rng.randrange(4) for _ in range(rng.randrange(10))] if kind == "new" else
+                 rng.randint(1, 9) if kind == "compute" else rng.randrange(4) if kind == "decode" else None)
+            ops.append((kind, rng.randrange(len(PREFIXES)) if kind == "new" else rng.randrange(51), b))
+        bm = run_operations(rng.randint(6, 12), rng.randint(1, 6), ops)
+        moved[0] += bm.num_swapped_out
+        moved[1] += bm.num_swapped_in
+    assert moved[0] > 100 and moved[1] > 20, moved
+
+
+def run_operations(num_blocks: int, num_host: int, ops: list) -> BlockManager:
+    bm = BlockManager(num_blocks, BS, num_host_blocks=num_host)
+    store = Store(num_blocks, num_host)
+    live: list[Sequence] = []
+    preempted: list[Sequence] = []
+    for kind, a, b in ops:
+        bm.begin_step()
+        writes = []
+        if kind == "new":
+            seq = Sequence(PREFIXES[a] + b or [5], SP, BS)
+            if admit(bm, store, seq):
+                live.append(seq)
+        elif kind == "readmit" and preempted:
+            seq = preempted[a % len(preempted)]
+            if admit(bm, store, seq):
+                preempted.remove(seq)
+                live.append(seq)
+        elif kind in ("compute", "decode", "free", "preempt") and live:
+            seq = live[a % len(live)]
+            if kind == "compute":
+                start = seq.num_computed_tokens
+                seq.num_computed_tokens = min(len(seq), start + b)
+                bm.mark_computed(seq)
+                writes.append((seq, start, seq.num_computed_tokens))
+            elif kind == "decode" and seq.num_computed_tokens == len(seq):
+                seq.append_token(b)
+                if bm.can_append(seq):
+                    bm.may_append(seq)
+                    seq.num_computed_tokens += 1
+                    bm.mark_computed(seq)
+                    writes.append((seq, len(seq) - 1, len(seq)))
+                else:
+                    seq.token_ids.pop()
+            elif kind == "free":
+                bm.deallocate(seq)
+                live.remove(seq)
+            elif kind == "preempt":
+                bm.preempt(seq)
+                seq.reset_for_recompute()
+                live.remove(seq)
+                preempted.append(seq)
+        store.copy(bm)        # the step's copies, then its forward
+        for seq, start, end in writes:
+            store.write(seq, start, end)
+        bm.launched()
+        check(bm, store, live)
+    for seq in live:
+        bm.deallocate(seq)
+    bm.take_copies()
+    check(bm, store, [])
+    assert bm.num_free_blocks == num_blocks
+    assert bm.num_free_host_blocks + bm.num_used_host_blocks == num_host
+    return bm
+
+
+def computed_seq(bm, tokens):
+    seq = Sequence(tokens, SP, BS)
+    assert admit(bm, None, seq)
+    seq.num_computed_tokens = len(seq)
+    bm.mark_computed(seq)
+    return seq
+
+
+def test_evicted_prefix_is_written_back_and_restored():
+    bm = BlockManager(4, BS, num_host_blocks=8)
+    a = computed_seq(bm, list(range(9)))          # 3 pages, 2 of them full and cached
+    bm.preempt(a)                                 # preempted: its pages are worth a write-back
+    bm.take_copies()
+    b = computed_seq(bm, [50 + i for i in range(13)])  # 4 pages: evicts a's two cached pages
+    swap_out, swap_in, *_ = bm.take_copies()
+    assert len(swap_out) == 2 and not swap_in
+    assert bm.num_used_host_blocks == 2
+    bm.deallocate(b)
+    c = Sequence(list(range(9)) + [77], SP, BS)
+    hits, pending = bm.match(c)
+    assert not pending and len(hits) == 2 and all(h < 0 for h in hits)   # both in host memory
+    bm.allocate(c, hits)
+    swap_out, swap_in, *_ = bm.take_copies()
+    assert swap_in == [(-1 - hits[0], c.block_table[0]), (-1 - hits[1], c.block_table[1])]
+    assert len(swap_out) == 2   # the pages it takes held b's prompt pages: written back in turn
+    assert c.num_computed_tokens == 8 and bm.num_host_hit_tokens == 8
+    assert not set(c.block_hashes[:2]) & set(bm.host_hash_to_page)   # moved back: one tier at a time
+    bm.deallocate(c)
+    bm.check_invariants()
+
+
+def test_host_hits_ignored_when_restoring_does_not_pay():
+    bm = BlockManager(4, BS, num_host_blocks=8)
+    a = computed_seq(bm, list(range(9)))
+    bm.preempt(a)
+    b = computed_seq(bm, [50 + i for i in range(13)])
+    bm.deallocate(b)
+    bm.take_copies()
+    bm.restore_pays = False
+    c = Sequence(list(range(9)), SP, BS)
+    assert bm.match(c) == ([], False)
+    bm.allocate(c, [])        # recomputed: the GPU registers the hashes, the host copies go
+    bm.take_copies()
+    assert not set(c.block_hashes[:2]) & set(bm.host_hash_to_page)
+    assert set(c.block_hashes[:2]) <= set(bm.hash_to_block_id)
+    bm.check_invariants()
+
+
+def test_copy_waits_for_the_step_in_flight_only_for_pages_freed_since_it_was_scheduled():
+    bm = BlockManager(4, BS, num_host_blocks=8)
+    bm.begin_step()
+    a = computed_seq(bm, list(range(9)))
+    bm.launched()                    # a's prefill is in flight
+    bm.preempt(a)                    # a preempted while it runs
+    bm.take_copies()
+    bm.begin_step()
+    computed_seq(bm, [50 + i for i in range(13)])   # evicts a's pages: the copy must follow a's step
+    swap_out, _, after_prev, _ = bm.take_copies()
+    assert swap_out and after_prev
+
+
+def test_decode_pages_never_hit_are_dropped_prompt_pages_are_written_back():
+    bm = BlockManager(6, BS, num_host_blocks=8)
+    seq = computed_seq(bm, list(range(9)))               # 2 full prompt pages
+    for t in range(7):                                   # decode fills pages 3 and 4
+        seq.append_token(100 + t)
+        bm.may_append(seq)
+        seq.num_computed_tokens += 1
+        bm.mark_computed(seq)
+    assert len(bm.hash_to_block_id) == 4   # 2 prompt pages, 2 filled by decode
+    bm.deallocate(seq)
+    bm.take_copies()
+    computed_seq(bm, [200 + i for i in range(23)])       # 6 pages: evicts everything
+    swap_out, *_ = bm.take_copies()
+    assert sorted(bm.host_hash[h] for _, h in swap_out) == sorted(seq.block_hashes[:2])
+
+
+def test_probation_pages_never_push_protected_ones_out_of_the_host():
+    """Segmented LRU: a prompt page never hit (probation) is written back only into free room or in
+    place of older probation pages; a page that was hit (protected) evicts probation pages first."""
+    bm = BlockManager(4, BS, num_host_blocks=2)
+    shared = computed_seq(bm, list(range(9)))                 # 2 full prompt pages
+    other = Sequence(list(range(8)) + [42], SP, BS)
+    assert admit(bm, None, other)                             # hits them: protected
+    bm.deallocate(shared)
+    bm.deallocate(other)
+    bm.take_copies()
+    once = computed_seq(bm, [60 + i for i in range(13)])      # 4 pages: evicts the shared ones
+    assert len(bm.host_protected) == 2 and not bm.host_probation
+    bm.deallocate(once)                                       # its 3 full pages: probation, never hit
+    bm.take_copies()
+    computed_seq(bm, [90 + i for i in range(13)])             # evicts once's pages: host full of protected
+    assert len(bm.host_protected) == 2 and not bm.host_probation
+    assert set(bm.host_hash_to_page) == set(shared.block_hashes[:2])   # the shared prefix stayed
+    assert bm.num_host_dropped == 3
+    bm.check_invariants()
