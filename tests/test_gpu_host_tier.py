@@ -27,12 +27,17 @@ def test_cuda_copies_move_the_exact_bytes(after_prev):
     assert tier.pool.is_pinned()
     rng = np.random.default_rng(0)
     gpu = rng.choice(200, size=70, replace=False)
-    host = rng.choice(100, size=70, replace=False)
-    host[:40] = np.arange(10, 50)   # a long run of consecutive host pages: one memcpy
+    # a long run of consecutive host pages (one memcpy), then 30 other distinct pages
+    others = rng.choice(np.setdiff1d(np.arange(100), np.arange(10, 50)), size=30, replace=False)
+    host = np.concatenate([np.arange(10, 50), others])
     saved = kv[:, :, torch.from_numpy(gpu).cuda()].clone()
+    if not after_prev:  # the contract without after_prev: no queued work touches these pages
+        torch.cuda.synchronize()
     timer = tier.copy(np.stack([gpu, host], 1), None, after_prev)
     kv[:, :, torch.from_numpy(gpu).cuda()] = 0   # the pages are reused by the next step's forward
     back = rng.permutation(200)[:70]
+    if not after_prev:
+        torch.cuda.synchronize()
     timer2 = tier.copy(None, np.stack([host, back], 1), after_prev)
     torch.cuda.synchronize()
     assert torch.equal(kv[:, :, torch.from_numpy(back).cuda()], saved)
