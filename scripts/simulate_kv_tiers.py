@@ -14,6 +14,7 @@ import time
 from types import SimpleNamespace
 
 from nanovllm.benchmark import w6
+from nanovllm.engine.output_processor import OutputProcessor
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 
@@ -24,6 +25,7 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
                              max_model_len=4352, eos_token_ids=(), kvcache_block_size=block_size,
                              enable_prefix_caching=True, schedule_policy=policy, max_wait_s=1e9, seed=0)
     scheduler = Scheduler(config, gpu_pages, host_pages)
+    finishing = OutputProcessor(None, scheduler, (), config.max_model_len)  # the stop rules (length here)
     bm = scheduler.block_manager
     prefilled = steps = 0
     schedule_seconds = 0.0
@@ -38,16 +40,19 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
             t = time.perf_counter()
             batch, is_prefill = scheduler.schedule()
             bm.take_copies()
-            launched = (batch, scheduler.launched(batch)) if batch else None
+            launched = None
+            if batch:
+                launched = (batch, scheduler.launched(batch))
+                finishing.launched(*launched)
             schedule_seconds += time.perf_counter() - t
             if batch:
                 steps += 1
                 prefilled += sum(s.chunk_len for s in batch) if is_prefill else 0
             if in_flight is not None:
-                scheduler.postprocess(in_flight[0], [0] * len(in_flight[0]), in_flight[1])
+                finishing.process(scheduler.postprocess(in_flight[0], [0] * len(in_flight[0]), in_flight[1]))
             in_flight = launched
         if in_flight is not None:
-            scheduler.postprocess(in_flight[0], [0] * len(in_flight[0]), in_flight[1])
+            finishing.process(scheduler.postprocess(in_flight[0], [0] * len(in_flight[0]), in_flight[1]))
     return dict(gpu_pages=gpu_pages, host_pages=host_pages, policy=policy, prompt_tokens=prompt_tokens,
                 prefilled_tokens=prefilled, cached_prompt_tokens=bm.num_cache_hit_tokens,
                 host_hit_tokens=bm.num_host_hit_tokens, pages_to_host=bm.num_swapped_out,
