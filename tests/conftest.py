@@ -59,7 +59,8 @@ def make_llm():
 
 @pytest.fixture
 def oai(server):
-    """The official `openai` client on the module's `server` fixture (a ServerThread without an API key)."""
+    """The official `openai` client on the module's `server` fixture (a ServerThread), with its API key."""
     import openai
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60) as c:
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.api_key or "none", max_retries=0,
+                       timeout=60) as c:
         yield c

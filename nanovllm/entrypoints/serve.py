@@ -110,6 +110,7 @@ class ServerThread:
     def __init__(self, model: str, served_model_names: list[str] | None = None, api_key: str | None = None,
                  host: str = "127.0.0.1", log_level: str = "warning", **engine_config):
         import uvicorn
+        self.api_key = api_key
         self.engine, self.app = build(model, served_model_names, api_key, **engine_config)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
