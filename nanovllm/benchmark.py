@@ -1,4 +1,4 @@
-"""Benchmarks W1-W4 and W6 (see ../shared/docs/workloads.md in the project notes and claude_docs/performance.md).
+"""Benchmarks W1-W6 (see ../shared/docs/workloads.md in the project notes and claude_docs/performance.md).
 
     python bench.py --preset qwen3-0.6b                      # W1: throughput, random-weight Qwen3-0.6B
     python bench.py --workload w2 --enable-cascade-attention # many shared system prompts
@@ -6,12 +6,16 @@
     python bench.py --preset qwen3-8b --tensor-parallel-size 2 # 8B shapes on two GPUs (dummy weights)
     python bench.py --workload w1-json                       # W1 with a JSON schema on every request
     python bench.py --workload w1-json-half                  # ... on every other request (mixed batches)
+    python bench.py --workload w5 --enable-cascade-attention # 4 long documents (16,384 tokens) x 32 requests
     python bench.py --workload w6 --host-kv-cache-gb 64      # many tenants beyond a 16,384-page GPU cache
     python bench.py --workload w6                            # the same, GPU-only (evicted prefixes recomputed)
 
 The w1-json workloads measure structured output's cost (claude_docs/serving.md): W1's prompts and
 lengths, each constrained request's schema an object holding one array of strings (random weights
 rarely close it, so most requests still run to max_tokens like W1's); compare with w1 on the same GPU.
+
+W5 needs max_model_len 16,384 + 64 + 512 = 16,960 and holds 128 requests; its floor on one H200
+(scripts/roofline.py) is ~2.0 s, ~33,000 output tok/s.
 
 W6 runs 4 `generate` rounds; its GPU cache is capped at 16,384 pages (--num-gpu-blocks to change).
 
@@ -61,6 +65,13 @@ def shared_prompts(groups: int, per_group: int, system_len: int, question_len: i
     return prompts, params
 
 
+def w5(top: int = 10000, documents: int = 4, per_document: int = 32, document_len: int = 16384,
+       question_len: int = 64, output_len: int = 512):
+    """Long shared documents: 4 documents of 16,384 random tokens, 32 requests each (128), each with its
+    own 64-token question and 512 greedy output tokens, shuffled with a fixed seed."""
+    return shared_prompts(documents, per_document, document_len, question_len, output_len, seed=0, top=top)
+
+
 def w6(top: int = 10000, rounds: int = 4, tenants: int = 128, system_len: int = 4096, per_round: int = 4,
        question_len: int = 64, output_len: int = 128):
     """Many tenants: 128 system prompts of 4,096 tokens, 4 rounds of 4 requests per prompt (512 a round,
@@ -82,6 +93,7 @@ WORKLOADS = {
     "w4": (w1, dict(enable_cascade_attention=True)),
     "w1-json": (w1_json, {}),
     "w1-json-half": (lambda top: w1_json(top, every=2), {}),
+    "w5": (w5, dict(max_num_seqs=128, max_model_len=16384 + 64 + 512)),
     "w6": (w6, dict(num_kvcache_blocks=16384, max_model_len=4352)),
 }
 
