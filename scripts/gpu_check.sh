@@ -3,7 +3,9 @@
 #   source .devkit/setup.sh && bash scripts/gpu_check.sh            # tests + all benchmarks
 #   TESTS=0 BENCH="w1 w1-eager" bash scripts/gpu_check.sh            # a subset
 #   TESTS=0 BENCH="w6 w6-host" bash scripts/gpu_check.sh             # W6, GPU-only vs host tier (not in the default set)
-# Runs the GPU tests (pytest -m gpu), then bench.py on random-weight Qwen3-0.6B, and prints a table last.
+#   TESTS=0 BENCH="w5 w5-cascade" bash scripts/gpu_check.sh          # W5, long shared documents (not in the default set)
+# Runs the GPU tests (pytest -m gpu), then bench.py on random-weight Qwen3-0.6B, prints a table, and
+# last each run's fraction of its floor (scripts/roofline.py, H200 rates).
 set -uo pipefail
 out=${OUT:-/tmp/gpu_check}
 mkdir -p "$out"
@@ -18,6 +20,7 @@ declare -A ARGS=(
   [w2]="--workload w2" [w2-cascade]="--workload w2 --enable-cascade-attention"
   [w3]="--workload w3" [w3-cascade]="--workload w3 --enable-cascade-attention"
   [w4]="--workload w4"
+  [w5]="--workload w5" [w5-cascade]="--workload w5 --enable-cascade-attention"
   [w6]="--workload w6" [w6-host]="--workload w6 --host-kv-cache-gb 64"
 )
 for name in ${BENCH-w1 w1-eager w2 w2-cascade w3 w3-cascade w4}; do  # BENCH="" runs none
@@ -32,3 +35,9 @@ for r in rows:
           f"{r['output_tok_s']:8.0f} {100*r['decode_share']:6.1f}% {r['cached_prompt_tokens']:>14} {r['cascade_steps']:>10} "
           f"{r.get('peak_gpu_mem_frac', 0):8.3f} {r['leaked_blocks']:>4}")
 PY
+for w in w1 w2 w3 w4 w5; do
+  for c in "" --no-cascade; do
+    [[ -f $out/bench.jsonl ]] && grep -q "\"workload\": \"$w\"" "$out/bench.jsonl" && \
+      python3 scripts/roofline.py --model $model --workload $w $c --bench "$out/bench.jsonl" | grep -v "^{"
+  done
+done
