@@ -8,6 +8,7 @@ from transformers import AutoConfig, PretrainedConfig
 from nanovllm.layers.awq_format import check_model as check_awq_model
 from nanovllm.layers.awq_format import check_parallel as check_awq_parallel
 from nanovllm.layers.awq_format import read_quant_config
+from nanovllm.models.llama import head_dim
 from nanovllm.models.registry import check_model_config
 
 
@@ -101,9 +102,9 @@ class Config:
         if self.device == "cpu" or not torch.cuda.is_available():
             self.enforce_eager = True  # CUDA graphs need CUDA
         self._check_parallel()
-        head_dim = getattr(self.hf_config, "head_dim", None) or self.hf_config.hidden_size // self.hf_config.num_attention_heads
-        if self.attention_backend == "flashinfer" and head_dim not in FLASHINFER_HEAD_DIMS:
-            raise ValueError(f"FlashInfer attention needs head_dim in {FLASHINFER_HEAD_DIMS}, this model has {head_dim}: "
+        heads = head_dim(self.hf_config)
+        if self.attention_backend == "flashinfer" and heads not in FLASHINFER_HEAD_DIMS:
+            raise ValueError(f"FlashInfer attention needs head_dim in {FLASHINFER_HEAD_DIMS}, this model has {heads}: "
                              f"use attention_backend='torch' (unfused PyTorch attention, slow)")
         if self.quantization is not None:
             check_awq_model(self.hf_config)

@@ -76,8 +76,7 @@ class StepBuilder:
         step = ScheduledStep(self.num_steps, is_prefill, tuple(s.seq_id for s in seqs), input_ids, prev_rows, positions,
                              slot_mapping, q_lens, kv_lens, qo_indptr, kv_indptr, kv_indices, last_page_len, bs, plan,
                              self._sampling_inputs(seqs), False, *self._logprob_inputs(seqs, qo_indptr, is_prefill),
-                             grammar=grammar_mask(seqs, self.vocab_size) if any(s.grammar is not None for s in seqs)
-                             else None, **self._copies(copies))
+                             grammar=grammar_mask(seqs, self.vocab_size), **self._copies(copies))
         return step, seqs
 
     @staticmethod
@@ -108,7 +107,6 @@ class StepBuilder:
         if not tokens:
             return logprobs_k, None, None, 0
         return logprobs_k, np.concatenate(tokens), np.concatenate(targets), top_k
-
 
     @staticmethod
     def _copies(copies: tuple | None) -> dict:
