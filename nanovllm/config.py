@@ -46,7 +46,7 @@ class Config:
     enable_cascade_attention: bool = False
     cascade_shared_prefix_len: int = 0    # >0 forces one shared level of this many tokens
     cascade_max_levels: int = 3           # shared levels + the per-request level
-    cascade_shared_backend: str = "auto"  # kernel of shared levels in graphed decode: auto, triton, fa2, fa3
+    cascade_shared_backend: str = "auto"  # kernel of shared levels in graphed decode: auto, triton, triton-wide, fa2, fa3
     seed: int = 0
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
     eos_token_ids: tuple = ()               # set by the engine from the tokenizer and generation config
@@ -64,8 +64,9 @@ class Config:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.cascade_max_levels < 2:
             raise ValueError(f"cascade_max_levels must be >= 2, got {self.cascade_max_levels}")
-        if self.cascade_shared_backend not in ("auto", "triton", "fa2", "fa3"):
-            raise ValueError(f"cascade_shared_backend must be auto, triton, fa2 or fa3, got {self.cascade_shared_backend!r}")
+        if self.cascade_shared_backend not in ("auto", "triton", "triton-wide", "fa2", "fa3"):
+            raise ValueError("cascade_shared_backend must be auto, triton, triton-wide, fa2 or fa3, got "
+                             f"{self.cascade_shared_backend!r}")
         if self.schedule_policy not in ("fcfs", "lpm", "dfs-weight", "random"):
             raise ValueError(f"schedule_policy must be fcfs, lpm, dfs-weight or random, got {self.schedule_policy!r}")
         if not self.max_wait_s > 0:

@@ -71,3 +71,21 @@ def test_refreshed_decode_plans_equal_full_plans():
     seqs.pop(3)
     plan = policy.plan(seqs)
     assert plan.num_rows == len(seqs)
+
+
+def test_shared_level_backend_follows_the_sweep():
+    """The shared levels' kernel for the shapes measured by scripts/sweep_shared_kernel.py (H200; the
+    fastest of triton / triton-wide / fa3 there, cost_model's comment has the times)."""
+    from nanovllm.cascade.cost_model import shared_level_backend
+
+    def choice(groups, rows, hq=16, hkv=8):
+        return shared_level_backend(SimpleNamespace(num_rows=groups * rows, groups_per_level=[groups]), hq, hkv)
+
+    for groups, rows, want in ((64, 16, "triton"), (32, 4, "triton"), (256, 4, "triton"), (1, 16, "triton"),
+                               (4, 32, "triton-wide"), (8, 32, "triton-wide"), (16, 24, "triton-wide"),
+                               (1, 64, "triton-wide"), (1, 128, "triton-wide"), (1, 256, "triton-wide"),
+                               (2, 48, "triton-wide"), (16, 64, "fa3"), (8, 128, "fa3"), (1, 1024, "fa3")):
+        assert choice(groups, rows) == want, (groups, rows)
+    # Under tensor parallelism a rank has half the heads: fa3 gets half the CTAs.
+    assert choice(8, 128, 8, 4) == "fa3" and choice(4, 128, 8, 4) == "triton-wide"
+    assert shared_level_backend(SimpleNamespace(num_rows=64, groups_per_level=[1], shared_backend="fa2")) == "fa2"

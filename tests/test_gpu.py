@@ -178,7 +178,7 @@ def test_cascade_bit_identical_to_flashinfer_wrapper(name, decode):
     assert torch.equal(out, expected), (out.float() - expected.float()).abs().max()
 
 
-@pytest.mark.parametrize("shared", ["fa2", "triton"])
+@pytest.mark.parametrize("shared", ["fa2", "triton", "triton-wide"])
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
 @pytest.mark.parametrize("name", list(STRUCTURES))
 def test_cascade_fa2_matches_regular_attention(name, decode, shared):
@@ -212,7 +212,10 @@ def test_cascade_fa2_matches_regular_attention(name, decode, shared):
     ([(96, 4, None), (20, 2, None)], 128, "fa3"),   # >= 64 rows per group: the engine picks fa3
     ([(9, 4, [(5, 3), (4, 2)]), (3, 5, None), (2, 0, None)], 32, "triton"),  # fewer: the Triton kernel
     ([(96, 4, None), (20, 2, None)], 128, "triton"),
-], ids=["nested-fa2", "big-group-fa2", "big-group-fa3", "nested-triton", "big-group-triton"])
+    ([(9, 4, [(5, 3), (4, 2)]), (3, 5, None), (2, 0, None)], 32, "triton-wide"),
+    ([(96, 4, None), (20, 2, None)], 128, "triton-wide"),
+], ids=["nested-fa2", "big-group-fa2", "big-group-fa3", "nested-triton", "big-group-triton", "nested-triton-wide",
+        "big-group-triton-wide"])
 def test_cascade_graph_mode_matches_eager(structure, bs, shared, engine_mode):
     """engine_mode: as the engine's graphs run it, shared levels without split-kv and the first one on
     a side stream beside the per-request level."""
@@ -337,7 +340,7 @@ def test_greedy_flashinfer_equals_torch_reference(trained_model):
     assert bm.num_free_blocks == bm.num_blocks
 
 
-@pytest.mark.parametrize("shared_backend", ["triton", "fa2", "fa3"])
+@pytest.mark.parametrize("shared_backend", ["triton", "triton-wide", "fa2", "fa3"])
 def test_greedy_cascade_on_equals_off_gpu(trained_model, shared_backend):
     """64 requests behind four shared corpus prefixes (64-200 tokens, 5-45 requests a group), cascade on
     every step it can (shared levels on each kernel in turn) vs off, CUDA graphs."""

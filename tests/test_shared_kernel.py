@@ -53,8 +53,9 @@ def merge(o1, l1, o2, l2):
     w1, w2 = torch.exp2(l1 - m), torch.exp2(l2 - m)
     return (o1 * w1[..., None] + o2 * w2[..., None]) / (w1 + w2)[..., None], m + torch.log2(w1 + w2)
 
-for hq, hkv, d, page, rows_per_group, splits, programs in (
-        (4, 2, 32, 4, [3, 0, 20, 1, 5], 1, 2), (16, 8, 128, 16, [16, 16, 2], 2, 5), (6, 2, 64, 8, [7, 1], 3, 1)):
+for hq, hkv, d, page, rows_per_group, splits, programs, block_rows in (
+        (4, 2, 32, 4, [3, 0, 20, 1, 5], 1, 2, 16), (16, 8, 128, 16, [16, 16, 2], 2, 5, 16), (6, 2, 64, 8, [7, 1], 3, 1, 16),
+        (4, 2, 32, 4, [40, 3, 33], 2, 3, 32), (16, 8, 128, 16, [70, 5], 2, 4, 64)):  # the wide tiles
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         groups = len(rows_per_group)
         pages_per_group = rng.integers(0, 40, groups)
@@ -68,7 +69,7 @@ for hq, hkv, d, page, rows_per_group, splits, programs in (
         q = torch.randn(rows, hq, d, dtype=dtype, device=device)
         kc = torch.randn(total_pages, page, hkv, d, dtype=dtype, device=device)
         vc = torch.randn(total_pages, page, hkv, d, dtype=dtype, device=device)
-        items = shared_level_items(qo, kv)
+        items = shared_level_items(qo, kv, block_rows)
         meta = torch.tensor([len(items), splits], dtype=torch.int32, device=device)
         pad = np.full((3, 3), 7, np.int32)  # past the count (a CUDA graph's fixed buffer): never read
         items = torch.from_numpy(np.concatenate([items, pad])).to(device)
@@ -77,7 +78,7 @@ for hq, hkv, d, page, rows_per_group, splits, programs in (
         scale = d ** -0.5
         shared_level_attention(q, kc, vc, items, meta, torch.from_numpy(kv.astype(np.int32)).to(device),
                                torch.from_numpy(idx).to(device), part_out, part_lse, scale, programs,
-                               block_tokens=32)
+                               block_tokens=32, block_rows=block_rows)
         assert not torch.isnan(part_out[:splits * rows]).any() and not torch.isnan(part_lse[:splits * rows]).any()
         assert torch.isnan(part_out[splits * rows:]).all(), "nothing written past the partials"
         ref_out, ref_lse = reference(q.cpu(), kc.cpu(), vc.cpu(), qo, kv, idx, scale)
@@ -93,32 +94,33 @@ for hq, hkv, d, page, rows_per_group, splits, programs in (
 
 # TritonSharedLevel as FlashInferCascadeAttention drives it: plan() on host arrays (it picks the splits:
 # two here, for 1,280 shared tokens and few items), run(), merge_into() the running state.
-from nanovllm.cascade.shared_kernel import TritonSharedLevel
+from nanovllm.cascade.shared_kernel import TILES, TritonSharedLevel
 hq, hkv, d, page = 4, 2, 32, 16
-qo = np.array([0, 3, 5, 9])
-kv = np.array([0, 80, 80, 84])                  # 80 pages, none, 4 pages
-idx = rng.permutation(100)[:84].astype(np.int32)
-last = np.where(np.diff(kv) > 0, page, 0).astype(np.int32)
-q = torch.randn(9, hq, d, device=device)
-kc, vc = (torch.randn(100, page, hkv, d, device=device) for _ in range(2))
-buffers = (torch.empty(40, hq, d, device=device), torch.empty(40, hq, device=device))
-level = TritonSharedLevel(9, buffers)
-level.plan(*(torch.from_numpy(a.astype(np.int32)) for a in (qo, kv, idx, last)), hq, hkv, d, page)
-assert level.splits == 2
-out0 = torch.randn(9, hq, d, device=device)
-lse0 = torch.randn(9, hq, device=device)
-out, lse = out0.clone(), lse0.clone()
-level.run(q, (kc, vc))
-level.merge_into(out, lse)
-ref_out, ref_lse = reference(q.cpu(), kc.cpu(), vc.cpu(), qo, kv, idx, d ** -0.5)
-want_out, want_lse = merge(out0.double().cpu(), lse0.double().cpu(), ref_out, ref_lse)
-assert (out.double().cpu() - want_out).abs().max() <= 1e-5
-assert (lse.double().cpu() - want_lse).abs().max() <= 1e-4
-try:
-    level.plan(*(torch.from_numpy(a.astype(np.int32)) for a in (qo, kv, idx, last - 1)), hq, hkv, d, page)
-    raise AssertionError("a partial page in a shared level must be refused")
-except ValueError:
-    pass
+for tile in TILES.values():
+    qo = np.array([0, 3, 5, 9])
+    kv = np.array([0, 80, 80, 84])                  # 80 pages, none, 4 pages
+    idx = rng.permutation(100)[:84].astype(np.int32)
+    last = np.where(np.diff(kv) > 0, page, 0).astype(np.int32)
+    q = torch.randn(9, hq, d, device=device)
+    kc, vc = (torch.randn(100, page, hkv, d, device=device) for _ in range(2))
+    buffers = (torch.empty(40, hq, d, device=device), torch.empty(40, hq, device=device))
+    level = TritonSharedLevel(9, buffers, tile=tile)
+    level.plan(*(torch.from_numpy(a.astype(np.int32)) for a in (qo, kv, idx, last)), hq, hkv, d, page)
+    assert level.splits == 2
+    out0 = torch.randn(9, hq, d, device=device)
+    lse0 = torch.randn(9, hq, device=device)
+    out, lse = out0.clone(), lse0.clone()
+    level.run(q, (kc, vc))
+    level.merge_into(out, lse)
+    ref_out, ref_lse = reference(q.cpu(), kc.cpu(), vc.cpu(), qo, kv, idx, d ** -0.5)
+    want_out, want_lse = merge(out0.double().cpu(), lse0.double().cpu(), ref_out, ref_lse)
+    assert (out.double().cpu() - want_out).abs().max() <= 1e-5
+    assert (lse.double().cpu() - want_lse).abs().max() <= 1e-4
+    try:
+        level.plan(*(torch.from_numpy(a.astype(np.int32)) for a in (qo, kv, idx, last - 1)), hq, hkv, d, page)
+        raise AssertionError("a partial page in a shared level must be refused")
+    except ValueError:
+        pass
 print("ok")
 """
 

@@ -132,7 +132,9 @@ class FlashInferAttentionBackend(AttentionBackend):
     def shared_kernel(self, plan) -> str:
         """The kernel of a cascade decode step's shared levels: the configured one, or the cost
         model's choice for the plan's group sizes."""
-        return self.shared_backends[0] if len(self.shared_backends) == 1 else shared_level_backend(plan)
+        if len(self.shared_backends) == 1:
+            return self.shared_backends[0]
+        return shared_level_backend(plan, self.num_qo_heads, self.num_kv_heads)
 
     def plan_graph(self, batch: StepBatch, bs: int, slot_mapping: torch.Tensor):
         """Plan a decode batch of n <= bs requests on the wrappers captured for bs. Padded requests

@@ -51,18 +51,31 @@ class AlwaysCascade:
         return plan.cascade_kv_pages < plan.regular_kv_pages
 
 
-# Shared levels with many query rows per group are compute-bound and run faster on fa3 (Hopper's
-# wgmma); many small groups are memory-bound and run faster on our Triton kernel (cascade/
-# shared_kernel.py), then fa2. Measured per layer, 1024 rows: 1 group of 8192 tokens fa2 0.712 ms / fa3
-# 0.387; 8 x 128 rows fa2 0.522 / fa3 0.329; 64 x 16 rows fa2 0.453 / fa3 0.539 (with the per-request
-# level); shared level alone, 64 x 16 rows x 2048: fa2 0.215, Triton 0.146; 16 x 64 x 2048: fa2
-# 0.110, Triton 0.117 (scripts/bench_kernels.py --only levels, --only triton-shared).
+# The shared levels' kernel, from scripts/sweep_shared_kernel.py on the H200 (one layer, CUDA graphs,
+# Qwen3-0.6B heads; claude_docs/cascade.md has the table):
+# - groups of <= 16 rows: the Triton kernel's 16-row tile (64 x 16 x 2048 tokens 0.145 ms, fa2 0.217,
+#   fa3 0.282; 32 x 4 x 8192 0.266, fa2 0.409);
+# - 17 rows or more: its 32-row tile (4 x 32 x 16384 0.120 ms, fa3 0.234; 1 x 128 x 32768 0.176, fa3
+#   0.448; 1 x 256 x 8192 0.093, fa3 0.123), unless fa3 (without split-kv, as the graphs run it) has
+#   CTAs for about half the SMs: groups x 128-row query tiles x kv heads >= 64 (16 x 64 x 2048 fa3
+#   0.080 vs 0.093; 8 x 128 x 4096 0.078 vs 0.146; 1 x 1024 x 8192 0.128 vs 0.243; at 4 x 96 x 16384,
+#   64 CTAs, both ~0.24; 1 x 256 x 8192, 32 CTAs, fa3 0.123 vs 0.093).
+WIDE_MIN_ROWS_PER_GROUP = 17
 FA3_MIN_ROWS_PER_GROUP = 64
-SHARED_BACKENDS = ("triton", "fa3")  # the choices below, one CUDA graph each
+FA3_TILE_ROWS = 128          # query rows (requests x GQA heads) of one fa3 CTA
+FA3_MIN_CTAS = 64            # about half an H200's 132 SMs
+SHARED_BACKENDS = ("triton", "triton-wide", "fa3")  # the choices below, one CUDA graph each
 
 
-def shared_level_backend(plan) -> str:
+def shared_level_backend(plan, num_qo_heads: int = 16, num_kv_heads: int = 8) -> str:
     if getattr(plan, "shared_backend", None):  # set explicitly (CUDA-graph capture)
         return plan.shared_backend
-    rows_per_group = plan.num_rows / max(plan.groups_per_level[0], 1)
-    return "fa3" if rows_per_group >= FA3_MIN_ROWS_PER_GROUP else "triton"
+    groups = max(plan.groups_per_level[0], 1)
+    rows_per_group = plan.num_rows / groups
+    if rows_per_group < WIDE_MIN_ROWS_PER_GROUP:
+        return "triton"
+    gqa = num_qo_heads // num_kv_heads
+    fa3_ctas = groups * -(-int(rows_per_group * gqa) // FA3_TILE_ROWS) * num_kv_heads
+    if rows_per_group >= FA3_MIN_ROWS_PER_GROUP and fa3_ctas >= FA3_MIN_CTAS:
+        return "fa3"
+    return "triton-wide"

@@ -22,7 +22,7 @@ import flashinfer
 import torch
 
 from nanovllm.cascade.planner import CascadePlan
-from nanovllm.cascade.shared_kernel import TritonSharedLevel, partial_rows
+from nanovllm.cascade.shared_kernel import TILES, TritonSharedLevel, partial_rows
 from nanovllm.utils.transfer import pinned, to_device
 
 
@@ -54,7 +54,7 @@ class FlashInferCascadeAttention:
         # Shared levels (many query rows per group) may use another backend than the per-request level.
         backends = [shared_backend or backend] * (num_levels - 1) + [backend]
         partials = (self.level_out, self.level_lse)  # the Triton levels' split partials
-        assert backend != "triton", "the per-request level is causal: FlashInfer's"
+        assert backend not in TILES, "the per-request level is causal: FlashInfer's"
         workspaces = [shared_workspace if shared_workspace is not None else workspace] * (num_levels - 1) + [workspace]
         if use_cuda_graph:
             # Fixed buffers per level; the group count of every level is fixed to max_rows.
@@ -63,13 +63,14 @@ class FlashInferCascadeAttention:
                                         torch.zeros(max_pages + max_rows, **i32), torch.zeros(max_rows, **i32))
                                        for _ in range(num_levels)]
             self.wrappers = [
-                TritonSharedLevel(max_rows, partials, True, kv_indptr_buf=b[1], kv_indices_buf=b[2]) if be == "triton"
+                TritonSharedLevel(max_rows, partials, True, kv_indptr_buf=b[1], kv_indices_buf=b[2], tile=TILES[be])
+                if be in TILES
                 else flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                     ws, "NHD", use_cuda_graph=True, qo_indptr_buf=b[0], paged_kv_indptr_buf=b[1],
                     paged_kv_indices_buf=b[2], paged_kv_last_page_len_buf=b[3], backend=be)
                 for b, be, ws in zip(self.buffers, backends, workspaces)]
         else:
-            self.wrappers = [TritonSharedLevel(max_rows, partials) if be == "triton"
+            self.wrappers = [TritonSharedLevel(max_rows, partials, tile=TILES[be]) if be in TILES
                              else flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=be)
                              for be, ws in zip(backends, workspaces)]
         # The per-request level of decode steps on the batch-decode kernel (see module doc).

@@ -12,15 +12,23 @@ A second kernel merges a row's partials into the running output and lse (the per
 like merge_state_in_place. Programs loop over the units, whose count is read on the device, so a
 CUDA graph captures one fixed grid whatever the step's groups.
 
-Measured on the H200 (scripts/bench_kernels.py --only triton-shared, one layer, CUDA graphs), 64
-groups x 16 rows x 2048 tokens: 0.146 ms (3.67 TB/s) against 0.215 ms for FlashInfer fa2 without
-split-kv; 16 rows and 128 tokens a tile, 4 warps, 2 stages were fastest.
+Two tile shapes (TILES), each its own CUDA graph (cost_model.shared_level_backend picks one per
+step). Measured on the H200 (scripts/sweep_shared_kernel.py, one layer, CUDA graphs, 256 programs per
+kv head, merge included; table in claude_docs/cascade.md):
+- "triton" (16 rows an item, 128 tokens a tile, 4 warps, 3 stages): groups of <= 16 rows. 64 groups x
+  16 rows x 2048 tokens 0.148 ms (3.6 TB/s; FlashInfer fa2 without split-kv 0.215); 32 x 4 x 8192
+  4.1 TB/s; no other of 162 tile shapes was more than 1% faster on those.
+- "triton-wide" (32 rows an item, 64 tokens a tile, 4 warps, 3 stages, twice the splits): groups of
+  17-63 rows, where the narrow tile reads each group's pages once per 16 rows and runs too few
+  programs: W5's 4 groups x 32 rows x 16,384 tokens 0.119 ms against 0.181 narrow (1.52x), 8 x 32 x
+  4096 0.069 against 0.087, 2 x 48 x 8192 0.054-0.058 against 0.077.
 
 Not bit-identical to FlashInfer (other tiling and summation order): held to bf16 tolerance against
 float64 attention (tests/test_shared_kernel.py, CPU under TRITON_INTERPRET=1 and GPU) and against
 regular paged attention in tests/test_gpu.py.
 """
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,10 +39,24 @@ from nanovllm.utils.transfer import to_device
 
 LOG2E = 1.4426950408889634
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # CPU tests
-BLOCK_ROWS = 16
+BLOCK_ROWS = 16             # the smallest item (max_items counts items of this many rows)
 MAX_SPLITS = 32
 MIN_SPLIT_TOKENS = 512      # a split reads at least this many tokens
 UNITS_PER_SM = 2            # work units x kv heads wanted per SM before pages are split
+
+
+@dataclass(frozen=True)
+class SharedTile:
+    """A launch shape of the shared-level kernel: query rows per work item, KV tokens per tile,
+    warps, pipeline stages, and a factor on choose_splits' split count."""
+    block_rows: int
+    block_tokens: int
+    num_warps: int
+    num_stages: int
+    split_factor: int
+
+
+TILES = {"triton": SharedTile(16, 128, 4, 3, 1), "triton-wide": SharedTile(32, 64, 4, 3, 2)}
 
 
 @triton.jit
@@ -61,7 +83,7 @@ def _shared_level_kernel(q_ptr, k_ptr, v_ptr, items_ptr, meta_ptr, kv_indptr_ptr
         chunk = tl.cdiv(tl.cdiv(tokens, splits), BLOCK_T) * BLOCK_T
         t0 = split * chunk
         t1 = tl.minimum(t0 + chunk, tokens)
-        row_ok = r < nrows               # items hold at most BLOCK_ROWS rows, so r < BLOCK_ROWS too
+        row_ok = r < nrows               # items hold at most block_rows rows, so r < block_rows too
         row = (row0 + r).to(tl.int64)
         q = tl.load(q_ptr + (row * HQ + head)[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         if DOT_F32:  # exact: bf16 values in float32 (Triton's interpreter multiplies bf16 dots wrongly)
@@ -139,18 +161,19 @@ def shared_level_items(qo_indptr: np.ndarray, kv_indptr: np.ndarray, block_rows:
 
 
 def choose_splits(num_items: int, num_kv_heads: int, max_tokens: int, num_rows: int, partial_rows: int,
-                  num_sms: int = 132) -> int:
-    """Splits per item: enough work units to fill the GPU (UNITS_PER_SM per SM), each reading >=
-    MIN_SPLIT_TOKENS tokens, and every split's partials fitting the partial buffer (partial_rows rows)."""
-    want = -(-UNITS_PER_SM * num_sms // max(num_items * num_kv_heads, 1))
+                  num_sms: int = 132, factor: int = 1) -> int:
+    """Splits per item: enough work units to fill the GPU (factor x UNITS_PER_SM per SM), each reading
+    >= MIN_SPLIT_TOKENS tokens, and every split's partials fitting the partial buffer (partial_rows rows)."""
+    want = factor * -(-UNITS_PER_SM * num_sms // max(num_items * num_kv_heads, 1))
     return max(1, min(want, MAX_SPLITS, max_tokens // MIN_SPLIT_TOKENS, partial_rows // max(num_rows, 1)))
 
 
 def partial_rows(max_rows: int) -> int:
     """Rows of a partial buffer for levels of up to max_rows rows: splits are only chosen when few
-    items (< 2 x SMs / kv heads) fill the GPU, so splits x rows stays within max_rows + 1024 for 8 kv
-    heads on an H200 (choose_splits caps splits to the buffer in any case)."""
-    return max_rows + 1024
+    items (< 2 x SMs / kv heads) fill the GPU, so splits x rows stays small; 4096 spare rows (16 MB
+    for 16 heads of 128) leave W5's 128 rows their 18 splits (choose_splits caps splits to the buffer
+    in any case)."""
+    return max_rows + 4096
 
 
 def max_items(max_rows: int, block_rows: int = BLOCK_ROWS) -> int:
@@ -162,7 +185,8 @@ def max_items(max_rows: int, block_rows: int = BLOCK_ROWS) -> int:
 def shared_level_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, items: torch.Tensor,
                            meta: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                            part_out: torch.Tensor, part_lse: torch.Tensor, sm_scale: float, programs: int,
-                           block_tokens: int = 128, num_warps: int = 4, num_stages: int = 2):
+                           block_tokens: int = 128, num_warps: int = 4, num_stages: int = 2,
+                           block_rows: int = BLOCK_ROWS):
     """q [rows, hq, d]; caches [pages, page_size, hkv, d] (NHD); items from shared_level_items on q's
     device; meta int32 [2] on the device: (items used, splits). part_out [>= splits * rows, hq, d]
     and part_lse [>= splits * rows, hq] float32 receive each split's partial attention at row
@@ -172,7 +196,7 @@ def shared_level_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     page, hkv = k_cache.shape[1], k_cache.shape[2]
     assert hq % hkv == 0 and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
     assert q.is_contiguous() and part_out.is_contiguous() and part_lse.is_contiguous()
-    assert BLOCK_ROWS * (hq // hkv) <= 128, "query rows x GQA heads of an item must fit one tile"
+    assert block_rows * (hq // hkv) <= 128, "query rows x GQA heads of an item must fit one tile"
     if programs == 0:
         return
     gqa = hq // hkv
@@ -180,7 +204,7 @@ def shared_level_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _shared_level_kernel[(programs, hkv)](
         q, k_cache, v_cache, items, meta, kv_indptr, kv_indices, part_out, part_lse, sm_scale * LOG2E,
         k_cache.stride(0), k_cache.stride(1), q.shape[0],
-        HQ=hq, GQA=gqa, D=d, PAGE=page, M=max(16, triton.next_power_of_2(BLOCK_ROWS * gqa)), BLOCK_T=block_tokens,
+        HQ=hq, GQA=gqa, D=d, PAGE=page, M=max(16, triton.next_power_of_2(block_rows * gqa)), BLOCK_T=block_tokens,
         DOT_F32=INTERPRETED, PRECISION="ieee" if exact else "tf32", num_warps=num_warps, num_stages=num_stages)
 
 
@@ -202,8 +226,9 @@ class TritonSharedLevel:
     device buffers and the grid is fixed (`programs` per kv head); plan() fills them."""
 
     def __init__(self, max_rows: int, partials: tuple[torch.Tensor, torch.Tensor], use_cuda_graph: bool = False,
-                 kv_indptr_buf=None, kv_indices_buf=None, programs: int = 256):
+                 kv_indptr_buf=None, kv_indices_buf=None, programs: int = 256, tile: SharedTile = TILES["triton"]):
         self.part_out, self.part_lse = partials
+        self.tile = tile
         self.device = self.part_out.device
         self.use_cuda_graph = use_cuda_graph
         self.max_items = max_items(max_rows)
@@ -225,10 +250,10 @@ class TritonSharedLevel:
         if (kv_last_page_len.numpy()[pages > 0] != page_size).any():
             raise ValueError("shared levels hold whole pages only")
         self.sm_scale = sm_scale if sm_scale is not None else head_dim ** -0.5
-        items = shared_level_items(qo, kv)
+        items = shared_level_items(qo, kv, self.tile.block_rows)
         n = len(items)
         self.splits = choose_splits(n, num_kv_heads, int(pages.max(initial=0)) * page_size, int(qo[-1]),
-                                    self.part_out.shape[0], self.num_sms)
+                                    self.part_out.shape[0], self.num_sms, self.tile.split_factor)
         meta = np.array([n, self.splits], np.int32)
         if self.use_cuda_graph:
             assert n <= self.max_items and kv_indptr.numel() <= self.kv_indptr.numel()
@@ -244,8 +269,10 @@ class TritonSharedLevel:
 
     def run(self, q, kv_cache):
         k_cache, v_cache = kv_cache
+        t = self.tile
         shared_level_attention(q, k_cache, v_cache, self.items, self.meta, self.kv_indptr, self.kv_indices,
-                               self.part_out, self.part_lse, self.sm_scale, self.grid)
+                               self.part_out, self.part_lse, self.sm_scale, self.grid, t.block_tokens, t.num_warps,
+                               t.num_stages, t.block_rows)
 
     def merge_into(self, out, lse):
         merge_partials(out, lse, self.part_out, self.part_lse, self.meta)

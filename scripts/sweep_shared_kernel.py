@@ -1,0 +1,142 @@
+"""Tile sweep of the Triton shared-level kernel (nanovllm/cascade/shared_kernel.py) over shared-level
+shapes, on the GPU machine, one layer, Qwen3-0.6B heads (16 q, 8 kv, d 128), bf16, CUDA graphs, with
+the engine's fixed grid (256 programs per kv head) and the partial merge:
+
+    python scripts/sweep_shared_kernel.py [--shapes 4x32x16384,64x16x2048] [--grid] [--top 3]
+
+For each shape (groups x query rows per group x shared tokens) times the engine's tiles
+(shared_kernel.TILES), two 64-row tiles, and FlashInfer's fa3/fa2 without split-kv (as the engine's
+graphs run them); with --grid also every tile shape (rows per work item, tokens per tile, warps,
+stages, splits = choose_splits x 1/2/4). Prints each kernel's time, the bytes' rate (each group's K
+and V read once) and error against float32 attention, and as a last line JSON of the fastest per
+shape (claude_docs/cascade.md records the table; cost_model.shared_level_backend follows it).
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_kernels import DT, HKV, HQ, WS, D, cache, graphed, paged  # noqa: E402
+import flashinfer  # noqa: E402
+
+from nanovllm.cascade.shared_kernel import (TILES, SharedTile, choose_splits, merge_partials,  # noqa: E402
+                                            shared_level_attention, shared_level_items)
+
+PAGE = 16
+# groups x query rows per group x shared tokens, over the range the engine meets (rows per group 1-1024,
+# shared 16-64k tokens, groups 1-256): W2, W3, W5 and the corners between them.
+SHAPES = [(4, 32, 16384), (64, 16, 2048), (1, 1024, 8192), (1, 16, 16384), (1, 128, 32768), (16, 64, 2048),
+          (8, 32, 4096), (32, 4, 8192), (256, 4, 1024), (1, 4, 65536), (2, 48, 8192), (8, 128, 4096), (1, 256, 8192),
+          (128, 2, 512), (16, 24, 1024), (4, 96, 16384), (64, 2, 16), (1, 64, 2048)]
+
+
+def flashinfer_level(q, kc, vc, qo, ind, idx, out, lse, backend):
+    """The level on FlashInfer's prefill kernel without split-kv, merged into out (as the engine's graphs)."""
+    last = torch.full((len(ind) - 1,), PAGE, dtype=torch.int32)
+    lo, ll = torch.empty_like(out), torch.empty_like(lse)
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+        WS, "NHD", use_cuda_graph=True, qo_indptr_buf=qo.cuda(), paged_kv_indptr_buf=ind.cuda(),
+        paged_kv_indices_buf=idx.cuda(), paged_kv_last_page_len_buf=last.cuda(), backend=backend)
+    w.plan(qo, ind, idx, last, HQ, HKV, D, PAGE, causal=False, disable_split_kv=True, q_data_type=DT, kv_data_type=DT)
+
+    def fn():
+        w.run(q, (kc, vc), out=lo, lse=ll, return_lse=True)
+        flashinfer.merge_state_in_place(out, lse, lo, ll)
+    return fn
+
+
+def run_shape(groups, rows, length, configs):
+    torch.manual_seed(0)
+    ind, idx, _ = paged([length] * groups, PAGE)
+    kc, vc = cache(int(ind[-1]) + 8, PAGE)
+    qo = torch.arange(0, groups * rows + 1, rows, dtype=torch.int32)
+    q = torch.randn(groups * rows, HQ, D, device="cuda", dtype=DT)
+    out = torch.zeros(groups * rows, HQ, D, device="cuda", dtype=DT)
+    lse = torch.full((groups * rows, HQ), float("-inf"), device="cuda", dtype=torch.float32)
+    ind_d, idx_d = ind.cuda(), idx.cuda()
+    gb = groups * length * HKV * D * 2 * 2 / 1e9
+    # float32 dense reference for the level's output
+    k = kc.view(-1, HKV, D)[:groups * length].view(groups, length, HKV, D).float()
+    v = vc.view(-1, HKV, D)[:groups * length].view(groups, length, HKV, D).float()
+    qf = q.float().view(groups, rows, HKV, HQ // HKV, D)
+    s = torch.einsum("grhkd,gthd->grhkt", qf, k) * D ** -0.5
+    ref = torch.einsum("grhkt,gthd->grhkd", s.softmax(-1), v).reshape(groups * rows, HQ, D)
+    results = []
+    for cfg in configs:
+        if isinstance(cfg, str):  # a FlashInfer backend
+            fn = flashinfer_level(q, kc, vc, qo, ind, idx, out, lse, cfg)
+            ms = graphed(fn)
+            out.zero_(); lse.fill_(float("-inf"))
+            fn()
+            results.append(dict(ms=ms, name=cfg, tb_s=gb / ms, err=(out.float() - ref).abs().max().item()))
+            continue
+        name = next((n for n, t in TILES.items() if t == SharedTile(*cfg)), "")
+        block_rows, block_tokens, warps, stages, split_x = cfg
+        if block_rows * HQ // HKV > 128:
+            continue
+        items = torch.from_numpy(shared_level_items(qo.numpy(), ind.numpy(), block_rows)).cuda()
+        base = choose_splits(len(items), HKV, length, groups * rows, 1 << 20)
+        splits = max(1, min(32, base * split_x))
+        meta = torch.tensor([len(items), splits], dtype=torch.int32, device="cuda")
+        po = torch.empty(splits * len(q), HQ, D, device="cuda", dtype=DT)
+        pl = torch.empty(splits * len(q), HQ, device="cuda", dtype=torch.float32)
+
+        def fn():
+            shared_level_attention(q, kc, vc, items, meta, ind_d, idx_d, po, pl, D ** -0.5, 256, block_tokens, warps,
+                                   stages, block_rows)
+            merge_partials(out, lse, po, pl, meta)
+        try:
+            ms = graphed(fn)
+        except Exception as e:  # too much shared memory for the tile, etc.
+            print(f"  {block_rows, block_tokens, warps, stages, split_x}: {type(e).__name__} {str(e)[:60]}")
+            continue
+        out.zero_(); lse.fill_(float("-inf"))
+        fn()
+        err = (out.float() - ref).abs().max().item()
+        results.append(dict(ms=ms, name=name, block_rows=block_rows, block_tokens=block_tokens, warps=warps, stages=stages,
+                            splits=splits, split_x=split_x, tb_s=gb / ms, err=err))
+    return results
+
+
+def describe(r):
+    if "block_rows" not in r:
+        return r["name"]
+    return (f"{r['name'] + ': ' if r['name'] else ''}{r['block_rows']}, {r['block_tokens']}, {r['warps']}, "
+            f"{r['stages']}, {r['splits']}")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="")
+    p.add_argument("--grid", action="store_true", help="every tile shape, not just the engine's and FlashInfer")
+    p.add_argument("--top", type=int, default=3)
+    args = p.parse_args()
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    named = [tuple(vars(t).values()) for t in TILES.values()] + [(64, 64, 4, 2, 2), (64, 128, 8, 3, 1), "fa3", "fa2"]
+    configs = named + (list(itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (2, 3, 4), (1, 2, 4)))
+                       if args.grid else [])
+    best = {}
+    print("| groups x rows x shared | kernel (rows/item, tokens/tile, warps, stages, splits) | ms | TB/s | max err |\n"
+          "|---|---|---|---|---|")
+    for shape in shapes:
+        res = run_shape(*shape, configs)
+        ranked = sorted(res, key=lambda r: r["ms"])
+        shown = [r for r in res if r["name"] or "block_rows" in r and (r["block_rows"], r["block_tokens"]) in
+                 ((64, 64), (64, 128)) and not args.grid] + ranked[:args.top]
+        seen = set()
+        for r in shown:
+            if describe(r) in seen:
+                continue
+            seen.add(describe(r))
+            tag = " (best)" if r is ranked[0] else ""
+            print(f"| {'x'.join(map(str, shape))}{tag} | {describe(r)} | {r['ms']:.4f} | {r['tb_s']:.2f} | {r['err']:.2g} |")
+        best["x".join(map(str, shape))] = {k: v for k, v in ranked[0].items()}
+    print(json.dumps(best))
+
+
+if __name__ == "__main__":
+    main()
