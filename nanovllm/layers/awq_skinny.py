@@ -24,7 +24,7 @@ keep too few bytes in flight per SM. This one is built for bandwidth:
   runs each batch size eagerly first); every call leaves them zero, so graph replays need no memset.
   One kernel launch per GEMM; capturable.
 
-Configs: (BLOCK_N, BLOCK_K, splits, warps, stages, GATHER), picked per (M bucket, N, K) from TABLE,
+Configs: (BLOCK_N, BLOCK_K, splits, warps, stages, GATHER, FMA), picked per (M bucket, N, K) from TABLE,
 filled from scripts/sweep_awq_gemm.py's output on the GPU; shapes not in it use `heuristic_config`.
 GPU numbers: to be measured (the sweep prints them; claude_docs/models.md). CPU: correct under
 TRITON_INTERPRET=1 against the float64 dequantized matmul (tests/test_awq.py), compiles for sm_90."""
@@ -47,6 +47,7 @@ class SkinnyConfig:
     warps: int = 4
     stages: int = 3
     gather: bool = False   # load each word once per column (no reshape) instead of once per word
+    fma: bool = False      # one row: multiply-add in float32 instead of tl.dot (M == 1 only)
 
 
 def m_bucket(M: int) -> int:
@@ -71,7 +72,7 @@ def heuristic_config(M: int, N: int, K: int, num_sms: int) -> SkinnyConfig:
     splits = 1
     while blocks * splits < 2 * num_sms and K // (block_k * splits * 2) >= 4:
         splits *= 2
-    return SkinnyConfig(block_n, block_k, splits, warps=8 if M == 1 else 4)
+    return SkinnyConfig(block_n, block_k, splits, warps=8 if M == 1 else 4, fma=M == 1)
 
 
 @triton.jit
@@ -180,10 +181,9 @@ def _block_k(block_k: int, group: int, K: int) -> int:
 
 
 def skinny_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                group_size: int, config: SkinnyConfig | None = None, fma: bool | None = None,
-                num_sms: int = 132) -> torch.Tensor:
+                group_size: int, config: SkinnyConfig | None = None, num_sms: int = 132) -> torch.Tensor:
     """x [M <= MAX_M, K] (fp16/bf16/fp32) @ W [K, N] from AWQ tensors -> y [M, N] in x's dtype. config:
-    None = TABLE, else heuristic_config; fma: None = M == 1 (the tl.dot path otherwise)."""
+    None = TABLE's, else heuristic_config (num_sms: the GPU's)."""
     M, K = x.shape
     N = qweight.shape[1] * PACK
     if qweight.shape[0] != K or K % group_size:
@@ -192,7 +192,7 @@ def skinny_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         x = x.contiguous()
     if config is None:
         config = TABLE.get((m_bucket(M), N, K)) or heuristic_config(M, N, K, num_sms)
-    fma = M == 1 if fma is None else fma
+    fma = config.fma
     if fma and M != 1:
         raise ValueError(f"the FMA path serves one row, got {M}")
     if config.block_n % PACK or config.block_n & (config.block_n - 1):
