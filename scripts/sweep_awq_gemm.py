@@ -10,8 +10,9 @@ replayed from a CUDA graph of calls that cycle through enough copies of the weig
 L2 (50 MB) holds none of them between uses, as in a decode step whose layers each read their own
 weights. Median of 20 replays. Candidates, in two rounds: (1) block_n (64/128/256) x block_k
 (32/64/128) x splits at 4 warps, 3 stages, packed words (splits kept where the grid has 1/2..16
-programs per SM); (2) around the best of (1): warps 4/8, stages 2/3/4, packed or gathered words. M = 1 also tries the tl.dot path; configs that
-do not fit the SM (shared memory, registers) are skipped and counted.
+programs per SM); (2) around the best of (1): warps 4/8, stages 2/3/4, packed or gathered words.
+M = 1 also tries the tl.dot path; configs that do not fit the SM (shared memory, registers) are
+skipped and counted.
 
 Prints, per (layer, M): microseconds and GB/s (weights + scales + zeros + x + y over the time) of each,
 the best config, its speed-up over bf16, and the max abs error of the best config and of bf16 cuBLAS
@@ -81,8 +82,8 @@ def candidates_round2(best: SkinnyConfig):
 
 
 def sweep_shape(name: str, K: int, N: int, group: int, ms: list[int], sms: int, gen: torch.Generator):
-    words = lambda rows: torch.randint(-2**31, 2**31 - 1, (rows, N // 8), device=DEVICE, dtype=torch.int32,  # noqa: E731
-                                       generator=gen)   # random nibbles
+    def words(rows):   # random nibbles
+        return torch.randint(-2**31, 2**31 - 1, (rows, N // 8), device=DEVICE, dtype=torch.int32, generator=gen)
     awq_bytes = K * N // 2 + (K // group) * N // 2 + (K // group) * N * 2
     copies_awq = max(1, math.ceil(FLUSH_BYTES / awq_bytes))
     copies_bf16 = max(1, math.ceil(FLUSH_BYTES / (K * N * 2)))

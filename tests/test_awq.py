@@ -478,7 +478,7 @@ import sweep_awq_gemm as sweep
 from nanovllm.layers.awq_skinny import SkinnyConfig
 sweep.DEVICE, sweep.DTYPE = "cpu", torch.float16   # the interpreter gets bf16 tl.dot wrong
 sweep.candidates_round1 = lambda N, K, sms, fma: [SkinnyConfig(64, 64, s, fma=fma) for s in (1, 2)]
-sweep.candidates_round2 = lambda best: [best, SkinnyConfig(best.block_n, best.block_k, best.splits, 8, 2, True, best.fma)]
+sweep.candidates_round2 = lambda b: [b, SkinnyConfig(b.block_n, b.block_k, b.splits, 8, 2, True, b.fma)]
 def wall_us(make_call, copies):
     t = time.perf_counter(); make_call(0)(); return (time.perf_counter() - t) * 1e6
 sweep.graph_us = wall_us
