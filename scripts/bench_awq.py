@@ -3,14 +3,17 @@
     python scripts/bench_awq.py [--skip-gemm] [--skip-decode] [--group-size 128] [--max-tokens 129]
 
 1. GEMM: for each Qwen3-8B linear (qkv, o, gate_up, down: K x N) and M = 1, 16, 64, 256 tokens, the
-   time of bf16 cuBLAS (x @ W^T), our Triton W4A16 kernel (layers/awq_gemm.py) and gemlite's (when
+   time of bf16 cuBLAS (x @ W^T), our Triton W4A16 kernels (awq_gemm.awq_matmul: the skinny kernel of
+   layers/awq_skinny.py up to 32 rows, the tiled one above; scripts/sweep_awq_gemm.py tunes the
+   skinny one) and gemlite's (when
    installed), each replayed from a CUDA graph (decode runs graphed), and the max error of each
    relative to max |y| of the float32 matmul of the same dequantized weights (bf16 cuBLAS's error
    runs on the dequantized weights rounded to bf16).
 2. Decode: qwen3-8b bf16 vs AWQ (group 128) with load_format="dummy" (random codes and scales,
    utils/loader.fill_dummy_weights), one process per variant; batch B = 1, 16, 64, 256 prompts of
    32 tokens, max_tokens tokens each; decode tok/s = decoded tokens / the engine's decode seconds.
-   NANOVLLM_AWQ_KERNEL=gemlite runs the AWQ variant on gemlite (--awq-kernels triton gemlite: both).
+   NANOVLLM_AWQ_KERNEL=gemlite runs the AWQ variant on gemlite (--awq-kernels triton gemlite: both;
+   triton-tile: the tiled kernel at every batch, the pre-skinny baseline).
 """
 import argparse
 import json
@@ -53,7 +56,7 @@ def graph_time_ms(fn, reps: int = 50) -> float:
 
 def bench_gemm(group: int):
     from nanovllm.layers.awq_format import dequantize, pack
-    from nanovllm.layers.awq_gemm import GemliteAWQ, awq_gemm
+    from nanovllm.layers.awq_gemm import GemliteAWQ, awq_matmul
     try:
         import gemlite  # noqa: F401
         have_gemlite = True
@@ -79,9 +82,9 @@ def bench_gemm(group: int):
             denom = ref.abs().max().item()
             err = lambda y: (y.float() - ref).abs().max().item() / denom
             t_bf16 = graph_time_ms(lambda: torch.nn.functional.linear(x, w_bf16))
-            t_tri = graph_time_ms(lambda: awq_gemm(x, qw, qz, scales, group))
+            t_tri = graph_time_ms(lambda: awq_matmul(x, qw, qz, scales, group))
             row = [name, f"{K} x {N}", M, f"{t_bf16 * 1e3:.1f}", f"{t_tri * 1e3:.1f}", f"{t_bf16 / t_tri:.2f}"]
-            errs = [err(torch.nn.functional.linear(x, w_bf16)), err(awq_gemm(x, qw, qz, scales, group))]
+            errs = [err(torch.nn.functional.linear(x, w_bf16)), err(awq_matmul(x, qw, qz, scales, group))]
             if lite is not None:
                 t_lite = graph_time_ms(lambda: lite(x))
                 row += [f"{t_lite * 1e3:.1f}", f"{t_bf16 / t_lite:.2f}"]
@@ -145,7 +148,8 @@ def main():
     p.add_argument("--max-tokens", type=int, default=129)
     p.add_argument("--skip-gemm", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
-    p.add_argument("--awq-kernels", nargs="+", default=["triton"], choices=["triton", "gemlite", "dequant"])
+    p.add_argument("--awq-kernels", nargs="+", default=["triton"],
+                   choices=["triton", "triton-tile", "gemlite", "dequant"])
     p.add_argument("--preset", default="qwen3-8b", help="make_model preset of the decode runs")
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     p.add_argument("--decode-one", choices=["bf16", "awq"], help=argparse.SUPPRESS)

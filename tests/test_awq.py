@@ -313,10 +313,15 @@ def test_awq_engine_gpu_greedy(awq_dirs):
     sp = SamplingParams(temperature=0, max_tokens=16)
     outs = []
     for path in (awq, dense):
+        # A fixed page count (16 sequences x 256 tokens): sized by gpu_memory_utilization, qwen3-tiny's 8 KB
+        # float32 pages fill 90% of an H200 with ~16M pages (a Python object each in the block manager),
+        # and the first engine's cache, still alive while the second is built, leaves it no memory.
         llm = LLM(path, dtype="float32", attention_backend="torch", enforce_eager=True, max_model_len=256,
-                  max_num_seqs=16)
+                  max_num_seqs=16, num_kvcache_blocks=512)
         outs.append([o["token_ids"] for o in llm.generate(PROMPTS, sp, use_tqdm=False)])
         llm.close()
+        del llm
+        torch.cuda.empty_cache()
     assert outs[0] == outs[1]
 
 
@@ -336,3 +341,158 @@ def test_triton_kernel_compiles_for_hopper():
         sig.update({name: "constexpr" for name in consts})
         kernel = triton.compile(ASTSource(_awq_gemm_kernel, sig, consts), target=GPUTarget("cuda", 90, 32))
         assert "mma" in kernel.asm["ptx"]  # tl.dot lowered to tensor-core instructions
+
+
+# ---- the skinny-M W4A16 kernel (layers/awq_skinny.py) ----------------------------------------------------
+
+SKINNY_SCRIPT = r"""
+import torch
+from nanovllm.layers import awq_skinny
+from nanovllm.layers.awq_format import dequantize, pack
+from nanovllm.layers.awq_gemm import awq_matmul
+from nanovllm.layers.awq_skinny import SkinnyConfig as C, skinny_gemm
+device = "{device}"
+g = torch.Generator().manual_seed(0)
+cases = [  # M, K, N, group, config (None: TABLE / heuristic)
+    (1, 256, 96, 32, None),                   # heuristic (FMA), N not a multiple of the column block
+    (1, 512, 128, 128, C(64, 64, 3, fma=True)),   # 8 steps over 3 splits: 3, 3, 2
+    (1, 256, 128, 64, C(32, 128, 2, gather=True, fma=True)),   # BLOCK_K 2 groups, gathered words
+    (1, 256, 64, 32, C(64, 32, 1)),           # one row through tl.dot
+    (3, 256, 64, 32, None),
+    (3, 512, 256, 128, C(128, 64, 4)),
+    (3, 256, 136, 64, C(64, 128, 2, gather=True)),   # 136 columns: 3 blocks, the last 8 wide
+    (16, 512, 128, 64, C(128, 128, 4, gather=True)),
+    (16, 256, 64, 32, C(64, 64, 1)),
+    (16, 384, 96, 128, C(32, 128, 8)),        # more splits asked than steps (3): 3
+    (17, 256, 64, 32, C(64, 32, 2)),          # 32-row tile
+    (32, 256, 128, 64, C(64, 128, 2, gather=True)),
+]
+dtypes = [(torch.float32, 1e-5), (torch.float16, 1e-3)]
+if device == "cuda":  # Triton 3.9's interpreter gets bf16 tl.dot wrong (see KERNEL_SCRIPT)
+    dtypes.append((torch.bfloat16, 8e-3))
+for dtype, tol in dtypes:
+    for M, K, N, G, config in cases:
+        codes = torch.randint(0, 16, (K, N), generator=g)
+        zeros = torch.randint(0, 16, (K // G, N), generator=g)
+        scales = (torch.rand(K // G, N, generator=g) * 0.02 + 0.001).half().to(device)
+        qw, qz = pack(codes).to(device), pack(zeros).to(device)
+        x = torch.randn(M, K + 3, generator=g)[:, :K].to(dtype).to(device)   # strided rows
+        ref = x.double() @ dequantize(qw, qz, scales, G).double()
+        for y in (skinny_gemm(x, qw, qz, scales, G, config), skinny_gemm(x, qw, qz, scales, G, config)):
+            assert y.dtype == dtype and y.shape == (M, N)
+            err = (y.double() - ref).abs().max().item() / ref.abs().max().item()
+            assert err <= tol, (dtype, M, K, N, G, config, err)
+        counters = awq_skinny._COUNTERS.get(x.device)     # allocated by the first split call
+        assert (counters is None) == (dtype == torch.float32 and M == 1 and config is None), M
+        assert counters is None or not counters.any()       # every call leaves them zero
+        if config is None:   # the layer's entry point takes this kernel up to MAX_M rows
+            assert torch.equal(awq_matmul(x, qw, qz, scales, G), y)
+print("ok")
+"""
+
+
+def test_skinny_kernel_interpreted():
+    run_interpreted(SKINNY_SCRIPT)
+
+
+@pytest.mark.gpu
+def test_skinny_kernel_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    run_on_gpu(SKINNY_SCRIPT)
+
+
+@pytest.mark.gpu
+def test_skinny_kernel_cuda_graph_replay():
+    """Captured after one eager call, replays give the eager result on new inputs: the split-K counters
+    are zero again after every replay, the partial buffer is the graph pool's."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    from nanovllm.layers.awq_format import dequantize, pack
+    from nanovllm.layers.awq_skinny import SkinnyConfig, skinny_gemm
+    g = torch.Generator().manual_seed(0)
+    K, N, G = 4096, 4096, 128
+    qw = pack(torch.randint(0, 16, (K, N), generator=g)).cuda()
+    qz = pack(torch.randint(0, 16, (K // G, N), generator=g)).cuda()
+    scales = (torch.rand(K // G, N, generator=g) * 0.002 + 0.0005).half().cuda()
+    w = dequantize(qw, qz, scales, G)
+    for M in (1, 8):
+        x = torch.randn(M, K, device="cuda").bfloat16()
+        config = SkinnyConfig(64, 128, 8)
+        skinny_gemm(x, qw, qz, scales, G, config)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = skinny_gemm(x, qw, qz, scales, G, config)
+        for _ in range(3):
+            x.copy_(torch.randn(M, K, device="cuda"))
+            graph.replay()
+            ref = x.float() @ w
+            assert (y.float() - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
+            assert torch.equal(y, skinny_gemm(x, qw, qz, scales, G, config))   # deterministic split order
+
+
+def test_skinny_kernel_refusals():
+    from nanovllm.layers.awq_format import pack
+    from nanovllm.layers.awq_skinny import SkinnyConfig, m_bucket, skinny_gemm
+    assert [m_bucket(m) for m in (1, 2, 3, 5, 16, 17, 32)] == [1, 2, 4, 8, 16, 32, 32]
+    with pytest.raises(ValueError, match="serves 1..32 rows, got 33"):
+        m_bucket(33)
+    qw, qz, s = pack(torch.zeros(64, 64, dtype=torch.int32)), pack(torch.zeros(2, 64, dtype=torch.int32)), \
+        torch.ones(2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="the FMA path serves one row, got 2"):
+        skinny_gemm(torch.zeros(2, 64), qw, qz, s, 32, SkinnyConfig(64, 32, 1, fma=True))
+    with pytest.raises(ValueError, match="x has 48 columns, qweight 64 rows"):
+        skinny_gemm(torch.zeros(1, 48), qw, qz, s, 32)
+    with pytest.raises(ValueError, match="block_n 24 must be a power of two"):
+        skinny_gemm(torch.zeros(1, 64), qw, qz, s, 32, SkinnyConfig(24, 32, 1))
+
+
+def test_skinny_kernel_compiles_for_hopper():
+    """Compiled for sm_90 on the CPU (Triton's ptxas): the FMA path (no tensor cores), tl.dot at 16 and
+    32 rows, packed and gathered words, one group a step and several, with and without split-K."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from nanovllm.layers.awq_skinny import _skinny_kernel
+    for bm, bn, bk, fma, gather, split in ((1, 128, 64, True, False, True), (1, 256, 32, True, True, False),
+                                           (16, 128, 128, False, False, True), (32, 64, 128, False, True, True),
+                                           (16, 64, 256, False, False, False)):
+        sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*bf16",
+               "part_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+               "stride_ym": "i32", "k_per_split": "i32", "splits": "i32"}
+        consts = dict(GROUP=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, FMA=fma, GATHER=gather, SPLIT=split, IEEE=False)
+        sig.update({name: "constexpr" for name in consts})
+        kernel = triton.compile(ASTSource(_skinny_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=4, num_stages=3))
+        ptx = kernel.asm["ptx"]
+        assert ("mma" in ptx) == (not fma), (bm, bn, bk, fma)   # tensor cores exactly on the tl.dot path
+        assert ("atom" in ptx) == split                          # the split-K counter
+
+
+SWEEP_SCRIPT = r"""
+import sys, time
+sys.path.insert(0, "scripts")
+import torch
+import sweep_awq_gemm as sweep
+from nanovllm.layers.awq_skinny import SkinnyConfig
+sweep.DEVICE, sweep.DTYPE = "cpu", torch.float16   # the interpreter gets bf16 tl.dot wrong
+sweep.candidates_round1 = lambda N, K, sms, fma: [SkinnyConfig(64, 64, s, fma=fma) for s in (1, 2)]
+sweep.candidates_round2 = lambda b: [b, SkinnyConfig(b.block_n, b.block_k, b.splits, 8, 2, True, b.fma)]
+def wall_us(make_call, copies):
+    t = time.perf_counter(); make_call(0)(); return (time.perf_counter() - t) * 1e6
+sweep.graph_us = wall_us
+rows = sweep.sweep_shape("tiny", 256, 128, 64, [1, 3, 40], 4, torch.Generator().manual_seed(0))
+assert [r["M"] for r in rows] == [1, 3, 40] and "best" not in rows[2]   # 40 rows: the tiled kernel only
+for r in rows[:2]:
+    assert r["tried"] == (8 if r["M"] == 1 else 4) and not r.get("skipped"), r
+    assert r["best_err"] <= 1e-2, r   # |y| ~ 0.3: float16 rounding, not a wrong kernel
+    assert r["table_line"].startswith("(%d, 128, 256): SkinnyConfig(" % (1 if r["M"] == 1 else 4))
+print("ok")
+"""
+
+
+def test_sweep_script_wiring_interpreted():
+    """scripts/sweep_awq_gemm.py's sweep on the CPU (interpreted kernels, wall-clock timer, two
+    candidates a round): rows per M, the tiled kernel alone past MAX_M, the table line of the best."""
+    run_interpreted(SWEEP_SCRIPT)

@@ -11,10 +11,11 @@ along the output dimension, which is /8 in qweight/qzeros; under tensor parallel
 rank takes its output columns (whole words: multiples of 8), a row-parallel rank its input rows
 (whole groups), checked when the engine is created (awq_format.check_parallel).
 
-forward: on CUDA a W4A16 GEMM (layers/awq_gemm.py); on CPU the weight is dequantized on each call
-and F.linear runs in the model dtype. Per call, not once at load: CPU is the reference path, and
-this keeps one copy of the weights (the checkpoint's, 4 bits each) with nothing derived to keep in
-sync; at the tiny test shapes the unpack costs less than the matmul."""
+forward: on CUDA a W4A16 GEMM (layers/awq_gemm.awq_matmul; layers/awq_skinny.py for decode); on CPU
+the weight is dequantized on each call and F.linear runs in the model dtype. Per call, not once at
+load: CPU is the reference path, and this keeps one copy of the weights (the checkpoint's, 4 bits
+each) with nothing derived to keep in sync; at the tiny test shapes the unpack costs less than the
+matmul."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,8 +104,10 @@ class AWQLinear(nn.Module):
             if self._gemlite is None:
                 self._gemlite = awq_gemm.GemliteAWQ(self.qweight, self.qzeros, self.scales, self.group_size, x.dtype)
             y = self._gemlite(x2)
-        else:
+        elif self.kernel == "triton-tile":
             y = awq_gemm.awq_gemm(x2, self.qweight, self.qzeros, self.scales, self.group_size)
+        else:
+            y = awq_gemm.awq_matmul(x2, self.qweight, self.qzeros, self.scales, self.group_size)
         return y.view(*shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,20 @@
 """W4A16 GEMMs on AWQ-packed weights (layers/awq_format.py): y = x @ dequant(qweight, qzeros, scales).
 
-- `awq_gemm`: our Triton kernel. Each program owns a [BLOCK_M, BLOCK_N] tile of y; per K step it loads
+- `awq_matmul`: what a layer calls on CUDA: the skinny kernel (layers/awq_skinny.py, bandwidth-bound
+  split-K for decode) up to awq_skinny.MAX_M rows, the tiled `awq_gemm` above that.
+- `awq_gemm`: our tiled Triton kernel. Each program owns a [BLOCK_M, BLOCK_N] tile of y; per K step it loads
   the [BLOCK_K, BLOCK_N / 8] AWQ words of the tile once and expands each into its 8 codes (column 8c + j
   is word c shifted by 4 * SLOT_OF_COLUMN[j]), the group's zero points and scales (one group per K step: BLOCK_K divides the
   group size), dequantizes in registers to the activation dtype and accumulates x @ w with tl.dot in
   float32. Small M (decode) splits K across programs (atomic adds into a float32 buffer) so a 4096-wide
-  layer still fills the GPU. Runs on CPU under TRITON_INTERPRET=1 (the tests). Not yet measured on a
-  GPU: scripts/bench_awq.py prints its time and error against bf16 cuBLAS for Qwen3-8B's shapes.
+  layer still fills the GPU. Runs on CPU under TRITON_INTERPRET=1 (the tests). On an H200 it is
+  0.26-0.79x bf16 cuBLAS's speed at Qwen3-8B's shapes (claude_docs/models.md, scripts/bench_awq.py).
 - `GemliteAWQ`: the same weights repacked for gemlite (PyPI `gemlite`, Mobius Labs' Triton kernels; it
   pulls numpy/tqdm/triton, no torch). Imported only when chosen, on CUDA (it touches CUDA on import).
 
-Which one a layer uses on CUDA: NANOVLLM_AWQ_KERNEL = triton (default), gemlite, or dequant (dequantize
-the whole weight each call, then cuBLAS: the slow reference). On CPU a layer always dequantizes and
+Which one a layer uses on CUDA: NANOVLLM_AWQ_KERNEL = triton (default: awq_matmul), triton-tile (the
+tiled kernel at every M, for comparison), gemlite, or dequant (dequantize the whole weight each call,
+then cuBLAS: the slow reference). On CPU a layer always dequantizes and
 calls F.linear (layers/awq.py says why)."""
 import os
 
@@ -19,9 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.layers import awq_skinny
 from nanovllm.layers.awq_format import PACK, unpack
 
-KERNELS = ("triton", "gemlite", "dequant")
+KERNELS = ("triton", "triton-tile", "gemlite", "dequant")
 
 
 def kernel_choice() -> str:
@@ -111,6 +115,14 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
                            GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                            SPLIT_K=split_k, IEEE=x.dtype == torch.float32)
     return y if split_k == 1 else y.to(x.dtype)
+
+
+def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+               group_size: int) -> torch.Tensor:
+    """x [M, K] @ W [K, N] from AWQ tensors: the skinny kernel for M <= awq_skinny.MAX_M, else the tiled one."""
+    if x.shape[0] <= awq_skinny.MAX_M:
+        return awq_skinny.skinny_gemm(x, qweight, qzeros, scales, group_size, num_sms=_num_sms(x.device))
+    return awq_gemm(x, qweight, qzeros, scales, group_size)
 
 
 class GemliteAWQ:
