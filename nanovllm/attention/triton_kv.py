@@ -5,10 +5,11 @@ One program per token copies its K and V rows (kv_heads x head_dim, contiguous) 
 `slot_mapping[token]` of the paged caches; slot -1 marks a padded token (CUDA-graph batches padded
 up to a captured size) and is skipped. An fp8 cache stores clamp(x / scale, +-448) (attention/
 kv_quant.py); the scales are python floats, fixed at load, so a CUDA graph captures them as kernel
-arguments. Runs on CPU tensors under TRITON_INTERPRET=1 for tests. The interpreter rounds to fp8
-differently from the GPU and torch in two corners (ties go away from zero, and fp8 subnormals,
-|x / scale| < 2^-6, flush to zero); the GPU's conversion rounds to nearest even like torch, which
-the GPU test checks bit for bit."""
+arguments. Runs on CPU tensors under TRITON_INTERPRET=1 for tests. The interpreter (Triton 3.9)
+rounds to fp8 unlike the GPU and torch in three corners, seen in tests/test_fp8_kv.py: ties go away
+from zero, fp8 subnormals (|x / scale| < 2^-6) flush to zero, and a value that rounds up to a power
+of two gets half of it (0.4953 -> 0.25). The GPU's conversion rounds to nearest even like torch,
+which the GPU tests check bit for bit."""
 import torch
 import triton
 import triton.language as tl
