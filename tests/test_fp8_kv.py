@@ -352,3 +352,115 @@ def test_agreement_script_on_cpu():
     result = script.main(["--device", "cpu", "--requests", "8", "--max-tokens", "16"])
     fp8 = result["runs"]["fp32 model, fp8 KV"]
     assert fp8["mean_prefix"] >= 4 and fp8["identical"] >= 2, result
+
+
+# ---- GPU: FlashInfer and the cascade levels on an fp8 cache ---------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+K_SCALE, V_SCALE = 0.02, 0.03   # random normal K/V (|x| < 6) fill +-300 and +-200 of fp8's +-448
+
+
+def _fp8_cache(num_pages, seed):
+    from test_gpu import random_cache
+    k, v = random_cache(num_pages, seed=seed)
+    return quantize_fp8(k, K_SCALE), quantize_fp8(v, V_SCALE)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("case", ["prefill", "decode"])
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-wrappers"])
+def test_gpu_flashinfer_attends_over_dequantized_pages(case, graphs):
+    if graphs and case == "prefill":
+        pytest.skip("graph wrappers are decode-only")
+    from nanovllm.attention.flashinfer_backend import FlashInferAttentionBackend
+    from test_gpu import D, DT, HKV, HQ, PAGE, bf16_close, layout, torch_reference
+    kv_lens, q_lens = ([37, 200, 1, 513], [37, 12, 1, 300]) if case == "prefill" else ([5, 17, 300, 2000], [1] * 4)
+    batch, _ = layout(kv_lens, q_lens)
+    kc, vc = _fp8_cache(4096, seed=4)
+    q = torch.randn(int(batch.qo_indptr[-1]), HQ, D, device="cuda").to(DT)
+    backend = FlashInferAttentionBackend(num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D, page_size=PAGE, dtype=DT,
+                                         device=torch.device("cuda"), max_rows=8192, kv_dtype=FP8_DTYPE)
+    if graphs:
+        backend.prepare_graphs(8, 4096, with_cascade=False)
+        backend.graph_wrappers(8)
+        backend.plan_graph(batch, 8, batch.slot_mapping)
+        out = backend.attend(q, kc, vc, K_SCALE, V_SCALE)
+    else:
+        backend.plan(batch)
+        out = backend.attend(q, kc, vc, K_SCALE, V_SCALE)
+    ref = torch_reference(q.float(), dequantize(kc, K_SCALE), dequantize(vc, V_SCALE), batch)
+    bf16_close(out, ref)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("shared", ["fa2", "triton"])
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+def test_gpu_cascade_levels_read_fp8_pages(shared, decode):
+    from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention
+    from nanovllm.cascade.reference import cascade_attention
+    from test_gpu import D, DT, HKV, HQ, PAGE, STRUCTURES, bf16_close, cascade_case
+    for name, structure in STRUCTURES.items():
+        _, _, plan = cascade_case(structure, decode, seed=5)
+        kc, vc = _fp8_cache(8192, seed=6)
+        q = torch.randn(plan.num_rows, HQ, D, device="cuda").to(DT)
+        casc = FlashInferCascadeAttention(torch.zeros(128 << 20, dtype=torch.uint8, device="cuda"), 3, HQ, HKV, D, PAGE,
+                                          DT, max_rows=plan.num_rows, backend="fa2", decode_last_level=decode,
+                                          shared_backend=shared, kv_dtype=FP8_DTYPE)
+        casc.plan(plan)
+        out = casc.run(q, (kc, vc), k_scale=K_SCALE, v_scale=V_SCALE).clone()
+        ref = cascade_attention(q.float(), dequantize(kc, K_SCALE), dequantize(vc, V_SCALE), plan, D ** -0.5)
+        bf16_close(out, ref)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_greedy_fp8_flashinfer_equals_fp8_torch_reference(trained_model):
+    """bf16 model, fp8 cache: FlashInfer with CUDA graphs against the PyTorch backend on the same fp8
+    rule, 64 corpus prompts; every path equal or parted at a bf16 near-tie; twice the pages of bf16."""
+    from test_gpu import assert_same_but_bf16_ties, reference_paths
+    from test_tiny_trained import MAX_TOKENS, corpus_prompts
+    prompts = corpus_prompts()
+    sp = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    ref = LLM(trained_model, attention_backend="torch", enforce_eager=True, dtype="bfloat16", max_model_len=1024,
+              num_kvcache_blocks=2048, kv_cache_dtype="fp8")
+    reference = reference_paths(ref, prompts)
+    llm = LLM(trained_model, dtype="bfloat16", max_model_len=1024, max_num_seqs=64, kv_cache_dtype="fp8_e4m3",
+              gpu_memory_utilization=0.5)
+    got = [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    assert_same_but_bf16_ties(reference, got, "fp8 KV: FlashInfer vs reference")
+    bm = llm.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    fp8_pages = llm.kv_usage()["blocks_total"]
+    llm.close()
+    del llm, bm
+    import gc
+    gc.collect()
+    torch.cuda.empty_cache()
+    bf16 = LLM(trained_model, dtype="bfloat16", max_model_len=1024, max_num_seqs=64, gpu_memory_utilization=0.5)
+    ratio = fp8_pages / bf16.kv_usage()["blocks_total"]
+    print(f"fp8 pages {fp8_pages}, bf16 pages {bf16.kv_usage()['blocks_total']}: {ratio:.3f}x")
+    assert 1.9 <= ratio <= 2.1
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("shared_backend", ["triton", "fa2", "auto"])
+def test_gpu_greedy_fp8_cascade_on_equals_off(trained_model, shared_backend):
+    """fp8 cache, 64 requests behind four shared prefixes, cascade on every step it can (CUDA graphs)
+    vs off; 'auto' runs fa2 where the cost model picks fa3."""
+    from nanovllm.cascade.cost_model import AlwaysCascade
+    from test_gpu import assert_same_but_bf16_ties, reference_paths
+    from test_tiny_trained import MAX_TOKENS, shared_corpus_prompts
+    prompts = shared_corpus_prompts()
+    sp = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    common = dict(dtype="bfloat16", max_model_len=1024, max_num_seqs=128, num_kvcache_blocks=4096, kv_cache_dtype="fp8")
+    reference = reference_paths(LLM(trained_model, **common), prompts)
+    on = LLM(trained_model, enable_cascade_attention=True, cascade_shared_backend=shared_backend, **common)
+    on.step_builder.cascade.cost_model = AlwaysCascade()
+    got = [o["token_ids"] for o in on.generate(prompts, sp, use_tqdm=False)]
+    assert on.stats["cascade_steps"] > 0
+    assert_same_but_bf16_ties(reference, got, f"fp8 cascade ({shared_backend}) vs off")
+    bm = on.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
