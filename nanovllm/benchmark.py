@@ -9,6 +9,7 @@
     python bench.py --workload w5 --enable-cascade-attention # 4 long documents (16,384 tokens) x 32 requests
     python bench.py --workload w6 --host-kv-cache-gb 64      # many tenants beyond a 16,384-page GPU cache
     python bench.py --workload w6                            # the same, GPU-only (evicted prefixes recomputed)
+    python bench.py --workload w1 --kv-cache-dtype fp8_e4m3  # fp8 KV pages (twice the pages; claude_docs/memory.md)
 
 The w1-json workloads measure structured output's cost (claude_docs/serving.md): W1's prompts and
 lengths, each constrained request's schema an object holding one array of strings (random weights
@@ -118,7 +119,7 @@ def run(args) -> dict:
     if args.num_gpu_blocks is not None:
         cfg["num_kvcache_blocks"] = args.num_gpu_blocks
     for key in ("max_num_seqs", "max_num_batched_tokens", "kvcache_block_size", "gpu_memory_utilization", "max_model_len",
-                "cascade_shared_backend", "host_kvcache_gb", "schedule_policy"):
+                "cascade_shared_backend", "host_kvcache_gb", "schedule_policy", "kv_cache_dtype"):
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
     t0 = time.perf_counter()
@@ -157,6 +158,7 @@ def measure(args, llm, cfg, startup, make) -> dict:
         workload=args.workload, model=args.model or args.preset, tp=args.tensor_parallel_size,
         custom_all_reduce=not args.disable_custom_all_reduce, cascade=bool(cfg.get("enable_cascade_attention")),
         cascade_shared_backend=cfg.get("cascade_shared_backend", "auto"),
+        kv_cache_dtype=cfg.get("kv_cache_dtype", "auto"),
         enforce_eager=args.enforce_eager, requests=len(outs), output_tokens=output_tokens,
         finished_stop=sum(o["finish_reason"] == "stop" for o in outs),
         seconds=round(seconds, 3), output_tok_s=round(output_tokens / seconds, 1),
@@ -201,6 +203,8 @@ def main(argv=None):
     p.add_argument("--host-kv-cache-gb", dest="host_kvcache_gb", type=float,
                    help="host-memory KV tier per rank, GB (default 0: off)")
     p.add_argument("--schedule-policy", choices=["fcfs", "lpm", "dfs-weight", "random"])
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8_e4m3", "fp8"],
+                   help="auto: the model dtype; fp8_e4m3 (fp8): 1-byte KV pages, twice as many (default auto)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--disable-custom-all-reduce", action="store_true", help="NCCL for every all-reduce")
     p.add_argument("--load-format", choices=["auto", "dummy"], default=None,

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from nanovllm.attention.kv_quant import is_fp8, kv_cache_torch_dtype
 from nanovllm.layers.awq_format import check_model as check_awq_model
 from nanovllm.layers.awq_format import check_parallel as check_awq_parallel
 from nanovllm.layers.awq_format import read_quant_config
@@ -37,6 +38,7 @@ class Config:
     disable_custom_all_reduce: bool = False  # NCCL for every all-reduce (no FlashInfer IPC all-reduce)
     load_format: str = "auto"             # auto: safetensors from the model folder; dummy: random weights from config.json
     dtype: str = "auto"                   # auto: checkpoint dtype on GPU, float32 on CPU
+    kv_cache_dtype: str = "auto"          # auto: the model dtype; fp8_e4m3 (alias fp8): 1-byte pages, per-layer scales
     device: str = "auto"                  # auto: cuda when available, else cpu
     attention_backend: str = "auto"       # auto: flashinfer on cuda, torch on cpu
     enable_prefix_caching: bool = True
@@ -96,6 +98,10 @@ class Config:
             self.torch_dtype = getattr(torch, self.dtype, None)
             if not isinstance(self.torch_dtype, torch.dtype):
                 raise ValueError(f"unknown dtype {self.dtype!r}")
+        self.kv_dtype = kv_cache_torch_dtype(self.kv_cache_dtype, self.torch_dtype)  # the cache tensor's dtype
+        if is_fp8(self.kv_dtype) and self.attention_backend == "flashinfer" and self.cascade_shared_backend == "fa3":
+            raise ValueError("cascade_shared_backend='fa3' reads no fp8 KV cache with bf16 queries (FlashInfer's FA3 "
+                             "needs fp8 queries too): use auto, triton or fa2 with kv_cache_dtype='fp8_e4m3'")
         if self.attention_backend == "flashinfer" and self.torch_dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"FlashInfer attention runs in bfloat16 or float16, not {self.torch_dtype}: on a GPU, "
                              f"pass dtype='bfloat16', or attention_backend='torch' for {self.torch_dtype} (unfused "

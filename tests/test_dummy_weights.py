@@ -16,7 +16,7 @@ class DenseCausalAttention:
     slot_mapping = None
     fused_qkv = False
 
-    def forward(self, q, k, v, k_cache, v_cache):
+    def forward(self, q, k, v, k_cache, v_cache, k_scale=1.0, v_scale=1.0):
         rep = q.shape[1] // k.shape[1]  # GQA / MQA: repeat kv heads
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)

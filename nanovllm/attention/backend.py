@@ -30,35 +30,40 @@ class StepBatch:
 class AttentionBackend:
     """Subclasses implement plan() (once per step, outside CUDA-graph capture, setting slot_mapping),
     store() and attend(). Layers call forward(), or on the GPU write K/V themselves (a fused kernel,
-    nanovllm/layers/qk_norm_rope.py) to slot_mapping and call attend()."""
+    nanovllm/layers/qk_norm_rope.py) to slot_mapping and call attend(). The cache is in the model
+    dtype or fp8 (kv_dtype); k_scale / v_scale are the layer's per-tensor fp8 scales (python floats,
+    1.0 for a cache in the model dtype), see attention/kv_quant.py."""
 
     slot_mapping: torch.Tensor | None = None  # this step's slot of every token (-1: padding)
     fused_qkv = False  # GPU layers may write K/V with the fused kernel, then call attend()
 
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, kv_dtype: torch.dtype | None = None):
         self.num_qo_heads = num_qo_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.page_size = page_size
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype
         self.device = device
         self.sm_scale = head_dim ** -0.5
 
     def plan(self, batch: StepBatch):
         raise NotImplementedError
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
         """q [tokens, qo_heads, dim], k/v [tokens, kv_heads, dim]; caches [pages, page_size, kv_heads, dim]."""
-        self.store(k, v, k_cache, v_cache)
-        return self.attend(q, k_cache, v_cache)
+        self.store(k, v, k_cache, v_cache, k_scale, v_scale)
+        return self.attend(q, k_cache, v_cache, k_scale, v_scale)
 
-    def store(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
-        """Write this step's K/V into their slots."""
+    def store(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              k_scale: float = 1.0, v_scale: float = 1.0):
+        """Write this step's K/V into their slots (quantized when the cache is fp8)."""
         raise NotImplementedError
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: float = 1.0,
+               v_scale: float = 1.0) -> torch.Tensor:
         """Attention of this step's queries over the cache (this step's K/V already written)."""
         raise NotImplementedError
 

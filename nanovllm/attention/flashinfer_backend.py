@@ -6,12 +6,18 @@ capture); every layer's forward() then reuses it. FlashInfer stages the index ar
 pinned host buffer (see ModelRunner._plan_fence).
 CUDA-graph decode uses one set of wrappers per captured batch size, built by graph_wrappers(bs),
 whose index arrays live in fixed device buffers; plan_graph() pads a batch up to that size.
+
+An fp8 KV cache (kv_cache_dtype fp8_e4m3) is planned with kv_data_type float8_e4m3fn and queries in
+the model dtype; run() gets the layer's k_scale (FlashInfer folds it into sm_scale) and v_scale (it
+scales the output; a float 1.0 costs nothing). FlashInfer's FA3 kernels read fp8 KV only with fp8
+queries, so FA3 choices become FA2 (prefill "auto" already picks FA2 for that dtype pair).
 """
 import flashinfer
 import numpy as np
 import torch
 
 from nanovllm.attention.backend import AttentionBackend, StepBatch
+from nanovllm.attention.kv_quant import is_fp8
 from nanovllm.attention.triton_kv import store_kv_triton
 from nanovllm.cascade.cost_model import SHARED_BACKENDS, shared_level_backend
 from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention, cascade_outputs
@@ -41,6 +47,9 @@ class FlashInferAttentionBackend(AttentionBackend):
                                                                     use_tensor_cores=decode_tensor_cores)
         # Shared levels of cascade decode: chosen per step (auto) or one kernel for all.
         self.shared_backends = SHARED_BACKENDS if shared_backend == "auto" else (shared_backend,)
+        if is_fp8(self.kv_dtype):
+            assert shared_backend != "fa3", "Config refuses fa3 shared levels with an fp8 KV cache"
+            self.shared_backends = tuple(dict.fromkeys("fa2" if b == "fa3" else b for b in self.shared_backends))
         # Cascade for eager decode steps (shared levels as in graphs, the decode kernel for the
         # per-request level) and for prefill steps (many query rows: the prefill backend), sharing
         # their output buffers.
@@ -48,16 +57,18 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.cascade = {shared: FlashInferCascadeAttention(
             self.workspace, cascade_levels, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
             self.dtype, max_rows, backend=cascade_backend, sm_scale=self.sm_scale, decode_last_level=True,
+            kv_dtype=self.kv_dtype,
             shared_backend=shared, shared_split_kv=False, outputs=outputs) for shared in self.shared_backends}
         self.cascade_prefill = FlashInferCascadeAttention(
             self.workspace, cascade_levels, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
-            self.dtype, max_rows, backend=prefill_backend, sm_scale=self.sm_scale, outputs=outputs)
+            self.dtype, max_rows, backend=prefill_backend, sm_scale=self.sm_scale, outputs=outputs,
+            kv_dtype=self.kv_dtype)
         self.graph = {}  # batch size -> (decode wrapper, {(levels, shared backend): cascade attention})
         self.active = None
         self.slot_mapping = None
 
     def _common(self):
-        return dict(sm_scale=self.sm_scale, q_data_type=self.dtype, kv_data_type=self.dtype)
+        return dict(sm_scale=self.sm_scale, q_data_type=self.dtype, kv_data_type=self.kv_dtype)
 
     def plan(self, batch: StepBatch):
         self.slot_mapping = batch.slot_mapping
@@ -76,11 +87,13 @@ class FlashInferAttentionBackend(AttentionBackend):
                              hq, hkv, d, page, **self._common())
             self.active = self.decode
 
-    def store(self, k, v, k_cache, v_cache):
-        store_kv_triton(k, v, k_cache, v_cache, self.slot_mapping)
+    def store(self, k, v, k_cache, v_cache, k_scale=1.0, v_scale=1.0):
+        store_kv_triton(k, v, k_cache, v_cache, self.slot_mapping, k_scale, v_scale)
 
-    def attend(self, q, k_cache, v_cache):
-        return self.active.run(q, (k_cache, v_cache))
+    def attend(self, q, k_cache, v_cache, k_scale=1.0, v_scale=1.0):
+        if not is_fp8(k_cache):  # scales are 1.0 there: the model-dtype path stays as it was
+            return self.active.run(q, (k_cache, v_cache))
+        return self.active.run(q, (k_cache, v_cache), k_scale=k_scale, v_scale=v_scale)
 
     # ---- CUDA graphs (decode) ------------------------------------------------------------------
     def prepare_graphs(self, max_bs: int, max_indices: int, with_cascade: bool):
@@ -121,7 +134,8 @@ class FlashInferAttentionBackend(AttentionBackend):
                         self.page_size, self.dtype, bs, backend=self.cascade_backend, use_cuda_graph=True,
                         sm_scale=self.sm_scale, buffers=bufs[:levels - 1] + bufs[-1:],
                         outputs=self.graph_cascade_outputs, decode_last_level=True, shared_backend=shared,
-                        shared_split_kv=False, side_stream=self.side_stream, shared_workspace=self.side_workspace)
+                        shared_split_kv=False, side_stream=self.side_stream, shared_workspace=self.side_workspace,
+                        kv_dtype=self.kv_dtype)
         self.graph[bs] = (decode, cascade)
 
     def graph_key(self, plan) -> tuple:
@@ -131,10 +145,11 @@ class FlashInferAttentionBackend(AttentionBackend):
 
     def shared_kernel(self, plan) -> str:
         """The kernel of a cascade decode step's shared levels: the configured one, or the cost
-        model's choice for the plan's group sizes."""
+        model's choice for the plan's group sizes (fa2 where it chose fa3 and the cache is fp8)."""
         if len(self.shared_backends) == 1:
             return self.shared_backends[0]
-        return shared_level_backend(plan, self.num_qo_heads, self.num_kv_heads)
+        choice = shared_level_backend(plan, self.num_qo_heads, self.num_kv_heads)
+        return "fa2" if choice == "fa3" and is_fp8(self.kv_dtype) else choice
 
     def plan_graph(self, batch: StepBatch, bs: int, slot_mapping: torch.Tensor):
         """Plan a decode batch of n <= bs requests on the wrappers captured for bs. Padded requests

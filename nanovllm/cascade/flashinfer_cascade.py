@@ -17,6 +17,11 @@ result then differs from the wrapper's in rounding only (tests hold it to bf16 t
 
 Shared levels may also run on our Triton kernel (`shared_backend="triton"`, nanovllm/cascade/
 shared_kernel.py), ~1.5x faster than fa2 for many small groups; within bf16 tolerance as well.
+
+An fp8 KV cache (`kv_dtype`) is planned as such on every level; run() passes the layer's k_scale /
+v_scale to each level (FlashInfer folds k_scale into the softmax scale and multiplies the level's
+output by v_scale; the Triton level does the same). Each level's output is scaled before the merge,
+which is linear in the outputs, so the merged result is the attention over fp8 * scale.
 """
 import flashinfer
 import torch
@@ -33,13 +38,15 @@ class FlashInferCascadeAttention:
                  use_cuda_graph: bool = False, max_pages: int = 0, sm_scale: float | None = None,
                  buffers: list | None = None, outputs: tuple | None = None, decode_last_level: bool = False,
                  shared_backend: str | None = None, shared_split_kv: bool = True,
-                 side_stream: "torch.cuda.Stream | None" = None, shared_workspace: torch.Tensor | None = None):
+                 side_stream: "torch.cuda.Stream | None" = None, shared_workspace: torch.Tensor | None = None,
+                 kv_dtype: torch.dtype | None = None):
         """buffers: per level (qo_indptr, kv_indptr, kv_indices, last_page_len) device views for CUDA-graph
         mode; outputs: (out, lse, level_out, level_lse) to use instead of allocating (callers that keep
         one wrapper per captured batch size share the largest)."""
         self.num_levels = num_levels
         self.shape = (num_qo_heads, num_kv_heads, head_dim, page_size)
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype
         self.sm_scale = sm_scale if sm_scale is not None else head_dim ** -0.5
         self.use_cuda_graph = use_cuda_graph
         self.shared_split_kv = shared_split_kv  # False: one CTA per group tile reads the whole prefix, no merge kernel
@@ -105,7 +112,7 @@ class FlashInferCascadeAttention:
         # Shared levels use the first wrappers, the last level always the last one (it is causal).
         self.active = self.wrappers[:len(levels) - 1] + [self.wrappers[-1]]
         hq, hkv, d, page = self.shape
-        common = dict(sm_scale=self.sm_scale, q_data_type=self.dtype, kv_data_type=self.dtype)
+        common = dict(sm_scale=self.sm_scale, q_data_type=self.dtype, kv_data_type=self.kv_dtype)
         for wrapper, lv in zip(self.active[:-1], levels[:-1]):
             wrapper.plan(*lv, hq, hkv, d, page, causal=False, disable_split_kv=not self.shared_split_kv, **common)
         qo_indptr, kv_indptr, kv_indices, last_len = levels[-1]
@@ -117,34 +124,37 @@ class FlashInferCascadeAttention:
             assert not self.use_cuda_graph or self.decode_last is None, "graph mode with decode_last_level is decode-only"
             self.active[-1].plan(*levels[-1], hq, hkv, d, page, causal=True, **common)
 
-    def run(self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def run(self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], k_scale: float | None = None,
+            v_scale: float | None = None) -> torch.Tensor:
+        """k_scale / v_scale: an fp8 cache's per-tensor scales (None: a cache in the model dtype)."""
         n = q.shape[0]
         out, lse = self.out[:n], self.lse[:n]
         shared = self.active[:-1]
+        scales = {} if k_scale is None and v_scale is None else dict(k_scale=k_scale, v_scale=v_scale)
         if self.side_stream is not None and shared:
             main = torch.cuda.current_stream()
             self.side_stream.wait_stream(main)
             with torch.cuda.stream(self.side_stream):
-                self._run_shared(shared[0], q, kv_cache)
-            self.active[-1].run(q, kv_cache, out=out, lse=lse, return_lse=True)
+                self._run_shared(shared[0], q, kv_cache, scales)
+            self.active[-1].run(q, kv_cache, out=out, lse=lse, return_lse=True, **scales)
             main.wait_stream(self.side_stream)
             self._merge_shared(shared[0], out, lse)
             shared = shared[1:]
         else:
-            self.active[-1].run(q, kv_cache, out=out, lse=lse, return_lse=True)
+            self.active[-1].run(q, kv_cache, out=out, lse=lse, return_lse=True, **scales)
         for wrapper in shared:
-            self._run_shared(wrapper, q, kv_cache)
+            self._run_shared(wrapper, q, kv_cache, scales)
             self._merge_shared(wrapper, out, lse)
         return out
 
-    def _run_shared(self, wrapper, q, kv_cache):
+    def _run_shared(self, wrapper, q, kv_cache, scales: dict):
         """A shared level's partial result: into level_out/level_lse (FlashInfer), or into the Triton
         level's split partials (which live in the same buffers)."""
         if isinstance(wrapper, TritonSharedLevel):
-            wrapper.run(q, kv_cache)
+            wrapper.run(q, kv_cache, **scales)
         else:
             n = q.shape[0]
-            wrapper.run(q, kv_cache, out=self.level_out[:n], lse=self.level_lse[:n], return_lse=True)
+            wrapper.run(q, kv_cache, out=self.level_out[:n], lse=self.level_lse[:n], return_lse=True, **scales)
 
     def _merge_shared(self, wrapper, out, lse):
         if isinstance(wrapper, TritonSharedLevel):

@@ -23,6 +23,10 @@ kv head, merge included; table in claude_docs/cascade.md):
   programs: W5's 4 groups x 32 rows x 16,384 tokens 0.119 ms against 0.181 narrow (1.52x), 8 x 32 x
   4096 0.069 against 0.087, 2 x 48 x 8192 0.054-0.058 against 0.077.
 
+An fp8 KV cache: pages are loaded as fp8 and converted to the query dtype for the dots (exact: fp8
+values are bf16 values); k_scale folds into the softmax scale and v_scale multiplies the partial
+output (tests/test_fp8_kv.py checks it against float64 attention on the dequantized pages).
+
 Not bit-identical to FlashInfer (other tiling and summation order): held to bf16 tolerance against
 float64 attention (tests/test_shared_kernel.py, CPU under TRITON_INTERPRET=1 and GPU) and against
 regular paged attention in tests/test_gpu.py.
@@ -61,7 +65,7 @@ TILES = {"triton": SharedTile(16, 128, 4, 3, 1), "triton-wide": SharedTile(32, 6
 
 @triton.jit
 def _shared_level_kernel(q_ptr, k_ptr, v_ptr, items_ptr, meta_ptr, kv_indptr_ptr, kv_indices_ptr, out_ptr,
-                         lse_ptr, sm_scale_log2, page_stride, token_stride, num_rows,
+                         lse_ptr, sm_scale_log2, v_scale, page_stride, token_stride, num_rows,
                          HQ: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                          M: tl.constexpr, BLOCK_T: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     h = tl.program_id(1)
@@ -96,7 +100,7 @@ def _shared_level_kernel(q_ptr, k_ptr, v_ptr, items_ptr, meta_ptr, kv_indptr_ptr
             ok = tok < t1
             page = tl.load(kv_indices_ptr + kv0 + tok // PAGE, mask=ok, other=0).to(tl.int64)
             kv_off = (page * page_stride + (tok % PAGE) * token_stride + h * D)[:, None] + offs_d[None, :]
-            k = tl.load(k_ptr + kv_off, mask=ok[:, None], other=0.0)
+            k = tl.load(k_ptr + kv_off, mask=ok[:, None], other=0.0).to(q_ptr.dtype.element_ty)  # fp8 pages: exact
             if DOT_F32:
                 k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2
@@ -105,14 +109,14 @@ def _shared_level_kernel(q_ptr, k_ptr, v_ptr, items_ptr, meta_ptr, kv_indptr_ptr
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + kv_off, mask=ok[:, None], other=0.0)
-            p = p.to(v_ptr.dtype.element_ty)  # rounded like the GPU's dot inputs
+            v = tl.load(v_ptr + kv_off, mask=ok[:, None], other=0.0).to(q_ptr.dtype.element_ty)
+            p = p.to(q_ptr.dtype.element_ty)  # rounded like the GPU's dot inputs
             if DOT_F32:
                 p, v = p.to(tl.float32), v.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
             m_i = m_new
         has = l_i > 0
-        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        out = acc / tl.where(has, l_i, 1.0)[:, None] * v_scale
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         part = (split * num_rows + row) * HQ + head
         tl.store(out_ptr + part[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -186,8 +190,9 @@ def shared_level_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            meta: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
                            part_out: torch.Tensor, part_lse: torch.Tensor, sm_scale: float, programs: int,
                            block_tokens: int = 128, num_warps: int = 4, num_stages: int = 2,
-                           block_rows: int = BLOCK_ROWS):
-    """q [rows, hq, d]; caches [pages, page_size, hkv, d] (NHD); items from shared_level_items on q's
+                           block_rows: int = BLOCK_ROWS, k_scale: float = 1.0, v_scale: float = 1.0):
+    """q [rows, hq, d]; caches [pages, page_size, hkv, d] (NHD) in q's dtype or fp8 (read as fp8 *
+    k_scale / v_scale); items from shared_level_items on q's
     device; meta int32 [2] on the device: (items used, splits). part_out [>= splits * rows, hq, d]
     and part_lse [>= splits * rows, hq] float32 receive each split's partial attention at row
     split * rows + row (base-2 lse, as FlashInfer's). `programs` programs per kv head loop over the
@@ -202,8 +207,8 @@ def shared_level_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     gqa = hq // hkv
     exact = INTERPRETED or q.dtype == torch.float32
     _shared_level_kernel[(programs, hkv)](
-        q, k_cache, v_cache, items, meta, kv_indptr, kv_indices, part_out, part_lse, sm_scale * LOG2E,
-        k_cache.stride(0), k_cache.stride(1), q.shape[0],
+        q, k_cache, v_cache, items, meta, kv_indptr, kv_indices, part_out, part_lse, sm_scale * k_scale * LOG2E,
+        float(v_scale), k_cache.stride(0), k_cache.stride(1), q.shape[0],
         HQ=hq, GQA=gqa, D=d, PAGE=page, M=max(16, triton.next_power_of_2(block_rows * gqa)), BLOCK_T=block_tokens,
         DOT_F32=INTERPRETED, PRECISION="ieee" if exact else "tf32", num_warps=num_warps, num_stages=num_stages)
 
@@ -267,12 +272,12 @@ class TritonSharedLevel:
             self.kv_indptr, self.kv_indices = to_device(kv_indptr, self.device), to_device(kv_indices, self.device)
             self.grid = min(n * self.splits, self.programs)
 
-    def run(self, q, kv_cache):
+    def run(self, q, kv_cache, k_scale: float = 1.0, v_scale: float = 1.0):
         k_cache, v_cache = kv_cache
         t = self.tile
         shared_level_attention(q, k_cache, v_cache, self.items, self.meta, self.kv_indptr, self.kv_indices,
                                self.part_out, self.part_lse, self.sm_scale, self.grid, t.block_tokens, t.num_warps,
-                               t.num_stages, t.block_rows)
+                               t.num_stages, t.block_rows, k_scale=k_scale, v_scale=v_scale)
 
     def merge_into(self, out, lse):
         merge_partials(out, lse, self.part_out, self.part_lse, self.meta)

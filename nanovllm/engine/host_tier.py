@@ -19,6 +19,9 @@ waits for them, so a restore overlaps the step before it and the step it is issu
 whose own rows read the restored pages says so (`wait_for_restores`). CUDA events time the copies
 (`seconds()`, read by the runner at a later collect once `ready()`: it never waits for them). On CPU (tests) the pool is a second
 tensor and copies are plain `copy_`.
+
+An fp8 cache (kv_cache_dtype fp8_e4m3) is copied as its bytes (a uint8 view of cache and pool):
+index_select / index_copy_ have no fp8 kernels, and a page moves unchanged whatever its dtype.
 """
 import weakref
 from time import perf_counter
@@ -76,6 +79,8 @@ class CopyTimer:
 class HostTier:
 
     def __init__(self, kv_cache: torch.Tensor, num_pages: int):
+        if kv_cache.dtype.itemsize == 1:  # fp8: copy bytes (module doc)
+            kv_cache = kv_cache.view(torch.uint8)
         self.kv_cache = kv_cache   # [2, layers, pages, page_size, kv_heads, head_dim]
         self.cuda = kv_cache.is_cuda
         page_shape = kv_cache.shape[:2] + kv_cache.shape[3:]

@@ -3,8 +3,12 @@
 On the GPU the cache gets what is left of gpu_memory_utilization after the weights, the activations
 of the largest prefill and decode steps (measured by running them, sampler included) and the CUDA
 graphs' pool. Under tensor parallelism each rank holds its own KV heads of every page, and all ranks
-take the smallest count any of them can hold (one page table serves every rank)."""
+take the smallest count any of them can hold (one page table serves every rank). The cache dtype is
+the model's or fp8 (`kv_cache_dtype`, attention/kv_quant.py): one byte a value, half the page, twice
+the pages in the same memory."""
 import torch
+
+from nanovllm.attention.kv_quant import is_fp8
 
 CPU_MAX_KV_BLOCKS = 16384  # the CPU path is for tests and small runs: keep the block manager small
 
@@ -48,11 +52,14 @@ def gpu_kv_blocks(config, page_bytes: int, warmup) -> int:
 
 def allocate_kv_cache(model: torch.nn.Module, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                       head_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The cache [2, layers, pages, page_size, kv_heads, head_dim], each attention layer bound to its slice."""
+    """The cache [2, layers, pages, page_size, kv_heads, head_dim], each attention layer bound to its slice.
+    Checkpoint KV scales only mean something for an fp8 cache: a cache in the model dtype resets them to 1."""
     shape = (2, num_layers, num_blocks, block_size, num_kv_heads, head_dim)
     # Zeros, not empty: padded reads of unused slots must never see NaN.
     kv_cache = torch.zeros(shape, dtype=dtype, device=device)
     attn_layers = [m for m in model.modules() if type(m).__name__ == "Attention"]
     for i, layer in enumerate(attn_layers):
         layer.k_cache, layer.v_cache = kv_cache[0, i], kv_cache[1, i]
+        if not is_fp8(dtype):
+            layer.k_scale = layer.v_scale = 1.0
     return kv_cache

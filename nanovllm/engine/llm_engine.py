@@ -265,9 +265,10 @@ class LLMEngine:
         cfg, runner = self.config, self.model_runner
         pages = self.executor.num_kvcache_blocks
         graphs = runner.graphs.sizes if runner.graphs is not None else None
-        logger.info("engine ready: device %s, dtype %s, tensor parallel %d, %d KV pages (%d tokens), max %d sequences "
-                    "of %d tokens, CUDA graphs %s, cascade %s", cfg.device, str(cfg.torch_dtype).replace("torch.", ""),
-                    cfg.tensor_parallel_size, pages, pages * cfg.kvcache_block_size, cfg.max_num_seqs, cfg.max_model_len,
+        logger.info("engine ready: device %s, dtype %s, tensor parallel %d, %d KV pages of %s (%d tokens), max %d "
+                    "sequences of %d tokens, CUDA graphs %s, cascade %s", cfg.device,
+                    str(cfg.torch_dtype).replace("torch.", ""), cfg.tensor_parallel_size, pages,
+                    str(cfg.kv_dtype).replace("torch.", ""), pages * cfg.kvcache_block_size, cfg.max_num_seqs, cfg.max_model_len,
                     f"for batch sizes {graphs[0]}..{graphs[-1]} ({len(graphs)})" if graphs else "off",
                     "on" if cfg.enable_cascade_attention else "off")
 

@@ -74,7 +74,8 @@ class ModelRunner:
                          shared_backend=config.cascade_shared_backend)
         self.backend = make_backend(
             config.attention_backend, num_qo_heads=self.num_qo_heads, num_kv_heads=self.num_kv_heads,
-            head_dim=self.head_dim, page_size=self.block_size, dtype=self.dtype, device=self.device, **extra)
+            head_dim=self.head_dim, page_size=self.block_size, dtype=self.dtype, device=self.device,
+            kv_dtype=config.kv_dtype, **extra)
         self.plan_copied = None
         self.host_slot = 0
         self.last_tokens = None  # sampled tokens (device) of the step executed last
@@ -89,7 +90,7 @@ class ModelRunner:
             self.backend.prepare_graphs(config.max_num_seqs, max_indices, config.enable_cascade_attention)
             self.graphs = DecodeGraphs(self.model, self.backend, config.max_num_seqs, hf.hidden_size, self.dtype,
                                        self.device)
-        page_bytes = block_bytes(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.dtype)
+        page_bytes = block_bytes(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, config.kv_dtype)
         if config.num_kvcache_blocks > 0:
             blocks = config.num_kvcache_blocks
         elif self.device.type == "cpu":
@@ -98,7 +99,7 @@ class ModelRunner:
             blocks = gpu_kv_blocks(config, page_bytes, self.warmup)
         self.num_kvcache_blocks = tp.min_over_ranks(blocks) if self.distributed else blocks  # one page table for all
         self.kv_cache = allocate_kv_cache(self.model, self.num_layers, self.num_kvcache_blocks, self.block_size,
-                                          self.num_kv_heads, self.head_dim, self.dtype, self.device)
+                                          self.num_kv_heads, self.head_dim, config.kv_dtype, self.device)
         self.page_bytes = page_bytes
         self.copy_timers = []   # host-tier copies whose time is not read yet
         self.host_tier = None
@@ -336,8 +337,8 @@ class _PassThroughAttention:
     slot_mapping = None  # nothing is written
     fused_qkv = True     # measure the GPU path's activations
 
-    def forward(self, q, k, v, k_cache, v_cache):
+    def forward(self, q, k, v, k_cache, v_cache, k_scale=1.0, v_scale=1.0):
         return q
 
-    def attend(self, q, k_cache, v_cache):
+    def attend(self, q, k_cache, v_cache, k_scale=1.0, v_scale=1.0):
         return q

@@ -9,6 +9,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from nanovllm.attention.kv_quant import checked_scale, kv_scale_name
+
 # Half-width of the uniform range of dummy matrices (see fill_dummy_weights).
 DUMMY_WEIGHT_RANGE = 0.02
 # AWQ dummy scales relative to DUMMY_WEIGHT_RANGE: 1 / (sqrt(3) * 6.52), 6.52 the std of q - z for uniform codes.
@@ -30,14 +32,25 @@ def load_model(model: nn.Module, path: str):
     """Copy every checkpoint tensor into its parameter (or its shard of one). A checkpoint name goes
     to the parameter of the same name, or, in this order: to the slice that the model's own
     `checkpoint_target(name)` returns ((parameter, shard id) or None; MoE experts stacked from
-    per-expert tensors), or through `packed_modules_mapping` (q/k/v -> qkv_proj, ...)."""
+    per-expert tensors), or through `packed_modules_mapping` (q/k/v -> qkv_proj, ...). Calibrated
+    KV-cache scales (`...self_attn.k_scale` / `v_scale` / `kv_scale`, attention/kv_quant.py) set the
+    layer's Attention k_scale / v_scale floats (used only with an fp8 KV cache)."""
     packed = getattr(model, "packed_modules_mapping", {})
     custom = getattr(model, "checkpoint_target", None)
     params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
     loaded: set[str] = set()
     for file in checkpoint_files(path):
         with safe_open(file, "pt", "cpu") as f:
             for name in f.keys():
+                scale = kv_scale_name(name)
+                if scale is not None:
+                    attn_name, which = scale
+                    if attn_name not in modules:
+                        raise ValueError(f"checkpoint tensor {name!r} has no attention layer {attn_name!r}")
+                    for attr in which:
+                        setattr(modules[attn_name], attr, checked_scale(name, f.get_tensor(name)))
+                    continue
                 target, shard_id = name, None
                 mapped = custom(name) if custom is not None else None
                 if mapped is not None:
