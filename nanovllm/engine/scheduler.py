@@ -36,7 +36,7 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching,
-                                          num_host_blocks)
+                                          num_host_blocks, config.host_kv_prefetch, config.host_kv_write_ahead)
         self.policy = SchedulePolicy(config.schedule_policy, config.max_wait_s, config.seed)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
@@ -52,9 +52,12 @@ class Scheduler:
     def schedule(self) -> tuple[list[Sequence], bool]:
         self.block_manager.begin_step()
         scheduled = self._schedule_prefill()
-        if scheduled:
-            return scheduled, True
-        return self._schedule_decode(), False
+        is_prefill = bool(scheduled)
+        if not is_prefill:
+            scheduled = self._schedule_decode()
+        if scheduled:   # a step to carry them: prefetch for the queue's head, write-back ahead of eviction
+            self.block_manager.background_copies(self.waiting)
+        return scheduled, is_prefill
 
     def _schedule_prefill(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
