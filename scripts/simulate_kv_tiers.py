@@ -99,8 +99,9 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
                 prefilled += sum(s.chunk_len for s in batch) if is_prefill else 0
                 compute = step_seconds(batch, is_prefill)
                 timeline.step(compute, len(swap_out), len(swap_in), len(ahead), after_prev, wait_restores)
-                # The engine's budget of background copies: a mean step's worth of pages.
-                bm.copy_budget = int(min(max(timeline.main / steps / (COPY_US_PER_PAGE * 1e-6), 16), 4096))
+                # What the engine measures for its budget of background copies (llm_engine._update_restore_cost).
+                bm.step_costs = (COPY_US_PER_PAGE * 1e-6, PREFILL_US_PER_TOKEN * 1e-6,
+                                 DECODE_FIXED_MS * 1e-3 + 60 * 4200 * KV_BYTES_PER_TOKEN / (DECODE_GB_S * 1e9))
             if in_flight is not None:
                 finishing.process(scheduler.postprocess(in_flight[0], [0] * len(in_flight[0]), in_flight[1]))
             in_flight = launched

@@ -31,7 +31,7 @@ preemptions free pages, but it restores none). `copy_after_prev` says whether a 
 the step in flight was scheduled (that step may still read or write it): only then must the copy
 wait for it; otherwise it may overlap it.
 """
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import numpy as np
 import xxhash
@@ -40,6 +40,9 @@ from nanovllm.engine.sequence import Sequence
 
 
 DROP, PROBATION, PROTECTED = 0, 1, 2   # Block.keep
+# Background write-backs a step at most: scanning 4 x 4,096 free pages a step cost 17 ms of host
+# time per step in the W6 simulation (2-core CPU); 2 x 256 keeps it under ~1 ms.
+WRITE_AHEAD_PAGES = 256
 
 
 def is_host_hit(hit: int) -> bool:
@@ -92,8 +95,15 @@ class BlockManager:
         self.host_pinned: dict[int, OrderedDict] = {}
         self.prefetch = prefetch          # restore waiting requests' host pages into clean free GPU pages
         self.write_ahead = write_ahead    # copy the LRU end of the free GPU pages to host before eviction
-        self.copy_budget = 128            # pages a step's background copies may move (the engine measures it)
+        self.copy_budget = 128            # pages a step's background copies may move (set per step by `step_costs`)
+        self.step_costs = None            # measured (copy s a page, prefill s a token, decode step s), or None
         self.write_ahead_pairs: list[tuple[int, int]] = []   # this step's background (GPU page, host page) copies
+        # Restores of admitted requests wait here and go out `copy_budget` pages a step, so that no
+        # step's copies outlast it; a request runs once all of its restores went out a step before.
+        self.restore_backlog: deque[tuple[int, int, int]] = deque()   # (ticket, host page, GPU page), oldest first
+        self.restores_queued = 0   # restores ever queued: a request's ticket is the count after its own
+        self.restores_issued = 0   # the ticket of the last restore handed to a step
+        self.restores_ready = 0    # restores handed to steps launched before this one (their pages land first)
         self.restore_pays = True        # a host hit is restored (else recomputed): the scheduler's cost choice
         self.swap_out: list[tuple[int, int]] = []   # this step's (GPU page, host page) write-backs
         self.swap_in: list[tuple[int, int]] = []    # this step's (host page, GPU page) restores
@@ -132,6 +142,24 @@ class BlockManager:
     # ---- steps and copies ---------------------------------------------------------------------
     def begin_step(self):
         self.clock += 1
+        self.restores_ready = self.restores_issued
+
+    def restores_landed(self, seq: Sequence) -> bool:
+        """All of `seq`'s restores went out in a step launched before this one."""
+        return seq.restore_ticket <= self.restores_ready
+
+    def issue_restores(self, n: int) -> int:
+        """Hand the oldest `n` queued restores to this step (their pages count as computed once it
+        is launched). Returns how many went."""
+        n = min(n, len(self.restore_backlog))
+        for _ in range(n):
+            self.restores_issued, page, block_id = self.restore_backlog.popleft()
+            self.swap_in.append((page, block_id))
+            self.restored.append(block_id)
+            self._note_copy(self.blocks[block_id])
+        if not self.restore_backlog:
+            self.restores_issued = self.restores_queued
+        return n
 
     def launched(self):
         """The step scheduled at this clock went to the device. Pages it restores count as computed
@@ -149,9 +177,10 @@ class BlockManager:
         copies = (self.swap_out, self.swap_in, self.copy_after_prev, self.wait_for_restores, self.write_ahead_pairs)
         self.swap_out, self.swap_in, self.copy_after_prev, self.wait_for_restores = [], [], False, False
         self.write_ahead_pairs = []
-        for page in self.host_pinned:
+        waiting = {page for _, page, _ in self.restore_backlog}   # still to be read: they stay pinned
+        for page in [p for p in self.host_pinned if p not in waiting]:
+            del self.host_pinned[page]
             self.host_protected[page] = None
-        self.host_pinned = {}
         return copies
 
     def _note_copy(self, block: Block):
@@ -226,17 +255,20 @@ class BlockManager:
         return block
 
     # ---- background copies: prefetch and write-back ahead of eviction -------------------------
-    def background_copies(self, waiting):
+    def background_copies(self, waiting, is_prefill: bool = False, step_tokens: int = 0):
         """Called once a step is scheduled (and has rows to carry copies): restore the host pages of
         the waiting requests at the queue's head into clean free GPU pages (prefetch), then write the
         LRU end of the free GPU pages back to host (write-ahead), within `copy_budget` pages."""
         if not self.num_host_blocks:
             return
-        budget = self.copy_budget
-        if self.prefetch and self.restore_pays:
+        if self.step_costs is not None:   # as many pages as this step's forward lasts: none of it waits
+            copy_s, prefill_s, decode_s = self.step_costs
+            self.copy_budget = int(min(max((prefill_s * step_tokens if is_prefill else decode_s) / copy_s, 8), 4096))
+        budget = self.copy_budget - self.issue_restores(self.copy_budget)
+        if self.prefetch and self.restore_pays and not self.restore_backlog:
             budget -= self._prefetch(waiting, budget)
-        if self.write_ahead:
-            self._write_ahead(max(budget, self.copy_budget // 4))
+        if self.write_ahead:   # at most WRITE_AHEAD_PAGES: its scan of the free list is host time every step
+            self._write_ahead(min(max(budget, self.copy_budget // 4), WRITE_AHEAD_PAGES))
 
     def _prefetch(self, waiting, budget: int) -> int:
         """Host pages of the waiting requests that would fit in the free pages, in queue order, each
@@ -276,10 +308,10 @@ class BlockManager:
 
     def _write_ahead(self, budget: int):
         """Write back cached prefix pages at the LRU end of the free list that the host lacks, so that
-        handing them out later copies nothing. Scans at most 4 x budget pages."""
+        handing them out later copies nothing. Scans at most 2 x budget pages."""
         scanned = 0
         for block_id in self.free_block_ids:
-            if budget <= 0 or scanned >= 4 * budget:
+            if budget <= 0 or scanned >= 2 * budget:
                 break
             scanned += 1
             block = self.blocks[block_id]
@@ -408,15 +440,15 @@ class BlockManager:
                 block = self._take_free()
                 block.hash, block.token_key = self.host_hash[page], self.host_key[page]
                 block.keep = PROTECTED
-                block.computed = False   # until the step is launched: a request matching it meanwhile waits
-                self.restored.append(block.block_id)
+                block.computed = False   # until its restore's step is launched: a request matching it meanwhile waits
                 self._register(block)
-                self.swap_in.append((page, block.block_id))
+                self.restores_queued += 1
+                self.restore_backlog.append((self.restores_queued, page, block.block_id))
                 self.num_swapped_in += 1
                 self.num_host_hit_tokens += self.block_size
-                self._note_copy(block)
                 hit = block.block_id
             seq.block_table.append(hit)
+        seq.restore_ticket = self.restores_queued
 
     def preempt(self, seq: Sequence):
         """Free a preempted sequence's pages, marked PROTECTED for the host tier: it will want them again."""
@@ -425,6 +457,15 @@ class BlockManager:
         self.deallocate(seq)
 
     def deallocate(self, seq: Sequence):
+        if seq.restore_ticket > self.restores_issued:   # restores still queued: they go with it
+            mine = set(seq.block_table)
+            kept = deque(entry for entry in self.restore_backlog if entry[2] not in mine)
+            dropped = len(self.restore_backlog) - len(kept)
+            self.num_swapped_in -= dropped
+            self.num_host_hit_tokens -= dropped * self.block_size
+            self.restore_backlog = kept
+            if not kept:
+                self.restores_issued = self.restores_queued
         # Last pages first, so that a prefix outlives its tails in the free list.
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]

@@ -291,10 +291,11 @@ class LLMEngine:
         copy_s_per_page = st["copy_seconds"] / pages
         prefill_s_per_page = st["prefill_seconds"] / st["prefill_tokens"] * bm.block_size
         bm.restore_pays = copy_s_per_page < prefill_s_per_page
-        # Background copies (prefetch, write-ahead) a step may queue: as many pages as a mean step
-        # lasts, so that they are done before the next step's forward waits for them.
-        step_s = (st["prefill_seconds"] + st["decode_seconds"]) / max(st["steps"], 1)
-        bm.copy_budget = int(min(max(step_s / copy_s_per_page, 16), 4096))
+        # Background copies (queued restores, prefetch, write-ahead) a step may queue: as many pages as
+        # its forward lasts, so that the next step's forward does not wait for them.
+        if st["decode_steps"]:
+            bm.step_costs = (copy_s_per_page, st["prefill_seconds"] / st["prefill_tokens"],
+                             st["decode_seconds"] / st["decode_steps"])
 
     def kv_state(self, max_pages: int = 64) -> dict:
         """The KV cache as a dict (GET /debug/kv): pages per tier, the prefix groups of the running
