@@ -9,8 +9,9 @@ measurement): a compute stream and one copy stream, ordered as engine/host_tier.
 step's forward waits for its own write-backs, for its restores if it reads them, and for all of the
 previous step's copies). Its rates: prefill PREFILL_US_PER_TOKEN, a decode step DECODE_FIXED_MS plus
 its KV bytes at DECODE_GB_S, a page copy COPY_US_PER_PAGE (1.835 MB at the 43 GB/s measured on the
-H200 in session 5). PREFILL_US_PER_TOKEN and DECODE_GB_S were fitted to the H200's GPU-only W6 (47.99 s);
-the model then gives the host tier's two measured runs within the margins in claude_docs/memory.md.
+H200 in session 5). The prefill and decode rates are estimates, not fitted: the model gives 51.2 s for
+the H200's GPU-only W6 (measured 47.99 s, +7%) and 59.7 s for the old host-tier fcfs run (measured
+61.64 s, -3%); claude_docs/memory.md has the table.
 
     python scripts/simulate_kv_tiers.py                              # GPU-only, 16,384 pages
     python scripts/simulate_kv_tiers.py --host-pages 35700           # + host tier (64 GB at 0.6B pages)

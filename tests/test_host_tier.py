@@ -276,3 +276,26 @@ def test_probation_pages_never_push_protected_ones_out_of_the_host():
     assert set(bm.host_hash_to_page) == set(shared.block_hashes[:2])   # the shared prefix stayed
     assert bm.num_host_dropped == 3
     bm.check_invariants()
+
+
+def test_write_ahead_skips_pages_the_step_in_flight_may_use_and_spares_the_eviction_its_copy():
+    bm = BlockManager(6, BS, num_host_blocks=8)
+    bm.begin_step()
+    a = computed_seq(bm, list(range(9)))   # 2 full prompt pages, cached
+    bm.launched()
+    bm.deallocate(a)                       # freed while its step is in flight: it may still write them
+    bm.take_copies()
+    bm.background_copies([])
+    assert not bm.write_ahead_pairs
+    bm.take_copies()
+    bm.begin_step()
+    bm.launched()                          # a later step is in flight now
+    bm.background_copies([])
+    *_, ahead = bm.take_copies()
+    assert sorted(bm.host_hash[h] for _, h in ahead) == sorted(a.block_hashes[:2])
+    bm.begin_step()
+    computed_seq(bm, [50 + i for i in range(23)])   # 6 pages: evicts a's pages, already on host
+    swap_out, *_ = bm.take_copies()
+    assert not swap_out
+    assert set(a.block_hashes[:2]) <= set(bm.host_hash_to_page)
+    bm.check_invariants()
