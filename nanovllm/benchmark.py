@@ -119,7 +119,8 @@ def run(args) -> dict:
     if args.num_gpu_blocks is not None:
         cfg["num_kvcache_blocks"] = args.num_gpu_blocks
     for key in ("max_num_seqs", "max_num_batched_tokens", "kvcache_block_size", "gpu_memory_utilization", "max_model_len",
-                "cascade_shared_backend", "host_kvcache_gb", "schedule_policy", "kv_cache_dtype"):
+                "cascade_shared_backend", "host_kvcache_gb", "schedule_policy", "kv_cache_dtype", "host_kv_prefetch",
+                "host_kv_write_ahead"):
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
     t0 = time.perf_counter()
@@ -172,6 +173,8 @@ def measure(args, llm, cfg, startup, make) -> dict:
     result["schedule_policy"] = state["scheduler"]["policy"]
     result["preemptions"] = llm.scheduler.num_preemptions - preemptions0
     if kv["host_blocks_total"]:
+        bm = llm.scheduler.block_manager
+        result.update(pages_prefetched=bm.num_prefetched, pages_written_ahead=bm.num_written_ahead)
         moved = {d: kv[f"bytes_{d}"] - kv0[f"bytes_{d}"] for d in ("to_host", "from_host")}
         result.update(host_blocks=kv["host_blocks_total"],
                       host_hit_tokens=kv["host_hit_tokens"] - kv0["host_hit_tokens"],
@@ -205,6 +208,10 @@ def main(argv=None):
     p.add_argument("--schedule-policy", choices=["fcfs", "lpm", "dfs-weight", "random"])
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8_e4m3", "fp8"],
                    help="auto: the model dtype; fp8_e4m3 (fp8): 1-byte KV pages, twice as many (default auto)")
+    p.add_argument("--host-kv-prefetch", action=argparse.BooleanOptionalAction, default=None,
+                   help="restore waiting requests' host pages before admission (default on)")
+    p.add_argument("--host-kv-write-ahead", action=argparse.BooleanOptionalAction, default=None,
+                   help="write free GPU pages back to host before eviction needs them (default on)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--disable-custom-all-reduce", action="store_true", help="NCCL for every all-reduce")
     p.add_argument("--load-format", choices=["auto", "dummy"], default=None,

@@ -43,6 +43,8 @@ class Config:
     attention_backend: str = "auto"       # auto: flashinfer on cuda, torch on cpu
     enable_prefix_caching: bool = True
     host_kvcache_gb: float = 0.0          # host-memory KV tier per rank (pinned on CUDA); 0 = off
+    host_kv_prefetch: bool = True         # restore waiting requests' host pages before admission
+    host_kv_write_ahead: bool = True      # copy free GPU pages to host before their eviction needs it
     schedule_policy: str = "fcfs"         # order of waiting requests: fcfs, lpm, dfs-weight, random
     max_wait_s: float = 10.0              # starvation bound: a request waiting longer is admitted first
     enable_cascade_attention: bool = False

@@ -11,6 +11,14 @@ one token each. Against nanovllm (detected by its /metrics) requests set ignore_
 produces exactly O tokens, and the prefix-cache hit rate is read from /metrics before and after the
 run. Any server that reports usage.prompt_tokens_details.cached_tokens gets a hit rate from that too.
 Needs only httpx.
+
+Policy comparison in one command (starts `nanovllm serve` once per policy on a free port, runs the
+same load against each, stops it, prints one line per policy: throughput, TTFT p50/p99, the longest
+admission wait against the --max-wait-s bound):
+
+    python scripts/serve_shared_prompt.py --model /tmp/q06 --compare-policies fcfs,lpm \
+        --server-args "--host-kv-cache-gb 64 --num-kvcache-blocks 16384" --max-wait-s 10 \
+        --groups 64 --system-tokens 2048 --concurrency 64 --requests 1024
 """
 import argparse
 import asyncio
@@ -182,7 +190,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     p.add_argument("--out", default=None, help="write the result JSON here")
+    p.add_argument("--compare-policies", default=None,
+                   help="e.g. fcfs,lpm: serve --model (a path) once per schedule policy and compare")
+    p.add_argument("--server-args", default="", help="more `nanovllm serve` options for --compare-policies")
+    p.add_argument("--max-wait-s", type=float, default=10.0, help="the servers' starvation bound (--compare-policies)")
     return p
+
+
+def compare_policies(args) -> dict:
+    """One server per policy, the same load against each; returns {policy: result}."""
+    import shlex
+    import socket
+    import subprocess
+    results = {}
+    for policy in args.compare_policies.split(","):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "nanovllm.cli", "serve", "--model", args.model, "--port", str(port),
+               "--schedule-policy", policy, "--max-wait-s", str(args.max_wait_s)] + shlex.split(args.server_args)
+        server = subprocess.Popen(cmd)
+        try:
+            deadline = time.monotonic() + 900
+            while True:
+                if server.poll() is not None:
+                    sys.exit(f"server for {policy} exited with {server.returncode}: {' '.join(cmd)}")
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    sys.exit(f"server for {policy} not ready after 900 s")
+                time.sleep(1)
+            run_args = argparse.Namespace(**{**vars(args), "base_url": f"http://127.0.0.1:{port}/v1"})
+            results[policy] = asyncio.run(run(run_args))
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    print(f"{'policy':10} {'ok':>5} {'err':>4} {'req/s':>7} {'out tok/s':>10} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "
+          f"{'max wait s':>10} {'bound s':>8}")
+    for policy, r in results.items():
+        wait = r["server_max_queue_wait_s"]
+        print(f"{policy:10} {r['completed']:5} {r['errors']:4} {r['request_throughput_rps']:7.2f} "
+              f"{r['output_throughput_tok_s']:10.1f} {r['ttft_s']['p50'] * 1000:12.1f} {r['ttft_s']['p99'] * 1000:12.1f} "
+              f"{'-' if wait is None else f'{wait:.2f}':>10} {args.max_wait_s:8.1f}")
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("concurrency", "groups", "requests", "output_tokens"):
         if getattr(args, name) < 1:
             sys.exit(f"--{name.replace('_', '-')} must be >= 1")
+    if args.compare_policies:
+        results = compare_policies(args)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+        return 1 if any(r["errors"] for r in results.values()) else 0
     result = asyncio.run(run(args))
     if args.out:
         with open(args.out, "w") as f:

@@ -4,9 +4,19 @@ would recompute, the host-tier traffic, preemptions and the scheduler's own host
 the GPU page cap and host tier given. No GPU needed: the recompute counts are what bench.py's W6
 would see on any GPU with the same caps (the order of steps does not depend on their speed).
 
+It also replays the steps on a timing model of one GPU (`modelled_seconds`; a model, not a
+measurement): a compute stream and one copy stream, ordered as engine/host_tier.py orders them (a
+step's forward waits for its own write-backs, for its restores if it reads them, and for all of the
+previous step's copies). Its rates: prefill PREFILL_US_PER_TOKEN, a decode step DECODE_FIXED_MS plus
+its KV bytes at DECODE_GB_S, a page copy COPY_US_PER_PAGE (1.835 MB at the 43 GB/s measured on the
+H200 in session 5). The prefill and decode rates are estimates, not fitted: the model gives 51.2 s for
+the H200's GPU-only W6 (measured 47.99 s, +7%) and 59.7 s for the old host-tier fcfs run (measured
+61.64 s, -3%); claude_docs/memory.md has the table.
+
     python scripts/simulate_kv_tiers.py                              # GPU-only, 16,384 pages
-    python scripts/simulate_kv_tiers.py --host-pages 24000           # + host tier (~44 GB at 0.6B pages)
-    python scripts/simulate_kv_tiers.py --host-pages 24000 --policy lpm
+    python scripts/simulate_kv_tiers.py --host-pages 35700           # + host tier (64 GB at 0.6B pages)
+    python scripts/simulate_kv_tiers.py --host-pages 35700 --policy lpm
+    python scripts/simulate_kv_tiers.py --host-pages 35700 --no-prefetch --no-write-ahead
 """
 import argparse
 import json
@@ -18,15 +28,54 @@ from nanovllm.engine.output_processor import OutputProcessor
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 
+PREFILL_US_PER_TOKEN = 3.2
+PREFILL_FIXED_MS = 0.5
+DECODE_FIXED_MS = 0.6
+DECODE_GB_S = 4000.0
+KV_BYTES_PER_TOKEN = 114_688     # Qwen3-0.6B, bf16: 28 layers x 8 KV heads x 128 x 2 (K, V) x 2 bytes
+COPY_US_PER_PAGE = 42.5
+
+
+class Timeline:
+    """The device's two streams, step by step (seconds)."""
+
+    def __init__(self):
+        self.main = self.copy = self.prev_copies = 0.0
+        self.copy_busy = self.stalled = 0.0
+
+    def step(self, compute_s: float, out: int, restore: int, ahead: int, after_prev: bool, wait_restores: bool):
+        c = COPY_US_PER_PAGE * 1e-6
+        start = max(self.copy, self.main if after_prev else 0.0)
+        written_back = start + out * c
+        restored = written_back + restore * c
+        end = restored + ahead * c
+        if out or restore or ahead:
+            self.copy = end
+            self.copy_busy += end - start
+        ready = max(self.main, self.prev_copies, written_back, restored if wait_restores else 0.0)
+        self.stalled += ready - self.main
+        self.main = ready + compute_s
+        self.prev_copies = end if (out or restore or ahead) else 0.0
+
+
+def step_seconds(batch, is_prefill: bool) -> float:
+    if is_prefill:
+        return PREFILL_FIXED_MS * 1e-3 + sum(s.chunk_len for s in batch) * PREFILL_US_PER_TOKEN * 1e-6
+    kv_bytes = sum(len(s) for s in batch) * KV_BYTES_PER_TOKEN
+    return DECODE_FIXED_MS * 1e-3 + kv_bytes / (DECODE_GB_S * 1e9)
+
 
 def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 512,
-             max_num_batched_tokens: int = 16384, block_size: int = 16, **workload) -> dict:
+             max_num_batched_tokens: int = 16384, block_size: int = 16, prefetch: bool = True,
+             write_ahead: bool = True, **workload) -> dict:
     config = SimpleNamespace(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              max_model_len=4352, eos_token_ids=(), kvcache_block_size=block_size,
-                             enable_prefix_caching=True, schedule_policy=policy, max_wait_s=1e9, seed=0)
+                             enable_prefix_caching=True, schedule_policy=policy, max_wait_s=1e9, seed=0,
+                             host_kv_prefetch=prefetch, host_kv_write_ahead=write_ahead)
     scheduler = Scheduler(config, gpu_pages, host_pages)
     finishing = OutputProcessor(None, scheduler, (), config.max_model_len)  # the stop rules (length here)
     bm = scheduler.block_manager
+    timeline = Timeline()
     prefilled = steps = 0
     schedule_seconds = 0.0
     prompt_tokens = 0
@@ -39,7 +88,8 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
         while not all(seq.is_finished for seq in seqs):
             t = time.perf_counter()
             batch, is_prefill = scheduler.schedule()
-            bm.take_copies()
+            swap_out, swap_in, after_prev, wait_restores, *ahead = bm.take_copies()
+            ahead = ahead[0] if ahead else []
             launched = None
             if batch:
                 launched = (batch, scheduler.launched(batch))
@@ -48,17 +98,25 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
             if batch:
                 steps += 1
                 prefilled += sum(s.chunk_len for s in batch) if is_prefill else 0
+                compute = step_seconds(batch, is_prefill)
+                timeline.step(compute, len(swap_out), len(swap_in), len(ahead), after_prev, wait_restores)
+                # What the engine measures for its budget of background copies (llm_engine._update_restore_cost).
+                bm.step_costs = (COPY_US_PER_PAGE * 1e-6, PREFILL_US_PER_TOKEN * 1e-6,
+                                 DECODE_FIXED_MS * 1e-3 + 60 * 4200 * KV_BYTES_PER_TOKEN / (DECODE_GB_S * 1e9))
             if in_flight is not None:
                 finishing.process(scheduler.postprocess(in_flight[0], [0] * len(in_flight[0]), in_flight[1]))
             in_flight = launched
         if in_flight is not None:
             finishing.process(scheduler.postprocess(in_flight[0], [0] * len(in_flight[0]), in_flight[1]))
-    return dict(gpu_pages=gpu_pages, host_pages=host_pages, policy=policy, prompt_tokens=prompt_tokens,
-                prefilled_tokens=prefilled, cached_prompt_tokens=bm.num_cache_hit_tokens,
+    return dict(gpu_pages=gpu_pages, host_pages=host_pages, policy=policy, prefetch=prefetch, write_ahead=write_ahead,
+                prompt_tokens=prompt_tokens, prefilled_tokens=prefilled, cached_prompt_tokens=bm.num_cache_hit_tokens,
                 host_hit_tokens=bm.num_host_hit_tokens, pages_to_host=bm.num_swapped_out,
-                pages_from_host=bm.num_swapped_in, host_pages_dropped=bm.num_host_dropped,
+                pages_from_host=bm.num_swapped_in, pages_prefetched=getattr(bm, "num_prefetched", 0),
+                pages_written_ahead=getattr(bm, "num_written_ahead", 0), host_pages_dropped=bm.num_host_dropped,
                 preemptions=scheduler.num_preemptions, steps=steps,
-                scheduler_ms_per_step=round(1000 * schedule_seconds / steps, 3))
+                scheduler_ms_per_step=round(1000 * schedule_seconds / steps, 3),
+                modelled_seconds=round(timeline.main, 2), modelled_copy_busy_s=round(timeline.copy_busy, 2),
+                modelled_forward_stalled_s=round(timeline.stalled, 2))
 
 
 def main(argv=None):
@@ -68,8 +126,11 @@ def main(argv=None):
     p.add_argument("--policy", default="fcfs", choices=["fcfs", "lpm", "dfs-weight", "random"])
     p.add_argument("--tenants", type=int, default=128)
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--write-ahead", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
-    result = simulate(args.gpu_pages, args.host_pages, args.policy, tenants=args.tenants, rounds=args.rounds)
+    result = simulate(args.gpu_pages, args.host_pages, args.policy, prefetch=args.prefetch,
+                      write_ahead=args.write_ahead, tenants=args.tenants, rounds=args.rounds)
     print(json.dumps(result))
     return result
 

@@ -5,8 +5,10 @@ tiny host pool, one scheduling step per operation. An independent model of the p
 (`Store`: one token id per KV slot, in each tier) executes the copies each step hands out, swap_out
 before swap_in, and then the step's forward writes; after every step every computed token of every
 live sequence must be found, through its block table, in the GPU store: restored bytes are the
-evicted ones. The block manager's own invariants (a hash in one tier at a time, every host page
-free / released / in the LRU exactly once, ref counts) are checked too, and nothing leaks."""
+evicted ones. Every step also runs the background copies (prefetch for the preempted requests
+waiting to come back, write-back ahead of eviction), executed after the step's restores as the
+runner does. The block manager's own invariants (a hash in both tiers only with equal bytes, every
+host page free / pinned / in the LRU exactly once, ref counts) are checked too, and nothing leaks."""
 import random
 
 import numpy as np
@@ -29,11 +31,13 @@ class Store:
         self.host = np.full((max(num_host, 1), BS), -1, dtype=np.int64)
 
     def copy(self, bm: BlockManager):
-        swap_out, swap_in, *_ = bm.take_copies()
+        swap_out, swap_in, _, _, write_ahead = bm.take_copies()
         for gpu, host in swap_out:
             self.host[host] = self.gpu[gpu]
         for host, gpu in swap_in:
             self.gpu[gpu] = self.host[host]
+        for gpu, host in write_ahead:
+            self.host[host] = self.gpu[gpu]
         return swap_out, swap_in
 
     def write(self, seq: Sequence, start: int, end: int):
@@ -49,11 +53,13 @@ def check(bm: BlockManager, store: Store, live: list[Sequence]):
         assert len(seq.block_table) == seq.num_blocks
         for b in seq.block_table:
             holders[b] += 1
+        if seq.restore_ticket > bm.restores_issued:
+            continue   # restores still queued: its pages are filled by a later step's copies
         for p in range(seq.num_computed_tokens):
             assert store.gpu[seq.block_table[p // BS], p % BS] == seq.token_ids[p], (seq.seq_id, p)
     assert [b.ref_count for b in bm.blocks] == holders
     assert bm.num_free_blocks == holders.count(0)
-    # Every cached page holds what its hash says, in either tier.
+    # Every cached page holds what its hash says, in either tier (so a hash in both holds equal bytes).
     for block_id in bm.hash_to_block_id.values():
         block = bm.blocks[block_id]
         if block.computed:
@@ -81,31 +87,37 @@ def admit(bm: BlockManager, store: Store, seq: Sequence) -> bool:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.integers(6, 12), st.integers(0, 6), st.lists(op, min_size=20, max_size=80))
-def test_two_tier_operations_keep_invariants_and_bytes(num_blocks, num_host, ops):
-    run_operations(num_blocks, num_host, ops)
+@given(st.integers(6, 12), st.integers(0, 6), st.lists(op, min_size=20, max_size=80), st.booleans(), st.booleans(),
+       st.integers(1, 6))
+def test_two_tier_operations_keep_invariants_and_bytes(num_blocks, num_host, ops, prefetch, write_ahead, budget):
+    run_operations(num_blocks, num_host, ops, prefetch, write_ahead, budget)
 
 
 def test_seeded_soak_of_the_same_operations_moves_pages_both_ways():
     """Hypothesis favours short, simple operation lists, in which pages seldom get evicted twice:
     the same checker over 300 seeded lists of 60 operations, which must move pages both ways."""
     rng = random.Random(0)
-    moved = [0, 0]
-    for _ in range(300):
+    moved = [0, 0, 0, 0]
+    for i in range(300):
         ops = []
         for _ in range(60):
             kind = rng.choice(["new", "new", "compute", "compute", "decode", "free", "preempt", "readmit"])
             b = ([rng.randrange(4) for _ in range(rng.randrange(10))] if kind == "new" else
                  rng.randint(1, 9) if kind == "compute" else rng.randrange(4) if kind == "decode" else None)
             ops.append((kind, rng.randrange(len(PREFIXES)) if kind == "new" else rng.randrange(51), b))
-        bm = run_operations(rng.randint(6, 12), rng.randint(1, 6), ops)
+        bm = run_operations(rng.randint(6, 12), rng.randint(1, 6), ops, prefetch=i % 3 != 1, write_ahead=i % 3 != 2,
+                            budget=rng.randint(1, 4))
         moved[0] += bm.num_swapped_out
         moved[1] += bm.num_swapped_in
-    assert moved[0] > 100 and moved[1] > 20, moved
+        moved[2] += bm.num_prefetched
+        moved[3] += bm.num_written_ahead
+    assert moved[0] > 100 and moved[1] > 20 and moved[2] > 10 and moved[3] > 20, moved
 
 
-def run_operations(num_blocks: int, num_host: int, ops: list) -> BlockManager:
-    bm = BlockManager(num_blocks, BS, num_host_blocks=num_host)
+def run_operations(num_blocks: int, num_host: int, ops: list, prefetch: bool = False, write_ahead: bool = False,
+                   budget: int = 4) -> BlockManager:
+    bm = BlockManager(num_blocks, BS, num_host_blocks=num_host, prefetch=prefetch, write_ahead=write_ahead)
+    bm.copy_budget = budget
     store = Store(num_blocks, num_host)
     live: list[Sequence] = []
     preempted: list[Sequence] = []
@@ -123,7 +135,9 @@ def run_operations(num_blocks: int, num_host: int, ops: list) -> BlockManager:
                 live.append(seq)
         elif kind in ("compute", "decode", "free", "preempt") and live:
             seq = live[a % len(live)]
-            if kind == "compute":
+            if kind in ("compute", "decode") and not bm.restores_landed(seq):
+                pass   # the scheduler runs it only once its restores went out in an earlier step
+            elif kind == "compute":
                 start = seq.num_computed_tokens
                 seq.num_computed_tokens = min(len(seq), start + b)
                 bm.mark_computed(seq)
@@ -145,6 +159,7 @@ def run_operations(num_blocks: int, num_host: int, ops: list) -> BlockManager:
                 seq.reset_for_recompute()
                 live.remove(seq)
                 preempted.append(seq)
+        bm.background_copies(preempted)   # prefetch for the requests waiting to come back, write-ahead
         store.copy(bm)        # the step's copies, then its forward
         for seq, start, end in writes:
             store.write(seq, start, end)
@@ -181,13 +196,19 @@ def test_evicted_prefix_is_written_back_and_restored():
     hits, pending = bm.match(c)
     assert not pending and len(hits) == 2 and all(h < 0 for h in hits)   # both in host memory
     bm.allocate(c, hits)
+    assert not bm.swap_in and len(bm.restore_backlog) == 2   # queued: they go out within a step's copy budget
+    bm.issue_restores(bm.copy_budget)
     swap_out, swap_in, *_ = bm.take_copies()
     assert swap_in == [(-1 - hits[0], c.block_table[0]), (-1 - hits[1], c.block_table[1])]
     assert len(swap_out) == 2   # the pages it takes held b's prompt pages: written back in turn
     assert c.num_computed_tokens == 8 and bm.num_host_hit_tokens == 8
-    assert not set(c.block_hashes[:2]) & set(bm.host_hash_to_page)   # moved back: one tier at a time
+    assert set(c.block_hashes[:2]) <= set(bm.host_hash_to_page)   # the host keeps its copies
     bm.deallocate(c)
     bm.check_invariants()
+    bm.launched()
+    computed_seq(bm, [90 + i for i in range(13)])   # evicts c's restored pages: the host has them already
+    swap_out, *_ = bm.take_copies()
+    assert not {bm.host_hash[h] for _, h in swap_out} & set(c.block_hashes[:2])
 
 
 def test_host_hits_ignored_when_restoring_does_not_pay():
@@ -200,9 +221,9 @@ def test_host_hits_ignored_when_restoring_does_not_pay():
     bm.restore_pays = False
     c = Sequence(list(range(9)), SP, BS)
     assert bm.match(c) == ([], False)
-    bm.allocate(c, [])        # recomputed: the GPU registers the hashes, the host copies go
+    bm.allocate(c, [])        # recomputed: the GPU registers the hashes, the host copies stay (equal bytes)
     bm.take_copies()
-    assert not set(c.block_hashes[:2]) & set(bm.host_hash_to_page)
+    assert set(c.block_hashes[:2]) <= set(bm.host_hash_to_page)
     assert set(c.block_hashes[:2]) <= set(bm.hash_to_block_id)
     bm.check_invariants()
 
@@ -216,7 +237,7 @@ def test_copy_waits_for_the_step_in_flight_only_for_pages_freed_since_it_was_sch
     bm.take_copies()
     bm.begin_step()
     computed_seq(bm, [50 + i for i in range(13)])   # evicts a's pages: the copy must follow a's step
-    swap_out, _, after_prev, _ = bm.take_copies()
+    swap_out, _, after_prev, *_ = bm.take_copies()
     assert swap_out and after_prev
 
 
@@ -254,4 +275,27 @@ def test_probation_pages_never_push_protected_ones_out_of_the_host():
     assert len(bm.host_protected) == 2 and not bm.host_probation
     assert set(bm.host_hash_to_page) == set(shared.block_hashes[:2])   # the shared prefix stayed
     assert bm.num_host_dropped == 3
+    bm.check_invariants()
+
+
+def test_write_ahead_skips_pages_the_step_in_flight_may_use_and_spares_the_eviction_its_copy():
+    bm = BlockManager(6, BS, num_host_blocks=8)
+    bm.begin_step()
+    a = computed_seq(bm, list(range(9)))   # 2 full prompt pages, cached
+    bm.launched()
+    bm.deallocate(a)                       # freed while its step is in flight: it may still write them
+    bm.take_copies()
+    bm.background_copies([])
+    assert not bm.write_ahead_pairs
+    bm.take_copies()
+    bm.begin_step()
+    bm.launched()                          # a later step is in flight now
+    bm.background_copies([])
+    *_, ahead = bm.take_copies()
+    assert sorted(bm.host_hash[h] for _, h in ahead) == sorted(a.block_hashes[:2])
+    bm.begin_step()
+    computed_seq(bm, [50 + i for i in range(23)])   # 6 pages: evicts a's pages, already on host
+    swap_out, *_ = bm.take_copies()
+    assert not swap_out
+    assert set(a.block_hashes[:2]) <= set(bm.host_hash_to_page)
     bm.check_invariants()

@@ -173,3 +173,20 @@ def test_restores_overlap_a_step_or_run_alone(model, make_llm):
     waited.clear()
     assert run_rounds(llm, prompts) == expected_batch
     assert False in waited                 # with others: the restore overlaps their step
+
+
+@pytest.mark.parametrize("prefetch,write_ahead", [(False, False), (True, False), (False, True), (True, True)])
+def test_prefetch_and_write_ahead_give_the_same_outputs(model, make_llm, reference_outputs, prefetch, write_ahead):
+    """Prefetch (host pages of waiting requests restored into clean free pages) and write-back ahead of
+    eviction change only when pages move, never what the steps read: greedy outputs equal the plain
+    engine's with each on or off, and each one that is on did move pages; no page leaks."""
+    from conftest import assert_no_leaks
+    # Two running requests leave free pages while others wait, so prefetch has room (TIGHT leaves none).
+    roomy = dict(TIGHT, num_kvcache_blocks=28, max_num_seqs=2)
+    llm = make_llm(model, host_kvcache_gb=0.01, host_kv_prefetch=prefetch, host_kv_write_ahead=write_ahead, **roomy)
+    assert run_rounds(llm, tenants(), rounds=3) == reference_outputs + reference_outputs[:len(tenants())]
+    bm = llm.scheduler.block_manager
+    assert (bm.num_prefetched > 0) == prefetch and (bm.num_written_ahead > 0) == write_ahead, \
+        (bm.num_prefetched, bm.num_written_ahead)
+    bm.check_invariants()
+    assert_no_leaks(llm)

@@ -131,5 +131,5 @@ def slot_bytes_for(config) -> int:
     host-tier copies (a pair each way per page at most), plus room for the rest."""
     pages = config.max_num_seqs * -(-config.max_model_len // config.kvcache_block_size)
     bitmasks = config.max_num_seqs * 4 * -(-config.hf_config.vocab_size // 32)
-    copies = 2 * 16 * pages if config.host_kvcache_gb > 0 else 0   # host-tier (page, page) pairs, int64
+    copies = 3 * 16 * pages if config.host_kvcache_gb > 0 else 0   # host-tier (page, page) pairs, int64: 3 lists
     return (1 << 20) + 3 * 4 * pages + 4 * 8 * config.max_num_batched_tokens + bitmasks + copies

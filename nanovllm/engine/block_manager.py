@@ -31,7 +31,7 @@ preemptions free pages, but it restores none). `copy_after_prev` says whether a 
 the step in flight was scheduled (that step may still read or write it): only then must the copy
 wait for it; otherwise it may overlap it.
 """
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import numpy as np
 import xxhash
@@ -40,6 +40,9 @@ from nanovllm.engine.sequence import Sequence
 
 
 DROP, PROBATION, PROTECTED = 0, 1, 2   # Block.keep
+# Background write-backs a step at most: scanning 4 x 4,096 free pages a step cost 17 ms of host
+# time per step in the W6 simulation (2-core CPU); 2 x 256 keeps it under ~1 ms.
+WRITE_AHEAD_PAGES = 256
 
 
 def is_host_hit(hit: int) -> bool:
@@ -69,7 +72,8 @@ class Block:
 
 class BlockManager:
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, num_host_blocks: int = 0):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, num_host_blocks: int = 0,
+                 prefetch: bool = True, write_ahead: bool = True):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
@@ -79,7 +83,8 @@ class BlockManager:
         self.num_cache_hit_tokens = 0   # prompt tokens served from the cache (either tier), for metrics
         self.num_cache_query_tokens = 0
         # The host tier: each host page's hash and token key; occupied pages in LRU order (oldest
-        # first); free pages; pages released this step (reusable from the next step on).
+        # first); free pages; pages a restore reads this step (out of the LRU until the step's copies
+        # are taken, so no write-back can pick them as its victim), with the segment they go back to.
         self.num_host_blocks = num_host_blocks
         self.host_hash = [-1] * num_host_blocks
         self.host_key = [b""] * num_host_blocks
@@ -87,7 +92,18 @@ class BlockManager:
         self.host_probation: OrderedDict[int, None] = OrderedDict()   # oldest first; evicted first
         self.host_protected: OrderedDict[int, None] = OrderedDict()
         self.host_free: list[int] = list(range(num_host_blocks - 1, -1, -1))
-        self.host_released: list[int] = []
+        self.host_pinned: dict[int, OrderedDict] = {}
+        self.prefetch = prefetch          # restore waiting requests' host pages into clean free GPU pages
+        self.write_ahead = write_ahead    # copy the LRU end of the free GPU pages to host before eviction
+        self.copy_budget = 128            # pages a step's background copies may move (set per step by `step_costs`)
+        self.step_costs = None            # measured (copy s a page, prefill s a token, decode step s), or None
+        self.write_ahead_pairs: list[tuple[int, int]] = []   # this step's background (GPU page, host page) copies
+        # Restores of admitted requests wait here and go out `copy_budget` pages a step, so that no
+        # step's copies outlast it; a request runs once all of its restores went out a step before.
+        self.restore_backlog: deque[tuple[int, int, int]] = deque()   # (ticket, host page, GPU page), oldest first
+        self.restores_queued = 0   # restores ever queued: a request's ticket is the count after its own
+        self.restores_issued = 0   # the ticket of the last restore handed to a step
+        self.restores_ready = 0    # restores handed to steps launched before this one (their pages land first)
         self.restore_pays = True        # a host hit is restored (else recomputed): the scheduler's cost choice
         self.swap_out: list[tuple[int, int]] = []   # this step's (GPU page, host page) write-backs
         self.swap_in: list[tuple[int, int]] = []    # this step's (host page, GPU page) restores
@@ -100,6 +116,8 @@ class BlockManager:
         self.num_swapped_out = 0        # pages written back to host
         self.num_swapped_in = 0         # pages restored from host
         self.num_host_dropped = 0       # host pages dropped from the LRU end (or not stored: host full this step)
+        self.num_prefetched = 0         # pages restored ahead of admission (also in num_swapped_in)
+        self.num_written_ahead = 0      # pages written back ahead of eviction (also in num_swapped_out)
 
     @property
     def num_blocks(self) -> int:
@@ -111,19 +129,37 @@ class BlockManager:
 
     @property
     def num_free_host_blocks(self) -> int:
-        return len(self.host_free) + len(self.host_released)
+        return len(self.host_free)
 
     @property
     def num_used_host_blocks(self) -> int:
-        return len(self.host_probation) + len(self.host_protected)
+        return len(self.host_probation) + len(self.host_protected) + len(self.host_pinned)
 
     def host_eviction_order(self) -> list[int]:
-        """Occupied host pages, the next one dropped first."""
-        return list(self.host_probation) + list(self.host_protected)
+        """Occupied host pages, the next one dropped first (pages a restore reads this step last)."""
+        return list(self.host_probation) + list(self.host_protected) + list(self.host_pinned)
 
     # ---- steps and copies ---------------------------------------------------------------------
     def begin_step(self):
         self.clock += 1
+        self.restores_ready = self.restores_issued
+
+    def restores_landed(self, seq: Sequence) -> bool:
+        """All of `seq`'s restores went out in a step launched before this one."""
+        return seq.restore_ticket <= self.restores_ready
+
+    def issue_restores(self, n: int) -> int:
+        """Hand the oldest `n` queued restores to this step (their pages count as computed once it
+        is launched). Returns how many went."""
+        n = min(n, len(self.restore_backlog))
+        for _ in range(n):
+            self.restores_issued, page, block_id = self.restore_backlog.popleft()
+            self.swap_in.append((page, block_id))
+            self.restored.append(block_id)
+            self._note_copy(self.blocks[block_id])
+        if not self.restore_backlog:
+            self.restores_issued = self.restores_queued
+        return n
 
     def launched(self):
         """The step scheduled at this clock went to the device. Pages it restores count as computed
@@ -133,52 +169,72 @@ class BlockManager:
             self.blocks[block_id].computed = True
         self.restored = []
 
-    def take_copies(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]], bool, bool]:
-        """This step's swap_out and swap_in pairs, whether they must wait for the step in flight and
-        whether this step's forward must wait for its restores; host pages restored this step
-        become free for the next."""
-        copies = (self.swap_out, self.swap_in, self.copy_after_prev, self.wait_for_restores)
+    def take_copies(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]], bool, bool, list[tuple[int, int]]]:
+        """This step's swap_out and swap_in pairs, whether they must wait for the step in flight,
+        whether this step's forward must wait for its restores, and the background write-backs
+        (run after the restores; only the next step's forward waits for them). Host pages read by
+        this step's restores go back to the LRU's recent end (protected: they were hit)."""
+        copies = (self.swap_out, self.swap_in, self.copy_after_prev, self.wait_for_restores, self.write_ahead_pairs)
         self.swap_out, self.swap_in, self.copy_after_prev, self.wait_for_restores = [], [], False, False
-        self.host_free.extend(self.host_released)
-        self.host_released = []
+        self.write_ahead_pairs = []
+        waiting = {page for _, page, _ in self.restore_backlog}   # still to be read: they stay pinned
+        for page in [p for p in self.host_pinned if p not in waiting]:
+            del self.host_pinned[page]
+            self.host_protected[page] = None
         return copies
 
     def _note_copy(self, block: Block):
         if block.freed_at >= self.launch_clock:  # freed after the step in flight was scheduled
             self.copy_after_prev = True
 
-    def _store_on_host(self, block: Block):
-        """Write back a cached GPU page that is about to be overwritten."""
+    def _host_page_for(self, block: Block) -> int | None:
+        """A host page for a write-back of `block` (its old contents dropped), or None: free room
+        first, else the oldest probation page; only a protected page may replace a protected one."""
         if self.host_free:
-            page = self.host_free.pop()
-        elif self.host_probation or (block.keep == PROTECTED and self.host_protected):
+            return self.host_free.pop()
+        if self.host_probation or (block.keep == PROTECTED and self.host_protected):
             page, _ = (self.host_probation or self.host_protected).popitem(last=False)
             del self.host_hash_to_page[self.host_hash[page]]
             self.num_host_dropped += 1
-        else:  # probation may not push protected pages out (or every host page is being restored)
-            self.num_host_dropped += 1
-            return
+            return page
+        return None
+
+    def _store_on_host(self, block: Block, pairs: list[tuple[int, int]]) -> bool:
+        """Write back a cached GPU page (into `pairs`); False when the host has no room for it."""
+        page = self._host_page_for(block)
+        if page is None:  # probation may not push protected pages out (or every host page is being read)
+            return False
         self.host_hash[page], self.host_key[page] = block.hash, block.token_key
         self.host_hash_to_page[block.hash] = page
         (self.host_protected if block.keep == PROTECTED else self.host_probation)[page] = None
-        self.swap_out.append((block.block_id, page))
+        pairs.append((block.block_id, page))
         self.num_swapped_out += 1
-        self._note_copy(block)
+        return True
 
-    def _drop_from_host(self, h: int):
-        """The GPU holds hash h again: its host copy goes (a hash lives in one tier at a time)."""
-        page = self.host_hash_to_page.pop(h, None)
-        if page is not None:
-            if page in self.host_probation:
-                del self.host_probation[page]
-            else:
-                del self.host_protected[page]
-            self.host_hash[page], self.host_key[page] = -1, b""
-            self.host_released.append(page)  # a restore of this step may still read it
+    def _on_host(self, block: Block) -> bool:
+        """The host holds the same page (a write-back would copy nothing new)."""
+        page = self.host_hash_to_page.get(block.hash)
+        return page is not None and self.host_key[page] == block.token_key
+
+    def _pin_host_page(self, page: int):
+        """A restore reads host page `page` this step: out of the LRU until the step's copies are taken."""
+        if page in self.host_pinned:
+            return
+        segment = self.host_probation if page in self.host_probation else self.host_protected
+        del segment[page]
+        self.host_pinned[page] = segment
 
     def _register(self, block: Block):
-        if self.hash_to_block_id.setdefault(block.hash, block.block_id) == block.block_id and self.num_host_blocks:
-            self._drop_from_host(block.hash)
+        self.hash_to_block_id.setdefault(block.hash, block.block_id)
+
+    def _is_clean(self, block: Block) -> bool:
+        """Handing this free page out loses nothing worth a copy: no cached prefix, an answer page
+        (DROP), or a prefix the host holds too. And the step in flight does not use it."""
+        if block.freed_at >= self.launch_clock:
+            return False
+        if block.hash == -1 or self.hash_to_block_id.get(block.hash) != block.block_id or not block.computed:
+            return True
+        return not block.keep or self._on_host(block)
 
     def _take_free(self, block_id: int | None = None) -> Block:
         if block_id is None:
@@ -186,14 +242,84 @@ class BlockManager:
             block = self.blocks[block_id]
             if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block_id:
                 del self.hash_to_block_id[block.hash]   # its old contents are about to be overwritten
-                if self.num_host_blocks and block.computed and block.keep:
-                    self._store_on_host(block)
+                if self.num_host_blocks and block.computed and block.keep and not self._on_host(block):
+                    if self._store_on_host(block, self.swap_out):
+                        self._note_copy(block)
+                    else:
+                        self.num_host_dropped += 1
             block.reset()
         else:
             del self.free_block_ids[block_id]
             block = self.blocks[block_id]
             block.ref_count = 1
         return block
+
+    # ---- background copies: prefetch and write-back ahead of eviction -------------------------
+    def background_copies(self, waiting, is_prefill: bool = False, step_tokens: int = 0):
+        """Called once a step is scheduled (and has rows to carry copies): restore the host pages of
+        the waiting requests at the queue's head into clean free GPU pages (prefetch), then write the
+        LRU end of the free GPU pages back to host (write-ahead), within `copy_budget` pages."""
+        if not self.num_host_blocks:
+            return
+        if self.step_costs is not None:   # as many pages as this step's forward lasts: none of it waits
+            copy_s, prefill_s, decode_s = self.step_costs
+            self.copy_budget = int(min(max((prefill_s * step_tokens if is_prefill else decode_s) / copy_s, 8), 4096))
+        budget = self.copy_budget - self.issue_restores(self.copy_budget)
+        if self.prefetch and self.restore_pays and not self.restore_backlog:
+            budget -= self._prefetch(waiting, budget)
+        if self.write_ahead:   # at most WRITE_AHEAD_PAGES: its scan of the free list is host time every step
+            self._write_ahead(min(max(budget, self.copy_budget // 4), WRITE_AHEAD_PAGES))
+
+    def _prefetch(self, waiting, budget: int) -> int:
+        """Host pages of the waiting requests that would fit in the free pages, in queue order, each
+        restored into the next free page if that one is clean (never a write-back, never a page of a
+        running request). The restored pages are ordinary cached free pages (at the recent end of the
+        free list), computed once this step is launched. Returns the pages restored."""
+        restored = 0
+        room = self.num_free_blocks
+        for seq in waiting:
+            room -= seq.num_blocks
+            if room < 0 or restored >= budget:
+                break
+            hits, pending = self.match(seq)
+            if pending:
+                continue
+            for i, hit in enumerate(hits):
+                if hit >= 0:
+                    continue
+                if restored >= budget or not self._is_clean(self.blocks[next(iter(self.free_block_ids))]):
+                    return restored
+                page = -1 - hit
+                block = self._take_free()
+                block.hash, block.token_key = self.host_hash[page], self.host_key[page]
+                block.keep = PROTECTED
+                block.computed = False   # until this step is launched: a request matching it meanwhile waits
+                block.ref_count = 0
+                block.freed_at = self.clock
+                self.free_block_ids[block.block_id] = None   # free, at the recent end
+                self._register(block)
+                self.restored.append(block.block_id)
+                self._pin_host_page(page)
+                self.swap_in.append((page, block.block_id))
+                self.num_swapped_in += 1
+                self.num_prefetched += 1
+                restored += 1
+        return restored
+
+    def _write_ahead(self, budget: int):
+        """Write back cached prefix pages at the LRU end of the free list that the host lacks, so that
+        handing them out later copies nothing. Scans at most 2 x budget pages."""
+        scanned = 0
+        for block_id in self.free_block_ids:
+            if budget <= 0 or scanned >= 2 * budget:
+                break
+            scanned += 1
+            block = self.blocks[block_id]
+            if self._is_clean(block) or block.freed_at >= self.launch_clock:
+                continue
+            if self._store_on_host(block, self.write_ahead_pairs):
+                self.num_written_ahead += 1
+                budget -= 1
 
     def match(self, seq: Sequence) -> tuple[list[int], bool]:
         """Leading pages of `seq` already cached, and whether a longer match is still being computed.
@@ -302,26 +428,27 @@ class BlockManager:
         self.num_cache_query_tokens += len(seq)
 
     def _restore(self, seq: Sequence, hits: list[int]):
-        """The block table of a request with host hits: each gets a fresh GPU page and a swap_in."""
+        """The block table of a request with host hits: each gets a fresh GPU page and a swap_in. The
+        host keeps its copy (a later eviction of the GPU page then copies nothing)."""
         # Host hits leave the host LRU before any write-back below could pick them as its victim.
-        restored = {hit: (self.host_hash[-1 - hit], self.host_key[-1 - hit]) for hit in hits if hit < 0}
-        for h, _ in restored.values():
-            self._drop_from_host(h)
+        for hit in hits:
+            if hit < 0:
+                self._pin_host_page(-1 - hit)
         for hit in hits:
             if hit < 0:
                 page = -1 - hit
                 block = self._take_free()
-                block.hash, block.token_key = restored[hit]
+                block.hash, block.token_key = self.host_hash[page], self.host_key[page]
                 block.keep = PROTECTED
-                block.computed = False   # until the step is launched: a request matching it meanwhile waits
-                self.restored.append(block.block_id)
+                block.computed = False   # until its restore's step is launched: a request matching it meanwhile waits
                 self._register(block)
-                self.swap_in.append((page, block.block_id))
+                self.restores_queued += 1
+                self.restore_backlog.append((self.restores_queued, page, block.block_id))
                 self.num_swapped_in += 1
                 self.num_host_hit_tokens += self.block_size
-                self._note_copy(block)
                 hit = block.block_id
             seq.block_table.append(hit)
+        seq.restore_ticket = self.restores_queued
 
     def preempt(self, seq: Sequence):
         """Free a preempted sequence's pages, marked PROTECTED for the host tier: it will want them again."""
@@ -330,6 +457,15 @@ class BlockManager:
         self.deallocate(seq)
 
     def deallocate(self, seq: Sequence):
+        if seq.restore_ticket > self.restores_issued:   # restores still queued: they go with it
+            mine = set(seq.block_table)
+            kept = deque(entry for entry in self.restore_backlog if entry[2] not in mine)
+            dropped = len(self.restore_backlog) - len(kept)
+            self.num_swapped_in -= dropped
+            self.num_host_hit_tokens -= dropped * self.block_size
+            self.restore_backlog = kept
+            if not kept:
+                self.restores_issued = self.restores_queued
         # Last pages first, so that a prefix outlives its tails in the free list.
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
@@ -372,16 +508,19 @@ class BlockManager:
 
     def check_invariants(self):
         """For tests: ref counts agree with the free list, the hash map points at matching pages; the
-        host pages are each free, released or in the LRU exactly once, and no hash is in both tiers."""
+        host pages are each free, pinned or in the LRU exactly once; a hash in both tiers has the same
+        token key in both (its bytes are equal: tests/test_host_tier.py checks them)."""
         for block in self.blocks:
             assert block.ref_count >= 0
             assert (block.ref_count == 0) == (block.block_id in self.free_block_ids), block.block_id
         for h, block_id in self.hash_to_block_id.items():
             assert self.blocks[block_id].hash == h
         held = self.host_eviction_order()
-        pages = sorted(self.host_free + self.host_released + held)
+        pages = sorted(self.host_free + held)
         assert pages == list(range(self.num_host_blocks)), "a host page lost or held twice"
         assert sorted(self.host_hash_to_page.values()) == sorted(held)
         for h, page in self.host_hash_to_page.items():
             assert self.host_hash[page] == h
-        assert not set(self.host_hash_to_page) & set(self.hash_to_block_id), "a hash in both tiers"
+            block_id = self.hash_to_block_id.get(h)
+            if block_id is not None:
+                assert self.blocks[block_id].token_key == self.host_key[page], "a hash in both tiers, different pages"

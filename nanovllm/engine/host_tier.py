@@ -13,7 +13,9 @@ tensor by one kernel per chunk of CHUNK pages, which bounds the staging memory.
 On CUDA the pool is pinned (cudaHostRegister on a plain allocation: PyTorch's pinned allocator
 rounds sizes up to a power of two) and the copies run on a side stream: they start after the step
 in flight only when the step says they must (`copy_after_prev`: a page it may still use). The
-step's forward waits for its write-backs (it may reuse those pages); its restores are read by the
+step's forward waits for its write-backs (it may reuse those pages); its background write-backs
+(`write_ahead`: free pages copied before they are needed, queued after the restores) and its
+restores are waited for by the next step's forward; the restores are read by the
 next step's forward (the scheduler admits a restoring request's prefill one step later), which
 waits for them, so a restore overlaps the step before it and the step it is issued with. A step
 whose own rows read the restored pages says so (`wait_for_restores`). CUDA events time the copies
@@ -93,40 +95,44 @@ class HostTier:
     def num_pages(self) -> int:
         return self.pool.shape[0]
 
-    def before_forward(self, swap_out, swap_in, after_prev: bool, wait_for_restores: bool) -> CopyTimer | None:
-        """Called before every step's forward: orders it after the previous step's restores, then
+    def before_forward(self, swap_out, swap_in, after_prev: bool, wait_for_restores: bool,
+                       write_ahead=None) -> CopyTimer | None:
+        """Called before every step's forward: orders it after the previous step's copies, then
         queues this step's copies (numpy [n, 2] arrays or None). The forward waits for the
-        write-backs (it may reuse those pages); for the restores only if `wait_for_restores`, else
-        the next step's forward does."""
+        write-backs (it may reuse those pages); for the restores only if `wait_for_restores`; never
+        for `write_ahead` (background write-backs of free pages): the next step's forward waits for
+        whatever this one did not."""
         if self.cuda and self.restore_event is not None:
             torch.cuda.current_stream().wait_event(self.restore_event)
             self.restore_event = None
-        if swap_out is None and swap_in is None:
+        if swap_out is None and swap_in is None and write_ahead is None:
             return None
-        return self.copy(swap_out, swap_in, after_prev, wait_for_restores)
+        return self.copy(swap_out, swap_in, after_prev, wait_for_restores, write_ahead)
 
-    def copy(self, swap_out, swap_in, after_prev: bool, wait_for_restores: bool = True) -> CopyTimer:
+    def copy(self, swap_out, swap_in, after_prev: bool, wait_for_restores: bool = True, write_ahead=None) -> CopyTimer:
         timer = CopyTimer(self.cuda)
         if not self.cuda:
             start = perf_counter()
             self._copies(swap_out, swap_in)
+            self._copies(write_ahead, None)
             timer.elapsed = perf_counter() - start
             return timer
         main = torch.cuda.current_stream()
         if after_prev:
             self.stream.wait_stream(main)
-        written_back = torch.cuda.Event()
+        written_back, restored = torch.cuda.Event(), torch.cuda.Event()
         with torch.cuda.stream(self.stream):
             timer.start.record()
             self._copies(swap_out, None)
             written_back.record()
             self._copies(None, swap_in)
+            restored.record()
+            self._copies(write_ahead, None)
             timer.end.record()
         main.wait_event(written_back)
         if wait_for_restores:
-            main.wait_event(timer.end)
-        else:
-            self.restore_event = timer.end
+            main.wait_event(restored)
+        self.restore_event = timer.end
         return timer
 
     @torch.inference_mode()

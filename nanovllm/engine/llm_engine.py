@@ -167,7 +167,7 @@ class LLMEngine:
         start = perf_counter()
         seqs, is_prefill = self.scheduler.schedule()
         copies = self.scheduler.block_manager.take_copies()   # host-tier copies this step decided
-        assert seqs or not (copies[0] or copies[1]), "host-tier copies without a step to carry them"
+        assert seqs or not (copies[0] or copies[1] or copies[4]), "host-tier copies without a step to carry them"
         launched = None
         if seqs:
             step, seqs = self.step_builder.build(seqs, is_prefill, self.in_flight.step if self.in_flight else None,
@@ -283,7 +283,8 @@ class LLMEngine:
 
     def _update_restore_cost(self):
         """Swap or recompute: restoring a host page pays while copying its bytes is faster than
-        prefilling its tokens, at the copy bandwidth and prefill speed measured so far."""
+        prefilling its tokens, at the copy bandwidth and prefill speed measured so far. Also sizes
+        the block manager's per-step budget of background copies."""
         st, bm = self.stats, self.scheduler.block_manager
         pages = bm.num_swapped_in + bm.num_swapped_out
         if st["copy_seconds"] <= 0 or st["prefill_seconds"] <= 0 or not st["prefill_tokens"]:
@@ -291,6 +292,11 @@ class LLMEngine:
         copy_s_per_page = st["copy_seconds"] / pages
         prefill_s_per_page = st["prefill_seconds"] / st["prefill_tokens"] * bm.block_size
         bm.restore_pays = copy_s_per_page < prefill_s_per_page
+        # Background copies (queued restores, prefetch, write-ahead) a step may queue: as many pages as
+        # its forward lasts, so that the next step's forward does not wait for them.
+        if st["decode_steps"]:
+            bm.step_costs = (copy_s_per_page, st["prefill_seconds"] / st["prefill_tokens"],
+                             st["decode_seconds"] / st["decode_steps"])
 
     def kv_state(self, max_pages: int = 64) -> dict:
         """The KV cache as a dict (GET /debug/kv): pages per tier, the prefix groups of the running

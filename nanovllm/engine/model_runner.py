@@ -164,7 +164,7 @@ class ModelRunner:
         copy_timer = None
         if self.host_tier is not None:   # the previous step's restores, then this step's copies
             copy_timer = self.host_tier.before_forward(step.swap_out, step.swap_in, step.copy_after_prev,
-                                                       step.wait_for_restores)
+                                                       step.wait_for_restores, step.write_ahead)
         batch, input_ids, positions = self.prepare(step)
         s = step.sampling
         # Under tensor parallelism the one-pass samplers work on each rank's vocabulary slice when

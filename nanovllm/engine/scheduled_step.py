@@ -40,6 +40,9 @@ Data contract (all host numpy arrays; `rows` = sequences in the step, `tokens` =
                                                use: they wait for it (else they may overlap it)
   wait_for_restores  bool                      this step's forward reads pages its swap_in restores
                                                (else only the next step's forward waits for them)
+  write_ahead        int64 [n, 2] | None       (GPU page, host page): free pages written back ahead of
+                                               their eviction, after swap_in; the next step's forward
+                                               waits for them, this one's does not
 
 Sampling is a pure function of the logits and `sampling`, so every rank samples the same tokens:
 unseeded rows draw from a generator seeded with `step_seed`, seeded requests from their own
@@ -144,11 +147,12 @@ class ScheduledStep:
     swap_in: np.ndarray | None = None
     copy_after_prev: bool = False
     wait_for_restores: bool = False
+    write_ahead: np.ndarray | None = None
 
     def __post_init__(self):
         for name in ("input_ids", "prev_rows", "positions", "slot_mapping", "q_lens", "kv_lens", "qo_indptr",
                      "kv_indptr", "kv_indices", "kv_last_page_len", "logprobs_k", "prompt_logprobs_tokens",
-                     "prompt_logprobs_targets", "swap_out", "swap_in"):
+                     "prompt_logprobs_targets", "swap_out", "swap_in", "write_ahead"):
             array = getattr(self, name)
             if array is not None:
                 array.flags.writeable = False

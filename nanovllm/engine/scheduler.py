@@ -18,14 +18,16 @@ with a starvation bound). With a host KV tier (block_manager.py) a preempted seq
 not lost: its full pages keep their hashes, are written back to host memory if the GPU needs them
 for others, and are copied back at re-admission instead of being recomputed (swap-preemption), as
 long as the copy is cheaper than the prefill (`restore_pays`, from the measured copy bandwidth and
-prefill speed). A request admitted with pages in host memory is prefilled from the next step on, so
-that its copies overlap this step instead of holding it up (unless nothing else runs this step).
+prefill speed). A request admitted with pages in host memory waits in `running` (in prefill, not
+scheduled) until its restores went out in an earlier step (the block manager sends `copy_budget`
+pages a step), so that its copies overlap other steps, prefill or decode, instead of holding them
+up; only when nothing else can run is it prefilled at once, its step waiting for the copies.
 """
 from collections import deque
 from time import monotonic
 
 from nanovllm.config import Config
-from nanovllm.engine.block_manager import BlockManager, is_host_hit
+from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.schedule_policy import SchedulePolicy
 from nanovllm.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
@@ -36,7 +38,7 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching,
-                                          num_host_blocks)
+                                          num_host_blocks, config.host_kv_prefetch, config.host_kv_write_ahead)
         self.policy = SchedulePolicy(config.schedule_policy, config.max_wait_s, config.seed)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
@@ -52,26 +54,32 @@ class Scheduler:
     def schedule(self) -> tuple[list[Sequence], bool]:
         self.block_manager.begin_step()
         scheduled = self._schedule_prefill()
-        if scheduled:
-            return scheduled, True
-        return self._schedule_decode(), False
+        is_prefill = bool(scheduled)
+        if not is_prefill:
+            scheduled = self._schedule_decode()
+        if scheduled:   # a step to carry them: prefetch for the queue's head, write-back ahead of eviction
+            self.block_manager.background_copies(self.waiting, is_prefill, sum(s.chunk_len for s in scheduled))
+        return scheduled, is_prefill
 
     def _schedule_prefill(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
         budget = self.max_num_batched_tokens
-        # Prompts already admitted continue their chunks first.
+        bm = self.block_manager
+        # Prompts already admitted continue their chunks first (once their restores have landed).
+        restoring = []   # admitted with pages restored from the host tier: they run once the copies went out
         for seq in self.running:
             if budget == 0:
                 break
             if seq.in_prefill:
+                if not bm.restores_landed(seq):
+                    restoring.append(seq)
+                    continue
                 seq.chunk_len = min(len(seq) - seq.num_computed_tokens, budget)
                 budget -= seq.chunk_len
                 scheduled.append(seq)
-        bm = self.block_manager
         if self.waiting and self.policy.name != "fcfs":
             self.waiting = deque(self.policy.order(list(self.waiting), bm))
         deferred = []
-        restoring = []   # admitted with pages restored from the host tier: they run from the next step
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             if not bm.num_free_blocks:
                 break  # a request's last page is never a cache hit: nothing fits without a free page
@@ -89,15 +97,16 @@ class Scheduler:
             bm.allocate(seq, hits)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            if bm.num_host_blocks and hits and is_host_hit(min(hits)):
-                restoring.append(seq)   # its pages come from host memory while this step runs
+            if not bm.restores_landed(seq):
+                restoring.append(seq)   # its pages come from host memory while other steps run
                 continue
             seq.chunk_len = min(len(seq) - seq.num_computed_tokens, budget)
             budget -= seq.chunk_len
             scheduled.append(seq)
         self.waiting.extendleft(reversed(deferred))
-        if restoring and not scheduled:
-            # Nothing else to run: prefill them now, and this step's forward waits for the copies.
+        if restoring and not scheduled and all(s.in_prefill or s.last_launched for s in self.running):
+            # Nothing else to run (no prefill, no decode): prefill them now; this step's forward waits for the copies.
+            bm.issue_restores(len(bm.restore_backlog))
             bm.wait_for_restores = True
             for seq in restoring:
                 if budget == 0:
@@ -113,7 +122,7 @@ class Scheduler:
         bm = self.block_manager
         while self.running:
             seq = self.running.popleft()
-            if seq.last_launched:
+            if seq.last_launched or seq.in_prefill:   # in_prefill: admitted, its restores not landed yet
                 done.append(seq)
                 continue
             while not bm.can_append(seq):

@@ -37,6 +37,7 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.chunk_len = 0            # tokens this step computes (set by the scheduler)
         self.num_marked_blocks = 0    # leading pages the block manager has marked computed
+        self.restore_ticket = 0       # host-tier restores queued up to its own (block_manager.restores_landed)
         self.block_hashes: list[int] = []  # chained hashes of full pages, filled lazily
         self.block_keys: list[bytes] = []  # those pages' token ids as bytes, to confirm cache hits
         self.finish_reason: str | None = None
