@@ -345,6 +345,22 @@ def test_triton_kernel_compiles_for_hopper():
 
 # ---- the skinny-M W4A16 kernel (layers/awq_skinny.py) ----------------------------------------------------
 
+SKINNY_CASES = """[  # M, K, N, group, config (None: TABLE / heuristic)
+    (1, 256, 96, 32, None),                   # heuristic (FMA), N not a multiple of the column block
+    (1, 512, 128, 128, C(64, 64, 3, fma=True)),   # 8 steps over 3 splits: 3, 3, 2
+    (1, 256, 128, 64, C(32, 128, 2, gather=True, fma=True)),   # BLOCK_K 2 groups, gathered words
+    (1, 256, 64, 32, C(64, 32, 1)),           # one row through tl.dot
+    (3, 256, 64, 32, None),
+    (3, 512, 256, 128, C(128, 64, 4)),
+    (3, 256, 136, 64, C(64, 128, 2, gather=True)),   # 136 columns: 3 blocks, the last 8 wide
+    (16, 512, 128, 64, C(128, 128, 4, stages=2, gather=True)),   # 164 KB of shared memory (3 stages: 292 KB)
+    (16, 256, 64, 32, C(64, 64, 1)),
+    (16, 384, 96, 128, C(32, 128, 8)),        # more splits asked than steps (3): 3
+    (17, 256, 64, 32, C(64, 32, 2)),          # 32-row tile
+    (32, 256, 128, 64, C(64, 128, 2, gather=True)),
+]
+"""
+
 SKINNY_SCRIPT = r"""
 import torch
 from nanovllm.layers import awq_skinny
@@ -353,20 +369,7 @@ from nanovllm.layers.awq_gemm import awq_matmul
 from nanovllm.layers.awq_skinny import SkinnyConfig as C, skinny_gemm
 device = "{device}"
 g = torch.Generator().manual_seed(0)
-cases = [  # M, K, N, group, config (None: TABLE / heuristic)
-    (1, 256, 96, 32, None),                   # heuristic (FMA), N not a multiple of the column block
-    (1, 512, 128, 128, C(64, 64, 3, fma=True)),   # 8 steps over 3 splits: 3, 3, 2
-    (1, 256, 128, 64, C(32, 128, 2, gather=True, fma=True)),   # BLOCK_K 2 groups, gathered words
-    (1, 256, 64, 32, C(64, 32, 1)),           # one row through tl.dot
-    (3, 256, 64, 32, None),
-    (3, 512, 256, 128, C(128, 64, 4)),
-    (3, 256, 136, 64, C(64, 128, 2, gather=True)),   # 136 columns: 3 blocks, the last 8 wide
-    (16, 512, 128, 64, C(128, 128, 4, gather=True)),
-    (16, 256, 64, 32, C(64, 64, 1)),
-    (16, 384, 96, 128, C(32, 128, 8)),        # more splits asked than steps (3): 3
-    (17, 256, 64, 32, C(64, 32, 2)),          # 32-row tile
-    (32, 256, 128, 64, C(64, 128, 2, gather=True)),
-]
+cases = """ + SKINNY_CASES + r"""
 dtypes = [(torch.float32, 1e-5), (torch.float16, 1e-3)]
 if device == "cuda":  # Triton 3.9's interpreter gets bf16 tl.dot wrong (see KERNEL_SCRIPT)
     dtypes.append((torch.bfloat16, 8e-3))
@@ -468,6 +471,70 @@ def test_skinny_kernel_compiles_for_hopper():
         ptx = kernel.asm["ptx"]
         assert ("mma" in ptx) == (not fma), (bm, bn, bk, fma)   # tensor cores exactly on the tl.dot path
         assert ("atom" in ptx) == split                          # the split-K counter
+
+
+HOPPER_SHARED_BYTES = 232448   # the most shared memory a program may have on an H100 / H200 (227 KB)
+
+
+def _skinny_shared_bytes(config, M: int, K: int, group: int, dtype: str) -> int:
+    """Shared memory of the skinny kernel compiled for sm_90 on the CPU (Triton's ptxas) as skinny_gemm
+    launches it for M rows."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from nanovllm.layers.awq_skinny import _block_k, _skinny_kernel
+    block_m = 1 if config.fma else 16 if M <= 16 else 32
+    block_k = _block_k(config.block_k, group, K)
+    steps = K // block_k
+    split = triton.cdiv(steps, min(config.splits, steps)) < steps
+    sig = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": f"*{dtype}",
+           "part_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+           "stride_ym": "i32", "k_per_split": "i32", "splits": "i32"}
+    consts = dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, FMA=config.fma,
+                  GATHER=config.gather, SPLIT=split, IEEE=dtype == "fp32")
+    sig.update({name: "constexpr" for name in consts})
+    kernel = triton.compile(ASTSource(_skinny_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=config.warps, num_stages=config.stages))
+    return kernel.metadata.shared
+
+
+def test_skinny_configs_fit_hopper_shared_memory():
+    """Every config of awq_skinny.TABLE (bf16, its M bucket, group 128) and of the kernel tests (bf16 and
+    fp32, as the GPU test runs them) compiles for sm_90 within an H100/H200 SM's shared memory: the GPU
+    test once failed with OutOfResources on a gathered 16 x 128 x 128 tile at 3 stages (292 KB)."""
+    from nanovllm.layers.awq_skinny import TABLE, SkinnyConfig as C
+    assert TABLE, "the measured table is empty"
+    for (bucket, N, K), config in TABLE.items():
+        assert N % config.block_n == 0 and (bucket == 1 or not config.fma), (bucket, N, K, config)
+        used = _skinny_shared_bytes(config, bucket, K, 128, "bf16")
+        assert used <= HOPPER_SHARED_BYTES, ((bucket, N, K), config, used)
+    for M, K, N, G, config in eval(SKINNY_CASES, {"C": C}):
+        for dtype in ("bf16", "fp32"):
+            if config is not None:
+                used = _skinny_shared_bytes(config, M, K, G, dtype)
+                assert used <= HOPPER_SHARED_BYTES, (M, K, N, G, config, dtype, used)
+    assert _skinny_shared_bytes(C(128, 128, 4, gather=True), 16, 512, 64, "bf16") > HOPPER_SHARED_BYTES
+
+
+def test_skinny_kernel_refuses_config_beyond_shared_memory(monkeypatch):
+    """A launch that Triton refuses for lack of shared memory becomes a ValueError naming the config."""
+    from triton.runtime.errors import OutOfResources
+
+    from nanovllm.layers import awq_skinny
+    from nanovllm.layers.awq_format import pack
+
+    class Refusing:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(299008, 232448, "shared memory")
+            return launch
+    monkeypatch.setattr(awq_skinny, "_skinny_kernel", Refusing())
+    qw, qz, s = pack(torch.zeros(64, 64, dtype=torch.int32)), pack(torch.zeros(2, 64, dtype=torch.int32)), \
+        torch.ones(2, 64, dtype=torch.float16)
+    config = awq_skinny.SkinnyConfig(64, 32, 1, gather=True)
+    with pytest.raises(ValueError, match=r"gather=True.*needs 299008 bytes of shared memory, the GPU has 232448"):
+        awq_skinny.skinny_gemm(torch.zeros(2, 64), qw, qz, s, 32, config)
 
 
 SWEEP_SCRIPT = r"""
