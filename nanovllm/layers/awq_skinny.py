@@ -26,7 +26,7 @@ keep too few bytes in flight per SM. This one is built for bandwidth:
 
 Configs: (BLOCK_N, BLOCK_K, splits, warps, stages, GATHER, FMA), picked per (M bucket, N, K) from TABLE,
 filled from scripts/sweep_awq_gemm.py's output on the GPU; shapes not in it use `heuristic_config`.
-Measured on one H200 (claude_docs/models.md): TABLE's configs read the int4 bytes at 510-950 GB/s,
+Measured on one H200 (claude_docs/models.md): TABLE's configs read the int4 bytes at 509-950 GB/s,
 0.67-0.93x bf16 cuBLAS's speed at M 1-32 (bf16 reads 2.4-4.1 TB/s), so AWQ decode stays slower than
 bf16. CPU: correct under TRITON_INTERPRET=1 against the float64 dequantized matmul (tests/test_awq.py),
 compiles for sm_90 within its shared memory (TABLE's configs and the tests'). A config that does not fit
