@@ -5,15 +5,16 @@
 1. GEMM: for each Qwen3-8B linear (qkv, o, gate_up, down: K x N) and M = 1, 16, 64, 256 tokens, the
    time of bf16 cuBLAS (x @ W^T), our Triton W4A16 kernels (awq_gemm.awq_matmul: the skinny kernel of
    layers/awq_skinny.py up to 32 rows, the tiled one above; scripts/sweep_awq_gemm.py tunes the
-   skinny one) and gemlite's (when
-   installed), each replayed from a CUDA graph (decode runs graphed), and the max error of each
+   skinny one) and gemlite's (layers/awq_gemlite.py, when installed; at every M here), each
+   replayed from a CUDA graph (decode runs graphed), and the max error of each
    relative to max |y| of the float32 matmul of the same dequantized weights (bf16 cuBLAS's error
    runs on the dequantized weights rounded to bf16).
 2. Decode: qwen3-8b bf16 vs AWQ (group 128) with load_format="dummy" (random codes and scales,
    utils/loader.fill_dummy_weights), one process per variant; batch B = 1, 16, 64, 256 prompts of
    32 tokens, max_tokens tokens each; decode tok/s = decoded tokens / the engine's decode seconds.
-   NANOVLLM_AWQ_KERNEL=gemlite runs the AWQ variant on gemlite (--awq-kernels triton gemlite: both;
-   triton-tile: the tiled kernel at every batch, the pre-skinny baseline).
+   NANOVLLM_AWQ_KERNEL=gemlite runs the AWQ variant on gemlite up to 16 rows, our kernels above
+   (--awq-kernels triton gemlite: both; triton-tile: the tiled kernel at every batch, the pre-skinny
+   baseline). For a quick batch <= 16 answer: --skip-gemm --batches 1 16 --awq-kernels triton gemlite.
 """
 import argparse
 import json
@@ -56,12 +57,14 @@ def graph_time_ms(fn, reps: int = 50) -> float:
 
 def bench_gemm(group: int):
     from nanovllm.layers.awq_format import dequantize, pack
-    from nanovllm.layers.awq_gemm import GemliteAWQ, awq_matmul
+    from nanovllm.layers.awq_gemlite import GemliteAWQ
+    from nanovllm.layers.awq_gemm import awq_matmul
     try:
         import gemlite  # noqa: F401
         have_gemlite = True
     except ImportError:
         have_gemlite = False
+        print("(gemlite is not installed: no gemlite column)")
     g = torch.Generator(device="cuda").manual_seed(0)
     print(f"\n### W4A16 GEMM vs bf16, Qwen3-8B shapes, group {group} ({torch.cuda.get_device_name(0)})\n")
     cols = ["layer", "K x N", "M", "bf16 us", "triton us", "triton x"] + (["gemlite us", "gemlite x"] if have_gemlite else []) \

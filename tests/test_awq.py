@@ -345,6 +345,22 @@ def test_triton_kernel_compiles_for_hopper():
 
 # ---- the skinny-M W4A16 kernel (layers/awq_skinny.py) ----------------------------------------------------
 
+SKINNY_CASES = """[  # M, K, N, group, config (None: TABLE / heuristic)
+    (1, 256, 96, 32, None),                   # heuristic (FMA), N not a multiple of the column block
+    (1, 512, 128, 128, C(64, 64, 3, fma=True)),   # 8 steps over 3 splits: 3, 3, 2
+    (1, 256, 128, 64, C(32, 128, 2, gather=True, fma=True)),   # BLOCK_K 2 groups, gathered words
+    (1, 256, 64, 32, C(64, 32, 1)),           # one row through tl.dot
+    (3, 256, 64, 32, None),
+    (3, 512, 256, 128, C(128, 64, 4)),
+    (3, 256, 136, 64, C(64, 128, 2, gather=True)),   # 136 columns: 3 blocks, the last 8 wide
+    (16, 512, 128, 64, C(128, 128, 4, stages=2, gather=True)),   # 164 KB of shared memory (3 stages: 292 KB)
+    (16, 256, 64, 32, C(64, 64, 1)),
+    (16, 384, 96, 128, C(32, 128, 8)),        # more splits asked than steps (3): 3
+    (17, 256, 64, 32, C(64, 32, 2)),          # 32-row tile
+    (32, 256, 128, 64, C(64, 128, 2, gather=True)),
+]
+"""
+
 SKINNY_SCRIPT = r"""
 import torch
 from nanovllm.layers import awq_skinny
@@ -353,20 +369,7 @@ from nanovllm.layers.awq_gemm import awq_matmul
 from nanovllm.layers.awq_skinny import SkinnyConfig as C, skinny_gemm
 device = "{device}"
 g = torch.Generator().manual_seed(0)
-cases = [  # M, K, N, group, config (None: TABLE / heuristic)
-    (1, 256, 96, 32, None),                   # heuristic (FMA), N not a multiple of the column block
-    (1, 512, 128, 128, C(64, 64, 3, fma=True)),   # 8 steps over 3 splits: 3, 3, 2
-    (1, 256, 128, 64, C(32, 128, 2, gather=True, fma=True)),   # BLOCK_K 2 groups, gathered words
-    (1, 256, 64, 32, C(64, 32, 1)),           # one row through tl.dot
-    (3, 256, 64, 32, None),
-    (3, 512, 256, 128, C(128, 64, 4)),
-    (3, 256, 136, 64, C(64, 128, 2, gather=True)),   # 136 columns: 3 blocks, the last 8 wide
-    (16, 512, 128, 64, C(128, 128, 4, gather=True)),
-    (16, 256, 64, 32, C(64, 64, 1)),
-    (16, 384, 96, 128, C(32, 128, 8)),        # more splits asked than steps (3): 3
-    (17, 256, 64, 32, C(64, 32, 2)),          # 32-row tile
-    (32, 256, 128, 64, C(64, 128, 2, gather=True)),
-]
+cases = """ + SKINNY_CASES + r"""
 dtypes = [(torch.float32, 1e-5), (torch.float16, 1e-3)]
 if device == "cuda":  # Triton 3.9's interpreter gets bf16 tl.dot wrong (see KERNEL_SCRIPT)
     dtypes.append((torch.bfloat16, 8e-3))
@@ -470,6 +473,70 @@ def test_skinny_kernel_compiles_for_hopper():
         assert ("atom" in ptx) == split                          # the split-K counter
 
 
+HOPPER_SHARED_BYTES = 232448   # the most shared memory a program may have on an H100 / H200 (227 KB)
+
+
+def _skinny_shared_bytes(config, M: int, K: int, group: int, dtype: str) -> int:
+    """Shared memory of the skinny kernel compiled for sm_90 on the CPU (Triton's ptxas) as skinny_gemm
+    launches it for M rows."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from nanovllm.layers.awq_skinny import _block_k, _skinny_kernel
+    block_m = 1 if config.fma else 16 if M <= 16 else 32
+    block_k = _block_k(config.block_k, group, K)
+    steps = K // block_k
+    split = triton.cdiv(steps, min(config.splits, steps)) < steps
+    sig = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": f"*{dtype}",
+           "part_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+           "stride_ym": "i32", "k_per_split": "i32", "splits": "i32"}
+    consts = dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, FMA=config.fma,
+                  GATHER=config.gather, SPLIT=split, IEEE=dtype == "fp32")
+    sig.update({name: "constexpr" for name in consts})
+    kernel = triton.compile(ASTSource(_skinny_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=config.warps, num_stages=config.stages))
+    return kernel.metadata.shared
+
+
+def test_skinny_configs_fit_hopper_shared_memory():
+    """Every config of awq_skinny.TABLE (bf16, its M bucket, group 128) and of the kernel tests (bf16 and
+    fp32, as the GPU test runs them) compiles for sm_90 within an H100/H200 SM's shared memory: the GPU
+    test once failed with OutOfResources on a gathered 16 x 128 x 128 tile at 3 stages (292 KB)."""
+    from nanovllm.layers.awq_skinny import TABLE, SkinnyConfig as C
+    assert TABLE, "the measured table is empty"
+    for (bucket, N, K), config in TABLE.items():
+        assert N % config.block_n == 0 and (bucket == 1 or not config.fma), (bucket, N, K, config)
+        used = _skinny_shared_bytes(config, bucket, K, 128, "bf16")
+        assert used <= HOPPER_SHARED_BYTES, ((bucket, N, K), config, used)
+    for M, K, N, G, config in eval(SKINNY_CASES, {"C": C}):
+        for dtype in ("bf16", "fp32"):
+            if config is not None:
+                used = _skinny_shared_bytes(config, M, K, G, dtype)
+                assert used <= HOPPER_SHARED_BYTES, (M, K, N, G, config, dtype, used)
+    assert _skinny_shared_bytes(C(128, 128, 4, gather=True), 16, 512, 64, "bf16") > HOPPER_SHARED_BYTES
+
+
+def test_skinny_kernel_refuses_config_beyond_shared_memory(monkeypatch):
+    """A launch that Triton refuses for lack of shared memory becomes a ValueError naming the config."""
+    from triton.runtime.errors import OutOfResources
+
+    from nanovllm.layers import awq_skinny
+    from nanovllm.layers.awq_format import pack
+
+    class Refusing:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(299008, 232448, "shared memory")
+            return launch
+    monkeypatch.setattr(awq_skinny, "_skinny_kernel", Refusing())
+    qw, qz, s = pack(torch.zeros(64, 64, dtype=torch.int32)), pack(torch.zeros(2, 64, dtype=torch.int32)), \
+        torch.ones(2, 64, dtype=torch.float16)
+    config = awq_skinny.SkinnyConfig(64, 32, 1, gather=True)
+    with pytest.raises(ValueError, match=r"gather=True.*needs 299008 bytes of shared memory, the GPU has 232448"):
+        awq_skinny.skinny_gemm(torch.zeros(2, 64), qw, qz, s, 32, config)
+
+
 SWEEP_SCRIPT = r"""
 import sys, time
 sys.path.insert(0, "scripts")
@@ -482,17 +549,159 @@ sweep.candidates_round2 = lambda b: [b, SkinnyConfig(b.block_n, b.block_k, b.spl
 def wall_us(make_call, copies):
     t = time.perf_counter(); make_call(0)(); return (time.perf_counter() - t) * 1e6
 sweep.graph_us = wall_us
-rows = sweep.sweep_shape("tiny", 256, 128, 64, [1, 3, 40], 4, torch.Generator().manual_seed(0))
+class FakeGemlite:   # gemlite needs CUDA: the column's wiring with the dequantized matmul in its place
+    def __init__(self, qw, qz, s, group, dtype):
+        self.w = sweep.dequantize(qw, qz, s, group).to(dtype)
+    def __call__(self, x):
+        return x @ self.w
+sweep.GemliteAWQ = FakeGemlite
+rows = sweep.sweep_shape("tiny", 256, 128, 64, [1, 3, 40], 4, torch.Generator().manual_seed(0), gemlite=True)
 assert [r["M"] for r in rows] == [1, 3, 40] and "best" not in rows[2]   # 40 rows: the tiled kernel only
+assert "table_us" not in rows[2] and all(r["gemlite_err"] <= 1e-2 and r["gemlite_vs_bf16"] > 0 for r in rows)
 for r in rows[:2]:
     assert r["tried"] == (8 if r["M"] == 1 else 4) and not r.get("skipped"), r
-    assert r["best_err"] <= 1e-2, r   # |y| ~ 0.3: float16 rounding, not a wrong kernel
+    assert r["best_err"] <= 1e-2 and r["table_err"] <= 1e-2, r   # |y| ~ 0.3: float16 rounding, not a wrong kernel
     assert r["table_line"].startswith("(%d, 128, 256): SkinnyConfig(" % (1 if r["M"] == 1 else 4))
+quick = sweep.sweep_shape("tiny", 256, 128, 64, [4], 4, torch.Generator().manual_seed(0), candidates=False)
+assert "best" not in quick[0] and "default_us" not in quick[0] and "gemlite_us" not in quick[0]
+assert quick[0]["table_err"] <= 1e-2 and quick[0]["table_GBs"] > 0
+import contextlib, io
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    sweep.print_summary(rows + quick, 64, "cpu", True)
+text = out.getvalue()
+assert text.count("| tiny 256 x 128 |") == 4 and "(1, 128, 256): SkinnyConfig(" in text, text
 print("ok")
 """
 
 
 def test_sweep_script_wiring_interpreted():
     """scripts/sweep_awq_gemm.py's sweep on the CPU (interpreted kernels, wall-clock timer, two
-    candidates a round): rows per M, the tiled kernel alone past MAX_M, the table line of the best."""
+    candidates a round, a stand-in for gemlite): rows per M, the tiled kernel alone past MAX_M, the
+    table line of the best, --no-candidates rows, the summary table."""
     run_interpreted(SWEEP_SCRIPT)
+
+
+# ---- gemlite (optional GPU backend, layers/awq_gemlite.py) -----------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemlite_operands_rebuild_the_weight(dtype):
+    """What gemlite is handed (codes [N, K], scales and zeros [N, K/G]) gives back AWQ's weight through
+    gemlite's formula (W_q - zeros) * scales: exactly in float16, within bf16's rounding of the scales."""
+    from nanovllm.layers.awq_gemlite import gemlite_operands
+    g = torch.Generator().manual_seed(0)
+    K, N, G = 256, 96, 64
+    codes = torch.randint(0, 16, (K, N), generator=g)
+    zeros = torch.randint(0, 16, (K // G, N), generator=g)
+    scales = (torch.rand(K // G, N, generator=g) * 0.02 + 0.001).half()
+    q, s, z = gemlite_operands(pack(codes), pack(zeros), scales, G, dtype)
+    assert q.dtype == torch.uint8 and q.shape == (N, K) and torch.equal(q.long(), codes.t())
+    assert s.dtype == z.dtype == dtype and s.shape == z.shape == (N, K // G)
+    assert torch.equal(z.long(), zeros.t())
+    w = (q.double() - z.double().repeat_interleave(G, 1)) * s.double().repeat_interleave(G, 1)
+    ref = dequantize(pack(codes), pack(zeros), scales, G).double().t()
+    tol = 0 if dtype == torch.float16 else 2**-8 * ref.abs().max().item()
+    assert (w - ref).abs().max().item() <= tol
+
+
+def test_gemlite_refusals():
+    from nanovllm.layers.awq_gemlite import GemliteAWQ, gemlite_operands
+    qw, qz, s = pack(torch.zeros(64, 64, dtype=torch.int32)), pack(torch.zeros(2, 64, dtype=torch.int32)), \
+        torch.ones(2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="float16 or bfloat16 activations, got torch.float32"):
+        gemlite_operands(qw, qz, s, 32, torch.float32)
+    with pytest.raises(ValueError, match="do not match group size 64"):
+        gemlite_operands(qw, qz, s, 64, torch.float16)
+    with pytest.raises(ValueError, match="gemlite runs on CUDA only"):
+        GemliteAWQ(qw, qz, s, 32, torch.float16)
+
+
+def _need_gemlite():
+    import importlib.util
+    if not torch.cuda.is_available() or importlib.util.find_spec("gemlite") is None:
+        pytest.skip("needs CUDA and gemlite")
+
+
+@pytest.mark.gpu
+def test_gemlite_gpu():
+    """gemlite on AWQ weights against the float64 matmul of the dequantized weights, at the M of each of
+    its kernels (GEMV <= 4 rows, split-K GEMM 5..63, GEMM 64+), groups 32/64/128, fp16 and bf16."""
+    _need_gemlite()
+    from nanovllm.layers.awq_gemlite import GemliteAWQ
+    g = torch.Generator().manual_seed(0)
+    for K, N, G in ((256, 128, 32), (512, 256, 64), (1024, 384, 128)):
+        codes = torch.randint(0, 16, (K, N), generator=g)
+        zeros = torch.randint(0, 16, (K // G, N), generator=g)
+        scales = (torch.rand(K // G, N, generator=g) * 0.02 + 0.001).half().cuda()
+        qw, qz = pack(codes).cuda(), pack(zeros).cuda()
+        w = dequantize(qw, qz, scales, G).double()
+        for dtype, tol in ((torch.float16, 1e-3), (torch.bfloat16, 8e-3)):
+            layer = GemliteAWQ(qw, qz, scales, G, dtype)
+            for M in (1, 3, 4, 5, 16, 17, 64):
+                x = torch.randn(M, K, generator=g).to(dtype).cuda()
+                y = layer(x)
+                assert y.dtype == dtype and y.shape == (M, N)
+                ref = x.double() @ w
+                err = (y.double() - ref).abs().max().item() / ref.abs().max().item()
+                assert err <= tol, (K, N, G, dtype, M, err)
+
+
+@pytest.mark.gpu
+def test_gemlite_cuda_graph_replay():
+    """Captured after an eager call at the same M, replays follow new inputs; an M never run eagerly is
+    refused at capture (gemlite's autotuner would benchmark inside it)."""
+    _need_gemlite()
+    from nanovllm.layers.awq_gemlite import GemliteAWQ
+    g = torch.Generator().manual_seed(0)
+    K, N, G = 4096, 4096, 128
+    qw = pack(torch.randint(0, 16, (K, N), generator=g)).cuda()
+    qz = pack(torch.randint(0, 16, (K // G, N), generator=g)).cuda()
+    scales = (torch.rand(K // G, N, generator=g) * 0.002 + 0.0005).half().cuda()
+    w = dequantize(qw, qz, scales, G)
+    layer = GemliteAWQ(qw, qz, scales, G, torch.bfloat16)
+    for M in (1, 8):
+        x = torch.randn(M, K, device="cuda").bfloat16()
+        layer(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = layer(x)
+        for _ in range(3):
+            x.copy_(torch.randn(M, K, device="cuda"))
+            graph.replay()
+            ref = x.float() @ w
+            assert (y.float() - ref).abs().max().item() <= 8e-3 * ref.abs().max().item()
+            assert (y.float() - layer(x).float()).abs().max().item() <= 1e-2 * ref.abs().max().item()
+    x = torch.randn(2, K, device="cuda").bfloat16()
+    with pytest.raises(RuntimeError, match="M=2 captured before it ran eagerly"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            layer(x)
+
+
+@pytest.mark.gpu
+def test_awq_engine_gpu_gemlite(awq_dirs, monkeypatch):
+    """NANOVLLM_AWQ_KERNEL=gemlite in the engine (bf16, CUDA graphs): every AWQ layer got its gemlite copy
+    at load, the decode graphs were captured through it, and the logits follow the dequantized dense model's within bf16."""
+    _need_gemlite()
+    from nanovllm import LLM
+    monkeypatch.setenv("NANOVLLM_AWQ_KERNEL", "gemlite")
+    awq, dense = awq_dirs["qwen3-g32"]
+    tok = AutoTokenizer.from_pretrained(awq)
+    token_lists = [tok.encode(p) for p in PROMPTS[:4]]
+    results = []
+    for path in (awq, dense):
+        llm = LLM(path, dtype="bfloat16", max_model_len=256, max_num_seqs=16, num_kvcache_blocks=512)
+        if path == awq:
+            layers = [m for m in llm.model_runner.model.modules() if isinstance(m, AWQLinear)]
+            assert layers and all(m._gemlite is not None for m in layers)
+        results.append(engine_logits(llm, token_lists, num_decode_steps=5))
+        if path == awq:
+            assert all(4 in m._gemlite.eager_rows for m in layers)   # the 4-row decode graph was captured through it
+        llm.close()
+        del llm
+        torch.cuda.empty_cache()
+    for (seq, rows), (seq_d, rows_d) in zip(*results):
+        n = min(len(rows), len(rows_d))
+        scale = rows_d.abs().max().item()
+        assert (rows[:1] - rows_d[:1]).abs().max().item() <= 3e-2 * scale   # the prefill's row, same input
+        if seq.token_ids == seq_d.token_ids:
+            assert (rows[:n] - rows_d[:n]).abs().max().item() <= 3e-2 * scale

@@ -20,7 +20,7 @@ from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.host_tier import HostTier
 from nanovllm.engine.kv_cache import allocate_kv_cache, block_bytes, cpu_kv_blocks, gpu_kv_blocks
 from nanovllm.engine.scheduled_step import SamplingInputs, ScheduledStep, StepResult
-from nanovllm.layers.awq import quantize_linears
+from nanovllm.layers.awq import prepare_kernels, quantize_linears
 from nanovllm.layers.linear import meta_weights
 from nanovllm.layers.logits_processor import process_logits
 from nanovllm.layers.logprobs import log_softmax, prompt_token_logprobs, select
@@ -64,6 +64,8 @@ class ModelRunner:
         else:
             load_model(self.model, config.model)
         self.model.eval()
+        if config.quantization is not None and self.device.type == "cuda":
+            prepare_kernels(self.model, self.dtype)
         self.sampler = Sampler()
         self.num_layers = hf.num_hidden_layers
         attn = self.model.model.layers[0].self_attn

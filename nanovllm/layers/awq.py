@@ -11,7 +11,9 @@ along the output dimension, which is /8 in qweight/qzeros; under tensor parallel
 rank takes its output columns (whole words: multiples of 8), a row-parallel rank its input rows
 (whole groups), checked when the engine is created (awq_format.check_parallel).
 
-forward: on CUDA a W4A16 GEMM (layers/awq_gemm.awq_matmul; layers/awq_skinny.py for decode); on CPU
+forward: on CUDA a W4A16 GEMM (layers/awq_gemm.awq_matmul; layers/awq_skinny.py for decode; gemlite,
+layers/awq_gemlite.py, for decode under NANOVLLM_AWQ_KERNEL=gemlite, its copy of the weights made by
+`prepare_kernels` at load, before the KV cache takes the free memory); on CPU
 the weight is dequantized on each call and F.linear runs in the model dtype. Per call, not once at
 load: CPU is the reference path, and this keeps one copy of the weights (the checkpoint's, 4 bits
 each) with nothing derived to keep in sync; at the tiny test shapes the unpack costs less than the
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed.parallel_state import all_reduce, tp_rank
-from nanovllm.layers import awq_gemm
+from nanovllm.layers import awq_gemlite, awq_gemm
 from nanovllm.layers.awq_format import PACK, AWQConfig, dequantize
 from nanovllm.layers.linear import Linear, PackedLinear
 
@@ -100,15 +102,19 @@ class AWQLinear(nn.Module):
         if not x.is_cuda or self.kernel == "dequant":
             w = dequantize(self.qweight, self.qzeros, self.scales, self.group_size).to(x.dtype)
             y = x2 @ w
-        elif self.kernel == "gemlite":
+        elif self.kernel == "gemlite" and x2.shape[0] <= awq_gemlite.MAX_M:
             if self._gemlite is None:
-                self._gemlite = awq_gemm.GemliteAWQ(self.qweight, self.qzeros, self.scales, self.group_size, x.dtype)
+                self.prepare_gemlite(x.dtype)
             y = self._gemlite(x2)
         elif self.kernel == "triton-tile":
             y = awq_gemm.awq_gemm(x2, self.qweight, self.qzeros, self.scales, self.group_size)
         else:
             y = awq_gemm.awq_matmul(x2, self.qweight, self.qzeros, self.scales, self.group_size)
         return y.view(*shape[:-1], self.out_features)
+
+    def prepare_gemlite(self, dtype: torch.dtype) -> None:
+        """Repack the weights for gemlite (layers/awq_gemlite.py) for `dtype` activations."""
+        self._gemlite = awq_gemlite.GemliteAWQ(self.qweight, self.qzeros, self.scales, self.group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x)
@@ -141,3 +147,11 @@ def quantize_linears(model: nn.Module, quant: AWQConfig) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, AWQLinear.replacing(module, quant.group_size, name))
+
+
+def prepare_kernels(model: nn.Module, dtype: torch.dtype) -> None:
+    """After loading, on CUDA: build what the chosen kernel keeps besides the AWQ tensors (gemlite's copy
+    of the weights), so that it is allocated before the KV cache is sized."""
+    for module in model.modules():
+        if isinstance(module, AWQLinear) and module.kernel == "gemlite" and module.qweight.is_cuda:
+            module.prepare_gemlite(dtype)

@@ -9,11 +9,11 @@
   float32. Small M (decode) splits K across programs (atomic adds into a float32 buffer) so a 4096-wide
   layer still fills the GPU. Runs on CPU under TRITON_INTERPRET=1 (the tests). On an H200 it is
   0.26-0.79x bf16 cuBLAS's speed at Qwen3-8B's shapes (claude_docs/models.md, scripts/bench_awq.py).
-- `GemliteAWQ`: the same weights repacked for gemlite (PyPI `gemlite`, Mobius Labs' Triton kernels; it
-  pulls numpy/tqdm/triton, no torch). Imported only when chosen, on CUDA (it touches CUDA on import).
+- gemlite (optional, layers/awq_gemlite.py): the same weights repacked for Mobius Labs' Triton kernels.
 
 Which one a layer uses on CUDA: NANOVLLM_AWQ_KERNEL = triton (default: awq_matmul), triton-tile (the
-tiled kernel at every M, for comparison), gemlite, or dequant (dequantize the whole weight each call,
+tiled kernel at every M, for comparison), gemlite (gemlite up to awq_gemlite.MAX_M rows, awq_matmul
+above), or dequant (dequantize the whole weight each call,
 then cuBLAS: the slow reference). On CPU a layer always dequantizes and
 calls F.linear (layers/awq.py says why)."""
 import os
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.layers import awq_skinny
-from nanovllm.layers.awq_format import PACK, unpack
+from nanovllm.layers.awq_format import PACK
 
 KERNELS = ("triton", "triton-tile", "gemlite", "dequant")
 
@@ -124,23 +124,3 @@ def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
         return awq_skinny.skinny_gemm(x, qweight, qzeros, scales, group_size, num_sms=_num_sms(x.device))
     return awq_gemm(x, qweight, qzeros, scales, group_size)
 
-
-class GemliteAWQ:
-    """One AWQ layer's weights repacked for gemlite's W4A16 kernels ((W_q - zeros) * scales, fma off so
-    zeros are not folded into scales in 16-bit). Built once per layer on first use (the eager warm-up,
-    before CUDA graphs are captured); keeps its own copy (the AWQ tensors stay for the other paths)."""
-
-    def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
-                 dtype: torch.dtype):
-        import gemlite  # CUDA on import: only here, on the GPU path
-        from gemlite import DType
-        K, N = qweight.shape[0], qweight.shape[1] * PACK
-        gdtype = {torch.float16: DType.FP16, torch.bfloat16: DType.BF16}[dtype]
-        self.layer = gemlite.GemLiteLinear(4, group_size=group_size, in_features=K, out_features=N,
-                                           input_dtype=gdtype, output_dtype=gdtype)
-        codes = unpack(qweight).t().contiguous().to(torch.uint8)              # [N, K]
-        zeros = unpack(qzeros).t().contiguous().to(dtype)                     # [N, K/G]
-        self.layer.pack(codes, scales.t().contiguous().to(dtype), zeros, bias=None, fma_mode=False)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)

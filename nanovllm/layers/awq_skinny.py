@@ -26,13 +26,17 @@ keep too few bytes in flight per SM. This one is built for bandwidth:
 
 Configs: (BLOCK_N, BLOCK_K, splits, warps, stages, GATHER, FMA), picked per (M bucket, N, K) from TABLE,
 filled from scripts/sweep_awq_gemm.py's output on the GPU; shapes not in it use `heuristic_config`.
-GPU numbers: to be measured (the sweep prints them; claude_docs/models.md). CPU: correct under
-TRITON_INTERPRET=1 against the float64 dequantized matmul (tests/test_awq.py), compiles for sm_90."""
+Measured on one H200 (claude_docs/models.md): TABLE's configs read the int4 bytes at 509-950 GB/s,
+0.67-0.93x bf16 cuBLAS's speed at M 1-32 (bf16 reads 2.4-4.1 TB/s), so AWQ decode stays slower than
+bf16. CPU: correct under TRITON_INTERPRET=1 against the float64 dequantized matmul (tests/test_awq.py),
+compiles for sm_90 within its shared memory (TABLE's configs and the tests'). A config that does not fit
+the GPU (shared memory) is refused with a ValueError naming it."""
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from nanovllm.layers.awq_format import PACK
 
@@ -57,9 +61,27 @@ def m_bucket(M: int) -> int:
     return 1 << (M - 1).bit_length()
 
 
-# (M bucket, N, K) -> config. Filled from `python scripts/sweep_awq_gemm.py` on the GPU (it prints
-# these lines); empty until measured: every shape uses heuristic_config.
-TABLE: dict[tuple[int, int, int], SkinnyConfig] = {}
+# (M bucket, N, K) -> config: the best of scripts/sweep_awq_gemm.py's candidates on one H200 (group 128,
+# bf16, L2-cold, M = 1, 4, 16, 32), pasted from its output (/tmp/s6/sweep_awq.json of session 6). Buckets 2 and 8 and other shapes use
+# heuristic_config. Even these reach only 0.67-0.93x bf16 cuBLAS's speed (claude_docs/models.md).
+TABLE: dict[tuple[int, int, int], SkinnyConfig] = {
+    (1, 6144, 4096): SkinnyConfig(block_n=64, block_k=128, splits=4, warps=4, stages=3, gather=False, fma=True),
+    (4, 6144, 4096): SkinnyConfig(block_n=128, block_k=64, splits=8, warps=4, stages=3, gather=False, fma=False),
+    (16, 6144, 4096): SkinnyConfig(block_n=128, block_k=64, splits=8, warps=4, stages=4, gather=False, fma=False),
+    (32, 6144, 4096): SkinnyConfig(block_n=128, block_k=64, splits=8, warps=4, stages=3, gather=False, fma=False),
+    (1, 4096, 4096): SkinnyConfig(block_n=128, block_k=32, splits=16, warps=4, stages=3, gather=False, fma=True),
+    (4, 4096, 4096): SkinnyConfig(block_n=128, block_k=64, splits=8, warps=4, stages=3, gather=False, fma=False),
+    (16, 4096, 4096): SkinnyConfig(block_n=128, block_k=64, splits=8, warps=4, stages=3, gather=False, fma=False),
+    (32, 4096, 4096): SkinnyConfig(block_n=64, block_k=128, splits=4, warps=4, stages=3, gather=False, fma=False),
+    (1, 24576, 4096): SkinnyConfig(block_n=64, block_k=128, splits=1, warps=4, stages=4, gather=False, fma=True),
+    (4, 24576, 4096): SkinnyConfig(block_n=128, block_k=64, splits=4, warps=4, stages=3, gather=False, fma=False),
+    (16, 24576, 4096): SkinnyConfig(block_n=256, block_k=64, splits=4, warps=4, stages=3, gather=False, fma=False),
+    (32, 24576, 4096): SkinnyConfig(block_n=128, block_k=64, splits=2, warps=4, stages=4, gather=False, fma=False),
+    (1, 4096, 12288): SkinnyConfig(block_n=128, block_k=32, splits=16, warps=4, stages=4, gather=False, fma=True),
+    (4, 4096, 12288): SkinnyConfig(block_n=128, block_k=64, splits=16, warps=4, stages=4, gather=False, fma=False),
+    (16, 4096, 12288): SkinnyConfig(block_n=128, block_k=64, splits=16, warps=4, stages=3, gather=False, fma=False),
+    (32, 4096, 12288): SkinnyConfig(block_n=128, block_k=128, splits=8, warps=4, stages=3, gather=False, fma=False),
+}
 
 
 def heuristic_config(M: int, N: int, K: int, num_sms: int) -> SkinnyConfig:
@@ -210,9 +232,13 @@ def skinny_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         part, count = torch.empty(splits, M, N, dtype=torch.float32, device=x.device), _counters(x.device)
     else:
         part = count = y  # unused
-    _skinny_kernel[(blocks, splits)](
-        x, qweight, qzeros, scales, y, part, count, M, N, K, x.stride(0), y.stride(0), k_per_split, splits,
-        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, FMA=fma,
-        GATHER=config.gather, SPLIT=splits > 1, IEEE=x.dtype == torch.float32,
-        num_warps=config.warps, num_stages=config.stages)
+    try:
+        _skinny_kernel[(blocks, splits)](
+            x, qweight, qzeros, scales, y, part, count, M, N, K, x.stride(0), y.stride(0), k_per_split, splits,
+            GROUP=group_size, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, FMA=fma,
+            GATHER=config.gather, SPLIT=splits > 1, IEEE=x.dtype == torch.float32,
+            num_warps=config.warps, num_stages=config.stages)
+    except OutOfResources as e:
+        raise ValueError(f"awq_skinny: {config} at {block_m} rows, group {group_size} needs {e.required} bytes of "
+                         f"{e.name}, the GPU has {e.limit} (fewer stages, gather=False or a smaller block)") from e
     return y

@@ -1,0 +1,103 @@
+"""An optional W4A16 backend on gemlite (PyPI `gemlite`, Mobius Labs' Triton kernels): AWQ weights
+(layers/awq_format.py) repacked once per layer into a gemlite layer, used for decode rows (M <= MAX_M)
+when NANOVLLM_AWQ_KERNEL=gemlite (layers/awq_gemm.kernel_choice).
+
+gemlite is optional and GPU-only: not a dependency of the project (its wheel needs triton >= 3.6 and
+pulls numpy/tqdm, no torch) and imported only here, on first use on CUDA, because its import touches
+CUDA (it reads the device's SM count and its name, to load a shipped autotune cache: h100, a100, ...;
+none for the H200).
+
+What it is given (read from gemlite 0.6.0's GemLiteLinearTriton.pack, core.py): codes uint8 [N, K]
+(nn.Linear's [out, in]; gemlite packs 8 of them per int32 along K itself), scales and zeros [N, K/G] in
+the activation dtype, fma_mode=False, so its kernels compute W = (W_q - zeros) * scales ("W_group_mode
+3"), AWQ's own formula; fma_mode=True would store -zeros * scales in 16 bits and round it. The only
+rounding is the fp16 -> bf16 cast of the scales for bf16 activations (the codes and zeros are small
+integers, exact in either). `gemlite_operands` builds these on any device (tests/test_awq.py checks them
+on the CPU against awq_format.dequantize); `GemliteAWQ` hands them to gemlite on CUDA.
+
+How gemlite picks a kernel (core.get_matmul_type, 4-bit weights): M <= 4 rows GEMV_REVSPLITK (one row
+per program, K split in two halves, atomic adds into a zeroed output), 5..63 GEMM_SPLITK (tl.dot on
+16-row tiles, K split), 64+ GEMM. Each is a triton.autotune kernel keyed on (M, N, K, group, ...): the
+first call at a new M benchmarks its candidate configs (its "fast" list) unless its config cache
+(gemlite.load_config; NANOVLLM_GEMLITE_CONFIG here, scripts/sweep_awq_gemm.py --gemlite-config writes
+one) holds that shape at the nearest power-of-two M, in which case it launches that config without
+benchmarking. Benchmarking inside CUDA graph capture would break the capture, so a layer refuses to be
+captured at an M it has not run eagerly (the engine's capture runs every batch size eagerly first).
+
+Why only M <= MAX_M: prefill brings a new M on almost every step, and each would be autotuned; the
+tiled kernel (layers/awq_gemm.py) serves those. GPU numbers: to be measured (scripts/sweep_awq_gemm.py
+--no-candidates, scripts/bench_awq.py --awq-kernels triton gemlite; claude_docs/models.md)."""
+import os
+
+import torch
+
+from nanovllm.layers.awq_format import unpack
+
+MAX_M = 16            # rows served by gemlite; more go to awq_gemm.awq_matmul
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def gemlite_operands(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """AWQ tensors -> (codes uint8 [N, K], scales [N, K/G], zeros [N, K/G]) in `dtype`, such that
+    W[n, k] = (codes[n, k] - zeros[n, k // G]) * scales[n, k // G] is AWQ's W^T transposed."""
+    if dtype not in DTYPES:
+        raise ValueError(f"gemlite runs float16 or bfloat16 activations, got {dtype}")
+    K, N = qweight.shape[0], scales.shape[1]
+    if K % group_size or qzeros.shape[0] != K // group_size or scales.shape[0] != K // group_size:
+        raise ValueError(f"AWQ tensors qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, scales "
+                         f"{tuple(scales.shape)} do not match group size {group_size}")
+    codes = unpack(qweight).t().contiguous().to(torch.uint8)
+    zeros = unpack(qzeros).t().contiguous().to(dtype)
+    return codes, scales.t().contiguous().to(dtype), zeros
+
+
+_gemlite = None
+
+
+def _import_gemlite():
+    """gemlite, imported once; loads NANOVLLM_GEMLITE_CONFIG (a gemlite config cache) when set."""
+    global _gemlite
+    if _gemlite is None:
+        try:
+            import gemlite
+        except ImportError as e:
+            raise ImportError("NANOVLLM_AWQ_KERNEL=gemlite needs the gemlite package (pip install gemlite; "
+                              "it needs triton >= 3.6)") from e
+        path = os.environ.get("NANOVLLM_GEMLITE_CONFIG")
+        if path and not gemlite.load_config(path, print_error=False):
+            raise ValueError(f"NANOVLLM_GEMLITE_CONFIG={path!r}: gemlite could not load it")
+        _gemlite = gemlite
+    return _gemlite
+
+
+class GemliteAWQ:
+    """One AWQ layer repacked for gemlite (its own copy of the weights: the AWQ tensors stay for M > MAX_M
+    and the other kernels). Call with x [M, K] in the dtype it was built for."""
+
+    def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                 dtype: torch.dtype):
+        if not qweight.is_cuda:
+            raise ValueError("gemlite runs on CUDA only")
+        codes, s, z = gemlite_operands(qweight, qzeros, scales, group_size, dtype)
+        gemlite = _import_gemlite()
+        gdtype = {torch.float16: gemlite.DType.FP16, torch.bfloat16: gemlite.DType.BF16}[dtype]
+        N, K = codes.shape
+        self.dtype, self.shape = dtype, (K, N)
+        self.layer = gemlite.GemLiteLinear(4, group_size=group_size, in_features=K, out_features=N,
+                                           input_dtype=gdtype, output_dtype=gdtype)
+        self.layer.pack(codes, s, z, bias=None, fma_mode=False)
+        self.eager_rows: set[int] = set()   # the M values run outside capture (autotuned)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dtype or x.dim() != 2 or x.shape[1] != self.shape[0]:
+            raise ValueError(f"gemlite layer built for [M, {self.shape[0]}] {self.dtype}, got "
+                             f"{tuple(x.shape)} {x.dtype}")
+        M = x.shape[0]
+        if torch.cuda.is_current_stream_capturing():
+            if M not in self.eager_rows:
+                raise RuntimeError(f"gemlite: M={M} captured before it ran eagerly (its autotuner would "
+                                   f"benchmark inside the CUDA graph capture); run that batch size eagerly first")
+        else:
+            self.eager_rows.add(M)
+        return self.layer(x)
