@@ -1,7 +1,7 @@
 """Attention kernel measurements on the GPU machine, one layer, Qwen3-0.6B head shapes (16 q heads,
 8 kv heads, d=128, bf16). Prints markdown tables for claude_docs/ and fits the cascade cost model.
 
-    python scripts/bench_kernels.py [--quick]
+    python scripts/bench_kernels.py [--quick] [--only SECTION] [--kv-dtype fp8]
 
 1. prefill backend: fa2 vs fa3 (auto) on causal prompt batches;
 2. decode: tensor cores on/off and page sizes 16/32/64;
@@ -94,9 +94,12 @@ def decode_options(quick):
         print(f"| {bs} x {ctx} | " + " | ".join(f"{r:.3f}" for r in res) + " |")
 
 
+KV_DT = DT  # --kv-dtype fp8: decode-kernels reads an fp8 (e4m3) cache
+
+
 def decode_kernels(quick):
     """One decode step's attention on every kernel FlashInfer offers on sm90, at W1-like and
-    W2/W3-last-level shapes: ms and effective KV bandwidth."""
+    W2/W3-last-level shapes: ms and effective KV bandwidth (of KV_DT's bytes)."""
     page = 16
     rng = np.random.default_rng(0)
     shapes = [("256 x U(200,1600)", rng.integers(200, 1600, 256)), ("256 x 600", np.full(256, 600)),
@@ -106,16 +109,16 @@ def decode_kernels(quick):
     for label, lens in shapes:
         lens = lens.astype(np.int32)
         bs = len(lens)
-        kc, vc = cache(int(((lens + page - 1) // page).sum()) + 8, page)
+        kc, vc = (c.to(KV_DT) for c in cache(int(((lens + page - 1) // page).sum()) + 8, page))
         ind, idx, last = paged(lens, page)
         q = torch.randn(bs, HQ, D, device="cuda", dtype=DT)
-        gbytes = float(lens.sum()) * HKV * D * 2 * DT.itemsize / 1e9
+        gbytes = float(lens.sum()) * HKV * D * 2 * KV_DT.itemsize / 1e9
         res = []
         for tc in (True, False):
             w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 WS, "NHD", use_cuda_graph=True, use_tensor_cores=tc, paged_kv_indptr_buffer=ind.cuda(),
                 paged_kv_indices_buffer=idx.cuda(), paged_kv_last_page_len_buffer=last.cuda())
-            w.plan(ind, idx, last, HQ, HKV, D, page, q_data_type=DT, kv_data_type=DT)
+            w.plan(ind, idx, last, HQ, HKV, D, page, q_data_type=DT, kv_data_type=KV_DT)
             res.append(graphed(lambda: w.run(q, (kc, vc))))
         try:
             width = int(((lens + page - 1) // page).max())
@@ -129,7 +132,7 @@ def decode_kernels(quick):
                 q, (kc, vc), xws, table, seq_lens, int(lens.max()), bmm1_scale=D ** -0.5, out=out,
                 kv_layout="NHD", backend="xqa")
             ref = flashinfer.BatchDecodeWithPagedKVCacheWrapper(WS, "NHD", use_tensor_cores=True)
-            ref.plan(ind, idx, last, HQ, HKV, D, page, q_data_type=DT, kv_data_type=DT)
+            ref.plan(ind, idx, last, HQ, HKV, D, page, q_data_type=DT, kv_data_type=KV_DT)
             run()
             err = (out.float() - ref.run(q, (kc, vc)).float()).abs().max().item()
             res.append(graphed(run))
@@ -141,7 +144,7 @@ def decode_kernels(quick):
         for backend in ("fa2", "fa3"):
             try:
                 w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(WS, "NHD", backend=backend)
-                w.plan(qo, ind, idx, last, HQ, HKV, D, page, causal=False, q_data_type=DT, kv_data_type=DT)
+                w.plan(qo, ind, idx, last, HQ, HKV, D, page, causal=False, q_data_type=DT, kv_data_type=KV_DT)
                 res.append(timed(lambda: w.run(q, (kc, vc))))
             except Exception as e:
                 print(f"prefill {backend} failed: {type(e).__name__}: {str(e)[:300]}")
@@ -149,7 +152,7 @@ def decode_kernels(quick):
         try:
             w = flashinfer.BatchAttention("NHD")
             w.plan(qo.cuda(), ind.cuda(), idx.cuda(), torch.from_numpy(lens).cuda(), HQ, HKV, D, D, page,
-                   causal=False, q_data_type=DT, kv_data_type=DT)
+                   causal=False, q_data_type=DT, kv_data_type=KV_DT)
             res.append(timed(lambda: w.run(q, (kc, vc))))
         except Exception as e:
             print(f"BatchAttention failed: {type(e).__name__}: {str(e)[:300]}")
@@ -394,7 +397,11 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", choices=list(SECTIONS))
+    p.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16",
+                   help="decode-kernels: the KV cache's dtype (fp8: e4m3, the engine's kv_cache_dtype=fp8_e4m3)")
     args = p.parse_args()
+    global KV_DT
+    KV_DT = torch.float8_e4m3fn if args.kv_dtype == "fp8" else DT
     for name, section in SECTIONS.items():
         if args.only in (None, name):
             section(args.quick)
