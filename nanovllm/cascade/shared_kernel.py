@@ -244,6 +244,7 @@ class TritonSharedLevel:
             self.kv_indptr, self.kv_indices = kv_indptr_buf, kv_indices_buf
         self.sm_scale = None
         self.splits = 1
+        self.block_rows = tile.block_rows
         self.num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                         if self.device.type == "cuda" else 132)
 
@@ -255,7 +256,9 @@ class TritonSharedLevel:
         if (kv_last_page_len.numpy()[pages > 0] != page_size).any():
             raise ValueError("shared levels hold whole pages only")
         self.sm_scale = sm_scale if sm_scale is not None else head_dim ** -0.5
-        items = shared_level_items(qo, kv, self.tile.block_rows)
+        # An item's rows x GQA heads fill one tile of at most 128 rows: the wide tile narrows for GQA 8.
+        self.block_rows = min(self.tile.block_rows, 128 // (num_qo_heads // num_kv_heads))
+        items = shared_level_items(qo, kv, self.block_rows)
         n = len(items)
         self.splits = choose_splits(n, num_kv_heads, int(pages.max(initial=0)) * page_size, int(qo[-1]),
                                     self.part_out.shape[0], self.num_sms, self.tile.split_factor)
@@ -277,7 +280,7 @@ class TritonSharedLevel:
         t = self.tile
         shared_level_attention(q, k_cache, v_cache, self.items, self.meta, self.kv_indptr, self.kv_indices,
                                self.part_out, self.part_lse, self.sm_scale, self.grid, t.block_tokens, t.num_warps,
-                               t.num_stages, t.block_rows, k_scale=k_scale, v_scale=v_scale)
+                               t.num_stages, self.block_rows, k_scale=k_scale, v_scale=v_scale)
 
     def merge_into(self, out, lse):
         merge_partials(out, lse, self.part_out, self.part_lse, self.meta)
