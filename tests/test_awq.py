@@ -23,6 +23,15 @@ from triton_script import run_interpreted, run_on_gpu
 
 # ---- the format -----------------------------------------------------------------------------------
 
+def random_awq_cuda(K: int, N: int, G: int, seed: int = 0):
+    """Random AWQ words, zeros and scales on CUDA, and the dequantized weight [K, N]."""
+    g = torch.Generator().manual_seed(seed)
+    qw = pack(torch.randint(0, 16, (K, N), generator=g)).cuda()
+    qz = pack(torch.randint(0, 16, (K // G, N), generator=g)).cuda()
+    scales = (torch.rand(K // G, N, generator=g) * 0.002 + 0.0005).half().cuda()
+    return qw, qz, scales, dequantize(qw, qz, scales, G)
+
+
 def test_pack_hand_example():
     """Slot i (bits 4i..4i+3) holds column PACK_ORDER[i] = [0, 2, 4, 6, 1, 3, 5, 7][i]."""
     codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8],     # slots hold 1,3,5,7,2,4,6,8 -> 0x86427531
@@ -411,14 +420,9 @@ def test_skinny_kernel_cuda_graph_replay():
     are zero again after every replay, the partial buffer is the graph pool's."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA")
-    from nanovllm.layers.awq_format import dequantize, pack
     from nanovllm.layers.awq_skinny import SkinnyConfig, skinny_gemm
-    g = torch.Generator().manual_seed(0)
     K, N, G = 4096, 4096, 128
-    qw = pack(torch.randint(0, 16, (K, N), generator=g)).cuda()
-    qz = pack(torch.randint(0, 16, (K // G, N), generator=g)).cuda()
-    scales = (torch.rand(K // G, N, generator=g) * 0.002 + 0.0005).half().cuda()
-    w = dequantize(qw, qz, scales, G)
+    qw, qz, scales, w = random_awq_cuda(K, N, G)
     for M in (1, 8):
         x = torch.randn(M, K, device="cuda").bfloat16()
         config = SkinnyConfig(64, 128, 8)
@@ -652,12 +656,8 @@ def test_gemlite_cuda_graph_replay():
     refused at capture (gemlite's autotuner would benchmark inside it)."""
     _need_gemlite()
     from nanovllm.layers.awq_gemlite import GemliteAWQ
-    g = torch.Generator().manual_seed(0)
     K, N, G = 4096, 4096, 128
-    qw = pack(torch.randint(0, 16, (K, N), generator=g)).cuda()
-    qz = pack(torch.randint(0, 16, (K // G, N), generator=g)).cuda()
-    scales = (torch.rand(K // G, N, generator=g) * 0.002 + 0.0005).half().cuda()
-    w = dequantize(qw, qz, scales, G)
+    qw, qz, scales, w = random_awq_cuda(K, N, G)
     layer = GemliteAWQ(qw, qz, scales, G, torch.bfloat16)
     for M in (1, 8):
         x = torch.randn(M, K, device="cuda").bfloat16()
