@@ -5,9 +5,11 @@
 
 1. prefill backend: fa2 vs fa3 (auto) on causal prompt batches;
 2. decode: tensor cores on/off and page sizes 16/32/64;
-3. cascade vs regular decode over a grid of groups x requests x shared length (page 16), with
-   FlashInferCascadeAttention in CUDA-graph mode as the engine runs it, and a least-squares
-   fit of nanovllm/cascade/cost_model.py's coefficients.
+3. cascade vs regular decode over a training grid of groups x requests x shared length (page 16;
+   56 shapes) and 16 held-out shapes, with FlashInferCascadeAttention in CUDA-graph mode as the
+   engine runs it (shared levels on the kernel it picks), a least-squares fit of
+   nanovllm/cascade/cost_model.py's coefficients per shared-level kernel on the training grid, and the
+   held-out errors (`--only cascade`; `--quick`: a quarter of it).
 """
 import argparse
 import json
@@ -160,53 +162,103 @@ def decode_kernels(quick):
         print(f"| {label} | " + " | ".join(f"{r:.3f} ({gbytes / r:.2f})" for r in res) + " |")
 
 
+def cascade_shapes(quick):
+    """(groups, requests per group, shared tokens): a training grid over the range the engine meets
+    (rows per group 2-1024, shared 256-64k tokens, 1-256 groups, at most 1024 rows and 2M KV tokens a
+    layer) and a held-out set of seeded off-grid shapes."""
+    fits = lambda g, r, s: g * r <= 1024 and g * s + g * r * 256 <= 2_000_000  # noqa: E731
+    train = [(g, r, s) for g in (1, 4, 16, 64, 256) for r in (2, 8, 32, 128, 1024) for s in (256, 2048, 16384, 65536)
+             if fits(g, r, s)]
+    rng = np.random.default_rng(1)
+    held_out = []
+    while len(held_out) < 16:
+        shape = (int(rng.choice([2, 3, 6, 12, 24, 48, 96])), int(rng.choice([3, 5, 12, 24, 48, 96, 200])),
+                 int(rng.choice([512, 1008, 4096, 12000, 30000])))
+        if fits(*shape) and shape not in held_out:
+            held_out.append(shape)
+    return (train[::4], held_out[:4]) if quick else (train, held_out)
+
+
+def cascade_sample(groups, per, shared, page=16, unique=256):
+    """One decode layer of groups x per requests sharing `shared` tokens a group, each with `unique`
+    tokens of its own: regular decode and cascade as the engine's graphs run them (shared levels on
+    the kernel the engine picks, without split-kv, the first on a side stream). -> CostSample."""
+    from nanovllm.cascade.cost_model import CostSample
+    bs = groups * per
+    shared_pages, own = shared // page, unique // page
+    kc, vc = cache(groups * shared_pages + bs * own + 8, page)
+    table = np.zeros((bs, shared_pages + own), np.int32)
+    for g in range(groups):
+        for r in range(per):
+            row = g * per + r
+            table[row, :shared_pages] = np.arange(g * shared_pages, (g + 1) * shared_pages)
+            start = groups * shared_pages + row * own
+            table[row, shared_pages:] = np.arange(start, start + own)
+    plan = plan_cascade(table, np.full(bs, shared_pages * page + unique, np.int32), np.ones(bs, np.int32), page,
+                        max_levels=3)
+    q = torch.randn(bs, HQ, D, device="cuda", dtype=DT)
+    n = table.shape[1]
+    ind = torch.arange(0, bs * n + 1, n, dtype=torch.int32)
+    idx = torch.from_numpy(table.reshape(-1).copy())
+    last = torch.full((bs,), page, dtype=torch.int32)
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        WS, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=ind.cuda(),
+        paged_kv_indices_buffer=idx.cuda(), paged_kv_last_page_len_buffer=last.cuda())
+    w.plan(ind, idx, last, HQ, HKV, D, page, q_data_type=DT, kv_data_type=DT)
+    regular = graphed(lambda: w.run(q, (kc, vc)))
+    backend = shared_level_backend(plan, HQ, HKV)
+    casc = FlashInferCascadeAttention(WS, len(plan.levels), HQ, HKV, D, page, DT, bs, backend="fa2",
+                                      use_cuda_graph=True, max_pages=int(table.size) + bs, decode_last_level=True,
+                                      shared_backend=backend, shared_split_kv=False, side_stream=SIDE,
+                                      shared_workspace=SIDE_WS)
+    casc.plan(plan)
+    cascade = graphed(lambda: casc.run(q, (kc, vc)))
+    del kc, vc
+    return CostSample.of(plan, page, backend, regular, cascade)
+
+
 def cascade_grid(quick):
-    page = 16
-    grid = [(64, 16, 2048), (1, 1024, 8192), (1, 256, 8192), (32, 16, 2048), (256, 2, 1024), (8, 32, 512),
-            (16, 8, 256), (1, 32, 1024), (4, 64, 4096), (128, 4, 512), (1, 16, 16384), (64, 8, 1024)]
-    if quick:
-        grid = grid[:4]
-    unique = 256
-    print(f"\n### Cascade vs regular decode, one layer, CUDA graphs, page {page}, {unique} unique tokens per request\n\n"
-          "| groups x requests | shared | regular ms | cascade ms | speed-up | shared levels on |\n|---|---|---|---|---|---|")
-    samples = []
-    for groups, per, shared in grid:
-        bs = groups * per
-        shared_pages, own = shared // page, unique // page
-        total_pages = groups * shared_pages + bs * own + 8
-        kc, vc = cache(total_pages, page)
-        table = np.zeros((bs, shared_pages + own), np.int32)
-        for g in range(groups):
-            for r in range(per):
-                row = g * per + r
-                table[row, :shared_pages] = np.arange(g * shared_pages, (g + 1) * shared_pages)
-                start = groups * shared_pages + row * own
-                table[row, shared_pages:] = np.arange(start, start + own)
-        kv_lens = np.full(bs, shared + unique, np.int32)
-        q_lens = np.ones(bs, np.int32)
-        plan = plan_cascade(table, kv_lens, q_lens, page, max_levels=3)
-        q = torch.randn(bs, HQ, D, device="cuda", dtype=DT)
-        # regular
-        n = table.shape[1]
-        ind = torch.arange(0, bs * n + 1, n, dtype=torch.int32)
-        idx = torch.from_numpy(table.reshape(-1).copy())
-        last = torch.full((bs,), page, dtype=torch.int32)
-        w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            WS, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=ind.cuda(),
-            paged_kv_indices_buffer=idx.cuda(), paged_kv_last_page_len_buffer=last.cuda())
-        w.plan(ind, idx, last, HQ, HKV, D, page, q_data_type=DT, kv_data_type=DT)
-        regular = graphed(lambda: w.run(q, (kc, vc)))
-        # As the engine's graphs run it: shared levels on the kernel the engine picks, without split-kv,
-        # the first one on a side stream beside the per-request level.
-        casc = FlashInferCascadeAttention(WS, len(plan.levels), HQ, HKV, D, page, DT, bs, backend="fa2",
-                                          use_cuda_graph=True, max_pages=int(table.size) + bs, decode_last_level=True,
-                                          shared_backend=shared_level_backend(plan), shared_split_kv=False,
-                                          side_stream=SIDE, shared_workspace=SIDE_WS)
-        casc.plan(plan)
-        cascade = graphed(lambda: casc.run(q, (kc, vc)))
-        samples.append((plan, regular, cascade))
-        print(f"| {groups} x {per} | {shared} | {regular:.3f} | {cascade:.3f} | {regular / cascade:.2f} | {shared_level_backend(plan)} |")
-    return samples, page
+    train, held_out = cascade_shapes(quick)
+    print("\n### Cascade vs regular decode, one layer, CUDA graphs, page 16, 256 own tokens a request\n\n"
+          "| set | groups x requests | shared | regular ms | cascade ms | speed-up | shared levels on |\n"
+          "|---|---|---|---|---|---|---|")
+    samples = {"train": [], "held-out": []}
+    for name, shapes in (("train", train), ("held-out", held_out)):
+        for groups, per, shared in shapes:
+            s = cascade_sample(groups, per, shared)
+            samples[name].append(((groups, per, shared), s))
+            print(f"| {name} | {groups} x {per} | {shared} | {s.regular_ms:.4f} | {s.cascade_ms:.4f} | "
+                  f"{s.regular_ms / s.cascade_ms:.2f} | {s.backend} |")
+    return samples
+
+
+def fit(samples):
+    """Fit nanovllm/cascade/cost_model.py on the training grid; report the held-out errors, how often
+    the model's decision (cascade when predicted >= 10% faster) matches the measured faster one, and the
+    coefficients as code."""
+    from nanovllm.cascade.cost_model import fit_cost_model, relative_errors
+    model = fit_cost_model([s for _, s in samples["train"]])
+    for name in ("train", "held-out"):
+        rows = samples[name]
+        errs = relative_errors(model, [s for _, s in rows])
+        print(f"\n#### {name}: predicted vs measured\n\n| groups x requests x shared | kernel | regular ms (pred) | "
+              f"cascade ms (pred) | error reg / casc |\n|---|---|---|---|---|")
+        agree = 0
+        for (shape, s), (er, ec) in zip(rows, errs):
+            pr = model.regular_fixed_ms + model.regular_per_token_ms * s.regular_tokens
+            pc = model.cascade[s.backend].ms(s.levels, s.cascade_tokens, s.qk_tokens)
+            agree += (pc < model.margin * pr) == (s.cascade_ms < s.regular_ms)
+            print(f"| {' x '.join(map(str, shape))} | {s.backend} | {s.regular_ms:.4f} ({pr:.4f}) | {s.cascade_ms:.4f} "
+                  f"({pc:.4f}) | {100 * er:.1f}% / {100 * ec:.1f}% |")
+        flat = np.array(errs)
+        print(f"\n{name}: regular error median {100 * np.median(flat[:, 0]):.1f}% max {100 * flat[:, 0].max():.1f}%; "
+              f"cascade error median {100 * np.median(flat[:, 1]):.1f}% max {100 * flat[:, 1].max():.1f}%; "
+              f"decision agrees with the measured faster choice on {agree} of {len(rows)}")
+    print("\n# cost_model.py coefficients (fitted):")
+    print(f"    regular_fixed_ms: float = {model.regular_fixed_ms:.4g}")
+    print(f"    regular_per_token_ms: float = {model.regular_per_token_ms:.4g}")
+    for name, c in model.cascade.items():
+        print(f"    {name!r}: LevelCosts({c.fixed_ms:.4g}, {c.per_token_ms:.4g}, {c.per_qk_ms:.4g}),")
 
 
 def cascade_backends(quick):
@@ -372,25 +424,9 @@ def triton_shared(quick):
         ms, o, _ = tri(*shape, *best, sp, 256)
         print(f"| {' x '.join(map(str, shape))} | {f:.3f} | {fs:.3f} | {ms:.3f} ({(o.float() - fo.float()).abs().max().item():.2g}) | {sp} |")
 
-def fit(samples, page):
-    from nanovllm.cascade.cost_model import shared_qk_pages
-    reg_x = np.array([[1.0, p.regular_kv_pages * page] for p, _, _ in samples])
-    reg_y = np.array([r for _, r, _ in samples])
-    cas_x = np.array([[len(p.levels), p.cascade_kv_pages * page, shared_qk_pages(p) * page] for p, _, _ in samples])
-    cas_y = np.array([c for _, _, c in samples])
-    reg_coef = np.linalg.lstsq(reg_x, reg_y, rcond=None)[0]
-    cas_coef = np.linalg.lstsq(cas_x, cas_y, rcond=None)[0]
-    print("\nfitted: regular_fixed_ms=%.4g regular_per_token_ms=%.4g" % tuple(reg_coef))
-    print("fitted: cascade_fixed_ms(per level)=%.4g cascade_per_token_ms=%.4g cascade_per_qk_ms=%.4g" % tuple(cas_coef))
-    print("\n| case | regular ms | predicted | cascade ms | predicted |\n|---|---|---|---|---|")
-    for (p, r, c), rx, cx in zip(samples, reg_x, cas_x):
-        print(f"| {p.num_rows} rows, {p.groups_per_level} groups | {r:.3f} | {rx @ reg_coef:.3f} | {c:.3f} | {cx @ cas_coef:.3f} |")
-    print(json.dumps(dict(regular=reg_coef.tolist(), cascade=cas_coef.tolist())))
-
-
 SECTIONS = {"prefill": prefill_backends, "decode": decode_options, "decode-kernels": decode_kernels,
             "levels": cascade_backends, "triton-shared": triton_shared, "layout": kv_layouts,
-            "cascade": lambda quick: fit(*cascade_grid(quick))}
+            "cascade": lambda quick: fit(cascade_grid(quick))}
 
 
 def main():

@@ -1,4 +1,6 @@
-"""The policy's cached decode plans equal full plans while the batch decodes on."""
+"""The policy's cached decode plans equal full plans while the batch decodes on; the cost model's
+kernel choice and fit."""
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -89,3 +91,41 @@ def test_shared_level_backend_follows_the_sweep():
     # Under tensor parallelism a rank has half the heads: fa3 gets half the CTAs.
     assert choice(8, 128, 8, 4) == "fa3" and choice(4, 128, 8, 4) == "triton-wide"
     assert shared_level_backend(SimpleNamespace(num_rows=64, groups_per_level=[1], shared_backend="fa2")) == "fa2"
+
+
+def test_cost_model_fit_recovers_per_kernel_lines_and_reports_held_out_error():
+    """fit_cost_model on synthetic measurements made from known lines (2% noise): every kernel's line
+    comes back, and the held-out samples are predicted within the noise."""
+    from nanovllm.cascade.cost_model import CostSample, LevelCosts, fit_cost_model, relative_errors
+    truth = {"triton": LevelCosts(0.010, 9e-7, 2e-9), "triton-wide": LevelCosts(0.012, 6e-7, 4e-9),
+             "fa3": LevelCosts(0.020, 4e-7, 8e-10)}
+    rng = np.random.default_rng(0)
+
+    def sample(backend):
+        levels = int(rng.integers(2, 4))
+        regular, cascade = int(rng.integers(1e4, 3e6)), int(rng.integers(1e4, 1e6))
+        qk = int(rng.integers(1e4, 5e7))
+        noise = lambda: 1 + rng.normal(0, 0.02)  # noqa: E731
+        return CostSample(backend, levels, regular, cascade, qk, (0.05 + 4e-7 * regular) * noise(),
+                          truth[backend].ms(levels, cascade, qk) * noise())
+    train = [sample(b) for b in truth for _ in range(12)]
+    held_out = [sample(b) for b in truth for _ in range(5)]
+    model = fit_cost_model(train)
+    for name, want in truth.items():
+        got = model.cascade[name]
+        assert abs(got.per_token_ms - want.per_token_ms) < 0.15 * want.per_token_ms, (name, got)
+        assert abs(got.per_qk_ms - want.per_qk_ms) < 0.3 * want.per_qk_ms, (name, got)  # the smaller term
+    errors = relative_errors(model, held_out)
+    assert max(max(e) for e in errors) < 0.10, errors
+    # One line for every kernel (the pre-session-6 model) misses the kernels' differences.
+    as_one = lambda samples: [dataclasses.replace(s, backend="triton") for s in samples]  # noqa: E731
+    one_line = fit_cost_model(as_one(train))
+    assert max(e[1] for e in relative_errors(one_line, as_one(held_out))) > 0.10
+
+
+def test_cost_model_kernel_choice_follows_the_config():
+    from nanovllm.cascade.cost_model import CascadeCostModel
+    plan = SimpleNamespace(num_rows=8 * 128, groups_per_level=[8])   # fa3's shape under auto
+    assert CascadeCostModel().backend(plan) == "fa3"
+    assert CascadeCostModel(shared_backend="auto-fp8").backend(plan) == "fa2"   # fp8 KV: no fa3
+    assert CascadeCostModel(shared_backend="triton").backend(plan) == "triton"

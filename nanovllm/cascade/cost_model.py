@@ -3,11 +3,16 @@
 Regular paged decode reads every request's KV: time ~ fixed + per_token * (tokens read).
 Cascade reads each shared run once per group, but launches one kernel per level plus merges and
 does more work per KV token (a group's queries all meet the shared KV): time ~ fixed_per_level
-* levels + per_token * (tokens read by the plan) + per_qk * (query rows x shared tokens).
-Coefficients are fitted to measurements on the H200 (claude_docs/cascade.md has the table and the
-command); the engine uses cascade only when the model predicts it faster by a margin.
+* levels + per_token * (tokens read by the plan) + per_qk * (query rows x shared tokens), with
+coefficients of their own for each shared-level kernel (the Triton tiles stream bytes, fa3 is
+tensor-core bound: one line cannot fit both). Coefficients are fitted to measurements on the H200
+(`python scripts/bench_kernels.py --only cascade` measures a training grid and a held-out grid,
+fits with `fit_cost_model` and prints the held-out errors; claude_docs/cascade.md has the tables);
+the engine uses cascade only when the model predicts it faster by a margin.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 
 def shared_qk_pages(plan) -> int:
@@ -20,28 +25,99 @@ def shared_qk_pages(plan) -> int:
 
 
 @dataclass(frozen=True)
+class CostSample:
+    """One measured decode layer: the plan's features (tokens, not pages), its shared-level kernel,
+    and the two measured times."""
+    backend: str
+    levels: int
+    regular_tokens: int
+    cascade_tokens: int
+    qk_tokens: int
+    regular_ms: float
+    cascade_ms: float
+
+    @classmethod
+    def of(cls, plan, page_size: int, backend: str, regular_ms: float, cascade_ms: float) -> "CostSample":
+        return cls(backend, len(plan.levels), plan.regular_kv_pages * page_size, plan.cascade_kv_pages * page_size,
+                   shared_qk_pages(plan) * page_size, regular_ms, cascade_ms)
+
+
+@dataclass(frozen=True)
+class LevelCosts:
+    fixed_ms: float         # per level (a launch, a plan, a merge)
+    per_token_ms: float     # per KV token the plan reads
+    per_qk_ms: float        # per (query row x shared KV token)
+
+    def ms(self, levels: int, cascade_tokens: int, qk_tokens: int) -> float:
+        return self.fixed_ms * levels + self.per_token_ms * cascade_tokens + self.per_qk_ms * qk_tokens
+
+
+# Session 3's fit on the H200 (Qwen3-0.6B heads, page 16, CUDA graphs, shared levels on the 16-row
+# Triton tile or fa3): one set for every kernel until bench_kernels.py --only cascade refits them per
+# kernel (claude_docs/cascade.md).
+SESSION3_COSTS = LevelCosts(0.0143, 8.92e-7, 1.30e-8)
+
+
+def _default_costs() -> dict:
+    return {"triton": SESSION3_COSTS, "triton-wide": SESSION3_COSTS, "fa3": SESSION3_COSTS, "fa2": SESSION3_COSTS}
+
+
+@dataclass(frozen=True)
 class CascadeCostModel:
-    # Fitted by scripts/bench_kernels.py --only cascade on the H200 (Qwen3-0.6B heads, page 16, CUDA
-    # graphs, cascade as the engine runs it: shared levels on the Triton kernel or fa3, the per-request
-    # level on the decode kernel); table in claude_docs/cascade.md. Regular decode's per-token cost is
-    # low because shared pages hit L2 across requests.
+    # Regular decode's per-token cost is low because shared pages hit L2 across requests.
     regular_fixed_ms: float = 0.0781
     regular_per_token_ms: float = 4.25e-7
-    cascade_fixed_ms: float = 0.0143        # per level (a launch, a plan, a merge)
-    cascade_per_token_ms: float = 8.92e-7
-    cascade_per_qk_ms: float = 1.30e-8      # per (query row x shared KV token)
+    cascade: dict = field(default_factory=_default_costs)   # shared-level kernel -> LevelCosts
     margin: float = 0.9                     # cascade must be predicted >= 10% faster
+    num_qo_heads: int = 16                  # a rank's heads: they decide the shared-level kernel
+    num_kv_heads: int = 8
+    shared_backend: str = "auto"            # the configured kernel; "auto": shared_level_backend's pick,
+                                            # "auto-fp8": the same with fa2 for fa3 (an fp8 KV cache)
+
+    def backend(self, plan) -> str:
+        if not self.shared_backend.startswith("auto"):
+            return self.shared_backend
+        choice = shared_level_backend(plan, self.num_qo_heads, self.num_kv_heads)
+        return "fa2" if choice == "fa3" and self.shared_backend == "auto-fp8" else choice
 
     def regular_ms(self, plan, page_size: int) -> float:
         return self.regular_fixed_ms + self.regular_per_token_ms * plan.regular_kv_pages * page_size
 
     def cascade_ms(self, plan, page_size: int) -> float:
-        return (self.cascade_fixed_ms * len(plan.levels)
-                + self.cascade_per_token_ms * plan.cascade_kv_pages * page_size
-                + self.cascade_per_qk_ms * shared_qk_pages(plan) * page_size)
+        costs = self.cascade.get(self.backend(plan), SESSION3_COSTS)
+        return costs.ms(len(plan.levels), plan.cascade_kv_pages * page_size, shared_qk_pages(plan) * page_size)
 
     def worth_it(self, plan, page_size: int) -> bool:
         return self.cascade_ms(plan, page_size) < self.margin * self.regular_ms(plan, page_size)
+
+
+def fit_cost_model(samples: list[CostSample], min_samples: int = 4) -> CascadeCostModel:
+    """Least squares: the regular line over every sample; the cascade line per shared-level kernel
+    over its samples (a kernel with fewer than min_samples keeps the all-kernel fit). Coefficients are
+    clipped at 0 (a negative cost is noise)."""
+    x = np.array([[1.0, s.regular_tokens] for s in samples])
+    reg = np.clip(np.linalg.lstsq(x, np.array([s.regular_ms for s in samples]), rcond=None)[0], 0, None)
+
+    def line(subset):
+        a = np.array([[s.levels, s.cascade_tokens, s.qk_tokens] for s in subset], dtype=float)
+        return LevelCosts(*np.clip(np.linalg.lstsq(a, np.array([s.cascade_ms for s in subset]), rcond=None)[0],
+                                   0, None).tolist())
+    every = line(samples)
+    costs = _default_costs()
+    for name in costs:
+        subset = [s for s in samples if s.backend == name]
+        costs[name] = line(subset) if len(subset) >= min_samples else every
+    return CascadeCostModel(float(reg[0]), float(reg[1]), costs)
+
+
+def relative_errors(model: CascadeCostModel, samples: list[CostSample]) -> list[tuple[float, float]]:
+    """(regular, cascade) |predicted - measured| / measured of each sample."""
+    out = []
+    for s in samples:
+        reg = model.regular_fixed_ms + model.regular_per_token_ms * s.regular_tokens
+        cas = model.cascade.get(s.backend, SESSION3_COSTS).ms(s.levels, s.cascade_tokens, s.qk_tokens)
+        out.append((abs(reg - s.regular_ms) / s.regular_ms, abs(cas - s.cascade_ms) / s.cascade_ms))
+    return out
 
 
 class AlwaysCascade:

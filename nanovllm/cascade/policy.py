@@ -8,6 +8,7 @@ for a full plan (prefill steps and changed batches still get one).
 import numpy as np
 import torch
 
+from nanovllm.attention.kv_quant import is_fp8
 from nanovllm.cascade.cost_model import AlwaysCascade, CascadeCostModel
 from nanovllm.cascade.planner import CascadeLevel, CascadePlan, plan_cascade
 
@@ -16,13 +17,24 @@ from nanovllm.cascade.planner import CascadeLevel, CascadePlan, plan_cascade
 MIN_SHARED_TOKENS = 64
 
 
+def cost_model_for(config) -> CascadeCostModel:
+    """The cost model with a rank's heads (they pick the shared-level kernel) and the configured kernel
+    (fa3 reads no fp8 KV with bf16 queries: the backend runs fa2 there, flashinfer_backend.shared_kernel)."""
+    tp, hf = config.tensor_parallel_size, config.hf_config
+    heads, kv_heads = hf.num_attention_heads // tp, max(1, hf.num_key_value_heads // tp)
+    shared = config.cascade_shared_backend
+    if is_fp8(config.kv_dtype) and shared == "auto":
+        return CascadeCostModel(num_qo_heads=heads, num_kv_heads=kv_heads, shared_backend="auto-fp8")
+    return CascadeCostModel(num_qo_heads=heads, num_kv_heads=kv_heads, shared_backend=shared)
+
+
 class CascadePolicy:
 
     def __init__(self, config):
         self.page_size = config.kvcache_block_size
         self.max_levels = config.cascade_max_levels
         self.fixed_len = config.cascade_shared_prefix_len or None
-        self.cost_model = CascadeCostModel() if config.attention_backend == "flashinfer" else AlwaysCascade()
+        self.cost_model = cost_model_for(config) if config.attention_backend == "flashinfer" else AlwaysCascade()
         self.min_group_size = 2
         self.min_shared_pages = max(1, MIN_SHARED_TOKENS // self.page_size)
         self._decode_key = None   # seq ids of the last decode batch planned in full
