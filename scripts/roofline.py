@@ -44,9 +44,10 @@ def model_shape(model: str | None = None, preset: str | None = None) -> dict:
     return build_config(preset, None, {})[0].to_dict()
 
 
-def shape_costs(cfg: dict, bytes_per_value: int = 2) -> dict:
+def shape_costs(cfg: dict, bytes_per_value: int = 2, kv_bytes_per_value: int | None = None) -> dict:
     """Bytes and FLOPs per token of a decoder config: weights read by a decode step, matmul parameters
-    (FLOPs per token = 2x), KV bytes per token, attention FLOPs per query-key pair."""
+    (FLOPs per token = 2x), KV bytes per token (kv_bytes_per_value: 1 for an fp8 cache; default the
+    weights'), attention FLOPs per query-key pair."""
     h, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim") or h // heads
@@ -70,7 +71,7 @@ def shape_costs(cfg: dict, bytes_per_value: int = 2) -> dict:
     return dict(weight_bytes=weights * bytes_per_value,
                 matmul_params=layers * attn + sum(mlp_active),  # per token, without the lm_head
                 lm_head_params=lm_head,
-                kv_bytes_per_token=2 * layers * kv_heads * hd * bytes_per_value,
+                kv_bytes_per_token=2 * layers * kv_heads * hd * (kv_bytes_per_value or bytes_per_value),
                 attn_flops_per_pair=4 * heads * hd * layers,
                 embedding_params=vocab * h * (1 if cfg.get("tie_word_embeddings") else 2))
 
@@ -177,14 +178,14 @@ def floor(costs: dict, requests: list[tuple[list[int], int]], max_num_seqs: int,
 def workload_floor(workload: str, cfg: dict, cascade: bool = True, bytes_per_value: int = 2,
                    bandwidth_tb_s: float = 4.3, gemm_tflops: float = 700, attention_tflops: float = 450,
                    hbm_gb: float = 141, memory_utilization: float = 0.9, max_num_seqs: int | None = None,
-                   page: int = 16) -> dict:
+                   page: int = 16, kv_bytes_per_value: int | None = None) -> dict:
     """bench.py's `workload` (one generate call) on the model `cfg`: see floor()."""
     make, engine = benchmark.WORKLOADS[workload]
     made = make(min(10000, cfg["vocab_size"] - 1))
     if not isinstance(made, tuple):
         raise ValueError(f"{workload} runs several generate calls; the floor models one")
     prompts, params = made
-    costs = shape_costs(cfg, bytes_per_value)
+    costs = shape_costs(cfg, bytes_per_value, kv_bytes_per_value)
     kv_budget = hbm_gb * 1e9 * memory_utilization - costs["weight_bytes"]
     seqs = max_num_seqs or engine.get("max_num_seqs", 512)
     result = floor(costs, [(p, s.max_tokens) for p, s in zip(prompts, params)], seqs, cascade,
@@ -212,13 +213,17 @@ def main(argv=None):
     p.add_argument("--memory-utilization", type=float, default=0.9)
     p.add_argument("--max-num-seqs", type=int, help="default: the workload's engine config (else 512)")
     p.add_argument("--bytes-per-value", type=int, default=2, help="weights and KV (bf16: 2)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8_e4m3", "fp8"], default="auto",
+                   help="fp8_e4m3: one byte a KV value (bench.py --kv-cache-dtype); auto: --bytes-per-value")
     p.add_argument("--bench", help="bench.py --json file or line: print measured seconds / floor seconds")
     args = p.parse_args(argv)
+    fp8 = args.kv_cache_dtype != "auto"
     cfg = model_shape(args.model, args.preset)
     r = workload_floor(args.workload, cfg, not args.no_cascade, args.bytes_per_value, args.bandwidth_tb_s,
                        args.gemm_tflops, args.attention_tflops, args.hbm_gb, args.memory_utilization,
-                       args.max_num_seqs)
-    print(f"{args.workload} ({args.model or args.preset}, cascade {'on' if r['cascade'] else 'off'}): floor "
+                       args.max_num_seqs, kv_bytes_per_value=1 if fp8 else None)
+    kv = ", fp8 KV" if fp8 else ""
+    print(f"{args.workload} ({args.model or args.preset}, cascade {'on' if r['cascade'] else 'off'}{kv}): floor "
           f"{r['seconds']:.2f} s = prefill {r['prefill_s']:.2f} + decode {r['decode_s']:.2f}; "
           f"{r['output_tok_s']:,.0f} output tok/s")
     print(f"  per decode step {r['bytes_per_decode_step'] / 1e9:.2f} GB (weights {r['weight_bytes_per_step'] / 1e9:.2f}, "
@@ -226,7 +231,8 @@ def main(argv=None):
           f"{r['decode_steps']} steps; prefill {r['prefill_tokens']:,} tokens ({r['cached_prompt_tokens']:,} cached)")
     if args.bench:
         for m in read_bench(args.bench):
-            if m.get("workload") == args.workload and bool(m.get("cascade")) == r["cascade"]:
+            if (m.get("workload") == args.workload and bool(m.get("cascade")) == r["cascade"]
+                    and (m.get("kv_cache_dtype", "auto") != "auto") == fp8):
                 r.setdefault("measured", []).append(m)
                 print(f"  measured {m['seconds']:.2f} s, {m['output_tok_s']:,.0f} tok/s ({m.get('gpu', '?')}): "
                       f"{r['seconds'] / m['seconds']:.1%} of the floor's speed")

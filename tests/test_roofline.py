@@ -99,3 +99,17 @@ def test_main_prints_fraction_of_the_floor(capsys, tmp_path):
     r2 = roofline.main(["--preset", "qwen3-0.6b", "--workload", "w5", "--bench", json.dumps(line),
                         "--bandwidth-tb-s", "8.6"])
     assert r2["decode_s"] == pytest.approx(r["decode_s"] / 2, rel=0.01)
+
+
+def test_fp8_kv_halves_the_kv_bytes_and_matches_fp8_runs_only(qwen06, tmp_path):
+    """--kv-cache-dtype fp8: one byte a KV value (weights stay bf16); --bench pairs fp8 runs with it."""
+    cfg, _, _ = qwen06
+    bf16, fp8 = roofline.shape_costs(cfg), roofline.shape_costs(cfg, 2, 1)
+    assert fp8["kv_bytes_per_token"] * 2 == bf16["kv_bytes_per_token"] == 114_688
+    assert fp8["weight_bytes"] == bf16["weight_bytes"]
+    line = dict(workload="w5", cascade=True, seconds=4.3, output_tok_s=15244.0, gpu="H200")
+    bench = tmp_path / "b.jsonl"
+    bench.write_text(json.dumps({**line, "kv_cache_dtype": "fp8_e4m3"}) + "\n" + json.dumps({**line, "seconds": 3.6}) + "\n")
+    r = roofline.main(["--preset", "qwen3-0.6b", "--workload", "w5", "--kv-cache-dtype", "fp8", "--bench", str(bench)])
+    assert [m["seconds"] for m in r["measured"]] == [4.3]
+    assert r["bytes_per_decode_step"] == pytest.approx(1.19e9 + 13.41e9 / 2 - 1.19e9 / 2, rel=0.01)
