@@ -222,6 +222,22 @@ def test_config_accepts_fp8_and_refuses_other_kv_dtypes(tiny_model):
                cascade_shared_backend="fa3")
 
 
+@pytest.mark.parametrize("capability, refused", [((8, 0), True), ((8, 6), True), ((8, 9), False), ((9, 0), False)])
+def test_config_refuses_fp8_on_gpus_without_triton_fp8(trained_model, monkeypatch, capability, refused):
+    """Triton compiles its fp8e4nv (the stores, the shared-level kernel) only for sm_89+: an A100 is
+    refused when the config is made, not at the first step; the torch backend (no Triton) is not."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    fp8 = dict(device="cuda", dtype="bfloat16", kv_cache_dtype="fp8", enforce_eager=True)
+    if refused:
+        with pytest.raises(ValueError, match=f"compute capability 8.9 .* is {capability[0]}.{capability[1]}"):
+            Config(trained_model, attention_backend="flashinfer", **fp8)
+    else:
+        assert Config(trained_model, attention_backend="flashinfer", **fp8).kv_dtype == FP8_DTYPE
+    assert Config(trained_model, attention_backend="torch", **fp8).kv_dtype == FP8_DTYPE
+    assert Config(trained_model, attention_backend="flashinfer", device="cuda", dtype="bfloat16").kv_dtype == torch.bfloat16
+
+
 def test_fp8_pages_are_a_quarter_of_float32_ones_and_fit_four_times_as_many(tiny_model, make_llm):
     assert block_bytes(4, 16, 2, 128, FP8_DTYPE) * 2 == block_bytes(4, 16, 2, 128, torch.bfloat16)
     budget = dict(cpu_kvcache_gb=0.002, max_num_seqs=64, max_model_len=1024)
