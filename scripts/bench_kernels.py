@@ -198,14 +198,15 @@ def cascade_grid(quick):
         regular = graphed(lambda: w.run(q, (kc, vc)))
         # As the engine's graphs run it: shared levels on the kernel the engine picks, without split-kv,
         # the first one on a side stream beside the per-request level.
+        shared_kernel = shared_level_backend(plan, HQ, HKV)
         casc = FlashInferCascadeAttention(WS, len(plan.levels), HQ, HKV, D, page, DT, bs, backend="fa2",
                                           use_cuda_graph=True, max_pages=int(table.size) + bs, decode_last_level=True,
-                                          shared_backend=shared_level_backend(plan), shared_split_kv=False,
+                                          shared_backend=shared_kernel, shared_split_kv=False,
                                           side_stream=SIDE, shared_workspace=SIDE_WS)
         casc.plan(plan)
         cascade = graphed(lambda: casc.run(q, (kc, vc)))
         samples.append((plan, regular, cascade))
-        print(f"| {groups} x {per} | {shared} | {regular:.3f} | {cascade:.3f} | {regular / cascade:.2f} | {shared_level_backend(plan)} |")
+        print(f"| {groups} x {per} | {shared} | {regular:.3f} | {cascade:.3f} | {regular / cascade:.2f} | {shared_kernel} |")
     return samples, page
 
 
