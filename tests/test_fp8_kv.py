@@ -465,21 +465,9 @@ def test_gpu_greedy_fp8_flashinfer_equals_fp8_torch_reference(trained_model):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("shared_backend", ["triton", "fa2", "auto"])
+@pytest.mark.parametrize("shared_backend", ["triton", "triton-wide", "fa2", "auto"])
 def test_gpu_greedy_fp8_cascade_on_equals_off(trained_model, shared_backend):
-    """fp8 cache, 64 requests behind four shared prefixes, cascade on every step it can (CUDA graphs)
-    vs off; 'auto' runs fa2 where the cost model picks fa3."""
-    from nanovllm.cascade.cost_model import AlwaysCascade
-    from test_gpu import assert_same_but_bf16_ties, reference_paths
-    from test_tiny_trained import MAX_TOKENS, shared_corpus_prompts
-    prompts = shared_corpus_prompts()
-    sp = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    common = dict(dtype="bfloat16", max_model_len=1024, max_num_seqs=128, num_kvcache_blocks=4096, kv_cache_dtype="fp8")
-    reference = reference_paths(LLM(trained_model, **common), prompts)
-    on = LLM(trained_model, enable_cascade_attention=True, cascade_shared_backend=shared_backend, **common)
-    on.step_builder.cascade.cost_model = AlwaysCascade()
-    got = [o["token_ids"] for o in on.generate(prompts, sp, use_tqdm=False)]
-    assert on.stats["cascade_steps"] > 0
-    assert_same_but_bf16_ties(reference, got, f"fp8 cascade ({shared_backend}) vs off")
-    bm = on.scheduler.block_manager
-    assert bm.num_free_blocks == bm.num_blocks
+    """fp8 cache: cascade on every step it can (CUDA graphs) vs off, on test_gpu's shared-prefix load;
+    'auto' runs fa2 where the cost model picks fa3."""
+    from test_gpu import assert_cascade_on_equals_off
+    assert_cascade_on_equals_off(trained_model, shared_backend, kv_cache_dtype="fp8")
