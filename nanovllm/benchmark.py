@@ -30,6 +30,7 @@ import tempfile
 import time
 
 from nanovllm import LLM, SamplingParams, StructuredOutput
+from nanovllm.attention.kv_quant import KV_CACHE_DTYPES
 
 
 def w1(top: int = 10000):
@@ -206,7 +207,7 @@ def main(argv=None):
     p.add_argument("--host-kv-cache-gb", dest="host_kvcache_gb", type=float,
                    help="host-memory KV tier per rank, GB (default 0: off)")
     p.add_argument("--schedule-policy", choices=["fcfs", "lpm", "dfs-weight", "random"])
-    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8_e4m3", "fp8"],
+    p.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES),
                    help="auto: the model dtype; fp8_e4m3 (fp8): 1-byte KV pages, twice as many (default auto)")
     p.add_argument("--host-kv-prefetch", action=argparse.BooleanOptionalAction, default=None,
                    help="restore waiting requests' host pages before admission (default on)")

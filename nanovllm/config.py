@@ -103,7 +103,16 @@ class Config:
         self.kv_dtype = kv_cache_torch_dtype(self.kv_cache_dtype, self.torch_dtype)  # the cache tensor's dtype
         if is_fp8(self.kv_dtype) and self.attention_backend == "flashinfer" and self.cascade_shared_backend == "fa3":
             raise ValueError("cascade_shared_backend='fa3' reads no fp8 KV cache with bf16 queries (FlashInfer's FA3 "
-                             "needs fp8 queries too): use auto, triton or fa2 with kv_cache_dtype='fp8_e4m3'")
+                             "needs fp8 queries too): use auto, triton, triton-wide or fa2 with kv_cache_dtype='fp8_e4m3'")
+        if is_fp8(self.kv_dtype) and self.attention_backend == "flashinfer" and self.device.startswith("cuda") \
+                and torch.cuda.is_available():
+            # The fp8 stores and the Triton shared-level kernel use Triton's fp8e4nv, which it compiles
+            # only for sm_89+ (Ada, Hopper and newer): an older GPU would fail at the first step, not here.
+            major, minor = torch.cuda.get_device_capability(torch.device(self.device))
+            if (major, minor) < (8, 9):
+                raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} needs a GPU of compute capability 8.9 or "
+                                 f"newer (Ada, Hopper and later) for its Triton fp8 kernels; this one is {major}.{minor}: "
+                                 f"use kv_cache_dtype='auto'")
         if self.attention_backend == "flashinfer" and self.torch_dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"FlashInfer attention runs in bfloat16 or float16, not {self.torch_dtype}: on a GPU, "
                              f"pass dtype='bfloat16', or attention_backend='torch' for {self.torch_dtype} (unfused "

@@ -90,7 +90,7 @@ def test_shared_level_backend_follows_the_sweep():
         assert choice(groups, rows) == want, (groups, rows)
     # Under tensor parallelism a rank has half the heads: fa3 gets half the CTAs.
     assert choice(8, 128, 8, 4) == "fa3" and choice(4, 128, 8, 4) == "triton-wide"
-    assert shared_level_backend(SimpleNamespace(num_rows=64, groups_per_level=[1], shared_backend="fa2")) == "fa2"
+    assert shared_level_backend(SimpleNamespace(num_rows=64, groups_per_level=[1], shared_backend="fa2"), 16, 8) == "fa2"
 
 
 def test_cost_model_fit_recovers_per_kernel_lines_and_reports_held_out_error():

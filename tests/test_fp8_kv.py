@@ -222,6 +222,22 @@ def test_config_accepts_fp8_and_refuses_other_kv_dtypes(tiny_model):
                cascade_shared_backend="fa3")
 
 
+@pytest.mark.parametrize("capability, refused", [((8, 0), True), ((8, 6), True), ((8, 9), False), ((9, 0), False)])
+def test_config_refuses_fp8_on_gpus_without_triton_fp8(trained_model, monkeypatch, capability, refused):
+    """Triton compiles its fp8e4nv (the stores, the shared-level kernel) only for sm_89+: an A100 is
+    refused when the config is made, not at the first step; the torch backend (no Triton) is not."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    fp8 = dict(device="cuda", dtype="bfloat16", kv_cache_dtype="fp8", enforce_eager=True)
+    if refused:
+        with pytest.raises(ValueError, match=f"compute capability 8.9 .* is {capability[0]}.{capability[1]}"):
+            Config(trained_model, attention_backend="flashinfer", **fp8)
+    else:
+        assert Config(trained_model, attention_backend="flashinfer", **fp8).kv_dtype == FP8_DTYPE
+    assert Config(trained_model, attention_backend="torch", **fp8).kv_dtype == FP8_DTYPE
+    assert Config(trained_model, attention_backend="flashinfer", device="cuda", dtype="bfloat16").kv_dtype == torch.bfloat16
+
+
 def test_fp8_pages_are_a_quarter_of_float32_ones_and_fit_four_times_as_many(tiny_model, make_llm):
     assert block_bytes(4, 16, 2, 128, FP8_DTYPE) * 2 == block_bytes(4, 16, 2, 128, torch.bfloat16)
     budget = dict(cpu_kvcache_gb=0.002, max_num_seqs=64, max_model_len=1024)
@@ -449,21 +465,9 @@ def test_gpu_greedy_fp8_flashinfer_equals_fp8_torch_reference(trained_model):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("shared_backend", ["triton", "fa2", "auto"])
+@pytest.mark.parametrize("shared_backend", ["triton", "triton-wide", "fa2", "auto"])
 def test_gpu_greedy_fp8_cascade_on_equals_off(trained_model, shared_backend):
-    """fp8 cache, 64 requests behind four shared prefixes, cascade on every step it can (CUDA graphs)
-    vs off; 'auto' runs fa2 where the cost model picks fa3."""
-    from nanovllm.cascade.cost_model import AlwaysCascade
-    from test_gpu import assert_same_but_bf16_ties, reference_paths
-    from test_tiny_trained import MAX_TOKENS, shared_corpus_prompts
-    prompts = shared_corpus_prompts()
-    sp = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    common = dict(dtype="bfloat16", max_model_len=1024, max_num_seqs=128, num_kvcache_blocks=4096, kv_cache_dtype="fp8")
-    reference = reference_paths(LLM(trained_model, **common), prompts)
-    on = LLM(trained_model, enable_cascade_attention=True, cascade_shared_backend=shared_backend, **common)
-    on.step_builder.cascade.cost_model = AlwaysCascade()
-    got = [o["token_ids"] for o in on.generate(prompts, sp, use_tqdm=False)]
-    assert on.stats["cascade_steps"] > 0
-    assert_same_but_bf16_ties(reference, got, f"fp8 cascade ({shared_backend}) vs off")
-    bm = on.scheduler.block_manager
-    assert bm.num_free_blocks == bm.num_blocks
+    """fp8 cache: cascade on every step it can (CUDA graphs) vs off, on test_gpu's shared-prefix load;
+    'auto' runs fa2 where the cost model picks fa3."""
+    from test_gpu import assert_cascade_on_equals_off
+    assert_cascade_on_equals_off(trained_model, shared_backend, kv_cache_dtype="fp8")

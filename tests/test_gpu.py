@@ -340,20 +340,24 @@ def test_greedy_flashinfer_equals_torch_reference(trained_model):
     assert bm.num_free_blocks == bm.num_blocks
 
 
-@pytest.mark.parametrize("shared_backend", ["triton", "triton-wide", "fa2", "fa3"])
-def test_greedy_cascade_on_equals_off_gpu(trained_model, shared_backend):
+def assert_cascade_on_equals_off(model: str, shared_backend: str, **engine):
     """64 requests behind four shared corpus prefixes (64-200 tokens, 5-45 requests a group), cascade on
-    every step it can (shared levels on each kernel in turn) vs off, CUDA graphs."""
+    every step it can (shared levels on `shared_backend`) vs off, CUDA graphs; `engine`: more LLM settings
+    for both (the fp8 cache in tests/test_fp8_kv.py)."""
     from nanovllm.cascade.cost_model import AlwaysCascade
     prompts = shared_corpus_prompts()
     sp = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    off = LLM(trained_model, dtype="bfloat16", max_model_len=1024, max_num_seqs=128, num_kvcache_blocks=4096)
-    reference = reference_paths(off, prompts)
-    on = LLM(trained_model, dtype="bfloat16", max_model_len=1024, max_num_seqs=128, enable_cascade_attention=True,
-             cascade_shared_backend=shared_backend, num_kvcache_blocks=4096)
+    common = dict(dtype="bfloat16", max_model_len=1024, max_num_seqs=128, num_kvcache_blocks=4096, **engine)
+    reference = reference_paths(LLM(model, **common), prompts)
+    on = LLM(model, enable_cascade_attention=True, cascade_shared_backend=shared_backend, **common)
     on.step_builder.cascade.cost_model = AlwaysCascade()
     got = [o["token_ids"] for o in on.generate(prompts, sp, use_tqdm=False)]
     assert on.stats["cascade_steps"] > 0
-    assert_same_but_bf16_ties(reference, got, f"cascade ({shared_backend}) vs off")
+    assert_same_but_bf16_ties(reference, got, f"cascade ({shared_backend}, {engine}) vs off")
     bm = on.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+@pytest.mark.parametrize("shared_backend", ["triton", "triton-wide", "fa2", "fa3"])
+def test_greedy_cascade_on_equals_off_gpu(trained_model, shared_backend):
+    assert_cascade_on_equals_off(trained_model, shared_backend)

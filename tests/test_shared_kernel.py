@@ -92,19 +92,22 @@ for hq, hkv, d, page, rows_per_group, splits, programs, block_rows in (
         assert err <= tol, (hq, dtype, splits, err)
         assert (lse.double().cpu() - want_lse).abs().max() <= tol * 10, (hq, dtype)
 
-# The wide tile narrows to 16 rows an item at GQA 8 (16 x 8 = one 128-row tile; 32 x 8 would not fit).
+# An item's rows x GQA heads fill one 128-row tile: the wide tile narrows to 16 rows at GQA 8 (32 x 8
+# would not fit), the 16-row tile to 8 rows at GQA 16 (Qwen3-235B's 64 / 4 heads).
 from nanovllm.cascade.shared_kernel import TILES as _TILES, TritonSharedLevel as _Level
-wide = _Level(40, (torch.empty(4096, 16, 32, device=device), torch.empty(4096, 16, device=device)),
-              tile=_TILES["triton-wide"])
-wide.plan(*(torch.tensor(a, dtype=torch.int32) for a in ([0, 40], [0, 2], [0, 1], [16])), 16, 2, 32, 16)
-assert wide.block_rows == 16 and wide.items[:, 1].max() == 16, wide.items
-q8 = torch.randn(40, 16, 32, device=device)
-kc8, vc8 = (torch.randn(4, 16, 2, 32, device=device) for _ in range(2))
-wide.run(q8, (kc8, vc8))
-out8, lse8 = torch.zeros(40, 16, 32, device=device), torch.full((40, 16), float("-inf"), device=device)
-wide.merge_into(out8, lse8)
-ref8, _ = reference(q8.cpu(), kc8.cpu(), vc8.cpu(), np.array([0, 40]), np.array([0, 2]), np.array([0, 1]), 32 ** -0.5)
-assert (out8.double().cpu() - ref8).abs().max() <= 1e-5
+for tile_name, hq8, rows8 in (("triton-wide", 16, 16), ("triton", 32, 8)):
+    wide = _Level(40, (torch.empty(4096, hq8, 32, device=device), torch.empty(4096, hq8, device=device)),
+                  tile=_TILES[tile_name])
+    wide.plan(*(torch.tensor(a, dtype=torch.int32) for a in ([0, 40], [0, 2], [0, 1], [16])), hq8, 2, 32, 16)
+    assert wide.block_rows == rows8 and wide.items[:, 1].max() == rows8, wide.items
+    q8 = torch.randn(40, hq8, 32, device=device)
+    kc8, vc8 = (torch.randn(4, 16, 2, 32, device=device) for _ in range(2))
+    wide.run(q8, (kc8, vc8))
+    out8, lse8 = torch.zeros(40, hq8, 32, device=device), torch.full((40, hq8), float("-inf"), device=device)
+    wide.merge_into(out8, lse8)
+    ref8, _ = reference(q8.cpu(), kc8.cpu(), vc8.cpu(), np.array([0, 40]), np.array([0, 2]), np.array([0, 1]),
+                        32 ** -0.5)
+    assert (out8.double().cpu() - ref8).abs().max() <= 1e-5, tile_name
 
 # TritonSharedLevel as FlashInferCascadeAttention drives it: plan() on host arrays (it picks the splits:
 # two here, for 1,280 shared tokens and few items), run(), merge_into() the running state.

@@ -7,8 +7,10 @@ ones, vLLM / llm-compressor naming). One byte a value halves the page, so twice 
 The writers (attention/triton_kv.py's kernel, layers/qk_norm_rope.py's fused kernel, and the CPU
 twin `quantize_fp8` below, used by attention/torch_backend.py) apply the rule; readers fold k_scale
 into the softmax scale (q . k * s = s * (q . k)) and multiply the output by v_scale (attention is
-linear in V, and so is the merge of cascade levels). Measurements: claude_docs/memory.md, "FP8 KV
-cache"."""
+linear in V, and so is the merge of cascade levels). The Triton writers and the shared-level kernel
+use Triton's fp8e4nv, compiled only for GPUs of compute capability 8.9+ (Ada, Hopper and later):
+config.py refuses an fp8 cache with FlashInfer on older ones. Measurements: claude_docs/memory.md,
+"FP8 KV cache"."""
 import re
 
 import torch

@@ -143,7 +143,9 @@ FA3_MIN_CTAS = 64            # about half an H200's 132 SMs
 SHARED_BACKENDS = ("triton", "triton-wide", "fa3")  # the choices below, one CUDA graph each
 
 
-def shared_level_backend(plan, num_qo_heads: int = 16, num_kv_heads: int = 8) -> str:
+def shared_level_backend(plan, num_qo_heads: int, num_kv_heads: int) -> str:
+    """The shared levels' kernel for a cascade plan over a rank's heads (their GQA ratio and kv heads
+    set fa3's CTA count)."""
     if getattr(plan, "shared_backend", None):  # set explicitly (CUDA-graph capture)
         return plan.shared_backend
     groups = max(plan.groups_per_level[0], 1)
