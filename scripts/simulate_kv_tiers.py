@@ -17,6 +17,13 @@ the H200's GPU-only W6 (measured 47.99 s, +7%) and 59.7 s for the old host-tier 
     python scripts/simulate_kv_tiers.py --host-pages 35700           # + host tier (64 GB at 0.6B pages)
     python scripts/simulate_kv_tiers.py --host-pages 35700 --policy lpm
     python scripts/simulate_kv_tiers.py --host-pages 35700 --no-prefetch --no-write-ahead
+
+The swap-or-recompute rule and the copy budget are the engine's (engine/copy_costs.py), fed the
+model's times as the engine feeds it the device's. `--cost-rule old` runs the rule before session 6's
+fix; with the H200's copy rates (`--write-back-us 78.6 --restore-us 47.7`) and `--policy lpm` it
+reproduces that session's lpm run (2,276,110 prefilled tokens, GPU 2,275,526; 281 preemptions, GPU
+281; restores off after the first copies). The model's decode cost charges every request's prefix
+bytes, so it is far off for lpm, whose groups read shared pages (40.5 s modelled, 28.07 s measured).
 """
 import argparse
 import json

@@ -16,9 +16,10 @@ free host room or in place of older probation pages, never of protected ones (a 
 question must not push a shared system prompt out). A page filled by decode and never hit (an
 answer) is dropped as before, so it costs no copy and no host room;
 `match` follows the hash chain through both tiers, and a hit in host memory is copied into a fresh
-GPU page (`swap_in`, host page -> GPU page) before the step that admits the request runs. A hash
-lives in one tier at a time (a restore moves it back; a GPU page registered under a hash the host
-holds drops the host copy), and a host page is dropped only from the host's LRU end. This class
+GPU page (`swap_in`, host page -> GPU page) before the step that admits the request runs. The host
+keeps its copy of a restored or recomputed page (a later eviction then copies nothing), and a host
+page is dropped only from the host's LRU end. Whether a host hit is restored at all is
+engine/copy_costs.py's measured choice (`restore_pays`). This class
 only decides the copies; `take_copies` hands them to the step (engine/scheduled_step.py) and every
 rank's runner executes them on its own pools, swap_out before swap_in, on a side stream. The step's
 forward waits for its write-backs (it may reuse those pages) but not for its restores unless

@@ -27,8 +27,9 @@ steps over their tokens, and it had two stable states. Under lpm the only copies
 (78.6 us a page on the copy-stream clock) against prefill at 3.47 us a token (55.6 us a page):
 restores were turned off after 36 pages and never timed again, and the run recomputed 2.28 M prompt
 tokens with 74.6 GB written to host for nothing. Under fcfs the restoring requests' own small
-prefill steps, which waited for copies, made prefill look 28.5 us a token (456 us a page), and the
-same wall times sized the budget, so a step's copies grew with the waits they caused.
+prefill steps, which waited for copies, made prefill look 28.5 us a token (456 us a page); the same
+wall times sized each step's copy budget, so the waits for copies kept up the budget that caused them.
+The budget and the rule are CPU-tested (tests/test_copy_costs.py); not yet run on a GPU.
 """
 
 BUDGET_MIN, BUDGET_MAX, BUDGET_UNMEASURED = 8, 4096, 128
