@@ -151,7 +151,7 @@ def measure(args, llm, cfg, startup, make) -> dict:
     output_tokens = sum(len(o["token_ids"]) for o in outs)
     stats = {k: llm.stats[k] - before[k] for k in ("steps", "prefill_steps", "decode_steps", "cascade_steps",
                                                    "prefill_seconds", "decode_seconds", "copy_seconds", "copy_steps",
-                                                   "prefill_tokens")}
+                                                   "copy_stall_seconds", "forward_seconds", "prefill_tokens")}
     kv = llm.kv_usage()
     state = llm.kv_state(max_pages=0)
     prompt_tokens = sum(len(p) for prompts, _ in rounds for p in prompts)
@@ -182,6 +182,8 @@ def measure(args, llm, cfg, startup, make) -> dict:
                       gb_to_host=round(moved["to_host"] / 1e9, 2), gb_from_host=round(moved["from_host"] / 1e9, 2),
                       host_pages_dropped=state["copies"]["host_pages_dropped"] - state0["copies"]["host_pages_dropped"],
                       copy_gb_s=round(sum(moved.values()) / 1e9 / stats["copy_seconds"], 1) if stats["copy_seconds"] else None)
+        # What the swap-or-recompute rule saw at the end (engine/copy_costs.py): restore vs marginal prefill a page.
+        result.update({f"cost_{k}": v for k, v in llm.copy_costs.summary().items() if k != "copy_stall_s"})
     if llm.model_runner.device.type == "cuda":
         import torch
         total = torch.cuda.get_device_properties(0).total_memory

@@ -2,7 +2,7 @@
 # Everything GPU in one call, on the GPU machine (from the repo root):
 #   source .devkit/setup.sh && bash scripts/gpu_check.sh            # tests + all benchmarks
 #   TESTS=0 BENCH="w1 w1-eager" bash scripts/gpu_check.sh            # a subset
-#   TESTS=0 BENCH="w6 w6-host w6-host-lpm w6-host-nobg" bash scripts/gpu_check.sh   # W6: GPU-only, host tier fcfs / lpm /
+#   TESTS=0 BENCH="w6 w6-lpm w6-host w6-host-lpm w6-host-nobg" bash scripts/gpu_check.sh   # W6: GPU-only fcfs / lpm, host tier fcfs / lpm /
 #                                                                     # without prefetch + write-ahead (not in the default set)
 #   TESTS=0 BENCH="w5 w5-cascade" bash scripts/gpu_check.sh          # W5, long shared documents (not in the default set)
 # Runs the GPU tests (pytest -m gpu), then bench.py on random-weight Qwen3-0.6B, prints a table, and
@@ -24,6 +24,7 @@ declare -A ARGS=(
   [w5]="--workload w5" [w5-cascade]="--workload w5 --enable-cascade-attention"
   [w6]="--workload w6" [w6-host]="--workload w6 --host-kv-cache-gb 64"
   [w6-host-lpm]="--workload w6 --host-kv-cache-gb 64 --schedule-policy lpm"
+  [w6-lpm]="--workload w6 --schedule-policy lpm"
   [w6-host-nobg]="--workload w6 --host-kv-cache-gb 64 --no-host-kv-prefetch --no-host-kv-write-ahead"
 )
 for name in ${BENCH-w1 w1-eager w2 w2-cascade w3 w3-cascade w4}; do  # BENCH="" runs none

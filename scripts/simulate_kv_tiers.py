@@ -17,6 +17,13 @@ the H200's GPU-only W6 (measured 47.99 s, +7%) and 59.7 s for the old host-tier 
     python scripts/simulate_kv_tiers.py --host-pages 35700           # + host tier (64 GB at 0.6B pages)
     python scripts/simulate_kv_tiers.py --host-pages 35700 --policy lpm
     python scripts/simulate_kv_tiers.py --host-pages 35700 --no-prefetch --no-write-ahead
+
+The swap-or-recompute rule and the copy budget are the engine's (engine/copy_costs.py), fed the
+model's times as the engine feeds it the device's. `--cost-rule old` runs the rule before session 6's
+fix; with the H200's copy rates (`--write-back-us 78.6 --restore-us 47.7`) and `--policy lpm` it
+reproduces that session's lpm run (2,276,110 prefilled tokens, GPU 2,275,526; 281 preemptions, GPU
+281; restores off after the first copies). The model's decode cost charges every request's prefix
+bytes, so it is far off for lpm, whose groups read shared pages (40.5 s modelled, 28.07 s measured).
 """
 import argparse
 import json
@@ -24,6 +31,7 @@ import time
 from types import SimpleNamespace
 
 from nanovllm.benchmark import w6
+from nanovllm.engine.copy_costs import CopyCosts
 from nanovllm.engine.output_processor import OutputProcessor
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
@@ -39,23 +47,60 @@ COPY_US_PER_PAGE = 42.5
 class Timeline:
     """The device's two streams, step by step (seconds)."""
 
-    def __init__(self):
+    def __init__(self, write_back_us: float = COPY_US_PER_PAGE, restore_us: float = COPY_US_PER_PAGE):
+        self.write_back_s, self.restore_s = write_back_us * 1e-6, restore_us * 1e-6
         self.main = self.copy = self.prev_copies = 0.0
         self.copy_busy = self.stalled = 0.0
 
-    def step(self, compute_s: float, out: int, restore: int, ahead: int, after_prev: bool, wait_restores: bool):
-        c = COPY_US_PER_PAGE * 1e-6
+    def step(self, compute_s: float, out: int, restore: int, ahead: int, after_prev: bool,
+             wait_restores: bool) -> tuple[float, float, float]:
+        """Returns the step's stall (its forward waiting for copies), copy and restore seconds."""
         start = max(self.copy, self.main if after_prev else 0.0)
-        written_back = start + out * c
-        restored = written_back + restore * c
-        end = restored + ahead * c
+        written_back = start + out * self.write_back_s
+        restored = written_back + restore * self.restore_s
+        end = restored + ahead * self.write_back_s
         if out or restore or ahead:
             self.copy = end
             self.copy_busy += end - start
         ready = max(self.main, self.prev_copies, written_back, restored if wait_restores else 0.0)
-        self.stalled += ready - self.main
+        stall = ready - self.main
+        self.stalled += stall
         self.main = ready + compute_s
         self.prev_copies = end if (out or restore or ahead) else 0.0
+        return stall, end - start, restored - written_back
+
+
+class OldRule:
+    """The cost rules before session 6's fix (llm_engine._update_restore_cost then), fed the model's
+    times as the engine fed them: all copies' seconds a page (write-backs included) against the wall
+    seconds of the prefill steps a token (their waits for copies included), and a step's budget from
+    those wall times."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.copy_s = self.prefill_s = self.decode_s = 0.0
+        self.copy_pages = self.prefill_tokens = self.decode_steps = 0
+
+    def observe(self, wall_s: float, prefill_tokens: int, copy_s: float, pages: int):
+        self.copy_s += copy_s
+        self.copy_pages += pages
+        if prefill_tokens:
+            self.prefill_s += wall_s
+            self.prefill_tokens += prefill_tokens
+        else:
+            self.decode_s += wall_s
+            self.decode_steps += 1
+
+    def restore_pays(self) -> bool:
+        if not self.copy_s or not self.prefill_tokens:
+            return True
+        return self.copy_s / self.copy_pages < self.prefill_s / self.prefill_tokens * self.block_size
+
+    def step_budget(self, is_prefill: bool, tokens: int) -> int:
+        if not self.copy_s or not self.prefill_tokens or not self.decode_steps:
+            return 128
+        forward = self.prefill_s / self.prefill_tokens * tokens if is_prefill else self.decode_s / self.decode_steps
+        return int(min(max(forward / (self.copy_s / self.copy_pages), 8), 4096))
 
 
 def step_seconds(batch, is_prefill: bool) -> float:
@@ -67,7 +112,8 @@ def step_seconds(batch, is_prefill: bool) -> float:
 
 def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 512,
              max_num_batched_tokens: int = 16384, block_size: int = 16, prefetch: bool = True,
-             write_ahead: bool = True, **workload) -> dict:
+             write_ahead: bool = True, cost_rule: str = "measured", write_back_us: float = COPY_US_PER_PAGE,
+             restore_us: float = COPY_US_PER_PAGE, **workload) -> dict:
     config = SimpleNamespace(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              max_model_len=4352, eos_token_ids=(), kvcache_block_size=block_size,
                              enable_prefix_caching=True, schedule_policy=policy, max_wait_s=1e9, seed=0,
@@ -75,7 +121,10 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
     scheduler = Scheduler(config, gpu_pages, host_pages)
     finishing = OutputProcessor(None, scheduler, (), config.max_model_len)  # the stop rules (length here)
     bm = scheduler.block_manager
-    timeline = Timeline()
+    timeline = Timeline(write_back_us, restore_us)
+    costs = CopyCosts(block_size) if cost_rule == "measured" else OldRule(block_size)   # fed the model's times
+    bm.costs = costs
+    restore_pays_changes = prefill_steps = 0
     prefilled = steps = 0
     schedule_seconds = 0.0
     prompt_tokens = 0
@@ -99,10 +148,20 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
                 steps += 1
                 prefilled += sum(s.chunk_len for s in batch) if is_prefill else 0
                 compute = step_seconds(batch, is_prefill)
-                timeline.step(compute, len(swap_out), len(swap_in), len(ahead), after_prev, wait_restores)
-                # What the engine measures for its budget of background copies (llm_engine._update_restore_cost).
-                bm.step_costs = (COPY_US_PER_PAGE * 1e-6, PREFILL_US_PER_TOKEN * 1e-6,
-                                 DECODE_FIXED_MS * 1e-3 + 60 * 4200 * KV_BYTES_PER_TOKEN / (DECODE_GB_S * 1e9))
+                pages = len(swap_out) + len(swap_in) + len(ahead)
+                stall, copy_s, restore_s = timeline.step(compute, len(swap_out), len(swap_in), len(ahead),
+                                                         after_prev, wait_restores)
+                tokens = sum(s.chunk_len for s in batch) if is_prefill else 0
+                prefill_steps += is_prefill
+                # What the engine reads once the step is collected (llm_engine._observe_step_times).
+                if cost_rule == "measured":
+                    costs.observe_forward(compute, tokens)
+                    costs.observe_copies(copy_s, pages, restore_s, len(swap_in), stall)
+                else:
+                    costs.observe(stall + compute, tokens, copy_s, pages)
+                pays = costs.restore_pays()
+                restore_pays_changes += pays != bm.restore_pays
+                bm.restore_pays = pays
             if in_flight is not None:
                 finishing.process(scheduler.postprocess(in_flight[0], [0] * len(in_flight[0]), in_flight[1]))
             in_flight = launched
@@ -113,10 +172,11 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
                 host_hit_tokens=bm.num_host_hit_tokens, pages_to_host=bm.num_swapped_out,
                 pages_from_host=bm.num_swapped_in, pages_prefetched=getattr(bm, "num_prefetched", 0),
                 pages_written_ahead=getattr(bm, "num_written_ahead", 0), host_pages_dropped=bm.num_host_dropped,
-                preemptions=scheduler.num_preemptions, steps=steps,
+                preemptions=scheduler.num_preemptions, steps=steps, prefill_steps=prefill_steps,
                 scheduler_ms_per_step=round(1000 * schedule_seconds / steps, 3),
                 modelled_seconds=round(timeline.main, 2), modelled_copy_busy_s=round(timeline.copy_busy, 2),
-                modelled_forward_stalled_s=round(timeline.stalled, 2))
+                modelled_forward_stalled_s=round(timeline.stalled, 2), cost_rule=cost_rule,
+                restore_pays=bm.restore_pays, restore_pays_changes=restore_pays_changes)
 
 
 def main(argv=None):
@@ -128,9 +188,14 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--write-ahead", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--cost-rule", default="measured", choices=["measured", "old"],
+                   help="swap-or-recompute rule: engine/copy_costs.py's, or the one before session 6's fix")
+    p.add_argument("--write-back-us", type=float, default=COPY_US_PER_PAGE, help="modelled write-back a page")
+    p.add_argument("--restore-us", type=float, default=COPY_US_PER_PAGE, help="modelled restore a page")
     args = p.parse_args(argv)
     result = simulate(args.gpu_pages, args.host_pages, args.policy, prefetch=args.prefetch,
-                      write_ahead=args.write_ahead, tenants=args.tenants, rounds=args.rounds)
+                      write_ahead=args.write_ahead, cost_rule=args.cost_rule, write_back_us=args.write_back_us,
+                      restore_us=args.restore_us, tenants=args.tenants, rounds=args.rounds)
     print(json.dumps(result))
     return result
 

@@ -65,6 +65,14 @@ def test_host_tier_gives_the_same_outputs_and_serves_evicted_prefixes(model, mak
     assert state["hits"]["host_hit_tokens"] > 0
     assert state["copies"]["bytes_from_host"] == state["copies"]["pages_from_host"] * state["gpu"]["bytes_per_page"]
     llm.scheduler.block_manager.check_invariants()
+    # Every step's times reached the cost decisions: restores timed apart, forwards of both kinds, no stalls on CPU.
+    costs = llm.copy_costs
+    assert llm.scheduler.block_manager.costs is costs
+    assert 0 < costs.restore_pages <= state["copies"]["pages_from_host"] and costs.restore_s > 0
+    assert costs.copy_pages >= costs.restore_pages and costs.copy_s >= costs.restore_s
+    assert costs.n == llm.stats["prefill_steps"] and costs.decode_steps == llm.stats["decode_steps"]
+    assert costs.stall_s == 0 and state["copies"]["costs"]["restore_pays"] is state["copies"]["restore_pays"]
+    assert llm.stats["forward_seconds"] == pytest.approx(costs.ss + costs.decode_s)
 
 
 def long_decodes(n=6, prompt_len=20, seed=1):
@@ -89,7 +97,7 @@ def test_swap_preemption_equals_recompute_preemption(model, make_llm):
     assert swap.scheduler.num_preemptions > 0 and bm.num_swapped_in > 0
     refused = make_llm(model, host_kvcache_gb=0.01, **PREEMPT)
     refused.scheduler.block_manager.restore_pays = False   # the cost choice says recompute
-    refused._update_restore_cost = lambda: None
+    refused.copy_costs.restore_pays = lambda: False
     assert [o["token_ids"] for o in refused.generate(prompts, LONG, use_tqdm=False)] == expected
     assert refused.scheduler.block_manager.num_swapped_in == 0
 

@@ -16,9 +16,10 @@ free host room or in place of older probation pages, never of protected ones (a 
 question must not push a shared system prompt out). A page filled by decode and never hit (an
 answer) is dropped as before, so it costs no copy and no host room;
 `match` follows the hash chain through both tiers, and a hit in host memory is copied into a fresh
-GPU page (`swap_in`, host page -> GPU page) before the step that admits the request runs. A hash
-lives in one tier at a time (a restore moves it back; a GPU page registered under a hash the host
-holds drops the host copy), and a host page is dropped only from the host's LRU end. This class
+GPU page (`swap_in`, host page -> GPU page) before the step that admits the request runs. The host
+keeps its copy of a restored or recomputed page (a later eviction then copies nothing), and a host
+page is dropped only from the host's LRU end. Whether a host hit is restored at all is
+engine/copy_costs.py's measured choice (`restore_pays`). This class
 only decides the copies; `take_copies` hands them to the step (engine/scheduled_step.py) and every
 rank's runner executes them on its own pools, swap_out before swap_in, on a side stream. The step's
 forward waits for its write-backs (it may reuse those pages) but not for its restores unless
@@ -95,8 +96,8 @@ class BlockManager:
         self.host_pinned: dict[int, OrderedDict] = {}
         self.prefetch = prefetch          # restore waiting requests' host pages into clean free GPU pages
         self.write_ahead = write_ahead    # copy the LRU end of the free GPU pages to host before eviction
-        self.copy_budget = 128            # pages a step's background copies may move (set per step by `step_costs`)
-        self.step_costs = None            # measured (copy s a page, prefill s a token, decode step s), or None
+        self.copy_budget = 128            # pages a step's background copies may move (set per step from `costs`)
+        self.costs = None                 # engine/copy_costs.py's CopyCosts (measured), or None: 128 pages a step
         self.write_ahead_pairs: list[tuple[int, int]] = []   # this step's background (GPU page, host page) copies
         # Restores of admitted requests wait here and go out `copy_budget` pages a step, so that no
         # step's copies outlast it; a request runs once all of its restores went out a step before.
@@ -261,9 +262,8 @@ class BlockManager:
         LRU end of the free GPU pages back to host (write-ahead), within `copy_budget` pages."""
         if not self.num_host_blocks:
             return
-        if self.step_costs is not None:   # as many pages as this step's forward lasts: none of it waits
-            copy_s, prefill_s, decode_s = self.step_costs
-            self.copy_budget = int(min(max((prefill_s * step_tokens if is_prefill else decode_s) / copy_s, 8), 4096))
+        if self.costs is not None:   # as many pages as this step's forward lasts: none of it waits
+            self.copy_budget = self.costs.step_budget(is_prefill, step_tokens)
         budget = self.copy_budget - self.issue_restores(self.copy_budget)
         if self.prefetch and self.restore_pays and not self.restore_backlog:
             budget -= self._prefetch(waiting, budget)

@@ -18,17 +18,23 @@ step's forward waits for its write-backs (it may reuse those pages); its backgro
 restores are waited for by the next step's forward; the restores are read by the
 next step's forward (the scheduler admits a restoring request's prefill one step later), which
 waits for them, so a restore overlaps the step before it and the step it is issued with. A step
-whose own rows read the restored pages says so (`wait_for_restores`). CUDA events time the copies
-(`seconds()`, read by the runner at a later collect once `ready()`: it never waits for them). On CPU (tests) the pool is a second
-tensor and copies are plain `copy_`.
+whose own rows read the restored pages says so (`wait_for_restores`). A `StepTimer` of CUDA events
+times the forward's wait for copies, the forward, the copies and the restores alone (read by the
+runner at a later collect once `ready()`: it never waits for them; engine/copy_costs.py decides from
+them). The GPU page ids of a step's copies go up once a direction from pinned memory (`_copies`).
+On CPU (tests) the pool is a second tensor and copies are plain `copy_`.
 
 An fp8 cache (kv_cache_dtype fp8_e4m3) is copied as its bytes (a uint8 view of cache and pool):
 index_select / index_copy_ have no fp8 kernels, and a page moves unchanged whatever its dtype.
 """
 import weakref
 from time import perf_counter
+from typing import NamedTuple
 
+import numpy as np
 import torch
+
+from nanovllm.utils.transfer import to_device
 
 CHUNK = 32  # pages staged at once: 32 x 2.4 MB for an 8B model's page
 
@@ -60,22 +66,69 @@ def runs(pages: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
-class CopyTimer:
-    def __init__(self, cuda: bool):
+class StepTimes(NamedTuple):
+    """One step's device times (seconds) and sizes, as engine/copy_costs.py reads them."""
+    prefill_tokens: int   # 0: a decode step
+    forward_s: float      # from the end of its waits for copies to its end (compute stream)
+    stall_s: float        # its forward's wait for copies (the previous step's, its write-backs, its restores)
+    copy_s: float         # all of its copies (copy stream)
+    copy_pages: int
+    restore_s: float      # its restores alone
+    restore_pages: int
+
+
+class StepTimer:
+    """The device times of one step with the host tier on: the forward's wait for copies and the
+    forward itself on the compute stream, the copies and the restores alone on the copy stream. CUDA
+    events read once `ready()` (never waited for: a restore may outlast the step that issued it); on
+    CPU, wall clock (everything there is synchronous)."""
+
+    def __init__(self, cuda: bool, prefill_tokens: int):
         self.cuda = cuda
+        self.prefill_tokens = prefill_tokens
+        self.copy_pages = self.restore_pages = 0
+        self.has_copies = False
         if cuda:
-            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            event = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+            self.wait_start, self.forward_start, self.forward_end = event(), event(), event()
+            self.copy_start, self.restore_start, self.restore_end, self.copy_end = event(), event(), event(), event()
+            self.wait_start.record()
         else:
-            self.elapsed = 0.0
+            self.forward_s = self.stall_s = self.copy_s = self.restore_s = 0.0
+            self.started = perf_counter()
+
+    def forward_begins(self):
+        if self.cuda:
+            self.forward_start.record()
+        else:
+            self.started = perf_counter()
+
+    def forward_ends(self):
+        if self.cuda:
+            self.forward_end.record()
+        else:
+            self.forward_s = perf_counter() - self.started
 
     def ready(self) -> bool:
-        """The copies are done (never waits: a restore may outlast the step that issued it)."""
-        return not self.cuda or self.end.query()
+        return not self.cuda or (self.forward_end.query() and (not self.has_copies or self.copy_end.query()))
 
-    def seconds(self) -> float:
-        if self.cuda:
-            return self.start.elapsed_time(self.end) / 1000
-        return self.elapsed
+    def times(self) -> StepTimes:
+        if not self.cuda:
+            return StepTimes(self.prefill_tokens, self.forward_s, 0.0, self.copy_s, self.copy_pages,
+                             self.restore_s, self.restore_pages)
+        return StepTimes(self.prefill_tokens, self.forward_start.elapsed_time(self.forward_end) / 1000,
+                         self.wait_start.elapsed_time(self.forward_start) / 1000, self.copy_seconds(),
+                         self.copy_pages, self.restore_seconds(), self.restore_pages)
+
+    def copy_seconds(self) -> float:
+        if not self.cuda:
+            return self.copy_s
+        return self.copy_start.elapsed_time(self.copy_end) / 1000 if self.has_copies else 0.0
+
+    def restore_seconds(self) -> float:
+        if not self.cuda:
+            return self.restore_s
+        return self.restore_start.elapsed_time(self.restore_end) / 1000 if self.restore_pages else 0.0
 
 
 class HostTier:
@@ -96,60 +149,74 @@ class HostTier:
         return self.pool.shape[0]
 
     def before_forward(self, swap_out, swap_in, after_prev: bool, wait_for_restores: bool,
-                       write_ahead=None) -> CopyTimer | None:
+                       write_ahead=None, prefill_tokens: int = 0) -> StepTimer:
         """Called before every step's forward: orders it after the previous step's copies, then
         queues this step's copies (numpy [n, 2] arrays or None). The forward waits for the
         write-backs (it may reuse those pages); for the restores only if `wait_for_restores`; never
         for `write_ahead` (background write-backs of free pages): the next step's forward waits for
-        whatever this one did not."""
+        whatever this one did not. Returns the step's timer (the runner marks the forward's end)."""
+        timer = StepTimer(self.cuda, prefill_tokens)
         if self.cuda and self.restore_event is not None:
             torch.cuda.current_stream().wait_event(self.restore_event)
             self.restore_event = None
-        if swap_out is None and swap_in is None and write_ahead is None:
-            return None
-        return self.copy(swap_out, swap_in, after_prev, wait_for_restores, write_ahead)
+        if swap_out is not None or swap_in is not None or write_ahead is not None:
+            self.copy(swap_out, swap_in, after_prev, wait_for_restores, write_ahead, timer)
+        timer.forward_begins()
+        return timer
 
-    def copy(self, swap_out, swap_in, after_prev: bool, wait_for_restores: bool = True, write_ahead=None) -> CopyTimer:
-        timer = CopyTimer(self.cuda)
+    def copy(self, swap_out, swap_in, after_prev: bool, wait_for_restores: bool = True, write_ahead=None,
+             timer: StepTimer | None = None) -> StepTimer:
+        timer = timer or StepTimer(self.cuda, 0)
+        timer.has_copies = True
+        timer.copy_pages = sum(len(pairs) for pairs in (swap_out, swap_in, write_ahead) if pairs is not None)
+        timer.restore_pages = 0 if swap_in is None else len(swap_in)
         if not self.cuda:
             start = perf_counter()
-            self._copies(swap_out, swap_in)
+            self._copies(swap_out, None)
+            restore_start = perf_counter()
+            self._copies(None, swap_in)
+            timer.restore_s = perf_counter() - restore_start
             self._copies(write_ahead, None)
-            timer.elapsed = perf_counter() - start
+            timer.copy_s = perf_counter() - start
             return timer
         main = torch.cuda.current_stream()
         if after_prev:
             self.stream.wait_stream(main)
         written_back, restored = torch.cuda.Event(), torch.cuda.Event()
         with torch.cuda.stream(self.stream):
-            timer.start.record()
+            timer.copy_start.record()
             self._copies(swap_out, None)
             written_back.record()
+            timer.restore_start.record()
             self._copies(None, swap_in)
             restored.record()
+            timer.restore_end.record()
             self._copies(write_ahead, None)
-            timer.end.record()
+            timer.copy_end.record()
         main.wait_event(written_back)
         if wait_for_restores:
             main.wait_event(restored)
-        self.restore_event = timer.end
+        self.restore_event = timer.copy_end
         return timer
 
     @torch.inference_mode()
     def _copies(self, swap_out, swap_in):
+        """Runs on the copy stream (CUDA). The GPU page ids go up once a direction, from pinned memory:
+        a copy from pageable memory may make the host wait for the copy stream (CUDA's API sync rules),
+        and before, one such upload a chunk of 32 pages held the host (and the forward it launches
+        next) until the previous chunk's copies were done."""
         kv, pool, dev = self.kv_cache, self.pool, self.kv_cache.device
         if swap_out is not None:
-            for lo in range(0, len(swap_out), CHUNK):
-                gpu, host = swap_out[lo:lo + CHUNK, 0], swap_out[lo:lo + CHUNK, 1].tolist()
-                index = torch.from_numpy(gpu).to(dev, non_blocking=True)
-                staged = kv.index_select(2, index).movedim(2, 0).contiguous()   # [n, 2, layers, ...]
-                for i, first, count in runs(host):
+            gpu_pages, host_pages = to_device(np.ascontiguousarray(swap_out[:, 0]), dev), swap_out[:, 1].tolist()
+            for lo in range(0, len(host_pages), CHUNK):
+                staged = kv.index_select(2, gpu_pages[lo:lo + CHUNK]).movedim(2, 0).contiguous()   # [n, 2, layers, ...]
+                for i, first, count in runs(host_pages[lo:lo + CHUNK]):
                     pool[first:first + count].copy_(staged[i:i + count], non_blocking=True)
         if swap_in is not None:
-            for lo in range(0, len(swap_in), CHUNK):
-                host, gpu = swap_in[lo:lo + CHUNK, 0].tolist(), swap_in[lo:lo + CHUNK, 1]
+            host_pages, gpu_pages = swap_in[:, 0].tolist(), to_device(np.ascontiguousarray(swap_in[:, 1]), dev)
+            for lo in range(0, len(host_pages), CHUNK):
+                host = host_pages[lo:lo + CHUNK]
                 staged = torch.empty((len(host),) + pool.shape[1:], dtype=pool.dtype, device=dev)
                 for i, first, count in runs(host):
                     staged[i:i + count].copy_(pool[first:first + count], non_blocking=True)
-                index = torch.from_numpy(gpu).to(dev, non_blocking=True)
-                kv.index_copy_(2, index, staged.movedim(0, 2))
+                kv.index_copy_(2, gpu_pages[lo:lo + CHUNK], staged.movedim(0, 2))

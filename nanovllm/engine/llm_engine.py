@@ -8,6 +8,7 @@ import numpy as np
 from transformers import AutoTokenizer, GenerationConfig
 
 from nanovllm.config import Config
+from nanovllm.engine.copy_costs import CopyCosts
 from nanovllm.engine.output_processor import OutputProcessor, StepOutput
 from nanovllm.engine.grammar import GrammarCompiler
 from nanovllm.engine.scheduled_step import ScheduledStep
@@ -61,6 +62,9 @@ class LLMEngine:
         self.executor = make_executor(config)      # the runner, or rank 0 of a tensor-parallel group
         self.model_runner = self.executor.runner   # this process's runner
         self.scheduler = Scheduler(config, self.executor.num_kvcache_blocks, self.model_runner.num_host_blocks)
+        self.copy_costs = CopyCosts(config.kvcache_block_size)   # fed only with the host tier on
+        if self.model_runner.num_host_blocks:
+            self.scheduler.block_manager.costs = self.copy_costs
         self.step_builder = StepBuilder(config)
         self._log_startup()
         self.vocab_size = config.hf_config.vocab_size
@@ -72,6 +76,7 @@ class LLMEngine:
         self.stats = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "cascade_steps": 0,
                       "generated_tokens": 0, "prompt_tokens": 0, "max_batch_size": 0,
                       "prefill_seconds": 0.0, "decode_seconds": 0.0, "copy_seconds": 0.0, "copy_steps": 0,
+                      "copy_stall_seconds": 0.0, "forward_seconds": 0.0,   # device times, host tier on
                       "prefill_tokens": 0}
 
     # ---- requests ---------------------------------------------------------------------------
@@ -198,9 +203,8 @@ class LLMEngine:
     def _collect(self, step: InFlightStep) -> list[StepOutput]:
         result = self.executor.collect(step.pending)
         self.stats["copy_steps"] += step.step.swap_out is not None or step.step.swap_in is not None
-        if result.copy_seconds:
-            self.stats["copy_seconds"] += result.copy_seconds
-            self._update_restore_cost()
+        if result.step_times:
+            self._observe_step_times(result.step_times)
         if result.prompt_logprobs is not None:
             self._attach_prompt_logprobs(step, result.prompt_logprobs)
         advanced = self.scheduler.postprocess(step.seqs, result.token_ids, step.samples)
@@ -281,22 +285,17 @@ class LLMEngine:
         """The error that stopped the engine for good (a tensor-parallel worker failed), else None."""
         return getattr(self.executor, "failure", None)
 
-    def _update_restore_cost(self):
-        """Swap or recompute: restoring a host page pays while copying its bytes is faster than
-        prefilling its tokens, at the copy bandwidth and prefill speed measured so far. Also sizes
-        the block manager's per-step budget of background copies."""
-        st, bm = self.stats, self.scheduler.block_manager
-        pages = bm.num_swapped_in + bm.num_swapped_out
-        if st["copy_seconds"] <= 0 or st["prefill_seconds"] <= 0 or not st["prefill_tokens"]:
-            return
-        copy_s_per_page = st["copy_seconds"] / pages
-        prefill_s_per_page = st["prefill_seconds"] / st["prefill_tokens"] * bm.block_size
-        bm.restore_pays = copy_s_per_page < prefill_s_per_page
-        # Background copies (queued restores, prefetch, write-ahead) a step may queue: as many pages as
-        # its forward lasts, so that the next step's forward does not wait for them.
-        if st["decode_steps"]:
-            bm.step_costs = (copy_s_per_page, st["prefill_seconds"] / st["prefill_tokens"],
-                             st["decode_seconds"] / st["decode_steps"])
+    def _observe_step_times(self, times):
+        """Steps' device times (host tier on) go to the cost decisions (engine/copy_costs.py): swap or
+        recompute (`restore_pays`) and the per-step budget of background copies."""
+        st, costs = self.stats, self.copy_costs
+        for t in times:
+            costs.observe_forward(t.forward_s, t.prefill_tokens)
+            costs.observe_copies(t.copy_s, t.copy_pages, t.restore_s, t.restore_pages, t.stall_s)
+            st["copy_seconds"] += t.copy_s
+            st["copy_stall_seconds"] += t.stall_s
+            st["forward_seconds"] += t.forward_s
+        self.scheduler.block_manager.restore_pays = costs.restore_pays()
 
     def kv_state(self, max_pages: int = 64) -> dict:
         """The KV cache as a dict (GET /debug/kv): pages per tier, the prefix groups of the running

@@ -103,7 +103,7 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(self.model, self.num_layers, self.num_kvcache_blocks, self.block_size,
                                           self.num_kv_heads, self.head_dim, config.kv_dtype, self.device)
         self.page_bytes = page_bytes
-        self.copy_timers = []   # host-tier copies whose time is not read yet
+        self.step_timers = []   # host tier on: steps whose times (engine/host_tier.py's StepTimer) are not read yet
         self.host_tier = None
         self.num_host_blocks = 0
         if config.host_kvcache_gb > 0:
@@ -163,10 +163,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: ScheduledStep) -> "PendingResult":
         """Queue one step on the device and return at once; collect() waits for its tokens."""
-        copy_timer = None
+        timer = None
         if self.host_tier is not None:   # the previous step's restores, then this step's copies
-            copy_timer = self.host_tier.before_forward(step.swap_out, step.swap_in, step.copy_after_prev,
-                                                       step.wait_for_restores, step.write_ahead)
+            timer = self.host_tier.before_forward(step.swap_out, step.swap_in, step.copy_after_prev,
+                                                  step.wait_for_restores, step.write_ahead,
+                                                  len(step.input_ids) if step.is_prefill else 0)
         batch, input_ids, positions = self.prepare(step)
         s = step.sampling
         # Under tensor parallelism the one-pass samplers work on each rank's vocabulary slice when
@@ -189,7 +190,6 @@ class ModelRunner:
             tokens = self.sample(sampled_from, s)
         self.last_tokens = tokens
         pending = PendingResult(step.step_id, tokens)
-        pending.copy_timer = copy_timer
         if step.want_logits:
             pending.logits = logits.float()
         self.logprobs(step, hidden, asked, tokens, pending)
@@ -200,6 +200,9 @@ class ModelRunner:
             host.copy_(tokens, non_blocking=True)
             pending.host_tokens, pending.done = host, torch.cuda.Event()
             pending.done.record()
+        if timer is not None:
+            timer.forward_ends()
+            pending.timer = timer
         return pending
 
     def asked_logprobs(self, step: ScheduledStep, logits: torch.Tensor) -> tuple | None:
@@ -232,20 +235,19 @@ class ModelRunner:
         else:
             token_ids = pending.tokens.tolist()
         logprobs, prompt = (None if x is None else x.as_numpy() for x in (pending.logprobs, pending.prompt_logprobs))
-        return StepResult(pending.step_id, token_ids, logits, logprobs, prompt,
-                          self._copy_seconds(pending.copy_timer))
+        return StepResult(pending.step_id, token_ids, logits, logprobs, prompt, self._step_times(pending.timer))
 
-    def _copy_seconds(self, timer) -> float:
-        """Device time of the host-tier copies finished since the last collect (a restore that is
-        still running when its step is collected is counted at a later one)."""
+    def _step_times(self, timer) -> tuple:
+        """Host tier on: the times of the steps whose forward and copies are done (a restore still
+        running when its step is collected is read at a later collect)."""
         if timer is not None:
-            self.copy_timers.append(timer)
-        if not self.copy_timers:
-            return 0.0
-        ready = [t.ready() for t in self.copy_timers]
-        seconds = sum(t.seconds() for t, r in zip(self.copy_timers, ready) if r)
-        self.copy_timers = [t for t, r in zip(self.copy_timers, ready) if not r]
-        return seconds
+            self.step_timers.append(timer)
+        if not self.step_timers:
+            return ()
+        ready = [t.ready() for t in self.step_timers]
+        times = tuple(t.times() for t, r in zip(self.step_timers, ready) if r)
+        self.step_timers = [t for t, r in zip(self.step_timers, ready) if not r]
+        return times
 
     def sample(self, logits: torch.Tensor, s: SamplingInputs) -> torch.Tensor:
         if s.all_greedy:
@@ -329,7 +331,7 @@ class PendingResult:
 
     def __init__(self, step_id: int, tokens: torch.Tensor):
         self.step_id, self.tokens = step_id, tokens
-        self.host_tokens = self.done = self.logits = self.copy_timer = None
+        self.host_tokens = self.done = self.logits = self.timer = None
         self.logprobs = self.prompt_logprobs = None  # TokenLogprobs, copies to the host queued
 
 

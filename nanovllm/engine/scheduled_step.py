@@ -174,4 +174,4 @@ class StepResult:
     logits: object = None  # float32 [rows, vocab] on the host, when the step asked for them
     logprobs: object = None         # TokenLogprobs (layers/logprobs.py) of the rows with logprobs_k >= 0
     prompt_logprobs: object = None  # TokenLogprobs of prompt_logprobs_tokens, in the same order
-    copy_seconds: float = 0.0  # time the step's host-tier copies took on the device (0: none)
+    step_times: tuple = ()  # host tier on: StepTimes (engine/host_tier.py) of the steps whose times are read now
