@@ -42,8 +42,9 @@ def test_cached_choices_confident_in_float32(which):
     runs = [hf_greedy_with_margins(hf_model(), p, CONFIDENT_TOKENS) for p in prompts]
     flat = [m for _, row in runs for m in row]
     lengths = sorted(len(p) for p in prompts)
+    searched = sum(r["draws"] for r in load_cache()[which])
     print(f"{which}: prompts of {lengths[0]}-{lengths[-1]} tokens (median {lengths[32]}), {len(flat)} float32 "
-          f"greedy choices, margin {percentiles(flat)}; windows searched {sum(r['draws'] for r in load_cache()[which])}")
+          f"greedy choices, margin {percentiles(flat)}; windows searched {searched}")
     assert [t for t, _ in runs] == expected
     assert min(flat) >= CONFIDENT_MARGIN
     if which == "shared":
@@ -72,10 +73,9 @@ def test_transformers_bf16_gives_float32_tokens(which):
     report = partings("transformers bf16", prompts, got, expected, margins)
     assert not report, "\n".join(report)
     errors = []
-    for p, e in zip(prompts, expected):
+    for p, e, reference in zip(prompts, expected, float32_logits(which)):
         with torch.no_grad():
-            bf16 = model(torch.tensor([p + e[:-1]])).logits[0, len(p) - 1:]
-        errors += lead_errors(bf16, float32_logits(p, e))
+            errors += lead_errors(model(torch.tensor([p + e[:-1]])).logits[0, len(p) - 1:], reference)
     print(f"{which}: transformers bf16 shrinks a float32 lead by {percentiles(errors, (50, 99, 100))}")
     assert max(errors) < CONFIDENT_MARGIN / 2
 
@@ -83,19 +83,20 @@ def test_transformers_bf16_gives_float32_tokens(which):
 def test_engine_bf16_gives_float32_tokens(trained_model, make_llm):
     """The engine's CPU path (torch attention backend) in bf16, 64 confident corpus prompts: exactly the
     float32 tokens; and its logits shrink no float32 lead by half the margin threshold."""
-    prompts, expected, _ = confident_set("corpus")
+    prompts, _, _ = confident_set("corpus")
     llm = make_llm(trained_model, dtype="bfloat16")
     got = [o["token_ids"] for o in llm.generate(prompts, SP, use_tqdm=False)]
     assert_float32_tokens("engine bf16", "corpus", got, llm)
     runs = engine_logits(llm, prompts, CONFIDENT_TOKENS - 1)
-    errors = [x for (seq, rows), p, e in zip(runs, prompts, expected) for x in lead_errors(rows, float32_logits(p, e))]
+    errors = [x for (_, rows), reference in zip(runs, float32_logits("corpus")) for x in lead_errors(rows, reference)]
     print(f"engine bf16 (torch backend, CPU) shrinks a float32 lead by {percentiles(errors, (50, 99, 100))}")
     assert max(errors) < CONFIDENT_MARGIN / 2
 
 
 def test_engine_bf16_cascade_on_and_off_give_float32_tokens(trained_model, make_llm):
     """64 confident prompts behind four shared prefixes, the engine's CPU path in bf16: cascade decode on
-    every step it can and regular attention both give exactly the float32 tokens."""
+    every step it can and regular attention both give exactly the float32 tokens; cascade's logits
+    shrink no float32 lead by half the margin threshold."""
     prompts, _, _ = confident_set("shared")
     off = make_llm(trained_model, dtype="bfloat16")
     assert_float32_tokens("cascade off, bf16", "shared",
@@ -105,3 +106,7 @@ def test_engine_bf16_cascade_on_and_off_give_float32_tokens(trained_model, make_
     got = [o["token_ids"] for o in on.generate(prompts, SP, use_tqdm=False)]
     assert on.stats["cascade_steps"] > 0
     assert_float32_tokens("cascade on, bf16", "shared", got, on)
+    runs = engine_logits(on, prompts, CONFIDENT_TOKENS - 1)
+    errors = [x for (_, rows), reference in zip(runs, float32_logits("shared")) for x in lead_errors(rows, reference)]
+    print(f"engine bf16 cascade on (CPU) shrinks a float32 lead by {percentiles(errors, (50, 99, 100))}")
+    assert max(errors) < CONFIDENT_MARGIN / 2
