@@ -259,7 +259,8 @@ def test_cascade_graph_mode_matches_eager(structure, bs, shared, engine_mode):
 # most prompts must stay identical; a bug that moves logits by more than bf16 rounding breaks a confident
 # choice somewhere.
 from test_parity import engine_logits  # noqa: E402
-from test_tiny_trained import MAX_TOKENS, corpus_prompts, shared_corpus_prompts, within_bf16_rounding  # noqa: E402
+from test_tiny_trained import (MAX_TOKENS, corpus_prompts, percentiles, shared_corpus_prompts,  # noqa: E402
+                               within_bf16_rounding)
 
 PROMPTS = [[(7 * i + j * 13) % 1900 for j in range(n)] for i, n in enumerate([5, 17, 33, 64, 100, 129, 250, 400])]
 MIN_IDENTICAL = 48  # of 64 prompts (a rough bound: no GPU run of these tests on the trained model yet)
@@ -361,3 +362,67 @@ def assert_cascade_on_equals_off(model: str, shared_backend: str, **engine):
 @pytest.mark.parametrize("shared_backend", ["triton", "triton-wide", "fa2", "fa3"])
 def test_greedy_cascade_on_equals_off_gpu(trained_model, shared_backend):
     assert_cascade_on_equals_off(trained_model, shared_backend)
+
+
+# ---- end to end, strict: confident prompts ------------------------------------------------------------
+# The 64-prompt sets of tests/confident_prompts.py: every checked float32 greedy choice wins by >= 0.5,
+# while bf16 rounding shrinks a lead by at most 0.22 (CPU, tests/test_confident_prompts.py). So every
+# correct bf16 path gives exactly the float32 tokens, and any divergence here is a bug: no tolerance.
+# Each test also prints how much its GPU paths shrink the float32 leads (the check of that bound here).
+from confident_prompts import CONFIDENT_TOKENS, confident_set, float32_logits, lead_errors, partings  # noqa: E402
+
+
+def assert_confident_float32_tokens(what, which, llm, got):
+    """got == the cached float32 tokens of every prompt; else each parting with the float32 margin and
+    this path's own (its logits re-run step by step on `llm`)."""
+    prompts, expected, margins = confident_set(which)
+    rows = lambda bad: [r for _, r in engine_logits(llm, [prompts[i] for i in bad], CONFIDENT_TOKENS - 1)]  # noqa: E731
+    report = partings(what, prompts, got, expected, margins, rows)
+    print(f"{what}: {len(prompts) - len(report)}/{len(prompts)} prompts give the float32 tokens")
+    assert not report, "\n".join(report)
+
+
+def print_lead_errors(what, which, llm):
+    """How much this GPU path's bf16 logits shrink the float32 winners' leads (on CPU at most 0.22; the
+    prompts' margins are >= 0.5): the measurement behind the threshold, on this GPU."""
+    runs = engine_logits(llm, confident_set(which)[0], CONFIDENT_TOKENS - 1)
+    errors = [x for (_, rows), reference in zip(runs, float32_logits(which)) for x in lead_errors(rows, reference)]
+    print(f"{what}: bf16 shrinks a float32 lead by {percentiles(errors, (50, 99, 100))}")
+
+
+def test_confident_greedy_flashinfer_equals_torch_reference(trained_model):
+    """bf16, 64 confident corpus prompts: the PyTorch reference backend, FlashInfer with CUDA graphs and
+    FlashInfer eager each give exactly the float32 greedy tokens (and print their bf16 noise)."""
+    prompts, _, _ = confident_set("corpus")
+    sp = SamplingParams(temperature=0, max_tokens=CONFIDENT_TOKENS, ignore_eos=True)
+    common = dict(dtype="bfloat16", max_model_len=1024, max_num_seqs=64, num_kvcache_blocks=2048)
+    for what, kwargs in (("torch reference", dict(attention_backend="torch", enforce_eager=True)),
+                         ("FlashInfer, CUDA graphs", {}), ("FlashInfer, eager", dict(enforce_eager=True))):
+        llm = LLM(trained_model, **common, **kwargs)
+        got = [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
+        assert_confident_float32_tokens(what, "corpus", llm, got)
+        print_lead_errors(what, "corpus", llm)
+        bm = llm.scheduler.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+
+
+@pytest.mark.parametrize("shared_backend", ["triton", "triton-wide", "fa2", "fa3", "auto"])
+def test_confident_greedy_cascade_on_equals_off_gpu(trained_model, shared_backend):
+    """bf16, CUDA graphs, 64 confident prompts behind four shared corpus prefixes (64-200 tokens, 5-45
+    requests a group): cascade off, and cascade on every step it can with the shared levels on each
+    kernel, both give exactly the float32 greedy tokens."""
+    from nanovllm.cascade.cost_model import AlwaysCascade
+    prompts, _, _ = confident_set("shared")
+    sp = SamplingParams(temperature=0, max_tokens=CONFIDENT_TOKENS, ignore_eos=True)
+    common = dict(dtype="bfloat16", max_model_len=1024, max_num_seqs=128, num_kvcache_blocks=4096)
+    off = LLM(trained_model, **common)
+    assert_confident_float32_tokens("cascade off", "shared", off,
+                                    [o["token_ids"] for o in off.generate(prompts, sp, use_tqdm=False)])
+    on = LLM(trained_model, **common, enable_cascade_attention=True, cascade_shared_backend=shared_backend)
+    on.step_builder.cascade.cost_model = AlwaysCascade()
+    got = [o["token_ids"] for o in on.generate(prompts, sp, use_tqdm=False)]
+    assert on.stats["cascade_steps"] > 0
+    assert_confident_float32_tokens(f"cascade on ({shared_backend})", "shared", on, got)
+    print_lead_errors(f"cascade on ({shared_backend})", "shared", on)
+    bm = on.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks

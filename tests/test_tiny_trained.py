@@ -10,6 +10,7 @@ token (median 1 distinct token of 32), so comparing them checks about one decisi
 trained model's paths are varied text (18 distinct of 32). So float32 comparisons here demand equality
 everywhere, and the bf16 ones of tests/test_gpu.py that two paths part only where the reference's
 logits make the other pick a bf16 near-tie (`within_bf16_rounding`), and that most prompts stay identical.
+The strict sets (every checked choice won by >= 0.5, exact bf16 parity) are tests/confident_prompts.py's.
 """
 import functools
 import json
