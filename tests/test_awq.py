@@ -1,7 +1,8 @@
 """AWQ int4 checkpoints (AutoAWQ gemm layout): the packing by hand, quantize/pack/unpack round trips,
 the engine on make_model --awq checkpoints against transformers' own model on the dequantized weights
 (written as a dense checkpoint without going through pack/unpack), greedy generation, tensor
-parallelism, refusals, dummy weights, and the Triton W4A16 kernel interpreted on CPU."""
+parallelism, Qwen3-MoE's experts dequantized at load (exactly the dequantized checkpoint's), refusals,
+dummy weights, and the Triton W4A16 kernel interpreted on CPU."""
 import json
 import os
 import shutil
