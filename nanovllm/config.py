@@ -125,7 +125,7 @@ class Config:
             raise ValueError(f"FlashInfer attention needs head_dim in {FLASHINFER_HEAD_DIMS}, this model has {heads}: "
                              f"use attention_backend='torch' (unfused PyTorch attention, slow)")
         if self.quantization is not None:
-            check_awq_model(self.hf_config)
+            check_awq_model(self.hf_config, self.quantization)
             check_awq_parallel(self.hf_config, self.quantization, self.tensor_parallel_size)
 
     def _check_parallel(self):

@@ -1,7 +1,8 @@
 """AWQ int4 checkpoints (AutoAWQ gemm layout): the packing by hand, quantize/pack/unpack round trips,
 the engine on make_model --awq checkpoints against transformers' own model on the dequantized weights
 (written as a dense checkpoint without going through pack/unpack), greedy generation, tensor
-parallelism, refusals, dummy weights, and the Triton W4A16 kernel interpreted on CPU."""
+parallelism, Qwen3-MoE's experts dequantized at load (exactly the dequantized checkpoint's), refusals,
+dummy weights, and the Triton W4A16 kernel interpreted on CPU."""
 import json
 import os
 import shutil
@@ -14,7 +15,8 @@ from transformers import AutoTokenizer
 from nanovllm import SamplingParams
 from nanovllm.config import Config
 from nanovllm.layers.awq import AWQLinear
-from nanovllm.layers.awq_format import AWQConfig, dequantize, pack, quantize, unpack
+from nanovllm.layers.awq_format import AWQConfig, dequantize, dequantize_part, pack, quantize, unpack
+from nanovllm.layers.linear import Linear
 from nanovllm.tools.make_model import make_model
 from test_parity import PROMPTS, engine_logits, hf_greedy, hf_model
 from test_tensor_parallel import logits_by_step, tp_llm  # noqa: F401 (tp_llm is a fixture)
@@ -68,6 +70,24 @@ def test_pack_unpack_round_trip_and_dequantize():
         quantize(w, 64)
 
 
+def test_dequantize_part_equals_slice_of_whole():
+    """A rank's slice, aligned or not to words (8 columns) and groups (32 rows), as the full dequantize's."""
+    g = torch.Generator().manual_seed(1)
+    K, N, G = 96, 48, 32
+    qw, qz = pack(torch.randint(0, 16, (K, N), generator=g)), pack(torch.randint(0, 16, (K // G, N), generator=g))
+    s = (torch.rand(K // G, N, generator=g) * 0.01 + 0.001).half()
+    whole = dequantize(qw, qz, s, G)
+    for rows, cols in [(None, None), ((0, 96), (0, 48)), ((16, 16), None), ((30, 37), None), (None, (12, 12)),
+                       (None, (3, 5)), ((95, 1), (47, 1)), ((40, 24), (8, 16))]:
+        r0, nr = rows or (0, K)
+        c0, nc = cols or (0, N)
+        part = dequantize_part(qw, qz, s, G, rows=rows, cols=cols)
+        assert part.shape == (nr, nc) and torch.equal(part, whole[r0:r0 + nr, c0:c0 + nc]), (rows, cols)
+    for rows, cols in [((90, 7), None), (None, (0, 0)), ((-1, 2), None)]:
+        with pytest.raises(ValueError, match="outside a \\[96, 48\\] AWQ weight"):
+            dequantize_part(qw, qz, s, G, rows=rows, cols=cols)
+
+
 def test_keeps_dense_matches_whole_components():
     quant = AWQConfig(32, ("gate", "model.layers.1.mlp"))
     assert quant.keeps_dense("model.layers.0.mlp.gate")
@@ -102,6 +122,7 @@ CASES = {  # name -> (preset, group size, modules_to_not_convert)
     "qwen2-g32": ("qwen2-tiny", 32, None),           # q/k/v biases, kept in fp16 beside the int4 weights
     "llama3-g32-dense-mlp": ("llama3-tiny", 32, ["down_proj"]),  # a module AWQ leaves dense
     "llama-bias-g32": ("llama-tiny", 32, None),      # attention_bias, mlp_bias: row-parallel biases too
+    "qwen3-moe-g32": ("qwen3-moe-tiny", 32, ["gate"]),  # every expert int4, the router dense (make_model's default)
 }
 OVERRIDES = {"llama-bias-g32": dict(seed=1, attention_bias=True, mlp_bias=True)}
 
@@ -140,9 +161,13 @@ def test_checkpoint_layout(awq_dirs):
 def test_logits_match_transformers_on_dequantized_weights(awq_dirs, make_llm, case):
     awq, dense = awq_dirs[case]
     llm = make_llm(awq)
-    layer = llm.model_runner.model.model.layers[0]
-    assert isinstance(layer.self_attn.qkv_proj, AWQLinear)
-    assert isinstance(layer.mlp.down_proj, AWQLinear) == (case != "llama3-g32-dense-mlp")
+    layers = llm.model_runner.model.model.layers
+    assert isinstance(layers[0].self_attn.qkv_proj, AWQLinear)
+    if case == "qwen3-moe-g32":  # layer 0 sparse (experts dequantized, the router dense), layer 1 a dense MLP
+        assert type(layers[0].mlp.gate) is Linear and len(layers[0].mlp.experts.awq_quantized) == 8 * 3
+        assert isinstance(layers[1].mlp.down_proj, AWQLinear)
+    else:
+        assert isinstance(layers[0].mlp.down_proj, AWQLinear) == (case != "llama3-g32-dense-mlp")
     ref = hf_model(dense)
     tok = AutoTokenizer.from_pretrained(awq)
     dense_llm = make_llm(dense)
@@ -160,7 +185,7 @@ def test_logits_match_transformers_on_dequantized_weights(awq_dirs, make_llm, ca
         assert (rows - rows_d).abs().max().item() <= 1e-3 * scale, case
 
 
-@pytest.mark.parametrize("case", ["qwen3-g32", "llama-g64"])
+@pytest.mark.parametrize("case", ["qwen3-g32", "llama-g64", "qwen3-moe-g32"])
 def test_greedy_generate_equals_dequantized_model(awq_dirs, make_llm, case):
     awq, dense = awq_dirs[case]
     sp = SamplingParams(temperature=0, max_tokens=16)
@@ -169,11 +194,12 @@ def test_greedy_generate_equals_dequantized_model(awq_dirs, make_llm, case):
     assert outs == hf_greedy(dense, PROMPTS, 16)
 
 
-@pytest.mark.parametrize("case", ["qwen3-g32", "llama-bias-g32"])
+@pytest.mark.parametrize("case", ["qwen3-g32", "llama-bias-g32", "qwen3-moe-g32"])
 def test_tensor_parallel_equals_one_rank(awq_dirs, make_llm, tp_llm, case):  # noqa: F811
     """Group 32 over 2 gloo ranks: q/k/v and gate/up split by output words, o_proj and down_proj by
     input groups (32 of o_proj's 64 rows a rank: one group each); llama-bias: biases on every
-    projection, the row-parallel ones added once after the all-reduce."""
+    projection, the row-parallel ones added once after the all-reduce; qwen3-moe: each expert's
+    32-wide intermediate split 16 a rank, so a rank's down_proj rows are half of one group."""
     awq, _ = awq_dirs[case]
     one = logits_by_step(make_llm(awq), PROMPTS[:4])
     two = logits_by_step(tp_llm(awq, 2), PROMPTS[:4])
@@ -222,19 +248,78 @@ def test_tensor_parallel_split_inside_a_group_refused(awq_dirs, make_llm, tmp_pa
         make_llm(path, tensor_parallel_size=2)  # refused before any worker starts
 
 
-def test_moe_checkpoint_written_but_refused(tmp_path):
+def test_moe_experts_dequantized_at_load(awq_dirs, make_llm):
     """make_model --awq quantizes every expert (per-expert tensors, as transformers writes them) and keeps
-    the router dense; the engine, which stacks experts, refuses the checkpoint by name."""
-    path = make_model("qwen3-moe-tiny", str(tmp_path / "moe"), seed=0, awq_group_size=32)
-    cfg = json.load(open(f"{path}/config.json"))["quantization_config"]
+    the router dense; the engine's stacked experts are exactly those of the dequantized float checkpoint
+    (small integers times fp16 scales: exact in float32), and so is every other dense tensor."""
+    awq, dense = awq_dirs["qwen3-moe-g32"]
+    cfg = json.load(open(f"{awq}/config.json"))["quantization_config"]
     assert cfg["modules_to_not_convert"] == ["gate"]
-    t = load_file(f"{path}/model.safetensors")
+    t = load_file(f"{awq}/model.safetensors")
     experts = [k for k in t if ".mlp.experts." in k]
     assert experts and all(k.endswith((".qweight", ".qzeros", ".scales")) for k in experts)
-    assert "model.layers.0.mlp.experts.7.down_proj.qweight" in t
-    assert "model.layers.0.mlp.gate.weight" in t and t["model.layers.0.mlp.gate.weight"].is_floating_point()
-    with pytest.raises(ValueError, match=r"AWQ checkpoints of mixture-of-experts models \(num_experts=8\)"):
+    assert t["model.layers.0.mlp.experts.7.down_proj.qweight"].shape == (32, 64 // 8)  # moe_intermediate 32
+    assert t["model.layers.0.mlp.gate.weight"].is_floating_point()
+    ours = make_llm(awq).model_runner.model.state_dict()
+    theirs = make_llm(dense).model_runner.model.state_dict()
+    stacked = [k for k in theirs if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(stacked) == 2 * 2  # layers 0 and 2 are sparse
+    for k in stacked + [k for k in theirs if k in ours]:
+        assert torch.equal(ours[k], theirs[k]), k
+    # against the original (not quantized) weights: the experts moved, by at most half a step each
+    original = load_file(os.path.join(os.path.dirname(awq), "qwen3-moe-g32-dense-src", "model.safetensors"))
+    e3_up = ours["model.layers.2.mlp.experts.gate_up_proj"][3, 32:]
+    assert not torch.equal(e3_up, original["model.layers.2.mlp.experts.3.up_proj.weight"])
+    scales = t["model.layers.2.mlp.experts.3.up_proj.scales"].float().repeat_interleave(32, 0).t()
+    assert ((e3_up - original["model.layers.2.mlp.experts.3.up_proj.weight"]).abs() <= scales * 0.5 + 1e-6).all()
+
+
+def moe_awq_copy(awq_dirs, dst, change_tensors=None, **quant_changes) -> str:
+    path = with_quant(awq_dirs["qwen3-moe-g32"][0], dst, **quant_changes)
+    if change_tensors is not None:
+        t = load_file(f"{path}/model.safetensors")
+        change_tensors(t)
+        save_file(t, f"{path}/model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def test_moe_quantized_router_refused(tmp_path):
+    path = make_model("qwen3-moe-tiny", str(tmp_path / "m"), seed=0, awq_group_size=32, awq_keep_dense=[])
+    assert "model.layers.0.mlp.gate.qweight" in load_file(f"{path}/model.safetensors")
+    with pytest.raises(ValueError, match=r"AWQ: the mixture-of-experts router model\.layers\.0\.mlp\.gate is quantized"):
         Config(path)
+
+
+def test_moe_expert_tensors_that_contradict_the_config_refused(awq_dirs, tmp_path):
+    from nanovllm import LLM
+    # the config keeps the experts dense, the checkpoint holds them as AWQ
+    path = moe_awq_copy(awq_dirs, tmp_path / "a", modules_to_not_convert=["gate", "experts"])
+    with pytest.raises(ValueError, match=r"expert \d+ \w+_proj: the checkpoint holds its AWQ \w+, but the config's "
+                                         r"quantization_config does not quantize it"):
+        LLM(path, max_model_len=256)
+
+    # one expert projection stored dense while the config quantizes it
+    def dense_expert(t):
+        name = "model.layers.2.mlp.experts.3.up_proj"
+        w = dequantize(t.pop(f"{name}.qweight"), t.pop(f"{name}.qzeros"), t.pop(f"{name}.scales"), 32)
+        t[f"{name}.weight"] = w.t().contiguous()
+    path = moe_awq_copy(awq_dirs, tmp_path / "b", dense_expert)
+    with pytest.raises(ValueError, match="expert 3 up_proj: the checkpoint holds a dense weight, but the config's "
+                                         "quantization_config quantizes it"):
+        LLM(path, max_model_len=256)
+
+    # a missing AWQ tensor is named with its part; a malformed one by its shape
+    path = moe_awq_copy(awq_dirs, tmp_path / "c", lambda t: t.pop("model.layers.2.mlp.experts.5.up_proj.qzeros"))
+    with pytest.raises(ValueError, match=r"missing tensors: model\.layers\.2\.mlp\.experts\.gate_up_proj "
+                                         r"\(5, 'up_proj', 'qzeros'\)"):
+        LLM(path, max_model_len=256)
+
+    def short_scales(t):
+        name = "model.layers.0.mlp.experts.1.down_proj.scales"
+        t[name] = t[name][:, :32].contiguous()
+    path = moe_awq_copy(awq_dirs, tmp_path / "d", short_scales)
+    with pytest.raises(ValueError, match=r"expert 1 down_proj: AWQ scales \(1, 32\) in the checkpoint, expected \(1, 64\)"):
+        LLM(path, max_model_len=256)
 
 
 def test_make_model_cli_writes_awq(tmp_path):
@@ -332,6 +417,37 @@ def test_awq_engine_gpu_greedy(awq_dirs):
         del llm
         torch.cuda.empty_cache()
     assert outs[0] == outs[1]
+
+
+@pytest.mark.gpu
+def test_awq_moe_engine_gpu(tmp_path):
+    """An AWQ Qwen3-MoE checkpoint on CUDA in bf16 (FlashInfer, CUDA graphs, the grouped expert GEMMs):
+    the experts, dequantized on the GPU at load, equal the dequantized dense checkpoint's in bf16, and
+    greedy text equals that checkpoint's engine (same settings) or parts at a near-tie of its logits
+    (attention and the dense MLP run the int4 kernels on one side, bf16 GEMMs on the other)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    from nanovllm import LLM
+    from test_gpu import identical_or_at_ties, next_token_logits
+    from test_llama import random_prompts
+    shape = dict(seed=0, hidden_size=256, num_attention_heads=8, head_dim=128, intermediate_size=512,
+                 moe_intermediate_size=64)
+    awq = make_model("qwen3-moe-tiny", str(tmp_path / "awq"), awq_group_size=32, **shape)
+    src = make_model("qwen3-moe-tiny", str(tmp_path / "src"), **shape)
+    dense = dequantized_copy(src, str(tmp_path / "deq"), 32, ("gate",))
+    prompts = random_prompts(3, [5, 17, 33, 64, 100, 129, 250, 400])
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    kw = dict(dtype="bfloat16", max_model_len=1024, max_num_seqs=64, num_kvcache_blocks=2048)
+    ref = LLM(dense, **kw)
+    expected = [o["token_ids"] for o in ref.generate(prompts, sp, use_tqdm=False)]
+    llm = LLM(awq, **kw)
+    assert llm.model_runner.graphs is not None  # decode replays CUDA graphs
+    ours, theirs = llm.model_runner.model.state_dict(), ref.model_runner.model.state_dict()
+    for k in (k for k in theirs if k.endswith(("experts.gate_up_proj", "experts.down_proj"))):
+        assert torch.equal(ours[k], theirs[k]), k
+    got = [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    identical = identical_or_at_ties(prompts, got, expected, lambda tokens: next_token_logits(ref, tokens))
+    assert identical >= 6, identical
 
 
 def test_triton_kernel_compiles_for_hopper():

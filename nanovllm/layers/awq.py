@@ -3,7 +3,9 @@
 `quantize_linears(model, quant)` replaces every Linear / PackedLinear (layers/linear.py) of a model
 built under `linear.meta_weights()` with an AWQLinear of the same split, except the modules the
 checkpoint keeps dense (modules_to_not_convert), whose weights it allocates. Embeddings and the LM head
-are not Linear modules and stay dense, as AutoAWQ leaves them.
+are not Linear modules and stay dense, as AutoAWQ leaves them. Mixture-of-experts experts are not
+Linears either: they stay stacked dense tensors, filled from the checkpoint's AWQ tensors by
+dequantizing at load (layers/moe.py, Experts.expect_awq: 16 bits a weight on the GPU, no int4 kernel).
 
 An AWQLinear holds the checkpoint's tensors as they are (qweight, qzeros, fp16 scales, bias) and
 loads them through the regular loader (utils/loader.py): packed q/k/v and gate/up shards concatenate
@@ -26,6 +28,7 @@ from nanovllm.distributed.parallel_state import all_reduce, tp_rank
 from nanovllm.layers import awq_gemlite, awq_gemm
 from nanovllm.layers.awq_format import PACK, AWQConfig, dequantize
 from nanovllm.layers.linear import Linear, PackedLinear
+from nanovllm.layers.moe import EXPERT_PROJECTIONS, Experts
 
 # parameter -> (output dim, output units per element, input rows per element or 0: no input dim)
 _LAYOUT = {"qweight": (1, PACK, 1), "qzeros": (1, PACK, None), "scales": (1, 1, None), "bias": (0, 1, 0)}
@@ -132,9 +135,15 @@ def checkpoint_names(name: str, packed_modules_mapping: dict) -> list[str]:
 
 def quantize_linears(model: nn.Module, quant: AWQConfig) -> None:
     """Swap every Linear of `model` (built under meta_weights()) for an AWQLinear, in place; those the
-    checkpoint keeps dense get their weight allocated (under the caller's device and dtype)."""
+    checkpoint keeps dense get their weight allocated (under the caller's device and dtype). Stacked MoE
+    experts (layers/moe.py) stay dense tensors and are told which expert projections arrive as AWQ
+    tensors, to be dequantized as they load."""
     mapping = getattr(model, "packed_modules_mapping", {})
     for name, module in list(model.named_modules()):
+        if isinstance(module, Experts):
+            module.expect_awq(quant.group_size, {(e, p) for e in range(module.num_experts) for p in EXPERT_PROJECTIONS
+                                                 if not quant.keeps_dense(f"{name}.{e}.{p}")})
+            continue
         if not isinstance(module, Linear):
             continue
         names = checkpoint_names(name, mapping)

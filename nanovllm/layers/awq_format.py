@@ -16,7 +16,11 @@ hand-computed test (tests/test_awq.py).
 config.json carries {"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": G,
 "zero_point": true, "version": "gemm", "modules_to_not_convert": [...] or null}}. Anything else (other
 methods, bits, the gemv / marlin / exllama layouts, no zero point) is refused with a ValueError when
-the engine is created (Config)."""
+the engine is created (Config), as is a quantized mixture-of-experts router (check_model).
+
+Mixture-of-experts checkpoints quantize each expert's gate/up/down_proj like any linear; the engine
+dequantizes them at load (dequantize_part, a rank's slice only) into its stacked expert tensors in the
+model dtype (layers/moe.py): they load and run, but the experts take 16 bits a weight on the GPU, not 4."""
 from dataclasses import dataclass
 
 import torch
@@ -70,13 +74,21 @@ def read_quant_config(hf_config) -> AWQConfig | None:
     return AWQConfig(group, tuple(q.get("modules_to_not_convert") or ()))
 
 
-def check_model(hf_config) -> None:
-    """What the engine cannot run quantized: mixture-of-experts checkpoints, whose experts it stacks
-    into one tensor per layer (layers/moe.py) with no int4 expert kernel behind them."""
-    experts = getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", None)
-    if experts:
-        raise ValueError(f"AWQ checkpoints of mixture-of-experts models (num_experts={experts}) are not supported: "
-                         f"the engine stacks the experts (layers/moe.py) and has no int4 expert kernel")
+def check_model(hf_config, quant: AWQConfig) -> None:
+    """What the engine cannot run quantized: a mixture-of-experts router (`model.layers.{i}.mlp.gate` of a
+    sparse layer) that modules_to_not_convert does not keep dense. AutoAWQ keeps routers dense (its
+    mixture-of-experts checkpoints list "gate"), so no such checkpoint is known and none is tested; a
+    router's top-k is also where 4-bit error would change which experts run. The experts themselves
+    load: dequantized at load into the stacked expert tensors (layers/moe.py, Experts.expect_awq)."""
+    if not (getattr(hf_config, "num_experts", None) or 0) > 0:
+        return
+    from nanovllm.models.qwen3_moe import is_sparse_layer  # here: models import the layers, not the other way
+    for i in range(hf_config.num_hidden_layers):
+        router = f"model.layers.{i}.mlp.gate"
+        if is_sparse_layer(hf_config, i) and not quant.keeps_dense(router):
+            raise ValueError(f"AWQ: the mixture-of-experts router {router} is quantized (modules_to_not_convert "
+                             f"{list(quant.modules_to_not_convert)} does not keep it dense); only dense routers are "
+                             f"supported (AutoAWQ keeps them dense: modules_to_not_convert [\"gate\"])")
 
 
 def check_parallel(hf_config, quant: AWQConfig, n: int) -> None:
@@ -125,6 +137,24 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     z = unpack(qzeros).repeat_interleave(group_size, dim=0)
     s = scales.float().repeat_interleave(group_size, dim=0)
     return (q - z).float() * s
+
+
+def dequantize_part(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                    rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> torch.Tensor:
+    """W^T[rows, cols] as float32, `rows` / `cols` given as (first, count) (None: all), unpacking only the
+    words and groups that hold them: a tensor-parallel rank's slice of a weight, whatever the slice's
+    alignment to words (8 columns) or groups (group_size rows). Equal to dequantize(...)[rows, cols]."""
+    in_rows, out_cols = qweight.shape[0], qweight.shape[1] * PACK
+    r0, nr = rows if rows is not None else (0, in_rows)
+    c0, nc = cols if cols is not None else (0, out_cols)
+    if not (0 <= r0 and 0 < nr and r0 + nr <= in_rows and 0 <= c0 and 0 < nc and c0 + nc <= out_cols):
+        raise ValueError(f"rows {rows} / columns {cols} outside a [{in_rows}, {out_cols}] AWQ weight")
+    g0, g1 = r0 // group_size, -(-(r0 + nr) // group_size)  # the groups holding the rows
+    w0, w1 = c0 // PACK, -(-(c0 + nc) // PACK)                # the words holding the columns
+    block = dequantize(qweight[g0 * group_size:g1 * group_size, w0:w1], qzeros[g0:g1, w0:w1],
+                       scales[g0:g1, w0 * PACK:w1 * PACK], group_size)
+    r, c = r0 - g0 * group_size, c0 - w0 * PACK
+    return block[r:r + nr, c:c + nc]
 
 
 def quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

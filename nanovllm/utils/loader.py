@@ -34,7 +34,9 @@ def load_model(model: nn.Module, path: str):
     `checkpoint_target(name)` returns ((parameter, shard id) or None; MoE experts stacked from
     per-expert tensors), or through `packed_modules_mapping` (q/k/v -> qkv_proj, ...). Calibrated
     KV-cache scales (`...self_attn.k_scale` / `v_scale` / `kv_scale`, attention/kv_quant.py) set the
-    layer's Attention k_scale / v_scale floats (used only with an fp8 KV cache)."""
+    layer's Attention k_scale / v_scale floats (used only with an fp8 KV cache). A parameter's
+    `weight_loader` gets the tensor in the checkpoint's dtype and casts it as it copies (copy_): an AWQ
+    expert's int32 words and fp16 scales reach the MoE layer unrounded (layers/moe.py)."""
     packed = getattr(model, "packed_modules_mapping", {})
     custom = getattr(model, "checkpoint_target", None)
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -66,10 +68,11 @@ def load_model(model: nn.Module, path: str):
                     raise ValueError(f"checkpoint tensor {name!r} has no place in {type(model).__name__}")
                 param = params[target]
                 loader = getattr(param, "weight_loader", None)
-                tensor = f.get_tensor(name).to(param.dtype)
+                tensor = f.get_tensor(name)
                 if loader is not None:
-                    loader(param, tensor, shard_id)
+                    loader(param, tensor, shard_id)  # as stored: it casts as it copies (AWQ words stay int32)
                 else:
+                    tensor = tensor.to(param.dtype)
                     if param.shape != tensor.shape:
                         raise ValueError(f"{name}: shape {tuple(tensor.shape)} in checkpoint, {tuple(param.shape)} expected")
                     param.data.copy_(tensor)
