@@ -299,3 +299,97 @@ def test_write_ahead_skips_pages_the_step_in_flight_may_use_and_spares_the_evict
     assert not swap_out
     assert set(a.block_hashes[:2]) <= set(bm.host_hash_to_page)
     bm.check_invariants()
+
+
+def host_only_prefixes(bm, *prompts):
+    """Compute each prompt, free it, then evict its pages with an allocation that is never computed
+    (so the pages it leaves free are clean): each prompt's full pages end up in host memory only.
+    Ends with a launched step, so that pages freed before count as unused by the step in flight."""
+    bm.begin_step()
+    seqs = [computed_seq(bm, p) for p in prompts]
+    for seq in seqs:
+        bm.deallocate(seq)
+    bm.take_copies()
+    bm.launched()
+    bm.begin_step()
+    evictor = Sequence([900 + i for i in range(bm.num_blocks * BS)], SP, BS)
+    bm.allocate(evictor, [])
+    bm.deallocate(evictor)
+    bm.take_copies()
+    bm.launched()
+    bm.begin_step()
+    bm.launched()
+    for seq in seqs:
+        assert set(seq.block_hashes[:2]) <= set(bm.host_hash_to_page) and not set(seq.block_hashes[:2]) & set(bm.hash_to_block_id)
+
+
+def test_readmission_without_host_hits_does_not_wait_behind_other_requests_restores():
+    """A request preempted while its restores were queued, re-admitted with no host hits, runs at once:
+    its old ticket must not hold it until restores queued by others have gone out."""
+    bm = BlockManager(8, BS, num_host_blocks=8)
+    x, y = list(range(9)), [100 + i for i in range(9)]
+    host_only_prefixes(bm, x, y)
+    bm.begin_step()
+    other = Sequence(y + [5], SP, BS)
+    assert admit(bm, None, other)      # 2 restores queued, tickets 1 and 2
+    seq = Sequence(x + [5], SP, BS)
+    assert admit(bm, None, seq)        # 2 more, tickets 3 and 4
+    assert len(bm.restore_backlog) == 4 and not bm.restores_landed(seq)
+    bm.preempt(seq)                    # its queued restores go; the other request's stay
+    seq.reset_for_recompute()
+    assert len(bm.restore_backlog) == 2
+    bm.take_copies()
+    bm.restore_pays = False            # re-admitted as a recompute: no host hits
+    assert admit(bm, None, seq)
+    bm.begin_step()
+    assert bm.restores_landed(seq) and not bm.restores_landed(other)
+    bm.check_invariants()
+
+
+def test_step_that_waits_for_its_restores_carries_no_background_copies():
+    """A restoring request with nothing else to run is prefilled at once and its step's forward waits
+    for its restores: that step must not carry prefetches (nor write-aheads) it would wait for too."""
+    from types import SimpleNamespace
+    from nanovllm.engine.scheduler import Scheduler
+    config = SimpleNamespace(max_num_seqs=1, max_num_batched_tokens=64, kvcache_block_size=BS,
+                             enable_prefix_caching=True, host_kv_prefetch=True, host_kv_write_ahead=True,
+                             schedule_policy="fcfs", max_wait_s=10.0, seed=0)
+    scheduler = Scheduler(config, num_blocks=6, num_host_blocks=8)
+    bm = scheduler.block_manager
+    x, y = list(range(9)), [100 + i for i in range(9)]
+    host_only_prefixes(bm, x, y)
+    restoring, waiting = Sequence(x + [5], SP, BS), Sequence(y + [5], SP, BS)
+    scheduler.add(restoring)
+    scheduler.add(waiting)   # max_num_seqs 1: it stays waiting, its host pages would fit the free pages
+    scheduled, is_prefill = scheduler.schedule()
+    assert scheduled == [restoring] and is_prefill
+    swap_out, swap_in, _, wait_for_restores, write_ahead = bm.take_copies()
+    assert wait_for_restores
+    assert [gpu for _, gpu in swap_in] == restoring.block_table[:2]   # its own restores, nothing else
+    assert not write_ahead and not swap_out and bm.num_prefetched == 0
+    bm.check_invariants()
+
+
+def test_background_copies_stay_within_the_copy_budget():
+    """Queued restores take the budget first; write-ahead gets what is left, and nothing when they
+    used it all (before, it sent a quarter of the budget regardless: a step's copies could outlast it)."""
+    for budget, expected_ahead in ((4, 0), (5, 1), (8, 2)):
+        bm = BlockManager(8, BS, num_host_blocks=16, prefetch=False)
+        bm.copy_budget = budget
+        x, y, z = list(range(9)), [100 + i for i in range(9)], [200 + i for i in range(9)]
+        host_only_prefixes(bm, x, z)
+        bm.begin_step()
+        cached = computed_seq(bm, y)   # 2 cached prompt pages the host lacks: write-ahead's candidates
+        bm.deallocate(cached)
+        bm.take_copies()
+        bm.launched()
+        bm.begin_step()
+        bm.launched()
+        bm.begin_step()
+        assert admit(bm, None, Sequence(x + [5], SP, BS)) and admit(bm, None, Sequence(z + [5], SP, BS))
+        assert len(bm.restore_backlog) == 4
+        bm.background_copies([])
+        swap_out, swap_in, _, _, write_ahead = bm.take_copies()
+        assert not swap_out and len(swap_in) == min(budget, 4) and len(write_ahead) == expected_ahead, \
+            (budget, swap_in, write_ahead)
+        bm.check_invariants()

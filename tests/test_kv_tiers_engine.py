@@ -159,9 +159,9 @@ def test_tensor_parallel_ranks_run_the_same_copies(model, reference_outputs):
 
 
 def test_restores_overlap_a_step_or_run_alone(model, make_llm):
-    """A request admitted with host pages is prefilled one step later, so that its copies overlap a
-    step of the others (the forward does not wait); alone, it runs at once and its step waits for
-    them. One request at a time gives the second case, a batch the first: the same tokens as
+    """A request admitted with host pages is prefilled in a step after the one that issued its
+    restores, so that its copies overlap a step of the others (the forward does not wait); alone, it
+    runs at once and its step waits for them. One request at a time gives the second case, a batch the first: the same tokens as
     without the tier either way."""
     prompts = tenants()
     plain = make_llm(model, **TIGHT)

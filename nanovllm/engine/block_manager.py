@@ -14,23 +14,49 @@ dropped. The host is a segmented LRU: a page that proved itself (it was hit, res
 a preempted sequence) is PROTECTED; a prompt page never hit yet is on PROBATION, written back into
 free host room or in place of older probation pages, never of protected ones (a request's own
 question must not push a shared system prompt out). A page filled by decode and never hit (an
-answer) is dropped as before, so it costs no copy and no host room;
-`match` follows the hash chain through both tiers, and a hit in host memory is copied into a fresh
-GPU page (`swap_in`, host page -> GPU page) before the step that admits the request runs. The host
-keeps its copy of a restored or recomputed page (a later eviction then copies nothing), and a host
-page is dropped only from the host's LRU end. Whether a host hit is restored at all is
-engine/copy_costs.py's measured choice (`restore_pays`). This class
-only decides the copies; `take_copies` hands them to the step (engine/scheduled_step.py) and every
-rank's runner executes them on its own pools, swap_out before swap_in, on a side stream. The step's
-forward waits for its write-backs (it may reuse those pages) but not for its restores unless
-`wait_for_restores` (the scheduler admits a restoring request's prefill one step later, so that the
-copy overlaps a step it does not hold up); the next step's forward waits for them. A restored page
-counts as computed once its step is launched. Within a step that order is
-safe: a host page read by a restore is released only at the end of the step, and restores happen
-only in prefill steps, where no GPU page is freed while the step is scheduled (a decode step's
-preemptions free pages, but it restores none). `copy_after_prev` says whether a copy touches a page freed since
-the step in flight was scheduled (that step may still read or write it): only then must the copy
-wait for it; otherwise it may overlap it.
+answer) is dropped as before, so it costs no copy and no host room.
+`match` follows the hash chain through both tiers; a hit in host memory is copied into a fresh GPU
+page (`swap_in`, host page -> GPU page), if engine/copy_costs.py's measured choice says a restore is
+cheaper than recomputing it (`restore_pays`). A hash may live in both tiers: the host keeps its copy
+of a restored or recomputed page (a later eviction then copies nothing), and a host page is dropped
+only from the host's LRU end.
+
+This class only decides the copies; `take_copies` hands them to the step (engine/scheduled_step.py)
+and every rank's runner executes them on its own pools, on a side stream, in this order: swap_out
+(write-backs on eviction), swap_in (restores), write_ahead (background write-backs). A step's
+forward waits for its own write-backs (it may reuse those pages) and for all of the previous step's
+copies. Restores come from two places, and both are handed to a step only once its scheduling is
+done (no page is allocated or freed in that step after them):
+- a request admitted with host hits (`allocate`): its restores are queued (`restore_backlog`) and
+  `background_copies` hands out up to `copy_budget` pages of them a step, in prefill and decode steps
+  alike. The request stays unscheduled until all of its restores went out in a step launched before
+  this one (`restores_landed`, by ticket), so they overlap that step's forward instead of holding it
+  up. Only when nothing else can run does the scheduler hand out the whole queue at once and run the
+  request in the same step, whose forward then waits for the restores (`wait_for_restores`); such a
+  step carries no background copies, which its forward would wait for too.
+- prefetch (`background_copies`): host pages of waiting requests, into clean free GPU pages.
+A restored page counts as computed once the step that issues its copy is launched (`launched`); a
+request that matches it before waits (`match`), so only a later step's forward reads it (or, under
+`wait_for_restores`, its own step's).
+
+Why this order is safe:
+- A host page that a restore will read is pinned (out of the LRU, so no write-back picks it as its
+  victim) from when the restore is decided until the copies of the step that issues it are taken; a
+  later write into that host page follows the read on the copy stream.
+- Nothing else uses a restore's GPU page before the step after the one that issues it, whose forward
+  waits for the copy. A queued restore's page belongs to its request from `allocate` on (preempting or
+  aborting the request drops its queued restores, `deallocate`). A prefetched page is a clean free
+  page (`_is_clean`) that nothing takes in its step (prefetch runs after the step is scheduled) and
+  write-ahead skips (not computed yet). A page evicted and restored by the same allocation is written
+  back first (swap_out before swap_in; a queued restore goes out in that step or a later one).
+- A write-back's GPU page is not overwritten before it is read: an evicted page is written only by
+  its step's restores (queued after the write-backs) and forward (which waits for them); a page
+  written ahead is free, and a later step that takes it waits for this step's copies.
+- The step in flight may still read or write a page freed since it was scheduled (pages are stamped
+  with the scheduling clock). `copy_after_prev` says whether a copy touches such a page (`_note_copy`:
+  a write-back on eviction, an issued restore's page): only then must the step's copies wait for the
+  step in flight; otherwise they overlap it. Prefetch and write-ahead take only pages freed before it
+  (`_is_clean`, `_write_ahead`), so they never make the copies wait.
 """
 from collections import OrderedDict, deque
 
@@ -257,10 +283,12 @@ class BlockManager:
 
     # ---- background copies: prefetch and write-back ahead of eviction -------------------------
     def background_copies(self, waiting, is_prefill: bool = False, step_tokens: int = 0):
-        """Called once a step is scheduled (and has rows to carry copies): restore the host pages of
-        the waiting requests at the queue's head into clean free GPU pages (prefetch), then write the
-        LRU end of the free GPU pages back to host (write-ahead), within `copy_budget` pages."""
-        if not self.num_host_blocks:
+        """Called once a step is scheduled (and has rows to carry copies): hand out queued restores,
+        restore the host pages of the waiting requests at the queue's head into clean free GPU pages
+        (prefetch), then write the LRU end of the free GPU pages back to host (write-ahead), all
+        within `copy_budget` pages. A step whose forward waits for its restores (a restoring request
+        run at once) gets none of these: its forward would wait for them too."""
+        if not self.num_host_blocks or self.wait_for_restores:
             return
         if self.costs is not None:   # as many pages as this step's forward lasts: none of it waits
             self.copy_budget = self.costs.step_budget(is_prefill, step_tokens)
@@ -268,7 +296,7 @@ class BlockManager:
         if self.prefetch and self.restore_pays and not self.restore_backlog:
             budget -= self._prefetch(waiting, budget)
         if self.write_ahead:   # at most WRITE_AHEAD_PAGES: its scan of the free list is host time every step
-            self._write_ahead(min(max(budget, self.copy_budget // 4), WRITE_AHEAD_PAGES))
+            self._write_ahead(min(budget, WRITE_AHEAD_PAGES))
 
     def _prefetch(self, waiting, budget: int) -> int:
         """Host pages of the waiting requests that would fit in the free pages, in queue order, each
@@ -409,6 +437,8 @@ class BlockManager:
                     seq.block_table.append(hit)
         if restoring:
             self._restore(seq, hits)
+        else:   # no restores of its own: a ticket from an earlier admission must not hold it behind others'
+            seq.restore_ticket = 0
         num_full = len(seq) // self.block_size if self.enable_prefix_caching else 0
         hashes = self._hashes(seq, num_full)
         for i in range(len(hits), seq.num_blocks):

@@ -15,10 +15,12 @@ rounds sizes up to a power of two) and the copies run on a side stream: they sta
 in flight only when the step says they must (`copy_after_prev`: a page it may still use). The
 step's forward waits for its write-backs (it may reuse those pages); its background write-backs
 (`write_ahead`: free pages copied before they are needed, queued after the restores) and its
-restores are waited for by the next step's forward; the restores are read by the
-next step's forward (the scheduler admits a restoring request's prefill one step later), which
-waits for them, so a restore overlaps the step before it and the step it is issued with. A step
-whose own rows read the restored pages says so (`wait_for_restores`). A `StepTimer` of CUDA events
+restores are waited for by the next step's forward. Restores are read at the earliest by that next
+step (engine/block_manager.py: a restoring request is scheduled only in a step after the one that
+issued its last restore, and a prefetched page counts as computed once its step is launched), so a
+restore overlaps the forward of the step that carries it. Only a step whose own rows read its
+restores (a restoring request run at once because nothing else could run) says so
+(`wait_for_restores`), and it carries no other restores. A `StepTimer` of CUDA events
 times the forward's wait for copies, the forward, the copies and the restores alone (read by the
 runner at a later collect once `ready()`: it never waits for them; engine/copy_costs.py decides from
 them). The GPU page ids of a step's copies go up once a direction from pinned memory (`_copies`).
