@@ -79,3 +79,16 @@ def test_summary_says_what_the_rule_saw():
     costs.observe_copies(0.004, 100, restore_seconds=0.0035, restore_pages=70, stall_seconds=0.25)
     assert costs.summary() == {"restore_us_per_page": 50.0, "prefill_us_per_page": 48.0, "copy_us_per_page": 40.0,
                                "copy_stall_s": 0.25, "restore_pays": False}
+
+
+def test_cpu_path_decides_the_same_whatever_its_timings():
+    """measured=False (the engine on CPU): restores always, the unmeasured budget, however the
+    observed times would have decided (here: restores 10x slower than prefill)."""
+    from nanovllm.engine.copy_costs import BUDGET_UNMEASURED
+    for measured, pays in ((True, False), (False, True)):
+        costs = CopyCosts(16, measured=measured)
+        costs.observe_forward(0.001, 1000)
+        costs.observe_forward(0.002, 2000)
+        costs.observe_copies(0.1, 10, restore_seconds=0.1, restore_pages=10)
+        assert costs.restore_pays() is pays
+        assert (costs.step_budget(True, 1000) == BUDGET_UNMEASURED) is (not measured)

@@ -62,7 +62,8 @@ class LLMEngine:
         self.executor = make_executor(config)      # the runner, or rank 0 of a tensor-parallel group
         self.model_runner = self.executor.runner   # this process's runner
         self.scheduler = Scheduler(config, self.executor.num_kvcache_blocks, self.model_runner.num_host_blocks)
-        self.copy_costs = CopyCosts(config.kvcache_block_size)   # fed only with the host tier on
+        # Fed only with the host tier on; on the CPU path its decisions ignore the (meaningless) timings.
+        self.copy_costs = CopyCosts(config.kvcache_block_size, measured=config.device.startswith("cuda"))
         if self.model_runner.num_host_blocks:
             self.scheduler.block_manager.costs = self.copy_costs
         self.step_builder = StepBuilder(config)
