@@ -2,7 +2,7 @@
 shapes, on the GPU machine, one layer, Qwen3-0.6B heads (16 q, 8 kv, d 128), bf16, CUDA graphs, with
 the engine's fixed grid (256 programs per kv head) and the partial merge:
 
-    python scripts/sweep_shared_kernel.py [--shapes 4x32x16384,64x16x2048] [--grid] [--top 3]
+    python scripts/sweep_shared_kernel.py [--shapes 4x32x16384,64x16x2048] [--grid] [--top 3] [--prefill]
 
 For each shape (groups x query rows per group x shared tokens) times the engine's tiles
 (shared_kernel.TILES), two 64-row tiles, and FlashInfer's fa3/fa2 without split-kv (as the engine's
@@ -32,6 +32,26 @@ PAGE = 16
 SHAPES = [(4, 32, 16384), (64, 16, 2048), (1, 1024, 8192), (1, 16, 16384), (1, 128, 32768), (16, 64, 2048),
           (8, 32, 4096), (32, 4, 8192), (256, 4, 1024), (1, 4, 65536), (2, 48, 8192), (8, 128, 4096), (1, 256, 8192),
           (128, 2, 512), (16, 24, 1024), (4, 96, 16384), (64, 2, 16), (1, 64, 2048)]
+# Prefill of many short questions over a long prefix (a shared level's rows are every question token):
+# W5's 32 questions of 64 tokens a document, W2's 16 x 128, W3's 1,024 x 128 in chunks, a few small ones.
+PREFILL_SHAPES = [(4, 32 * 64, 16384), (64, 16 * 128, 2048), (1, 64 * 128, 8192), (1, 4 * 64, 16384),
+                  (8, 8 * 32, 4096), (16, 4 * 16, 1024)]
+
+
+def reference(q, kc, vc, groups, rows, length, max_scores=2**31):
+    """float32 attention of each group's rows over its tokens, or None when the score matrix would pass
+    max_scores elements (prefill shapes: thousands of rows over long prefixes)."""
+    if groups * rows * HQ * length > max_scores:
+        return None
+    k = kc.view(-1, HKV, D)[:groups * length].view(groups, length, HKV, D).float()
+    v = vc.view(-1, HKV, D)[:groups * length].view(groups, length, HKV, D).float()
+    qf = q.float().view(groups, rows, HKV, HQ // HKV, D)
+    s = torch.einsum("grhkd,gthd->grhkt", qf, k) * D ** -0.5
+    return torch.einsum("grhkt,gthd->grhkd", s.softmax(-1), v).reshape(groups * rows, HQ, D)
+
+
+def max_error(out, ref) -> float:
+    return float("nan") if ref is None else (out.float() - ref).abs().max().item()
 
 
 def flashinfer_level(q, kc, vc, qo, ind, idx, out, lse, backend):
@@ -60,11 +80,7 @@ def run_shape(groups, rows, length, configs):
     ind_d, idx_d = ind.cuda(), idx.cuda()
     gb = groups * length * HKV * D * 2 * 2 / 1e9
     # float32 dense reference for the level's output
-    k = kc.view(-1, HKV, D)[:groups * length].view(groups, length, HKV, D).float()
-    v = vc.view(-1, HKV, D)[:groups * length].view(groups, length, HKV, D).float()
-    qf = q.float().view(groups, rows, HKV, HQ // HKV, D)
-    s = torch.einsum("grhkd,gthd->grhkt", qf, k) * D ** -0.5
-    ref = torch.einsum("grhkt,gthd->grhkd", s.softmax(-1), v).reshape(groups * rows, HQ, D)
+    ref = reference(q, kc, vc, groups, rows, length)
     results = []
     for cfg in configs:
         if isinstance(cfg, str):  # a FlashInfer backend
@@ -72,7 +88,7 @@ def run_shape(groups, rows, length, configs):
             ms = graphed(fn)
             out.zero_(); lse.fill_(float("-inf"))
             fn()
-            results.append(dict(ms=ms, name=cfg, tb_s=gb / ms, err=(out.float() - ref).abs().max().item()))
+            results.append(dict(ms=ms, name=cfg, tb_s=gb / ms, err=max_error(out, ref)))
             continue
         name = next((n for n, t in TILES.items() if t == SharedTile(*cfg)), "")
         block_rows, block_tokens, warps, stages, split_x = cfg
@@ -96,7 +112,7 @@ def run_shape(groups, rows, length, configs):
             continue
         out.zero_(); lse.fill_(float("-inf"))
         fn()
-        err = (out.float() - ref).abs().max().item()
+        err = max_error(out, ref)
         results.append(dict(ms=ms, name=name, block_rows=block_rows, block_tokens=block_tokens, warps=warps, stages=stages,
                             splits=splits, split_x=split_x, tb_s=gb / ms, err=err))
     return results
@@ -113,9 +129,11 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="")
     p.add_argument("--grid", action="store_true", help="every tile shape, not just the engine's and FlashInfer")
+    p.add_argument("--prefill", action="store_true", help="prefill shapes: many question tokens over a long prefix")
     p.add_argument("--top", type=int, default=3)
     args = p.parse_args()
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    shapes = ([tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")] if args.shapes
+              else PREFILL_SHAPES if args.prefill else SHAPES)
     named = [tuple(vars(t).values()) for t in TILES.values()] + [(64, 64, 4, 2, 2), (64, 128, 8, 3, 1), "fa3", "fa2"]
     configs = named + (list(itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (2, 3, 4), (1, 2, 4)))
                        if args.grid else [])
