@@ -127,5 +127,5 @@ def test_cost_model_kernel_choice_follows_the_config():
     from nanovllm.cascade.cost_model import CascadeCostModel
     plan = SimpleNamespace(num_rows=8 * 128, groups_per_level=[8])   # fa3's shape under auto
     assert CascadeCostModel().backend(plan) == "fa3"
-    assert CascadeCostModel(shared_backend="auto-fp8").backend(plan) == "fa2"   # fp8 KV: no fa3
+    assert CascadeCostModel(kv_fp8=True).backend(plan) == "fa2"   # fp8 KV: no fa3
     assert CascadeCostModel(shared_backend="triton").backend(plan) == "triton"

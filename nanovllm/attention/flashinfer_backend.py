@@ -19,7 +19,7 @@ import torch
 from nanovllm.attention.backend import AttentionBackend, StepBatch
 from nanovllm.attention.kv_quant import is_fp8
 from nanovllm.attention.triton_kv import store_kv_triton
-from nanovllm.cascade.cost_model import SHARED_BACKENDS, shared_level_backend
+from nanovllm.cascade.cost_model import SHARED_BACKENDS, fp8_capable, shared_level_backend
 from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention, cascade_outputs
 from nanovllm.utils.transfer import pinned, to_device
 
@@ -49,7 +49,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.shared_backends = SHARED_BACKENDS if shared_backend == "auto" else (shared_backend,)
         if is_fp8(self.kv_dtype):
             assert shared_backend != "fa3", "Config refuses fa3 shared levels with an fp8 KV cache"
-            self.shared_backends = tuple(dict.fromkeys("fa2" if b == "fa3" else b for b in self.shared_backends))
+            self.shared_backends = tuple(dict.fromkeys(fp8_capable(b, True) for b in self.shared_backends))
         # Cascade for eager decode steps (shared levels as in graphs, the decode kernel for the
         # per-request level) and for prefill steps (many query rows: the prefill backend), sharing
         # their output buffers.
@@ -145,11 +145,10 @@ class FlashInferAttentionBackend(AttentionBackend):
 
     def shared_kernel(self, plan) -> str:
         """The kernel of a cascade decode step's shared levels: the configured one, or the cost
-        model's choice for the plan's group sizes (fa2 where it chose fa3 and the cache is fp8)."""
+        model's choice for the plan's group sizes and the cache dtype."""
         if len(self.shared_backends) == 1:
             return self.shared_backends[0]
-        choice = shared_level_backend(plan, self.num_qo_heads, self.num_kv_heads)
-        return "fa2" if choice == "fa3" and is_fp8(self.kv_dtype) else choice
+        return shared_level_backend(plan, self.num_qo_heads, self.num_kv_heads, is_fp8(self.kv_dtype))
 
     def plan_graph(self, batch: StepBatch, bs: int, slot_mapping: torch.Tensor):
         """Plan a decode batch of n <= bs requests on the wrappers captured for bs. Padded requests

@@ -71,14 +71,13 @@ class CascadeCostModel:
     margin: float = 0.9                     # cascade must be predicted >= 10% faster
     num_qo_heads: int = 16                  # a rank's heads: they decide the shared-level kernel
     num_kv_heads: int = 8
-    shared_backend: str = "auto"            # the configured kernel; "auto": shared_level_backend's pick,
-                                            # "auto-fp8": the same with fa2 for fa3 (an fp8 KV cache)
+    shared_backend: str = "auto"            # the configured kernel ("auto": shared_level_backend's pick)
+    kv_fp8: bool = False                    # an fp8 KV cache (no fa3: shared_level_backend)
 
     def backend(self, plan) -> str:
-        if not self.shared_backend.startswith("auto"):
+        if self.shared_backend != "auto":
             return self.shared_backend
-        choice = shared_level_backend(plan, self.num_qo_heads, self.num_kv_heads)
-        return "fa2" if choice == "fa3" and self.shared_backend == "auto-fp8" else choice
+        return shared_level_backend(plan, self.num_qo_heads, self.num_kv_heads, self.kv_fp8)
 
     def regular_ms(self, plan, page_size: int) -> float:
         return self.regular_fixed_ms + self.regular_per_token_ms * plan.regular_kv_pages * page_size
@@ -143,9 +142,15 @@ FA3_MIN_CTAS = 64            # about half an H200's 132 SMs
 SHARED_BACKENDS = ("triton", "triton-wide", "fa3")  # the choices below, one CUDA graph each
 
 
-def shared_level_backend(plan, num_qo_heads: int, num_kv_heads: int) -> str:
+def fp8_capable(kernel: str, kv_fp8: bool) -> str:
+    """`kernel`, or fa2 where it is fa3 and the KV cache is fp8 (FlashInfer's FA3 reads fp8 KV only
+    with fp8 queries)."""
+    return "fa2" if kv_fp8 and kernel == "fa3" else kernel
+
+
+def shared_level_backend(plan, num_qo_heads: int, num_kv_heads: int, kv_fp8: bool = False) -> str:
     """The shared levels' kernel for a cascade plan over a rank's heads (their GQA ratio and kv heads
-    set fa3's CTA count)."""
+    set fa3's CTA count), fa2 in fa3's place for an fp8 KV cache."""
     if getattr(plan, "shared_backend", None):  # set explicitly (CUDA-graph capture)
         return plan.shared_backend
     groups = max(plan.groups_per_level[0], 1)
@@ -155,5 +160,5 @@ def shared_level_backend(plan, num_qo_heads: int, num_kv_heads: int) -> str:
     gqa = num_qo_heads // num_kv_heads
     fa3_ctas = groups * -(-int(rows_per_group * gqa) // FA3_TILE_ROWS) * num_kv_heads
     if rows_per_group >= FA3_MIN_ROWS_PER_GROUP and fa3_ctas >= FA3_MIN_CTAS:
-        return "fa3"
+        return fp8_capable("fa3", kv_fp8)
     return "triton-wide"

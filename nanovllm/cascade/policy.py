@@ -18,14 +18,12 @@ MIN_SHARED_TOKENS = 64
 
 
 def cost_model_for(config) -> CascadeCostModel:
-    """The cost model with a rank's heads (they pick the shared-level kernel) and the configured kernel
-    (fa3 reads no fp8 KV with bf16 queries: the backend runs fa2 there, flashinfer_backend.shared_kernel)."""
+    """The cost model with a rank's heads and the cache dtype (they pick the shared-level kernel, as
+    flashinfer_backend.shared_kernel does) and the configured kernel."""
     tp, hf = config.tensor_parallel_size, config.hf_config
     heads, kv_heads = hf.num_attention_heads // tp, max(1, hf.num_key_value_heads // tp)
-    shared = config.cascade_shared_backend
-    if is_fp8(config.kv_dtype) and shared == "auto":
-        return CascadeCostModel(num_qo_heads=heads, num_kv_heads=kv_heads, shared_backend="auto-fp8")
-    return CascadeCostModel(num_qo_heads=heads, num_kv_heads=kv_heads, shared_backend=shared)
+    return CascadeCostModel(num_qo_heads=heads, num_kv_heads=kv_heads, shared_backend=config.cascade_shared_backend,
+                            kv_fp8=is_fp8(config.kv_dtype))
 
 
 class CascadePolicy:

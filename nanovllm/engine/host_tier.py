@@ -115,12 +115,13 @@ class StepTimer:
         return not self.cuda or (self.forward_end.query() and (not self.has_copies or self.copy_end.query()))
 
     def times(self) -> StepTimes:
-        if not self.cuda:
-            return StepTimes(self.prefill_tokens, self.forward_s, 0.0, self.copy_s, self.copy_pages,
-                             self.restore_s, self.restore_pages)
-        return StepTimes(self.prefill_tokens, self.forward_start.elapsed_time(self.forward_end) / 1000,
-                         self.wait_start.elapsed_time(self.forward_start) / 1000, self.copy_seconds(),
-                         self.copy_pages, self.restore_seconds(), self.restore_pages)
+        if self.cuda:
+            forward = self.forward_start.elapsed_time(self.forward_end) / 1000
+            stall = self.wait_start.elapsed_time(self.forward_start) / 1000
+        else:
+            forward, stall = self.forward_s, self.stall_s
+        return StepTimes(self.prefill_tokens, forward, stall, self.copy_seconds(), self.copy_pages,
+                         self.restore_seconds(), self.restore_pages)
 
     def copy_seconds(self) -> float:
         if not self.cuda:
