@@ -3,7 +3,6 @@
 per installed router (smg, sglang-router): scripts/serve_replicas.py with two tiny-model replicas; each
 of four system prompts is served by one replica, both replicas serve, outputs and prefix-cache hits equal
 one server's, the router reads our loads, and no process or port outlives the script."""
-import asyncio
 import importlib.util
 import json
 import os
@@ -39,12 +38,12 @@ ROUTERS = {  # name: (module, router options for the test)
 
 def chat(system: str, question: str, max_tokens: int) -> dict:
     return {"model": MODEL, "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
-            "max_tokens": max_tokens, "temperature": 0}
+            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
 
 
-# Round 0 is sent all at once (long answers, so they overlap and the router spreads them by load); the
-# later rounds one request at a time, so each can be traced to the replica that served it.
-ROUNDS = [[chat(s, QUESTIONS[r], 24 if r == 0 else 6) for s in SYSTEMS] for r in range(len(QUESTIONS))]
+# Round 0 is sent overlapping (320 tokens each, ~0.4 s, so each is still running when the next is routed, and the router
+# spreads them by load); the later rounds one request at a time, so each can be traced to the replica that served it.
+ROUNDS = [[chat(s, QUESTIONS[r], 320 if r == 0 else 6) for s in SYSTEMS] for r in range(len(QUESTIONS))]
 
 
 def wait_until(condition, timeout: float, what: str, interval: float = 0.05):
@@ -55,14 +54,25 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.05):
         time.sleep(interval)
 
 
-def post_all(url: str, bodies: list[dict]) -> list[dict]:
-    async def go():
-        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-            responses = await asyncio.gather(*(c.post("/v1/chat/completions", json=b) for b in bodies))
-        for r in responses:
-            assert r.status_code == 200, r.text
-        return [r.json() for r in responses]
-    return asyncio.run(go())
+def post_overlapping(url: str, bodies: list[dict], started) -> list[dict]:
+    """POST each body while the ones before it are still in flight: body k+1 leaves only once `started()`
+    counts k+1 requests taken by the replicas. Sent all at once, a loaded machine can let the router see
+    them one after another on idle replicas, and a router breaks that tie the same way every time."""
+    results: list = [None] * len(bodies)
+
+    def post(k: int, body: dict):
+        results[k] = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+
+    threads = []
+    for k, body in enumerate(bodies):
+        threads.append(threading.Thread(target=post, args=(k, body)))
+        threads[-1].start()
+        wait_until(lambda: started() >= k + 1, 30, f"request {k} taken by a replica", interval=0.005)
+    for t in threads:
+        t.join(60)
+    for r in results:
+        assert r is not None and r.status_code == 200, r if r is None else r.text
+    return [r.json() for r in results]
 
 
 def answer(body: dict) -> tuple:
@@ -72,6 +82,12 @@ def answer(body: dict) -> tuple:
 def finished(url: str) -> int:
     m = parse(httpx.get(f"{url}/metrics", timeout=10).text)
     return int(sum(v for k, v in m.items() if k.startswith("nanovllm_sequences_finished_total")))
+
+
+def taken(url: str) -> int:
+    """Requests a replica has taken: finished, running or waiting."""
+    rank = httpx.get(f"{url}/v1/loads", timeout=10).json()["loads"][0]
+    return finished(url) + rank["num_running_reqs"] + rank["num_waiting_reqs"]
 
 
 @pytest.fixture(scope="module")
@@ -220,8 +236,8 @@ def test_replicas_behind_router(router, tiny_model, expected, tmp_path):
         url, replicas = ready["router"], ready["replicas"]
         count = lambda: [finished(r) for r in replicas]
 
-        # Round 0, all at once: unmatched prefixes go to the least-loaded replica, so both get some.
-        got = [answer(b) for b in post_all(url, ROUNDS[0])]
+        # Round 0, overlapping: unmatched prefixes go to the least-loaded replica, so both get some.
+        got = [answer(b) for b in post_overlapping(url, ROUNDS[0], lambda: sum(taken(r) for r in replicas))]
         wait_until(lambda: sum(count()) == len(SYSTEMS), 10, "round 0 counted")
         per_replica = count()
         assert min(per_replica) > 0, f"all of round 0 went to one replica: {per_replica}"
