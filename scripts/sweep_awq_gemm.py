@@ -13,7 +13,8 @@ replayed from a CUDA graph of calls that cycle through enough copies of the weig
 L2 (50 MB) holds none of them between uses, as in a decode step whose layers each read their own
 weights. Median of 20 replays. Candidates, in two rounds: (1) block_n (64/128/256) x block_k
 (32/64/128) x splits at 4 warps, 3 stages, packed words (splits kept where the grid has 1/2..16
-programs per SM); (2) around the best of (1): warps 4/8, stages 2/3/4, packed or gathered words.
+programs per SM); (2) around the best of (1): warps 4/8, stages 2/3/4, packed or gathered words, float or
+magic weights (tl.dot configs).
 M = 1 also tries the tl.dot path; configs that do not fit the SM (shared memory, registers) are
 skipped and counted.
 
@@ -84,8 +85,9 @@ def candidates_round1(N: int, K: int, sms: int, fma: bool):
 
 
 def candidates_round2(best: SkinnyConfig):
-    for warps, stages, gather in itertools.product((4, 8), (2, 3, 4), (False, True)):
-        yield SkinnyConfig(best.block_n, best.block_k, best.splits, warps, stages, gather, best.fma)
+    for warps, stages, gather, magic in itertools.product((4, 8), (2, 3, 4), (False, True), (False, True)):
+        if not (magic and best.fma):   # magic weights go through tl.dot
+            yield SkinnyConfig(best.block_n, best.block_k, best.splits, warps, stages, gather, best.fma, magic)
 
 
 def sweep_shape(name: str, K: int, N: int, group: int, ms: list[int], sms: int, gen: torch.Generator,

@@ -483,6 +483,10 @@ SKINNY_CASES = """[  # M, K, N, group, config (None: TABLE / heuristic)
     (16, 384, 96, 128, C(32, 128, 8)),        # more splits asked than steps (3): 3
     (17, 256, 64, 32, C(64, 32, 2)),          # 32-row tile
     (32, 256, 128, 64, C(64, 128, 2, gather=True)),
+    (1, 256, 64, 32, C(64, 32, 1, magic=True)),       # magic weights (fp16/bf16; fp32 runs the float path)
+    (3, 512, 256, 128, C(128, 64, 4, magic=True)),
+    (16, 512, 128, 64, C(128, 128, 4, stages=2, gather=True, magic=True)),   # BLOCK_K 128 -> one group, 64
+    (17, 256, 72, 32, C(64, 32, 2, magic=True)),      # 32-row tile, a partial column block
 ]
 """
 
@@ -578,19 +582,31 @@ def test_skinny_kernel_compiles_for_hopper():
     from triton.compiler import ASTSource
 
     from nanovllm.layers.awq_skinny import _skinny_kernel
-    for bm, bn, bk, fma, gather, split in ((1, 128, 64, True, False, True), (1, 256, 32, True, True, False),
-                                           (16, 128, 128, False, False, True), (32, 64, 128, False, True, True),
-                                           (16, 64, 256, False, False, False)):
+    from nanovllm.layers.awq_skinny import MAGIC_BITS
+    int_to_float = {}
+    for bm, bn, bk, fma, gather, split, magic in (
+            (1, 128, 64, True, False, True, False), (1, 256, 32, True, True, False, False),
+            (16, 128, 128, False, False, True, False), (32, 64, 128, False, True, True, False),
+            (16, 64, 256, False, False, False, False), (16, 128, 128, False, False, True, True),
+            (32, 64, 128, False, True, True, True)):
         sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*bf16",
                "part_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
                "stride_ym": "i32", "k_per_split": "i32", "splits": "i32"}
-        consts = dict(GROUP=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, FMA=fma, GATHER=gather, SPLIT=split, IEEE=False)
+        bits, base = MAGIC_BITS[torch.bfloat16] if magic else (0, 0.0)
+        consts = dict(GROUP=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, FMA=fma, GATHER=gather, SPLIT=split, IEEE=False,
+                      MAGIC=bits, BASE=base)
         sig.update({name: "constexpr" for name in consts})
         kernel = triton.compile(ASTSource(_skinny_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
                                 options=dict(num_warps=4, num_stages=3))
         ptx = kernel.asm["ptx"]
         assert ("mma" in ptx) == (not fma), (bm, bn, bk, fma)   # tensor cores exactly on the tl.dot path
         assert ("atom" in ptx) == split                          # the split-K counter
+        int_to_float[(bm, bn, bk, gather, magic)] = ptx.count("cvt.rn.f32.s32") + ptx.count("cvt.rn.f32.u32")
+    # magic weights: no int -> float conversion of the nibbles (the zeros' [BLOCK_N] only), the float path one a nibble
+    for (bm, bn, bk, gather, magic), count in int_to_float.items():
+        if magic:
+            plain = int_to_float[(bm, bn, bk, gather, False)]
+            assert count < plain / 8, (bm, bn, bk, gather, count, plain)
 
 
 HOPPER_SHARED_BYTES = 232448   # the most shared memory a program may have on an H100 / H200 (227 KB)
@@ -603,16 +619,19 @@ def _skinny_shared_bytes(config, M: int, K: int, group: int, dtype: str) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from nanovllm.layers.awq_skinny import _block_k, _skinny_kernel
+    from nanovllm.layers.awq_skinny import MAGIC_BITS, _block_k, _skinny_kernel
     block_m = 1 if config.fma else 16 if M <= 16 else 32
     block_k = _block_k(config.block_k, group, K)
+    bits, base = MAGIC_BITS[torch.bfloat16] if config.magic and dtype == "bf16" else (0, 0.0)
+    if bits:
+        block_k = min(block_k, group)   # one group a step, as skinny_gemm launches it
     steps = K // block_k
     split = triton.cdiv(steps, min(config.splits, steps)) < steps
     sig = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": f"*{dtype}",
            "part_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
            "stride_ym": "i32", "k_per_split": "i32", "splits": "i32"}
     consts = dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, FMA=config.fma,
-                  GATHER=config.gather, SPLIT=split, IEEE=dtype == "fp32")
+                  GATHER=config.gather, SPLIT=split, IEEE=dtype == "fp32", MAGIC=bits, BASE=base)
     sig.update({name: "constexpr" for name in consts})
     kernel = triton.compile(ASTSource(_skinny_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=config.warps, num_stages=config.stages))

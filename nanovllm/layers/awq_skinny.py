@@ -16,6 +16,12 @@ keep too few bytes in flight per SM. This one is built for bandwidth:
 - M == 1 (FMA): a float32 [BLOCK_K, BLOCK_N] accumulator of x[k] * w[k, n], summed over K once at the
   end (no tensor cores, no cross-thread reduction per step). Otherwise tl.dot with a BLOCK_M (16 or
   32) row tile, rows past M masked to zero.
+- magic (tl.dot configs, fp16/bf16 activations; fp32 runs the float path): the weight tile is built
+  without an int -> float conversion, as bits(base) | q in x's dtype (= base + q exactly: bf16 128.0 =
+  0x4300, fp16 1024.0 = 0x6400), dotted with x in float32; the step's sum then subtracts
+  (base + z) * sum(x) and takes the scale: acc += (x . (base + q) - (base + z) x . 1) * s, one group a
+  step. Compiled for sm_90 it trades the float path's I2FP and F2FP a nibble for a LOP3 (tests/test_awq.py
+  counts them in the PTX). Added in session 7 as a candidate of the sweep: NOT yet timed on a GPU.
 - Split-K without zeroing or atomics on the output: each program stores its float32 partial
   [M, BLOCK_N] into a per-call buffer, then bumps its column block's counter (acq_rel atomic); the
   program that arrives last sums the partials in split order (deterministic), writes y in x's dtype
@@ -52,6 +58,7 @@ class SkinnyConfig:
     stages: int = 3
     gather: bool = False   # load each word once per column (no reshape) instead of once per word
     fma: bool = False      # one row: multiply-add in float32 instead of tl.dot (M == 1 only)
+    magic: bool = False    # tl.dot on (base + q) built by bit-or, zeros and scales applied to the step's sum
 
 
 def m_bucket(M: int) -> int:
@@ -97,11 +104,17 @@ def heuristic_config(M: int, N: int, K: int, num_sms: int) -> SkinnyConfig:
     return SkinnyConfig(block_n, block_k, splits, warps=8 if M == 1 else 4, fma=M == 1)
 
 
+# MAGIC: the bits of `base` in the activation dtype, whose last mantissa bit weighs 1, so that bits | q
+# (q < 16) is exactly base + q: bf16 128.0 = 0x4300 (7 mantissa bits), fp16 1024.0 = 0x6400 (10 bits).
+MAGIC_BITS = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
+
+
 @triton.jit
 def _skinny_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_ym,
                    k_per_split, splits,
                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   FMA: tl.constexpr, GATHER: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+                   FMA: tl.constexpr, GATHER: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                   MAGIC: tl.constexpr = 0, BASE: tl.constexpr = 0.0):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     words_n = N // 8
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -131,7 +144,20 @@ def _skinny_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, 
         else:
             words = tl.load(qw_ptr + offs_k[:, None] * words_n + word_of[None, :], mask=mask_w[None, :], other=0)
             q = tl.reshape((words[:, :, None] >> shift_j[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
-        if BLOCK_K <= GROUP:  # one group this step: a row of zeros and scales
+        if MAGIC:  # one group this step; q never goes through an int -> float conversion
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+            w = (q | MAGIC).to(tl.int16).to(a.dtype, bitcast=True)   # base + q, exact
+            g = k0 // GROUP
+            if GATHER:
+                z = (tl.load(qz_ptr + g * words_n + word_of, mask=mask_n, other=0) >> shift_n) & 0xF
+            else:
+                zw = tl.load(qz_ptr + g * words_n + word_of, mask=mask_w, other=0)
+                z = tl.reshape((zw[:, None] >> shift_j[None, :]) & 0xF, (BLOCK_N,))
+            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            row_sum = tl.sum(a.to(tl.float32), axis=1)   # x . (base + z) is subtracted from x . (base + q)
+            step = tl.dot(a, w) - row_sum[:, None] * (z.to(tl.float32) + BASE)[None, :]
+            acc += step * s[None, :]
+        elif BLOCK_K <= GROUP:  # one group this step: a row of zeros and scales
             g = k0 // GROUP
             if GATHER:
                 z = (tl.load(qz_ptr + g * words_n + word_of, mask=mask_n, other=0) >> shift_n) & 0xF
@@ -150,7 +176,9 @@ def _skinny_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, 
                 z = tl.reshape((zw[:, :, None] >> shift_j[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
             s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0.0).to(tl.float32)
             w = (q - z).to(tl.float32) * s
-        if FMA:
+        if MAGIC:
+            pass   # accumulated above
+        elif FMA:
             a = tl.load(x_ptr + offs_k).to(tl.float32)
             acc += a[:, None] * w
         else:
@@ -221,6 +249,11 @@ def skinny_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         raise ValueError(f"block_n {config.block_n} must be a power of two >= {PACK}")
     block_m = 1 if fma else 16 if M <= 16 else 32
     block_k = _block_k(config.block_k, group_size, K)
+    magic_bits, base = MAGIC_BITS.get(x.dtype, (0, 0.0)) if config.magic else (0, 0.0)
+    if magic_bits and fma:
+        raise ValueError("magic weights go through tl.dot: fma=False")
+    if magic_bits:
+        block_k = min(block_k, group_size)   # one group a step
     steps = K // block_k
     k_per_split = triton.cdiv(steps, min(config.splits, steps)) * block_k
     splits = triton.cdiv(K, k_per_split)
@@ -236,7 +269,7 @@ def skinny_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         _skinny_kernel[(blocks, splits)](
             x, qweight, qzeros, scales, y, part, count, M, N, K, x.stride(0), y.stride(0), k_per_split, splits,
             GROUP=group_size, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, FMA=fma,
-            GATHER=config.gather, SPLIT=splits > 1, IEEE=x.dtype == torch.float32,
+            GATHER=config.gather, SPLIT=splits > 1, IEEE=x.dtype == torch.float32, MAGIC=magic_bits, BASE=base,
             num_warps=config.warps, num_stages=config.stages)
     except OutOfResources as e:
         raise ValueError(f"awq_skinny: {config} at {block_m} rows, group {group_size} needs {e.required} bytes of "
