@@ -144,9 +144,7 @@ def _skinny_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, 
         else:
             words = tl.load(qw_ptr + offs_k[:, None] * words_n + word_of[None, :], mask=mask_w[None, :], other=0)
             q = tl.reshape((words[:, :, None] >> shift_j[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
-        if MAGIC:  # one group this step; q never goes through an int -> float conversion
-            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-            w = (q | MAGIC).to(tl.int16).to(a.dtype, bitcast=True)   # base + q, exact
+        if BLOCK_K <= GROUP:  # one group this step: a row of zeros and scales (always so with MAGIC)
             g = k0 // GROUP
             if GATHER:
                 z = (tl.load(qz_ptr + g * words_n + word_of, mask=mask_n, other=0) >> shift_n) & 0xF
@@ -154,18 +152,14 @@ def _skinny_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, 
                 zw = tl.load(qz_ptr + g * words_n + word_of, mask=mask_w, other=0)
                 z = tl.reshape((zw[:, None] >> shift_j[None, :]) & 0xF, (BLOCK_N,))
             s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            row_sum = tl.sum(a.to(tl.float32), axis=1)   # x . (base + z) is subtracted from x . (base + q)
-            step = tl.dot(a, w) - row_sum[:, None] * (z.to(tl.float32) + BASE)[None, :]
-            acc += step * s[None, :]
-        elif BLOCK_K <= GROUP:  # one group this step: a row of zeros and scales
-            g = k0 // GROUP
-            if GATHER:
-                z = (tl.load(qz_ptr + g * words_n + word_of, mask=mask_n, other=0) >> shift_n) & 0xF
+            if MAGIC:  # q never goes through an int -> float conversion
+                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+                w = (q | MAGIC).to(tl.int16).to(a.dtype, bitcast=True)   # base + q, exact
+                row_sum = tl.sum(a.to(tl.float32), axis=1)   # x . (base + z) is subtracted from x . (base + q)
+                step = tl.dot(a, w) - row_sum[:, None] * (z.to(tl.float32) + BASE)[None, :]
+                acc += step * s[None, :]
             else:
-                zw = tl.load(qz_ptr + g * words_n + word_of, mask=mask_w, other=0)
-                z = tl.reshape((zw[:, None] >> shift_j[None, :]) & 0xF, (BLOCK_N,))
-            s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            w = q.to(tl.float32) * s[None, :] - (z.to(tl.float32) * s)[None, :]
+                w = q.to(tl.float32) * s[None, :] - (z.to(tl.float32) * s)[None, :]
         else:  # BLOCK_K / GROUP groups this step: zeros and scales per row (cached loads)
             g = offs_k // GROUP
             if GATHER:
