@@ -50,6 +50,7 @@ class Case:
     stream: bool = False
     headers: dict = field(default_factory=lambda: {"Content-Type": "application/json", **AUTH})
     expect_choices: int | None = None
+    request: dict | None = None     # a valid request's fields (what its answer is checked against)
 
 
 def dumps(obj) -> bytes:
@@ -314,7 +315,7 @@ def random_case(rng: random.Random, vocab: int) -> Case:
     body = valid_completion(rng, vocab) if path == C else valid_chat(rng, vocab)
     if roll < 0.5:
         return Case(path, dumps(body), {200}, stream=body.get("stream", False),
-                    expect_choices=num_choices(path, body))
+                    expect_choices=num_choices(path, body), request=body)
     if roll < 0.53:
         body["model"] = rng.choice(["gpt-9", "", MODEL + " ", "FUZZ"])
         return Case(path, dumps(body), {404}, {"model"}, f"model={body['model']!r}")
@@ -370,6 +371,32 @@ def check_error(case: Case, status: int, text: str) -> list[str]:
     return problems
 
 
+def logprobs_asked(case: Case) -> int | None:
+    """k of the answer's logprobs (None: none asked)."""
+    req = case.request or {}
+    if case.path == CHAT:
+        return req.get("top_logprobs") or 0 if req.get("logprobs") else None
+    return req.get("logprobs")
+
+
+def check_choice_logprobs(case: Case, c: dict, final: bool) -> list[str]:
+    k, lp = logprobs_asked(case), c.get("logprobs")
+    if k is None:
+        return [] if lp is None else [f"logprobs {short(lp)} that nobody asked for"]
+    if lp is None:
+        return [] if not final and not (c.get("text") or (c.get("delta") or {}).get("content")) else \
+            ["logprobs missing"]
+    if case.path == CHAT:
+        bad = [e for e in lp["content"] if len(e["top_logprobs"]) != k or not isinstance(e["logprob"], float)]
+        return [f"chat logprobs entries with other than {k} alternatives: {short(bad)}"] if bad else []
+    n = len(lp["tokens"])
+    if not (len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n):
+        return [f"completion logprobs lists of unequal lengths: {short(lp)}"]
+    if final and (case.request or {}).get("echo") and n and lp["token_logprobs"][0] is not None:
+        return ["echo: the prompt's first token has a logprob"]
+    return [f"top_logprobs with more than {k + 1} entries"] if any(t and len(t) > k + 1 for t in lp["top_logprobs"]) else []
+
+
 def check_completion(case: Case, body: dict) -> list[str]:
     problems = []
     chat = case.path == CHAT
@@ -386,9 +413,14 @@ def check_completion(case: Case, body: dict) -> list[str]:
         text = c["message"]["content"] if chat else c["text"]
         if not isinstance(text, str):
             problems.append(f"text {text!r}")
+        problems += check_choice_logprobs(case, c, final=True)
     usage = body.get("usage", {})
     if usage.get("total_tokens") != usage.get("prompt_tokens", -1) + usage.get("completion_tokens", -1):
         problems.append(f"usage {usage}")
+    req = case.request or {}
+    max_tokens = req.get("max_tokens", req.get("max_completion_tokens"))
+    if max_tokens is not None and usage.get("completion_tokens", 0) > len(choices) * max(max_tokens, 1):
+        problems.append(f"{usage['completion_tokens']} completion tokens for {len(choices)} x max_tokens {max_tokens}")
     return problems
 
 
@@ -398,16 +430,26 @@ def check_stream(case: Case, text: str) -> list[str]:
         return [f"stream does not end with [DONE]: {text[-200:]!r}"]
     problems = []
     finished = set()
-    for event in events[:-1]:
-        chunk = json.loads(event)
+    chunks = [json.loads(event) for event in events[:-1]]
+    for chunk in chunks:
         if "error" in chunk:
-            problems.append(f"error event in a stream: {event[:200]}")
+            problems.append(f"error event in a stream: {short(chunk)}")
             continue
         for c in chunk.get("choices", []):
             if c.get("finish_reason") is not None:
+                if c["index"] in finished:
+                    problems.append(f"choice {c['index']} finished twice")
                 finished.add(c["index"])
-    if case.expect_choices is not None and case.path != GEN and len(finished) != case.expect_choices:
+            if case.path != GEN:
+                problems += check_choice_logprobs(case, c, final=False)
+    if case.path == GEN:
+        return problems
+    if case.expect_choices is not None and len(finished) != case.expect_choices:
         problems.append(f"{len(finished)} choices finished in the stream, expected {case.expect_choices}")
+    usage_wanted = bool(((case.request or {}).get("stream_options") or {}).get("include_usage"))
+    has_usage = bool(chunks) and "usage" in chunks[-1] and chunks[-1]["choices"] == []
+    if usage_wanted != has_usage:
+        problems.append(f"include_usage {usage_wanted} but the last chunk is {short(chunks[-1:])}")
     return problems
 
 
@@ -446,38 +488,56 @@ def raw_post(server, path: str, body: dict, headers: dict | None = None) -> sock
     return sock
 
 
-async def leave_mid_stream(server, rng: random.Random, path: str, body: dict):
-    """Open a stream, read a random number of events, then close the connection."""
+async def leave_mid_stream(server, events: int, path: str, body: dict) -> list[str]:
+    """Open a stream, read that many events, then close the connection."""
     async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as c:
         async with c.stream("POST", path, json={**body, "stream": True}) as r:
-            assert r.status_code == 200
-            wanted, seen = rng.randint(1, 6), 0
+            if r.status_code != 200:
+                return [f"stream to leave ({path}, {short(body)}): status {r.status_code}"]
+            seen = 0
             async for line in r.aiter_lines():
                 seen += line.startswith("data:")
-                if seen >= wanted:
+                if seen >= events:
                     break
+    return []
 
 
-async def disconnect_round(server, rng: random.Random):
-    """Streams left after a few events, requests whose socket closes before any answer (streamed or
-    not), and a request whose body never finishes: all at once."""
-    tasks = []
-    for i in range(6):
-        path, body = (C, LONG) if i % 2 else (CHAT, LONG_CHAT)
-        tasks.append(leave_mid_stream(server, rng, path, {**body, "n": rng.randint(1, 2)}))
+LONG_EXTRAS = {C: [{}, {"n": 2}, {"logprobs": 5}, {"echo": True, "logprobs": 2}, {"guided_regex": "[a-z ]+"},
+                   {"presence_penalty": 1.0, "logit_bias": {"5": 3.0}}, {"seed": 3, "temperature": 1.0, "top_k": 5}],
+               CHAT: [{}, {"n": 2}, {"logprobs": True, "top_logprobs": 3}, {"response_format": {"type": "json_object"}},
+                      {"min_p": 0.1, "repetition_penalty": 1.2}]}
+
+
+def long_request(rng: random.Random, i: int) -> tuple[str, dict]:
+    path, body = (C, LONG) if i % 2 else (CHAT, LONG_CHAT)
+    return path, {**body, **rng.choice(LONG_EXTRAS[path])}
+
+
+async def disconnect_round(server, rng: random.Random, client: httpx.AsyncClient, vocab: int) -> list[str]:
+    """Long requests (1,500 tokens, or the context) that leave: streams after a few events, sockets closed
+    before any answer (streamed or not), a body that never finishes; meanwhile short valid requests,
+    which must be answered in full. Returns the short requests' problems."""
+    tasks = [leave_mid_stream(server, rng.randint(1, 6), *long_request(rng, i)) for i in range(6)]
     socks = []
     for i in range(6):
-        path, body = (C, LONG) if i % 2 else (CHAT, LONG_CHAT)
+        path, body = long_request(rng, i)
         socks.append(raw_post(server, path, {**body, "stream": i % 3 == 0}))
     # a body announced longer than sent: the server waits for it, then the client leaves
     partial = socket.create_connection((server.host, server.port), timeout=10)
     partial.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: fuzz\r\nContent-Type: application/json\r\n"
                     b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n{\"prompt\":")
+    bystanders = []
+    while len(bystanders) < 4:
+        case = random_case(rng, vocab)
+        if case.ok == {200}:
+            bystanders.append(case)
+    answered = asyncio.gather(*(send(client, c) for c in bystanders))
     await asyncio.sleep(rng.uniform(0, 0.05))
     for s in socks:
         s.close()
     partial.close()
-    await asyncio.gather(*tasks)
+    left = [p for ps in await asyncio.gather(*tasks) for p in ps]
+    return left + [f"bystander of a disconnect round ({c.path}): {p}" for c, ps in zip(bystanders, await answered) for p in ps]
 
 
 # ---- the server and the run ---------------------------------------------------------------------
@@ -526,7 +586,12 @@ def fuzz(server, seed: int, num_cases: int, batch: int = 16, disconnect_every: i
                 if health.status_code != 200:
                     failures.append(f"seed {seed} after case {start + len(group) - 1}: /health {health.status_code}")
                 if disconnect_every and (start // batch + 1) % (disconnect_every // batch) == 0:
-                    await disconnect_round(server, rng)
+                    failures.extend(f"seed {seed}: {p}" for p in await disconnect_round(server, rng, client, vocab))
+                    # every long request left: their pages are free within a few steps, not after 1,500 tokens
+                    try:
+                        await asyncio.to_thread(wait_idle, server, 3.0)
+                    except AssertionError as e:
+                        failures.append(f"seed {seed} disconnect round after case {start + len(group) - 1}: {e}")
     with logged:
         asyncio.run(run())
     failures += [f"seed {seed}: logged {r.name} {r.levelname}: {r.getMessage()[:200]}" for r in logged.records]
@@ -685,6 +750,40 @@ def test_bad_query_parameter_is_a_400_in_openai_shape(client):
     """FastAPI's own query parsing answered 422 {"detail": [...]} (not OpenAI's shape, no param)."""
     error = error_of(client.get("/debug/kv", params={"max_pages": "abc"}))
     assert error["param"] == "max_pages" and "max_pages" in error["message"]
+
+
+BAD_CONFIGS = [  # (engine options, words the ValueError must say); each was accepted before
+    (dict(max_model_len=0), "max_model_len must be >= 2"),
+    (dict(max_model_len=1), "max_model_len must be >= 2"),
+    (dict(num_kvcache_blocks=0), "num_kvcache_blocks must be -1"),
+    (dict(num_kvcache_blocks=-7), "num_kvcache_blocks must be -1"),
+    (dict(cpu_kvcache_gb=0), "cpu_kvcache_gb must be > 0"),
+    (dict(cpu_kvcache_gb=float("nan")), "cpu_kvcache_gb must be > 0"),
+    (dict(host_kvcache_gb=float("inf")), "host_kvcache_gb must be >= 0 and finite"),
+    (dict(seed=-1), "seed must be in"),
+    (dict(cascade_shared_prefix_len=-3), "cascade_shared_prefix_len must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("options, words", BAD_CONFIGS, ids=[next(iter(o)) + "=" + str(next(iter(o.values())))
+                                                            for o, _ in BAD_CONFIGS])
+def test_bad_engine_config_is_a_clear_value_error(tiny_model, options, words):
+    from nanovllm import LLM
+    with pytest.raises(ValueError, match=words):
+        LLM(tiny_model, **options)
+
+
+def test_serve_command_with_a_bad_option_says_so_in_one_line(tiny_model):
+    """Was a traceback (exit 1); now one line naming the option, exit 2, as argparse does for its own errors."""
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "nanovllm.entrypoints.serve", "--model", tiny_model,
+                           "--max-model-len", "0"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == "nanovllm serve: error: max_model_len must be >= 2 (a prompt token and an output " \
+                                  "token), got 0", done.stderr
 
 
 if __name__ == "__main__":
