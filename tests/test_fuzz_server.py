@@ -418,6 +418,11 @@ def check_completion(case: Case, body: dict) -> list[str]:
     if usage.get("total_tokens") != usage.get("prompt_tokens", -1) + usage.get("completion_tokens", -1):
         problems.append(f"usage {usage}")
     req = case.request or {}
+    prompt = req.get("prompt")
+    if case.path == C and isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
+        lengths = [len(prompt)] if isinstance(prompt[0], int) else [len(p) for p in prompt]
+        if usage.get("prompt_tokens") != sum(lengths):   # once per prompt, whatever n is
+            problems.append(f"prompt_tokens {usage.get('prompt_tokens')} for token-id prompts of {lengths}")
     max_tokens = req.get("max_tokens", req.get("max_completion_tokens"))
     if max_tokens is not None and usage.get("completion_tokens", 0) > len(choices) * max(max_tokens, 1):
         problems.append(f"{usage['completion_tokens']} completion tokens for {len(choices)} x max_tokens {max_tokens}")
@@ -750,6 +755,25 @@ def test_bad_query_parameter_is_a_400_in_openai_shape(client):
     """FastAPI's own query parsing answered 422 {"detail": [...]} (not OpenAI's shape, no param)."""
     error = error_of(client.get("/debug/kv", params={"max_pages": "abc"}))
     assert error["param"] == "max_pages" and "max_pages" in error["message"]
+
+
+def test_usage_counts_each_prompt_once_whatever_n_is(client):
+    """n=3 reported 3x the prompt's tokens (OpenAI, vLLM and SGLang count a prompt once per request)."""
+    for body, prompt_tokens in (({"prompt": [5, 6, 7, 8], "n": 3}, 4), ({"prompt": [[5, 6], [7, 8, 9]], "n": 2}, 5),
+                                ({"prompt": [5, 6, 7], "n": 2, "echo": True, "max_tokens": 0}, 3)):
+        body = {"max_tokens": 2, "ignore_eos": True, **body}
+        usage = client.post(C, json=body).json()["usage"]
+        choices = 2 * (len(body["prompt"]) if isinstance(body["prompt"][0], list) else 1) if body["n"] == 2 else 3
+        generated = 0 if body.get("echo") else choices * 2
+        assert usage["prompt_tokens"] == prompt_tokens and usage["completion_tokens"] == generated, (body, usage)
+        assert usage["total_tokens"] == prompt_tokens + generated
+        assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] <= prompt_tokens
+        events = [line[6:] for line in client.post(C, json={**body, "stream": True, "stream_options": {
+            "include_usage": True}}).text.split("\n") if line.startswith("data: ")]
+        assert json.loads(events[-2])["usage"]["prompt_tokens"] == prompt_tokens, events[-2]
+    chat = client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "n": 3, "max_tokens": 1}).json()
+    alone = client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).json()
+    assert chat["usage"]["prompt_tokens"] == alone["usage"]["prompt_tokens"]
 
 
 BAD_CONFIGS = [  # (engine options, words the ValueError must say); each was accepted before

@@ -511,11 +511,14 @@ def _param_of(message: str) -> str | None:
     return name.group(1) if name else None
 
 
-def _usage(finals: list[Delta]) -> dict:
-    prompt = sum(d.prompt_tokens for d in finals)
-    completion = sum(d.completion_tokens for d in finals)
+def _usage(finals: dict[int, Delta], n: int) -> dict:
+    """OpenAI's usage from the final deltas by choice index: the prompt counts once per prompt, not once
+    per choice (OpenAI, vLLM and SGLang count it so; n=4 reported 4x the prompt), completions count all."""
+    firsts = [d for i, d in finals.items() if i % n == 0]   # choices are prompt-major: i // n is the prompt
+    prompt = sum(d.prompt_tokens for d in firsts)
+    completion = sum(d.completion_tokens for d in finals.values())
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(d.cached_tokens for d in finals)}}
+            "prompt_tokens_details": {"cached_tokens": sum(d.cached_tokens for d in firsts)}}
 
 
 def _sse(obj) -> bytes:
@@ -908,7 +911,7 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
         done = [finals[s.seq_id] for s in seqs]
         out = [choices.final(i, d) for i, d in enumerate(done)]
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": out,
-                "usage": _usage(done)}
+                "usage": _usage(dict(enumerate(done)), req.n)}
 
     async def _stream(http_request: Request, request: RequestStream, index: dict[int, int], head: dict,
                       choices: "Choices", include_usage: bool):
@@ -918,7 +921,7 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
             return _sse({**head, "object": obj, "choices": [choice]})
 
         watcher = asyncio.create_task(_watch_disconnect(http_request, engine, request))
-        finals = []
+        finals: dict[int, Delta] = {}    # by choice index
         try:
             for i in range(len(index)):
                 first = choices.first_chunk(i)
@@ -933,11 +936,11 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
                     return
                 i = index[delta.seq_id]
                 if delta.finished:
-                    finals.append(delta)
+                    finals[i] = delta
                 for choice in choices.chunks(i, delta):
                     yield sse(choice)
             if include_usage:
-                yield _sse({**head, "object": obj, "choices": [], "usage": _usage(finals)})
+                yield _sse({**head, "object": obj, "choices": [], "usage": _usage(finals, choices.n)})
             yield b"data: [DONE]\n\n"
         finally:
             # Reached on normal end, on our disconnect marker, and when Starlette cancels the
