@@ -51,6 +51,7 @@ class Case:
     headers: dict = field(default_factory=lambda: {"Content-Type": "application/json", **AUTH})
     expect_choices: int | None = None
     request: dict | None = None     # a valid request's fields (what its answer is checked against)
+    method: str = "POST"
 
 
 def dumps(obj) -> bytes:
@@ -162,7 +163,7 @@ def num_choices(path: str, body: dict) -> int:
 
 # ---- invalid mutations: (field, value, params the error may name, statuses) -----------------------
 
-def invalid_mutations(rng: random.Random, vocab: int, path: str) -> list[tuple]:
+def invalid_mutations(rng: random.Random, vocab: int, path: str, max_len: int) -> list[tuple]:
     """Each entry breaks exactly one field of a valid request."""
     big = 2 ** 70
     common = [
@@ -205,14 +206,14 @@ def invalid_mutations(rng: random.Random, vocab: int, path: str) -> list[tuple]:
         ("no_such_field", 1), ("tool_choice", "auto"),
     ]
     if path == C:
-        long_text = "word " * (MAX_MODEL_LEN + 10)
+        long_text = "word " * (max_len + 10)
         specific = [
             ("prompt", ""), ("prompt", []), ("prompt", [[]]), ("prompt", [""]), ("prompt", [-1]),
             ("prompt", [vocab]), ("prompt", [big]), ("prompt", [2 ** 63]), ("prompt", [1.5]), ("prompt", [True]),
             ("prompt", 5), ("prompt", None), ("prompt", {"text": "x"}), ("prompt", [[1, 2], "x"]),
-            ("prompt", long_text), ("prompt", [1] * MAX_MODEL_LEN), ("prompt", [[1, 2], [vocab]]),
+            ("prompt", long_text), ("prompt", [1] * max_len), ("prompt", [[1, 2], [vocab]]),
             ("prompt", ["a"] * 257), ("prompt", [[1]] * 300),
-            ("max_tokens", -1), ("max_tokens", big), ("max_tokens", MAX_MODEL_LEN), ("max_tokens", 1.0),
+            ("max_tokens", -1), ("max_tokens", big), ("max_tokens", max_len), ("max_tokens", 1.0),
             ("max_tokens", "8"),
             ("logprobs", -1), ("logprobs", 21), ("logprobs", True), ("logprobs", big),
             ("echo", "yes"), ("best_of", 5), ("best_of", 0), ("suffix", "end"), ("suffix", 5),
@@ -223,9 +224,9 @@ def invalid_mutations(rng: random.Random, vocab: int, path: str) -> list[tuple]:
             ("messages", [{"content": "x"}]), ("messages", [{"role": "user", "content": 5}]),
             ("messages", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
             ("messages", [{"role": "user", "content": [{"type": "text"}]}]),
-            ("messages", [{"role": "user", "content": "word " * (MAX_MODEL_LEN + 10)}]),
+            ("messages", [{"role": "user", "content": "word " * (max_len + 10)}]),
             ("messages", None), ("messages", [None]),
-            ("max_tokens", 0), ("max_tokens", -1), ("max_tokens", big), ("max_tokens", MAX_MODEL_LEN),
+            ("max_tokens", 0), ("max_tokens", -1), ("max_tokens", big), ("max_tokens", max_len),
             ("max_completion_tokens", 0), ("max_completion_tokens", big), ("max_completion_tokens", "8"),
             ("logprobs", 5), ("logprobs", "true"), ("top_logprobs", 21), ("top_logprobs", -1),
             ("top_logprobs", 3.0),
@@ -235,11 +236,11 @@ def invalid_mutations(rng: random.Random, vocab: int, path: str) -> list[tuple]:
     return common + specific
 
 
-def mutate(rng: random.Random, body: dict, path: str, vocab: int) -> tuple[dict, str, set]:
+def mutate(rng: random.Random, body: dict, path: str, vocab: int, max_len: int) -> tuple[dict, str, set]:
     """body with one field made invalid, what was done, and the params the error may name. Fields that
     would make the request invalid in another way first (an echo-only max_tokens 0, a second grammar
     field, n with too many prompts) are taken out."""
-    name, value = rng.choice(invalid_mutations(rng, vocab, path))
+    name, value = rng.choice(invalid_mutations(rng, vocab, path, max_len))
     body = dict(body, **{name: value})
     if name == "min_tokens" or name in ("max_tokens", "max_completion_tokens"):
         for other in ("min_tokens", "max_tokens", "max_completion_tokens", "echo"):
@@ -276,7 +277,7 @@ SGLANG_FIELDS = {"temperature", "top_p", "top_k", "stop", "stop_token_ids", "ign
                  *SGLANG_NAMES.values()}
 
 
-def generate_case(rng: random.Random, vocab: int, roll: float) -> Case:
+def generate_case(rng: random.Random, vocab: int, max_len: int, roll: float) -> Case:
     """SGLang's /generate: a completion's fields under their SGLang names in sampling_params."""
     body = valid_completion(rng, vocab)
     sampling = {SGLANG_NAMES.get(k, k): v for k, v in body.items() if SGLANG_NAMES.get(k, k) in SGLANG_FIELDS}
@@ -294,7 +295,7 @@ def generate_case(rng: random.Random, vocab: int, roll: float) -> Case:
         request["rid"] = rng.choice([[], [f"r{i}" for i in range(prompts + 1)], 5, [1]])
         return Case(GEN, dumps(request), {400}, {"rid"}, f"rid={request['rid']!r}")
     request.pop("rid", None)
-    name, value = rng.choice([m for m in invalid_mutations(rng, vocab, C) if SGLANG_NAMES.get(m[0], m[0]) in SGLANG_FIELDS])
+    name, value = rng.choice([m for m in invalid_mutations(rng, vocab, C, max_len) if SGLANG_NAMES.get(m[0], m[0]) in SGLANG_FIELDS])
     name = SGLANG_NAMES.get(name, name)
     sampling[name] = value
     if name == "min_new_tokens":
@@ -305,12 +306,14 @@ def generate_case(rng: random.Random, vocab: int, roll: float) -> Case:
                 f"sampling_params.{name}={short(value)}", stream=body["stream"])
 
 
-def random_case(rng: random.Random, vocab: int) -> Case:
+def random_case(rng: random.Random, vocab: int, max_len: int) -> Case:
     roll = rng.random()
     if roll < 0.06:
         return raw_case(rng)
+    if roll < 0.09:
+        return other_endpoint_case(rng, vocab)
     if rng.random() < 0.15:
-        return generate_case(rng, vocab, roll)
+        return generate_case(rng, vocab, max_len, roll)
     path = C if rng.random() < 0.55 else CHAT
     body = valid_completion(rng, vocab) if path == C else valid_chat(rng, vocab)
     if roll < 0.5:
@@ -319,7 +322,7 @@ def random_case(rng: random.Random, vocab: int) -> Case:
     if roll < 0.53:
         body["model"] = rng.choice(["gpt-9", "", MODEL + " ", "FUZZ"])
         return Case(path, dumps(body), {404}, {"model"}, f"model={body['model']!r}")
-    body, why, params = mutate(rng, body, path, vocab)
+    body, why, params = mutate(rng, body, path, vocab, max_len)
     return Case(path, dumps(body), {400}, params, why, stream=body.get("stream") is True)
 
 
@@ -348,9 +351,34 @@ def raw_case(rng: random.Random) -> Case:
         status = {200, 400}
     else:
         status = {status}
-    if path == GEN and status == {401}:
-        status = {401}
     return Case(path, body, status, None, why, headers=headers or {"Content-Type": "application/json", **AUTH})
+
+
+def other_endpoint_case(rng: random.Random, vocab: int) -> Case:
+    """Wrong methods and routes, the query parameters of /debug/kv and /v1/loads, /tokenize, /detokenize."""
+    method, path, body, status, params = rng.choice([
+        ("GET", C, b"", 405, None), ("PUT", CHAT, b"{}", 405, None), ("DELETE", GEN, b"", 405, None),
+        ("POST", "/v1/nothing", b"{}", 404, None), ("GET", "/v1/models/gpt-9", b"", 404, {"model"}),
+        ("GET", "/debug/kv?max_pages=abc", b"", 400, {"max_pages"}), ("GET", "/debug/kv?max_pages=-1", b"", 400,
+                                                                       {"max_pages"}),
+        ("GET", "/debug/kv?max_pages=" + "9" * 30, b"", 200, None), ("GET", "/debug/kv?max_pages=1.5", b"", 400,
+                                                                      {"max_pages"}),
+        ("GET", "/v1/loads?include=nope", b"", 400, {"include"}), ("GET", "/v1/loads?dp_rank=x", b"", 400, {"dp_rank"}),
+        ("GET", "/v1/loads?dp_rank=" + "9" * 5000, b"", 400, {"dp_rank"}), ("GET", "/v1/loads?format=text", b"", 400,
+                                                                            {"format"}),
+        ("GET", "/v1/loads?include=core,queues&dp_rank=0", b"", 200, None), ("GET", "/get_load", b"", 200, None),
+        ("POST", "/tokenize", dumps({"prompt": words(rng)}), 200, None),
+        ("POST", "/tokenize", dumps({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}), 400, {"prompt"}),
+        ("POST", "/tokenize", dumps({"prompt": 5}), 400, {"prompt"}),
+        ("POST", "/tokenize", dumps({"messages": [{"role": "nobody", "content": "b"}]}), 400, {"messages"}),
+        ("POST", "/detokenize", dumps({"tokens": token_ids(rng, vocab)}), 200, None),
+        ("POST", "/detokenize", dumps({"tokens": [vocab]}), 400, {"tokens"}),
+        ("POST", "/detokenize", dumps({"tokens": [-1]}), 400, {"tokens"}),
+        ("POST", "/detokenize", dumps({"tokens": [2 ** 70]}), 400, {"tokens"}),
+        ("POST", "/detokenize", dumps({"tokens": "1 2"}), 400, {"tokens"}),
+        ("POST", "/detokenize", b"[]", 400, None),
+    ])
+    return Case(path, body, {status}, params, f"{method} {path[:60]}", method=method)
 
 
 # ---- checking answers ---------------------------------------------------------------------------
@@ -460,7 +488,7 @@ def check_stream(case: Case, text: str) -> list[str]:
 
 async def send(client: httpx.AsyncClient, case: Case) -> list[str]:
     try:
-        r = await client.post(case.path, content=case.body, headers=case.headers)
+        r = await client.request(case.method, case.path, content=case.body or None, headers=case.headers)
     except httpx.HTTPError as e:   # e.g. a stream cut short by an exception in the server
         return [f"{type(e).__name__}: {e}"]
     problems = []
@@ -472,14 +500,14 @@ async def send(client: httpx.AsyncClient, case: Case) -> list[str]:
         problems += check_error(case, r.status_code, r.text)
     elif case.stream:
         problems += check_stream(case, r.text)
-    elif case.path != GEN:
+    elif case.path in (C, CHAT):
         problems += check_completion(case, r.json())
     return problems
 
 
 # ---- clients that leave -------------------------------------------------------------------------
 
-LONG = {"prompt": "The heron stood in the shallows", "max_tokens": 1500, "ignore_eos": True}
+LONG = {"prompt": "The heron stood in the shallows", "ignore_eos": True}   # max_tokens: the context less 64
 LONG_CHAT = {"messages": [{"role": "user", "content": "Tell a long story"}], "ignore_eos": True}
 
 
@@ -513,19 +541,20 @@ LONG_EXTRAS = {C: [{}, {"n": 2}, {"logprobs": 5}, {"echo": True, "logprobs": 2},
                       {"min_p": 0.1, "repetition_penalty": 1.2}]}
 
 
-def long_request(rng: random.Random, i: int) -> tuple[str, dict]:
-    path, body = (C, LONG) if i % 2 else (CHAT, LONG_CHAT)
+def long_request(rng: random.Random, i: int, max_len: int) -> tuple[str, dict]:
+    path, body = (C, {**LONG, "max_tokens": max_len - 64}) if i % 2 else (CHAT, LONG_CHAT)
     return path, {**body, **rng.choice(LONG_EXTRAS[path])}
 
 
-async def disconnect_round(server, rng: random.Random, client: httpx.AsyncClient, vocab: int) -> list[str]:
+async def disconnect_round(server, rng: random.Random, client: httpx.AsyncClient, vocab: int,
+                           max_len: int) -> list[str]:
     """Long requests (1,500 tokens, or the context) that leave: streams after a few events, sockets closed
     before any answer (streamed or not), a body that never finishes; meanwhile short valid requests,
     which must be answered in full. Returns the short requests' problems."""
-    tasks = [leave_mid_stream(server, rng.randint(1, 6), *long_request(rng, i)) for i in range(6)]
+    tasks = [leave_mid_stream(server, rng.randint(1, 6), *long_request(rng, i, max_len)) for i in range(6)]
     socks = []
     for i in range(6):
-        path, body = long_request(rng, i)
+        path, body = long_request(rng, i, max_len)
         socks.append(raw_post(server, path, {**body, "stream": i % 3 == 0}))
     # a body announced longer than sent: the server waits for it, then the client leaves
     partial = socket.create_connection((server.host, server.port), timeout=10)
@@ -533,7 +562,7 @@ async def disconnect_round(server, rng: random.Random, client: httpx.AsyncClient
                     b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n{\"prompt\":")
     bystanders = []
     while len(bystanders) < 4:
-        case = random_case(rng, vocab)
+        case = random_case(rng, vocab, max_len)
         if case.ok == {200}:
             bystanders.append(case)
     answered = asyncio.gather(*(send(client, c) for c in bystanders))
@@ -573,9 +602,9 @@ def wait_idle(server, timeout: float) -> float:
 
 def fuzz(server, seed: int, num_cases: int, batch: int = 16, disconnect_every: int = 100) -> list[str]:
     """Run num_cases random cases in concurrent batches; returns every problem found (empty: all good)."""
-    vocab = server.engine.engine.vocab_size
+    vocab, max_len = server.engine.engine.vocab_size, server.engine.engine.config.max_model_len
     rng = random.Random(seed)
-    cases = [random_case(rng, vocab) for _ in range(num_cases)]
+    cases = [random_case(rng, vocab, max_len) for _ in range(num_cases)]
     failures = []
     logged = LogRecords()
 
@@ -591,7 +620,7 @@ def fuzz(server, seed: int, num_cases: int, batch: int = 16, disconnect_every: i
                 if health.status_code != 200:
                     failures.append(f"seed {seed} after case {start + len(group) - 1}: /health {health.status_code}")
                 if disconnect_every and (start // batch + 1) % (disconnect_every // batch) == 0:
-                    failures.extend(f"seed {seed}: {p}" for p in await disconnect_round(server, rng, client, vocab))
+                    failures.extend(f"seed {seed}: {p}" for p in await disconnect_round(server, rng, client, vocab, max_len))
                     # every long request left: their pages are free within a few steps, not after 1,500 tokens
                     try:
                         await asyncio.to_thread(wait_idle, server, 3.0)
@@ -627,10 +656,8 @@ class LogRecords(logging.Handler):
             logging.getLogger(name).removeHandler(self)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model):
-    s = ServerThread(tiny_model, [MODEL], api_key=API_KEY, **ENGINE).start()
-    yield s
+def stop_and_check(s: ServerThread):
+    """Stop a server once it is idle; then every KV page is free and no per-request state is left."""
     try:
         wait_idle(s, timeout=10)
     finally:
@@ -640,10 +667,33 @@ def server(tiny_model):
     assert not engine.seqs and not engine.output_processor.detokenizers, "per-request state left in the engine"
 
 
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    s = ServerThread(tiny_model, [MODEL], api_key=API_KEY, **ENGINE).start()
+    yield s
+    stop_and_check(s)
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny_model):
+    """A KV pool of 20 pages (320 tokens) for 16 sequences: the fuzz load preempts all the time."""
+    s = ServerThread(tiny_model, [MODEL], api_key=API_KEY, max_model_len=256, max_num_seqs=16,
+                     num_kvcache_blocks=20).start()
+    yield s
+    stop_and_check(s)
+
+
 def test_fuzz_requests(server):
-    failures = fuzz(server, seed=1, num_cases=400)
+    failures = fuzz(server, seed=1, num_cases=600)
     assert not failures, "\n".join(failures[:40])
     wait_idle(server, timeout=10)
+
+
+def test_fuzz_requests_with_preemption(small_server):
+    failures = fuzz(small_server, seed=11, num_cases=300)
+    assert not failures, "\n".join(failures[:40])
+    assert small_server.engine.snapshot["preemptions"] > 0, "the small pool never preempted: not the case tested"
+    wait_idle(small_server, timeout=10)
 
 
 @pytest.mark.slow
