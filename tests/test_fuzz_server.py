@@ -316,6 +316,13 @@ def random_case(rng: random.Random, vocab: int, max_len: int) -> Case:
         return generate_case(rng, vocab, max_len, roll)
     path = C if rng.random() < 0.55 else CHAT
     body = valid_completion(rng, vocab) if path == C else valid_chat(rng, vocab)
+    if path == CHAT and rng.random() < 0.1:
+        # any order of roles, content null or parts: the chat template may refuse it (a 400 naming messages)
+        body["messages"] = [{"role": rng.choice(["system", "developer", "user", "assistant", "tool"]),
+                             "content": rng.choice([words(rng), None, [{"type": "text", "text": words(rng)}]])}
+                            for _ in range(rng.randint(1, 4))]
+        return Case(path, dumps(body), {200, 400}, {"messages"}, "roles in any order", stream=body["stream"],
+                    expect_choices=num_choices(path, body), request=body)
     if roll < 0.5:
         return Case(path, dumps(body), {200}, stream=body.get("stream", False),
                     expect_choices=num_choices(path, body), request=body)
