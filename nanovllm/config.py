@@ -72,9 +72,11 @@ class Config:
         # non-negative integer") or silently did something else (num_kvcache_blocks=0 or -7 sized the cache
         # from memory, cpu_kvcache_gb=0 made a one-page cache).
         if self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2 (a prompt token and an output token), got {self.max_model_len}")
+            raise ValueError(f"max_model_len must be >= 2 (a prompt token and an output token), got "
+                             f"{self.max_model_len}")
         if self.num_kvcache_blocks != -1 and self.num_kvcache_blocks < 1:
-            raise ValueError(f"num_kvcache_blocks must be -1 (size it from memory) or >= 1, got {self.num_kvcache_blocks}")
+            raise ValueError(f"num_kvcache_blocks must be -1 (size it from memory) or >= 1, got "
+                             f"{self.num_kvcache_blocks}")
         if not 0 < self.cpu_kvcache_gb < math.inf:
             raise ValueError(f"cpu_kvcache_gb must be > 0 and finite, got {self.cpu_kvcache_gb}")
         if not 0 <= self.seed < 2 ** 63:

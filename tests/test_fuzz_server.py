@@ -1,13 +1,21 @@
 """A seeded fuzz run of the OpenAI-compatible server: many random requests mixing valid and invalid fields
-to /v1/completions, /v1/chat/completions and /generate, malformed bodies, clients that leave mid-stream or
-before any answer, and concurrent aborts. After every batch: no 5xx, every error is OpenAI's shape and
-names the field that was made invalid, every 200 is well-formed, /health is 200; at the end every KV
-page is free and the engine holds no per-request state.
+to /v1/completions, /v1/chat/completions and SGLang's /generate (wrong types, out-of-range numbers, NaN and
+Infinity, huge ints, empty and too-long prompts, out-of-vocabulary token ids, n / best_of, stop lists,
+logprobs, logit_bias keys, broken response_format schemas and grammars, tools, stream_options, unknown
+models and fields), malformed bodies and headers, wrong methods and routes, the query parameters of
+/debug/kv and /v1/loads, /tokenize and /detokenize; every 100 cases a round of clients that leave (streams
+after a few events, sockets closed before any answer, a body that never finishes) beside short requests
+that must be answered in full. Checked: no 5xx; each error is OpenAI's shape and names the field that was
+made invalid; each 200 is well-formed (choices, finish reasons, logprobs shape, usage, include_usage, [DONE]);
+/health 200 after every batch; nothing logged at error level (an exception escaping a handler is logged by
+uvicorn); the pages of the requests that left free within 3 s; at the end every KV page free and no
+per-request state in the engine. A second server with a 20-page pool runs the same load while preempting.
 
-Deterministic: one `random.Random(seed)` builds every request, so a failure names its seed and case
-index and replays exactly (`python tests/test_fuzz_server.py --seed S --cases N` prints each failure).
-Measured on the 2-core CPU dev machine (qwen3-tiny, random weights): the default run (400 cases and the
-disconnect rounds) takes about 25 s; the `slow` variant (3 seeds x 1,000 cases) about 2 minutes.
+Deterministic: one `random.Random(seed)` builds every case, so a failure names its seed and case index and
+replays: `python tests/test_fuzz_server.py --seed S --cases N` prints every problem. The regression tests
+below are the bugs this fuzzer found, one each (claude_docs/serving.md, "Fuzzing").
+Measured on the 2-core CPU dev machine (qwen3-tiny, random weights): 1,000 cases in ~7 s, so the default
+tests take ~17 s; the `slow` ones (3 x 2,500 cases, 2,500 on the small pool) ~75 s.
 """
 import asyncio
 import json
@@ -21,11 +29,10 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-sys.path.insert(0, __import__("os").path.dirname(__file__))
-from conftest import assert_no_leaks  # noqa: E402
+from conftest import assert_no_leaks
 
-from nanovllm.entrypoints.metrics import parse  # noqa: E402
-from nanovllm.entrypoints.serve import ServerThread  # noqa: E402
+from nanovllm.entrypoints.metrics import parse
+from nanovllm.entrypoints.serve import ServerThread
 
 MODEL = "fuzz"
 API_KEY = "fuzz-key"
@@ -295,7 +302,8 @@ def generate_case(rng: random.Random, vocab: int, max_len: int, roll: float) -> 
         request["rid"] = rng.choice([[], [f"r{i}" for i in range(prompts + 1)], 5, [1]])
         return Case(GEN, dumps(request), {400}, {"rid"}, f"rid={request['rid']!r}")
     request.pop("rid", None)
-    name, value = rng.choice([m for m in invalid_mutations(rng, vocab, C, max_len) if SGLANG_NAMES.get(m[0], m[0]) in SGLANG_FIELDS])
+    ours = [m for m in invalid_mutations(rng, vocab, C, max_len) if SGLANG_NAMES.get(m[0], m[0]) in SGLANG_FIELDS]
+    name, value = rng.choice(ours)
     name = SGLANG_NAMES.get(name, name)
     sampling[name] = value
     if name == "min_new_tokens":
@@ -429,7 +437,8 @@ def check_choice_logprobs(case: Case, c: dict, final: bool) -> list[str]:
         return [f"completion logprobs lists of unequal lengths: {short(lp)}"]
     if final and (case.request or {}).get("echo") and n and lp["token_logprobs"][0] is not None:
         return ["echo: the prompt's first token has a logprob"]
-    return [f"top_logprobs with more than {k + 1} entries"] if any(t and len(t) > k + 1 for t in lp["top_logprobs"]) else []
+    too_many = any(t and len(t) > k + 1 for t in lp["top_logprobs"])
+    return [f"top_logprobs with more than {k + 1} entries"] if too_many else []
 
 
 def check_completion(case: Case, body: dict) -> list[str]:
@@ -578,7 +587,8 @@ async def disconnect_round(server, rng: random.Random, client: httpx.AsyncClient
         s.close()
     partial.close()
     left = [p for ps in await asyncio.gather(*tasks) for p in ps]
-    return left + [f"bystander of a disconnect round ({c.path}): {p}" for c, ps in zip(bystanders, await answered) for p in ps]
+    answers = await answered
+    return left + [f"bystander of a disconnect round ({c.path}): {p}" for c, ps in zip(bystanders, answers) for p in ps]
 
 
 # ---- the server and the run ---------------------------------------------------------------------
@@ -627,7 +637,8 @@ def fuzz(server, seed: int, num_cases: int, batch: int = 16, disconnect_every: i
                 if health.status_code != 200:
                     failures.append(f"seed {seed} after case {start + len(group) - 1}: /health {health.status_code}")
                 if disconnect_every and (start // batch + 1) % (disconnect_every // batch) == 0:
-                    failures.extend(f"seed {seed}: {p}" for p in await disconnect_round(server, rng, client, vocab, max_len))
+                    problems = await disconnect_round(server, rng, client, vocab, max_len)
+                    failures.extend(f"seed {seed}: {p}" for p in problems)
                     # every long request left: their pages are free within a few steps, not after 1,500 tokens
                     try:
                         await asyncio.to_thread(wait_idle, server, 3.0)
@@ -691,13 +702,13 @@ def small_server(tiny_model):
 
 
 def test_fuzz_requests(server):
-    failures = fuzz(server, seed=1, num_cases=600)
+    failures = fuzz(server, seed=1, num_cases=1000)
     assert not failures, "\n".join(failures[:40])
     wait_idle(server, timeout=10)
 
 
 def test_fuzz_requests_with_preemption(small_server):
-    failures = fuzz(small_server, seed=11, num_cases=300)
+    failures = fuzz(small_server, seed=11, num_cases=600)
     assert not failures, "\n".join(failures[:40])
     assert small_server.engine.snapshot["preemptions"] > 0, "the small pool never preempted: not the case tested"
     wait_idle(small_server, timeout=10)
@@ -706,9 +717,16 @@ def test_fuzz_requests_with_preemption(small_server):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [2, 3, 4])
 def test_fuzz_requests_long(server, seed):
-    failures = fuzz(server, seed=seed, num_cases=1000)
+    failures = fuzz(server, seed=seed, num_cases=2500)
     assert not failures, "\n".join(failures[:40])
     wait_idle(server, timeout=10)
+
+
+@pytest.mark.slow
+def test_fuzz_requests_with_preemption_long(small_server):
+    failures = fuzz(small_server, seed=12, num_cases=2500)
+    assert not failures, "\n".join(failures[:40])
+    wait_idle(small_server, timeout=10)
 
 
 # ---- regressions: each bug the fuzzer found, alone -----------------------------------------------
