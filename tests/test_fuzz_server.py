@@ -7,15 +7,15 @@ models and fields), malformed bodies and headers, wrong methods and routes, the 
 after a few events, sockets closed before any answer, a body that never finishes) beside short requests
 that must be answered in full. Checked: no 5xx; each error is OpenAI's shape and names the field that was
 made invalid; each 200 is well-formed (choices, finish reasons, logprobs shape, usage, include_usage, [DONE]);
-/health 200 after every batch; nothing logged at error level (an exception escaping a handler is logged by
+one greedy or seeded answer per batch is asked again alone and must not change; /health 200 after every batch; nothing logged at error level (an exception escaping a handler is logged by
 uvicorn); the pages of the requests that left free within 3 s; at the end every KV page free and no
 per-request state in the engine. A second server with a 20-page pool runs the same load while preempting.
 
 Deterministic: one `random.Random(seed)` builds every case, so a failure names its seed and case index and
 replays: `python tests/test_fuzz_server.py --seed S --cases N` prints every problem. The regression tests
 below are the bugs this fuzzer found, one each (claude_docs/serving.md, "Fuzzing").
-Measured on the 2-core CPU dev machine (qwen3-tiny, random weights): 1,000 cases in ~7 s, so the default
-tests take ~17 s; the `slow` ones (3 x 2,500 cases, 2,500 on the small pool) ~75 s.
+Measured on the 2-core CPU dev machine (qwen3-tiny, random weights): 1,000 cases in ~8 s, so the default
+tests take ~20 s; the `slow` ones (3 x 2,500 cases, 2,500 on the small pool) ~65 s.
 """
 import asyncio
 import json
@@ -59,6 +59,7 @@ class Case:
     expect_choices: int | None = None
     request: dict | None = None     # a valid request's fields (what its answer is checked against)
     method: str = "POST"
+    answer: dict | None = None      # a 200's JSON body, once sent (non-streamed completions and chats)
 
 
 def dumps(obj) -> bytes:
@@ -517,8 +518,20 @@ async def send(client: httpx.AsyncClient, case: Case) -> list[str]:
     elif case.stream:
         problems += check_stream(case, r.text)
     elif case.path in (C, CHAT):
-        problems += check_completion(case, r.json())
+        case.answer = r.json()
+        problems += check_completion(case, case.answer)
     return problems
+
+
+def reproducible(case: Case) -> bool:
+    """A 200 whose choices must not depend on the batch it ran in: greedy, or seeded sampling (each seeded
+    request draws from its own generator, keyed by its seed and token index)."""
+    req = case.request or {}
+    return case.answer is not None and (req.get("seed") is not None or req.get("temperature") == 0)
+
+
+def choice_texts(answer: dict) -> list[str]:
+    return [c["text"] if "text" in c else c["message"]["content"] for c in answer["choices"]]
 
 
 # ---- clients that leave -------------------------------------------------------------------------
@@ -633,6 +646,14 @@ def fuzz(server, seed: int, num_cases: int, batch: int = 16, disconnect_every: i
                 results = await asyncio.gather(*(send(client, c) for c in group))
                 for i, (case, problems) in enumerate(zip(group, results), start):
                     failures.extend(f"seed {seed} case {i} ({case.path}, {case.why}): {p}" for p in problems)
+                # One reproducible answer per batch, asked again alone: the same choices (batch invariance,
+                # also across preemption on the small pool).
+                again = next((c for c in group if reproducible(c)), None)
+                if again is not None:
+                    alone = await client.post(again.path, content=again.body, headers=again.headers)
+                    if alone.status_code != 200 or choice_texts(alone.json()) != choice_texts(again.answer):
+                        failures.append(f"seed {seed} case {cases.index(again)} ({again.why}): answered "
+                                        f"{choice_texts(again.answer)} in a batch, {alone.text[:300]} alone")
                 health = await client.get("/health")
                 if health.status_code != 200:
                     failures.append(f"seed {seed} after case {start + len(group) - 1}: /health {health.status_code}")
