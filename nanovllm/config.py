@@ -1,4 +1,5 @@
 """Engine configuration: one dataclass, validated once, read everywhere."""
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -66,6 +67,23 @@ class Config:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        # Found by fuzzing configs: these were accepted and failed later with a confusing message (every
+        # request "too long for max_model_len=0", "cannot convert float NaN to integer", numpy's "expected
+        # non-negative integer") or silently did something else (num_kvcache_blocks=0 or -7 sized the cache
+        # from memory, cpu_kvcache_gb=0 made a one-page cache).
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2 (a prompt token and an output token), got "
+                             f"{self.max_model_len}")
+        if self.num_kvcache_blocks != -1 and self.num_kvcache_blocks < 1:
+            raise ValueError(f"num_kvcache_blocks must be -1 (size it from memory) or >= 1, got "
+                             f"{self.num_kvcache_blocks}")
+        if not 0 < self.cpu_kvcache_gb < math.inf:
+            raise ValueError(f"cpu_kvcache_gb must be > 0 and finite, got {self.cpu_kvcache_gb}")
+        if not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.cascade_shared_prefix_len < 0:
+            raise ValueError(f"cascade_shared_prefix_len must be >= 0 (0: not forced), got "
+                             f"{self.cascade_shared_prefix_len}")
         if self.cascade_max_levels < 2:
             raise ValueError(f"cascade_max_levels must be >= 2, got {self.cascade_max_levels}")
         if self.cascade_shared_backend not in ("auto", "triton", "triton-wide", "fa2", "fa3"):
@@ -75,8 +93,8 @@ class Config:
             raise ValueError(f"schedule_policy must be fcfs, lpm, dfs-weight or random, got {self.schedule_policy!r}")
         if not self.max_wait_s > 0:
             raise ValueError(f"max_wait_s must be > 0, got {self.max_wait_s}")
-        if self.host_kvcache_gb < 0:
-            raise ValueError(f"host_kvcache_gb must be >= 0, got {self.host_kvcache_gb}")
+        if not 0 <= self.host_kvcache_gb < math.inf:
+            raise ValueError(f"host_kvcache_gb must be >= 0 and finite, got {self.host_kvcache_gb}")
         if self.host_kvcache_gb > 0 and not self.enable_prefix_caching:
             raise ValueError("host_kvcache_gb needs enable_prefix_caching: host pages are found by their prefix hash")
         if self.load_format not in ("auto", "dummy"):

@@ -137,7 +137,8 @@ class SamplingParams:
                 bad(f"{name} must be in [-2, 2], got {value}")
         rep = self.repetition_penalty
         # float32 on the device: a value that rounds to 0 or inf there would divide by 0 / make inf logits
-        if not is_real(rep) or not rep > 0 or not 0 < np.float32(rep) < np.inf:
+        # (compared in float64 first: casting a value past float32's max warns "overflow encountered in cast")
+        if not is_real(rep) or not 0 < rep <= float(np.finfo(np.float32).max) or not np.float32(rep) > 0:
             bad(f"repetition_penalty must be > 0 (and finite in float32), got {rep}")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
@@ -158,6 +159,12 @@ class SamplingParams:
             if not isinstance(self.structured_output, StructuredOutput):
                 bad(f"structured_output must be a StructuredOutput, got {type(self.structured_output).__name__}")
             self.structured_output.validate()
+            if self.min_tokens:
+                # The grammar decides where the output ends: once it allows only EOS, min_tokens' mask would
+                # leave no token at all, and the sampled one would break the grammar (fuzzing found "no!"
+                # for the choice ["yes", "no"] with min_tokens=8).
+                bad(f"min_tokens must be 0 with structured_output (the grammar decides where the output ends), "
+                    f"got {self.min_tokens}")
         if self.seed is not None and (not is_int(self.seed) or not -2**63 <= self.seed < 2**63):
             bad(f"seed must be a 64-bit integer, got {self.seed!r}")
         self.processes_logits = bool(self.presence_penalty or self.frequency_penalty or rep != 1 or self.logit_bias

@@ -59,6 +59,13 @@ for cuts in ([0, 3000, 6000, 7000], [0, 3500, 7000], [0, 7000]):
         picked = token.gather(0, score.argmax(dim=0, keepdim=True)).squeeze(0)
         expect = sample_gumbel(rows, t, s) if t is not None else rows.argmax(dim=-1)
         assert torch.equal(picked, expect), (cuts, t, picked, expect)
+
+# A tiny temperature is greedy, not "the first token whose logit / T overflowed to inf" (found by fuzzing the
+# server: 1e-44 picked token 0 of [3, 5, 1, -2]); it samples as the PyTorch sampler's floor, MIN_TEMPERATURE.
+tiny = torch.tensor([[3.0, 5.0, 1.0, -2.0], [-3.0, -1.0, -2.0, -9.0]], device=device)
+for t in (1e-30, 1e-38, 1e-44):
+    temps = torch.full((2,), t, device=device)
+    assert sample_gumbel(tiny, temps, torch.tensor([1, 2], device=device)).tolist() == [1, 1], t
 print("ok")
 """
 

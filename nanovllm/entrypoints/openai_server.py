@@ -11,6 +11,7 @@ before it queues anything, so a bad request costs the engine nothing. Errors use
 import asyncio
 import hmac
 import json
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +21,11 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from transformers import AutoTokenizer
 
 from nanovllm.entrypoints.async_engine import AsyncEngine, Delta, RequestStream
@@ -345,8 +348,10 @@ class OpenAIServing:
             raise ApiError(400, str(e), param=_param_of(str(e)), code="invalid_value") from None
 
     def make_sequences(self, req: _SamplingRequest, prompts: list[list[int]], max_tokens: int | None,
-                       prompt_param: str) -> list:
-        """n sequences per prompt, prompt-major (that is the choice index order); all validated first."""
+                       prompt_param: str, max_tokens_param: str = "max_tokens") -> list:
+        """n sequences per prompt, prompt-major (that is the choice index order); all validated first.
+        Errors name the prompt and the length field as the request spelled them (prompt_param,
+        max_tokens_param: chat's max_completion_tokens, /generate's max_new_tokens)."""
         if len(prompts) * req.n > MAX_SEQS_PER_REQUEST:
             raise ApiError(400, f"{len(prompts)} prompts x n={req.n} is more than {MAX_SEQS_PER_REQUEST} "
                                 f"sequences in one request", param=prompt_param)
@@ -371,9 +376,9 @@ class OpenAIServing:
                     raise ApiError(400, str(e), param=param, code=code) from None
                 seqs.append(seq)
             if max_tokens is not None and len(token_ids) + max_tokens > self.max_model_len:
-                raise ApiError(400, f"max_tokens={max_tokens} plus the prompt's {len(token_ids)} tokens exceed "
-                                    f"max_model_len={self.max_model_len}; lower max_tokens or the prompt",
-                               param="max_tokens", code="context_length_exceeded")
+                raise ApiError(400, f"{max_tokens_param}={max_tokens} plus the prompt's {len(token_ids)} tokens "
+                                    f"exceed max_model_len={self.max_model_len}; lower {max_tokens_param} or the "
+                                    f"prompt", param=max_tokens_param, code="context_length_exceeded")
         return seqs
 
     async def off_loop(self, fn):
@@ -500,16 +505,20 @@ class Choices:
 
 
 def _param_of(message: str) -> str | None:
-    # SamplingParams messages read "SamplingParams: <param> must ..."
-    words = message.replace("SamplingParams:", "").split()
-    return words[0] if words else None
+    """The field a SamplingParams message names first: "SamplingParams: <param> must ..." or
+    "SamplingParams: <param>=<value> rounds to 0 ..." (the name only, never the value)."""
+    name = re.match(r"\s*([A-Za-z_]\w*)", message.replace("SamplingParams:", "", 1))
+    return name.group(1) if name else None
 
 
-def _usage(finals: list[Delta]) -> dict:
-    prompt = sum(d.prompt_tokens for d in finals)
-    completion = sum(d.completion_tokens for d in finals)
+def _usage(finals: dict[int, Delta], n: int) -> dict:
+    """OpenAI's usage from the final deltas by choice index: the prompt counts once per prompt, not once
+    per choice (OpenAI, vLLM and SGLang count it so; n=4 reported 4x the prompt), completions count all."""
+    firsts = [d for i, d in finals.items() if i % n == 0]   # choices are prompt-major: i // n is the prompt
+    prompt = sum(d.prompt_tokens for d in firsts)
+    completion = sum(d.completion_tokens for d in finals.values())
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(d.cached_tokens for d in finals)}}
+            "prompt_tokens_details": {"cached_tokens": sum(d.cached_tokens for d in firsts)}}
 
 
 def _sse(obj) -> bytes:
@@ -644,9 +653,25 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
     async def on_api_error(request, err: ApiError):
         return error_response(err)
 
+    @app.exception_handler(ClientDisconnect)
+    async def on_client_left(request, exc: ClientDisconnect):
+        # The client left while sending its body: nobody reads this answer, and it is no server error
+        # (unhandled, it was a 500 and a logged traceback).
+        return error_response(ApiError(499, "client disconnected before sending the whole request body",
+                                       type="client_closed_request"))
+
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request, exc: StarletteHTTPException):
         return error_response(ApiError(exc.status_code, str(exc.detail), code=None))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_bad_query(request, exc: RequestValidationError):
+        # FastAPI's own parsing of typed query / path parameters (e.g. /debug/kv?max_pages=abc): OpenAI's
+        # shape and a 400 naming the parameter, like every other bad request (it was a 422 {"detail": ...}).
+        err = exc.errors()[0]
+        name = str(err["loc"][-1]) if err.get("loc") else None
+        return error_response(ApiError(400, f"Invalid value for '{name}': {err['msg']}", param=name,
+                                       code="invalid_value"))
 
     @app.exception_handler(Exception)
     async def on_crash(request, exc: Exception):
@@ -772,9 +797,13 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
             seed=sp.sampling_seed, presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
             repetition_penalty=sp.repetition_penalty, min_p=sp.min_p, min_tokens=sp.min_new_tokens,
             logit_bias=sp.logit_bias, **{ours: getattr(sp, theirs) for ours, theirs in SGLANG_GUIDED.items()})
+        prompts_given = len(prompt) if batch else 1
+        if isinstance(req.rid, list) and len(req.rid) != prompts_given:
+            raise ApiError(400, f"rid: a list needs one request id per prompt ({prompts_given}), got {len(req.rid)}",
+                           param="rid", code="invalid_value")
         try:
             seqs = await serving.off_loop(lambda: serving.make_sequences(
-                completion, serving.completion_prompts(completion), completion.max_tokens, "text"))
+                completion, serving.completion_prompts(completion), completion.max_tokens, "text", "max_new_tokens"))
         except ApiError as e:  # name the field as this request spelled it
             if e.param in SGLANG_GUIDED:
                 theirs = SGLANG_GUIDED[e.param]
@@ -783,12 +812,12 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
             raise
         if not engine.is_alive:
             raise ApiError(503, "the engine loop is not running", type="server_error")
-        rids = req.rid if isinstance(req.rid, list) else [req.rid or uuid.uuid4().hex] * len(seqs)
+        rids = req.rid if isinstance(req.rid, list) else [req.rid or uuid.uuid4().hex]  # one per prompt
         index = {s.seq_id: i for i, s in enumerate(seqs)}
         request = engine.submit(seqs, stream=req.stream)
 
         def item(i: int, text: str, d: Delta | None) -> dict:
-            meta = {"id": f"{rids[i % len(rids)]}" + (f"-{i}" if len(seqs) > 1 else ""),
+            meta = {"id": f"{rids[i // sp.n % len(rids)]}" + (f"-{i}" if len(seqs) > 1 else ""),  # prompt-major
                     "finish_reason": {"type": d.finish_reason} if d is not None else None}
             if d is not None:
                 meta.update(prompt_tokens=d.prompt_tokens, completion_tokens=d.completion_tokens,
@@ -840,8 +869,9 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
         model = serving.check_model(req.model)
         _unsupported(req)
         max_tokens = req.max_completion_tokens or req.max_tokens
+        length_param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         seqs = await serving.off_loop(lambda: serving.make_sequences(req, [serving.chat_prompt(req)], max_tokens,
-                                                                      "messages"))
+                                                                      "messages", length_param))
         return await _respond(http_request, req, seqs, model, chat=True)
 
     async def _finals(http_request: Request, request: RequestStream) -> dict[int, Delta]:
@@ -881,7 +911,7 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
         done = [finals[s.seq_id] for s in seqs]
         out = [choices.final(i, d) for i, d in enumerate(done)]
         return {**head, "object": "chat.completion" if chat else "text_completion", "choices": out,
-                "usage": _usage(done)}
+                "usage": _usage(dict(enumerate(done)), req.n)}
 
     async def _stream(http_request: Request, request: RequestStream, index: dict[int, int], head: dict,
                       choices: "Choices", include_usage: bool):
@@ -891,7 +921,7 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
             return _sse({**head, "object": obj, "choices": [choice]})
 
         watcher = asyncio.create_task(_watch_disconnect(http_request, engine, request))
-        finals = []
+        finals: dict[int, Delta] = {}    # by choice index
         try:
             for i in range(len(index)):
                 first = choices.first_chunk(i)
@@ -906,11 +936,11 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
                     return
                 i = index[delta.seq_id]
                 if delta.finished:
-                    finals.append(delta)
+                    finals[i] = delta
                 for choice in choices.chunks(i, delta):
                     yield sse(choice)
             if include_usage:
-                yield _sse({**head, "object": obj, "choices": [], "usage": _usage(finals)})
+                yield _sse({**head, "object": obj, "choices": [], "usage": _usage(finals, choices.n)})
             yield b"data: [DONE]\n\n"
         finally:
             # Reached on normal end, on our disconnect marker, and when Starlette cancels the

@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import MISSING, fields
@@ -155,7 +156,11 @@ def main(argv: list[str] | None = None):
     if code is not None:
         raise SystemExit(code)
     import uvicorn
-    engine, app = build(args.model, args.served_model_name, args.api_key, **engine_kwargs(args))
+    try:
+        engine, app = build(args.model, args.served_model_name, args.api_key, **engine_kwargs(args))
+    except ValueError as e:  # a bad option or model folder: one line naming it (exit 2), not a traceback
+        print(f"nanovllm serve: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5, http=http1_protocol())
     try:

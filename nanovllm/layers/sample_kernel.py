@@ -17,12 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.layers.sampler import MIN_TEMPERATURE
+
 BLOCK = 4096
 
 
 @triton.jit
 def _sample_chunk_kernel(logits_ptr, logits_stride, temps_ptr, seeds_ptr, vocab, offset, best_ptr, best_idx_ptr,
-                         NUM_CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
+                         NUM_CHUNKS: tl.constexpr, BLOCK: tl.constexpr, MIN_TEMP: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -32,7 +34,7 @@ def _sample_chunk_kernel(logits_ptr, logits_stride, temps_ptr, seeds_ptr, vocab,
     if temp > 0:
         seed = tl.load(seeds_ptr + row)
         u = tl.rand(seed, offs + offset)
-        x = x / temp - tl.log(-tl.log(u))
+        x = x / tl.maximum(temp, MIN_TEMP) - tl.log(-tl.log(u))
     x = tl.where(mask, x, -float("inf"))
     best = tl.max(x, axis=0)
     idx = tl.argmax(x, axis=0)
@@ -58,6 +60,6 @@ def gumbel_winners(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torc
     best_idx = torch.empty(rows, chunks, dtype=torch.int32, device=logits.device)
     if rows:
         _sample_chunk_kernel[(rows, chunks)](logits, logits.stride(0), temperatures, seeds, vocab, offset, best,
-                                             best_idx, NUM_CHUNKS=chunks, BLOCK=block)
+                                             best_idx, NUM_CHUNKS=chunks, BLOCK=block, MIN_TEMP=MIN_TEMPERATURE)
     score, chunk = best.max(dim=1, keepdim=True)
     return score.squeeze(1), best_idx.gather(1, chunk).squeeze(1).long()

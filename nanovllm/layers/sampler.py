@@ -12,6 +12,9 @@ import torch
 from torch import nn
 
 _MASK64 = (1 << 64) - 1
+# Temperatures in (0, MIN_TEMPERATURE) sample as MIN_TEMPERATURE (both samplers): logits / 1e-38 overflow
+# float32 to inf, and the Gumbel kernel then took the first token with a positive logit, not the best one.
+MIN_TEMPERATURE = 1e-5
 
 
 def seeded_row_seed(seed: int, token_index: int) -> int:
@@ -53,7 +56,7 @@ class Sampler(nn.Module):
             return sample_gumbel(logits, temperatures, seeds)
         greedy = logits.argmax(dim=-1)
         logits = logits.float()
-        scaled = logits / temperatures.clamp(min=1e-5).unsqueeze(1)
+        scaled = logits / temperatures.clamp(min=MIN_TEMPERATURE).unsqueeze(1)
         if min_ps is not None:
             scaled = self.min_p_filter(scaled, min_ps)
         if top_ks is not None or top_ps is not None:
