@@ -1,0 +1,276 @@
+"""A seeded differential fuzz run of tensor parallelism on CPU (gloo): the same random request mixes go
+to a TP=2 (and TP=4) engine and to a TP=1 engine of the same settings, and every request's outcome must
+be the same.
+
+Drawn per engine pair: cascade attention on/off, the prefix cache on/off, page size 8 or 16, a page
+pool from 18 pages (preempts throughout) to 256, a prefill token budget from 24 (chunked prefill) to
+1,024, max_num_seqs 3 to 64, schedule policy fcfs or lpm. Drawn per case: 2 to 10 requests over
+corpus windows of the trained tiny model (confident margins, real words for stop strings), often
+behind a shared system prompt, sometimes an exact repeat (a fully cached prompt); each with greedy or
+temperature sampling (seeded or not), top-k, top-p, min-p, penalties, logit_bias, min_tokens, stop
+strings and stop ids, n > 1 (copies with seed + i, as the server makes them), logprobs, prompt_logprobs,
+a regex or choice grammar; added at step 0 or later while others run, some aborted mid-run.
+
+Checked per request: completion tokens, finish reason, text, number of cached prompt tokens, and
+logprobs / prompt_logprobs (the same token ids; values within LOGPROB_ATOL); per case: the same
+number of steps and preemptions on both engines (the scheduler sees the same tokens), every page
+free on both afterwards (rank 0 owns the one page table every rank uses); per pair: after close()
+no worker process is left. A separate test closes engines after an exception on rank 0 and on a worker.
+
+Determinism: one `random.Random(seed)` draws every engine and case, the step driver is a function of
+the case alone, and the starvation bound (max_wait_s, wall-clock) is set out of reach. A failure
+names its seed and case; `python tests/test_fuzz_tensor_parallel.py --seed S --pairs P --cases N`
+replays it and prints every difference.
+
+Measured on the 2-core CPU dev machine: a TP=2 engine starts in ~1 s; a case takes ~0.3 s on both
+engines together (see the test docstrings for the totals).
+"""
+import argparse
+import dataclasses
+import functools
+import os
+import random
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from conftest import assert_no_leaks  # noqa: E402
+from test_tensor_parallel import children  # noqa: E402
+
+from nanovllm import LLM, SamplingParams, StructuredOutput  # noqa: E402
+from nanovllm.assets import corpus_split, tiny_trained_path  # noqa: E402
+
+LOGPROB_ATOL = 1e-4     # float32 on CPU: TP=2's split sums move a logprob by ~1e-6
+MAX_MODEL_LEN = 512
+STOP_STRINGS = (" the", "\n", ".", ",", "'", " and", "e")
+REGEXES = (r"[a-z]{2,6}", r"(yes|no)[.!]", r"[0-9]{1,3}")
+CHOICES = (["Alice", "the Queen"], ["yes", "no", "maybe"])
+
+
+@functools.lru_cache(maxsize=None)
+def held_out_token_ids() -> tuple[tuple[int, ...], ...]:
+    """The held-out slice of each corpus text, tokenized (36 KB of text: fast)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_trained_path(), model_max_length=10**9)
+    return tuple(tuple(tok.encode(text)) for text in corpus_split()[1])
+
+
+def window(rng: random.Random, length: int) -> list[int]:
+    ids = rng.choice(held_out_token_ids())
+    start = rng.randrange(len(ids) - length)
+    return list(ids[start:start + length])
+
+
+# ---- drawing --------------------------------------------------------------------------------------
+def draw_engine(rng: random.Random) -> dict:
+    block = rng.choice([8, 16])
+    # Capacity >= 256 tokens: every drawn request (prompt <= 190, output <= 40 tokens) fits alone.
+    pages = rng.choice([256 // block + 2, 384 // block, 256])
+    return dict(enable_cascade_attention=rng.random() < 0.6, enable_prefix_caching=rng.random() < 0.8,
+                kvcache_block_size=block, num_kvcache_blocks=pages,
+                max_num_batched_tokens=rng.choice([24, 64, 200, 1024]), max_num_seqs=rng.choice([3, 8, 64]),
+                schedule_policy=rng.choice(["fcfs", "lpm"]), max_model_len=MAX_MODEL_LEN, max_wait_s=1e9)
+
+
+def draw_params(rng: random.Random, eos: int) -> SamplingParams:
+    kw = dict(max_tokens=rng.randint(1, 40), ignore_eos=rng.random() < 0.5)
+    if rng.random() < 0.6:
+        kw.update(temperature=rng.choice([0.5, 0.8, 1.0, 1.5]))
+        if rng.random() < 0.6:
+            kw["seed"] = rng.randrange(2**31)
+        if rng.random() < 0.4:
+            kw["top_k"] = rng.choice([1, 5, 50])
+        if rng.random() < 0.4:
+            kw["top_p"] = rng.choice([0.3, 0.8, 0.95])
+        if rng.random() < 0.3:
+            kw["min_p"] = rng.choice([0.02, 0.1, 0.3])
+    else:
+        kw["temperature"] = 0.0
+    if rng.random() < 0.3:
+        kw.update(presence_penalty=rng.choice([0.0, -0.5, 1.0]), frequency_penalty=rng.choice([0.0, 0.4, -0.3]),
+                  repetition_penalty=rng.choice([1.0, 0.8, 1.3]))
+    if rng.random() < 0.2:
+        kw["logit_bias"] = {rng.randrange(3000): rng.uniform(-8, 8) for _ in range(rng.randint(1, 3))}
+        if rng.random() < 0.5:
+            kw["logit_bias"][eos] = rng.choice([-100.0, 5.0, 30.0])
+    if rng.random() < 0.2:
+        kw["stop"] = rng.sample(STOP_STRINGS, rng.randint(1, 2))
+        kw["include_stop_str_in_output"] = rng.random() < 0.5
+    if rng.random() < 0.1:
+        kw["stop_token_ids"] = [rng.randrange(3000)]
+    if rng.random() < 0.25:
+        kw["logprobs"] = rng.randint(0, 5)
+    if rng.random() < 0.15:
+        kw["prompt_logprobs"] = rng.randint(0, 3)
+    if rng.random() < 0.08:
+        kind = rng.choice(["regex", "choice"])
+        kw["structured_output"] = (StructuredOutput(regex=rng.choice(REGEXES)) if kind == "regex"
+                                   else StructuredOutput(choice=rng.choice(CHOICES)))
+    elif rng.random() < 0.2:
+        kw["min_tokens"] = rng.randint(0, kw["max_tokens"])
+    return SamplingParams(**kw)
+
+
+@dataclasses.dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    arrive_at: int              # the engine step before which it is added
+    abort_at: int | None        # the engine step before which it is aborted (None: runs to its end)
+
+
+def draw_case(rng: random.Random, eos: int) -> list[Request]:
+    systems = [window(rng, rng.randint(8, 150)) for _ in range(rng.randint(0, 2))]
+    requests, count = [], rng.randint(2, 10)
+    while len(requests) < count:
+        if requests and rng.random() < 0.1:
+            prompt = list(rng.choice(requests).prompt)  # an exact repeat: fully cached when its pages are
+        else:
+            prefix = rng.choice(systems) if systems and rng.random() < 0.7 else []
+            prompt = prefix + window(rng, rng.randint(1, 190 - len(prefix)))
+        params = draw_params(rng, eos)
+        arrive = 0 if rng.random() < 0.6 else rng.randint(1, 30)
+        abort = arrive + rng.randint(0, 20) if rng.random() < 0.12 else None
+        n = rng.choice([2, 3]) if rng.random() < 0.12 else 1
+        for i in range(n):
+            p = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+            requests.append(Request(prompt, p, arrive, abort))
+    return requests
+
+
+# ---- running and comparing ------------------------------------------------------------------------
+def run_case(llm: LLM, requests: list[Request]) -> dict:
+    """Drive the engine step by step: requests are added and aborted before their step. Returns each
+    request's outcome, and the steps and preemptions the case took."""
+    steps0, preempt0 = llm.stats["steps"], llm.scheduler.num_preemptions
+    seqs = [None] * len(requests)
+    tick = 0
+    while any(s is None for s in seqs) or not llm.is_finished():
+        for i, r in enumerate(requests):
+            if r.arrive_at == tick:
+                seqs[i] = llm.add_request(r.prompt, r.params)
+            if r.abort_at == tick and seqs[i] is not None:
+                llm.abort_request(seqs[i].seq_id)
+        llm.step()
+        tick += 1
+    texts = llm.output_texts(seqs)
+    outcomes = [dict(token_ids=s.completion_token_ids, finish_reason=s.finish_reason, text=text,
+                     num_cached_tokens=s.num_cached_tokens, logprobs=s.logprobs, prompt_logprobs=s.prompt_logprobs)
+                for s, text in zip(seqs, texts)]
+    return dict(outcomes=outcomes, steps=llm.stats["steps"] - steps0,
+                preemptions=llm.scheduler.num_preemptions - preempt0)
+
+
+def logprob_differences(name: str, got: list | None, want: list | None) -> list[str]:
+    if (got is None) != (want is None):
+        return [f"{name}: {got is None and 'missing' or 'present'} at TP>1, not at TP=1"]
+    if got is None:
+        return []
+    if len(got) != len(want):
+        return [f"{name}: {len(got)} positions, TP=1 has {len(want)}"]
+    for pos, (g, w) in enumerate(zip(got, want)):
+        if g is None or w is None:
+            if (g is None) != (w is None):
+                return [f"{name}[{pos}]: {g} vs TP=1 {w}"]
+            continue
+        if set(g) != set(w) or any(abs(g[t] - w[t]) > LOGPROB_ATOL for t in g):
+            return [f"{name}[{pos}]: {g} vs TP=1 {w}"]
+    return []
+
+
+def differences(got: dict, want: dict) -> list[str]:
+    problems = []
+    for key in ("steps", "preemptions"):
+        if got[key] != want[key]:
+            problems.append(f"{key}: {got[key]} vs TP=1 {want[key]}")
+    for i, (g, w) in enumerate(zip(got["outcomes"], want["outcomes"])):
+        for key in ("token_ids", "finish_reason", "text", "num_cached_tokens"):
+            if g[key] != w[key]:
+                problems.append(f"request {i} {key}: {g[key]!r} vs TP=1 {w[key]!r}")
+        for key in ("logprobs", "prompt_logprobs"):
+            problems += [f"request {i} {p}" for p in logprob_differences(key, g[key], w[key])]
+    return problems
+
+
+def wait_for_no_children(timeout_s: float = 15.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return children()
+
+
+def fuzz(seed: int, pairs: int, cases: int, tp: int = 2, verbose: bool = False) -> list[str]:
+    """`pairs` engine pairs (TP=tp and TP=1, the same drawn settings), `cases` cases each. Returns every
+    problem found, each naming its seed, pair and case."""
+    rng = random.Random(seed)
+    model = tiny_trained_path()
+    problems = []
+    for pair in range(pairs):
+        settings = draw_engine(rng)
+        if verbose:
+            print(f"pair {pair}: {settings}", flush=True)
+        single = LLM(model, **settings)
+        eos = single.config.eos_token_ids[0]
+        many = LLM(model, tensor_parallel_size=tp, **settings)
+        try:
+            for case in range(cases):
+                requests = draw_case(rng, eos)
+                where = f"seed {seed} pair {pair} case {case} (tp={tp}, {settings})"
+                want = run_case(single, requests)
+                got = run_case(many, requests)
+                found = differences(got, want)
+                for llm, name in ((single, "TP=1"), (many, f"TP={tp}")):
+                    try:
+                        assert_no_leaks(llm)
+                    except AssertionError as e:
+                        found.append(f"{name} pages: {e}")
+                problems += [f"{where}: {p}" for p in found]
+                if found and verbose:
+                    print("\n".join(problems[-len(found):]), flush=True)
+                if found:
+                    break  # the engines may now disagree on state (the prefix cache): later cases would echo it
+        finally:
+            many.close()
+            single.close()
+        left = wait_for_no_children()
+        if left:
+            problems.append(f"seed {seed} pair {pair}: processes left after close: {left}")
+    return problems
+
+
+# ---- tests ----------------------------------------------------------------------------------------
+def test_fuzz_tp2_equals_one_rank():
+    """3 engine pairs x 12 cases at TP=2."""
+    problems = fuzz(seed=0, pairs=3, cases=12)
+    assert not problems, "\n".join(problems[:10])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_fuzz_tp2_equals_one_rank_long(seed):
+    problems = fuzz(seed=seed, pairs=4, cases=25)
+    assert not problems, "\n".join(problems[:10])
+
+
+@pytest.mark.slow
+def test_fuzz_tp4_equals_one_rank():
+    problems = fuzz(seed=3, pairs=2, cases=15, tp=4)
+    assert not problems, "\n".join(problems[:10])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--cases", type=int, default=12)
+    parser.add_argument("--tp", type=int, default=2)
+    args = parser.parse_args()
+    import torch
+    torch.set_num_threads(1)
+    start = time.monotonic()
+    found = fuzz(args.seed, args.pairs, args.cases, args.tp, verbose=True)
+    print(f"{len(found)} problems in {time.monotonic() - start:.1f} s")
+    sys.exit(1 if found else 0)
