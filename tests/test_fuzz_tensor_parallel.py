@@ -261,6 +261,68 @@ def test_fuzz_tp4_equals_one_rank():
     assert not problems, "\n".join(problems[:10])
 
 
+# ---- engine exceptions ------------------------------------------------------------------------------
+PROMPTS = [[100 + 7 * i + j for j in range(4 + 5 * i)] for i in range(4)]
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def fail_once_at(obj, name: str, call: int, error: BaseException):
+    """obj.name raises `error` on its `call`-th call (1-based), then is itself again."""
+    original, calls = getattr(obj, name), [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            setattr(obj, name, original)
+            raise error
+        return original(*args, **kwargs)
+    setattr(obj, name, wrapper)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("rank 0 alone fails"), KeyboardInterrupt()])
+def test_rank0_failing_inside_a_shipped_step_fails_the_engine(error):
+    """Regression: rank 0 raising inside a step its workers run left them in that step's all-reduces; the
+    engine went on, the next step's collectives paired with theirs, and gloo aborted rank 0's process
+    (SIGABRT) on the mismatched sizes. Now the engine stays failed with GroupOutOfStep (as after a
+    worker's error), and close() leaves no process."""
+    from nanovllm.distributed.executor import GroupOutOfStep
+    llm = LLM(tiny_trained_path(), tensor_parallel_size=2, max_model_len=MAX_MODEL_LEN, num_kvcache_blocks=64)
+    try:
+        fail_once_at(llm.executor.runner, "execute", 3, error)
+        with pytest.raises(GroupOutOfStep, match="rank 0 failed in step"):
+            llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        assert isinstance(llm.failure, GroupOutOfStep)
+        with pytest.raises(GroupOutOfStep):  # no step reaches the workers any more
+            llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+    finally:
+        start = time.monotonic()
+        llm.close()
+    assert time.monotonic() - start < 10
+    assert not wait_for_no_children()
+
+
+def test_engine_exception_outside_the_step_keeps_the_group_serving():
+    """An exception on rank 0 outside the runner (here the output processing of a collected step) leaves
+    the workers in step: the request fails, the engine serves the next ones as one rank does, every page
+    comes back, and close() leaves no process."""
+    model = tiny_trained_path()
+    kw = dict(max_model_len=MAX_MODEL_LEN, num_kvcache_blocks=64)
+    expected = LLM(model, **kw).generate(PROMPTS, GREEDY, use_tqdm=False)
+    llm = LLM(model, tensor_parallel_size=2, **kw)
+    try:
+        fail_once_at(llm.output_processor, "process", 4, ValueError("a detokenizer failed"))
+        with pytest.raises(ValueError, match="a detokenizer failed"):
+            llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        assert llm.failure is None
+        assert_no_leaks(llm)
+        got = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        assert [o["token_ids"] for o in got] == [o["token_ids"] for o in expected]
+        assert_no_leaks(llm)
+    finally:
+        llm.close()
+    assert not wait_for_no_children()
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=0)
