@@ -4,7 +4,8 @@ be the same.
 
 Drawn per engine pair: cascade attention on/off, the prefix cache on/off, page size 8 or 16, a page
 pool from 18 pages (preempts throughout) to 256, a prefill token budget from 24 (chunked prefill) to
-1,024, max_num_seqs 3 to 64, schedule policy fcfs or lpm. Drawn per case: 2 to 10 requests over
+1,024, max_num_seqs 3 to 64, each schedule policy, 2 or 3 cascade levels, an fp8 KV cache, a host KV
+tier (swap-preemption). Drawn per case: 2 to 10 requests over
 corpus windows of the trained tiny model (confident margins, real words for stop strings), often
 behind a shared system prompt, sometimes an exact repeat (a fully cached prompt); each with greedy or
 temperature sampling (seeded or not), top-k, top-p, min-p, penalties, logit_bias, min_tokens, stop
@@ -26,6 +27,7 @@ Measured on the 2-core CPU dev machine: a TP=2 engine starts in ~1 s; a case tak
 engines together (see the test docstrings for the totals).
 """
 import argparse
+import collections
 import dataclasses
 import functools
 import os
@@ -43,7 +45,8 @@ from test_tensor_parallel import children  # noqa: E402
 from nanovllm import LLM, SamplingParams, StructuredOutput  # noqa: E402
 from nanovllm.assets import corpus_split, tiny_trained_path  # noqa: E402
 
-LOGPROB_ATOL = 1e-4     # float32 on CPU: TP=2's split sums move a logprob by ~1e-6
+LOGPROB_ATOL = 1e-4       # float32 on CPU: TP's split sums move a logprob by ~1e-6
+LOGPROB_ATOL_FP8 = 1e-2   # an fp8 cache: a ~1e-6 change flips a K/V value to the next fp8 step (1/8 apart)
 MAX_MODEL_LEN = 512
 STOP_STRINGS = (" the", "\n", ".", ",", "'", " and", "e")
 REGEXES = (r"[a-z]{2,6}", r"(yes|no)[.!]", r"[0-9]{1,3}")
@@ -65,14 +68,37 @@ def window(rng: random.Random, length: int) -> list[int]:
 
 
 # ---- drawing --------------------------------------------------------------------------------------
-def draw_engine(rng: random.Random) -> dict:
+def draw_engine(rng: random.Random, pair: int) -> dict:
+    """Random settings; the first pairs force what the coverage check needs (a tight pool with cascade
+    and the prefix cache; a host tier; an fp8 cache with chunked prefill), the rest are free draws."""
     block = rng.choice([8, 16])
     # Capacity >= 256 tokens: every drawn request (prompt <= 190, output <= 40 tokens) fits alone.
     pages = rng.choice([256 // block + 2, 384 // block, 256])
-    return dict(enable_cascade_attention=rng.random() < 0.6, enable_prefix_caching=rng.random() < 0.8,
-                kvcache_block_size=block, num_kvcache_blocks=pages,
-                max_num_batched_tokens=rng.choice([24, 64, 200, 1024]), max_num_seqs=rng.choice([3, 8, 64]),
-                schedule_policy=rng.choice(["fcfs", "lpm"]), max_model_len=MAX_MODEL_LEN, max_wait_s=1e9)
+    settings = dict(enable_cascade_attention=rng.random() < 0.6, enable_prefix_caching=rng.random() < 0.8,
+                    kvcache_block_size=block, num_kvcache_blocks=pages,
+                    max_num_batched_tokens=rng.choice([24, 64, 200, 1024]), max_num_seqs=rng.choice([3, 8, 64]),
+                    schedule_policy=rng.choice(["fcfs", "lpm", "dfs-weight", "random"]),
+                    max_model_len=MAX_MODEL_LEN, max_wait_s=1e9)
+    if settings["enable_cascade_attention"] and rng.random() < 0.3:
+        settings["cascade_max_levels"] = 2
+    if rng.random() < 0.2:
+        settings["kv_cache_dtype"] = "fp8_e4m3"
+    if settings["enable_prefix_caching"] and rng.random() < 0.3:
+        settings["host_kvcache_gb"] = rng.choice([0.002, 0.01])  # 16 or 81 float32 pages of 16 tokens at TP=1
+    tight = dict(kvcache_block_size=16, num_kvcache_blocks=18)
+    forced = [dict(enable_cascade_attention=True, enable_prefix_caching=True, **tight),
+              dict(enable_prefix_caching=True, host_kvcache_gb=0.01, **tight),
+              dict(kv_cache_dtype="fp8_e4m3", max_num_batched_tokens=24)]
+    return {**settings, **(forced[pair] if pair < len(forced) else {})}
+
+
+def per_rank(settings: dict, tp: int, kv_heads: int) -> dict:
+    """The TP engine's settings: host_kvcache_gb is per rank, and a rank's pages hold its share of the
+    KV heads (one at least: TP=4 replicates the trained model's 2), so the same host page count needs
+    that share of the bytes."""
+    if "host_kvcache_gb" not in settings:
+        return settings
+    return {**settings, "host_kvcache_gb": settings["host_kvcache_gb"] * max(1, kv_heads // tp) / kv_heads}
 
 
 def draw_params(rng: random.Random, eos: int) -> SamplingParams:
@@ -120,6 +146,7 @@ class Request:
     params: SamplingParams
     arrive_at: int              # the engine step before which it is added
     abort_at: int | None        # the engine step before which it is aborted (None: runs to its end)
+    choice: int = 0             # n > 1: which copy (seeded copies are seed + choice, as the server makes them)
 
 
 def draw_case(rng: random.Random, eos: int) -> list[Request]:
@@ -137,7 +164,7 @@ def draw_case(rng: random.Random, eos: int) -> list[Request]:
         n = rng.choice([2, 3]) if rng.random() < 0.12 else 1
         for i in range(n):
             p = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-            requests.append(Request(prompt, p, arrive, abort))
+            requests.append(Request(prompt, p, arrive, abort, i))
     return requests
 
 
@@ -145,7 +172,7 @@ def draw_case(rng: random.Random, eos: int) -> list[Request]:
 def run_case(llm: LLM, requests: list[Request]) -> dict:
     """Drive the engine step by step: requests are added and aborted before their step. Returns each
     request's outcome, and the steps and preemptions the case took."""
-    steps0, preempt0 = llm.stats["steps"], llm.scheduler.num_preemptions
+    stats0, preempt0 = dict(llm.stats), llm.scheduler.num_preemptions
     seqs = [None] * len(requests)
     tick = 0
     while any(s is None for s in seqs) or not llm.is_finished():
@@ -160,30 +187,52 @@ def run_case(llm: LLM, requests: list[Request]) -> dict:
     outcomes = [dict(token_ids=s.completion_token_ids, finish_reason=s.finish_reason, text=text,
                      num_cached_tokens=s.num_cached_tokens, logprobs=s.logprobs, prompt_logprobs=s.prompt_logprobs)
                 for s, text in zip(seqs, texts)]
-    return dict(outcomes=outcomes, steps=llm.stats["steps"] - steps0,
-                preemptions=llm.scheduler.num_preemptions - preempt0)
+    return dict(outcomes=outcomes, steps=llm.stats["steps"] - stats0["steps"],
+                preemptions=llm.scheduler.num_preemptions - preempt0,
+                cascade_steps=llm.stats["cascade_steps"] - stats0["cascade_steps"],
+                host_copy_steps=llm.stats["copy_steps"] - stats0["copy_steps"])
 
 
-def logprob_differences(name: str, got: list | None, want: list | None) -> list[str]:
+def coverage(requests: list[Request], result: dict) -> collections.Counter:
+    """What a case exercised (the tests require each at least once, so the fuzzer cannot quietly stop
+    reaching a feature)."""
+    seen = collections.Counter({key: result[key] for key in ("preemptions", "cascade_steps", "host_copy_steps")})
+    for r, out in zip(requests, result["outcomes"]):
+        p = r.params
+        seen.update(requests=1, aborted=out["finish_reason"] == "abort", prefix_hits=out["num_cached_tokens"] > 0,
+                    late_arrivals=r.arrive_at > 0, sampled=not p.greedy, seeded=p.seed is not None,
+                    penalties=p.penalized, logit_bias=bool(p.logit_bias), min_tokens=p.min_tokens > 0,
+                    stopped=out["finish_reason"] == "stop", stop_strings=bool(p.stop), logprobs=p.logprobs is not None,
+                    prompt_logprobs=p.prompt_logprobs is not None, grammar=p.structured_output is not None,
+                    n_copies=r.choice > 0, repeats=sum(q.prompt == r.prompt for q in requests) > 1)
+    return seen
+
+
+def logprob_differences(name: str, got: list | None, want: list | None, atol: float) -> tuple[list[str], float]:
+    """Problems, and the largest logprob difference seen."""
     if (got is None) != (want is None):
-        return [f"{name}: {got is None and 'missing' or 'present'} at TP>1, not at TP=1"]
+        return [f"{name}: {'missing' if got is None else 'present'} at TP>1, not at TP=1"], 0.0
     if got is None:
-        return []
+        return [], 0.0
     if len(got) != len(want):
-        return [f"{name}: {len(got)} positions, TP=1 has {len(want)}"]
+        return [f"{name}: {len(got)} positions, TP=1 has {len(want)}"], 0.0
+    gap = 0.0
     for pos, (g, w) in enumerate(zip(got, want)):
         if g is None or w is None:
             if (g is None) != (w is None):
-                return [f"{name}[{pos}]: {g} vs TP=1 {w}"]
+                return [f"{name}[{pos}]: {g} vs TP=1 {w}"], gap
             continue
-        if set(g) != set(w) or any(abs(g[t] - w[t]) > LOGPROB_ATOL for t in g):
-            return [f"{name}[{pos}]: {g} vs TP=1 {w}"]
-    return []
+        if set(g) != set(w):
+            return [f"{name}[{pos}]: {g} vs TP=1 {w}"], gap
+        gap = max(gap, max(abs(g[t] - w[t]) for t in g))
+        if gap > atol:
+            return [f"{name}[{pos}]: {g} vs TP=1 {w} (atol {atol})"], gap
+    return [], gap
 
 
-def differences(got: dict, want: dict) -> list[str]:
-    problems = []
-    for key in ("steps", "preemptions"):
+def differences(got: dict, want: dict, atol: float) -> tuple[list[str], float]:
+    problems, gap = [], 0.0
+    for key in ("steps", "preemptions", "cascade_steps", "host_copy_steps"):
         if got[key] != want[key]:
             problems.append(f"{key}: {got[key]} vs TP=1 {want[key]}")
     for i, (g, w) in enumerate(zip(got["outcomes"], want["outcomes"])):
@@ -191,8 +240,10 @@ def differences(got: dict, want: dict) -> list[str]:
             if g[key] != w[key]:
                 problems.append(f"request {i} {key}: {g[key]!r} vs TP=1 {w[key]!r}")
         for key in ("logprobs", "prompt_logprobs"):
-            problems += [f"request {i} {p}" for p in logprob_differences(key, g[key], w[key])]
-    return problems
+            found, largest = logprob_differences(key, g[key], w[key], atol)
+            problems += [f"request {i} {p}" for p in found]
+            gap = max(gap, largest)
+    return problems, gap
 
 
 def wait_for_no_children(timeout_s: float = 15.0) -> list[int]:
@@ -202,26 +253,31 @@ def wait_for_no_children(timeout_s: float = 15.0) -> list[int]:
     return children()
 
 
-def fuzz(seed: int, pairs: int, cases: int, tp: int = 2, verbose: bool = False) -> list[str]:
+def fuzz(seed: int, pairs: int, cases: int, tp: int = 2, verbose: bool = False) -> tuple[list[str], collections.Counter]:
     """`pairs` engine pairs (TP=tp and TP=1, the same drawn settings), `cases` cases each. Returns every
-    problem found, each naming its seed, pair and case."""
+    problem found, each naming its seed, pair and case, and what the cases exercised."""
     rng = random.Random(seed)
     model = tiny_trained_path()
-    problems = []
+    problems, seen = [], collections.Counter()
+    largest = {"auto": 0.0, "fp8": 0.0}   # the largest logprob difference, per KV cache dtype
     for pair in range(pairs):
-        settings = draw_engine(rng)
+        settings = draw_engine(rng, pair)
         if verbose:
             print(f"pair {pair}: {settings}", flush=True)
         single = LLM(model, **settings)
         eos = single.config.eos_token_ids[0]
-        many = LLM(model, tensor_parallel_size=tp, **settings)
+        many = LLM(model, tensor_parallel_size=tp, **per_rank(settings, tp, single.config.hf_config.num_key_value_heads))
+        assert many.scheduler.block_manager.num_host_blocks == single.scheduler.block_manager.num_host_blocks
         try:
             for case in range(cases):
                 requests = draw_case(rng, eos)
                 where = f"seed {seed} pair {pair} case {case} (tp={tp}, {settings})"
                 want = run_case(single, requests)
                 got = run_case(many, requests)
-                found = differences(got, want)
+                fp8 = settings.get("kv_cache_dtype") == "fp8_e4m3"
+                found, gap = differences(got, want, LOGPROB_ATOL_FP8 if fp8 else LOGPROB_ATOL)
+                seen += coverage(requests, got)
+                largest["fp8" if fp8 else "auto"] = max(largest["fp8" if fp8 else "auto"], gap)
                 for llm, name in ((single, "TP=1"), (many, f"TP={tp}")):
                     try:
                         assert_no_leaks(llm)
@@ -238,27 +294,37 @@ def fuzz(seed: int, pairs: int, cases: int, tp: int = 2, verbose: bool = False) 
         left = wait_for_no_children()
         if left:
             problems.append(f"seed {seed} pair {pair}: processes left after close: {left}")
-    return problems
+    if verbose:
+        print(f"largest logprob differences: {largest}")
+    return problems, seen
+
+
+def check(problems: list[str], seen: collections.Counter):
+    assert not problems, "\n".join(problems[:10])
+    missed = [key for key in COVERED if not seen[key]]
+    assert not missed, f"no case exercised {missed} ({dict(seen)})"
+
+
+COVERED = ("preemptions", "cascade_steps", "host_copy_steps", "aborted", "prefix_hits", "late_arrivals", "sampled", "seeded",
+           "penalties", "logit_bias", "min_tokens", "stopped", "stop_strings", "logprobs", "prompt_logprobs",
+           "grammar", "n_copies", "repeats")
 
 
 # ---- tests ----------------------------------------------------------------------------------------
 def test_fuzz_tp2_equals_one_rank():
     """3 engine pairs x 12 cases at TP=2."""
-    problems = fuzz(seed=0, pairs=3, cases=12)
-    assert not problems, "\n".join(problems[:10])
+    check(*fuzz(seed=0, pairs=3, cases=12))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_fuzz_tp2_equals_one_rank_long(seed):
-    problems = fuzz(seed=seed, pairs=4, cases=25)
-    assert not problems, "\n".join(problems[:10])
+    check(*fuzz(seed=seed, pairs=4, cases=25))
 
 
 @pytest.mark.slow
 def test_fuzz_tp4_equals_one_rank():
-    problems = fuzz(seed=3, pairs=2, cases=15, tp=4)
-    assert not problems, "\n".join(problems[:10])
+    check(*fuzz(seed=3, pairs=2, cases=15, tp=4))
 
 
 # ---- engine exceptions ------------------------------------------------------------------------------
@@ -333,6 +399,7 @@ if __name__ == "__main__":
     import torch
     torch.set_num_threads(1)
     start = time.monotonic()
-    found = fuzz(args.seed, args.pairs, args.cases, args.tp, verbose=True)
+    found, seen = fuzz(args.seed, args.pairs, args.cases, args.tp, verbose=True)
+    print(f"exercised: {dict(seen)}")
     print(f"{len(found)} problems in {time.monotonic() - start:.1f} s")
     sys.exit(1 if found else 0)
