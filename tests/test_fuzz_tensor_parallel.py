@@ -389,6 +389,62 @@ def test_engine_exception_outside_the_step_keeps_the_group_serving():
     assert not wait_for_no_children()
 
 
+# ---- steps larger than the shared-memory slot -----------------------------------------------------
+def test_shm_channel_ships_a_message_larger_than_its_slot():
+    """A message over slot_bytes goes through a segment of its own, read intact, unlinked once read;
+    small messages keep using the slots."""
+    import multiprocessing as mp
+    from multiprocessing import shared_memory
+
+    from nanovllm.distributed.step_channel import ShmChannel
+    semaphores = [mp.get_context("spawn").Semaphore(0)]
+    sender = ShmChannel(1, 4096, semaphores)
+    reader = ShmChannel(1, 4096, semaphores, name=sender.name, reader=0)
+    try:
+        big = list(range(5000))  # ~15 KB pickled
+        sender.send(big)
+        assert len(sender.overflow) == 1
+        name = sender.overflow[0][1].name
+        assert reader.recv() == big
+        sender.send("small")
+        assert reader.recv() == "small"
+        sender.send(None)  # the big one's slot is reused: every reader has read it, its segment goes
+        assert sender.overflow == []
+        with pytest.raises(FileNotFoundError):
+            shared_memory.SharedMemory(name=name)
+        assert reader.recv() is None
+        sender.send(big)
+        assert reader.recv() == big
+    finally:
+        reader.close()
+        sender.close()   # unlinks what is left
+    assert sender.overflow == []
+
+
+def test_step_larger_than_the_slot_runs_at_tp2():
+    """Regression: a step whose pickle exceeded slot_bytes_for's bound raised "does not fit the channel
+    slot" at every try, so those requests could never run under TP (here 24 greedy rows with a
+    3,000-token logit_bias each: 1.4 MB against a 1.06 MB slot; on a GPU, 64 penalized 4k-token requests
+    do it). It now runs, with one rank's tokens."""
+    from nanovllm.distributed.step_channel import slot_bytes_for
+    rng = random.Random(5)
+    model = tiny_trained_path()
+    kw = dict(max_model_len=256, max_num_seqs=24, max_num_batched_tokens=256, num_kvcache_blocks=64)
+    prompts = [window(rng, rng.randint(4, 12)) for _ in range(24)]
+    params = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                             logit_bias={t: rng.uniform(-2, 2) for t in range(3000)}) for _ in prompts]
+    expected = LLM(model, **kw).generate(prompts, params, use_tqdm=False)
+    llm = LLM(model, tensor_parallel_size=2, **kw)
+    try:
+        assert slot_bytes_for(llm.config) < 24 * 3000 * 20   # the step's bias alone: 20 bytes an entry
+        got = llm.generate(prompts, params, use_tqdm=False)
+        assert [o["token_ids"] for o in got] == [o["token_ids"] for o in expected]
+        assert_no_leaks(llm)
+    finally:
+        llm.close()
+    assert not wait_for_no_children()
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed", type=int, default=0)
