@@ -16,15 +16,21 @@ Checked per request: completion tokens, finish reason, text, number of cached pr
 logprobs / prompt_logprobs (the same token ids; values within LOGPROB_ATOL); per case: the same
 number of steps and preemptions on both engines (the scheduler sees the same tokens), every page
 free on both afterwards (rank 0 owns the one page table every rank uses); per pair: after close()
-no worker process is left. A separate test closes engines after an exception on rank 0 and on a worker.
+no worker process is left. Separate tests close engines after exceptions on rank 0 (inside and
+outside a step) and ship steps larger than the shared-memory slot.
 
-Determinism: one `random.Random(seed)` draws every engine and case, the step driver is a function of
+CPU tests everywhere (device="cpu": float32, the tolerances above). Determinism: one
+`random.Random(seed)` draws every engine and case, the step driver is a function of
 the case alone, and the starvation bound (max_wait_s, wall-clock) is set out of reach. A failure
 names its seed and case; `python tests/test_fuzz_tensor_parallel.py --seed S --pairs P --cases N`
 replays it and prints every difference.
 
-Measured on the 2-core CPU dev machine: a TP=2 engine starts in ~1 s; a case takes ~0.3 s on both
-engines together (see the test docstrings for the totals).
+Measured on the 2-core CPU dev machine: 36 cases (3 pairs) take ~60 s at TP=2 (engine start-ups
+included) and ~200 s at TP=4; the largest logprob difference seen was 9.5e-6 with a float32 cache
+and 2.4e-3 with an fp8 one (seeds 0, 11-13, 31 at TP=2 and 21 at TP=4: ~370 cases, no difference in the outcomes).
+Found and fixed (regression tests below): rank 0 failing inside a shipped step left the group out of
+step (the next collectives aborted rank 0's process); a step larger than the shared-memory slot could
+never be shipped.
 """
 import argparse
 import collections
@@ -78,7 +84,7 @@ def draw_engine(rng: random.Random, pair: int) -> dict:
                     kvcache_block_size=block, num_kvcache_blocks=pages,
                     max_num_batched_tokens=rng.choice([24, 64, 200, 1024]), max_num_seqs=rng.choice([3, 8, 64]),
                     schedule_policy=rng.choice(["fcfs", "lpm", "dfs-weight", "random"]),
-                    max_model_len=MAX_MODEL_LEN, max_wait_s=1e9)
+                    max_model_len=MAX_MODEL_LEN, max_wait_s=1e9, device="cpu")
     if settings["enable_cascade_attention"] and rng.random() < 0.3:
         settings["cascade_max_levels"] = 2
     if rng.random() < 0.2:
@@ -253,7 +259,8 @@ def wait_for_no_children(timeout_s: float = 15.0) -> list[int]:
     return children()
 
 
-def fuzz(seed: int, pairs: int, cases: int, tp: int = 2, verbose: bool = False) -> tuple[list[str], collections.Counter]:
+def fuzz(seed: int, pairs: int, cases: int, tp: int = 2,
+         verbose: bool = False) -> tuple[list[str], collections.Counter]:
     """`pairs` engine pairs (TP=tp and TP=1, the same drawn settings), `cases` cases each. Returns every
     problem found, each naming its seed, pair and case, and what the cases exercised."""
     rng = random.Random(seed)
@@ -266,7 +273,8 @@ def fuzz(seed: int, pairs: int, cases: int, tp: int = 2, verbose: bool = False) 
             print(f"pair {pair}: {settings}", flush=True)
         single = LLM(model, **settings)
         eos = single.config.eos_token_ids[0]
-        many = LLM(model, tensor_parallel_size=tp, **per_rank(settings, tp, single.config.hf_config.num_key_value_heads))
+        kv_heads = single.config.hf_config.num_key_value_heads
+        many = LLM(model, tensor_parallel_size=tp, **per_rank(settings, tp, kv_heads))
         assert many.scheduler.block_manager.num_host_blocks == single.scheduler.block_manager.num_host_blocks
         try:
             for case in range(cases):
@@ -305,26 +313,29 @@ def check(problems: list[str], seen: collections.Counter):
     assert not missed, f"no case exercised {missed} ({dict(seen)})"
 
 
-COVERED = ("preemptions", "cascade_steps", "host_copy_steps", "aborted", "prefix_hits", "late_arrivals", "sampled", "seeded",
-           "penalties", "logit_bias", "min_tokens", "stopped", "stop_strings", "logprobs", "prompt_logprobs",
+COVERED = ("preemptions", "cascade_steps", "host_copy_steps", "aborted", "prefix_hits", "late_arrivals", "sampled",
+           "seeded", "penalties", "logit_bias", "min_tokens", "stopped", "stop_strings", "logprobs", "prompt_logprobs",
            "grammar", "n_copies", "repeats")
 
 
 # ---- tests ----------------------------------------------------------------------------------------
 def test_fuzz_tp2_equals_one_rank():
-    """3 engine pairs x 12 cases at TP=2."""
+    """3 engine pairs x 12 cases at TP=2 (208 requests): ~60 s on the 2-core CPU machine."""
     check(*fuzz(seed=0, pairs=3, cases=12))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2])
-def test_fuzz_tp2_equals_one_rank_long(seed):
-    check(*fuzz(seed=seed, pairs=4, cases=25))
+def test_fuzz_tp2_equals_one_rank_long():
+    """4 engine pairs x 15 cases, other draws."""
+    check(*fuzz(seed=1, pairs=4, cases=15))
 
 
 @pytest.mark.slow
 def test_fuzz_tp4_equals_one_rank():
-    check(*fuzz(seed=3, pairs=2, cases=15, tp=4))
+    """TP=4 (each rank one query head; the 2 KV heads replicated): 2 pairs x 8 cases."""
+    problems, seen = fuzz(seed=3, pairs=2, cases=8, tp=4)
+    assert not problems, "\n".join(problems[:10])
+    assert seen["cascade_steps"] and seen["preemptions"] and seen["host_copy_steps"]
 
 
 # ---- engine exceptions ------------------------------------------------------------------------------
@@ -352,7 +363,8 @@ def test_rank0_failing_inside_a_shipped_step_fails_the_engine(error):
     (SIGABRT) on the mismatched sizes. Now the engine stays failed with GroupOutOfStep (as after a
     worker's error), and close() leaves no process."""
     from nanovllm.distributed.executor import GroupOutOfStep
-    llm = LLM(tiny_trained_path(), tensor_parallel_size=2, max_model_len=MAX_MODEL_LEN, num_kvcache_blocks=64)
+    llm = LLM(tiny_trained_path(), tensor_parallel_size=2, max_model_len=MAX_MODEL_LEN, num_kvcache_blocks=64,
+              device="cpu")
     try:
         fail_once_at(llm.executor.runner, "execute", 3, error)
         with pytest.raises(GroupOutOfStep, match="rank 0 failed in step"):
@@ -372,7 +384,7 @@ def test_engine_exception_outside_the_step_keeps_the_group_serving():
     the workers in step: the request fails, the engine serves the next ones as one rank does, every page
     comes back, and close() leaves no process."""
     model = tiny_trained_path()
-    kw = dict(max_model_len=MAX_MODEL_LEN, num_kvcache_blocks=64)
+    kw = dict(max_model_len=MAX_MODEL_LEN, num_kvcache_blocks=64, device="cpu")
     expected = LLM(model, **kw).generate(PROMPTS, GREEDY, use_tqdm=False)
     llm = LLM(model, tensor_parallel_size=2, **kw)
     try:
@@ -429,7 +441,7 @@ def test_step_larger_than_the_slot_runs_at_tp2():
     from nanovllm.distributed.step_channel import slot_bytes_for
     rng = random.Random(5)
     model = tiny_trained_path()
-    kw = dict(max_model_len=256, max_num_seqs=24, max_num_batched_tokens=256, num_kvcache_blocks=64)
+    kw = dict(max_model_len=256, max_num_seqs=24, max_num_batched_tokens=256, num_kvcache_blocks=64, device="cpu")
     prompts = [window(rng, rng.randint(4, 12)) for _ in range(24)]
     params = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
                              logit_bias={t: rng.uniform(-2, 2) for t in range(3000)}) for _ in prompts]
