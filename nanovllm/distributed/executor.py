@@ -11,7 +11,9 @@ same tokens, so only rank 0 reads them back.
 
 Failures: a worker that raises posts its traceback to the rendezvous store and exits; rank 0 checks
 the store and its workers' processes while it waits for a step (parallel_state.wait_event) or when a
-collective fails, and raises WorkerError carrying the traceback. close() (also at exit) tells the
+collective fails, and raises WorkerError carrying the traceback. Rank 0 failing inside a step it shipped
+leaves the workers in that step's collectives: GroupOutOfStep, and the engine stays failed as with a
+worker's error (the next step's collectives would pair with the old ones). close() (also at exit) tells the
 workers to stop, joins them with a timeout, kills what is left, and frees the shared memory.
 """
 import atexit
@@ -34,6 +36,12 @@ ERROR_KEY = "nanovllm/worker_error/{}"
 
 class WorkerError(RuntimeError):
     """A tensor-parallel worker failed; the message carries its traceback. The engine cannot go on."""
+
+
+class GroupOutOfStep(RuntimeError):
+    """Rank 0 failed inside a step it had shipped: its workers are still in that step's collectives, so
+    the next step's would pair with theirs (gloo aborted rank 0's process on the mismatched sizes, found
+    by tests/test_fuzz_tensor_parallel.py). The engine cannot go on."""
 
 
 def make_executor(config):
@@ -146,7 +154,14 @@ class TensorParallelExecutor:
         if self.failure is not None:
             raise self.failure
         self._guarded(self._send, step)
-        return self._guarded(self.runner.execute, step)
+        try:
+            return self._guarded(self.runner.execute, step)
+        except BaseException as e:   # KeyboardInterrupt too: the workers run on without rank 0
+            if self.failure is None:
+                self.failure = GroupOutOfStep(f"rank 0 failed in step {step.step_id}, which its workers run, so "
+                                              f"the tensor-parallel group is out of step: {e!r}")
+                raise self.failure from e
+            raise
 
     def collect(self, pending):
         if self.failure is not None:

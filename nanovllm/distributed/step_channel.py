@@ -59,7 +59,11 @@ class GlooChannel:
 
 class ShmChannel:
     """Header: int64 write_seq, then one int64 read_seq per worker; then two slots of slot_bytes,
-    each [int64 length][pickle]."""
+    each [int64 length][pickle]. A message larger than a slot goes to a shared-memory segment of its own,
+    named in the slot ([int64 -length][int64 name length][name]), unlinked once every worker has read
+    it: slot_bytes_for bounds the usual steps, but penalties' histories (max_model_len ids a row) and
+    logit_bias (up to the vocabulary a row) can exceed it (a 64-row decode step of penalized 4k-token
+    requests pickles to 2.2 MB against a 1.8 MB slot; before, such a step raised at every try)."""
 
     def __init__(self, num_readers: int, slot_bytes: int, semaphores, name: str | None = None, reader: int = -1):
         self.num_readers, self.slot_bytes, self.reader = num_readers, slot_bytes, reader
@@ -75,6 +79,7 @@ class ShmChannel:
         self.semaphores = semaphores
         self.seq = 0
         self.parent = os.getppid()
+        self.overflow = []   # rank 0: (seq, SharedMemory) of messages too large for a slot, until all read
 
     @property
     def name(self) -> str:
@@ -86,8 +91,6 @@ class ShmChannel:
 
     def send(self, message, alive=None):
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        if len(data) + 8 > self.slot_bytes:
-            raise ValueError(f"step of {len(data)} bytes does not fit the {self.slot_bytes}-byte channel slot")
         self.seq += 1
         # The slot last held message seq-2: every worker must have read it.
         next_check = time.monotonic() + 0.01
@@ -96,9 +99,18 @@ class ShmChannel:
                 alive()  # raises if a worker has failed (every 10 ms)
                 next_check = time.monotonic() + 0.01
             time.sleep(20e-6)
+        self._free_overflow(int(self.header[1:].min()))
         slot = self._slot(self.seq)
-        slot[:8] = struct.pack("<q", len(data))
-        slot[8:8 + len(data)] = data
+        if len(data) + 8 <= self.slot_bytes:
+            slot[:8] = struct.pack("<q", len(data))
+            slot[8:8 + len(data)] = data
+        else:  # larger than slot_bytes_for's bound: a segment of its own, named in the slot
+            segment = shared_memory.SharedMemory(create=True, size=len(data))
+            segment.buf[:len(data)] = data
+            name = segment.name.encode()
+            slot[:16] = struct.pack("<qq", -len(data), len(name))
+            slot[16:16 + len(name)] = name
+            self.overflow.append((self.seq, segment))
         self.header[0] = self.seq
         for sem in self.semaphores:
             sem.release()
@@ -111,12 +123,26 @@ class ShmChannel:
         self.seq += 1
         slot = self._slot(self.seq)
         size = struct.unpack("<q", bytes(slot[:8]))[0]
-        data = bytes(slot[8:8 + size])
+        if size >= 0:
+            data = bytes(slot[8:8 + size])
+        else:
+            length = struct.unpack("<q", bytes(slot[8:16]))[0]
+            segment = shared_memory.SharedMemory(name=bytes(slot[16:16 + length]).decode())
+            data = bytes(segment.buf[:-size])
+            segment.close()
         self.header[1 + self.reader] = self.seq
         return pickle.loads(data)
 
+    def _free_overflow(self, read_seq: int):
+        """Unlink the overflow segments of the messages every worker has read (read_seq and before)."""
+        while self.overflow and self.overflow[0][0] <= read_seq:
+            _, segment = self.overflow.pop(0)
+            segment.close()
+            segment.unlink()
+
     def close(self):
         self.header = None
+        self._free_overflow(self.seq)
         try:
             self.shm.close()
             if self.owner:
