@@ -240,7 +240,9 @@ def test_replicas_behind_router(router, tiny_model, expected, tmp_path):
         got = [answer(b) for b in post_overlapping(url, ROUNDS[0], lambda: sum(taken(r) for r in replicas))]
         wait_until(lambda: sum(count()) == len(SYSTEMS), 10, "round 0 counted")
         per_replica = count()
-        assert min(per_replica) > 0, f"all of round 0 went to one replica: {per_replica}"
+        assert min(per_replica) > 0, (f"all of round 0 went to one replica: {per_replica}; the router's workers: "
+                                      f"{httpx.get(url + '/workers', timeout=10).text[:2000]}; its log:\n"
+                                      f"{(tmp_path / 'router.log').read_text(errors='replace')[-4000:]}")
         answers = [got]
 
         # Later rounds, one request at a time: the replica that served each one.
