@@ -57,10 +57,15 @@ class Request:
     stop_token_ids: tuple = ()
     temperature: float = 0.0
     seed: int | None = None
+    min_tokens: int = 0
+    logprobs: int | None = None          # its sampled tokens' logprobs are compared too
+    prompt_logprobs: int | None = None   # no prefix-cache hits for its prompt; its prompt logprobs compared
 
     def params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, seed=self.seed, max_tokens=self.max_tokens,
-                              ignore_eos=self.ignore_eos, stop=list(self.stop), stop_token_ids=list(self.stop_token_ids))
+                              min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, stop=list(self.stop),
+                              stop_token_ids=list(self.stop_token_ids), logprobs=self.logprobs,
+                              prompt_logprobs=self.prompt_logprobs)
 
 
 @dataclass
@@ -70,12 +75,12 @@ class Case:
     engine: dict                       # LLM(...) keyword arguments besides the model
     overlap: bool = True               # steps overlap (else each is collected before the next is scheduled)
     arrivals: list[int] = field(default_factory=list)  # steps run before each request is added (empty: all at once)
-    always_cascade: bool = False
+    aborts: dict[int, int] = field(default_factory=dict)  # request index -> the step after which it is aborted
 
     def describe(self) -> str:
         lens = [len(r.prompt) for r in self.requests]
         return (f"seed {self.seed}: {len(self.requests)} requests of {min(lens)}-{max(lens)} tokens, engine {self.engine}, "
-                f"overlap {self.overlap}, arrivals {self.arrivals or 'all at once'}")
+                f"overlap {self.overlap}, arrivals {self.arrivals or 'all at once'}, aborts {self.aborts or 'none'}")
 
 
 def page_bytes(block_size: int) -> int:
@@ -107,7 +112,7 @@ def draw_prompts(rng: random.Random, block_size: int, max_len: int) -> list[list
             members.append(member[:max_len])
         prompts += members
     for _ in range(rng.randint(0, 3)):
-        prompts.append(corpus_window(rng, rng.randint(1, max_len)))  # unrelated
+        prompts.append(corpus_window(rng, rng.randint(1, min(max_len, 200))))  # unrelated
     for _ in range(rng.randint(0, 3)):
         prompts.append(list(rng.choice(prompts)))                     # duplicates: n > 1 copies
     rng.shuffle(prompts)
@@ -115,7 +120,7 @@ def draw_prompts(rng: random.Random, block_size: int, max_len: int) -> list[list
 
 
 def draw_request(rng: random.Random, prompt: list[int]) -> Request:
-    r = Request(prompt, max_tokens=rng.choice((1, 2, rng.randint(3, 12), rng.randint(13, 32))),
+    r = Request(prompt, max_tokens=rng.choice((1, 2, rng.randint(3, 12), rng.randint(13, 32), rng.randint(33, 64))),
                 ignore_eos=rng.random() < 0.7)
     if rng.random() < 0.2:
         r.stop = tuple(rng.sample(STOP_STRINGS, rng.randint(1, 2)))
@@ -123,13 +128,19 @@ def draw_request(rng: random.Random, prompt: list[int]) -> Request:
         r.stop_token_ids = (rng.choice(STOP_TOKEN_IDS),)
     if rng.random() < 0.15:   # seeded sampling: its draws depend on the seed and token index only
         r.temperature, r.seed = rng.choice((0.6, 1.0)), rng.randrange(1000)
+    if rng.random() < 0.1:
+        r.min_tokens = rng.randint(0, r.max_tokens)
+    if rng.random() < 0.1:
+        r.logprobs = rng.choice((0, 2))
+    if rng.random() < 0.1:
+        r.prompt_logprobs = rng.choice((0, 1))
     return r
 
 
 def draw_case(seed: int) -> Case:
     rng = random.Random(seed)
     bs = rng.choice((4, 8, 16, 32))
-    max_model_len = rng.choice((160, 256, 1024))
+    max_model_len = rng.choice((160, 256, 512))
     prompts = draw_prompts(rng, bs, max_model_len - 1)
     requests = [draw_request(rng, p) for p in prompts]
     for _ in range(rng.randint(0, 2)):   # n > 1 with identical params (the server's `n`)
@@ -137,7 +148,8 @@ def draw_case(seed: int) -> Case:
     need = max(-(-min(len(r.prompt) + r.max_tokens, max_model_len) // bs) for r in requests)
     total = sum(-(-min(len(r.prompt) + r.max_tokens, max_model_len) // bs) for r in requests)
     engine = dict(kvcache_block_size=bs, max_model_len=max_model_len,
-                  num_kvcache_blocks=rng.choice((need, need + rng.randint(1, need), need + rng.randint(1, 3 * need), total)),
+                  num_kvcache_blocks=rng.choice((need, need, need + rng.randint(1, need), need + rng.randint(1, 3 * need),
+                                                 max(need, total // 2), total)),
                   max_num_batched_tokens=rng.choice((rng.randint(3, 16), rng.randint(17, 96), rng.randint(97, 300), 16384)),
                   max_num_seqs=rng.choice((1, 2, 3, rng.randint(4, 16), 64)),
                   enable_prefix_caching=rng.random() < 0.85,
@@ -146,13 +158,13 @@ def draw_case(seed: int) -> Case:
         host_pages = rng.randint(1, 3 * engine["num_kvcache_blocks"])
         engine.update(host_kvcache_gb=(host_pages + 0.5) * page_bytes(bs) / 2**30,
                       host_kv_prefetch=rng.random() < 0.5, host_kv_write_ahead=rng.random() < 0.5)
-    cascade = rng.random() < 0.4
-    if cascade:
+    if rng.random() < 0.4:   # on the CPU path the cost model is AlwaysCascade: every plannable step cascades
         engine.update(enable_cascade_attention=True, cascade_max_levels=rng.choice((2, 3)))
         if rng.random() < 0.2:
             engine["cascade_shared_prefix_len"] = bs * rng.randint(1, 8)
     arrivals = [rng.choice((0, 0, 1, rng.randint(2, 6))) for _ in requests] if rng.random() < 0.5 else []
-    return Case(seed, requests, engine, overlap=rng.random() < 0.7, arrivals=arrivals, always_cascade=cascade)
+    aborts = {rng.randrange(len(requests)): rng.randint(0, 40) for _ in range(rng.randint(0, 2))} if rng.random() < 0.2 else {}
+    return Case(seed, requests, engine, overlap=rng.random() < 0.7, arrivals=arrivals, aborts=aborts)
 
 
 def reference_engine(case: Case) -> dict:
@@ -166,9 +178,12 @@ def reference_engine(case: Case) -> dict:
 MAX_STEPS = 20000   # a case takes a few hundred steps; more means the engine stopped making progress
 
 
-def run(case: Case, engine: dict, overlap: bool = True, arrivals: list[int] = ()) -> tuple[list[tuple], LLM]:
-    """Each request's (token ids, text, finish reason), and the engine, idle, for the leak checks.
-    arrivals[k]: steps run after request k - 1 was added before request k is (none: all at once)."""
+def run(case: Case, engine: dict, overlap: bool = True, arrivals: list[int] = (),
+        aborts: dict[int, int] | None = None) -> tuple[list[tuple], LLM]:
+    """Each request's (token ids, text, finish reason, logprobs of its tokens, prompt logprobs of its
+    prompt tokens), and the engine, idle, for the leak checks. arrivals[k]: steps run after request
+    k - 1 was added before request k is (none: all at once); aborts: request index -> the step after
+    which it is aborted (if it was added and still runs)."""
     llm = LLM(tiny_trained_path(), **engine)
     waits = list(arrivals) or [0] * len(case.requests)
     seqs, since, steps = [], 0, 0
@@ -182,10 +197,23 @@ def run(case: Case, engine: dict, overlap: bool = True, arrivals: list[int] = ()
             llm.drain()   # collected before the next step is scheduled: no placeholders in flight
         since += 1
         steps += 1
+        for i, at in (aborts or {}).items():
+            if at == steps and i < len(seqs):
+                llm.abort_request(seqs[i].seq_id)
         assert steps < MAX_STEPS, f"no progress after {steps} steps: {case.describe()}"
     llm.drain()
     texts = llm.output_texts(seqs)
-    return [(s.completion_token_ids, t, s.finish_reason) for s, t in zip(seqs, texts)], llm
+    out = []
+    for s, t in zip(seqs, texts):
+        tokens = s.completion_token_ids
+        lps = None if s.logprobs is None else [d[tok] for d, tok in zip(s.logprobs, tokens)]
+        assert lps is None or len(s.logprobs) == len(tokens), "one logprobs entry per completion token"
+        plps = None
+        if s.prompt_logprobs is not None and s.finish_reason != "abort":
+            assert len(s.prompt_logprobs) == s.num_prompt_tokens, "one prompt logprobs entry per prompt token"
+            plps = [d[tok] for d, tok in zip(s.prompt_logprobs[1:], s.prompt_token_ids[1:])]
+        out.append((tokens, t, s.finish_reason, lps, plps))
+    return out, llm
 
 
 def assert_idle_and_leak_free(llm: LLM):
@@ -199,13 +227,29 @@ def assert_idle_and_leak_free(llm: LLM):
     assert bm.num_used_host_blocks + bm.num_free_host_blocks == bm.num_host_blocks
 
 
+LOGPROB_TOLERANCE = 1e-4   # float32 logprobs computed in other batches and chunks (seen: under 1e-5)
+
+
+def close(a: list[float] | None, b: list[float] | None) -> bool:
+    return (a is None) == (b is None) and (a is None or (len(a) == len(b) and
+                                                          all(abs(x - y) <= LOGPROB_TOLERANCE for x, y in zip(a, b))))
+
+
 def divergences(case: Case, got: list[tuple], expected: list[tuple]) -> list[str]:
+    """Per request that differs from the reference, where. An aborted request's tokens must be a
+    prefix of the reference's."""
     lines = []
     for i, (g, e) in enumerate(zip(got, expected)):
-        if g != e:
-            d = next((k for k, (a, b) in enumerate(zip(g[0], e[0])) if a != b), min(len(g[0]), len(e[0])))
+        tokens, text, reason, lps, plps = g
+        if reason == "abort":
+            same = tokens == e[0][:len(tokens)] and close(lps, None if e[3] is None else e[3][:len(tokens)])
+        else:
+            same = (tokens, text, reason) == e[:3] and close(lps, e[3]) and close(plps, e[4])
+        if not same:
+            d = next((k for k, (a, b) in enumerate(zip(tokens, e[0])) if a != b), min(len(tokens), len(e[0])))
             lines.append(f"request {i} ({len(case.requests[i].prompt)} prompt tokens, {case.requests[i]}): parts at "
-                         f"token {d}: got {g[0][d:d + 4]} {g[2]!r}, reference {e[0][d:d + 4]} {e[2]!r}")
+                         f"token {d}: got {tokens[d:d + 4]} {reason!r}, reference {e[0][d:d + 4]} {e[2]!r}"
+                         f"{'' if close(plps, e[4]) or reason == 'abort' else ' (prompt logprobs differ)'}")
     return lines
 
 
@@ -213,7 +257,7 @@ def check_case(case: Case) -> list[str]:
     """The case's divergences from the reference (empty: it passes); raises on leaks."""
     expected, ref = run(case, reference_engine(case))
     assert_idle_and_leak_free(ref)
-    got, llm = run(case, case.engine, case.overlap, case.arrivals)
+    got, llm = run(case, case.engine, case.overlap, case.arrivals, case.aborts)
     assert_idle_and_leak_free(llm)
     return divergences(case, got, expected)
 
@@ -238,14 +282,16 @@ def minimise(case: Case) -> Case:
             while i < len(case.requests) and len(case.requests) > 1:
                 keep = case.requests[:i] + case.requests[i + size:]
                 arrivals = case.arrivals[:i] + case.arrivals[i + size:] if case.arrivals else []
-                trial = replace(case, requests=keep, arrivals=arrivals)
+                aborts = {j - size * (j > i): at for j, at in case.aborts.items() if not i <= j < i + size}
+                trial = replace(case, requests=keep, arrivals=arrivals, aborts=aborts)
                 if keep and fails(trial):
                     case, changed = trial, True
                 else:
                     i += size
         for i, r in enumerate(case.requests):
             for shorter in (replace(r, max_tokens=max(1, r.max_tokens // 2)), replace(r, stop=(), stop_token_ids=()),
-                            replace(r, temperature=0.0, seed=None), replace(r, ignore_eos=True)):
+                            replace(r, temperature=0.0, seed=None), replace(r, ignore_eos=True), replace(r, min_tokens=0),
+                            replace(r, logprobs=None, prompt_logprobs=None), replace(r, prompt=r.prompt[:len(r.prompt) // 2] or r.prompt)):
                 if shorter != r:
                     trial = replace(case, requests=case.requests[:i] + [shorter] + case.requests[i + 1:])
                     if fails(trial):
@@ -257,7 +303,7 @@ def minimise(case: Case) -> Case:
             engine = {**case.engine, **change}
             if engine != case.engine and fails(replace(case, engine=engine)):
                 case, changed = replace(case, engine=engine), True
-        for trial in (replace(case, overlap=True), replace(case, arrivals=[])):
+        for trial in (replace(case, overlap=True), replace(case, arrivals=[]), replace(case, aborts={})):
             if trial != case and fails(trial):
                 case, changed = trial, True
     return case
