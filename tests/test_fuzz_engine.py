@@ -76,11 +76,16 @@ class Case:
     overlap: bool = True               # steps overlap (else each is collected before the next is scheduled)
     arrivals: list[int] = field(default_factory=list)  # steps run before each request is added (empty: all at once)
     aborts: dict[int, int] = field(default_factory=dict)  # request index -> the step after which it is aborted
+    # The host tier's cost decisions, which on a GPU follow measured times (engine/copy_costs.py) and on
+    # the CPU path never change: drawn here instead, from their own seeded generator.
+    copy_budgets: tuple[int, ...] = ()   # pages a step's background copies may move, drawn from these (empty: 128)
+    recompute_odds: float = 0.0          # chance that a collected step turns restores off (recompute) until the next
 
     def describe(self) -> str:
         lens = [len(r.prompt) for r in self.requests]
         return (f"seed {self.seed}: {len(self.requests)} requests of {min(lens)}-{max(lens)} tokens, engine {self.engine}, "
-                f"overlap {self.overlap}, arrivals {self.arrivals or 'all at once'}, aborts {self.aborts or 'none'}")
+                f"overlap {self.overlap}, arrivals {self.arrivals or 'all at once'}, aborts {self.aborts or 'none'}, "
+                f"copy budgets {self.copy_budgets or 'fixed'}, recompute odds {self.recompute_odds}")
 
 
 def page_bytes(block_size: int) -> int:
@@ -94,7 +99,7 @@ def draw_prompts(rng: random.Random, block_size: int, max_len: int) -> list[list
     fully-shared members, duplicates, unrelated singletons."""
     prompts: list[list[int]] = []
     for _ in range(rng.randint(1, 4)):
-        pages = rng.randint(1, max(1, 96 // block_size))
+        pages = rng.randint(1, max(1, 160 // block_size))
         shape = rng.choice(("aligned", "minus1", "plus1", "any"))
         length = {"aligned": pages * block_size, "minus1": pages * block_size - 1, "plus1": pages * block_size + 1,
                   "any": rng.randint(1, 120)}[shape]
@@ -155,16 +160,24 @@ def draw_case(seed: int) -> Case:
                   enable_prefix_caching=rng.random() < 0.85,
                   schedule_policy=rng.choice(("fcfs", "lpm", "dfs-weight", "random")), seed=seed)
     if engine["enable_prefix_caching"] and rng.random() < 0.5:
-        host_pages = rng.randint(1, 3 * engine["num_kvcache_blocks"])
+        host_pages = rng.choice((rng.randint(1, 4), rng.randint(1, engine["num_kvcache_blocks"]),
+                                 rng.randint(1, 3 * engine["num_kvcache_blocks"])))
         engine.update(host_kvcache_gb=(host_pages + 0.5) * page_bytes(bs) / 2**30,
                       host_kv_prefetch=rng.random() < 0.5, host_kv_write_ahead=rng.random() < 0.5)
-    if rng.random() < 0.4:   # on the CPU path the cost model is AlwaysCascade: every plannable step cascades
+    if engine["schedule_policy"] != "fcfs" and rng.random() < 0.3:
+        engine["max_wait_s"] = 1e-6   # everything waiting is starved: admitted oldest first, preempted ones first
+    copy_budgets, recompute_odds = (), 0.0
+    if "host_kvcache_gb" in engine and rng.random() < 0.6:
+        copy_budgets = rng.choice(((0,), (0, 1), (1, 2, 3), (0, 4, 128)))
+        recompute_odds = rng.choice((0.0, 0.2, 0.5))
+    if rng.random() < 0.5:   # on the CPU path the cost model is AlwaysCascade: every plannable step cascades
         engine.update(enable_cascade_attention=True, cascade_max_levels=rng.choice((2, 3)))
         if rng.random() < 0.2:
             engine["cascade_shared_prefix_len"] = bs * rng.randint(1, 8)
     arrivals = [rng.choice((0, 0, 1, rng.randint(2, 6))) for _ in requests] if rng.random() < 0.5 else []
     aborts = {rng.randrange(len(requests)): rng.randint(0, 40) for _ in range(rng.randint(0, 2))} if rng.random() < 0.2 else {}
-    return Case(seed, requests, engine, overlap=rng.random() < 0.7, arrivals=arrivals, aborts=aborts)
+    return Case(seed, requests, engine, overlap=rng.random() < 0.7, arrivals=arrivals, aborts=aborts,
+                copy_budgets=copy_budgets, recompute_odds=recompute_odds)
 
 
 def reference_engine(case: Case) -> dict:
@@ -185,6 +198,9 @@ def run(case: Case, engine: dict, overlap: bool = True, arrivals: list[int] = ()
     k - 1 was added before request k is (none: all at once); aborts: request index -> the step after
     which it is aborted (if it was added and still runs)."""
     llm = LLM(tiny_trained_path(), **engine)
+    if engine is case.engine:
+        draw_cost_decisions(llm, case)
+    check_step_contract(llm)
     waits = list(arrivals) or [0] * len(case.requests)
     seqs, since, steps = [], 0, 0
     while len(seqs) < len(case.requests) or not llm.is_finished():
@@ -214,6 +230,32 @@ def run(case: Case, engine: dict, overlap: bool = True, arrivals: list[int] = ()
             plps = [d[tok] for d, tok in zip(s.prompt_logprobs[1:], s.prompt_token_ids[1:])]
         out.append((tokens, t, s.finish_reason, lps, plps))
     return out, llm
+
+
+def draw_cost_decisions(llm: LLM, case: Case):
+    """Replace the CPU path's fixed cost decisions by seeded draws: each step's copy budget, and
+    whether restoring pays (re-decided after every collected step, as measured times would)."""
+    rng = random.Random(case.seed + 1)
+    if case.copy_budgets:
+        llm.copy_costs.step_budget = lambda is_prefill, tokens: rng.choice(case.copy_budgets)
+    if case.recompute_odds:
+        llm.copy_costs.restore_pays = lambda: rng.random() >= case.recompute_odds
+
+
+def check_step_contract(llm: LLM):
+    """Every step the engine launches is checked before it runs: a page it restores (swap_in) is read
+    or written by its forward only if the step waits for its restores (on a GPU the copy runs beside
+    the forward; on the CPU path it runs first, so only this check sees a step that would race)."""
+    execute = llm.executor.execute
+
+    def checked(step):
+        if step.swap_in is not None and not step.wait_for_restores:
+            restored = set(step.swap_in[:, 1].tolist())
+            used = restored & set(step.kv_indices.tolist())
+            assert not used, (f"step {step.step_id} reads pages {sorted(used)} it restores without waiting for "
+                              f"the copies (rows {step.seq_ids})")
+        return execute(step)
+    llm.executor.execute = checked
 
 
 def assert_idle_and_leak_free(llm: LLM):
@@ -289,7 +331,7 @@ def minimise(case: Case) -> Case:
                 else:
                     i += size
         for i, r in enumerate(case.requests):
-            for shorter in (replace(r, max_tokens=max(1, r.max_tokens // 2)), replace(r, stop=(), stop_token_ids=()),
+            for shorter in (replace(r, max_tokens=max(1, r.max_tokens // 2), min_tokens=min(r.min_tokens, max(1, r.max_tokens // 2))), replace(r, stop=(), stop_token_ids=()),
                             replace(r, temperature=0.0, seed=None), replace(r, ignore_eos=True), replace(r, min_tokens=0),
                             replace(r, logprobs=None, prompt_logprobs=None), replace(r, prompt=r.prompt[:len(r.prompt) // 2] or r.prompt)):
                 if shorter != r:
@@ -298,12 +340,13 @@ def minimise(case: Case) -> Case:
                         case, r, changed = trial, shorter, True
         simpler = [dict(host_kvcache_gb=0), dict(enable_cascade_attention=False), dict(schedule_policy="fcfs"),
                    dict(max_num_batched_tokens=16384), dict(max_num_seqs=64), dict(host_kv_prefetch=False),
-                   dict(host_kv_write_ahead=False), dict(cascade_shared_prefix_len=0)]
+                   dict(host_kv_write_ahead=False), dict(cascade_shared_prefix_len=0), dict(max_wait_s=10.0)]
         for change in simpler:
             engine = {**case.engine, **change}
             if engine != case.engine and fails(replace(case, engine=engine)):
                 case, changed = replace(case, engine=engine), True
-        for trial in (replace(case, overlap=True), replace(case, arrivals=[]), replace(case, aborts={})):
+        for trial in (replace(case, overlap=True), replace(case, arrivals=[]), replace(case, aborts={}),
+                      replace(case, copy_budgets=()), replace(case, recompute_odds=0.0)):
             if trial != case and fails(trial):
                 case, changed = trial, True
     return case
