@@ -370,3 +370,43 @@ def test_fuzz_engine_long():
         if bad:
             failures.append(case.describe() + "\n" + "\n".join(bad))
     assert not failures, "\n\n".join(failures)
+
+
+# ---- regressions the fuzzer found, each reduced to its cause ------------------------------------------
+@pytest.mark.parametrize("copy_budget", [0, None])
+def test_request_with_one_token_left_waits_for_its_restores(make_llm, copy_budget):
+    """Fuzz seed 2012 (and 14 more of seeds 2000-2600). A prompt of 2 full pages + 1 token whose pages
+    went to the host tier comes back while another request decodes: admitted with 2 host hits, it has
+    one token left, so `in_prefill` is false and the decode path used to run it in the step that
+    issued its restores (racing the copies on a GPU) or, with no copy budget, before any was issued
+    (stale pages on the CPU path too). It must wait for its restores and give the plain engine's tokens.
+    copy_budget 0: restores go out only when nothing else runs (wrong tokens before the fix); None: the
+    CPU path's 128 pages a step (the step contract caught the race before the fix)."""
+    bs = 4
+    prompt = corpus_window(random.Random(7), 2 * bs + 1)
+    fillers = [corpus_window(random.Random(100 + i), 3 * bs) for i in range(4)]
+    long_one = corpus_window(random.Random(99), bs)
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    plain = make_llm(tiny_trained_path(), kvcache_block_size=bs, enable_prefix_caching=False)
+    expected = plain.generate([prompt], greedy, use_tqdm=False)[0]["token_ids"]
+
+    llm = make_llm(tiny_trained_path(), kvcache_block_size=bs, num_kvcache_blocks=12, max_num_seqs=4,
+                   host_kvcache_gb=32 * page_bytes(bs) / 2**30, host_kv_prefetch=False, host_kv_write_ahead=False)
+    check_step_contract(llm)
+    if copy_budget is not None:
+        llm.copy_costs.step_budget = lambda is_prefill, tokens: copy_budget
+    llm.generate([prompt], greedy, use_tqdm=False)                # its 2 full pages cached
+    llm.generate(fillers, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)   # ... and evicted to host
+    bm = llm.scheduler.block_manager
+    assert all(h in bm.host_hash_to_page and h not in bm.hash_to_block_id
+               for h in bm.prefix_hashes(llm.make_sequence(prompt, greedy)))
+    decoding = llm.add_request(long_one, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    while decoding.num_completion_tokens < 2:
+        llm.step()
+    again = llm.add_request(prompt, greedy)
+    while not (again.is_finished and decoding.is_finished):
+        llm.step()
+    llm.drain()
+    assert again.num_cached_tokens == 2 * bs and bm.restores_queued >= 2   # its 2 pages came from the host
+    assert again.completion_token_ids == expected
+    assert bm.num_host_hit_tokens >= 2 * bs   # restored, not dropped when it finished with them still queued
