@@ -243,17 +243,29 @@ def draw_cost_decisions(llm: LLM, case: Case):
 
 
 def check_step_contract(llm: LLM):
-    """Every step the engine launches is checked before it runs: a page it restores (swap_in) is read
-    or written by its forward only if the step waits for its restores (on a GPU the copy runs beside
-    the forward; on the CPU path it runs first, so only this check sees a step that would race)."""
+    """Every step the engine launches is checked before it runs against the ordering rules of the host
+    tier's copies (engine/block_manager.py), which on the CPU path cannot fail visibly (its copies run
+    before its forward, one step at a time) but on a GPU would race:
+      - a page the step restores (swap_in) is read or written by its forward only if the step waits
+        for its restores (wait_for_restores);
+      - a copy that touches a page of the step still in flight (not collected) waits for it
+        (copy_after_prev)."""
     execute = llm.executor.execute
 
     def checked(step):
+        pages = set(step.kv_indices.tolist())
         if step.swap_in is not None and not step.wait_for_restores:
-            restored = set(step.swap_in[:, 1].tolist())
-            used = restored & set(step.kv_indices.tolist())
+            used = set(step.swap_in[:, 1].tolist()) & pages
             assert not used, (f"step {step.step_id} reads pages {sorted(used)} it restores without waiting for "
                               f"the copies (rows {step.seq_ids})")
+        if llm.in_flight is not None and not step.copy_after_prev:
+            copied = set()
+            for pairs, column in ((step.swap_out, 0), (step.swap_in, 1), (step.write_ahead, 0)):
+                if pairs is not None:
+                    copied |= set(pairs[:, column].tolist())
+            shared = copied & set(llm.in_flight.step.kv_indices.tolist())
+            assert not shared, (f"step {step.step_id} copies pages {sorted(shared)} of the step in flight without "
+                                f"waiting for it")
         return execute(step)
     llm.executor.execute = checked
 
