@@ -226,7 +226,8 @@ def run(case: Case, engine: dict, overlap: bool = True, arrivals: list[int] = ()
         assert lps is None or len(s.logprobs) == len(tokens), "one logprobs entry per completion token"
         plps = None
         if s.prompt_logprobs is not None and s.finish_reason != "abort":
-            assert len(s.prompt_logprobs) == s.num_prompt_tokens, "one prompt logprobs entry per prompt token"
+            assert len(s.prompt_logprobs) == s.num_prompt_tokens, (f"{len(s.prompt_logprobs)} prompt logprobs "
+                                                                   f"entries for {s.num_prompt_tokens} prompt tokens")
             plps = [d[tok] for d, tok in zip(s.prompt_logprobs[1:], s.prompt_token_ids[1:])]
         out.append((tokens, t, s.finish_reason, lps, plps))
     return out, llm
@@ -422,3 +423,31 @@ def test_request_with_one_token_left_waits_for_its_restores(make_llm, copy_budge
     assert again.num_cached_tokens == 2 * bs and bm.restores_queued >= 2   # its 2 pages came from the host
     assert again.completion_token_ids == expected
     assert bm.num_host_hit_tokens >= 2 * bs   # restored, not dropped when it finished with them still queued
+
+
+def test_prompt_logprobs_once_each_when_preempted_with_a_chunk_in_flight(make_llm):
+    """Fuzz seed 3365. A prompt-logprobs request of 9 tokens, chunked 8 + 1, is preempted (a decoding
+    request needs its pages) while its first chunk is in flight: that chunk's logprobs arrive after the
+    preemption, and the re-prefill (from the start: no prefix hits while prompt logprobs are needed)
+    computed them again, so the request returned 1 + 8 + 8 entries for 9 prompt tokens. Each position
+    must be attached once, equal to a plain engine's."""
+    long_one, asks = corpus_window(random.Random(1), 3), corpus_window(random.Random(2), 9)
+    sp = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=1)
+    plain = make_llm(tiny_trained_path(), enable_prefix_caching=False)
+    expected = plain.generate([asks], sp, use_tqdm=False)[0]
+    llm = make_llm(tiny_trained_path(), kvcache_block_size=4, num_kvcache_blocks=5, max_num_batched_tokens=8)
+    preempted = []
+    preempt = llm.scheduler.preempt
+    llm.scheduler.preempt = lambda seq: (preempted.append((seq.seq_id, seq.num_computed_tokens,
+                                                            seq.num_completion_tokens)), preempt(seq))
+    llm.add_request(long_one, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    for _ in range(6):   # it decodes until its next token needs a page that only the new request holds
+        llm.step()
+    seq = llm.add_request(asks, sp)
+    while not llm.is_finished():
+        llm.step()
+    assert (seq.seq_id, 8, 0) in preempted   # preempted with its first chunk launched, no token yet
+    assert seq.completion_token_ids == expected["token_ids"]
+    assert len(seq.prompt_logprobs) == len(asks)
+    for got, want, token in zip(seq.prompt_logprobs[1:], expected["prompt_logprobs"][1:], asks[1:]):
+        assert abs(got[token] - want[token]) <= LOGPROB_TOLERANCE
