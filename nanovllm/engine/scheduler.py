@@ -18,8 +18,9 @@ with a starvation bound). With a host KV tier (block_manager.py) a preempted seq
 not lost: its full pages keep their hashes, are written back to host memory if the GPU needs them
 for others, and are copied back at re-admission instead of being recomputed (swap-preemption), as
 long as the copy is cheaper than the prefill (`restore_pays`, from the measured copy bandwidth and
-prefill speed). A request admitted with pages in host memory waits in `running` (in prefill, not
-scheduled) until its restores went out in an earlier step (the block manager sends `copy_budget`
+prefill speed). A request admitted with pages in host memory waits in `running` (not scheduled, in
+prefill or decode: with every page a hit but its last token's it has one token left, like a decoding
+one) until its restores went out in an earlier step (the block manager sends `copy_budget`
 pages a step), so that its copies overlap other steps, prefill or decode, instead of holding them
 up; only when nothing else can run is it prefilled at once, its step waiting for the copies.
 """
