@@ -258,8 +258,9 @@ class LLMEngine:
         starts = (s.kv_lens - s.q_lens).tolist()   # each row's first position in this step
         for row, seq in enumerate(step.seqs):
             lo, hi = bounds[row], bounds[row + 1]
-            have = len(seq.prompt_logprobs) - 1 if seq.prompt_logprobs is not None else 0   # entry 0: the first token's None
-            lo += max(0, have - starts[row])   # positions attached already (by the step that ran before a preemption)
+            # Positions attached already (entry 0 is the first token's None), by a step before a preemption.
+            have = len(seq.prompt_logprobs) - 1 if seq.prompt_logprobs is not None else 0
+            lo += max(0, have - starts[row])
             if hi > lo and not seq.is_finished:
                 k = seq.sampling_params.prompt_logprobs
                 seq.prompt_logprobs.extend(logprobs.select(slice(lo, hi)).dicts(targets[lo:hi], [k] * (hi - lo)))
