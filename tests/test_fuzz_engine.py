@@ -28,9 +28,9 @@ their draws depend only on their seed and token index (layers/sampler.py). One t
 
 Measured on the shared 2-core CPU: a case takes 0.1-6 s (two engines, 1-25 requests); the default
 suite's 63 cases and the regression tests took 57 s alone, 136 s with another fuzz run on the other
-core. The slow variant fuzzes `NANOVLLM_FUZZ_CASES` more seeds when that variable is set. `minimise(case)` shrinks a failing case
-(fewer requests and tokens, features switched back to the reference's one at a time); the result is
-the regression test to write (the last tests here).
+core. The slow variant fuzzes `NANOVLLM_FUZZ_CASES` more seeds when that variable is set.
+`minimise(case)` shrinks a failing case (fewer requests and tokens, features switched back to the
+reference's one at a time); the result is the regression test to write (the last tests here).
 """
 import os
 import random
