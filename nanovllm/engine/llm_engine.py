@@ -249,12 +249,18 @@ class LLMEngine:
 
     @staticmethod
     def _attach_prompt_logprobs(step: InFlightStep, logprobs: TokenLogprobs):
-        """The prompt positions this step computed go to their sequences (entries are in row order)."""
+        """The prompt positions this step computed go to their sequences (entries are in row order), each
+        position once: a sequence preempted while this step ran computes its prompt again from the start
+        (no prefix hits while it needs prompt logprobs), and only the positions it lacks are kept."""
         s = step.step
         bounds = np.searchsorted(s.prompt_logprobs_tokens, s.qo_indptr).tolist()  # row r: bounds[r]:bounds[r + 1]
         targets = s.prompt_logprobs_targets.tolist()
+        starts = (s.kv_lens - s.q_lens).tolist()   # each row's first position in this step
         for row, seq in enumerate(step.seqs):
             lo, hi = bounds[row], bounds[row + 1]
+            # Positions attached already (entry 0 is the first token's None), by a step before a preemption.
+            have = len(seq.prompt_logprobs) - 1 if seq.prompt_logprobs is not None else 0
+            lo += max(0, have - starts[row])
             if hi > lo and not seq.is_finished:
                 k = seq.sampling_params.prompt_logprobs
                 seq.prompt_logprobs.extend(logprobs.select(slice(lo, hi)).dicts(targets[lo:hi], [k] * (hi - lo)))

@@ -18,8 +18,9 @@ with a starvation bound). With a host KV tier (block_manager.py) a preempted seq
 not lost: its full pages keep their hashes, are written back to host memory if the GPU needs them
 for others, and are copied back at re-admission instead of being recomputed (swap-preemption), as
 long as the copy is cheaper than the prefill (`restore_pays`, from the measured copy bandwidth and
-prefill speed). A request admitted with pages in host memory waits in `running` (in prefill, not
-scheduled) until its restores went out in an earlier step (the block manager sends `copy_budget`
+prefill speed). A request admitted with pages in host memory waits in `running` (not scheduled, in
+prefill or decode: with every page a hit but its last token's it has one token left, like a decoding
+one) until its restores went out in an earlier step (the block manager sends `copy_budget`
 pages a step), so that its copies overlap other steps, prefill or decode, instead of holding them
 up; only when nothing else can run is it prefilled at once, its step waiting for the copies.
 """
@@ -70,10 +71,11 @@ class Scheduler:
         for seq in self.running:
             if budget == 0:
                 break
-            if seq.in_prefill:
-                if not bm.restores_landed(seq):
-                    restoring.append(seq)
-                    continue
+            if not bm.restores_landed(seq):
+                # Checked before in_prefill: a request whose pages all hit but its last token's has one
+                # token left, like a decoding one, and must still wait for its restores.
+                restoring.append(seq)
+            elif seq.in_prefill:
                 seq.chunk_len = min(len(seq) - seq.num_computed_tokens, budget)
                 budget -= seq.chunk_len
                 scheduled.append(seq)
@@ -104,7 +106,8 @@ class Scheduler:
             budget -= seq.chunk_len
             scheduled.append(seq)
         self.waiting.extendleft(reversed(deferred))
-        if restoring and not scheduled and all(s.in_prefill or s.last_launched for s in self.running):
+        if restoring and not scheduled and all(s.in_prefill or s.last_launched or not bm.restores_landed(s)
+                                               for s in self.running):
             # Nothing else to run (no prefill, no decode): prefill them now; this step's forward waits for the copies.
             bm.issue_restores(len(bm.restore_backlog))
             bm.wait_for_restores = True
@@ -122,7 +125,7 @@ class Scheduler:
         bm = self.block_manager
         while self.running:
             seq = self.running.popleft()
-            if seq.last_launched or seq.in_prefill:   # in_prefill: admitted, its restores not landed yet
+            if seq.last_launched or seq.in_prefill or not bm.restores_landed(seq):   # admitted, restores not landed
                 done.append(seq)
                 continue
             while not bm.can_append(seq):
