@@ -64,3 +64,20 @@ def oai(server):
     with openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.api_key or "none", max_retries=0,
                        timeout=60) as c:
         yield c
+
+
+def server_metrics(server) -> dict[str, float]:
+    """A running server's /metrics, parsed (tests of the server and its fuzzer)."""
+    import httpx
+
+    from nanovllm.entrypoints.metrics import parse
+    r = httpx.get(f"{server.url}/metrics", timeout=10)
+    assert r.status_code == 200
+    return parse(r.text)
+
+
+def server_idle(server) -> bool:
+    """No request running, waiting or alive, and every KV page free."""
+    m = server_metrics(server)
+    return (m["nanovllm_num_requests_running"] == 0 and m["nanovllm_num_requests_waiting"] == 0
+            and m["nanovllm_kv_blocks_used"] == 0 and m["nanovllm_live_requests"] == 0)

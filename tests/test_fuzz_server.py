@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from conftest import assert_no_leaks
+from conftest import assert_no_leaks, server_idle as idle, server_metrics as metrics
 
-from nanovllm.entrypoints.metrics import parse
 from nanovllm.entrypoints.serve import ServerThread
 
 MODEL = "fuzz"
@@ -605,18 +604,6 @@ async def disconnect_round(server, rng: random.Random, client: httpx.AsyncClient
 
 
 # ---- the server and the run ---------------------------------------------------------------------
-
-def metrics(server) -> dict:
-    r = httpx.get(f"{server.url}/metrics", timeout=10)
-    assert r.status_code == 200
-    return parse(r.text)
-
-
-def idle(server) -> bool:
-    m = metrics(server)
-    return (m["nanovllm_num_requests_running"] == 0 and m["nanovllm_num_requests_waiting"] == 0
-            and m["nanovllm_kv_blocks_used"] == 0 and m["nanovllm_live_requests"] == 0)
-
 
 def wait_idle(server, timeout: float) -> float:
     start = time.monotonic()

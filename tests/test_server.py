@@ -13,7 +13,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import assert_no_leaks
+from conftest import assert_no_leaks, server_idle as idle, server_metrics as metrics
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.entrypoints.metrics import parse
@@ -34,18 +34,6 @@ def wait_until(condition, timeout: float, interval: float = 0.01) -> float:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
     return time.monotonic() - start
-
-
-def metrics(server) -> dict[str, float]:
-    r = httpx.get(f"{server.url}/metrics", timeout=10)
-    assert r.status_code == 200
-    return parse(r.text)
-
-
-def idle(server) -> bool:
-    m = metrics(server)
-    return (m["nanovllm_num_requests_running"] == 0 and m["nanovllm_num_requests_waiting"] == 0
-            and m["nanovllm_kv_blocks_used"] == 0 and m["nanovllm_live_requests"] == 0)
 
 
 @pytest.fixture(scope="module")
