@@ -574,14 +574,24 @@ def test_skinny_kernel_refusals():
         skinny_gemm(torch.zeros(1, 64), qw, qz, s, 32, SkinnyConfig(24, 32, 1))
 
 
-def test_skinny_kernel_compiles_for_hopper():
-    """Compiled for sm_90 on the CPU (Triton's ptxas): the FMA path (no tensor cores), tl.dot at 16 and
-    32 rows, packed and gathered words, one group a step and several, with and without split-K."""
+def _compile_skinny(consts: dict, dtype: str = "bf16", warps: int = 4, stages: int = 3):
+    """The skinny kernel compiled for sm_90 on the CPU (Triton's ptxas) with these constexprs."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from nanovllm.layers.awq_skinny import _skinny_kernel
+    sig = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": f"*{dtype}",
+           "part_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+           "stride_ym": "i32", "k_per_split": "i32", "splits": "i32"}
+    sig.update({name: "constexpr" for name in consts})
+    return triton.compile(ASTSource(_skinny_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+
+
+def test_skinny_kernel_compiles_for_hopper():
+    """Compiled for sm_90 on the CPU (Triton's ptxas): the FMA path (no tensor cores), tl.dot at 16 and
+    32 rows, packed and gathered words, one group a step and several, with and without split-K."""
     from nanovllm.layers.awq_skinny import MAGIC_BITS
     int_to_float = {}
     for bm, bn, bk, fma, gather, split, magic in (
@@ -589,16 +599,9 @@ def test_skinny_kernel_compiles_for_hopper():
             (16, 128, 128, False, False, True, False), (32, 64, 128, False, True, True, False),
             (16, 64, 256, False, False, False, False), (16, 128, 128, False, False, True, True),
             (32, 64, 128, False, True, True, True)):
-        sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": "*bf16",
-               "part_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-               "stride_ym": "i32", "k_per_split": "i32", "splits": "i32"}
         bits, base = MAGIC_BITS[torch.bfloat16] if magic else (0, 0.0)
-        consts = dict(GROUP=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, FMA=fma, GATHER=gather, SPLIT=split, IEEE=False,
-                      MAGIC=bits, BASE=base)
-        sig.update({name: "constexpr" for name in consts})
-        kernel = triton.compile(ASTSource(_skinny_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=4, num_stages=3))
-        ptx = kernel.asm["ptx"]
+        ptx = _compile_skinny(dict(GROUP=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, FMA=fma, GATHER=gather, SPLIT=split,
+                                   IEEE=False, MAGIC=bits, BASE=base)).asm["ptx"]
         assert ("mma" in ptx) == (not fma), (bm, bn, bk, fma)   # tensor cores exactly on the tl.dot path
         assert ("atom" in ptx) == split                          # the split-K counter
         int_to_float[(bm, bn, bk, gather, magic)] = ptx.count("cvt.rn.f32.s32") + ptx.count("cvt.rn.f32.u32")
@@ -613,29 +616,10 @@ HOPPER_SHARED_BYTES = 232448   # the most shared memory a program may have on an
 
 
 def _skinny_shared_bytes(config, M: int, K: int, group: int, dtype: str) -> int:
-    """Shared memory of the skinny kernel compiled for sm_90 on the CPU (Triton's ptxas) as skinny_gemm
-    launches it for M rows."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from nanovllm.layers.awq_skinny import MAGIC_BITS, _block_k, _skinny_kernel
-    block_m = 1 if config.fma else 16 if M <= 16 else 32
-    block_k = _block_k(config.block_k, group, K)
-    bits, base = MAGIC_BITS[torch.bfloat16] if config.magic and dtype == "bf16" else (0, 0.0)
-    if bits:
-        block_k = min(block_k, group)   # one group a step, as skinny_gemm launches it
-    steps = K // block_k
-    split = triton.cdiv(steps, min(config.splits, steps)) < steps
-    sig = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "y_ptr": f"*{dtype}",
-           "part_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-           "stride_ym": "i32", "k_per_split": "i32", "splits": "i32"}
-    consts = dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, FMA=config.fma,
-                  GATHER=config.gather, SPLIT=split, IEEE=dtype == "fp32", MAGIC=bits, BASE=base)
-    sig.update({name: "constexpr" for name in consts})
-    kernel = triton.compile(ASTSource(_skinny_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=config.warps, num_stages=config.stages))
-    return kernel.metadata.shared
+    """Shared memory of the skinny kernel compiled for sm_90 on the CPU as skinny_gemm launches it for M rows."""
+    from nanovllm.layers.awq_skinny import launch_plan
+    consts, _, _ = launch_plan(config, M, K, group, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+    return _compile_skinny(consts, dtype, config.warps, config.stages).metadata.shared
 
 
 def test_skinny_configs_fit_hopper_shared_memory():

@@ -170,12 +170,10 @@ def _skinny_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, 
                 z = tl.reshape((zw[:, :, None] >> shift_j[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
             s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0.0).to(tl.float32)
             w = (q - z).to(tl.float32) * s
-        if MAGIC:
-            pass   # accumulated above
-        elif FMA:
+        if FMA:
             a = tl.load(x_ptr + offs_k).to(tl.float32)
             acc += a[:, None] * w
-        else:
+        elif not MAGIC:   # MAGIC accumulated its step above
             a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
             if IEEE:
                 acc = tl.dot(a, w.to(a.dtype), acc, input_precision="ieee")
@@ -224,6 +222,24 @@ def _block_k(block_k: int, group: int, K: int) -> int:
     return block_k
 
 
+def launch_plan(config: SkinnyConfig, M: int, K: int, group_size: int, dtype: torch.dtype) -> tuple[dict, int, int]:
+    """How skinny_gemm launches `config` for M rows of x in `dtype`: the kernel's constexprs, the K rows
+    a split covers, and the number of splits."""
+    block_k = _block_k(config.block_k, group_size, K)
+    magic_bits, base = MAGIC_BITS.get(dtype, (0, 0.0)) if config.magic else (0, 0.0)
+    if magic_bits and config.fma:
+        raise ValueError("magic weights go through tl.dot: fma=False")
+    if magic_bits:
+        block_k = min(block_k, group_size)   # one group a step
+    steps = K // block_k
+    k_per_split = triton.cdiv(steps, min(config.splits, steps)) * block_k
+    splits = triton.cdiv(K, k_per_split)
+    consts = dict(GROUP=group_size, BLOCK_M=1 if config.fma else 16 if M <= 16 else 32, BLOCK_N=config.block_n,
+                  BLOCK_K=block_k, FMA=config.fma, GATHER=config.gather, SPLIT=splits > 1,
+                  IEEE=dtype == torch.float32, MAGIC=magic_bits, BASE=base)
+    return consts, k_per_split, splits
+
+
 def skinny_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                 group_size: int, config: SkinnyConfig | None = None, num_sms: int = 132) -> torch.Tensor:
     """x [M <= MAX_M, K] (fp16/bf16/fp32) @ W [K, N] from AWQ tensors -> y [M, N] in x's dtype. config:
@@ -236,21 +252,11 @@ def skinny_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         x = x.contiguous()
     if config is None:
         config = TABLE.get((m_bucket(M), N, K)) or heuristic_config(M, N, K, num_sms)
-    fma = config.fma
-    if fma and M != 1:
+    if config.fma and M != 1:
         raise ValueError(f"the FMA path serves one row, got {M}")
     if config.block_n % PACK or config.block_n & (config.block_n - 1):
         raise ValueError(f"block_n {config.block_n} must be a power of two >= {PACK}")
-    block_m = 1 if fma else 16 if M <= 16 else 32
-    block_k = _block_k(config.block_k, group_size, K)
-    magic_bits, base = MAGIC_BITS.get(x.dtype, (0, 0.0)) if config.magic else (0, 0.0)
-    if magic_bits and fma:
-        raise ValueError("magic weights go through tl.dot: fma=False")
-    if magic_bits:
-        block_k = min(block_k, group_size)   # one group a step
-    steps = K // block_k
-    k_per_split = triton.cdiv(steps, min(config.splits, steps)) * block_k
-    splits = triton.cdiv(K, k_per_split)
+    consts, k_per_split, splits = launch_plan(config, M, K, group_size, x.dtype)
     blocks = triton.cdiv(N, config.block_n)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if splits > 1:
@@ -262,10 +268,9 @@ def skinny_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     try:
         _skinny_kernel[(blocks, splits)](
             x, qweight, qzeros, scales, y, part, count, M, N, K, x.stride(0), y.stride(0), k_per_split, splits,
-            GROUP=group_size, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, FMA=fma,
-            GATHER=config.gather, SPLIT=splits > 1, IEEE=x.dtype == torch.float32, MAGIC=magic_bits, BASE=base,
-            num_warps=config.warps, num_stages=config.stages)
+            **consts, num_warps=config.warps, num_stages=config.stages)
     except OutOfResources as e:
-        raise ValueError(f"awq_skinny: {config} at {block_m} rows, group {group_size} needs {e.required} bytes of "
-                         f"{e.name}, the GPU has {e.limit} (fewer stages, gather=False or a smaller block)") from e
+        raise ValueError(f"awq_skinny: {config} at {consts['BLOCK_M']} rows, group {group_size} needs {e.required} "
+                         f"bytes of {e.name}, the GPU has {e.limit} (fewer stages, gather=False or a smaller block)"
+                         ) from e
     return y
