@@ -38,9 +38,8 @@ def main():
         raise SystemExit("--groups must be in 1..--batch")
     own, output = 32, 64
     pages = args.batch * ((args.shared + own + output) // 16 + 2)
-    llm = LLM(args.model, max_model_len=args.shared + own + output + 16, max_num_seqs=args.batch,
-              num_kvcache_blocks=pages, enable_cascade_attention=args.cascade, max_num_batched_tokens=32768)
-    engine = getattr(llm, "engine", llm)
+    engine = LLM(args.model, max_model_len=args.shared + own + output + 16, max_num_seqs=args.batch,
+                 num_kvcache_blocks=pages, enable_cascade_attention=args.cascade, max_num_batched_tokens=32768)
     vocab = engine.vocab_size
     rng = random.Random(0)
     params = SamplingParams(temperature=0, max_tokens=output, ignore_eos=True)
