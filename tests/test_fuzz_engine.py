@@ -29,8 +29,8 @@ their draws depend only on their seed and token index (layers/sampler.py). One t
 Measured on the shared 2-core CPU: a case takes 0.1-6 s (two engines, 1-25 requests); the default
 suite's 63 cases and the regression tests took 57 s alone, 136 s with another fuzz run on the other
 core. The slow variant fuzzes `NANOVLLM_FUZZ_CASES` more seeds when that variable is set.
-`minimise(case)` shrinks a failing case (fewer requests and tokens, features switched back to the
-reference's one at a time); the result is the regression test to write (the last tests here).
+A failing seed replays alone with `check_case(draw_case(seed))`; its minimal form is the regression test
+to write (the last tests here).
 """
 import os
 import random
@@ -358,57 +358,6 @@ def check_case(case: Case) -> list[str]:
     for line in ties:
         print(f"seed {case.seed}: {line}")
     return bad
-
-
-def fails(case: Case) -> bool:
-    try:
-        return bool(check_case(case))
-    except AssertionError:
-        return True
-
-
-def minimise(case: Case) -> Case:
-    """A smaller case that still fails: requests dropped (halves, then one at a time), prompts and
-    max_tokens shortened, then the features of the engine switched back to the reference's one at a time."""
-    assert fails(case), "the case passes"
-    changed = True
-    while changed:
-        changed = False
-        n = len(case.requests)
-        for size in sorted({max(1, n // 2), 1}, reverse=True):
-            i = 0
-            while i < len(case.requests) and len(case.requests) > 1:
-                keep = case.requests[:i] + case.requests[i + size:]
-                arrivals = case.arrivals[:i] + case.arrivals[i + size:] if case.arrivals else []
-                aborts = {j - size * (j > i): at for j, at in case.aborts.items() if not i <= j < i + size}
-                trial = replace(case, requests=keep, arrivals=arrivals, aborts=aborts)
-                if keep and fails(trial):
-                    case, changed = trial, True
-                else:
-                    i += size
-        for i, r in enumerate(case.requests):
-            half = max(1, r.max_tokens // 2)
-            for shorter in (replace(r, max_tokens=half, min_tokens=min(r.min_tokens, half)),
-                            replace(r, stop=(), stop_token_ids=()), replace(r, temperature=0.0, seed=None),
-                            replace(r, ignore_eos=True), replace(r, min_tokens=0),
-                            replace(r, logprobs=None, prompt_logprobs=None),
-                            replace(r, prompt=r.prompt[:len(r.prompt) // 2] or r.prompt)):
-                if shorter != r:
-                    trial = replace(case, requests=case.requests[:i] + [shorter] + case.requests[i + 1:])
-                    if fails(trial):
-                        case, r, changed = trial, shorter, True
-        simpler = [dict(host_kvcache_gb=0), dict(enable_cascade_attention=False), dict(schedule_policy="fcfs"),
-                   dict(max_num_batched_tokens=16384), dict(max_num_seqs=64), dict(host_kv_prefetch=False),
-                   dict(host_kv_write_ahead=False), dict(cascade_shared_prefix_len=0), dict(max_wait_s=10.0)]
-        for change in simpler:
-            engine = {**case.engine, **change}
-            if engine != case.engine and fails(replace(case, engine=engine)):
-                case, changed = replace(case, engine=engine), True
-        for trial in (replace(case, overlap=True), replace(case, arrivals=[]), replace(case, aborts={}),
-                      replace(case, copy_budgets=()), replace(case, recompute_odds=0.0)):
-            if trial != case and fails(trial):
-                case, changed = trial, True
-    return case
 
 
 @pytest.mark.parametrize("seed", [*FAST_SEEDS, *REGRESSION_SEEDS])
