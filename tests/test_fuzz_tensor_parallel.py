@@ -35,7 +35,6 @@ never be shipped.
 import argparse
 import collections
 import dataclasses
-import functools
 import os
 import random
 import sys
@@ -47,9 +46,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from conftest import assert_no_leaks  # noqa: E402
 from test_tensor_parallel import children  # noqa: E402
+from test_tiny_trained import corpus_window  # noqa: E402
 
 from nanovllm import LLM, SamplingParams, StructuredOutput  # noqa: E402
-from nanovllm.assets import corpus_split, tiny_trained_path  # noqa: E402
+from nanovllm.assets import tiny_trained_path  # noqa: E402
 
 LOGPROB_ATOL = 1e-4       # float32 on CPU: TP's split sums move a logprob by ~1e-6
 LOGPROB_ATOL_FP8 = 5e-2   # an fp8 cache: a ~1e-6 change flips a K/V value to the next fp8 step (1/8 apart);
@@ -60,18 +60,8 @@ REGEXES = (r"[a-z]{2,6}", r"(yes|no)[.!]", r"[0-9]{1,3}")
 CHOICES = (["Alice", "the Queen"], ["yes", "no", "maybe"])
 
 
-@functools.lru_cache(maxsize=None)
-def held_out_token_ids() -> tuple[tuple[int, ...], ...]:
-    """The held-out slice of each corpus text, tokenized (36 KB of text: fast)."""
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(tiny_trained_path(), model_max_length=10**9)
-    return tuple(tuple(tok.encode(text)) for text in corpus_split()[1])
-
-
 def window(rng: random.Random, length: int) -> list[int]:
-    ids = rng.choice(held_out_token_ids())
-    start = rng.randrange(len(ids) - length)
-    return list(ids[start:start + length])
+    return corpus_window(rng, length, split=1)   # the held-out slices: text the model did not train on
 
 
 # ---- drawing --------------------------------------------------------------------------------------

@@ -32,14 +32,15 @@ SHARED_GROUPS = ((64, 6), (160, 8), (200, 5), (128, 45))  # (shared prefix token
 
 
 @functools.lru_cache(maxsize=None)
-def training_token_ids(path: str = tiny_trained_path()) -> tuple[tuple[int, ...], ...]:
-    """Each training text of the corpus (held-out slice excluded), tokenized by the model's tokenizer."""
+def corpus_token_ids(split: int = 0, path: str = tiny_trained_path()) -> tuple[tuple[int, ...], ...]:
+    """Each text of the corpus, tokenized by the model's tokenizer: split 0 the training texts (held-out
+    slice excluded), 1 the held-out slices."""
     tok = AutoTokenizer.from_pretrained(path, model_max_length=10**9)  # whole books: no length warning
-    return tuple(tuple(tok.encode(text)) for text in corpus_split()[0])
+    return tuple(tuple(tok.encode(text)) for text in corpus_split()[split])
 
 
-def corpus_window(rng: random.Random, length: int, text: int | None = None) -> list[int]:
-    texts = training_token_ids()
+def corpus_window(rng: random.Random, length: int, text: int | None = None, split: int = 0) -> list[int]:
+    texts = corpus_token_ids(split)
     ids = texts[rng.randrange(len(texts)) if text is None else text]
     start = rng.randrange(len(ids) - length)
     return list(ids[start:start + length])
