@@ -45,7 +45,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from conftest import assert_no_leaks  # noqa: E402
-from test_tensor_parallel import children  # noqa: E402
+from test_tensor_parallel import wait_for_no_children  # noqa: E402
 from test_tiny_trained import corpus_window  # noqa: E402
 
 from nanovllm import LLM, SamplingParams, StructuredOutput  # noqa: E402
@@ -251,13 +251,6 @@ def differences(got: dict, want: dict, atol: float) -> tuple[list[str], float]:
             problems += [f"request {i} {p}" for p in found]
             gap = max(gap, largest)
     return problems, gap
-
-
-def wait_for_no_children(timeout_s: float = 15.0) -> list[int]:
-    deadline = time.monotonic() + timeout_s
-    while children() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return children()
 
 
 def fuzz(seed: int, pairs: int, cases: int, tp: int = 2,

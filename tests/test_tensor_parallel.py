@@ -43,6 +43,14 @@ def children() -> list[int]:
     return found
 
 
+def wait_for_no_children(timeout_s: float = 15.0) -> list[int]:
+    """children(), once they are gone or timeout_s has passed."""
+    deadline = time.monotonic() + timeout_s
+    while children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return children()
+
+
 @pytest.fixture
 def tp_llm():
     """Build tensor-parallel LLMs; after the test each is closed, with every page free and no
@@ -61,10 +69,8 @@ def tp_llm():
         if llm.executor.failure is None:
             assert_no_leaks(llm)
         llm.close()
-    deadline = time.monotonic() + 10
-    while children() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not children(), f"processes left behind: {children()}"
+    left = wait_for_no_children(10)
+    assert not left, f"processes left behind: {left}"
 
 
 def logits_by_step(llm, token_lists, decode_steps=4):
