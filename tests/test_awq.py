@@ -497,6 +497,7 @@ from nanovllm.layers.awq_format import dequantize, pack
 from nanovllm.layers.awq_gemm import awq_matmul
 from nanovllm.layers.awq_skinny import SkinnyConfig as C, skinny_gemm
 device = "{device}"
+awq_skinny._COUNTERS.clear()   # on the GPU this runs in the test process, after other tests' split calls
 g = torch.Generator().manual_seed(0)
 cases = """ + SKINNY_CASES + r"""
 dtypes = [(torch.float32, 1e-5), (torch.float16, 1e-3)]
@@ -797,13 +798,15 @@ def test_gemlite_cuda_graph_replay():
 
 
 @pytest.mark.gpu
-def test_awq_engine_gpu_gemlite(awq_dirs, monkeypatch):
+def test_awq_engine_gpu_gemlite(tmp_path, monkeypatch):
     """NANOVLLM_AWQ_KERNEL=gemlite in the engine (bf16, CUDA graphs): every AWQ layer got its gemlite copy
     at load, the decode graphs were captured through it, and the logits follow the dequantized dense model's within bf16."""
     _need_gemlite()
     from nanovllm import LLM
     monkeypatch.setenv("NANOVLLM_AWQ_KERNEL", "gemlite")
-    awq, dense = awq_dirs["qwen3-g32"]
+    shape = dict(seed=0, hidden_size=256, num_attention_heads=8, head_dim=128, intermediate_size=512)  # FlashInfer's head_dim
+    awq = make_model("qwen3-tiny", str(tmp_path / "awq"), awq_group_size=32, **shape)
+    dense = dequantized_copy(make_model("qwen3-tiny", str(tmp_path / "src"), **shape), str(tmp_path / "deq"), 32, ())
     tok = AutoTokenizer.from_pretrained(awq)
     token_lists = [tok.encode(p) for p in PROMPTS[:4]]
     results = []
