@@ -799,11 +799,12 @@ def test_gemlite_cuda_graph_replay():
 
 @pytest.mark.gpu
 def test_awq_engine_gpu_gemlite(tmp_path, monkeypatch):
-    """NANOVLLM_AWQ_KERNEL=gemlite in the engine (bf16, CUDA graphs): every AWQ layer got its gemlite copy
-    at load, the decode graphs were captured through it, and the logits follow the dequantized dense model's within bf16."""
+    """With gemlite installed, the default NANOVLLM_AWQ_KERNEL=auto picks it (bf16, CUDA graphs): every AWQ
+    layer got its gemlite copy at load, the one-row decode graph was captured through it, and the logits
+    follow the dequantized dense model's within bf16."""
     _need_gemlite()
     from nanovllm import LLM
-    monkeypatch.setenv("NANOVLLM_AWQ_KERNEL", "gemlite")
+    monkeypatch.delenv("NANOVLLM_AWQ_KERNEL", raising=False)
     shape = dict(seed=0, hidden_size=256, num_attention_heads=8, head_dim=128, intermediate_size=512)  # FlashInfer's head_dim
     awq = make_model("qwen3-tiny", str(tmp_path / "awq"), awq_group_size=32, **shape)
     dense = dequantized_copy(make_model("qwen3-tiny", str(tmp_path / "src"), **shape), str(tmp_path / "deq"), 32, ())
@@ -814,10 +815,10 @@ def test_awq_engine_gpu_gemlite(tmp_path, monkeypatch):
         llm = LLM(path, dtype="bfloat16", max_model_len=256, max_num_seqs=16, num_kvcache_blocks=512)
         if path == awq:
             layers = [m for m in llm.model_runner.model.modules() if isinstance(m, AWQLinear)]
-            assert layers and all(m._gemlite is not None for m in layers)
+            assert layers and all(m.kernel == "gemlite" and m._gemlite is not None for m in layers)
         results.append(engine_logits(llm, token_lists, num_decode_steps=5))
         if path == awq:
-            assert all(4 in m._gemlite.eager_rows for m in layers)   # the 4-row decode graph was captured through it
+            assert all(m._gemlite.eager_rows == {1} for m in layers)   # one-row steps only (awq_gemlite.MAX_M)
         llm.close()
         del llm
         torch.cuda.empty_cache()

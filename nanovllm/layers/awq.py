@@ -14,7 +14,7 @@ rank takes its output columns (whole words: multiples of 8), a row-parallel rank
 (whole groups), checked when the engine is created (awq_format.check_parallel).
 
 forward: on CUDA a W4A16 GEMM (layers/awq_gemm.awq_matmul; layers/awq_skinny.py for decode; gemlite,
-layers/awq_gemlite.py, for decode under NANOVLLM_AWQ_KERNEL=gemlite, its copy of the weights made by
+layers/awq_gemlite.py, for one-row decode when installed (NANOVLLM_AWQ_KERNEL=auto or gemlite), its copy of the weights made by
 `prepare_kernels` at load, before the KV cache takes the free memory); on CPU
 the weight is dequantized on each call and F.linear runs in the model dtype. Per call, not once at
 load: CPU is the reference path, and this keeps one copy of the weights (the checkpoint's, 4 bits
@@ -161,6 +161,11 @@ def quantize_linears(model: nn.Module, quant: AWQConfig) -> None:
 def prepare_kernels(model: nn.Module, dtype: torch.dtype) -> None:
     """After loading, on CUDA: build what the chosen kernel keeps besides the AWQ tensors (gemlite's copy
     of the weights), so that it is allocated before the KV cache is sized."""
-    for module in model.modules():
-        if isinstance(module, AWQLinear) and module.kernel == "gemlite" and module.qweight.is_cuda:
+    layers = [m for m in model.modules() if isinstance(m, AWQLinear) and m.qweight.is_cuda]
+    if any(m.kernel == "auto" for m in layers):
+        resolved = "gemlite" if awq_gemlite.available() else "triton"
+        for module in layers:
+            module.kernel = resolved if module.kernel == "auto" else module.kernel
+    for module in layers:
+        if module.kernel == "gemlite":
             module.prepare_gemlite(dtype)

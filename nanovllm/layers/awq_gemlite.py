@@ -24,16 +24,24 @@ one) holds that shape at the nearest power-of-two M, in which case it launches t
 benchmarking. Benchmarking inside CUDA graph capture would break the capture, so a layer refuses to be
 captured at an M it has not run eagerly (the engine's capture runs every batch size eagerly first).
 
-Why only M <= MAX_M: prefill brings a new M on almost every step, and each would be autotuned; the
-tiled kernel (layers/awq_gemm.py) serves those. GPU numbers: to be measured (scripts/sweep_awq_gemm.py
---no-candidates, scripts/bench_awq.py --awq-kernels triton gemlite; claude_docs/models.md)."""
+Why only one row (MAX_M): measured on the H200 (scripts/sweep_awq_gemm.py --ms 1 4 16, Qwen3-8B shapes,
+group 128, CUDA graphs), gemlite's GEMV at M = 1 is 1.26-1.38x bf16 cuBLAS (qkv 12.9 us vs 16.2, o 9.5
+vs 12.6, gate_up 35.8 vs 49.6) and 1.33-1.52x our skinny kernel, but its M = 4 kernel is 0.38-0.52x
+bf16 and M = 16 0.63-0.79x, behind our skinny kernel (0.80-0.93x). Decode of qwen3-8b (dummy AWQ
+weights, scripts/bench_awq.py --skip-gemm --batches 1 16): batch 1 bf16 196.6 tok/s, our kernels
+183.9, gemlite 247.0 (1.26x bf16); batch 16 (gemlite then served up to 16 rows) 3058 / 2664 / 2243.
+Prefill brings a new M on almost every step, and each would be autotuned besides.
+
+The cost: gemlite keeps its own copy of the int4 weights (the AWQ tensors stay for M > 1), so an AWQ
+model's weights take twice their size on the GPU while gemlite is in use (awq_gemm.kernel_choice:
+"auto" uses it when the package is installed, "triton" never)."""
 import os
 
 import torch
 
 from nanovllm.layers.awq_format import unpack
 
-MAX_M = 16            # rows served by gemlite; more go to awq_gemm.awq_matmul
+MAX_M = 1             # rows served by gemlite; more go to awq_gemm.awq_matmul (measured above)
 DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -53,6 +61,15 @@ def gemlite_operands(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.
 
 
 _gemlite = None
+
+
+def available() -> bool:
+    """Whether gemlite imports here (it needs CUDA and triton >= 3.6); NANOVLLM_AWQ_KERNEL=auto asks."""
+    try:
+        _import_gemlite()
+    except ImportError:
+        return False
+    return True
 
 
 def _import_gemlite():
