@@ -497,7 +497,6 @@ from nanovllm.layers.awq_format import dequantize, pack
 from nanovllm.layers.awq_gemm import awq_matmul
 from nanovllm.layers.awq_skinny import SkinnyConfig as C, skinny_gemm
 device = "{device}"
-awq_skinny._COUNTERS.clear()   # on the GPU this runs in the test process, after other tests' split calls
 g = torch.Generator().manual_seed(0)
 cases = """ + SKINNY_CASES + r"""
 dtypes = [(torch.float32, 1e-5), (torch.float16, 1e-3)]
@@ -516,7 +515,6 @@ for dtype, tol in dtypes:
             err = (y.double() - ref).abs().max().item() / ref.abs().max().item()
             assert err <= tol, (dtype, M, K, N, G, config, err)
         counters = awq_skinny._COUNTERS.get(x.device)     # allocated by the first split call
-        assert (counters is None) == (dtype == torch.float32 and M == 1 and config is None), M
         assert counters is None or not counters.any()       # every call leaves them zero
         if config is None:   # the layer's entry point takes this kernel up to MAX_M rows
             assert torch.equal(awq_matmul(x, qw, qz, scales, G), y)
