@@ -66,13 +66,16 @@ def main():
         torch.cuda.synchronize()
         s = timer.copy_seconds()
         if record:
-            rows.append(dict(copy=name, load=load, pages=n, seconds=s, gb_s=n * page_bytes / s / 1e9))
+            rows.append(dict(copy=f"{name}, stream priority {tier.stream.priority}", load=load, pages=n,
+                             seconds=s, gb_s=n * page_bytes / s / 1e9))
 
-    for load in (False, True):
+    for load, priority in ((False, -1), (True, 0), (True, -1)):
+        tier.stream = torch.cuda.Stream(device=dev, priority=priority)   # HostTier's own: -1 (high)
         for host, label in ((host_runs, "consecutive"), (host_scattered, "scattered")):
             out = np.stack([gpu_pages, host], axis=1)
             back = np.stack([host, gpu_pages], axis=1)
             tier_copy("warm-up", out, None, load, record=False)
+            tier_copy("warm-up", None, back, load, record=False)
             tier_copy(f"swap_out, host pages {label}", out, None, load)
             tier_copy(f"swap_in, host pages {label}", None, back, load)
     # The bound: one contiguous buffer of the same bytes, each way, on a side stream.
