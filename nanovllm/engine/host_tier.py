@@ -144,10 +144,7 @@ class HostTier:
         page_shape = kv_cache.shape[:2] + kv_cache.shape[3:]
         shape = (num_pages,) + tuple(page_shape)
         self.pool = pinned_empty(shape, kv_cache.dtype) if self.cuda else torch.zeros(shape, dtype=kv_cache.dtype)
-        # High priority: its gather/scatter kernels get the SMs ahead of the forward's next blocks. At
-        # normal priority they queued behind a compute loop and the copies fell from 43 to 12 GB/s
-        # (scripts/bench_host_copies.py, H200; a plain memcpy kept 55 GB/s beside it).
-        self.stream = torch.cuda.Stream(device=kv_cache.device, priority=-1) if self.cuda else None
+        self.stream = torch.cuda.Stream(device=kv_cache.device) if self.cuda else None
         self.restore_event = None   # restores the next step's forward must wait for
 
     @property
