@@ -245,7 +245,7 @@ def fit(samples):
               f"cascade ms (pred) | error reg / casc |\n|---|---|---|---|---|")
         agree = 0
         for (shape, s), (er, ec) in zip(rows, errs):
-            pr = model.regular_fixed_ms + model.regular_per_token_ms * s.regular_tokens
+            pr = model.regular_line(s.regular_tokens, s.cascade_tokens, s.rows)
             pc = model.cascade[s.backend].ms(s.levels, s.cascade_tokens, s.qk_tokens)
             agree += (pc < model.margin * pr) == (s.cascade_ms < s.regular_ms)
             print(f"| {' x '.join(map(str, shape))} | {s.backend} | {s.regular_ms:.4f} ({pr:.4f}) | {s.cascade_ms:.4f} "
@@ -257,6 +257,8 @@ def fit(samples):
     print("\n# cost_model.py coefficients (fitted):")
     print(f"    regular_fixed_ms: float = {model.regular_fixed_ms:.4g}")
     print(f"    regular_per_token_ms: float = {model.regular_per_token_ms:.4g}")
+    print(f"    regular_per_unique_ms: float = {model.regular_per_unique_ms:.4g}")
+    print(f"    regular_per_row_ms: float = {model.regular_per_row_ms:.4g}")
     for name, c in model.cascade.items():
         print(f"    {name!r}: LevelCosts({c.fixed_ms:.4g}, {c.per_token_ms:.4g}, {c.per_qk_ms:.4g}),")
 
