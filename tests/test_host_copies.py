@@ -139,3 +139,49 @@ def test_host_tier_dma_mode_on_cpu_equals_staged_mode(dtype):
 def test_host_tier_rejects_an_unknown_copy_mode():
     with pytest.raises(ValueError, match="copy_mode"):
         HostTier(torch.zeros(2, 1, 4, 2, 1, 2), 2, copy_mode="kernel")
+
+
+def test_cuda_executor_passes_absolute_pointers_and_raises_on_an_error_code():
+    """CudaMemcpy2D.run with the ctypes function replaced by a recorder: each plan row becomes one
+    call at data_ptr + offset, cudaMemcpyDefault (4), the stream's handle; a nonzero return code is a
+    RuntimeError naming the call, the code and its string."""
+    from types import SimpleNamespace
+
+    from nanovllm.utils.memcpy2d import CudaMemcpy2D
+    kv = torch.zeros(2, 2, 5, 3, 2, 1)
+    pool = torch.zeros(6, 2, 2, 3, 2, 1)
+    plan = page_copy_plan(kv, pool, np.array([[3, 4], [0, 1]]), to_host=True)
+    calls, codes = [], iter([0, 0, 0, 700])
+    runner = CudaMemcpy2D.__new__(CudaMemcpy2D)   # no CUDA here: only the call loop is exercised
+    runner.memcpy2d = lambda *args: (calls.append(args), next(codes))[1]
+    runner.error_string = lambda rc: b"an illegal memory access was encountered"
+    runner.path = "libcudart.so.test"
+    stream = SimpleNamespace(cuda_stream=0xabc)
+    runner.run(pool, kv, plan, stream)
+    assert calls == [(pool.data_ptr() + 384, 24, kv.data_ptr() + 72, 120, 24, 4, 4, 0xabc),
+                     (pool.data_ptr() + 96, 24, kv.data_ptr(), 120, 24, 4, 4, 0xabc)]
+    runner.run(pool, kv, plan[:0], stream)
+    assert len(calls) == 2
+    with pytest.raises(RuntimeError, match=r"cudaMemcpy2DAsync\(.*returned 700 \(an illegal memory access"):
+        runner.run(pool, kv, plan, stream)
+
+
+def test_find_cudart_prefers_the_library_mapped_in_the_process(tmp_path):
+    """In a fresh process: a libcudart.so.* loaded before the call (here a copy of the libm this
+    Python has mapped, standing in) is the one found, wherever it lies."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    if torch.version.cuda:
+        pytest.skip("a CUDA build of torch maps its own libcudart on import")
+    with open("/proc/self/maps") as maps:
+        libm = next((line.split()[-1] for line in maps if os.path.basename(line.split()[-1]).startswith("libm")), None)
+    if libm is None:
+        pytest.skip("no libm mapped to stand in for a runtime library")
+    fake = tmp_path / "libcudart.so.99"
+    shutil.copy(libm, fake)
+    code = ("import ctypes, sys; ctypes.CDLL(sys.argv[1]); "
+            "from nanovllm.utils.memcpy2d import find_cudart; print(find_cudart())")
+    out = subprocess.run([sys.executable, "-c", code, str(fake)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(fake)
