@@ -34,7 +34,8 @@ def page_copy_plan(kv_cache: torch.Tensor, pool: torch.Tensor, pairs: np.ndarray
     to_host: pairs are (gpu page, host page) and the pool is the destination; else (host page, gpu
     page) and the cache is."""
     if kv_cache.dim() != 6 or kv_cache.shape[0] != 2:
-        raise ValueError(f"kv_cache must be [2, layers, pages, page_size, kv_heads, head_dim], got {tuple(kv_cache.shape)}")
+        raise ValueError("kv_cache must be [2, layers, pages, page_size, kv_heads, head_dim], "
+                         f"got {tuple(kv_cache.shape)}")
     page_shape = tuple(kv_cache.shape[:2] + kv_cache.shape[3:])
     if pool.dim() != 6 or tuple(pool.shape[1:]) != page_shape:
         raise ValueError(f"pool must be [host pages, *{page_shape}], got {tuple(pool.shape)}")
