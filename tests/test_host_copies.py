@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanovllm.engine.host_tier import HostTier
-from nanovllm.utils.memcpy2d import page_copy_plan, run_plan_cpu
+from nanovllm.utils.memcpy2d import cache_pitch, page_copy_plan, run_plan_cpu
 
 SHAPES = [  # (layers, gpu pages, page_size, kv_heads, head_dim, host pages)
     (3, 20, 4, 2, 8, 11),
@@ -76,6 +76,7 @@ def test_plan_offsets_by_hand():
     back = page_copy_plan(kv, pool, np.array([[4, 3]]), to_host=False)
     assert back.tolist() == [[72, 120, 384, 24, 24, 4]]
     assert page_copy_plan(kv, pool, np.zeros((0, 2), dtype=np.int64), to_host=True).shape == (0, 6)
+    assert cache_pitch(kv) == 120
 
 
 def test_plan_rejects_what_it_cannot_copy():

@@ -6,9 +6,22 @@ step's forward. Under tensor parallelism every rank holds its own KV heads of ev
 the same pairs on its own pool.
 
 Pool layout [host pages, 2, layers, page_size, kv_heads, head_dim]: a host page is one contiguous
-run of bytes, so consecutive host pages move in one memcpy. The GPU cache is
-[2, layers, pages, ...]: its pages are gathered into (or scattered from) a contiguous staging
-tensor by one kernel per chunk of CHUNK pages, which bounds the staging memory.
+run of bytes. The GPU cache is [2, layers, pages, ...]: a page there is 2 x layers rows of
+page_size x kv_heads x head_dim elements, a uniform pitch of pages x row apart. Two copy modes:
+- "dma" (the default on CUDA): one cudaMemcpy2DAsync a page, straight between the cache and the
+  pinned pool (utils/memcpy2d.py: the plan is plain data, run on CPU by strided byte views in the
+  tests). No kernel, so the copy engines move it whatever the forward does with the SMs.
+- "staged": one index_select / index_copy_ kernel a chunk of CHUNK pages gathers (scatters) them
+  through a contiguous staging tensor, and one memcpy a run of consecutive host pages. Kept as the
+  fallback (no CUDA runtime library found, or a cache whose pitch is over the device's memcpy
+  limit, 2**31 - 1 bytes on current GPUs) and for comparison.
+Why (one H200, scripts/bench_host_copies.py, qwen3-1.7b pages of 1.84 MB, 512 pages a copy): staged
+moved 42-47 GB/s with the GPU idle but 11.8-12.2 GB/s beside a matmul loop on the compute stream
+(a forward's stand-in), with the copy stream at high priority too (its kernels wait for SMs); one
+contiguous pinned buffer of the same bytes moved 55.0 GB/s beside the same loop. On W6 (qwen3-1.7b,
+16,384 GPU pages, 64 GB host tier) engine/copy_costs.py then saw 13-29 GB/s and restored nothing
+under fcfs, and under lpm restored 118 GB and ran slower than GPU-only lpm (6,150 vs 8,247 tok/s).
+DMA-mode numbers on the GPU: pending (claude_docs/memory.md says the commands).
 
 On CUDA the pool is pinned (cudaHostRegister on a plain allocation: PyTorch's pinned allocator
 rounds sizes up to a power of two) and the copies run on a side stream: they start after the step
@@ -23,8 +36,10 @@ restores (a restoring request run at once because nothing else could run) says s
 (`wait_for_restores`), and it carries no other restores. A `StepTimer` of CUDA events
 times the forward's wait for copies, the forward, the copies and the restores alone (read by the
 runner at a later collect once `ready()`: it never waits for them; engine/copy_costs.py decides from
-them). The GPU page ids of a step's copies go up once a direction from pinned memory (`_copies`).
-On CPU (tests) the pool is a second tensor and copies are plain `copy_`.
+them). Staged: the GPU page ids of a step's copies go up once a direction from pinned memory
+(`_staged_copies`); dma: page ids stay on the host (they are the plan's offsets).
+On CPU (tests) the pool is a second tensor and the default "staged" mode's copies are plain tensor
+ops; "dma" there runs the same plan as on CUDA through byte views.
 
 An fp8 cache (kv_cache_dtype fp8_e4m3) is copied as its bytes (a uint8 view of cache and pool):
 index_select / index_copy_ have no fp8 kernels, and a page moves unchanged whatever its dtype.
@@ -37,7 +52,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from nanovllm.utils.memcpy2d import cuda_memcpy2d, page_copy_plan, run_plan_cpu
+from nanovllm.utils.memcpy2d import cache_pitch, cuda_memcpy2d, page_copy_plan, run_plan_cpu
 from nanovllm.utils.transfer import to_device
 
 CHUNK = 32  # pages staged at once: 32 x 2.4 MB for an 8B model's page
@@ -157,15 +172,23 @@ class HostTier:
         self.stream = torch.cuda.Stream(device=kv_cache.device) if self.cuda else None
         self.restore_event = None   # restores the next step's forward must wait for
         self.memcpy2d = None   # CUDA "dma" mode: the cudaMemcpy2DAsync binding
-        if copy_mode == "dma" and self.cuda:
-            self.memcpy2d = cuda_memcpy2d()   # asked for by name: no fallback
-        elif copy_mode is None and self.cuda:
+        if self.cuda and copy_mode in (None, "dma"):
             try:
-                self.memcpy2d = cuda_memcpy2d()
+                self.memcpy2d = self._dma_binding()
             except (RuntimeError, OSError, AttributeError) as e:
-                warnings.warn(f"host tier: no cudaMemcpy2DAsync ({e}); page copies fall back to staging kernels, "
-                              "which run at ~12 GB/s beside a forward instead of ~55", RuntimeWarning)
+                if copy_mode == "dma":   # asked for by name: no fallback
+                    raise
+                warnings.warn(f"host tier: no DMA page copies ({e}); they fall back to staging kernels, "
+                              "measured at ~12 GB/s beside a forward (H200) where DMA keeps ~55", RuntimeWarning)
         self.copy_mode = copy_mode or ("dma" if self.memcpy2d is not None else "staged")
+
+    def _dma_binding(self):
+        memcpy2d = cuda_memcpy2d()
+        pitch, limit = cache_pitch(self.kv_cache), memcpy2d.max_pitch(self.kv_cache.device)
+        if pitch > limit:
+            raise RuntimeError(f"the cache's pitch ({self.kv_cache.shape[2]} pages x row = {pitch} bytes) is over the "
+                               f"device's largest memcpy pitch ({limit})")
+        return memcpy2d
 
     @property
     def num_pages(self) -> int:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 CUDA_MEMCPY_DEFAULT = 4   # cudaMemcpyDefault: the direction comes from the pointers (unified addressing)
+CUDA_DEV_ATTR_MAX_PITCH = 11   # cudaDevAttrMaxPitch: the largest pitch a memcpy accepts (2**31 - 1 bytes typically)
 PLAN_COLUMNS = ("dst_offset", "dpitch", "src_offset", "spitch", "width", "height")
 
 
@@ -59,6 +60,11 @@ def page_copy_plan(kv_cache: torch.Tensor, pool: torch.Tensor, pairs: np.ndarray
     plan[:, 0], plan[:, 1], plan[:, 2], plan[:, 3] = dst[0], dst[1], src[0], src[1]
     plan[:, 4], plan[:, 5] = row, height
     return plan
+
+
+def cache_pitch(kv_cache: torch.Tensor) -> int:
+    """Bytes from one row of a page in the cache to the next (pages x row): a 2D memcpy's pitch there."""
+    return kv_cache.shape[2] * kv_cache[0, 0, 0].numel() * kv_cache.element_size()
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -111,6 +117,21 @@ class CudaMemcpy2D:
         self.error_string = lib.cudaGetErrorString
         self.error_string.argtypes = [ctypes.c_int]
         self.error_string.restype = ctypes.c_char_p
+        self.get_attribute = lib.cudaDeviceGetAttribute
+        self.get_attribute.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int]
+        self.get_attribute.restype = ctypes.c_int
+
+    def check(self, rc: int, call: str):
+        if rc:
+            raise RuntimeError(f"{call} returned {rc} ({self.error_string(rc).decode()}), libcudart {self.path}")
+
+    def max_pitch(self, device: torch.device) -> int:
+        """The largest pitch (bytes) the device's memcpys accept."""
+        value = ctypes.c_int()
+        index = torch.cuda.current_device() if device.index is None else device.index
+        self.check(self.get_attribute(ctypes.byref(value), CUDA_DEV_ATTR_MAX_PITCH, index),
+                   f"cudaDeviceGetAttribute(cudaDevAttrMaxPitch, {index})")
+        return value.value
 
     def run(self, dst: torch.Tensor, src: torch.Tensor, plan: np.ndarray, stream: torch.cuda.Stream):
         """Queues the plan's copies on `stream` (the host only queues them; pinned host memory)."""
@@ -123,9 +144,8 @@ class CudaMemcpy2D:
         for d, dpitch, s, spitch, width, height in absolute.tolist():
             rc = fn(d, dpitch, s, spitch, width, height, CUDA_MEMCPY_DEFAULT, handle)
             if rc:
-                raise RuntimeError(f"cudaMemcpy2DAsync(dst={d:#x}, dpitch={dpitch}, src={s:#x}, spitch={spitch}, "
-                                   f"width={width}, height={height}) returned {rc} "
-                                   f"({self.error_string(rc).decode()}), libcudart {self.path}")
+                self.check(rc, f"cudaMemcpy2DAsync(dst={d:#x}, dpitch={dpitch}, src={s:#x}, spitch={spitch}, "
+                               f"width={width}, height={height})")
 
 
 _cuda_memcpy2d = None
