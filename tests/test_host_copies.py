@@ -186,3 +186,36 @@ def test_find_cudart_prefers_the_library_mapped_in_the_process(tmp_path):
             "from nanovllm.utils.memcpy2d import find_cudart; print(find_cudart())")
     out = subprocess.run([sys.executable, "-c", code, str(fake)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(fake)
+
+
+def test_engine_with_dma_copies_on_cpu_gives_the_plain_engines_outputs(tmp_path, make_llm, monkeypatch):
+    """End to end: llama-tiny through 32 GPU pages with the host tier's copies run as the dma plan
+    (on CPU, by byte views): greedy outputs equal the engine without the tier, pages went both ways.
+    The control (restores that copy nothing change the outputs) is test_kv_tiers_engine's."""
+    import random
+
+    from nanovllm import SamplingParams
+    from nanovllm.tools.make_model import make_model
+    model = make_model("llama-tiny", str(tmp_path / "llama-tiny"), seed=0)
+    rng = random.Random(0)
+    systems = [[rng.randint(1, 500) for _ in range(48)] for _ in range(5)]
+    prompts = [s + [rng.randint(1, 500) for _ in range(6)] for s in systems for _ in range(3)]
+    rng.shuffle(prompts)
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    tight = dict(num_kvcache_blocks=32, kvcache_block_size=8, max_num_seqs=4, max_model_len=256)
+
+    def rounds(llm):
+        return [o["token_ids"] for _ in range(2) for o in llm.generate(prompts, greedy, use_tqdm=False)]
+
+    want = rounds(make_llm(model, **tight))
+    llm = make_llm(model, host_kvcache_gb=0.01, **tight)
+    tier = llm.model_runner.host_tier
+    assert tier.copy_mode == "staged"   # the CPU default
+    tier.copy_mode = "dma"
+    planned = []   # pages a plan, counted on their way through
+    monkeypatch.setattr("nanovllm.engine.host_tier.page_copy_plan",
+                        lambda *a: planned.append(len(a[2])) or page_copy_plan(*a))
+    assert rounds(llm) == want
+    copies = llm.kv_state()["copies"]
+    assert copies["pages_to_host"] > 0 and copies["pages_from_host"] > 0
+    assert sum(planned) == copies["pages_to_host"] + copies["pages_from_host"]
