@@ -159,7 +159,8 @@ class HostTier:
     def __init__(self, kv_cache: torch.Tensor, num_pages: int, copy_mode: str | None = None):
         """copy_mode: "dma" (a 2D memcpy a page, no kernel; on CPU the plan runs on byte views) or
         "staged" (gather/scatter kernels + memcpy). None: "dma" on CUDA (falling back to "staged",
-        with a warning, where no CUDA runtime library is found), "staged" on CPU (plain copy_)."""
+        with a warning, where no CUDA runtime library is found or the cache's pitch is over the
+        device's memcpy limit), "staged" on CPU (plain tensor ops)."""
         if copy_mode not in (None,) + COPY_MODES:
             raise ValueError(f"copy_mode must be one of {COPY_MODES} or None, got {copy_mode!r}")
         if kv_cache.dtype.itemsize == 1:  # fp8: copy bytes (module doc)
@@ -179,7 +180,7 @@ class HostTier:
                 if copy_mode == "dma":   # asked for by name: no fallback
                     raise
                 warnings.warn(f"host tier: no DMA page copies ({e}); they fall back to staging kernels, "
-                              "measured at ~12 GB/s beside a forward (H200) where DMA keeps ~55", RuntimeWarning)
+                              "measured at ~12 GB/s beside a compute loop (H200) where a kernel-free copy kept 55", RuntimeWarning)
         self.copy_mode = copy_mode or ("dma" if self.memcpy2d is not None else "staged")
 
     def _dma_binding(self):
