@@ -137,9 +137,16 @@ def test_host_tier_dma_mode_on_cpu_equals_staged_mode(dtype):
         assert same_bytes(tiers["dma"].pool, tiers["staged"].pool), step
 
 
-def test_host_tier_rejects_an_unknown_copy_mode():
+def test_host_tier_copy_mode_by_argument_or_environment(monkeypatch):
+    kv = torch.zeros(2, 1, 4, 2, 1, 2)
     with pytest.raises(ValueError, match="copy_mode"):
-        HostTier(torch.zeros(2, 1, 4, 2, 1, 2), 2, copy_mode="kernel")
+        HostTier(kv, 2, copy_mode="kernel")
+    monkeypatch.setenv("NANOVLLM_HOST_COPY_MODE", "dma")
+    assert HostTier(kv, 2).copy_mode == "dma"
+    assert HostTier(kv, 2, copy_mode="staged").copy_mode == "staged"   # the argument wins
+    monkeypatch.setenv("NANOVLLM_HOST_COPY_MODE", "fast")
+    with pytest.raises(ValueError, match="NANOVLLM_HOST_COPY_MODE"):
+        HostTier(kv, 2)
 
 
 def test_cuda_executor_passes_absolute_pointers_and_raises_on_an_error_code():

@@ -44,6 +44,7 @@ ops; "dma" there runs the same plan as on CUDA through byte views.
 An fp8 cache (kv_cache_dtype fp8_e4m3) is copied as its bytes (a uint8 view of cache and pool):
 index_select / index_copy_ have no fp8 kernels, and a page moves unchanged whatever its dtype.
 """
+import os
 import warnings
 import weakref
 from time import perf_counter
@@ -160,9 +161,11 @@ class HostTier:
         """copy_mode: "dma" (a 2D memcpy a page, no kernel; on CPU the plan runs on byte views) or
         "staged" (gather/scatter kernels + memcpy). None: "dma" on CUDA (falling back to "staged",
         with a warning, where no CUDA runtime library is found or the cache's pitch is over the
-        device's memcpy limit), "staged" on CPU (plain tensor ops)."""
+        device's memcpy limit), "staged" on CPU (plain tensor ops). The environment variable
+        NANOVLLM_HOST_COPY_MODE (dma | staged) stands in for None: end-to-end runs compare the two."""
+        copy_mode = copy_mode or os.environ.get("NANOVLLM_HOST_COPY_MODE") or None
         if copy_mode not in (None,) + COPY_MODES:
-            raise ValueError(f"copy_mode must be one of {COPY_MODES} or None, got {copy_mode!r}")
+            raise ValueError(f"copy_mode (or NANOVLLM_HOST_COPY_MODE) must be one of {COPY_MODES}, got {copy_mode!r}")
         if kv_cache.dtype.itemsize == 1:  # fp8: copy bytes (module doc)
             kv_cache = kv_cache.view(torch.uint8)
         self.kv_cache = kv_cache   # [2, layers, pages, page_size, kv_heads, head_dim]
