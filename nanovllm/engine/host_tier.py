@@ -192,7 +192,31 @@ class HostTier:
         if pitch > limit:
             raise RuntimeError(f"the cache's pitch ({self.kv_cache.shape[2]} pages x row = {pitch} bytes) is over the "
                                f"device's largest memcpy pitch ({limit})")
+        self._check_dma(memcpy2d)
         return memcpy2d
+
+    @torch.inference_mode()
+    def _check_dma(self, memcpy2d):
+        """Once, at start-up: a pattern page out to host page 0 and back into the last GPU page by the
+        binding, compared byte for byte (RuntimeError on a mismatch). The pages hold no KV yet; both
+        are zeroed after."""
+        kv, pool = self.kv_cache.view(torch.uint8), self.pool.view(torch.uint8)
+        last = kv.shape[2] - 1
+        pattern = torch.arange(kv[:, :, 0].numel(), device=kv.device, dtype=torch.int64).remainder_(251)
+        kv[:, :, 0].copy_(pattern.view(kv[:, :, 0].shape).to(torch.uint8))
+        torch.cuda.current_stream().synchronize()
+        for pairs, to_host in ((np.array([[0, 0]]), True), (np.array([[0, last]]), False)):
+            dst, src = (self.pool, self.kv_cache) if to_host else (self.kv_cache, self.pool)
+            with torch.cuda.device(kv.device):
+                memcpy2d.run(dst, src, page_copy_plan(self.kv_cache, self.pool, pairs, to_host), self.stream)
+            self.stream.synchronize()
+        ok = torch.equal(pool[0], kv[:, :, 0].cpu()) and torch.equal(kv[:, :, last], kv[:, :, 0])
+        kv[:, :, 0].zero_()
+        kv[:, :, last].zero_()
+        pool[0].zero_()
+        torch.cuda.current_stream().synchronize()
+        if not ok:
+            raise RuntimeError("the DMA page copy's start-up check read back other bytes than it wrote")
 
     @property
     def num_pages(self) -> int:
