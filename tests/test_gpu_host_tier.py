@@ -21,11 +21,14 @@ def gpu_model(tmp_path_factory):
                       intermediate_size=512, num_hidden_layers=3, initializer_range=0.1)  # not degenerate
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=str)
+@pytest.mark.parametrize("copy_mode", ["dma", "staged"])
 @pytest.mark.parametrize("after_prev", [False, True])
-def test_cuda_copies_move_the_exact_bytes(after_prev):
-    kv = torch.randn(2, 3, 200, 16, 8, 128, device="cuda").to(torch.bfloat16)
-    tier = HostTier(kv, 100)
-    assert tier.pool.is_pinned()
+def test_cuda_copies_move_the_exact_bytes(after_prev, copy_mode, dtype):
+    kv = torch.randn(2, 3, 200, 16, 8, 128, device="cuda").to(dtype)
+    tier = HostTier(kv, 100, copy_mode=copy_mode)
+    kv = tier.kv_cache   # fp8: its uint8 view, compared as bytes
+    assert tier.pool.is_pinned() and tier.copy_mode == copy_mode
     rng = np.random.default_rng(0)
     gpu = rng.choice(200, size=70, replace=False)
     # a long run of consecutive host pages (one memcpy), then 30 other distinct pages
@@ -42,6 +45,7 @@ def test_cuda_copies_move_the_exact_bytes(after_prev):
     timer2 = tier.copy(None, np.stack([host, back], 1), after_prev)
     torch.cuda.synchronize()
     assert torch.equal(kv[:, :, torch.from_numpy(back).cuda()], saved)
+    assert torch.equal(tier.pool[torch.from_numpy(host)], saved.movedim(2, 0).cpu())
     assert timer.copy_seconds() > 0 and timer2.restore_seconds() > 0
 
 
@@ -80,11 +84,17 @@ def test_greedy_with_host_tier_equals_without(gpu_model, backend):
     assert diverged == 0 if backend == "torch" else diverged <= 2
 
 
-def test_restores_land_before_the_next_steps_forward():
+def test_dma_is_the_default_on_cuda():
+    tier = HostTier(torch.zeros(2, 1, 8, 16, 8, 128, device="cuda", dtype=torch.bfloat16), 4)
+    assert tier.copy_mode == "dma" and "libcudart" in tier.memcpy2d.path
+
+
+@pytest.mark.parametrize("copy_mode", ["dma", "staged"])
+def test_restores_land_before_the_next_steps_forward(copy_mode):
     """A step that does not read its restores (wait_for_restores False) leaves them to the copy
     stream; the next step's before_forward orders its forward after them."""
     kv = torch.randn(2, 2, 64, 16, 8, 128, device="cuda").to(torch.bfloat16)
-    tier = HostTier(kv, 64)
+    tier = HostTier(kv, 64, copy_mode=copy_mode)
     tier.pool.copy_(torch.randn(tier.pool.shape).to(torch.bfloat16))
     host = np.arange(40)
     gpu = np.random.default_rng(1).permutation(64)[:40]
@@ -98,14 +108,15 @@ def test_restores_land_before_the_next_steps_forward():
     assert torch.equal(got.cpu(), tier.pool[torch.from_numpy(host)].movedim(0, 2))
 
 
-def test_queuing_copies_does_not_wait_for_the_device():
+@pytest.mark.parametrize("copy_mode", ["dma", "staged"])
+def test_queuing_copies_does_not_wait_for_the_device(copy_mode):
     """before_forward only queues: with the main stream busy (~100 ms of matmuls) and copies that
     must follow it (copy_after_prev), the host returns at once. Before session 6's fix the GPU page
     ids went up from pageable memory once a chunk of 32 pages, which CUDA may order after the copy
     stream's work: the host (and the forward it launches next) waited for the copies. The step's
     timer then reads its stall, forward, copies and restores apart."""
     kv = torch.randn(2, 4, 512, 16, 8, 128, device="cuda").to(torch.bfloat16)
-    tier = HostTier(kv, 512)
+    tier = HostTier(kv, 512, copy_mode=copy_mode)
     rng = np.random.default_rng(2)
     out = np.stack([rng.permutation(512)[:256], np.arange(256)], 1)
     back = np.stack([np.arange(256, 512), rng.permutation(512)[:256]], 1)
@@ -121,7 +132,9 @@ def test_queuing_copies_does_not_wait_for_the_device():
     torch.cuda.synchronize()
     device_s = time.perf_counter() - start
     times = timer.times()
-    print(f"host {host_s * 1e3:.1f} ms to queue 512 pages of copies; device {device_s * 1e3:.1f} ms; {times}")
+    print(f"{copy_mode}: host {host_s * 1e3:.1f} ms to queue 512 pages of copies ({host_s / 512 * 1e6:.1f} us a page); "
+          f"device {device_s * 1e3:.1f} ms; {times}")
     assert host_s < 0.2 * device_s
+    assert copy_mode != "dma" or host_s / 512 < 20e-6   # one ctypes call a page (aim: well under 5 us)
     assert times.copy_pages == 512 and times.restore_pages == 256 and times.prefill_tokens == 100
     assert 0 < times.restore_s < times.copy_s <= times.stall_s + 1e-4   # this forward waited for all of them

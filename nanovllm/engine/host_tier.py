@@ -6,9 +6,22 @@ step's forward. Under tensor parallelism every rank holds its own KV heads of ev
 the same pairs on its own pool.
 
 Pool layout [host pages, 2, layers, page_size, kv_heads, head_dim]: a host page is one contiguous
-run of bytes, so consecutive host pages move in one memcpy. The GPU cache is
-[2, layers, pages, ...]: its pages are gathered into (or scattered from) a contiguous staging
-tensor by one kernel per chunk of CHUNK pages, which bounds the staging memory.
+run of bytes. The GPU cache is [2, layers, pages, ...]: a page there is 2 x layers rows of
+page_size x kv_heads x head_dim elements, a uniform pitch of pages x row apart. Two copy modes:
+- "dma" (the default on CUDA): one cudaMemcpy2DAsync a page, straight between the cache and the
+  pinned pool (utils/memcpy2d.py: the plan is plain data, run on CPU by strided byte views in the
+  tests). No kernel, so the copy engines move it whatever the forward does with the SMs.
+- "staged": one index_select / index_copy_ kernel a chunk of CHUNK pages gathers (scatters) them
+  through a contiguous staging tensor, and one memcpy a run of consecutive host pages. Kept as the
+  fallback (no CUDA runtime library found, or a cache whose pitch is over the device's memcpy
+  limit, 2**31 - 1 bytes on current GPUs) and for comparison.
+Why (one H200, scripts/bench_host_copies.py, qwen3-1.7b pages of 1.84 MB, 512 pages a copy): staged
+moved 42-47 GB/s with the GPU idle but 11.8-12.2 GB/s beside a matmul loop on the compute stream
+(a forward's stand-in), with the copy stream at high priority too (its kernels wait for SMs); one
+contiguous pinned buffer of the same bytes moved 55.0 GB/s beside the same loop. On W6 (qwen3-1.7b,
+16,384 GPU pages, 64 GB host tier) engine/copy_costs.py then saw 13-29 GB/s and restored nothing
+under fcfs, and under lpm restored 118 GB and ran slower than GPU-only lpm (6,150 vs 8,247 tok/s).
+DMA-mode numbers on the GPU: pending (claude_docs/memory.md says the commands).
 
 On CUDA the pool is pinned (cudaHostRegister on a plain allocation: PyTorch's pinned allocator
 rounds sizes up to a power of two) and the copies run on a side stream: they start after the step
@@ -23,12 +36,16 @@ restores (a restoring request run at once because nothing else could run) says s
 (`wait_for_restores`), and it carries no other restores. A `StepTimer` of CUDA events
 times the forward's wait for copies, the forward, the copies and the restores alone (read by the
 runner at a later collect once `ready()`: it never waits for them; engine/copy_costs.py decides from
-them). The GPU page ids of a step's copies go up once a direction from pinned memory (`_copies`).
-On CPU (tests) the pool is a second tensor and copies are plain `copy_`.
+them). Staged: the GPU page ids of a step's copies go up once a direction from pinned memory
+(`_staged_copies`); dma: page ids stay on the host (they are the plan's offsets).
+On CPU (tests) the pool is a second tensor and the default "staged" mode's copies are plain tensor
+ops; "dma" there runs the same plan as on CUDA through byte views.
 
 An fp8 cache (kv_cache_dtype fp8_e4m3) is copied as its bytes (a uint8 view of cache and pool):
 index_select / index_copy_ have no fp8 kernels, and a page moves unchanged whatever its dtype.
 """
+import os
+import warnings
 import weakref
 from time import perf_counter
 from typing import NamedTuple
@@ -36,6 +53,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from nanovllm.utils.memcpy2d import cache_pitch, cuda_memcpy2d, page_copy_plan, run_plan_cpu
 from nanovllm.utils.transfer import to_device
 
 CHUNK = 32  # pages staged at once: 32 x 2.4 MB for an 8B model's page
@@ -134,9 +152,20 @@ class StepTimer:
         return self.restore_start.elapsed_time(self.restore_end) / 1000 if self.restore_pages else 0.0
 
 
+COPY_MODES = ("dma", "staged")
+
+
 class HostTier:
 
-    def __init__(self, kv_cache: torch.Tensor, num_pages: int):
+    def __init__(self, kv_cache: torch.Tensor, num_pages: int, copy_mode: str | None = None):
+        """copy_mode: "dma" (a 2D memcpy a page, no kernel; on CPU the plan runs on byte views) or
+        "staged" (gather/scatter kernels + memcpy). None: "dma" on CUDA (falling back to "staged",
+        with a warning, where no CUDA runtime library is found or the cache's pitch is over the
+        device's memcpy limit), "staged" on CPU (plain tensor ops). The environment variable
+        NANOVLLM_HOST_COPY_MODE (dma | staged) stands in for None: end-to-end runs compare the two."""
+        copy_mode = copy_mode or os.environ.get("NANOVLLM_HOST_COPY_MODE") or None
+        if copy_mode not in (None,) + COPY_MODES:
+            raise ValueError(f"copy_mode (or NANOVLLM_HOST_COPY_MODE) must be one of {COPY_MODES}, got {copy_mode!r}")
         if kv_cache.dtype.itemsize == 1:  # fp8: copy bytes (module doc)
             kv_cache = kv_cache.view(torch.uint8)
         self.kv_cache = kv_cache   # [2, layers, pages, page_size, kv_heads, head_dim]
@@ -146,6 +175,48 @@ class HostTier:
         self.pool = pinned_empty(shape, kv_cache.dtype) if self.cuda else torch.zeros(shape, dtype=kv_cache.dtype)
         self.stream = torch.cuda.Stream(device=kv_cache.device) if self.cuda else None
         self.restore_event = None   # restores the next step's forward must wait for
+        self.memcpy2d = None   # CUDA "dma" mode: the cudaMemcpy2DAsync binding
+        if self.cuda and copy_mode in (None, "dma"):
+            try:
+                self.memcpy2d = self._dma_binding()
+            except (RuntimeError, OSError, AttributeError) as e:
+                if copy_mode == "dma":   # asked for by name: no fallback
+                    raise
+                warnings.warn(f"host tier: no DMA page copies ({e}); they fall back to staging kernels, "
+                              "measured at ~12 GB/s beside a compute loop (H200) where a kernel-free copy kept 55", RuntimeWarning)
+        self.copy_mode = copy_mode or ("dma" if self.memcpy2d is not None else "staged")
+
+    def _dma_binding(self):
+        memcpy2d = cuda_memcpy2d()
+        pitch, limit = cache_pitch(self.kv_cache), memcpy2d.max_pitch(self.kv_cache.device)
+        if pitch > limit:
+            raise RuntimeError(f"the cache's pitch ({self.kv_cache.shape[2]} pages x row = {pitch} bytes) is over the "
+                               f"device's largest memcpy pitch ({limit})")
+        self._check_dma(memcpy2d)
+        return memcpy2d
+
+    @torch.inference_mode()
+    def _check_dma(self, memcpy2d):
+        """Once, at start-up: a pattern page out to host page 0 and back into the last GPU page by the
+        binding, compared byte for byte (RuntimeError on a mismatch). The pages hold no KV yet; both
+        are zeroed after."""
+        kv, pool = self.kv_cache.view(torch.uint8), self.pool.view(torch.uint8)
+        last = kv.shape[2] - 1
+        pattern = torch.arange(kv[:, :, 0].numel(), device=kv.device, dtype=torch.int64).remainder_(251)
+        kv[:, :, 0].copy_(pattern.view(kv[:, :, 0].shape).to(torch.uint8))
+        torch.cuda.current_stream().synchronize()
+        for pairs, to_host in ((np.array([[0, 0]]), True), (np.array([[0, last]]), False)):
+            dst, src = (self.pool, self.kv_cache) if to_host else (self.kv_cache, self.pool)
+            with torch.cuda.device(kv.device):
+                memcpy2d.run(dst, src, page_copy_plan(self.kv_cache, self.pool, pairs, to_host), self.stream)
+            self.stream.synchronize()
+        ok = torch.equal(pool[0], kv[:, :, 0].cpu()) and torch.equal(kv[:, :, last], kv[:, :, 0])
+        kv[:, :, 0].zero_()
+        kv[:, :, last].zero_()
+        pool[0].zero_()
+        torch.cuda.current_stream().synchronize()
+        if not ok:
+            raise RuntimeError("the DMA page copy's start-up check read back other bytes than it wrote")
 
     @property
     def num_pages(self) -> int:
@@ -202,8 +273,25 @@ class HostTier:
         self.restore_event = timer.copy_end
         return timer
 
-    @torch.inference_mode()
     def _copies(self, swap_out, swap_in):
+        """swap_out's pairs (gpu page, host page), then swap_in's (host page, gpu page), each numpy [n, 2]
+        or None, in the tier's copy mode (on the copy stream: the caller enters it)."""
+        if self.copy_mode == "staged":
+            self._staged_copies(swap_out, swap_in)
+            return
+        for pairs, to_host in ((swap_out, True), (swap_in, False)):
+            if pairs is None or not len(pairs):
+                continue
+            plan = page_copy_plan(self.kv_cache, self.pool, pairs, to_host)
+            dst, src = (self.pool, self.kv_cache) if to_host else (self.kv_cache, self.pool)
+            if self.cuda:
+                with torch.cuda.device(self.kv_cache.device):
+                    self.memcpy2d.run(dst, src, plan, self.stream)
+            else:
+                run_plan_cpu(dst, src, plan)
+
+    @torch.inference_mode()
+    def _staged_copies(self, swap_out, swap_in):
         """Runs on the copy stream (CUDA). The GPU page ids go up once a direction, from pinned memory:
         a copy from pageable memory may make the host wait for the copy stream (CUDA's API sync rules),
         and before, one such upload a chunk of 32 pages held the host (and the forward it launches
