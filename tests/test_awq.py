@@ -3,9 +3,11 @@ the engine on make_model --awq checkpoints against transformers' own model on th
 (written as a dense checkpoint without going through pack/unpack), greedy generation, tensor
 parallelism, Qwen3-MoE's experts dequantized at load (exactly the dequantized checkpoint's), refusals,
 dummy weights, and the Triton W4A16 kernel interpreted on CPU."""
+import importlib.util
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -826,3 +828,23 @@ def test_awq_engine_gpu_gemlite(tmp_path, monkeypatch):
         assert (rows[:1] - rows_d[:1]).abs().max().item() <= 3e-2 * scale   # the prefill's row, same input
         if seq.token_ids == seq_d.token_ids:
             assert (rows[:n] - rows_d[:n]).abs().max().item() <= 3e-2 * scale
+
+
+def test_gemlite_availability_for_auto(tmp_path, monkeypatch):
+    """NANOVLLM_AWQ_KERNEL=auto asks awq_gemlite.available(): not installed -> False without a warning;
+    installed but failing on import (its import touches CUDA) -> False with a warning naming the error."""
+    import warnings
+
+    from nanovllm.layers import awq_gemlite
+    monkeypatch.setattr(awq_gemlite, "_gemlite", None)
+    if importlib.util.find_spec("gemlite") is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert awq_gemlite.available() is False
+    (tmp_path / "gemlite").mkdir()
+    (tmp_path / "gemlite" / "__init__.py").write_text("raise RuntimeError('no CUDA device')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "gemlite", raising=False)
+    with pytest.warns(RuntimeWarning, match="RuntimeError: no CUDA device"):
+        assert awq_gemlite.available() is False
+    monkeypatch.delitem(sys.modules, "gemlite", raising=False)

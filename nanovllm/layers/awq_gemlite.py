@@ -35,7 +35,9 @@ Prefill brings a new M on almost every step, and each would be autotuned besides
 The cost: gemlite keeps its own copy of the int4 weights (the AWQ tensors stay for M > 1), so an AWQ
 model's weights take twice their size on the GPU while gemlite is in use (awq_gemm.kernel_choice:
 "auto" uses it when the package is installed, "triton" never)."""
+import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -64,10 +66,16 @@ _gemlite = None
 
 
 def available() -> bool:
-    """Whether gemlite imports here (it needs CUDA and triton >= 3.6); NANOVLLM_AWQ_KERNEL=auto asks."""
+    """Whether gemlite imports here (it needs CUDA and triton >= 3.6); NANOVLLM_AWQ_KERNEL=auto asks. Not
+    installed: False, quietly; installed but failing to import (its import touches CUDA and triton):
+    False with a warning, and auto runs our kernels."""
+    if importlib.util.find_spec("gemlite") is None:
+        return False
     try:
         _import_gemlite()
-    except ImportError:
+    except Exception as e:  # noqa: BLE001 - a third-party import: any failure means "not available"
+        warnings.warn(f"gemlite is installed but does not import ({type(e).__name__}: {e}); AWQ runs our Triton "
+                      "kernels", RuntimeWarning)
         return False
     return True
 
