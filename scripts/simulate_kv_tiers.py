@@ -103,9 +103,10 @@ class OldRule:
         return int(min(max(forward / (self.copy_s / self.copy_pages), 8), 4096))
 
 
-def step_seconds(batch, is_prefill: bool, prefill_us_per_token: float = PREFILL_US_PER_TOKEN) -> float:
+def step_seconds(batch, is_prefill: bool, prefill_us_per_token: float = PREFILL_US_PER_TOKEN,
+                 prefill_fixed_ms: float = PREFILL_FIXED_MS) -> float:
     if is_prefill:
-        return PREFILL_FIXED_MS * 1e-3 + sum(s.chunk_len for s in batch) * prefill_us_per_token * 1e-6
+        return prefill_fixed_ms * 1e-3 + sum(s.chunk_len for s in batch) * prefill_us_per_token * 1e-6
     kv_bytes = sum(len(s) for s in batch) * KV_BYTES_PER_TOKEN
     return DECODE_FIXED_MS * 1e-3 + kv_bytes / (DECODE_GB_S * 1e9)
 
@@ -114,7 +115,7 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
              max_num_batched_tokens: int = 16384, block_size: int = 16, prefetch: bool = True,
              write_ahead: bool = True, cost_rule: str = "measured", write_back_us: float = COPY_US_PER_PAGE,
              restore_us: float = COPY_US_PER_PAGE, prefill_us_per_token: float = PREFILL_US_PER_TOKEN,
-             **workload) -> dict:
+             prefill_fixed_ms: float = PREFILL_FIXED_MS, **workload) -> dict:
     config = SimpleNamespace(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              max_model_len=4352, eos_token_ids=(), kvcache_block_size=block_size,
                              enable_prefix_caching=True, schedule_policy=policy, max_wait_s=1e9, seed=0,
@@ -148,7 +149,7 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
             if batch:
                 steps += 1
                 prefilled += sum(s.chunk_len for s in batch) if is_prefill else 0
-                compute = step_seconds(batch, is_prefill, prefill_us_per_token)
+                compute = step_seconds(batch, is_prefill, prefill_us_per_token, prefill_fixed_ms)
                 if not is_prefill:
                     decode_rows += len(batch)
                 restoring_waits += sum(not bm.restores_landed(s) for s in scheduler.running)
@@ -201,10 +202,12 @@ def main(argv=None):
     p.add_argument("--restore-us", type=float, default=COPY_US_PER_PAGE, help="modelled restore a page")
     p.add_argument("--prefill-us-per-token", type=float, default=PREFILL_US_PER_TOKEN,
                    help="modelled prefill a token (the restore-or-recompute rule compares 16 of these with a restore)")
+    p.add_argument("--prefill-fixed-ms", type=float, default=PREFILL_FIXED_MS, help="modelled prefill step, fixed part")
     args = p.parse_args(argv)
     result = simulate(args.gpu_pages, args.host_pages, args.policy, prefetch=args.prefetch,
                       write_ahead=args.write_ahead, cost_rule=args.cost_rule, write_back_us=args.write_back_us,
                       restore_us=args.restore_us, prefill_us_per_token=args.prefill_us_per_token,
+                      prefill_fixed_ms=args.prefill_fixed_ms,
                       tenants=args.tenants, rounds=args.rounds)
     print(json.dumps(result))
     return result

@@ -125,9 +125,9 @@ class BlockManager:
         self.copy_budget = 128            # pages a step's background copies may move (set per step from `costs`)
         self.costs = None                 # engine/copy_costs.py's CopyCosts (measured), or None: 128 pages a step
         self.write_ahead_pairs: list[tuple[int, int]] = []   # this step's background (GPU page, host page) copies
-        # Restores of admitted requests wait here and go out `copy_budget` pages a step, so that no
-        # step's copies outlast it; a request runs once all of its restores went out a step before.
-        self.restore_backlog: deque[tuple[int, int, int]] = deque()   # (ticket, host page, GPU page), oldest first
+        # Restores of requests admitted this step wait here until the step is scheduled, then all go
+        # out with it; a request runs once all of its restores went out a step before.
+        self.restore_backlog: deque[tuple[int, int]] = deque()   # (host page, GPU page), oldest first
         self.restores_queued = 0   # restores ever queued: a request's ticket is the count after its own
         self.restores_issued = 0   # the ticket of the last restore handed to a step
         self.restores_ready = 0    # restores handed to steps launched before this one (their pages land first)
@@ -175,18 +175,32 @@ class BlockManager:
         """All of `seq`'s restores went out in a step launched before this one."""
         return seq.restore_ticket <= self.restores_ready
 
-    def issue_restores(self, n: int) -> int:
-        """Hand the oldest `n` queued restores to this step (their pages count as computed once it
-        is launched). Returns how many went."""
-        n = min(n, len(self.restore_backlog))
+    def issue_restores(self) -> int:
+        """Hand every queued restore to this step (their pages count as computed once it is
+        launched). Returns how many went."""
+        n = len(self.restore_backlog)
         for _ in range(n):
-            self.restores_issued, page, block_id = self.restore_backlog.popleft()
+            page, block_id = self.restore_backlog.popleft()
             self.swap_in.append((page, block_id))
             self.restored.append(block_id)
             self._note_copy(self.blocks[block_id])
-        if not self.restore_backlog:
-            self.restores_issued = self.restores_queued
+        self.restores_issued = self.restores_queued
         return n
+
+    def restore_token_cost(self, hits: list[int]) -> float:
+        """What restoring `hits`' host pages counts against a step's prefill-token budget: their copy
+        time in prefill tokens (measured: restore seconds a page over the prefill line's seconds a
+        token), `block_size` tokens a page until both are measured (as if recomputed)."""
+        pages = sum(hit < 0 for hit in hits)
+        if not pages:
+            return 0.0
+        per_page = float(self.block_size)
+        costs = self.costs
+        if costs is not None and costs.measured:
+            restore, line = costs.restore_s_per_page, costs.prefill_line()
+            if restore is not None and line is not None and line[1] > 0:
+                per_page = min(per_page, restore / line[1])
+        return pages * per_page
 
     def launched(self):
         """The step scheduled at this clock went to the device. Pages it restores count as computed
@@ -204,7 +218,7 @@ class BlockManager:
         copies = (self.swap_out, self.swap_in, self.copy_after_prev, self.wait_for_restores, self.write_ahead_pairs)
         self.swap_out, self.swap_in, self.copy_after_prev, self.wait_for_restores = [], [], False, False
         self.write_ahead_pairs = []
-        waiting = {page for _, page, _ in self.restore_backlog}   # still to be read: they stay pinned
+        waiting = {page for page, _ in self.restore_backlog}   # still to be read: they stay pinned
         for page in [p for p in self.host_pinned if p not in waiting]:
             del self.host_pinned[page]
             self.host_protected[page] = None
@@ -292,8 +306,10 @@ class BlockManager:
             return
         if self.costs is not None:   # as many pages as this step's forward lasts: none of it waits
             self.copy_budget = self.costs.step_budget(is_prefill, step_tokens)
-        budget = self.copy_budget - self.issue_restores(self.copy_budget)
-        if self.prefetch and self.restore_pays and not self.restore_backlog:
+        # Every restore queued while this step was scheduled goes out now: the scheduler bounded them
+        # at admission (`restore_token_cost`), and the requests run next step, all together.
+        budget = self.copy_budget - self.issue_restores()
+        if self.prefetch and self.restore_pays and budget > 0:
             budget -= self._prefetch(waiting, budget)
         if self.write_ahead:   # at most WRITE_AHEAD_PAGES: its scan of the free list is host time every step
             self._write_ahead(min(budget, WRITE_AHEAD_PAGES))
@@ -473,7 +489,7 @@ class BlockManager:
                 block.computed = False   # until its restore's step is launched: a request matching it meanwhile waits
                 self._register(block)
                 self.restores_queued += 1
-                self.restore_backlog.append((self.restores_queued, page, block.block_id))
+                self.restore_backlog.append((page, block.block_id))
                 self.num_swapped_in += 1
                 self.num_host_hit_tokens += self.block_size
                 hit = block.block_id
@@ -489,7 +505,7 @@ class BlockManager:
     def deallocate(self, seq: Sequence):
         if seq.restore_ticket > self.restores_issued:   # restores still queued: they go with it
             mine = set(seq.block_table)
-            kept = deque(entry for entry in self.restore_backlog if entry[2] not in mine)
+            kept = deque(entry for entry in self.restore_backlog if entry[1] not in mine)
             dropped = len(self.restore_backlog) - len(kept)
             self.num_swapped_in -= dropped
             self.num_host_hit_tokens -= dropped * self.block_size

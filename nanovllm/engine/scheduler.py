@@ -82,6 +82,7 @@ class Scheduler:
         if self.waiting and self.policy.name != "fcfs":
             self.waiting = deque(self.policy.order(list(self.waiting), bm))
         deferred = []
+        admitted = False
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             if not bm.num_free_blocks:
                 break  # a request's last page is never a cache hit: nothing fits without a free page
@@ -91,9 +92,16 @@ class Scheduler:
                 # Its prefix is being computed by a running request: take it next step, as a hit.
                 deferred.append(self.waiting.popleft())
                 continue
+            # Its restores go out with this step and count against its token budget at their copy
+            # time (at least one request a step is admitted, whatever its cost).
+            restore_cost = bm.restore_token_cost(hits)
+            if restore_cost > budget and (admitted or scheduled):
+                break
             if not bm.can_allocate(seq, hits):
                 break
             self.waiting.popleft()
+            admitted = True
+            budget = max(0, budget - round(restore_cost))
             if not seq.num_completion_tokens:   # a first admission, not a preempted one coming back
                 self.max_queue_wait_s = max(self.max_queue_wait_s, monotonic() - seq.arrival_time)
             bm.allocate(seq, hits)
@@ -109,8 +117,9 @@ class Scheduler:
         if restoring and not scheduled and all(s.in_prefill or s.last_launched or not bm.restores_landed(s)
                                                for s in self.running):
             # Nothing else to run (no prefill, no decode): prefill them now; this step's forward waits for the copies.
-            bm.issue_restores(len(bm.restore_backlog))
+            bm.issue_restores()
             bm.wait_for_restores = True
+            budget = self.max_num_batched_tokens   # its restores are waited for, not overlapped: they cost no tokens
             for seq in restoring:
                 if budget == 0:
                     break
