@@ -17,6 +17,14 @@ the H200's GPU-only W6 (measured 47.99 s, +7%) and 59.7 s for the old host-tier 
     python scripts/simulate_kv_tiers.py --host-pages 35700           # + host tier (64 GB at 0.6B pages)
     python scripts/simulate_kv_tiers.py --host-pages 35700 --policy lpm
     python scripts/simulate_kv_tiers.py --host-pages 35700 --no-prefetch --no-write-ahead
+    # W6 at the H200's 1.7B rates (restore 48 us a page vs prefill 5.1 us a token: the rule restores)
+    python scripts/simulate_kv_tiers.py --host-pages 34900 --policy lpm --restore-us 48 --write-back-us 64 \
+        --prefill-us-per-token 5.1 [--prefill-fixed-ms 14.6]
+
+It reports prefill and decode steps, requests a decode step and `restoring_request_steps` (steps
+summed over the requests waiting in `running` for their restores): the batching to compare with
+GPU-only. `--prefill-fixed-ms 14.6` is the fixed cost of a prefill step implied by the H200's
+GPU-only 1.7B lpm run (11.93 s in 193 steps for 1,788,740 tokens at 5.1 us a token).
 
 The swap-or-recompute rule and the copy budget are the engine's (engine/copy_costs.py), fed the
 model's times as the engine feeds it the device's. `--cost-rule old` runs the rule before session 6's

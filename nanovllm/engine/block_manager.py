@@ -27,13 +27,16 @@ and every rank's runner executes them on its own pools, on a side stream, in thi
 forward waits for its own write-backs (it may reuse those pages) and for all of the previous step's
 copies. Restores come from two places, and both are handed to a step only once its scheduling is
 done (no page is allocated or freed in that step after them):
-- a request admitted with host hits (`allocate`): its restores are queued (`restore_backlog`) and
-  `background_copies` hands out up to `copy_budget` pages of them a step, in prefill and decode steps
-  alike. The request stays unscheduled until all of its restores went out in a step launched before
-  this one (`restores_landed`, by ticket), so they overlap that step's forward instead of holding it
-  up. Only when nothing else can run does the scheduler hand out the whole queue at once and run the
-  request in the same step, whose forward then waits for the restores (`wait_for_restores`); such a
-  step carries no background copies, which its forward would wait for too.
+- a request admitted with host hits (`allocate`): its restores are queued (`restore_backlog`) while
+  the step is scheduled and `background_copies` hands all of them to the step, prefill or decode (the
+  scheduler charged them against the step's token budget at admission, `restore_token_cost`, so a
+  step's restores last about what a full prefill step would). The request stays unscheduled until
+  its restores went out in a step launched before this one (`restores_landed`, by ticket): it runs
+  in the next step, whose forward waits for them, with the group members that waited for its pages.
+  Only when nothing else can run does the scheduler run it in the same step, whose forward then
+  waits for the restores (`wait_for_restores`); such a step carries no background copies, which its
+  forward would wait for too. (Until W6 on the H200, the queue went out `copy_budget` pages a step,
+  which split lpm's groups: claude_docs/memory.md.)
 - prefetch (`background_copies`): host pages of waiting requests, into clean free GPU pages.
 A restored page counts as computed once the step that issues its copy is launched (`launched`); a
 request that matches it before waits (`match`), so only a later step's forward reads it (or, under
@@ -297,10 +300,10 @@ class BlockManager:
 
     # ---- background copies: prefetch and write-back ahead of eviction -------------------------
     def background_copies(self, waiting, is_prefill: bool = False, step_tokens: int = 0):
-        """Called once a step is scheduled (and has rows to carry copies): hand out queued restores,
-        restore the host pages of the waiting requests at the queue's head into clean free GPU pages
-        (prefetch), then write the LRU end of the free GPU pages back to host (write-ahead), all
-        within `copy_budget` pages. A step whose forward waits for its restores (a restoring request
+        """Called once a step is scheduled (and has rows to carry copies): hand out all queued
+        restores, then, within what is left of `copy_budget` pages, restore the host pages of the
+        waiting requests at the queue's head into clean free GPU pages (prefetch) and write the LRU
+        end of the free GPU pages back to host (write-ahead). A step whose forward waits for its restores (a restoring request
         run at once) gets none of these: its forward would wait for them too."""
         if not self.num_host_blocks or self.wait_for_restores:
             return
