@@ -17,6 +17,14 @@ the H200's GPU-only W6 (measured 47.99 s, +7%) and 59.7 s for the old host-tier 
     python scripts/simulate_kv_tiers.py --host-pages 35700           # + host tier (64 GB at 0.6B pages)
     python scripts/simulate_kv_tiers.py --host-pages 35700 --policy lpm
     python scripts/simulate_kv_tiers.py --host-pages 35700 --no-prefetch --no-write-ahead
+    # W6 at the H200's 1.7B rates (restore 48 us a page vs prefill 5.1 us a token: the rule restores)
+    python scripts/simulate_kv_tiers.py --host-pages 34900 --policy lpm --restore-us 48 --write-back-us 64 \
+        --prefill-us-per-token 5.1 [--prefill-fixed-ms 14.6]
+
+It reports prefill and decode steps, requests a decode step and `restoring_request_steps` (steps
+summed over the requests waiting in `running` for their restores): the batching to compare with
+GPU-only. `--prefill-fixed-ms 14.6` is the fixed cost of a prefill step implied by the H200's
+GPU-only 1.7B lpm run (11.93 s in 193 steps for 1,788,740 tokens at 5.1 us a token).
 
 The swap-or-recompute rule and the copy budget are the engine's (engine/copy_costs.py), fed the
 model's times as the engine feeds it the device's. `--cost-rule old` runs the rule before session 6's
@@ -103,9 +111,10 @@ class OldRule:
         return int(min(max(forward / (self.copy_s / self.copy_pages), 8), 4096))
 
 
-def step_seconds(batch, is_prefill: bool) -> float:
+def step_seconds(batch, is_prefill: bool, prefill_us_per_token: float = PREFILL_US_PER_TOKEN,
+                 prefill_fixed_ms: float = PREFILL_FIXED_MS) -> float:
     if is_prefill:
-        return PREFILL_FIXED_MS * 1e-3 + sum(s.chunk_len for s in batch) * PREFILL_US_PER_TOKEN * 1e-6
+        return prefill_fixed_ms * 1e-3 + sum(s.chunk_len for s in batch) * prefill_us_per_token * 1e-6
     kv_bytes = sum(len(s) for s in batch) * KV_BYTES_PER_TOKEN
     return DECODE_FIXED_MS * 1e-3 + kv_bytes / (DECODE_GB_S * 1e9)
 
@@ -113,7 +122,8 @@ def step_seconds(batch, is_prefill: bool) -> float:
 def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 512,
              max_num_batched_tokens: int = 16384, block_size: int = 16, prefetch: bool = True,
              write_ahead: bool = True, cost_rule: str = "measured", write_back_us: float = COPY_US_PER_PAGE,
-             restore_us: float = COPY_US_PER_PAGE, **workload) -> dict:
+             restore_us: float = COPY_US_PER_PAGE, prefill_us_per_token: float = PREFILL_US_PER_TOKEN,
+             prefill_fixed_ms: float = PREFILL_FIXED_MS, **workload) -> dict:
     config = SimpleNamespace(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              max_model_len=4352, eos_token_ids=(), kvcache_block_size=block_size,
                              enable_prefix_caching=True, schedule_policy=policy, max_wait_s=1e9, seed=0,
@@ -124,7 +134,7 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
     timeline = Timeline(write_back_us, restore_us)
     costs = CopyCosts(block_size) if cost_rule == "measured" else OldRule(block_size)   # fed the model's times
     bm.costs = costs
-    restore_pays_changes = prefill_steps = 0
+    restore_pays_changes = prefill_steps = decode_rows = restoring_waits = 0
     prefilled = steps = 0
     schedule_seconds = 0.0
     prompt_tokens = 0
@@ -147,7 +157,10 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
             if batch:
                 steps += 1
                 prefilled += sum(s.chunk_len for s in batch) if is_prefill else 0
-                compute = step_seconds(batch, is_prefill)
+                compute = step_seconds(batch, is_prefill, prefill_us_per_token, prefill_fixed_ms)
+                if not is_prefill:
+                    decode_rows += len(batch)
+                restoring_waits += sum(not bm.restores_landed(s) for s in scheduler.running)
                 pages = len(swap_out) + len(swap_in) + len(ahead)
                 stall, copy_s, restore_s = timeline.step(compute, len(swap_out), len(swap_in), len(ahead),
                                                          after_prev, wait_restores)
@@ -173,6 +186,9 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
                 pages_from_host=bm.num_swapped_in, pages_prefetched=getattr(bm, "num_prefetched", 0),
                 pages_written_ahead=getattr(bm, "num_written_ahead", 0), host_pages_dropped=bm.num_host_dropped,
                 preemptions=scheduler.num_preemptions, steps=steps, prefill_steps=prefill_steps,
+                decode_steps=steps - prefill_steps,
+                requests_per_decode_step=round(decode_rows / max(steps - prefill_steps, 1), 1),
+                restoring_request_steps=restoring_waits,
                 scheduler_ms_per_step=round(1000 * schedule_seconds / steps, 3),
                 modelled_seconds=round(timeline.main, 2), modelled_copy_busy_s=round(timeline.copy_busy, 2),
                 modelled_forward_stalled_s=round(timeline.stalled, 2), cost_rule=cost_rule,
@@ -192,10 +208,15 @@ def main(argv=None):
                    help="swap-or-recompute rule: engine/copy_costs.py's, or the one before session 6's fix")
     p.add_argument("--write-back-us", type=float, default=COPY_US_PER_PAGE, help="modelled write-back a page")
     p.add_argument("--restore-us", type=float, default=COPY_US_PER_PAGE, help="modelled restore a page")
+    p.add_argument("--prefill-us-per-token", type=float, default=PREFILL_US_PER_TOKEN,
+                   help="modelled prefill a token (the restore-or-recompute rule compares 16 of these with a restore)")
+    p.add_argument("--prefill-fixed-ms", type=float, default=PREFILL_FIXED_MS, help="modelled prefill step, fixed part")
     args = p.parse_args(argv)
     result = simulate(args.gpu_pages, args.host_pages, args.policy, prefetch=args.prefetch,
                       write_ahead=args.write_ahead, cost_rule=args.cost_rule, write_back_us=args.write_back_us,
-                      restore_us=args.restore_us, tenants=args.tenants, rounds=args.rounds)
+                      restore_us=args.restore_us, prefill_us_per_token=args.prefill_us_per_token,
+                      prefill_fixed_ms=args.prefill_fixed_ms,
+                      tenants=args.tenants, rounds=args.rounds)
     print(json.dumps(result))
     return result
 

@@ -196,8 +196,8 @@ def test_evicted_prefix_is_written_back_and_restored():
     hits, pending = bm.match(c)
     assert not pending and len(hits) == 2 and all(h < 0 for h in hits)   # both in host memory
     bm.allocate(c, hits)
-    assert not bm.swap_in and len(bm.restore_backlog) == 2   # queued: they go out within a step's copy budget
-    bm.issue_restores(bm.copy_budget)
+    assert not bm.swap_in and len(bm.restore_backlog) == 2   # queued: they go out once the step is scheduled
+    bm.issue_restores()
     swap_out, swap_in, *_ = bm.take_copies()
     assert swap_in == [(-1 - hits[0], c.block_table[0]), (-1 - hits[1], c.block_table[1])]
     assert len(swap_out) == 2   # the pages it takes held b's prompt pages: written back in turn

@@ -27,13 +27,16 @@ and every rank's runner executes them on its own pools, on a side stream, in thi
 forward waits for its own write-backs (it may reuse those pages) and for all of the previous step's
 copies. Restores come from two places, and both are handed to a step only once its scheduling is
 done (no page is allocated or freed in that step after them):
-- a request admitted with host hits (`allocate`): its restores are queued (`restore_backlog`) and
-  `background_copies` hands out up to `copy_budget` pages of them a step, in prefill and decode steps
-  alike. The request stays unscheduled until all of its restores went out in a step launched before
-  this one (`restores_landed`, by ticket), so they overlap that step's forward instead of holding it
-  up. Only when nothing else can run does the scheduler hand out the whole queue at once and run the
-  request in the same step, whose forward then waits for the restores (`wait_for_restores`); such a
-  step carries no background copies, which its forward would wait for too.
+- a request admitted with host hits (`allocate`): its restores are queued (`restore_backlog`) while
+  the step is scheduled and `background_copies` hands all of them to the step, prefill or decode (the
+  scheduler charged them against the step's token budget at admission, `restore_token_cost`, so a
+  step's restores last about what a full prefill step would). The request stays unscheduled until
+  its restores went out in a step launched before this one (`restores_landed`, by ticket): it runs
+  in the next step, whose forward waits for them, with the group members that waited for its pages.
+  Only when nothing else can run does the scheduler run it in the same step, whose forward then
+  waits for the restores (`wait_for_restores`); such a step carries no background copies, which its
+  forward would wait for too. (Until W6 on the H200, the queue went out `copy_budget` pages a step,
+  which split lpm's groups: claude_docs/memory.md.)
 - prefetch (`background_copies`): host pages of waiting requests, into clean free GPU pages.
 A restored page counts as computed once the step that issues its copy is launched (`launched`); a
 request that matches it before waits (`match`), so only a later step's forward reads it (or, under
@@ -125,9 +128,9 @@ class BlockManager:
         self.copy_budget = 128            # pages a step's background copies may move (set per step from `costs`)
         self.costs = None                 # engine/copy_costs.py's CopyCosts (measured), or None: 128 pages a step
         self.write_ahead_pairs: list[tuple[int, int]] = []   # this step's background (GPU page, host page) copies
-        # Restores of admitted requests wait here and go out `copy_budget` pages a step, so that no
-        # step's copies outlast it; a request runs once all of its restores went out a step before.
-        self.restore_backlog: deque[tuple[int, int, int]] = deque()   # (ticket, host page, GPU page), oldest first
+        # Restores of requests admitted this step wait here until the step is scheduled, then all go
+        # out with it; a request runs once all of its restores went out a step before.
+        self.restore_backlog: deque[tuple[int, int]] = deque()   # (host page, GPU page), oldest first
         self.restores_queued = 0   # restores ever queued: a request's ticket is the count after its own
         self.restores_issued = 0   # the ticket of the last restore handed to a step
         self.restores_ready = 0    # restores handed to steps launched before this one (their pages land first)
@@ -175,18 +178,32 @@ class BlockManager:
         """All of `seq`'s restores went out in a step launched before this one."""
         return seq.restore_ticket <= self.restores_ready
 
-    def issue_restores(self, n: int) -> int:
-        """Hand the oldest `n` queued restores to this step (their pages count as computed once it
-        is launched). Returns how many went."""
-        n = min(n, len(self.restore_backlog))
+    def issue_restores(self) -> int:
+        """Hand every queued restore to this step (their pages count as computed once it is
+        launched). Returns how many went."""
+        n = len(self.restore_backlog)
         for _ in range(n):
-            self.restores_issued, page, block_id = self.restore_backlog.popleft()
+            page, block_id = self.restore_backlog.popleft()
             self.swap_in.append((page, block_id))
             self.restored.append(block_id)
             self._note_copy(self.blocks[block_id])
-        if not self.restore_backlog:
-            self.restores_issued = self.restores_queued
+        self.restores_issued = self.restores_queued
         return n
+
+    def restore_token_cost(self, hits: list[int]) -> float:
+        """What restoring `hits`' host pages counts against a step's prefill-token budget: their copy
+        time in prefill tokens (measured: restore seconds a page over the prefill line's seconds a
+        token), `block_size` tokens a page until both are measured (as if recomputed)."""
+        pages = sum(hit < 0 for hit in hits)
+        if not pages:
+            return 0.0
+        per_page = float(self.block_size)
+        costs = self.costs
+        if costs is not None and costs.measured:
+            restore, line = costs.restore_s_per_page, costs.prefill_line()
+            if restore is not None and line is not None and line[1] > 0:
+                per_page = min(per_page, restore / line[1])
+        return pages * per_page
 
     def launched(self):
         """The step scheduled at this clock went to the device. Pages it restores count as computed
@@ -204,7 +221,7 @@ class BlockManager:
         copies = (self.swap_out, self.swap_in, self.copy_after_prev, self.wait_for_restores, self.write_ahead_pairs)
         self.swap_out, self.swap_in, self.copy_after_prev, self.wait_for_restores = [], [], False, False
         self.write_ahead_pairs = []
-        waiting = {page for _, page, _ in self.restore_backlog}   # still to be read: they stay pinned
+        waiting = {page for page, _ in self.restore_backlog}   # still to be read: they stay pinned
         for page in [p for p in self.host_pinned if p not in waiting]:
             del self.host_pinned[page]
             self.host_protected[page] = None
@@ -283,17 +300,19 @@ class BlockManager:
 
     # ---- background copies: prefetch and write-back ahead of eviction -------------------------
     def background_copies(self, waiting, is_prefill: bool = False, step_tokens: int = 0):
-        """Called once a step is scheduled (and has rows to carry copies): hand out queued restores,
-        restore the host pages of the waiting requests at the queue's head into clean free GPU pages
-        (prefetch), then write the LRU end of the free GPU pages back to host (write-ahead), all
-        within `copy_budget` pages. A step whose forward waits for its restores (a restoring request
+        """Called once a step is scheduled (and has rows to carry copies): hand out all queued
+        restores, then, within what is left of `copy_budget` pages, restore the host pages of the
+        waiting requests at the queue's head into clean free GPU pages (prefetch) and write the LRU
+        end of the free GPU pages back to host (write-ahead). A step whose forward waits for its restores (a restoring request
         run at once) gets none of these: its forward would wait for them too."""
         if not self.num_host_blocks or self.wait_for_restores:
             return
         if self.costs is not None:   # as many pages as this step's forward lasts: none of it waits
             self.copy_budget = self.costs.step_budget(is_prefill, step_tokens)
-        budget = self.copy_budget - self.issue_restores(self.copy_budget)
-        if self.prefetch and self.restore_pays and not self.restore_backlog:
+        # Every restore queued while this step was scheduled goes out now: the scheduler bounded them
+        # at admission (`restore_token_cost`), and the requests run next step, all together.
+        budget = self.copy_budget - self.issue_restores()
+        if self.prefetch and self.restore_pays and budget > 0:
             budget -= self._prefetch(waiting, budget)
         if self.write_ahead:   # at most WRITE_AHEAD_PAGES: its scan of the free list is host time every step
             self._write_ahead(min(budget, WRITE_AHEAD_PAGES))
@@ -473,7 +492,7 @@ class BlockManager:
                 block.computed = False   # until its restore's step is launched: a request matching it meanwhile waits
                 self._register(block)
                 self.restores_queued += 1
-                self.restore_backlog.append((self.restores_queued, page, block.block_id))
+                self.restore_backlog.append((page, block.block_id))
                 self.num_swapped_in += 1
                 self.num_host_hit_tokens += self.block_size
                 hit = block.block_id
@@ -489,7 +508,7 @@ class BlockManager:
     def deallocate(self, seq: Sequence):
         if seq.restore_ticket > self.restores_issued:   # restores still queued: they go with it
             mine = set(seq.block_table)
-            kept = deque(entry for entry in self.restore_backlog if entry[2] not in mine)
+            kept = deque(entry for entry in self.restore_backlog if entry[1] not in mine)
             dropped = len(self.restore_backlog) - len(kept)
             self.num_swapped_in -= dropped
             self.num_host_hit_tokens -= dropped * self.block_size

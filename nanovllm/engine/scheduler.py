@@ -18,11 +18,16 @@ with a starvation bound). With a host KV tier (block_manager.py) a preempted seq
 not lost: its full pages keep their hashes, are written back to host memory if the GPU needs them
 for others, and are copied back at re-admission instead of being recomputed (swap-preemption), as
 long as the copy is cheaper than the prefill (`restore_pays`, from the measured copy bandwidth and
-prefill speed). A request admitted with pages in host memory waits in `running` (not scheduled, in
-prefill or decode: with every page a hit but its last token's it has one token left, like a decoding
-one) until its restores went out in an earlier step (the block manager sends `copy_budget`
-pages a step), so that its copies overlap other steps, prefill or decode, instead of holding them
-up; only when nothing else can run is it prefilled at once, its step waiting for the copies.
+prefill speed). A request admitted with pages in host memory is charged its restores' copy time
+against the step's token budget (`BlockManager.restore_token_cost`: block_size tokens a page until
+measured), its restores all go out with that step, and it waits in `running` (not scheduled, in
+prefill or decode: with every page a hit but its last token's it has one token left, like a
+decoding one) until the next step, which prefills it with its group's other members (they were
+waiting for its pages). Only when nothing else can run is it prefilled at once, its step waiting
+for the copies. Before (W6 on the H200, lpm): restores were not charged, so one step admitted
+every restoring group that fit in memory, and their restores went out `copy_budget` pages a step;
+the groups then started one or two at a time in tiny prefill steps between decode steps (403
+prefill and 1,790 decode steps in the simulation against GPU-only's 193 and 1,524; now 116 and 1,534).
 """
 from collections import deque
 from time import monotonic
@@ -82,6 +87,7 @@ class Scheduler:
         if self.waiting and self.policy.name != "fcfs":
             self.waiting = deque(self.policy.order(list(self.waiting), bm))
         deferred = []
+        admitted = False
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             if not bm.num_free_blocks:
                 break  # a request's last page is never a cache hit: nothing fits without a free page
@@ -91,9 +97,16 @@ class Scheduler:
                 # Its prefix is being computed by a running request: take it next step, as a hit.
                 deferred.append(self.waiting.popleft())
                 continue
+            # Its restores go out with this step and count against its token budget at their copy
+            # time (at least one request a step is admitted, whatever its cost).
+            restore_cost = bm.restore_token_cost(hits)
+            if restore_cost > budget and (admitted or scheduled):
+                break
             if not bm.can_allocate(seq, hits):
                 break
             self.waiting.popleft()
+            admitted = True
+            budget = max(0, budget - round(restore_cost))
             if not seq.num_completion_tokens:   # a first admission, not a preempted one coming back
                 self.max_queue_wait_s = max(self.max_queue_wait_s, monotonic() - seq.arrival_time)
             bm.allocate(seq, hits)
@@ -109,8 +122,9 @@ class Scheduler:
         if restoring and not scheduled and all(s.in_prefill or s.last_launched or not bm.restores_landed(s)
                                                for s in self.running):
             # Nothing else to run (no prefill, no decode): prefill them now; this step's forward waits for the copies.
-            bm.issue_restores(len(bm.restore_backlog))
+            bm.issue_restores()
             bm.wait_for_restores = True
+            budget = self.max_num_batched_tokens   # its restores are waited for, not overlapped: they cost no tokens
             for seq in restoring:
                 if budget == 0:
                     break
