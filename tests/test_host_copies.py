@@ -226,3 +226,86 @@ def test_engine_with_dma_copies_on_cpu_gives_the_plain_engines_outputs(tmp_path,
     copies = llm.kv_state()["copies"]
     assert copies["pages_to_host"] > 0 and copies["pages_from_host"] > 0
     assert sum(planned) == copies["pages_to_host"] + copies["pages_from_host"]
+
+
+class PlanBinding:
+    """A CPU stand-in for CudaMemcpy2D: runs each plan through run_plan_cpu after `mutate` (a wrong binding)."""
+
+    def __init__(self, mutate=lambda plan: plan):
+        self.mutate, self.calls = mutate, 0
+
+    def run(self, dst, src, plan, stream):
+        self.calls += 1
+        run_plan_cpu(dst, src, self.mutate(plan.copy()))
+
+
+def zeroed_tier(num_gpu: int, num_host: int, dtype=torch.bfloat16) -> HostTier:
+    return HostTier(torch.zeros(2, 3, num_gpu, 4, 2, 8, dtype=dtype), num_host, copy_mode="staged")
+
+
+@pytest.mark.parametrize("num_gpu,num_host", [(9, 5), (2, 1), (1, 3)])
+def test_dma_check_passes_a_right_binding_and_leaves_zeros(num_gpu, num_host):
+    tier = zeroed_tier(num_gpu, num_host)
+    binding = PlanBinding()
+    tier._check_dma(binding)
+    assert binding.calls == 2
+    assert not tier.kv_cache.view(torch.uint8).any() and not tier.pool.view(torch.uint8).any()
+
+
+def _drop_last_row(plan):
+    plan[:, 5] -= 1
+    return plan
+
+
+def _host_offset_ignored(plan):   # the pool's offset column: dst_offset out, src_offset back
+    plan[:, 0 if plan[0, 1] == plan[0, 4] else 2] = 0
+    return plan
+
+
+def _gpu_offset_ignored(plan):
+    plan[:, 2 if plan[0, 1] == plan[0, 4] else 0] = 0
+    return plan
+
+
+@pytest.mark.parametrize("mutate", [_drop_last_row, _host_offset_ignored, _gpu_offset_ignored],
+                         ids=lambda f: f.__name__)
+def test_dma_check_catches_a_wrong_binding_and_still_leaves_zeros(mutate):
+    """A binding that drops a page's last row, or ignores the host or the GPU page offset, fails the
+    start-up check (the check copied through host page 0 only and missed a host offset ignored). The
+    cache is zeros after (where the wrong binding wrote is unknown: all of it is cleared)."""
+    tier = zeroed_tier(9, 5)
+    with pytest.raises(RuntimeError, match="start-up check"):
+        tier._check_dma(PlanBinding(mutate))
+    assert not tier.kv_cache.view(torch.uint8).any() and not tier.pool[-1].view(torch.uint8).any()
+
+
+def test_dma_check_zeroes_its_pages_when_the_binding_raises():
+    """A binding whose second call fails (a CUDA error code) must not leave the pattern in the cache:
+    in bf16 its bytes hold NaNs, and a page that was zeros before start-up must be zeros after."""
+    tier = zeroed_tier(9, 5)
+    binding = PlanBinding()
+    inner = binding.run
+
+    def failing(*args):
+        if binding.calls == 1:
+            raise RuntimeError("cudaMemcpy2DAsync returned 1 (invalid argument)")
+        inner(*args)
+    binding.run = failing
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        tier._check_dma(binding)
+    assert binding.calls == 1
+    assert not tier.kv_cache.view(torch.uint8).any() and not tier.pool.view(torch.uint8).any()
+
+
+def test_dma_binding_with_no_host_page_skips_the_check(monkeypatch):
+    """host_kvcache_gb under one page gives a tier of 0 pages: nothing is ever copied, and the check
+    (which copies through the last host page) must not fail the engine's start (it raised a ValueError,
+    host page ids in [0, 0), that the fallback does not catch). With pages, the check runs."""
+    binding = PlanBinding()
+    binding.max_pitch = lambda device: 2**31 - 1
+    monkeypatch.setattr("nanovllm.engine.host_tier.cuda_memcpy2d", lambda: binding)
+    assert zeroed_tier(4, 0)._dma_binding() is binding and binding.calls == 0
+    assert zeroed_tier(4, 2)._dma_binding() is binding and binding.calls == 2
+    binding.max_pitch = lambda device: 100
+    with pytest.raises(RuntimeError, match="largest memcpy pitch"):
+        zeroed_tier(4, 2)._dma_binding()

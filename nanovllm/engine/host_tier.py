@@ -192,31 +192,56 @@ class HostTier:
         if pitch > limit:
             raise RuntimeError(f"the cache's pitch ({self.kv_cache.shape[2]} pages x row = {pitch} bytes) is over the "
                                f"device's largest memcpy pitch ({limit})")
-        self._check_dma(memcpy2d)
+        if self.num_pages:   # no host page: nothing will ever be copied, nor can the check copy
+            self._check_dma(memcpy2d)
         return memcpy2d
 
     @torch.inference_mode()
     def _check_dma(self, memcpy2d):
-        """Once, at start-up: a pattern page out to host page 0 and back into the last GPU page by the
-        binding, compared byte for byte (RuntimeError on a mismatch). The pages hold no KV yet; both
-        are zeroed after."""
+        """Once, at start-up, before the cache holds any KV: a pattern page out of the last GPU page
+        into the last host page, then (that GPU page zeroed) back into GPU page (pages - 1) // 2, each
+        through `memcpy2d.run` and compared byte for byte (RuntimeError on a mismatch). Both copies
+        meet a nonzero host page offset, and the GPU side one at each end where there are 3 pages or
+        more. The three pages are zeroed after, whatever happened (the cache starts as zeros:
+        engine/kv_cache.py; a leftover pattern holds bf16 NaNs). On CPU (tests) `memcpy2d` is a
+        stand-in."""
         kv, pool = self.kv_cache.view(torch.uint8), self.pool.view(torch.uint8)
-        last = kv.shape[2] - 1
-        pattern = torch.arange(kv[:, :, 0].numel(), device=kv.device, dtype=torch.int64).remainder_(251)
-        kv[:, :, 0].copy_(pattern.view(kv[:, :, 0].shape).to(torch.uint8))
-        torch.cuda.current_stream().synchronize()
-        for pairs, to_host in ((np.array([[0, 0]]), True), (np.array([[0, last]]), False)):
-            dst, src = (self.pool, self.kv_cache) if to_host else (self.kv_cache, self.pool)
-            with torch.cuda.device(kv.device):
-                memcpy2d.run(dst, src, page_copy_plan(self.kv_cache, self.pool, pairs, to_host), self.stream)
-            self.stream.synchronize()
-        ok = torch.equal(pool[0], kv[:, :, 0].cpu()) and torch.equal(kv[:, :, last], kv[:, :, 0])
-        kv[:, :, 0].zero_()
-        kv[:, :, last].zero_()
-        pool[0].zero_()
-        torch.cuda.current_stream().synchronize()
-        if not ok:
-            raise RuntimeError("the DMA page copy's start-up check read back other bytes than it wrote")
+        src, host, dst = kv.shape[2] - 1, self.num_pages - 1, (kv.shape[2] - 1) // 2
+        sync = torch.cuda.current_stream(kv.device).synchronize if self.cuda else (lambda: None)
+        page = torch.arange(kv[:, :, 0].numel(), device=kv.device, dtype=torch.int64).remainder_(251)
+        page = page.to(torch.uint8).view(kv[:, :, 0].shape)
+        out_ok = back_ok = False
+        try:
+            kv[:, :, src].copy_(page)
+            sync()
+            self._run_dma(memcpy2d, np.array([[src, host]]), to_host=True)
+            out_ok = torch.equal(pool[host], page.cpu())
+            kv[:, :, src].zero_()
+            sync()
+            self._run_dma(memcpy2d, np.array([[host, dst]]), to_host=False)
+            back_ok = torch.equal(kv[:, :, dst], page)
+        finally:
+            if out_ok and back_ok:
+                kv[:, :, dst].zero_()
+            else:   # a wrong binding may have written any page: the whole cache (a host page is read only once written)
+                kv.zero_()
+            pool[host].zero_()
+            sync()
+        if not (out_ok and back_ok):
+            raise RuntimeError(f"the DMA page copy's start-up check read back other bytes than it wrote (GPU page "
+                               f"{src} -> host page {host}: {'ok' if out_ok else 'differs'}; back into GPU page {dst}: "
+                               f"{'ok' if back_ok else 'differs'})")
+
+    def _run_dma(self, memcpy2d, pairs: np.ndarray, to_host: bool):
+        """One direction's pages through the binding, on the copy stream (synchronised here: the check only)."""
+        plan = page_copy_plan(self.kv_cache, self.pool, pairs, to_host)
+        dst, src = (self.pool, self.kv_cache) if to_host else (self.kv_cache, self.pool)
+        if not self.cuda:
+            memcpy2d.run(dst, src, plan, None)
+            return
+        with torch.cuda.device(self.kv_cache.device):
+            memcpy2d.run(dst, src, plan, self.stream)
+        self.stream.synchronize()
 
     @property
     def num_pages(self) -> int:
