@@ -123,6 +123,43 @@ def test_cost_model_fit_recovers_per_kernel_lines_and_reports_held_out_error():
     assert max(e[1] for e in relative_errors(one_line, as_one(held_out))) > 0.10
 
 
+def test_relative_least_squares_by_hand():
+    """Free fit: a line through points that lie on one is recovered exactly. Constrained: where the free
+    fit's fixed cost is negative (-0.257 here), the answer is the per-token line alone, by hand
+    c = sum(x / y) / sum((x / y)**2) = 0.3985 (it was the free slope, 0.561, with the fixed cost
+    clipped to 0: relative squared error 0.84 against 0.21)."""
+    from nanovllm.cascade.cost_model import relative_least_squares
+    assert np.allclose(relative_least_squares([[1, x] for x in (1, 2, 4, 8)], [0.1 + 0.5 * x for x in (1, 2, 4, 8)]),
+                       [0.1, 0.5])
+    x, y = np.array([1.0, 2.0, 4.0, 8.0]), np.array([0.3, 0.9, 2.0, 4.1])
+    ratio = x / y
+    want = ratio.sum() / (ratio ** 2).sum()
+    got = relative_least_squares([[1, xi] for xi in x], y)
+    assert got[0] == 0 and abs(got[1] - want) < 1e-12, got
+    # Against a brute-force grid over nonnegative coefficients: none does better.
+    def error(c):
+        return float(np.sum(((c[0] + c[1] * x) / y - 1) ** 2))
+    grid = min(error((a, b)) for a in np.linspace(0, 0.5, 101) for b in np.linspace(0, 1, 201))
+    assert error(got) <= grid + 1e-12
+
+
+def test_cost_model_fit_recovers_the_regular_line_terms():
+    """The regular line's four terms (fixed, per token read, per distinct token, per request) come back
+    from exact synthetic measurements over varied shapes."""
+    from nanovllm.cascade.cost_model import CostSample, fit_cost_model
+    rng = np.random.default_rng(3)
+    want = (0.0133, 4.06e-7, 2.73e-7, 1.24e-4)
+    samples = []
+    for _ in range(40):
+        rows, distinct = int(rng.integers(2, 1025)), int(rng.integers(1e3, 1e5))
+        read = distinct + rows * int(rng.integers(0, 4000))
+        reg = want[0] + want[1] * read + want[2] * distinct + want[3] * rows
+        samples.append(CostSample("triton", 2, read, distinct, rows * distinct, reg, 0.01 + 1e-6 * distinct, rows))
+    model = fit_cost_model(samples)
+    got = (model.regular_fixed_ms, model.regular_per_token_ms, model.regular_per_unique_ms, model.regular_per_row_ms)
+    assert np.allclose(got, want, rtol=1e-6), got
+
+
 def test_cost_model_kernel_choice_follows_the_config():
     from nanovllm.cascade.cost_model import CascadeCostModel
     plan = SimpleNamespace(num_rows=8 * 128, groups_per_level=[8])   # fa3's shape under auto
