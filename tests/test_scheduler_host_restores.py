@@ -104,3 +104,21 @@ def test_restoring_groups_are_admitted_within_the_token_budget_and_start_togethe
     bm.take_copies()
     bm.check_invariants()
     assert bm.num_free_blocks == bm.num_blocks and not bm.restore_backlog
+
+
+def test_restore_token_cost_follows_the_measured_times():
+    """A host page costs block_size tokens until both the restore time a page and the prefill line are
+    measured, then restore seconds / prefill seconds a token (never more than block_size: a restore
+    dearer than recomputing is turned off by restore_pays, not charged more). GPU hits cost nothing."""
+    from nanovllm.engine.block_manager import BlockManager
+    bm = BlockManager(8, 16, num_host_blocks=8)
+    hits = [3, -1, -5, 2, -2]   # 3 host pages
+    assert bm.restore_token_cost([0, 1]) == 0 and bm.restore_token_cost(hits) == 3 * 16
+    bm.costs = SimpleNamespace(measured=True, restore_s_per_page=2.5e-5, prefill_line=lambda: (0.004, 1e-5))
+    assert abs(bm.restore_token_cost(hits) - 3 * 2.5) < 1e-9
+    bm.costs.restore_s_per_page = 1e-3   # 100 tokens' time a page: capped
+    assert bm.restore_token_cost(hits) == 3 * 16
+    bm.costs = SimpleNamespace(measured=True, restore_s_per_page=None, prefill_line=lambda: (0.004, 1e-5))
+    assert bm.restore_token_cost(hits) == 3 * 16
+    bm.costs = SimpleNamespace(measured=False, restore_s_per_page=2.5e-5, prefill_line=lambda: (0.004, 1e-5))
+    assert bm.restore_token_cost(hits) == 3 * 16   # the CPU path: decisions do not follow its timings
