@@ -309,3 +309,30 @@ def test_dma_binding_with_no_host_page_skips_the_check(monkeypatch):
     binding.max_pitch = lambda device: 100
     with pytest.raises(RuntimeError, match="largest memcpy pitch"):
         zeroed_tier(4, 2)._dma_binding()
+
+
+def test_find_cudart_prefers_the_mapped_library_of_torchs_cuda_major(tmp_path):
+    """Two runtimes mapped (stand-ins: copies of libm named libcudart.so.11.0 and libcudart.so.12): the
+    one of the asked major version is found whatever the mapping order (PyTorch's by default); a
+    major that none has falls back to the first mapped. (Before, the first mapped was taken.)"""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    if torch.version.cuda:
+        pytest.skip("a CUDA build of torch maps its own libcudart on import")
+    with open("/proc/self/maps") as maps:
+        libm = next((line.split()[-1] for line in maps if os.path.basename(line.split()[-1]).startswith("libm")), None)
+    if libm is None:
+        pytest.skip("no libm mapped to stand in for a runtime library")
+    old, new = tmp_path / "libcudart.so.11.0", tmp_path / "libcudart.so.12"
+    shutil.copy(libm, old)
+    shutil.copy(libm, new)
+    code = ("import ctypes, sys; [ctypes.CDLL(p) for p in sys.argv[1:]]; "
+            "from nanovllm.utils.memcpy2d import find_cudart; "
+            "print(find_cudart('12'), find_cudart('11'), find_cudart('1'))")
+    for order in ((old, new), (new, old)):
+        out = subprocess.run([sys.executable, "-c", code, *map(str, order)], capture_output=True, text=True,
+                             check=True).stdout.split()
+        assert out[:2] == [str(new), str(old)], (order, out)
+        assert out[2] in (str(old), str(new))   # "libcudart.so.1" names neither: the first mapped

@@ -82,14 +82,22 @@ def run_plan_cpu(dst: torch.Tensor, src: torch.Tensor, plan: np.ndarray):
             s.as_strided((height, width), (spitch, 1), s.storage_offset() + soff))
 
 
-def find_cudart() -> str:
+def find_cudart(major: str | None = None) -> str:
     """The path of the CUDA runtime library: the one already mapped in this process (PyTorch's, once
-    CUDA is initialised), else the one in torch's lib dir or the nvidia-cuda-runtime package."""
+    CUDA is initialised; where several are, e.g. another package's older runtime, the one of
+    PyTorch's CUDA major version, `major`, from torch.version.cuda by default), else the one in
+    torch's lib dir or the nvidia-cuda-runtime package."""
+    major = major or (torch.version.cuda or "").split(".")[0]
+    mapped = []
     with open("/proc/self/maps") as maps:
         for line in maps:
             path = line.split()[-1]
-            if os.path.basename(path).startswith("libcudart.so"):
-                return path
+            if os.path.basename(path).startswith("libcudart.so") and path not in mapped:
+                mapped.append(path)
+    if mapped:
+        same = [p for p in mapped if major and os.path.basename(p).startswith(f"libcudart.so.{major}")
+                and os.path.basename(p)[len(f"libcudart.so.{major}"):][:1] in ("", ".")]
+        return (same or mapped)[0]
     roots = [os.path.join(os.path.dirname(torch.__file__), "lib")]
     try:
         import nvidia.cuda_runtime
