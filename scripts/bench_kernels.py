@@ -233,34 +233,10 @@ def cascade_grid(quick):
 
 
 def fit(samples):
-    """Fit nanovllm/cascade/cost_model.py on the training grid; report the held-out errors, how often
-    the model's decision (cascade when predicted >= 10% faster) matches the measured faster one, and the
-    coefficients as code."""
-    from nanovllm.cascade.cost_model import fit_cost_model, relative_errors
-    model = fit_cost_model([s for _, s in samples["train"]])
-    for name in ("train", "held-out"):
-        rows = samples[name]
-        errs = relative_errors(model, [s for _, s in rows])
-        print(f"\n#### {name}: predicted vs measured\n\n| groups x requests x shared | kernel | regular ms (pred) | "
-              f"cascade ms (pred) | error reg / casc |\n|---|---|---|---|---|")
-        agree = 0
-        for (shape, s), (er, ec) in zip(rows, errs):
-            pr = model.regular_line(s.regular_tokens, s.cascade_tokens, s.rows)
-            pc = model.cascade[s.backend].ms(s.levels, s.cascade_tokens, s.qk_tokens)
-            agree += (pc < model.margin * pr) == (s.cascade_ms < s.regular_ms)
-            print(f"| {' x '.join(map(str, shape))} | {s.backend} | {s.regular_ms:.4f} ({pr:.4f}) | {s.cascade_ms:.4f} "
-                  f"({pc:.4f}) | {100 * er:.1f}% / {100 * ec:.1f}% |")
-        flat = np.array(errs)
-        print(f"\n{name}: regular error median {100 * np.median(flat[:, 0]):.1f}% max {100 * flat[:, 0].max():.1f}%; "
-              f"cascade error median {100 * np.median(flat[:, 1]):.1f}% max {100 * flat[:, 1].max():.1f}%; "
-              f"decision agrees with the measured faster choice on {agree} of {len(rows)}")
-    print("\n# cost_model.py coefficients (fitted):")
-    print(f"    regular_fixed_ms: float = {model.regular_fixed_ms:.4g}")
-    print(f"    regular_per_token_ms: float = {model.regular_per_token_ms:.4g}")
-    print(f"    regular_per_unique_ms: float = {model.regular_per_unique_ms:.4g}")
-    print(f"    regular_per_row_ms: float = {model.regular_per_row_ms:.4g}")
-    for name, c in model.cascade.items():
-        print(f"    {name!r}: LevelCosts({c.fixed_ms:.4g}, {c.per_token_ms:.4g}, {c.per_qk_ms:.4g}),")
+    """Fit nanovllm/cascade/cost_model.py on the training grid and report (scripts/refit_cost_model.py,
+    which refits from a printed table without a GPU)."""
+    from refit_cost_model import report
+    report(samples)
 
 
 def cascade_backends(quick):

@@ -166,3 +166,27 @@ def test_cost_model_kernel_choice_follows_the_config():
     assert CascadeCostModel().backend(plan) == "fa3"
     assert CascadeCostModel(kv_fp8=True).backend(plan) == "fa2"   # fp8 KV: no fa3
     assert CascadeCostModel(shared_backend="triton").backend(plan) == "triton"
+
+
+def test_default_costs_are_the_refit_of_the_stored_h200_grid():
+    """cost_model's defaults equal fit_cost_model on the stored session-8 H200 grid (4 significant
+    digits), and that fit's held-out errors are the ones cascade.md reports."""
+    import importlib.util
+    import pathlib
+
+    from nanovllm.cascade.cost_model import CascadeCostModel, fit_cost_model, relative_errors
+    path = pathlib.Path(__file__).parent.parent / "scripts" / "refit_cost_model.py"
+    spec = importlib.util.spec_from_file_location("refit_cost_model", path)
+    refit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(refit)
+    samples = refit.parse_table(refit.STORED)
+    assert len(samples["train"]) == 56 and len(samples["held-out"]) == 16
+    fitted, default = fit_cost_model([s for _, s in samples["train"]]), CascadeCostModel()
+    close = lambda a, b: abs(a - b) <= 5e-4 * max(abs(a), abs(b)) + 1e-12  # noqa: E731
+    for name in ("regular_fixed_ms", "regular_per_token_ms", "regular_per_unique_ms", "regular_per_row_ms"):
+        assert close(getattr(fitted, name), getattr(default, name)), (name, getattr(fitted, name))
+    for kernel, costs in fitted.cascade.items():
+        for a, b in zip(dataclasses.astuple(costs), dataclasses.astuple(default.cascade[kernel])):
+            assert close(a, b), (kernel, costs)
+    errors = np.array(relative_errors(default, [s for _, s in samples["held-out"]]))
+    assert round(float(np.median(errors[:, 0])), 3) == 0.046 and round(float(np.median(errors[:, 1])), 3) == 0.100

@@ -1,0 +1,84 @@
+"""Fit nanovllm/cascade/cost_model.py from a measured cascade-vs-regular grid and report how well it
+predicts: the held-out errors, how often its decision matches the measured faster choice, and the
+coefficients as code. No GPU: it reads the table scripts/bench_kernels.py --only cascade prints (which
+calls `report` on its own samples).
+
+    python scripts/refit_cost_model.py                                   # the stored H200 grid, session 8
+    python scripts/refit_cost_model.py --table my_run.md                 # a run's printed table
+
+A table row is `| set | G x R | shared | regular ms | cascade ms | speed-up | kernel |`: G groups of R
+requests sharing `shared` tokens each, every request with OWN_TOKENS of its own, page PAGE; the
+plan has two levels (the shared run, the requests' own pages), so its features follow from the shape.
+"""
+import argparse
+import os
+import re
+
+import numpy as np
+
+from nanovllm.cascade.cost_model import CostSample, fit_cost_model, relative_errors
+
+PAGE, OWN_TOKENS = 16, 256       # scripts/bench_kernels.cascade_sample's defaults
+STORED = os.path.join(os.path.dirname(__file__), "..", "claude_docs", "data", "cascade_grid_h200_s8.md")
+ROW = re.compile(r"\| (train|held-out) \| (\d+) x (\d+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+ \| ([\w-]+) \|")
+
+
+def sample_of(groups: int, per: int, shared: int, regular_ms: float, cascade_ms: float, backend: str) -> CostSample:
+    """The CostSample bench_kernels.cascade_sample measures at this shape (CostSample.of on its plan)."""
+    shared_pages, own_pages, rows = shared // PAGE, OWN_TOKENS // PAGE, groups * per
+    return CostSample(backend, 2, rows * (shared_pages + own_pages) * PAGE,
+                      (groups * shared_pages + rows * own_pages) * PAGE, rows * shared_pages * PAGE,
+                      regular_ms, cascade_ms, rows)
+
+
+def parse_table(path: str) -> dict:
+    """{"train": [((G, R, shared), CostSample)], "held-out": [...]} from a printed grid."""
+    samples = {"train": [], "held-out": []}
+    for line in open(path):
+        m = ROW.match(line)
+        if m:
+            name, g, r, shared, reg, cas, backend = m.groups()
+            shape = (int(g), int(r), int(shared))
+            samples[name].append((shape, sample_of(*shape, float(reg), float(cas), backend)))
+    if not samples["train"]:
+        raise ValueError(f"{path}: no table rows")
+    return samples
+
+
+def report(samples: dict):
+    """Fit on samples["train"]; print each set's predictions and errors and the coefficients. -> the model."""
+    model = fit_cost_model([s for _, s in samples["train"]])
+    for name in ("train", "held-out"):
+        rows = samples[name]
+        errs = relative_errors(model, [s for _, s in rows])
+        print(f"\n#### {name}: predicted vs measured\n\n| groups x requests x shared | kernel | regular ms (pred) | "
+              f"cascade ms (pred) | error reg / casc |\n|---|---|---|---|---|")
+        agree = 0
+        for (shape, s), (er, ec) in zip(rows, errs):
+            pr = model.regular_line(s.regular_tokens, s.cascade_tokens, s.rows)
+            pc = model.cascade[s.backend].ms(s.levels, s.cascade_tokens, s.qk_tokens)
+            agree += (pc < model.margin * pr) == (s.cascade_ms < s.regular_ms)
+            print(f"| {' x '.join(map(str, shape))} | {s.backend} | {s.regular_ms:.4f} ({pr:.4f}) | {s.cascade_ms:.4f} "
+                  f"({pc:.4f}) | {100 * er:.1f}% / {100 * ec:.1f}% |")
+        flat = np.array(errs)
+        print(f"\n{name}: regular error median {100 * np.median(flat[:, 0]):.1f}% max {100 * flat[:, 0].max():.1f}%; "
+              f"cascade error median {100 * np.median(flat[:, 1]):.1f}% max {100 * flat[:, 1].max():.1f}%; "
+              f"decision agrees with the measured faster choice on {agree} of {len(rows)}")
+    print("\n# cost_model.py coefficients (fitted):")
+    print(f"    regular_fixed_ms: float = {model.regular_fixed_ms:.4g}")
+    print(f"    regular_per_token_ms: float = {model.regular_per_token_ms:.4g}")
+    print(f"    regular_per_unique_ms: float = {model.regular_per_unique_ms:.4g}")
+    print(f"    regular_per_row_ms: float = {model.regular_per_row_ms:.4g}")
+    for name, c in model.cascade.items():
+        print(f"    {name!r}: LevelCosts({c.fixed_ms:.4g}, {c.per_token_ms:.4g}, {c.per_qk_ms:.4g}),")
+    return model
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", default=STORED)
+    report(parse_table(p.parse_args().table))
+
+
+if __name__ == "__main__":
+    main()
