@@ -174,19 +174,26 @@ def test_cuda_executor_passes_absolute_pointers_and_raises_on_an_error_code():
         runner.run(pool, kv, plan, stream)
 
 
-def test_find_cudart_prefers_the_library_mapped_in_the_process(tmp_path):
-    """In a fresh process: a libcudart.so.* loaded before the call (here a copy of the libm this
-    Python has mapped, standing in) is the one found, wherever it lies."""
+
+def mapped_libm_or_skip() -> str:
+    """The libm this Python has mapped: a real shared library to stand in for libcudart (skips on a CUDA
+    build of torch, which maps its own runtime, or where none is mapped)."""
     import os
-    import shutil
-    import subprocess
-    import sys
     if torch.version.cuda:
         pytest.skip("a CUDA build of torch maps its own libcudart on import")
     with open("/proc/self/maps") as maps:
         libm = next((line.split()[-1] for line in maps if os.path.basename(line.split()[-1]).startswith("libm")), None)
     if libm is None:
         pytest.skip("no libm mapped to stand in for a runtime library")
+    return libm
+
+def test_find_cudart_prefers_the_library_mapped_in_the_process(tmp_path):
+    """In a fresh process: a libcudart.so.* loaded before the call (here a copy of the libm this
+    Python has mapped, standing in) is the one found, wherever it lies."""
+    import shutil
+    import subprocess
+    import sys
+    libm = mapped_libm_or_skip()
     fake = tmp_path / "libcudart.so.99"
     shutil.copy(libm, fake)
     code = ("import ctypes, sys; ctypes.CDLL(sys.argv[1]); "
@@ -315,16 +322,10 @@ def test_find_cudart_prefers_the_mapped_library_of_torchs_cuda_major(tmp_path):
     """Two runtimes mapped (stand-ins: copies of libm named libcudart.so.11.0 and libcudart.so.12): the
     one of the asked major version is found whatever the mapping order (PyTorch's by default); a
     major that none has falls back to the first mapped. (Before, the first mapped was taken.)"""
-    import os
     import shutil
     import subprocess
     import sys
-    if torch.version.cuda:
-        pytest.skip("a CUDA build of torch maps its own libcudart on import")
-    with open("/proc/self/maps") as maps:
-        libm = next((line.split()[-1] for line in maps if os.path.basename(line.split()[-1]).startswith("libm")), None)
-    if libm is None:
-        pytest.skip("no libm mapped to stand in for a runtime library")
+    libm = mapped_libm_or_skip()
     old, new = tmp_path / "libcudart.so.11.0", tmp_path / "libcudart.so.12"
     shutil.copy(libm, old)
     shutil.copy(libm, new)
