@@ -236,13 +236,16 @@ def test_replicas_behind_router(router, tiny_model, expected, tmp_path):
         url, replicas = ready["router"], ready["replicas"]
         count = lambda: [finished(r) for r in replicas]
 
-        # Round 0, overlapping: unmatched prefixes go to the least-loaded replica, so both get some.
+        # Round 0, overlapping: unmatched prefixes go to the replica the router thinks least loaded. Where
+        # each lands is not asserted: smg sees our loads only at its polls (1 s apart here), and 4 answers
+        # of ~0.4 s can all pass between two polls, when both replicas look idle and smg breaks the tie
+        # the same way each time (CI, twice: [4, 0] with the busy replica's 3 running requests in its
+        # /workers, polled a moment too late). What is ours is asserted below: the router reads our loads,
+        # and each system prompt stays where round 0 put it.
         got = [answer(b) for b in post_overlapping(url, ROUNDS[0], lambda: sum(taken(r) for r in replicas))]
         wait_until(lambda: sum(count()) == len(SYSTEMS), 10, "round 0 counted")
         per_replica = count()
-        assert min(per_replica) > 0, (f"all of round 0 went to one replica: {per_replica}; the router's workers: "
-                                      f"{httpx.get(url + '/workers', timeout=10).text[:2000]}; its log:\n"
-                                      f"{(tmp_path / 'router.log').read_text(errors='replace')[-4000:]}")
+        print(f"{router}: round 0 per replica {per_replica}")
         answers = [got]
 
         # Later rounds, one request at a time: the replica that served each one.
