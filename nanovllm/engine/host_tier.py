@@ -208,6 +208,7 @@ class HostTier:
         kv, pool = self.kv_cache.view(torch.uint8), self.pool.view(torch.uint8)
         src, host, dst = kv.shape[2] - 1, self.num_pages - 1, (kv.shape[2] - 1) // 2
         sync = torch.cuda.current_stream(kv.device).synchronize if self.cuda else (lambda: None)
+        copied = self.stream.synchronize if self.cuda else (lambda: None)
         page = torch.arange(kv[:, :, 0].numel(), device=kv.device, dtype=torch.int64).remainder_(251)
         page = page.to(torch.uint8).view(kv[:, :, 0].shape)
         out_ok = back_ok = False
@@ -215,10 +216,12 @@ class HostTier:
             kv[:, :, src].copy_(page)
             sync()
             self._run_dma(memcpy2d, np.array([[src, host]]), to_host=True)
+            copied()
             out_ok = torch.equal(pool[host], page.cpu())
             kv[:, :, src].zero_()
             sync()
             self._run_dma(memcpy2d, np.array([[host, dst]]), to_host=False)
+            copied()
             back_ok = torch.equal(kv[:, :, dst], page)
         finally:
             if out_ok and back_ok:
@@ -233,15 +236,17 @@ class HostTier:
                                f"{'ok' if back_ok else 'differs'})")
 
     def _run_dma(self, memcpy2d, pairs: np.ndarray, to_host: bool):
-        """One direction's pages through the binding, on the copy stream (synchronised here: the check only)."""
+        """One direction's pages as 2D copies through `memcpy2d`: on CUDA queued on the copy stream; on
+        CPU run at once (by `memcpy2d` where given, a test's stand-in, else by byte views)."""
         plan = page_copy_plan(self.kv_cache, self.pool, pairs, to_host)
         dst, src = (self.pool, self.kv_cache) if to_host else (self.kv_cache, self.pool)
-        if not self.cuda:
+        if self.cuda:
+            with torch.cuda.device(self.kv_cache.device):
+                memcpy2d.run(dst, src, plan, self.stream)
+        elif memcpy2d is not None:
             memcpy2d.run(dst, src, plan, None)
-            return
-        with torch.cuda.device(self.kv_cache.device):
-            memcpy2d.run(dst, src, plan, self.stream)
-        self.stream.synchronize()
+        else:
+            run_plan_cpu(dst, src, plan)
 
     @property
     def num_pages(self) -> int:
@@ -305,15 +310,8 @@ class HostTier:
             self._staged_copies(swap_out, swap_in)
             return
         for pairs, to_host in ((swap_out, True), (swap_in, False)):
-            if pairs is None or not len(pairs):
-                continue
-            plan = page_copy_plan(self.kv_cache, self.pool, pairs, to_host)
-            dst, src = (self.pool, self.kv_cache) if to_host else (self.kv_cache, self.pool)
-            if self.cuda:
-                with torch.cuda.device(self.kv_cache.device):
-                    self.memcpy2d.run(dst, src, plan, self.stream)
-            else:
-                run_plan_cpu(dst, src, plan)
+            if pairs is not None and len(pairs):
+                self._run_dma(self.memcpy2d, pairs, to_host)
 
     @torch.inference_mode()
     def _staged_copies(self, swap_out, swap_in):
