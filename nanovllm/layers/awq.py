@@ -161,11 +161,12 @@ def quantize_linears(model: nn.Module, quant: AWQConfig) -> None:
 def prepare_kernels(model: nn.Module, dtype: torch.dtype) -> None:
     """After loading, on CUDA: build what the chosen kernel keeps besides the AWQ tensors (gemlite's copy
     of the weights), so that it is allocated before the KV cache is sized."""
-    layers = [m for m in model.modules() if isinstance(m, AWQLinear) and m.qweight.is_cuda]
-    if any(m.kernel == "auto" for m in layers):
-        resolved = "gemlite" if awq_gemlite.available() else "triton"
-        for module in layers:
-            module.kernel = resolved if module.kernel == "auto" else module.kernel
-    for module in layers:
+    auto = None   # what "auto" resolves to: asked of gemlite once, at the first layer that needs it
+    for module in model.modules():
+        if not (isinstance(module, AWQLinear) and module.qweight.is_cuda):
+            continue
+        if module.kernel == "auto":
+            auto = auto or ("gemlite" if awq_gemlite.available() else "triton")
+            module.kernel = auto
         if module.kernel == "gemlite":
             module.prepare_gemlite(dtype)
