@@ -53,29 +53,56 @@ COPY_US_PER_PAGE = 42.5
 
 
 class Timeline:
-    """The device's two streams, step by step (seconds)."""
+    """The device's two streams, step by step (seconds). `feedback` (the engine on CUDA since session
+    9): a forward waits for the earlier copy batches only up to its step's `wait_batch`, and the
+    engine learns which batches landed when it collects a step (`landed`); without it, every forward
+    waits for all of the previous step's copies (the engine before)."""
 
-    def __init__(self, write_back_us: float = COPY_US_PER_PAGE, restore_us: float = COPY_US_PER_PAGE):
+    def __init__(self, write_back_us: float = COPY_US_PER_PAGE, restore_us: float = COPY_US_PER_PAGE,
+                 feedback: bool = True):
         self.write_back_s, self.restore_s = write_back_us * 1e-6, restore_us * 1e-6
+        self.feedback = feedback
         self.main = self.copy = self.prev_copies = 0.0
         self.copy_busy = self.stalled = 0.0
+        self.stall_by: dict[str, float] = {}   # stall seconds by what the forward waited for last
+        self.batch_ends: list[tuple[int, float]] = []   # (copy batch, its end), in order
+        self.forward_ends: list[float] = []
 
     def step(self, compute_s: float, out: int, restore: int, ahead: int, after_prev: bool,
-             wait_restores: bool) -> tuple[float, float, float]:
+             wait_restores: bool, batch: int = -1, wait_batch: int = -1) -> tuple[float, float, float]:
         """Returns the step's stall (its forward waiting for copies), copy and restore seconds."""
         start = max(self.copy, self.main if after_prev else 0.0)
         written_back = start + out * self.write_back_s
         restored = written_back + restore * self.restore_s
         end = restored + ahead * self.write_back_s
+        if self.feedback:
+            earlier = max((e for b, e in self.batch_ends if b <= wait_batch), default=0.0)
+        else:
+            earlier = self.prev_copies
         if out or restore or ahead:
             self.copy = end
             self.copy_busy += end - start
-        ready = max(self.main, self.prev_copies, written_back, restored if wait_restores else 0.0)
+            self.batch_ends.append((batch, end))
+        waits = {"earlier batches": earlier, "own write-backs": written_back if out else 0.0,
+                 "own restores": restored if wait_restores else 0.0}
+        ready = max(self.main, *waits.values())
         stall = ready - self.main
+        if stall > 0:
+            cause = max(waits, key=waits.get)
+            self.stall_by[cause] = self.stall_by.get(cause, 0.0) + stall
         self.stalled += stall
         self.main = ready + compute_s
+        self.forward_ends.append(self.main)
         self.prev_copies = end if (out or restore or ahead) else 0.0
         return stall, end - start, restored - written_back
+
+    def landed(self) -> int:
+        """The last copy batch the engine knows complete when it schedules the next step: it collected
+        the step before the last one launched (overlapped steps), once that step's forward ended."""
+        if len(self.forward_ends) < 2:
+            return -1
+        seen = self.forward_ends[-2]
+        return max((b for b, e in self.batch_ends if e <= seen), default=-1)
 
 
 class OldRule:
@@ -123,7 +150,7 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
              max_num_batched_tokens: int = 16384, block_size: int = 16, prefetch: bool = True,
              write_ahead: bool = True, cost_rule: str = "measured", write_back_us: float = COPY_US_PER_PAGE,
              restore_us: float = COPY_US_PER_PAGE, prefill_us_per_token: float = PREFILL_US_PER_TOKEN,
-             prefill_fixed_ms: float = PREFILL_FIXED_MS, **workload) -> dict:
+             prefill_fixed_ms: float = PREFILL_FIXED_MS, copy_feedback: bool = True, **workload) -> dict:
     config = SimpleNamespace(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              max_model_len=4352, eos_token_ids=(), kvcache_block_size=block_size,
                              enable_prefix_caching=True, schedule_policy=policy, max_wait_s=1e9, seed=0,
@@ -131,7 +158,8 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
     scheduler = Scheduler(config, gpu_pages, host_pages)
     finishing = OutputProcessor(None, scheduler, (), config.max_model_len)  # the stop rules (length here)
     bm = scheduler.block_manager
-    timeline = Timeline(write_back_us, restore_us)
+    timeline = Timeline(write_back_us, restore_us, copy_feedback)
+    bm.sync_copies = not copy_feedback
     costs = CopyCosts(block_size) if cost_rule == "measured" else OldRule(block_size)   # fed the model's times
     bm.costs = costs
     restore_pays_changes = prefill_steps = decode_rows = restoring_waits = 0
@@ -145,10 +173,12 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
             scheduler.add(seq)
         in_flight = None   # as the engine: step N+1 is scheduled before step N's tokens come back
         while not all(seq.is_finished for seq in seqs):
+            if copy_feedback:
+                bm.copies_landed(timeline.landed())
             t = time.perf_counter()
             batch, is_prefill = scheduler.schedule()
-            swap_out, swap_in, after_prev, wait_restores, *ahead = bm.take_copies()
-            ahead = ahead[0] if ahead else []
+            copies = bm.take_copies()
+            swap_out, swap_in, ahead = copies.swap_out, copies.swap_in, copies.write_ahead
             launched = None
             if batch:
                 launched = (batch, scheduler.launched(batch))
@@ -163,7 +193,8 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
                 restoring_waits += sum(not bm.restores_landed(s) for s in scheduler.running)
                 pages = len(swap_out) + len(swap_in) + len(ahead)
                 stall, copy_s, restore_s = timeline.step(compute, len(swap_out), len(swap_in), len(ahead),
-                                                         after_prev, wait_restores)
+                                                         copies.after_prev, copies.wait_for_restores,
+                                                         copies.batch, copies.wait_batch)
                 tokens = sum(s.chunk_len for s in batch) if is_prefill else 0
                 prefill_steps += is_prefill
                 # What the engine reads once the step is collected (llm_engine._observe_step_times).
@@ -191,8 +222,9 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
                 restoring_request_steps=restoring_waits,
                 scheduler_ms_per_step=round(1000 * schedule_seconds / steps, 3),
                 modelled_seconds=round(timeline.main, 2), modelled_copy_busy_s=round(timeline.copy_busy, 2),
-                modelled_forward_stalled_s=round(timeline.stalled, 2), cost_rule=cost_rule,
-                restore_pays=bm.restore_pays, restore_pays_changes=restore_pays_changes)
+                modelled_forward_stalled_s=round(timeline.stalled, 2),
+                modelled_stall_by={k: round(v, 2) for k, v in timeline.stall_by.items()}, cost_rule=cost_rule,
+                restore_pays=bm.restore_pays, restore_pays_changes=restore_pays_changes, copy_feedback=copy_feedback)
 
 
 def main(argv=None):
@@ -211,11 +243,14 @@ def main(argv=None):
     p.add_argument("--prefill-us-per-token", type=float, default=PREFILL_US_PER_TOKEN,
                    help="modelled prefill a token (the restore-or-recompute rule compares 16 of these with a restore)")
     p.add_argument("--prefill-fixed-ms", type=float, default=PREFILL_FIXED_MS, help="modelled prefill step, fixed part")
+    p.add_argument("--copy-feedback", action=argparse.BooleanOptionalAction, default=True,
+                   help="forwards wait only for the copies they need, landed as the runner reports (the engine "
+                        "on CUDA since session 9); --no-copy-feedback: every forward waits for the previous step's")
     args = p.parse_args(argv)
     result = simulate(args.gpu_pages, args.host_pages, args.policy, prefetch=args.prefetch,
                       write_ahead=args.write_ahead, cost_rule=args.cost_rule, write_back_us=args.write_back_us,
                       restore_us=args.restore_us, prefill_us_per_token=args.prefill_us_per_token,
-                      prefill_fixed_ms=args.prefill_fixed_ms,
+                      prefill_fixed_ms=args.prefill_fixed_ms, copy_feedback=args.copy_feedback,
                       tenants=args.tenants, rounds=args.rounds)
     print(json.dumps(result))
     return result

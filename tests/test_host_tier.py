@@ -7,7 +7,11 @@ before swap_in, and then the step's forward writes; after every step every compu
 live sequence must be found, through its block table, in the GPU store: restored bytes are the
 evicted ones. Every step also runs the background copies (prefetch for the preempted requests
 waiting to come back, write-back ahead of eviction), executed after the step's restores as the
-runner does. The block manager's own invariants (a hash in both tiers only with equal bytes, every
+runner does. In the asynchronous mode (the engine on CUDA) the copies are queued as batches that
+land later, in order, as a random schedule says; the block manager hears of them only as the runner
+would report them (`copies_landed`), and a step's forward first lands the batches its step waits for
+(`wait_batch`, its write-backs, its restores if it reads them), then must read the right tokens in
+every page of the rows it runs. The block manager's own invariants (a hash in both tiers only with equal bytes, every
 host page free / pinned / in the LRU exactly once, ref counts) are checked too, and nothing leaks."""
 import random
 
@@ -30,15 +34,42 @@ class Store:
         self.gpu = np.full((num_gpu, BS), -1, dtype=np.int64)
         self.host = np.full((max(num_host, 1), BS), -1, dtype=np.int64)
 
+        self.queue: list[tuple[int, str, list]] = []   # asynchronous mode: (batch, part, pairs) not landed, in order
+
     def copy(self, bm: BlockManager):
-        swap_out, swap_in, _, _, write_ahead = bm.take_copies()
-        for gpu, host in swap_out:
-            self.host[host] = self.gpu[gpu]
-        for host, gpu in swap_in:
-            self.gpu[gpu] = self.host[host]
-        for gpu, host in write_ahead:
-            self.host[host] = self.gpu[gpu]
-        return swap_out, swap_in
+        copies = bm.take_copies()
+        for part in ("swap_out", "swap_in", "write_ahead"):
+            self.run(part, getattr(copies, part))
+        return copies.swap_out, copies.swap_in
+
+    def run(self, part: str, pairs: list):
+        for a, b in pairs:
+            if part == "swap_in":
+                self.gpu[b] = self.host[a]
+            else:
+                self.host[b] = self.gpu[a]
+
+    def queue_copies(self, bm: BlockManager):
+        """Asynchronous mode: queue the step's copies, then land what its forward waits for."""
+        copies = bm.take_copies()
+        for part in ("swap_out", "swap_in", "write_ahead"):
+            if getattr(copies, part):
+                self.queue.append((copies.batch, part, getattr(copies, part)))
+        ahead = sum(1 for batch, _, _ in self.queue if batch <= copies.wait_batch)
+        for i, (batch, part, _) in enumerate(self.queue):   # one stream: its own parts follow every earlier batch
+            if batch == copies.batch and (part == "swap_out" or part == "swap_in" and copies.wait_for_restores):
+                ahead = i + 1
+        self.land(ahead)
+
+    def land(self, n: int, clock: int = -1) -> int:
+        """Land the first n queued copies; returns the last batch now wholly landed (`clock`: all)."""
+        for batch, part, pairs in self.queue[:n]:
+            self.run(part, pairs)
+        self.queue = self.queue[n:]
+        return self.queue[0][0] - 1 if self.queue else clock
+
+    def pending_host_writes(self) -> set:
+        return {b for _, part, pairs in self.queue if part != "swap_in" for _, b in pairs}
 
     def write(self, seq: Sequence, start: int, end: int):
         """The forward pass writes tokens [start, end) of seq into its pages."""
@@ -53,19 +84,25 @@ def check(bm: BlockManager, store: Store, live: list[Sequence]):
         assert len(seq.block_table) == seq.num_blocks
         for b in seq.block_table:
             holders[b] += 1
-        if seq.restore_ticket > bm.restores_issued:
-            continue   # restores still queued: its pages are filled by a later step's copies
-        for p in range(seq.num_computed_tokens):
-            assert store.gpu[seq.block_table[p // BS], p % BS] == seq.token_ids[p], (seq.seq_id, p)
+        if not bm.restores_landed(seq):
+            continue   # restores still queued or in flight: its pages are filled by copies not landed yet
+        check_pages(store, seq, seq.num_computed_tokens)
     assert [b.ref_count for b in bm.blocks] == holders
     assert bm.num_free_blocks == holders.count(0)
     # Every cached page holds what its hash says, in either tier (so a hash in both holds equal bytes).
     for block_id in bm.hash_to_block_id.values():
         block = bm.blocks[block_id]
-        if block.computed:
+        if block.computed and block.landing <= bm.copies_done:
             assert store.gpu[block_id].tobytes() == block.token_key
+    pending = store.pending_host_writes()
     for page in bm.host_eviction_order():
-        assert store.host[page].tobytes() == bm.host_key[page]
+        if page not in pending:
+            assert store.host[page].tobytes() == bm.host_key[page]
+
+
+def check_pages(store: Store, seq: Sequence, end: int):
+    for p in range(end):
+        assert store.gpu[seq.block_table[p // BS], p % BS] == seq.token_ids[p], (seq.seq_id, p)
 
 
 op = st.one_of(
@@ -93,6 +130,14 @@ def test_two_tier_operations_keep_invariants_and_bytes(num_blocks, num_host, ops
     run_operations(num_blocks, num_host, ops, prefetch, write_ahead, budget)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.integers(6, 12), st.integers(1, 6), st.lists(op, min_size=20, max_size=80), st.booleans(), st.booleans(),
+       st.integers(1, 6), st.integers(0, 2**32 - 1))
+def test_asynchronous_copies_land_before_every_forward_that_needs_them(num_blocks, num_host, ops, prefetch,
+                                                                        write_ahead, budget, seed):
+    run_operations(num_blocks, num_host, ops, prefetch, write_ahead, budget, landing=random.Random(seed))
+
+
 def test_seeded_soak_of_the_same_operations_moves_pages_both_ways():
     """Hypothesis favours short, simple operation lists, in which pages seldom get evicted twice:
     the same checker over 300 seeded lists of 60 operations, which must move pages both ways."""
@@ -106,7 +151,7 @@ def test_seeded_soak_of_the_same_operations_moves_pages_both_ways():
                  rng.randint(1, 9) if kind == "compute" else rng.randrange(4) if kind == "decode" else None)
             ops.append((kind, rng.randrange(len(PREFIXES)) if kind == "new" else rng.randrange(51), b))
         bm = run_operations(rng.randint(6, 12), rng.randint(1, 6), ops, prefetch=i % 3 != 1, write_ahead=i % 3 != 2,
-                            budget=rng.randint(1, 4))
+                            budget=rng.randint(1, 4), landing=random.Random(i) if i % 2 else None)
         moved[0] += bm.num_swapped_out
         moved[1] += bm.num_swapped_in
         moved[2] += bm.num_prefetched
@@ -115,9 +160,11 @@ def test_seeded_soak_of_the_same_operations_moves_pages_both_ways():
 
 
 def run_operations(num_blocks: int, num_host: int, ops: list, prefetch: bool = False, write_ahead: bool = False,
-                   budget: int = 4) -> BlockManager:
+                   budget: int = 4, landing: random.Random | None = None) -> BlockManager:
+    """`landing`: asynchronous copies, landed at random (else each step's copies land before its forward)."""
     bm = BlockManager(num_blocks, BS, num_host_blocks=num_host, prefetch=prefetch, write_ahead=write_ahead)
     bm.copy_budget = budget
+    bm.sync_copies = landing is None
     store = Store(num_blocks, num_host)
     live: list[Sequence] = []
     preempted: list[Sequence] = []
@@ -160,11 +207,18 @@ def run_operations(num_blocks: int, num_host: int, ops: list, prefetch: bool = F
                 live.remove(seq)
                 preempted.append(seq)
         bm.background_copies(preempted)   # prefetch for the requests waiting to come back, write-ahead
-        store.copy(bm)        # the step's copies, then its forward
+        if landing is None:
+            store.copy(bm)    # the step's copies, then its forward
+        else:
+            store.queue_copies(bm)   # queued; lands what the forward waits for
         for seq, start, end in writes:
-            store.write(seq, start, end)
+            check_pages(store, seq, start)   # the forward reads its rows' earlier tokens...
+            store.write(seq, start, end)     # ...and writes the new ones
         bm.launched()
+        if landing is not None:   # some copies land; the runner reports them
+            bm.copies_landed(store.land(landing.randint(0, len(store.queue)), bm.clock))
         check(bm, store, live)
+    bm.copies_landed(store.land(len(store.queue), bm.clock))
     for seq in live:
         bm.deallocate(seq)
     bm.take_copies()
@@ -291,7 +345,7 @@ def test_write_ahead_skips_pages_the_step_in_flight_may_use_and_spares_the_evict
     bm.begin_step()
     bm.launched()                          # a later step is in flight now
     bm.background_copies([])
-    *_, ahead = bm.take_copies()
+    ahead = bm.take_copies().write_ahead
     assert sorted(bm.host_hash[h] for _, h in ahead) == sorted(a.block_hashes[:2])
     bm.begin_step()
     computed_seq(bm, [50 + i for i in range(23)])   # 6 pages: evicts a's pages, already on host
@@ -363,7 +417,7 @@ def test_step_that_waits_for_its_restores_carries_no_background_copies():
     scheduler.add(waiting)   # max_num_seqs 1: it stays waiting, its host pages would fit the free pages
     scheduled, is_prefill = scheduler.schedule()
     assert scheduled == [restoring] and is_prefill
-    swap_out, swap_in, _, wait_for_restores, write_ahead = bm.take_copies()
+    swap_out, swap_in, _, wait_for_restores, write_ahead, *_ = bm.take_copies()
     assert wait_for_restores
     assert [gpu for _, gpu in swap_in] == restoring.block_table[:2]   # its own restores, nothing else
     assert not write_ahead and not swap_out and bm.num_prefetched == 0
@@ -389,7 +443,69 @@ def test_background_copies_stay_within_the_copy_budget():
         assert admit(bm, None, Sequence(x + [5], SP, BS)) and admit(bm, None, Sequence(z + [5], SP, BS))
         assert len(bm.restore_backlog) == 4
         bm.background_copies([])
-        swap_out, swap_in, _, _, write_ahead = bm.take_copies()
+        swap_out, swap_in, _, _, write_ahead, *_ = bm.take_copies()
         assert not swap_out and len(swap_in) == min(budget, 4) and len(write_ahead) == expected_ahead, \
             (budget, swap_in, write_ahead)
+        bm.check_invariants()
+
+
+def test_asynchronous_restores_run_only_once_reported_landed():
+    """CUDA (sync_copies off): a restoring request, and a request hitting a page restored or
+    prefetched, wait until the runner reports the copy batch landed (`copies_landed`), not just until
+    a step carrying it was launched; until then they would make a forward wait on the device."""
+    bm = BlockManager(8, BS, num_host_blocks=16)
+    x, z = list(range(9)), [200 + i for i in range(9)]
+    host_only_prefixes(bm, x, z)
+    bm.sync_copies = False
+    bm.begin_step()
+    a = Sequence(x + [5], SP, BS)
+    assert admit(bm, None, a)
+    bm.background_copies([Sequence(z + [6], SP, BS)])   # a's restores, and z's pages prefetched
+    copies = bm.take_copies()
+    assert len(copies.swap_in) == 4 and copies.wait_batch == -1
+    bm.launched()
+    for _ in range(2):   # launched steps later, nothing reported: still in flight
+        bm.begin_step()
+        assert not bm.restores_landed(a)
+        assert bm.match(Sequence(x + [7], SP, BS))[1] and bm.match(Sequence(z + [7], SP, BS))[1]   # pending
+        bm.take_copies()
+        bm.launched()
+    bm.copies_landed(copies.batch)
+    assert bm.restores_landed(a)
+    hits, pending = bm.match(Sequence(z + [7], SP, BS))
+    assert not pending and len(hits) == 2 and min(hits) >= 0   # the prefetched pages, now GPU hits
+    bm.deallocate(a)
+    bm.check_invariants()
+
+
+def test_a_page_written_ahead_is_waited_for_only_by_the_step_that_writes_it():
+    """A free page whose write-back ahead is in flight may be read (a hit) without waiting; the step
+    that takes it for new tokens waits for that copy batch, unless it was reported landed."""
+    for reported in (False, True):
+        bm = BlockManager(4, BS, num_host_blocks=16)
+        bm.begin_step()
+        cached = computed_seq(bm, list(range(9)))   # 2 cached prompt pages the host lacks
+        bm.deallocate(cached)
+        bm.take_copies()
+        bm.launched()
+        bm.begin_step()
+        bm.launched()   # a step launched since they were freed: write-ahead may take them
+        bm.sync_copies = False
+        bm.begin_step()
+        bm.background_copies([])
+        copies = bm.take_copies()
+        assert len(copies.write_ahead) == 2
+        bm.launched()
+        if reported:
+            bm.copies_landed(copies.batch)
+        bm.begin_step()
+        reader = Sequence(list(range(9)) + [1], SP, BS)
+        assert admit(bm, None, reader) and bm.copy_wait == -1   # hits only read the pages
+        bm.deallocate(reader)
+        writer = Sequence([50 + i for i in range(13)], SP, BS)   # 4 pages: takes the two written ahead
+        assert admit(bm, None, writer)
+        assert bm.take_copies().wait_batch == (-1 if reported else copies.batch)
+        bm.launched()
+        assert bm.copies_done == copies.batch   # waited for by a launched forward: landed for later steps
+        bm.deallocate(writer)
         bm.check_invariants()

@@ -50,7 +50,7 @@ def run_steps(scheduler: Scheduler, num_steps: int) -> list[dict]:
     steps, in_flight = [], None
     for _ in range(num_steps):
         batch, is_prefill = scheduler.schedule()
-        _, swap_in, _, wait_for_restores, _ = bm.take_copies()
+        _, swap_in, _, wait_for_restores, *_ = bm.take_copies()
         steps.append(dict(prefill={s.seq_id for s in batch} if is_prefill else set(),
                           tokens=sum(s.chunk_len for s in batch) if is_prefill else 0,
                           restored={gpu for _, gpu in swap_in}, waits=wait_for_restores,

@@ -62,6 +62,7 @@ Why this order is safe:
   (`_is_clean`, `_write_ahead`), so they never make the copies wait.
 """
 from collections import OrderedDict, deque
+from typing import NamedTuple
 
 import numpy as np
 import xxhash
@@ -70,6 +71,17 @@ from nanovllm.engine.sequence import Sequence
 
 
 DROP, PROBATION, PROTECTED = 0, 1, 2   # Block.keep
+
+
+class StepCopies(NamedTuple):
+    """A step's host-tier copies, as `take_copies` hands them to the step (engine/scheduled_step.py)."""
+    swap_out: list          # (GPU page, host page): write-backs of evicted pages, before the forward
+    swap_in: list           # (host page, GPU page): restores, after swap_out
+    after_prev: bool        # the copies touch a page the step in flight may still use: they wait for it
+    wait_for_restores: bool  # this step's forward reads pages its swap_in restores
+    write_ahead: list       # (GPU page, host page): background write-backs, after swap_in
+    batch: int              # this step's copy batch (its scheduling clock)
+    wait_batch: int         # the forward waits for the copy batches up to this one (-1: none)
 # Background write-backs a step at most: scanning 4 x 4,096 free pages a step cost 17 ms of host
 # time per step in the W6 simulation (2-core CPU); 2 x 256 keeps it under ~1 ms.
 WRITE_AHEAD_PAGES = 256
@@ -81,7 +93,7 @@ def is_host_hit(hit: int) -> bool:
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_key", "computed", "freed_at", "keep")
+    __slots__ = ("block_id", "ref_count", "hash", "token_key", "computed", "freed_at", "keep", "landing", "read_out")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
@@ -91,6 +103,8 @@ class Block:
         self.computed = False
         self.freed_at = -1    # the scheduling clock when it was last freed
         self.keep = DROP      # what a write-back to the host tier makes of it: DROP, PROBATION, PROTECTED
+        self.landing = -1     # the copy batch (scheduling clock) of the last restore into it
+        self.read_out = -1    # the copy batch of the last write-back ahead out of it
 
     def reset(self):
         self.ref_count = 1
@@ -133,7 +147,16 @@ class BlockManager:
         self.restore_backlog: deque[tuple[int, int]] = deque()   # (host page, GPU page), oldest first
         self.restores_queued = 0   # restores ever queued: a request's ticket is the count after its own
         self.restores_issued = 0   # the ticket of the last restore handed to a step
-        self.restores_ready = 0    # restores handed to steps launched before this one (their pages land first)
+        self.restores_ready = 0    # the ticket of the last restore known landed (`copies_landed`)
+        self.issued_batches: deque[tuple[int, int]] = deque()   # (copy batch, ticket issued through) not landed
+        # Copy batches: a step's copies are batch `clock`, run in order on one stream. `copies_done`: the
+        # last batch known complete (reported by the runner, `copies_landed`) or waited for by a launched
+        # forward. `sync_copies`: the runner's copies are done when its step is launched (CPU), so every
+        # launched step's batch counts as landed then.
+        self.sync_copies = True
+        self.copies_done = -1
+        self.last_copy_batch = -1   # the last batch that had any copies
+        self.copy_wait = -1         # this step's forward waits for the batches up to this one (-1: none)
         self.restore_pays = True        # a host hit is restored (else recomputed): the scheduler's cost choice
         self.swap_out: list[tuple[int, int]] = []   # this step's (GPU page, host page) write-backs
         self.swap_in: list[tuple[int, int]] = []    # this step's (host page, GPU page) restores
@@ -172,11 +195,35 @@ class BlockManager:
     # ---- steps and copies ---------------------------------------------------------------------
     def begin_step(self):
         self.clock += 1
-        self.restores_ready = self.restores_issued
 
     def restores_landed(self, seq: Sequence) -> bool:
-        """All of `seq`'s restores went out in a step launched before this one."""
+        """All of `seq`'s restores are known to have landed (CPU: went out in a launched step)."""
         return seq.restore_ticket <= self.restores_ready
+
+    def copies_landed(self, batch: int):
+        """The copy batches up to `batch` are complete (the runner's report, or a forward waited for them)."""
+        if batch <= self.copies_done:
+            return
+        self.copies_done = batch
+        while self.issued_batches and self.issued_batches[0][0] <= batch:
+            self.restores_ready = self.issued_batches.popleft()[1]
+
+    def copies_in_flight(self) -> bool:
+        return self.last_copy_batch > self.copies_done
+
+    def wait_for_copies(self):
+        """Nothing can run until copies land: the next launched step's forward waits for all of them on
+        the device (`copy_wait` holds until a step is launched), instead of the engine idling until a
+        report says they landed; from now on they count as landed."""
+        self.copy_wait = max(self.copy_wait, self.last_copy_batch)
+        self.copies_landed(self.last_copy_batch)
+
+    def _uses(self, block: Block, writes: bool):
+        """This step's forward reads `block` (or writes it): it waits for the restore into it (and for a
+        write-back ahead reading it), unless known landed."""
+        batch = max(block.landing, block.read_out) if writes else block.landing
+        if batch > self.copies_done:
+            self.copy_wait = max(self.copy_wait, batch)
 
     def issue_restores(self) -> int:
         """Hand every queued restore to this step (their pages count as computed once it is
@@ -186,7 +233,10 @@ class BlockManager:
             page, block_id = self.restore_backlog.popleft()
             self.swap_in.append((page, block_id))
             self.restored.append(block_id)
+            self.blocks[block_id].landing = self.clock
             self._note_copy(self.blocks[block_id])
+        if n:
+            self.issued_batches.append((self.clock, self.restores_queued))
         self.restores_issued = self.restores_queued
         return n
 
@@ -207,18 +257,23 @@ class BlockManager:
 
     def launched(self):
         """The step scheduled at this clock went to the device. Pages it restores count as computed
-        from now on: every later step's forward waits for this step's copies."""
+        from now on; a later step reads them once their batch landed (`match`, `restores_landed`), or
+        waits for it (`copy_wait`). The batches its forward waited for count as landed for later steps
+        (they run after it); with synchronous copies (CPU), so does its own."""
         self.launch_clock = self.clock
         for block_id in self.restored:
             self.blocks[block_id].computed = True
         self.restored = []
+        self.copies_landed(self.clock if self.sync_copies else self.copy_wait)
+        self.copy_wait = -1
 
-    def take_copies(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]], bool, bool, list[tuple[int, int]]]:
-        """This step's swap_out and swap_in pairs, whether they must wait for the step in flight,
-        whether this step's forward must wait for its restores, and the background write-backs
-        (run after the restores; only the next step's forward waits for them). Host pages read by
-        this step's restores go back to the LRU's recent end (protected: they were hit)."""
-        copies = (self.swap_out, self.swap_in, self.copy_after_prev, self.wait_for_restores, self.write_ahead_pairs)
+    def take_copies(self) -> "StepCopies":
+        """This step's copies (`StepCopies`). Host pages read by this step's restores go back to the
+        LRU's recent end (protected: they were hit)."""
+        copies = StepCopies(self.swap_out, self.swap_in, self.copy_after_prev, self.wait_for_restores,
+                            self.write_ahead_pairs, self.clock, self.copy_wait)
+        if self.swap_out or self.swap_in or self.write_ahead_pairs:
+            self.last_copy_batch = self.clock
         self.swap_out, self.swap_in, self.copy_after_prev, self.wait_for_restores = [], [], False, False
         self.write_ahead_pairs = []
         waiting = {page for page, _ in self.restore_backlog}   # still to be read: they stay pinned
@@ -346,6 +401,7 @@ class BlockManager:
                 self.free_block_ids[block.block_id] = None   # free, at the recent end
                 self._register(block)
                 self.restored.append(block.block_id)
+                block.landing = self.clock
                 self._pin_host_page(page)
                 self.swap_in.append((page, block.block_id))
                 self.num_swapped_in += 1
@@ -365,6 +421,7 @@ class BlockManager:
             if self._is_clean(block) or block.freed_at >= self.launch_clock:
                 continue
             if self._store_on_host(block, self.write_ahead_pairs):
+                block.read_out = self.clock   # a forward that writes it waits for this copy (`_uses`)
                 self.num_written_ahead += 1
                 budget -= 1
 
@@ -382,7 +439,8 @@ class BlockManager:
         for i in range(len(hashes)):
             block_id = self.hash_to_block_id.get(hashes[i])
             if block_id is not None and self.blocks[block_id].token_key == seq.block_keys[i]:
-                if not self.blocks[block_id].computed:
+                block = self.blocks[block_id]
+                if not block.computed or block.landing > self.copies_done:   # computed or restored, not landed yet
                     return hits, True
                 hits.append(block_id)
                 continue
@@ -452,6 +510,7 @@ class BlockManager:
                 else:
                     block.ref_count += 1
                 block.keep = PROTECTED
+                self._uses(block, writes=False)
                 if not restoring:
                     seq.block_table.append(hit)
         if restoring:
@@ -462,6 +521,7 @@ class BlockManager:
         hashes = self._hashes(seq, num_full)
         for i in range(len(hits), seq.num_blocks):
             block = self._take_free()
+            self._uses(block, writes=True)
             if i < num_full:
                 # Registered now, computed later: a request arriving meanwhile waits for it (see match).
                 block.token_key = seq.block_keys[i]
@@ -535,7 +595,9 @@ class BlockManager:
     def may_append(self, seq: Sequence):
         """Give the token a decode step writes a page (a new one when it starts a page)."""
         if len(seq.block_table) < seq.num_blocks:
-            seq.block_table.append(self._take_free().block_id)
+            block = self._take_free()
+            self._uses(block, writes=True)
+            seq.block_table.append(block.block_id)
 
     def mark_computed(self, seq: Sequence):
         """Pages now fully computed become cache hits for later requests. Called when a step is

@@ -21,17 +21,20 @@ moved 42-47 GB/s with the GPU idle but 11.8-12.2 GB/s beside a matmul loop on th
 contiguous pinned buffer of the same bytes moved 55.0 GB/s beside the same loop. On W6 (qwen3-1.7b,
 16,384 GPU pages, 64 GB host tier) engine/copy_costs.py then saw 13-29 GB/s and restored nothing
 under fcfs, and under lpm restored 118 GB and ran slower than GPU-only lpm (6,150 vs 8,247 tok/s).
-DMA-mode numbers on the GPU: pending (claude_docs/memory.md says the commands).
+DMA mode, measured on the same H200 (session 9): 48.5-49.7 GB/s idle, 38.4-41.3 beside the loop.
 
 On CUDA the pool is pinned (cudaHostRegister on a plain allocation: PyTorch's pinned allocator
 rounds sizes up to a power of two) and the copies run on a side stream: they start after the step
 in flight only when the step says they must (`copy_after_prev`: a page it may still use). The
-step's forward waits for its write-backs (it may reuse those pages); its background write-backs
-(`write_ahead`: free pages copied before they are needed, queued after the restores) and its
-restores are waited for by the next step's forward. Restores are read at the earliest by that next
-step (engine/block_manager.py: a restoring request is scheduled only in a step after the one that
-issued its last restore, and a prefetched page counts as computed once its step is launched), so a
-restore overlaps the forward of the step that carries it. Only a step whose own rows read its
+step's forward waits for its write-backs (it may reuse those pages). A step's copies are one copy
+batch (`copy_batch`, its scheduling clock); a later forward waits for earlier batches only as far
+as the step says (`copy_wait`: the block manager's choice, from the pages the step reads or writes
+whose copies are not known to have landed), and the runner reports the last batch it saw complete
+(`copies_done`, by querying the batches' end events at each step, never waiting). Restores are read
+at the earliest by the next step, and the block manager prefers to hold a restoring request until
+its batch is reported complete while other steps run, so the copies overlap the forwards of other
+requests (before session 9 every forward waited for all of the previous step's copies: on W6 at
+1.7B with fcfs, 6.5 s of forward stalls in a 50.9 s run). Only a step whose own rows read its
 restores (a restoring request run at once because nothing else could run) says so
 (`wait_for_restores`), and it carries no other restores. A `StepTimer` of CUDA events
 times the forward's wait for copies, the forward, the copies and the restores alone (read by the
@@ -47,6 +50,7 @@ index_select / index_copy_ have no fp8 kernels, and a page moves unchanged whate
 import os
 import warnings
 import weakref
+from collections import deque
 from time import perf_counter
 from typing import NamedTuple
 
@@ -174,7 +178,8 @@ class HostTier:
         shape = (num_pages,) + tuple(page_shape)
         self.pool = pinned_empty(shape, kv_cache.dtype) if self.cuda else torch.zeros(shape, dtype=kv_cache.dtype)
         self.stream = torch.cuda.Stream(device=kv_cache.device) if self.cuda else None
-        self.restore_event = None   # restores the next step's forward must wait for
+        self.batches: deque[tuple[int, torch.cuda.Event]] = deque()   # CUDA: (copy batch, its end), not seen complete
+        self.copies_done = -1   # CUDA: the last copy batch seen complete
         self.memcpy2d = None   # CUDA "dma" mode: the cudaMemcpy2DAsync binding
         if self.cuda and copy_mode in (None, "dma"):
             try:
@@ -253,20 +258,34 @@ class HostTier:
         return self.pool.shape[0]
 
     def before_forward(self, swap_out, swap_in, after_prev: bool, wait_for_restores: bool,
-                       write_ahead=None, prefill_tokens: int = 0) -> StepTimer:
-        """Called before every step's forward: orders it after the previous step's copies, then
-        queues this step's copies (numpy [n, 2] arrays or None). The forward waits for the
-        write-backs (it may reuse those pages); for the restores only if `wait_for_restores`; never
-        for `write_ahead` (background write-backs of free pages): the next step's forward waits for
-        whatever this one did not. Returns the step's timer (the runner marks the forward's end)."""
+                       write_ahead=None, prefill_tokens: int = 0, batch: int = -1, wait_batch: int = -1) -> StepTimer:
+        """Called before every step's forward: orders it after the earlier copy batches up to
+        `wait_batch`, then queues this step's copies (numpy [n, 2] arrays or None) as batch `batch`.
+        The forward waits for the write-backs (it may reuse those pages); for the restores only if
+        `wait_for_restores`; never for `write_ahead` (background write-backs of free pages). Returns the
+        step's timer (the runner marks the forward's end)."""
         timer = StepTimer(self.cuda, prefill_tokens)
-        if self.cuda and self.restore_event is not None:
-            torch.cuda.current_stream().wait_event(self.restore_event)
-            self.restore_event = None
+        if self.cuda:
+            self.poll()
+            waited = None
+            for b, end in self.batches:   # oldest first: the last one up to wait_batch covers the ones before
+                if b > wait_batch:
+                    break
+                waited = end
+            if waited is not None:
+                torch.cuda.current_stream().wait_event(waited)
         if swap_out is not None or swap_in is not None or write_ahead is not None:
             self.copy(swap_out, swap_in, after_prev, wait_for_restores, write_ahead, timer)
+            if self.cuda:
+                self.batches.append((batch, timer.copy_end))
         timer.forward_begins()
         return timer
+
+    def poll(self) -> int:
+        """The last copy batch complete, from the batches' end events (queried, never waited for)."""
+        while self.batches and self.batches[0][1].query():
+            self.copies_done = self.batches.popleft()[0]
+        return self.copies_done
 
     def copy(self, swap_out, swap_in, after_prev: bool, wait_for_restores: bool = True, write_ahead=None,
              timer: StepTimer | None = None) -> StepTimer:
@@ -297,10 +316,10 @@ class HostTier:
             timer.restore_end.record()
             self._copies(write_ahead, None)
             timer.copy_end.record()
-        main.wait_event(written_back)
+        if swap_out is not None and len(swap_out):   # (the event follows every earlier batch on the stream)
+            main.wait_event(written_back)
         if wait_for_restores:
             main.wait_event(restored)
-        self.restore_event = timer.copy_end
         return timer
 
     def _copies(self, swap_out, swap_in):

@@ -66,6 +66,8 @@ class LLMEngine:
         self.copy_costs = CopyCosts(config.kvcache_block_size, measured=config.device.startswith("cuda"))
         if self.model_runner.num_host_blocks:
             self.scheduler.block_manager.costs = self.copy_costs
+            # CUDA: copies run beside the forwards and land when the runner reports them (StepResult.copies_done)
+            self.scheduler.block_manager.sync_copies = not config.device.startswith("cuda")
         self.step_builder = StepBuilder(config)
         self._log_startup()
         self.vocab_size = config.hf_config.vocab_size
@@ -203,6 +205,8 @@ class LLMEngine:
 
     def _collect(self, step: InFlightStep) -> list[StepOutput]:
         result = self.executor.collect(step.pending)
+        if result.copies_done is not None:
+            self.scheduler.block_manager.copies_landed(result.copies_done)
         self.stats["copy_steps"] += step.step.swap_out is not None or step.step.swap_in is not None
         if result.step_times:
             self._observe_step_times(result.step_times)

@@ -167,7 +167,8 @@ class ModelRunner:
         if self.host_tier is not None:   # the previous step's restores, then this step's copies
             timer = self.host_tier.before_forward(step.swap_out, step.swap_in, step.copy_after_prev,
                                                   step.wait_for_restores, step.write_ahead,
-                                                  len(step.input_ids) if step.is_prefill else 0)
+                                                  len(step.input_ids) if step.is_prefill else 0,
+                                                  step.copy_batch, step.copy_wait)
         batch, input_ids, positions = self.prepare(step)
         s = step.sampling
         # Under tensor parallelism the one-pass samplers work on each rank's vocabulary slice when
@@ -235,7 +236,9 @@ class ModelRunner:
         else:
             token_ids = pending.tokens.tolist()
         logprobs, prompt = (None if x is None else x.as_numpy() for x in (pending.logprobs, pending.prompt_logprobs))
-        return StepResult(pending.step_id, token_ids, logits, logprobs, prompt, self._step_times(pending.timer))
+        copies_done = self.host_tier.poll() if self.host_tier is not None and self.host_tier.cuda else None
+        return StepResult(pending.step_id, token_ids, logits, logprobs, prompt, self._step_times(pending.timer),
+                          copies_done)
 
     def _step_times(self, timer) -> tuple:
         """Host tier on: the times of the steps whose forward and copies are done (a restore still

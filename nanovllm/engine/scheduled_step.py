@@ -41,8 +41,14 @@ Data contract (all host numpy arrays; `rows` = sequences in the step, `tokens` =
   wait_for_restores  bool                      this step's forward reads pages its swap_in restores
                                                (else only the next step's forward waits for them)
   write_ahead        int64 [n, 2] | None       (GPU page, host page): free pages written back ahead of
-                                               their eviction, after swap_in; the next step's forward
-                                               waits for them, this one's does not
+                                               their eviction, after swap_in; this step's forward
+                                               does not wait for them
+  copy_batch         int                       this step's copies are copy batch `copy_batch` (its
+                                               scheduling clock); batches run in order on one stream
+  copy_wait          int                       before its forward, wait for the copy batches up to
+                                               this one (-1: none): those of earlier steps whose
+                                               pages it reads or writes and that are not known to
+                                               have landed (StepResult.copies_done)
 
 Sampling is a pure function of the logits and `sampling`, so every rank samples the same tokens:
 unseeded rows draw from a generator seeded with `step_seed`, seeded requests from their own
@@ -148,6 +154,8 @@ class ScheduledStep:
     copy_after_prev: bool = False
     wait_for_restores: bool = False
     write_ahead: np.ndarray | None = None
+    copy_batch: int = -1
+    copy_wait: int = -1
 
     def __post_init__(self):
         for name in ("input_ids", "prev_rows", "positions", "slot_mapping", "q_lens", "kv_lens", "qo_indptr",
@@ -175,3 +183,4 @@ class StepResult:
     logprobs: object = None         # TokenLogprobs (layers/logprobs.py) of the rows with logprobs_k >= 0
     prompt_logprobs: object = None  # TokenLogprobs of prompt_logprobs_tokens, in the same order
     step_times: tuple = ()  # host tier on: StepTimes (engine/host_tier.py) of the steps whose times are read now
+    copies_done: int | None = None   # host tier on CUDA: the last copy batch known complete (None: copies are synchronous)

@@ -58,14 +58,22 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> tuple[list[Sequence], bool]:
-        self.block_manager.begin_step()
-        scheduled = self._schedule_prefill()
-        is_prefill = bool(scheduled)
-        if not is_prefill:
-            scheduled = self._schedule_decode()
+        bm = self.block_manager
+        bm.begin_step()
+        scheduled, is_prefill = self._schedule_step()
+        if not scheduled and bm.copies_in_flight():
+            # Everything left waits for copies not known to have landed: wait for them on the device.
+            bm.wait_for_copies()
+            scheduled, is_prefill = self._schedule_step()
         if scheduled:   # a step to carry them: prefetch for the queue's head, write-back ahead of eviction
-            self.block_manager.background_copies(self.waiting, is_prefill, sum(s.chunk_len for s in scheduled))
+            bm.background_copies(self.waiting, is_prefill, sum(s.chunk_len for s in scheduled))
         return scheduled, is_prefill
+
+    def _schedule_step(self) -> tuple[list[Sequence], bool]:
+        scheduled = self._schedule_prefill()
+        if scheduled:
+            return scheduled, True
+        return self._schedule_decode(), False
 
     def _schedule_prefill(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
@@ -121,7 +129,9 @@ class Scheduler:
         self.waiting.extendleft(reversed(deferred))
         if restoring and not scheduled and all(s.in_prefill or s.last_launched or not bm.restores_landed(s)
                                                for s in self.running):
-            # Nothing else to run (no prefill, no decode): prefill them now; this step's forward waits for the copies.
+            # Nothing else to run (no prefill, no decode): prefill them now; this step's forward waits for the
+            # copies (the earlier steps' not known to have landed, and its own restores).
+            bm.wait_for_copies()
             bm.issue_restores()
             bm.wait_for_restores = True
             budget = self.max_num_batched_tokens   # its restores are waited for, not overlapped: they cost no tokens

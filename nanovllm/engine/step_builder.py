@@ -34,7 +34,7 @@ class StepBuilder:
               copies: tuple | None = None) -> tuple[ScheduledStep, list[Sequence]]:
         """The step and its sequences in row order. `prev` is the step launched last and not yet
         collected: a decode input still PLACEHOLDER is the token one of its rows is sampling.
-        `copies`: the block manager's (swap_out, swap_in, copy_after_prev, wait_for_restores, write_ahead)."""
+        `copies`: the block manager's StepCopies (engine/block_manager.py)."""
         plan = self.cascade.plan(seqs) if self.cascade is not None else None
         if plan is not None:
             seqs = [seqs[i] for i in plan.order.tolist()]
@@ -109,15 +109,16 @@ class StepBuilder:
         return logprobs_k, np.concatenate(tokens), np.concatenate(targets), top_k
 
     @staticmethod
-    def _copies(copies: tuple | None) -> dict:
+    def _copies(copies) -> dict:
         """The host-tier copies of the step (engine/scheduled_step.py's swap_out, swap_in, ...)."""
         if copies is None:
             return {}
-        swap_out, swap_in, after_prev, wait_restores, write_ahead = copies
         as_array = lambda pairs: np.array(pairs, dtype=np.int64).reshape(-1, 2) if pairs else None  # noqa: E731
-        return dict(swap_out=as_array(swap_out), swap_in=as_array(swap_in), write_ahead=as_array(write_ahead),
-                    copy_after_prev=bool(after_prev and (swap_out or swap_in)),
-                    wait_for_restores=bool(wait_restores and swap_in))
+        return dict(swap_out=as_array(copies.swap_out), swap_in=as_array(copies.swap_in),
+                    write_ahead=as_array(copies.write_ahead),
+                    copy_after_prev=bool(copies.after_prev and (copies.swap_out or copies.swap_in)),
+                    wait_for_restores=bool(copies.wait_for_restores and copies.swap_in),
+                    copy_batch=copies.batch, copy_wait=copies.wait_batch)
 
     def _sampling_inputs(self, seqs: list[Sequence]) -> SamplingInputs:
         params = [s.sampling_params for s in seqs]
