@@ -53,38 +53,61 @@ COPY_US_PER_PAGE = 42.5
 
 
 class Timeline:
-    """The device's two streams, step by step (seconds). `feedback` (the engine on CUDA since session
-    9): a forward waits for the earlier copy batches only up to its step's `wait_batch`, and the
-    engine learns which batches landed when it collects a step (`landed`); without it, every forward
-    waits for all of the previous step's copies (the engine before)."""
+    """The device's streams, step by step (seconds). `feedback` (the engine on CUDA since session 9):
+    write-backs and restores on two copy streams, each in order, waiting for each other only where a
+    step's copies say so; a forward waits for the earlier copies only as far as its step says, and the
+    engine learns which copies landed when it collects a step (`landed`). Without it (the engine
+    before): one copy stream (write-backs, restores, write-backs ahead) and every forward waits for all
+    of the previous step's copies."""
 
     def __init__(self, write_back_us: float = COPY_US_PER_PAGE, restore_us: float = COPY_US_PER_PAGE,
                  feedback: bool = True):
         self.write_back_s, self.restore_s = write_back_us * 1e-6, restore_us * 1e-6
         self.feedback = feedback
         self.main = self.copy = self.prev_copies = 0.0
+        self.out_free = self.in_free = 0.0   # feedback: when each copy stream is free
         self.copy_busy = self.stalled = 0.0
         self.stall_by: dict[str, float] = {}   # stall seconds by what the forward waited for last
-        self.batch_ends: list[tuple[int, float]] = []   # (copy batch, its end), in order
+        self.out_ends: list[tuple[int, float]] = []   # (copy batch, end of its write-backs), in order
+        self.in_ends: list[tuple[int, float]] = []    # (copy batch, end of its restores)
         self.forward_ends: list[float] = []
+        self.batches: list[int] = []   # each step's copy batch
 
-    def step(self, compute_s: float, out: int, restore: int, ahead: int, after_prev: bool,
-             wait_restores: bool, batch: int = -1, wait_batch: int = -1) -> tuple[float, float, float]:
-        """Returns the step's stall (its forward waiting for copies), copy and restore seconds."""
-        start = max(self.copy, self.main if after_prev else 0.0)
-        written_back = start + out * self.write_back_s
-        restored = written_back + restore * self.restore_s
-        end = restored + ahead * self.write_back_s
+    def step(self, compute_s: float, copies) -> tuple[float, float, float]:
+        """One step with its copies (engine/block_manager.StepCopies). Returns its stall (the forward
+        waiting for copies), copy and restore seconds."""
+        out, restore, ahead = len(copies.swap_out), len(copies.swap_in), len(copies.write_ahead)
+        after = self.main if copies.after_prev else 0.0
         if self.feedback:
-            earlier = max((e for b, e in self.batch_ends if b <= wait_batch), default=0.0)
+            up_to = lambda ends, batch: max((e for b, e in ends if b <= batch), default=0.0)  # noqa: E731
+            start = max(self.out_free, after, up_to(self.in_ends, copies.out_after_in))
+            written_back = start + out * self.write_back_s
+            out_end = written_back + ahead * self.write_back_s
+            if out or ahead:
+                self.out_free = out_end
+                self.out_ends.append((copies.batch, out_end))
+            own = copies.in_after_out == copies.batch
+            in_start = max(self.in_free, after, written_back if own else up_to(self.out_ends, copies.in_after_out))
+            restored = in_start + restore * self.restore_s
+            if restore:
+                self.in_free = restored
+                self.in_ends.append((copies.batch, restored))
+            busy = (out_end - start) + (restored - in_start)
+            restore_s = restored - in_start
+            earlier = max(up_to(self.in_ends, copies.wait_in), up_to(self.out_ends, copies.wait_out))
         else:
-            earlier = self.prev_copies
-        if out or restore or ahead:
-            self.copy = end
-            self.copy_busy += end - start
-            self.batch_ends.append((batch, end))
+            start = max(self.copy, after)
+            written_back = start + out * self.write_back_s
+            restored = written_back + restore * self.restore_s
+            end = restored + ahead * self.write_back_s
+            if out or restore or ahead:
+                self.copy = end
+            busy, restore_s = end - start, restored - written_back
+            earlier = max(self.prev_copies, written_back)   # one stream: its write-backs follow all before
+            self.prev_copies = end if (out or restore or ahead) else 0.0
+        self.copy_busy += busy if (out or restore or ahead) else 0.0
         waits = {"earlier batches": earlier, "own write-backs": written_back if out else 0.0,
-                 "own restores": restored if wait_restores else 0.0}
+                 "own restores": restored if copies.wait_for_restores else 0.0}
         ready = max(self.main, *waits.values())
         stall = ready - self.main
         if stall > 0:
@@ -93,16 +116,18 @@ class Timeline:
         self.stalled += stall
         self.main = ready + compute_s
         self.forward_ends.append(self.main)
-        self.prev_copies = end if (out or restore or ahead) else 0.0
-        return stall, end - start, restored - written_back
+        self.batches.append(copies.batch)
+        return stall, busy, restore_s
 
-    def landed(self) -> int:
-        """The last copy batch the engine knows complete when it schedules the next step: it collected
-        the step before the last one launched (overlapped steps), once that step's forward ended."""
+    def landed(self) -> tuple[int, int]:
+        """(in, out): the last batch whose restores / write-backs the engine knows complete when it
+        schedules the next step: it collected the step before the last one launched (overlapped
+        steps), once that step's forward ended."""
         if len(self.forward_ends) < 2:
-            return -1
+            return -1, -1
         seen = self.forward_ends[-2]
-        return max((b for b, e in self.batch_ends if e <= seen), default=-1)
+        return tuple(next((b - 1 for b, e in ends if e > seen), self.batches[-2])
+                     for ends in (self.in_ends, self.out_ends))
 
 
 class OldRule:
@@ -174,7 +199,7 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
         in_flight = None   # as the engine: step N+1 is scheduled before step N's tokens come back
         while not all(seq.is_finished for seq in seqs):
             if copy_feedback:
-                bm.copies_landed(timeline.landed())
+                bm.copies_landed(*timeline.landed())
             t = time.perf_counter()
             batch, is_prefill = scheduler.schedule()
             copies = bm.take_copies()
@@ -192,9 +217,7 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
                     decode_rows += len(batch)
                 restoring_waits += sum(not bm.restores_landed(s) for s in scheduler.running)
                 pages = len(swap_out) + len(swap_in) + len(ahead)
-                stall, copy_s, restore_s = timeline.step(compute, len(swap_out), len(swap_in), len(ahead),
-                                                         copies.after_prev, copies.wait_for_restores,
-                                                         copies.batch, copies.wait_batch)
+                stall, copy_s, restore_s = timeline.step(compute, copies)
                 tokens = sum(s.chunk_len for s in batch) if is_prefill else 0
                 prefill_steps += is_prefill
                 # What the engine reads once the step is collected (llm_engine._observe_step_times).

@@ -42,9 +42,11 @@ def test_scheduler_simulation_of_w6_agrees_with_the_engine(tiny_model, make_llm)
         for prompts, params in rounds:
             llm.generate(prompts, params, use_tqdm=False)
         bm = llm.scheduler.block_manager
-        # Copies modelled as fast as on the CPU (a few us a page): neither side's budget binds.
+        # Copies modelled as fast as on the CPU (a few us a page): neither side's budget binds; and
+        # synchronous, as the CPU engine's are (no copy feedback).
         simulated = sim.simulate(40, bm.num_host_blocks, "fcfs", max_num_seqs=4, block_size=8,
-                                 top=min(10000, llm.vocab_size - 1), write_back_us=0.01, restore_us=0.01, **small)
+                                 top=min(10000, llm.vocab_size - 1), write_back_us=0.01, restore_us=0.01,
+                                 copy_feedback=False, **small)
         assert simulated["cached_prompt_tokens"] == bm.num_cache_hit_tokens, (host_gb, simulated)
         assert simulated["host_hit_tokens"] == bm.num_host_hit_tokens
         assert simulated["pages_to_host"] == bm.num_swapped_out

@@ -10,7 +10,7 @@ waiting to come back, write-back ahead of eviction), executed after the step's r
 runner does. In the asynchronous mode (the engine on CUDA) the copies are queued as batches that
 land later, in order, as a random schedule says; the block manager hears of them only as the runner
 would report them (`copies_landed`), and a step's forward first lands the batches its step waits for
-(`wait_batch`, its write-backs, its restores if it reads them), then must read the right tokens in
+(`wait_in`, `wait_out`, its write-backs, its restores if it reads them), then must read the right tokens in
 every page of the rows it runs. The block manager's own invariants (a hash in both tiers only with equal bytes, every
 host page free / pinned / in the LRU exactly once, ref counts) are checked too, and nothing leaks."""
 import random
@@ -34,7 +34,10 @@ class Store:
         self.gpu = np.full((num_gpu, BS), -1, dtype=np.int64)
         self.host = np.full((max(num_host, 1), BS), -1, dtype=np.int64)
 
-        self.queue: list[tuple[int, str, list]] = []   # asynchronous mode: (batch, part, pairs) not landed, in order
+        # Asynchronous mode: the copies not landed yet, as the runner queues them: write-backs (swap_out,
+        # write_ahead) in order on one stream, restores on another; each entry is (batch, part, pairs, dep),
+        # dep: what it waits for on the other stream (engine/block_manager.StepCopies).
+        self.queues: dict[str, list] = {"out": [], "in": []}
 
     def copy(self, bm: BlockManager):
         copies = bm.take_copies()
@@ -51,25 +54,44 @@ class Store:
 
     def queue_copies(self, bm: BlockManager):
         """Asynchronous mode: queue the step's copies, then land what its forward waits for."""
-        copies = bm.take_copies()
-        for part in ("swap_out", "swap_in", "write_ahead"):
-            if getattr(copies, part):
-                self.queue.append((copies.batch, part, getattr(copies, part)))
-        ahead = sum(1 for batch, _, _ in self.queue if batch <= copies.wait_batch)
-        for i, (batch, part, _) in enumerate(self.queue):   # one stream: its own parts follow every earlier batch
-            if batch == copies.batch and (part == "swap_out" or part == "swap_in" and copies.wait_for_restores):
-                ahead = i + 1
-        self.land(ahead)
+        c = bm.take_copies()
+        for part, stream in (("swap_out", "out"), ("write_ahead", "out"), ("swap_in", "in")):
+            if getattr(c, part):
+                dep = ("in", c.out_after_in) if stream == "out" else ("out", c.in_after_out)
+                self.queues[stream].append((c.batch, part, getattr(c, part), dep))
+        self.land_up_to("in", c.wait_in)
+        self.land_up_to("out", c.wait_out)
+        if c.swap_out:
+            self.land_up_to("out", c.batch, "swap_out")
+        if c.wait_for_restores:
+            self.land_up_to("in", c.batch)
 
-    def land(self, n: int, clock: int = -1) -> int:
-        """Land the first n queued copies; returns the last batch now wholly landed (`clock`: all)."""
-        for batch, part, pairs in self.queue[:n]:
-            self.run(part, pairs)
-        self.queue = self.queue[n:]
-        return self.queue[0][0] - 1 if self.queue else clock
+    def land_up_to(self, stream: str, batch: int, last_part: str | None = None):
+        """Land `stream`'s entries up to `batch` (of that batch only up to `last_part`, if given)."""
+        queue = self.queues[stream]
+        while queue and (queue[0][0] < batch or queue[0][0] == batch and (last_part is None or
+                                                                           queue[0][1] == last_part)):
+            self.land_first(stream)
+
+    def land_first(self, stream: str):
+        batch, part, pairs, (other, after) = self.queues[stream][0]
+        self.land_up_to(other, after, "swap_out" if other == "out" and after == batch else None)
+        self.queues[stream].pop(0)
+        self.run(part, pairs)
+
+    def land_some(self, rng: random.Random, clock: int) -> tuple[int, int]:
+        """Land a random number of each stream's first entries; returns what the runner would report."""
+        for stream in ("in", "out"):
+            for _ in range(rng.randint(0, len(self.queues[stream]))):
+                if self.queues[stream]:
+                    self.land_first(stream)
+        return self.done(clock)
+
+    def done(self, clock: int) -> tuple[int, int]:
+        return tuple(self.queues[s][0][0] - 1 if self.queues[s] else clock for s in ("in", "out"))
 
     def pending_host_writes(self) -> set:
-        return {b for _, part, pairs in self.queue if part != "swap_in" for _, b in pairs}
+        return {b for _, _, pairs, _ in self.queues["out"] for _, b in pairs}
 
     def write(self, seq: Sequence, start: int, end: int):
         """The forward pass writes tokens [start, end) of seq into its pages."""
@@ -92,7 +114,7 @@ def check(bm: BlockManager, store: Store, live: list[Sequence]):
     # Every cached page holds what its hash says, in either tier (so a hash in both holds equal bytes).
     for block_id in bm.hash_to_block_id.values():
         block = bm.blocks[block_id]
-        if block.computed and block.landing <= bm.copies_done:
+        if block.computed and block.landing <= bm.in_done:
             assert store.gpu[block_id].tobytes() == block.token_key
     pending = store.pending_host_writes()
     for page in bm.host_eviction_order():
@@ -216,9 +238,11 @@ def run_operations(num_blocks: int, num_host: int, ops: list, prefetch: bool = F
             store.write(seq, start, end)     # ...and writes the new ones
         bm.launched()
         if landing is not None:   # some copies land; the runner reports them
-            bm.copies_landed(store.land(landing.randint(0, len(store.queue)), bm.clock))
+            bm.copies_landed(*store.land_some(landing, bm.clock))
         check(bm, store, live)
-    bm.copies_landed(store.land(len(store.queue), bm.clock))
+    for stream in ("in", "out"):
+        store.land_up_to(stream, bm.clock)
+    bm.copies_landed(*store.done(bm.clock))
     for seq in live:
         bm.deallocate(seq)
     bm.take_copies()
@@ -462,7 +486,7 @@ def test_asynchronous_restores_run_only_once_reported_landed():
     assert admit(bm, None, a)
     bm.background_copies([Sequence(z + [6], SP, BS)])   # a's restores, and z's pages prefetched
     copies = bm.take_copies()
-    assert len(copies.swap_in) == 4 and copies.wait_batch == -1
+    assert len(copies.swap_in) == 4 and copies.wait_in == copies.wait_out == -1
     bm.launched()
     for _ in range(2):   # launched steps later, nothing reported: still in flight
         bm.begin_step()
@@ -470,7 +494,7 @@ def test_asynchronous_restores_run_only_once_reported_landed():
         assert bm.match(Sequence(x + [7], SP, BS))[1] and bm.match(Sequence(z + [7], SP, BS))[1]   # pending
         bm.take_copies()
         bm.launched()
-    bm.copies_landed(copies.batch)
+    bm.copies_landed(copies.batch, copies.batch)
     assert bm.restores_landed(a)
     hits, pending = bm.match(Sequence(z + [7], SP, BS))
     assert not pending and len(hits) == 2 and min(hits) >= 0   # the prefetched pages, now GPU hits
@@ -497,15 +521,16 @@ def test_a_page_written_ahead_is_waited_for_only_by_the_step_that_writes_it():
         assert len(copies.write_ahead) == 2
         bm.launched()
         if reported:
-            bm.copies_landed(copies.batch)
+            bm.copies_landed(-1, copies.batch)   # the write-backs landed
         bm.begin_step()
         reader = Sequence(list(range(9)) + [1], SP, BS)
-        assert admit(bm, None, reader) and bm.copy_wait == -1   # hits only read the pages
+        assert admit(bm, None, reader) and bm.wait_out == -1   # hits only read the pages
         bm.deallocate(reader)
         writer = Sequence([50 + i for i in range(13)], SP, BS)   # 4 pages: takes the two written ahead
         assert admit(bm, None, writer)
-        assert bm.take_copies().wait_batch == (-1 if reported else copies.batch)
+        taken = bm.take_copies()
+        assert taken.wait_out == (-1 if reported else copies.batch) and taken.wait_in == -1
         bm.launched()
-        assert bm.copies_done == copies.batch   # waited for by a launched forward: landed for later steps
+        assert bm.out_done == copies.batch   # waited for by a launched forward: landed for later steps
         bm.deallocate(writer)
         bm.check_invariants()

@@ -79,9 +79,12 @@ class StepCopies(NamedTuple):
     swap_in: list           # (host page, GPU page): restores, after swap_out
     after_prev: bool        # the copies touch a page the step in flight may still use: they wait for it
     wait_for_restores: bool  # this step's forward reads pages its swap_in restores
-    write_ahead: list       # (GPU page, host page): background write-backs, after swap_in
+    write_ahead: list       # (GPU page, host page): background write-backs, after swap_out
     batch: int              # this step's copy batch (its scheduling clock)
-    wait_batch: int         # the forward waits for the copy batches up to this one (-1: none)
+    wait_in: int            # the forward waits for the restores of the batches up to this one (-1: none)
+    wait_out: int           # ... and for the write-backs of the batches up to this one
+    out_after_in: int       # this batch's write-backs wait for the restores of the batches up to this one
+    in_after_out: int       # its restores wait for the write-backs up to this batch (its own: its swap_out)
 # Background write-backs a step at most: scanning 4 x 4,096 free pages a step cost 17 ms of host
 # time per step in the W6 simulation (2-core CPU); 2 x 256 keeps it under ~1 ms.
 WRITE_AHEAD_PAGES = 256
@@ -149,14 +152,18 @@ class BlockManager:
         self.restores_issued = 0   # the ticket of the last restore handed to a step
         self.restores_ready = 0    # the ticket of the last restore known landed (`copies_landed`)
         self.issued_batches: deque[tuple[int, int]] = deque()   # (copy batch, ticket issued through) not landed
-        # Copy batches: a step's copies are batch `clock`, run in order on one stream. `copies_done`: the
-        # last batch known complete (reported by the runner, `copies_landed`) or waited for by a launched
-        # forward. `sync_copies`: the runner's copies are done when its step is launched (CPU), so every
-        # launched step's batch counts as landed then.
+        # Copy batches: a step's copies are batch `clock`: its write-backs (swap_out, then write_ahead)
+        # in order on one stream ("out"), its restores in order on another ("in"), so that neither waits
+        # for the other unless a page says so. `in_done` / `out_done`: the last batch whose restores /
+        # write-backs are known complete (reported by the runner, `copies_landed`, or waited for by a
+        # launched forward). `sync_copies`: the runner's copies are done when its step is launched (CPU).
         self.sync_copies = True
-        self.copies_done = -1
+        self.in_done = self.out_done = -1
         self.last_copy_batch = -1   # the last batch that had any copies
-        self.copy_wait = -1         # this step's forward waits for the batches up to this one (-1: none)
+        self.wait_in = self.wait_out = -1             # this step's forward waits (StepCopies)
+        self.out_after_in = self.in_after_out = -1    # this step's copies wait for the other stream
+        self.host_read = [-1] * num_host_blocks      # a host page's last restore batch (read by the in stream)
+        self.host_written = [-1] * num_host_blocks   # a host page's last write-back batch (out stream)
         self.restore_pays = True        # a host hit is restored (else recomputed): the scheduler's cost choice
         self.swap_out: list[tuple[int, int]] = []   # this step's (GPU page, host page) write-backs
         self.swap_in: list[tuple[int, int]] = []    # this step's (host page, GPU page) restores
@@ -200,30 +207,51 @@ class BlockManager:
         """All of `seq`'s restores are known to have landed (CPU: went out in a launched step)."""
         return seq.restore_ticket <= self.restores_ready
 
-    def copies_landed(self, batch: int):
-        """The copy batches up to `batch` are complete (the runner's report, or a forward waited for them)."""
-        if batch <= self.copies_done:
+    def copies_landed(self, in_batch: int, out_batch: int):
+        """The restores of the batches up to `in_batch` and the write-backs up to `out_batch` are complete
+        (the runner's report, or a forward waited for them)."""
+        self.out_done = max(self.out_done, out_batch)
+        if in_batch <= self.in_done:
             return
-        self.copies_done = batch
-        while self.issued_batches and self.issued_batches[0][0] <= batch:
+        self.in_done = in_batch
+        while self.issued_batches and self.issued_batches[0][0] <= in_batch:
             self.restores_ready = self.issued_batches.popleft()[1]
 
     def copies_in_flight(self) -> bool:
-        return self.last_copy_batch > self.copies_done
+        return self.last_copy_batch > min(self.in_done, self.out_done)
 
     def wait_for_copies(self):
         """Nothing can run until copies land: the next launched step's forward waits for all of them on
-        the device (`copy_wait` holds until a step is launched), instead of the engine idling until a
+        the device (the waits hold until a step is launched), instead of the engine idling until a
         report says they landed; from now on they count as landed."""
-        self.copy_wait = max(self.copy_wait, self.last_copy_batch)
-        self.copies_landed(self.last_copy_batch)
+        self.wait_in = max(self.wait_in, self.last_copy_batch)
+        self.wait_out = max(self.wait_out, self.last_copy_batch)
+        self.copies_landed(self.last_copy_batch, self.last_copy_batch)
 
     def _uses(self, block: Block, writes: bool):
         """This step's forward reads `block` (or writes it): it waits for the restore into it (and for a
-        write-back ahead reading it), unless known landed."""
-        batch = max(block.landing, block.read_out) if writes else block.landing
-        if batch > self.copies_done:
-            self.copy_wait = max(self.copy_wait, batch)
+        write-back reading it), unless known landed. Its own batch's copies are not waited for here: it
+        waits for its write-backs anyway, and reads its restores only under `wait_for_restores`."""
+        if self.in_done < block.landing < self.clock:
+            self.wait_in = max(self.wait_in, block.landing)
+        if writes and self.out_done < block.read_out < self.clock:
+            self.wait_out = max(self.wait_out, block.read_out)
+
+    def _note_write_back(self, block: Block, page: int):
+        """GPU page `block` goes to host page `page` in this batch (out stream): after any restore into
+        that GPU page or out of that host page still in flight."""
+        for batch in (block.landing, self.host_read[page]):
+            if batch > self.in_done:
+                self.out_after_in = max(self.out_after_in, batch)
+        block.read_out = self.host_written[page] = self.clock
+
+    def _note_restore(self, page: int, block: Block):
+        """Host page `page` comes into GPU page `block` in this batch (in stream): after any write-back
+        out of that GPU page or into that host page still in flight (this batch's own: its swap_out)."""
+        for batch in (block.read_out, self.host_written[page]):
+            if batch > self.out_done:
+                self.in_after_out = max(self.in_after_out, batch)
+        block.landing = self.host_read[page] = self.clock
 
     def issue_restores(self) -> int:
         """Hand every queued restore to this step (their pages count as computed once it is
@@ -233,7 +261,7 @@ class BlockManager:
             page, block_id = self.restore_backlog.popleft()
             self.swap_in.append((page, block_id))
             self.restored.append(block_id)
-            self.blocks[block_id].landing = self.clock
+            self._note_restore(page, self.blocks[block_id])
             self._note_copy(self.blocks[block_id])
         if n:
             self.issued_batches.append((self.clock, self.restores_queued))
@@ -258,20 +286,24 @@ class BlockManager:
     def launched(self):
         """The step scheduled at this clock went to the device. Pages it restores count as computed
         from now on; a later step reads them once their batch landed (`match`, `restores_landed`), or
-        waits for it (`copy_wait`). The batches its forward waited for count as landed for later steps
+        waits for them (`wait_in`, `wait_out`). The batches its forward waited for count as landed for later steps
         (they run after it); with synchronous copies (CPU), so does its own."""
         self.launch_clock = self.clock
         for block_id in self.restored:
             self.blocks[block_id].computed = True
         self.restored = []
-        self.copies_landed(self.clock if self.sync_copies else self.copy_wait)
-        self.copy_wait = -1
+        if self.sync_copies:
+            self.copies_landed(self.clock, self.clock)
+        else:
+            self.copies_landed(self.wait_in, self.wait_out)
+        self.wait_in = self.wait_out = self.out_after_in = self.in_after_out = -1
 
     def take_copies(self) -> "StepCopies":
         """This step's copies (`StepCopies`). Host pages read by this step's restores go back to the
         LRU's recent end (protected: they were hit)."""
         copies = StepCopies(self.swap_out, self.swap_in, self.copy_after_prev, self.wait_for_restores,
-                            self.write_ahead_pairs, self.clock, self.copy_wait)
+                            self.write_ahead_pairs, self.clock, self.wait_in, self.wait_out, self.out_after_in,
+                            self.in_after_out)
         if self.swap_out or self.swap_in or self.write_ahead_pairs:
             self.last_copy_batch = self.clock
         self.swap_out, self.swap_in, self.copy_after_prev, self.wait_for_restores = [], [], False, False
@@ -307,6 +339,7 @@ class BlockManager:
         self.host_hash_to_page[block.hash] = page
         (self.host_protected if block.keep == PROTECTED else self.host_probation)[page] = None
         pairs.append((block.block_id, page))
+        self._note_write_back(block, page)
         self.num_swapped_out += 1
         return True
 
@@ -401,7 +434,7 @@ class BlockManager:
                 self.free_block_ids[block.block_id] = None   # free, at the recent end
                 self._register(block)
                 self.restored.append(block.block_id)
-                block.landing = self.clock
+                self._note_restore(page, block)
                 self._pin_host_page(page)
                 self.swap_in.append((page, block.block_id))
                 self.num_swapped_in += 1
@@ -421,7 +454,6 @@ class BlockManager:
             if self._is_clean(block) or block.freed_at >= self.launch_clock:
                 continue
             if self._store_on_host(block, self.write_ahead_pairs):
-                block.read_out = self.clock   # a forward that writes it waits for this copy (`_uses`)
                 self.num_written_ahead += 1
                 budget -= 1
 
@@ -440,7 +472,7 @@ class BlockManager:
             block_id = self.hash_to_block_id.get(hashes[i])
             if block_id is not None and self.blocks[block_id].token_key == seq.block_keys[i]:
                 block = self.blocks[block_id]
-                if not block.computed or block.landing > self.copies_done:   # computed or restored, not landed yet
+                if not block.computed or block.landing > self.in_done:   # computed or restored, not landed yet
                     return hits, True
                 hits.append(block_id)
                 continue

@@ -78,6 +78,17 @@ def pinned_empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     return t
 
 
+def last_up_to(ends: deque, batch: int):
+    """The end event of the last batch up to `batch` in a stream's (batch, event) queue, or None (its
+    copies run in order: waiting for it waits for those before)."""
+    event = None
+    for b, end in ends:
+        if b > batch:
+            break
+        event = end
+    return event
+
+
 def runs(pages: list[int]) -> list[tuple[int, int, int]]:
     """(index, first page, count) of the runs of consecutive pages in `pages`."""
     out = []
@@ -103,7 +114,8 @@ class StepTimes(NamedTuple):
 
 class StepTimer:
     """The device times of one step with the host tier on: the forward's wait for copies and the
-    forward itself on the compute stream, the copies and the restores alone on the copy stream. CUDA
+    forward itself on the compute stream, the write-backs on the out stream, the restores on the in
+    stream (its copy seconds: both streams' busy time). CUDA
     events read once `ready()` (never waited for: a restore may outlast the step that issued it); on
     CPU, wall clock (everything there is synchronous)."""
 
@@ -111,11 +123,11 @@ class StepTimer:
         self.cuda = cuda
         self.prefill_tokens = prefill_tokens
         self.copy_pages = self.restore_pages = 0
-        self.has_copies = False
+        self.has_copies = self.has_out = self.has_in = False
         if cuda:
             event = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
             self.wait_start, self.forward_start, self.forward_end = event(), event(), event()
-            self.copy_start, self.restore_start, self.restore_end, self.copy_end = event(), event(), event(), event()
+            self.out_start, self.out_end, self.restore_start, self.restore_end = event(), event(), event(), event()
             self.wait_start.record()
         else:
             self.forward_s = self.stall_s = self.copy_s = self.restore_s = 0.0
@@ -134,7 +146,8 @@ class StepTimer:
             self.forward_s = perf_counter() - self.started
 
     def ready(self) -> bool:
-        return not self.cuda or (self.forward_end.query() and (not self.has_copies or self.copy_end.query()))
+        return not self.cuda or (self.forward_end.query() and (not self.has_out or self.out_end.query())
+                                 and (not self.has_in or self.restore_end.query()))
 
     def times(self) -> StepTimes:
         if self.cuda:
@@ -148,12 +161,13 @@ class StepTimer:
     def copy_seconds(self) -> float:
         if not self.cuda:
             return self.copy_s
-        return self.copy_start.elapsed_time(self.copy_end) / 1000 if self.has_copies else 0.0
+        out = self.out_start.elapsed_time(self.out_end) / 1000 if self.has_out else 0.0
+        return out + self.restore_seconds()
 
     def restore_seconds(self) -> float:
         if not self.cuda:
             return self.restore_s
-        return self.restore_start.elapsed_time(self.restore_end) / 1000 if self.restore_pages else 0.0
+        return self.restore_start.elapsed_time(self.restore_end) / 1000 if self.has_in else 0.0
 
 
 COPY_MODES = ("dma", "staged")
@@ -177,9 +191,13 @@ class HostTier:
         page_shape = kv_cache.shape[:2] + kv_cache.shape[3:]
         shape = (num_pages,) + tuple(page_shape)
         self.pool = pinned_empty(shape, kv_cache.dtype) if self.cuda else torch.zeros(shape, dtype=kv_cache.dtype)
-        self.stream = torch.cuda.Stream(device=kv_cache.device) if self.cuda else None
-        self.batches: deque[tuple[int, torch.cuda.Event]] = deque()   # CUDA: (copy batch, its end), not seen complete
-        self.copies_done = -1   # CUDA: the last copy batch seen complete
+        # CUDA: write-backs on the out stream, restores on the in stream; each stream's (copy batch, end
+        # event) not seen complete yet, and the last batch queued
+        self.out_stream = torch.cuda.Stream(device=kv_cache.device) if self.cuda else None
+        self.in_stream = torch.cuda.Stream(device=kv_cache.device) if self.cuda else None
+        self.out_ends: deque[tuple[int, torch.cuda.Event]] = deque()
+        self.in_ends: deque[tuple[int, torch.cuda.Event]] = deque()
+        self.last_batch = -1
         self.memcpy2d = None   # CUDA "dma" mode: the cudaMemcpy2DAsync binding
         if self.cuda and copy_mode in (None, "dma"):
             try:
@@ -213,19 +231,19 @@ class HostTier:
         kv, pool = self.kv_cache.view(torch.uint8), self.pool.view(torch.uint8)
         src, host, dst = kv.shape[2] - 1, self.num_pages - 1, (kv.shape[2] - 1) // 2
         sync = torch.cuda.current_stream(kv.device).synchronize if self.cuda else (lambda: None)
-        copied = self.stream.synchronize if self.cuda else (lambda: None)
+        copied = (lambda: (self.out_stream.synchronize(), self.in_stream.synchronize())) if self.cuda else (lambda: None)
         page = torch.arange(kv[:, :, 0].numel(), device=kv.device, dtype=torch.int64).remainder_(251)
         page = page.to(torch.uint8).view(kv[:, :, 0].shape)
         out_ok = back_ok = False
         try:
             kv[:, :, src].copy_(page)
             sync()
-            self._run_dma(memcpy2d, np.array([[src, host]]), to_host=True)
+            self._run_dma(memcpy2d, np.array([[src, host]]), to_host=True, stream=self.out_stream)
             copied()
             out_ok = torch.equal(pool[host], page.cpu())
             kv[:, :, src].zero_()
             sync()
-            self._run_dma(memcpy2d, np.array([[host, dst]]), to_host=False)
+            self._run_dma(memcpy2d, np.array([[host, dst]]), to_host=False, stream=self.in_stream)
             copied()
             back_ok = torch.equal(kv[:, :, dst], page)
         finally:
@@ -240,14 +258,14 @@ class HostTier:
                                f"{src} -> host page {host}: {'ok' if out_ok else 'differs'}; back into GPU page {dst}: "
                                f"{'ok' if back_ok else 'differs'})")
 
-    def _run_dma(self, memcpy2d, pairs: np.ndarray, to_host: bool):
-        """One direction's pages as 2D copies through `memcpy2d`: on CUDA queued on the copy stream; on
-        CPU run at once (by `memcpy2d` where given, a test's stand-in, else by byte views)."""
+    def _run_dma(self, memcpy2d, pairs: np.ndarray, to_host: bool, stream=None):
+        """One direction's pages as 2D copies through `memcpy2d`: on CUDA queued on `stream`; on CPU run
+        at once (by `memcpy2d` where given, a test's stand-in, else by byte views)."""
         plan = page_copy_plan(self.kv_cache, self.pool, pairs, to_host)
         dst, src = (self.pool, self.kv_cache) if to_host else (self.kv_cache, self.pool)
         if self.cuda:
             with torch.cuda.device(self.kv_cache.device):
-                memcpy2d.run(dst, src, plan, self.stream)
+                memcpy2d.run(dst, src, plan, stream)
         elif memcpy2d is not None:
             memcpy2d.run(dst, src, plan, None)
         else:
@@ -257,38 +275,47 @@ class HostTier:
     def num_pages(self) -> int:
         return self.pool.shape[0]
 
-    def before_forward(self, swap_out, swap_in, after_prev: bool, wait_for_restores: bool,
-                       write_ahead=None, prefill_tokens: int = 0, batch: int = -1, wait_batch: int = -1) -> StepTimer:
-        """Called before every step's forward: orders it after the earlier copy batches up to
-        `wait_batch`, then queues this step's copies (numpy [n, 2] arrays or None) as batch `batch`.
-        The forward waits for the write-backs (it may reuse those pages); for the restores only if
-        `wait_for_restores`; never for `write_ahead` (background write-backs of free pages). Returns the
-        step's timer (the runner marks the forward's end)."""
+    def before_forward(self, swap_out, swap_in, after_prev: bool, wait_for_restores: bool, write_ahead=None,
+                       prefill_tokens: int = 0, batch: int = -1, waits: tuple = (-1, -1, -1, -1)) -> StepTimer:
+        """Called before every step's forward: queues this step's copies (numpy [n, 2] arrays or None) as
+        copy batch `batch`, then orders the forward after what it needs. `waits`: (wait_in, wait_out,
+        out_after_in, in_after_out), engine/block_manager.py's StepCopies. The forward waits for the
+        restores of the batches up to wait_in and the write-backs up to wait_out, for its own
+        write-backs (it may reuse those pages), and for its own restores only if `wait_for_restores`;
+        never for `write_ahead` (background write-backs of free pages). Returns the step's timer (the
+        runner marks the forward's end)."""
         timer = StepTimer(self.cuda, prefill_tokens)
+        wait_in, wait_out, out_after_in, in_after_out = waits
         if self.cuda:
-            self.poll()
-            waited = None
-            for b, end in self.batches:   # oldest first: the last one up to wait_batch covers the ones before
-                if b > wait_batch:
-                    break
-                waited = end
-            if waited is not None:
-                torch.cuda.current_stream().wait_event(waited)
+            self.poll()   # drops the events seen complete (a tensor-parallel worker never collects)
         if swap_out is not None or swap_in is not None or write_ahead is not None:
-            self.copy(swap_out, swap_in, after_prev, wait_for_restores, write_ahead, timer)
-            if self.cuda:
-                self.batches.append((batch, timer.copy_end))
+            self.copy(swap_out, swap_in, after_prev, wait_for_restores, write_ahead, timer, batch, out_after_in,
+                      in_after_out)
+        if self.cuda:
+            main = torch.cuda.current_stream()
+            for end in (last_up_to(self.in_ends, wait_in), last_up_to(self.out_ends, wait_out)):
+                if end is not None:
+                    main.wait_event(end)
+            self.last_batch = max(self.last_batch, batch)
         timer.forward_begins()
         return timer
 
-    def poll(self) -> int:
-        """The last copy batch complete, from the batches' end events (queried, never waited for)."""
-        while self.batches and self.batches[0][1].query():
-            self.copies_done = self.batches.popleft()[0]
-        return self.copies_done
+    def poll(self) -> tuple[int, int]:
+        """(in, out): the last batch whose restores / write-backs are all complete, from the streams' end
+        events (queried, never waited for)."""
+        done = []
+        for ends in (self.in_ends, self.out_ends):
+            while ends and ends[0][1].query():
+                ends.popleft()
+            done.append(ends[0][0] - 1 if ends else self.last_batch)
+        return done[0], done[1]
 
     def copy(self, swap_out, swap_in, after_prev: bool, wait_for_restores: bool = True, write_ahead=None,
-             timer: StepTimer | None = None) -> StepTimer:
+             timer: StepTimer | None = None, batch: int = -1, out_after_in: int = -1,
+             in_after_out: int = -1) -> StepTimer:
+        """Queue a step's copies: swap_out then write_ahead on the out stream, swap_in on the in stream;
+        the out stream first waits for the restores up to batch `out_after_in`, the in stream for the
+        write-backs up to batch `in_after_out` (`batch` itself: this batch's swap_out)."""
         timer = timer or StepTimer(self.cuda, 0)
         timer.has_copies = True
         timer.copy_pages = sum(len(pairs) for pairs in (swap_out, swap_in, write_ahead) if pairs is not None)
@@ -303,23 +330,40 @@ class HostTier:
             timer.copy_s = perf_counter() - start
             return timer
         main = torch.cuda.current_stream()
-        if after_prev:
-            self.stream.wait_stream(main)
-        written_back, restored = torch.cuda.Event(), torch.cuda.Event()
-        with torch.cuda.stream(self.stream):
-            timer.copy_start.record()
-            self._copies(swap_out, None)
-            written_back.record()
-            timer.restore_start.record()
-            self._copies(None, swap_in)
-            restored.record()
-            timer.restore_end.record()
-            self._copies(write_ahead, None)
-            timer.copy_end.record()
-        if swap_out is not None and len(swap_out):   # (the event follows every earlier batch on the stream)
+        has = lambda pairs: pairs is not None and len(pairs) > 0  # noqa: E731
+        written_back = None
+        if has(swap_out) or has(write_ahead):
+            timer.has_out = True
+            if after_prev:
+                self.out_stream.wait_stream(main)
+            dep = last_up_to(self.in_ends, out_after_in)
+            if dep is not None:
+                self.out_stream.wait_event(dep)
+            with torch.cuda.stream(self.out_stream):
+                timer.out_start.record()
+                self._copies(swap_out, None)
+                if has(swap_out):
+                    written_back = torch.cuda.Event()
+                    written_back.record()
+                self._copies(write_ahead, None)
+                timer.out_end.record()
+            self.out_ends.append((batch, timer.out_end))
+        if has(swap_in):
+            timer.has_in = True
+            if after_prev:
+                self.in_stream.wait_stream(main)
+            dep = written_back if in_after_out == batch else last_up_to(self.out_ends, in_after_out)
+            if dep is not None:
+                self.in_stream.wait_event(dep)
+            with torch.cuda.stream(self.in_stream):
+                timer.restore_start.record()
+                self._copies(None, swap_in)
+                timer.restore_end.record()
+            self.in_ends.append((batch, timer.restore_end))
+            if wait_for_restores:
+                main.wait_event(timer.restore_end)
+        if written_back is not None:
             main.wait_event(written_back)
-        if wait_for_restores:
-            main.wait_event(restored)
         return timer
 
     def _copies(self, swap_out, swap_in):
@@ -330,7 +374,7 @@ class HostTier:
             return
         for pairs, to_host in ((swap_out, True), (swap_in, False)):
             if pairs is not None and len(pairs):
-                self._run_dma(self.memcpy2d, pairs, to_host)
+                self._run_dma(self.memcpy2d, pairs, to_host, torch.cuda.current_stream() if self.cuda else None)
 
     @torch.inference_mode()
     def _staged_copies(self, swap_out, swap_in):

@@ -206,7 +206,7 @@ class LLMEngine:
     def _collect(self, step: InFlightStep) -> list[StepOutput]:
         result = self.executor.collect(step.pending)
         if result.copies_done is not None:
-            self.scheduler.block_manager.copies_landed(result.copies_done)
+            self.scheduler.block_manager.copies_landed(*result.copies_done)
         self.stats["copy_steps"] += step.step.swap_out is not None or step.step.swap_in is not None
         if result.step_times:
             self._observe_step_times(result.step_times)

@@ -44,11 +44,16 @@ Data contract (all host numpy arrays; `rows` = sequences in the step, `tokens` =
                                                their eviction, after swap_in; this step's forward
                                                does not wait for them
   copy_batch         int                       this step's copies are copy batch `copy_batch` (its
-                                               scheduling clock); batches run in order on one stream
-  copy_wait          int                       before its forward, wait for the copy batches up to
-                                               this one (-1: none): those of earlier steps whose
-                                               pages it reads or writes and that are not known to
-                                               have landed (StepResult.copies_done)
+                                               scheduling clock): write-backs in order on one stream,
+                                               restores in order on another
+  copy_waits         (int, int, int, int)      (wait_in, wait_out, out_after_in, in_after_out), -1:
+                                               none: its forward waits for the restores of the
+                                               batches up to wait_in and the write-backs up to
+                                               wait_out (earlier steps' copies of pages it reads or
+                                               writes, not known to have landed: StepResult.
+                                               copies_done); its write-backs wait for the restores
+                                               up to out_after_in, its restores for the write-backs
+                                               up to in_after_out (engine/block_manager.StepCopies)
 
 Sampling is a pure function of the logits and `sampling`, so every rank samples the same tokens:
 unseeded rows draw from a generator seeded with `step_seed`, seeded requests from their own
@@ -155,7 +160,7 @@ class ScheduledStep:
     wait_for_restores: bool = False
     write_ahead: np.ndarray | None = None
     copy_batch: int = -1
-    copy_wait: int = -1
+    copy_waits: tuple = (-1, -1, -1, -1)
 
     def __post_init__(self):
         for name in ("input_ids", "prev_rows", "positions", "slot_mapping", "q_lens", "kv_lens", "qo_indptr",
@@ -183,4 +188,5 @@ class StepResult:
     logprobs: object = None         # TokenLogprobs (layers/logprobs.py) of the rows with logprobs_k >= 0
     prompt_logprobs: object = None  # TokenLogprobs of prompt_logprobs_tokens, in the same order
     step_times: tuple = ()  # host tier on: StepTimes (engine/host_tier.py) of the steps whose times are read now
-    copies_done: int | None = None   # host tier on CUDA: the last copy batch known complete (None: copies are synchronous)
+    copies_done: tuple | None = None   # host tier on CUDA: (in, out) the last batch whose restores / write-backs
+                                       # are all complete (None: copies are synchronous)

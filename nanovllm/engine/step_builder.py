@@ -118,7 +118,8 @@ class StepBuilder:
                     write_ahead=as_array(copies.write_ahead),
                     copy_after_prev=bool(copies.after_prev and (copies.swap_out or copies.swap_in)),
                     wait_for_restores=bool(copies.wait_for_restores and copies.swap_in),
-                    copy_batch=copies.batch, copy_wait=copies.wait_batch)
+                    copy_batch=copies.batch,
+                    copy_waits=(copies.wait_in, copies.wait_out, copies.out_after_in, copies.in_after_out))
 
     def _sampling_inputs(self, seqs: list[Sequence]) -> SamplingInputs:
         params = [s.sampling_params for s in seqs]
