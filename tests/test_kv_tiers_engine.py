@@ -108,6 +108,28 @@ def test_every_policy_gives_the_same_outputs(model, make_llm, reference_outputs,
     assert run_rounds(llm, tenants()) == reference_outputs
 
 
+@pytest.mark.parametrize("policy,lag", [("fcfs", 2), ("lpm", 2), ("lpm", 1000)])
+def test_copies_reported_late_give_the_same_outputs(model, make_llm, reference_outputs, policy, lag):
+    """The CUDA bookkeeping on CPU: copies count as landed only when the runner reports them (here
+    `lag` launched steps late; 1000: never, so only the scheduler's waits make progress), so restoring
+    requests and hits on restored pages wait, and steps run with waits for earlier copies. The copies
+    themselves are synchronous here: this checks the scheduling (no row without its pages, no request
+    lost or run twice), the property tests in test_host_tier.py check the waits."""
+    import dataclasses
+    llm = make_llm(model, schedule_policy=policy, host_kvcache_gb=0.01, **TIGHT)
+    bm = llm.scheduler.block_manager
+    bm.sync_copies = False
+    collect = llm.executor.collect
+
+    def late_report(pending):
+        done = bm.launch_clock - lag
+        return dataclasses.replace(collect(pending), copies_done=(done, done))
+    llm.executor.collect = late_report
+    assert run_rounds(llm, tenants()) == reference_outputs
+    assert bm.num_swapped_in > 0
+    bm.check_invariants()
+
+
 def test_kv_state_reports_prefix_groups_of_running_requests(model, make_llm):
     llm = make_llm(model, kvcache_block_size=8)
     system = list(range(10, 42))   # 4 pages

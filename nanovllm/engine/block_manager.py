@@ -306,6 +306,8 @@ class BlockManager:
                             self.in_after_out)
         if self.swap_out or self.swap_in or self.write_ahead_pairs:
             self.last_copy_batch = self.clock
+        if self.wait_for_restores:   # its forward waits for its own restores: landed once it is launched
+            self.wait_in = self.clock
         self.swap_out, self.swap_in, self.copy_after_prev, self.wait_for_restores = [], [], False, False
         self.write_ahead_pairs = []
         waiting = {page for page, _ in self.restore_backlog}   # still to be read: they stay pinned
