@@ -151,7 +151,8 @@ def measure(args, llm, cfg, startup, make) -> dict:
     output_tokens = sum(len(o["token_ids"]) for o in outs)
     stats = {k: llm.stats[k] - before[k] for k in ("steps", "prefill_steps", "decode_steps", "cascade_steps",
                                                    "prefill_seconds", "decode_seconds", "copy_seconds", "copy_steps",
-                                                   "copy_stall_seconds", "forward_seconds", "prefill_tokens")}
+                                                   "copy_stall_seconds", "forward_seconds", "prefill_tokens",
+                                                   "restore_pays_changes")}
     kv = llm.kv_usage()
     state = llm.kv_state(max_pages=0)
     prompt_tokens = sum(len(p) for prompts, _ in rounds for p in prompts)

@@ -79,7 +79,7 @@ class LLMEngine:
         self.stats = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "cascade_steps": 0,
                       "generated_tokens": 0, "prompt_tokens": 0, "max_batch_size": 0,
                       "prefill_seconds": 0.0, "decode_seconds": 0.0, "copy_seconds": 0.0, "copy_steps": 0,
-                      "copy_stall_seconds": 0.0, "forward_seconds": 0.0,   # device times, host tier on
+                      "copy_stall_seconds": 0.0, "forward_seconds": 0.0, "restore_pays_changes": 0,   # device times, host tier on
                       "prefill_tokens": 0}
 
     # ---- requests ---------------------------------------------------------------------------
@@ -306,7 +306,9 @@ class LLMEngine:
             st["copy_seconds"] += t.copy_s
             st["copy_stall_seconds"] += t.stall_s
             st["forward_seconds"] += t.forward_s
-        self.scheduler.block_manager.restore_pays = costs.restore_pays()
+        pays = costs.restore_pays()
+        st["restore_pays_changes"] += pays != self.scheduler.block_manager.restore_pays
+        self.scheduler.block_manager.restore_pays = pays
 
     def kv_state(self, max_pages: int = 64) -> dict:
         """The KV cache as a dict (GET /debug/kv): pages per tier, the prefix groups of the running
