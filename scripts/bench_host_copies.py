@@ -86,6 +86,9 @@ def main():
                 tier_copy(mode, "warm-up", None, back, load, record=False)
                 tier_copy(mode, f"swap_out, host pages {label}", out, None, load)
                 tier_copy(mode, f"swap_in, host pages {label}", None, back, load)
+    # dma results must equal the pages: the last swap_in put back what swap_out took (same pairs)
+    check = tiers["dma"].pool[torch.from_numpy(host_scattered[:8])]
+    assert torch.equal(check, kv[:, :, torch.from_numpy(gpu_pages[:8]).to(dev)].movedim(2, 0).cpu())
     # Both directions at once (write-backs on the out stream, restores of other pages on the in stream,
     # no dependency between them), as W6's steps queue them: GB/s of all bytes moved over the span.
     both = rng.choice(args.gpu_pages, 2 * n, replace=False)
@@ -105,9 +108,6 @@ def main():
                     rows.append(dict(copy=f"{mode}: both ways at once ({n} pages each; restores alone "
                                           f"{n * page_bytes / timer.restore_seconds() / 1e9:.1f} GB/s)", load=load,
                                      pages=2 * n, seconds=span, gb_s=2 * n * page_bytes / span / 1e9, host_us_a_page=None))
-    # dma results must equal the pages: the last swap_in put back what swap_out took (same pairs)
-    check = tiers["dma"].pool[torch.from_numpy(host_scattered[:8])]
-    assert torch.equal(check, kv[:, :, torch.from_numpy(gpu_pages[:8]).to(dev)].movedim(2, 0).cpu())
     # The bound: one contiguous buffer of the same bytes, each way, on a side stream.
     side = torch.cuda.Stream()
     src = torch.empty(n * page_bytes // 2, dtype=torch.bfloat16, device=dev)

@@ -28,8 +28,10 @@ def test_restores_slower_than_the_marginal_prefill_are_refused():
     costs = CopyCosts(16)
     prefill_steps(costs, 2e-3, 3e-6, [64, 512, 4096, 16384])   # 48 us a page at the margin
     costs.observe_copies(0.0050, 100, restore_seconds=0.0050, restore_pages=100)   # 50 us a page
+    assert costs.restore_pays()   # too few restores timed to refuse them (MIN_RESTORE_PAGES)
+    costs.observe_copies(0.0100, 200, restore_seconds=0.0100, restore_pages=200)   # 50 us a page, 300 pages
     assert not costs.restore_pays()
-    costs.observe_copies(0.0030, 100, restore_seconds=0.0030, restore_pages=100)   # now 40 us a page
+    costs.observe_copies(0.0060, 300, restore_seconds=0.0060, restore_pages=300)   # now 32 us a page
     assert costs.restore_pays()
 
 
@@ -76,7 +78,7 @@ def test_budget_is_the_forward_over_a_page_copy_and_ignores_stalls():
 def test_summary_says_what_the_rule_saw():
     costs = CopyCosts(16)
     prefill_steps(costs, 0.0, 3e-6, [1000, 2000])
-    costs.observe_copies(0.004, 100, restore_seconds=0.0035, restore_pages=70, stall_seconds=0.25)
+    costs.observe_copies(0.012, 300, restore_seconds=0.0140, restore_pages=280, stall_seconds=0.25)
     assert costs.summary() == {"restore_us_per_page": 50.0, "prefill_us_per_page": 48.0, "copy_us_per_page": 40.0,
                                "copy_stall_s": 0.25, "restore_pays": False}
 
@@ -89,6 +91,6 @@ def test_cpu_path_decides_the_same_whatever_its_timings():
         costs = CopyCosts(16, measured=measured)
         costs.observe_forward(0.001, 1000)
         costs.observe_forward(0.002, 2000)
-        costs.observe_copies(0.1, 10, restore_seconds=0.1, restore_pages=10)
+        costs.observe_copies(0.1, 300, restore_seconds=0.1, restore_pages=300)
         assert costs.restore_pays() is pays
         assert (costs.step_budget(True, 1000) == BUDGET_UNMEASURED) is (not measured)

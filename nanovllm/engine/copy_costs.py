@@ -15,8 +15,11 @@ The rules:
   least-squares line through (prefill tokens, forward seconds) of the prefill steps, so the fixed
   cost of a small step does not count as a per-token cost. This is the serial break-even: a restore
   that overlaps the forward costs less still, so where it says restore, restoring is right; near the
-  tie it may recompute when an overlapped restore would have paid. Until a restore has been timed,
-  restores go ahead.
+  tie it may recompute when an overlapped restore would have paid. Until MIN_RESTORE_PAGES pages of
+  restores have been timed, restores go ahead: on W6 at 1.7B (H200, session 9) the first restores,
+  timed beside the write-backs of the other copy stream, turned restores off for part of round 2
+  (2 flips; 1.4 M more prompt tokens recomputed, 16.4 s against 12.0 for that round), and a rule
+  that says "recompute" times no more restores to correct itself until the prefill line moves.
 - **Budget.** A step may carry as many pages of background copies as its expected forward lasts
   (prefill: the line at its token count; decode: the mean decode forward) over the mean copy time a
   page, 8 to 4,096 pages (128 until measured).
@@ -37,6 +40,7 @@ and the budget stays at its unmeasured value: CPU runs and tests decide the same
 """
 
 BUDGET_MIN, BUDGET_MAX, BUDGET_UNMEASURED = 8, 4096, 128
+MIN_RESTORE_PAGES = 256   # restores timed before the rule may say "recompute" (one 4,096-token prefix)
 
 
 class CopyCosts:
@@ -102,7 +106,7 @@ class CopyCosts:
         if not self.measured:
             return True
         restore, prefill = self.restore_s_per_page, self.prefill_s_per_page
-        return restore is None or prefill is None or restore < prefill
+        return self.restore_pages < MIN_RESTORE_PAGES or prefill is None or restore < prefill
 
     def step_budget(self, is_prefill: bool, tokens: int) -> int:
         """Pages of background copies this step may carry: as many as its forward lasts."""
