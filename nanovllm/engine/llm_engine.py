@@ -307,7 +307,12 @@ class LLMEngine:
             st["copy_stall_seconds"] += t.stall_s
             st["forward_seconds"] += t.forward_s
         pays = costs.restore_pays()
-        st["restore_pays_changes"] += pays != self.scheduler.block_manager.restore_pays
+        if pays != self.scheduler.block_manager.restore_pays:
+            st["restore_pays_changes"] += 1
+            summary = costs.summary()
+            logger.info("host tier: host hits now %s (restore %s us a page over %d pages timed, prefill %s us a page)",
+                        "restored" if pays else "recomputed", summary["restore_us_per_page"], costs.restore_pages,
+                        summary["prefill_us_per_page"])
         self.scheduler.block_manager.restore_pays = pays
 
     def kv_state(self, max_pages: int = 64) -> dict:
