@@ -48,7 +48,8 @@ def main():
     dev = torch.device("cuda")
     kv = torch.randn(2, args.layers, args.gpu_pages, args.page_size, args.kv_heads, args.head_dim,
                      dtype=torch.bfloat16, device=dev)
-    tiers = {mode: HostTier(kv, args.host_pages, copy_mode=mode) for mode in ("dma", "staged")}
+    # two copy streams: the both-ways rows put write-backs and restores on a stream each (one-way rows: the same)
+    tiers = {mode: HostTier(kv, args.host_pages, copy_mode=mode, copy_streams=2) for mode in ("dma", "staged")}
     page_bytes = kv[:, :, 0].numel() * kv.element_size()
     rng = np.random.default_rng(0)
     n = args.pages

@@ -53,17 +53,19 @@ COPY_US_PER_PAGE = 42.5
 
 
 class Timeline:
-    """The device's streams, step by step (seconds). `feedback` (the engine on CUDA since session 9):
-    write-backs and restores on two copy streams, each in order, waiting for each other only where a
-    step's copies say so; a forward waits for the earlier copies only as far as its step says, and the
-    engine learns which copies landed when it collects a step (`landed`). Without it (the engine
-    before): one copy stream (write-backs, restores, write-backs ahead) and every forward waits for all
-    of the previous step's copies."""
+    """The device's streams, step by step (seconds). `feedback` (the engine on CUDA since session 9): a
+    forward waits for the earlier copies only as far as its step says, and the engine learns which
+    copies landed when it collects a step (`landed`); write-backs then restores on one copy stream
+    (`copy_streams` 1, the engine's default) or on a stream each, waiting for each other only where a
+    step's copies say so (2: modelled as independent, which the H200 is not: both directions share
+    ~50 GB/s). Without feedback (the engine before): one copy stream (write-backs, restores,
+    write-backs ahead) and every forward waits for all of the previous step's copies."""
 
     def __init__(self, write_back_us: float = COPY_US_PER_PAGE, restore_us: float = COPY_US_PER_PAGE,
-                 feedback: bool = True):
+                 feedback: bool = True, copy_streams: int = 1):
         self.write_back_s, self.restore_s = write_back_us * 1e-6, restore_us * 1e-6
         self.feedback = feedback
+        self.one_stream = copy_streams == 1
         self.main = self.copy = self.prev_copies = 0.0
         self.out_free = self.in_free = 0.0   # feedback: when each copy stream is free
         self.copy_busy = self.stalled = 0.0
@@ -87,10 +89,13 @@ class Timeline:
                 self.out_free = out_end
                 self.out_ends.append((copies.batch, out_end))
             own = copies.in_after_out == copies.batch
-            in_start = max(self.in_free, after, written_back if own else up_to(self.out_ends, copies.in_after_out))
+            in_start = max(self.out_free if self.one_stream else self.in_free, after,
+                           written_back if own else up_to(self.out_ends, copies.in_after_out))
             restored = in_start + restore * self.restore_s
             if restore:
                 self.in_free = restored
+                if self.one_stream:
+                    self.out_free = restored
                 self.in_ends.append((copies.batch, restored))
             busy = (out_end - start) + (restored - in_start)
             restore_s = restored - in_start
@@ -175,7 +180,8 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
              max_num_batched_tokens: int = 16384, block_size: int = 16, prefetch: bool = True,
              write_ahead: bool = True, cost_rule: str = "measured", write_back_us: float = COPY_US_PER_PAGE,
              restore_us: float = COPY_US_PER_PAGE, prefill_us_per_token: float = PREFILL_US_PER_TOKEN,
-             prefill_fixed_ms: float = PREFILL_FIXED_MS, copy_feedback: bool = True, **workload) -> dict:
+             prefill_fixed_ms: float = PREFILL_FIXED_MS, copy_feedback: bool = True, copy_streams: int = 1,
+             **workload) -> dict:
     config = SimpleNamespace(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              max_model_len=4352, eos_token_ids=(), kvcache_block_size=block_size,
                              enable_prefix_caching=True, schedule_policy=policy, max_wait_s=1e9, seed=0,
@@ -183,7 +189,7 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
     scheduler = Scheduler(config, gpu_pages, host_pages)
     finishing = OutputProcessor(None, scheduler, (), config.max_model_len)  # the stop rules (length here)
     bm = scheduler.block_manager
-    timeline = Timeline(write_back_us, restore_us, copy_feedback)
+    timeline = Timeline(write_back_us, restore_us, copy_feedback, copy_streams)
     bm.sync_copies = not copy_feedback
     costs = CopyCosts(block_size) if cost_rule == "measured" else OldRule(block_size)   # fed the model's times
     bm.costs = costs
@@ -247,7 +253,8 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
                 modelled_seconds=round(timeline.main, 2), modelled_copy_busy_s=round(timeline.copy_busy, 2),
                 modelled_forward_stalled_s=round(timeline.stalled, 2),
                 modelled_stall_by={k: round(v, 2) for k, v in timeline.stall_by.items()}, cost_rule=cost_rule,
-                restore_pays=bm.restore_pays, restore_pays_changes=restore_pays_changes, copy_feedback=copy_feedback)
+                restore_pays=bm.restore_pays, restore_pays_changes=restore_pays_changes, copy_feedback=copy_feedback,
+                copy_streams=copy_streams)
 
 
 def main(argv=None):
@@ -269,11 +276,14 @@ def main(argv=None):
     p.add_argument("--copy-feedback", action=argparse.BooleanOptionalAction, default=True,
                    help="forwards wait only for the copies they need, landed as the runner reports (the engine "
                         "on CUDA since session 9); --no-copy-feedback: every forward waits for the previous step's")
+    p.add_argument("--copy-streams", type=int, default=1, choices=[1, 2], help="write-backs and restores on one "
+                   "copy stream (the engine's default) or two (modelled as independent)")
     args = p.parse_args(argv)
     result = simulate(args.gpu_pages, args.host_pages, args.policy, prefetch=args.prefetch,
                       write_ahead=args.write_ahead, cost_rule=args.cost_rule, write_back_us=args.write_back_us,
                       restore_us=args.restore_us, prefill_us_per_token=args.prefill_us_per_token,
                       prefill_fixed_ms=args.prefill_fixed_ms, copy_feedback=args.copy_feedback,
+                      copy_streams=args.copy_streams,
                       tenants=args.tenants, rounds=args.rounds)
     print(json.dumps(result))
     return result

@@ -147,6 +147,12 @@ def test_host_tier_copy_mode_by_argument_or_environment(monkeypatch):
     monkeypatch.setenv("NANOVLLM_HOST_COPY_MODE", "fast")
     with pytest.raises(ValueError, match="NANOVLLM_HOST_COPY_MODE"):
         HostTier(kv, 2)
+    monkeypatch.delenv("NANOVLLM_HOST_COPY_MODE")
+    with pytest.raises(ValueError, match="copy_streams .* must be 1 or 2, got 3"):
+        HostTier(kv, 2, copy_streams=3)
+    monkeypatch.setenv("NANOVLLM_HOST_COPY_STREAMS", "two")
+    with pytest.raises(ValueError, match="NANOVLLM_HOST_COPY_STREAMS.*'two'"):
+        HostTier(kv, 2)
 
 
 def test_cuda_executor_passes_absolute_pointers_and_raises_on_an_error_code():

@@ -27,10 +27,18 @@ On CUDA the pool is pinned (cudaHostRegister on a plain allocation: PyTorch's pi
 rounds sizes up to a power of two) and the copies run on a side stream: they start after the step
 in flight only when the step says they must (`copy_after_prev`: a page it may still use). The
 step's forward waits for its write-backs (it may reuse those pages). A step's copies are one copy
-batch (`copy_batch`, its scheduling clock); a later forward waits for earlier batches only as far
-as the step says (`copy_wait`: the block manager's choice, from the pages the step reads or writes
-whose copies are not known to have landed), and the runner reports the last batch it saw complete
-(`copies_done`, by querying the batches' end events at each step, never waiting). Restores are read
+batch (`copy_batch`, its scheduling clock): write-backs (swap_out, then write_ahead) on the "out"
+stream, restores on the "in" stream, each waiting for the other only where the step says (a page
+written back then restored, ...). A later forward waits for earlier batches only as far as the step
+says (`copy_waits`: the block manager's choice, from the pages the step reads or writes whose copies
+are not known to have landed), and the runner reports the last batch it saw complete on each stream
+(`copies_done`, by querying the batches' end events at each step, never waiting). By default the in
+and out streams are one stream (then in order: swap_out, write_ahead, swap_in): measured on the H200
+(session 9, scripts/bench_host_copies.py, 512 pages of 1.84 MB each way), copies both ways at once
+on two streams moved 50.4 GB/s in all, what one direction moves alone (50.0-51.0): the link gives no
+second direction for free; and on W6 (1.7B, fcfs) two streams made each restore look twice as slow
+(timed beside the write-backs), so engine/copy_costs.py turned restores off for part of a round
+(4,738 tok/s against 5,149 with one stream and the old waits). Restores are read
 at the earliest by the next step, and the block manager prefers to hold a restoring request until
 its batch is reported complete while other steps run, so the copies overlap the forwards of other
 requests (before session 9 every forward waited for all of the previous step's copies: on W6 at
@@ -175,12 +183,15 @@ COPY_MODES = ("dma", "staged")
 
 class HostTier:
 
-    def __init__(self, kv_cache: torch.Tensor, num_pages: int, copy_mode: str | None = None):
+    def __init__(self, kv_cache: torch.Tensor, num_pages: int, copy_mode: str | None = None,
+                 copy_streams: int | None = None):
         """copy_mode: "dma" (a 2D memcpy a page, no kernel; on CPU the plan runs on byte views) or
         "staged" (gather/scatter kernels + memcpy). None: "dma" on CUDA (falling back to "staged",
         with a warning, where no CUDA runtime library is found or the cache's pitch is over the
         device's memcpy limit), "staged" on CPU (plain tensor ops). The environment variable
-        NANOVLLM_HOST_COPY_MODE (dma | staged) stands in for None: end-to-end runs compare the two."""
+        NANOVLLM_HOST_COPY_MODE (dma | staged) stands in for None: end-to-end runs compare the two.
+        copy_streams: 1 (default; NANOVLLM_HOST_COPY_STREAMS stands in for None) runs write-backs and
+        restores on one stream, 2 on a stream each (module doc: measured, no gain)."""
         copy_mode = copy_mode or os.environ.get("NANOVLLM_HOST_COPY_MODE") or None
         if copy_mode not in (None,) + COPY_MODES:
             raise ValueError(f"copy_mode (or NANOVLLM_HOST_COPY_MODE) must be one of {COPY_MODES}, got {copy_mode!r}")
@@ -191,10 +202,16 @@ class HostTier:
         page_shape = kv_cache.shape[:2] + kv_cache.shape[3:]
         shape = (num_pages,) + tuple(page_shape)
         self.pool = pinned_empty(shape, kv_cache.dtype) if self.cuda else torch.zeros(shape, dtype=kv_cache.dtype)
-        # CUDA: write-backs on the out stream, restores on the in stream; each stream's (copy batch, end
-        # event) not seen complete yet, and the last batch queued
+        # CUDA: write-backs on the out stream, restores on the in stream (one and the same stream unless
+        # copy_streams is 2: module doc); each one's (copy batch, end event) not seen complete yet, and
+        # the last batch queued
+        copy_streams = copy_streams or os.environ.get("NANOVLLM_HOST_COPY_STREAMS") or 1
+        if str(copy_streams) not in ("1", "2"):
+            raise ValueError(f"copy_streams (or NANOVLLM_HOST_COPY_STREAMS) must be 1 or 2, got {copy_streams!r}")
+        copy_streams = int(copy_streams)
         self.out_stream = torch.cuda.Stream(device=kv_cache.device) if self.cuda else None
-        self.in_stream = torch.cuda.Stream(device=kv_cache.device) if self.cuda else None
+        self.in_stream = (torch.cuda.Stream(device=kv_cache.device) if copy_streams == 2 else self.out_stream) \
+            if self.cuda else None
         self.out_ends: deque[tuple[int, torch.cuda.Event]] = deque()
         self.in_ends: deque[tuple[int, torch.cuda.Event]] = deque()
         self.last_batch = -1
