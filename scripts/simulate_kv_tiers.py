@@ -39,7 +39,7 @@ import time
 from types import SimpleNamespace
 
 from nanovllm.benchmark import w6
-from nanovllm.engine.copy_costs import CopyCosts
+from nanovllm.engine.copy_costs import MIN_LINE_TOKENS, CopyCosts
 from nanovllm.engine.output_processor import OutputProcessor
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
@@ -191,7 +191,8 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
     bm = scheduler.block_manager
     timeline = Timeline(write_back_us, restore_us, copy_feedback, copy_streams)
     bm.sync_copies = not copy_feedback
-    costs = CopyCosts(block_size) if cost_rule == "measured" else OldRule(block_size)   # fed the model's times
+    costs = (CopyCosts(block_size, min_line_tokens=min(MIN_LINE_TOKENS, max_num_batched_tokens // 4))
+             if cost_rule == "measured" else OldRule(block_size))   # fed the model's times, as the engine sizes it
     bm.costs = costs
     restore_pays_changes = prefill_steps = decode_rows = restoring_waits = 0
     prefilled = steps = 0

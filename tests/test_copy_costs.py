@@ -39,7 +39,7 @@ def test_small_prefill_steps_fixed_cost_is_not_a_per_token_cost():
     """fcfs on the H200: restoring requests' small prefill steps made prefill look 28.5 us a token
     over all steps. The line through (tokens, seconds) separates their fixed cost."""
     costs = CopyCosts(16)
-    sizes = [64] * 900 + [16384] * 20
+    sizes = [64] * 900 + [16384] * 20 + [4096] * 5
     prefill_steps(costs, 5e-3, 3e-6, sizes)
     fixed, per_token = costs.prefill_line()
     assert fixed == pytest.approx(5e-3) and per_token == pytest.approx(3e-6)
@@ -49,7 +49,7 @@ def test_small_prefill_steps_fixed_cost_is_not_a_per_token_cost():
 
 def test_prefill_steps_of_one_size_give_a_line_through_zero():
     costs = CopyCosts(16)
-    prefill_steps(costs, 0.0, 4e-6, [1000] * 5)
+    prefill_steps(costs, 0.0, 4e-6, [2000] * 5)
     assert costs.prefill_line() == pytest.approx((0.0, 4e-6))
     assert CopyCosts(16).prefill_line() is None
 
@@ -60,7 +60,7 @@ def test_budget_is_the_forward_over_a_page_copy_and_ignores_stalls():
     costs = CopyCosts(16)
     assert costs.step_budget(False, 0) == BUDGET_UNMEASURED
     costs.observe_forward(8e-3)                       # a decode step's forward
-    prefill_steps(costs, 1e-3, 3e-6, [100, 10_000])
+    prefill_steps(costs, 1e-3, 3e-6, [2_000, 10_000])
     costs.observe_copies(40e-6 * 100, 100)            # 40 us a page
     assert costs.step_budget(False, 0) == 200         # 8 ms / 40 us
     assert costs.step_budget(True, 3000) == 250       # (1 ms + 9 ms) / 40 us
@@ -77,7 +77,7 @@ def test_budget_is_the_forward_over_a_page_copy_and_ignores_stalls():
 
 def test_summary_says_what_the_rule_saw():
     costs = CopyCosts(16)
-    prefill_steps(costs, 0.0, 3e-6, [1000, 2000])
+    prefill_steps(costs, 0.0, 3e-6, [1024, 2048])
     costs.observe_copies(0.012, 300, restore_seconds=0.0140, restore_pages=280, stall_seconds=0.25)
     assert costs.summary() == {"restore_us_per_page": 50.0, "prefill_us_per_page": 48.0, "copy_us_per_page": 40.0,
                                "copy_stall_s": 0.25, "restore_pays": False}
@@ -89,8 +89,33 @@ def test_cpu_path_decides_the_same_whatever_its_timings():
     from nanovllm.engine.copy_costs import BUDGET_UNMEASURED
     for measured, pays in ((True, False), (False, True)):
         costs = CopyCosts(16, measured=measured)
-        costs.observe_forward(0.001, 1000)
         costs.observe_forward(0.002, 2000)
+        costs.observe_forward(0.004, 4000)
         costs.observe_copies(0.1, 300, restore_seconds=0.1, restore_pages=300)
         assert costs.restore_pays() is pays
         assert (costs.step_budget(True, 1000) == BUDGET_UNMEASURED) is (not measured)
+
+
+def test_small_prefill_steps_stay_out_of_the_line():
+    """W6 at 1.7B on the H200: round 1's prefill steps all had 16,384 tokens; round 2's restoring groups
+    ran in steps of 64-256 tokens whose forwards, bound by kernel launches, took far longer than the
+    line says. Through all steps the slope fell to 0.1 us a token and restores were turned off; steps
+    under MIN_LINE_TOKENS stay out of the line."""
+    from nanovllm.engine.copy_costs import MIN_LINE_TOKENS
+    costs = CopyCosts(16)
+    prefill_steps(costs, 0.0, 5.1e-6, [16384] * 250)
+    for tokens in (64, 128, 256) * 20:
+        costs.observe_forward(0.08, tokens)   # launch-bound: ~80 ms whatever the size
+    assert costs.prefill_line() == pytest.approx((0.0, 5.1e-6)) and costs.n == 250
+    costs.observe_copies(37e-6 * 1000, 1000, restore_seconds=37e-6 * 1000, restore_pages=1000)
+    assert costs.restore_pays()   # 37 us a page against 81.6
+    everything = CopyCosts(16)   # the same steps all in the line: restores refused
+    for tokens, seconds in [(16384, 16384 * 5.1e-6)] * 250 + [(t, 0.08) for t in (64, 128, 256) * 20]:
+        everything.n += 1
+        everything.st += tokens
+        everything.ss += seconds
+        everything.stt += tokens * tokens
+        everything.sts += tokens * seconds
+    everything.observe_copies(37e-6 * 1000, 1000, restore_seconds=37e-6 * 1000, restore_pages=1000)
+    assert everything.prefill_s_per_page < 5e-6 and not everything.restore_pays()
+    assert MIN_LINE_TOKENS > 256

@@ -12,8 +12,12 @@ The rules:
 
 - **Restore or recompute.** A host hit is restored while restoring a page (its restore time alone)
   is faster than prefilling its `block_size` tokens at the marginal prefill cost: the slope of a
-  least-squares line through (prefill tokens, forward seconds) of the prefill steps, so the fixed
-  cost of a small step does not count as a per-token cost. This is the serial break-even: a restore
+  least-squares line through (prefill tokens, forward seconds) of the prefill steps of at least
+  MIN_LINE_TOKENS tokens (or a quarter of the step token budget, if smaller), so the fixed cost of a small step does not count as a per-token cost. Small
+  steps are left out of the line altogether: on W6 at 1.7B (H200, session 9), with restoring groups
+  prefilled in their own steps of 64-256 tokens, the line through all steps fell to 0.1 us a token
+  (1.6 us a page) in round 2 (round 1's steps all had 16,384 tokens: the small ones alone set the
+  slope), turned restores off and recomputed 1.4 M more prompt tokens. This is the serial break-even: a restore
   that overlaps the forward costs less still, so where it says restore, restoring is right; near the
   tie it may recompute when an overlapped restore would have paid. Until MIN_RESTORE_PAGES pages of
   restores have been timed, restores go ahead: on W6 at 1.7B (H200, session 9) the first restores,
@@ -41,12 +45,16 @@ and the budget stays at its unmeasured value: CPU runs and tests decide the same
 
 BUDGET_MIN, BUDGET_MAX, BUDGET_UNMEASURED = 8, 4096, 128
 MIN_RESTORE_PAGES = 256   # restores timed before the rule may say "recompute" (one 4,096-token prefix)
+MIN_LINE_TOKENS = 1024    # prefill steps smaller than this do not enter the line (their time is launch overhead)
 
 
 class CopyCosts:
 
-    def __init__(self, block_size: int, measured: bool = True):
+    def __init__(self, block_size: int, measured: bool = True, min_line_tokens: int = MIN_LINE_TOKENS):
+        """min_line_tokens: the smallest prefill step in the line (the engine: MIN_LINE_TOKENS or a quarter
+        of its token budget, whichever is smaller)."""
         self.block_size = block_size
+        self.min_line_tokens = min_line_tokens
         self.measured = measured     # False: the CPU path, decisions do not follow its timings
         # Prefill steps: count, sum of tokens, of seconds, of tokens^2, of tokens x seconds (the line's sums).
         self.n = self.st = self.ss = self.stt = self.sts = 0.0
@@ -60,14 +68,14 @@ class CopyCosts:
 
     def observe_forward(self, seconds: float, prefill_tokens: int = 0):
         """One step's forward time; `prefill_tokens` 0 for a decode step."""
-        if prefill_tokens:
+        if prefill_tokens >= self.min_line_tokens:
             t = float(prefill_tokens)
             self.n += 1
             self.st += t
             self.ss += seconds
             self.stt += t * t
             self.sts += t * seconds
-        else:
+        elif not prefill_tokens:
             self.decode_s += seconds
             self.decode_steps += 1
 

@@ -8,7 +8,7 @@ import numpy as np
 from transformers import AutoTokenizer, GenerationConfig
 
 from nanovllm.config import Config
-from nanovllm.engine.copy_costs import CopyCosts
+from nanovllm.engine.copy_costs import MIN_LINE_TOKENS, CopyCosts
 from nanovllm.engine.output_processor import OutputProcessor, StepOutput
 from nanovllm.engine.grammar import GrammarCompiler
 from nanovllm.engine.scheduled_step import ScheduledStep
@@ -63,7 +63,8 @@ class LLMEngine:
         self.model_runner = self.executor.runner   # this process's runner
         self.scheduler = Scheduler(config, self.executor.num_kvcache_blocks, self.model_runner.num_host_blocks)
         # Fed only with the host tier on; on the CPU path its decisions ignore the (meaningless) timings.
-        self.copy_costs = CopyCosts(config.kvcache_block_size, measured=config.device.startswith("cuda"))
+        self.copy_costs = CopyCosts(config.kvcache_block_size, measured=config.device.startswith("cuda"),
+                                    min_line_tokens=min(MIN_LINE_TOKENS, config.max_num_batched_tokens // 4))
         if self.model_runner.num_host_blocks:
             self.scheduler.block_manager.costs = self.copy_costs
             # CUDA: copies run beside the forwards and land when the runner reports them (StepResult.copies_done)
