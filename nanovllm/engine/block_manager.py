@@ -156,7 +156,9 @@ class BlockManager:
         # in order on one stream ("out"), its restores in order on another ("in"), so that neither waits
         # for the other unless a page says so. `in_done` / `out_done`: the last batch whose restores /
         # write-backs are known complete (reported by the runner, `copies_landed`, or waited for by a
-        # launched forward). `sync_copies`: the runner's copies are done when its step is launched (CPU).
+        # launched forward). `sync_copies` (the default, and on CUDA unless NANOVLLM_HOST_COPY_FEEDBACK=1:
+        # engine/llm_engine.py): a restore counts as landed once its step is launched and every forward
+        # waits for all earlier copies (CPU: done by then); off, the runner's reports and per-page waits.
         self.sync_copies = True
         self.in_done = self.out_done = -1
         self.last_copy_batch = -1   # the last batch that had any copies
@@ -301,6 +303,8 @@ class BlockManager:
     def take_copies(self) -> "StepCopies":
         """This step's copies (`StepCopies`). Host pages read by this step's restores go back to the
         LRU's recent end (protected: they were hit)."""
+        if self.sync_copies:   # every forward waits for all earlier copies (on CPU they are done already)
+            self.wait_in = self.wait_out = max(self.wait_in, self.wait_out, self.last_copy_batch)
         copies = StepCopies(self.swap_out, self.swap_in, self.copy_after_prev, self.wait_for_restores,
                             self.write_ahead_pairs, self.clock, self.wait_in, self.wait_out, self.out_after_in,
                             self.in_after_out)

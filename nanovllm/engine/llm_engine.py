@@ -1,5 +1,6 @@
 """The engine: requests in, tokens out. `add_request` validates and queues; `step` runs one step."""
 import logging
+import os
 from array import array
 from dataclasses import dataclass, fields
 from time import perf_counter
@@ -67,8 +68,13 @@ class LLMEngine:
                                     min_line_tokens=min(MIN_LINE_TOKENS, config.max_num_batched_tokens // 4))
         if self.model_runner.num_host_blocks:
             self.scheduler.block_manager.costs = self.copy_costs
-            # CUDA: copies run beside the forwards and land when the runner reports them (StepResult.copies_done)
-            self.scheduler.block_manager.sync_copies = not config.device.startswith("cuda")
+            # Copy feedback (CUDA, opt-in): copies land when the runner reports them (StepResult.copies_done)
+            # and a forward waits only for the copies of its own pages. Measured on W6 (1.7B, H200, session
+            # 9): no faster (claude_docs/memory.md), so by default every forward waits for the earlier copies.
+            feedback = os.environ.get("NANOVLLM_HOST_COPY_FEEDBACK", "0")
+            if feedback not in ("0", "1"):
+                raise ValueError(f"NANOVLLM_HOST_COPY_FEEDBACK must be 0 or 1, got {feedback!r}")
+            self.scheduler.block_manager.sync_copies = not (feedback == "1" and config.device.startswith("cuda"))
         self.step_builder = StepBuilder(config)
         self._log_startup()
         self.vocab_size = config.hf_config.vocab_size
