@@ -7,7 +7,12 @@ would see on any GPU with the same caps (the order of steps does not depend on t
 It also replays the steps on a timing model of one GPU (`modelled_seconds`; a model, not a
 measurement): a compute stream and one copy stream, ordered as engine/host_tier.py orders them (a
 step's forward waits for its own write-backs, for its restores if it reads them, and for all of the
-previous step's copies). Its rates: prefill PREFILL_US_PER_TOKEN, a decode step DECODE_FIXED_MS plus
+previous step's copies); `--copy-feedback` models the opt-in per-page waits (Timeline's doc), and
+`modelled_stall_by` says what the forwards waited for. Session 9 used it to predict that feedback
+on two copy streams would take W6 fcfs at 1.7B from 51.6 to 46.3 modelled seconds; the H200 then
+showed both copy directions sharing ~50 GB/s (the model's two streams are independent, so it does
+not apply) and with one stream the model and the GPU agree that feedback changes little (51.7 vs
+51.9 modelled; 51.0 vs 50.7 s measured). Its rates: prefill PREFILL_US_PER_TOKEN, a decode step DECODE_FIXED_MS plus
 its KV bytes at DECODE_GB_S, a page copy COPY_US_PER_PAGE (1.835 MB at the 43 GB/s measured on the
 H200 in session 5). The prefill and decode rates are estimates, not fitted: the model gives 51.2 s for
 the H200's GPU-only W6 (measured 47.99 s, +7%) and 59.7 s for the old host-tier fcfs run (measured
@@ -53,7 +58,8 @@ COPY_US_PER_PAGE = 42.5
 
 
 class Timeline:
-    """The device's streams, step by step (seconds). `feedback` (the engine on CUDA since session 9): a
+    """The device's streams, step by step (seconds). `feedback` (the engine with
+    NANOVLLM_HOST_COPY_FEEDBACK=1): a
     forward waits for the earlier copies only as far as its step says, and the engine learns which
     copies landed when it collects a step (`landed`); write-backs then restores on one copy stream
     (`copy_streams` 1, the engine's default) or on a stream each, waiting for each other only where a
@@ -180,7 +186,7 @@ def simulate(gpu_pages: int, host_pages: int, policy: str, max_num_seqs: int = 5
              max_num_batched_tokens: int = 16384, block_size: int = 16, prefetch: bool = True,
              write_ahead: bool = True, cost_rule: str = "measured", write_back_us: float = COPY_US_PER_PAGE,
              restore_us: float = COPY_US_PER_PAGE, prefill_us_per_token: float = PREFILL_US_PER_TOKEN,
-             prefill_fixed_ms: float = PREFILL_FIXED_MS, copy_feedback: bool = True, copy_streams: int = 1,
+             prefill_fixed_ms: float = PREFILL_FIXED_MS, copy_feedback: bool = False, copy_streams: int = 1,
              **workload) -> dict:
     config = SimpleNamespace(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              max_model_len=4352, eos_token_ids=(), kvcache_block_size=block_size,
@@ -274,9 +280,9 @@ def main(argv=None):
     p.add_argument("--prefill-us-per-token", type=float, default=PREFILL_US_PER_TOKEN,
                    help="modelled prefill a token (the restore-or-recompute rule compares 16 of these with a restore)")
     p.add_argument("--prefill-fixed-ms", type=float, default=PREFILL_FIXED_MS, help="modelled prefill step, fixed part")
-    p.add_argument("--copy-feedback", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--copy-feedback", action=argparse.BooleanOptionalAction, default=False,
                    help="forwards wait only for the copies they need, landed as the runner reports (the engine "
-                        "on CUDA since session 9); --no-copy-feedback: every forward waits for the previous step's")
+                        "with NANOVLLM_HOST_COPY_FEEDBACK=1); default: every forward waits for the earlier copies")
     p.add_argument("--copy-streams", type=int, default=1, choices=[1, 2], help="write-backs and restores on one "
                    "copy stream (the engine's default) or two (modelled as independent)")
     args = p.parse_args(argv)
