@@ -22,17 +22,22 @@ of a restored or recomputed page (a later eviction then copies nothing), and a h
 only from the host's LRU end.
 
 This class only decides the copies; `take_copies` hands them to the step (engine/scheduled_step.py)
-and every rank's runner executes them on its own pools, on a side stream, in this order: swap_out
-(write-backs on eviction), swap_in (restores), write_ahead (background write-backs). A step's
-forward waits for its own write-backs (it may reuse those pages) and for all of the previous step's
-copies. Restores come from two places, and both are handed to a step only once its scheduling is
+as one copy batch (`StepCopies`) and every rank's runner executes them on its own pools, on a side
+stream, in this order: swap_out (write-backs on eviction), write_ahead (background write-backs),
+swap_in (restores). A step's forward waits for its own write-backs (it may reuse those pages) and for
+all earlier copies. (With NANOVLLM_HOST_COPY_FEEDBACK=1, `sync_copies` off: it waits only for the
+earlier copies of pages it reads or writes, `_uses`, restores count as landed when the runner reports
+them, `copies_landed`, and write-backs and restores may go on two streams that wait for each other
+where a page says so, `_note_write_back` / `_note_restore`. Measured on W6, no faster: engine/host_tier.py.)
+Restores come from two places, and both are handed to a step only once its scheduling is
 done (no page is allocated or freed in that step after them):
 - a request admitted with host hits (`allocate`): its restores are queued (`restore_backlog`) while
   the step is scheduled and `background_copies` hands all of them to the step, prefill or decode (the
   scheduler charged them against the step's token budget at admission, `restore_token_cost`, so a
   step's restores last about what a full prefill step would). The request stays unscheduled until
-  its restores went out in a step launched before this one (`restores_landed`, by ticket): it runs
-  in the next step, whose forward waits for them, with the group members that waited for its pages.
+  its restores went out in a step launched before this one (`restores_landed`, by ticket; with
+  feedback: reported landed): it runs in the next step, whose forward waits for them, with the group
+  members that waited for its pages.
   Only when nothing else can run does the scheduler run it in the same step, whose forward then
   waits for the restores (`wait_for_restores`); such a step carries no background copies, which its
   forward would wait for too. (Until W6 on the H200, the queue went out `copy_budget` pages a step,
@@ -51,7 +56,7 @@ Why this order is safe:
   aborting the request drops its queued restores, `deallocate`). A prefetched page is a clean free
   page (`_is_clean`) that nothing takes in its step (prefetch runs after the step is scheduled) and
   write-ahead skips (not computed yet). A page evicted and restored by the same allocation is written
-  back first (swap_out before swap_in; a queued restore goes out in that step or a later one).
+  back first (swap_out before swap_in, on one stream; on two, `in_after_out` names this batch).
 - A write-back's GPU page is not overwritten before it is read: an evicted page is written only by
   its step's restores (queued after the write-backs) and forward (which waits for them); a page
   written ahead is free, and a later step that takes it waits for this step's copies.
