@@ -228,14 +228,23 @@ def compare_policies(args) -> dict:
         finally:
             server.terminate()
             server.wait(timeout=60)
+    print_comparison(results, args.max_wait_s)
+    return results
+
+
+def print_comparison(results: dict, max_wait_s: float):
+    """One line per policy; a policy whose requests failed shows '-' for its latencies and its first error
+    (on the H200 every request of a run once came back 400 and the table itself raised)."""
     print(f"{'policy':10} {'ok':>5} {'err':>4} {'req/s':>7} {'out tok/s':>10} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "
           f"{'max wait s':>10} {'bound s':>8}")
+    ms = lambda s: "-" if s is None else f"{s * 1000:.1f}"  # noqa: E731
     for policy, r in results.items():
         wait = r["server_max_queue_wait_s"]
         print(f"{policy:10} {r['completed']:5} {r['errors']:4} {r['request_throughput_rps']:7.2f} "
-              f"{r['output_throughput_tok_s']:10.1f} {r['ttft_s']['p50'] * 1000:12.1f} {r['ttft_s']['p99'] * 1000:12.1f} "
-              f"{'-' if wait is None else f'{wait:.2f}':>10} {args.max_wait_s:8.1f}")
-    return results
+              f"{r['output_throughput_tok_s']:10.1f} {ms(r['ttft_s']['p50']):>12} {ms(r['ttft_s']['p99']):>12} "
+              f"{'-' if wait is None else f'{wait:.2f}':>10} {max_wait_s:8.1f}")
+        if r["error_samples"]:
+            print(f"{'':10} first error: {r['error_samples'][0]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,3 +64,17 @@ def test_script_reports_errors(server, tmp_path):
     assert p.returncode == 1
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["errors"] == 3 and result["completed"] == 0 and "401" in result["error_samples"][0]
+    # The policy comparison's table, for a run whose requests all failed: '-' latencies and the first
+    # error (the table itself raised on None latencies before).
+    import importlib.util
+    import io
+    from contextlib import redirect_stdout
+    spec = importlib.util.spec_from_file_location("serve_shared_prompt", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        script.print_comparison({"fcfs": result}, 10.0)
+    line, error = out.getvalue().splitlines()[1:]
+    assert line.split()[:3] == ["fcfs", "0", "3"] and line.split()[5:7] == ["-", "-"]
+    assert "first error: HTTP 401" in error
