@@ -6,8 +6,9 @@ prompts shared by many requests, each with its own short question.
         --requests 512 --out result.json
 
 C clients send R streaming completions (so time to first token and inter-token latency are
-measured at the client); request i uses system prompt i % G. Prompt text is random words, about
-one token each. Against nanovllm (detected by its /metrics) requests set ignore_eos, so every one
+measured at the client); request i uses system prompt i % G. Prompt text is random common words:
+about one token each with real tokenizers, 2.6 with make_model's checkpoints (its small vocabulary:
+2,048 words + a 32-word question are 5,331 tokens, over a 4,096-token max_model_len). Against nanovllm (detected by its /metrics) requests set ignore_eos, so every one
 produces exactly O tokens, and the prefix-cache hit rate is read from /metrics before and after the
 run. Any server that reports usage.prompt_tokens_details.cached_tokens gets a hit rate from that too.
 Needs only httpx.
@@ -18,7 +19,7 @@ admission wait against the --max-wait-s bound):
 
     python scripts/serve_shared_prompt.py --model /tmp/q06 --compare-policies fcfs,lpm \
         --server-args "--host-kv-cache-gb 64 --num-kvcache-blocks 16384" --max-wait-s 10 \
-        --groups 64 --system-tokens 2048 --concurrency 64 --requests 1024
+        --groups 64 --system-tokens 1024 --concurrency 64 --requests 1024   # ~2,700 tokens a prompt (make_model)
 """
 import argparse
 import asyncio
