@@ -19,7 +19,7 @@ admission wait against the --max-wait-s bound):
 
     python scripts/serve_shared_prompt.py --model /tmp/q06 --compare-policies fcfs,lpm \
         --server-args "--host-kv-cache-gb 64 --num-kvcache-blocks 16384" --max-wait-s 10 \
-        --groups 64 --system-tokens 1024 --concurrency 64 --requests 1024   # ~2,700 tokens a prompt (make_model)
+        --groups 64 --system-tokens 1024 --concurrency 64 --requests 1024 --token-chunks yes
 """
 import argparse
 import asyncio
@@ -98,7 +98,7 @@ async def one_request(client: httpx.AsyncClient, url: str, payload: dict) -> dic
                 return {"error": f"stream error: {chunk['error']}"}
             if chunk.get("usage"):
                 usage = chunk["usage"]
-            if any(c.get("text") for c in chunk.get("choices", [])):
+            if any(c.get("text") or (c.get("logprobs") or {}).get("tokens") for c in chunk.get("choices", [])):
                 token_times.append(time.perf_counter())
     end = time.perf_counter()
     if not token_times:
@@ -119,6 +119,7 @@ async def run(args) -> dict:
         before = await scrape_metrics(client, root)
         ours = before is not None
         ignore_eos = ours if args.ignore_eos == "auto" else args.ignore_eos == "yes"
+        token_chunks = args.token_chunks == "yes"
         results: list[dict] = []
         next_index = iter(range(args.requests))
 
@@ -129,6 +130,8 @@ async def run(args) -> dict:
                            "stream_options": {"include_usage": True}}
                 if ignore_eos:
                     payload["ignore_eos"] = True
+                if token_chunks:
+                    payload["logprobs"] = 0
                 try:
                     results.append(await one_request(client, url, payload))
                 except (httpx.HTTPError, json.JSONDecodeError) as e:
@@ -155,6 +158,7 @@ async def run(args) -> dict:
         "config": {k: v for k, v in vars(args).items() if k not in ("api_key", "out")},
         "server_is_nanovllm": ours,
         "ignore_eos": ignore_eos,
+        "token_chunks": token_chunks,
         "completed": len(ok),
         "errors": len(errors),
         "error_samples": errors[:5],
@@ -185,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-tokens", type=int, default=64, help="O: max_tokens of every request")
     p.add_argument("--requests", type=int, default=256, help="R: requests in all")
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--token-chunks", choices=["yes", "no"], default="no",
+                   help="ask for logprobs=0 so that every token streams a chunk, text or not (random-weight "
+                        "checkpoints from make_model sample ids past their tokenizer's vocabulary, which decode "
+                        "to no text and stream nothing: on the H200, 986 of 1,024 requests saw no token)")
     p.add_argument("--ignore-eos", choices=["auto", "yes", "no"], default="auto",
                    help="auto: only when the server is nanovllm (other servers may reject the field)")
     p.add_argument("--seed", type=int, default=0)

@@ -78,3 +78,19 @@ def test_script_reports_errors(server, tmp_path):
     line, error = out.getvalue().splitlines()[1:]
     assert line.split()[:3] == ["fcfs", "0", "3"] and line.split()[5:7] == ["-", "-"]
     assert "first error: HTTP 401" in error
+
+
+def test_token_chunks_count_every_token(server, tmp_path):
+    """--token-chunks yes asks for logprobs=0: every token streams a chunk with its logprob entry, so a
+    token that decodes to no text (make_model's random checkpoints sample ids past their tokenizer's
+    vocabulary) still counts; the timings see one event a token. (The tiny model's tokens all decode to
+    text, so this checks that the server streams logprobs=0 chunks the script reads; the no-text case is
+    the H200 run's, claude_docs/memory.md.)"""
+    out = tmp_path / "result.json"
+    p = run_script("--base-url", f"{server.url}/v1", "--model", "tiny", "--api-key", API_KEY,
+                   "--concurrency", "2", "--groups", "1", "--system-tokens", "16", "--question-tokens", "4",
+                   "--output-tokens", "5", "--requests", "4", "--token-chunks", "yes", "--out", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    result = json.loads(out.read_text())
+    assert result["token_chunks"] and result["completed"] == 4 and result["errors"] == 0
+    assert result["itl_s"]["count"] == 4 * 4   # 5 token events a request
