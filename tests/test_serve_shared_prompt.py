@@ -30,13 +30,17 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=120, env=env)
 
 
-def test_shared_prompt_load_reports_cache_hits(server, tmp_path):
+def run_load(server, tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """The script against the test server with the right key; it must succeed. Returns its result."""
     out = tmp_path / "result.json"
-    p = run_script("--base-url", f"{server.url}/v1", "--model", "tiny", "--api-key", API_KEY,
-                   "--concurrency", "4", "--groups", "2", "--system-tokens", "64", "--question-tokens", "8",
-                   "--output-tokens", "4", "--requests", "12", "--seed", "1", "--out", str(out))
+    p = run_script("--base-url", f"{server.url}/v1", "--model", "tiny", "--api-key", API_KEY, *args, "--out", str(out))
     assert p.returncode == 0, p.stdout + p.stderr
-    result = json.loads(out.read_text())
+    return p, json.loads(out.read_text())
+
+
+def test_shared_prompt_load_reports_cache_hits(server, tmp_path):
+    p, result = run_load(server, tmp_path, "--concurrency", "4", "--groups", "2", "--system-tokens", "64",
+                         "--question-tokens", "8", "--output-tokens", "4", "--requests", "12", "--seed", "1")
     assert result["server_is_nanovllm"] and result["ignore_eos"]
     assert result["completed"] == 12 and result["errors"] == 0
     assert result["total_output_tokens"] == 12 * 4  # ignore_eos: exactly O tokens each
@@ -86,11 +90,7 @@ def test_token_chunks_count_every_token(server, tmp_path):
     vocabulary) still counts; the timings see one event a token. (The tiny model's tokens all decode to
     text, so this checks that the server streams logprobs=0 chunks the script reads; the no-text case is
     the H200 run's, claude_docs/memory.md.)"""
-    out = tmp_path / "result.json"
-    p = run_script("--base-url", f"{server.url}/v1", "--model", "tiny", "--api-key", API_KEY,
-                   "--concurrency", "2", "--groups", "1", "--system-tokens", "16", "--question-tokens", "4",
-                   "--output-tokens", "5", "--requests", "4", "--token-chunks", "yes", "--out", str(out))
-    assert p.returncode == 0, p.stdout + p.stderr
-    result = json.loads(out.read_text())
+    _, result = run_load(server, tmp_path, "--concurrency", "2", "--groups", "1", "--system-tokens", "16",
+                         "--question-tokens", "4", "--output-tokens", "5", "--requests", "4", "--token-chunks", "yes")
     assert result["token_chunks"] and result["completed"] == 4 and result["errors"] == 0
     assert result["itl_s"]["count"] == 4 * 4   # 5 token events a request
