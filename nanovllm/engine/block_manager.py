@@ -112,7 +112,7 @@ class Block:
         self.freed_at = -1    # the scheduling clock when it was last freed
         self.keep = DROP      # what a write-back to the host tier makes of it: DROP, PROBATION, PROTECTED
         self.landing = -1     # the copy batch (scheduling clock) of the last restore into it
-        self.read_out = -1    # the copy batch of the last write-back ahead out of it
+        self.read_out = -1    # the copy batch of the last write-back out of it (on eviction or ahead)
 
     def reset(self):
         self.ref_count = 1
