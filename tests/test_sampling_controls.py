@@ -348,3 +348,18 @@ def test_on_the_gpu_same_as_cpu_and_no_host_sync(tmp_path):
         assert len(outs[2]["token_ids"]) == 16
     finally:
         llm.close()
+
+
+def test_a_row_without_pages_for_its_tokens_is_refused():
+    """A scheduler bug (a sequence scheduled with fewer pages than its tokens need: session 9's lpm
+    restore path, on the H200 an IndexError deep in the step builder) is a clear error naming the row."""
+    seqs = []
+    for n in (20, 40):
+        seq = Sequence(list(range(n)), SamplingParams(), 16)
+        seq.block_table = list(range(len(seqs) * 4, len(seqs) * 4 + seq.num_blocks))
+        seq.chunk_len = n
+        seqs.append(seq)
+    builder().build(seqs, is_prefill=True)   # both rows have their pages
+    seqs[1].block_table.pop()
+    with pytest.raises(RuntimeError, match=r"step row 1 \(sequence \d+\) has 2 pages, its 40 tokens need 3"):
+        builder().build(seqs, is_prefill=True)

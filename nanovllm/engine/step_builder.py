@@ -53,6 +53,10 @@ class StepBuilder:
         else:           # decode: every page of every sequence
             tables = [s.page_array() for s in seqs]
         kv_indices = np.concatenate(tables) if tables else np.zeros(0, np.int32)
+        if len(kv_indices) != kv_indptr[-1]:   # a scheduler bug, caught here rather than as garbage K/V
+            short = next(i for i, (t, k) in enumerate(zip(tables, num_pages.tolist())) if len(t) != k)
+            raise RuntimeError(f"step row {short} (sequence {seqs[short].seq_id}) has {len(tables[short])} pages, "
+                               f"its {int(kv_lens[short])} tokens need {int(num_pages[short])}")
         prev_rows = None
         if is_prefill:
             input_ids = np.fromiter((t for s in seqs for t in
