@@ -103,6 +103,13 @@ def build(model: str, served_model_names: list[str] | None = None, api_key: str 
     return engine, app
 
 
+# Idle keep-alive connections are closed after this many seconds. uvicorn's default, 5 s, equals httpx's
+# client-side expiry (the openai client's too): a client may send on a pooled connection at the moment
+# the server closes it, and gets a ReadError (seen once in CI, tests/test_fuzz_server.py, a 2-core
+# machine under load). The server outlasting its clients' pools closes that race.
+KEEP_ALIVE_S = 30
+
+
 class ServerThread:
     """A server in a background thread on a port picked by the OS: for tests and notebooks.
 
@@ -117,7 +124,8 @@ class ServerThread:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
         self.host, self.port = self.sock.getsockname()[:2]
-        config = uvicorn.Config(self.app, log_level=log_level, timeout_graceful_shutdown=5, http=http1_protocol())
+        config = uvicorn.Config(self.app, log_level=log_level, timeout_graceful_shutdown=5, http=http1_protocol(),
+                                timeout_keep_alive=KEEP_ALIVE_S)
         self.server = graceful_server(config, self.engine)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="nanovllm-http", daemon=True)
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None):
         print(f"nanovllm serve: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=5, http=http1_protocol())
+                            timeout_graceful_shutdown=5, http=http1_protocol(), timeout_keep_alive=KEEP_ALIVE_S)
     try:
         graceful_server(config, engine).run()
     except KeyboardInterrupt:  # uvicorn re-raises the signal it stopped on; Ctrl-C is a clean exit (as uvicorn.run)
