@@ -109,13 +109,10 @@ def test_small_prefill_steps_stay_out_of_the_line():
     assert costs.prefill_line() == pytest.approx((0.0, 5.1e-6)) and costs.n == 250
     costs.observe_copies(37e-6 * 1000, 1000, restore_seconds=37e-6 * 1000, restore_pages=1000)
     assert costs.restore_pays()   # 37 us a page against 81.6
-    everything = CopyCosts(16)   # the same steps all in the line: restores refused
-    for tokens, seconds in [(16384, 16384 * 5.1e-6)] * 250 + [(t, 0.08) for t in (64, 128, 256) * 20]:
-        everything.n += 1
-        everything.st += tokens
-        everything.ss += seconds
-        everything.stt += tokens * tokens
-        everything.sts += tokens * seconds
+    everything = CopyCosts(16, min_line_tokens=1)   # the same steps all in the line: restores refused
+    prefill_steps(everything, 0.0, 5.1e-6, [16384] * 250)
+    for tokens in (64, 128, 256) * 20:
+        everything.observe_forward(0.08, tokens)
     everything.observe_copies(37e-6 * 1000, 1000, restore_seconds=37e-6 * 1000, restore_pages=1000)
     assert everything.prefill_s_per_page < 5e-6 and not everything.restore_pays()
     assert MIN_LINE_TOKENS > 256

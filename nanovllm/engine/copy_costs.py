@@ -13,15 +13,16 @@ The rules:
 - **Restore or recompute.** A host hit is restored while restoring a page (its restore time alone)
   is faster than prefilling its `block_size` tokens at the marginal prefill cost: the slope of a
   least-squares line through (prefill tokens, forward seconds) of the prefill steps of at least
-  MIN_LINE_TOKENS tokens (or a quarter of the step token budget, if smaller), so the fixed cost of a small step does not count as a per-token cost. Small
-  steps are left out of the line altogether: on W6 at 1.7B (H200, session 9), with restoring groups
-  prefilled in their own steps of 64-256 tokens, the line through all steps fell to 0.1 us a token
-  (1.6 us a page) in round 2 (round 1's steps all had 16,384 tokens: the small ones alone set the
-  slope), turned restores off and recomputed 1.4 M more prompt tokens. This is the serial break-even: a restore
+  MIN_LINE_TOKENS tokens (or a quarter of the step token budget, if smaller), so the fixed cost of a
+  small step does not count as a per-token cost. Small steps are left out of the line altogether:
+  on W6 at 1.7B (H200, session 9), with restoring groups prefilled in their own steps of 64-256
+  tokens, the line through all steps fell to 0.1 us a token (1.6 us a page) in round 2 (round 1's
+  steps all had 16,384 tokens: the small ones alone set the slope), turned restores off and
+  recomputed 1.4 M more prompt tokens. This is the serial break-even: a restore
   that overlaps the forward costs less still, so where it says restore, restoring is right; near the
   tie it may recompute when an overlapped restore would have paid. Until MIN_RESTORE_PAGES pages of
   restores have been timed, restores go ahead: on W6 at 1.7B (H200, session 9) the first restores,
-  timed beside the write-backs of the other copy stream, turned restores off for part of round 2
+  timed beside other copies (two copy streams then), turned restores off for part of round 2
   (2 flips; 1.4 M more prompt tokens recomputed, 16.4 s against 12.0 for that round), and a rule
   that says "recompute" times no more restores to correct itself until the prefill line moves.
 - **Budget.** A step may carry as many pages of background copies as its expected forward lasts

@@ -38,12 +38,13 @@ and out streams are one stream (then in order: swap_out, write_ahead, swap_in): 
 on two streams moved 50.4 GB/s in all, what one direction moves alone (50.0-51.0): the link gives no
 second direction for free; and on W6 (1.7B, fcfs) two streams made each restore look twice as slow
 (timed beside the write-backs), so engine/copy_costs.py turned restores off for part of a round
-(4,738 tok/s against 5,149 with one stream and the old waits). Restores are read
-at the earliest by the next step, and the block manager prefers to hold a restoring request until
-its batch is reported complete while other steps run, so the copies overlap the forwards of other
-requests (before session 9 every forward waited for all of the previous step's copies: on W6 at
-1.7B with fcfs, 6.5 s of forward stalls in a 50.9 s run). Only a step whose own rows read its
-restores (a restoring request run at once because nothing else could run) says so
+(4,738 tok/s against 5,149 with one stream and the old waits). By default (the block manager's
+`sync_copies`) a step's waits cover every earlier batch and restores are read at the earliest by
+the next step, so a restore overlaps the forward of the step that carries it. With the opt-in copy
+feedback (NANOVLLM_HOST_COPY_FEEDBACK=1) the waits cover only the pages the step uses and a
+restoring request is held until its batch is reported complete, so the copies may overlap other
+requests' forwards; on W6 at 1.7B that was no faster (claude_docs/memory.md). Only a step whose
+own rows read its restores (a restoring request run at once because nothing else could run) says so
 (`wait_for_restores`), and it carries no other restores. A `StepTimer` of CUDA events
 times the forward's wait for copies, the forward, the copies and the restores alone (read by the
 runner at a later collect once `ready()`: it never waits for them; engine/copy_costs.py decides from
@@ -131,7 +132,7 @@ class StepTimer:
         self.cuda = cuda
         self.prefill_tokens = prefill_tokens
         self.copy_pages = self.restore_pages = 0
-        self.has_copies = self.has_out = self.has_in = False
+        self.has_out = self.has_in = False   # write-backs / restores queued (their events are recorded)
         if cuda:
             event = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
             self.wait_start, self.forward_start, self.forward_end = event(), event(), event()
@@ -334,7 +335,6 @@ class HostTier:
         the out stream first waits for the restores up to batch `out_after_in`, the in stream for the
         write-backs up to batch `in_after_out` (`batch` itself: this batch's swap_out)."""
         timer = timer or StepTimer(self.cuda, 0)
-        timer.has_copies = True
         timer.copy_pages = sum(len(pairs) for pairs in (swap_out, swap_in, write_ahead) if pairs is not None)
         timer.restore_pages = 0 if swap_in is None else len(swap_in)
         if not self.cuda:

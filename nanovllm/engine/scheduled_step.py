@@ -44,8 +44,8 @@ Data contract (all host numpy arrays; `rows` = sequences in the step, `tokens` =
                                                their eviction, after swap_in; this step's forward
                                                does not wait for them
   copy_batch         int                       this step's copies are copy batch `copy_batch` (its
-                                               scheduling clock): write-backs in order on one stream,
-                                               restores in order on another
+                                               scheduling clock): write-backs in order, then
+                                               restores (on a second stream if asked: host_tier.py)
   copy_waits         (int, int, int, int)      (wait_in, wait_out, out_after_in, in_after_out), -1:
                                                none: its forward waits for the restores of the
                                                batches up to wait_in and the write-backs up to
