@@ -12,9 +12,10 @@
 2. Decode: qwen3-8b bf16 vs AWQ (group 128) with load_format="dummy" (random codes and scales,
    utils/loader.fill_dummy_weights), one process per variant; batch B = 1, 16, 64, 256 prompts of
    32 tokens, max_tokens tokens each; decode tok/s = decoded tokens / the engine's decode seconds.
-   NANOVLLM_AWQ_KERNEL=gemlite runs the AWQ variant on gemlite up to 16 rows, our kernels above
-   (--awq-kernels triton gemlite: both; triton-tile: the tiled kernel at every batch, the pre-skinny
-   baseline). For a quick batch <= 16 answer: --skip-gemm --batches 1 16 --awq-kernels triton gemlite.
+   --awq-kernels picks NANOVLLM_AWQ_KERNEL for the AWQ runs (default auto: the k-packed kernel of
+   layers/awq_kpack.py; triton: the AWQ-layout kernels; triton-tile: the tiled kernel at every batch, the
+   pre-skinny baseline; gemlite: gemlite for one row). For a quick batch <= 16 answer:
+   --skip-gemm --batches 1 16 --awq-kernels auto triton.
 """
 import argparse
 import json
@@ -113,7 +114,7 @@ def decode_one(variant: str, group: int, max_tokens: int, preset: str, batches: 
         outs = llm.generate(prompts, sp, use_tqdm=False)
         seconds = llm.stats["decode_seconds"] - before["decode_seconds"]
         decoded = sum(len(o["token_ids"]) - 1 for o in outs)  # the first token comes from the prefill
-        results.append(dict(variant=variant, kernel=os.environ.get("NANOVLLM_AWQ_KERNEL", "triton") if variant == "awq"
+        results.append(dict(variant=variant, kernel=os.environ.get("NANOVLLM_AWQ_KERNEL", "auto") if variant == "awq"
                             else "cublas", batch=batch, decode_tok_s=round(decoded / seconds, 1),
                             decode_steps=llm.stats["decode_steps"] - before["decode_steps"]))
     peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan")
@@ -151,8 +152,8 @@ def main():
     p.add_argument("--max-tokens", type=int, default=129)
     p.add_argument("--skip-gemm", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
-    p.add_argument("--awq-kernels", nargs="+", default=["triton"],
-                   choices=["triton", "triton-tile", "gemlite", "dequant"])
+    p.add_argument("--awq-kernels", nargs="+", default=["auto"],
+                   choices=["auto", "kpack", "triton", "triton-tile", "gemlite", "dequant"])
     p.add_argument("--preset", default="qwen3-8b", help="make_model preset of the decode runs")
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     p.add_argument("--decode-one", choices=["bf16", "awq"], help=argparse.SUPPRESS)

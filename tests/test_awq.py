@@ -798,13 +798,18 @@ def test_gemlite_cuda_graph_replay():
 
 
 @pytest.mark.gpu
-def test_awq_engine_gpu_gemlite(tmp_path, monkeypatch):
-    """With gemlite installed, the default NANOVLLM_AWQ_KERNEL=auto picks it (bf16, CUDA graphs): every AWQ
-    layer got its gemlite copy at load, the one-row decode graph was captured through it, and the logits
+@pytest.mark.parametrize("kernel", ["auto", "gemlite"])
+def test_awq_engine_gpu_kernels(tmp_path, monkeypatch, kernel):
+    """bf16, CUDA graphs, on shapes every kernel takes: the default (auto) k-packs every AWQ layer at load
+    (layers/awq_kpack.py; the AWQ words are dropped); NANOVLLM_AWQ_KERNEL=gemlite (when installed) gives
+    every layer its gemlite copy and captures the one-row decode graph through it. Either way the logits
     follow the dequantized dense model's within bf16."""
-    _need_gemlite()
+    if kernel == "gemlite":
+        _need_gemlite()
+    elif not torch.cuda.is_available():
+        pytest.skip("no CUDA")
     from nanovllm import LLM
-    monkeypatch.delenv("NANOVLLM_AWQ_KERNEL", raising=False)
+    monkeypatch.setenv("NANOVLLM_AWQ_KERNEL", kernel)
     shape = dict(seed=0, hidden_size=256, num_attention_heads=8, head_dim=128, intermediate_size=512)  # FlashInfer's head_dim
     awq = make_model("qwen3-tiny", str(tmp_path / "awq"), awq_group_size=32, **shape)
     dense = dequantized_copy(make_model("qwen3-tiny", str(tmp_path / "src"), **shape), str(tmp_path / "deq"), 32, ())
@@ -815,9 +820,14 @@ def test_awq_engine_gpu_gemlite(tmp_path, monkeypatch):
         llm = LLM(path, dtype="bfloat16", max_model_len=256, max_num_seqs=16, num_kvcache_blocks=512)
         if path == awq:
             layers = [m for m in llm.model_runner.model.modules() if isinstance(m, AWQLinear)]
-            assert layers and all(m.kernel == "gemlite" and m._gemlite is not None for m in layers)
+            if kernel == "gemlite":
+                assert layers and all(m.kernel == "gemlite" and m._gemlite is not None for m in layers)
+            else:
+                assert layers and all(m.kernel == "kpack" and m._kpack is not None and m.qweight is None
+                                      for m in layers)
+                assert llm.model_runner.graphs is not None
         results.append(engine_logits(llm, token_lists, num_decode_steps=5))
-        if path == awq:
+        if path == awq and kernel == "gemlite":
             assert all(m._gemlite.eager_rows == {1} for m in layers)   # one-row steps only (awq_gemlite.MAX_M)
         llm.close()
         del llm
@@ -828,23 +838,3 @@ def test_awq_engine_gpu_gemlite(tmp_path, monkeypatch):
         assert (rows[:1] - rows_d[:1]).abs().max().item() <= 3e-2 * scale   # the prefill's row, same input
         if seq.token_ids == seq_d.token_ids:
             assert (rows[:n] - rows_d[:n]).abs().max().item() <= 3e-2 * scale
-
-
-def test_gemlite_availability_for_auto(tmp_path, monkeypatch):
-    """NANOVLLM_AWQ_KERNEL=auto asks awq_gemlite.available(): not installed -> False without a warning;
-    installed but failing on import (its import touches CUDA) -> False with a warning naming the error."""
-    import warnings
-
-    from nanovllm.layers import awq_gemlite
-    monkeypatch.setattr(awq_gemlite, "_gemlite", None)
-    if importlib.util.find_spec("gemlite") is None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert awq_gemlite.available() is False
-    (tmp_path / "gemlite").mkdir()
-    (tmp_path / "gemlite" / "__init__.py").write_text("raise RuntimeError('no CUDA device')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "gemlite", raising=False)
-    with pytest.warns(RuntimeWarning, match="RuntimeError: no CUDA device"):
-        assert awq_gemlite.available() is False
-    monkeypatch.delitem(sys.modules, "gemlite", raising=False)

@@ -13,9 +13,11 @@ along the output dimension, which is /8 in qweight/qzeros; under tensor parallel
 rank takes its output columns (whole words: multiples of 8), a row-parallel rank its input rows
 (whole groups), checked when the engine is created (awq_format.check_parallel).
 
-forward: on CUDA a W4A16 GEMM (layers/awq_gemm.awq_matmul; layers/awq_skinny.py for decode; gemlite,
-layers/awq_gemlite.py, for one-row decode when installed (NANOVLLM_AWQ_KERNEL=auto or gemlite), its copy of the weights made by
-`prepare_kernels` at load, before the KV cache takes the free memory); on CPU
+forward: on CUDA a W4A16 GEMM: by default (NANOVLLM_AWQ_KERNEL=auto or kpack) layers/awq_kpack.py on
+the weights repacked along K by `prepare_kernels` at load (the AWQ words and zeros are then dropped: the
+same int4 bytes, before the KV cache takes the free memory); the AWQ-layout kernels
+(layers/awq_gemm.awq_matmul, layers/awq_skinny.py) for layers whose K or group size cannot be k-packed or
+when chosen; gemlite (layers/awq_gemlite.py) when chosen, with its own copy of the weights; on CPU
 the weight is dequantized on each call and F.linear runs in the model dtype. Per call, not once at
 load: CPU is the reference path, and this keeps one copy of the weights (the checkpoint's, 4 bits
 each) with nothing derived to keep in sync; at the tiny test shapes the unpack costs less than the
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed.parallel_state import all_reduce, tp_rank
-from nanovllm.layers import awq_gemlite, awq_gemm
+from nanovllm.layers import awq_gemlite, awq_gemm, awq_kpack
 from nanovllm.layers.awq_format import PACK, AWQConfig, dequantize
 from nanovllm.layers.linear import Linear, PackedLinear
 from nanovllm.layers.moe import EXPERT_PROJECTIONS, Experts
@@ -64,6 +66,7 @@ class AWQLinear(nn.Module):
                 param.awq_role = pname
         self.kernel = awq_gemm.kernel_choice()
         self._gemlite = None
+        self._kpack = None   # (words, zeros, slice, SMs) once prepare_kpack has run
 
     @classmethod
     def replacing(cls, linear: Linear, group_size: int, name: str) -> "AWQLinear":
@@ -102,7 +105,12 @@ class AWQLinear(nn.Module):
         """x [..., in] @ W^T without bias, all-reduce or anything else."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if not x.is_cuda or self.kernel == "dequant":
+        if self._kpack is not None:
+            words, zeros, slice, sms = self._kpack
+            M, K = x2.shape
+            config = awq_kpack.config_for(M, self.out_features, K, slice, sms)
+            y = awq_kpack.kpack_gemm(x2, words, zeros, self.scales, self.group_size, config, slice=slice)
+        elif not x.is_cuda or self.kernel == "dequant":
             w = dequantize(self.qweight, self.qzeros, self.scales, self.group_size).to(x.dtype)
             y = x2 @ w
         elif self.kernel == "gemlite" and x2.shape[0] <= awq_gemlite.MAX_M:
@@ -114,6 +122,13 @@ class AWQLinear(nn.Module):
         else:
             y = awq_gemm.awq_matmul(x2, self.qweight, self.qzeros, self.scales, self.group_size)
         return y.view(*shape[:-1], self.out_features)
+
+    def prepare_kpack(self) -> None:
+        """Repack the AWQ words along K (layers/awq_kpack.py) and drop the checkpoint's words and zeros."""
+        slice = awq_kpack.layer_slice(self.in_features, self.group_size)
+        words, zeros = awq_kpack.kpack(self.qweight, self.qzeros, self.scales, self.group_size, slice)
+        self._kpack = (words, zeros, slice, awq_gemm._num_sms(words.device))
+        self.qweight = self.qzeros = None   # the repacked copy replaces them (this path only)
 
     def prepare_gemlite(self, dtype: torch.dtype) -> None:
         """Repack the weights for gemlite (layers/awq_gemlite.py) for `dtype` activations."""
@@ -159,15 +174,22 @@ def quantize_linears(model: nn.Module, quant: AWQConfig) -> None:
 
 
 def prepare_kernels(model: nn.Module, dtype: torch.dtype) -> None:
-    """After loading, on CUDA: build what the chosen kernel keeps besides the AWQ tensors (gemlite's copy
-    of the weights), so that it is allocated before the KV cache is sized."""
-    auto = None   # what "auto" resolves to: asked of gemlite once, at the first layer that needs it
+    """After loading, on CUDA: build what the chosen kernel reads besides the AWQ tensors (the k-packed
+    words, which replace them; gemlite's copy of the weights), so that it is allocated before the KV cache
+    is sized. `auto` resolves per layer: kpack where the layer's K and group size allow, else triton."""
     for module in model.modules():
-        if not (isinstance(module, AWQLinear) and module.qweight.is_cuda):
+        if not (isinstance(module, AWQLinear) and module.qweight is not None and module.qweight.is_cuda):
             continue
-        if module.kernel == "auto":
-            # gemlite runs float16/bfloat16 activations only; float32 (the tests' exact runs) stays on Triton
-            auto = auto or ("gemlite" if dtype in awq_gemlite.DTYPES and awq_gemlite.available() else "triton")
-            module.kernel = auto
-        if module.kernel == "gemlite":
+        if module.kernel in ("auto", "kpack"):
+            if awq_kpack.layer_slice(module.in_features, module.group_size) is not None:
+                module.kernel = "kpack"
+            elif module.kernel == "kpack":
+                raise ValueError(f"NANOVLLM_AWQ_KERNEL=kpack: a layer with {module.in_features} input rows in "
+                                 f"groups of {module.group_size} cannot be k-packed (layers/awq_kpack.check_packing); "
+                                 f"use auto")
+            else:
+                module.kernel = "triton"
+        if module.kernel == "kpack":
+            module.prepare_kpack()
+        elif module.kernel == "gemlite":
             module.prepare_gemlite(dtype)

@@ -33,11 +33,10 @@ weights, scripts/bench_awq.py --skip-gemm --batches 1 16): batch 1 bf16 196.6 to
 Prefill brings a new M on almost every step, and each would be autotuned besides.
 
 The cost: gemlite keeps its own copy of the int4 weights (the AWQ tensors stay for M > 1), so an AWQ
-model's weights take twice their size on the GPU while gemlite is in use (awq_gemm.kernel_choice:
-"auto" uses it when the package is installed, "triton" never)."""
-import importlib.util
+model's weights take twice their size on the GPU while gemlite is in use. Since session 10 the default
+kernel (layers/awq_kpack.py) is as fast at one row (1.38-1.59x bf16) and faster at 2..16, without a
+second copy: gemlite runs only when NANOVLLM_AWQ_KERNEL=gemlite asks for it."""
 import os
-import warnings
 
 import torch
 
@@ -63,21 +62,6 @@ def gemlite_operands(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.
 
 
 _gemlite = None
-
-
-def available() -> bool:
-    """Whether gemlite imports here (it needs CUDA and triton >= 3.6); NANOVLLM_AWQ_KERNEL=auto asks. Not
-    installed: False, quietly; installed but failing to import (its import touches CUDA and triton):
-    False with a warning, and auto runs our kernels."""
-    if importlib.util.find_spec("gemlite") is None:
-        return False
-    try:
-        _import_gemlite()
-    except Exception as e:  # noqa: BLE001 - a third-party import: any failure means "not available"
-        warnings.warn(f"gemlite is installed but does not import ({type(e).__name__}: {e}); AWQ runs our Triton "
-                      "kernels", RuntimeWarning)
-        return False
-    return True
 
 
 def _import_gemlite():

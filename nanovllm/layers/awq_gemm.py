@@ -11,11 +11,12 @@
   0.26-0.79x bf16 cuBLAS's speed at Qwen3-8B's shapes (claude_docs/models.md, scripts/bench_awq.py).
 - gemlite (optional, layers/awq_gemlite.py): the same weights repacked for Mobius Labs' Triton kernels.
 
-Which one a layer uses on CUDA: NANOVLLM_AWQ_KERNEL = auto (default: gemlite for one-row decode when the
-gemlite package is installed, 1.26x bf16 at batch 1 on the H200 for twice the int4 weight memory, else
-triton), triton (awq_matmul at every M), triton-tile (the tiled kernel at every M, for comparison),
-gemlite (gemlite up to awq_gemlite.MAX_M rows, awq_matmul above; an ImportError without the package),
-or dequant (dequantize the whole weight each call, then cuBLAS: the slow reference). On CPU a layer always dequantizes and
+Which one a layer uses on CUDA: NANOVLLM_AWQ_KERNEL = auto (default: kpack where the layer's K and group
+allow, else triton), kpack (layers/awq_kpack.py: the weights repacked along K at load, replacing the AWQ
+words; 1.27-1.62x bf16 cuBLAS at 1 and 16 rows on the H200), triton (awq_matmul at every M), triton-tile
+(the tiled kernel at every M, for comparison), gemlite (gemlite up to awq_gemlite.MAX_M rows, awq_matmul
+above; an ImportError without the package), or dequant (dequantize the whole weight each call, then
+cuBLAS: the slow reference). On CPU a layer always dequantizes and
 calls F.linear (layers/awq.py says why)."""
 import os
 
@@ -26,7 +27,7 @@ import triton.language as tl
 from nanovllm.layers import awq_skinny
 from nanovllm.layers.awq_format import PACK
 
-KERNELS = ("auto", "triton", "triton-tile", "gemlite", "dequant")
+KERNELS = ("auto", "kpack", "triton", "triton-tile", "gemlite", "dequant")
 
 
 def kernel_choice() -> str:
