@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from nanovllm.layers.awq_format import dequantize
 from nanovllm.layers.awq_gemm import awq_matmul
 from nanovllm.layers.awq_kpack import (SLICES, KpackConfig, block_m_for, config_for, heuristic_config, kpack, kpack_gemm,
-                                      layer_slice, m_bucket)
+                                      dequant_matmul, layer_slice, m_bucket)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sweep_awq_gemm import FLUSH_BYTES, SHAPES, graph_us  # noqa: E402
@@ -84,6 +84,9 @@ def sweep_shape(name, K, N, group, ms, sms, gen, quick=False):
         chosen = config_for(M, N, K, layer_slice(K, group), sms)   # what an AWQLinear runs
         row["chosen"], row["chosen_us"] = repr(chosen), time_config(chosen)
         row["chosen_x_bf16"] = row["bf16_us"] / row["chosen_us"]
+        sl = layer_slice(K, group)
+        row["dequant_us"] = graph_us(lambda i: lambda: dequant_matmul(x, kps[sl][i][0], kps[sl][i][1], ss[i], group, sl),
+                                     copies)
         if quick:
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -124,11 +127,13 @@ def main():
             json.dump(rows, f, indent=1)
     print(f"\n### AWQLinear's k-packed config (config_for) vs bf16 and awq_matmul, group {args.group_size} "
           f"({torch.cuda.get_device_name(0)}; us)\n")
-    print("| layer (K x N) | M | bf16 | awq_matmul | kpack (config_for) | x bf16 | x awq_matmul | config |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| layer (K x N) | M | bf16 | awq_matmul | kpack (config_for) | x bf16 | x awq_matmul | dequant + cuBLAS | "
+          "config |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['layer']} {r['K']} x {r['N']} | {r['M']} | {r['bf16_us']:.1f} | {r['awq_us']:.1f} | "
-              f"{r['chosen_us']:.1f} | {r['chosen_x_bf16']:.2f} | {r['awq_us'] / r['chosen_us']:.2f} | {r['chosen']} |")
+              f"{r['chosen_us']:.1f} | {r['chosen_x_bf16']:.2f} | {r['awq_us'] / r['chosen_us']:.2f} | "
+              f"{r['dequant_us']:.1f} | {r['chosen']} |")
     rows = [r for r in rows if "best" in r]
     if not rows:
         return

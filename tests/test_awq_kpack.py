@@ -61,6 +61,12 @@ for dtype, tol in dtypes:
             assert err <= tol, (dtype, M, K, N, G, config, err)
         counters = awq_kpack._COUNTERS.get(x.device)
         assert counters is None or not counters.any()       # every call leaves them zero
+        if config is not None:   # the many-rows path: the dequantized weight, then x @ W
+            w = awq_kpack.dequantize_kpacked(words, z, scales, G, config.slice, dtype)
+            assert torch.equal(w, dequantize(qw, qz, scales, G).to(dtype))   # exactly the reference's rounding
+            y = awq_kpack.dequant_matmul(x, words, z, scales, G, config.slice)
+            err = (y.double() - ref).abs().max().item() / ref.abs().max().item()
+            assert err <= tol, ("dequant", dtype, M, K, N, G, err)
 print("ok")
 """
 
@@ -145,7 +151,7 @@ for K, N, G, slice in [(256, 64, 32, 32), (384, 48, 128, 16)]:   # 384 rows: onl
     w = dequantize(layer.qweight, layer.qzeros, layer.scales, G).double()
     layer.prepare_kpack()
     assert layer.qweight is None and layer.qzeros is None and layer._kpack[2] == slice
-    for M in (1, 5, 40):
+    for M in (1, 5, 40, 70):   # 70 >= DEQUANT_MIN_M: dequantized into the scratch buffer, then a matmul
         x = torch.randn(2, M, K, generator=g)
         ref = x.double() @ w
         y = layer(x)

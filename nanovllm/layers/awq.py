@@ -108,8 +108,11 @@ class AWQLinear(nn.Module):
         if self._kpack is not None:
             words, zeros, slice, sms = self._kpack
             M, K = x2.shape
-            config = awq_kpack.config_for(M, self.out_features, K, slice, sms)
-            y = awq_kpack.kpack_gemm(x2, words, zeros, self.scales, self.group_size, config, slice=slice)
+            if M >= awq_kpack.DEQUANT_MIN_M:
+                y = awq_kpack.dequant_matmul(x2, words, zeros, self.scales, self.group_size, slice)
+            else:
+                config = awq_kpack.config_for(M, self.out_features, K, slice, sms)
+                y = awq_kpack.kpack_gemm(x2, words, zeros, self.scales, self.group_size, config, slice=slice)
         elif not x.is_cuda or self.kernel == "dequant":
             w = dequantize(self.qweight, self.qzeros, self.scales, self.group_size).to(x.dtype)
             y = x2 @ w

@@ -284,3 +284,65 @@ def kpack_gemm(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, scales
                         SPLIT=splits > 1, IEEE=x.dtype == torch.float32, MAGIC=magic_bits, BASE=base,
                         num_warps=config.warps, num_stages=config.stages)
     return y
+
+
+# ---- many rows: dequantize into a scratch weight, then cuBLAS ------------------------------------------
+
+# Rows from which AWQLinear dequantizes (below) instead of running kpack_gemm: at M >= 64 the fused kernel's
+# dequantization is repeated per 64-row tile and its tl.dot tiles run far below cuBLAS (H200, Qwen3-8B
+# shapes: 0.4-0.55x bf16 at 64 rows, 0.2x at 256); dequantizing the layer once (a read of its int4 bytes
+# and a write of the bf16 weight, ~70 us for gate_up) and cuBLAS win there (claude_docs/models.md).
+DEQUANT_MIN_M = 64
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, z_ptr, s_ptr, out_ptr, N, GROUP: tl.constexpr, SLICE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out [K, N] = (q - z) * s in out's dtype, one K block (8 slices) x BLOCK_N columns a program."""
+    pid_n, b = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    r = tl.arange(0, SLICE)
+    words = tl.load(w_ptr + (b * SLICE + r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+    for i in tl.static_range(8):
+        k0 = b * 8 * SLICE + i * SLICE
+        g = k0 // GROUP
+        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        q = ((words >> (4 * i)) & 0xF).to(tl.float32)
+        w = (q - z[None, :]) * s[None, :]
+        tl.store(out_ptr + (k0 + r)[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask_n[None, :])
+
+
+_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One weight-sized buffer per device and dtype, shared by every layer (they run one after another on
+    one stream), grown to the largest layer: the first call at each size runs outside CUDA graph capture
+    (the engine's warm-up and capture run every layer eagerly first)."""
+    buf = _SCRATCH.get((device, dtype))
+    if buf is None or buf.numel() < numel:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("awq_kpack: the dequantization buffer must grow outside CUDA graph capture; "
+                               "run the layer eagerly at this size first")
+        buf = _SCRATCH[(device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def dequantize_kpacked(words: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int, slice: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """W [K, N] in `dtype` from k-packed tensors, in the shared scratch buffer (valid until the next call)."""
+    K, N = words.shape[0] * 8, words.shape[1]
+    check_packing(K, group_size, slice)
+    out = _scratch(K * N, dtype, words.device).view(K, N)
+    block_n = 128
+    _dequant_kernel[(triton.cdiv(N, block_n), K // (8 * slice))](words, zeros, scales, out, N, GROUP=group_size,
+                                                                  SLICE=slice, BLOCK_N=block_n)
+    return out
+
+
+def dequant_matmul(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                   slice: int) -> torch.Tensor:
+    """x [M, K] @ W [K, N] by dequantizing W into the scratch buffer, then one cuBLAS GEMM."""
+    return x @ dequantize_kpacked(words, zeros, scales, group_size, slice, x.dtype)
+
