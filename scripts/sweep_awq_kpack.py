@@ -32,8 +32,10 @@ DEVICE, DTYPE = "cuda", torch.bfloat16
 
 
 def round1(M: int, N: int, K: int, sms: int):
-    bm_choices = [block_m_for(M)] + ([64] if M > 64 else [])
+    bm_choices = [bm for bm in (16, 32, 64) if bm <= block_m_for(M)]   # several row tiles may beat one
     for bm, bn, swap, sl in itertools.product(bm_choices, (64, 128, 256), (False, True), SLICES):
+        if M > 16 and sl != 32:   # the layers are packed with slice 32 (awq_kpack.layer_slice)
+            continue
         tiles = math.ceil(M / bm) * math.ceil(N / bn)
         blocks = K // (8 * sl)
         for splits in (1, 2, 4, 8, 16, 32):
