@@ -151,7 +151,7 @@ for K, N, G, slice in [(256, 64, 32, 32), (384, 48, 128, 16)]:   # 384 rows: onl
     w = dequantize(layer.qweight, layer.qzeros, layer.scales, G).double()
     layer.prepare_kpack()
     assert layer.qweight is None and layer.qzeros is None and layer._kpack[2] == slice
-    for M in (1, 5, 40, 70):   # 70 >= DEQUANT_MIN_M: dequantized into the scratch buffer, then a matmul
+    for M in (1, 5, 40, 70):   # 70 >= DEQUANT_MIN_M (65): dequantized into the scratch buffer, then a matmul
         x = torch.randn(2, M, K, generator=g)
         ref = x.double() @ w
         y = layer(x)

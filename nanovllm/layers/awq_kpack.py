@@ -213,8 +213,8 @@ def heuristic_config(M: int, N: int, K: int, num_sms: int, slice: int = 16) -> K
 
 
 # (M bucket, N, K) -> config: the best of scripts/sweep_awq_kpack.py's candidates on one H200 (group 128,
-# bf16, L2-cold CUDA graphs, M = 1 and 16; session 10, claude_docs/models.md "k-packed kernel"). Buckets
-# 2..8 take the 16-row config (the same 16-row tile); other shapes and M use heuristic_config.
+# bf16, L2-cold CUDA graphs, M = 1, 16, 32, 64; session 10, claude_docs/models.md "k-packed kernel").
+# Buckets 2..8 take the 16-row config (the same 16-row tile); other shapes use heuristic_config.
 TABLE: dict[tuple[int, int, int], KpackConfig] = {
     (1, 24576, 4096): KpackConfig(block_n=64, splits=1, slice=32, block_m=16, warps=4, stages=3, swap=True, magic=True, subz=True),
     (16, 24576, 4096): KpackConfig(block_n=64, splits=1, slice=32, block_m=16, warps=4, stages=4, swap=True, magic=True, subz=True),
@@ -224,6 +224,14 @@ TABLE: dict[tuple[int, int, int], KpackConfig] = {
     (16, 4096, 12288): KpackConfig(block_n=64, splits=4, slice=32, block_m=16, warps=4, stages=3, swap=False, magic=True, subz=True),
     (1, 4096, 4096): KpackConfig(block_n=64, splits=4, slice=32, block_m=16, warps=4, stages=3, swap=False, magic=True, subz=True),
     (16, 4096, 4096): KpackConfig(block_n=64, splits=4, slice=32, block_m=16, warps=4, stages=3, swap=False, magic=True, subz=True),
+    (32, 24576, 4096): KpackConfig(block_n=64, splits=1, slice=32, block_m=32, warps=4, stages=3, swap=True, magic=True, subz=True),
+    (64, 24576, 4096): KpackConfig(block_n=64, splits=1, slice=32, block_m=64, warps=4, stages=2, swap=True, magic=True, subz=True),
+    (32, 6144, 4096): KpackConfig(block_n=64, splits=4, slice=32, block_m=32, warps=4, stages=3, swap=True, magic=True, subz=True),
+    (64, 6144, 4096): KpackConfig(block_n=64, splits=2, slice=32, block_m=64, warps=4, stages=3, swap=True, magic=True, subz=True),
+    (32, 4096, 12288): KpackConfig(block_n=64, splits=4, slice=32, block_m=32, warps=4, stages=3, swap=True, magic=True, subz=True),
+    (64, 4096, 12288): KpackConfig(block_n=64, splits=4, slice=32, block_m=64, warps=4, stages=3, swap=True, magic=True, subz=True),
+    (32, 4096, 4096): KpackConfig(block_n=64, splits=4, slice=32, block_m=32, warps=4, stages=3, swap=True, magic=True, subz=True),
+    (64, 4096, 4096): KpackConfig(block_n=64, splits=4, slice=32, block_m=64, warps=4, stages=3, swap=True, magic=True, subz=True),
 }
 
 
@@ -243,7 +251,7 @@ def config_for(M: int, N: int, K: int, slice: int, num_sms: int) -> KpackConfig:
     """TABLE's config for this shape and M (bucket 16 for 2..8 rows) when it has the layer's slice, else
     heuristic_config."""
     bucket = m_bucket(M)
-    config = TABLE.get((bucket if bucket == 1 or bucket > 16 else 16, N, K))
+    config = TABLE.get((16 if 1 < bucket < 16 else bucket, N, K))
     if config is not None and config.slice == slice:
         return config
     return heuristic_config(M, N, K, num_sms, slice)
@@ -288,11 +296,12 @@ def kpack_gemm(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, scales
 
 # ---- many rows: dequantize into a scratch weight, then cuBLAS ------------------------------------------
 
-# Rows from which AWQLinear dequantizes (below) instead of running kpack_gemm: at M >= 64 the fused kernel's
-# dequantization is repeated per 64-row tile and its tl.dot tiles run far below cuBLAS (H200, Qwen3-8B
-# shapes: 0.4-0.55x bf16 at 64 rows, 0.2x at 256); dequantizing the layer once (a read of its int4 bytes
-# and a write of the bf16 weight, ~70 us for gate_up) and cuBLAS win there (claude_docs/models.md).
-DEQUANT_MIN_M = 64
+# Rows from which AWQLinear dequantizes (below) instead of running kpack_gemm. H200, Qwen3-8B shapes, one
+# layer of each: at 64 rows TABLE's configs take 113 us (0.98x bf16), dequantize + cuBLAS 248; at 128 the
+# heuristic 384, dequantize + cuBLAS 259; at 256: 713 against 285 (bf16 153): the fused kernel repeats the
+# dequantization for every 64-row tile, while the layer dequantized once (a read of its int4 bytes and a
+# write of the bf16 weight, ~70 us for gate_up) leaves cuBLAS the rest (claude_docs/models.md).
+DEQUANT_MIN_M = 65
 
 
 @triton.jit
