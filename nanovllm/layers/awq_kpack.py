@@ -28,8 +28,17 @@ counter; the last to arrive sums the partials in split order (deterministic), wr
 counter (as layers/awq_skinny.py; one launch, capturable in CUDA graphs; the first call on a device
 allocates the counters and must run outside capture).
 
-Measured: see claude_docs/models.md ("k-packed kernel"). CPU: tested under TRITON_INTERPRET=1 against
-the float64 matmul of the dequantized weights (tests/test_awq_kpack.py)."""
+From DEQUANT_MIN_M rows a layer instead dequantizes its weight into one shared scratch buffer and calls
+cuBLAS (`dequant_matmul`): the fused kernel repeats the dequantization for every row tile.
+
+Measured on one H200 (session 10, scripts/sweep_awq_kpack.py, Qwen3-8B shapes, group 128, bf16,
+L2-cold CUDA graphs; claude_docs/models.md "The k-packed kernel"): TABLE's configs run 1.31-1.57x bf16
+cuBLAS at one row, 1.23-1.57x at 16, 1.15-1.36x at 32, 0.79-1.06x at 64 (the AWQ-layout kernels:
+0.67-0.95x); they read the int4 bytes at 1.1-1.7 TB/s. Slice 32 with the zeros subtracted in x's dtype
+won the search (slice 16 with z * sum(x) per group: 0.91-1.05x). Decode of qwen3-8b (dummy weights):
+1.34x bf16 at batch 1, 1.31x at 16, 1.21x at 32, 0.98x at 64, 0.70x at 256 (dequantize + cuBLAS).
+CPU: tested under TRITON_INTERPRET=1 against the float64 matmul of the dequantized weights
+(tests/test_awq_kpack.py)."""
 from dataclasses import dataclass
 
 import torch
