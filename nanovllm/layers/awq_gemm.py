@@ -1,7 +1,8 @@
 """W4A16 GEMMs on AWQ-packed weights (layers/awq_format.py): y = x @ dequant(qweight, qzeros, scales).
 
-- `awq_matmul`: what a layer calls on CUDA: the skinny kernel (layers/awq_skinny.py, bandwidth-bound
-  split-K for decode) up to awq_skinny.MAX_M rows, the tiled `awq_gemm` above that.
+- `awq_matmul`: what a layer calls on CUDA with NANOVLLM_AWQ_KERNEL=triton (or a layer the k-packed default,
+  layers/awq_kpack.py, cannot take): the skinny kernel (layers/awq_skinny.py, bandwidth-bound split-K for
+  decode) up to awq_skinny.MAX_M rows, the tiled `awq_gemm` above that.
 - `awq_gemm`: our tiled Triton kernel. Each program owns a [BLOCK_M, BLOCK_N] tile of y; per K step it loads
   the [BLOCK_K, BLOCK_N / 8] AWQ words of the tile once and expands each into its 8 codes (column 8c + j
   is word c shifted by 4 * SLOT_OF_COLUMN[j]), the group's zero points and scales (one group per K step: BLOCK_K divides the
