@@ -494,7 +494,7 @@ SKINNY_CASES = """[  # M, K, N, group, config (None: TABLE / heuristic)
 
 SKINNY_SCRIPT = r"""
 import torch
-from nanovllm.layers import awq_skinny
+from nanovllm.layers import awq_skinny, split_k
 from nanovllm.layers.awq_format import dequantize, pack
 from nanovllm.layers.awq_gemm import awq_matmul
 from nanovllm.layers.awq_skinny import SkinnyConfig as C, skinny_gemm
@@ -516,7 +516,7 @@ for dtype, tol in dtypes:
             assert y.dtype == dtype and y.shape == (M, N)
             err = (y.double() - ref).abs().max().item() / ref.abs().max().item()
             assert err <= tol, (dtype, M, K, N, G, config, err)
-        counters = awq_skinny._COUNTERS.get(x.device)     # allocated by the first split call
+        counters = split_k._COUNTERS.get(x.device)     # allocated by the first split call
         assert counters is None or not counters.any()       # every call leaves them zero
         if config is None:   # the layer's entry point takes this kernel up to MAX_M rows
             assert torch.equal(awq_matmul(x, qw, qz, scales, G), y)

@@ -28,7 +28,7 @@ def test_kpack_layout_by_hand():
 
 KPACK_SCRIPT = r"""
 import torch
-from nanovllm.layers import awq_kpack
+from nanovllm.layers import awq_kpack, split_k
 from nanovllm.layers.awq_format import dequantize, pack
 from nanovllm.layers.awq_kpack import KpackConfig as C, kpack, kpack_gemm
 device = "{device}"
@@ -59,7 +59,7 @@ for dtype, tol in dtypes:
             assert y.dtype == dtype and y.shape == (M, N)
             err = (y.double() - ref).abs().max().item() / ref.abs().max().item()
             assert err <= tol, (dtype, M, K, N, G, config, err)
-        counters = awq_kpack._COUNTERS.get(x.device)
+        counters = split_k._COUNTERS.get(x.device)
         assert counters is None or not counters.any()       # every call leaves them zero
         if config is not None:   # the many-rows path: the dequantized weight, then x @ W
             w = awq_kpack.dequantize_kpacked(words, z, scales, G, config.slice, dtype)
@@ -165,3 +165,32 @@ def test_awq_layer_kpack_path_interpreted():
     """AWQLinear after prepare_kpack (what prepare_kernels does on CUDA): the AWQ words are dropped and
     forward runs the k-packed kernel with config_for's choice, equal to the dequantized matmul."""
     run_interpreted(LAYER_SCRIPT)
+
+
+HOPPER_SHARED_BYTES = 227 * 1024   # an H100/H200 program's shared memory limit
+
+
+def test_kpack_table_configs_compile_for_hopper():
+    """Every distinct TABLE config, as AWQLinear launches it (bf16, group 128, its M bucket), compiles for
+    sm_90 on the CPU (Triton's ptxas) within an SM's shared memory, with tensor-core dots and, split, the
+    counter atomics: a config that cannot launch shows here, not on the GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from nanovllm.layers.awq_kpack import MAGIC_BITS, TABLE, _kpack_kernel
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i32", "z_ptr": "*fp16", "s_ptr": "*fp16", "y_ptr": "*bf16",
+           "part_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+           "stride_ym": "i32", "blocks_per_split": "i32", "splits": "i32"}
+    magic, base = MAGIC_BITS[torch.bfloat16]
+    for config in set(TABLE.values()):
+        consts = dict(GROUP=128, SLICE=config.slice, BLOCK_M=config.block_m, BLOCK_N=config.block_n, SWAP=config.swap,
+                      GROUP_SLICES=128 // config.slice, SUBZ=config.subz, SPLIT=config.splits > 1, IEEE=False,
+                      MAGIC=magic if config.magic else 0, BASE=base if config.magic else 0.0)
+        kernel = triton.compile(ASTSource(_kpack_kernel, {**sig, **{k: "constexpr" for k in consts}}, consts),
+                                target=GPUTarget("cuda", 90, 32),
+                                options=dict(num_warps=config.warps, num_stages=config.stages))
+        assert kernel.metadata.shared <= HOPPER_SHARED_BYTES, (config, kernel.metadata.shared)
+        ptx = kernel.asm["ptx"]
+        assert "mma" in ptx, config
+        assert ("atom" in ptx) == (config.splits > 1), config

@@ -23,10 +23,8 @@ once a block. K must be a multiple of 128.
 
 SWAP computes y^T = W^T x^T: the weight tile is tl.dot's first operand ([BLOCK_N, 16], BLOCK_N rows
 for the tensor cores' M side) and x the second (M rows on the N side), the usual trick for few rows.
-Split-K (SPLIT): each program stores its float32 partial in a per-call buffer and bumps its tile's
-counter; the last to arrive sums the partials in split order (deterministic), writes y and zeroes the
-counter (as layers/awq_skinny.py; one launch, capturable in CUDA graphs; the first call on a device
-allocates the counters and must run outside capture).
+Split-K (SPLIT): layers/split_k.py (per-call partials, the last program of a tile sums them in split
+order; one launch, capturable; the first split call on a device runs outside capture).
 
 From DEQUANT_MIN_M rows a layer instead dequantizes its weight into one shared scratch buffer and calls
 cuBLAS (`dequant_matmul`): the fused kernel repeats the dequantization for every row tile.
@@ -45,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.layers import split_k
 from nanovllm.layers.awq_format import unpack
 
 SLICES = (16, 32, 64)   # input rows a nibble of a word tile covers (one tl.dot's K); a K block is 8 of them
@@ -167,37 +166,8 @@ def _kpack_kernel(x_ptr, w_ptr, z_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, 
         out = tl.trans(acc)
     else:
         out = acc
-    mask = mask_m[:, None] & mask_n[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    if SPLIT:
-        # partials [splits, M, N] float32; the last program of this tile reduces them in split order
-        tile = pid_m * tl.num_programs(1) + pid_n
-        part_ptrs = part_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(part_ptrs + pid_k * M * N, out, mask=mask)
-        tl.debug_barrier()  # every thread's partial is stored before the release below
-        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
-        if arrived == splits - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for i in range(0, splits):
-                total += tl.load(part_ptrs + i * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(count_ptr + tile, 0)  # zero again for the next call (or graph replay)
-    else:
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_MAX_TILES = 1 << 16   # tiles a split call may have; 256 KB of counters per device
-
-
-def _counters(device: torch.device) -> torch.Tensor:
-    buf = _COUNTERS.get(device)
-    if buf is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("awq_kpack: the first split-K call on a device must run outside CUDA graph "
-                               "capture (it allocates the zeroed counters); run the layer eagerly once first")
-        buf = _COUNTERS[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
-    return buf
+    split_k.store_tile(out, y_ptr, stride_ym, part_ptr, count_ptr, offs_m, offs_n, M, N,
+                       pid_m * tl.num_programs(1) + pid_n, pid_k, splits, SPLIT, BLOCK_M, BLOCK_N)
 
 
 def m_bucket(M: int) -> int:
@@ -290,9 +260,8 @@ def kpack_gemm(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, scales
     grid = (triton.cdiv(M, config.block_m), triton.cdiv(N, config.block_n), splits)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if splits > 1:
-        if grid[0] * grid[1] > _MAX_TILES:
-            raise ValueError(f"{grid[0] * grid[1]} tiles exceed the {_MAX_TILES} split-K counters")
-        part, count = torch.empty(splits, M, N, dtype=torch.float32, device=x.device), _counters(x.device)
+        count = split_k.counters(x.device, grid[0] * grid[1])
+        part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
     else:
         part = count = y   # unused
     _kpack_kernel[grid](x, words, zeros, scales, y, part, count, M, N, K, x.stride(0), y.stride(0), per_split, splits,

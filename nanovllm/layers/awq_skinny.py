@@ -21,14 +21,10 @@ keep too few bytes in flight per SM. This one is built for bandwidth:
   0x4300, fp16 1024.0 = 0x6400), dotted with x in float32; the step's sum then subtracts
   (base + z) * sum(x) and takes the scale: acc += (x . (base + q) - (base + z) x . 1) * s, one group a
   step. Compiled for sm_90 it trades the float path's I2FP and F2FP a nibble for a LOP3 (tests/test_awq.py
-  counts them in the PTX). Added in session 7 as a candidate of the sweep: NOT yet timed on a GPU.
-- Split-K without zeroing or atomics on the output: each program stores its float32 partial
-  [M, BLOCK_N] into a per-call buffer, then bumps its column block's counter (acq_rel atomic); the
-  program that arrives last sums the partials in split order (deterministic), writes y in x's dtype
-  and sets the counter back to 0. The counters (one int32 per column block, per device) are
-  allocated zeroed on the first call, which must run outside CUDA graph capture (the engine's capture
-  runs each batch size eagerly first); every call leaves them zero, so graph replays need no memset.
-  One kernel launch per GEMM; capturable.
+  counts them in the PTX). Timed in session 8's sweep: never the best config here.
+- Split-K without zeroing or atomics on the output (layers/split_k.py, shared with layers/awq_kpack.py):
+  per-call float32 partials, the last program of a column block sums them in split order; one kernel
+  launch per GEMM, capturable (the first split call on a device runs outside capture).
 
 Configs: (BLOCK_N, BLOCK_K, splits, warps, stages, GATHER, FMA), picked per (M bucket, N, K) from TABLE,
 filled from scripts/sweep_awq_gemm.py's output on the GPU; shapes not in it use `heuristic_config`.
@@ -44,6 +40,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from nanovllm.layers import split_k
 from nanovllm.layers.awq_format import PACK
 
 MAX_M = 32   # rows this kernel serves; more go to the tiled kernel (layers/awq_gemm.py)
@@ -183,36 +180,8 @@ def _skinny_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, 
         out = tl.sum(acc, axis=0)[None, :]   # [1, BLOCK_N]; BLOCK_M is 1
     else:
         out = acc
-    mask = mask_m[:, None] & mask_n[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    if SPLIT:
-        # partials [splits, M, N] float32; the last program of this column block reduces them
-        part = part_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(part + pid_k * M * N, out, mask=mask)
-        tl.debug_barrier()  # every thread's partial is stored before the release below
-        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == splits - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for i in range(0, splits):
-                total += tl.load(part + i * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(count_ptr + pid_n, 0)  # zero again for the next call (or graph replay)
-    else:
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_MAX_BLOCKS = 1 << 16  # column blocks a call may have (N / BLOCK_N); 256 KB of counters per device
-
-
-def _counters(device: torch.device) -> torch.Tensor:
-    buf = _COUNTERS.get(device)
-    if buf is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("awq_skinny: the first call on a device must run outside CUDA graph capture "
-                               "(it allocates the zeroed split-K counters); run the layer eagerly once first")
-        buf = _COUNTERS[device] = torch.zeros(_MAX_BLOCKS, dtype=torch.int32, device=device)
-    return buf
+    split_k.store_tile(out, y_ptr, stride_ym, part_ptr, count_ptr, offs_m, offs_n, M, N, pid_n, pid_k, splits,
+                       SPLIT, BLOCK_M, BLOCK_N)
 
 
 def _block_k(block_k: int, group: int, K: int) -> int:
@@ -260,9 +229,8 @@ def skinny_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     blocks = triton.cdiv(N, config.block_n)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if splits > 1:
-        if blocks > _MAX_BLOCKS:
-            raise ValueError(f"{blocks} column blocks exceed the {_MAX_BLOCKS} split-K counters")
-        part, count = torch.empty(splits, M, N, dtype=torch.float32, device=x.device), _counters(x.device)
+        count = split_k.counters(x.device, blocks)
+        part = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
     else:
         part = count = y  # unused
     try:
