@@ -3,11 +3,9 @@ the engine on make_model --awq checkpoints against transformers' own model on th
 (written as a dense checkpoint without going through pack/unpack), greedy generation, tensor
 parallelism, Qwen3-MoE's experts dequantized at load (exactly the dequantized checkpoint's), refusals,
 dummy weights, and the Triton W4A16 kernel interpreted on CPU."""
-import importlib.util
 import json
 import os
 import shutil
-import sys
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from nanovllm.layers.linear import Linear
 from nanovllm.tools.make_model import make_model
 from test_parity import PROMPTS, engine_logits, hf_greedy, hf_model
 from test_tensor_parallel import logits_by_step, tp_llm  # noqa: F401 (tp_llm is a fixture)
-from triton_script import run_interpreted, run_on_gpu
+from triton_script import check_graph_replays, run_interpreted, run_on_gpu
 
 
 # ---- the format -----------------------------------------------------------------------------------
@@ -545,18 +543,7 @@ def test_skinny_kernel_cuda_graph_replay():
     K, N, G = 4096, 4096, 128
     qw, qz, scales, w = random_awq_cuda(K, N, G)
     for M in (1, 8):
-        x = torch.randn(M, K, device="cuda").bfloat16()
-        config = SkinnyConfig(64, 128, 8)
-        skinny_gemm(x, qw, qz, scales, G, config)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = skinny_gemm(x, qw, qz, scales, G, config)
-        for _ in range(3):
-            x.copy_(torch.randn(M, K, device="cuda"))
-            graph.replay()
-            ref = x.float() @ w
-            assert (y.float() - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
-            assert torch.equal(y, skinny_gemm(x, qw, qz, scales, G, config))   # deterministic split order
+        check_graph_replays(lambda x: skinny_gemm(x, qw, qz, scales, G, SkinnyConfig(64, 128, 8)), M, w)
 
 
 def test_skinny_kernel_refusals():

@@ -15,3 +15,22 @@ def run_interpreted(script: str, timeout: int = 600):
 
 def run_on_gpu(script: str):
     exec(script.format(device="cuda"), {})
+
+
+def check_graph_replays(call, M: int, w):
+    """`call(x)` -> y = x @ w (w float32 [K, N] on CUDA): captured after one eager call, replays on new x
+    stay within 1e-2 of max |x @ w| and equal a fresh eager call bit for bit (split-K counters zero again
+    after every replay, a fixed split order)."""
+    import torch
+    x = torch.randn(M, w.shape[0], device="cuda").bfloat16()
+    call(x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = call(x)
+    for _ in range(3):
+        x.copy_(torch.randn(M, w.shape[0], device="cuda"))
+        graph.replay()
+        ref = x.float() @ w
+        assert (y.float() - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
+        assert torch.equal(y, call(x))
+
