@@ -10,7 +10,7 @@ from nanovllm.layers.awq_kpack import KpackConfig, kpack, kpack_gemm
 from triton_script import check_graph_replays, run_interpreted, run_on_gpu
 
 
-def test_kpack_layout_by_hand():
+def test_kpack_layout_by_hand(monkeypatch):
     """Code of input row 128 b + 16 i + r, column n sits in nibble i of word row 16 b + r, column n."""
     K, N, G = 256, 16, 64
     codes = (torch.arange(K)[:, None] * 7 + torch.arange(N)[None, :] * 3) % 16
@@ -24,6 +24,10 @@ def test_kpack_layout_by_hand():
         assert (word >> (4 * i)) & 0xF == codes[128 * b + 16 * i + r, n]
     # a word whose top nibble is >= 8 is negative as int32: the same bits
     assert (words < 0).any()
+    # packed a column chunk at a time: the same words
+    from nanovllm.layers import awq_kpack
+    monkeypatch.setattr(awq_kpack, "KPACK_CHUNK", 8)
+    assert torch.equal(kpack(pack(codes), pack(zeros), scales, G)[0], words)
 
 
 KPACK_SCRIPT = r"""

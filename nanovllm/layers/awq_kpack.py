@@ -74,20 +74,25 @@ def check_packing(K: int, group_size: int, slice: int) -> None:
                          f"{slice} below {kblock} rows, else of {kblock}")
 
 
+KPACK_CHUNK = 2048   # output columns repacked at a time (Qwen3-8B's down: 100 MB of int32 codes meanwhile)
+
+
 def kpack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, slice: int = 16
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """AWQ qweight [K, N/8] and qzeros [K/G, N/8] -> (words int32 [K/8, N] k-packed with `slice`, zeros
     [K/G, N] in scales' dtype). On the tensors' device."""
-    K = qweight.shape[0]
+    K, N = qweight.shape[0], qweight.shape[1] * 8
     check_packing(K, group_size, slice)
-    q = unpack(qweight)                               # [K, N] codes
-    N = q.shape[1]
-    q = q.view(K // (8 * slice), 8, slice, N)         # [block, nibble i, row r, n]
-    words = torch.zeros(K // (8 * slice), slice, N, dtype=torch.int64, device=q.device)
-    for i in range(8):
-        words |= q[:, i].to(torch.int64) << (4 * i)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)   # the same 32 bits, signed
-    return words.view(K // 8, N).contiguous(), unpack(qzeros).to(scales.dtype).contiguous()
+    words = torch.empty(K // 8, N, dtype=torch.int32, device=qweight.device)
+    for c0 in range(0, N, KPACK_CHUNK):   # a column chunk at a time: the codes take 4 bytes each meanwhile
+        q = unpack(qweight[:, c0 // 8:(c0 + KPACK_CHUNK) // 8])          # [K, C] codes
+        q = q.view(K // (8 * slice), 8, slice, q.shape[1])               # [block, nibble i, row r, column]
+        chunk = torch.zeros(q.shape[0], slice, q.shape[3], dtype=torch.int64, device=q.device)
+        for i in range(8):
+            chunk |= q[:, i].to(torch.int64) << (4 * i)
+        chunk = torch.where(chunk >= 2**31, chunk - 2**32, chunk).to(torch.int32)   # the same 32 bits, signed
+        words[:, c0:c0 + q.shape[3]] = chunk.view(K // 8, -1)
+    return words, unpack(qzeros).to(scales.dtype).contiguous()
 
 
 # the bits of `base` in the activation dtype whose last mantissa bit weighs 1 (bits | q == base + q, q < 16)
@@ -181,14 +186,15 @@ def block_m_for(M: int) -> int:
 
 def heuristic_config(M: int, N: int, K: int, num_sms: int, slice: int = 16) -> KpackConfig:
     """Unmeasured default, shaped like the measured TABLE: 64-column tiles, magic codes with the zeros
-    subtracted, 16/32/64-row tiles (two float32 accumulators a tile: larger ones spill), K split until
-    about two programs per SM while a split keeps two K blocks."""
+    subtracted, 16/32/64-row tiles (two float32 accumulators a tile: larger ones spill), swapped operands
+    from 2 rows (TABLE's choice at 10 of its 12 entries of 16-64 rows), K split until about two programs per
+    SM while a split keeps two K blocks."""
     block_m = min(block_m_for(M), 64)
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, 64)
     blocks, splits = K // (8 * slice), 1
     while tiles * splits < 2 * num_sms and blocks // (splits * 2) >= 2:
         splits *= 2
-    return KpackConfig(64, splits, slice, block_m, magic=True, subz=True)
+    return KpackConfig(64, splits, slice, block_m, swap=M > 1, magic=True, subz=True)
 
 
 # (M bucket, N, K) -> config: the best of scripts/sweep_awq_kpack.py's candidates on one H200 (group 128,
