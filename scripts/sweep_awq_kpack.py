@@ -78,7 +78,8 @@ def sweep_shape(name, K, N, group, ms, sms, gen, quick=False):
         def time_config(config):
             try:
                 kp = kps[config.slice]
-                return graph_us(lambda i: lambda: kpack_gemm(x, kp[i][0], kp[i][1], ss[i], group, config), copies)
+                return graph_us(lambda i: lambda: kpack_gemm(x, kp[i][0], kp[i][1], ss[i], group, config.slice, config),
+                                copies)
             except Exception as e:  # noqa: BLE001 (does not fit the SM: not a candidate)
                 row["skipped"] = row.get("skipped", 0) + 1
                 row["last_skip"] = f"{type(e).__name__}: {str(e)[:160]}"
@@ -99,7 +100,7 @@ def sweep_shape(name, K, N, group, ms, sms, gen, quick=False):
         results = r1 + [(time_config(c), c) for c in round2(best1)]
         t, best = min(results, key=lambda r: r[0])
         kp = kps[best.slice]
-        y = kpack_gemm(x, kp[0][0], kp[0][1], ss[0], group, best)
+        y = kpack_gemm(x, kp[0][0], kp[0][1], ss[0], group, best.slice, best)
         row.update(best=repr(best), best_us=t, tried=len(results), best_err=(y.float() - ref).abs().max().item(),
                    bf16_GBs=(K * N * 2 + io) / row["bf16_us"] / 1e3, awq_GBs=(awq_bytes + io) / row["awq_us"] / 1e3,
                    best_GBs=(kp_bytes + io) / t / 1e3, x_bf16=row["bf16_us"] / t, x_awq=row["awq_us"] / t,

@@ -46,6 +46,10 @@ cases = [  # M, K, N, group, config (None: heuristic)
     (17, 256, 64, 128, C(32, 2, block_m=32)),        # 32-row tile, 17 rows
     (40, 512, 80, 256, C(32, 2, block_m=16, swap=True)),   # 3 row tiles; a group spans 2 blocks
     (70, 256, 64, 64, C(64, 1, block_m=64, magic=True)),
+    # the zeros subtracted from the codes in x's dtype (TABLE's choice), slice 32 (a 256-row K block)
+    (1, 512, 64, 128, C(64, 2, slice=32, magic=True, subz=True)),
+    (9, 512, 96, 32, C(32, 1, slice=32, swap=True, magic=True, subz=True)),
+    (33, 768, 64, 64, C(64, 3, slice=32, block_m=32, swap=True, subz=True)),
 ]
 dtypes = [(torch.float32, 1e-5), (torch.float16, 1e-3)]
 if device == "cuda":  # Triton's interpreter gets bf16 tl.dot wrong on small tiles (tests/test_awq.py)
@@ -56,10 +60,11 @@ for dtype, tol in dtypes:
         zeros = torch.randint(0, 16, (K // G, N), generator=g)
         scales = (torch.rand(K // G, N, generator=g) * 0.02 + 0.001).half().to(device)
         qw, qz = pack(codes).to(device), pack(zeros).to(device)
-        words, z = kpack(qw, qz, scales, G)
+        slice = config.slice if config else 16
+        words, z = kpack(qw, qz, scales, G, slice)
         x = torch.randn(M, K + 3, generator=g)[:, :K].to(dtype).to(device)   # strided rows
         ref = x.double() @ dequantize(qw, qz, scales, G).double()
-        for y in (kpack_gemm(x, words, z, scales, G, config), kpack_gemm(x, words, z, scales, G, config)):
+        for y in (kpack_gemm(x, words, z, scales, G, slice, config), kpack_gemm(x, words, z, scales, G, slice, config)):
             assert y.dtype == dtype and y.shape == (M, N)
             err = (y.double() - ref).abs().max().item() / ref.abs().max().item()
             assert err <= tol, (dtype, M, K, N, G, config, err)
@@ -101,7 +106,7 @@ def test_kpack_kernel_cuda_graph_replay():
     w = dequantize(qw, qz, scales, G)
     words, z = kpack(qw, qz, scales, G)
     for M, config in [(1, KpackConfig(64, 8, swap=True)), (8, KpackConfig(128, 4, magic=True))]:
-        check_graph_replays(lambda x: kpack_gemm(x, words, z, scales, G, config), M, w)
+        check_graph_replays(lambda x: kpack_gemm(x, words, z, scales, G, 16, config), M, w)
 
 
 def test_kpack_refusals():
@@ -113,9 +118,11 @@ def test_kpack_refusals():
         kpack(qw, pack(torch.zeros(32, 16, dtype=torch.int64)), torch.ones(32, 16).half(), 8)
     words, z = kpack(qw, pack(torch.zeros(2, 16, dtype=torch.int64)), torch.ones(2, 16).half(), 128)
     with pytest.raises(ValueError, match="columns"):
-        kpack_gemm(torch.zeros(1, 128), words, z, torch.ones(2, 16).half(), 128)
+        kpack_gemm(torch.zeros(1, 128), words, z, torch.ones(2, 16).half(), 128, 16)
     with pytest.raises(ValueError, match="power of two"):
-        kpack_gemm(torch.zeros(1, 256), words, z, torch.ones(2, 16).half(), 128, KpackConfig(24, 1))
+        kpack_gemm(torch.zeros(1, 256), words, z, torch.ones(2, 16).half(), 128, 16, KpackConfig(24, 1))
+    with pytest.raises(ValueError, match="packed with slice 16"):
+        kpack_gemm(torch.zeros(1, 256), words, z, torch.ones(2, 16).half(), 128, 16, KpackConfig(64, 1, slice=32))
 
 
 def test_config_choice():

@@ -112,7 +112,7 @@ class AWQLinear(nn.Module):
                 y = awq_kpack.dequant_matmul(x2, words, zeros, self.scales, self.group_size, slice)
             else:
                 config = awq_kpack.config_for(M, self.out_features, K, slice, sms)
-                y = awq_kpack.kpack_gemm(x2, words, zeros, self.scales, self.group_size, config, slice=slice)
+                y = awq_kpack.kpack_gemm(x2, words, zeros, self.scales, self.group_size, slice, config)
         elif not x.is_cuda or self.kernel == "dequant":
             w = dequantize(self.qweight, self.qzeros, self.scales, self.group_size).to(x.dtype)
             y = x2 @ w

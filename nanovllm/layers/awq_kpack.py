@@ -243,9 +243,9 @@ def config_for(M: int, N: int, K: int, slice: int, num_sms: int) -> KpackConfig:
 
 
 def kpack_gemm(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int,
-               config: KpackConfig | None = None, num_sms: int = 132, slice: int | None = None) -> torch.Tensor:
-    """x [M, K] (fp16/bf16/fp32) @ W [K, N] from tensors k-packed with `slice` (`kpack`) -> y [M, N] in x's
-    dtype. config None: config_for (TABLE or heuristic_config); slice None: the config's (16 without one)."""
+               slice: int, config: KpackConfig | None = None, num_sms: int = 132) -> torch.Tensor:
+    """x [M, K] (fp16/bf16/fp32) @ W [K, N] from tensors k-packed with `slice` (`kpack`: the words do not
+    say it, so it is asked) -> y [M, N] in x's dtype. config None: config_for (TABLE or heuristic_config)."""
     M, K = x.shape
     N = words.shape[1]
     if words.shape[0] * 8 != K:
@@ -253,8 +253,8 @@ def kpack_gemm(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, scales
     if x.stride(-1) != 1:
         x = x.contiguous()
     if config is None:
-        config = config_for(M, N, K, slice or 16, num_sms)
-    elif slice is not None and config.slice != slice:
+        config = config_for(M, N, K, slice, num_sms)
+    elif config.slice != slice:
         raise ValueError(f"the words are packed with slice {slice}, the config reads slice {config.slice}")
     check_packing(K, group_size, config.slice)
     if config.block_n < 16 or config.block_n & (config.block_n - 1):
