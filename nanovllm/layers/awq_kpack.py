@@ -7,21 +7,23 @@ through shared memory, per step, before the conversion into tl.dot's operand lay
 that layout (layers/awq_skinny.py, layers/awq_gemm.py) read the int4 bytes at 0.5-0.95 TB/s on an H200,
 below bf16 cuBLAS's speed (claude_docs/models.md).
 
-The k-packed layout (built once per layer by `kpack`, from the checkpoint's tensors):
-  words  int32 [K / 8, N]: for the K block b of 128 rows, word row 16 b + r (r < 16) holds in its
-         nibble i (bits 4i..4i+3) the code of input row 128 b + 16 i + r of column n.
+The k-packed layout (built once per layer by `kpack`, from the checkpoint's tensors), for a slice S
+(16, 32 or 64 input rows; AWQLinear uses 32 where K and the group size allow, else 16):
+  words  int32 [K / 8, N]: for the K block b of 8 S rows, word row S b + r (r < S) holds in its
+         nibble i (bits 4i..4i+3) the code of input row 8 S b + S i + r of column n.
   zeros  [K / G, N] in the scales' dtype (fp16: exact small integers), unpacked from qzeros.
   scales [K / G, N] fp16, the checkpoint's.
-So the 16 x BLOCK_N word tile of a K block gives, for each nibble i, the [16, BLOCK_N] code tile of 16
+So the S x BLOCK_N word tile of a K block gives, for each nibble i, the [S, BLOCK_N] code tile of S
 consecutive input rows by a shift and a mask: elementwise, no reshape, and every column's words are
-contiguous along N (coalesced loads). A K block is 8 tl.dot's of K = 16 on codes converted exactly to
-x's dtype (or built as `base + q` by bit-or with MAGIC, no int -> float conversion); zeros and scales
-are applied to the group's [M, BLOCK_N] sum: acc += (x . q - z * sum(x)) * s, which is
-x . ((q - z) * s) with the dequantized weight never rounded (more exact than dequantize-then-bf16).
-Groups of 16..128 rows (a multiple of 16) close after 1..8 of the dots; larger groups (multiples of 128)
-once a block. K must be a multiple of 128.
+contiguous along N (coalesced loads). A K block is 8 tl.dot's of K = S on codes converted exactly to
+x's dtype (or built as `base + q` by bit-or with MAGIC, no int -> float conversion). The zeros are
+either subtracted from the codes in x's dtype (SUBZ: (base + q) - (base + z), small integers, exact) or
+applied to the group's [M, BLOCK_N] sum as z * sum(x); the scale multiplies the group's float32 sum:
+acc += (x . (q - z)) * s, which is x . ((q - z) * s) with the dequantized weight never rounded (more
+exact than dequantize-then-bf16). Groups smaller than a block (a multiple of S) close after some of the
+dots, larger ones (a multiple of 8 S) once a block (`check_packing`).
 
-SWAP computes y^T = W^T x^T: the weight tile is tl.dot's first operand ([BLOCK_N, 16], BLOCK_N rows
+SWAP computes y^T = W^T x^T: the weight tile is tl.dot's first operand ([BLOCK_N, S], BLOCK_N rows
 for the tensor cores' M side) and x the second (M rows on the N side), the usual trick for few rows.
 Split-K (SPLIT): layers/split_k.py (per-call partials, the last program of a tile sums them in split
 order; one launch, capturable; the first split call on a device runs outside capture).
