@@ -3,7 +3,8 @@
     python scripts/bench_awq.py [--skip-gemm] [--skip-decode] [--group-size 128] [--max-tokens 129]
 
 1. GEMM: for each Qwen3-8B linear (qkv, o, gate_up, down: K x N) and M = 1, 16, 64, 256 tokens, the
-   time of bf16 cuBLAS (x @ W^T), our Triton W4A16 kernels (awq_gemm.awq_matmul: the skinny kernel of
+   time of bf16 cuBLAS (x @ W^T), what AWQLinear runs by default (layers/awq_kpack.py: the k-packed
+   kernel, dequantize + cuBLAS from DEQUANT_MIN_M rows), the AWQ-layout kernels (awq_gemm.awq_matmul: the skinny kernel of
    layers/awq_skinny.py up to 32 rows, the tiled one above; scripts/sweep_awq_gemm.py tunes the
    skinny one) and gemlite's (layers/awq_gemlite.py, when installed; at every M here), each
    replayed from a CUDA graph (decode runs graphed), and the max error of each
@@ -59,6 +60,7 @@ def graph_time_ms(fn, reps: int = 50) -> float:
 def bench_gemm(group: int):
     from nanovllm.layers.awq_format import dequantize, pack
     from nanovllm.layers.awq_gemlite import GemliteAWQ
+    from nanovllm.layers import awq_kpack
     from nanovllm.layers.awq_gemm import awq_matmul
     try:
         import gemlite  # noqa: F401
@@ -68,8 +70,9 @@ def bench_gemm(group: int):
         print("(gemlite is not installed: no gemlite column)")
     g = torch.Generator(device="cuda").manual_seed(0)
     print(f"\n### W4A16 GEMM vs bf16, Qwen3-8B shapes, group {group} ({torch.cuda.get_device_name(0)})\n")
-    cols = ["layer", "K x N", "M", "bf16 us", "triton us", "triton x"] + (["gemlite us", "gemlite x"] if have_gemlite else []) \
-        + ["bf16 err", "triton err"] + (["gemlite err"] if have_gemlite else [])
+    cols = ["layer", "K x N", "M", "bf16 us", "default us", "default x", "triton us", "triton x"] \
+        + (["gemlite us", "gemlite x"] if have_gemlite else []) + ["bf16 err", "default err", "triton err"] \
+        + (["gemlite err"] if have_gemlite else [])
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for name, (K, N) in SHAPES.items():
@@ -80,15 +83,26 @@ def bench_gemm(group: int):
         w32 = dequantize(qw, qz, scales, group)                      # [K, N] float32
         w_bf16 = w32.t().contiguous().bfloat16()                      # nn.Linear layout [N, K]
         lite = GemliteAWQ(qw, qz, scales, group, torch.bfloat16) if have_gemlite else None
+        slice = awq_kpack.layer_slice(K, group)
+        words, kz = awq_kpack.kpack(qw, qz, scales, group, slice)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+        def default(x):   # what AWQLinear runs (NANOVLLM_AWQ_KERNEL=auto)
+            if x.shape[0] >= awq_kpack.DEQUANT_MIN_M:
+                return awq_kpack.dequant_matmul(x, words, kz, scales, group, slice)
+            return awq_kpack.kpack_gemm(x, words, kz, scales, group, slice,
+                                        awq_kpack.config_for(x.shape[0], N, K, slice, sms))
         for M in MS:
             x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
             ref = x.float() @ w32
             denom = ref.abs().max().item()
             err = lambda y: (y.float() - ref).abs().max().item() / denom
             t_bf16 = graph_time_ms(lambda: torch.nn.functional.linear(x, w_bf16))
+            t_def = graph_time_ms(lambda: default(x))
             t_tri = graph_time_ms(lambda: awq_matmul(x, qw, qz, scales, group))
-            row = [name, f"{K} x {N}", M, f"{t_bf16 * 1e3:.1f}", f"{t_tri * 1e3:.1f}", f"{t_bf16 / t_tri:.2f}"]
-            errs = [err(torch.nn.functional.linear(x, w_bf16)), err(awq_matmul(x, qw, qz, scales, group))]
+            row = [name, f"{K} x {N}", M, f"{t_bf16 * 1e3:.1f}", f"{t_def * 1e3:.1f}", f"{t_bf16 / t_def:.2f}",
+                   f"{t_tri * 1e3:.1f}", f"{t_bf16 / t_tri:.2f}"]
+            errs = [err(torch.nn.functional.linear(x, w_bf16)), err(default(x)), err(awq_matmul(x, qw, qz, scales, group))]
             if lite is not None:
                 t_lite = graph_time_ms(lambda: lite(x))
                 row += [f"{t_lite * 1e3:.1f}", f"{t_bf16 / t_lite:.2f}"]

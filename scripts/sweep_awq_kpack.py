@@ -3,13 +3,18 @@ AWQ-layout kernels the engine used before (layers/awq_gemm.awq_matmul: skinny TA
 above), Qwen3-8B shapes, random weights, group 128 by default.
 
     python scripts/sweep_awq_kpack.py [--ms 1 4 16 32 256] [--shapes qkv o gate_up down] [--json out.json]
+    python scripts/sweep_awq_kpack.py --quick --ms 1 16 64 256 2048   # what AWQLinear runs, no search
 
 Timing as scripts/sweep_awq_gemm.py (its graph_us): CUDA graphs of calls cycling through enough weight
-copies (>= 256 MB) that L2 holds none between uses; median of 20 replays. Candidates: round 1 block_n x
-splits x swap at 4 warps, 3 stages (grids of sms/2 .. 16 sms programs); round 2 around the best: warps
-4/8, stages 2..5, magic codes on/off. Prints per (layer, M) microseconds and GB/s, the speed-up of the best
-k-packed config over bf16 and over awq_matmul, its max abs error against the float32 matmul (and bf16's),
-then the TABLE lines for layers/awq_kpack.py."""
+copies (>= 256 MB) that L2 holds none between uses; median of 20 replays. Every row first times what an
+AWQLinear runs (awq_kpack.config_for's config, and dequantize + cuBLAS, which it takes from DEQUANT_MIN_M
+rows). Candidates (without --quick): round 1 block_n (64/128/256) x swap x slice (16/32/64; 32 only above
+16 rows, the layers' packing) x row tiles (16/32/64 up to M) x splits, magic codes with the zeros
+subtracted, 4 warps (8 at slice 64), 3 stages, grids of sms/2 .. 16 sms programs; round 2 around the
+best: warps 4/8 x stages 2/3/4, then magic / zeros-subtracted off. Prints per (layer, M) microseconds and
+GB/s, the speed-up of the best k-packed config over bf16 and over awq_matmul, its max abs error against
+the float32 matmul (and bf16's), then the TABLE lines for layers/awq_kpack.py.
+Session 10's runs on an H200: claude_docs/models.md, "The k-packed kernel"."""
 import argparse
 import itertools
 import json
