@@ -2,8 +2,12 @@
 
     python scripts/step_timeline.py --model /tmp/qwen3-0.6b --workload w1 [--enable-cascade-attention]
     python scripts/step_timeline.py --model /tmp/qwen3-8b --load-format dummy --tensor-parallel-size 2
+    python scripts/step_timeline.py --model /tmp/q17 --load-format dummy --workload w6 --host-kv-cache-gb 64
 
-Runs one workload of bench.py through LLM.step() and records every step's wall time (with
+(/tmp/q17: `python -m nanovllm.tools.make_model --preset qwen3-1.7b --out /tmp/q17 --no-weights`.)
+
+Runs one workload of bench.py (every round of it, as bench.py does: W6 has four) through LLM.step()
+and records every step's wall time (with
 overlapped steps a step() call returns once the previous step's tokens are in, so its wall time is
 the device time of that step when the device is the bottleneck). Prints time before the first step
 (validation, queueing), prefill and decode time by batch-size bucket, and time after the last step
@@ -28,13 +32,22 @@ def main():
     p.add_argument("--cprofile", type=int, default=0, help="also profile the host: top N functions by own time")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--host-kv-cache-gb", type=float, help="the host KV tier (bench.py's option)")
+    p.add_argument("--schedule-policy", choices=["fcfs", "lpm", "dfs-weight", "random"])
+    p.add_argument("--num-gpu-blocks", type=int, help="cap the GPU KV cache at this many pages")
     args = p.parse_args()
     make, cfg = WORKLOADS[args.workload]
     cfg = dict(cfg)
     if args.enable_cascade_attention:
         cfg["enable_cascade_attention"] = True
+    for key, value in (("host_kvcache_gb", args.host_kv_cache_gb), ("schedule_policy", args.schedule_policy),
+                       ("num_kvcache_blocks", args.num_gpu_blocks)):
+        if value is not None:
+            cfg[key] = value
     llm = LLM(args.model, tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format, **cfg)
-    prompts, params = make()
+    rounds = make(min(10000, llm.vocab_size - 1))   # token ids as bench.py draws them
+    if isinstance(rounds, tuple):
+        rounds = [rounds]
     llm.generate(["Benchmark: "], SamplingParams(max_tokens=8), use_tqdm=False)
     runner, waited = llm.model_runner, []
     collect = runner.collect
@@ -49,32 +62,39 @@ def main():
     prof = cProfile.Profile() if args.cprofile else None
     if prof:
         prof.enable()
-    t0 = time.perf_counter()
-    seqs = [llm.make_sequence(pr, sp) for pr, sp in zip(prompts, params)]
-    for s in seqs:
-        llm.add_sequence(s)
-    t1 = time.perf_counter()
-    steps = []  # (phase, batch size, seconds)
-    last = t1
-    while not all(s.is_finished for s in seqs):
-        collected = llm.in_flight  # step() launches the next step, then waits for this one
-        n_waits = len(waited)
-        llm.step()
-        now = time.perf_counter()
-        if collected is not None:
-            wait = sum(waited[n_waits:])
-            steps.append(("prefill" if collected.is_prefill else "decode", len(collected.seqs), now - last, wait))
-        last = now
-    llm.drain()
-    t2 = time.perf_counter()
-    texts = [llm.output_text(s) for s in seqs]
-    t3 = time.perf_counter()
+    steps = []  # (phase, batch size, seconds, host wait for the device)
+    queue_s = tail_s = detok_s = 0.0
+    seqs_all, texts = [], []
+    t_start = time.perf_counter()
+    for prompts, params in rounds:
+        t0 = time.perf_counter()
+        seqs = [llm.make_sequence(pr, sp) for pr, sp in zip(prompts, params)]
+        for s in seqs:
+            llm.add_sequence(s)
+        last = t1 = time.perf_counter()
+        queue_s += t1 - t0
+        while not all(s.is_finished for s in seqs):
+            collected = llm.in_flight  # step() launches the next step, then waits for this one
+            n_waits = len(waited)
+            llm.step()
+            now = time.perf_counter()
+            if collected is not None:
+                wait = sum(waited[n_waits:])
+                steps.append(("prefill" if collected.is_prefill else "decode", len(collected.seqs), now - last, wait))
+            last = now
+        llm.drain()
+        t2 = time.perf_counter()
+        texts += [llm.output_text(s) for s in seqs]
+        t3 = time.perf_counter()
+        tail_s, detok_s = tail_s + t2 - last, detok_s + t3 - t2
+        seqs_all += seqs
+    seqs, t0, t3 = seqs_all, t_start, time.perf_counter()
     if prof:
         prof.disable()
     tokens = sum(len(s.completion_token_ids) for s in seqs)
     print(f"{args.workload} cascade={args.enable_cascade_attention}: {tokens} tokens in {t3 - t0:.3f} s = "
           f"{tokens / (t3 - t0):.0f} tok/s; {len(texts)} outputs")
-    print(f"| part | seconds |\n|---|---|\n| validate + queue | {t1 - t0:.3f} |")
+    print(f"| part | seconds |\n|---|---|\n| validate + queue | {queue_s:.3f} |")
     buckets = defaultdict(lambda: [0, 0.0, 0.0])
     for phase, n, sec, wait in steps:
         key = (phase, 0 if phase == "prefill" else min(b for b in (8, 32, 64, 128, 256, 512, 1024, 1 << 30) if n <= b))
@@ -85,7 +105,7 @@ def main():
         label = phase if phase == "prefill" else f"decode, batch <= {b}"
         print(f"| {label} ({count} steps, {1000 * sec / count:.2f} ms each, host waits "
               f"{1000 * wait / count:.2f} ms of it) | {sec:.3f} |")
-    print(f"| last collect | {t2 - last:.3f} |\n| detokenize | {t3 - t2:.3f} |")
+    print(f"| last collect | {tail_s:.3f} |\n| detokenize | {detok_s:.3f} |")
     if prof:
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.cprofile)
