@@ -110,6 +110,7 @@ def main():
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.cprofile)
         print(out.getvalue())
+    llm.close()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,35 @@
+"""scripts/step_timeline.py end to end on the CPU: every round of a multi-round workload (W6's shape,
+made tiny), with the host tier and a GPU page cap from its options; the token range passed as bench.py
+passes it (w2/w3's makers need it)."""
+import os
+import random
+import sys
+
+from nanovllm import SamplingParams
+from nanovllm.tools.make_model import make_model
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+
+
+def test_step_timeline_runs_every_round(tmp_path, monkeypatch, capsys):
+    import step_timeline
+
+    import nanovllm.benchmark as benchmark
+    model = make_model("qwen3-tiny", str(tmp_path / "model"), seed=0)
+    tops = []
+
+    def tiny_w6(top):   # 2 rounds of 8 prompts sharing 4 system prompts
+        tops.append(top)
+        rng = random.Random(0)
+        systems = [[rng.randint(0, top) for _ in range(64)] for _ in range(4)]
+        sp = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=3)] * 8
+        return [([s + [rng.randint(0, top) for _ in range(4)] for s in systems for _ in range(2)], sp)
+                for _ in range(2)]
+    monkeypatch.setitem(benchmark.WORKLOADS, "w6", (tiny_w6, dict(max_model_len=128)))
+    monkeypatch.setattr(sys, "argv", ["step_timeline.py", "--model", model, "--workload", "w6",
+                                      "--host-kv-cache-gb", "0.01", "--num-gpu-blocks", "64"])
+    step_timeline.main()
+    out = capsys.readouterr().out
+    assert tops and tops[0] <= 10000
+    assert "w6 cascade=False: 48 tokens" in out and "16 outputs" in out   # 2 rounds x 8 requests x 3 tokens
+    assert "| prefill (" in out and "| decode, batch <=" in out
