@@ -59,8 +59,8 @@ def graph_time_ms(fn, reps: int = 50) -> float:
 
 def bench_gemm(group: int):
     from nanovllm.layers.awq_format import dequantize, pack
-    from nanovllm.layers.awq_gemlite import GemliteAWQ
     from nanovllm.layers import awq_kpack
+    from nanovllm.layers.awq_gemlite import GemliteAWQ
     from nanovllm.layers.awq_gemm import awq_matmul
     try:
         import gemlite  # noqa: F401
@@ -88,10 +88,7 @@ def bench_gemm(group: int):
         sms = torch.cuda.get_device_properties(0).multi_processor_count
 
         def default(x):   # what AWQLinear runs (NANOVLLM_AWQ_KERNEL=auto)
-            if x.shape[0] >= awq_kpack.DEQUANT_MIN_M:
-                return awq_kpack.dequant_matmul(x, words, kz, scales, group, slice)
-            return awq_kpack.kpack_gemm(x, words, kz, scales, group, slice,
-                                        awq_kpack.config_for(x.shape[0], N, K, slice, sms))
+            return awq_kpack.kpacked_matmul(x, words, kz, scales, group, slice, sms)
         for M in MS:
             x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
             ref = x.float() @ w32

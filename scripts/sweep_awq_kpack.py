@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from nanovllm.layers.awq_format import dequantize
 from nanovllm.layers.awq_gemm import awq_matmul
-from nanovllm.layers.awq_kpack import (SLICES, KpackConfig, block_m_for, config_for, heuristic_config, kpack, kpack_gemm,
-                                      dequant_matmul, layer_slice, m_bucket)
+from nanovllm.layers.awq_kpack import (SLICES, KpackConfig, block_m_for, config_for, dequant_matmul, heuristic_config,
+                                      kpack, kpack_gemm, layer_slice, m_bucket, packing_error)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sweep_awq_gemm import FLUSH_BYTES, SHAPES, graph_us  # noqa: E402
@@ -67,7 +67,8 @@ def sweep_shape(name, K, N, group, ms, sms, gen, quick=False):
     qzs = [words(K // group) for _ in range(copies)]
     ss = [(torch.rand(K // group, N, device=DEVICE, generator=gen) * 0.002 + 0.0005).half() for _ in range(copies)]
     kps = {sl: [kpack(qws[i], qzs[i], ss[i], group, sl) for i in range(copies)] for sl in SLICES
-           if K % (8 * sl) == 0 and (group % sl == 0 if group < 8 * sl else group % (8 * sl) == 0)}
+           if packing_error(K, group, sl) is None}
+    layer_sl = layer_slice(K, group)   # what an AWQLinear packs with
     w32 = dequantize(qws[0], qzs[0], ss[0], group)
     w_bf16 = [w32.t().contiguous().to(DTYPE) for _ in range(copies_bf16)]
     rows = []
@@ -89,11 +90,11 @@ def sweep_shape(name, K, N, group, ms, sms, gen, quick=False):
                 row["skipped"] = row.get("skipped", 0) + 1
                 row["last_skip"] = f"{type(e).__name__}: {str(e)[:160]}"
                 return float("inf")
-        chosen = config_for(M, N, K, layer_slice(K, group), sms)   # what an AWQLinear runs
+        chosen = config_for(M, N, K, layer_sl, sms)   # what an AWQLinear runs below DEQUANT_MIN_M rows
         row["chosen"], row["chosen_us"] = repr(chosen), time_config(chosen)
         row["chosen_x_bf16"] = row["bf16_us"] / row["chosen_us"]
-        sl = layer_slice(K, group)
-        row["dequant_us"] = graph_us(lambda i: lambda: dequant_matmul(x, kps[sl][i][0], kps[sl][i][1], ss[i], group, sl),
+        kp = kps[layer_sl]
+        row["dequant_us"] = graph_us(lambda i: lambda: dequant_matmul(x, kp[i][0], kp[i][1], ss[i], group, layer_sl),
                                      copies)
         if quick:
             print(json.dumps(row), flush=True)

@@ -23,7 +23,6 @@ load: CPU is the reference path, and this keeps one copy of the weights (the che
 each) with nothing derived to keep in sync; at the tiny test shapes the unpack costs less than the
 matmul."""
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed.parallel_state import all_reduce, tp_rank
@@ -107,12 +106,7 @@ class AWQLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if self._kpack is not None:
             words, zeros, slice, sms = self._kpack
-            M, K = x2.shape
-            if M >= awq_kpack.DEQUANT_MIN_M:
-                y = awq_kpack.dequant_matmul(x2, words, zeros, self.scales, self.group_size, slice)
-            else:
-                config = awq_kpack.config_for(M, self.out_features, K, slice, sms)
-                y = awq_kpack.kpack_gemm(x2, words, zeros, self.scales, self.group_size, slice, config)
+            y = awq_kpack.kpacked_matmul(x2, words, zeros, self.scales, self.group_size, slice, sms)
         elif not x.is_cuda or self.kernel == "dequant":
             w = dequantize(self.qweight, self.qzeros, self.scales, self.group_size).to(x.dtype)
             y = x2 @ w

@@ -56,7 +56,7 @@ class KpackConfig:
     block_n: int       # output columns per program (a power of two >= 16)
     splits: int        # programs along K per tile (each takes a run of whole K blocks)
     slice: int = 16    # the packing's slice (SLICES): K rows per tl.dot; a K block is 8 slices
-    block_m: int = 16  # rows per program (16, 32, 64, 128)
+    block_m: int = 16  # rows per program (16, 32, 64)
     warps: int = 4
     stages: int = 3
     swap: bool = False   # y^T = W^T x^T: the weight tile on tl.dot's M side
@@ -64,16 +64,24 @@ class KpackConfig:
     subz: bool = False   # subtract the zeros from the codes in x's dtype (exact) instead of z * sum(x) per group
 
 
-def check_packing(K: int, group_size: int, slice: int) -> None:
-    """ValueError unless K rows in groups of group_size can be k-packed with this slice."""
+def packing_error(K: int, group_size: int, slice: int) -> str | None:
+    """Why K rows in groups of group_size cannot be k-packed with this slice (None: they can)."""
     kblock = 8 * slice
     if slice not in SLICES:
-        raise ValueError(f"k-packing slice {slice}: choose one of {SLICES}")
+        return f"k-packing slice {slice}: choose one of {SLICES}"
     if K % kblock:
-        raise ValueError(f"k-packing with slice {slice} needs K ({K}) a multiple of {kblock}")
+        return f"k-packing with slice {slice} needs K ({K}) a multiple of {kblock}"
     if (group_size % slice) if group_size < kblock else (group_size % kblock):
-        raise ValueError(f"k-packing with slice {slice}: the group size ({group_size}) must be a multiple of "
-                         f"{slice} below {kblock} rows, else of {kblock}")
+        return (f"k-packing with slice {slice}: the group size ({group_size}) must be a multiple of "
+                f"{slice} below {kblock} rows, else of {kblock}")
+    return None
+
+
+def check_packing(K: int, group_size: int, slice: int) -> None:
+    """ValueError unless K rows in groups of group_size can be k-packed with this slice."""
+    error = packing_error(K, group_size, slice)
+    if error:
+        raise ValueError(error)
 
 
 KPACK_CHUNK = 2048   # output columns repacked at a time (Qwen3-8B's down: 100 MB of int32 codes meanwhile)
@@ -183,7 +191,8 @@ def m_bucket(M: int) -> int:
 
 
 def block_m_for(M: int) -> int:
-    return 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
+    """Rows a tile covers for M rows: 16, 32 or 64 (a tile keeps two float32 accumulators: larger spill)."""
+    return 16 if M <= 16 else 32 if M <= 32 else 64
 
 
 def heuristic_config(M: int, N: int, K: int, num_sms: int, slice: int = 16) -> KpackConfig:
@@ -191,7 +200,7 @@ def heuristic_config(M: int, N: int, K: int, num_sms: int, slice: int = 16) -> K
     subtracted, 16/32/64-row tiles (two float32 accumulators a tile: larger ones spill), swapped operands
     from 2 rows (TABLE's choice at 10 of its 12 entries of 16-64 rows), K split until about two programs per
     SM while a split keeps two K blocks."""
-    block_m = min(block_m_for(M), 64)
+    block_m = block_m_for(M)
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, 64)
     blocks, splits = K // (8 * slice), 1
     while tiles * splits < 2 * num_sms and blocks // (splits * 2) >= 2:
@@ -225,13 +234,7 @@ TABLE: dict[tuple[int, int, int], KpackConfig] = {
 def layer_slice(K: int, group_size: int) -> int | None:
     """The slice a layer is packed with: 32 (the measured best) where K and the group allow, else 16;
     None: not k-packable (the AWQ-layout kernels serve it)."""
-    for slice in (32, 16):
-        try:
-            check_packing(K, group_size, slice)
-            return slice
-        except ValueError:
-            pass
-    return None
+    return next((slice for slice in (32, 16) if packing_error(K, group_size, slice) is None), None)
 
 
 def config_for(M: int, N: int, K: int, slice: int, num_sms: int) -> KpackConfig:
@@ -340,4 +343,13 @@ def dequant_matmul(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, sc
                    slice: int) -> torch.Tensor:
     """x [M, K] @ W [K, N] by dequantizing W into the scratch buffer, then one cuBLAS GEMM."""
     return x @ dequantize_kpacked(words, zeros, scales, group_size, slice, x.dtype)
+
+
+def kpacked_matmul(x: torch.Tensor, words: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                   slice: int, num_sms: int) -> torch.Tensor:
+    """What an AWQLinear on k-packed weights runs: x [M, K] @ W [K, N] by the fused kernel with config_for's
+    config, or from DEQUANT_MIN_M rows by dequantize + cuBLAS."""
+    if x.shape[0] >= DEQUANT_MIN_M:
+        return dequant_matmul(x, words, zeros, scales, group_size, slice)
+    return kpack_gemm(x, words, zeros, scales, group_size, slice, num_sms=num_sms)
 
