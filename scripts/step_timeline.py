@@ -64,8 +64,8 @@ def main():
         prof.enable()
     steps = []  # (phase, batch size, seconds, host wait for the device)
     queue_s = tail_s = detok_s = 0.0
-    seqs_all, texts = [], []
-    t_start = time.perf_counter()
+    all_seqs, texts = [], []
+    start = time.perf_counter()
     for prompts, params in rounds:
         t0 = time.perf_counter()
         seqs = [llm.make_sequence(pr, sp) for pr, sp in zip(prompts, params)]
@@ -87,13 +87,13 @@ def main():
         texts += [llm.output_text(s) for s in seqs]
         t3 = time.perf_counter()
         tail_s, detok_s = tail_s + t2 - last, detok_s + t3 - t2
-        seqs_all += seqs
-    seqs, t0, t3 = seqs_all, t_start, time.perf_counter()
+        all_seqs += seqs
+    elapsed = time.perf_counter() - start
     if prof:
         prof.disable()
-    tokens = sum(len(s.completion_token_ids) for s in seqs)
-    print(f"{args.workload} cascade={args.enable_cascade_attention}: {tokens} tokens in {t3 - t0:.3f} s = "
-          f"{tokens / (t3 - t0):.0f} tok/s; {len(texts)} outputs")
+    tokens = sum(len(s.completion_token_ids) for s in all_seqs)
+    print(f"{args.workload} cascade={args.enable_cascade_attention}: {tokens} tokens in {elapsed:.3f} s = "
+          f"{tokens / elapsed:.0f} tok/s; {len(texts)} outputs")
     print(f"| part | seconds |\n|---|---|\n| validate + queue | {queue_s:.3f} |")
     buckets = defaultdict(lambda: [0, 0.0, 0.0])
     for phase, n, sec, wait in steps:
