@@ -80,7 +80,8 @@ def main():
             now = time.perf_counter()
             if collected is not None:
                 wait = sum(waited[n_waits:])
-                steps.append(("prefill" if collected.is_prefill else "decode", len(collected.seqs), now - last, wait))
+                steps.append(("prefill" if collected.is_prefill else "decode", len(collected.seqs), now - last, wait,
+                              len(collected.step.input_ids)))
             last = now
         llm.drain()
         t2 = time.perf_counter()
@@ -95,16 +96,17 @@ def main():
     print(f"{args.workload} cascade={args.enable_cascade_attention}: {tokens} tokens in {elapsed:.3f} s = "
           f"{tokens / elapsed:.0f} tok/s; {len(texts)} outputs")
     print(f"| part | seconds |\n|---|---|\n| validate + queue | {queue_s:.3f} |")
-    buckets = defaultdict(lambda: [0, 0.0, 0.0])
-    for phase, n, sec, wait in steps:
-        key = (phase, 0 if phase == "prefill" else min(b for b in (8, 32, 64, 128, 256, 512, 1024, 1 << 30) if n <= b))
-        buckets[key][0] += 1
-        buckets[key][1] += sec
-        buckets[key][2] += wait
-    for (phase, b), (count, sec, wait) in sorted(buckets.items()):
-        label = phase if phase == "prefill" else f"decode, batch <= {b}"
-        print(f"| {label} ({count} steps, {1000 * sec / count:.2f} ms each, host waits "
-              f"{1000 * wait / count:.2f} ms of it) | {sec:.3f} |")
+    buckets = defaultdict(lambda: [0, 0.0, 0.0, 0])  # steps, seconds, host waits, tokens
+    for phase, n, sec, wait, n_tokens in steps:  # prefill by tokens a step, decode by rows
+        size = n_tokens if phase == "prefill" else n
+        limits = (1024, 4096, 16384, 1 << 30) if phase == "prefill" else (8, 32, 64, 128, 256, 512, 1024, 1 << 30)
+        key = (phase, min(b for b in limits if size <= b))
+        for i, value in enumerate((1, sec, wait, n_tokens)):
+            buckets[key][i] += value
+    for (phase, b), (count, sec, wait, n_tokens) in sorted(buckets.items()):
+        label = f"{phase}, {'tokens' if phase == 'prefill' else 'batch'} <= {b if b < 1 << 30 else 'any'}"
+        print(f"| {label} ({count} steps, {n_tokens / count:.0f} tokens, {1000 * sec / count:.2f} ms each, "
+              f"host waits {1000 * wait / count:.2f} ms of it) | {sec:.3f} |")
     print(f"| last collect | {tail_s:.3f} |\n| detokenize | {detok_s:.3f} |")
     if prof:
         out = io.StringIO()

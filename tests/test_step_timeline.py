@@ -32,4 +32,4 @@ def test_step_timeline_runs_every_round(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert tops and tops[0] <= 10000
     assert "w6 cascade=False: 48 tokens" in out and "16 outputs" in out   # 2 rounds x 8 requests x 3 tokens
-    assert "| prefill (" in out and "| decode, batch <=" in out
+    assert "| prefill, tokens <= " in out and "| decode, batch <=" in out
