@@ -11,7 +11,10 @@ and records every step's wall time (with
 overlapped steps a step() call returns once the previous step's tokens are in, so its wall time is
 the device time of that step when the device is the bottleneck). Prints time before the first step
 (validation, queueing), prefill and decode time by batch-size bucket, and time after the last step
-(detokenization, building outputs).
+(detokenization, building outputs). Prefill steps are bucketed by their tokens, decode steps by rows;
+"host waits" is the time the host spent waiting for the device in that step: in `collect` and in the
+runner's plan fence (a step's plan copy is queued behind its forward's waits for host-tier copies,
+so with the tier the host meets a copy-bound step there: W6 at 1.7B, session 11, claude_docs/memory.md).
 """
 import argparse
 import cProfile
@@ -59,6 +62,15 @@ def main():
         finally:
             waited.append(time.perf_counter() - t)
     runner.collect = timed_collect
+    fence = runner._plan_fence   # the host also waits for the device here: a step's plan copy queues behind
+
+    def timed_fence():           # the copies its forward waits for (host tier), so count it as a wait
+        t = time.perf_counter()
+        try:
+            return fence()
+        finally:
+            waited.append(time.perf_counter() - t)
+    runner._plan_fence = timed_fence
     prof = cProfile.Profile() if args.cprofile else None
     if prof:
         prof.enable()
