@@ -76,3 +76,26 @@ def test_tp2_greedy_equals_tp1_with_graphs_and_cascade(model_06b):
         compare(one, got, expected_shared, shared, "TP=2 cascade on vs TP=1 cascade off")
     finally:
         on.close()
+
+
+def test_tp2_greedy_with_fused_all_reduce_norm(model_06b, monkeypatch):
+    """NANOVLLM_CUSTOM_AR_BACKEND=trtllm (every rank inherits it): each layer's o_proj and down_proj sums
+    are taken by the norm after them in one all-reduce + residual + RMSNorm kernel (models/llama.py),
+    eagerly in prefill and inside the decode graphs; greedy tokens as TP=1's up to near-ties."""
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    common = dict(dtype="bfloat16", max_model_len=2048, max_num_seqs=128, num_kvcache_blocks=4096)
+    one = LLM(model_06b, **common)
+    expected = [o["token_ids"] for o in one.generate(PROMPTS, sp, use_tqdm=False)]
+    monkeypatch.setenv("NANOVLLM_CUSTOM_AR_BACKEND", "trtllm")
+    two = LLM(model_06b, tensor_parallel_size=2, **common)
+    try:
+        from nanovllm.distributed.parallel_state import group
+        car = group().custom_ar
+        assert car.backend == "trtllm" and not car.disabled, car
+        calls = car.fused_calls   # graph capture ran them once each
+        got = [o["token_ids"] for o in two.generate(PROMPTS, sp, use_tqdm=False)]
+        assert calls > 0 and car.fused_calls > calls, "no fused all-reduce + norm ran"
+        assert two.model_runner.graphs.replays > 0, "decode ran eagerly under TP"
+        compare(one, got, expected, PROMPTS, "TP=2 fused all-reduce + norm vs TP=1")
+    finally:
+        two.close()

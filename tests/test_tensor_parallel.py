@@ -128,6 +128,8 @@ def test_greedy_generate_equals_one_rank(tiny_model, make_llm, tp_llm, tp):
     single = make_llm(tiny_model, **engine)
     expected = single.generate(prompts, sp, use_tqdm=False)
     llm = tp_llm(tiny_model, tp, **engine)
+    layers = llm.model_runner.model.model.layers   # rank 0's: sums over ranks taken in the norms (deferred)
+    assert all(layer.attn_partial and layer.mlp_partial for layer in layers)
     got = llm.generate(prompts, sp, use_tqdm=False)
     assert [o["token_ids"] for o in got] == [o["token_ids"] for o in expected]
     assert llm.stats["cascade_steps"] > 0

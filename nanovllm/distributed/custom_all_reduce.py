@@ -282,6 +282,7 @@ class CustomAllReduce:
         self._capturing = False
         self._ready = False                  # setup completed on every rank: close() has work to do
         self._closed = False
+        self.fused_calls = 0   # fused_add_rmsnorm calls from Python (eager, and once each while captured)
         self._ops = None
         self._rt = None
         self._shared: list[list[int]] = []   # per shared buffer: one pointer per rank (ours at [rank])
@@ -540,6 +541,7 @@ class CustomAllReduce:
         residual), the same as NCCL all-reduce followed by flashinfer.fused_add_rmsnorm."""
         if self.disabled or self.backend != "trtllm":
             raise RuntimeError("fused_add_rmsnorm needs an enabled backend='trtllm' CustomAllReduce")
+        self.fused_calls += 1
         norm_out = torch.empty_like(x)
         # Each element of residual is read and then written by the same thread: in place is safe.
         self._trtllm(x, TRTLLM_PATTERN_RESIDUAL_RMSNORM, residual_in=residual, residual_out=residual,

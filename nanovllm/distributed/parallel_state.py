@@ -133,6 +133,16 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(rmsnorm(residual + sum over ranks of x) * weight, residual + that sum) in one kernel, where the
+    custom all-reduce has it (backend "trtllm", 16-bit, up to its max_bytes; residual is updated in
+    place); None where it does not: the caller then runs all_reduce and its own norm."""
+    car = _group.custom_ar if _group is not None else None
+    if car is None or not car.should_use_fused(x, residual, weight):
+        return None
+    return car.fused_add_rmsnorm(x, residual, weight, eps)
+
+
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """Every rank's x side by side along the last dimension, in rank order."""
     if _group is None:

@@ -51,6 +51,7 @@ class AWQLinear(nn.Module):
                 raise ValueError(f"{name}: an output slice of {cols} columns is not a multiple of {PACK} "
                                  f"(one packed int32 word)")
         self.tp_dim, self.tp_size, self.group_size = tp_dim, tp_size, group_size
+        self.reduce_output = True   # as Linear's (layers/linear.py)
         self.in_source, self.in_full, self.shards = in_source, in_full, shards
         self.in_features, self.out_features = in_local, out_local
         groups = in_local // group_size
@@ -79,8 +80,10 @@ class AWQLinear(nn.Module):
         else:
             shards = {None: (0, out_local, 0, out_local)}
         row = linear.tp_dim == 1
-        return cls(in_local, r * in_local if row else 0, in_local * n if row else in_local, shards,
-                   linear.tp_dim, n, group_size, linear.bias is not None, name)
+        layer = cls(in_local, r * in_local if row else 0, in_local * n if row else in_local, shards,
+                    linear.tp_dim, n, group_size, linear.bias is not None, name)
+        layer.reduce_output = linear.reduce_output   # a deferred sum stays deferred (layers/linear.py)
+        return layer
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None):
         out_dim, unit, in_unit = _LAYOUT[param.awq_role]
@@ -134,6 +137,8 @@ class AWQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x)
         if self.tp_dim == 1 and self.tp_size > 1:
+            if not self.reduce_output:
+                return y
             y = all_reduce(y)
         return y + self.bias if self.bias is not None else y
 

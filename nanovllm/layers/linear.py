@@ -2,7 +2,9 @@
 
 Column parallel (`tp_dim=0`): each rank holds a slice of the output features; no communication.
 Row parallel (`tp_dim=1`): each rank holds a slice of the input features and the partial outputs
-are summed with one all-reduce (attention's o_proj and the MLP's down_proj: two a layer).
+are summed with one all-reduce (attention's o_proj and the MLP's down_proj: two a layer). A layer
+whose `reduce_output` is False returns its partial sum and leaves the all-reduce to the RMSNorm after
+it (models/llama.py: all-reduce + residual add + RMSNorm, one kernel where the custom all-reduce has it).
 PackedLinear stores several projections as one matrix (q/k/v, gate/up), each one column parallel:
 a rank holds its own rows of every projection. Every weight_loader takes the full checkpoint tensor
 and copies this rank's slice of it. Under `meta_weights()` the weights are built on the meta device (no
@@ -44,6 +46,7 @@ class Linear(nn.Module):
         super().__init__()
         self.tp_dim = tp_dim
         self.tp_size = tp_size()  # fixed at construction: a layer built without a group never joins one
+        self.reduce_output = True  # row parallel: False leaves the sum over ranks to the caller (defer_reduce)
         if tp_dim == 0:
             output_size = _split(output_size, "output features")
         elif tp_dim == 1:
@@ -75,9 +78,21 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_dim == 1 and self.tp_size > 1:
-            y = all_reduce(F.linear(x, self.weight))
+            y = F.linear(x, self.weight)
+            if not self.reduce_output:
+                return y
+            y = all_reduce(y)
             return y + self.bias if self.bias is not None else y
         return F.linear(x, self.weight, self.bias)
+
+
+def defer_reduce(linear) -> bool:
+    """Leave a row-parallel layer's sum over ranks to its caller (the RMSNorm after it); True if it
+    now returns partial sums. Only layers without a bias (a bias is added once, after the sum)."""
+    if getattr(linear, "tp_dim", None) != 1 or linear.tp_size <= 1 or linear.bias is not None:
+        return False
+    linear.reduce_output = False
+    return True
 
 
 class PackedLinear(Linear):

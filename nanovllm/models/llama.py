@@ -21,7 +21,7 @@ from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import LMHead, VocabEmbedding
 from nanovllm.layers.fused import use_fused
 from nanovllm.layers.layernorm import RMSNorm
-from nanovllm.layers.linear import Linear, PackedLinear
+from nanovllm.layers.linear import Linear, PackedLinear, defer_reduce
 from nanovllm.layers.rotary_embedding import RotaryEmbedding, check_rope
 from nanovllm.utils.context import get_context
 
@@ -88,14 +88,20 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Under tensor parallelism o_proj and down_proj return partial sums and the norm after each takes
+        # the sum (all-reduce + residual add + RMSNorm in one kernel where the custom all-reduce has it).
+        # `mlp_partial` tells the next layer's input norm (or the model's final norm).
+        self.attn_partial = defer_reduce(attn.o_proj)
+        self.mlp_partial = isinstance(mlp, LlamaMLP) and defer_reduce(mlp.down_proj)
 
-    def forward(self, positions, hidden, residual):
+    def forward(self, positions, hidden, residual, partial: bool = False):
+        """`partial`: `hidden` is the previous layer's MLP output before its sum over ranks."""
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = self.input_layernorm(hidden, residual, reduce=partial)
         hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm(hidden, residual, reduce=self.attn_partial)
         return self.mlp(hidden), residual
 
 
@@ -110,10 +116,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
+        hidden, residual, partial = self.embed_tokens(input_ids), None, False
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
+            hidden, residual = layer(positions, hidden, residual, partial)
+            partial = layer.mlp_partial
+        hidden, _ = self.norm(hidden, residual, reduce=partial)
         return hidden
 
 
