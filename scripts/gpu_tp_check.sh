@@ -8,6 +8,8 @@ set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 out=${OUT:-/tmp/gpu_tp}
 mkdir -p "$out"
+# FlashInfer's trtllm_comm JIT module (NANOVLLM_CUSTOM_AR_BACKEND=trtllm), if carried: ~5 minutes to build otherwise
+[[ -f .devkit/trtllm_comm.tar.xz && -d /tmp/fiws ]] && tar xJf .devkit/trtllm_comm.tar.xz -C /tmp/fiws
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 bench() { python3 bench.py "$@" --json "$out/bench.jsonl" 2>&1 | grep -E "tok/s|Error|error" | tail -3; }
 case ${PART:-tests} in

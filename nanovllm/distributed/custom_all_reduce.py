@@ -40,7 +40,7 @@ paths. The one kind of memory here is cudaMalloc shared through
 cudaIpcGetMemHandle / cudaIpcOpenMemHandle, whose handles travel over the gloo group. This module, like
 every process of ours, sets NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1.
 
-Why "vllm" is the default until measured: the plain and graph paths of both kernels have the same
+Why "vllm" is the default (measured below): the plain and graph paths of both kernels have the same
 interface here. vLLM's one-stage kernel takes any contiguous bf16/fp16/fp32 tensor of 16-byte multiple
 size, and it keeps no state between calls. The Lamport kernel should have the lower latency for tiny
 messages: one NVLink write and a local poll, against a barrier, remote reads and a second barrier. It
@@ -76,6 +76,15 @@ budget, so its columns are empty; its correctness test passed, tests/test_custom
 In a CUDA graph the vLLM kernel is 2-3.5x faster than NCCL up to 8 MB (a decode step's messages:
 rows x hidden x 2 bytes), so it serves every message up to max_bytes = 8 MB and NCCL the larger
 (prefill) ones. End to end (Qwen3-8B shapes, TP=2, W1): 13,787 tok/s with it, 13,319 NCCL-only.
+
+Session 11, 2 x H200, the trtllm columns (built on a one-GPU machine first: ~300 s), 56 ops in a graph:
+trtllm 2.9 / 3.0 / 3.7 / 6.7 / 21.5 / 49.9 us at 16 KB / 64 KB / 256 KB / 1 MB / 4 MB / 8 MB against
+vllm's 4.4 / 4.5 / 5.3 / 8.7 / 20.3 / 35.7; fused with residual + RMSNorm 3.4-11.7 us (hidden 1,024-4,096,
+1-256 tokens) against 7.8-31.1 for NCCL + flashinfer.fused_add_rmsnorm. The models take each row-parallel
+sum in the norm after it (layers/layernorm.py), so with backend "trtllm" every layer's two sums are fused
+kernels: Qwen3-8B W1 TP=2 14,952 / 14,920 tok/s against 14,654 with "vllm" (+2.0%, same machine). vllm stays
+the default (trtllm is slower at 4-8 MB, W2's decode messages, and its JIT build takes minutes):
+claude_docs/performance.md, "Session 11".
 """
 from __future__ import annotations
 
