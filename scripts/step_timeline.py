@@ -13,8 +13,8 @@ the device time of that step when the device is the bottleneck). Prints time bef
 (validation, queueing), prefill and decode time by batch-size bucket, and time after the last step
 (detokenization, building outputs). Prefill steps are bucketed by their tokens, decode steps by rows;
 "host waits" is the time the host spent waiting for the device in that step: in `collect` and in the
-runner's plan fence (a step's plan copy is queued behind its forward's waits for host-tier copies,
-so with the tier the host meets a copy-bound step there: W6 at 1.7B, session 11, claude_docs/memory.md).
+runner's plan fence (a step's plan copy queues behind whatever its forward waits for, e.g. host-tier
+copies). W6 at 1.7B's small prefill steps (claude_docs/memory.md, session 11) waited in neither.
 """
 import argparse
 import cProfile
