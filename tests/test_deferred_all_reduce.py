@@ -13,6 +13,7 @@ from nanovllm.layers.linear import Linear, defer_reduce
 def row_parallel(bias=False, in_features=16):
     layer = Linear(in_features, 8, bias=bias, tp_dim=1)   # built without a group (one rank): say two
     layer.tp_size = 2
+    layer.weight.data.normal_()   # torch.empty may hold NaNs
     return layer
 
 

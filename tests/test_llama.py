@@ -82,12 +82,18 @@ def test_greedy_generate_matches_transformers(llama_dirs, make_llm, preset):
     assert sum(o["num_cached_tokens"] for o in outs) > 0
 
 
-def test_tensor_parallel_equals_one_rank(llama_dirs, make_llm, tp_llm):  # noqa: F811
-    """llama3-tiny (8 query heads, 2 KV heads, untied, llama3 rope) split over 2 gloo ranks."""
-    path = llama_dirs["llama3-tiny"]
+@pytest.mark.parametrize("preset", ["llama3-tiny", "llama-tiny-bias"])
+def test_tensor_parallel_equals_one_rank(llama_dirs, make_llm, tp_llm, preset):  # noqa: F811
+    """llama3-tiny (8 query heads, 2 KV heads, untied, llama3 rope) split over 2 gloo ranks; the biased
+    llama keeps o_proj's and down_proj's sums in the layers (a bias is added once, after the sum), the
+    unbiased one takes them in the norms (layers/linear.py defer_reduce)."""
+    path = llama_dirs[preset]
     prompts = random_prompts(1, [5, 40, 130, 300])
     one = logits_by_step(make_llm(path), prompts)
-    two = logits_by_step(tp_llm(path, 2), prompts)
+    llm = tp_llm(path, 2)
+    deferred = preset == "llama3-tiny"
+    assert all(layer.attn_partial == layer.mlp_partial == deferred for layer in llm.model_runner.model.model.layers)
+    two = logits_by_step(llm, prompts)
     ref = hf_model(path)
     for (seq, ours), (seq1, single) in zip(two, one):
         assert seq.token_ids == seq1.token_ids
