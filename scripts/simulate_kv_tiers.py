@@ -12,7 +12,11 @@ previous step's copies); `--copy-feedback` models the opt-in per-page waits (Tim
 on two copy streams would take W6 fcfs at 1.7B from 51.6 to 46.3 modelled seconds; the H200 then
 showed both copy directions sharing ~50 GB/s (the model's two streams are independent, so it does
 not apply) and with one stream the model and the GPU agree that feedback changes little (51.7 vs
-51.9 modelled; 51.0 vs 50.7 s measured). Its rates: prefill PREFILL_US_PER_TOKEN, a decode step DECODE_FIXED_MS plus
+51.9 modelled; 51.0 vs 50.7 s measured). Session 11: with feedback, the forwards' stall was their own
+write-backs (9.6 of 9.9 s) queued behind earlier restores on the one stream; since then a forward takes
+clean pages for what it writes and waits for its batch's write-backs only if it writes one of those
+pages (engine/block_manager.py `_next_free`, `wait_own_out`): 47.25 modelled seconds at 1.7B rates (below),
+not yet measured on a GPU. Its rates: prefill PREFILL_US_PER_TOKEN, a decode step DECODE_FIXED_MS plus
 its KV bytes at DECODE_GB_S, a page copy COPY_US_PER_PAGE (1.835 MB at the 43 GB/s measured on the
 H200 in session 5). The prefill and decode rates are estimates, not fitted: the model gives 51.2 s for
 the H200's GPU-only W6 (measured 47.99 s, +7%) and 59.7 s for the old host-tier fcfs run (measured
@@ -117,7 +121,7 @@ class Timeline:
             earlier = max(self.prev_copies, written_back)   # one stream: its write-backs follow all before
             self.prev_copies = end if (out or restore or ahead) else 0.0
         self.copy_busy += busy if (out or restore or ahead) else 0.0
-        waits = {"earlier batches": earlier, "own write-backs": written_back if out else 0.0,
+        waits = {"earlier batches": earlier, "own write-backs": written_back if out and copies.wait_own_out else 0.0,
                  "own restores": restored if copies.wait_for_restores else 0.0}
         ready = max(self.main, *waits.values())
         stall = ready - self.main

@@ -10,7 +10,8 @@ waiting to come back, write-back ahead of eviction), executed after the step's r
 runner does. In the asynchronous mode (the engine on CUDA) the copies are queued as batches that
 land later, in order, as a random schedule says; the block manager hears of them only as the runner
 would report them (`copies_landed`), and a step's forward first lands the batches its step waits for
-(`wait_in`, `wait_out`, its write-backs, its restores if it reads them), then must read the right tokens in
+(`wait_in`, `wait_out`, its write-backs unless it writes none of their pages, its restores if it reads
+them), then must read the right tokens in
 every page of the rows it runs. The block manager's own invariants (a hash in both tiers only with equal bytes, every
 host page free / pinned / in the LRU exactly once, ref counts) are checked too, and nothing leaks."""
 import random
@@ -61,7 +62,7 @@ class Store:
                 self.queues[stream].append((c.batch, part, getattr(c, part), dep))
         self.land_up_to("in", c.wait_in)
         self.land_up_to("out", c.wait_out)
-        if c.swap_out:
+        if c.swap_out and c.wait_own_out:   # else the forward writes none of the pages written back
             self.land_up_to("out", c.batch, "swap_out")
         if c.wait_for_restores:
             self.land_up_to("in", c.batch)
@@ -534,3 +535,51 @@ def test_a_page_written_ahead_is_waited_for_only_by_the_step_that_writes_it():
         assert bm.out_done == copies.batch   # waited for by a launched forward: landed for later steps
         bm.deallocate(writer)
         bm.check_invariants()
+
+
+def test_with_copy_feedback_the_forward_writes_clean_pages_and_skips_its_batchs_write_backs():
+    """Copy feedback (sync_copies off): a page the step's forward writes is taken clean when one is among
+    the oldest free pages, past dirty ones (a write-back would queue behind earlier restores on the copy
+    stream, and the forward would wait for it); the dirty ones go to restores, whose copies follow their
+    write-backs on the stream. A step whose forward writes none of its batch's write-back pages does not
+    wait for them (`wait_own_out`); one that does, waits. The property tests above check the bytes."""
+    bm = BlockManager(6, BS, num_host_blocks=16)
+    x = list(range(9))
+    host_only_prefixes(bm, x)   # x's two full pages are in host memory only
+    bm.sync_copies = False
+    bm.begin_step()
+    run = computed_seq(bm, [400 + i for i in range(4)])    # one full page; its next token starts another
+    y = computed_seq(bm, [300 + i for i in range(8)])      # two full cached pages the host lacks (dirty)
+    z = computed_seq(bm, [500 + i for i in range(5)])      # a dirty full page and a clean partial one
+    w = computed_seq(bm, [600])                            # a clean partial page
+    free = [y.block_table[1], y.block_table[0], z.block_table[1], z.block_table[0], w.block_table[0]]
+    for seq in (y, z, w):   # last pages first: y1, y0 (dirty), z1 (clean), z0 (dirty), w0 (clean), oldest first
+        bm.deallocate(seq)
+    assert list(bm.free_block_ids) == free
+    bm.take_copies()
+    bm.launched()
+    bm.begin_step()
+    bm.launched()   # a step since they were freed: none is used by the step in flight
+
+    bm.begin_step()
+    run.append_token(7)
+    bm.may_append(run)
+    assert run.block_table[-1] == free[2]   # past the two dirty pages at the LRU end
+    assert not bm.take_copies().swap_out
+    bm.launched()
+
+    bm.begin_step()
+    c = Sequence(x + [77], SP, BS)          # two host hits to restore, and one page of its own
+    assert admit(bm, None, c)
+    bm.issue_restores()
+    copies = bm.take_copies()
+    assert sorted(g for g, _ in copies.swap_out) == sorted(free[:2])   # the restores' pages: y's, written back
+    assert c.block_table[2] == free[4] and not copies.wait_own_out     # its own page: clean, past z0
+    bm.launched()
+
+    bm.begin_step()
+    d = Sequence([700 + i for i in range(3)], SP, BS)   # its one page can only be z0, dirty
+    assert admit(bm, None, d)
+    copies = bm.take_copies()
+    assert [g for g, _ in copies.swap_out] == [free[3]] and copies.wait_own_out
+    bm.check_invariants()

@@ -90,9 +90,12 @@ class StepCopies(NamedTuple):
     wait_out: int           # ... and for the write-backs of the batches up to this one
     out_after_in: int       # this batch's write-backs wait for the restores of the batches up to this one
     in_after_out: int       # its restores wait for the write-backs up to this batch (its own: its swap_out)
+    wait_own_out: bool = True   # the forward waits for this batch's swap_out (False: it writes none of those pages)
 # Background write-backs a step at most: scanning 4 x 4,096 free pages a step cost 17 ms of host
 # time per step in the W6 simulation (2-core CPU); 2 x 256 keeps it under ~1 ms.
 WRITE_AHEAD_PAGES = 256
+# Free pages looked at, oldest first, for one a forward may write without waiting for a write-back.
+CLEAN_SCAN = 16
 
 
 def is_host_hit(hit: int) -> bool:
@@ -147,6 +150,7 @@ class BlockManager:
         self.host_pinned: dict[int, OrderedDict] = {}
         self.prefetch = prefetch          # restore waiting requests' host pages into clean free GPU pages
         self.write_ahead = write_ahead    # copy the LRU end of the free GPU pages to host before eviction
+        self.own_out = False              # this step's forward writes a page its batch writes back (_uses)
         self.copy_budget = 128            # pages a step's background copies may move (set per step from `costs`)
         self.costs = None                 # engine/copy_costs.py's CopyCosts (measured), or None: 128 pages a step
         self.write_ahead_pairs: list[tuple[int, int]] = []   # this step's background (GPU page, host page) copies
@@ -243,6 +247,8 @@ class BlockManager:
             self.wait_in = max(self.wait_in, block.landing)
         if writes and self.out_done < block.read_out < self.clock:
             self.wait_out = max(self.wait_out, block.read_out)
+        if writes and block.read_out == self.clock:   # written back in this very batch
+            self.own_out = True
 
     def _note_write_back(self, block: Block, page: int):
         """GPU page `block` goes to host page `page` in this batch (out stream): after any restore into
@@ -312,7 +318,8 @@ class BlockManager:
             self.wait_in = self.wait_out = max(self.wait_in, self.wait_out, self.last_copy_batch)
         copies = StepCopies(self.swap_out, self.swap_in, self.copy_after_prev, self.wait_for_restores,
                             self.write_ahead_pairs, self.clock, self.wait_in, self.wait_out, self.out_after_in,
-                            self.in_after_out)
+                            self.in_after_out, self.sync_copies or self.own_out)
+        self.own_out = False
         if self.swap_out or self.swap_in or self.write_ahead_pairs:
             self.last_copy_batch = self.clock
         if self.wait_for_restores:   # its forward waits for its own restores: landed once it is launched
@@ -379,9 +386,26 @@ class BlockManager:
             return True
         return not block.keep or self._on_host(block)
 
-    def _take_free(self, block_id: int | None = None) -> Block:
+    def _next_free(self, for_forward: bool) -> int:
+        """The free page to hand out: the LRU end; for a page this step's forward writes, with copy
+        feedback (`sync_copies` off), the oldest clean one among the CLEAN_SCAN oldest if the LRU end
+        is dirty, so that the forward need not wait for a write-back queued behind earlier restores on
+        the copy stream (dirty pages go to restores, whose copies follow their write-backs there)."""
+        if for_forward and self.num_host_blocks and not self.sync_copies:
+            for scanned, block_id in enumerate(self.free_block_ids):
+                if scanned == CLEAN_SCAN:
+                    break
+                if self._is_clean(self.blocks[block_id]):
+                    del self.free_block_ids[block_id]
+                    return block_id
+        return self.free_block_ids.popitem(last=False)[0]
+
+    def _take_free(self, block_id: int | None = None, for_forward: bool = False) -> Block:
+        """A free page for a new use: `block_id`, or the next one (`_next_free`), its cached contents
+        written back to host first where they are worth keeping. `for_forward`: this step's forward
+        writes it."""
         if block_id is None:
-            block_id, _ = self.free_block_ids.popitem(last=False)
+            block_id = self._next_free(for_forward)
             block = self.blocks[block_id]
             if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block_id:
                 del self.hash_to_block_id[block.hash]   # its old contents are about to be overwritten
@@ -563,7 +587,7 @@ class BlockManager:
         num_full = len(seq) // self.block_size if self.enable_prefix_caching else 0
         hashes = self._hashes(seq, num_full)
         for i in range(len(hits), seq.num_blocks):
-            block = self._take_free()
+            block = self._take_free(for_forward=True)
             self._uses(block, writes=True)
             if i < num_full:
                 # Registered now, computed later: a request arriving meanwhile waits for it (see match).
@@ -638,7 +662,7 @@ class BlockManager:
     def may_append(self, seq: Sequence):
         """Give the token a decode step writes a page (a new one when it starts a page)."""
         if len(seq.block_table) < seq.num_blocks:
-            block = self._take_free()
+            block = self._take_free(for_forward=True)
             self._uses(block, writes=True)
             seq.block_table.append(block.block_id)
 

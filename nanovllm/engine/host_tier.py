@@ -294,12 +294,14 @@ class HostTier:
         return self.pool.shape[0]
 
     def before_forward(self, swap_out, swap_in, after_prev: bool, wait_for_restores: bool, write_ahead=None,
-                       prefill_tokens: int = 0, batch: int = -1, waits: tuple = (-1, -1, -1, -1)) -> StepTimer:
+                       prefill_tokens: int = 0, batch: int = -1, waits: tuple = (-1, -1, -1, -1),
+                       wait_own_out: bool = True) -> StepTimer:
         """Called before every step's forward: queues this step's copies (numpy [n, 2] arrays or None) as
         copy batch `batch`, then orders the forward after what it needs. `waits`: (wait_in, wait_out,
         out_after_in, in_after_out), engine/block_manager.py's StepCopies. The forward waits for the
         restores of the batches up to wait_in and the write-backs up to wait_out, for its own
-        write-backs (it may reuse those pages), and for its own restores only if `wait_for_restores`;
+        write-backs unless `wait_own_out` is False (copy feedback: the block manager saw the forward
+        write none of those pages), and for its own restores only if `wait_for_restores`;
         never for `write_ahead` (background write-backs of free pages). Returns the step's timer (the
         runner marks the forward's end)."""
         timer = StepTimer(self.cuda, prefill_tokens)
@@ -308,7 +310,7 @@ class HostTier:
             self.poll()   # drops the events seen complete (a tensor-parallel worker never collects)
         if swap_out is not None or swap_in is not None or write_ahead is not None:
             self.copy(swap_out, swap_in, after_prev, wait_for_restores, write_ahead, timer, batch, out_after_in,
-                      in_after_out)
+                      in_after_out, wait_own_out)
         if self.cuda:
             main = torch.cuda.current_stream()
             for end in (last_up_to(self.in_ends, wait_in), last_up_to(self.out_ends, wait_out)):
@@ -330,7 +332,7 @@ class HostTier:
 
     def copy(self, swap_out, swap_in, after_prev: bool, wait_for_restores: bool = True, write_ahead=None,
              timer: StepTimer | None = None, batch: int = -1, out_after_in: int = -1,
-             in_after_out: int = -1) -> StepTimer:
+             in_after_out: int = -1, wait_own_out: bool = True) -> StepTimer:
         """Queue a step's copies: swap_out then write_ahead on the out stream, swap_in on the in stream;
         the out stream first waits for the restores up to batch `out_after_in`, the in stream for the
         write-backs up to batch `in_after_out` (`batch` itself: this batch's swap_out)."""
@@ -379,7 +381,7 @@ class HostTier:
             self.in_ends.append((batch, timer.restore_end))
             if wait_for_restores:
                 main.wait_event(timer.restore_end)
-        if written_back is not None:
+        if written_back is not None and wait_own_out:   # else the forward writes none of those pages
             main.wait_event(written_back)
         return timer
 

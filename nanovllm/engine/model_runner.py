@@ -168,7 +168,7 @@ class ModelRunner:
             timer = self.host_tier.before_forward(step.swap_out, step.swap_in, step.copy_after_prev,
                                                   step.wait_for_restores, step.write_ahead,
                                                   len(step.input_ids) if step.is_prefill else 0,
-                                                  step.copy_batch, step.copy_waits)
+                                                  step.copy_batch, step.copy_waits, step.wait_own_write_backs)
         batch, input_ids, positions = self.prepare(step)
         s = step.sampling
         # Under tensor parallelism the one-pass samplers work on each rank's vocabulary slice when

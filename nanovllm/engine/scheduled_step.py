@@ -54,6 +54,8 @@ Data contract (all host numpy arrays; `rows` = sequences in the step, `tokens` =
                                                copies_done); its write-backs wait for the restores
                                                up to out_after_in, its restores for the write-backs
                                                up to in_after_out (engine/block_manager.StepCopies)
+  wait_own_write_backs bool                    the forward waits for this step's swap_out (False only
+                                               with copy feedback when it writes none of those pages)
 
 Sampling is a pure function of the logits and `sampling`, so every rank samples the same tokens:
 unseeded rows draw from a generator seeded with `step_seed`, seeded requests from their own
@@ -161,6 +163,7 @@ class ScheduledStep:
     write_ahead: np.ndarray | None = None
     copy_batch: int = -1
     copy_waits: tuple = (-1, -1, -1, -1)
+    wait_own_write_backs: bool = True
 
     def __post_init__(self):
         for name in ("input_ids", "prev_rows", "positions", "slot_mapping", "q_lens", "kv_lens", "qo_indptr",

@@ -123,7 +123,8 @@ class StepBuilder:
                     copy_after_prev=bool(copies.after_prev and (copies.swap_out or copies.swap_in)),
                     wait_for_restores=bool(copies.wait_for_restores and copies.swap_in),
                     copy_batch=copies.batch,
-                    copy_waits=(copies.wait_in, copies.wait_out, copies.out_after_in, copies.in_after_out))
+                    copy_waits=(copies.wait_in, copies.wait_out, copies.out_after_in, copies.in_after_out),
+                    wait_own_write_backs=bool(copies.wait_own_out))
 
     def _sampling_inputs(self, seqs: list[Sequence]) -> SamplingInputs:
         params = [s.sampling_params for s in seqs]
