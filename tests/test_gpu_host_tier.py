@@ -57,11 +57,14 @@ def tenants(seed=0):
     return prompts
 
 
-@pytest.mark.parametrize("backend", ["torch", "flashinfer"])
-def test_greedy_with_host_tier_equals_without(gpu_model, backend):
+@pytest.mark.parametrize("backend,feedback", [("torch", "0"), ("flashinfer", "0"), ("torch", "1")])
+def test_greedy_with_host_tier_equals_without(gpu_model, backend, feedback, monkeypatch):
     """Eight 300-token system prompts, 4 requests each, twice, through 64 GPU pages: prefixes are
     written back and restored. float32 on the torch backend (exact), bf16 on FlashInfer (a rare
-    near-tie flip is allowed, as batches differ)."""
+    near-tie flip is allowed, as batches differ). With copy feedback (NANOVLLM_HOST_COPY_FEEDBACK=1) the
+    copies overlap other requests' forwards and a forward skips its batch's write-backs when it
+    writes none of their pages: still the same tokens."""
+    monkeypatch.setenv("NANOVLLM_HOST_COPY_FEEDBACK", feedback)
     kw = dict(max_model_len=512, max_num_seqs=8, num_kvcache_blocks=64)
     if backend == "torch":
         kw.update(attention_backend="torch", dtype="float32", enforce_eager=True)
