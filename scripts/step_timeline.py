@@ -14,7 +14,9 @@ the device time of that step when the device is the bottleneck). Prints time bef
 (detokenization, building outputs). Prefill steps are bucketed by their tokens, decode steps by rows;
 "host waits" is the time the host spent waiting for the device in that step: in `collect` and in the
 runner's plan fence (a step's plan copy queues behind whatever its forward waits for, e.g. host-tier
-copies). W6 at 1.7B's small prefill steps (claude_docs/memory.md, session 11) waited in neither.
+copies). W6 at 1.7B's small prefill steps (claude_docs/memory.md, session 11) waited in neither. With the
+host tier on it also prints each bucket's device times from the tier's step timers: the forward on the
+compute stream and its wait there for copies (where those steps' time goes on the device).
 """
 import argparse
 import cProfile
@@ -25,6 +27,12 @@ from collections import defaultdict
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.benchmark import WORKLOADS
+
+
+def bucket(phase: str, size: int) -> tuple:
+    """A step's row of the tables: prefill by tokens, decode by rows."""
+    limits = (1024, 4096, 16384, 1 << 30) if phase == "prefill" else (8, 32, 64, 128, 256, 512, 1024, 1 << 30)
+    return phase, min(b for b in limits if size <= b)
 
 
 def main():
@@ -55,12 +63,19 @@ def main():
     runner, waited = llm.model_runner, []
     collect = runner.collect
 
+    device = defaultdict(lambda: [0, 0.0, 0.0])   # host tier on: (steps, forward s, copy stall s) on the device
+
     def timed_collect(step):  # how long the host waits for the device, per step
         t = time.perf_counter()
         try:
-            return collect(step)
+            result = collect(step)
         finally:
             waited.append(time.perf_counter() - t)
+        for times in result.step_times:   # the host tier's StepTimer of steps now read (engine/host_tier.py)
+            key = bucket("prefill" if times.prefill_tokens else "decode", times.prefill_tokens)
+            for i, value in enumerate((1, times.forward_s, times.stall_s)):
+                device[key][i] += value
+        return result
     runner.collect = timed_collect
     fence = runner._plan_fence   # the host also waits for the device here: a step's plan copy queues behind
 
@@ -110,9 +125,7 @@ def main():
     print(f"| part | seconds |\n|---|---|\n| validate + queue | {queue_s:.3f} |")
     buckets = defaultdict(lambda: [0, 0.0, 0.0, 0])  # steps, seconds, host waits, tokens
     for phase, n, sec, wait, n_tokens in steps:  # prefill by tokens a step, decode by rows
-        size = n_tokens if phase == "prefill" else n
-        limits = (1024, 4096, 16384, 1 << 30) if phase == "prefill" else (8, 32, 64, 128, 256, 512, 1024, 1 << 30)
-        key = (phase, min(b for b in limits if size <= b))
+        key = bucket(phase, n_tokens if phase == "prefill" else n)
         for i, value in enumerate((1, sec, wait, n_tokens)):
             buckets[key][i] += value
     for (phase, b), (count, sec, wait, n_tokens) in sorted(buckets.items()):
@@ -120,6 +133,12 @@ def main():
         print(f"| {label} ({count} steps, {n_tokens / count:.0f} tokens, {1000 * sec / count:.2f} ms each, "
               f"host waits {1000 * wait / count:.2f} ms of it) | {sec:.3f} |")
     print(f"| last collect | {tail_s:.3f} |\n| detokenize | {detok_s:.3f} |")
+    if device:   # decode steps by tokens only (the timer does not know rows): one bucket
+        print("\nHost tier on, device time a step (its StepTimer: the forward on the compute stream, and its wait "
+              "there for copies before it):\n| steps | count | forward ms | copy stall ms |\n|---|---|---|---|")
+        for (phase, b), (count, forward, stall) in sorted(device.items()):
+            label = "decode" if phase == "decode" else f"prefill, tokens <= {b if b < 1 << 30 else 'any'}"
+            print(f"| {label} | {count} | {1000 * forward / count:.2f} | {1000 * stall / count:.2f} |")
     if prof:
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.cprofile)

@@ -33,3 +33,5 @@ def test_step_timeline_runs_every_round(tmp_path, monkeypatch, capsys):
     assert tops and tops[0] <= 10000
     assert "w6 cascade=False: 48 tokens" in out and "16 outputs" in out   # 2 rounds x 8 requests x 3 tokens
     assert "| prefill, tokens <= " in out and "| decode, batch <=" in out
+    device = out.split("Host tier on, device time a step")[1]   # the tier's step timers, read back
+    assert "| decode | " in device and "| prefill, tokens <= 1024 | " in device
