@@ -31,6 +31,7 @@ import time
 
 from nanovllm import LLM, SamplingParams, StructuredOutput
 from nanovllm.attention.kv_quant import KV_CACHE_DTYPES
+from nanovllm.distributed import custom_all_reduce
 
 
 def w1(top: int = 10000):
@@ -160,7 +161,8 @@ def measure(args, llm, cfg, startup, make) -> dict:
     result = dict(
         workload=args.workload, model=args.model or args.preset, tp=args.tensor_parallel_size,
         custom_all_reduce=not args.disable_custom_all_reduce,
-        custom_all_reduce_backend=os.environ.get("NANOVLLM_CUSTOM_AR_BACKEND", "vllm"), cascade=bool(cfg.get("enable_cascade_attention")),
+        custom_all_reduce_backend=custom_all_reduce.default_backend(),
+        cascade=bool(cfg.get("enable_cascade_attention")),
         cascade_shared_backend=cfg.get("cascade_shared_backend", "auto"),
         kv_cache_dtype=cfg.get("kv_cache_dtype", "auto"),
         enforce_eager=args.enforce_eager, requests=len(outs), output_tokens=output_tokens,

@@ -35,6 +35,10 @@ def bucket(phase: str, size: int) -> tuple:
     return phase, min(b for b in limits if size <= b)
 
 
+def bound(b: int):
+    return b if b < 1 << 30 else "any"
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -61,31 +65,31 @@ def main():
         rounds = [rounds]
     llm.generate(["Benchmark: "], SamplingParams(max_tokens=8), use_tqdm=False)
     runner, waited = llm.model_runner, []
-    collect = runner.collect
 
     device = defaultdict(lambda: [0, 0.0, 0.0])   # host tier on: (steps, forward s, copy stall s) on the device
 
-    def timed_collect(step):  # how long the host waits for the device, per step
-        t = time.perf_counter()
-        try:
-            result = collect(step)
-        finally:
-            waited.append(time.perf_counter() - t)
+    def waiting(fn):   # time the host spends in fn, waiting for the device, per step
+        def timed(*args):
+            t = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                waited.append(time.perf_counter() - t)
+        return timed
+
+    waiting_collect = waiting(runner.collect)
+
+    def timed_collect(step):
+        result = waiting_collect(step)
         for times in result.step_times:   # the host tier's StepTimer of steps now read (engine/host_tier.py)
             key = bucket("prefill" if times.prefill_tokens else "decode", times.prefill_tokens)
             for i, value in enumerate((1, times.forward_s, times.stall_s)):
                 device[key][i] += value
         return result
     runner.collect = timed_collect
-    fence = runner._plan_fence   # the host also waits for the device here: a step's plan copy queues behind
-
-    def timed_fence():           # the copies its forward waits for (host tier), so count it as a wait
-        t = time.perf_counter()
-        try:
-            return fence()
-        finally:
-            waited.append(time.perf_counter() - t)
-    runner._plan_fence = timed_fence
+    # The host also waits for the device in the plan fence: a step's plan copy queues behind what its
+    # forward waits for (host-tier copies).
+    runner._plan_fence = waiting(runner._plan_fence)
     prof = cProfile.Profile() if args.cprofile else None
     if prof:
         prof.enable()
@@ -129,7 +133,7 @@ def main():
         for i, value in enumerate((1, sec, wait, n_tokens)):
             buckets[key][i] += value
     for (phase, b), (count, sec, wait, n_tokens) in sorted(buckets.items()):
-        label = f"{phase}, {'tokens' if phase == 'prefill' else 'batch'} <= {b if b < 1 << 30 else 'any'}"
+        label = f"{phase}, {'tokens' if phase == 'prefill' else 'batch'} <= {bound(b)}"
         print(f"| {label} ({count} steps, {n_tokens / count:.0f} tokens, {1000 * sec / count:.2f} ms each, "
               f"host waits {1000 * wait / count:.2f} ms of it) | {sec:.3f} |")
     print(f"| last collect | {tail_s:.3f} |\n| detokenize | {detok_s:.3f} |")
@@ -137,7 +141,7 @@ def main():
         print("\nHost tier on, device time a step (its StepTimer: the forward on the compute stream, and its wait "
               "there for copies before it):\n| steps | count | forward ms | copy stall ms |\n|---|---|---|---|")
         for (phase, b), (count, forward, stall) in sorted(device.items()):
-            label = "decode" if phase == "decode" else f"prefill, tokens <= {b if b < 1 << 30 else 'any'}"
+            label = "decode" if phase == "decode" else f"prefill, tokens <= {bound(b)}"
             print(f"| {label} | {count} | {1000 * forward / count:.2f} | {1000 * stall / count:.2f} |")
     if prof:
         out = io.StringIO()

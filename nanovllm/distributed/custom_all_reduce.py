@@ -107,6 +107,11 @@ import torch.distributed as dist  # noqa: E402
 logger = logging.getLogger("nanovllm.distributed")
 
 BACKENDS = ("vllm", "trtllm")
+
+
+def default_backend() -> str:
+    """The backend a caller that passes none gets: $NANOVLLM_CUSTOM_AR_BACKEND, else "vllm"."""
+    return os.environ.get("NANOVLLM_CUSTOM_AR_BACKEND", "") or "vllm"
 VLLM_WORLD_SIZES = (2, 4, 6, 8)          # vllm_custom_all_reduce.cuh: REDUCE_CASE(2/4/6/8)
 TRTLLM_WORLD_SIZES = (2, 4, 8, 16)       # trtllm_allreduce_fusion.cuh: allreduce_fusion_op
 VLLM_MAX_CTAS = 36                       # vllm::kMaxBlocks
@@ -277,7 +282,7 @@ class CustomAllReduce:
                  max_bytes: int = 8 << 20, backend: str | None = None, num_ctas: int = VLLM_MAX_CTAS,
                  launch_with_pdl: bool = False):
         if backend is None:  # NANOVLLM_CUSTOM_AR_BACKEND=trtllm tries the other kernel without code changes
-            backend = os.environ.get("NANOVLLM_CUSTOM_AR_BACKEND", "") or "vllm"
+            backend = default_backend()
         self.cpu_group = cpu_group
         self.rank = int(rank)
         self.world_size = int(world_size)
