@@ -77,10 +77,12 @@ def main():
     p.add_argument("--kernels", type=int, default=0, help="also list the N kernels that take the most time")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8_e4m3")
     args = p.parse_args()
     llm = LLM(args.model, enable_cascade_attention=args.cascade, enforce_eager=args.enforce_eager,
               max_num_seqs=max(args.batch, 16), max_model_len=args.context + 4 * args.steps + 64,
-              tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format)
+              tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
+              kv_cache_dtype=args.kv_cache_dtype)
     rng = random.Random(0)
     systems = [[rng.randint(0, 10000) for _ in range(args.shared)] for _ in range(args.groups)]
     prompts = [systems[i % args.groups] + [rng.randint(0, 10000) for _ in range(args.context - args.shared)]
