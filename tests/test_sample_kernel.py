@@ -46,13 +46,14 @@ twice = batch[[0, 0]].contiguous()  # the same row and seed twice: the same draw
 assert len(set(sample_gumbel(twice, temps[[0, 0]], s[[0, 0]], block=128).tolist())) == 1
 
 # Tensor parallelism: each rank's winner over its vocabulary slice (noise keyed by the global id),
-# the best of the ranks' winners = the full row's draw (layers/vocab_parallel_sample.py), greedy too.
+# the best of the ranks' winners = the full row's draw (layers/vocab_parallel_sample.py), greedy too; a
+# slice may start at an id that is not a multiple of 4 (one Philox call serves ids 4c..4c+3).
 from nanovllm.layers.vocab_parallel_sample import shard_candidates
 rows = torch.randn(6, 7000, generator=g).to(device=device, dtype=torch.bfloat16)
 rows[5, 2999] = rows[5, 3000] = 40.0  # a greedy tie across two slices: the lower id wins
 temps = torch.tensor([0.6, 1.0, 0.0, 2.0, 0.6, 0.0], device=device)
 s = torch.tensor([5, 6, 7, 8, 5, 9], device=device)
-for cuts in ([0, 3000, 6000, 7000], [0, 3500, 7000], [0, 7000]):
+for cuts in ([0, 3000, 6000, 7000], [0, 3500, 7000], [0, 7000], [0, 1233, 4322, 6999, 7000]):  # slices at any id
     for t in (temps, None):
         cands = [shard_candidates(rows[:, a:b], a, t, s if t is not None else None) for a, b in zip(cuts, cuts[1:])]
         score = torch.stack([c[0] for c in cands]); token = torch.stack([c[1] for c in cands])
