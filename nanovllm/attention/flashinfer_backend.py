@@ -25,6 +25,13 @@ from nanovllm.utils.transfer import pinned, to_device
 
 WORKSPACE_BYTES = 256 << 20
 SIDE_WORKSPACE_BYTES = 128 << 20
+# Regular decode batches of this many rows or more read each request's KV in one CTA per (request, KV
+# head), without split-kv: 256 rows x 8 KV heads already fill the SMs, and the split's partial outputs
+# and its merge kernel (4.5 us a layer at 256 rows) cost more than they give. W1 on one H200, random
+# Qwen3-0.6B: 23,825-24,168 tok/s with splits at every size, 24,509-24,731 without at >= 64 rows (24,572
+# at >= 32, 24,581 at >= 128). Cascade's per-request level keeps its splits (W2/W3 cascade lost 7-9%
+# without them: 1,024 rows of ~256 own tokens).
+NO_SPLIT_KV_ROWS = 64
 
 
 class FlashInferAttentionBackend(AttentionBackend):
@@ -84,7 +91,8 @@ class FlashInferAttentionBackend(AttentionBackend):
             self.active = self.prefill
         else:
             self.decode.plan(t(batch.kv_indptr), t(batch.kv_indices), t(batch.kv_last_page_len),
-                             hq, hkv, d, page, **self._common())
+                             hq, hkv, d, page, disable_split_kv=len(batch.kv_lens) >= NO_SPLIT_KV_ROWS,
+                             **self._common())
             self.active = self.decode
 
     def store(self, k, v, k_cache, v_cache, k_scale=1.0, v_scale=1.0):
@@ -168,6 +176,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         # The page list goes to the device first: FlashInfer copies a host page list into its graph
         # buffer with a blocking copy, which would stall the host until the device drains (no overlap).
         decode.plan(t(indptr), to_device(indices, self.device), t(last), self.num_qo_heads,
-                    self.num_kv_heads, self.head_dim, self.page_size, **self._common())
+                    self.num_kv_heads, self.head_dim, self.page_size, disable_split_kv=bs >= NO_SPLIT_KV_ROWS,
+                    **self._common())
         self.active = decode
 
