@@ -122,7 +122,7 @@ def run(args) -> dict:
         cfg["num_kvcache_blocks"] = args.num_gpu_blocks
     for key in ("max_num_seqs", "max_num_batched_tokens", "kvcache_block_size", "gpu_memory_utilization", "max_model_len",
                 "cascade_shared_backend", "host_kvcache_gb", "schedule_policy", "kv_cache_dtype", "host_kv_prefetch",
-                "host_kv_write_ahead"):
+                "host_kv_write_ahead", "decode_attention_kernel"):
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
     t0 = time.perf_counter()
@@ -165,6 +165,7 @@ def measure(args, llm, cfg, startup, make) -> dict:
         cascade=bool(cfg.get("enable_cascade_attention")),
         cascade_shared_backend=cfg.get("cascade_shared_backend", "auto"),
         kv_cache_dtype=cfg.get("kv_cache_dtype", "auto"),
+        decode_attention_kernel=cfg.get("decode_attention_kernel", "auto"),
         enforce_eager=args.enforce_eager, requests=len(outs), output_tokens=output_tokens,
         finished_stop=sum(o["finish_reason"] == "stop" for o in outs),
         seconds=round(seconds, 3), output_tok_s=round(output_tokens / seconds, 1),
@@ -215,6 +216,8 @@ def main(argv=None):
     p.add_argument("--schedule-policy", choices=["fcfs", "lpm", "dfs-weight", "random"])
     p.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES),
                    help="auto: the model dtype; fp8_e4m3 (fp8): 1-byte KV pages, twice as many (default auto)")
+    p.add_argument("--decode-attention-kernel", choices=["auto", "flashinfer", "triton"],
+                   help="regular decode's kernel: auto (triton for an fp8 cache), flashinfer or triton")
     p.add_argument("--host-kv-prefetch", action=argparse.BooleanOptionalAction, default=None,
                    help="restore waiting requests' host pages before admission (default on)")
     p.add_argument("--host-kv-write-ahead", action=argparse.BooleanOptionalAction, default=None,

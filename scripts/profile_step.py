@@ -23,7 +23,8 @@ from nanovllm import LLM, SamplingParams
 
 CATEGORIES = [("all-reduce / all-gather", ("nccl", "allreduce", "all_reduce", "allgather", "cross_device_reduce",
                                             "oneshot", "twoshot", "lamport")),
-              ("attention", ("flashinfer", "BatchDecode", "BatchPrefill", "Prefill", "merge_state", "Attention")),
+              ("attention", ("flashinfer", "BatchDecode", "BatchPrefill", "Prefill", "merge_state", "Attention",
+                             "_decode_kernel", "_merge_kernel", "_shared_level")),
               ("kv write", ("_store_kv",)),
               ("gemm", ("gemm", "Gemm", "cutlass", "sm90", "xmma", "nvjet", "cublas", "splitK")),
               ("sampling", ("softmax", "exponential", "argmax", "sort", "distribution", "reduce", "radix", "cumsum", "_sample_chunk")),
@@ -78,11 +79,12 @@ def main():
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8_e4m3")
+    p.add_argument("--decode-attention-kernel", default="auto", choices=["auto", "flashinfer", "triton"])
     args = p.parse_args()
     llm = LLM(args.model, enable_cascade_attention=args.cascade, enforce_eager=args.enforce_eager,
               max_num_seqs=max(args.batch, 16), max_model_len=args.context + 4 * args.steps + 64,
               tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
-              kv_cache_dtype=args.kv_cache_dtype)
+              kv_cache_dtype=args.kv_cache_dtype, decode_attention_kernel=args.decode_attention_kernel)
     rng = random.Random(0)
     systems = [[rng.randint(0, 10000) for _ in range(args.shared)] for _ in range(args.groups)]
     prompts = [systems[i % args.groups] + [rng.randint(0, 10000) for _ in range(args.context - args.shared)]

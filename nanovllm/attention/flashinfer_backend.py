@@ -18,6 +18,7 @@ import torch
 
 from nanovllm.attention.backend import AttentionBackend, StepBatch
 from nanovllm.attention.kv_quant import is_fp8
+from nanovllm.attention.triton_decode import TritonPagedDecode
 from nanovllm.attention.triton_kv import store_kv_triton
 from nanovllm.cascade.cost_model import SHARED_BACKENDS, fp8_capable, shared_level_backend
 from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention, cascade_outputs
@@ -43,8 +44,12 @@ class FlashInferAttentionBackend(AttentionBackend):
     # W1-like shapes, but end to end W1 and W2 ran 6% and 25% faster with them. Decode cascades read
     # each shared prefix without split-kv: 2-3% faster on fa2, the same on fa3 (`--only levels`).
     def __init__(self, *, prefill_backend: str = "auto", cascade_backend: str = "fa2", cascade_levels: int = 3,
-                 max_rows: int = 16384, decode_tensor_cores: bool = True, shared_backend: str = "auto", **kwargs):
+                 max_rows: int = 16384, decode_tensor_cores: bool = True, shared_backend: str = "auto",
+                 decode_kernel: str = "auto", **kwargs):
         super().__init__(**kwargs)
+        # Regular decode on the Triton kernel (attention/triton_decode.py) for an fp8 cache, where
+        # FlashInfer's decode kernels read fp8 pages no faster than bf16 ones.
+        self.triton_decode = decode_kernel == "triton" or (decode_kernel == "auto" and is_fp8(self.kv_dtype))
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.cascade_backend = cascade_backend
         self.cascade_levels = cascade_levels
@@ -52,6 +57,9 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=prefill_backend)
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                                     use_tensor_cores=decode_tensor_cores)
+        if self.triton_decode:
+            self.decode = TritonPagedDecode(self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
+                                            self.device, sm_scale=self.sm_scale)
         # Shared levels of cascade decode: chosen per step (auto) or one kernel for all.
         self.shared_backends = SHARED_BACKENDS if shared_backend == "auto" else (shared_backend,)
         if is_fp8(self.kv_dtype):
@@ -89,6 +97,9 @@ class FlashInferAttentionBackend(AttentionBackend):
             self.prefill.plan(t(batch.qo_indptr), t(batch.kv_indptr), t(batch.kv_indices), t(batch.kv_last_page_len),
                               hq, hkv, d, page, causal=True, **self._common())
             self.active = self.prefill
+        elif self.triton_decode:
+            self.decode.plan(batch.kv_indptr, batch.kv_indices, batch.kv_last_page_len)
+            self.active = self.decode
         else:
             self.decode.plan(t(batch.kv_indptr), t(batch.kv_indices), t(batch.kv_last_page_len),
                              hq, hkv, d, page, disable_split_kv=len(batch.kv_lens) >= NO_SPLIT_KV_ROWS,
@@ -126,10 +137,14 @@ class FlashInferAttentionBackend(AttentionBackend):
     def graph_wrappers(self, bs: int):
         """Wrappers for one captured batch size, over views of the shared buffers."""
         indptr, indices, last = self.graph_decode_bufs
-        decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.decode_tensor_cores,
-            paged_kv_indptr_buffer=indptr[:bs + 1], paged_kv_indices_buffer=indices,
-            paged_kv_last_page_len_buffer=last[:bs])
+        if self.triton_decode:
+            decode = TritonPagedDecode(self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size, self.device,
+                                       buffers=(indptr[:bs + 1], indices, last[:bs]), sm_scale=self.sm_scale)
+        else:
+            decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.decode_tensor_cores,
+                paged_kv_indptr_buffer=indptr[:bs + 1], paged_kv_indices_buffer=indices,
+                paged_kv_last_page_len_buffer=last[:bs])
         # (level count, shared-level backend) -> attention: a step with fewer levels launches no
         # empty ones, and its shared levels run on the backend measured faster for their shape.
         cascade = {}
@@ -172,6 +187,10 @@ class FlashInferAttentionBackend(AttentionBackend):
         indptr = np.concatenate([batch.kv_indptr, batch.kv_indptr[-1] + np.arange(1, pad + 1, dtype=np.int32)])
         indices = np.concatenate([batch.kv_indices, np.zeros(pad, np.int32)])
         last = np.concatenate([batch.kv_last_page_len, np.ones(pad, np.int32)])
+        if self.triton_decode:  # copies into its fixed buffers, queued on the stream
+            decode.plan(indptr, indices, last)
+            self.active = decode
+            return
         t = torch.from_numpy
         # The page list goes to the device first: FlashInfer copies a host page list into its graph
         # buffer with a blocking copy, which would stall the host until the device drains (no overlap).
