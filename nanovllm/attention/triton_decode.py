@@ -125,7 +125,8 @@ class TritonPagedDecode:
     what their plan arrays say, as FlashInfer's padded rows do)."""
 
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, device: torch.device,
-                 buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, sm_scale: float | None = None):
+                 buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, sm_scale: float | None = None,
+                 block_t: int = BLOCK_T, warps: int = 4, stages: int = 3):
         if num_qo_heads % num_kv_heads or num_qo_heads // num_kv_heads > ROWS:
             raise ValueError(f"Triton decode: {num_qo_heads} query heads over {num_kv_heads} kv heads (at most {ROWS} a kv head)")
         if head_dim & (head_dim - 1) or page_size & (page_size - 1):
@@ -133,6 +134,7 @@ class TritonPagedDecode:
         self.hq, self.hkv, self.d, self.page = num_qo_heads, num_kv_heads, head_dim, page_size
         self.sm_scale = sm_scale if sm_scale is not None else head_dim ** -0.5
         self.device = device
+        self.block_t, self.warps, self.stages = block_t, warps, stages
         self.buffers = buffers
         self.batch = buffers[2].numel() if buffers is not None else 0
         self.arrays = None
@@ -172,8 +174,8 @@ class TritonPagedDecode:
             q, k_cache, v_cache, indptr, indices, last, out, part, lse,
             float(self.sm_scale * k_scale * LOG2E), float(v_scale), k_cache.stride(0), k_cache.stride(1),
             q.stride(0), q.stride(1), out.stride(0), batch,
-            HQ=self.hq, GQA=self.hq // self.hkv, D=self.d, PAGE=self.page, SPLITS=splits, BLOCK_T=BLOCK_T,
-            M=ROWS, DOT_F32=dot_f32, num_warps=4, num_stages=3)
+            HQ=self.hq, GQA=self.hq // self.hkv, D=self.d, PAGE=self.page, SPLITS=splits, BLOCK_T=self.block_t,
+            M=ROWS, DOT_F32=dot_f32, num_warps=self.warps, num_stages=self.stages)
         if splits > 1:
             _merge_kernel[(batch, self.hq)](part, lse, out, out.stride(0), batch, HQ=self.hq, D=self.d, SPLITS=splits)
         return out

@@ -25,29 +25,49 @@ BLOCK = 4096
 
 
 @triton.jit
+def _lane_best(row_ptr, g, offset, vocab, scale, noise):
+    """Best (score, local column) of the logits of global token ids g (their column is g - offset)."""
+    col = g - offset
+    mask = (col >= 0) & (col < vocab)
+    x = tl.load(row_ptr + col, mask=mask, other=-float("inf")).to(tl.float32) * scale + noise
+    x = tl.where(mask, x, -float("inf"))
+    return tl.max(x, axis=0), tl.argmax(x, axis=0) * 4
+
+
+@triton.jit
 def _sample_chunk_kernel(logits_ptr, logits_stride, temps_ptr, seeds_ptr, vocab, offset, best_ptr, best_idx_ptr,
                          NUM_CHUNKS: tl.constexpr, BLOCK: tl.constexpr, MIN_TEMP: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
-    # The chunk's BLOCK global ids start at a multiple of 4, read as a [BLOCK / 4, 4] tile (contiguous):
-    # one Philox call (rand4x at counter id // 4) gives a tile row's four noises, so a token's noise depends
-    # on (seed, id) only, whatever the chunking or the vocabulary slice (tensor parallelism).
+    # The chunk's BLOCK global ids start at a multiple of 4: lane j holds ids base + 4 i + j, and one Philox
+    # call (rand4x at counter id // 4) gives the four lanes' noise, so a token's noise depends on (seed, id)
+    # only, whatever the chunking or the vocabulary slice (tensor parallelism).
     base = (offset // 4) * 4 + chunk * BLOCK
     quad = base // 4 + tl.arange(0, BLOCK // 4)
-    col = (quad * 4 - offset)[:, None] + tl.arange(0, 4)[None, :]   # local columns [BLOCK / 4, 4]
-    mask = (col >= 0) & (col < vocab)
-    x = tl.load(logits_ptr + row.to(tl.int64) * logits_stride + col, mask=mask, other=-float("inf")).to(tl.float32)
+    g = quad * 4
+    row_ptr = logits_ptr + row.to(tl.int64) * logits_stride
     temp = tl.load(temps_ptr + row)
     if temp > 0:
         seed = tl.load(seeds_ptr + row)
         u0, u1, u2, u3 = tl.rand4x(seed, quad)
-        u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), (BLOCK // 4, 4))   # u[q, j] = u_j[q]
-        x = x / tl.maximum(temp, MIN_TEMP) - tl.log(-tl.log(u))
-    x = tl.reshape(tl.where(mask, x, -float("inf")), (BLOCK,))   # position 4 q + j = column base - offset + 4 q + j
-    best = tl.max(x, axis=0)
-    idx = tl.argmax(x, axis=0)   # ties: the first, i.e. the lowest id
+        scale = 1.0 / tl.maximum(temp, MIN_TEMP)
+        b0, i0 = _lane_best(row_ptr, g, offset, vocab, scale, -tl.log(-tl.log(u0)))
+        b1, i1 = _lane_best(row_ptr, g + 1, offset, vocab, scale, -tl.log(-tl.log(u1)))
+        b2, i2 = _lane_best(row_ptr, g + 2, offset, vocab, scale, -tl.log(-tl.log(u2)))
+        b3, i3 = _lane_best(row_ptr, g + 3, offset, vocab, scale, -tl.log(-tl.log(u3)))
+    else:
+        b0, i0 = _lane_best(row_ptr, g, offset, vocab, 1.0, 0.0)
+        b1, i1 = _lane_best(row_ptr, g + 1, offset, vocab, 1.0, 0.0)
+        b2, i2 = _lane_best(row_ptr, g + 2, offset, vocab, 1.0, 0.0)
+        b3, i3 = _lane_best(row_ptr, g + 3, offset, vocab, 1.0, 0.0)
+    best = tl.maximum(tl.maximum(b0, b1), tl.maximum(b2, b3))
+    first = base - offset  # local column of lane 0's first id
+    big = 1 << 30           # ties: the lowest id among the lanes holding the best score
+    idx = tl.minimum(tl.minimum(tl.where(b0 == best, i0, big), tl.where(b1 == best, i1 + 1, big)),
+                     tl.minimum(tl.where(b2 == best, i2 + 2, big), tl.where(b3 == best, i3 + 3, big)))
+    idx = tl.where(idx == big, i0, idx)  # NaN scores match nothing: a column in range all the same
     tl.store(best_ptr + row * NUM_CHUNKS + chunk, best)
-    tl.store(best_idx_ptr + row * NUM_CHUNKS + chunk, base - offset + idx)
+    tl.store(best_idx_ptr + row * NUM_CHUNKS + chunk, first + idx)
 
 
 def sample_gumbel(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
