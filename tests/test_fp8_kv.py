@@ -220,6 +220,11 @@ def test_config_accepts_fp8_and_refuses_other_kv_dtypes(tiny_model):
     with pytest.raises(ValueError, match="fa3"):
         Config(tiny_model, attention_backend="flashinfer", dtype="bfloat16", kv_cache_dtype="fp8",
                cascade_shared_backend="fa3")
+    for kernel in ("auto", "flashinfer", "triton"):
+        assert Config(tiny_model, decode_attention_kernel=kernel).decode_attention_kernel == kernel
+    for bad in ("xqa", "", "Triton"):
+        with pytest.raises(ValueError, match="decode_attention_kernel must be auto, flashinfer or triton"):
+            Config(tiny_model, decode_attention_kernel=bad)
 
 
 @pytest.mark.parametrize("capability, refused", [((8, 0), True), ((8, 6), True), ((8, 9), False), ((9, 0), False)])
@@ -397,6 +402,7 @@ def test_gpu_flashinfer_attends_over_dequantized_pages(case, graphs):
     q = torch.randn(int(batch.qo_indptr[-1]), HQ, D, device="cuda").to(DT)
     backend = FlashInferAttentionBackend(num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D, page_size=PAGE, dtype=DT,
                                          device=torch.device("cuda"), max_rows=8192, kv_dtype=FP8_DTYPE)
+    assert backend.triton_decode, "an fp8 cache decodes on the Triton kernel by default (decode_attention_kernel auto)"
     if graphs:
         backend.prepare_graphs(8, 4096, with_cascade=False)
         backend.graph_wrappers(8)

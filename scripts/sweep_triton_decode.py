@@ -1,0 +1,79 @@
+"""Tile sweep of the Triton paged decode kernel (attention/triton_decode.py) against FlashInfer's decode
+wrapper (tensor cores), on the GPU: one layer, 16 q / 8 kv heads, d 128, page 16, scattered pages, CUDA
+graphs, median of 30 replays; fp8 and bf16 caches at W1-like and W2-last-level shapes.
+
+    python scripts/sweep_triton_decode.py
+
+Prints per shape FlashInfer's time and the four fastest (BLOCK_T, warps, stages) with their TB/s of KV
+read and max abs difference to FlashInfer (claude_docs/performance.md, "Session 12")."""
+import itertools
+import statistics
+
+import flashinfer
+import numpy as np
+import torch
+
+from nanovllm.attention.triton_decode import TritonPagedDecode
+
+HQ, HKV, D, P = 16, 8, 128, 16
+
+
+def timed(fn, reps=30):
+    """Median ms of a CUDA-graph replay of fn()."""
+    fn()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)
+
+
+def main():
+    rng = np.random.default_rng(0)
+    shapes = (("256x600", np.full(256, 600)), ("1024x256", np.full(1024, 256)),
+              ("256xU(200,1600)", rng.integers(200, 1600, 256)), ("32xU(100,1500)", rng.integers(100, 1500, 32)))
+    workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+    for kvdt in (torch.float8_e4m3fn, torch.bfloat16):
+        for label, lens in shapes:
+            n = (lens + P - 1) // P
+            pages = int(n.sum())
+            ind = torch.from_numpy(np.concatenate([[0], np.cumsum(n)]).astype(np.int32))
+            idx = torch.randperm(pages + 8).int()[:pages].contiguous()   # scattered pages
+            last = torch.from_numpy((lens - (n - 1) * P).astype(np.int32))
+            kc = torch.randn(pages + 8, P, HKV, D, device="cuda").to(kvdt)
+            vc = torch.randn(pages + 8, P, HKV, D, device="cuda").to(kvdt)
+            q = torch.randn(len(lens), HQ, D, device="cuda", dtype=torch.bfloat16)
+            gb = float(lens.sum()) * HKV * D * 2 * kvdt.itemsize / 1e9
+            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
+            w.plan(ind, idx, last, HQ, HKV, D, P, q_data_type=torch.bfloat16, kv_data_type=kvdt)
+            ref = w.run(q, (kc, vc))
+            t_fi = timed(lambda: w.run(q, (kc, vc)))
+            res = []
+            for bt, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)):
+                td = TritonPagedDecode(HQ, HKV, D, P, torch.device("cuda"), buffers=(ind.cuda(), idx.cuda(), last.cuda()),
+                                       block_t=bt, warps=warps, stages=stages)
+                td.plan(ind, idx, last)
+                try:
+                    err = (td.run(q, (kc, vc)).float() - ref.float()).abs().max().item()
+                    t = timed(lambda: td.run(q, (kc, vc)))
+                except Exception as e:  # a config that does not fit: report and go on
+                    print("fail", bt, warps, stages, type(e).__name__)
+                    continue
+                res.append((t, bt, warps, stages, err))
+            res.sort()
+            print(f"{str(kvdt)[6:]} {label}: flashinfer tc {t_fi * 1000:.1f} us ({gb / t_fi:.2f} TB/s); triton best: " +
+                  "; ".join(f"{t * 1000:.1f} us ({gb / t:.2f}) bt{bt} w{w_} s{st} err {e:.1e}" for t, bt, w_, st, e in res[:4]),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
