@@ -20,21 +20,21 @@ grid depends only on the batch size and the split count, so a CUDA graph capture
 replays for any page lists (the plan arrays live in fixed device buffers).
 
 Measured on one H200 (scripts/sweep_triton_decode.py: one layer, 16 q / 8 kv heads, d 128, scattered
-pages, CUDA graphs; us and TB/s of the cache's bytes), FlashInfer tensor-core decode vs this kernel's best
-tile and the default (128 tokens, 4 warps, 3 stages):
+pages, CUDA graphs; us and TB/s of the cache's bytes), FlashInfer tensor-core decode vs this kernel's
+fastest tile (tokens / warps / stages); the default is 128 / 4 / 3:
 
-| cache | batch x context | FlashInfer | best here | default |
+| cache | batch x context | FlashInfer | fastest here | 128 tokens, 4 warps, 4 stages |
 |---|---|---|---|---|
-| fp8 | 256 x 600 | 193.3 (1.63) | 140.4 (2.24), 64 tok / 2 warps / 4 st | ~153 |
+| fp8 | 256 x 600 | 193.3 (1.63) | 140.4 (2.24), 64 / 2 / 4 | 153.1 |
 | fp8 | 1024 x 256 | 380.9 (1.41) | 243.0 (2.21), 64 / 2 / 3 | - |
-| fp8 | 256 x U(200, 1600) | 279.8 (1.74) | 238.7 (2.04) = default | 238.7 |
-| fp8 | 32 x U(100, 1500) | 52.2 (1.05) | 44.3 (1.23) = default | 44.3 |
-| bf16 | 256 x 600 | 170.6 (3.69) | 163.3 (3.85) | ~167 |
-| bf16 | 256 x U(200, 1600) | 244.1 (3.99) | 254.0 (3.84) = default | 254.0 |
+| fp8 | 256 x U(200, 1600) | 279.8 (1.74) | 238.7 (2.04), 128 / 4 / 3 | 239.4 |
+| fp8 | 32 x U(100, 1500) | 52.2 (1.05) | 44.3 (1.23), 128 / 4 / 3 | 44.8 |
+| bf16 | 256 x 600 | 170.6 (3.69) | 163.3 (3.85), 64 / 4 / 2 | 166.6 |
+| bf16 | 256 x U(200, 1600) | 244.1 (3.99) | 254.0 (3.84), 128 / 4 / 4 | 254.0 |
 
 So on fp8 pages it runs 1.2-1.6x FlashInfer, but at ~2.2e12 KV values a second whatever their width
-(bf16: ~1.9e12): the per-value work (fp8 -> fp16 conversion, the operand shuffles of the dots), not the
-bytes, bounds it, and fp8 reads only ~2.2 of the H200's ~4.3 TB/s. W1 (one H200, random Qwen3-0.6B):
+(bf16: ~1.9e12), so per-value work (a guess, not profiled: the fp8 -> fp16 conversion and the dots'
+operand shuffles) rather than the bytes bounds it, and fp8 reads only ~2.2 of the H200's ~4.3 TB/s. W1 (one H200, random Qwen3-0.6B):
 fp8 cache 24,690 tok/s against bf16's 24,147 in the same call; FlashInfer's fp8 decode 21,936 and this
 kernel with 64-token tiles 23,470 in another. bf16 stays on FlashInfer (equal within 5% either way).
 
