@@ -52,7 +52,8 @@ class Config:
     cascade_shared_prefix_len: int = 0    # >0 forces one shared level of this many tokens
     cascade_max_levels: int = 3           # shared levels + the per-request level
     cascade_shared_backend: str = "auto"  # kernel of shared levels in graphed decode: auto, triton, triton-wide, fa2, fa3
-    decode_attention_kernel: str = "auto" # regular decode on FlashInfer: auto (triton for an fp8 cache), flashinfer, triton
+    decode_attention_kernel: str = "auto" # regular decode on FlashInfer: auto (triton for an fp8 cache), flashinfer,
+                                          # triton (also cascade's per-request level)
     seed: int = 0
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
     eos_token_ids: tuple = ()               # set by the engine from the tokenizer and generation config

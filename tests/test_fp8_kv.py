@@ -421,8 +421,9 @@ def test_gpu_flashinfer_attends_over_dequantized_pages(case, graphs):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("shared", ["fa2", "triton"])
-@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
-def test_gpu_cascade_levels_read_fp8_pages(shared, decode):
+@pytest.mark.parametrize("decode, last", [(True, "flashinfer"), (True, "triton"), (False, "flashinfer")],
+                         ids=["decode", "decode-triton-last", "prefill"])
+def test_gpu_cascade_levels_read_fp8_pages(shared, decode, last):
     from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention
     from nanovllm.cascade.reference import cascade_attention
     from test_gpu import D, DT, HKV, HQ, PAGE, STRUCTURES, bf16_close, cascade_case
@@ -432,7 +433,7 @@ def test_gpu_cascade_levels_read_fp8_pages(shared, decode):
         q = torch.randn(plan.num_rows, HQ, D, device="cuda").to(DT)
         casc = FlashInferCascadeAttention(torch.zeros(128 << 20, dtype=torch.uint8, device="cuda"), 3, HQ, HKV, D, PAGE,
                                           DT, max_rows=plan.num_rows, backend="fa2", decode_last_level=decode,
-                                          shared_backend=shared, kv_dtype=FP8_DTYPE)
+                                          shared_backend=shared, kv_dtype=FP8_DTYPE, decode_last_kernel=last)
         casc.plan(plan)
         out = casc.run(q, (kc, vc), k_scale=K_SCALE, v_scale=V_SCALE).clone()
         ref = cascade_attention(q.float(), dequantize(kc, K_SCALE), dequantize(vc, V_SCALE), plan, D ** -0.5)

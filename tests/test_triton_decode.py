@@ -17,8 +17,9 @@ g = torch.Generator().manual_seed(0)
 PAGE, D = 16, 32 if device.type == "cpu" else 128
 
 
-def reference(q, kc, vc, lens, pages, k_scale, v_scale, sm_scale):
+def reference(q, kc, vc, lens, pages, k_scale, v_scale, sm_scale, with_lse=False):
     out = torch.zeros(q.shape, dtype=torch.float64)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float64)
     hq, hkv = q.shape[1], kc.shape[2]
     for b, (n, pg) in enumerate(zip(lens, pages)):
         if n == 0:
@@ -29,7 +30,8 @@ def reference(q, kc, vc, lens, pages, k_scale, v_scale, sm_scale):
         v = v.repeat_interleave(hq // hkv, dim=1)
         s = torch.einsum("hd,thd->ht", q[b].double(), k) * sm_scale
         out[b] = torch.einsum("ht,thd->hd", torch.softmax(s, dim=-1), v)
-    return out
+        lse[b] = torch.logsumexp(s, dim=-1) / np.log(2)   # base 2, FlashInfer's convention
+    return (out, lse) if with_lse else out
 
 
 def case(lens, hq, hkv, cache_dtype, q_dtype, k_scale=1.0, v_scale=1.0, pad_to=None):
@@ -52,12 +54,22 @@ def case(lens, hq, hkv, cache_dtype, q_dtype, k_scale=1.0, v_scale=1.0, pad_to=N
     indptr = np.cumsum([0] + [len(p) for p in pages]).astype(np.int32)
     indices = np.array(sum(pages, []), dtype=np.int32)
     last = np.array([(n - 1) % PAGE + 1 for n in lens], dtype=np.int32)
-    ref = reference(q.float(), kd, vd, lens, pages, k_scale, v_scale, D ** -0.5)
+    ref, ref_lse = reference(q.float(), kd, vd, lens, pages, k_scale, v_scale, D ** -0.5, with_lse=True)
     kc, vc, qd = kc.to(device), vc.to(device), q.to(device)
     if pad_to is None:
         dec = TritonPagedDecode(hq, hkv, D, PAGE, device)
         dec.plan(indptr, indices, last)
         out = dec.run(qd, (kc, vc), k_scale, v_scale)
+        # Into given buffers, with the base-2 LSE (a cascade's per-request level merges through it); the plan
+        # arrays may also be tensors already on the device.
+        dec.plan(*(torch.from_numpy(a).to(device) for a in (indptr, indices, last)))
+        out_buf = torch.full((len(lens) + 2, hq, D), 7.0, dtype=q_dtype, device=device)
+        lse_buf = torch.full((len(lens) + 2, hq), 7.0, device=device)
+        got, got_lse = dec.run(qd, (kc, vc), k_scale, v_scale, out=out_buf, lse=lse_buf, return_lse=True)
+        assert got is out_buf and got_lse is lse_buf and torch.equal(out_buf[:len(lens)], out)
+        assert (out_buf[len(lens):] == 7).all() and (lse_buf[len(lens):] == 7).all()
+        lse_err = (lse_buf[:len(lens)].double().cpu() - ref_lse).abs().max().item()
+        assert lse_err < (1e-4 if q_dtype == torch.float32 else 2e-2), ("lse", lens, hq, hkv, q_dtype, lse_err)
     else:  # fixed buffers of pad_to rows; padded rows read one token of page 0 (as the engine pads)
         pad = pad_to - len(lens)
         bufs = (torch.zeros(pad_to + 1, dtype=torch.int32, device=device),

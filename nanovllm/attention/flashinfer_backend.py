@@ -48,8 +48,10 @@ class FlashInferAttentionBackend(AttentionBackend):
                  decode_kernel: str = "auto", **kwargs):
         super().__init__(**kwargs)
         # Regular decode on the Triton kernel (attention/triton_decode.py) for an fp8 cache, where
-        # FlashInfer's decode kernels read fp8 pages no faster than bf16 ones.
+        # FlashInfer's decode kernels read fp8 pages no faster than bf16 ones. Cascade's per-request level
+        # joins it only when asked ("triton"): not yet measured on a GPU.
         self.triton_decode = decode_kernel == "triton" or (decode_kernel == "auto" and is_fp8(self.kv_dtype))
+        self.decode_last_kernel = "triton" if decode_kernel == "triton" else "flashinfer"
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.cascade_backend = cascade_backend
         self.cascade_levels = cascade_levels
@@ -72,7 +74,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.cascade = {shared: FlashInferCascadeAttention(
             self.workspace, cascade_levels, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
             self.dtype, max_rows, backend=cascade_backend, sm_scale=self.sm_scale, decode_last_level=True,
-            kv_dtype=self.kv_dtype,
+            kv_dtype=self.kv_dtype, decode_last_kernel=self.decode_last_kernel,
             shared_backend=shared, shared_split_kv=False, outputs=outputs) for shared in self.shared_backends}
         self.cascade_prefill = FlashInferCascadeAttention(
             self.workspace, cascade_levels, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
@@ -158,7 +160,7 @@ class FlashInferAttentionBackend(AttentionBackend):
                         sm_scale=self.sm_scale, buffers=bufs[:levels - 1] + bufs[-1:],
                         outputs=self.graph_cascade_outputs, decode_last_level=True, shared_backend=shared,
                         shared_split_kv=False, side_stream=self.side_stream, shared_workspace=self.side_workspace,
-                        kv_dtype=self.kv_dtype)
+                        kv_dtype=self.kv_dtype, decode_last_kernel=self.decode_last_kernel)
         self.graph[bs] = (decode, cascade)
 
     def graph_key(self, plan) -> tuple:

@@ -63,9 +63,10 @@ def choose_splits(batch: int, kv_heads: int) -> int:
 
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, kv_indptr_ptr, kv_indices_ptr, kv_last_ptr, out_ptr, part_ptr, lse_ptr,
-                   sm_scale_log2, v_scale, page_stride, token_stride, q_stride, q_head_stride, out_stride, batch,
-                   HQ: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                   SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr, DOT_F32: tl.constexpr):
+                   lse_out_ptr, sm_scale_log2, v_scale, page_stride, token_stride, q_stride, q_head_stride, out_stride,
+                   batch, HQ: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                   SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr, DOT_F32: tl.constexpr,
+                   WRITE_LSE: tl.constexpr):
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first_page = tl.load(kv_indptr_ptr + b)
     num_pages = tl.load(kv_indptr_ptr + b + 1) - first_page
@@ -113,18 +114,21 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, kv_indptr_ptr, kv_indices_ptr, kv_last_p
         m_i = m_new
     has = l_i > 0
     o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0) * v_scale
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))   # base 2, as FlashInfer's
     if SPLITS == 1:
         tl.store(out_ptr + b.to(tl.int64) * out_stride + head[:, None] * D + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        if WRITE_LSE:
+            tl.store(lse_out_ptr + b.to(tl.int64) * HQ + head, lse, mask=row_ok)
     else:
         row = (s * batch + b).to(tl.int64) * HQ + head   # partial row of (split, request, head)
         tl.store(part_ptr + row[:, None] * D + offs_d[None, :], o, mask=row_ok[:, None])
-        tl.store(lse_ptr + row, tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf")), mask=row_ok)
+        tl.store(lse_ptr + row, lse, mask=row_ok)
 
 
 @triton.jit
-def _merge_kernel(part_ptr, lse_ptr, out_ptr, out_stride, batch, HQ: tl.constexpr, D: tl.constexpr,
-                  SPLITS: tl.constexpr):
+def _merge_kernel(part_ptr, lse_ptr, out_ptr, lse_out_ptr, out_stride, batch, HQ: tl.constexpr, D: tl.constexpr,
+                  SPLITS: tl.constexpr, WRITE_LSE: tl.constexpr):
     b, head = tl.program_id(0), tl.program_id(1)
     offs_s = tl.arange(0, SPLITS)
     offs_d = tl.arange(0, D)
@@ -133,8 +137,12 @@ def _merge_kernel(part_ptr, lse_ptr, out_ptr, out_stride, batch, HQ: tl.constexp
     top = tl.max(lse, axis=0)
     w = tl.where(lse > float("-inf"), tl.exp2(lse - top), 0.0)
     parts = tl.load(part_ptr + rows[:, None] * D + offs_d[None, :])
-    o = tl.sum(parts * w[:, None], axis=0) / tl.maximum(tl.sum(w, axis=0), 1e-30)
+    total = tl.sum(w, axis=0)
+    o = tl.sum(parts * w[:, None], axis=0) / tl.maximum(total, 1e-30)
     tl.store(out_ptr + b.to(tl.int64) * out_stride + head * D + offs_d, o.to(out_ptr.dtype.element_ty))
+    if WRITE_LSE:
+        tl.store(lse_out_ptr + b.to(tl.int64) * HQ + head, tl.where(total > 0, top + tl.log2(tl.maximum(total, 1e-30)),
+                                                                    float("-inf")))
 
 
 class TritonPagedDecode:
@@ -159,42 +167,62 @@ class TritonPagedDecode:
         self.arrays = None
 
     def plan(self, kv_indptr, kv_indices, kv_last_page_len):
-        """Host arrays (numpy or CPU tensors) of one step; the device copies are queued, never waited on."""
-        arrays = [torch.as_tensor(np.asarray(a, dtype=np.int32)) for a in (kv_indptr, kv_indices, kv_last_page_len)]
+        """One step's arrays (numpy, host or device tensors); host-to-device copies are queued from pinned
+        memory, never waited on."""
+        arrays = [a.to(torch.int32) if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a, dtype=np.int32))
+                  for a in (kv_indptr, kv_indices, kv_last_page_len)]
         if self.buffers is None:
             self.batch = arrays[2].numel()
-            self.arrays = [a.to(self.device) if self.device.type != "cuda" else
-                           a.pin_memory().to(self.device, non_blocking=True) for a in arrays]
+            self.arrays = [_to(a, self.device) for a in arrays]
             return
-        if arrays[2].numel() != self.batch:
-            raise ValueError(f"Triton decode planned for {arrays[2].numel()} rows on buffers of {self.batch}")
+        if arrays[2].numel() != self.batch or arrays[1].numel() > self.buffers[1].numel():
+            raise ValueError(f"Triton decode planned for {arrays[2].numel()} rows and {arrays[1].numel()} pages on "
+                             f"buffers of {self.batch} rows and {self.buffers[1].numel()} pages")
         for buf, a in zip(self.buffers, arrays):
-            src = a.pin_memory() if self.device.type == "cuda" else a
-            buf[:a.numel()].copy_(src, non_blocking=True)
+            buf[:a.numel()].copy_(_to(a, self.device), non_blocking=True)
         self.arrays = list(self.buffers)
 
-    def run(self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], k_scale: float = 1.0,
-            v_scale: float = 1.0) -> torch.Tensor:
-        """q [batch, qo_heads, D] -> [batch, qo_heads, D] in q's dtype."""
+    def run(self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], k_scale: float | None = 1.0,
+            v_scale: float | None = 1.0, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+            return_lse: bool = False) -> torch.Tensor:
+        """q [batch, qo_heads, D] -> [batch, qo_heads, D] in q's dtype (into `out` when given). With
+        return_lse, also each row's base-2 log-sum-exp of its scaled scores [batch, qo_heads] float32
+        (into `lse` when given), FlashInfer's convention, for merging with other levels: (out, lse)."""
+        k_scale = 1.0 if k_scale is None else k_scale
+        v_scale = 1.0 if v_scale is None else v_scale
         k_cache, v_cache = kv_cache
         assert q.stride(2) == 1 and k_cache.stride(3) == 1 and k_cache.stride(2) == self.d, "rows of D contiguous"
         assert v_cache.stride() == k_cache.stride(), "k and v caches of one layout"
         batch = self.batch
         indptr, indices, last = self.arrays
-        out = torch.empty(batch, self.hq, self.d, dtype=q.dtype, device=q.device)
+        if out is None:
+            out = torch.empty(batch, self.hq, self.d, dtype=q.dtype, device=q.device)
+        if return_lse and lse is None:
+            lse = torch.empty(batch, self.hq, dtype=torch.float32, device=q.device)
+        assert out.shape[0] >= batch and out.stride(1) == self.d and out.stride(2) == 1, "out rows [qo_heads, D] contiguous"
+        assert not return_lse or (lse.shape[0] >= batch and lse.stride(0) == self.hq and lse.stride(1) == 1)
+        lse_out = lse if return_lse else out
         splits = choose_splits(batch, self.hkv)
         if splits > 1:
             part = torch.empty(splits * batch * self.hq, self.d, dtype=torch.float32, device=q.device)
-            lse = torch.empty(splits * batch * self.hq, dtype=torch.float32, device=q.device)
+            part_lse = torch.empty(splits * batch * self.hq, dtype=torch.float32, device=q.device)
         else:
-            part = lse = out
+            part = part_lse = out
         dot_f32 = q.dtype == torch.float32
         _decode_kernel[(batch, self.hkv, splits)](
-            q, k_cache, v_cache, indptr, indices, last, out, part, lse,
+            q, k_cache, v_cache, indptr, indices, last, out, part, part_lse, lse_out,
             float(self.sm_scale * k_scale * LOG2E), float(v_scale), k_cache.stride(0), k_cache.stride(1),
             q.stride(0), q.stride(1), out.stride(0), batch,
             HQ=self.hq, GQA=self.hq // self.hkv, D=self.d, PAGE=self.page, SPLITS=splits, BLOCK_T=self.block_t,
-            M=ROWS, DOT_F32=dot_f32, num_warps=self.warps, num_stages=self.stages)
+            M=ROWS, DOT_F32=dot_f32, WRITE_LSE=return_lse, num_warps=self.warps, num_stages=self.stages)
         if splits > 1:
-            _merge_kernel[(batch, self.hq)](part, lse, out, out.stride(0), batch, HQ=self.hq, D=self.d, SPLITS=splits)
-        return out
+            _merge_kernel[(batch, self.hq)](part, part_lse, out, lse_out, out.stride(0), batch, HQ=self.hq, D=self.d,
+                                            SPLITS=splits, WRITE_LSE=return_lse)
+        return (out, lse) if return_lse else out
+
+
+def _to(a: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """a on device: a host tensor through pinned memory (a queued copy), a device tensor as it is."""
+    if a.device == device or device.type != "cuda" or a.is_cuda:
+        return a.to(device)
+    return a.pin_memory().to(device, non_blocking=True)
