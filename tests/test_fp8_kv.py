@@ -391,7 +391,8 @@ def _fp8_cache(num_pages, seed):
 @needs_cuda
 @pytest.mark.parametrize("case", ["prefill", "decode"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-wrappers"])
-def test_gpu_flashinfer_attends_over_dequantized_pages(case, graphs):
+@pytest.mark.parametrize("kernel", ["auto", "flashinfer"])
+def test_gpu_flashinfer_attends_over_dequantized_pages(case, graphs, kernel):
     if graphs and case == "prefill":
         pytest.skip("graph wrappers are decode-only")
     from nanovllm.attention.flashinfer_backend import FlashInferAttentionBackend
@@ -401,8 +402,10 @@ def test_gpu_flashinfer_attends_over_dequantized_pages(case, graphs):
     kc, vc = _fp8_cache(4096, seed=4)
     q = torch.randn(int(batch.qo_indptr[-1]), HQ, D, device="cuda").to(DT)
     backend = FlashInferAttentionBackend(num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D, page_size=PAGE, dtype=DT,
-                                         device=torch.device("cuda"), max_rows=8192, kv_dtype=FP8_DTYPE)
-    assert backend.triton_decode, "an fp8 cache decodes on the Triton kernel by default (decode_attention_kernel auto)"
+                                         device=torch.device("cuda"), max_rows=8192, kv_dtype=FP8_DTYPE,
+                                         decode_kernel=kernel)
+    # auto: an fp8 cache decodes on the Triton kernel (attention/triton_decode.py); flashinfer: on FlashInfer's
+    assert backend.triton_decode == (kernel == "auto")
     if graphs:
         backend.prepare_graphs(8, 4096, with_cascade=False)
         backend.graph_wrappers(8)

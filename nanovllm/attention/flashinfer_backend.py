@@ -19,6 +19,7 @@ import torch
 from nanovllm.attention.backend import AttentionBackend, StepBatch
 from nanovllm.attention.kv_quant import is_fp8
 from nanovllm.attention.triton_decode import TritonPagedDecode
+from nanovllm.attention.triton_decode import supports as triton_decode_supports
 from nanovllm.attention.triton_kv import store_kv_triton
 from nanovllm.cascade.cost_model import SHARED_BACKENDS, fp8_capable, shared_level_backend
 from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention, cascade_outputs
@@ -50,7 +51,9 @@ class FlashInferAttentionBackend(AttentionBackend):
         # Regular decode on the Triton kernel (attention/triton_decode.py) for an fp8 cache, where
         # FlashInfer's decode kernels read fp8 pages no faster than bf16 ones. Cascade's per-request level
         # joins it only when asked ("triton"): not yet measured on a GPU.
-        self.triton_decode = decode_kernel == "triton" or (decode_kernel == "auto" and is_fp8(self.kv_dtype))
+        self.triton_decode = decode_kernel == "triton" or (
+            decode_kernel == "auto" and is_fp8(self.kv_dtype)
+            and triton_decode_supports(self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size) is None)
         self.decode_last_kernel = "triton" if decode_kernel == "triton" else "flashinfer"
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.cascade_backend = cascade_backend

@@ -65,7 +65,7 @@ def choose_splits(batch: int, kv_heads: int) -> int:
 def _decode_kernel(q_ptr, k_ptr, v_ptr, kv_indptr_ptr, kv_indices_ptr, kv_last_ptr, out_ptr, part_ptr, lse_ptr,
                    lse_out_ptr, sm_scale_log2, v_scale, page_stride, token_stride, q_stride, q_head_stride, out_stride,
                    batch, HQ: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                   SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr, DOT_F32: tl.constexpr,
+                   SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr, DOT: tl.constexpr,
                    WRITE_LSE: tl.constexpr):
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first_page = tl.load(kv_indptr_ptr + b)
@@ -82,11 +82,13 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, kv_indptr_ptr, kv_indices_ptr, kv_last_p
     head = h * GQA + offs_m
     q = tl.load(q_ptr + b.to(tl.int64) * q_stride + head[:, None] * q_head_stride + offs_d[None, :], mask=row_ok[:, None],
                 other=0.0).to(tl.float32)
-    if DOT_F32:
+    if DOT == 0:
         dot_dtype = tl.float32
-    else:
+    elif DOT == 1:
         dot_dtype = tl.float16
         q = tl.minimum(tl.maximum(q, -65504.0), 65504.0)
+    else:
+        dot_dtype = tl.bfloat16
     q = q.to(dot_dtype)
     m_i = tl.full((M,), float("-inf"), tl.float32)
     l_i = tl.zeros((M,), tl.float32)
@@ -97,7 +99,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, kv_indptr_ptr, kv_indices_ptr, kv_last_p
         page = tl.load(kv_indices_ptr + first_page + t // PAGE, mask=t_ok, other=0).to(tl.int64)
         off = page * page_stride + (t % PAGE) * token_stride + h * D
         k = tl.load(k_ptr + off[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0).to(dot_dtype)
-        if DOT_F32:
+        if DOT == 0:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             scores = tl.dot(q, tl.trans(k))
@@ -107,7 +109,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, kv_indptr_ptr, kv_indices_ptr, kv_last_p
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + off[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0).to(dot_dtype)
-        if DOT_F32:
+        if DOT == 0:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v).to(tl.float32)
@@ -145,6 +147,15 @@ def _merge_kernel(part_ptr, lse_ptr, out_ptr, lse_out_ptr, out_stride, batch, HQ
                                                                     float("-inf")))
 
 
+def supports(num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int) -> str | None:
+    """None when the kernel serves this shape, else why not."""
+    if num_qo_heads % num_kv_heads or num_qo_heads // num_kv_heads > ROWS:
+        return f"{num_qo_heads} query heads over {num_kv_heads} kv heads (at most {ROWS} a kv head)"
+    if head_dim & (head_dim - 1) or page_size & (page_size - 1):
+        return f"head_dim ({head_dim}) and page_size ({page_size}) must be powers of two"
+    return None
+
+
 class TritonPagedDecode:
     """plan(kv_indptr, kv_indices, kv_last_page_len) once a step, then run(q, (k_cache, v_cache)) per
     layer, like FlashInfer's decode wrapper. With `buffers` (device indptr [bs + 1], indices, last [bs])
@@ -154,10 +165,9 @@ class TritonPagedDecode:
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, device: torch.device,
                  buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, sm_scale: float | None = None,
                  block_t: int = BLOCK_T, warps: int = 4, stages: int = 3):
-        if num_qo_heads % num_kv_heads or num_qo_heads // num_kv_heads > ROWS:
-            raise ValueError(f"Triton decode: {num_qo_heads} query heads over {num_kv_heads} kv heads (at most {ROWS} a kv head)")
-        if head_dim & (head_dim - 1) or page_size & (page_size - 1):
-            raise ValueError(f"Triton decode: head_dim ({head_dim}) and page_size ({page_size}) must be powers of two")
+        why = supports(num_qo_heads, num_kv_heads, head_dim, page_size)
+        if why:
+            raise ValueError(f"Triton decode: {why}")
         self.hq, self.hkv, self.d, self.page = num_qo_heads, num_kv_heads, head_dim, page_size
         self.sm_scale = sm_scale if sm_scale is not None else head_dim ** -0.5
         self.device = device
@@ -208,13 +218,15 @@ class TritonPagedDecode:
             part_lse = torch.empty(splits * batch * self.hq, dtype=torch.float32, device=q.device)
         else:
             part = part_lse = out
-        dot_f32 = q.dtype == torch.float32
+        # The dots' dtype: float32 for float32 queries, bfloat16 over a bfloat16 cache, else float16 (an fp8
+        # or float16 cache: every value exact, queries clamped to fp16's range).
+        dot = 0 if q.dtype == torch.float32 else 2 if k_cache.dtype == torch.bfloat16 else 1
         _decode_kernel[(batch, self.hkv, splits)](
             q, k_cache, v_cache, indptr, indices, last, out, part, part_lse, lse_out,
             float(self.sm_scale * k_scale * LOG2E), float(v_scale), k_cache.stride(0), k_cache.stride(1),
             q.stride(0), q.stride(1), out.stride(0), batch,
             HQ=self.hq, GQA=self.hq // self.hkv, D=self.d, PAGE=self.page, SPLITS=splits, BLOCK_T=self.block_t,
-            M=ROWS, DOT_F32=dot_f32, WRITE_LSE=return_lse, num_warps=self.warps, num_stages=self.stages)
+            M=ROWS, DOT=dot, WRITE_LSE=return_lse, num_warps=self.warps, num_stages=self.stages)
         if splits > 1:
             _merge_kernel[(batch, self.hq)](part, part_lse, out, lse_out, out.stride(0), batch, HQ=self.hq, D=self.d,
                                             SPLITS=splits, WRITE_LSE=return_lse)

@@ -65,9 +65,11 @@ def _sample_chunk_kernel(logits_ptr, logits_stride, temps_ptr, seeds_ptr, vocab,
     big = 1 << 30           # ties: the lowest id among the lanes holding the best score
     idx = tl.minimum(tl.minimum(tl.where(b0 == best, i0, big), tl.where(b1 == best, i1 + 1, big)),
                      tl.minimum(tl.where(b2 == best, i2 + 2, big), tl.where(b3 == best, i3 + 3, big)))
-    idx = tl.where(idx == big, i0, idx)  # NaN scores match nothing: a column in range all the same
+    idx = tl.where(idx == big, i0, idx)  # NaN scores match nothing
     tl.store(best_ptr + row * NUM_CHUNKS + chunk, best)
-    tl.store(best_idx_ptr + row * NUM_CHUNKS + chunk, first + idx)
+    # A chunk of only -inf (or NaN) scores names its first column, which lies before the slice when it
+    # starts past a multiple of 4: clamped into [0, vocab) (such a chunk never beats one with a score).
+    tl.store(best_idx_ptr + row * NUM_CHUNKS + chunk, tl.minimum(tl.maximum(first + idx, 0), vocab - 1))
 
 
 def sample_gumbel(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
@@ -84,6 +86,7 @@ def gumbel_winners(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torc
     rows, vocab = logits.shape
     assert logits.stride(1) == 1
     assert block >= 8 and block & (block - 1) == 0, "block: a power of two >= 8 (four lanes of block / 4)"
+    assert offset >= 0, "offset: the slice's first token id"
     chunks = triton.cdiv(vocab + offset % 4, block)
     best = torch.empty(rows, chunks, dtype=torch.float32, device=logits.device)
     best_idx = torch.empty(rows, chunks, dtype=torch.int32, device=logits.device)
