@@ -32,6 +32,8 @@ fastest tile (tokens / warps / stages); the default is 128 / 4 / 3:
 | bf16 | 256 x 600 | 170.6 (3.69) | 163.3 (3.85), 64 / 4 / 2 | 166.6 |
 | bf16 | 256 x U(200, 1600) | 244.1 (3.99) | 254.0 (3.84), 128 / 4 / 4 | 254.0 |
 
+(The bf16 rows ran with fp16 dots; a bf16 cache now takes bf16 dots, not re-timed.)
+
 So on fp8 pages it runs 1.2-1.6x FlashInfer, but at ~2.2e12 KV values a second whatever their width
 (bf16: ~1.9e12), so per-value work (a guess, not profiled: the fp8 -> fp16 conversion and the dots'
 operand shuffles) rather than the bytes bounds it, and fp8 reads only ~2.2 of the H200's ~4.3 TB/s. W1 (one H200, random Qwen3-0.6B):
@@ -188,8 +190,9 @@ class TritonPagedDecode:
         if arrays[2].numel() != self.batch or arrays[1].numel() > self.buffers[1].numel():
             raise ValueError(f"Triton decode planned for {arrays[2].numel()} rows and {arrays[1].numel()} pages on "
                              f"buffers of {self.batch} rows and {self.buffers[1].numel()} pages")
-        for buf, a in zip(self.buffers, arrays):
-            buf[:a.numel()].copy_(_to(a, self.device), non_blocking=True)
+        for buf, a in zip(self.buffers, arrays):   # one queued copy each, from pinned memory when on the host
+            src = a.pin_memory() if self.device.type == "cuda" and not a.is_cuda else a
+            buf[:a.numel()].copy_(src, non_blocking=True)
         self.arrays = list(self.buffers)
 
     def run(self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], k_scale: float | None = 1.0,
