@@ -5,7 +5,8 @@ graphs, median of 30 replays; fp8 and bf16 caches at W1-like and W2-last-level s
     python scripts/sweep_triton_decode.py
 
 Prints per shape FlashInfer's time and the four fastest (BLOCK_T, warps, stages) with their TB/s of KV
-read and max abs difference to FlashInfer (claude_docs/performance.md, "Session 12")."""
+read and max abs difference to FlashInfer (claude_docs/performance.md, "Session 12"); fp8 caches try both
+conversions (`convert`: Triton's cast, or integer ops on int16 pairs)."""
 import itertools
 import statistics
 
@@ -58,20 +59,22 @@ def main():
             ref = w.run(q, (kc, vc))
             t_fi = timed(lambda: w.run(q, (kc, vc)))
             res = []
-            for bt, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)):
+            converts = ("cast", "bits") if kvdt == torch.float8_e4m3fn else ("cast",)
+            for bt, warps, stages, convert in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4), converts):
                 td = TritonPagedDecode(HQ, HKV, D, P, torch.device("cuda"), buffers=(ind.cuda(), idx.cuda(), last.cuda()),
-                                       block_t=bt, warps=warps, stages=stages)
+                                       block_t=bt, warps=warps, stages=stages, convert=convert)
                 td.plan(ind, idx, last)
                 try:
                     err = (td.run(q, (kc, vc)).float() - ref.float()).abs().max().item()
                     t = timed(lambda: td.run(q, (kc, vc)))
                 except Exception as e:  # a config that does not fit: report and go on
-                    print("fail", bt, warps, stages, type(e).__name__)
+                    print("fail", bt, warps, stages, convert, type(e).__name__)
                     continue
-                res.append((t, bt, warps, stages, err))
+                res.append((t, bt, warps, stages, convert, err))
             res.sort()
             print(f"{str(kvdt)[6:]} {label}: flashinfer tc {t_fi * 1000:.1f} us ({gb / t_fi:.2f} TB/s); triton best: " +
-                  "; ".join(f"{t * 1000:.1f} us ({gb / t:.2f}) bt{bt} w{w_} s{st} err {e:.1e}" for t, bt, w_, st, e in res[:4]),
+                  "; ".join(f"{t * 1000:.1f} us ({gb / t:.2f}) bt{bt} w{w_} s{st} {cv} err {e:.1e}"
+                            for t, bt, w_, st, cv, e in res[:4]),
                   flush=True)
 
 

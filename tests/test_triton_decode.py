@@ -34,7 +34,7 @@ def reference(q, kc, vc, lens, pages, k_scale, v_scale, sm_scale, with_lse=False
     return (out, lse) if with_lse else out
 
 
-def case(lens, hq, hkv, cache_dtype, q_dtype, k_scale=1.0, v_scale=1.0, pad_to=None, block_t=None):
+def case(lens, hq, hkv, cache_dtype, q_dtype, k_scale=1.0, v_scale=1.0, pad_to=None, block_t=None, convert="cast"):
     num_pages = sum(-(-n // PAGE) for n in lens) + 3
     perm = torch.randperm(num_pages, generator=g)   # scattered pages
     pages, i = [], 0
@@ -57,7 +57,8 @@ def case(lens, hq, hkv, cache_dtype, q_dtype, k_scale=1.0, v_scale=1.0, pad_to=N
     ref, ref_lse = reference(q.float(), kd, vd, lens, pages, k_scale, v_scale, D ** -0.5, with_lse=True)
     kc, vc, qd = kc.to(device), vc.to(device), q.to(device)
     if pad_to is None:
-        dec = TritonPagedDecode(hq, hkv, D, PAGE, device, **({{}} if block_t is None else dict(block_t=block_t)))
+        dec = TritonPagedDecode(hq, hkv, D, PAGE, device, convert=convert,
+                                **({{}} if block_t is None else dict(block_t=block_t)))
         dec.plan(indptr, indices, last)
         out = dec.run(qd, (kc, vc), k_scale, v_scale)
         # Into given buffers, with the base-2 LSE (a cascade's per-request level merges through it); the plan
@@ -126,6 +127,9 @@ for q_dtype in q_dtypes:
     for cache_dtype in ([fp8] if q_dtype == torch.float32 else [fp8, q_dtype]):
         case([100, 0, 37, 250], 4, 2, cache_dtype, q_dtype, k_scale=0.5, v_scale=2.0, block_t=16)
 case([int(x) for x in np.random.default_rng(1).integers(0, 200, 300)], 2, 1, fp8, torch.float16, block_t=16)
+# fp8 values through integer ops on int16 pairs (convert="bits"): the same answers.
+for lens_, bt in (([1, 15, 16, 17, 100, 333], None), ([100, 0, 37, 250], 16)):
+    case(lens_, 4, 2, fp8, torch.float16, k_scale=0.5, v_scale=2.0, block_t=bt, convert="bits")
 # Many rows, one split: the same answers.
 case([int(x) for x in np.random.default_rng(0).integers(1, 80, 300)], 2, 1, fp8, torch.float16)
 print("ok")
@@ -140,6 +144,30 @@ def test_triton_decode_interpreted_on_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_decode_on_gpu():
     run_on_gpu(SCRIPT)
+
+
+FP8_PAIRS = r"""
+import torch, triton, triton.language as tl
+from nanovllm.attention.triton_decode import _fp8_pairs_to_f16
+
+@triton.jit
+def k(x_ptr, y_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    y = tl.reshape(_fp8_pairs_to_f16(tl.load(x_ptr + i)), (2 * N,))
+    tl.store(y_ptr + tl.arange(0, 2 * N), y)
+
+words = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)   # every pair of bytes
+y = torch.empty(2 * 65536, dtype=torch.float16)
+k[(1,)](words, y, N=65536)
+want = words.view(torch.float8_e4m3fn).float() / 256   # little-endian: the low byte first
+nan = torch.isnan(want)   # e4m3's NaN bytes (0x7f, 0xff): never stored (values are clamped to +-448)
+assert nan.sum() == 2 * 2 * 256 and torch.equal(y.float()[~nan], want[~nan]), (y.float()[~nan] - want[~nan]).abs().max()
+print("ok")
+"""
+
+
+def test_fp8_pairs_convert_exactly_every_byte_pair():
+    run_interpreted(FP8_PAIRS)
 
 
 def test_supported_shapes_and_the_refusal():

@@ -64,11 +64,23 @@ def choose_splits(batch: int, kv_heads: int) -> int:
 
 
 @triton.jit
+def _fp8_pairs_to_f16(x):
+    """int16 words each holding two e4m3 bytes -> [..., 2] float16 of e4m3 * 2^-8, exactly (the sign moves to
+    bit 15, exponent and mantissa shift into fp16's fields; e4m3's bias 7 against fp16's 15 leaves the 2^-8,
+    subnormals included), the low byte first. Integer ops in the loaded layout, so the dots' operands move
+    through shared memory as 16-bit values (`convert="bits"`)."""
+    u = x.to(tl.uint16, bitcast=True)
+    lo = ((u & 0x80) << 8) | ((u & 0x7F) << 7)
+    hi = (u & 0x8000) | ((u >> 1) & 0x3F80)
+    return tl.join(lo.to(tl.float16, bitcast=True), hi.to(tl.float16, bitcast=True))
+
+
+@triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, kv_indptr_ptr, kv_indices_ptr, kv_last_ptr, out_ptr, part_ptr, lse_ptr,
                    lse_out_ptr, sm_scale_log2, v_scale, page_stride, token_stride, q_stride, q_head_stride, out_stride,
                    batch, HQ: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                    SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr, DOT: tl.constexpr,
-                   WRITE_LSE: tl.constexpr):
+                   WRITE_LSE: tl.constexpr, BITS: tl.constexpr = False):
     b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     first_page = tl.load(kv_indptr_ptr + b)
     num_pages = tl.load(kv_indptr_ptr + b + 1) - first_page
@@ -80,6 +92,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, kv_indptr_ptr, kv_indices_ptr, kv_last_p
     offs_m = tl.arange(0, M)
     offs_d = tl.arange(0, D)
     offs_t = tl.arange(0, BLOCK_T)
+    offs_w = tl.arange(0, D // 2)   # int16 words of a row (BITS)
     row_ok = offs_m < GQA
     head = h * GQA + offs_m
     q = tl.load(q_ptr + b.to(tl.int64) * q_stride + head[:, None] * q_head_stride + offs_d[None, :], mask=row_ok[:, None],
@@ -99,8 +112,13 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, kv_indptr_ptr, kv_indices_ptr, kv_last_p
         t = t0 + offs_t
         t_ok = t < t_hi
         page = tl.load(kv_indices_ptr + first_page + t // PAGE, mask=t_ok, other=0).to(tl.int64)
-        off = page * page_stride + (t % PAGE) * token_stride + h * D
-        k = tl.load(k_ptr + off[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0).to(dot_dtype)
+        if BITS:  # the caches viewed as int16 (strides in int16 words); values e4m3 * 2^-8, the 2^8 in the scales
+            off = page * page_stride + (t % PAGE) * token_stride + h * (D // 2)
+            k = tl.reshape(_fp8_pairs_to_f16(tl.load(k_ptr + off[:, None] + offs_w[None, :], mask=t_ok[:, None],
+                                                     other=0)), (BLOCK_T, D))
+        else:
+            off = page * page_stride + (t % PAGE) * token_stride + h * D
+            k = tl.load(k_ptr + off[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0).to(dot_dtype)
         if DOT == 0:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -110,7 +128,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, kv_indptr_ptr, kv_indices_ptr, kv_last_p
         p = tl.exp2(scores - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + off[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0).to(dot_dtype)
+        if BITS:
+            v = tl.reshape(_fp8_pairs_to_f16(tl.load(v_ptr + off[:, None] + offs_w[None, :], mask=t_ok[:, None],
+                                                     other=0)), (BLOCK_T, D))
+        else:
+            v = tl.load(v_ptr + off[:, None] + offs_d[None, :], mask=t_ok[:, None], other=0.0).to(dot_dtype)
         if DOT == 0:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
@@ -166,14 +188,21 @@ class TritonPagedDecode:
 
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, device: torch.device,
                  buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, sm_scale: float | None = None,
-                 block_t: int = BLOCK_T, warps: int = 4, stages: int = 3):
+                 block_t: int = BLOCK_T, warps: int = 4, stages: int = 3, convert: str = "cast"):
         why = supports(num_qo_heads, num_kv_heads, head_dim, page_size)
         if why:
             raise ValueError(f"Triton decode: {why}")
         self.hq, self.hkv, self.d, self.page = num_qo_heads, num_kv_heads, head_dim, page_size
         self.sm_scale = sm_scale if sm_scale is not None else head_dim ** -0.5
         self.device = device
+        if convert not in ("cast", "bits"):
+            raise ValueError(f"Triton decode: convert must be cast or bits, got {convert!r}")
         self.block_t, self.warps, self.stages = block_t, warps, stages
+        # An fp8 cache's values reach the dots by Triton's fp8 -> fp16 cast ("cast"), or by integer ops on
+        # int16 pairs ("bits", _fp8_pairs_to_f16): compiled for sm_90, the cast reads the V tile from shared
+        # memory a byte at a time (128 ld.shared.b8 a thread a 128-token tile: there is no 8-bit transposed
+        # ldmatrix), "bits" moves 16-bit values. Not yet timed on a GPU: "cast" stays the default.
+        self.convert = convert
         self.buffers = buffers
         self.batch = buffers[2].numel() if buffers is not None else 0
         self.arrays = None
@@ -224,12 +253,16 @@ class TritonPagedDecode:
         # The dots' dtype: float32 for float32 queries, bfloat16 over a bfloat16 cache, else float16 (an fp8
         # or float16 cache: every value exact, queries clamped to fp16's range).
         dot = 0 if q.dtype == torch.float32 else 2 if k_cache.dtype == torch.bfloat16 else 1
+        bits = self.convert == "bits" and k_cache.dtype == torch.float8_e4m3fn and dot == 1
+        if bits:   # int16 views; the values come out as e4m3 * 2^-8 (_fp8_pairs_to_f16), the scales take the 2^8
+            k_cache, v_cache = k_cache.view(torch.int16), v_cache.view(torch.int16)
+            k_scale, v_scale = k_scale * 256.0, v_scale * 256.0
         _decode_kernel[(batch, self.hkv, splits)](
             q, k_cache, v_cache, indptr, indices, last, out, part, part_lse, lse_out,
             float(self.sm_scale * k_scale * LOG2E), float(v_scale), k_cache.stride(0), k_cache.stride(1),
             q.stride(0), q.stride(1), out.stride(0), batch,
             HQ=self.hq, GQA=self.hq // self.hkv, D=self.d, PAGE=self.page, SPLITS=splits, BLOCK_T=self.block_t,
-            M=ROWS, DOT=dot, WRITE_LSE=return_lse, num_warps=self.warps, num_stages=self.stages)
+            M=ROWS, DOT=dot, WRITE_LSE=return_lse, BITS=bits, num_warps=self.warps, num_stages=self.stages)
         if splits > 1:
             _merge_kernel[(batch, self.hq)](part, part_lse, out, lse_out, out.stride(0), batch, HQ=self.hq, D=self.d,
                                             SPLITS=splits, WRITE_LSE=return_lse)
