@@ -35,8 +35,12 @@ fastest tile (tokens / warps / stages); the default is 128 / 4 / 3:
 (The bf16 rows ran with fp16 dots; a bf16 cache now takes bf16 dots, not re-timed.)
 
 So on fp8 pages it runs 1.2-1.6x FlashInfer, but at ~2.2e12 KV values a second whatever their width
-(bf16: ~1.9e12), so per-value work (a guess, not profiled: the fp8 -> fp16 conversion and the dots'
-operand shuffles) rather than the bytes bounds it, and fp8 reads only ~2.2 of the H200's ~4.3 TB/s. W1 (one H200, random Qwen3-0.6B):
+(bf16: ~1.9e12), so per-value work rather than the bytes bounds it, and fp8 reads only ~2.2 of the
+H200's ~4.3 TB/s. The kernel compiled for sm_90 (on the CPU, Triton's ptxas) shows where: a 128-token tile
+takes 1,464 PTX instructions a thread, among them 128 `ld.shared.b8` (the V tile read from shared memory a
+byte at a time for the P.V dot: sm_90 has no 8-bit transposed ldmatrix) and 128 `cvt.rn.f16x2.e4m3x2`.
+`convert="bits"` (below) avoids the byte reads (V through `ldmatrix.trans` as 16-bit values) at 2,420
+instructions a tile; which is faster is for the GPU to say (scripts/sweep_triton_decode.py tries both). W1 (one H200, random Qwen3-0.6B):
 fp8 cache 24,690 tok/s against bf16's 24,147 in the same call; FlashInfer's fp8 decode 21,936 and this
 kernel with 64-token tiles 23,470 in another. bf16 stays on FlashInfer (equal within 5% either way).
 
