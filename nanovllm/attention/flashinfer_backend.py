@@ -60,11 +60,12 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.cascade_levels = cascade_levels
         self.decode_tensor_cores = decode_tensor_cores
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=prefill_backend)
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
-                                                                    use_tensor_cores=decode_tensor_cores)
         if self.triton_decode:
             self.decode = TritonPagedDecode(self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
                                             self.device, sm_scale=self.sm_scale)
+        else:
+            self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD",
+                                                                        use_tensor_cores=decode_tensor_cores)
         # Shared levels of cascade decode: chosen per step (auto) or one kernel for all.
         self.shared_backends = SHARED_BACKENDS if shared_backend == "auto" else (shared_backend,)
         if is_fp8(self.kv_dtype):

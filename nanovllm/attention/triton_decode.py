@@ -51,8 +51,9 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.utils.transfer import pinned, to_device
+
 LOG2E = 1.4426950408889634
-FP16_MAX = 65504.0
 BLOCK_T = 128         # tokens a tile (with 4 warps, 3 stages: the sweep's best at W1's mixed lengths, below)
 ROWS = 16             # query rows a program's tile holds (tl.dot's smallest M); GQA heads beyond it are refused
 TARGET_PROGRAMS = 264 # programs wanted (2 per SM on an H200) before tokens are split
@@ -218,14 +219,13 @@ class TritonPagedDecode:
                   for a in (kv_indptr, kv_indices, kv_last_page_len)]
         if self.buffers is None:
             self.batch = arrays[2].numel()
-            self.arrays = [_to(a, self.device) for a in arrays]
+            self.arrays = [to_device(a, self.device) for a in arrays]
             return
         if arrays[2].numel() != self.batch or arrays[1].numel() > self.buffers[1].numel():
             raise ValueError(f"Triton decode planned for {arrays[2].numel()} rows and {arrays[1].numel()} pages on "
                              f"buffers of {self.batch} rows and {self.buffers[1].numel()} pages")
         for buf, a in zip(self.buffers, arrays):   # one queued copy each, from pinned memory when on the host
-            src = a.pin_memory() if self.device.type == "cuda" and not a.is_cuda else a
-            buf[:a.numel()].copy_(src, non_blocking=True)
+            buf[:a.numel()].copy_(pinned(a), non_blocking=True)
         self.arrays = list(self.buffers)
 
     def run(self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], k_scale: float | None = 1.0,
@@ -272,9 +272,3 @@ class TritonPagedDecode:
                                             SPLITS=splits, WRITE_LSE=return_lse)
         return (out, lse) if return_lse else out
 
-
-def _to(a: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """a on device: a host tensor through pinned memory (a queued copy), a device tensor as it is."""
-    if a.device == device or device.type != "cuda" or a.is_cuda:
-        return a.to(device)
-    return a.pin_memory().to(device, non_blocking=True)

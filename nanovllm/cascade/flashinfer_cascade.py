@@ -126,11 +126,11 @@ class FlashInferCascadeAttention:
             wrapper.plan(*lv, hq, hkv, d, page, causal=False, disable_split_kv=not self.shared_split_kv, **common)
         qo_indptr, kv_indptr, kv_indices, last_len = levels[-1]
         one_row_each = qo_indptr.numel() - 1 == int(qo_indptr[-1])
-        if isinstance(self.decode_last, TritonPagedDecode) and one_row_each:
-            self.decode_last.plan(kv_indptr, kv_indices, last_len)
-            self.active[-1] = self.decode_last
-        elif self.decode_last is not None and one_row_each:
-            self.decode_last.plan(kv_indptr, kv_indices, last_len, hq, hkv, d, page, **common)
+        if self.decode_last is not None and one_row_each:
+            if isinstance(self.decode_last, TritonPagedDecode):   # FlashInfer's page-table arrays, no shapes
+                self.decode_last.plan(kv_indptr, kv_indices, last_len)
+            else:
+                self.decode_last.plan(kv_indptr, kv_indices, last_len, hq, hkv, d, page, **common)
             self.active[-1] = self.decode_last
         else:
             assert not self.use_cuda_graph or self.decode_last is None, "graph mode with decode_last_level is decode-only"
