@@ -271,4 +271,3 @@ class TritonPagedDecode:
             _merge_kernel[(batch, self.hq)](part, part_lse, out, lse_out, out.stride(0), batch, HQ=self.hq, D=self.d,
                                             SPLITS=splits, WRITE_LSE=return_lse)
         return (out, lse) if return_lse else out
-
