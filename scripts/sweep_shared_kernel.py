@@ -6,7 +6,7 @@ the engine's fixed grid (256 programs per kv head) and the partial merge:
 
 For each shape (groups x query rows per group x shared tokens) times the engine's tiles
 (shared_kernel.TILES), two 64-row tiles, and FlashInfer's fa3/fa2 without split-kv (as the engine's
-graphs run them); with --grid also every tile shape (rows per work item, tokens per tile, warps,
+graphs run them) and fa3 with each group cut into 2-16 pieces (split_level_layout); with --grid also every tile shape (rows per work item, tokens per tile, warps,
 stages, splits = choose_splits x 1/2/4). Prints each kernel's time, the bytes' rate (each group's K
 and V read once) and error against float32 attention, and as a last line JSON of the fastest per
 shape (claude_docs/cascade.md records the table; cost_model.shared_level_backend follows it).
@@ -24,7 +24,7 @@ from bench_kernels import DT, HKV, HQ, WS, D, cache, graphed, paged  # noqa: E40
 import flashinfer  # noqa: E402
 
 from nanovllm.cascade.shared_kernel import (TILES, SharedTile, choose_splits, merge_partials,  # noqa: E402
-                                            shared_level_attention, shared_level_items)
+                                            shared_level_attention, shared_level_items, split_level_layout)
 
 PAGE = 16
 # groups x query rows per group x shared tokens, over the range the engine meets (rows per group 1-1024,
@@ -69,6 +69,29 @@ def flashinfer_level(q, kc, vc, qo, ind, idx, out, lse, backend):
     return fn
 
 
+def flashinfer_split_level(q, kc, vc, qo, ind, idx, out, lse, backend, splits):
+    """The level on FlashInfer's prefill kernel cut into `splits` pieces a group by the layout
+    (shared_kernel.split_level_layout): the query rows copied `splits` times, each piece's partial written
+    at row split * R + row, merged by the Triton level's merge kernel."""
+    qo_s, ind_s, idx_s, last_s = (torch.from_numpy(a) for a in split_level_layout(qo.numpy(), ind.numpy(),
+                                                                                   idx.numpy(), splits, PAGE))
+    rows = len(q)
+    q_s = torch.empty(splits * rows, HQ, D, device="cuda", dtype=DT)
+    po, pl = torch.empty_like(q_s), torch.empty(splits * rows, HQ, device="cuda", dtype=torch.float32)
+    meta = torch.tensor([0, splits], dtype=torch.int32, device="cuda")
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+        WS, "NHD", use_cuda_graph=True, qo_indptr_buf=qo_s.cuda(), paged_kv_indptr_buf=ind_s.cuda(),
+        paged_kv_indices_buf=idx_s.cuda(), paged_kv_last_page_len_buf=last_s.cuda(), backend=backend)
+    w.plan(qo_s, ind_s, idx_s, last_s, HQ, HKV, D, PAGE, causal=False, disable_split_kv=True, q_data_type=DT,
+           kv_data_type=DT)
+
+    def fn():
+        q_s.view(splits, rows, HQ, D).copy_(q.unsqueeze(0).expand(splits, -1, -1, -1))
+        w.run(q_s, (kc, vc), out=po, lse=pl, return_lse=True)
+        merge_partials(out, lse, po, pl, meta)
+    return fn
+
+
 def run_shape(groups, rows, length, configs):
     torch.manual_seed(0)
     ind, idx, _ = paged([length] * groups, PAGE)
@@ -83,8 +106,10 @@ def run_shape(groups, rows, length, configs):
     ref = reference(q, kc, vc, groups, rows, length)
     results = []
     for cfg in configs:
-        if isinstance(cfg, str):  # a FlashInfer backend
-            fn = flashinfer_level(q, kc, vc, qo, ind, idx, out, lse, cfg)
+        if isinstance(cfg, str):  # a FlashInfer backend, "fa3-x8": cut into 8 pieces a group
+            backend, _, x = cfg.partition("-x")
+            fn = (flashinfer_split_level(q, kc, vc, qo, ind, idx, out, lse, backend, int(x)) if x
+                  else flashinfer_level(q, kc, vc, qo, ind, idx, out, lse, backend))
             ms = graphed(fn)
             out.zero_(); lse.fill_(float("-inf"))
             fn()
@@ -131,10 +156,12 @@ def main():
     p.add_argument("--grid", action="store_true", help="every tile shape, not just the engine's and FlashInfer")
     p.add_argument("--prefill", action="store_true", help="prefill shapes: many question tokens over a long prefix")
     p.add_argument("--top", type=int, default=3)
+    p.add_argument("--fa3-splits", default="2,4,8,16", help="fa3 with each group cut into this many pieces")
     args = p.parse_args()
     shapes = ([tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")] if args.shapes
               else PREFILL_SHAPES if args.prefill else SHAPES)
-    named = [tuple(vars(t).values()) for t in TILES.values()] + [(64, 64, 4, 2, 2), (64, 128, 8, 3, 1), "fa3", "fa2"]
+    named = [tuple(vars(t).values()) for t in TILES.values()] + [(64, 64, 4, 2, 2), (64, 128, 8, 3, 1), "fa3", "fa2"] + [
+        f"fa3-x{s}" for s in args.fa3_splits.split(",") if s]
     configs = named + (list(itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (2, 3, 4), (1, 2, 4)))
                        if args.grid else [])
     best = {}

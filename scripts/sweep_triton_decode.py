@@ -2,11 +2,12 @@
 wrapper (tensor cores), on the GPU: one layer, 16 q / 8 kv heads, d 128, page 16, scattered pages, CUDA
 graphs, median of 30 replays; fp8 and bf16 caches at W1-like and W2-last-level shapes.
 
-    python scripts/sweep_triton_decode.py
+    python scripts/sweep_triton_decode.py [--quick]
 
 Prints per shape FlashInfer's time and the four fastest (BLOCK_T, warps, stages) with their TB/s of KV
 read and max abs difference to FlashInfer (claude_docs/performance.md, "Session 12"); fp8 caches try both
 conversions (`convert`: Triton's cast, or integer ops on int16 pairs)."""
+import argparse
 import itertools
 import statistics
 
@@ -39,11 +40,15 @@ def timed(fn, reps=30):
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fp8 only, 64/128-token tiles, 4/8 warps, 2/3 stages")
+    args = ap.parse_args()
+    grid = ((64, 128), (4, 8), (2, 3)) if args.quick else ((32, 64, 128), (2, 4, 8), (2, 3, 4))
     rng = np.random.default_rng(0)
     shapes = (("256x600", np.full(256, 600)), ("1024x256", np.full(1024, 256)),
               ("256xU(200,1600)", rng.integers(200, 1600, 256)), ("32xU(100,1500)", rng.integers(100, 1500, 32)))
     workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
-    for kvdt in (torch.float8_e4m3fn, torch.bfloat16):
+    for kvdt in (torch.float8_e4m3fn,) if args.quick else (torch.float8_e4m3fn, torch.bfloat16):
         for label, lens in shapes:
             n = (lens + P - 1) // P
             pages = int(n.sum())
@@ -60,7 +65,7 @@ def main():
             t_fi = timed(lambda: w.run(q, (kc, vc)))
             res = []
             converts = ("cast", "bits") if kvdt == torch.float8_e4m3fn else ("cast",)
-            for bt, warps, stages, convert in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4), converts):
+            for bt, warps, stages, convert in itertools.product(*grid, converts):
                 td = TritonPagedDecode(HQ, HKV, D, P, torch.device("cuda"), buffers=(ind.cuda(), idx.cuda(), last.cuda()),
                                        block_t=bt, warps=warps, stages=stages, convert=convert)
                 td.plan(ind, idx, last)
