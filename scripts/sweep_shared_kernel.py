@@ -7,7 +7,7 @@ the engine's fixed grid (256 programs per kv head) and the partial merge:
 For each shape (groups x query rows per group x shared tokens) times the engine's tiles
 (shared_kernel.TILES), two 64-row tiles, and FlashInfer's fa3/fa2 without split-kv (as the engine's
 graphs run them) and fa3 with each group cut into 2-16 pieces (split_level_layout); with --grid also every tile shape (rows per work item, tokens per tile, warps,
-stages, splits = choose_splits x 1/2/4). Prints each kernel's time, the bytes' rate (each group's K
+stages, splits = choose_splits x 1/2/4; --tile-splits: the engine's tiles at given split counts). Prints each kernel's time, the bytes' rate (each group's K
 and V read once) and error against float32 attention, and as a last line JSON of the fastest per
 shape (claude_docs/cascade.md records the table; cost_model.shared_level_backend follows it).
 """
@@ -24,7 +24,8 @@ from bench_kernels import DT, HKV, HQ, WS, D, cache, graphed, paged  # noqa: E40
 import flashinfer  # noqa: E402
 
 from nanovllm.cascade.shared_kernel import (TILES, SharedTile, choose_splits, merge_partials,  # noqa: E402
-                                            shared_level_attention, shared_level_items, split_level_layout)
+                                            programs_per_sm, shared_level_attention, shared_level_items,
+                                            split_level_layout)
 
 PAGE = 16
 # groups x query rows per group x shared tokens, over the range the engine meets (rows per group 1-1024,
@@ -115,20 +116,23 @@ def run_shape(groups, rows, length, configs):
             fn()
             results.append(dict(ms=ms, name=cfg, tb_s=gb / ms, err=max_error(out, ref)))
             continue
-        name = next((n for n, t in TILES.items() if t == SharedTile(*cfg)), "")
+        name = next((n for n, t in TILES.items() if t == SharedTile(*cfg[:4]) and cfg[4] == 1), "")
         block_rows, block_tokens, warps, stages, split_x = cfg
         if block_rows * HQ // HKV > 128:
             continue
         items = torch.from_numpy(shared_level_items(qo.numpy(), ind.numpy(), block_rows)).cuda()
-        base = choose_splits(len(items), HKV, length, groups * rows, 1 << 20)
-        splits = max(1, min(32, base * split_x))
+        base = choose_splits(len(items), HKV, length, groups * rows, 1 << 20,
+                             per_sm=programs_per_sm(SharedTile(*cfg[:4]), D, 2))
+        splits = -split_x if split_x < 0 else max(1, min(32, base * split_x))  # < 0: that many splits
         meta = torch.tensor([len(items), splits], dtype=torch.int32, device="cuda")
         po = torch.empty(splits * len(q), HQ, D, device="cuda", dtype=DT)
         pl = torch.empty(splits * len(q), HQ, device="cuda", dtype=torch.float32)
 
+        launched = []
+
         def fn():
-            shared_level_attention(q, kc, vc, items, meta, ind_d, idx_d, po, pl, D ** -0.5, 256, block_tokens, warps,
-                                   stages, block_rows)
+            launched.append(shared_level_attention(q, kc, vc, items, meta, ind_d, idx_d, po, pl, D ** -0.5, 256,
+                                                   block_tokens, warps, stages, block_rows))
             merge_partials(out, lse, po, pl, meta)
         try:
             ms = graphed(fn)
@@ -138,6 +142,10 @@ def run_shape(groups, rows, length, configs):
         out.zero_(); lse.fill_(float("-inf"))
         fn()
         err = max_error(out, ref)
+        if name and groups == 4 and rows == 32:  # once: what bounds the tiles' programs per SM
+            k = launched[0]
+            print(f"  {name}: {getattr(k, 'n_regs', '?')} registers a thread, "
+                  f"{getattr(getattr(k, 'metadata', None), 'shared', '?')} bytes of shared memory a program")
         results.append(dict(ms=ms, name=name, block_rows=block_rows, block_tokens=block_tokens, warps=warps, stages=stages,
                             splits=splits, split_x=split_x, tb_s=gb / ms, err=err))
     return results
@@ -156,12 +164,14 @@ def main():
     p.add_argument("--grid", action="store_true", help="every tile shape, not just the engine's and FlashInfer")
     p.add_argument("--prefill", action="store_true", help="prefill shapes: many question tokens over a long prefix")
     p.add_argument("--top", type=int, default=3)
+    p.add_argument("--tile-splits", default="", help="the engine's tiles also at these split counts (e.g. 8,16)")
     p.add_argument("--fa3-splits", default="2,4,8,16", help="fa3 with each group cut into this many pieces")
     args = p.parse_args()
     shapes = ([tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")] if args.shapes
               else PREFILL_SHAPES if args.prefill else SHAPES)
-    named = [tuple(vars(t).values()) for t in TILES.values()] + [(64, 64, 4, 2, 2), (64, 128, 8, 3, 1), "fa3", "fa2"] + [
+    named = [tuple(vars(t).values()) + (1,) for t in TILES.values()] + [(64, 64, 4, 2, 2), (64, 128, 8, 3, 1), "fa3", "fa2"] + [
         f"fa3-x{s}" for s in args.fa3_splits.split(",") if s]
+    named += [tuple(vars(t).values())[:4] + (-int(x),) for t in TILES.values() for x in args.tile_splits.split(",") if x]
     configs = named + (list(itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (2, 3, 4), (1, 2, 4)))
                        if args.grid else [])
     best = {}
@@ -170,7 +180,7 @@ def main():
     for shape in shapes:
         res = run_shape(*shape, configs)
         ranked = sorted(res, key=lambda r: r["ms"])
-        shown = [r for r in res if r["name"] or "block_rows" in r and (r["block_rows"], r["block_tokens"]) in
+        shown = [r for r in res if r["name"] or r.get("split_x", 0) < 0 or "block_rows" in r and (r["block_rows"], r["block_tokens"]) in
                  ((64, 64), (64, 128)) and not args.grid] + ranked[:args.top]
         seen = set()
         for r in shown:

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from nanovllm.cascade.shared_kernel import max_items, shared_level_items
+from nanovllm.cascade.shared_kernel import (TILES, choose_splits, max_items, programs_per_sm, shared_level_items,
+                                            split_level_layout)
 from triton_script import run_interpreted, run_on_gpu
 
 
@@ -18,6 +19,33 @@ def test_items_cover_every_row_once():
     for s, n, g in items:
         assert qo[g] <= s and s + n <= qo[g + 1]
     assert len(items) <= max_items(58, 16)
+
+
+def test_splits_fill_whole_waves():
+    """The split counts the H200 sweep measured fastest (claude_docs/cascade.md): the wide tile (two
+    programs an SM) at 4 x 32 x 16384 (W5), 8 x 32 x 4096, 2 x 48 x 8192 and 4 x 96 x 16384; groups that
+    fill the GPU unsplit keep the old rule (W2's 64 x 16 x 2048 on the narrow tile: 1 split)."""
+    wide, narrow = (programs_per_sm(TILES[t], 128, 2) for t in ("triton-wide", "triton"))
+    assert (wide, narrow) == (2, 1)
+    big = 1 << 20
+    assert choose_splits(4, 8, 16384, 128, big, 132, wide) == 8      # 256 units: one wave
+    assert choose_splits(8, 8, 4096, 256, big, 132, wide) == 4
+    assert choose_splits(4, 8, 8192, 96, big, 132, wide) == 8
+    assert choose_splits(12, 8, 16384, 384, big, 132, wide) == 8      # 768 units: three waves
+    assert choose_splits(64, 8, 2048, 1024, big, 132, narrow) == 1
+    assert choose_splits(1, 8, 16384, 16, big, 132, narrow) == 16
+    assert choose_splits(4, 8, 16384, 128, 128 * 3, 132, wide) == 3   # the partial buffer caps it
+    assert choose_splits(4, 8, 600, 128, big, 132, wide) == 2         # >= 256 tokens a split
+
+
+def test_split_level_layout_cuts_each_group_into_pieces():
+    qo, kv, idx = np.array([0, 3, 5, 9]), np.array([0, 5, 6, 13]), np.arange(100, 113)
+    q2, kv2, idx2, last2 = split_level_layout(qo, kv, idx, 3, 16)
+    assert q2.tolist() == [0, 3, 5, 9, 12, 14, 18, 21, 23, 27]   # copy s of the rows at s * 9
+    pieces = [idx2[kv2[i]:kv2[i + 1]].tolist() for i in range(9)]
+    for g in range(3):   # each group's pages, in order, over its three pieces
+        assert sum((pieces[s * 3 + g] for s in range(3)), []) == idx[kv[g]:kv[g + 1]].tolist()
+    assert last2.tolist() == [16 if p else 0 for p in pieces]
 
 
 SCRIPT = r"""
@@ -110,7 +138,8 @@ for tile_name, hq8, rows8 in (("triton-wide", 16, 16), ("triton", 32, 8)):
     assert (out8.double().cpu() - ref8).abs().max() <= 1e-5, tile_name
 
 # TritonSharedLevel as FlashInferCascadeAttention drives it: plan() on host arrays (it picks the splits:
-# two here, for 1,280 shared tokens and few items), run(), merge_into() the running state.
+# several here, for 1,280 shared tokens and few items, capped at 4 by the 40-row partial buffer), run(),
+# merge_into() the running state.
 from nanovllm.cascade.shared_kernel import TILES, TritonSharedLevel
 hq, hkv, d, page = 4, 2, 32, 16
 for tile in TILES.values():
@@ -123,7 +152,7 @@ for tile in TILES.values():
     buffers = (torch.empty(40, hq, d, device=device), torch.empty(40, hq, device=device))
     level = TritonSharedLevel(9, buffers, tile=tile)
     level.plan(*(torch.from_numpy(a.astype(np.int32)) for a in (qo, kv, idx, last)), hq, hkv, d, page)
-    assert level.splits == 2
+    assert level.splits == 4
     out0 = torch.randn(9, hq, d, device=device)
     lse0 = torch.randn(9, hq, device=device)
     out, lse = out0.clone(), lse0.clone()

@@ -45,22 +45,29 @@ LOG2E = 1.4426950408889634
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # CPU tests
 BLOCK_ROWS = 16             # the smallest item (max_items counts items of this many rows)
 MAX_SPLITS = 32
-MIN_SPLIT_TOKENS = 512      # a split reads at least this many tokens
-UNITS_PER_SM = 2            # work units x kv heads wanted per SM before pages are split
+MIN_SPLIT_TOKENS = 256      # a split reads at least this many tokens
+UNIT_OVERHEAD_TOKENS = 290  # a work unit's fixed cost, in tokens' worth of streaming (fit below, choose_splits)
+SM_SHARED_BYTES = 227 << 10  # shared memory a program may use on sm_90
 
 
 @dataclass(frozen=True)
 class SharedTile:
     """A launch shape of the shared-level kernel: query rows per work item, KV tokens per tile,
-    warps, pipeline stages, and a factor on choose_splits' split count."""
+    warps, pipeline stages."""
     block_rows: int
     block_tokens: int
     num_warps: int
     num_stages: int
-    split_factor: int
 
 
-TILES = {"triton": SharedTile(16, 128, 4, 3, 1), "triton-wide": SharedTile(32, 64, 4, 3, 2)}
+TILES = {"triton": SharedTile(16, 128, 4, 3), "triton-wide": SharedTile(32, 64, 4, 3)}
+
+
+def programs_per_sm(tile: SharedTile, head_dim: int, kv_itemsize: int) -> int:
+    """Programs resident per SM, bound by the pipeline's K and V tile buffers (one per stage): the
+    narrow tile's 3 x 64 KB allow one, the wide tile's 3 x 32 KB two (bf16, d 128); and at most two
+    4-warp programs by registers (the sweep prints each tile's registers and shared memory)."""
+    return max(1, min(2, SM_SHARED_BYTES // (tile.num_stages * 2 * tile.block_tokens * head_dim * kv_itemsize)))
 
 
 @triton.jit
@@ -165,11 +172,24 @@ def shared_level_items(qo_indptr: np.ndarray, kv_indptr: np.ndarray, block_rows:
 
 
 def choose_splits(num_items: int, num_kv_heads: int, max_tokens: int, num_rows: int, partial_rows: int,
-                  num_sms: int = 132, factor: int = 1) -> int:
-    """Splits per item: enough work units to fill the GPU (factor x UNITS_PER_SM per SM), each reading
-    >= MIN_SPLIT_TOKENS tokens, and every split's partials fitting the partial buffer (partial_rows rows)."""
-    want = factor * -(-UNITS_PER_SM * num_sms // max(num_items * num_kv_heads, 1))
-    return max(1, min(want, MAX_SPLITS, max_tokens // MIN_SPLIT_TOKENS, partial_rows // max(num_rows, 1)))
+                  num_sms: int = 132, per_sm: int = 1) -> int:
+    """Splits per item. Each split of each item and kv head is a work unit, and per_sm x num_sms of them
+    run at once (a wave). When the unsplit units already fill a wave, 2 x SMs / units splits (rounded
+    up) as before; otherwise the split count whose units fill whole waves best: a unit costs
+    UNIT_OVERHEAD_TOKENS + its share of the tokens, a partly filled last wave costs a whole one.
+    Each split reads >= MIN_SPLIT_TOKENS tokens, and every split's partials fit the partial buffer
+    (partial_rows rows). Measured (H200, scripts/sweep_shared_kernel.py --tile-splits): W5's 4 groups
+    x 32 rows x 16,384 tokens on the wide tile (32 units a split, 264 at once): 8 splits 0.089 ms (one
+    wave), 16 splits 0.101 (two), 18 (the old rule, a third wave 18% full) 0.121, 12 0.114, 6 0.104."""
+    units = max(num_items * num_kv_heads, 1)
+    cap = max(1, min(MAX_SPLITS, max_tokens // MIN_SPLIT_TOKENS, partial_rows // max(num_rows, 1)))
+    wave = per_sm * num_sms
+    if units >= wave:
+        return min(cap, -(-2 * num_sms // units))
+
+    def cost(splits: int) -> float:
+        return -(-units * splits // wave) * (UNIT_OVERHEAD_TOKENS + max_tokens / splits)
+    return min(range(1, cap + 1), key=cost)
 
 
 def partial_rows(max_rows: int) -> int:
@@ -196,7 +216,7 @@ def shared_level_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     device; meta int32 [2] on the device: (items used, splits). part_out [>= splits * rows, hq, d]
     and part_lse [>= splits * rows, hq] float32 receive each split's partial attention at row
     split * rows + row (base-2 lse, as FlashInfer's). `programs` programs per kv head loop over the
-    (item, split) units."""
+    (item, split) units. Returns the launched kernel (its n_regs and metadata.shared), None if nothing ran."""
     hq, d = q.shape[1], q.shape[2]
     page, hkv = k_cache.shape[1], k_cache.shape[2]
     assert hq % hkv == 0 and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
@@ -206,7 +226,7 @@ def shared_level_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return
     gqa = hq // hkv
     exact = INTERPRETED or q.dtype == torch.float32
-    _shared_level_kernel[(programs, hkv)](
+    return _shared_level_kernel[(programs, hkv)](
         q, k_cache, v_cache, items, meta, kv_indptr, kv_indices, part_out, part_lse, sm_scale * k_scale * LOG2E,
         float(v_scale), k_cache.stride(0), k_cache.stride(1), q.shape[0],
         HQ=hq, GQA=gqa, D=d, PAGE=page, M=max(16, triton.next_power_of_2(block_rows * gqa)), BLOCK_T=block_tokens,
@@ -249,7 +269,7 @@ class TritonSharedLevel:
                         if self.device.type == "cuda" else 132)
 
     def plan(self, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
-             page_size, causal=False, sm_scale=None, **_):
+             page_size, causal=False, sm_scale=None, kv_data_type=None, **_):
         assert not causal, "a shared level is not causal"
         qo, kv = qo_indptr.numpy(), kv_indptr.numpy()
         pages = np.diff(kv)
@@ -260,8 +280,10 @@ class TritonSharedLevel:
         self.block_rows = min(self.tile.block_rows, 128 // (num_qo_heads // num_kv_heads))
         items = shared_level_items(qo, kv, self.block_rows)
         n = len(items)
+        itemsize = kv_data_type.itemsize if kv_data_type is not None else 2
+        per_sm = programs_per_sm(self.tile, head_dim, itemsize)
         self.splits = choose_splits(n, num_kv_heads, int(pages.max(initial=0)) * page_size, int(qo[-1]),
-                                    self.part_out.shape[0], self.num_sms, self.tile.split_factor)
+                                    self.part_out.shape[0], self.num_sms, per_sm)
         meta = np.array([n, self.splits], np.int32)
         if self.use_cuda_graph:
             assert n <= self.max_items and kv_indptr.numel() <= self.kv_indptr.numel()
