@@ -24,8 +24,7 @@ from bench_kernels import DT, HKV, HQ, WS, D, cache, graphed, paged  # noqa: E40
 import flashinfer  # noqa: E402
 
 from nanovllm.cascade.shared_kernel import (TILES, SharedTile, choose_splits, merge_partials,  # noqa: E402
-                                            programs_per_sm, shared_level_attention, shared_level_items,
-                                            split_level_layout)
+                                            shared_level_attention, shared_level_items, split_level_layout)
 
 PAGE = 16
 # groups x query rows per group x shared tokens, over the range the engine meets (rows per group 1-1024,
@@ -121,8 +120,7 @@ def run_shape(groups, rows, length, configs):
         if block_rows * HQ // HKV > 128:
             continue
         items = torch.from_numpy(shared_level_items(qo.numpy(), ind.numpy(), block_rows)).cuda()
-        base = choose_splits(len(items), HKV, length, groups * rows, 1 << 20,
-                             per_sm=programs_per_sm(SharedTile(*cfg[:4]), D, 2))
+        base = choose_splits(len(items), HKV, length, groups * rows, 1 << 20)
         splits = -split_x if split_x < 0 else max(1, min(32, base * split_x))  # < 0: that many splits
         meta = torch.tensor([len(items), splits], dtype=torch.int32, device="cuda")
         po = torch.empty(splits * len(q), HQ, D, device="cuda", dtype=DT)
@@ -142,7 +140,7 @@ def run_shape(groups, rows, length, configs):
         out.zero_(); lse.fill_(float("-inf"))
         fn()
         err = max_error(out, ref)
-        if name and groups == 4 and rows == 32:  # once: what bounds the tiles' programs per SM
+        if name and groups == 4 and rows == 32:  # once: what bounds the tiles' programs per SM (PROGRAMS_PER_SM)
             k = launched[0]
             print(f"  {name}: {getattr(k, 'n_regs', '?')} registers a thread, "
                   f"{getattr(getattr(k, 'metadata', None), 'shared', '?')} bytes of shared memory a program")

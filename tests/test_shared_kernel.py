@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanovllm.cascade.shared_kernel import (TILES, choose_splits, max_items, programs_per_sm, shared_level_items,
-                                            split_level_layout)
+from nanovllm.cascade.shared_kernel import choose_splits, max_items, shared_level_items, split_level_layout
 from triton_script import run_interpreted, run_on_gpu
 
 
@@ -22,20 +21,17 @@ def test_items_cover_every_row_once():
 
 
 def test_splits_fill_whole_waves():
-    """The split counts the H200 sweep measured fastest (claude_docs/cascade.md): the wide tile (two
-    programs an SM) at 4 x 32 x 16384 (W5), 8 x 32 x 4096, 2 x 48 x 8192 and 4 x 96 x 16384; groups that
+    """The split counts the H200 sweep measured fastest (claude_docs/cascade.md; 264 programs at once):
+    the wide tile at 4 x 32 x 16384 (W5), 8 x 32 x 4096, 2 x 48 x 8192 and 4 x 96 x 16384; groups that
     fill the GPU unsplit keep the old rule (W2's 64 x 16 x 2048 on the narrow tile: 1 split)."""
-    wide, narrow = (programs_per_sm(TILES[t], 128, 2) for t in ("triton-wide", "triton"))
-    assert (wide, narrow) == (2, 1)
     big = 1 << 20
-    assert choose_splits(4, 8, 16384, 128, big, 132, wide) == 8      # 256 units: one wave
-    assert choose_splits(8, 8, 4096, 256, big, 132, wide) == 4
-    assert choose_splits(4, 8, 8192, 96, big, 132, wide) == 8
-    assert choose_splits(12, 8, 16384, 384, big, 132, wide) == 8      # 768 units: three waves
-    assert choose_splits(64, 8, 2048, 1024, big, 132, narrow) == 1
-    assert choose_splits(1, 8, 16384, 16, big, 132, narrow) == 16
-    assert choose_splits(4, 8, 16384, 128, 128 * 3, 132, wide) == 3   # the partial buffer caps it
-    assert choose_splits(4, 8, 600, 128, big, 132, wide) == 2         # >= 256 tokens a split
+    assert choose_splits(4, 8, 16384, 128, big) == 8      # 256 units: one wave
+    assert choose_splits(8, 8, 4096, 256, big) == 4
+    assert choose_splits(4, 8, 8192, 96, big) == 8
+    assert choose_splits(12, 8, 16384, 384, big) == 8     # 768 units: three waves
+    assert choose_splits(64, 8, 2048, 1024, big) == 1
+    assert choose_splits(4, 8, 16384, 128, 128 * 3) == 3  # the partial buffer caps it
+    assert choose_splits(4, 8, 600, 128, big) == 2        # >= 256 tokens a split
 
 
 def test_split_level_layout_cuts_each_group_into_pieces():

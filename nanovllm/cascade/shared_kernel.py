@@ -47,7 +47,10 @@ BLOCK_ROWS = 16             # the smallest item (max_items counts items of this 
 MAX_SPLITS = 32
 MIN_SPLIT_TOKENS = 256      # a split reads at least this many tokens
 UNIT_OVERHEAD_TOKENS = 290  # a work unit's fixed cost, in tokens' worth of streaming (fit below, choose_splits)
-SM_SHARED_BYTES = 227 << 10  # shared memory a program may use on sm_90
+# Programs of either tile resident per SM, measured on the H200 (the sweep prints it): the narrow tile
+# takes 200 registers a thread and 82,432 bytes of shared memory a program, the wide one 188 and 82,176;
+# registers (65,536 an SM, 128 threads a program) and shared memory (227 KB) each allow two.
+PROGRAMS_PER_SM = 2
 
 
 @dataclass(frozen=True)
@@ -61,13 +64,6 @@ class SharedTile:
 
 
 TILES = {"triton": SharedTile(16, 128, 4, 3), "triton-wide": SharedTile(32, 64, 4, 3)}
-
-
-def programs_per_sm(tile: SharedTile, head_dim: int, kv_itemsize: int) -> int:
-    """Programs resident per SM, bound by the pipeline's K and V tile buffers (one per stage): the
-    narrow tile's 3 x 64 KB allow one, the wide tile's 3 x 32 KB two (bf16, d 128); and at most two
-    4-warp programs by registers (the sweep prints each tile's registers and shared memory)."""
-    return max(1, min(2, SM_SHARED_BYTES // (tile.num_stages * 2 * tile.block_tokens * head_dim * kv_itemsize)))
 
 
 @triton.jit
@@ -172,10 +168,10 @@ def shared_level_items(qo_indptr: np.ndarray, kv_indptr: np.ndarray, block_rows:
 
 
 def choose_splits(num_items: int, num_kv_heads: int, max_tokens: int, num_rows: int, partial_rows: int,
-                  num_sms: int = 132, per_sm: int = 1) -> int:
+                  num_sms: int = 132, per_sm: int = PROGRAMS_PER_SM) -> int:
     """Splits per item. Each split of each item and kv head is a work unit, and per_sm x num_sms of them
-    run at once (a wave). When the unsplit units already fill a wave, 2 x SMs / units splits (rounded
-    up) as before; otherwise the split count whose units fill whole waves best: a unit costs
+    run at once (a wave). When the unsplit units already fill a wave, one split; otherwise the split
+    count whose units fill whole waves best: a unit costs
     UNIT_OVERHEAD_TOKENS + its share of the tokens, a partly filled last wave costs a whole one.
     Each split reads >= MIN_SPLIT_TOKENS tokens, and every split's partials fit the partial buffer
     (partial_rows rows). Measured (H200, scripts/sweep_shared_kernel.py --tile-splits): W5's 4 groups
@@ -184,8 +180,8 @@ def choose_splits(num_items: int, num_kv_heads: int, max_tokens: int, num_rows: 
     units = max(num_items * num_kv_heads, 1)
     cap = max(1, min(MAX_SPLITS, max_tokens // MIN_SPLIT_TOKENS, partial_rows // max(num_rows, 1)))
     wave = per_sm * num_sms
-    if units >= wave:
-        return min(cap, -(-2 * num_sms // units))
+    if units >= wave:   # the unsplit units fill the GPU
+        return 1
 
     def cost(splits: int) -> float:
         return -(-units * splits // wave) * (UNIT_OVERHEAD_TOKENS + max_tokens / splits)
@@ -269,7 +265,7 @@ class TritonSharedLevel:
                         if self.device.type == "cuda" else 132)
 
     def plan(self, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
-             page_size, causal=False, sm_scale=None, kv_data_type=None, **_):
+             page_size, causal=False, sm_scale=None, **_):
         assert not causal, "a shared level is not causal"
         qo, kv = qo_indptr.numpy(), kv_indptr.numpy()
         pages = np.diff(kv)
@@ -280,10 +276,8 @@ class TritonSharedLevel:
         self.block_rows = min(self.tile.block_rows, 128 // (num_qo_heads // num_kv_heads))
         items = shared_level_items(qo, kv, self.block_rows)
         n = len(items)
-        itemsize = kv_data_type.itemsize if kv_data_type is not None else 2
-        per_sm = programs_per_sm(self.tile, head_dim, itemsize)
         self.splits = choose_splits(n, num_kv_heads, int(pages.max(initial=0)) * page_size, int(qo[-1]),
-                                    self.part_out.shape[0], self.num_sms, per_sm)
+                                    self.part_out.shape[0], self.num_sms)
         meta = np.array([n, self.splits], np.int32)
         if self.use_cuda_graph:
             assert n <= self.max_items and kv_indptr.numel() <= self.kv_indptr.numel()
