@@ -263,7 +263,11 @@ from test_tiny_trained import (MAX_TOKENS, corpus_prompts, percentiles, shared_c
                                within_bf16_rounding)
 
 PROMPTS = [[(7 * i + j * 13) % 1900 for j in range(n)] for i, n in enumerate([5, 17, 33, 64, 100, 129, 250, 400])]
-MIN_IDENTICAL = 48  # of 64 prompts (a rough bound: no GPU run of these tests on the trained model yet)
+# Of 64 prompts. Measured on an H200 (session 13), cascade on vs off: 47 identical with the shared levels
+# on triton and on fa3, 50-52 on triton-wide and fa2 (every parting a near-tie, 0-0.0625 below the best).
+# With regular decode split-kv at every size (as before session 12's no-split rule at >= 64 rows, which
+# changes the off path's rounding) 49-52. The strict check is test_confident_greedy_cascade_on_equals_off_gpu.
+MIN_IDENTICAL = 44
 
 
 def first_divergence(a, b):
