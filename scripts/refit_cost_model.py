@@ -3,7 +3,7 @@ predicts: the held-out errors, how often its decision matches the measured faste
 coefficients as code. No GPU: it reads the table scripts/bench_kernels.py --only cascade prints (which
 calls `report` on its own samples).
 
-    python scripts/refit_cost_model.py                                   # the stored H200 grid, session 8
+    python scripts/refit_cost_model.py                                   # the stored H200 grid, session 13
     python scripts/refit_cost_model.py --table my_run.md                 # a run's printed table
 
 A table row is `| set | G x R | shared | regular ms | cascade ms | speed-up | kernel |`: G groups of R
@@ -19,7 +19,7 @@ import numpy as np
 from nanovllm.cascade.cost_model import CostSample, fit_cost_model, relative_errors
 
 PAGE, OWN_TOKENS = 16, 256       # scripts/bench_kernels.cascade_sample's defaults
-STORED = os.path.join(os.path.dirname(__file__), "..", "claude_docs", "data", "cascade_grid_h200_s8.md")
+STORED = os.path.join(os.path.dirname(__file__), "..", "claude_docs", "data", "cascade_grid_h200_s13.md")
 ROW = re.compile(r"\| (train|held-out) \| (\d+) x (\d+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+ \| ([\w-]+) \|")
 
 
