@@ -7,6 +7,7 @@
     python bench.py --workload w1-json                       # W1 with a JSON schema on every request
     python bench.py --workload w1-json-half                  # ... on every other request (mixed batches)
     python bench.py --workload w5 --enable-cascade-attention # 4 long documents (16,384 tokens) x 32 requests
+    python bench.py --workload w5-one-doc --enable-cascade-attention  # one such document x 128 requests
     python bench.py --workload w6 --host-kv-cache-gb 64      # many tenants beyond a 16,384-page GPU cache
     python bench.py --workload w6                            # the same, GPU-only (evicted prefixes recomputed)
     python bench.py --workload w1 --kv-cache-dtype fp8_e4m3  # fp8 KV pages (twice the pages; claude_docs/memory.md)
@@ -97,6 +98,9 @@ WORKLOADS = {
     "w1-json": (w1_json, {}),
     "w1-json-half": (lambda top: w1_json(top, every=2), {}),
     "w5": (w5, dict(max_num_seqs=128, max_model_len=16384 + 64 + 512)),
+    # W5 with one document read by all 128 requests (the shared level's rows in one group: fa3 cut into pieces)
+    "w5-one-doc": (lambda top: w5(top, documents=1, per_document=128), dict(max_num_seqs=128,
+                                                                           max_model_len=16384 + 64 + 512)),
     "w6": (w6, dict(num_kvcache_blocks=16384, max_model_len=4352)),
 }
 
@@ -209,7 +213,7 @@ def main(argv=None):
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--kvcache-block-size", type=int)
     p.add_argument("--gpu-memory-utilization", type=float)
-    p.add_argument("--cascade-shared-backend", choices=["auto", "triton", "triton-wide", "fa2", "fa3"])
+    p.add_argument("--cascade-shared-backend", choices=["auto", "triton", "triton-wide", "fa2", "fa3", "fa3-split"])
     p.add_argument("--num-gpu-blocks", type=int, help="cap the GPU KV cache at this many pages (W6: 16384)")
     p.add_argument("--host-kv-cache-gb", dest="host_kvcache_gb", type=float,
                    help="host-memory KV tier per rank, GB (default 0: off)")

@@ -51,7 +51,7 @@ class Config:
     enable_cascade_attention: bool = False
     cascade_shared_prefix_len: int = 0    # >0 forces one shared level of this many tokens
     cascade_max_levels: int = 3           # shared levels + the per-request level
-    cascade_shared_backend: str = "auto"  # kernel of shared levels in graphed decode: auto, triton, triton-wide, fa2, fa3
+    cascade_shared_backend: str = "auto"  # kernel of shared levels in graphed decode: auto, triton, triton-wide, fa2, fa3, fa3-split
     decode_attention_kernel: str = "auto" # regular decode on FlashInfer: auto (triton for an fp8 cache), flashinfer,
                                           # triton (also cascade's per-request level)
     seed: int = 0
@@ -88,8 +88,8 @@ class Config:
                              f"{self.cascade_shared_prefix_len}")
         if self.cascade_max_levels < 2:
             raise ValueError(f"cascade_max_levels must be >= 2, got {self.cascade_max_levels}")
-        if self.cascade_shared_backend not in ("auto", "triton", "triton-wide", "fa2", "fa3"):
-            raise ValueError("cascade_shared_backend must be auto, triton, triton-wide, fa2 or fa3, got "
+        if self.cascade_shared_backend not in ("auto", "triton", "triton-wide", "fa2", "fa3", "fa3-split"):
+            raise ValueError("cascade_shared_backend must be auto, triton, triton-wide, fa2, fa3 or fa3-split, got "
                              f"{self.cascade_shared_backend!r}")
         if self.decode_attention_kernel not in ("auto", "flashinfer", "triton"):
             raise ValueError(f"decode_attention_kernel must be auto, flashinfer or triton, got {self.decode_attention_kernel!r}")
@@ -123,8 +123,9 @@ class Config:
             if not isinstance(self.torch_dtype, torch.dtype):
                 raise ValueError(f"unknown dtype {self.dtype!r}")
         self.kv_dtype = kv_cache_torch_dtype(self.kv_cache_dtype, self.torch_dtype)  # the cache tensor's dtype
-        if is_fp8(self.kv_dtype) and self.attention_backend == "flashinfer" and self.cascade_shared_backend == "fa3":
-            raise ValueError("cascade_shared_backend='fa3' reads no fp8 KV cache with bf16 queries (FlashInfer's FA3 "
+        if is_fp8(self.kv_dtype) and self.attention_backend == "flashinfer" and self.cascade_shared_backend in ("fa3", "fa3-split"):
+            raise ValueError(f"cascade_shared_backend={self.cascade_shared_backend!r} reads no fp8 KV cache with bf16 "
+                             "queries (FlashInfer's FA3 "
                              "needs fp8 queries too): use auto, triton, triton-wide or fa2 with kv_cache_dtype='fp8_e4m3'")
         if is_fp8(self.kv_dtype) and self.attention_backend == "flashinfer" and self.device.startswith("cuda") \
                 and torch.cuda.is_available():

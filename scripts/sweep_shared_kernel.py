@@ -24,7 +24,8 @@ from bench_kernels import DT, HKV, HQ, WS, D, cache, graphed, paged  # noqa: E40
 import flashinfer  # noqa: E402
 
 from nanovllm.cascade.shared_kernel import (TILES, SharedTile, choose_splits, merge_partials,  # noqa: E402
-                                            shared_level_attention, shared_level_items, split_level_layout)
+                                            shared_level_attention, shared_level_items)
+from nanovllm.cascade.split_level import split_level_layout  # noqa: E402
 
 PAGE = 16
 # groups x query rows per group x shared tokens, over the range the engine meets (rows per group 1-1024,
@@ -71,7 +72,7 @@ def flashinfer_level(q, kc, vc, qo, ind, idx, out, lse, backend):
 
 def flashinfer_split_level(q, kc, vc, qo, ind, idx, out, lse, backend, splits):
     """The level on FlashInfer's prefill kernel cut into `splits` pieces a group by the layout
-    (shared_kernel.split_level_layout): the query rows copied `splits` times, each piece's partial written
+    (split_level.split_level_layout): the query rows copied `splits` times, each piece's partial written
     at row split * R + row, merged by the Triton level's merge kernel."""
     qo_s, ind_s, idx_s, last_s = (torch.from_numpy(a) for a in split_level_layout(qo.numpy(), ind.numpy(),
                                                                                    idx.numpy(), splits, PAGE))

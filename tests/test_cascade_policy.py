@@ -77,7 +77,7 @@ def test_refreshed_decode_plans_equal_full_plans():
 
 def test_shared_level_backend_follows_the_sweep():
     """The shared levels' kernel for the shapes measured by scripts/sweep_shared_kernel.py (H200; the
-    fastest of triton / triton-wide / fa3 there, cost_model's comment has the times)."""
+    fastest of triton / triton-wide / fa3 / fa3 cut into pieces there, cost_model's comment has the times)."""
     from nanovllm.cascade.cost_model import shared_level_backend
 
     def choice(groups, rows, hq=16, hkv=8):
@@ -85,11 +85,12 @@ def test_shared_level_backend_follows_the_sweep():
 
     for groups, rows, want in ((64, 16, "triton"), (32, 4, "triton"), (256, 4, "triton"), (1, 16, "triton"),
                                (4, 32, "triton-wide"), (8, 32, "triton-wide"), (16, 24, "triton-wide"),
-                               (1, 64, "triton-wide"), (1, 128, "triton-wide"), (1, 256, "triton-wide"),
-                               (2, 48, "triton-wide"), (16, 64, "fa3"), (8, 128, "fa3"), (1, 1024, "fa3")):
+                               (1, 64, "triton-wide"), (1, 128, "fa3-split"), (1, 256, "fa3-split"),
+                               (4, 96, "fa3-split"), (2, 48, "triton-wide"), (16, 64, "fa3"), (8, 128, "fa3"),
+                               (1, 1024, "fa3")):
         assert choice(groups, rows) == want, (groups, rows)
-    # Under tensor parallelism a rank has half the heads: fa3 gets half the CTAs.
-    assert choice(8, 128, 8, 4) == "fa3" and choice(4, 128, 8, 4) == "triton-wide"
+    # Under tensor parallelism a rank has half the heads: fa3 gets half the CTAs, so it is cut.
+    assert choice(16, 128, 8, 4) == "fa3" and choice(8, 128, 8, 4) == "fa3-split"
     assert shared_level_backend(SimpleNamespace(num_rows=64, groups_per_level=[1], shared_backend="fa2"), 16, 8) == "fa2"
 
 
@@ -166,6 +167,9 @@ def test_cost_model_kernel_choice_follows_the_config():
     assert CascadeCostModel().backend(plan) == "fa3"
     assert CascadeCostModel(kv_fp8=True).backend(plan) == "fa2"   # fp8 KV: no fa3
     assert CascadeCostModel(shared_backend="triton").backend(plan) == "triton"
+    one_document = SimpleNamespace(num_rows=128, groups_per_level=[1])   # fa3 cut into pieces
+    assert CascadeCostModel().backend(one_document) == "fa3-split"
+    assert CascadeCostModel(kv_fp8=True).backend(one_document) == "triton-wide"
 
 
 def test_default_costs_are_the_refit_of_the_stored_h200_grid():

@@ -178,7 +178,7 @@ def test_cascade_bit_identical_to_flashinfer_wrapper(name, decode):
     assert torch.equal(out, expected), (out.float() - expected.float()).abs().max()
 
 
-@pytest.mark.parametrize("shared", ["fa2", "triton", "triton-wide"])
+@pytest.mark.parametrize("shared", ["fa2", "triton", "triton-wide", "fa3-split"])
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
 @pytest.mark.parametrize("name", list(STRUCTURES))
 def test_cascade_fa2_matches_regular_attention(name, decode, shared):
@@ -214,8 +214,10 @@ def test_cascade_fa2_matches_regular_attention(name, decode, shared):
     ([(96, 4, None), (20, 2, None)], 128, "triton"),
     ([(9, 4, [(5, 3), (4, 2)]), (3, 5, None), (2, 0, None)], 32, "triton-wide"),
     ([(96, 4, None), (20, 2, None)], 128, "triton-wide"),
+    ([(96, 4, None), (20, 2, None)], 128, "fa3-split"),   # 6 pieces a group: some without pages
+    ([(9, 4, [(5, 3), (4, 2)]), (3, 5, None), (2, 0, None)], 32, "fa3-split"),
 ], ids=["nested-fa2", "big-group-fa2", "big-group-fa3", "nested-triton", "big-group-triton", "nested-triton-wide",
-        "big-group-triton-wide"])
+        "big-group-triton-wide", "big-group-fa3-split", "nested-fa3-split"])
 def test_cascade_graph_mode_matches_eager(structure, bs, shared, engine_mode):
     """engine_mode: as the engine's graphs run it, shared levels without split-kv and the first one on
     a side stream beside the per-request level."""
@@ -363,7 +365,7 @@ def assert_cascade_on_equals_off(model: str, shared_backend: str, **engine):
     assert bm.num_free_blocks == bm.num_blocks
 
 
-@pytest.mark.parametrize("shared_backend", ["triton", "triton-wide", "fa2", "fa3"])
+@pytest.mark.parametrize("shared_backend", ["triton", "triton-wide", "fa2", "fa3", "fa3-split"])
 def test_greedy_cascade_on_equals_off_gpu(trained_model, shared_backend):
     assert_cascade_on_equals_off(trained_model, shared_backend)
 
@@ -410,7 +412,7 @@ def test_confident_greedy_flashinfer_equals_torch_reference(trained_model):
         assert bm.num_free_blocks == bm.num_blocks
 
 
-@pytest.mark.parametrize("shared_backend", ["triton", "triton-wide", "fa2", "fa3", "auto"])
+@pytest.mark.parametrize("shared_backend", ["triton", "triton-wide", "fa2", "fa3", "fa3-split", "auto"])
 def test_confident_greedy_cascade_on_equals_off_gpu(trained_model, shared_backend):
     """bf16, CUDA graphs, 64 confident prompts behind four shared corpus prefixes (64-200 tokens, 5-45
     requests a group): cascade off, and cascade on every step it can with the shared levels on each

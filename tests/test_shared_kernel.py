@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanovllm.cascade.shared_kernel import choose_splits, max_items, shared_level_items, split_level_layout
+from nanovllm.cascade.shared_kernel import choose_splits, max_items, shared_level_items
 from triton_script import run_interpreted, run_on_gpu
 
 
@@ -32,16 +32,6 @@ def test_splits_fill_whole_waves():
     assert choose_splits(64, 8, 2048, 1024, big) == 1
     assert choose_splits(4, 8, 16384, 128, 128 * 3) == 3  # the partial buffer caps it
     assert choose_splits(4, 8, 600, 128, big) == 2        # >= 256 tokens a split
-
-
-def test_split_level_layout_cuts_each_group_into_pieces():
-    qo, kv, idx = np.array([0, 3, 5, 9]), np.array([0, 5, 6, 13]), np.arange(100, 113)
-    q2, kv2, idx2, last2 = split_level_layout(qo, kv, idx, 3, 16)
-    assert q2.tolist() == [0, 3, 5, 9, 12, 14, 18, 21, 23, 27]   # copy s of the rows at s * 9
-    pieces = [idx2[kv2[i]:kv2[i + 1]].tolist() for i in range(9)]
-    for g in range(3):   # each group's pages, in order, over its three pieces
-        assert sum((pieces[s * 3 + g] for s in range(3)), []) == idx[kv[g]:kv[g + 1]].tolist()
-    assert last2.tolist() == [16 if p else 0 for p in pieces]
 
 
 SCRIPT = r"""

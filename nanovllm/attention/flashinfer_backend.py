@@ -23,6 +23,7 @@ from nanovllm.attention.triton_decode import supports as triton_decode_supports
 from nanovllm.attention.triton_kv import store_kv_triton
 from nanovllm.cascade.cost_model import SHARED_BACKENDS, fp8_capable, shared_level_backend
 from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention, cascade_outputs
+from nanovllm.cascade.split_level import split_level_buffers
 from nanovllm.utils.transfer import pinned, to_device
 
 WORKSPACE_BYTES = 256 << 20
@@ -69,7 +70,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         # Shared levels of cascade decode: chosen per step (auto) or one kernel for all.
         self.shared_backends = SHARED_BACKENDS if shared_backend == "auto" else (shared_backend,)
         if is_fp8(self.kv_dtype):
-            assert shared_backend != "fa3", "Config refuses fa3 shared levels with an fp8 KV cache"
+            assert shared_backend not in ("fa3", "fa3-split"), "Config refuses fa3 shared levels with an fp8 KV cache"
             self.shared_backends = tuple(dict.fromkeys(fp8_capable(b, True) for b in self.shared_backends))
         # Cascade for eager decode steps (shared levels as in graphs, the decode kernel for the
         # per-request level) and for prefill steps (many query rows: the prefill backend), sharing
@@ -127,7 +128,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         i32 = dict(dtype=torch.int32, device=self.device)
         self.graph_decode_bufs = (torch.zeros(max_bs + 1, **i32), torch.zeros(max_indices + max_bs, **i32),
                                   torch.zeros(max_bs, **i32))
-        self.graph_cascade_bufs = self.graph_cascade_outputs = None
+        self.graph_cascade_bufs = self.graph_cascade_outputs = self.graph_split_bufs = None
         self.side_stream = self.side_workspace = None
         if with_cascade:
             # Graphed cascade steps run the first shared level on a side stream, beside the per-request
@@ -139,6 +140,9 @@ class FlashInferAttentionBackend(AttentionBackend):
                                        for _ in range(self.cascade_levels)]
             self.graph_cascade_outputs = cascade_outputs(max_bs, self.num_qo_heads, self.head_dim, self.dtype,
                                                          self.device)
+            if "fa3-split" in self.shared_backends:
+                self.graph_split_bufs = split_level_buffers(max_bs, self.cascade_levels - 1, max_indices + max_bs,
+                                                            self.graph_cascade_outputs[2], self.device)
 
     def graph_wrappers(self, bs: int):
         """Wrappers for one captured batch size, over views of the shared buffers."""
@@ -164,7 +168,8 @@ class FlashInferAttentionBackend(AttentionBackend):
                         sm_scale=self.sm_scale, buffers=bufs[:levels - 1] + bufs[-1:],
                         outputs=self.graph_cascade_outputs, decode_last_level=True, shared_backend=shared,
                         shared_split_kv=False, side_stream=self.side_stream, shared_workspace=self.side_workspace,
-                        kv_dtype=self.kv_dtype, decode_last_kernel=self.decode_last_kernel)
+                        kv_dtype=self.kv_dtype, decode_last_kernel=self.decode_last_kernel,
+                        split_buffers=self.graph_split_bufs)
         self.graph[bs] = (decode, cascade)
 
     def graph_key(self, plan) -> tuple:

@@ -82,6 +82,11 @@ H200_COSTS = {"triton": LevelCosts(0.01105, 9.829e-7, 0.0),
               "fa2": LevelCosts(0.01148, 9.219e-7, 1.179e-8)}
 
 
+# fa3 cut into pieces runs fa3's FLOPs on more SMs: until measured on the grid it takes fa3's line
+# (an upper bound where it is picked: its levels are faster than fa3's).
+LINE_OF = {"fa3-split": "fa3"}
+
+
 def _default_costs() -> dict:
     return dict(H200_COSTS)
 
@@ -114,7 +119,7 @@ class CascadeCostModel:
                 + self.regular_per_row_ms * rows)
 
     def cascade_ms(self, plan, page_size: int) -> float:
-        costs = self.cascade.get(self.backend(plan), SESSION3_COSTS)
+        costs = self.cascade.get(LINE_OF.get(self.backend(plan), self.backend(plan)), SESSION3_COSTS)
         return costs.ms(len(plan.levels), plan.cascade_kv_pages * page_size, shared_qk_pages(plan) * page_size)
 
     def worth_it(self, plan, page_size: int) -> bool:
@@ -189,17 +194,25 @@ class AlwaysCascade:
 #   CTAs for about half the SMs: groups x 128-row query tiles x kv heads >= 64 (16 x 64 x 2048 fa3
 #   0.080 vs 0.093; 8 x 128 x 4096 0.078 vs 0.146; 1 x 1024 x 8192 0.128 vs 0.243; at 4 x 96 x 16384,
 #   64 CTAs, both ~0.24; 1 x 256 x 8192, 32 CTAs, fa3 0.123 vs 0.093).
+# - Session 13: fa3 with each group cut into pieces (cascade/split_level.py) where groups have many rows
+#   (>= 192 query rows x GQA heads) but fa3 alone has fewer than 128 CTAs: 1 x 128 x 32768 0.087 ms (fa3
+#   0.452, the 32-row tile 0.180), 1 x 256 x 8192 0.052, 4 x 96 x 16384 0.146 (fa3 0.236, the 32-row tile
+#   with its wave-filling splits 0.201); not at 4 x 32 x 16384 (0.143 against the 32-row tile's 0.089).
 WIDE_MIN_ROWS_PER_GROUP = 17
 FA3_MIN_ROWS_PER_GROUP = 64
 FA3_TILE_ROWS = 128          # query rows (requests x GQA heads) of one fa3 CTA
 FA3_MIN_CTAS = 64            # about half an H200's 132 SMs
-SHARED_BACKENDS = ("triton", "triton-wide", "fa3")  # the choices below, one CUDA graph each
+FA3_FULL_CTAS = 128          # fa3 unsplit from here
+FA3_SPLIT_MIN_QUERY_ROWS = 192   # rows x GQA heads a group, for fa3 cut into pieces
+SHARED_BACKENDS = ("triton", "triton-wide", "fa3", "fa3-split")  # the choices below, one CUDA graph each
 
 
 def fp8_capable(kernel: str, kv_fp8: bool) -> str:
-    """`kernel`, or fa2 where it is fa3 and the KV cache is fp8 (FlashInfer's FA3 reads fp8 KV only
-    with fp8 queries)."""
-    return "fa2" if kv_fp8 and kernel == "fa3" else kernel
+    """`kernel`, or for an fp8 KV cache fa2 in fa3's place and the 32-row Triton tile in fa3-split's
+    (FlashInfer's FA3 reads fp8 KV only with fp8 queries)."""
+    if not kv_fp8:
+        return kernel
+    return {"fa3": "fa2", "fa3-split": "triton-wide"}.get(kernel, kernel)
 
 
 def shared_level_backend(plan, num_qo_heads: int, num_kv_heads: int, kv_fp8: bool = False) -> str:
@@ -213,6 +226,9 @@ def shared_level_backend(plan, num_qo_heads: int, num_kv_heads: int, kv_fp8: boo
         return "triton"
     gqa = num_qo_heads // num_kv_heads
     fa3_ctas = groups * -(-int(rows_per_group * gqa) // FA3_TILE_ROWS) * num_kv_heads
-    if rows_per_group >= FA3_MIN_ROWS_PER_GROUP and fa3_ctas >= FA3_MIN_CTAS:
-        return fp8_capable("fa3", kv_fp8)
+    if rows_per_group >= FA3_MIN_ROWS_PER_GROUP:
+        if fa3_ctas < FA3_FULL_CTAS and rows_per_group * gqa >= FA3_SPLIT_MIN_QUERY_ROWS:
+            return fp8_capable("fa3-split", kv_fp8)
+        if fa3_ctas >= FA3_MIN_CTAS:
+            return fp8_capable("fa3", kv_fp8)
     return "triton-wide"

@@ -18,7 +18,9 @@ result then differs from the wrapper's in rounding only (tests hold it to bf16 t
 the same base-2 LSE), which reads an fp8 cache 1.2-1.6x faster than FlashInfer's decode kernels.
 
 Shared levels may also run on our Triton kernel (`shared_backend="triton"`, nanovllm/cascade/
-shared_kernel.py), ~1.5x faster than fa2 for many small groups; within bf16 tolerance as well.
+shared_kernel.py), ~1.5x faster than fa2 for many small groups; within bf16 tolerance as well; or on
+fa3 with each group cut into pieces (`"fa3-split"`, nanovllm/cascade/split_level.py) for few groups
+of many rows. Both write split partials into level_out / level_lse and merge them with one kernel.
 
 An fp8 KV cache (`kv_dtype`) is planned as such on every level; run() passes the layer's k_scale /
 v_scale to each level (FlashInfer folds k_scale into the softmax scale and multiplies the level's
@@ -31,6 +33,7 @@ import torch
 from nanovllm.attention.triton_decode import TritonPagedDecode
 from nanovllm.cascade.planner import CascadePlan
 from nanovllm.cascade.shared_kernel import TILES, TritonSharedLevel, partial_rows
+from nanovllm.cascade.split_level import FlashInferSplitLevel, split_level_buffers
 from nanovllm.utils.transfer import pinned, to_device
 
 
@@ -42,11 +45,14 @@ class FlashInferCascadeAttention:
                  buffers: list | None = None, outputs: tuple | None = None, decode_last_level: bool = False,
                  shared_backend: str | None = None, shared_split_kv: bool = True,
                  side_stream: "torch.cuda.Stream | None" = None, shared_workspace: torch.Tensor | None = None,
-                 kv_dtype: torch.dtype | None = None, decode_last_kernel: str = "flashinfer"):
+                 kv_dtype: torch.dtype | None = None, decode_last_kernel: str = "flashinfer",
+                 split_buffers: tuple | None = None):
         """buffers: per level (qo_indptr, kv_indptr, kv_indices, last_page_len) device views for CUDA-graph
         mode; outputs: (out, lse, level_out, level_lse) to use instead of allocating (callers that keep
         one wrapper per captured batch size share the largest); decode_last_kernel: the per-request level
-        of decode steps on FlashInfer's batch-decode kernel or on attention/triton_decode.py ("triton")."""
+        of decode steps on FlashInfer's batch-decode kernel or on attention/triton_decode.py ("triton");
+        split_buffers: CUDA-graph mode with shared_backend "fa3-split", (query copies, [per shared level
+        (qo_indptr, kv_indptr, kv_indices, last_page_len)]) sized by split_level_buffers."""
         self.num_levels = num_levels
         self.shape = (num_qo_heads, num_kv_heads, head_dim, page_size)
         self.dtype = dtype
@@ -64,8 +70,8 @@ class FlashInferCascadeAttention:
         self.out, self.lse, self.level_out, self.level_lse = outputs
         # Shared levels (many query rows per group) may use another backend than the per-request level.
         backends = [shared_backend or backend] * (num_levels - 1) + [backend]
-        partials = (self.level_out, self.level_lse)  # the Triton levels' split partials
-        assert backend not in TILES, "the per-request level is causal: FlashInfer's"
+        partials = (self.level_out, self.level_lse)  # the Triton and fa3-split levels' split partials
+        assert backend not in TILES and backend != "fa3-split", "the per-request level is causal: FlashInfer's"
         workspaces = [shared_workspace if shared_workspace is not None else workspace] * (num_levels - 1) + [workspace]
         if use_cuda_graph:
             # Fixed buffers per level; the group count of every level is fixed to max_rows.
@@ -73,15 +79,21 @@ class FlashInferCascadeAttention:
             self.buffers = buffers or [(torch.zeros(max_rows + 1, **i32), torch.zeros(max_rows + 1, **i32),
                                         torch.zeros(max_pages + max_rows, **i32), torch.zeros(max_rows, **i32))
                                        for _ in range(num_levels)]
+            if split_buffers is None and "fa3-split" in backends:
+                split_buffers = split_level_buffers(max_rows, num_levels - 1, max_pages + max_rows, self.level_out, dev)
+            q_copies, split_levels = split_buffers or (None, [None] * num_levels)
             self.wrappers = [
                 TritonSharedLevel(max_rows, partials, True, kv_indptr_buf=b[1], kv_indices_buf=b[2], tile=TILES[be])
                 if be in TILES
+                else FlashInferSplitLevel(ws, max_rows, partials, True, (q_copies,) + tuple(split_levels[i]))
+                if be == "fa3-split"
                 else flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                     ws, "NHD", use_cuda_graph=True, qo_indptr_buf=b[0], paged_kv_indptr_buf=b[1],
                     paged_kv_indices_buf=b[2], paged_kv_last_page_len_buf=b[3], backend=be)
-                for b, be, ws in zip(self.buffers, backends, workspaces)]
+                for i, (b, be, ws) in enumerate(zip(self.buffers, backends, workspaces))]
         else:
             self.wrappers = [TritonSharedLevel(max_rows, partials, tile=TILES[be]) if be in TILES
+                             else FlashInferSplitLevel(ws, max_rows, partials) if be == "fa3-split"
                              else flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=be)
                              for be, ws in zip(backends, workspaces)]
         # The per-request level of decode steps on the batch-decode kernel (see module doc).
@@ -105,6 +117,7 @@ class FlashInferCascadeAttention:
         """Plan every level once for the step (outside CUDA-graph capture). In CUDA-graph mode the
         layout is padded to max_rows query rows and the full level count."""
         levels = [(lv.qo_indptr, lv.kv_indptr, lv.kv_indices, lv.kv_last_page_len) for lv in plan.levels]
+        host = levels   # the fa3-split levels cut the host arrays themselves
         if len(levels) > self.num_levels:
             raise ValueError(f"plan has {len(levels)} levels, this attention was built for {self.num_levels}")
         if self.use_cuda_graph:
@@ -112,6 +125,7 @@ class FlashInferCascadeAttention:
             shared = [_pad_shared(*lv, rows, self.max_rows) for lv in levels[:-1]]
             shared += [_empty_level(rows, self.max_rows)] * (self.num_levels - len(levels))
             levels = shared + [_pad_last(*levels[-1], rows, self.max_rows)]
+            host = levels
             # Page lists to the device first: FlashInfer copies host page lists into its graph
             # buffers with a blocking copy, which would stall the host until the device drains.
             dev = self.buffers[0][0].device
@@ -122,7 +136,10 @@ class FlashInferCascadeAttention:
         self.active = self.wrappers[:len(levels) - 1] + [self.wrappers[-1]]
         hq, hkv, d, page = self.shape
         common = dict(sm_scale=self.sm_scale, q_data_type=self.dtype, kv_data_type=self.kv_dtype)
-        for wrapper, lv in zip(self.active[:-1], levels[:-1]):
+        for i, (wrapper, lv) in enumerate(zip(self.active[:-1], levels[:-1])):
+            if isinstance(wrapper, FlashInferSplitLevel):
+                wrapper.plan(*host[i], hq, hkv, d, page, **common)
+                continue
             wrapper.plan(*lv, hq, hkv, d, page, causal=False, disable_split_kv=not self.shared_split_kv, **common)
         qo_indptr, kv_indptr, kv_indices, last_len = levels[-1]
         one_row_each = qo_indptr.numel() - 1 == int(qo_indptr[-1])
@@ -160,16 +177,16 @@ class FlashInferCascadeAttention:
         return out
 
     def _run_shared(self, wrapper, q, kv_cache, scales: dict):
-        """A shared level's partial result: into level_out/level_lse (FlashInfer), or into the Triton
-        level's split partials (which live in the same buffers)."""
-        if isinstance(wrapper, TritonSharedLevel):
+        """A shared level's partial result: into level_out/level_lse (FlashInfer), or into the Triton or
+        fa3-split level's split partials (which live in the same buffers)."""
+        if isinstance(wrapper, (TritonSharedLevel, FlashInferSplitLevel)):
             wrapper.run(q, kv_cache, **scales)
         else:
             n = q.shape[0]
             wrapper.run(q, kv_cache, out=self.level_out[:n], lse=self.level_lse[:n], return_lse=True, **scales)
 
     def _merge_shared(self, wrapper, out, lse):
-        if isinstance(wrapper, TritonSharedLevel):
+        if isinstance(wrapper, (TritonSharedLevel, FlashInferSplitLevel)):
             wrapper.merge_into(out, lse)
         else:
             n = out.shape[0]

@@ -301,26 +301,3 @@ class TritonSharedLevel:
     def merge_into(self, out, lse):
         merge_partials(out, lse, self.part_out, self.part_lse, self.meta)
 
-
-def split_level_layout(qo_indptr: np.ndarray, kv_indptr: np.ndarray, kv_indices: np.ndarray, splits: int,
-                       page_size: int):
-    """A shared level cut into `splits` pieces per group for a kernel without split-kv of its own (fa3):
-    piece (s, g) holds group g's query rows as rows s * R + qo_indptr[g].. of a query tensor of `splits`
-    copies of the R rows, and the s-th of `splits` near-equal runs of the group's pages. Its partial
-    (out, lse) thus lands at row split * R + row, the Triton level's partial layout, which merge_partials
-    folds in. Returns (qo_indptr, kv_indptr, kv_indices, last_page_len), pieces in split-major order; a
-    piece without pages has last_page_len 0 (it attends to nothing: out 0, lse -inf)."""
-    rows = int(qo_indptr[-1])
-    groups = len(qo_indptr) - 1
-    pages = np.diff(kv_indptr)
-    chunk = -(-pages // splits)                                   # pages per piece of each group
-    start = kv_indptr[:-1][None, :] + np.arange(splits)[:, None] * chunk[None, :]   # [splits, groups]
-    end = np.minimum(start + chunk[None, :], kv_indptr[1:][None, :])
-    count = np.maximum(end - start, 0).ravel()
-    qo = (np.arange(splits)[:, None] * rows + qo_indptr[None, :-1]).ravel()
-    qo = np.append(qo, splits * rows).astype(np.int32)
-    kv = np.concatenate([[0], np.cumsum(count)]).astype(np.int32)
-    take = np.repeat(start.ravel() - kv[:-1], count) + np.arange(kv[-1])
-    last = np.where(count > 0, page_size, 0).astype(np.int32)
-    assert len(qo) == splits * groups + 1
-    return qo, kv, kv_indices[take].astype(np.int32), last

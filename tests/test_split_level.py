@@ -1,0 +1,106 @@
+"""The host side of fa3-split shared levels (nanovllm/cascade/split_level.py): the piece layout, the
+merge of page-less groups, the graph-mode padding and the split count, checked on the CPU against
+float64 attention (each piece attended alone, its partial put where the layout says, partials merged
+through their LSE); and the Triton row-copy kernel, interpreted. FlashInfer's run of the pieces is
+tests/test_gpu.py's (fa3-split cases)."""
+import numpy as np
+import torch
+
+from nanovllm.cascade.split_level import (choose_fa3_splits, merge_empty_groups, pad_pieces, split_level_layout)
+import pytest
+
+from triton_script import run_interpreted, run_on_gpu
+
+PAGE, HQ, HKV, D = 4, 4, 2, 8
+
+
+def attend(q, k, v):
+    """float64 attention of rows q [n, HQ, D] over k, v [t, HKV, D]: (out, base-2 lse); no keys: 0, -inf."""
+    if len(k) == 0:
+        return torch.zeros_like(q), torch.full(q.shape[:2], float("-inf"), dtype=torch.float64)
+    k, v = (x.repeat_interleave(HQ // HKV, dim=1) for x in (k, v))
+    s = torch.einsum("nhd,thd->nht", q, k) * D ** -0.5
+    return torch.einsum("nht,thd->nhd", s.softmax(-1), v), torch.logsumexp(s, -1) / np.log(2)
+
+
+def level_attention(q, kc, vc, qo, kv, idx):
+    """Each group's rows over its pages (whole pages)."""
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float64)
+    for g in range(len(qo) - 1):
+        pages = idx[kv[g]:kv[g + 1]]
+        k, v = (c[pages].reshape(-1, HKV, D) for c in (kc, vc))
+        out[qo[g]:qo[g + 1]], lse[qo[g]:qo[g + 1]] = attend(q[qo[g]:qo[g + 1]], k, v)
+    return out, lse
+
+
+def test_merge_empty_groups():
+    qo = np.array([0, 3, 4, 5, 6, 9, 9, 9])       # 3 rows / 2 pages, three singletons without pages, 3 / 3, two padded
+    kv = np.array([0, 2, 2, 2, 2, 5, 5, 5])
+    q2, kv2 = merge_empty_groups(qo, kv)
+    assert q2.tolist() == [0, 3, 6, 9] and kv2.tolist() == [0, 2, 2, 5]
+
+
+def test_choose_fa3_splits():
+    one = lambda rows, pages: (np.array([0, rows]), np.array([0, pages]))  # noqa: E731
+    assert choose_fa3_splits(*one(128, 2048), 2, 8, 8) == 8      # 16 CTAs -> 128
+    assert choose_fa3_splits(*one(256, 512), 2, 8, 8) == 4       # 32 CTAs
+    assert choose_fa3_splits(np.arange(0, 385, 96), np.arange(0, 4097, 1024), 2, 8, 8) == 2   # 4 x 96: 64 CTAs
+    assert choose_fa3_splits(*one(128, 2048), 2, 8, 3) == 3      # capped by the partial buffer
+    assert choose_fa3_splits(*one(128, 0), 2, 8, 8) == 1         # nothing to read
+
+
+def test_pieces_attended_alone_and_merged_equal_the_level():
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    kc, vc = (torch.randn(64, PAGE, HKV, D, dtype=torch.float64) for _ in range(2))
+    # groups: 5 rows over 7 pages, a page-less singleton, 3 rows over 2 pages, 2 rows over 1 page
+    qo = np.array([0, 5, 6, 9, 11])
+    kv = np.array([0, 7, 7, 9, 10])
+    idx = rng.permutation(64)[:10].astype(np.int32)
+    q = torch.randn(11, HQ, D, dtype=torch.float64)
+    want, want_lse = level_attention(q, kc, vc, qo, kv, idx)
+    for splits in (1, 2, 3, 8):
+        mq, mkv = merge_empty_groups(qo, kv)
+        qo_s, kv_s, idx_s, last_s = split_level_layout(mq, mkv, idx, splits, PAGE)
+        assert sorted(idx_s.tolist()) == sorted(idx.tolist())          # every page once
+        assert (last_s == np.where(np.diff(kv_s) > 0, PAGE, 0)).all()
+        parts, parts_lse = level_attention(q.repeat(splits, 1, 1), kc, vc, qo_s, kv_s, idx_s)
+        # merge the copies' partials through their LSE, as merge_partials does
+        lse = torch.logsumexp(parts_lse.view(splits, 11, HQ) * np.log(2), 0) / np.log(2)
+        weight = torch.exp2(parts_lse.view(splits, 11, HQ) - torch.where(lse.isinf(), 0, lse))
+        out = (parts.view(splits, 11, HQ, D) * torch.nan_to_num(weight)[..., None]).sum(0)
+        assert torch.allclose(out, want, atol=1e-12), splits
+        assert torch.equal(lse.isinf(), want_lse.isinf()) and torch.allclose(lse[~lse.isinf()], want_lse[~lse.isinf()])
+
+
+def test_graph_padding():
+    qo, kv, idx, last = split_level_layout(np.array([0, 3, 9]), np.array([0, 2, 5]), np.arange(5), 2, PAGE)
+    qo_p, kv_p, last_p = pad_pieces(qo, kv, last, used_rows=18, total_rows=36, pieces=10)
+    assert len(qo_p) == 11 and len(kv_p) == 11 and len(last_p) == 10
+    assert qo_p[:5].tolist() == qo[:5].tolist() and qo_p[4] == 18 and (qo_p[5:] == 36).all()
+    assert (np.diff(kv_p)[4:] == 0).all() and (last_p[4:] == 0).all()   # the unused copies' rows: no pages
+
+
+SCRIPT = r"""
+import torch
+from nanovllm.cascade.split_level import copy_rows
+q = torch.randn(5, 4, 8, device="{device}")
+dst = torch.full((4 * 5, 4, 8), 7.0, device="{device}")
+meta = torch.tensor([0, 3], dtype=torch.int32, device="{device}")
+copy_rows(q, dst, meta, 4)            # 4 copies in the buffer, 3 used this step
+for s in range(3):
+    assert torch.equal(dst[s * 5:(s + 1) * 5], q)
+assert (dst[15:] == 7.0).all()        # the unused copy is not written
+print("ok")
+"""
+
+
+def test_copy_rows_interpreted_on_cpu():
+    run_interpreted(SCRIPT)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_copy_rows_on_gpu():
+    run_on_gpu(SCRIPT)
