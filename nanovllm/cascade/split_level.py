@@ -116,6 +116,7 @@ def _copy_rows_kernel(src_ptr, dst_ptr, meta_ptr, row_elems, rows, BLOCK: tl.con
 
 def copy_rows(q: torch.Tensor, dst: torch.Tensor, meta: torch.Tensor, copies: int):
     """dst[:copies * rows] = `copies` copies of q, writing only those below meta[1] (graph mode)."""
+    assert q.is_contiguous() and dst.is_contiguous()
     rows = q.shape[0]
     elems = q[0].numel()
     _copy_rows_kernel[(rows, copies)](q, dst, meta, elems, rows, BLOCK=min(4096, triton.next_power_of_2(elems)))
