@@ -94,6 +94,14 @@ def test_shared_level_backend_follows_the_sweep():
     assert shared_level_backend(SimpleNamespace(num_rows=64, groups_per_level=[1], shared_backend="fa2"), 16, 8) == "fa2"
 
 
+def test_graphs_capture_only_reachable_shared_kernels():
+    from nanovllm.cascade.cost_model import SHARED_BACKENDS, reachable_shared_backends
+    assert reachable_shared_backends(SHARED_BACKENDS, 8) == ("triton",)
+    assert reachable_shared_backends(SHARED_BACKENDS, 32) == ("triton", "triton-wide")
+    assert reachable_shared_backends(SHARED_BACKENDS, 64) == SHARED_BACKENDS
+    assert reachable_shared_backends(("fa3",), 8) == ("fa3",)        # configured: always captured
+
+
 def test_cost_model_fit_recovers_per_kernel_lines_and_reports_held_out_error():
     """fit_cost_model on synthetic measurements made from known lines (2% noise): every kernel's line
     comes back, and the held-out samples are predicted within the noise."""

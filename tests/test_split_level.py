@@ -43,11 +43,24 @@ def test_merge_empty_groups():
 
 def test_choose_fa3_splits():
     one = lambda rows, pages: (np.array([0, rows]), np.array([0, pages]))  # noqa: E731
-    assert choose_fa3_splits(*one(128, 2048), 2, 8, 8) == 8      # 16 CTAs -> 128
-    assert choose_fa3_splits(*one(256, 512), 2, 8, 8) == 4       # 32 CTAs
-    assert choose_fa3_splits(np.arange(0, 385, 96), np.arange(0, 4097, 1024), 2, 8, 8) == 2   # 4 x 96: 64 CTAs
-    assert choose_fa3_splits(*one(128, 2048), 2, 8, 3) == 3      # capped by the partial buffer
-    assert choose_fa3_splits(*one(128, 0), 2, 8, 8) == 1         # nothing to read
+    assert choose_fa3_splits(*one(128, 2048), 16, 16, 8) == 8      # 16 CTAs -> 128
+    assert choose_fa3_splits(*one(256, 512), 16, 16, 8) == 4       # 32 CTAs
+    assert choose_fa3_splits(np.arange(0, 385, 96), np.arange(0, 4097, 1024), 16, 16, 8) == 2   # 4 x 96: 64 CTAs
+    assert choose_fa3_splits(*one(128, 2048), 16, 16, 3) == 3      # capped by the partial buffer
+    assert choose_fa3_splits(*one(128, 0), 16, 16, 8) == 1         # nothing to read
+    assert choose_fa3_splits(*one(128, 32), 16, 16, 8) == 2        # 512 tokens: >= 256 a piece
+
+
+def test_graph_copies_keep_fa3_within_its_schedule():
+    """Graph-mode copies: the partial buffer, FA3's 4,096 work tiles a head and its int workspace."""
+    from nanovllm.cascade.split_level import FlashInferSplitLevel, graph_copies
+    assert graph_copies(128, 128 + 4096, 16) == 8
+    assert graph_copies(1024, 1024 + 4096, 16) == 3            # 3 x 1024 + 1 pieces < 4,000
+    for rows in (1, 64, 448, 512, 1024):
+        for heads in (16, 64):
+            c = graph_copies(rows, rows + 4096, heads)
+            pieces = FlashInferSplitLevel.pieces_for(rows, c)
+            assert c >= 1 and pieces <= 4000 and 24 * (pieces + 32) * heads <= 8 << 20, (rows, heads)
 
 
 def test_pieces_attended_alone_and_merged_equal_the_level():

@@ -21,7 +21,8 @@ from nanovllm.attention.kv_quant import is_fp8
 from nanovllm.attention.triton_decode import TritonPagedDecode
 from nanovllm.attention.triton_decode import supports as triton_decode_supports
 from nanovllm.attention.triton_kv import store_kv_triton
-from nanovllm.cascade.cost_model import SHARED_BACKENDS, fp8_capable, shared_level_backend
+from nanovllm.cascade.cost_model import (SHARED_BACKENDS, fp8_capable, reachable_shared_backends,
+                                         shared_level_backend)
 from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention, cascade_outputs
 from nanovllm.cascade.split_level import split_level_buffers
 from nanovllm.utils.transfer import pinned, to_device
@@ -161,7 +162,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         if self.graph_cascade_bufs is not None:
             bufs = [(qo[:bs + 1], kv[:bs + 1], idx, lpl[:bs]) for qo, kv, idx, lpl in self.graph_cascade_bufs]
             for levels in range(2, self.cascade_levels + 1):
-                for shared in self.shared_backends:
+                for shared in self.graph_shared_backends(bs):
                     cascade[levels, shared] = FlashInferCascadeAttention(
                         self.workspace, levels, self.num_qo_heads, self.num_kv_heads, self.head_dim,
                         self.page_size, self.dtype, bs, backend=self.cascade_backend, use_cuda_graph=True,
@@ -171,6 +172,11 @@ class FlashInferAttentionBackend(AttentionBackend):
                         kv_dtype=self.kv_dtype, decode_last_kernel=self.decode_last_kernel,
                         split_buffers=self.graph_split_bufs)
         self.graph[bs] = (decode, cascade)
+
+    def graph_shared_backends(self, bs: int) -> tuple:
+        """The shared-level kernels the cascade graphs of size bs need: those the choice can reach with
+        bs rows (fewer graphs and FlashInfer wrappers at small sizes)."""
+        return reachable_shared_backends(self.shared_backends, bs)
 
     def graph_key(self, plan) -> tuple:
         """Which captured graph runs a decode step: regular, or cascade by its level count and

@@ -195,16 +195,27 @@ class AlwaysCascade:
 #   0.080 vs 0.093; 8 x 128 x 4096 0.078 vs 0.146; 1 x 1024 x 8192 0.128 vs 0.243; at 4 x 96 x 16384,
 #   64 CTAs, both ~0.24; 1 x 256 x 8192, 32 CTAs, fa3 0.123 vs 0.093).
 # - Session 13: fa3 with each group cut into pieces (cascade/split_level.py) where groups have many rows
-#   (>= 192 query rows x GQA heads) but fa3 alone has fewer than 128 CTAs: 1 x 128 x 32768 0.087 ms (fa3
+#   (>= 96) but fa3 alone has fewer than 128 CTAs (groups x 128-row query tiles x q heads): 1 x 128 x 32768 0.087 ms (fa3
 #   0.452, the 32-row tile 0.180), 1 x 256 x 8192 0.052, 4 x 96 x 16384 0.146 (fa3 0.236, the 32-row tile
 #   with its wave-filling splits 0.201); not at 4 x 32 x 16384 (0.143 against the 32-row tile's 0.089).
 WIDE_MIN_ROWS_PER_GROUP = 17
 FA3_MIN_ROWS_PER_GROUP = 64
-FA3_TILE_ROWS = 128          # query rows (requests x GQA heads) of one fa3 CTA
+FA3_TILE_ROWS = 128          # query rows of one fa3 CTA (FlashInfer's FA3 gives each q head its own CTAs)
 FA3_MIN_CTAS = 64            # about half an H200's 132 SMs
 FA3_FULL_CTAS = 128          # fa3 unsplit from here
-FA3_SPLIT_MIN_QUERY_ROWS = 192   # rows x GQA heads a group, for fa3 cut into pieces
+FA3_SPLIT_MIN_ROWS = 96      # rows a group, for fa3 cut into pieces
 SHARED_BACKENDS = ("triton", "triton-wide", "fa3", "fa3-split")  # the choices below, one CUDA graph each
+
+
+def reachable_shared_backends(backends: tuple, max_rows: int) -> tuple:
+    """The kernels shared_level_backend can pick for a level of at most max_rows rows (a CUDA graph of
+    that size needs no others): fa3, its pieces and its fp8 stand-in fa2 from FA3_MIN_ROWS_PER_GROUP
+    rows a group, the 32-row tile from WIDE_MIN_ROWS_PER_GROUP. A single configured kernel is always kept."""
+    if len(backends) == 1:
+        return backends
+    least = {"triton-wide": WIDE_MIN_ROWS_PER_GROUP, "fa3": FA3_MIN_ROWS_PER_GROUP,
+             "fa3-split": FA3_MIN_ROWS_PER_GROUP, "fa2": FA3_MIN_ROWS_PER_GROUP}
+    return tuple(b for b in backends if max_rows >= least.get(b, 1))
 
 
 def fp8_capable(kernel: str, kv_fp8: bool) -> str:
@@ -224,10 +235,9 @@ def shared_level_backend(plan, num_qo_heads: int, num_kv_heads: int, kv_fp8: boo
     rows_per_group = plan.num_rows / groups
     if rows_per_group < WIDE_MIN_ROWS_PER_GROUP:
         return "triton"
-    gqa = num_qo_heads // num_kv_heads
-    fa3_ctas = groups * -(-int(rows_per_group * gqa) // FA3_TILE_ROWS) * num_kv_heads
+    fa3_ctas = groups * -(-int(rows_per_group) // FA3_TILE_ROWS) * num_qo_heads
     if rows_per_group >= FA3_MIN_ROWS_PER_GROUP:
-        if fa3_ctas < FA3_FULL_CTAS and rows_per_group * gqa >= FA3_SPLIT_MIN_QUERY_ROWS:
+        if fa3_ctas < FA3_FULL_CTAS and rows_per_group >= FA3_SPLIT_MIN_ROWS:
             return fp8_capable("fa3-split", kv_fp8)
         if fa3_ctas >= FA3_MIN_CTAS:
             return fp8_capable("fa3", kv_fp8)

@@ -117,7 +117,6 @@ class FlashInferCascadeAttention:
         """Plan every level once for the step (outside CUDA-graph capture). In CUDA-graph mode the
         layout is padded to max_rows query rows and the full level count."""
         levels = [(lv.qo_indptr, lv.kv_indptr, lv.kv_indices, lv.kv_last_page_len) for lv in plan.levels]
-        host = levels   # the fa3-split levels cut the host arrays themselves
         if len(levels) > self.num_levels:
             raise ValueError(f"plan has {len(levels)} levels, this attention was built for {self.num_levels}")
         if self.use_cuda_graph:
@@ -125,20 +124,21 @@ class FlashInferCascadeAttention:
             shared = [_pad_shared(*lv, rows, self.max_rows) for lv in levels[:-1]]
             shared += [_empty_level(rows, self.max_rows)] * (self.num_levels - len(levels))
             levels = shared + [_pad_last(*levels[-1], rows, self.max_rows)]
-            host = levels
+        # Shared levels use the first wrappers, the last level always the last one (it is causal).
+        self.active = self.wrappers[:len(levels) - 1] + [self.wrappers[-1]]
+        cut = [isinstance(w, FlashInferSplitLevel) for w in self.active]
+        if self.use_cuda_graph:
             # Page lists to the device first: FlashInfer copies host page lists into its graph
             # buffers with a blocking copy, which would stall the host until the device drains.
             dev = self.buffers[0][0].device
-            levels = [(qo, kv, to_device(idx, dev), lpl) for qo, kv, idx, lpl in levels]
+            levels = [lv if c else (lv[0], lv[1], to_device(lv[2], dev), lv[3]) for lv, c in zip(levels, cut)]
         else:  # eager: FlashInfer copies every array to the device, from pinned memory without a stall
-            levels = [tuple(pinned(a) for a in lv) for lv in levels]
-        # Shared levels use the first wrappers, the last level always the last one (it is causal).
-        self.active = self.wrappers[:len(levels) - 1] + [self.wrappers[-1]]
+            levels = [lv if c else tuple(pinned(a) for a in lv) for lv, c in zip(levels, cut)]
         hq, hkv, d, page = self.shape
         common = dict(sm_scale=self.sm_scale, q_data_type=self.dtype, kv_data_type=self.kv_dtype)
-        for i, (wrapper, lv) in enumerate(zip(self.active[:-1], levels[:-1])):
-            if isinstance(wrapper, FlashInferSplitLevel):
-                wrapper.plan(*host[i], hq, hkv, d, page, **common)
+        for wrapper, lv, c in zip(self.active[:-1], levels[:-1], cut):
+            if c:   # host arrays: the level cuts them itself
+                wrapper.plan(*lv, hq, hkv, d, page, **common)
                 continue
             wrapper.plan(*lv, hq, hkv, d, page, causal=False, disable_split_kv=not self.shared_split_kv, **common)
         qo_indptr, kv_indptr, kv_indices, last_len = levels[-1]

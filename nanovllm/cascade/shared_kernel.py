@@ -191,7 +191,7 @@ def choose_splits(num_items: int, num_kv_heads: int, max_tokens: int, num_rows: 
 def partial_rows(max_rows: int) -> int:
     """Rows of a partial buffer for levels of up to max_rows rows: splits are only chosen when few
     items (< 2 x SMs / kv heads) fill the GPU, so splits x rows stays small; 4096 spare rows (16 MB
-    for 16 heads of 128) leave W5's 128 rows their 18 splits (choose_splits caps splits to the buffer
+    for 16 heads of 128) leave W5's 128 rows their 8 splits (choose_splits caps splits to the buffer
     in any case)."""
     return max_rows + 4096
 

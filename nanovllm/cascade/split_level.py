@@ -19,8 +19,9 @@ included; claude_docs/cascade.md), ms a layer:
 
 So the cut pays where groups have many rows (>= 192 query rows x GQA heads) and fa3 alone has fewer
 than 128 CTAs; the piece count brings the CTAs to ~128 (choose_fa3_splits). Groups without pages
-(requests that share nothing at this level) are merged into runs first: they attend to nothing and
-are not cut, so a level of many singletons does not become thousands of pieces.
+(requests that share nothing at this level) are merged into runs first: they attend to nothing, and a
+level of many singletons does not become thousands of pieces (a merged run is cut like any group,
+into pieces without pages).
 
 In CUDA-graph mode the piece count and the query copies are fixed per captured size: `copies` copies
 of the rows are made by a Triton kernel that skips those beyond the step's splits (read on the device),
@@ -32,12 +33,16 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.cascade.shared_kernel import merge_partials
+from nanovllm.cascade.shared_kernel import MIN_SPLIT_TOKENS, merge_partials
 from nanovllm.utils.transfer import pinned, to_device
 
 MAX_SPLITS = 8
 TARGET_CTAS = 128        # ~one wave of fa3 CTAs on an H200's 132 SMs
-FA3_TILE_ROWS = 128      # query rows (requests x GQA heads) of one fa3 CTA
+FA3_TILE_ROWS = 128      # query rows of one fa3 CTA (FlashInfer's FA3 runs each q head on its own CTAs)
+# FlashInfer's FA3 plan keeps one schedule per head up to 4,096 work tiles a head, and its 8 MB int
+# workspace holds 24 bytes per (work tile, q head): a graph-mode level stays under both.
+MAX_PIECES = 4000
+INT_WORKSPACE_BYTES = 8 << 20
 
 
 def merge_empty_groups(qo_indptr: np.ndarray, kv_indptr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -56,13 +61,16 @@ def merge_empty_groups(qo_indptr: np.ndarray, kv_indptr: np.ndarray) -> tuple[np
     return qo, kv
 
 
-def choose_fa3_splits(qo_indptr: np.ndarray, kv_indptr: np.ndarray, gqa: int, num_kv_heads: int, cap: int) -> int:
-    """Pieces per group: enough for ~TARGET_CTAS fa3 CTAs over the groups that have pages."""
+def choose_fa3_splits(qo_indptr: np.ndarray, kv_indptr: np.ndarray, num_qo_heads: int, page_size: int,
+                      cap: int) -> int:
+    """Pieces per group: enough for ~TARGET_CTAS fa3 CTAs (groups' 128-row query tiles x q heads) over
+    the groups that have pages, each piece of the longest group reading >= MIN_SPLIT_TOKENS tokens."""
     rows, pages = np.diff(qo_indptr), np.diff(kv_indptr)
-    tiles = int(np.sum(-(-(rows[pages > 0] * gqa) // FA3_TILE_ROWS)))
+    tiles = int(np.sum(-(-rows[pages > 0] // FA3_TILE_ROWS)))
     if tiles == 0:   # nothing to read (an unused level in graph mode)
         return 1
-    return max(1, min(cap, MAX_SPLITS, -(-TARGET_CTAS // (tiles * num_kv_heads))))
+    longest = int(pages.max()) * page_size
+    return max(1, min(cap, MAX_SPLITS, longest // MIN_SPLIT_TOKENS, -(-TARGET_CTAS // (tiles * num_qo_heads))))
 
 
 def split_level_layout(qo_indptr: np.ndarray, kv_indptr: np.ndarray, kv_indices: np.ndarray, splits: int,
@@ -122,12 +130,21 @@ def copy_rows(q: torch.Tensor, dst: torch.Tensor, meta: torch.Tensor, copies: in
     _copy_rows_kernel[(rows, copies)](q, dst, meta, elems, rows, BLOCK=min(4096, triton.next_power_of_2(elems)))
 
 
+def graph_copies(max_rows: int, partial_rows: int, num_qo_heads: int) -> int:
+    """Query copies (the most pieces a group) of a graph-mode level of max_rows rows: the partials fit
+    the partial buffer, and the level's pieces stay within MAX_PIECES and FA3's int workspace."""
+    by_workspace = INT_WORKSPACE_BYTES // (24 * num_qo_heads) - 64   # work tiles a head, with headroom
+    pieces = min(MAX_PIECES, by_workspace)
+    return max(1, min(MAX_SPLITS, partial_rows // max_rows, (pieces - 1) // max_rows))
+
+
 def split_level_buffers(max_rows: int, shared_levels: int, max_indices: int, level_out: torch.Tensor,
                         device) -> tuple:
     """Graph-mode buffers for fa3-split levels, shared by every captured size (one graph runs a step):
     (query copies like level_out, [per shared level (qo_indptr, kv_indptr, kv_indices, last_page_len)])
     with room for the pieces of the largest level (FlashInferSplitLevel.pieces_for)."""
-    pieces = max(FlashInferSplitLevel.pieces_for(rows, max(1, min(MAX_SPLITS, level_out.shape[0] // rows)))
+    heads = level_out.shape[1]
+    pieces = max(FlashInferSplitLevel.pieces_for(rows, graph_copies(rows, level_out.shape[0], heads))
                  for rows in range(1, max_rows + 1))
     i32 = dict(dtype=torch.int32, device=device)
     return torch.empty_like(level_out), [(torch.zeros(pieces + 1, **i32), torch.zeros(pieces + 1, **i32),
@@ -149,7 +166,7 @@ class FlashInferSplitLevel:
         self.max_rows = max_rows
         self.use_cuda_graph = use_cuda_graph
         self.device = workspace.device
-        self.copies = max(1, min(MAX_SPLITS, self.part_out.shape[0] // max_rows))   # partials must fit
+        self.copies = graph_copies(max_rows, self.part_out.shape[0], self.part_out.shape[1])
         self.meta = torch.zeros(2, dtype=torch.int32, device=self.device)
         self.splits = 1
         if use_cuda_graph:
@@ -166,18 +183,22 @@ class FlashInferSplitLevel:
 
     @staticmethod
     def pieces_for(max_rows: int, copies: int) -> int:
-        """Pieces of a graph-mode level: `copies` pieces of each of up to max_rows + 1 groups (merged
-        page-less runs alternate with groups that have pages), and the unused copies' piece."""
-        return copies * (max_rows + 1) + 1
+        """Pieces of a graph-mode level: `copies` pieces of each of up to max_rows groups (after
+        merge_empty_groups every group has a row), and the unused copies' piece."""
+        return copies * max_rows + 1
 
     def plan(self, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
              page_size, causal=False, sm_scale=None, **common):
         assert not causal, "a shared level is not causal"
+        pages = np.diff(np.asarray(kv_indptr))
+        if (np.asarray(kv_last_page_len)[pages > 0] != page_size).any():
+            raise ValueError("shared levels hold whole pages only")
         qo, kv = merge_empty_groups(np.asarray(qo_indptr), np.asarray(kv_indptr))
         idx = np.asarray(kv_indices)   # host arrays (FlashInferCascadeAttention.plan keeps them so for this level)
         rows = int(qo[-1])
-        gqa = num_qo_heads // num_kv_heads
-        self.splits = choose_fa3_splits(qo, kv, gqa, num_kv_heads, self.copies)
+        # eager: as many copies as the partial buffer holds for this step's rows
+        cap = self.copies if self.use_cuda_graph else max(1, self.part_out.shape[0] // max(rows, 1))
+        self.splits = choose_fa3_splits(qo, kv, num_qo_heads, page_size, cap)
         qo_s, kv_s, idx_s, last_s = split_level_layout(qo, kv, idx, self.splits, page_size)
         if self.use_cuda_graph:
             qo_s, kv_s, last_s = pad_pieces(qo_s, kv_s, last_s, self.splits * rows, self.copies * rows, self.pieces)
@@ -197,7 +218,7 @@ class FlashInferSplitLevel:
             copy_rows(q, q_s, self.meta, copies)
         else:
             copies = self.splits
-            q_s = q.repeat(copies, 1, 1)
+            q_s = q if copies == 1 else q.repeat(copies, 1, 1)
         self.wrapper.run(q_s, kv_cache, out=self.part_out[:copies * n], lse=self.part_lse[:copies * n],
                          return_lse=True, **scales)
 

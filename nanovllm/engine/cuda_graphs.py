@@ -90,7 +90,7 @@ class DecodeGraphs:
                 batch = self._dummy_batch(bs, levels, num_pages)
                 if levels and len(batch.cascade.levels) != levels:
                     continue  # too few requests to nest that deep: such steps run eagerly
-                for shared in (self.backend.shared_backends if levels else (None,)):
+                for shared in (self.backend.graph_shared_backends(bs) if levels else (None,)):
                     if levels:
                         batch.cascade.shared_backend = shared  # see cost_model.shared_level_backend
                     key = (bs,) + self.backend.graph_key(batch.cascade)
