@@ -181,10 +181,12 @@ def test_cascade_bit_identical_to_flashinfer_wrapper(name, decode):
 @pytest.mark.parametrize("shared", ["fa2", "triton", "triton-wide", "fa3-split"])
 @pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
 @pytest.mark.parametrize("name", list(STRUCTURES))
-def test_cascade_fa2_matches_regular_attention(name, decode, shared):
-    """The engine's decode modes (shared levels on fa2 or the Triton kernel) against regular paged
-    attention over the same KV and against the PyTorch cascade."""
+def test_cascade_fa2_matches_regular_attention(name, decode, shared, monkeypatch):
+    """The engine's decode modes (shared levels on fa2, the Triton kernel or fa3 cut into pieces) against
+    regular paged attention over the same KV and against the PyTorch cascade."""
+    from nanovllm.cascade import split_level
     from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention
+    monkeypatch.setattr(split_level, "MIN_SPLIT_TOKENS", 16)   # cut these short prefixes into pieces too
     batch, table, plan = cascade_case(STRUCTURES[name], decode, seed=2)
     order = plan.order.numpy()
     kc, vc = random_cache(8192, seed=3)
@@ -214,14 +216,16 @@ def test_cascade_fa2_matches_regular_attention(name, decode, shared):
     ([(96, 4, None), (20, 2, None)], 128, "triton"),
     ([(9, 4, [(5, 3), (4, 2)]), (3, 5, None), (2, 0, None)], 32, "triton-wide"),
     ([(96, 4, None), (20, 2, None)], 128, "triton-wide"),
-    ([(96, 4, None), (20, 2, None)], 128, "fa3-split"),   # 6 pieces a group: some without pages
+    ([(96, 4, None), (20, 2, None)], 128, "fa3-split"),   # 4 pieces a group (>= 16 tokens each): some without pages
     ([(9, 4, [(5, 3), (4, 2)]), (3, 5, None), (2, 0, None)], 32, "fa3-split"),
 ], ids=["nested-fa2", "big-group-fa2", "big-group-fa3", "nested-triton", "big-group-triton", "nested-triton-wide",
         "big-group-triton-wide", "big-group-fa3-split", "nested-fa3-split"])
-def test_cascade_graph_mode_matches_eager(structure, bs, shared, engine_mode):
+def test_cascade_graph_mode_matches_eager(structure, bs, shared, engine_mode, monkeypatch):
     """engine_mode: as the engine's graphs run it, shared levels without split-kv and the first one on
     a side stream beside the per-request level."""
+    from nanovllm.cascade import split_level
     from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention
+    monkeypatch.setattr(split_level, "MIN_SPLIT_TOKENS", 16)   # fa3-split: cut the short prefixes into pieces
     _, _, plan = cascade_case(structure, True, seed=4)
     kc, vc = random_cache(8192, seed=5)
     q = torch.randn(bs, HQ, D, device="cuda").to(DT)
