@@ -26,6 +26,11 @@ class DecodeGraphs:
         self.sizes = graph_batch_sizes(max_bs)
         self.graphs: dict = {}
         self.replays = 0  # decode steps run from a graph (benchmarks and tests read it)
+        # Every size's attention wrappers now, before the KV cache is sized: each FlashInfer wrapper
+        # allocates an 8 MB int workspace on the device (~430 wrappers at 24 sizes with cascade, ~3.4 GB),
+        # which the cache sizing must see as used.
+        for bs in self.sizes:
+            backend.graph_wrappers(bs)
         self.vars = dict(
             input_ids=torch.zeros(max_bs, dtype=torch.long, device=device),
             positions=torch.zeros(max_bs, dtype=torch.long, device=device),
@@ -85,7 +90,6 @@ class DecodeGraphs:
         modes = [0] + list(range(2, cascade_levels + 1))
         pool = None
         for bs in reversed(self.sizes):
-            self.backend.graph_wrappers(bs)
             for levels in modes:  # 0: regular decode; n: cascade decode over n levels
                 batch = self._dummy_batch(bs, levels, num_pages)
                 if levels and len(batch.cascade.levels) != levels:
