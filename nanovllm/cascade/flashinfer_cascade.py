@@ -91,6 +91,11 @@ class FlashInferCascadeAttention:
                     ws, "NHD", use_cuda_graph=True, qo_indptr_buf=b[0], paged_kv_indptr_buf=b[1],
                     paged_kv_indices_buf=b[2], paged_kv_last_page_len_buf=b[3], backend=be)
                 for i, (b, be, ws) in enumerate(zip(self.buffers, backends, workspaces))]
+            if decode_last_level:
+                # Graphs with the decode kernel are decode-only (plan() asserts it): the causal prefill
+                # wrapper of the last level never runs, and each FlashInfer wrapper holds an 8 MB int
+                # workspace on the device (one per captured size x level count x shared kernel).
+                self.wrappers[-1] = None
         else:
             self.wrappers = [TritonSharedLevel(max_rows, partials, tile=TILES[be]) if be in TILES
                              else FlashInferSplitLevel(ws, max_rows, partials) if be == "fa3-split"
