@@ -98,7 +98,8 @@ def test_graphs_capture_only_reachable_shared_kernels():
     from nanovllm.cascade.cost_model import SHARED_BACKENDS, reachable_shared_backends
     assert reachable_shared_backends(SHARED_BACKENDS, 8) == ("triton",)
     assert reachable_shared_backends(SHARED_BACKENDS, 32) == ("triton", "triton-wide")
-    assert reachable_shared_backends(SHARED_BACKENDS, 64) == SHARED_BACKENDS
+    assert reachable_shared_backends(SHARED_BACKENDS, 64) == ("triton", "triton-wide", "fa3")
+    assert reachable_shared_backends(SHARED_BACKENDS, 96) == SHARED_BACKENDS
     assert reachable_shared_backends(("fa3",), 8) == ("fa3",)        # configured: always captured
 
 

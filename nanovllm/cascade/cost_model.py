@@ -209,12 +209,13 @@ SHARED_BACKENDS = ("triton", "triton-wide", "fa3", "fa3-split")  # the choices b
 
 def reachable_shared_backends(backends: tuple, max_rows: int) -> tuple:
     """The kernels shared_level_backend can pick for a level of at most max_rows rows (a CUDA graph of
-    that size needs no others): fa3, its pieces and its fp8 stand-in fa2 from FA3_MIN_ROWS_PER_GROUP
-    rows a group, the 32-row tile from WIDE_MIN_ROWS_PER_GROUP. A single configured kernel is always kept."""
+    that size needs no others): fa3 and its fp8 stand-in fa2 from FA3_MIN_ROWS_PER_GROUP rows a group, its
+    pieces from FA3_SPLIT_MIN_ROWS, the 32-row tile from WIDE_MIN_ROWS_PER_GROUP. A single configured kernel
+    is always kept."""
     if len(backends) == 1:
         return backends
     least = {"triton-wide": WIDE_MIN_ROWS_PER_GROUP, "fa3": FA3_MIN_ROWS_PER_GROUP,
-             "fa3-split": FA3_MIN_ROWS_PER_GROUP, "fa2": FA3_MIN_ROWS_PER_GROUP}
+             "fa3-split": FA3_SPLIT_MIN_ROWS, "fa2": FA3_MIN_ROWS_PER_GROUP}
     return tuple(b for b in backends if max_rows >= least.get(b, 1))
 
 
