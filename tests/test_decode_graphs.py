@@ -1,6 +1,6 @@
 """DecodeGraphs' setup on the host: which batch sizes get graphs, and that every size's attention wrappers
 exist when DecodeGraphs is made, before the model runner sizes the KV cache from the free memory (each
-FlashInfer wrapper allocates an 8 MB int workspace on the device, ~2.2 GB over the default sizes with
+FlashInfer wrapper allocates an 8 MB int workspace on the device, ~2.1 GB over the default sizes with
 cascade on). The captures themselves need a GPU (tests/test_gpu.py)."""
 import torch
 

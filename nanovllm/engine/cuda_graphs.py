@@ -27,7 +27,7 @@ class DecodeGraphs:
         self.graphs: dict = {}
         self.replays = 0  # decode steps run from a graph (benchmarks and tests read it)
         # Every size's attention wrappers now, before the KV cache is sized: each FlashInfer wrapper
-        # allocates an 8 MB int workspace on the device (~280 wrappers at 24 sizes with cascade, ~2.2 GB),
+        # allocates an 8 MB int workspace on the device (~270 wrappers at 24 sizes with cascade, ~2.1 GB),
         # which the cache sizing must see as used.
         for bs in self.sizes:
             backend.graph_wrappers(bs)
