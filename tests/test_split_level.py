@@ -117,3 +117,79 @@ def test_copy_rows_interpreted_on_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_copy_rows_on_gpu():
     run_on_gpu(SCRIPT)
+
+
+class _StubPrefill:
+    """FlashInfer's BatchPrefillWithPagedKVCacheWrapper as far as FlashInferSplitLevel uses it: records
+    plan()'s arrays and checks graph mode's fixed batch size."""
+    def __init__(self, workspace, layout, use_cuda_graph=False, qo_indptr_buf=None, paged_kv_indptr_buf=None,
+                 paged_kv_indices_buf=None, paged_kv_last_page_len_buf=None, backend="auto"):
+        self.fixed = len(qo_indptr_buf) - 1 if use_cuda_graph else None
+        assert not use_cuda_graph or len(paged_kv_indptr_buf) == self.fixed + 1 == len(paged_kv_last_page_len_buf) + 1
+
+    def plan(self, qo, kv, idx, last, hq, hkv, d, page, causal=False, **kwargs):
+        assert self.fixed is None or len(qo) - 1 == self.fixed, "graph mode: batch size must stay fixed"
+        self.arrays = [np.asarray(a.cpu()) for a in (qo, kv, idx, last)]
+
+
+def test_plan_of_padded_graph_levels_reads_each_page_once_per_row(monkeypatch):
+    """FlashInferSplitLevel.plan on real planner levels, padded as FlashInferCascadeAttention pads them
+    in graph mode (padding rows: one page-less group; then row-less groups): the recorded pieces, attended
+    in float64 and merged over the copies, equal the level's attention for the real rows."""
+    import sys
+    import types
+
+    from nanovllm.cascade.planner import plan_cascade
+    from nanovllm.cascade.split_level import FlashInferSplitLevel
+    monkeypatch.setitem(sys.modules, "flashinfer", types.SimpleNamespace(BatchPrefillWithPagedKVCacheWrapper=_StubPrefill))
+    monkeypatch.setattr("nanovllm.cascade.split_level.MIN_SPLIT_TOKENS", PAGE)   # cut short prefixes too
+    torch.manual_seed(0)
+    kc, vc = (torch.randn(400, PAGE, HKV, D, dtype=torch.float64) for _ in range(2))
+    # 3 groups (40 rows over 6 pages, 25 over 3, 7 over 5) and 3 requests sharing nothing; 1 own page each
+    sizes, shared_pages = [40, 25, 7], [6, 3, 5]
+    table, nxt = [], 0
+    for n, p in zip(sizes, shared_pages):
+        prefix = list(range(nxt, nxt + p)); nxt += p
+        for _ in range(n):
+            table.append(prefix + [nxt]); nxt += 1
+    for _ in range(3):
+        table.append([nxt, nxt + 1]); nxt += 2
+    width = max(map(len, table))
+    table = np.array([t + [-1] * (width - len(t)) for t in table])
+    kv_lens = np.array([(len([x for x in t if x >= 0]) - 1) * PAGE + 1 for t in table])
+    plan = plan_cascade(table, kv_lens, np.ones(len(table), np.int32), PAGE, max_levels=2)
+    level = plan.levels[0]
+    rows, bs = plan.num_rows, 96
+    qo, kv = level.qo_indptr.numpy(), level.kv_indptr.numpy()
+    # graph-mode padding (flashinfer_cascade._pad_shared): padded rows one group without pages, then
+    # groups without rows, up to bs groups
+    extra = bs - (len(qo) - 1)
+    qo_p = np.concatenate([qo, np.full(extra, bs)]).astype(np.int32)
+    kv_p = np.concatenate([kv, np.full(extra, kv[-1])]).astype(np.int32)
+    last_p = np.concatenate([level.kv_last_page_len.numpy(), np.zeros(extra, np.int32)]).astype(np.int32)
+    partials = (torch.empty(bs + 4096, HQ, D), torch.empty(bs + 4096, HQ))
+    for graph in (False, True):
+        buffers = None
+        if graph:
+            pieces = FlashInferSplitLevel.pieces_for(bs, 8)
+            buffers = (torch.empty(8 * bs, HQ, D),) + tuple(torch.zeros(n, dtype=torch.int32)
+                                                             for n in (pieces + 1, pieces + 1, 4096, pieces))
+        split = FlashInferSplitLevel(torch.zeros(8), bs if graph else rows, partials, graph, buffers)
+        args = (qo_p, kv_p, level.kv_indices.numpy(), last_p) if graph else \
+            (qo, kv, level.kv_indices.numpy(), level.kv_last_page_len.numpy())
+        split.plan(*(torch.from_numpy(np.ascontiguousarray(a)) for a in args), HQ, HKV, D, PAGE)
+        assert split.splits > 1
+        q_rows = bs if graph else rows
+        q = torch.randn(q_rows, HQ, D, dtype=torch.float64)
+        qo_s, kv_s, idx_s, last_s = split.wrapper.arrays
+        copies = split.copies if graph else split.splits
+        assert qo_s[-1] == copies * q_rows and kv_s[-1] == len(idx_s)
+        assert (np.diff(qo_s) >= 0).all() and (np.diff(kv_s) >= 0).all()
+        parts, parts_lse = level_attention(q.repeat(copies, 1, 1), kc, vc, qo_s, kv_s, idx_s)
+        s = split.splits   # merge the step's copies (merge_partials reads their count from meta)
+        assert int(split.meta[1]) == s
+        lse = torch.logsumexp(parts_lse[:s * q_rows].view(s, q_rows, HQ) * np.log(2), 0) / np.log(2)
+        weight = torch.nan_to_num(torch.exp2(parts_lse[:s * q_rows].view(s, q_rows, HQ) - torch.where(lse.isinf(), 0, lse)))
+        out = (parts[:s * q_rows].view(s, q_rows, HQ, D) * weight[..., None]).sum(0)
+        want, _ = level_attention(q[:rows], kc, vc, qo, kv, level.kv_indices.numpy())
+        assert torch.allclose(out[:rows], want, atol=1e-12), graph
