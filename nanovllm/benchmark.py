@@ -32,6 +32,7 @@ import time
 
 from nanovllm import LLM, SamplingParams, StructuredOutput
 from nanovllm.attention.kv_quant import KV_CACHE_DTYPES
+from nanovllm.cascade.cost_model import SHARED_BACKEND_CHOICES
 from nanovllm.distributed import custom_all_reduce
 
 
@@ -213,7 +214,7 @@ def main(argv=None):
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--kvcache-block-size", type=int)
     p.add_argument("--gpu-memory-utilization", type=float)
-    p.add_argument("--cascade-shared-backend", choices=["auto", "triton", "triton-wide", "fa2", "fa3", "fa3-split"])
+    p.add_argument("--cascade-shared-backend", choices=SHARED_BACKEND_CHOICES)
     p.add_argument("--num-gpu-blocks", type=int, help="cap the GPU KV cache at this many pages (W6: 16384)")
     p.add_argument("--host-kv-cache-gb", dest="host_kvcache_gb", type=float,
                    help="host-memory KV tier per rank, GB (default 0: off)")

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from nanovllm.attention.kv_quant import is_fp8, kv_cache_torch_dtype
+from nanovllm.cascade.cost_model import SHARED_BACKEND_CHOICES
 from nanovllm.layers.awq_format import check_model as check_awq_model
 from nanovllm.layers.awq_format import check_parallel as check_awq_parallel
 from nanovllm.layers.awq_format import read_quant_config
@@ -88,9 +89,9 @@ class Config:
                              f"{self.cascade_shared_prefix_len}")
         if self.cascade_max_levels < 2:
             raise ValueError(f"cascade_max_levels must be >= 2, got {self.cascade_max_levels}")
-        if self.cascade_shared_backend not in ("auto", "triton", "triton-wide", "fa2", "fa3", "fa3-split"):
-            raise ValueError("cascade_shared_backend must be auto, triton, triton-wide, fa2, fa3 or fa3-split, got "
-                             f"{self.cascade_shared_backend!r}")
+        if self.cascade_shared_backend not in SHARED_BACKEND_CHOICES:
+            raise ValueError(f"cascade_shared_backend must be {', '.join(SHARED_BACKEND_CHOICES[:-1])} or "
+                             f"{SHARED_BACKEND_CHOICES[-1]}, got {self.cascade_shared_backend!r}")
         if self.decode_attention_kernel not in ("auto", "flashinfer", "triton"):
             raise ValueError(f"decode_attention_kernel must be auto, flashinfer or triton, got {self.decode_attention_kernel!r}")
         if self.schedule_policy not in ("fcfs", "lpm", "dfs-weight", "random"):
@@ -125,8 +126,8 @@ class Config:
         self.kv_dtype = kv_cache_torch_dtype(self.kv_cache_dtype, self.torch_dtype)  # the cache tensor's dtype
         if is_fp8(self.kv_dtype) and self.attention_backend == "flashinfer" and self.cascade_shared_backend in ("fa3", "fa3-split"):
             raise ValueError(f"cascade_shared_backend={self.cascade_shared_backend!r} reads no fp8 KV cache with bf16 "
-                             "queries (FlashInfer's FA3 "
-                             "needs fp8 queries too): use auto, triton, triton-wide or fa2 with kv_cache_dtype='fp8_e4m3'")
+                             "queries (FlashInfer's FA3 needs fp8 queries too): use auto, triton, triton-wide or fa2 "
+                             "with kv_cache_dtype='fp8_e4m3'")
         if is_fp8(self.kv_dtype) and self.attention_backend == "flashinfer" and self.device.startswith("cuda") \
                 and torch.cuda.is_available():
             # The fp8 stores and the Triton shared-level kernel use Triton's fp8e4nv, which it compiles

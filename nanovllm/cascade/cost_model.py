@@ -119,7 +119,8 @@ class CascadeCostModel:
                 + self.regular_per_row_ms * rows)
 
     def cascade_ms(self, plan, page_size: int) -> float:
-        costs = self.cascade.get(LINE_OF.get(self.backend(plan), self.backend(plan)), SESSION3_COSTS)
+        kernel = self.backend(plan)
+        costs = self.cascade.get(LINE_OF.get(kernel, kernel), SESSION3_COSTS)
         return costs.ms(len(plan.levels), plan.cascade_kv_pages * page_size, shared_qk_pages(plan) * page_size)
 
     def worth_it(self, plan, page_size: int) -> bool:
@@ -195,9 +196,10 @@ class AlwaysCascade:
 #   0.080 vs 0.093; 8 x 128 x 4096 0.078 vs 0.146; 1 x 1024 x 8192 0.128 vs 0.243; at 4 x 96 x 16384,
 #   64 CTAs, both ~0.24; 1 x 256 x 8192, 32 CTAs, fa3 0.123 vs 0.093).
 # - Session 13: fa3 with each group cut into pieces (cascade/split_level.py) where groups have many rows
-#   (>= 96) but fa3 alone has fewer than 128 CTAs (groups x 128-row query tiles x q heads): 1 x 128 x 32768 0.087 ms (fa3
-#   0.452, the 32-row tile 0.180), 1 x 256 x 8192 0.052, 4 x 96 x 16384 0.146 (fa3 0.236, the 32-row tile
-#   with its wave-filling splits 0.201); not at 4 x 32 x 16384 (0.143 against the 32-row tile's 0.089).
+#   (>= 96) but fa3 alone has fewer than 128 CTAs (groups x 128-row query tiles x q heads): 1 x 128 x
+#   32768 0.087 ms (fa3 0.452, the 32-row tile 0.180), 1 x 256 x 8192 0.052, 4 x 96 x 16384 0.146 (fa3
+#   0.236, the 32-row tile with its wave-filling splits 0.201); not at 4 x 32 x 16384 (0.143 against the
+#   32-row tile's 0.089).
 WIDE_MIN_ROWS_PER_GROUP = 17
 FA3_MIN_ROWS_PER_GROUP = 64
 FA3_TILE_ROWS = 128          # query rows of one fa3 CTA (FlashInfer's FA3 gives each q head its own CTAs)
@@ -205,6 +207,8 @@ FA3_MIN_CTAS = 64            # about half an H200's 132 SMs
 FA3_FULL_CTAS = 128          # fa3 unsplit from here
 FA3_SPLIT_MIN_ROWS = 96      # rows a group, for fa3 cut into pieces
 SHARED_BACKENDS = ("triton", "triton-wide", "fa3", "fa3-split")  # the choices below, one CUDA graph each
+# cascade_shared_backend's values: auto (the choice below), or one kernel for every step (fa2 only then)
+SHARED_BACKEND_CHOICES = ("auto", "triton", "triton-wide", "fa2", "fa3", "fa3-split")
 
 
 def reachable_shared_backends(backends: tuple, max_rows: int) -> tuple:

@@ -36,6 +36,9 @@ from nanovllm.cascade.shared_kernel import TILES, TritonSharedLevel, partial_row
 from nanovllm.cascade.split_level import FlashInferSplitLevel, split_level_buffers
 from nanovllm.utils.transfer import pinned, to_device
 
+# Shared levels that write split partials into level_out / level_lse and merge them with one kernel.
+PARTIAL_LEVELS = (TritonSharedLevel, FlashInferSplitLevel)
+
 
 class FlashInferCascadeAttention:
 
@@ -184,14 +187,14 @@ class FlashInferCascadeAttention:
     def _run_shared(self, wrapper, q, kv_cache, scales: dict):
         """A shared level's partial result: into level_out/level_lse (FlashInfer), or into the Triton or
         fa3-split level's split partials (which live in the same buffers)."""
-        if isinstance(wrapper, (TritonSharedLevel, FlashInferSplitLevel)):
+        if isinstance(wrapper, PARTIAL_LEVELS):
             wrapper.run(q, kv_cache, **scales)
         else:
             n = q.shape[0]
             wrapper.run(q, kv_cache, out=self.level_out[:n], lse=self.level_lse[:n], return_lse=True, **scales)
 
     def _merge_shared(self, wrapper, out, lse):
-        if isinstance(wrapper, (TritonSharedLevel, FlashInferSplitLevel)):
+        if isinstance(wrapper, PARTIAL_LEVELS):
             wrapper.merge_into(out, lse)
         else:
             n = out.shape[0]

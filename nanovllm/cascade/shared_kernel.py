@@ -188,6 +188,15 @@ def choose_splits(num_items: int, num_kv_heads: int, max_tokens: int, num_rows: 
     return min(range(1, cap + 1), key=cost)
 
 
+def require_whole_pages(kv_indptr: np.ndarray, kv_last_page_len: np.ndarray, page_size: int) -> np.ndarray:
+    """Each group's page count, after checking that every group with pages fills its last one (shared
+    levels hold whole pages only)."""
+    pages = np.diff(kv_indptr)
+    if (kv_last_page_len[pages > 0] != page_size).any():
+        raise ValueError("shared levels hold whole pages only")
+    return pages
+
+
 def partial_rows(max_rows: int) -> int:
     """Rows of a partial buffer for levels of up to max_rows rows: splits are only chosen when few
     items (< 2 x SMs / kv heads) fill the GPU, so splits x rows stays small; 4096 spare rows (16 MB
@@ -268,9 +277,7 @@ class TritonSharedLevel:
              page_size, causal=False, sm_scale=None, **_):
         assert not causal, "a shared level is not causal"
         qo, kv = qo_indptr.numpy(), kv_indptr.numpy()
-        pages = np.diff(kv)
-        if (kv_last_page_len.numpy()[pages > 0] != page_size).any():
-            raise ValueError("shared levels hold whole pages only")
+        pages = require_whole_pages(kv, kv_last_page_len.numpy(), page_size)
         self.sm_scale = sm_scale if sm_scale is not None else head_dim ** -0.5
         # An item's rows x GQA heads fill one tile of at most 128 rows: the wide tile narrows for GQA 8.
         self.block_rows = min(self.tile.block_rows, 128 // (num_qo_heads // num_kv_heads))
@@ -300,4 +307,3 @@ class TritonSharedLevel:
 
     def merge_into(self, out, lse):
         merge_partials(out, lse, self.part_out, self.part_lse, self.meta)
-

@@ -33,12 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.cascade.shared_kernel import MIN_SPLIT_TOKENS, merge_partials
+from nanovllm.cascade.cost_model import FA3_TILE_ROWS
+from nanovllm.cascade.shared_kernel import MIN_SPLIT_TOKENS, merge_partials, require_whole_pages
 from nanovllm.utils.transfer import pinned, to_device
 
 MAX_SPLITS = 8
 TARGET_CTAS = 128        # ~one wave of fa3 CTAs on an H200's 132 SMs
-FA3_TILE_ROWS = 128      # query rows of one fa3 CTA (FlashInfer's FA3 runs each q head on its own CTAs)
 # FlashInfer's FA3 plan keeps one schedule per head up to 4,096 work tiles a head, and its 8 MB int
 # workspace holds 24 bytes per (work tile, q head): a graph-mode level stays under both.
 MAX_PIECES = 4000
@@ -190,9 +190,7 @@ class FlashInferSplitLevel:
     def plan(self, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
              page_size, causal=False, sm_scale=None, **common):
         assert not causal, "a shared level is not causal"
-        pages = np.diff(np.asarray(kv_indptr))
-        if (np.asarray(kv_last_page_len)[pages > 0] != page_size).any():
-            raise ValueError("shared levels hold whole pages only")
+        require_whole_pages(np.asarray(kv_indptr), np.asarray(kv_last_page_len), page_size)
         qo, kv = merge_empty_groups(np.asarray(qo_indptr), np.asarray(kv_indptr))
         idx = np.asarray(kv_indices)   # host arrays (FlashInferCascadeAttention.plan keeps them so for this level)
         rows = int(qo[-1])
