@@ -356,6 +356,81 @@ def test_collective_choreography_with_fake_kernels(backend):
     _run_ranks(_choreography_worker, 2, 120, backend)
 
 
+def _tiered_worker(rank, world_size, port, results_q, trtllm_builds):
+    """backend "auto" on CPU with fake kernels: small 16-bit [rows, hidden] messages go to trtllm (fused norm
+    included), larger or float32 ones to vllm, larger still to NCCL; capture registers vllm's graph buffers;
+    close releases both. Without trtllm (its build failing on every rank) vllm alone is kept."""
+    import contextlib
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=60))
+        from nanovllm.distributed import custom_all_reduce as cam
+        ops = _FakeOps(rank)
+
+        def load_ops(backend):
+            if backend == "trtllm" and not trtllm_builds:
+                raise RuntimeError("trtllm_comm did not build")
+            return ops
+        cam._load_ops = load_ops
+        cam._CudaRT = _FakeRT
+        cam._uuid = lambda device: f"GPU-fake-{rank}"
+        cam.CustomAllReduce._static_check = lambda self: ""
+        cam.TRTLLM_AUTO_MAX_BYTES = 1 << 14
+        torch.cuda.init = lambda: None
+        torch.cuda.device_count = lambda: 0
+        torch.cuda.synchronize = lambda *a, **k: None
+        torch.cuda.device = lambda d: contextlib.nullcontext()
+        capturing = [False]
+        torch.cuda.is_current_stream_capturing = lambda: capturing[0]
+        with torch.inference_mode():
+            car = cam.make_custom_all_reduce(dist.group.WORLD, rank, world_size, torch.device("cpu"),
+                                             backend="auto", max_bytes=1 << 16)
+        bf = torch.bfloat16
+        small, mid, big = torch.ones(4, 1024, dtype=bf), torch.ones(16, 1024, dtype=bf), torch.ones(64, 1024, dtype=bf)
+        res, w = torch.zeros(4, 1024, dtype=bf), torch.ones(1024, dtype=bf)
+        if not trtllm_builds:
+            assert isinstance(car, cam.CustomAllReduce) and car.backend == "vllm", car
+            assert car.should_use(small) and not car.should_use_fused(small, res, w)
+        else:
+            assert isinstance(car, cam.TieredAllReduce) and [t.backend for t in car.tiers] == ["trtllm", "vllm"]
+            assert not car.disabled and car.tiers[0].max_bytes == 1 << 14
+            assert car.should_use(small) and car.should_use(mid) and not car.should_use(big)  # big: NCCL
+            car.all_reduce(small)
+            assert ops.calls[-1][0] == "fusion"                                 # 8 KB: trtllm
+            car.all_reduce(mid)
+            assert ops.calls[-1][0] == "all_reduce"                             # 32 KB: vllm
+            car.all_reduce(torch.ones(4, 1024))
+            assert ops.calls[-1][0] == "all_reduce"                             # float32: vllm
+            assert car.should_use_fused(small, res, w)
+            assert not car.should_use_fused(mid, torch.zeros_like(mid), w)      # vllm's size: no fused kernel
+            car.fused_add_rmsnorm(small, res, w, 1e-6)
+            assert ops.calls[-1][0] == "fusion" and ops.calls[-1][1][10] == 1 and car.fused_calls == 1
+            with torch.inference_mode(), car.capture():
+                capturing[0] = True
+                car.all_reduce(mid)
+                capturing[0] = False
+            assert ops.calls[-1][0] == "register_graph_buffers"
+            car.close()
+            assert car.disabled and not car.should_use(small)
+            assert ("dispose", 4242) in ops.calls
+        results_q.put((rank, True, ""))
+    except BaseException:
+        results_q.put((rank, False, traceback.format_exc()))
+    finally:
+        _leave(results_q)
+
+
+@pytest.mark.parametrize("trtllm_builds", [True, False])
+def test_auto_sends_each_size_to_its_kernel(trtllm_builds):
+    _run_ranks(_tiered_worker, 2, 120, trtllm_builds)
+
+
+def test_make_refuses_unknown_backend():
+    from nanovllm.distributed.custom_all_reduce import make_custom_all_reduce
+    with pytest.raises(ValueError, match="NANOVLLM_CUSTOM_AR_BACKEND='nccl'"):
+        make_custom_all_reduce(None, 0, 2, torch.device("cpu"), backend="nccl")
+
+
 # ---- GPU -------------------------------------------------------------------------------------------
 def _gpu_ready() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() >= 2 \

@@ -107,11 +107,17 @@ import torch.distributed as dist  # noqa: E402
 logger = logging.getLogger("nanovllm.distributed")
 
 BACKENDS = ("vllm", "trtllm")
+CHOICES = ("auto",) + BACKENDS   # NANOVLLM_CUSTOM_AR_BACKEND: auto = each message to the faster kernel at its size
+# "auto": messages up to this many bytes take trtllm (its fused all-reduce + residual + RMSNorm), larger ones
+# vllm up to 8 MB, then NCCL. 56 ops in a graph on 2 x H200 (session 11): trtllm 2.9-6.7 us up to 1 MB against
+# vllm's 4.4-8.7, 21.5 vs 20.3 at 4 MB (where the fused norm still saves a launch), 49.9 vs 35.7 at 8 MB.
+TRTLLM_AUTO_MAX_BYTES = 4 << 20
 
 
 def default_backend() -> str:
-    """The backend a caller that passes none gets: $NANOVLLM_CUSTOM_AR_BACKEND, else "vllm"."""
-    return os.environ.get("NANOVLLM_CUSTOM_AR_BACKEND", "") or "vllm"
+    """The backend make_custom_all_reduce builds when the caller passes none: $NANOVLLM_CUSTOM_AR_BACKEND,
+    else "auto" (CustomAllReduce itself, which is one kernel, takes "vllm" for "auto")."""
+    return os.environ.get("NANOVLLM_CUSTOM_AR_BACKEND", "") or "auto"
 VLLM_WORLD_SIZES = (2, 4, 6, 8)          # vllm_custom_all_reduce.cuh: REDUCE_CASE(2/4/6/8)
 TRTLLM_WORLD_SIZES = (2, 4, 8, 16)       # trtllm_allreduce_fusion.cuh: allreduce_fusion_op
 VLLM_MAX_CTAS = 36                       # vllm::kMaxBlocks
@@ -283,6 +289,7 @@ class CustomAllReduce:
                  launch_with_pdl: bool = False):
         if backend is None:  # NANOVLLM_CUSTOM_AR_BACKEND=trtllm tries the other kernel without code changes
             backend = default_backend()
+            backend = "vllm" if backend == "auto" else backend
         self.cpu_group = cpu_group
         self.rank = int(rank)
         self.world_size = int(world_size)
@@ -653,4 +660,84 @@ class CustomAllReduce:
         return f"CustomAllReduce(backend={self.backend}, rank={self.rank}/{self.world_size}, {state})"
 
 
-__all__ = ["CustomAllReduce", "BACKENDS"]
+class TieredAllReduce:
+    """Backend "auto": several CustomAllReduce, each serving the message sizes it was measured fastest at
+    (ascending max_bytes: trtllm, then vllm); a message none takes goes to NCCL. The same interface as
+    CustomAllReduce, so the group holds either. Built collectively by make_custom_all_reduce."""
+
+    backend = "auto"
+
+    def __init__(self, tiers: list[CustomAllReduce]):
+        self.tiers = sorted(tiers, key=lambda t: t.max_bytes)
+
+    @property
+    def disabled(self) -> bool:
+        return all(t.disabled for t in self.tiers)
+
+    @property
+    def disabled_reason(self) -> str:
+        return "; ".join(f"{t.backend}: {t.disabled_reason}" for t in self.tiers) if self.disabled else ""
+
+    @property
+    def fused_calls(self) -> int:
+        return sum(t.fused_calls for t in self.tiers)
+
+    def _pick(self, x: torch.Tensor) -> CustomAllReduce | None:
+        return next((t for t in self.tiers if t.should_use(x)), None)
+
+    def should_use(self, x: torch.Tensor) -> bool:
+        return self._pick(x) is not None
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        tier = self._pick(x)
+        if tier is None:
+            raise RuntimeError(f"no custom all-reduce takes this tensor ({x.dtype}, {tuple(x.shape)}): use NCCL")
+        return tier.all_reduce(x)
+
+    def should_use_fused(self, x, residual, weight) -> bool:
+        tier = self._pick(x)  # the fused kernel only where its tier is the one chosen for x's size
+        return tier is not None and tier.should_use_fused(x, residual, weight)
+
+    def fused_add_rmsnorm(self, x, residual, weight, eps):
+        tier = self._pick(x)
+        if tier is None:
+            raise RuntimeError("no custom all-reduce takes this tensor")
+        return tier.fused_add_rmsnorm(x, residual, weight, eps)
+
+    @contextlib.contextmanager
+    def capture(self):
+        with contextlib.ExitStack() as stack:
+            for t in self.tiers:
+                stack.enter_context(t.capture())
+            yield
+
+    def close(self):
+        for t in self.tiers:
+            t.close()
+
+    def __repr__(self):
+        return f"TieredAllReduce({', '.join(repr(t) for t in self.tiers)})"
+
+
+def make_custom_all_reduce(cpu_group, rank: int, world_size: int, device: torch.device,
+                           backend: str | None = None, max_bytes: int = 8 << 20):
+    """The group's small-message all-reduce, or None (NCCL for everything). Collective over cpu_group.
+    backend None: $NANOVLLM_CUSTOM_AR_BACKEND, else default_backend(). "auto" builds trtllm for messages up
+    to TRTLLM_AUTO_MAX_BYTES and vllm up to max_bytes, keeping whichever set up (both construct on every
+    rank in the same order, so the collectives match)."""
+    backend = backend or default_backend()
+    if backend not in CHOICES:
+        raise ValueError(f"NANOVLLM_CUSTOM_AR_BACKEND={backend!r}: one of {CHOICES}")
+    if backend != "auto":
+        car = CustomAllReduce(cpu_group, rank, world_size, device, max_bytes=max_bytes, backend=backend)
+        return None if car.disabled else car
+    tiers = [CustomAllReduce(cpu_group, rank, world_size, device, max_bytes=min(TRTLLM_AUTO_MAX_BYTES, max_bytes),
+                             backend="trtllm"),
+             CustomAllReduce(cpu_group, rank, world_size, device, max_bytes=max_bytes, backend="vllm")]
+    tiers = [t for t in tiers if not t.disabled]
+    if not tiers:
+        return None
+    return tiers[0] if len(tiers) == 1 else TieredAllReduce(tiers)
+
+
+__all__ = ["CustomAllReduce", "TieredAllReduce", "make_custom_all_reduce", "BACKENDS", "CHOICES"]

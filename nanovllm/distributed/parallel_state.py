@@ -92,12 +92,11 @@ def init_tensor_parallel(rank: int, size: int, device: torch.device, master_addr
 
 def _make_custom_all_reduce(cpu_group, rank, size, device):
     try:
-        from nanovllm.distributed.custom_all_reduce import CustomAllReduce
-        car = CustomAllReduce(cpu_group, rank, size, device)
+        from nanovllm.distributed.custom_all_reduce import make_custom_all_reduce
+        return make_custom_all_reduce(cpu_group, rank, size, device)
     except Exception as e:  # an optimisation: NCCL serves every size
         logger.warning("custom all-reduce unavailable (%s); NCCL for every all-reduce", e)
         return None
-    return None if getattr(car, "disabled", False) else car
 
 
 def destroy_tensor_parallel(timeout_s: float = 10.0):
