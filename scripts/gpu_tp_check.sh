@@ -8,8 +8,14 @@ set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 out=${OUT:-/tmp/gpu_tp}
 mkdir -p "$out"
-# FlashInfer's trtllm_comm JIT module (NANOVLLM_CUSTOM_AR_BACKEND=trtllm), if carried: ~5 minutes to build otherwise
-[[ -f .devkit/trtllm_comm.tar.xz && -d /tmp/fiws ]] && tar xJf .devkit/trtllm_comm.tar.xz -C /tmp/fiws
+# FlashInfer's trtllm_comm module (the default all-reduce's small sizes), if carried: ~4-5 minutes to build
+# otherwise. Carried as an AOT module (flashinfer/data/aot/trtllm_comm/trtllm_comm.so, loaded without a ninja
+# check; a JIT cache directory built under another workspace path is rebuilt): make the tarball from a build
+# on a one-GPU machine with
+#   python3 -c "from flashinfer.jit import comm; comm.gen_trtllm_comm_module().build_and_load()"
+#   mkdir -p a/flashinfer/data/aot/trtllm_comm && cp $FLASHINFER_WORKSPACE_BASE/.cache/flashinfer/*/*/cached_ops/trtllm_comm/trtllm_comm.so a/flashinfer/data/aot/trtllm_comm/
+#   tar cJf $OUT/trtllm_comm_aot.tar.xz -C a flashinfer      # ~4 MB; copy it into .devkit/
+[[ -f .devkit/trtllm_comm_aot.tar.xz && -d /tmp/site/flashinfer ]] && tar xJf .devkit/trtllm_comm_aot.tar.xz -C /tmp/site
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 bench() { python3 bench.py "$@" --json "$out/bench.jsonl" 2>&1 | grep -E "tok/s|Error|error" | tail -3; }
 case ${PART:-tests} in

@@ -40,19 +40,22 @@ paths. The one kind of memory here is cudaMalloc shared through
 cudaIpcGetMemHandle / cudaIpcOpenMemHandle, whose handles travel over the gloo group. This module, like
 every process of ours, sets NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1.
 
-Why "vllm" is the default (measured below): the plain and graph paths of both kernels have the same
-interface here. vLLM's one-stage kernel takes any contiguous bf16/fp16/fp32 tensor of 16-byte multiple
-size, and it keeps no state between calls. The Lamport kernel should have the lower latency for tiny
-messages: one NVLink write and a local poll, against a barrier, remote reads and a second barrier. It
-can also fuse the residual-add + RMSNorm that follows every all-reduce in the model. But it needs a
-[tokens, hidden] shape and 16-bit dtypes, and it carries a rotating 3-slot state. FlashInfer's
-tracker has hang reports for this kernel family: flashinfer#3408 (this kernel, with PP > 1) and
-flashinfer#3053 (its MNNVL sibling, in piecewise CUDA graphs).
-scripts/bench_allreduce.py measures both (eager, and 56 ops in one CUDA graph) against NCCL. Set the
-default, and the `max_bytes` crossover, from its table.
+The two kernels compared (measured below): vLLM's one-stage kernel takes any contiguous bf16/fp16/fp32
+tensor of 16-byte multiple size and keeps no state between calls. The Lamport kernel has the lower latency
+for small messages (one NVLink write and a local poll, against a barrier, remote reads and a second
+barrier) and fuses the residual-add + RMSNorm that follows every all-reduce in the model, but it needs a
+[tokens, hidden] shape and 16-bit dtypes, carries a rotating 3-slot state, and is slower from ~4-8 MB.
+FlashInfer's tracker has hang reports for this kernel family: flashinfer#3408 (this kernel, with PP > 1)
+and flashinfer#3053 (its MNNVL sibling, in piecewise CUDA graphs); neither setting is used here.
+
+The default, "auto" (make_custom_all_reduce -> TieredAllReduce): each message goes to the kernel measured
+fastest at its size, trtllm (fused with the norm where the model asks for it) up to TRTLLM_AUTO_MAX_BYTES =
+4 MB, vllm up to 8 MB, NCCL above. Where one kernel does not set up (trtllm's JIT module failing to build,
+a world size it lacks) the other serves alone. trtllm_comm's JIT build takes ~4-5 minutes on first use
+(249 s on a 16-core host; cached afterwards).
 
 Switches (must be the same on every rank): NANOVLLM_DISABLE_CUSTOM_AR=1 turns it off,
-NANOVLLM_CUSTOM_AR_BACKEND=trtllm picks the other kernel when the caller passes no backend. The vllm
+NANOVLLM_CUSTOM_AR_BACKEND=vllm|trtllm uses one kernel for every size it takes. The vllm
 backend refuses PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, because legacy IPC can't export the
 graph pool's cuMem memory.
 
@@ -82,9 +85,13 @@ trtllm 2.9 / 3.0 / 3.7 / 6.7 / 21.5 / 49.9 us at 16 KB / 64 KB / 256 KB / 1 MB /
 vllm's 4.4 / 4.5 / 5.3 / 8.7 / 20.3 / 35.7; fused with residual + RMSNorm 3.4-11.7 us (hidden 1,024-4,096,
 1-256 tokens) against 7.8-31.1 for NCCL + flashinfer.fused_add_rmsnorm. The models take each row-parallel
 sum in the norm after it (layers/layernorm.py), so with backend "trtllm" every layer's two sums are fused
-kernels: Qwen3-8B W1 TP=2 14,952 / 14,920 tok/s against 14,654 with "vllm" (+2.0%, same machine). vllm stays
-the default (trtllm is slower at 4-8 MB, W2's decode messages, and its JIT build takes minutes):
+kernels: Qwen3-8B W1 TP=2 14,952 / 14,920 tok/s against 14,654 with "vllm" (+2.0%, same machine):
 claude_docs/performance.md, "Session 11".
+
+Session 14, 2 x H200, "auto" made the default: tests/test_gpu_tp.py passed with it (TP=2 vs TP=1 and cascade
+on, divergences only at near-ties); Qwen3-8B W1 TP=2 14,925 tok/s against TP=1's 9,400 in the same call
+(1.59x); "vllm" alone 14,880 in another call, whose TP=1 ran 9,638 (1.54x). W2 at 1,024 rows (8 MB messages,
+vllm's under auto) was not re-run.
 """
 from __future__ import annotations
 
