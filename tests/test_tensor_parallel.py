@@ -208,6 +208,13 @@ def test_two_nodes_on_loopback(tiny_model, make_llm, tp_llm):
             node1.wait()
 
 
+def test_unknown_all_reduce_backend_is_refused_before_any_process(tiny_model, monkeypatch):
+    monkeypatch.setenv("NANOVLLM_CUSTOM_AR_BACKEND", "nccl")
+    with pytest.raises(ValueError, match="NANOVLLM_CUSTOM_AR_BACKEND='nccl' must be one of"):
+        LLM(tiny_model, tensor_parallel_size=2)
+    assert not children()
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(tensor_parallel_size=3), "does not divide the 4 attention heads"),
     (dict(tensor_parallel_size=8), "does not divide the 4 attention heads"),
