@@ -33,7 +33,16 @@ import time
 from nanovllm import LLM, SamplingParams, StructuredOutput
 from nanovllm.attention.kv_quant import KV_CACHE_DTYPES
 from nanovllm.cascade.cost_model import SHARED_BACKEND_CHOICES
-from nanovllm.distributed import custom_all_reduce
+from nanovllm.distributed import parallel_state
+
+
+def all_reduce_in_use() -> str:
+    """What carries rank 0's all-reduces: "auto" (trtllm up to 4 MB, vllm up to 8 MB), one custom kernel's
+    name, "nccl" (tensor parallel without a custom all-reduce), or "-" (one GPU: none)."""
+    grp = parallel_state.group()
+    if grp is None:
+        return "-"
+    return "nccl" if grp.custom_ar is None else grp.custom_ar.backend
 
 
 def w1(top: int = 10000):
@@ -166,7 +175,7 @@ def measure(args, llm, cfg, startup, make) -> dict:
     result = dict(
         workload=args.workload, model=args.model or args.preset, tp=args.tensor_parallel_size,
         custom_all_reduce=not args.disable_custom_all_reduce,
-        custom_all_reduce_backend=custom_all_reduce.default_backend(),
+        custom_all_reduce_backend=all_reduce_in_use(),
         cascade=bool(cfg.get("enable_cascade_attention")),
         cascade_shared_backend=cfg.get("cascade_shared_backend", "auto"),
         kv_cache_dtype=cfg.get("kv_cache_dtype", "auto"),

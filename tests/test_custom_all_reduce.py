@@ -356,6 +356,52 @@ def test_collective_choreography_with_fake_kernels(backend):
     _run_ranks(_choreography_worker, 2, 120, backend)
 
 
+def _fake_cuda_setup(cam, rank, ops):
+    import contextlib
+    cam._load_ops = lambda backend: ops
+    cam._CudaRT = _FakeRT
+    cam._uuid = lambda device: f"GPU-fake-{rank}"
+    cam.CustomAllReduce._static_check = lambda self: ""
+    torch.cuda.init = lambda: None
+    torch.cuda.device_count = lambda: 0
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.device = lambda d: contextlib.nullcontext()
+
+
+def _agreement_of_backends_worker(rank, world_size, port, results_q, backends, nvlink):
+    """Ranks that resolve different backends all end without a custom all-reduce (no collective paired
+    with another construction's); past 2 GPUs without NVLink between every pair "auto" keeps neither
+    kernel (vllm refuses, trtllm is dropped); with it, both."""
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=60))
+        from nanovllm.distributed import custom_all_reduce as cam
+        _fake_cuda_setup(cam, rank, _FakeOps(rank))
+        cam._all_pairs_nvlink = lambda uuids: nvlink
+        car = cam.make_custom_all_reduce(dist.group.WORLD, rank, world_size, torch.device("cpu"),
+                                         backend=backends[rank], max_bytes=1 << 16)
+        kinds = [None] * world_size
+        dist.all_gather_object(kinds, type(car).__name__)
+        if car is not None:
+            car.close()
+        results_q.put((rank, True, kinds))
+    except BaseException:
+        results_q.put((rank, False, traceback.format_exc()))
+    finally:
+        _leave(results_q)
+
+
+@pytest.mark.parametrize("backends, nvlink, expected", [
+    (["auto", "vllm"], True, "NoneType"),
+    (["vllm", "trtllm"], True, "NoneType"),
+    (["auto"] * 4, False, "NoneType"),
+    (["auto"] * 4, True, "TieredAllReduce"),
+])
+def test_ranks_agree_on_the_backend(backends, nvlink, expected):
+    kinds = _run_ranks(_agreement_of_backends_worker, len(backends), 120, backends, nvlink)
+    assert all(k == [expected] * len(backends) for k in kinds.values()), kinds
+
+
 def _tiered_worker(rank, world_size, port, results_q, trtllm_builds):
     """backend "auto" on CPU with fake kernels: small 16-bit [rows, hidden] messages go to trtllm (fused norm
     included), larger or float32 ones to vllm, larger still to NCCL; capture registers vllm's graph buffers;

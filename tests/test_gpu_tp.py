@@ -1,6 +1,7 @@
 """Tensor parallelism on two GPUs (NCCL, CUDA graphs, FlashInfer's custom all-reduce): greedy tokens
 of TP=2 against TP=1 on random Qwen3-0.6B shapes, graphs replayed on every rank, cascade on.
 Runs on a machine with two GPUs (scripts/gpu_tp_check.sh)."""
+import os
 import random
 
 import pytest
@@ -59,7 +60,10 @@ def test_tp2_greedy_equals_tp1_with_graphs_and_cascade(model_06b):
         got = [o["token_ids"] for o in two.generate(PROMPTS, sp, use_tqdm=False)]
         assert two.model_runner.graphs.replays > 0, "decode ran eagerly under TP"
         from nanovllm.distributed.parallel_state import group
-        print("custom all-reduce:", group().custom_ar)
+        car = group().custom_ar
+        print("custom all-reduce:", car)
+        if not os.environ.get("NANOVLLM_CUSTOM_AR_BACKEND"):  # the default, "auto": both kernels, the fused one used
+            assert type(car).__name__ == "TieredAllReduce" and car.fused_calls > 0, car
         compare(one, got, expected, PROMPTS, "TP=2 vs TP=1 (graphs)")
         bm = two.scheduler.block_manager
         assert bm.num_free_blocks == bm.num_blocks

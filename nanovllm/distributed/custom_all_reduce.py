@@ -51,8 +51,10 @@ and flashinfer#3053 (its MNNVL sibling, in piecewise CUDA graphs); neither setti
 The default, "auto" (make_custom_all_reduce -> TieredAllReduce): each message goes to the kernel measured
 fastest at its size, trtllm (fused with the norm where the model asks for it) up to TRTLLM_AUTO_MAX_BYTES =
 4 MB, vllm up to 8 MB, NCCL above. Where one kernel does not set up (trtllm's JIT module failing to build,
-a world size it lacks) the other serves alone. trtllm_comm's JIT build takes ~4-5 minutes on first use
-(249 s on a 16-core host; cached afterwards).
+a world size it lacks) the other serves alone; past 2 GPUs both need NVLink between every pair (neither
+was measured over PCIe). Ranks that resolve different backends (each host reads its own environment) all
+fall back to NCCL. trtllm_comm's JIT build takes ~4-5 minutes on first use (249 s on a 16-core host;
+cached afterwards).
 
 Switches (must be the same on every rank): NANOVLLM_DISABLE_CUSTOM_AR=1 turns it off,
 NANOVLLM_CUSTOM_AR_BACKEND=vllm|trtllm uses one kernel for every size it takes. The vllm
@@ -729,18 +731,39 @@ class TieredAllReduce:
 def make_custom_all_reduce(cpu_group, rank: int, world_size: int, device: torch.device,
                            backend: str | None = None, max_bytes: int = 8 << 20):
     """The group's small-message all-reduce, or None (NCCL for everything). Collective over cpu_group.
-    backend None: $NANOVLLM_CUSTOM_AR_BACKEND, else default_backend(). "auto" builds trtllm for messages up
-    to TRTLLM_AUTO_MAX_BYTES and vllm up to max_bytes, keeping whichever set up (both construct on every
-    rank in the same order, so the collectives match)."""
+    backend None: default_backend() ($NANOVLLM_CUSTOM_AR_BACKEND, else "auto"). "auto" builds trtllm for
+    messages up to TRTLLM_AUTO_MAX_BYTES and vllm up to max_bytes, keeping whichever set up; trtllm only
+    with NVLink between every pair of GPUs (vllm's own condition past 2 GPUs: over PCIe neither kernel was
+    measured). Every rank must resolve the same backend (each host reads its own environment): where they
+    differ, every rank returns None rather than pairing different constructions' collectives."""
     backend = backend or default_backend()
     if backend not in CHOICES:
         raise ValueError(f"NANOVLLM_CUSTOM_AR_BACKEND={backend!r}: one of {CHOICES}")
+    if cpu_group is not None and world_size > 1:
+        everyone = [None] * world_size
+        with torch.inference_mode(False):  # gloo's all_gather vs inference mode: see CustomAllReduce._allgather
+            dist.all_gather_object(everyone, backend, group=cpu_group)
+        if len(set(everyone)) != 1:
+            if rank == 0:
+                logger.warning("custom all-reduce off: ranks resolved different backends %s "
+                               "(set NANOVLLM_CUSTOM_AR_BACKEND alike on every host); NCCL for every all-reduce",
+                               everyone)
+            return None
     if backend != "auto":
         car = CustomAllReduce(cpu_group, rank, world_size, device, max_bytes=max_bytes, backend=backend)
         return None if car.disabled else car
-    tiers = [CustomAllReduce(cpu_group, rank, world_size, device, max_bytes=min(TRTLLM_AUTO_MAX_BYTES, max_bytes),
-                             backend="trtllm"),
-             CustomAllReduce(cpu_group, rank, world_size, device, max_bytes=max_bytes, backend="vllm")]
+    tiers = []
+    try:
+        tiers.append(CustomAllReduce(cpu_group, rank, world_size, device, backend="trtllm",
+                                     max_bytes=min(TRTLLM_AUTO_MAX_BYTES, max_bytes)))
+        tiers.append(CustomAllReduce(cpu_group, rank, world_size, device, max_bytes=max_bytes, backend="vllm"))
+    except BaseException:
+        for t in tiers:
+            t.close()
+        raise
+    trtllm = tiers[0]
+    if not trtllm.disabled and not trtllm.full_nvlink:  # the same answer on every rank (NVML over the same uuids)
+        trtllm.close()
     tiers = [t for t in tiers if not t.disabled]
     if not tiers:
         return None

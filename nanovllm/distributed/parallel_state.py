@@ -32,7 +32,7 @@ class TPGroup:
     size: int
     device: torch.device
     cpu_group: object                         # gloo ProcessGroup over the same ranks
-    custom_ar: object = None                  # CustomAllReduce for small GPU messages, or None
+    custom_ar: object = None                  # small GPU messages: CustomAllReduce or TieredAllReduce, or None
     health_check: object = None               # rank 0: () -> Exception | None, a worker's failure
     store: object = field(default=None, repr=False)  # the rendezvous store (workers post errors there)
 
