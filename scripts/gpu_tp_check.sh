@@ -15,6 +15,7 @@ mkdir -p "$out"
 #   python3 -c "from flashinfer.jit import comm; comm.gen_trtllm_comm_module().build_and_load()"
 #   mkdir -p a/flashinfer/data/aot/trtllm_comm && cp $FLASHINFER_WORKSPACE_BASE/.cache/flashinfer/*/*/cached_ops/trtllm_comm/trtllm_comm.so a/flashinfer/data/aot/trtllm_comm/
 #   tar cJf $OUT/trtllm_comm_aot.tar.xz -C a flashinfer      # ~4 MB; copy it into .devkit/
+# (an AOT module is loaded without any check: rebuild the tarball whenever the FlashInfer wheel changes)
 [[ -f .devkit/trtllm_comm_aot.tar.xz && -d /tmp/site/flashinfer ]] && tar xJf .devkit/trtllm_comm_aot.tar.xz -C /tmp/site
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 bench() { python3 bench.py "$@" --json "$out/bench.jsonl" 2>&1 | grep -E "tok/s|Error|error" | tail -3; }
