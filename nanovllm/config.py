@@ -167,10 +167,8 @@ class Config:
             raise ValueError(f"master_port must be in [0, 65536), got {self.master_port}")
         if n == 1:
             return
-        from nanovllm.distributed.custom_all_reduce import CHOICES
-        backend = os.environ.get("NANOVLLM_CUSTOM_AR_BACKEND", "")
-        if backend and backend not in CHOICES:
-            raise ValueError(f"NANOVLLM_CUSTOM_AR_BACKEND={backend!r} must be one of {CHOICES}")
+        from nanovllm.distributed.custom_all_reduce import check_backend, default_backend
+        check_backend(default_backend())
         heads, kv_heads = hf.num_attention_heads, hf.num_key_value_heads
         if heads % n:
             raise ValueError(f"tensor_parallel_size={n} does not divide the {heads} attention heads")

@@ -226,6 +226,22 @@ class _CudaRT:
         self._check(self.lib.cudaIpcCloseMemHandle(ctypes.c_void_p(ptr)), "cudaIpcCloseMemHandle")
 
 
+def _allgather(cpu_group, world_size: int, obj) -> list:
+    """Every rank's obj over the gloo group. gloo's all_gather writes its tensors from another thread,
+    which inference mode (on around CUDA-graph capture) refuses (pytorch issue 126032): plain tensors here."""
+    out = [None] * world_size
+    with torch.inference_mode(False):
+        dist.all_gather_object(out, obj, group=cpu_group)
+    return out
+
+
+def check_backend(backend: str) -> str:
+    """backend, if it is one of CHOICES (NANOVLLM_CUSTOM_AR_BACKEND's values); else ValueError."""
+    if backend not in CHOICES:
+        raise ValueError(f"NANOVLLM_CUSTOM_AR_BACKEND={backend!r} must be one of {CHOICES}")
+    return backend
+
+
 # ---- FlashInfer's ops: the public flashinfer.comm wrappers, or the same JIT module directly --------
 def _load_ops(backend: str):
     """FlashInfer's ops for `backend`: flashinfer.comm's own (vllm_ar.get_vllm_comm_module() or
@@ -367,12 +383,7 @@ class CustomAllReduce:
         return ""
 
     def _allgather(self, obj) -> list:
-        out = [None] * self.world_size
-        # gloo's all_gather writes its tensors from another thread, which inference mode (on around
-        # CUDA-graph capture) refuses: pytorch issue 126032. Plain tensors here.
-        with torch.inference_mode(False):
-            dist.all_gather_object(out, obj, group=self.cpu_group)
-        return out
+        return _allgather(self.cpu_group, self.world_size, obj)
 
     def _agree(self, error: str | None, payload=None) -> list:
         """Collective: everyone's payloads, or _Unavailable (on every rank) if any rank had an error."""
@@ -697,21 +708,21 @@ class TieredAllReduce:
     def should_use(self, x: torch.Tensor) -> bool:
         return self._pick(x) is not None
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def _tier(self, x: torch.Tensor) -> CustomAllReduce:
         tier = self._pick(x)
         if tier is None:
             raise RuntimeError(f"no custom all-reduce takes this tensor ({x.dtype}, {tuple(x.shape)}): use NCCL")
-        return tier.all_reduce(x)
+        return tier
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self._tier(x).all_reduce(x)
 
     def should_use_fused(self, x, residual, weight) -> bool:
         tier = self._pick(x)  # the fused kernel only where its tier is the one chosen for x's size
         return tier is not None and tier.should_use_fused(x, residual, weight)
 
     def fused_add_rmsnorm(self, x, residual, weight, eps):
-        tier = self._pick(x)
-        if tier is None:
-            raise RuntimeError("no custom all-reduce takes this tensor")
-        return tier.fused_add_rmsnorm(x, residual, weight, eps)
+        return self._tier(x).fused_add_rmsnorm(x, residual, weight, eps)
 
     @contextlib.contextmanager
     def capture(self):
@@ -736,13 +747,9 @@ def make_custom_all_reduce(cpu_group, rank: int, world_size: int, device: torch.
     with NVLink between every pair of GPUs (vllm's own condition past 2 GPUs: over PCIe neither kernel was
     measured). Every rank must resolve the same backend (each host reads its own environment): where they
     differ, every rank returns None rather than pairing different constructions' collectives."""
-    backend = backend or default_backend()
-    if backend not in CHOICES:
-        raise ValueError(f"NANOVLLM_CUSTOM_AR_BACKEND={backend!r}: one of {CHOICES}")
+    backend = check_backend(backend or default_backend())
     if cpu_group is not None and world_size > 1:
-        everyone = [None] * world_size
-        with torch.inference_mode(False):  # gloo's all_gather vs inference mode: see CustomAllReduce._allgather
-            dist.all_gather_object(everyone, backend, group=cpu_group)
+        everyone = _allgather(cpu_group, world_size, backend)
         if len(set(everyone)) != 1:
             if rank == 0:
                 logger.warning("custom all-reduce off: ranks resolved different backends %s "
@@ -770,4 +777,4 @@ def make_custom_all_reduce(cpu_group, rank: int, world_size: int, device: torch.
     return tiers[0] if len(tiers) == 1 else TieredAllReduce(tiers)
 
 
-__all__ = ["CustomAllReduce", "TieredAllReduce", "make_custom_all_reduce", "BACKENDS", "CHOICES"]
+__all__ = ["CustomAllReduce", "TieredAllReduce", "make_custom_all_reduce", "check_backend", "BACKENDS", "CHOICES"]
