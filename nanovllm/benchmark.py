@@ -230,8 +230,8 @@ def main(argv=None):
     p.add_argument("--schedule-policy", choices=["fcfs", "lpm", "dfs-weight", "random"])
     p.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES),
                    help="auto: the model dtype; fp8_e4m3 (fp8): 1-byte KV pages, twice as many (default auto)")
-    p.add_argument("--decode-attention-kernel", choices=["auto", "flashinfer", "triton"],
-                   help="regular decode's kernel: auto (triton for an fp8 cache), flashinfer or triton")
+    p.add_argument("--decode-attention-kernel", choices=["auto", "flashinfer", "triton", "xqa"],
+                   help="regular decode's kernel: auto (xqa, else triton, for an fp8 cache), flashinfer, triton or xqa")
     p.add_argument("--host-kv-prefetch", action=argparse.BooleanOptionalAction, default=None,
                    help="restore waiting requests' host pages before admission (default on)")
     p.add_argument("--host-kv-write-ahead", action=argparse.BooleanOptionalAction, default=None,

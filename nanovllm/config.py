@@ -53,8 +53,8 @@ class Config:
     cascade_shared_prefix_len: int = 0    # >0 forces one shared level of this many tokens
     cascade_max_levels: int = 3           # shared levels + the per-request level
     cascade_shared_backend: str = "auto"  # kernel of shared levels in graphed decode: auto, triton, triton-wide, fa2, fa3, fa3-split
-    decode_attention_kernel: str = "auto" # regular decode on FlashInfer: auto (triton for an fp8 cache), flashinfer,
-                                          # triton (also cascade's per-request level)
+    decode_attention_kernel: str = "auto" # regular decode on FlashInfer: auto (xqa, else triton, for an fp8 cache),
+                                          # flashinfer, triton (also cascade's per-request level), xqa
     seed: int = 0
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
     eos_token_ids: tuple = ()               # set by the engine from the tokenizer and generation config
@@ -92,8 +92,9 @@ class Config:
         if self.cascade_shared_backend not in SHARED_BACKEND_CHOICES:
             raise ValueError(f"cascade_shared_backend must be {', '.join(SHARED_BACKEND_CHOICES[:-1])} or "
                              f"{SHARED_BACKEND_CHOICES[-1]}, got {self.cascade_shared_backend!r}")
-        if self.decode_attention_kernel not in ("auto", "flashinfer", "triton"):
-            raise ValueError(f"decode_attention_kernel must be auto, flashinfer or triton, got {self.decode_attention_kernel!r}")
+        if self.decode_attention_kernel not in ("auto", "flashinfer", "triton", "xqa"):
+            raise ValueError(f"decode_attention_kernel must be auto, flashinfer, triton or xqa, got "
+                             f"{self.decode_attention_kernel!r}")
         if self.schedule_policy not in ("fcfs", "lpm", "dfs-weight", "random"):
             raise ValueError(f"schedule_policy must be fcfs, lpm, dfs-weight or random, got {self.schedule_policy!r}")
         if not self.max_wait_s > 0:

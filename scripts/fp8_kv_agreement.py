@@ -11,7 +11,8 @@ and `mean_prefix`, the mean over requests of the tokens generated before the fir
 float32 engine differs from the reference only by kernel rounding, bf16 rounds the weights and
 activations too, and fp8 KV the cache on top of that, so each row bounds what the next can reach.
 
-Runs on the GPU: bf16 with a bf16 cache (FlashInfer) and bf16 with an fp8 cache (FlashInfer), with
+Runs on the GPU: bf16 with a bf16 cache (FlashInfer) and bf16 with an fp8 cache, its decode steps on
+xqa (fp8 queries and probabilities in its Hopper kernel) and on the Triton kernel (fp16 dots), with
 calibrated scales when the checkpoint has them. On the CPU: float32 with an fp8 cache (the
 quantization alone), then bf16 and bf16 + fp8 on the torch backend. Prints one row per run and the
 whole result as one JSON line (appended to --json when given). Numbers: claude_docs/memory.md,
@@ -76,7 +77,10 @@ def runs(device: str, cascade: bool) -> list[tuple[str, dict]]:
                 ("bf16 model, bf16 KV", dict(dtype="bfloat16")),
                 ("bf16 model, fp8 KV", dict(dtype="bfloat16", kv_cache_dtype="fp8_e4m3"))]
         return [(name, dict(cfg, device="cpu")) for name, cfg in rows]
-    rows = [("bf16, bf16 KV", dict(dtype="bfloat16")), ("bf16, fp8 KV", dict(dtype="bfloat16", kv_cache_dtype="fp8_e4m3"))]
+    fp8 = dict(dtype="bfloat16", kv_cache_dtype="fp8_e4m3")
+    rows = [("bf16, bf16 KV", dict(dtype="bfloat16")),
+            ("bf16, fp8 KV, xqa decode", dict(fp8, decode_attention_kernel="xqa")),
+            ("bf16, fp8 KV, Triton decode", dict(fp8, decode_attention_kernel="triton"))]
     if cascade:
         rows += [(name + ", cascade", dict(cfg, enable_cascade_attention=True)) for name, cfg in rows]
     return rows

@@ -5,19 +5,21 @@
 #   TESTS=0 BENCH="w6 w6-lpm w6-host w6-host-lpm w6-host-nobg" bash scripts/gpu_check.sh   # W6: GPU-only fcfs / lpm, host tier fcfs / lpm /
 #                                                                     # without prefetch + write-ahead (not in the default set)
 #   TESTS=0 BENCH="w5 w5-cascade" bash scripts/gpu_check.sh          # W5, long shared documents (not in the default set)
-#   TESTS=0 BENCH="w1-fp8 w1-fp8-flashinfer w2-cascade-fp8 w2-cascade-fp8-triton w5-cascade-fp8" bash scripts/gpu_check.sh
-#                                                                     # fp8 KV cache: regular decode on Triton (default) or
-#                                                                     # FlashInfer; cascade's per-request level on Triton too
+#   TESTS=0 BENCH="w1-fp8 w1-fp8-triton w1-fp8-flashinfer w2-cascade-fp8 w2-cascade-fp8-triton w5-cascade-fp8" bash scripts/gpu_check.sh
+#                                                                     # fp8 KV cache: regular decode on xqa (default, needs
+#                                                                     # scripts/devkit_xqa.sh), Triton or FlashInfer; cascade's
+#                                                                     # per-request level on Triton too
 # Runs the GPU tests (pytest -m gpu), then bench.py on random-weight Qwen3-0.6B, prints a table, and
 # last each run's fraction of its floor (scripts/roofline.py, H200 rates).
 set -uo pipefail
 out=${OUT:-/tmp/gpu_check}
 mkdir -p "$out"
+bash scripts/devkit_xqa.sh --install     # xqa's sources (fp8-KV decode), when .devkit carries them
 model=/tmp/qwen3-0.6b
 [[ -f $model/config.json ]] || python3 -m nanovllm.tools.make_model --preset qwen3-0.6b --out $model >/dev/null
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [[ ${TESTS:-1} == 1 ]]; then
-  python3 -m pytest -q -m gpu -rA -s tests/test_gpu.py tests/test_triton_kv.py tests/test_qk_norm_rope.py tests/test_sample_kernel.py tests/test_triton_decode.py tests/test_shared_kernel.py tests/test_llama.py tests/test_qwen3_moe.py tests/test_sampling_controls.py tests/test_gpu_host_tier.py tests/test_awq.py tests/test_fp8_kv.py tests/test_split_level.py tests/test_awq_kpack.py 2>&1 | tee "$out/gpu_tests.log" | grep -E "passed|failed|PASSED|FAILED|Error|divergence" | tail -40
+  python3 -m pytest -q -m gpu -rA -s tests/test_gpu.py tests/test_triton_kv.py tests/test_qk_norm_rope.py tests/test_sample_kernel.py tests/test_triton_decode.py tests/test_shared_kernel.py tests/test_llama.py tests/test_qwen3_moe.py tests/test_sampling_controls.py tests/test_gpu_host_tier.py tests/test_awq.py tests/test_fp8_kv.py tests/test_split_level.py tests/test_awq_kpack.py tests/test_xqa_decode.py 2>&1 | tee "$out/gpu_tests.log" | grep -E "passed|failed|PASSED|FAILED|Error|divergence" | tail -40
 fi
 declare -A ARGS=(
   [w1]="--workload w1" [w1-eager]="--workload w1 --enforce-eager"
@@ -30,6 +32,7 @@ declare -A ARGS=(
   [w6-lpm]="--workload w6 --schedule-policy lpm"
   [w6-host-nobg]="--workload w6 --host-kv-cache-gb 64 --no-host-kv-prefetch --no-host-kv-write-ahead"
   [w1-fp8]="--workload w1 --kv-cache-dtype fp8_e4m3"
+  [w1-fp8-triton]="--workload w1 --kv-cache-dtype fp8_e4m3 --decode-attention-kernel triton"
   [w1-fp8-flashinfer]="--workload w1 --kv-cache-dtype fp8_e4m3 --decode-attention-kernel flashinfer"
   [w2-cascade-fp8]="--workload w2 --enable-cascade-attention --kv-cache-dtype fp8_e4m3"
   [w2-cascade-fp8-triton]="--workload w2 --enable-cascade-attention --kv-cache-dtype fp8_e4m3 --decode-attention-kernel triton"

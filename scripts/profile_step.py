@@ -79,7 +79,7 @@ def main():
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8_e4m3")
-    p.add_argument("--decode-attention-kernel", default="auto", choices=["auto", "flashinfer", "triton"])
+    p.add_argument("--decode-attention-kernel", default="auto", choices=["auto", "flashinfer", "triton", "xqa"])
     args = p.parse_args()
     llm = LLM(args.model, enable_cascade_attention=args.cascade, enforce_eager=args.enforce_eager,
               max_num_seqs=max(args.batch, 16), max_model_len=args.context + 4 * args.steps + 64,

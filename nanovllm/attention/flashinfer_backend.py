@@ -21,6 +21,8 @@ from nanovllm.attention.kv_quant import is_fp8
 from nanovllm.attention.triton_decode import TritonPagedDecode
 from nanovllm.attention.triton_decode import supports as triton_decode_supports
 from nanovllm.attention.triton_kv import store_kv_triton
+from nanovllm.attention.xqa_decode import XqaPagedDecode
+from nanovllm.attention.xqa_decode import supports as xqa_supports
 from nanovllm.cascade.cost_model import (SHARED_BACKENDS, fp8_capable, reachable_shared_backends,
                                          shared_level_backend)
 from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention, cascade_outputs
@@ -48,21 +50,27 @@ class FlashInferAttentionBackend(AttentionBackend):
     # each shared prefix without split-kv: 2-3% faster on fa2, the same on fa3 (`--only levels`).
     def __init__(self, *, prefill_backend: str = "auto", cascade_backend: str = "fa2", cascade_levels: int = 3,
                  max_rows: int = 16384, decode_tensor_cores: bool = True, shared_backend: str = "auto",
-                 decode_kernel: str = "auto", **kwargs):
+                 decode_kernel: str = "auto", max_model_len: int = 4096, **kwargs):
         super().__init__(**kwargs)
-        # Regular decode on the Triton kernel (attention/triton_decode.py) for an fp8 cache, where
-        # FlashInfer's decode kernels read fp8 pages no faster than bf16 ones. Cascade's per-request level
-        # joins it only when asked ("triton"): not yet measured on a GPU.
-        self.triton_decode = decode_kernel == "triton" or (
-            decode_kernel == "auto" and is_fp8(self.kv_dtype)
-            and triton_decode_supports(self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size) is None)
+        # Regular decode of an fp8 cache on xqa (attention/xqa_decode.py: ~3.3 TB/s of fp8 pages) where it
+        # builds, else on the Triton kernel (attention/triton_decode.py, ~2 TB/s): FlashInfer's decode
+        # kernels read fp8 pages no faster than bf16 ones. A bf16 cache stays on FlashInfer's decode.
+        # Cascade's per-request level needs a log-sum-exp (xqa has none): FlashInfer's decode, or the Triton
+        # kernel when asked ("triton").
+        self.regular_decode = self._regular_decode_kernel(decode_kernel)
+        self.triton_decode = self.regular_decode == "triton"
+        self.max_pages = -(-max_model_len // self.page_size)
         self.decode_last_kernel = "triton" if decode_kernel == "triton" else "flashinfer"
+        self.xqa_work = XqaPagedDecode.make_work(self.device) if self.regular_decode == "xqa" else None
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.cascade_backend = cascade_backend
         self.cascade_levels = cascade_levels
         self.decode_tensor_cores = decode_tensor_cores
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=prefill_backend)
-        if self.triton_decode:
+        if self.regular_decode == "xqa":
+            self.decode = XqaPagedDecode(self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
+                                         self.max_pages, self.device, self.xqa_work, sm_scale=self.sm_scale)
+        elif self.triton_decode:
             self.decode = TritonPagedDecode(self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
                                             self.device, sm_scale=self.sm_scale)
         else:
@@ -90,6 +98,24 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.active = None
         self.slot_mapping = None
 
+    def _regular_decode_kernel(self, asked: str) -> str:
+        """flashinfer, triton or xqa for regular decode steps: `asked`, or for auto the fastest that serves
+        this cache (xqa, then Triton, for fp8; FlashInfer for the model dtype)."""
+        shape = (self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size)
+        if asked == "xqa":
+            why = xqa_supports(*shape)
+            if why:
+                raise ValueError(f"decode_attention_kernel xqa: {why}")
+            return "xqa"
+        if asked != "auto":
+            return asked
+        if is_fp8(self.kv_dtype):
+            if xqa_supports(*shape) is None:
+                return "xqa"
+            if triton_decode_supports(*shape) is None:
+                return "triton"
+        return "flashinfer"
+
     def _common(self):
         return dict(sm_scale=self.sm_scale, q_data_type=self.dtype, kv_data_type=self.kv_dtype)
 
@@ -105,7 +131,7 @@ class FlashInferAttentionBackend(AttentionBackend):
             self.prefill.plan(t(batch.qo_indptr), t(batch.kv_indptr), t(batch.kv_indices), t(batch.kv_last_page_len),
                               hq, hkv, d, page, causal=True, **self._common())
             self.active = self.prefill
-        elif self.triton_decode:
+        elif self.regular_decode != "flashinfer":
             self.decode.plan(batch.kv_indptr, batch.kv_indices, batch.kv_last_page_len)
             self.active = self.decode
         else:
@@ -129,6 +155,8 @@ class FlashInferAttentionBackend(AttentionBackend):
         i32 = dict(dtype=torch.int32, device=self.device)
         self.graph_decode_bufs = (torch.zeros(max_bs + 1, **i32), torch.zeros(max_indices + max_bs, **i32),
                                   torch.zeros(max_bs, **i32))
+        if self.regular_decode == "xqa":  # its dense page table and sequence lengths
+            self.graph_decode_bufs += (torch.zeros(max_bs, self.max_pages, **i32), torch.zeros(max_bs, **i32))
         self.graph_cascade_bufs = self.graph_cascade_outputs = self.graph_split_bufs = None
         self.side_stream = self.side_workspace = None
         if with_cascade:
@@ -147,8 +175,13 @@ class FlashInferAttentionBackend(AttentionBackend):
 
     def graph_wrappers(self, bs: int):
         """Wrappers for one captured batch size, over views of the shared buffers."""
-        indptr, indices, last = self.graph_decode_bufs
-        if self.triton_decode:
+        indptr, indices, last = self.graph_decode_bufs[:3]
+        if self.regular_decode == "xqa":
+            table, seq_lens = self.graph_decode_bufs[3:]
+            decode = XqaPagedDecode(self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
+                                    self.max_pages, self.device, self.xqa_work, sm_scale=self.sm_scale,
+                                    buffers=(indptr[:bs + 1], indices, last[:bs], table[:bs], seq_lens[:bs]))
+        elif self.triton_decode:
             decode = TritonPagedDecode(self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size, self.device,
                                        buffers=(indptr[:bs + 1], indices, last[:bs]), sm_scale=self.sm_scale)
         else:
@@ -204,7 +237,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         indptr = np.concatenate([batch.kv_indptr, batch.kv_indptr[-1] + np.arange(1, pad + 1, dtype=np.int32)])
         indices = np.concatenate([batch.kv_indices, np.zeros(pad, np.int32)])
         last = np.concatenate([batch.kv_last_page_len, np.ones(pad, np.int32)])
-        if self.triton_decode:  # copies into its fixed buffers, queued on the stream
+        if self.regular_decode != "flashinfer":  # copies into its fixed buffers, queued on the stream
             decode.plan(indptr, indices, last)
             self.active = decode
             return

@@ -73,7 +73,8 @@ class ModelRunner:
         extra = {}
         if config.attention_backend == "flashinfer":
             extra = dict(cascade_levels=config.cascade_max_levels, max_rows=config.max_num_batched_tokens,
-                         shared_backend=config.cascade_shared_backend, decode_kernel=config.decode_attention_kernel)
+                         shared_backend=config.cascade_shared_backend, decode_kernel=config.decode_attention_kernel,
+                         max_model_len=config.max_model_len)
         self.backend = make_backend(
             config.attention_backend, num_qo_heads=self.num_qo_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, page_size=self.block_size, dtype=self.dtype, device=self.device,
