@@ -18,6 +18,7 @@ quantization alone), then bf16 and bf16 + fp8 on the torch backend. Prints one r
 whole result as one JSON line (appended to --json when given). Numbers: claude_docs/memory.md,
 "FP8 KV cache"."""
 import argparse
+import gc
 import json
 import random
 import time
@@ -68,6 +69,9 @@ def generate(model: str, prompts, max_tokens: int, **engine) -> tuple[list[list[
         assert llm.kv_usage()["blocks_used"] == 0, "pages leaked"
     finally:
         llm.close()
+        del llm
+        gc.collect()   # the next engine sizes its KV cache from the free memory
+        torch.cuda.empty_cache()
     return [o["token_ids"] for o in outs], seconds, pages
 
 

@@ -36,6 +36,7 @@ declare -A ARGS=(
   [w1-fp8-flashinfer]="--workload w1 --kv-cache-dtype fp8_e4m3 --decode-attention-kernel flashinfer"
   [w2-cascade-fp8]="--workload w2 --enable-cascade-attention --kv-cache-dtype fp8_e4m3"
   [w2-cascade-fp8-triton]="--workload w2 --enable-cascade-attention --kv-cache-dtype fp8_e4m3 --decode-attention-kernel triton"
+  [w3-cascade-fp8]="--workload w3 --enable-cascade-attention --kv-cache-dtype fp8_e4m3"
   [w5-cascade-fp8]="--workload w5 --enable-cascade-attention --kv-cache-dtype fp8_e4m3"
 )
 for name in ${BENCH-w1 w1-eager w2 w2-cascade w3 w3-cascade w4}; do  # BENCH="" runs none

@@ -26,6 +26,11 @@ takes FlashInfer's page-list arrays (indptr, indices, last page length), queues 
 and builds the table and lengths there with one small Triton kernel (`_table_kernel`), so the host does no
 per-request work and a CUDA graph captured for a batch size replays for any page lists: the table's width
 is fixed (max_model_len's pages), and xqa's grid depends only on the batch and that width.
+Ordering: xqa reads the sequence lengths and page table before it waits on the kernel launched just before
+it (programmatic dependent launch: it waits only before reading queries and pages), so they must be
+written at least two kernels earlier. The engine plans before the model's forward, whose embedding, norm,
+projection and KV-write kernels come between; a caller that runs plan() right before run() passes
+pdl=False (tests/test_xqa_decode.py: with it on, the eager case read uninitialized lengths and faulted).
 Scales: scores are q.k * sm_scale * k_scale and the output is scaled by v_scale; xqa takes them as
 q_scale * kv_scale / sqrt(d) and kv_scale, so kv_scale = v_scale and q_scale = sm_scale * sqrt(d) * k_scale
 / v_scale.
@@ -94,7 +99,7 @@ class XqaPagedDecode:
 
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int, max_pages: int,
                  device: torch.device, work: tuple[torch.Tensor, torch.Tensor], buffers: tuple | None = None,
-                 sm_scale: float | None = None):
+                 sm_scale: float | None = None, pdl: bool = True):
         why = supports(num_qo_heads, num_kv_heads, head_dim, page_size)
         if why:
             raise ValueError(f"xqa decode: {why}")
@@ -107,6 +112,7 @@ class XqaPagedDecode:
         self.buffers = buffers
         self.batch = buffers[2].numel() if buffers is not None else 0
         self.table = self.seq_lens = None
+        self.pdl = pdl
 
     @staticmethod
     def make_work(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,5 +153,6 @@ class XqaPagedDecode:
             out = torch.empty_like(q)
         xqa(q.unsqueeze(1), kv_cache[0], kv_cache[1], self.table, self.seq_lens.view(torch.uint32).unsqueeze(1),
             out.unsqueeze(1), self.scratch, self.semaphores, self.hkv, self.page,
-            q_scale=self.sm_scale * self.d ** 0.5 * k_scale / v_scale, kv_scale=v_scale, sm_count=self.sm_count)
+            q_scale=self.sm_scale * self.d ** 0.5 * k_scale / v_scale, kv_scale=v_scale, sm_count=self.sm_count,
+            enable_pdl=self.pdl)
         return out
