@@ -129,6 +129,9 @@ class Config:
             raise ValueError(f"cascade_shared_backend={self.cascade_shared_backend!r} reads no fp8 KV cache with bf16 "
                              "queries (FlashInfer's FA3 needs fp8 queries too): use auto, triton, triton-wide or fa2 "
                              "with kv_cache_dtype='fp8_e4m3'")
+        if self.decode_attention_kernel == "xqa" and not is_fp8(self.kv_dtype):
+            raise ValueError("decode_attention_kernel='xqa' serves an fp8 KV cache only (kv_cache_dtype='fp8_e4m3'): "
+                             "on a bf16 cache its generic kernel is slower than FlashInfer's decode")
         if is_fp8(self.kv_dtype) and self.attention_backend == "flashinfer" and self.device.startswith("cuda") \
                 and torch.cuda.is_available():
             # The fp8 stores and the Triton shared-level kernel use Triton's fp8e4nv, which it compiles

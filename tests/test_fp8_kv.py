@@ -221,7 +221,7 @@ def test_config_accepts_fp8_and_refuses_other_kv_dtypes(tiny_model):
         Config(tiny_model, attention_backend="flashinfer", dtype="bfloat16", kv_cache_dtype="fp8",
                cascade_shared_backend="fa3")
     for kernel in ("auto", "flashinfer", "triton", "xqa"):
-        assert Config(tiny_model, decode_attention_kernel=kernel).decode_attention_kernel == kernel
+        assert Config(tiny_model, decode_attention_kernel=kernel, kv_cache_dtype="fp8").decode_attention_kernel == kernel
     for bad in ("XQA", "", "Triton"):
         with pytest.raises(ValueError, match="decode_attention_kernel must be auto, flashinfer, triton or xqa"):
             Config(tiny_model, decode_attention_kernel=bad)

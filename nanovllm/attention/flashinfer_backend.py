@@ -103,7 +103,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         this cache (xqa, then Triton, for fp8; FlashInfer for the model dtype)."""
         shape = (self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size)
         if asked == "xqa":
-            why = xqa_supports(*shape)
+            why = xqa_supports(*shape, self.kv_dtype)
             if why:
                 raise ValueError(f"decode_attention_kernel xqa: {why}")
             return "xqa"

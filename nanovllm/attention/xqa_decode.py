@@ -14,8 +14,9 @@ decode-kernels --kv-dtype fp8`, session 15 call a), ms and TB/s of the cache's b
 | 64 x 2048 | 0.128 (2.10) | 0.126 (2.13) | 0.088 (3.04) |
 | 32 x U(100, 1500) | 0.053 (1.04) | 0.046 (1.19) | 0.028 (1.94) |
 
-On a bf16 cache xqa runs its generic kernel and is slower than FlashInfer's (0.290 vs 0.248 ms at 256 x
-U(200, 1600)), so only fp8 caches use it. The price: the Hopper kernel multiplies in fp8, queries and
+On a bf16 cache xqa runs its generic kernel, slower than FlashInfer's (0.290 vs 0.248 ms at 256 x U(200,
+1600)), and that kernel faulted (illegal address) in this file's first GPU test where the fp8 one passed the
+same page lists: only fp8 caches use xqa (Config and supports() refuse the rest). The price: the Hopper kernel multiplies in fp8, queries and
 probabilities rounded to e4m3 (max |difference| to FlashInfer's decode 1-3e-2 against Triton's 2e-3 on
 random data): scripts/fp8_kv_agreement.py reports its greedy agreement with a float32 reference.
 xqa returns no log-sum-exp, so cascade's per-request level (merged with the shared levels) stays on the
@@ -72,8 +73,11 @@ def page_table(indptr: torch.Tensor, indices: torch.Tensor, last: torch.Tensor, 
                                 BLOCK=TABLE_BLOCK)
 
 
-def supports(num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int) -> str | None:
-    """None when xqa serves this shape on this machine, else why not."""
+def supports(num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+             kv_dtype: torch.dtype = torch.float8_e4m3fn) -> str | None:
+    """None when xqa serves this shape and cache dtype on this machine, else why not."""
+    if kv_dtype != torch.float8_e4m3fn:
+        return f"a {kv_dtype} cache (xqa serves fp8 caches here)"
     if num_qo_heads % num_kv_heads:
         return f"{num_qo_heads} query heads over {num_kv_heads} kv heads"
     if page_size not in (16, 32, 64, 128):
@@ -130,7 +134,7 @@ class XqaPagedDecode:
         if self.buffers is None:
             self.batch = arrays[2].numel()
             indptr, indices, last = (to_device(a, self.device) for a in arrays)
-            table = torch.empty(self.batch, self.max_pages, dtype=torch.int32, device=self.device)
+            table = torch.zeros(self.batch, self.max_pages, dtype=torch.int32, device=self.device)
             seq_lens = torch.empty(self.batch, dtype=torch.int32, device=self.device)
         else:
             if arrays[2].numel() != self.batch or arrays[1].numel() > self.buffers[1].numel():
@@ -144,7 +148,10 @@ class XqaPagedDecode:
 
     def run(self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], k_scale: float | None = 1.0,
             v_scale: float | None = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
-        """q [batch, qo_heads, D] contiguous -> [batch, qo_heads, D] in q's dtype (into `out` when given)."""
+        """q [batch, qo_heads, D] contiguous over an fp8 cache -> [batch, qo_heads, D] in q's dtype (into `out`
+        when given)."""
+        if kv_cache[0].dtype != torch.float8_e4m3fn:
+            raise ValueError(f"xqa decode: a {kv_cache[0].dtype} cache (fp8 only)")
         from flashinfer.xqa import xqa
         k_scale = 1.0 if k_scale is None else float(k_scale)
         v_scale = 1.0 if v_scale is None else float(v_scale)
