@@ -15,8 +15,7 @@ decode-kernels --kv-dtype fp8`, session 15 call a), ms and TB/s of the cache's b
 | 32 x U(100, 1500) | 0.053 (1.04) | 0.046 (1.19) | 0.028 (1.94) |
 
 On a bf16 cache xqa runs its generic kernel, slower than FlashInfer's (0.290 vs 0.248 ms at 256 x U(200,
-1600)), and that kernel faulted (illegal address) in this file's first GPU test where the fp8 one passed the
-same page lists: only fp8 caches use xqa (Config and supports() refuse the rest). The price: the Hopper kernel multiplies in fp8, queries and
+1600)): only fp8 caches use xqa (Config and supports() refuse the rest). The price: the Hopper kernel multiplies in fp8, queries and
 probabilities rounded to e4m3 (max |difference| to FlashInfer's decode 1-3e-2 against Triton's 2e-3 on
 random data): scripts/fp8_kv_agreement.py reports its greedy agreement with a float32 reference.
 xqa returns no log-sum-exp, so cascade's per-request level (merged with the shared levels) stays on the
@@ -27,11 +26,11 @@ takes FlashInfer's page-list arrays (indptr, indices, last page length), queues 
 and builds the table and lengths there with one small Triton kernel (`_table_kernel`), so the host does no
 per-request work and a CUDA graph captured for a batch size replays for any page lists: the table's width
 is fixed (max_model_len's pages), and xqa's grid depends only on the batch and that width.
-Ordering: xqa reads the sequence lengths and page table before it waits on the kernel launched just before
-it (programmatic dependent launch: it waits only before reading queries and pages), so they must be
-written at least two kernels earlier. The engine plans before the model's forward, whose embedding, norm,
-projection and KV-write kernels come between; a caller that runs plan() right before run() passes
-pdl=False (tests/test_xqa_decode.py: with it on, the eager case read uninitialized lengths and faulted).
+Ordering: with programmatic dependent launch on (the default), xqa's Hopper kernel reads the sequence
+lengths (and from them the page table) before its griddepcontrol.wait, which guards only the queries and
+the KV tiles (mha_sm90.cu, ENABLE_PDL == 2), so they must be written at least two kernels earlier. The
+engine plans before the model's forward, whose embedding, norm, projection and KV-write kernels come
+between; a caller that runs plan() right before run() passes pdl=False (the GPU test does).
 Scales: scores are q.k * sm_scale * k_scale and the output is scaled by v_scale; xqa takes them as
 q_scale * kv_scale / sqrt(d) and kv_scale, so kv_scale = v_scale and q_scale = sm_scale * sqrt(d) * k_scale
 / v_scale.
