@@ -391,7 +391,7 @@ def _fp8_cache(num_pages, seed):
 @needs_cuda
 @pytest.mark.parametrize("case", ["prefill", "decode"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-wrappers"])
-@pytest.mark.parametrize("kernel", ["auto", "flashinfer"])
+@pytest.mark.parametrize("kernel", ["auto", "triton", "flashinfer"])
 def test_gpu_flashinfer_attends_over_dequantized_pages(case, graphs, kernel):
     if graphs and case == "prefill":
         pytest.skip("graph wrappers are decode-only")
@@ -404,8 +404,11 @@ def test_gpu_flashinfer_attends_over_dequantized_pages(case, graphs, kernel):
     backend = FlashInferAttentionBackend(num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D, page_size=PAGE, dtype=DT,
                                          device=torch.device("cuda"), max_rows=8192, kv_dtype=FP8_DTYPE,
                                          decode_kernel=kernel)
-    # auto: an fp8 cache decodes on the Triton kernel (attention/triton_decode.py); flashinfer: on FlashInfer's
-    assert backend.triton_decode == (kernel == "auto")
+    # auto: an fp8 cache decodes on xqa (attention/xqa_decode.py) where its sources are present, else on the
+    # Triton kernel (attention/triton_decode.py); triton, flashinfer: as asked
+    from nanovllm.attention.xqa_decode import supports
+    xqa = supports(HQ, HKV, D, PAGE) is None
+    assert backend.regular_decode == {"auto": "xqa" if xqa else "triton"}.get(kernel, kernel)
     if graphs:
         backend.prepare_graphs(8, 4096, with_cascade=False)
         backend.graph_wrappers(8)
@@ -418,7 +421,8 @@ def test_gpu_flashinfer_attends_over_dequantized_pages(case, graphs, kernel):
         backend.plan(batch)
         out = backend.attend(q, kc, vc, K_SCALE, V_SCALE)
     ref = torch_reference(q.float(), dequantize(kc, K_SCALE), dequantize(vc, V_SCALE), batch)
-    bf16_close(out, ref)
+    # xqa multiplies in fp8 (queries and probabilities rounded to e4m3): tests/test_xqa_decode.py's bound
+    bf16_close(out, ref, atol=0.1 if backend.regular_decode == "xqa" and case == "decode" else 2e-2)
 
 
 @pytest.mark.gpu
@@ -480,4 +484,8 @@ def test_gpu_greedy_fp8_cascade_on_equals_off(trained_model, shared_backend):
     """fp8 cache: cascade on every step it can (CUDA graphs) vs off, on test_gpu's shared-prefix load;
     'auto' runs fa2 where the cost model picks fa3."""
     from test_gpu import assert_cascade_on_equals_off
-    assert_cascade_on_equals_off(trained_model, shared_backend, kv_cache_dtype="fp8")
+    # Both on the Triton kernel (regular decode off, the per-request level on): like with like. With auto,
+    # regular decode runs on xqa, whose fp8 queries and probabilities part from the cascade levels' bf16
+    # arithmetic by more than bf16 rounding (session 15: gaps of 0.09-0.125 at 1-2 of 64 prompts); its own
+    # agreement with a float32 reference is scripts/fp8_kv_agreement.py's.
+    assert_cascade_on_equals_off(trained_model, shared_backend, kv_cache_dtype="fp8", decode_attention_kernel="triton")
