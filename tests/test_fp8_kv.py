@@ -486,6 +486,6 @@ def test_gpu_greedy_fp8_cascade_on_equals_off(trained_model, shared_backend):
     from test_gpu import assert_cascade_on_equals_off
     # Both on the Triton kernel (regular decode off, the per-request level on): like with like. With auto,
     # regular decode runs on xqa, whose fp8 queries and probabilities part from the cascade levels' bf16
-    # arithmetic by more than bf16 rounding (session 15: gaps of 0.09-0.125 at 1-2 of 64 prompts); its own
+    # arithmetic by more than bf16 rounding (session 15: first partings 0.09-0.125 below the best); its own
     # agreement with a float32 reference is scripts/fp8_kv_agreement.py's.
     assert_cascade_on_equals_off(trained_model, shared_backend, kv_cache_dtype="fp8", decode_attention_kernel="triton")
