@@ -422,7 +422,7 @@ def test_gpu_flashinfer_attends_over_dequantized_pages(case, graphs, kernel):
         out = backend.attend(q, kc, vc, K_SCALE, V_SCALE)
     ref = torch_reference(q.float(), dequantize(kc, K_SCALE), dequantize(vc, V_SCALE), batch)
     # xqa multiplies in fp8 (queries and probabilities rounded to e4m3): tests/test_xqa_decode.py's bound
-    bf16_close(out, ref, atol=0.1 if backend.regular_decode == "xqa" and case == "decode" else 2e-2)
+    bf16_close(out, ref, atol=0.15 if backend.regular_decode == "xqa" and case == "decode" else 2e-2)
 
 
 @pytest.mark.gpu

@@ -79,7 +79,9 @@ def test_xqa_decode_on_gpu():
 
     errors = {}
     for k_scale, v_scale in ((0.5, 2.0), (1.0, 1.0)):
-        tol = 0.1   # fp8 queries and probabilities in xqa's Hopper kernel; a wrong page or scale is off by O(1)
+        # fp8 queries and probabilities in xqa's Hopper kernel: 0.035-0.105 seen on N(0, 1) values (here and in
+        # test_fp8_kv.py, session 15); a wrong page, length or scale is off by O(1)
+        tol = 0.15
         num_pages = 12000
         k = torch.randn(num_pages, PAGE, HKV, D, generator=g)
         v = torch.randn(num_pages, PAGE, HKV, D, generator=g)
