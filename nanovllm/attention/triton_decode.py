@@ -3,8 +3,10 @@
 Why: FlashInfer 0.7.2's decode kernels on sm90 read an fp8 cache no faster than a bf16 one (one H200,
 random Qwen3-0.6B, batch 256 x ~600 tokens: the tensor-core decode kernel 5.47 ms a step on fp8 pages
 against 5.26 on bf16 ones, W1 21.4k tok/s against 24.2k; the CUDA-core kernel the same), its FA3 kernels
-take fp8 KV only with fp8 queries, and its xqa kernel does not build from the carried package. Decode is
-a read of the KV bytes, so an fp8 cache should halve attention's time.
+take fp8 KV only with fp8 queries. Decode is a read of the KV bytes, so an fp8 cache should halve attention's
+time. Since session 15 regular fp8 decode runs on FlashInfer's xqa kernel where it builds (attention/xqa_decode.py,
+~3.3 TB/s of fp8 pages against ~2.0 here); this kernel serves the rest and cascade's per-request level when asked
+(it returns a log-sum-exp, xqa does not).
 
 Layout: the cache is [pages, PAGE, kv_heads, D] (NHD) as the rest of the engine writes it; a request's
 pages are kv_indices[kv_indptr[b]:kv_indptr[b + 1]], its last page holding kv_last_page_len[b] tokens
