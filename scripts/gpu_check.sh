@@ -31,6 +31,7 @@ declare -A ARGS=(
   [w6-host-lpm]="--workload w6 --host-kv-cache-gb 64 --schedule-policy lpm"
   [w6-lpm]="--workload w6 --schedule-policy lpm"
   [w6-host-nobg]="--workload w6 --host-kv-cache-gb 64 --no-host-kv-prefetch --no-host-kv-write-ahead"
+  [w1-triton]="--workload w1 --decode-attention-kernel triton"
   [w1-fp8]="--workload w1 --kv-cache-dtype fp8_e4m3"
   [w1-fp8-triton]="--workload w1 --kv-cache-dtype fp8_e4m3 --decode-attention-kernel triton"
   [w1-fp8-flashinfer]="--workload w1 --kv-cache-dtype fp8_e4m3 --decode-attention-kernel flashinfer"
@@ -38,6 +39,7 @@ declare -A ARGS=(
   [w2-cascade-fp8-triton]="--workload w2 --enable-cascade-attention --kv-cache-dtype fp8_e4m3 --decode-attention-kernel triton"
   [w3-cascade-fp8]="--workload w3 --enable-cascade-attention --kv-cache-dtype fp8_e4m3"
   [w5-cascade-fp8]="--workload w5 --enable-cascade-attention --kv-cache-dtype fp8_e4m3"
+  [w5-cascade-fp8-triton]="--workload w5 --enable-cascade-attention --kv-cache-dtype fp8_e4m3 --decode-attention-kernel triton"
 )
 for name in ${BENCH-w1 w1-eager w2 w2-cascade w3 w3-cascade w4}; do  # BENCH="" runs none
   python3 bench.py --model $model ${ARGS[$name]} --json "$out/bench.jsonl" 2>&1 | grep -v "^{" | tail -3
