@@ -56,7 +56,9 @@ for r in rows:
 PY
 for w in w1 w2 w3 w4 w5; do
   for c in "" --no-cascade; do
-    [[ -f $out/bench.jsonl ]] && grep -q "\"workload\": \"$w\"" "$out/bench.jsonl" && \
-      python3 scripts/roofline.py --model $model --workload $w $c --bench "$out/bench.jsonl" | grep -v "^{"
+    for kv in auto fp8; do   # fp8 runs against the fp8 floor (half the KV bytes)
+      [[ -f $out/bench.jsonl ]] && grep "\"workload\": \"$w\"" "$out/bench.jsonl" | grep -q "\"kv_cache_dtype\": \"$([[ $kv == fp8 ]] && echo fp8_e4m3 || echo auto)\"" && \
+        python3 scripts/roofline.py --model $model --workload $w $c --kv-cache-dtype $kv --bench "$out/bench.jsonl" | grep -v "^{"
+    done
   done
 done
