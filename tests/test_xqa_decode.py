@@ -41,10 +41,21 @@ def test_xqa_refuses_without_a_gpu_or_for_odd_shapes(tiny_model):
     with pytest.raises(ValueError, match="fp8 KV cache only"):
         Config(tiny_model, decode_attention_kernel="xqa")
     assert "page_size" in supports(16, 8, 128, 8)
-    assert "head_dim" in supports(16, 8, 320, 16)
+    assert "head_dim" in supports(16, 8, 320, 16) and "head_dim" in supports(16, 8, 80, 16)
     assert "kv heads" in supports(16, 6, 128, 16)
     if not torch.cuda.is_available():
         assert "GPU" in supports(16, 8, 128, 16)
+
+
+def test_usable_reports_a_module_that_does_not_build(monkeypatch):
+    """A shape xqa should serve but whose module fails to build or load is reported (the backend's auto then
+    falls back to the Triton kernel; decode_attention_kernel='xqa' raises with the reason)."""
+    import nanovllm.attention.xqa_decode as xd
+    monkeypatch.setattr(xd, "supports", lambda *a: None)
+    monkeypatch.setattr(xd, "load_module", lambda *a: (_ for _ in ()).throw(RuntimeError("ninja: build stopped")))
+    assert "did not build or load (RuntimeError: ninja: build stopped)" in xd.usable(torch.bfloat16, 16, 8, 128, 16)
+    monkeypatch.setattr(xd, "load_module", lambda *a: object())
+    assert xd.usable(torch.bfloat16, 16, 8, 128, 16) is None
 
 
 @pytest.mark.gpu

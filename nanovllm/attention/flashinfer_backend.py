@@ -12,6 +12,8 @@ the model dtype; run() gets the layer's k_scale (FlashInfer folds it into sm_sca
 scales the output; a float 1.0 costs nothing). FlashInfer's FA3 kernels read fp8 KV only with fp8
 queries, so FA3 choices become FA2 (prefill "auto" already picks FA2 for that dtype pair).
 """
+import logging
+
 import flashinfer
 import numpy as np
 import torch
@@ -22,13 +24,14 @@ from nanovllm.attention.triton_decode import TritonPagedDecode
 from nanovllm.attention.triton_decode import supports as triton_decode_supports
 from nanovllm.attention.triton_kv import store_kv_triton
 from nanovllm.attention.xqa_decode import XqaPagedDecode
-from nanovllm.attention.xqa_decode import supports as xqa_supports
+from nanovllm.attention.xqa_decode import usable as xqa_usable
 from nanovllm.cascade.cost_model import (SHARED_BACKENDS, fp8_capable, reachable_shared_backends,
                                          shared_level_backend)
 from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention, cascade_outputs
 from nanovllm.cascade.split_level import split_level_buffers
 from nanovllm.utils.transfer import pinned, to_device
 
+logger = logging.getLogger("nanovllm")
 WORKSPACE_BYTES = 256 << 20
 SIDE_WORKSPACE_BYTES = 128 << 20
 # Regular decode batches of this many rows or more read each request's KV in one CTA per (request, KV
@@ -103,15 +106,17 @@ class FlashInferAttentionBackend(AttentionBackend):
         this cache (xqa, then Triton, for fp8; FlashInfer for the model dtype)."""
         shape = (self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size)
         if asked == "xqa":
-            why = xqa_supports(*shape, self.kv_dtype)
+            why = xqa_usable(self.dtype, *shape, self.kv_dtype)
             if why:
                 raise ValueError(f"decode_attention_kernel xqa: {why}")
             return "xqa"
         if asked != "auto":
             return asked
         if is_fp8(self.kv_dtype):
-            if xqa_supports(*shape) is None:
+            why = xqa_usable(self.dtype, *shape)
+            if why is None:
                 return "xqa"
+            logger.info("fp8 decode: not on xqa (%s)", why)
             if triton_decode_supports(*shape) is None:
                 return "triton"
         return "flashinfer"
