@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from nanovllm.utils.transfer import pinned, to_device
+
 
 @dataclass
 class StepBatch:
@@ -25,6 +27,25 @@ class StepBatch:
     slot_mapping: torch.Tensor    # int64 [tokens] on the device
     page_size: int
     cascade: Any = None           # a CascadePlan when this step runs cascade attention
+
+
+def page_lists_on_device(kv_indptr, kv_indices, kv_last_page_len, device: torch.device,
+                         buffers: tuple[torch.Tensor, ...] | None = None, who: str = "decode") -> list[torch.Tensor]:
+    """One step's page-list arrays (numpy, host or device tensors) as int32 tensors on `device`: new ones, or
+    copied into `buffers` (device indptr [bs + 1], indices, last [bs]: a CUDA graph's fixed buffers, whose
+    row count must match) and those returned. Host-to-device copies are queued from pinned memory, never
+    waited on."""
+    arrays = [a.to(torch.int32) if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a, dtype=np.int32))
+              for a in (kv_indptr, kv_indices, kv_last_page_len)]
+    if buffers is None:
+        return [to_device(a, device) for a in arrays]
+    rows = buffers[2].numel()
+    if arrays[2].numel() != rows or arrays[1].numel() > buffers[1].numel():
+        raise ValueError(f"{who} planned for {arrays[2].numel()} rows and {arrays[1].numel()} pages on buffers of "
+                         f"{rows} rows and {buffers[1].numel()} pages")
+    for buf, a in zip(buffers, arrays):   # one queued copy each, from pinned memory when on the host
+        buf[:a.numel()].copy_(pinned(a), non_blocking=True)
+    return list(buffers[:3])
 
 
 class AttentionBackend:

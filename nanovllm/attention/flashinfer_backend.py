@@ -61,7 +61,6 @@ class FlashInferAttentionBackend(AttentionBackend):
         # Cascade's per-request level needs a log-sum-exp (xqa has none): FlashInfer's decode, or the Triton
         # kernel when asked ("triton").
         self.regular_decode = self._regular_decode_kernel(decode_kernel)
-        self.triton_decode = self.regular_decode == "triton"
         self.max_pages = -(-max_model_len // self.page_size)
         self.decode_last_kernel = "triton" if decode_kernel == "triton" else "flashinfer"
         self.xqa_work = XqaPagedDecode.make_work(self.device) if self.regular_decode == "xqa" else None
@@ -73,7 +72,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         if self.regular_decode == "xqa":
             self.decode = XqaPagedDecode(self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
                                          self.max_pages, self.device, self.xqa_work, sm_scale=self.sm_scale)
-        elif self.triton_decode:
+        elif self.regular_decode == "triton":
             self.decode = TritonPagedDecode(self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
                                             self.device, sm_scale=self.sm_scale)
         else:
@@ -186,7 +185,7 @@ class FlashInferAttentionBackend(AttentionBackend):
             decode = XqaPagedDecode(self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
                                     self.max_pages, self.device, self.xqa_work, sm_scale=self.sm_scale,
                                     buffers=(indptr[:bs + 1], indices, last[:bs], table[:bs], seq_lens[:bs]))
-        elif self.triton_decode:
+        elif self.regular_decode == "triton":
             decode = TritonPagedDecode(self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size, self.device,
                                        buffers=(indptr[:bs + 1], indices, last[:bs]), sm_scale=self.sm_scale)
         else:

@@ -48,12 +48,11 @@ kernel with 64-token tiles 23,470 in another. bf16 stays on FlashInfer (equal wi
 
 CPU: checked under TRITON_INTERPRET=1 against float64 attention on the dequantized pages
 (tests/test_triton_decode.py); the same script passed on the H200, CUDA-graph replays included."""
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from nanovllm.utils.transfer import pinned, to_device
+from nanovllm.attention.backend import page_lists_on_device
 
 LOG2E = 1.4426950408889634
 BLOCK_T = 128         # tokens a tile (with 4 warps, 3 stages: the sweep's best at W1's mixed lengths, below)
@@ -217,18 +216,9 @@ class TritonPagedDecode:
     def plan(self, kv_indptr, kv_indices, kv_last_page_len):
         """One step's arrays (numpy, host or device tensors); host-to-device copies are queued from pinned
         memory, never waited on."""
-        arrays = [a.to(torch.int32) if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a, dtype=np.int32))
-                  for a in (kv_indptr, kv_indices, kv_last_page_len)]
-        if self.buffers is None:
-            self.batch = arrays[2].numel()
-            self.arrays = [to_device(a, self.device) for a in arrays]
-            return
-        if arrays[2].numel() != self.batch or arrays[1].numel() > self.buffers[1].numel():
-            raise ValueError(f"Triton decode planned for {arrays[2].numel()} rows and {arrays[1].numel()} pages on "
-                             f"buffers of {self.batch} rows and {self.buffers[1].numel()} pages")
-        for buf, a in zip(self.buffers, arrays):   # one queued copy each, from pinned memory when on the host
-            buf[:a.numel()].copy_(pinned(a), non_blocking=True)
-        self.arrays = list(self.buffers)
+        self.arrays = page_lists_on_device(kv_indptr, kv_indices, kv_last_page_len, self.device, self.buffers,
+                                           "Triton decode")
+        self.batch = self.arrays[2].numel()
 
     def run(self, q: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor], k_scale: float | None = 1.0,
             v_scale: float | None = 1.0, out: torch.Tensor | None = None, lse: torch.Tensor | None = None,

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.utils.transfer import pinned, to_device
+from nanovllm.attention.backend import page_lists_on_device
 
 SCRATCH_BYTES = 32 << 20     # xqa's partial results when it splits a sequence (small batches); ~3 MB used
 SEMAPHORE_BYTES = 1 << 20    # one counter per (sequence, kv head) for those splits; xqa resets them itself
@@ -147,23 +147,18 @@ class XqaPagedDecode:
     def plan(self, kv_indptr, kv_indices, kv_last_page_len):
         """One step's page lists (numpy, host or device); the copies and the table kernel are queued on the
         stream, never waited on."""
-        arrays = [a.to(torch.int32) if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a, dtype=np.int32))
-                  for a in (kv_indptr, kv_indices, kv_last_page_len)]
-        widest = int(np.diff(np.asarray(kv_indptr)).max()) if len(arrays[2]) and not arrays[0].is_cuda else 0
-        if widest > self.max_pages:
-            raise ValueError(f"xqa decode: a sequence of {widest} pages on a table of {self.max_pages}")
+        if not (isinstance(kv_indptr, torch.Tensor) and kv_indptr.is_cuda) and len(kv_indptr) > 1:
+            widest = int(np.diff(np.asarray(kv_indptr)).max())
+            if widest > self.max_pages:
+                raise ValueError(f"xqa decode: a sequence of {widest} pages on a table of {self.max_pages}")
+        indptr, indices, last = page_lists_on_device(kv_indptr, kv_indices, kv_last_page_len, self.device,
+                                                     self.buffers, "xqa decode")
+        self.batch = last.numel()
         if self.buffers is None:
-            self.batch = arrays[2].numel()
-            indptr, indices, last = (to_device(a, self.device) for a in arrays)
             table = torch.zeros(self.batch, self.max_pages, dtype=torch.int32, device=self.device)
             seq_lens = torch.empty(self.batch, dtype=torch.int32, device=self.device)
         else:
-            if arrays[2].numel() != self.batch or arrays[1].numel() > self.buffers[1].numel():
-                raise ValueError(f"xqa decode planned for {arrays[2].numel()} rows and {arrays[1].numel()} pages "
-                                 f"on buffers of {self.batch} rows and {self.buffers[1].numel()} pages")
-            for buf, a in zip(self.buffers[:3], arrays):
-                buf[:a.numel()].copy_(pinned(a), non_blocking=True)
-            indptr, indices, last, table, seq_lens = self.buffers
+            table, seq_lens = self.buffers[3:]
         page_table(indptr, indices, last, table, seq_lens, self.page)
         self.table, self.seq_lens = table, seq_lens
 
