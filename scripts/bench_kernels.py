@@ -4,7 +4,8 @@
     python scripts/bench_kernels.py [--quick] [--only SECTION] [--kv-dtype fp8]
 
 1. prefill backend: fa2 vs fa3 (auto) on causal prompt batches;
-2. decode: tensor cores on/off and page sizes 16/32/64;
+2. decode: tensor cores on/off and page sizes 16/32/64; every decode kernel at W1-like shapes (`decode-kernels`)
+   and at small batches (`decode-kernels-small`);
 3. cascade vs regular decode over a training grid of groups x requests x shared length (page 16;
    56 shapes) and 16 held-out shapes, with FlashInferCascadeAttention in CUDA-graph mode as the
    engine runs it (shared levels on the kernel it picks), a least-squares fit of
@@ -99,13 +100,16 @@ def decode_options(quick):
 KV_DT = DT  # --kv-dtype fp8: decode-kernels reads an fp8 (e4m3) cache
 
 
-def decode_kernels(quick):
+def decode_kernels(quick, small=False):
     """One decode step's attention on every kernel FlashInfer offers on sm90, at W1-like and
     W2/W3-last-level shapes: ms and effective KV bandwidth (of KV_DT's bytes)."""
     page = 16
     rng = np.random.default_rng(0)
     shapes = [("256 x U(200,1600)", rng.integers(200, 1600, 256)), ("256 x 600", np.full(256, 600)),
               ("1024 x 256", np.full(1024, 256)), ("64 x 2048", np.full(64, 2048)), ("32 x U(100,1500)", rng.integers(100, 1500, 32))]
+    if small:  # decode's small batches (W1's tail, interactive use)
+        shapes = [("1 x 600", np.full(1, 600)), ("1 x 4000", np.full(1, 4000)), ("8 x 600", np.full(8, 600)),
+                  ("8 x 4000", np.full(8, 4000)), ("16 x 1500", np.full(16, 1500))]
     names = ["decode tc", "decode no-tc", "xqa", "prefill fa2", "prefill fa3", "BatchAttention", "triton_decode"]
     print("\n### Decode kernels (one layer, ms; TB/s of KV read)\n\n| batch x context | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 1))
     for label, lens in shapes:
@@ -415,6 +419,7 @@ def triton_shared(quick):
         print(f"| {' x '.join(map(str, shape))} | {f:.3f} | {fs:.3f} | {ms:.3f} ({(o.float() - fo.float()).abs().max().item():.2g}) | {sp} |")
 
 SECTIONS = {"prefill": prefill_backends, "decode": decode_options, "decode-kernels": decode_kernels,
+            "decode-kernels-small": lambda quick: decode_kernels(quick, small=True),
             "levels": cascade_backends, "triton-shared": triton_shared, "layout": kv_layouts,
             "cascade": lambda quick: fit(cascade_grid(quick))}
 

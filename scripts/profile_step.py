@@ -26,7 +26,7 @@ CATEGORIES = [("all-reduce / all-gather", ("nccl", "allreduce", "all_reduce", "a
               ("attention", ("flashinfer", "BatchDecode", "BatchPrefill", "Prefill", "merge_state", "Attention",
                              "_decode_kernel", "_merge_kernel", "_shared_level")),
               ("kv write", ("_store_kv",)),
-              ("gemm", ("gemm", "Gemm", "cutlass", "sm90", "xmma", "nvjet", "cublas", "splitK")),
+              ("gemm", ("gemm", "Gemm", "tinygemm", "cutlass", "sm90", "xmma", "nvjet", "cublas", "splitK")),
               ("sampling", ("softmax", "exponential", "argmax", "sort", "distribution", "reduce", "radix", "cumsum", "_sample_chunk")),
               ]
 

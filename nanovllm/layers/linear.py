@@ -7,15 +7,16 @@ whose `reduce_output` is False returns its partial sum and leaves the all-reduce
 it (models/llama.py: all-reduce + residual add + RMSNorm, one kernel where the custom all-reduce has it).
 PackedLinear stores several projections as one matrix (q/k/v, gate/up), each one column parallel:
 a rank holds its own rows of every projection. Every weight_loader takes the full checkpoint tensor
-and copies this rank's slice of it. Under `meta_weights()` the weights are built on the meta device (no
+and copies this rank's slice of it. The product itself is layers/decode_gemm.py's (cuBLAS, or a small-M kernel for
+a decode step's few rows). Under `meta_weights()` the weights are built on the meta device (no
 memory): a quantized checkpoint swaps the layers for its own (layers/awq.py)."""
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed.parallel_state import all_reduce, tp_rank, tp_size
+from nanovllm.layers.decode_gemm import linear
 
 
 _META_WEIGHTS = False
@@ -78,12 +79,12 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_dim == 1 and self.tp_size > 1:
-            y = F.linear(x, self.weight)
+            y = linear(x, self.weight)
             if not self.reduce_output:
                 return y
             y = all_reduce(y)
             return y + self.bias if self.bias is not None else y
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 def defer_reduce(linear) -> bool:

@@ -1,0 +1,94 @@
+"""y = x W^T (+ b) for the dense layers: FlashInfer's tinygemm2 for a decode step's few rows where it beats
+cuBLAS, F.linear everywhere else (prefill, large batches, CPU, other dtypes: the reference path).
+
+tinygemm2 (TensorRT-LLM's small-M kernel) gives each SM one block of 16 output features x 8 rows; its
+weight warps issue TMA loads of the weights *before* the programmatic-dependent-launch wait, and only the
+activation loads wait for the kernel before it, so under CUDA graphs most of a GEMM's weight read hides
+behind the previous kernel. cuBLAS cannot launch that way, and on these small matrices it picks kernels that
+leave most SMs idle (o_proj at one row: 12.8 us for 4 MB).
+
+Measured on one H200 (session 16 call a, `python scripts/bench_decode_gemm.py`, Qwen3-0.6B shapes, one graph
+of 28 distinct weights a shape, us per GEMM, cuBLAS / tinygemm2 with PDL):
+
+| rows | qkv 4096 x 1024 | o 1024 x 2048 | gate_up 6144 x 1024 | down 1024 x 3072 | lm_head 151936 x 1024 |
+|---|---|---|---|---|---|
+| 1 | 5.1 / 4.8 | 12.8 / 2.5 | 6.2 / 7.0 | 6.9 / 3.1 | 82 / 150 |
+| 8 | 5.4 / 4.7 | 6.0 / 2.6 | 6.3 / 6.8 | 6.9 / 3.1 | 85 / 154 |
+| 16 | 5.4 / 8.3 | 6.0 / 3.4 | 6.2 / 12.4 | 7.1 / 4.2 | 84 / 295 |
+| 32 | 5.4 / 15.5 | 6.1 / 5.9 | 6.4 / 22.5 | 7.1 / 7.4 | 86 / 584 |
+
+Its grid is ceil(N/16) x ceil(rows/8) blocks of one per SM: it wins while that grid fits in about two waves
+(`TINY_MAX_WAVES`) and rows <= 16 (`TINY_MAX_ROWS`); every measured point above follows that rule. A step
+without attention (norms, activation, tinygemm2 for every layer's GEMMs, LM head on cuBLAS) at 1-8 rows: 0.78 ms against cuBLAS's
+0.86-1.03 ms. Measured on H200 only: other GPUs keep cuBLAS (sm90 only; NANOVLLM_DECODE_GEMM=cublas
+turns it off anywhere)."""
+import functools
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+TINY_MAX_ROWS = 16
+TINY_MAX_WAVES = 2
+CHOICES = ("auto", "cublas")
+
+
+def gemm_choice() -> str:
+    choice = os.environ.get("NANOVLLM_DECODE_GEMM", "auto")
+    if choice not in CHOICES:
+        raise ValueError(f"NANOVLLM_DECODE_GEMM={choice!r}: choose one of {', '.join(CHOICES)}")
+    return choice
+
+
+def tiny_fits(rows: int, out_features: int, in_features: int, sms: int) -> bool:
+    """The measured rule: few rows, and a grid of at most TINY_MAX_WAVES blocks per SM."""
+    if rows < 1 or rows > TINY_MAX_ROWS or out_features % 16 or in_features % 8:
+        return False
+    blocks = -(-out_features // 16) * -(-rows // 8)
+    return blocks <= TINY_MAX_WAVES * sms
+
+
+@functools.cache
+def _device_sms(index: int) -> int | None:
+    """SM count of a Hopper (sm90) GPU, None for any other: the rule above was measured on H200 only."""
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count if props.major == 9 else None
+
+
+@functools.cache
+def _tinygemm2():
+    """FlashInfer's tinygemm2 module (built on first use), or None with the reason logged."""
+    try:
+        from flashinfer.gemm.routergemm import get_tinygemm2_module
+        return get_tinygemm2_module()
+    except Exception as e:  # no FlashInfer, or its build failed: cuBLAS serves every GEMM
+        logger.warning("tinygemm2 unavailable, decode GEMMs stay on cuBLAS: %s: %s", type(e).__name__, e)
+        return None
+
+
+def _use_tiny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.dim() == 2):
+        return False
+    if not (x.is_contiguous() and weight.is_contiguous() and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0):
+        return False  # TMA reads whole 16-byte-aligned rows
+    if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
+        return False
+    sms = _device_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    if sms is None or not tiny_fits(x.shape[0], weight.shape[0], weight.shape[1], sms):
+        return False
+    return gemm_choice() == "auto" and _tinygemm2() is not None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), on tinygemm2 (launched with PDL) where the rule above picks it."""
+    if not _use_tiny(x, weight, bias):
+        return F.linear(x, weight, bias)
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    if bias is None:
+        _tinygemm2().tinygemm2_nobias_op(x, weight, out, True)
+    else:
+        _tinygemm2().tinygemm2_op(x, weight, bias, out, True)
+    return out

@@ -1,0 +1,122 @@
+"""layers/decode_gemm.py: the kernel rule (which GEMMs go to tinygemm2) against the measured table in the module's
+header, the cuBLAS path everywhere else (the CPU), a bad NANOVLLM_DECODE_GEMM; on a GPU, tinygemm2 against
+F.linear in float32 at every decode shape of Qwen3-0.6B (with and without bias, odd row counts), and a CUDA
+graph of norm -> GEMM -> activation -> GEMM chains replayed on new inputs (the PDL launches must still wait
+for the kernel before them)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanovllm.layers import decode_gemm
+from nanovllm.layers.decode_gemm import linear, tiny_fits
+
+H200_SMS = 132
+SHAPES = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072),
+          "lm_head": (151936, 1024)}
+
+
+def test_rule_matches_the_measured_table():
+    # (rows, layer) -> tinygemm2 faster than cuBLAS on the H200 (the module's header, session 16 call a)
+    faster = {(1, "qkv"), (1, "o"), (1, "down"), (8, "qkv"), (8, "o"), (8, "down"), (16, "o"), (16, "down")}
+    for rows in (1, 8, 16, 32, 64, 256):
+        for name, (n, k) in SHAPES.items():
+            assert tiny_fits(rows, n, k, H200_SMS) == ((rows, name) in faster), (rows, name)
+    assert not tiny_fits(1, 1000, 1024, H200_SMS)   # output features not a multiple of 16
+    assert not tiny_fits(1, 1024, 1020, H200_SMS)   # rows not 16-byte aligned for TMA
+    assert not tiny_fits(0, 1024, 1024, H200_SMS)
+
+
+def test_cpu_and_float32_take_the_reference_path():
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 64, generator=g), torch.randn(32, 64, generator=g), torch.randn(32, generator=g)
+    assert torch.equal(linear(x, w), F.linear(x, w))
+    assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+    assert torch.equal(linear(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))
+
+
+def test_bad_choice_is_named(monkeypatch):
+    monkeypatch.setenv("NANOVLLM_DECODE_GEMM", "fast")
+    with pytest.raises(ValueError, match="NANOVLLM_DECODE_GEMM='fast'"):
+        decode_gemm.gemm_choice()
+    monkeypatch.setenv("NANOVLLM_DECODE_GEMM", "cublas")
+    assert decode_gemm.gemm_choice() == "cublas"
+
+
+def _hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs a Hopper GPU (tinygemm2 is used on sm90 only)")
+def test_tinygemm2_equals_float32_gemm_on_gpu():
+    assert decode_gemm._tinygemm2() is not None, "tinygemm2 did not build"
+    g = torch.Generator(device="cuda").manual_seed(0)
+    chosen = 0
+    for name, (n, k) in SHAPES.items():
+        w = (torch.randn(n, k, generator=g, device="cuda") * 0.02).bfloat16()
+        bias = (torch.randn(n, generator=g, device="cuda") * 0.1).bfloat16()
+        for rows in (1, 3, 8, 13, 16, 17):
+            x = torch.randn(rows, k, generator=g, device="cuda").bfloat16()
+            for b in (None, bias):
+                use = decode_gemm._use_tiny(x, w, b)
+                chosen += use
+                ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+                got = linear(x, w, b)
+                assert got.shape == (rows, n) and got.dtype == torch.bfloat16
+                err = (got.float() - ref).abs().max().item()
+                # bf16 output rounding (|y| up to ~3 here); a wrong tile or row is off by O(1)
+                assert err < 0.03, (name, rows, b is not None, use, err)
+    assert chosen >= 24, "the rule picked tinygemm2 too rarely: is the GPU a Hopper with its module built?"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs a Hopper GPU (tinygemm2 is used on sm90 only)")
+def test_pdl_chain_in_a_cuda_graph_waits_for_each_kernel():
+    """Four layers of o_proj (tinygemm2) -> add + RMSNorm -> gate_up (cuBLAS) -> SiLU-and-mul -> down (tinygemm2)
+    -> residual add, FlashInfer's kernels and tinygemm2 launched with PDL inside one graph; replays on fresh
+    inputs must equal the float32 chain."""
+    import flashinfer
+    layers, rows, h, inter = 4, 8, 1024, 3072
+    g = torch.Generator(device="cuda").manual_seed(1)
+    w_o = [(torch.randn(h, 2048, generator=g, device="cuda") * 0.03).bfloat16() for _ in range(layers)]
+    w_up = [(torch.randn(2 * inter, h, generator=g, device="cuda") * 0.03).bfloat16() for _ in range(layers)]
+    w_down = [(torch.randn(h, inter, generator=g, device="cuda") * 0.03).bfloat16() for _ in range(layers)]
+    norm_w = torch.ones(h, dtype=torch.bfloat16, device="cuda")
+    attn = torch.zeros(rows, 2048, dtype=torch.bfloat16, device="cuda")
+    residual = torch.zeros(rows, h, dtype=torch.bfloat16, device="cuda")
+    act = torch.empty(rows, inter, dtype=torch.bfloat16, device="cuda")
+    assert decode_gemm._use_tiny(attn, w_o[0], None) and decode_gemm._use_tiny(act, w_down[0], None)
+    assert not decode_gemm._use_tiny(residual, w_up[0], None)  # gate_up's shape stays on cuBLAS: a mixed chain
+
+    def chain():
+        for i in range(layers):
+            y = linear(attn, w_o[i])
+            flashinfer.fused_add_rmsnorm(y, residual, norm_w, 1e-6)
+            x = linear(flashinfer.activation.silu_and_mul(linear(y, w_up[i])), w_down[i])
+            residual.add_(x)
+        return x
+
+    def reference(a, r):
+        r = r.float().clone()
+        for i in range(layers):
+            y = a.float() @ w_o[i].float().t()
+            r = r + y
+            y = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + 1e-6)
+            gu = y @ w_up[i].float().t()
+            x = (F.silu(gu[:, :inter]) * gu[:, inter:]) @ w_down[i].float().t()
+            r = r + x
+        return x
+
+    chain()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for step in range(3):
+        a = torch.randn(rows, 2048, generator=g, device="cuda").bfloat16()
+        r = torch.randn(rows, h, generator=g, device="cuda").bfloat16()
+        attn.copy_(a)
+        residual.copy_(r)
+        graph.replay()
+        ref = reference(a, r)
+        err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+        assert err < 0.05, (step, err)
