@@ -87,14 +87,16 @@ def test_flashinfer_backend_matches_torch_reference(case):
     bf16_close(out, torch_reference(q, kc, vc, batch))
 
 
-def test_cuda_graph_decode_bit_identical_to_eager():
-    """The same planned wrappers run eagerly and replayed from a graph give the same bits."""
+@pytest.mark.parametrize("bs,kernel", [(8, "TritonPagedDecode"), (32, "BatchDecodeWithPagedKVCacheWrapper")])
+def test_cuda_graph_decode_bit_identical_to_eager(bs, kernel):
+    """The same planned wrappers run eagerly and replayed from a graph give the same bits; graphs of
+    <= TRITON_SMALL_ROWS rows decode on the Triton kernel, larger ones on FlashInfer's (auto, bf16 cache)."""
     backend = make_backend()
     batch, _ = layout([5, 17, 300, 1024, 64], [1] * 5)
     kc, vc = random_cache(4096)
-    bs = 8
     backend.prepare_graphs(bs, 4096, with_cascade=False)
     backend.graph_wrappers(bs)
+    assert type(backend.graph[bs][0]).__name__ == kernel
     slots = torch.full((bs,), -1, dtype=torch.long, device="cuda")
     q = torch.randn(bs, HQ, D, device="cuda").to(DT)
     k = torch.zeros(bs, HKV, D, device="cuda", dtype=DT)

@@ -41,6 +41,12 @@ SIDE_WORKSPACE_BYTES = 128 << 20
 # at >= 32, 24,581 at >= 128). Cascade's per-request level keeps its splits (W2/W3 cascade lost 7-9%
 # without them: 1,024 rows of ~256 own tokens).
 NO_SPLIT_KV_ROWS = 64
+# Graphed regular decode of a model-dtype cache at this many rows or fewer runs on the Triton kernel
+# (attention/triton_decode.py) under decode_attention_kernel=auto: one layer on one H200 (session 16 call b,
+# `python scripts/bench_kernels.py --only decode-kernels-small`, us, FlashInfer tensor-core decode / Triton):
+# 1 x 600 14 / 10, 1 x 4000 16 / 13, 8 x 600 17 / 14, 8 x 4000 45 / 46, 16 x 1500 38 / 36; at 64 x 2048
+# FlashInfer is ahead (137 / 150). It also skips FlashInfer's host-side plan (~0.2 ms a step at batch 1).
+TRITON_SMALL_ROWS = 16
 
 
 class FlashInferAttentionBackend(AttentionBackend):
@@ -57,12 +63,16 @@ class FlashInferAttentionBackend(AttentionBackend):
         super().__init__(**kwargs)
         # Regular decode of an fp8 cache on xqa (attention/xqa_decode.py: ~3.3 TB/s of fp8 pages) where it
         # builds, else on the Triton kernel (attention/triton_decode.py, ~2 TB/s): FlashInfer's decode
-        # kernels read fp8 pages no faster than bf16 ones. A bf16 cache stays on FlashInfer's decode.
+        # kernels read fp8 pages no faster than bf16 ones. A bf16 cache stays on FlashInfer's decode, but for
+        # graphed batches of <= TRITON_SMALL_ROWS rows (the Triton kernel, under auto).
         # Cascade's per-request level needs a log-sum-exp (xqa has none): FlashInfer's decode, or the Triton
         # kernel when asked ("triton").
         self.regular_decode = self._regular_decode_kernel(decode_kernel)
         self.max_pages = -(-max_model_len // self.page_size)
         self.decode_last_kernel = "triton" if decode_kernel == "triton" else "flashinfer"
+        self.triton_small = (decode_kernel == "auto" and self.regular_decode == "flashinfer"
+                             and triton_decode_supports(self.num_qo_heads, self.num_kv_heads, self.head_dim,
+                                                        self.page_size) is None)
         self.xqa_work = XqaPagedDecode.make_work(self.device) if self.regular_decode == "xqa" else None
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.cascade_backend = cascade_backend
@@ -185,7 +195,7 @@ class FlashInferAttentionBackend(AttentionBackend):
             decode = XqaPagedDecode(self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
                                     self.max_pages, self.device, self.xqa_work, sm_scale=self.sm_scale,
                                     buffers=(indptr[:bs + 1], indices, last[:bs], table[:bs], seq_lens[:bs]))
-        elif self.regular_decode == "triton":
+        elif self.regular_decode == "triton" or (self.triton_small and bs <= TRITON_SMALL_ROWS):
             decode = TritonPagedDecode(self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size, self.device,
                                        buffers=(indptr[:bs + 1], indices, last[:bs]), sm_scale=self.sm_scale)
         else:
@@ -241,8 +251,8 @@ class FlashInferAttentionBackend(AttentionBackend):
         indptr = np.concatenate([batch.kv_indptr, batch.kv_indptr[-1] + np.arange(1, pad + 1, dtype=np.int32)])
         indices = np.concatenate([batch.kv_indices, np.zeros(pad, np.int32)])
         last = np.concatenate([batch.kv_last_page_len, np.ones(pad, np.int32)])
-        if self.regular_decode != "flashinfer":  # copies into its fixed buffers, queued on the stream
-            decode.plan(indptr, indices, last)
+        if not isinstance(decode, flashinfer.BatchDecodeWithPagedKVCacheWrapper):
+            decode.plan(indptr, indices, last)  # copies into its fixed buffers, queued on the stream
             self.active = decode
             return
         t = torch.from_numpy
