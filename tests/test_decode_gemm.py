@@ -21,6 +21,14 @@ def test_rule_matches_the_measured_table():
     for rows in (1, 8, 16, 32, 64, 256):
         for name, (n, k) in SHAPES.items():
             assert tiny_fits(rows, n, k, H200_SMS) == ((rows, name) in faster), (rows, name)
+    # Qwen3-8B shapes at TP 1 and 2 (call d): faster at <= 8 rows for o and down (and qkv at TP 2), never at 16+
+    shapes_8b = {("qkv", 1): (6144, 4096), ("o", 1): (4096, 4096), ("gate_up", 1): (24576, 4096),
+                 ("down", 1): (4096, 12288), ("qkv", 2): (3072, 4096), ("o", 2): (4096, 2048),
+                 ("gate_up", 2): (12288, 4096), ("down", 2): (4096, 6144), ("lm_head", 2): (75968, 4096)}
+    faster_8b = {("o", 1), ("down", 1), ("qkv", 2), ("o", 2), ("down", 2)}
+    for rows in (1, 8, 16, 32):
+        for key, (n, k) in shapes_8b.items():
+            assert tiny_fits(rows, n, k, H200_SMS) == (rows <= 8 and key in faster_8b), (rows, key)
     assert not tiny_fits(1, 1000, 1024, H200_SMS)   # output features not a multiple of 16
     assert not tiny_fits(1, 1024, 1020, H200_SMS)   # rows not 16-byte aligned for TMA
     assert not tiny_fits(0, 1024, 1024, H200_SMS)
