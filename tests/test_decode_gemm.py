@@ -1,4 +1,4 @@
-"""layers/decode_gemm.py: the kernel rule (which GEMMs go to tinygemm2) against the measured table in the module's
+"""layers/decode_gemm.py (opt-in: NANOVLLM_DECODE_GEMM=tinygemm): the kernel rule (which GEMMs go to tinygemm2) against the measured table in the module's
 header, the cuBLAS path everywhere else (the CPU), a bad NANOVLLM_DECODE_GEMM; on a GPU, tinygemm2 against
 F.linear in float32 at every decode shape of Qwen3-0.6B (with and without bias, odd row counts), and a CUDA
 graph of norm -> GEMM -> activation -> GEMM chains replayed on new inputs (the PDL launches must still wait
@@ -42,12 +42,14 @@ def test_cpu_and_float32_take_the_reference_path():
     assert torch.equal(linear(x.bfloat16(), w.bfloat16()), F.linear(x.bfloat16(), w.bfloat16()))
 
 
-def test_bad_choice_is_named(monkeypatch):
+def test_choice_is_opt_in_and_a_bad_one_is_named(monkeypatch):
+    monkeypatch.delenv("NANOVLLM_DECODE_GEMM", raising=False)
+    assert decode_gemm.gemm_choice() == "cublas"   # off by default (the module's header says why)
     monkeypatch.setenv("NANOVLLM_DECODE_GEMM", "fast")
     with pytest.raises(ValueError, match="NANOVLLM_DECODE_GEMM='fast'"):
         decode_gemm.gemm_choice()
-    monkeypatch.setenv("NANOVLLM_DECODE_GEMM", "cublas")
-    assert decode_gemm.gemm_choice() == "cublas"
+    monkeypatch.setenv("NANOVLLM_DECODE_GEMM", "tinygemm")
+    assert decode_gemm.gemm_choice() == "tinygemm"
 
 
 def _hopper():
@@ -56,7 +58,8 @@ def _hopper():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs a Hopper GPU (tinygemm2 is used on sm90 only)")
-def test_tinygemm2_equals_float32_gemm_on_gpu():
+def test_tinygemm2_equals_float32_gemm_on_gpu(monkeypatch):
+    monkeypatch.setenv("NANOVLLM_DECODE_GEMM", "tinygemm")
     assert decode_gemm._tinygemm2() is not None, "tinygemm2 did not build"
     g = torch.Generator(device="cuda").manual_seed(0)
     chosen = 0
@@ -79,11 +82,12 @@ def test_tinygemm2_equals_float32_gemm_on_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs a Hopper GPU (tinygemm2 is used on sm90 only)")
-def test_pdl_chain_in_a_cuda_graph_waits_for_each_kernel():
+def test_pdl_chain_in_a_cuda_graph_waits_for_each_kernel(monkeypatch):
     """Four layers of o_proj (tinygemm2) -> add + RMSNorm -> gate_up (cuBLAS) -> SiLU-and-mul -> down (tinygemm2)
     -> residual add, FlashInfer's kernels and tinygemm2 launched with PDL inside one graph; replays on fresh
     inputs must equal the float32 chain."""
     import flashinfer
+    monkeypatch.setenv("NANOVLLM_DECODE_GEMM", "tinygemm")
     layers, rows, h, inter = 4, 8, 1024, 3072
     g = torch.Generator(device="cuda").manual_seed(1)
     w_o = [(torch.randn(h, 2048, generator=g, device="cuda") * 0.03).bfloat16() for _ in range(layers)]

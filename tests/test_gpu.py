@@ -88,9 +88,12 @@ def test_flashinfer_backend_matches_torch_reference(case):
 
 
 @pytest.mark.parametrize("bs,kernel", [(8, "TritonPagedDecode"), (32, "BatchDecodeWithPagedKVCacheWrapper")])
-def test_cuda_graph_decode_bit_identical_to_eager(bs, kernel):
-    """The same planned wrappers run eagerly and replayed from a graph give the same bits; graphs of
-    <= TRITON_SMALL_ROWS rows decode on the Triton kernel, larger ones on FlashInfer's (auto, bf16 cache)."""
+def test_cuda_graph_decode_bit_identical_to_eager(bs, kernel, monkeypatch):
+    """The same planned wrappers run eagerly and replayed from a graph give the same bits; with
+    NANOVLLM_TRITON_SMALL_ROWS=16 graphs of <= 16 rows decode on the Triton kernel, larger ones on
+    FlashInfer's (auto, bf16 cache)."""
+    import nanovllm.attention.flashinfer_backend as fb
+    monkeypatch.setattr(fb, "TRITON_SMALL_ROWS", 16)
     backend = make_backend()
     batch, _ = layout([5, 17, 300, 1024, 64], [1] * 5)
     kc, vc = random_cache(4096)
