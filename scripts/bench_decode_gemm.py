@@ -11,6 +11,7 @@ step's chain of norms, GEMMs and activations.
    step with cuBLAS everywhere and with tinygemm2 (PDL) for the GEMMs. The difference is what the kernel
    choice can take off a decode step at that batch.
 Results are checked against F.linear before timing (the script stops on a wrong one).
+`--errors`: only tinygemm2's and cuBLAS's max error against a float32 product, K 256-3072 x N 256-1536 x 1-16 rows.
 """
 import argparse
 import statistics
@@ -57,8 +58,11 @@ def main():
     p.add_argument("--preset", default="qwen3-0.6b", choices=list(PRESETS))
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ms", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
+    p.add_argument("--errors", action="store_true", help="only the error table (small K and N included)")
     args = p.parse_args()
     tiny = get_tinygemm2_module()
+    if args.errors:
+        return error_table(tiny)
     h, _, _, _, _, layers, vocab = PRESETS[args.preset]
     dt, dev = torch.bfloat16, "cuda"
     shp = shapes(args.preset, args.tp)
@@ -127,6 +131,23 @@ def main():
         best = min(t_tp, t_mix)
         print(f"| {M} | {t_cb:.3f} | {t_tp:.3f} | {t_mix:.3f} | {t_cb - best:.3f} ({(t_cb - best) / t_cb:.0%}) |",
               flush=True)
+
+
+def error_table(tiny):
+    """Max |product - float32 product| for tinygemm2 (PDL) and cuBLAS at shapes down to the tiny test models'."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    print("| K | N | rows | tinygemm2 | cuBLAS | max abs of y |\n|---|---|---|---|---|---|")
+    for K in (256, 512, 768, 1024, 1536, 2048, 3072):
+        for N in (256, 1024, 1536):
+            for M in (1, 8, 16):
+                w = (torch.randn(N, K, generator=g, device="cuda") * 0.05).bfloat16()
+                x = torch.randn(M, K, generator=g, device="cuda").bfloat16()
+                ref = x.float() @ w.float().t()
+                out = torch.empty(M, N, dtype=torch.bfloat16, device="cuda")
+                tiny.tinygemm2_nobias_op(x, w, out, True)
+                e_t = (out.float() - ref).abs().max().item()
+                e_c = (F.linear(x, w).float() - ref).abs().max().item()
+                print(f"| {K} | {N} | {M} | {e_t:.4f} | {e_c:.4f} | {ref.abs().max().item():.2f} |", flush=True)
 
 
 if __name__ == "__main__":
