@@ -76,7 +76,8 @@ def main():
 
     print(f"\n### Decode GEMMs, {args.preset} TP={args.tp}, {torch.cuda.get_device_name()} "
           f"(us per GEMM, {layers} distinct weights in one graph)\n")
-    print("| layer (N x K) | M | cuBLAS | tinygemm2 | tinygemm2 + PDL | TB/s cuBLAS / best tiny |\n|---|---|---|---|---|---|")
+    print("| layer (N x K) | M | cuBLAS | tinygemm2 | tinygemm2 + PDL | TB/s cuBLAS / best tiny |\n"
+          "|---|---|---|---|---|---|")
     for M in args.ms:
         for name, (n, k) in list(shp.items()) + [("lm_head", tuple(head.shape))]:
             ws = weights[name] if name != "lm_head" else [head]

@@ -1,8 +1,8 @@
-"""layers/decode_gemm.py (opt-in: NANOVLLM_DECODE_GEMM=tinygemm): the kernel rule (which GEMMs go to tinygemm2) against the measured table in the module's
-header, the cuBLAS path everywhere else (the CPU), a bad NANOVLLM_DECODE_GEMM; on a GPU, tinygemm2 against
-F.linear in float32 at every decode shape of Qwen3-0.6B (with and without bias, odd row counts), and a CUDA
-graph of norm -> GEMM -> activation -> GEMM chains replayed on new inputs (the PDL launches must still wait
-for the kernel before them)."""
+"""layers/decode_gemm.py (opt-in: NANOVLLM_DECODE_GEMM=tinygemm): the kernel rule (which GEMMs go to
+tinygemm2) against the measured tables in the module's header, the cuBLAS path everywhere else (the CPU),
+a bad NANOVLLM_DECODE_GEMM; on a GPU, tinygemm2 against F.linear in float32 at every decode shape of
+Qwen3-0.6B (with and without bias, odd row counts), and a CUDA graph of norm -> GEMM -> activation -> GEMM
+chains replayed on new inputs (the PDL launches must still wait for the kernel before them)."""
 import pytest
 import torch
 import torch.nn.functional as F
