@@ -21,7 +21,8 @@ Its grid is ceil(N/16) x ceil(rows/8) blocks of one per SM: it wins while that g
 (`TINY_MAX_WAVES`) and rows <= 16 (`TINY_MAX_ROWS`); every measured point above follows that rule, and
 every one at Qwen3-8B's shapes (TP 1 and 2, call d). A step without attention (norms, activation, tinygemm2
 for every layer's GEMMs, LM head on cuBLAS) at 1-8 rows: 0.78 ms against cuBLAS's 0.86-1.03 ms; in the
-engine (profile_step, batch 1 x 600 tokens) 0.62 ms of GEMMs a step against 0.90. Measured on H200 only: other GPUs keep cuBLAS (sm90 only).
+engine (profile_step, batch 1 x 600 tokens) 0.62 ms of GEMMs a step against 0.90. Measured on H200 only:
+other GPUs keep cuBLAS (sm90 only).
 
 Off by default (NANOVLLM_DECODE_GEMM=tinygemm turns it on): with it on, two greedy GPU tests on tiny
 random-weight models failed in session 16 (tests/test_llama.py llama3-tiny: 4 of 16 requests identical or
