@@ -87,13 +87,15 @@ def test_flashinfer_backend_matches_torch_reference(case):
     bf16_close(out, torch_reference(q, kc, vc, batch))
 
 
-@pytest.mark.parametrize("bs,kernel", [(8, "TritonPagedDecode"), (32, "BatchDecodeWithPagedKVCacheWrapper")])
-def test_cuda_graph_decode_bit_identical_to_eager(bs, kernel, monkeypatch):
-    """The same planned wrappers run eagerly and replayed from a graph give the same bits; with
-    NANOVLLM_TRITON_SMALL_ROWS=16 graphs of <= 16 rows decode on the Triton kernel, larger ones on
-    FlashInfer's (auto, bf16 cache)."""
+@pytest.mark.parametrize("bs,small_rows,kernel", [(8, 0, "BatchDecodeWithPagedKVCacheWrapper"),
+                                                   (8, 16, "TritonPagedDecode"),
+                                                   (32, 16, "BatchDecodeWithPagedKVCacheWrapper")])
+def test_cuda_graph_decode_bit_identical_to_eager(bs, small_rows, kernel, monkeypatch):
+    """The same planned wrappers run eagerly and replayed from a graph give the same bits: FlashInfer's
+    decode by default (auto, bf16 cache); with NANOVLLM_TRITON_SMALL_ROWS=16 graphs of <= 16 rows on the
+    Triton kernel, larger ones still on FlashInfer's."""
     import nanovllm.attention.flashinfer_backend as fb
-    monkeypatch.setattr(fb, "TRITON_SMALL_ROWS", 16)
+    monkeypatch.setattr(fb, "TRITON_SMALL_ROWS", small_rows)
     backend = make_backend()
     batch, _ = layout([5, 17, 300, 1024, 64], [1] * 5)
     kc, vc = random_cache(4096)

@@ -46,11 +46,19 @@ NO_SPLIT_KV_ROWS = 64
 # (attention/triton_decode.py) under decode_attention_kernel=auto: one layer on one H200 (session 16 call b,
 # `python scripts/bench_kernels.py --only decode-kernels-small`, us, FlashInfer tensor-core decode / Triton):
 # 1 x 600 14 / 10, 1 x 4000 16 / 13, 8 x 600 17 / 14, 8 x 4000 45 / 46, 16 x 1500 38 / 36; at 64 x 2048
-# FlashInfer is ahead (137 / 150). It also skips FlashInfer's host-side plan (~0.2 ms a step at batch 1).
+# FlashInfer is ahead (137 / 150, session 15's table). It also skips FlashInfer's host-side plan (cProfile at
+# batch 1, its overhead included: ~0.2 ms a step).
 # 0 (off) by default, NANOVLLM_TRITON_SMALL_ROWS=16 turns it on: with it on, tests/test_awq.py's
 # test_awq_moe_engine_gpu failed in session 16 (2 of 24 requests identical or parted at a tie, 6 required)
 # and passed with it off in the same call; not yet explained (a near-tie test, or a fault at these shapes).
-TRITON_SMALL_ROWS = int(os.environ.get("NANOVLLM_TRITON_SMALL_ROWS", "0"))
+def _small_rows() -> int:
+    value = os.environ.get("NANOVLLM_TRITON_SMALL_ROWS", "0")
+    if not value.isdigit():
+        raise ValueError(f"NANOVLLM_TRITON_SMALL_ROWS={value!r}: a row count (0 turns it off)")
+    return int(value)
+
+
+TRITON_SMALL_ROWS = _small_rows()
 
 
 class FlashInferAttentionBackend(AttentionBackend):

@@ -17,9 +17,10 @@ of 28 distinct weights a shape, us per GEMM, cuBLAS / tinygemm2 with PDL):
 | 16 | 5.4 / 8.3 | 6.0 / 3.4 | 6.2 / 12.4 | 7.1 / 4.2 | 84 / 295 |
 | 32 | 5.4 / 15.5 | 6.1 / 5.9 | 6.4 / 22.5 | 7.1 / 7.4 | 86 / 584 |
 
-Its grid is ceil(N/16) x ceil(rows/8) blocks of one per SM: it wins while that grid fits in about two waves
-(`TINY_MAX_WAVES`) and rows <= 16 (`TINY_MAX_ROWS`); every measured point above follows that rule, and
-every one at Qwen3-8B's shapes (TP 1 and 2, call d). A step without attention (norms, activation, tinygemm2
+Its grid is ceil(N/16) x ceil(rows/8) blocks of one per SM: the rule takes it for rows <= 16 (`TINY_MAX_ROWS`)
+when that grid fits in about two waves (`TINY_MAX_WAVES`). Every shape it takes measured faster, here and at
+Qwen3-8B's shapes (TP 1 and 2, call d); it leaves a few marginal wins to cuBLAS (o at 32 rows 5.9 vs 6.1 us;
+8B TP=1 at 8 rows gate_up 50.6 vs 54.6, lm_head 292 vs 305). A step without attention (norms, activation, tinygemm2
 for every layer's GEMMs, LM head on cuBLAS) at 1-8 rows: 0.78 ms against cuBLAS's 0.86-1.03 ms; in the
 engine (profile_step, batch 1 x 600 tokens) 0.62 ms of GEMMs a step against 0.90. Measured on H200 only:
 other GPUs keep cuBLAS (sm90 only).
@@ -46,10 +47,14 @@ CHOICES = ("cublas", "tinygemm")
 
 
 def gemm_choice() -> str:
+    """NANOVLLM_DECODE_GEMM, validated (read once, at import: CHOICE)."""
     choice = os.environ.get("NANOVLLM_DECODE_GEMM", "cublas")
     if choice not in CHOICES:
         raise ValueError(f"NANOVLLM_DECODE_GEMM={choice!r}: choose one of {', '.join(CHOICES)}")
     return choice
+
+
+CHOICE = gemm_choice()
 
 
 def tiny_fits(rows: int, out_features: int, in_features: int, sms: int) -> bool:
@@ -79,13 +84,15 @@ def _tinygemm2():
 
 
 def _use_tiny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    if gemm_choice() != "tinygemm":
+    if CHOICE != "tinygemm":
         return False
-    if not (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.dim() == 2):
-        return False
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.dim() == 2
+            and weight.dim() == 2 and x.shape[1] == weight.shape[1] and x.device == weight.device):
+        return False  # anything F.linear would refuse stays with F.linear, which says why
     if not (x.is_contiguous() and weight.is_contiguous() and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0):
         return False  # TMA reads whole 16-byte-aligned rows
-    if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()):
+    if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_contiguous()
+                             or bias.shape != (weight.shape[0],) or bias.device != x.device):
         return False
     sms = _device_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
     if sms is None or not tiny_fits(x.shape[0], weight.shape[0], weight.shape[1], sms):
