@@ -26,14 +26,15 @@ engine (profile_step, batch 1 x 600 tokens) 0.62 ms of GEMMs a step against 0.90
 other GPUs keep cuBLAS (sm90 only).
 
 Off by default (NANOVLLM_DECODE_GEMM=tinygemm turns it on): with it on, two greedy GPU tests on tiny
-random-weight models failed in session 16 (tests/test_llama.py llama3-tiny: 4 of 16 requests identical or
-parted at a tie, 6 required; tests/test_gpu_host_tier.py flashinfer: 8 of 64 requests differ with the host
-tier, 2 allowed) and passed with it off, in the same call. tinygemm2's products match cuBLAS's error
-against float32 at every shape tried (K 256-3072, N 256-1536, 1-16 rows), so either those tests sit on
-near-ties that any change of rounding flips, or a PDL launch reads before its producer is done somewhere
-in the engine's stream. For the host-tier test the first is likely: on the CPU in bf16 its workload has 8 of
-64 requests differing with no kernel change and 14 with a 1-ulp change at few rows
-(scripts/host_tier_near_ties.py). Still open: rerun the failing tests twice each way and compare the runs."""
+random-weight models failed in session 16 and passed with it off in the same call: tests/test_llama.py
+llama3-tiny (4 of 16 outputs identical to the reference, 6 required; the other 12 parted at near-ties, which
+the test checks one by one) and tests/test_gpu_host_tier.py flashinfer (6 and 8 of 64 requests differ with
+the host tier in two calls, 2 allowed). tinygemm2's products have cuBLAS's maximum error against float32 at
+every shape tried (K 256-3072, N 256-1536, 1-16 rows). So either the tests sit on near-ties that any change
+of rounding flips, or a PDL launch reads before its producer is done somewhere in the engine's stream. The
+first is likely: every llama divergence was at a near-tie, and the host-tier test's workload on the CPU in
+bf16 has 8 of 64 requests differing with no kernel change at all, 14 with a 1-ulp change at few rows
+(scripts/host_tier_near_ties.py). To do on a GPU: rerun the failing tests twice each way, compare the runs."""
 import functools
 import logging
 import os
