@@ -49,7 +49,7 @@ NO_SPLIT_KV_ROWS = 64
 # FlashInfer is ahead (137 / 150, session 15's table). It also skips FlashInfer's host-side plan (cProfile at
 # batch 1, its overhead included: ~0.2 ms a step).
 # 0 (off) by default, NANOVLLM_TRITON_SMALL_ROWS=16 turns it on: with it on, tests/test_awq.py's
-# test_awq_moe_engine_gpu failed in session 16 (2 of 24 outputs identical to the reference, 6 required)
+# test_awq_moe_engine_gpu failed in session 16 (2 of 8 outputs identical to the reference, 6 required)
 # and passed with it off in the same call. Every one of its divergences was at a near-tie (the test checks each;
 # only its count of fully identical outputs fell short): likely rounding, not a fault; to confirm on a GPU.
 def _small_rows() -> int:
