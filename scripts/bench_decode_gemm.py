@@ -14,10 +14,10 @@ Results are checked against F.linear before timing (the script stops on a wrong 
 `--errors`: only tinygemm2's and cuBLAS's max error against a float32 product, K 256-3072 x N 256-1536 x 1-16 rows.
 """
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
+from sweep_triton_decode import timed as graph_ms   # median ms of a CUDA-graph replay of fn() (scripts/ is on the path)
 
 PRESETS = {  # (hidden, q heads, kv heads, head dim, intermediate, layers, vocab)
     "qwen3-0.6b": (1024, 16, 8, 128, 3072, 28, 151936),
@@ -29,26 +29,6 @@ def shapes(preset: str, tp: int) -> dict[str, tuple[int, int]]:
     h, hq, hkv, d, inter, _, _ = PRESETS[preset]
     return {"qkv": ((hq // tp + 2 * max(1, hkv // tp)) * d, h),
             "o": (h, hq // tp * d), "gate_up": (2 * inter // tp, h), "down": (h, inter // tp)}
-
-
-def graph_ms(fn, reps=30) -> float:
-    """Median ms of one replay of a CUDA graph of fn()."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def main():

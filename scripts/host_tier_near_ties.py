@@ -20,14 +20,8 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.layers.decode_gemm import linear
 from nanovllm.tools.make_model import make_model
 
-
-def tenants(seed=0):
-    """tests/test_gpu_host_tier.py's prompts."""
-    rng = random.Random(seed)
-    systems = [[rng.randrange(1900) for _ in range(300)] for _ in range(8)]
-    prompts = [s + [rng.randrange(1900) for _ in range(rng.randrange(3, 30))] for s in systems for _ in range(4)]
-    rng.shuffle(prompts)
-    return prompts
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from test_gpu_host_tier import tenants  # noqa: E402  (the GPU test's prompts)
 
 
 def main():
