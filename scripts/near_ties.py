@@ -28,8 +28,8 @@ from nanovllm.layers.decode_gemm import linear
 from nanovllm.tools.make_model import make_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from test_gpu_host_tier import tenants  # noqa: E402  (the GPU tests' prompts)
-from test_llama import random_prompts  # noqa: E402
+from small_batch_determinism import model_path, prompts  # noqa: E402  (tests/test_llama.py's llama3-tiny case)
+from test_gpu_host_tier import tenants  # noqa: E402  (the GPU test's prompts)
 
 
 def perturb(fraction: float):
@@ -61,30 +61,27 @@ def host_tier(fraction: float):
 
 
 def llama(fraction: float):
-    path = make_model("llama3-tiny", os.path.join(tempfile.gettempdir(), "nanovllm-near-ties-llama3-tiny"), seed=0,
-                      dtype="bfloat16", hidden_size=256, num_attention_heads=8, head_dim=128, intermediate_size=512,
-                      initializer_range=0.02)
-    prompts = random_prompts(2, [5, 17, 33, 64, 100, 129, 250, 400])
+    path, prompt_list = model_path(), prompts()
     kw = dict(attention_backend="torch", enforce_eager=True, max_model_len=1024, num_kvcache_blocks=2048)
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     ref = LLM(path, dtype="bfloat16", **kw)
-    expected = [o["token_ids"] for o in ref.generate(prompts, sp, use_tqdm=False)]
+    expected = [o["token_ids"] for o in ref.generate(prompt_list, sp, use_tqdm=False)]
     ref.close()
     perturb(fraction)
     llm = LLM(path, dtype="bfloat16", **kw)
-    got = [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
+    got = [o["token_ids"] for o in llm.generate(prompt_list, sp, use_tqdm=False)]
     llm.close()
     perturb(0.0)
     f32 = LLM(path, dtype="float32", **kw)
     gaps = []
-    for prompt, a, b in zip(prompts, got, expected):
+    for prompt, a, b in zip(prompt_list, got, expected):
         d = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
         if d is not None:
             out = f32.generate([prompt + b[:d]], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True,
                                                                  logprobs=20), use_tqdm=False)[0]
             lp = out["logprobs"][0]
             gaps.append((d, round(max(lp.values()) - lp[a[d]], 4) if a[d] in lp else None))
-    print(f"llama, fraction moved {fraction}: {len(prompts) - len(gaps)} of {len(prompts)} outputs identical; "
+    print(f"llama, fraction moved {fraction}: {len(prompt_list) - len(gaps)} of {len(prompt_list)} outputs identical; "
           f"(token index, float32 logit gap) where the others part: {gaps}")
 
 

@@ -95,6 +95,7 @@ def sweep_splits():
              [(f"{b}xU(200,1600)", rng.integers(200, 1600, b)) for b in (32, 64, 128, 256)]
     workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
     targets, tiles = (264, 528, 1056, 2112), ((128, 4, 3), (64, 4, 3), (64, 4, 2), (32, 4, 3))
+    default_target = td_mod.TARGET_PROGRAMS
     print("| rows x context | FlashInfer tc | " + " | ".join(f"target {t}" for t in targets) + " |")
     print("|---" * (len(targets) + 2) + "|")
     for label, lens in shapes:
@@ -128,7 +129,7 @@ def sweep_splits():
             splits = td_mod.choose_splits(len(lens), HKV)
             cells.append(f"{t * 1000:.1f} ({gb / t:.2f}) x{splits} {bt}/{warps}/{stages}")
         print(f"| {label} | {t_fi * 1000:.1f} ({gb / t_fi:.2f}) | " + " | ".join(cells) + " |", flush=True)
-    td_mod.TARGET_PROGRAMS = 264
+    td_mod.TARGET_PROGRAMS = default_target
 
 
 if __name__ == "__main__":

@@ -52,10 +52,11 @@ def test_cpu_and_other_inputs_take_the_reference_path(monkeypatch):
 
 
 def test_choice_is_opt_in_and_a_bad_one_is_named(monkeypatch):
+    import os
+    set_at_import = "NANOVLLM_DECODE_GEMM" in os.environ   # CHOICE was read then
     monkeypatch.delenv("NANOVLLM_DECODE_GEMM", raising=False)
     assert decode_gemm.gemm_choice() == "cublas"   # off by default (the module's header says why)
-    import os
-    if "NANOVLLM_DECODE_GEMM" not in os.environ:
+    if not set_at_import:
         assert decode_gemm.CHOICE == "cublas"
     monkeypatch.setenv("NANOVLLM_DECODE_GEMM", "fast")
     with pytest.raises(ValueError, match="NANOVLLM_DECODE_GEMM='fast'"):
