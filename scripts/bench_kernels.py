@@ -10,7 +10,8 @@
    56 shapes) and 16 held-out shapes, with FlashInferCascadeAttention in CUDA-graph mode as the
    engine runs it (shared levels on the kernel it picks), a least-squares fit of
    nanovllm/cascade/cost_model.py's coefficients per shared-level kernel on the training grid, and the
-   held-out errors (`--only cascade`; `--quick`: a quarter of it).
+   held-out errors (`--only cascade`; `--quick`: a quarter of it; `--held-out-seed S --held-out-count N`: N
+   fresh held-out shapes drawn from the whole range).
 """
 import argparse
 import json
@@ -178,19 +179,30 @@ def decode_kernels(quick, small=False):
         print(f"| {label} | " + " | ".join(f"{r:.3f} ({gbytes / r:.2f})" for r in res) + " |")
 
 
-def cascade_shapes(quick):
+def cascade_shapes(quick, held_out_seed=None, held_out_count=16):
     """(groups, requests per group, shared tokens): a training grid over the range the engine meets
     (rows per group 2-1024, shared 256-64k tokens, 1-256 groups, at most 1024 rows and 2M KV tokens a
-    layer) and a held-out set of seeded off-grid shapes."""
+    layer) and a held-out set of seeded off-grid shapes: sessions 8 and 13's (seed None: 16 shapes from
+    a short list of values), or `held_out_count` shapes drawn log-uniformly from the whole range issue
+    #14 names (groups 1-256, rows per group 2-1024, shared 16-64k tokens, a whole number of pages) with
+    `held_out_seed`."""
     fits = lambda g, r, s: g * r <= 1024 and g * s + g * r * 256 <= 2_000_000  # noqa: E731
     train = [(g, r, s) for g in (1, 4, 16, 64, 256) for r in (2, 8, 32, 128, 1024) for s in (256, 2048, 16384, 65536)
              if fits(g, r, s)]
-    rng = np.random.default_rng(1)
+    if held_out_seed is not None:   # the whole range: 4-page shared runs too
+        train += [(g, r, 64) for g in (1, 4, 16, 64, 256) for r in (2, 8, 32, 128, 1024) if fits(g, r, 64)]
     held_out = []
-    while len(held_out) < 16:
-        shape = (int(rng.choice([2, 3, 6, 12, 24, 48, 96])), int(rng.choice([3, 5, 12, 24, 48, 96, 200])),
-                 int(rng.choice([512, 1008, 4096, 12000, 30000])))
-        if fits(*shape) and shape not in held_out:
+    if held_out_seed is None:
+        rng = np.random.default_rng(1)
+        draw = lambda: (int(rng.choice([2, 3, 6, 12, 24, 48, 96])), int(rng.choice([3, 5, 12, 24, 48, 96, 200])),  # noqa: E731
+                        int(rng.choice([512, 1008, 4096, 12000, 30000])))
+    else:
+        rng = np.random.default_rng(held_out_seed)
+        log_int = lambda lo, hi: int(round(np.exp(rng.uniform(np.log(lo), np.log(hi)))))  # noqa: E731
+        draw = lambda: (log_int(1, 256), log_int(2, 1024), 16 * log_int(1, 4096))  # noqa: E731
+    while len(held_out) < held_out_count:
+        shape = draw()
+        if fits(*shape) and shape not in held_out and shape not in train:
             held_out.append(shape)
     return (train[::4], held_out[:4]) if quick else (train, held_out)
 
@@ -233,8 +245,8 @@ def cascade_sample(groups, per, shared, page=16, unique=256):
     return CostSample.of(plan, page, backend, regular, cascade)
 
 
-def cascade_grid(quick):
-    train, held_out = cascade_shapes(quick)
+def cascade_grid(quick, held_out_seed=None, held_out_count=16):
+    train, held_out = cascade_shapes(quick, held_out_seed, held_out_count)
     print("\n### Cascade vs regular decode, one layer, CUDA graphs, page 16, 256 own tokens a request\n\n"
           "| set | groups x requests | shared | regular ms | cascade ms | speed-up | shared levels on |\n"
           "|---|---|---|---|---|---|---|")
@@ -421,7 +433,8 @@ def triton_shared(quick):
 SECTIONS = {"prefill": prefill_backends, "decode": decode_options, "decode-kernels": decode_kernels,
             "decode-kernels-small": lambda quick: decode_kernels(quick, small=True),
             "levels": cascade_backends, "triton-shared": triton_shared, "layout": kv_layouts,
-            "cascade": lambda quick: fit(cascade_grid(quick))}
+            "cascade": lambda quick: fit(cascade_grid(quick, HELD_OUT_SEED, HELD_OUT_COUNT))}
+HELD_OUT_SEED, HELD_OUT_COUNT = None, 16   # --held-out-seed / --held-out-count
 
 
 def main():
@@ -430,8 +443,12 @@ def main():
     p.add_argument("--only", choices=list(SECTIONS))
     p.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16",
                    help="decode-kernels: the KV cache's dtype (fp8: e4m3, the engine's kv_cache_dtype=fp8_e4m3)")
+    p.add_argument("--held-out-seed", type=int, default=None,
+                   help="cascade: draw the held-out shapes from the whole range with this seed (default: session 8's set)")
+    p.add_argument("--held-out-count", type=int, default=16)
     args = p.parse_args()
-    global KV_DT
+    global KV_DT, HELD_OUT_SEED, HELD_OUT_COUNT
+    HELD_OUT_SEED, HELD_OUT_COUNT = args.held_out_seed, args.held_out_count
     KV_DT = torch.float8_e4m3fn if args.kv_dtype == "fp8" else DT
     for name, section in SECTIONS.items():
         if args.only in (None, name):
