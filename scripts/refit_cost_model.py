@@ -3,7 +3,7 @@ predicts: the held-out errors, how often its decision matches the measured faste
 coefficients as code. No GPU: it reads the table scripts/bench_kernels.py --only cascade prints (which
 calls `report` on its own samples).
 
-    python scripts/refit_cost_model.py                                   # the stored H200 grid, session 13
+    python scripts/refit_cost_model.py                                   # the stored H200 grid, session 17
     python scripts/refit_cost_model.py --table my_run.md                 # a run's printed table
 
 A table row is `| set | G x R | shared | regular ms | cascade ms | speed-up | kernel |`: G groups of R
@@ -16,19 +16,24 @@ import re
 
 import numpy as np
 
-from nanovllm.cascade.cost_model import CostSample, fit_cost_model, relative_errors
+from nanovllm.cascade.cost_model import (REGULAR_TERMS, CostSample, fit_cost_model, predicted, regular_decode_split,
+                                         relative_errors, tile_rows)
 
 PAGE, OWN_TOKENS = 16, 256       # scripts/bench_kernels.cascade_sample's defaults
-STORED = os.path.join(os.path.dirname(__file__), "..", "claude_docs", "data", "cascade_grid_h200_s13.md")
+HQ, HKV = 16, 8                  # its heads (Qwen3-0.6B's)
+STORED = os.path.join(os.path.dirname(__file__), "..", "claude_docs", "data", "cascade_grid_h200_s17.md")
 ROW = re.compile(r"\| (train|held-out) \| (\d+) x (\d+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+ \| ([\w-]+) \|")
 
 
 def sample_of(groups: int, per: int, shared: int, regular_ms: float, cascade_ms: float, backend: str) -> CostSample:
     """The CostSample bench_kernels.cascade_sample measures at this shape (CostSample.of on its plan)."""
     shared_pages, own_pages, rows = shared // PAGE, OWN_TOKENS // PAGE, groups * per
+    chunk, waves = regular_decode_split([shared_pages + own_pages] * rows, HKV, PAGE)
+    tiles = groups * -(-per // tile_rows(backend, HQ // HKV))
     return CostSample(backend, 2, rows * (shared_pages + own_pages) * PAGE,
                       (groups * shared_pages + rows * own_pages) * PAGE, rows * shared_pages * PAGE,
-                      regular_ms, cascade_ms, rows)
+                      regular_ms, cascade_ms, rows, chunk * waves * PAGE, waves, tiles * shared_pages * PAGE,
+                      rows * own_pages * PAGE)
 
 
 def parse_table(path: str) -> dict:
@@ -55,22 +60,22 @@ def report(samples: dict):
               f"cascade ms (pred) | error reg / casc |\n|---|---|---|---|---|")
         agree = 0
         for (shape, s), (er, ec) in zip(rows, errs):
-            pr = model.regular_line(s.regular_tokens, s.cascade_tokens, s.rows)
-            pc = model.cascade[s.backend].ms(s.levels, s.cascade_tokens, s.qk_tokens)
+            pr, pc = predicted(model, s)
             agree += (pc < model.margin * pr) == (s.cascade_ms < s.regular_ms)
             print(f"| {' x '.join(map(str, shape))} | {s.backend} | {s.regular_ms:.4f} ({pr:.4f}) | {s.cascade_ms:.4f} "
                   f"({pc:.4f}) | {100 * er:.1f}% / {100 * ec:.1f}% |")
         flat = np.array(errs)
+        within = int((flat.max(axis=1) <= 0.10).sum())
         print(f"\n{name}: regular error median {100 * np.median(flat[:, 0]):.1f}% max {100 * flat[:, 0].max():.1f}%; "
               f"cascade error median {100 * np.median(flat[:, 1]):.1f}% max {100 * flat[:, 1].max():.1f}%; "
+              f"both within 10% on {within} of {len(rows)}; "
               f"decision agrees with the measured faster choice on {agree} of {len(rows)}")
     print("\n# cost_model.py coefficients (fitted):")
-    print(f"    regular_fixed_ms: float = {model.regular_fixed_ms:.4g}")
-    print(f"    regular_per_token_ms: float = {model.regular_per_token_ms:.4g}")
-    print(f"    regular_per_unique_ms: float = {model.regular_per_unique_ms:.4g}")
-    print(f"    regular_per_row_ms: float = {model.regular_per_row_ms:.4g}")
+    for term in REGULAR_TERMS:
+        print(f"    regular_{term}_ms: float = {getattr(model, f'regular_{term}_ms'):.4g}")
     for name, c in model.cascade.items():
-        print(f"    {name!r}: LevelCosts({c.fixed_ms:.4g}, {c.per_token_ms:.4g}, {c.per_qk_ms:.4g}),")
+        print(f"    {name!r}: LevelCosts({c.fixed_ms:.4g}, {c.per_tile_token_ms:.4g}, {c.per_own_token_ms:.4g}, "
+              f"{c.per_qk_ms:.4g}),")
     return model
 
 

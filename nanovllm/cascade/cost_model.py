@@ -1,12 +1,16 @@
 """Does cascade attention pay for this step? A linear model of one attention layer's time.
 
-Regular paged decode reads every request's KV: time ~ fixed + per_token * (tokens read) + per_unique *
-(distinct tokens: what the plan reads once, the shared pages' first reads; the repeats hit L2 and
-cost less) + per_row * (requests).
-Cascade reads each shared run once per group, but launches one kernel per level plus merges and
-does more work per KV token (a group's queries all meet the shared KV): time ~ fixed_per_level
-* levels + per_token * (tokens read by the plan) + per_qk * (query rows x shared tokens), with
-coefficients of their own for each shared-level kernel (the Triton tiles stream bytes, fa3 is
+Regular paged decode (FlashInfer's tensor-core decode, as the engine runs it) cuts each request's pages
+into chunks so that its CTAs fit two an SM (`regular_decode_split`, the rule of FlashInfer's planner), and
+its time follows the critical path more than the total: time ~ fixed + per_unique * (distinct tokens:
+the first reads of pages from HBM; the repeats hit L2) + per_crit * (tokens on the longest CTA chain:
+waves x chunk) + per_wave * waves (+ per_token * tokens read and per_row * requests, which the fit may
+keep at 0).
+Cascade reads each shared run once per group, but launches one kernel per level plus merges, and its
+shared-level kernel streams a group's run once per tile of query rows (`shared_tile_tokens`: 16 or 32
+rows for the Triton tiles, 128 for fa3): time ~ fixed_per_level * levels + per_tile_token * (shared
+tokens x tiles) + per_own_token * (the requests' own tokens) + per_qk * (query rows x shared tokens),
+with coefficients of their own for each shared-level kernel (the Triton tiles stream bytes, fa3 is
 tensor-core bound: one line cannot fit both). Coefficients are fitted to measurements on the H200
 (`python scripts/bench_kernels.py --only cascade` measures a training grid and a held-out grid,
 fits with `fit_cost_model` and prints the held-out errors; claude_docs/cascade.md has the tables);
@@ -16,16 +20,19 @@ of one step, so a 20% error on a 0.04 ms step matters as much as one on a 4 ms s
 
 Session 8 (H200, 56 training + 16 held-out shapes, claude_docs/cascade.md): plain least squares with
 the regular line on tokens read alone gave held-out errors of median 13.7% / max 128% (regular) and
-11.7% / 31.8% (cascade); relative least squares with the distinct-token and per-request terms,
-refitted on the same measurements (the defaults below), 4.6% / 34% (regular) and 10.0% / 25%
-(cascade: 14.0% on the Triton 16-row tile's 11 shapes, 7.1% on the 32-row tile's 5), and the
-model's choice matched the measured faster one on 14 of 16 held-out and 49 of 56 training shapes
-(37 of 56 before).
+11.7% / 31.8% (cascade); relative least squares with the distinct-token and per-request terms 4.6% / 34%
+(regular) and 10.0% / 25% (cascade). Session 13 (re-measured after the Triton tiles' split counts began
+to fill whole waves): 5.8% / 34% and 3.8% / 24%.
 
-Session 13 (same H200 grid, re-measured after the Triton tiles' split counts began to fill whole waves:
-claude_docs/data/cascade_grid_h200_s13.md; the defaults below are its fit): held-out errors median
-5.8% / max 34% (regular) and 3.8% / 24% (cascade); the choice matched the measured faster one on 16 of
-16 held-out and 51 of 56 training shapes.
+Session 17 (claude_docs/data/cascade_grid_h200_s17.md: session 13's grid plus 4-page shared runs, 71
+training shapes, and 32 held-out shapes drawn over issue #14's whole range): session 13's terms refitted
+there gave held-out 7.6% / 27.1% (regular) and 7.2% / 30.9% (cascade). Its worst regular points had few
+requests (18-52) over 2,000-14,000-token contexts, where FlashInfer splits each request and the time
+follows the longest chunk (3 x 6 x 2,432 tokens took as long as 4 x 8 x 2,048: one 2,688-token chunk a
+CTA against one of 2,304); its worst cascade points had groups of 35-85 rows on the 32-row tile, which
+streams the shared run once per 32 rows (5 x 42 x 26,592 took as long as 4 x 32 x 65,536: 266k tile
+tokens against 262k). The terms above are those two mechanisms; the defaults are their fit on that grid
+(scripts/refit_cost_model.py; its held-out errors are in claude_docs/cascade.md).
 """
 from dataclasses import dataclass, field
 
@@ -41,49 +48,120 @@ def shared_qk_pages(plan) -> int:
     return total
 
 
+def pages_per_row(plan) -> np.ndarray:
+    """Pages each query row (in plan order) reads over all levels: what regular decode reads for it."""
+    total = np.zeros(plan.num_rows, np.int64)
+    for level in plan.levels:
+        rows, pages = level.rows_and_pages()
+        total += np.repeat(pages, rows)
+    return total
+
+
+SLOTS_PER_SM = 2     # FlashInfer's tensor-core decode plans two CTAs an SM (scheduler.cuh, PrefillPlan)
+NUM_SMS = 132        # the H200 the coefficients were measured on
+
+
+def regular_decode_split(pages, kv_heads: int, page_size: int, num_sms: int = NUM_SMS) -> tuple[int, int]:
+    """(chunk pages, waves) of FlashInfer's tensor-core paged decode over requests of `pages`
+    pages each: its planner picks the smallest chunk (>= 128 tokens) that cuts the requests into at most
+    2 x SMs / kv heads pieces, or no cut when there are more requests than that; each (piece, kv head)
+    is a CTA, two an SM at a time. The longest CTA chain is waves x the chunk. A Python loop: <= 20 us
+    at <= 33 requests, where it searches (numpy's per-call cost was 30 us)."""
+    slots = SLOTS_PER_SM * num_sms
+    limit = max(slots // kv_heads, 1)
+    chunk = max(128 // page_size, 1)
+    if len(pages) <= limit:
+        p = [max(int(x), 1) for x in pages]
+        longest = max(p, default=1)
+        chunk = max(chunk, -(-sum(p) // limit))   # no chunk below this can fit
+        hi = max(chunk, longest)
+        while chunk < hi:
+            mid = (chunk + hi) // 2
+            if sum(-(-x // mid) for x in p) > limit:
+                chunk = mid + 1
+            else:
+                hi = mid
+        pieces = sum(-(-x // chunk) for x in p)
+    else:
+        longest = max(int(np.max(pages)), 1)
+        chunk, pieces = max(chunk, longest), len(pages)
+    return min(chunk, longest), -(-pieces * kv_heads // slots)
+
+
+# Query rows one CTA of each shared-level kernel takes (shared_kernel.TILES; FlashInfer's fa3 and fa2 tiles):
+# a group's shared run is streamed once per tile of its rows.
+TILE_ROWS = {"triton": 16, "triton-wide": 32, "fa3": 128, "fa3-split": 128, "fa2": 64}
+
+
+def tile_rows(kernel: str, gqa: int) -> int:
+    rows = TILE_ROWS.get(kernel, 16)
+    return min(rows, max(128 // gqa, 1)) if kernel.startswith("triton") else rows   # the Triton tile narrows for GQA 8
+
+
+def shared_tile_pages(plan, rows_a_tile: int) -> int:
+    """Sum over shared groups of (tiles of query rows x pages)."""
+    total = 0
+    for level in plan.levels[:-1]:
+        rows, pages = level.rows_and_pages()
+        total += int((-(-rows // rows_a_tile) * pages).sum())
+    return total
+
+
 @dataclass(frozen=True)
 class CostSample:
     """One measured decode layer: the plan's features (tokens, not pages), its shared-level kernel,
     and the two measured times."""
     backend: str
     levels: int
-    regular_tokens: int
-    cascade_tokens: int
-    qk_tokens: int
+    regular_tokens: int      # every request's tokens
+    cascade_tokens: int      # the plan's tokens: each shared run once, plus the requests' own
+    qk_tokens: int           # query rows x shared tokens
     regular_ms: float
     cascade_ms: float
     rows: int = 1            # query rows (requests at decode)
+    crit_tokens: int = 0     # regular decode's longest CTA chain (regular_decode_split)
+    waves: int = 1           # its waves of CTAs
+    tile_tokens: int = 0     # shared tokens x tiles of query rows (shared_tile_pages)
+    own_tokens: int = 0      # the last level's tokens
 
     @classmethod
-    def of(cls, plan, page_size: int, backend: str, regular_ms: float, cascade_ms: float) -> "CostSample":
+    def of(cls, plan, page_size: int, backend: str, regular_ms: float, cascade_ms: float,
+           num_qo_heads: int = 16, num_kv_heads: int = 8) -> "CostSample":
+        chunk, waves = regular_decode_split(pages_per_row(plan), num_kv_heads, page_size)
+        own = int(plan.levels[-1].kv_indptr[-1])   # the last level's pages
         return cls(backend, len(plan.levels), plan.regular_kv_pages * page_size, plan.cascade_kv_pages * page_size,
-                   shared_qk_pages(plan) * page_size, regular_ms, cascade_ms, plan.num_rows)
+                   shared_qk_pages(plan) * page_size, regular_ms, cascade_ms, plan.num_rows, chunk * waves * page_size,
+                   waves, shared_tile_pages(plan, tile_rows(backend, num_qo_heads // num_kv_heads)) * page_size,
+                   own * page_size)
 
 
 @dataclass(frozen=True)
 class LevelCosts:
-    fixed_ms: float         # per level (a launch, a plan, a merge)
-    per_token_ms: float     # per KV token the plan reads
-    per_qk_ms: float        # per (query row x shared KV token)
+    fixed_ms: float          # per level (a launch, a plan, a merge)
+    per_tile_token_ms: float  # per shared KV token, once per tile of query rows
+    per_own_token_ms: float  # per token of the requests' own level
+    per_qk_ms: float         # per (query row x shared KV token)
 
-    def ms(self, levels: int, cascade_tokens: int, qk_tokens: int) -> float:
-        return self.fixed_ms * levels + self.per_token_ms * cascade_tokens + self.per_qk_ms * qk_tokens
+    def ms(self, levels: int, tile_tokens: int, own_tokens: int, qk_tokens: int) -> float:
+        return (self.fixed_ms * levels + self.per_tile_token_ms * tile_tokens + self.per_own_token_ms * own_tokens
+                + self.per_qk_ms * qk_tokens)
 
 
-# Session 13's fit on the H200 (Qwen3-0.6B heads, page 16, CUDA graphs; scripts/bench_kernels.py --only
-# cascade; the grid is stored in claude_docs/data/cascade_grid_h200_s13.md and scripts/refit_cost_model.py
+# Session 17's fit on the H200 (Qwen3-0.6B heads, page 16, CUDA graphs; scripts/bench_kernels.py --only
+# cascade; the grid is stored in claude_docs/data/cascade_grid_h200_s17.md and scripts/refit_cost_model.py
 # refits it: these are that fit, checked by tests/test_cascade_policy.py). fa2 had no training shape of
-# its own (the engine picks it only for an fp8 cache or when configured): the all-kernel line.
-# SESSION3_COSTS, session 3's one line for every kernel, serves a kernel the table does not name.
-SESSION3_COSTS = LevelCosts(0.0143, 8.92e-7, 1.30e-8)
-H200_COSTS = {"triton": LevelCosts(0.01105, 9.829e-7, 0.0),
-              "triton-wide": LevelCosts(0.01419, 7.675e-7, 1.459e-8),
-              "fa3": LevelCosts(0.0, 1.059e-6, 1.190e-8),
-              "fa2": LevelCosts(0.01148, 9.219e-7, 1.179e-8)}
+# its own (the engine picks it only for an fp8 cache or when configured): the all-kernel line, which also
+# serves a kernel the table does not name (FALLBACK_COSTS).
+H200_COSTS = {"triton": LevelCosts(0.01019, 9.685e-7, 1.066e-6, 0.0),
+              "triton-wide": LevelCosts(0.01116, 1.098e-6, 9.51e-7, 0.0),
+              "fa3": LevelCosts(0.1391, 1.617e-6, 0.0, 0.0),
+              "fa3-split": LevelCosts(0.01184, 1.874e-6, 1.056e-6, 0.0),
+              "fa2": LevelCosts(0.01038, 9.343e-7, 1.033e-6, 6.208e-9)}
+FALLBACK_COSTS = H200_COSTS["fa2"]
 
 
-# fa3 cut into pieces runs fa3's FLOPs on more SMs: until measured on the grid it takes fa3's line
-# (an upper bound where it is picked: its levels are faster than fa3's).
+# A kernel without a line of its own takes another's (fa3 cut into pieces runs fa3's FLOPs on more SMs:
+# an upper bound where it is picked).
 LINE_OF = {"fa3-split": "fa3"}
 
 
@@ -93,12 +171,13 @@ def _default_costs() -> dict:
 
 @dataclass(frozen=True)
 class CascadeCostModel:
-    # Regular decode's per-token cost is low because shared pages hit L2 across requests; its first
-    # read of a page costs per_unique more. Session 13's refit (module doc).
-    regular_fixed_ms: float = 0.01267
-    regular_per_token_ms: float = 4.037e-7
-    regular_per_unique_ms: float = 2.966e-7
-    regular_per_row_ms: float = 1.294e-4
+    # Regular decode: session 17's refit (module doc).
+    regular_fixed_ms: float = 0.00822
+    regular_per_token_ms: float = 0.0
+    regular_per_unique_ms: float = 3.026e-7
+    regular_per_row_ms: float = 0.0
+    regular_per_crit_ms: float = 1.278e-5
+    regular_per_wave_ms: float = 0.005245
     cascade: dict = field(default_factory=_default_costs)   # shared-level kernel -> LevelCosts
     margin: float = 0.9                     # cascade must be predicted >= 10% faster
     num_qo_heads: int = 16                  # a rank's heads: they decide the shared-level kernel
@@ -111,45 +190,72 @@ class CascadeCostModel:
             return self.shared_backend
         return shared_level_backend(plan, self.num_qo_heads, self.num_kv_heads, self.kv_fp8)
 
-    def regular_ms(self, plan, page_size: int) -> float:
-        return self.regular_line(plan.regular_kv_pages * page_size, plan.cascade_kv_pages * page_size, plan.num_rows)
+    def line(self, kernel: str) -> LevelCosts:
+        return self.cascade.get(kernel) or self.cascade.get(LINE_OF.get(kernel, ""), FALLBACK_COSTS)
 
-    def regular_line(self, tokens: int, unique_tokens: int, rows: int) -> float:
+    def regular_ms(self, plan, page_size: int) -> float:
+        chunk, waves = regular_decode_split(pages_per_row(plan), self.num_kv_heads, page_size)
+        return self.regular_line(plan.regular_kv_pages * page_size, plan.cascade_kv_pages * page_size, plan.num_rows,
+                                 chunk * waves * page_size, waves)
+
+    def regular_line(self, tokens: int, unique_tokens: int, rows: int, crit_tokens: int, waves: int) -> float:
         return (self.regular_fixed_ms + self.regular_per_token_ms * tokens + self.regular_per_unique_ms * unique_tokens
-                + self.regular_per_row_ms * rows)
+                + self.regular_per_row_ms * rows + self.regular_per_crit_ms * crit_tokens
+                + self.regular_per_wave_ms * waves)
 
     def cascade_ms(self, plan, page_size: int) -> float:
         kernel = self.backend(plan)
-        costs = self.cascade.get(LINE_OF.get(kernel, kernel), SESSION3_COSTS)
-        return costs.ms(len(plan.levels), plan.cascade_kv_pages * page_size, shared_qk_pages(plan) * page_size)
+        tiles = shared_tile_pages(plan, tile_rows(kernel, self.num_qo_heads // self.num_kv_heads))
+        own = int(plan.levels[-1].kv_indptr[-1])
+        return self.line(kernel).ms(len(plan.levels), tiles * page_size, own * page_size,
+                                    shared_qk_pages(plan) * page_size)
 
     def worth_it(self, plan, page_size: int) -> bool:
         return self.cascade_ms(plan, page_size) < self.margin * self.regular_ms(plan, page_size)
 
 
-def fit_cost_model(samples: list[CostSample], min_samples: int = 4) -> CascadeCostModel:
+# The regular line's terms, in CascadeCostModel's field order; REGULAR_FIT the ones fit_cost_model fits
+# (session 17: the total-tokens and per-request terms overfit its grid: held-out max 16.2% with them, 14.1%
+# without; claude_docs/cascade.md).
+REGULAR_TERMS = ("fixed", "per_token", "per_unique", "per_row", "per_crit", "per_wave")
+REGULAR_FIT = ("fixed", "per_unique", "per_crit", "per_wave")
+
+
+def regular_features(s: CostSample) -> dict:
+    return {"fixed": 1.0, "per_token": s.regular_tokens, "per_unique": s.cascade_tokens, "per_row": s.rows,
+            "per_crit": s.crit_tokens, "per_wave": s.waves}
+
+
+def cascade_features(s: CostSample) -> list:
+    return [s.levels, s.tile_tokens, s.own_tokens, s.qk_tokens]
+
+
+def fit_cost_model(samples: list[CostSample], min_samples: int = 4, regular_terms=REGULAR_FIT) -> CascadeCostModel:
     """Least squares: the regular line over every sample; the cascade line per shared-level kernel
     over its samples (a kernel with fewer than min_samples keeps the all-kernel fit). Coefficients are
     constrained to >= 0 (a negative cost is noise; `relative_least_squares`)."""
-    reg = relative_least_squares([[1.0, s.regular_tokens, s.cascade_tokens, s.rows] for s in samples],
+    reg = relative_least_squares([[regular_features(s)[t] for t in regular_terms] for s in samples],
                                  [s.regular_ms for s in samples])
+    coef = dict(zip(regular_terms, reg))
 
     def line(subset):
-        return LevelCosts(*relative_least_squares([[s.levels, s.cascade_tokens, s.qk_tokens] for s in subset],
+        return LevelCosts(*relative_least_squares([cascade_features(s) for s in subset],
                                                   [s.cascade_ms for s in subset]))
     every = line(samples)
-    costs = _default_costs()
-    for name in costs:
+    costs = {}
+    for name in sorted(set(TILE_ROWS) | {s.backend for s in samples}):
         subset = [s for s in samples if s.backend == name]
-        costs[name] = line(subset) if len(subset) >= min_samples else every
-    return CascadeCostModel(regular_fixed_ms=reg[0], regular_per_token_ms=reg[1], regular_per_unique_ms=reg[2],
-                            regular_per_row_ms=reg[3], cascade=costs)
+        if len(subset) >= min_samples:
+            costs[name] = line(subset)
+        elif name not in LINE_OF:
+            costs[name] = every
+    return CascadeCostModel(**{f"regular_{t}_ms": coef.get(t, 0.0) for t in REGULAR_TERMS}, cascade=costs)
 
 
 def relative_least_squares(features: list[list[float]], measured: list[float]) -> list[float]:
     """Coefficients >= 0 (a negative cost is noise) minimising the sum of squared relative errors.
     Exact: the constrained optimum is the unconstrained least squares over the columns it leaves
-    nonzero, so every subset of columns is solved (2**4 at most here) and the best nonnegative
+    nonzero, so every subset of columns is solved (2**6 at most here) and the best nonnegative
     solution kept. Clipping the free solution at 0 instead leaves the other coefficients fitted to a
     term that is gone (a clipped fixed cost had the per-token cost 0.56 where 0.40 fits:
     tests/test_cascade_policy.py)."""
@@ -169,12 +275,17 @@ def relative_least_squares(features: list[list[float]], measured: list[float]) -
     return [float(c) for c in best]
 
 
+def predicted(model: CascadeCostModel, s: CostSample) -> tuple[float, float]:
+    """(regular, cascade) ms the model predicts for a sample."""
+    reg = model.regular_line(s.regular_tokens, s.cascade_tokens, s.rows, s.crit_tokens, s.waves)
+    return reg, model.line(s.backend).ms(*cascade_features(s))
+
+
 def relative_errors(model: CascadeCostModel, samples: list[CostSample]) -> list[tuple[float, float]]:
     """(regular, cascade) |predicted - measured| / measured of each sample."""
     out = []
     for s in samples:
-        reg = model.regular_line(s.regular_tokens, s.cascade_tokens, s.rows)
-        cas = model.cascade.get(s.backend, SESSION3_COSTS).ms(s.levels, s.cascade_tokens, s.qk_tokens)
+        reg, cas = predicted(model, s)
         out.append((abs(reg - s.regular_ms) / s.regular_ms, abs(cas - s.cascade_ms) / s.cascade_ms))
     return out
 
