@@ -192,8 +192,8 @@ def cascade_shapes(quick, held_out_seed=None, held_out_count=16):
     if held_out_seed is not None:   # the whole range: 4-page shared runs, and every kernel's tiles partly filled
         train += [(g, r, 64) for g in (1, 4, 16, 64, 256) for r in (2, 8, 32, 128, 1024) if fits(g, r, 64)]
         train += [(g, 48, s) for g in (1, 4, 16) for s in (256, 2048, 16384, 65536) if fits(g, 48, s)]   # 32-row tile
-        train += [(g, r, s) for g, r in ((16, 64), (8, 128), (4, 256), (2, 512)) for s in (256, 2048, 16384)
-                  if fits(g, r, s)]                                                                     # fa3
+        train += [(g, r, s) for g, r in ((16, 64), (8, 128), (4, 256), (2, 512), (4, 64), (8, 64), (8, 96))
+                  for s in (256, 2048, 16384) if fits(g, r, s)]                                         # fa3
     held_out = []
     if held_out_seed is None:
         rng = np.random.default_rng(1)

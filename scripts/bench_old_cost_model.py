@@ -9,16 +9,29 @@ Takes bench.py's arguments."""
 import dataclasses
 import sys
 
-import nanovllm.cascade.cost_model as cm
 import nanovllm.cascade.policy as policy
+from nanovllm.cascade.cost_model import CascadeCostModel, shared_qk_pages
 
 _new = policy.cost_model_for
 
 
+@dataclasses.dataclass(frozen=True)
+class Session3CostModel(CascadeCostModel):
+    """Regular decode 0.0781 ms + 4.25e-7 ms a KV token read; cascade 0.0143 ms a level + 8.92e-7 ms a
+    token the plan reads + 1.30e-8 ms a (query row x shared token), for every shared-level kernel."""
+
+    def regular_ms(self, plan, page_size: int) -> float:
+        return 0.0781 + 4.25e-7 * plan.regular_kv_pages * page_size
+
+    def cascade_ms(self, plan, page_size: int) -> float:
+        return (0.0143 * len(plan.levels) + 8.92e-7 * plan.cascade_kv_pages * page_size
+                + 1.30e-8 * shared_qk_pages(plan) * page_size)
+
+
 def _old(config):
-    return dataclasses.replace(_new(config), regular_fixed_ms=0.0781, regular_per_token_ms=4.25e-7,
-                               regular_per_unique_ms=0.0, regular_per_row_ms=0.0,
-                               cascade={k: cm.SESSION3_COSTS for k in ("triton", "triton-wide", "fa3", "fa2")})
+    new = _new(config)
+    return Session3CostModel(num_qo_heads=new.num_qo_heads, num_kv_heads=new.num_kv_heads,
+                             shared_backend=new.shared_backend, kv_fp8=new.kv_fp8)
 
 
 if __name__ == "__main__":

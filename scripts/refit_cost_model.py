@@ -3,7 +3,7 @@ predicts: the held-out errors, how often its decision matches the measured faste
 coefficients as code. No GPU: it reads the table scripts/bench_kernels.py --only cascade prints (which
 calls `report` on its own samples).
 
-    python scripts/refit_cost_model.py                                   # the stored H200 grid, session 17
+    python scripts/refit_cost_model.py                                   # the stored H200 grids, session 17
     python scripts/refit_cost_model.py --table my_run.md                 # a run's printed table
 
 A table row is `| set | G x R | shared | regular ms | cascade ms | speed-up | kernel |`: G groups of R
@@ -21,7 +21,9 @@ from nanovllm.cascade.cost_model import (REGULAR_TERMS, CostSample, fit_cost_mod
 
 PAGE, OWN_TOKENS = 16, 256       # scripts/bench_kernels.cascade_sample's defaults
 HQ, HKV = 16, 8                  # its heads (Qwen3-0.6B's)
-STORED = os.path.join(os.path.dirname(__file__), "..", "claude_docs", "data", "cascade_grid_h200_s17.md")
+DATA = os.path.join(os.path.dirname(__file__), "..", "claude_docs", "data")
+# Session 17's three grids (calls h, i, j; one H200 each): the defaults are the fit on their training shapes together
+STORED = [os.path.join(DATA, f"cascade_grid_h200_s17{call}.md") for call in ("", "i", "j")]
 ROW = re.compile(r"\| (train|held-out) \| (\d+) x (\d+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+ \| ([\w-]+) \|")
 
 
@@ -36,17 +38,18 @@ def sample_of(groups: int, per: int, shared: int, regular_ms: float, cascade_ms:
                       rows * own_pages * PAGE)
 
 
-def parse_table(path: str) -> dict:
-    """{"train": [((G, R, shared), CostSample)], "held-out": [...]} from a printed grid."""
+def parse_table(paths) -> dict:
+    """{"train": [((G, R, shared), CostSample)], "held-out": [...]} from a printed grid (or several)."""
     samples = {"train": [], "held-out": []}
-    for line in open(path):
+    paths = [paths] if isinstance(paths, str) else paths
+    for line in (line for path in paths for line in open(path)):
         m = ROW.match(line)
         if m:
             name, g, r, shared, reg, cas, backend = m.groups()
             shape = (int(g), int(r), int(shared))
             samples[name].append((shape, sample_of(*shape, float(reg), float(cas), backend)))
     if not samples["train"]:
-        raise ValueError(f"{path}: no table rows")
+        raise ValueError(f"{paths}: no table rows")
     return samples
 
 
@@ -81,7 +84,7 @@ def report(samples: dict):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--table", default=STORED)
+    p.add_argument("--table", nargs="+", default=STORED, help="one grid or several (fitted together)")
     report(parse_table(p.parse_args().table))
 
 
