@@ -216,6 +216,8 @@ class CascadeCostModel:
                                     shared_qk_pages(plan) * page_size)
 
     def worth_it(self, plan, page_size: int) -> bool:
+        """18-20 us a step on the CPU (session 13's terms: 6-7): a shared level's rows and pages are
+        computed once per plan (CascadeLevel.rows_and_pages), a step's new last level's each step."""
         return self.cascade_ms(plan, page_size) < self.margin * self.regular_ms(plan, page_size)
 
 

@@ -33,8 +33,15 @@ class CascadeLevel:
         return self.qo_indptr.numel() - 1
 
     def rows_and_pages(self) -> tuple[np.ndarray, np.ndarray]:
-        """Query rows and KV pages of each group."""
-        return np.diff(self.qo_indptr.numpy()), np.diff(self.kv_indptr.numpy())
+        """Query rows and KV pages of each group (read-only; computed once: a decode batch's shared levels
+        serve many steps' plans, and the cost model reads them every step)."""
+        cached = self.__dict__.get("_rows_and_pages")
+        if cached is None:
+            cached = np.diff(self.qo_indptr.numpy()), np.diff(self.kv_indptr.numpy())
+            for a in cached:
+                a.setflags(write=False)
+            self._rows_and_pages = cached
+        return cached
 
 
 @dataclass
