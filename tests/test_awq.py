@@ -420,11 +420,13 @@ def test_awq_engine_gpu_greedy(awq_dirs):
 
 
 @pytest.mark.gpu
-def test_awq_moe_engine_gpu(tmp_path):
+def test_awq_moe_engine_gpu(tmp_path, small_batch_kernels_off):
     """An AWQ Qwen3-MoE checkpoint on CUDA in bf16 (FlashInfer, CUDA graphs, the grouped expert GEMMs):
     the experts, dequantized on the GPU at load, equal the dequantized dense checkpoint's in bf16, and
     greedy text equals that checkpoint's engine (same settings) or parts at a near-tie of its logits
-    (attention and the dense MLP run the int4 kernels on one side, bf16 GEMMs on the other)."""
+    (attention and the dense MLP run the int4 kernels on one side, bf16 GEMMs on the other). Small batches
+    on cuBLAS and FlashInfer's decode (conftest.small_batch_kernels_off; the defaults' paths on this model
+    are checked by tests/test_decode_gemm.py)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA")
     from nanovllm import LLM

@@ -221,10 +221,11 @@ def test_real_shape_presets(tmp_path, preset, billions):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("preset", ["llama3-tiny", "mistral-tiny"])
-def test_greedy_flashinfer_equals_torch_reference_gpu(tmp_path, preset):
+def test_greedy_flashinfer_equals_torch_reference_gpu(tmp_path, preset, small_batch_kernels_off):
     """bf16 greedy, FlashInfer (fused rope + KV write without q/k norm, CUDA graphs) vs the PyTorch
     backend on the same weights; where they part, FlashInfer's pick must be within a bf16 ulp of the
-    reference's best (as tests/test_gpu.py's Qwen3 test)."""
+    reference's best (as tests/test_gpu.py's Qwen3 test). Small batches on cuBLAS and FlashInfer's decode
+    (conftest.small_batch_kernels_off: the reference runs on CUDA in bf16 too, so tinygemm2 moved both sides)."""
     from nanovllm import LLM
     from test_gpu import identical_or_at_ties, next_token_logits
     # FlashInfer kernels are built for head_dim 128
