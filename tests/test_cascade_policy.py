@@ -180,15 +180,16 @@ def test_cost_model_fit_recovers_the_regular_line_terms():
 def test_regular_decode_split_is_flashinfers_chunking():
     """regular_decode_split against the rule written out by brute force (FlashInfer's planner for its
     tensor-core decode, scheduler.cuh: the smallest chunk of >= 128 tokens whose pieces number at most
-    2 x SMs / kv heads; more requests than that: no cut), at every length mix below."""
-    from nanovllm.cascade.cost_model import regular_decode_split
+    2 x SMs / kv heads; more requests than that, or NO_SPLIT_KV_ROWS, where the engine turns the cut off:
+    no cut), at every length mix below."""
+    from nanovllm.cascade.cost_model import NO_SPLIT_KV_ROWS, regular_decode_split
     rng = np.random.default_rng(5)
     for _ in range(300):
         page, kv_heads = int(rng.choice([16, 32])), int(rng.choice([1, 2, 4, 8]))
         slots, limit, least = 264, 264 // kv_heads, max(128 // page, 1)
         pages = rng.integers(0, int(rng.choice([4, 40, 400, 4000])), int(rng.integers(1, 80))).tolist()
         p = [max(x, 1) for x in pages]
-        if len(p) > limit:
+        if len(p) > limit or len(p) >= NO_SPLIT_KV_ROWS:
             chunk = max(least, max(p))
         else:
             chunk = next(c for c in range(least, max(max(p), least) + 1) if sum(-(-x // c) for x in p) <= limit)

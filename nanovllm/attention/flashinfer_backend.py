@@ -26,8 +26,8 @@ from nanovllm.attention.triton_decode import supports as triton_decode_supports
 from nanovllm.attention.triton_kv import store_kv_triton
 from nanovllm.attention.xqa_decode import XqaPagedDecode
 from nanovllm.attention.xqa_decode import usable as xqa_usable
-from nanovllm.cascade.cost_model import (SHARED_BACKENDS, fp8_capable, reachable_shared_backends,
-                                         shared_level_backend)
+from nanovllm.cascade.cost_model import (NO_SPLIT_KV_ROWS, SHARED_BACKENDS, fp8_capable,
+                                         reachable_shared_backends, shared_level_backend)
 from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention, cascade_outputs
 from nanovllm.cascade.split_level import split_level_buffers
 from nanovllm.utils.transfer import pinned, to_device
@@ -35,13 +35,6 @@ from nanovllm.utils.transfer import pinned, to_device
 logger = logging.getLogger("nanovllm")
 WORKSPACE_BYTES = 256 << 20
 SIDE_WORKSPACE_BYTES = 128 << 20
-# Regular decode batches of this many rows or more read each request's KV in one CTA per (request, KV
-# head), without split-kv: 256 rows x 8 KV heads already fill the SMs, and the split's partial outputs
-# and its merge kernel (4.5 us a layer at 256 rows) cost more than they give. W1 on one H200, random
-# Qwen3-0.6B: 23,825-24,168 tok/s with splits at every size, 24,509-24,731 without at >= 64 rows (24,572
-# at >= 32, 24,581 at >= 128). Cascade's per-request level keeps its splits (W2/W3 cascade lost 7-9%
-# without them: 1,024 rows of ~256 own tokens).
-NO_SPLIT_KV_ROWS = 64
 # Graphed regular decode of a model-dtype cache at this many rows or fewer runs on the Triton kernel
 # (attention/triton_decode.py) under decode_attention_kernel=auto: one layer on one H200 (session 16 call b,
 # `python scripts/bench_kernels.py --only decode-kernels-small`, us, FlashInfer tensor-core decode / Triton):

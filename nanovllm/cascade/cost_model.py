@@ -7,7 +7,7 @@ the first reads of pages from HBM; the repeats hit L2) + per_crit * (tokens on t
 waves x chunk) + per_wave * waves (+ per_token * tokens read and per_row * requests, which the fit may
 keep at 0).
 Cascade reads each shared run once per group, but launches one kernel per level plus merges, and its
-shared-level kernel streams a group's run once per tile of query rows (`shared_tile_tokens`: 16 or 32
+shared-level kernel streams a group's run once per tile of query rows (`shared_tile_pages`: 16 or 32
 rows for the Triton tiles, 128 for fa3): time ~ fixed_per_level * levels + per_tile_token * (shared
 tokens x tiles) + per_own_token * (the requests' own tokens) + per_qk * (query rows x shared tokens),
 with coefficients of their own for each shared-level kernel (the Triton tiles stream bytes, fa3 is
@@ -64,18 +64,28 @@ def pages_per_row(plan) -> np.ndarray:
 
 SLOTS_PER_SM = 2     # FlashInfer's tensor-core decode plans two CTAs an SM (scheduler.cuh, PrefillPlan)
 NUM_SMS = 132        # the H200 the coefficients were measured on
+# Regular decode batches of this many rows or more read each request's KV in one CTA per (request, KV
+# head), without split-kv (attention/flashinfer_backend.py asks FlashInfer for that; the cost model cuts the
+# same way): 256 rows x 8 KV heads already fill the SMs, and the split's partial outputs and its merge kernel
+# (4.5 us a layer at 256 rows) cost more than they give. W1 on one H200, random Qwen3-0.6B: 23,825-24,168
+# tok/s with splits at every size, 24,509-24,731 without at >= 64 rows (24,572 at >= 32, 24,581 at >= 128).
+# Cascade's per-request level keeps its splits (W2/W3 cascade lost 7-9% without them: 1,024 rows of ~256 own
+# tokens).
+NO_SPLIT_KV_ROWS = 64
 
 
 def regular_decode_split(pages, kv_heads: int, page_size: int, num_sms: int = NUM_SMS) -> tuple[int, int]:
     """(chunk pages, waves) of FlashInfer's tensor-core paged decode over requests of `pages`
     pages each: its planner picks the smallest chunk (>= 128 tokens) that cuts the requests into at most
-    2 x SMs / kv heads pieces, or no cut when there are more requests than that; each (piece, kv head)
-    is a CTA, two an SM at a time. The longest CTA chain is waves x the chunk. A Python loop: <= 20 us
-    at <= 33 requests, where it searches (numpy's per-call cost was 30 us)."""
+    2 x SMs / kv heads pieces, or no cut when there are more requests than that (or NO_SPLIT_KV_ROWS,
+    where the engine turns the cut off); each (piece, kv head) is a CTA, two an SM at a time. The longest
+    CTA chain is waves x the chunk. A Python loop: <= 20 us at <= 33 requests, where it searches (numpy's
+    per-call cost was 30 us). Batches of <= 16 rows decode on the Triton kernel by default
+    (flashinfer_backend.TRITON_SMALL_ROWS), which cuts tokens its own way: this is the nearest rule."""
     slots = SLOTS_PER_SM * num_sms
     limit = max(slots // kv_heads, 1)
     chunk = max(128 // page_size, 1)
-    if len(pages) <= limit:
+    if len(pages) <= limit and len(pages) < NO_SPLIT_KV_ROWS:
         p = [max(int(x), 1) for x in pages]
         longest = max(p, default=1)
         chunk = max(chunk, -(-sum(p) // limit))   # no chunk below this can fit
@@ -154,9 +164,9 @@ class LevelCosts:
 
 # Session 17's fit on the H200 (Qwen3-0.6B heads, page 16, CUDA graphs; scripts/bench_kernels.py --only
 # cascade; the three grids are stored in claude_docs/data/cascade_grid_h200_s17*.md and
-# scripts/refit_cost_model.py refits them together: these are that fit, checked by tests/test_cascade_policy.py). fa2 had no training shape of
-# its own (the engine picks it only for an fp8 cache or when configured): the all-kernel line, which also
-# serves a kernel the table does not name (FALLBACK_COSTS).
+# scripts/refit_cost_model.py refits them together: these are that fit, checked by tests/test_cascade_policy.py).
+# fa2 had no training shape of its own (the engine picks it only for an fp8 cache or when configured): the
+# all-kernel line, which also serves a kernel the table does not name (FALLBACK_COSTS).
 H200_COSTS = {"triton": LevelCosts(0.01062, 9.724e-7, 1.003e-6, 0.0),
               "triton-wide": LevelCosts(0.0113, 2.642e-7, 1.003e-6, 2.566e-8),
               "fa3": LevelCosts(0.009066, 1.714e-6, 1.003e-6, 0.0),
@@ -222,8 +232,8 @@ class CascadeCostModel:
 
 
 # The regular line's terms, in CascadeCostModel's field order; REGULAR_FIT the ones fit_cost_model fits
-# (session 17: the total-tokens and per-request terms overfit its grid: held-out max 16.2% with them, 14.1%
-# without; claude_docs/cascade.md).
+# (session 17: with the total-tokens and per-request terms too, call h's held-out max was 16.2%, without them
+# 14.1%).
 REGULAR_TERMS = ("fixed", "per_token", "per_unique", "per_row", "per_crit", "per_wave")
 REGULAR_FIT = ("fixed", "per_unique", "per_crit", "per_wave")
 
@@ -268,8 +278,8 @@ def fit_cost_model(samples: list[CostSample], min_samples: int = 4, regular_term
 def relative_least_squares(features: list[list[float]], measured: list[float]) -> list[float]:
     """Coefficients >= 0 (a negative cost is noise) minimising the sum of squared relative errors.
     Exact: the constrained optimum is the unconstrained least squares over the columns it leaves
-    nonzero, so every subset of columns is solved (2**13 for four kernels' cascade lines: 0.2 s) and the best nonnegative
-    solution kept. Clipping the free solution at 0 instead leaves the other coefficients fitted to a
+    nonzero, so every subset of columns is solved (2**13 for four kernels' cascade lines: 0.2 s) and the best
+    nonnegative solution kept. Clipping the free solution at 0 instead leaves the other coefficients fitted to a
     term that is gone (a clipped fixed cost had the per-token cost 0.56 where 0.40 fits:
     tests/test_cascade_policy.py)."""
     a, y = np.array(features, dtype=float), np.array(measured, dtype=float)
