@@ -20,11 +20,9 @@ class Session3CostModel(CascadeCostModel):
     """Regular decode 0.0781 ms + 4.25e-7 ms a KV token read; cascade 0.0143 ms a level + 8.92e-7 ms a
     token the plan reads + 1.30e-8 ms a (query row x shared token), for every shared-level kernel."""
 
-    def regular_ms(self, plan, page_size: int) -> float:
-        return 0.0781 + 4.25e-7 * plan.regular_kv_pages * page_size
-
-    def cascade_ms(self, plan, page_size: int) -> float:
-        return (0.0143 * len(plan.levels) + 8.92e-7 * plan.cascade_kv_pages * page_size
+    def predict(self, plan, page_size: int) -> tuple[float, float]:
+        return (0.0781 + 4.25e-7 * plan.regular_kv_pages * page_size,
+                0.0143 * len(plan.levels) + 8.92e-7 * plan.cascade_kv_pages * page_size
                 + 1.30e-8 * shared_qk_pages(plan) * page_size)
 
 

@@ -46,17 +46,14 @@ import numpy as np
 
 def shared_qk_pages(plan) -> int:
     """Sum over shared groups of (query rows x pages): the extra work of batching a group's queries."""
-    total = 0
-    for level in plan.levels[:-1]:
-        rows, pages = level.rows_and_pages()
-        total += int((rows * pages).sum())
-    return total
+    return shared_tile_pages(plan, 1)
 
 
-def pages_per_row(plan) -> np.ndarray:
-    """Pages each query row (in plan order) reads over all levels: what regular decode reads for it."""
-    total = np.zeros(plan.num_rows, np.int64)
-    for level in plan.levels:
+def pages_per_row(levels, num_rows: int) -> np.ndarray:
+    """Pages each query row (in plan order) reads over `levels`: a plan's levels, what regular decode reads
+    for it; its shared levels (plan.levels[:-1]), what the cascade policy keeps between steps."""
+    total = np.zeros(num_rows, np.int64)
+    for level in levels:
         rows, pages = level.rows_and_pages()
         total += np.repeat(pages, rows)
     return total
@@ -142,7 +139,7 @@ class CostSample:
     @classmethod
     def of(cls, plan, page_size: int, backend: str, regular_ms: float, cascade_ms: float,
            num_qo_heads: int = 16, num_kv_heads: int = 8) -> "CostSample":
-        chunk, waves = regular_decode_split(pages_per_row(plan), num_kv_heads, page_size)
+        chunk, waves = regular_decode_split(pages_per_row(plan.levels, plan.num_rows), num_kv_heads, page_size)
         own = int(plan.levels[-1].kv_indptr[-1])   # the last level's pages
         return cls(backend, len(plan.levels), plan.regular_kv_pages * page_size, plan.cascade_kv_pages * page_size,
                    shared_qk_pages(plan) * page_size, regular_ms, cascade_ms, plan.num_rows, chunk * waves * page_size,
@@ -208,27 +205,22 @@ class CascadeCostModel:
     def line(self, kernel: str) -> LevelCosts:
         return self.cascade.get(kernel) or self.cascade.get(LINE_OF.get(kernel, ""), FALLBACK_COSTS)
 
-    def regular_ms(self, plan, page_size: int) -> float:
-        chunk, waves = regular_decode_split(pages_per_row(plan), self.num_kv_heads, page_size)
-        return self.regular_line(plan.regular_kv_pages * page_size, plan.cascade_kv_pages * page_size, plan.num_rows,
-                                 chunk * waves * page_size, waves)
-
     def regular_line(self, tokens: int, unique_tokens: int, rows: int, crit_tokens: int, waves: int) -> float:
         return (self.regular_fixed_ms + self.regular_per_token_ms * tokens + self.regular_per_unique_ms * unique_tokens
                 + self.regular_per_row_ms * rows + self.regular_per_crit_ms * crit_tokens
                 + self.regular_per_wave_ms * waves)
 
-    def cascade_ms(self, plan, page_size: int) -> float:
-        kernel = self.backend(plan)
-        tiles = shared_tile_pages(plan, tile_rows(kernel, self.num_qo_heads // self.num_kv_heads))
-        own = int(plan.levels[-1].kv_indptr[-1])
-        return self.line(kernel).ms(len(plan.levels), tiles * page_size, own * page_size,
-                                    shared_qk_pages(plan) * page_size)
+    def predict(self, plan, page_size: int) -> tuple[float, float]:
+        """(regular, cascade) ms of one layer for this plan: its features (CostSample.of, the ones the
+        coefficients were fitted on) through the lines."""
+        return predicted(self, CostSample.of(plan, page_size, self.backend(plan), 0.0, 0.0, self.num_qo_heads,
+                                             self.num_kv_heads))
 
     def worth_it(self, plan, page_size: int) -> bool:
-        """18-20 us a step on the CPU (session 13's terms: 6-7): a shared level's rows and pages are
+        """~20 us a step on the CPU (19-21 measured; session 13's terms: 6-7): a shared level's rows and pages are
         computed once per plan (CascadeLevel.rows_and_pages), a step's new last level's each step."""
-        return self.cascade_ms(plan, page_size) < self.margin * self.regular_ms(plan, page_size)
+        regular, cascade = self.predict(plan, page_size)
+        return cascade < self.margin * regular
 
 
 # The regular line's terms, in CascadeCostModel's field order; REGULAR_FIT the ones fit_cost_model fits

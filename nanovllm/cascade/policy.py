@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from nanovllm.attention.kv_quant import is_fp8
-from nanovllm.cascade.cost_model import AlwaysCascade, CascadeCostModel
+from nanovllm.cascade.cost_model import AlwaysCascade, CascadeCostModel, pages_per_row
 from nanovllm.cascade.planner import CascadeLevel, CascadePlan, plan_cascade
 
 # A shared level must save at least this many tokens per group: a level that shares only a chat
@@ -53,7 +53,7 @@ class CascadePolicy:
                 plan = None
             self._decode_key, self._decode_plan = key, plan
             if key is not None and plan is not None:
-                self._shared_pages = _shared_pages_per_row(plan)
+                self._shared_pages = pages_per_row(plan.levels[:-1], plan.num_rows)
         if plan is None or not self.cost_model.worth_it(plan, self.page_size):
             return None
         return plan
@@ -89,12 +89,3 @@ class CascadePolicy:
         shared_pages = sum(int(lv.kv_indptr[-1]) for lv in plan.levels[:-1])
         return CascadePlan(plan.order, plan.levels[:-1] + [last], int(num_pages.sum()), shared_pages + int(rest.sum()),
                            plan.groups_per_level, plan.num_rows, plan.row_order)
-
-
-def _shared_pages_per_row(plan: CascadePlan) -> np.ndarray:
-    """Pages each query row (in plan order) reads in shared levels."""
-    total = np.zeros(plan.num_rows, np.int64)
-    for level in plan.levels[:-1]:
-        rows, pages = level.rows_and_pages()
-        total += np.repeat(pages, rows)
-    return total
