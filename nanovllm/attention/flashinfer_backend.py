@@ -154,7 +154,7 @@ class FlashInferAttentionBackend(AttentionBackend):
             self.prefill.plan(t(batch.qo_indptr), t(batch.kv_indptr), t(batch.kv_indices), t(batch.kv_last_page_len),
                               hq, hkv, d, page, causal=True, **self._common())
             self.active = self.prefill
-        elif self.regular_decode != "flashinfer":
+        elif not isinstance(self.decode, flashinfer.BatchDecodeWithPagedKVCacheWrapper):   # xqa, Triton (as plan_graph)
             self.decode.plan(batch.kv_indptr, batch.kv_indices, batch.kv_last_page_len)
             self.active = self.decode
         else:
