@@ -91,9 +91,9 @@ def test_flashinfer_backend_matches_torch_reference(case):
                                                    (8, 16, "TritonPagedDecode"),
                                                    (32, 16, "BatchDecodeWithPagedKVCacheWrapper")])
 def test_cuda_graph_decode_bit_identical_to_eager(bs, small_rows, kernel, monkeypatch):
-    """The same planned wrappers run eagerly and replayed from a graph give the same bits: FlashInfer's
-    decode by default (auto, bf16 cache); with NANOVLLM_TRITON_SMALL_ROWS=16 graphs of <= 16 rows on the
-    Triton kernel, larger ones still on FlashInfer's."""
+    """The same planned wrappers run eagerly and replayed from a graph give the same bits: graphs of <= 16
+    rows on the Triton kernel by default (auto, bf16 cache; NANOVLLM_TRITON_SMALL_ROWS=16), on FlashInfer's
+    decode with it 0, larger ones on FlashInfer's."""
     import nanovllm.attention.flashinfer_backend as fb
     monkeypatch.setattr(fb, "TRITON_SMALL_ROWS", small_rows)
     backend = make_backend()

@@ -88,9 +88,9 @@ def _tinygemm2():
 
 
 def _use_tiny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    if CHOICE != "tinygemm":
+    if CHOICE != "tinygemm" or x.dim() != 2 or x.shape[0] > TINY_MAX_ROWS:   # prefill and large batches: no more checks
         return False
-    if not (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.dim() == 2
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
             and weight.dim() == 2 and x.shape[1] == weight.shape[1] and x.device == weight.device):
         return False  # anything F.linear would refuse stays with F.linear, which says why
     if not (x.is_contiguous() and weight.is_contiguous() and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0):
