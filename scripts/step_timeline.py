@@ -17,9 +17,12 @@ runner's plan fence (a step's plan copy queues behind whatever its forward waits
 copies). W6 at 1.7B's small prefill steps (claude_docs/memory.md, session 11) waited in neither. With the
 host tier on it also prints each bucket's device times from the tier's step timers: the forward on the
 compute stream and its wait there for copies (where those steps' time goes on the device).
+It also prints the time Python's garbage collector took by generation; `--gc freeze|off` sets the collector
+for the run itself (the requests are queued through make_sequence, not generate, which freezes them itself).
 """
 import argparse
 import cProfile
+import gc
 import io
 import pstats
 import time
@@ -50,6 +53,9 @@ def main():
     p.add_argument("--host-kv-cache-gb", type=float, help="the host KV tier (bench.py's option)")
     p.add_argument("--schedule-policy", choices=["fcfs", "lpm", "dfs-weight", "random"])
     p.add_argument("--num-gpu-blocks", type=int, help="cap the GPU KV cache at this many pages")
+    p.add_argument("--gc", default="engine", choices=["engine", "freeze", "off"],
+                   help="Python's garbage collector during the run: as the engine leaves it, frozen after the "
+                        "requests are queued (gc.freeze), or off")
     args = p.parse_args()
     make, cfg = WORKLOADS[args.workload]
     cfg = dict(cfg)
@@ -90,6 +96,16 @@ def main():
     # The host also waits for the device in the plan fence: a step's plan copy queues behind what its
     # forward waits for (host-tier copies).
     runner._plan_fence = waiting(runner._plan_fence)
+    collections = defaultdict(lambda: [0, 0.0])   # generation -> (collections, seconds), during the run
+    gc_start = [0.0]
+
+    def gc_timer(phase, info):
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        else:
+            collections[info["generation"]][0] += 1
+            collections[info["generation"]][1] += time.perf_counter() - gc_start[0]
+    gc.callbacks.append(gc_timer)
     prof = cProfile.Profile() if args.cprofile else None
     if prof:
         prof.enable()
@@ -102,6 +118,10 @@ def main():
         seqs = [llm.make_sequence(pr, sp) for pr, sp in zip(prompts, params)]
         for s in seqs:
             llm.add_sequence(s)
+        if args.gc == "freeze":
+            gc.freeze()
+        elif args.gc == "off":
+            gc.disable()
         last = t1 = time.perf_counter()
         queue_s += t1 - t0
         while not all(s.is_finished for s in seqs):
@@ -121,6 +141,9 @@ def main():
         tail_s, detok_s = tail_s + t2 - last, detok_s + t3 - t2
         all_seqs += seqs
     elapsed = time.perf_counter() - start
+    gc.callbacks.remove(gc_timer)
+    gc.unfreeze()
+    gc.enable()
     if prof:
         prof.disable()
     tokens = sum(len(s.completion_token_ids) for s in all_seqs)
@@ -137,6 +160,8 @@ def main():
         print(f"| {label} ({count} steps, {n_tokens / count:.0f} tokens, {1000 * sec / count:.2f} ms each, "
               f"host waits {1000 * wait / count:.2f} ms of it) | {sec:.3f} |")
     print(f"| last collect | {tail_s:.3f} |\n| detokenize | {detok_s:.3f} |")
+    print(f"\nPython's garbage collector during the run (--gc {args.gc}): " + (", ".join(
+        f"generation {g}: {n} collections, {sec:.3f} s" for g, (n, sec) in sorted(collections.items())) or "none"))
     if device:   # decode steps by tokens only (the timer does not know rows): one bucket
         print("\nHost tier on, device time a step (its StepTimer: the forward on the compute stream, and its wait "
               "there for copies before it):\n| steps | count | forward ms | copy stall ms |\n|---|---|---|---|")

@@ -47,6 +47,41 @@ def test_bad_params_in_a_batch_queue_nothing(llm):
     assert llm.generate(["still serving"], OK, use_tqdm=False)[0]["token_ids"]
 
 
+def test_generate_leaves_the_garbage_collector_as_found(llm, monkeypatch):
+    """generate keeps the collector off its requests while it runs (frozen once queued: llm.py's doc) and
+    leaves it as found: enabled or not, nothing frozen after, also when a request is refused; objects a
+    caller froze before stay frozen."""
+    import gc
+    seen = []
+    step = llm.step
+
+    def watched():
+        seen.append((gc.isenabled(), gc.get_freeze_count() > 0))
+        return step()
+    monkeypatch.setattr(llm, "step", watched)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert llm.generate(["a", "b"], OK, use_tqdm=False)[0]["token_ids"]
+    assert seen and all(on and frozen for on, frozen in seen)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate(["a", ""], OK, use_tqdm=False)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.disable()
+    try:
+        seen.clear()
+        llm.generate(["a"], OK, use_tqdm=False)
+        assert seen and not any(on for on, _ in seen) and not gc.isenabled() and gc.get_freeze_count() == 0
+    finally:
+        gc.enable()
+    gc.freeze()
+    try:
+        llm.generate(["a"], OK, use_tqdm=False)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    assert llm.is_finished()
+
+
 def test_unknown_model_folder(tmp_path):
     with pytest.raises(ValueError, match="model folder not found"):
         LLM(str(tmp_path / "nope"))

@@ -1,0 +1,123 @@
+"""The shared level of a cascade prefill step on the GPU: many question tokens over one long prefix a group.
+
+    python scripts/bench_shared_prefill.py
+
+Prefill steps of W2, W3 and W5 put hundreds to thousands of question tokens of a group over its 2k-16k
+prefix tokens: the shared level is a non-causal prefill of (group rows x prefix) and it is compute-bound.
+This times, one layer (Qwen3-0.6B heads, bf16, page 16, eager, median of 20 runs):
+  paged-fa3 / paged-fa2: FlashInfer's paged prefill over the group's pages (what the engine runs today);
+  ragged-fa3: FlashInfer's ragged prefill over the same KV, read in place as one run of tokens (a group's pages
+      lie in order in the cache: the cache viewed as [pages x page, kv heads, dim], gaps between groups
+      given to query-less requests);
+  regular: the whole step without cascade (each request's paged causal prefill over prefix + own tokens);
+and prints ms and TFLOP/s (4 x rows x prefix x heads x dim FLOPs).
+"""
+import numpy as np
+import torch
+import flashinfer
+
+HQ, HKV, D, PAGE = 16, 8, 128, 16
+DT = torch.bfloat16
+WS = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+
+
+def timed(fn, reps=20):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); fn(); b.record(); b.synchronize()
+        times.append(a.elapsed_time(b))
+    return float(np.median(times))
+
+
+def ragged_runs(qo_rows, starts, ends):
+    """(qo_indptr, kv_indptr) of a ragged prefill over token runs [starts[g], ends[g]) of a flat cache, in
+    increasing order: query-less requests cover the gaps."""
+    qo, kv, cursor, row = [0], [0], 0, 0
+    for rows, a, b in zip(qo_rows, starts, ends):
+        if a > cursor:
+            qo.append(row); kv.append(a)
+        row += rows
+        qo.append(row); kv.append(b)
+        cursor = b
+    return torch.tensor(qo, dtype=torch.int32), torch.tensor(kv, dtype=torch.int32)
+
+
+def shape(groups, rows, prefix, own=128):
+    """groups x (rows question tokens, of rows / own requests) over prefix tokens a group."""
+    pre_pages = prefix // PAGE
+    reqs = rows // own
+    own_pages = -(-own // PAGE)
+    total_pages = groups * pre_pages + groups * reqs * own_pages + 8
+    kc = torch.randn(total_pages, PAGE, HKV, D, device="cuda", dtype=DT)
+    vc = torch.randn_like(kc)
+    q = torch.randn(groups * rows, HQ, D, device="cuda", dtype=DT)
+    flops = 4.0 * groups * rows * prefix * HQ * D
+    res = {}
+    # Shared level, paged.
+    qo = torch.arange(0, groups * rows + 1, rows, dtype=torch.int32)
+    kv_ind = torch.arange(0, groups * pre_pages + 1, pre_pages, dtype=torch.int32)
+    idx = torch.arange(groups * pre_pages, dtype=torch.int32)
+    last = torch.full((groups,), PAGE, dtype=torch.int32)
+    for be in ("fa3", "fa2"):
+        w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(WS, "NHD", backend=be)
+        w.plan(qo, kv_ind, idx, last, HQ, HKV, D, PAGE, causal=False, q_data_type=DT, kv_data_type=DT)
+        res[f"paged-{be}"] = timed(lambda: w.run(q, (kc, vc), return_lse=True))
+        out_ref = w.run(q, (kc, vc))
+    # Shared level, ragged over the flat cache (groups' runs spaced apart by one page, as a gap).
+    starts = [g * pre_pages * PAGE for g in range(groups)]
+    ends = [s + prefix for s in starts]
+    rq, rk = ragged_runs([rows] * groups, starts, ends)
+    flat_k, flat_v = kc.view(-1, HKV, D), vc.view(-1, HKV, D)
+    w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(WS, "NHD", backend="fa3")
+    w.plan(rq, rk, HQ, HKV, D, causal=False, q_data_type=DT, kv_data_type=DT)
+    res["ragged-fa3"] = timed(lambda: w.run(q, flat_k, flat_v, return_lse=True))
+    diff = (w.run(q, flat_k, flat_v).float() - out_ref.float()).abs().max().item()
+    # With a gap between runs (groups' pages not adjacent): every other page run shifted by a page.
+    if groups > 1:
+        starts2 = [s + (PAGE if g % 2 else 0) for g, s in enumerate(starts)]
+        starts2 = [min(s, groups * pre_pages * PAGE - prefix) for s in starts2]
+        rq2, rk2 = ragged_runs([rows] * groups, starts2, [s + prefix for s in starts2])
+        w2 = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(WS, "NHD", backend="fa3")
+        w2.plan(rq2, rk2, HQ, HKV, D, causal=False, q_data_type=DT, kv_data_type=DT)
+        res["ragged-fa3 gaps"] = timed(lambda: w2.run(q, flat_k, flat_v, return_lse=True))
+    # The whole step without cascade: each request over its prefix + own pages, causal.
+    n = groups * reqs
+    table = []
+    for g in range(groups):
+        for r in range(reqs):
+            start = groups * pre_pages + (g * reqs + r) * own_pages
+            table.append(list(range(g * pre_pages, (g + 1) * pre_pages)) + list(range(start, start + own_pages)))
+    t = torch.tensor(table, dtype=torch.int32)
+    ind = torch.arange(0, n * t.shape[1] + 1, t.shape[1], dtype=torch.int32)
+    qo_r = torch.arange(0, n * own + 1, own, dtype=torch.int32)
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(WS, "NHD", backend="fa3")
+    w.plan(qo_r, ind, t.reshape(-1), torch.full((n,), own - (own_pages - 1) * PAGE, dtype=torch.int32), HQ, HKV, D,
+           PAGE, causal=True, q_data_type=DT, kv_data_type=DT)
+    res["regular (paged-fa3, whole step)"] = timed(lambda: w.run(q, (kc, vc)))
+    # The own level: each request's causal prefill over its own pages.
+    own_t = t[:, pre_pages:].contiguous()
+    ind_o = torch.arange(0, n * own_pages + 1, own_pages, dtype=torch.int32)
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(WS, "NHD", backend="fa3")
+    w.plan(qo_r, ind_o, own_t.reshape(-1), torch.full((n,), own - (own_pages - 1) * PAGE, dtype=torch.int32), HQ, HKV,
+           D, PAGE, causal=True, q_data_type=DT, kv_data_type=DT)
+    res["own level (paged-fa3)"] = timed(lambda: w.run(q, (kc, vc), return_lse=True))
+    del kc, vc
+    return flops, res, diff
+
+
+def main():
+    print("| shape (groups x question tokens over prefix) | kernel | ms | TFLOP/s (shared FLOPs) |\n|---|---|---|---|")
+    for groups, rows, prefix in ((1, 16384, 8192), (64, 256, 2048), (4, 2048, 16384), (128, 128, 2048),
+                                 (16, 1024, 4096)):
+        flops, res, diff = shape(groups, rows, prefix, own=64 if prefix == 16384 else 128)
+        for k, ms in res.items():
+            print(f"| {groups} x {rows} over {prefix} | {k} | {ms:.3f} | {flops / ms / 1e9:.0f} |")
+        print(f"| {groups} x {rows} over {prefix} | ragged vs paged max diff | {diff:.2e} | |")
+
+
+if __name__ == "__main__":
+    main()
