@@ -56,6 +56,10 @@ def _small_rows() -> int:
 
 
 TRITON_SMALL_ROWS = _small_rows()
+# Cascade prefill steps read a shared level whose pages lie in increasing runs of the cache through FlashInfer's
+# ragged FA3 prefill, in place (cascade/ragged_level.py: 1.16-1.23x the paged FA3 kernel on W2/W3/W5's prefill
+# shapes); Hopper, a model-dtype cache and the auto/fa3 prefill backend only. NANOVLLM_RAGGED_PREFILL=0 turns it off.
+RAGGED_PREFILL = os.environ.get("NANOVLLM_RAGGED_PREFILL", "1") != "0"
 
 
 class FlashInferAttentionBackend(AttentionBackend):
@@ -111,10 +115,12 @@ class FlashInferAttentionBackend(AttentionBackend):
             self.dtype, max_rows, backend=cascade_backend, sm_scale=self.sm_scale, decode_last_level=True,
             kv_dtype=self.kv_dtype, decode_last_kernel=self.decode_last_kernel,
             shared_backend=shared, shared_split_kv=False, outputs=outputs) for shared in self.shared_backends}
+        ragged = (RAGGED_PREFILL and prefill_backend in ("auto", "fa3") and not is_fp8(self.kv_dtype)
+                  and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] == 9)
         self.cascade_prefill = FlashInferCascadeAttention(
             self.workspace, cascade_levels, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
             self.dtype, max_rows, backend=prefill_backend, sm_scale=self.sm_scale, outputs=outputs,
-            kv_dtype=self.kv_dtype)
+            kv_dtype=self.kv_dtype, ragged_shared=ragged)
         self.graph = {}  # batch size -> (decode wrapper, {(levels, shared backend): cascade attention})
         self.active = None
         self.slot_mapping = None

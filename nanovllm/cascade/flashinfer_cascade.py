@@ -32,6 +32,7 @@ import torch
 
 from nanovllm.attention.triton_decode import TritonPagedDecode
 from nanovllm.cascade.planner import CascadePlan
+from nanovllm.cascade.ragged_level import RaggedSharedLevel
 from nanovllm.cascade.shared_kernel import TILES, TritonSharedLevel, partial_rows
 from nanovllm.cascade.split_level import FlashInferSplitLevel, split_level_buffers
 from nanovllm.utils.transfer import pinned, to_device
@@ -49,13 +50,15 @@ class FlashInferCascadeAttention:
                  shared_backend: str | None = None, shared_split_kv: bool = True,
                  side_stream: "torch.cuda.Stream | None" = None, shared_workspace: torch.Tensor | None = None,
                  kv_dtype: torch.dtype | None = None, decode_last_kernel: str = "flashinfer",
-                 split_buffers: tuple | None = None):
+                 split_buffers: tuple | None = None, ragged_shared: bool = False):
         """buffers: per level (qo_indptr, kv_indptr, kv_indices, last_page_len) device views for CUDA-graph
         mode; outputs: (out, lse, level_out, level_lse) to use instead of allocating (callers that keep
         one wrapper per captured batch size share the largest); decode_last_kernel: the per-request level
         of decode steps on FlashInfer's batch-decode kernel or on attention/triton_decode.py ("triton");
         split_buffers: CUDA-graph mode with shared_backend "fa3-split", (query copies, [per shared level
-        (qo_indptr, kv_indptr, kv_indices, last_page_len)]) sized by split_level_buffers."""
+        (qo_indptr, kv_indptr, kv_indices, last_page_len)]) sized by split_level_buffers; ragged_shared (eager,
+        FA3 on a model-dtype cache): a shared level whose pages lie in increasing runs of the cache runs on
+        FlashInfer's ragged prefill over the cache in place (ragged_level.py), else on its paged wrapper."""
         self.num_levels = num_levels
         self.shape = (num_qo_heads, num_kv_heads, head_dim, page_size)
         self.dtype = dtype
@@ -76,6 +79,7 @@ class FlashInferCascadeAttention:
         partials = (self.level_out, self.level_lse)  # the Triton and fa3-split levels' split partials
         assert backend not in TILES and backend != "fa3-split", "the per-request level is causal: FlashInfer's"
         workspaces = [shared_workspace if shared_workspace is not None else workspace] * (num_levels - 1) + [workspace]
+        self.ragged = None   # eager shared levels on the ragged prefill where their pages are runs (ragged_shared)
         if use_cuda_graph:
             # Fixed buffers per level; the group count of every level is fixed to max_rows.
             i32 = dict(dtype=torch.int32, device=dev)
@@ -100,6 +104,8 @@ class FlashInferCascadeAttention:
                 # workspace on the device (one per captured size x level count x shared kernel).
                 self.wrappers[-1] = None
         else:
+            if ragged_shared:
+                self.ragged = [RaggedSharedLevel(ws) for ws in workspaces[:-1]]
             self.wrappers = [TritonSharedLevel(max_rows, partials, tile=TILES[be]) if be in TILES
                              else FlashInferSplitLevel(ws, max_rows, partials) if be == "fa3-split"
                              else flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=be)
@@ -144,9 +150,12 @@ class FlashInferCascadeAttention:
             levels = [lv if c else tuple(pinned(a) for a in lv) for lv, c in zip(levels, cut)]
         hq, hkv, d, page = self.shape
         common = dict(sm_scale=self.sm_scale, q_data_type=self.dtype, kv_data_type=self.kv_dtype)
-        for wrapper, lv, c in zip(self.active[:-1], levels[:-1], cut):
+        for i, (wrapper, lv, c) in enumerate(zip(self.active[:-1], levels[:-1], cut)):
             if c:   # host arrays: the level cuts them itself
                 wrapper.plan(*lv, hq, hkv, d, page, **common)
+                continue
+            if self.ragged and self.ragged[i].plan(*lv, hq, hkv, d, page, **common):
+                self.active[i] = self.ragged[i]
                 continue
             wrapper.plan(*lv, hq, hkv, d, page, causal=False, disable_split_kv=not self.shared_split_kv, **common)
         qo_indptr, kv_indptr, kv_indices, last_len = levels[-1]

@@ -1,0 +1,75 @@
+"""A shared cascade level of a prefill step, read in place as ragged KV where its pages lie in order.
+
+Prefill steps over a cached prefix (W2, W3, W5: hundreds to thousands of question tokens a group over
+its 2k-16k prefix tokens) spend their attention in the shared level, a non-causal prefill that is
+compute-bound. FlashInfer's FA3 kernel runs it faster over a ragged KV tensor (whole tiles loaded by
+TMA) than over pages of 16 tokens (gathered loads). One layer on one H200, Qwen3-0.6B heads, bf16
+(`python scripts/bench_shared_prefill.py`, session 18; ms, paged fa3 -> ragged fa3):
+
+| groups x question tokens over prefix | paged fa3 | ragged fa3 | paged fa2 |
+|---|---|---|---|
+| 1 x 16,384 over 8,192 (W3's steps) | 1.969 (558 TFLOP/s) | 1.615 (681) | 3.193 |
+| 64 x 256 over 2,048 (W2-like) | 0.663 | 0.570 | 0.938 |
+| 4 x 2,048 over 16,384 (W5's step) | 1.979 | 1.630 | 3.447 |
+| 16 x 1,024 over 4,096 | 1.135 | 0.932 | 1.773 |
+
+A group's pages usually lie in order in the cache (a prefix is allocated in one piece from a free list
+handed out in order), and the planner orders groups by their first page (planner.plan_cascade), so the
+level's KV is a set of increasing token runs of the cache viewed as [pages x page_size, kv heads, dim];
+the gaps between runs go to query-less requests. Where a group's pages are not one run, or the runs do
+not increase, `plan` says so and the caller plans the paged kernel instead. Model-dtype caches only
+(FlashInfer's FA3 reads fp8 KV only with fp8 queries).
+"""
+import numpy as np
+import torch
+
+
+def ragged_layout(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, page_size: int):
+    """(qo_indptr, kv_indptr) int32 of a ragged prefill over a shared level's pages as token runs of the flat
+    cache: each group's request is preceded by a query-less one over the gap before its run (a group with no
+    pages reads nothing). None when a group's pages are not consecutive ids, a group's last page is not full,
+    or the runs do not increase."""
+    qo, ptr = np.asarray(qo_indptr, np.int64), np.asarray(kv_indptr, np.int64)
+    ind = np.asarray(kv_indices, np.int64)[:ptr[-1]]
+    pages = np.diff(ptr)
+    full = pages > 0
+    if (np.asarray(kv_last_page_len)[full] != page_size).any():
+        return None
+    if len(ind) > 1:
+        step = np.diff(ind)
+        inner = np.ones(len(step), bool)
+        inner[ptr[1:-1][(ptr[1:-1] > 0) & (ptr[1:-1] < len(ind))] - 1] = False   # steps from one group to the next
+        if (step[inner] != 1).any():
+            return None
+    first = ind[np.minimum(ptr[:-1], max(len(ind) - 1, 0))] if len(ind) else np.zeros(len(pages), np.int64)
+    ends = np.where(full, (first + pages) * page_size, 0)
+    ends = np.maximum.accumulate(ends) if len(ends) else ends   # a group without pages: at the run before it
+    starts = np.where(full, first * page_size, ends)
+    kv = np.concatenate([[0], np.stack([starts, ends], 1).ravel()])
+    if (np.diff(kv) < 0).any() or kv[-1] >= 2 ** 31:
+        return None
+    q = np.concatenate([[0], np.stack([qo[:-1], qo[1:]], 1).ravel()])
+    return torch.from_numpy(q.astype(np.int32)), torch.from_numpy(kv.astype(np.int32))
+
+
+class RaggedSharedLevel:
+    """FlashInfer's FA3 ragged prefill over a shared level's page runs (module doc). plan() takes the paged
+    wrapper's arguments and returns False when the pages are not runs (nothing planned then); run() reads
+    the layer's cache in place."""
+
+    def __init__(self, workspace: torch.Tensor):
+        import flashinfer   # GPU only; the layout above is CPU-tested
+        self.wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend="fa3")
+
+    def plan(self, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
+             page_size, **common) -> bool:
+        layout = ragged_layout(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, page_size)
+        if layout is None:
+            return False
+        self.wrapper.plan(*layout, num_qo_heads, num_kv_heads, head_dim, causal=False, **common)
+        return True
+
+    def run(self, q, kv_cache, out=None, lse=None, return_lse=True):
+        k, v = kv_cache
+        return self.wrapper.run(q, k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:]), out=out, lse=lse,
+                                return_lse=return_lse)
