@@ -11,7 +11,8 @@
    engine runs it (shared levels on the kernel it picks), a least-squares fit of
    nanovllm/cascade/cost_model.py's coefficients per shared-level kernel on the training grid, and the
    held-out errors (`--only cascade`; `--quick`: a quarter of it; `--held-out-seed S --held-out-count N`: N
-   fresh held-out shapes drawn from the whole range).
+   fresh held-out shapes drawn from the whole range; `--held-out-only`: measure only those and report the
+   defaults on them).
 """
 import argparse
 import json
@@ -248,8 +249,10 @@ def cascade_sample(groups, per, shared, page=16, unique=256):
     return CostSample.of(plan, page, backend, regular, cascade)
 
 
-def cascade_grid(quick, held_out_seed=None, held_out_count=16):
+def cascade_grid(quick, held_out_seed=None, held_out_count=16, held_out_only=False):
     train, held_out = cascade_shapes(quick, held_out_seed, held_out_count)
+    if held_out_only:   # a fresh test of the fitted defaults: only the held-out shapes are measured
+        train = []
     print("\n### Cascade vs regular decode, one layer, CUDA graphs, page 16, 256 own tokens a request\n\n"
           "| set | groups x requests | shared | regular ms | cascade ms | speed-up | shared levels on |\n"
           "|---|---|---|---|---|---|---|")
@@ -263,11 +266,12 @@ def cascade_grid(quick, held_out_seed=None, held_out_count=16):
     return samples
 
 
-def fit(samples):
+def fit(samples, defaults=False):
     """Fit nanovllm/cascade/cost_model.py on the training grid and report (scripts/refit_cost_model.py,
-    which refits from a printed table without a GPU)."""
+    which refits from a printed table without a GPU); defaults: report cost_model's defaults instead."""
+    from nanovllm.cascade.cost_model import CascadeCostModel
     from refit_cost_model import report
-    report(samples)
+    report(samples, CascadeCostModel() if defaults else None)
 
 
 def cascade_backends(quick):
@@ -436,8 +440,8 @@ def triton_shared(quick):
 SECTIONS = {"prefill": prefill_backends, "decode": decode_options, "decode-kernels": decode_kernels,
             "decode-kernels-small": lambda quick: decode_kernels(quick, small=True),
             "levels": cascade_backends, "triton-shared": triton_shared, "layout": kv_layouts,
-            "cascade": lambda quick: fit(cascade_grid(quick, HELD_OUT_SEED, HELD_OUT_COUNT))}
-HELD_OUT_SEED, HELD_OUT_COUNT = None, 16   # --held-out-seed / --held-out-count
+            "cascade": lambda quick: fit(cascade_grid(quick, HELD_OUT_SEED, HELD_OUT_COUNT, HELD_OUT_ONLY), HELD_OUT_ONLY)}
+HELD_OUT_SEED, HELD_OUT_COUNT, HELD_OUT_ONLY = None, 16, False   # --held-out-seed / -count / -only
 
 
 def main():
@@ -449,9 +453,11 @@ def main():
     p.add_argument("--held-out-seed", type=int, default=None,
                    help="cascade: draw the held-out shapes from the whole range with this seed (default: session 8's set)")
     p.add_argument("--held-out-count", type=int, default=16)
+    p.add_argument("--held-out-only", action="store_true",
+                   help="cascade: measure only the held-out shapes and report cost_model's defaults on them (no fit)")
     args = p.parse_args()
-    global KV_DT, HELD_OUT_SEED, HELD_OUT_COUNT
-    HELD_OUT_SEED, HELD_OUT_COUNT = args.held_out_seed, args.held_out_count
+    global KV_DT, HELD_OUT_SEED, HELD_OUT_COUNT, HELD_OUT_ONLY
+    HELD_OUT_SEED, HELD_OUT_COUNT, HELD_OUT_ONLY = args.held_out_seed, args.held_out_count, args.held_out_only
     KV_DT = torch.float8_e4m3fn if args.kv_dtype == "fp8" else DT
     for name, section in SECTIONS.items():
         if args.only in (None, name):

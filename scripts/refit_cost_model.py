@@ -5,19 +5,24 @@ calls `report` on its own samples).
 
     python scripts/refit_cost_model.py                                   # the stored H200 grids, session 17
     python scripts/refit_cost_model.py --table my_run.md                 # a run's printed table
+    python scripts/refit_cost_model.py --table my_run.md --defaults      # cost_model's defaults on it, no fit
 
 A table row is `| set | G x R | shared | regular ms | cascade ms | speed-up | kernel |`: G groups of R
 requests sharing `shared` tokens each, every request with OWN_TOKENS of its own, page PAGE; the
 plan has two levels (the shared run, the requests' own pages), so its features follow from the shape.
 """
 import argparse
+import dataclasses
 import os
 import re
 
 import numpy as np
 
-from nanovllm.cascade.cost_model import (REGULAR_TERMS, CostSample, fit_cost_model, predicted, regular_decode_split,
-                                         relative_errors, tile_rows)
+import torch
+
+from nanovllm.cascade.cost_model import (REGULAR_TERMS, CascadeCostModel, CostSample, fit_cost_model, predicted, regular_decode_split,
+                                         relative_errors, shared_level_terms)
+from nanovllm.cascade.planner import CascadeLevel
 
 PAGE, OWN_TOKENS = 16, 256       # scripts/bench_kernels.cascade_sample's defaults
 HQ, HKV = 16, 8                  # its heads (Qwen3-0.6B's)
@@ -31,11 +36,13 @@ def sample_of(groups: int, per: int, shared: int, regular_ms: float, cascade_ms:
     """The CostSample bench_kernels.cascade_sample measures at this shape (CostSample.of on its plan)."""
     shared_pages, own_pages, rows = shared // PAGE, OWN_TOKENS // PAGE, groups * per
     chunk, waves = regular_decode_split([shared_pages + own_pages] * rows, HKV, PAGE)
-    tiles = groups * -(-per // tile_rows(backend, HQ // HKV))
+    i32 = lambda a: torch.tensor(a, dtype=torch.int32)  # noqa: E731
+    level = CascadeLevel(i32(np.arange(groups + 1) * per), i32(np.arange(groups + 1) * shared_pages),
+                         i32([]), i32([PAGE] * groups), causal=False)
+    tile, distinct, splits, merged = shared_level_terms(level, backend, HQ, HKV, PAGE)
     return CostSample(backend, 2, rows * (shared_pages + own_pages) * PAGE,
-                      (groups * shared_pages + rows * own_pages) * PAGE, rows * shared_pages * PAGE,
-                      regular_ms, cascade_ms, rows, chunk * waves * PAGE, waves, tiles * shared_pages * PAGE,
-                      rows * own_pages * PAGE)
+                      (groups * shared_pages + rows * own_pages) * PAGE, regular_ms, cascade_ms, rows,
+                      chunk * waves * PAGE, waves, tile, distinct, splits, merged, rows * own_pages * PAGE)
 
 
 def parse_table(paths) -> dict:
@@ -48,16 +55,19 @@ def parse_table(paths) -> dict:
             name, g, r, shared, reg, cas, backend = m.groups()
             shape = (int(g), int(r), int(shared))
             samples[name].append((shape, sample_of(*shape, float(reg), float(cas), backend)))
-    if not samples["train"]:
+    if not samples["train"] and not samples["held-out"]:
         raise ValueError(f"{paths}: no table rows")
     return samples
 
 
-def report(samples: dict):
-    """Fit on samples["train"]; print each set's predictions and errors and the coefficients. -> the model."""
-    model = fit_cost_model([s for _, s in samples["train"]])
+def report(samples: dict, model=None):
+    """Fit on samples["train"] (or take `model`: no fit); print each set's predictions and errors and the
+    coefficients. -> the model."""
+    model = model or fit_cost_model([s for _, s in samples["train"]])
     for name in ("train", "held-out"):
         rows = samples[name]
+        if not rows:
+            continue
         errs = relative_errors(model, [s for _, s in rows])
         print(f"\n#### {name}: predicted vs measured\n\n| groups x requests x shared | kernel | regular ms (pred) | "
               f"cascade ms (pred) | error reg / casc |\n|---|---|---|---|---|")
@@ -77,15 +87,16 @@ def report(samples: dict):
     for term in REGULAR_TERMS:
         print(f"    regular_{term}_ms: float = {getattr(model, f'regular_{term}_ms'):.4g}")
     for name, c in model.cascade.items():
-        print(f"    {name!r}: LevelCosts({c.fixed_ms:.4g}, {c.per_tile_token_ms:.4g}, {c.per_own_token_ms:.4g}, "
-              f"{c.per_qk_ms:.4g}),")
+        print(f"    {name!r}: LevelCosts(" + ", ".join(f"{v:.4g}" for v in dataclasses.astuple(c)) + "),")
     return model
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", nargs="+", default=STORED, help="one grid or several (fitted together)")
-    report(parse_table(p.parse_args().table))
+    p.add_argument("--defaults", action="store_true", help="report cost_model's defaults on the table, no fit")
+    args = p.parse_args()
+    report(parse_table(args.table), CascadeCostModel() if args.defaults else None)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ the first reads of pages from HBM; the repeats hit L2) + per_crit * (tokens on t
 waves x chunk) + per_wave * waves (+ per_token * tokens read and per_row * requests, which the fit may
 keep at 0).
 Cascade reads each shared run once per group, but launches one kernel per level plus merges, and its
-shared-level kernel streams a group's run once per tile of query rows (`shared_tile_pages`: 16 or 32
-rows for the Triton tiles, 128 for fa3): time ~ fixed_per_level * levels + per_tile_token * (shared
-tokens x tiles) + per_own_token * (the requests' own tokens) + per_qk * (query rows x shared tokens),
-with coefficients of their own for each shared-level kernel (the Triton tiles stream bytes, fa3 is
-tensor-core bound: one line cannot fit both). Coefficients are fitted to measurements on the H200
+shared-level kernel streams a group's run once per tile of query rows (16 or 32 rows for the Triton tiles,
+128 for fa3): time ~ fixed_per_level * levels + per_tile_token * (shared tokens x tiles) + per_shared_token
+* (shared tokens once: the 32-row tile's sibling tiles re-read a group's pages from L2) + per_split *
+splits (the kernel's own split rule; the merge walks a row's splits one after another) + per_own_token *
+(the requests' own tokens) + per_merge_row * (rows x splits partials merged), with coefficients of their
+own for each shared-level kernel (the Triton tiles stream bytes, fa3 is tensor-core bound: one line
+cannot fit both) and the own-token and merged-row terms one for all (`shared_level_terms`, KERNEL_TERMS). Coefficients are fitted to measurements on the H200
 (`python scripts/bench_kernels.py --only cascade` measures a training grid and a held-out grid,
 fits with `fit_cost_model` and prints the held-out errors; claude_docs/cascade.md has the tables);
 the engine uses cascade only when the model predicts it faster by a margin. The fit is least squares
@@ -38,6 +40,16 @@ above are those two mechanisms. On all 96 held-out shapes: session 13's defaults
 third grid's 32 held-out shapes were measured after the terms were chosen: 2.5% / 16.9% and 5.1% / 25.9%.
 Run to run, the same shape moves up to 11% (median 1%) at 15-100 us, which bounds any model's largest
 error there. claude_docs/cascade.md has the tables.
+
+Session 18 (no new measurement: the same three grids, terms chosen on grids one and two, grid three's 32
+held-out shapes the test): the query-rows x shared-tokens term went (it put 8 x 62 x 18,592 on the 32-row
+tile 27% high: a tile's compute does not grow with how full it is), and the split, merged-row and (32-row
+tile) distinct-token terms came in. Cascade error on all 96 held-out shapes median 4.7% / max 17.4% (6.0% /
+25.9% before), both lines within 10% on 70 (65), decision right on 91 (90); grid three's 32: 3.3% / 14.1%
+(5.1% / 25.9%); held-out shapes of >= 0.1 ms: 2.8% / 14.1% (4.3% / 25.9%). The worst left are grid two's
+small shapes (0.03-0.07 ms, measured 3-15% slower than grid one's on every small shape, both lines: a
+machine offset) and shapes whose last wave of Triton units is sparse (72 x 3 x 11,376: 2 full waves of
+264 and 48 units; no training shape has one).
 """
 from dataclasses import dataclass, field
 
@@ -119,6 +131,42 @@ def shared_tile_pages(plan, rows_a_tile: int) -> int:
     return total
 
 
+# Shared-level kernels that write split partials and merge them in a kernel of their own (a row's partials
+# merged one split after another); fa3 and fa2 write one partial a row and merge it in place (a launch: the
+# fixed term).
+MERGING_KERNELS = ("triton", "triton-wide", "fa3-split")
+
+
+def shared_level_terms(level, kernel: str, num_qo_heads: int, num_kv_heads: int, page_size: int) -> tuple:
+    """(tile tokens, distinct tokens, splits, merged partial rows) of one shared level on `kernel`: its
+    groups' tokens once per tile of query rows and once; the split count of the kernel's own rule (the
+    Triton kernel's choose_splits, fa3-split's choose_fa3_splits under the graph cap), which the merge
+    walks for each row; and rows x splits partials merged (0 for fa3/fa2). The partial buffer and the graph
+    cap are the engine's for a graph of the level's rows (a captured graph may be a little larger).
+    Cached on the level: a decode batch's shared levels serve many steps, and worth_it reads them each step
+    (choose_splits' loop is ~8 us)."""
+    key = (kernel, num_qo_heads, num_kv_heads, page_size)
+    cache = level.__dict__.setdefault("_cost_terms", {})
+    terms = cache.get(key)
+    if terms is None:
+        from nanovllm.cascade.shared_kernel import choose_splits, partial_rows
+        from nanovllm.cascade.split_level import choose_fa3_splits, graph_copies   # imports this module
+        rows, pages = level.rows_and_pages()
+        n = int(rows.sum())
+        tiles = -(-rows // tile_rows(kernel, num_qo_heads // num_kv_heads))
+        splits = 1
+        if kernel in ("triton", "triton-wide"):
+            splits = choose_splits(int(tiles.sum()), num_kv_heads, int(pages.max(initial=0)) * page_size, n,
+                                   partial_rows(n))
+        elif kernel == "fa3-split":
+            splits = choose_fa3_splits(level.qo_indptr.numpy(), level.kv_indptr.numpy(), num_qo_heads, page_size,
+                                       graph_copies(n, partial_rows(n), num_qo_heads))
+        terms = (int((tiles * pages).sum()) * page_size, int(pages.sum()) * page_size, splits,
+                 n * splits if kernel in MERGING_KERNELS else 0)
+        cache[key] = terms
+    return terms
+
+
 @dataclass(frozen=True)
 class CostSample:
     """One measured decode layer: the plan's features (tokens, not pages), its shared-level kernel,
@@ -127,13 +175,15 @@ class CostSample:
     levels: int
     regular_tokens: int      # every request's tokens
     cascade_tokens: int      # the plan's tokens: each shared run once, plus the requests' own
-    qk_tokens: int           # query rows x shared tokens
     regular_ms: float
     cascade_ms: float
     rows: int = 1            # query rows (requests at decode)
     crit_tokens: int = 0     # regular decode's longest CTA chain (regular_decode_split)
     waves: int = 1           # its waves of CTAs
-    tile_tokens: int = 0     # shared tokens x tiles of query rows (shared_tile_pages)
+    tile_tokens: int = 0     # shared levels: tokens x tiles of query rows (shared_level_terms)
+    shared_tokens: int = 0   # shared levels: their distinct tokens
+    splits: int = 0          # shared levels: their split counts, summed
+    merge_rows: int = 0      # shared levels: partial rows merged
     own_tokens: int = 0      # the last level's tokens
 
     @classmethod
@@ -141,34 +191,40 @@ class CostSample:
            num_qo_heads: int = 16, num_kv_heads: int = 8) -> "CostSample":
         chunk, waves = regular_decode_split(pages_per_row(plan.levels, plan.num_rows), num_kv_heads, page_size)
         own = int(plan.levels[-1].kv_indptr[-1])   # the last level's pages
+        shared = [shared_level_terms(level, backend, num_qo_heads, num_kv_heads, page_size)
+                  for level in plan.levels[:-1]]
+        tile, distinct, splits, merged = (sum(t[i] for t in shared) for i in range(4))
         return cls(backend, len(plan.levels), plan.regular_kv_pages * page_size, plan.cascade_kv_pages * page_size,
-                   shared_qk_pages(plan) * page_size, regular_ms, cascade_ms, plan.num_rows, chunk * waves * page_size,
-                   waves, shared_tile_pages(plan, tile_rows(backend, num_qo_heads // num_kv_heads)) * page_size,
-                   own * page_size)
+                   regular_ms, cascade_ms, plan.num_rows, chunk * waves * page_size, waves, tile, distinct, splits,
+                   merged, own * page_size)
 
 
 @dataclass(frozen=True)
 class LevelCosts:
-    fixed_ms: float          # per level (a launch, a plan, a merge)
-    per_tile_token_ms: float  # per shared KV token, once per tile of query rows
-    per_own_token_ms: float  # per token of the requests' own level
-    per_qk_ms: float         # per (query row x shared KV token)
+    fixed_ms: float            # per level (a launch, a plan, a merge)
+    per_tile_token_ms: float   # per shared KV token, once per tile of query rows
+    per_shared_token_ms: float  # per shared KV token, once (the first read of a page its sibling tiles share)
+    per_split_ms: float        # per split of a shared level (the merge's chain a row)
+    per_own_token_ms: float    # per token of the requests' own level (every kernel alike)
+    per_merge_row_ms: float    # per partial row merged (every kernel alike)
 
-    def ms(self, levels: int, tile_tokens: int, own_tokens: int, qk_tokens: int) -> float:
-        return (self.fixed_ms * levels + self.per_tile_token_ms * tile_tokens + self.per_own_token_ms * own_tokens
-                + self.per_qk_ms * qk_tokens)
+    def ms(self, levels: int, tile_tokens: int, shared_tokens: int, splits: int, own_tokens: int,
+           merge_rows: int) -> float:
+        return (self.fixed_ms * levels + self.per_tile_token_ms * tile_tokens
+                + self.per_shared_token_ms * shared_tokens + self.per_split_ms * splits
+                + self.per_own_token_ms * own_tokens + self.per_merge_row_ms * merge_rows)
 
 
-# Session 17's fit on the H200 (Qwen3-0.6B heads, page 16, CUDA graphs; scripts/bench_kernels.py --only
-# cascade; the three grids are stored in claude_docs/data/cascade_grid_h200_s17*.md and
-# scripts/refit_cost_model.py refits them together: these are that fit, checked by tests/test_cascade_policy.py).
+# Session 18's terms fitted on session 17's measurements on the H200 (Qwen3-0.6B heads, page 16, CUDA graphs;
+# scripts/bench_kernels.py --only cascade; the three grids are stored in claude_docs/data/cascade_grid_h200_s17*.md
+# and scripts/refit_cost_model.py refits them together: these are that fit, checked by tests/test_cascade_policy.py).
 # fa2 had no training shape of its own (the engine picks it only for an fp8 cache or when configured): the
 # all-kernel line, which also serves a kernel the table does not name (FALLBACK_COSTS).
-H200_COSTS = {"triton": LevelCosts(0.01062, 9.724e-7, 1.003e-6, 0.0),
-              "triton-wide": LevelCosts(0.0113, 2.642e-7, 1.003e-6, 2.566e-8),
-              "fa3": LevelCosts(0.009066, 1.714e-6, 1.003e-6, 0.0),
-              "fa3-split": LevelCosts(0.01281, 1.891e-6, 1.003e-6, 0.0),
-              "fa2": LevelCosts(0.01082, 9.064e-7, 1.012e-6, 6.285e-9)}
+H200_COSTS = {"triton": LevelCosts(0.009713, 9.267e-7, 0.0, 4.904e-4, 1.002e-6, 9.572e-6),
+              "triton-wide": LevelCosts(0.00932, 7.021e-7, 2.674e-7, 5.095e-4, 1.002e-6, 9.572e-6),
+              "fa3": LevelCosts(0.009146, 1.715e-6, 0.0, 0.0, 1.002e-6, 9.572e-6),
+              "fa3-split": LevelCosts(0.01077, 1.802e-6, 0.0, 0.0, 1.002e-6, 9.572e-6),
+              "fa2": LevelCosts(0.009504, 9.545e-7, 0.0, 4.774e-4, 1.047e-6, 9.748e-6)}
 FALLBACK_COSTS = H200_COSTS["fa2"]
 
 
@@ -236,31 +292,44 @@ def regular_features(s: CostSample) -> dict:
 
 
 def cascade_features(s: CostSample) -> list:
-    return [s.levels, s.tile_tokens, s.own_tokens, s.qk_tokens]
+    """The cascade line's features, in LevelCosts' order."""
+    return [s.levels, s.tile_tokens, s.shared_tokens, s.splits, s.own_tokens, s.merge_rows]
+
+
+# The terms each shared-level kernel's line fits (session 18): the Triton tiles' splits (the merge walks
+# them), the 32-row tile's first reads of pages its sibling tiles re-read from L2 (distinct tokens); fa3 runs
+# no split, fa3-split's pieces cost through the merged rows. Then one own-token and one merged-row term for
+# every kernel. A kernel not named here fits fixed and tile terms.
+KERNEL_TERMS = {"triton": ("fixed", "tile", "split"), "triton-wide": ("fixed", "tile", "shared", "split")}
+CASCADE_TERMS = ("fixed", "tile", "shared", "split")   # LevelCosts' per-kernel fields, in order
+JOINT_TERMS = ("own", "merge_row")                      # one coefficient for every kernel
 
 
 def fit_cost_model(samples: list[CostSample], min_samples: int = 4, regular_terms=REGULAR_FIT) -> CascadeCostModel:
     """Least squares: the regular line over every sample; the cascade lines jointly, each shared-level
-    kernel with its own fixed, per-tile-token and per-qk terms over its samples, and one per-own-token
-    term for all (the requests' own level is the same decode kernel whatever runs the shared levels:
-    fitted per kernel, fa3's samples, whose row counts hardly vary, put that level's cost in its fixed
-    term; session 17). A kernel with fewer than min_samples keeps the line fitted to every sample as one
-    kernel's. Coefficients are constrained to >= 0 (a negative cost is noise; `relative_least_squares`)."""
+    kernel with its own terms (KERNEL_TERMS) over its samples, and one own-token and one merged-row term for
+    all (the requests' own level is the same decode kernel whatever runs the shared levels, and the merge
+    kernel is one: fitted per kernel, fa3's samples, whose row counts hardly vary, put that level's cost in
+    its fixed term; session 17). A kernel with fewer than min_samples keeps the line fitted to every sample
+    as one kernel's. Coefficients are constrained to >= 0 (a negative cost is noise; `relative_least_squares`)."""
     reg = relative_least_squares([[regular_features(s)[t] for t in regular_terms] for s in samples],
                                  [s.regular_ms for s in samples])
     coef = dict(zip(regular_terms, reg))
     every = LevelCosts(*relative_least_squares([cascade_features(s) for s in samples], [s.cascade_ms for s in samples]))
     kernels = sorted(k for k in {s.backend for s in samples} if sum(s.backend == k for s in samples) >= min_samples)
     fitted = [s for s in samples if s.backend in kernels]
+    terms = {k: KERNEL_TERMS.get(k, ("fixed", "tile")) for k in kernels}
 
-    def row(s):   # [fixed, tile, qk] of each kernel (zero but its own), then the shared own-token term
-        out = []
-        for k in kernels:
-            on = float(s.backend == k)
-            out += [on * s.levels, on * s.tile_tokens, on * s.qk_tokens]
-        return out + [s.own_tokens]
+    def row(s):   # each kernel's terms (zero but its own), then the joint ones
+        f = dict(zip(CASCADE_TERMS, cascade_features(s)[:4]))
+        out = [float(s.backend == k) * f[t] for k in kernels for t in terms[k]]
+        return out + [s.own_tokens, s.merge_rows]
     joint = relative_least_squares([row(s) for s in fitted], [s.cascade_ms for s in fitted]) if fitted else []
-    costs = {k: LevelCosts(joint[3 * i], joint[3 * i + 1], joint[-1], joint[3 * i + 2]) for i, k in enumerate(kernels)}
+    costs, i = {}, 0
+    for k in kernels:
+        got = dict(zip(terms[k], joint[i:i + len(terms[k])]))
+        i += len(terms[k])
+        costs[k] = LevelCosts(*(got.get(t, 0.0) for t in CASCADE_TERMS), joint[-2], joint[-1])
     for name in TILE_ROWS:
         if name not in costs and name not in LINE_OF:
             costs[name] = every
