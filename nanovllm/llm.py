@@ -4,9 +4,9 @@ Python's cyclic garbage collector is kept off the requests while a generate call
 holds its prompt as a list of ints (8,320 of them in W3), which every collection of their generation
 walks, and the engine allocates enough per step to trigger collections. Measured on one H200 (random
 Qwen3-0.6B, `python scripts/step_timeline.py --workload w3 --enable-cascade-attention --gc engine|freeze`,
-session 18): with the collector as Python leaves it, W3 spent 0.07-0.09 s in generation-1 collections and,
-in one run of two, 0.32 s in one full collection (49,577 tok/s that run); frozen, 0.003 s and none (52,114 /
-53,055). W2 and W1: within their spread. The requests are frozen (gc.freeze) once queued, and unfrozen when
+session 18): with the collector as Python leaves it, W3's two runs spent 0.066 / 0.090 s in generation-1
+collections, and the first 0.32 s more in one full collection (49,577 / 52,530 tok/s); with the requests frozen
+once queued, 0.003 / 0.075 s and no full collection (53,055 / 52,114). W2 and W1: within their spread. The requests are frozen (gc.freeze) once queued, and unfrozen when
 generate returns unless something had frozen objects before (a partial unfreeze does not exist); objects
 dropped meanwhile are still freed by their reference counts.
 """
