@@ -4,46 +4,27 @@
 
 Prefill steps of W2, W3 and W5 put hundreds to thousands of question tokens of a group over its 2k-16k
 prefix tokens: the shared level is a non-causal prefill of (group rows x prefix) and it is compute-bound.
-This times, one layer (Qwen3-0.6B heads, bf16, page 16, eager, median of 20 runs):
+This times, one layer (Qwen3-0.6B heads, bf16, page 16, eager, median of bench_kernels.timed's runs):
   paged-fa3 / paged-fa2: FlashInfer's paged prefill over the group's pages (what the engine runs today);
-  ragged-fa3: FlashInfer's ragged prefill over the same KV, read in place as one run of tokens (a group's pages
-      lie in order in the cache: the cache viewed as [pages x page, kv heads, dim], gaps between groups
-      given to query-less requests);
+  ragged-fa3: FlashInfer's ragged prefill over the same KV, read in place as one run of tokens a group (the
+      layout the engine builds, cascade/ragged_level.py: the cache viewed as [pages x page, kv heads, dim],
+      a query-less request before each group; session 18's table, claude_docs/performance.md, was measured
+      with the same runs without the query-less requests, which the engine's W3 profile then matched);
   regular: the whole step without cascade (each request's paged causal prefill over prefix + own tokens);
 and prints ms and TFLOP/s (4 x rows x prefix x heads x dim FLOPs).
 """
-import numpy as np
-import torch
+import os
+import sys
+
 import flashinfer
+import torch
 
-HQ, HKV, D, PAGE = 16, 8, 128, 16
-DT = torch.bfloat16
-WS = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_kernels import DT, HKV, HQ, WS, D, timed  # noqa: E402
 
+from nanovllm.cascade.ragged_level import ragged_layout  # noqa: E402
 
-def timed(fn, reps=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); b.synchronize()
-        times.append(a.elapsed_time(b))
-    return float(np.median(times))
-
-
-def ragged_runs(qo_rows, starts, ends):
-    """(qo_indptr, kv_indptr) of a ragged prefill over token runs [starts[g], ends[g]) of a flat cache, in
-    increasing order: query-less requests cover the gaps."""
-    qo, kv, cursor, row = [0], [0], 0, 0
-    for rows, a, b in zip(qo_rows, starts, ends):
-        if a > cursor:
-            qo.append(row); kv.append(a)
-        row += rows
-        qo.append(row); kv.append(b)
-        cursor = b
-    return torch.tensor(qo, dtype=torch.int32), torch.tensor(kv, dtype=torch.int32)
+PAGE = 16
 
 
 def shape(groups, rows, prefix, own=128):
@@ -67,23 +48,13 @@ def shape(groups, rows, prefix, own=128):
         w.plan(qo, kv_ind, idx, last, HQ, HKV, D, PAGE, causal=False, q_data_type=DT, kv_data_type=DT)
         res[f"paged-{be}"] = timed(lambda: w.run(q, (kc, vc), return_lse=True))
         out_ref = w.run(q, (kc, vc))
-    # Shared level, ragged over the flat cache (groups' runs spaced apart by one page, as a gap).
-    starts = [g * pre_pages * PAGE for g in range(groups)]
-    ends = [s + prefix for s in starts]
-    rq, rk = ragged_runs([rows] * groups, starts, ends)
+    # Shared level, ragged over the flat cache: the layout the engine builds (ragged_level.ragged_layout).
+    rq, rk = ragged_layout(qo, kv_ind, idx, last, PAGE)
     flat_k, flat_v = kc.view(-1, HKV, D), vc.view(-1, HKV, D)
     w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(WS, "NHD", backend="fa3")
     w.plan(rq, rk, HQ, HKV, D, causal=False, q_data_type=DT, kv_data_type=DT)
     res["ragged-fa3"] = timed(lambda: w.run(q, flat_k, flat_v, return_lse=True))
     diff = (w.run(q, flat_k, flat_v).float() - out_ref.float()).abs().max().item()
-    # With a gap between runs (groups' pages not adjacent): every other page run shifted by a page.
-    if groups > 1:
-        starts2 = [s + (PAGE if g % 2 else 0) for g, s in enumerate(starts)]
-        starts2 = [min(s, groups * pre_pages * PAGE - prefix) for s in starts2]
-        rq2, rk2 = ragged_runs([rows] * groups, starts2, [s + prefix for s in starts2])
-        w2 = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(WS, "NHD", backend="fa3")
-        w2.plan(rq2, rk2, HQ, HKV, D, causal=False, q_data_type=DT, kv_data_type=DT)
-        res["ragged-fa3 gaps"] = timed(lambda: w2.run(q, flat_k, flat_v, return_lse=True))
     # The whole step without cascade: each request over its prefix + own pages, causal.
     n = groups * reqs
     table = []

@@ -8,18 +8,7 @@ import torch
 
 from nanovllm.cascade.planner import plan_cascade
 from nanovllm.cascade.ragged_level import ragged_layout
-
-PAGE, HQ, HKV, D = 4, 4, 2, 8
-
-
-def attend(q, k, v):
-    """float64 attention of rows q [n, HQ, D] over k, v [t, HKV, D]: (out, base-2 lse); no keys: 0, -inf."""
-    if len(k) == 0:
-        return torch.zeros_like(q), torch.full(q.shape[:2], float("-inf"), dtype=torch.float64)
-    k, v = (x.repeat_interleave(HQ // HKV, dim=1) for x in (k, v))
-    s = torch.einsum("nhd,thd->nht", q, k) * D ** -0.5
-    return torch.einsum("nht,thd->nhd", s.softmax(-1), v), torch.logsumexp(s, -1) / np.log(2)
-
+from test_split_level import D, HKV, HQ, PAGE, attend   # float64 attention, no keys: out 0, lse -inf
 
 def by_pages(q, kc, vc, qo, kv, idx):
     out, lse = torch.zeros_like(q), torch.full(q.shape[:2], float("-inf"), dtype=torch.float64)
