@@ -6,9 +6,10 @@ walks, and the engine allocates enough per step to trigger collections. Measured
 Qwen3-0.6B, `python scripts/step_timeline.py --workload w3 --enable-cascade-attention --gc engine|freeze`,
 session 18): with the collector as Python leaves it, W3's two runs spent 0.066 / 0.090 s in generation-1
 collections, and the first 0.32 s more in one full collection (49,577 / 52,530 tok/s); with the requests frozen
-once queued, 0.003 / 0.075 s and no full collection (53,055 / 52,114). W2 and W1: within their spread. The requests are frozen (gc.freeze) once queued, and unfrozen when
-generate returns unless something had frozen objects before (a partial unfreeze does not exist); objects
-dropped meanwhile are still freed by their reference counts.
+once queued, 0.003 / 0.075 s and no full collection (53,055 / 52,114). W2 and W1: within their spread. The
+requests are frozen (gc.freeze) once queued, and unfrozen when generate returns unless something had frozen
+objects before (a partial unfreeze does not exist); objects dropped meanwhile are still freed by their
+reference counts.
 """
 import gc
 from time import perf_counter

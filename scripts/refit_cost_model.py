@@ -20,8 +20,8 @@ import numpy as np
 
 import torch
 
-from nanovllm.cascade.cost_model import (REGULAR_TERMS, CascadeCostModel, CostSample, fit_cost_model, predicted, regular_decode_split,
-                                         relative_errors, shared_level_terms)
+from nanovllm.cascade.cost_model import (REGULAR_TERMS, CascadeCostModel, CostSample, fit_cost_model, predicted,
+                                         regular_decode_split, relative_errors, shared_level_terms)
 from nanovllm.cascade.planner import CascadeLevel
 
 PAGE, OWN_TOKENS = 16, 256       # scripts/bench_kernels.cascade_sample's defaults

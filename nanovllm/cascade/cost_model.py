@@ -13,8 +13,8 @@ shared-level kernel streams a group's run once per tile of query rows (16 or 32 
 splits (the kernel's own split rule; the merge walks a row's splits one after another) + per_own_token *
 (the requests' own tokens) + per_merge_row * (rows x splits partials merged), with coefficients of their
 own for each shared-level kernel (the Triton tiles stream bytes, fa3 is tensor-core bound: one line
-cannot fit both) and the own-token and merged-row terms one for all (`shared_level_terms`, KERNEL_TERMS). Coefficients are fitted to measurements on the H200
-(`python scripts/bench_kernels.py --only cascade` measures a training grid and a held-out grid,
+cannot fit both) and the own-token and merged-row terms one for all (`shared_level_terms`, KERNEL_TERMS).
+Coefficients are fitted to measurements on the H200 (`python scripts/bench_kernels.py --only cascade` measures a training grid and a held-out grid,
 fits with `fit_cost_model` and prints the held-out errors; claude_docs/cascade.md has the tables);
 the engine uses cascade only when the model predicts it faster by a margin. The fit is least squares
 on relative errors (each sample weighted by 1 / its measured time): the decision compares two times
@@ -57,8 +57,13 @@ import numpy as np
 
 
 def shared_qk_pages(plan) -> int:
-    """Sum over shared groups of (query rows x pages): the extra work of batching a group's queries."""
-    return shared_tile_pages(plan, 1)
+    """Sum over shared groups of (query rows x pages): the extra work of batching a group's queries (session 3's
+    model, scripts/bench_old_cost_model.py)."""
+    total = 0
+    for level in plan.levels[:-1]:
+        rows, pages = level.rows_and_pages()
+        total += int((rows * pages).sum())
+    return total
 
 
 def pages_per_row(levels, num_rows: int) -> np.ndarray:
@@ -120,15 +125,6 @@ TILE_ROWS = {"triton": 16, "triton-wide": 32, "fa3": 128, "fa3-split": 128, "fa2
 def tile_rows(kernel: str, gqa: int) -> int:
     rows = TILE_ROWS.get(kernel, 16)
     return min(rows, max(128 // gqa, 1)) if kernel.startswith("triton") else rows   # the Triton tile narrows for GQA 8
-
-
-def shared_tile_pages(plan, rows_a_tile: int) -> int:
-    """Sum over shared groups of (tiles of query rows x pages)."""
-    total = 0
-    for level in plan.levels[:-1]:
-        rows, pages = level.rows_and_pages()
-        total += int((-(-rows // rows_a_tile) * pages).sum())
-    return total
 
 
 # Shared-level kernels that write split partials and merge them in a kernel of their own (a row's partials
@@ -273,8 +269,9 @@ class CascadeCostModel:
                                              self.num_kv_heads))
 
     def worth_it(self, plan, page_size: int) -> bool:
-        """~20 us a step on the CPU (19-21 measured; session 13's terms: 6-7): a shared level's rows and pages are
-        computed once per plan (CascadeLevel.rows_and_pages), a step's new last level's each step."""
+        """11-14 us a step on the development CPU (session 18, W2/W3/W5 decode plans; session 13's terms: 6-7): a
+        shared level's rows, pages and terms are computed once (CascadeLevel.rows_and_pages, shared_level_terms:
+        ~0.1-0.2 ms the first time), a step's new last level's each step."""
         regular, cascade = self.predict(plan, page_size)
         return cascade < self.margin * regular
 
@@ -302,7 +299,6 @@ def cascade_features(s: CostSample) -> list:
 # every kernel. A kernel not named here fits fixed and tile terms.
 KERNEL_TERMS = {"triton": ("fixed", "tile", "split"), "triton-wide": ("fixed", "tile", "shared", "split")}
 CASCADE_TERMS = ("fixed", "tile", "shared", "split")   # LevelCosts' per-kernel fields, in order
-JOINT_TERMS = ("own", "merge_row")                      # one coefficient for every kernel
 
 
 def fit_cost_model(samples: list[CostSample], min_samples: int = 4, regular_terms=REGULAR_FIT) -> CascadeCostModel:

@@ -43,7 +43,7 @@ def ragged_layout(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, page_size:
             return None
     first = ind[np.minimum(ptr[:-1], max(len(ind) - 1, 0))] if len(ind) else np.zeros(len(pages), np.int64)
     ends = np.where(full, (first + pages) * page_size, 0)
-    ends = np.maximum.accumulate(ends) if len(ends) else ends   # a group without pages: at the run before it
+    ends = np.maximum.accumulate(ends)   # a group without pages: at the end of the run before it
     starts = np.where(full, first * page_size, ends)
     kv = np.concatenate([[0], np.stack([starts, ends], 1).ravel()])
     if (np.diff(kv) < 0).any() or kv[-1] >= 2 ** 31:
