@@ -29,6 +29,7 @@ HQ, HKV, D = 16, 8, 128
 DT = torch.bfloat16
 WS = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
 SIDE, SIDE_WS = torch.cuda.Stream(), torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
+GRAPH_COPIES = 8   # cascade grid: layer copies in one graph (main's --graph-copies)
 
 
 def timed(fn, reps=30):
@@ -43,13 +44,16 @@ def timed(fn, reps=30):
     return float(np.median(times))
 
 
-def graphed(fn):
-    """Time fn replayed from a CUDA graph, as the engine's decode runs."""
+def graphed(fn, copies=1):
+    """Time fn replayed from a CUDA graph, as the engine's decode runs. copies > 1: the graph holds fn that
+    many times back to back (as the engine's holds a step's layers) and the time is one copy's share, without
+    the graph launch's host latency, which a single short copy's time carries (a few us)."""
     fn()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
-    return timed(g.replay)
+        for _ in range(copies):
+            fn()
+    return timed(g.replay) / copies
 
 
 def cache(pages, page):
@@ -237,14 +241,14 @@ def cascade_sample(groups, per, shared, page=16, unique=256):
         WS, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=ind.cuda(),
         paged_kv_indices_buffer=idx.cuda(), paged_kv_last_page_len_buffer=last.cuda())
     w.plan(ind, idx, last, HQ, HKV, D, page, q_data_type=DT, kv_data_type=DT)
-    regular = graphed(lambda: w.run(q, (kc, vc)))
+    regular = graphed(lambda: w.run(q, (kc, vc)), GRAPH_COPIES)
     backend = shared_level_backend(plan, HQ, HKV)
     casc = FlashInferCascadeAttention(WS, len(plan.levels), HQ, HKV, D, page, DT, bs, backend="fa2",
                                       use_cuda_graph=True, max_pages=int(table.size) + bs, decode_last_level=True,
                                       shared_backend=backend, shared_split_kv=False, side_stream=SIDE,
                                       shared_workspace=SIDE_WS)
     casc.plan(plan)
-    cascade = graphed(lambda: casc.run(q, (kc, vc)))
+    cascade = graphed(lambda: casc.run(q, (kc, vc)), GRAPH_COPIES)
     del kc, vc
     return CostSample.of(plan, page, backend, regular, cascade)
 
@@ -453,10 +457,14 @@ def main():
     p.add_argument("--held-out-seed", type=int, default=None,
                    help="cascade: draw the held-out shapes from the whole range with this seed (default: session 8's set)")
     p.add_argument("--held-out-count", type=int, default=16)
+    p.add_argument("--graph-copies", type=int, default=8,
+                   help="cascade: copies of the layer in one CUDA graph, each timed as its share (grids before "
+                        "session 19: 1, each replay's time with its launch latency)")
     p.add_argument("--held-out-only", action="store_true",
                    help="cascade: measure only the held-out shapes and report cost_model's defaults on them (no fit)")
     args = p.parse_args()
-    global KV_DT, HELD_OUT_SEED, HELD_OUT_COUNT, HELD_OUT_ONLY
+    global KV_DT, HELD_OUT_SEED, HELD_OUT_COUNT, HELD_OUT_ONLY, GRAPH_COPIES
+    GRAPH_COPIES = args.graph_copies
     HELD_OUT_SEED, HELD_OUT_COUNT, HELD_OUT_ONLY = args.held_out_seed, args.held_out_count, args.held_out_only
     KV_DT = torch.float8_e4m3fn if args.kv_dtype == "fp8" else DT
     for name, section in SECTIONS.items():
