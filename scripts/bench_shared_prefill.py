@@ -1,6 +1,6 @@
 """The shared level of a cascade prefill step on the GPU: many question tokens over one long prefix a group.
 
-    python scripts/bench_shared_prefill.py
+    python scripts/bench_shared_prefill.py [--decode]
 
 Prefill steps of W2, W3 and W5 put hundreds to thousands of question tokens of a group over its 2k-16k
 prefix tokens: the shared level is a non-causal prefill of (group rows x prefix) and it is compute-bound.
@@ -20,7 +20,7 @@ import flashinfer
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import DT, HKV, HQ, WS, D, timed  # noqa: E402
+from bench_kernels import DT, HKV, HQ, WS, D, graphed, timed  # noqa: E402
 
 from nanovllm.cascade.ragged_level import ragged_layout  # noqa: E402
 
@@ -80,7 +80,41 @@ def shape(groups, rows, prefix, own=128):
     return flops, res, diff
 
 
+def decode_level(groups, rows, prefix, copies=8):
+    """A decode step's shared level (rows one-token queries a group over its prefix) replayed from a CUDA graph
+    of `copies` layers: paged fa3 (the engine's graphs today) against ragged fa3 over the same runs. -> ms."""
+    pre_pages = prefix // PAGE
+    kc = torch.randn(groups * pre_pages + 8, PAGE, HKV, D, device="cuda", dtype=DT)
+    vc = torch.randn_like(kc)
+    q = torch.randn(groups * rows, HQ, D, device="cuda", dtype=DT)
+    qo = torch.arange(0, groups * rows + 1, rows, dtype=torch.int32)
+    kv_ind = torch.arange(0, groups * pre_pages + 1, pre_pages, dtype=torch.int32)
+    idx = torch.arange(groups * pre_pages, dtype=torch.int32)
+    last = torch.full((groups,), PAGE, dtype=torch.int32)
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(WS, "NHD", backend="fa3")
+    w.plan(qo, kv_ind, idx, last, HQ, HKV, D, PAGE, causal=False, q_data_type=DT, kv_data_type=DT)
+    paged = graphed(lambda: w.run(q, (kc, vc), return_lse=True), copies)
+    out_ref = w.run(q, (kc, vc))
+    rq, rk = ragged_layout(qo, kv_ind, idx, last, PAGE)
+    flat_k, flat_v = kc.view(-1, HKV, D), vc.view(-1, HKV, D)
+    r = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(WS, "NHD", backend="fa3")
+    r.plan(rq, rk, HQ, HKV, D, causal=False, q_data_type=DT, kv_data_type=DT)
+    ragged = graphed(lambda: r.run(q, flat_k, flat_v, return_lse=True), copies)
+    diff = (r.run(q, flat_k, flat_v).float() - out_ref.float()).abs().max().item()
+    flops = 4.0 * groups * rows * prefix * HQ * D
+    return paged, ragged, diff, flops
+
+
 def main():
+    if "--decode" in sys.argv:
+        print("| decode shared level: groups x rows over prefix | paged fa3 ms (TFLOP/s) | ragged fa3 ms (TFLOP/s) | "
+              "max diff |\n|---|---|---|---|")
+        for groups, rows, prefix in ((1, 1024, 8192), (1, 512, 8192), (16, 64, 2048), (8, 128, 4096), (4, 256, 2048),
+                                     (2, 512, 16384), (64, 16, 2048), (4, 32, 16384)):
+            paged, ragged, diff, flops = decode_level(groups, rows, prefix)
+            print(f"| {groups} x {rows} over {prefix} | {paged:.4f} ({flops / paged / 1e9:.0f}) | "
+                  f"{ragged:.4f} ({flops / ragged / 1e9:.0f}) | {diff:.1e} |", flush=True)
+        return
     print("| shape (groups x question tokens over prefix) | kernel | ms | TFLOP/s (shared FLOPs) |\n|---|---|---|---|")
     for groups, rows, prefix in ((1, 16384, 8192), (64, 256, 2048), (4, 2048, 16384), (128, 128, 2048),
                                  (16, 1024, 4096)):

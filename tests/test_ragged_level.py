@@ -1,13 +1,14 @@
 """A prefill's shared level read as ragged KV runs of the cache (nanovllm/cascade/ragged_level.py): the
 layout on the CPU against float64 attention over the level's pages (each request of the ragged layout
 attends its run of the flat cache), the cases that must fall back to the paged kernel, the planner's
-numeric group order; on the GPU, FlashInfer's ragged FA3 level against its paged FA3 level."""
+numeric group order, the layout padded to a CUDA graph's fixed request count; on the GPU, FlashInfer's
+ragged FA3 level against its paged FA3 level, eager (prefill) and replayed from CUDA graphs (decode)."""
 import numpy as np
 import pytest
 import torch
 
 from nanovllm.cascade.planner import plan_cascade
-from nanovllm.cascade.ragged_level import ragged_layout
+from nanovllm.cascade.ragged_level import level_layout, pad_layout, ragged_layout
 from test_split_level import D, HKV, HQ, PAGE, attend   # float64 attention, no keys: out 0, lse -inf
 
 def by_pages(q, kc, vc, qo, kv, idx):
@@ -71,6 +72,83 @@ def test_planner_orders_groups_by_their_first_page():
     assert shared.kv_indices[:4].tolist() == [1, 2, 256, 257]
     assert ragged_layout(shared.qo_indptr, shared.kv_indptr, shared.kv_indices, shared.kv_last_page_len,
                          PAGE) is not None
+
+
+def test_padded_layout_attends_as_the_level_and_the_padded_rows_read_nothing():
+    """A decode batch's shared level (two groups of 3 and 2 rows, a page-less request) padded to a graph of 8
+    rows: 16 requests, the level's rows attend as before, rows 6-7 read nothing (out 0, lse -inf)."""
+    table = np.array([[4, 5, 30], [4, 5, 31], [4, 5, 32], [9, 10, 33], [9, 10, 34], [35, 0, 0]], np.int32)
+    plan = plan_cascade(table, np.array([2 * PAGE + 3] * 5 + [5]), np.ones(6), PAGE, max_levels=2)
+    level = plan.levels[0]
+    layout = level_layout(level, PAGE)
+    assert level_layout(level, PAGE) is layout   # kept on the level: a batch's shared levels serve many steps
+    q_ptr, kv_ptr = pad_layout(layout, 8)
+    assert len(q_ptr) == len(kv_ptr) == 2 * 8 + 1 and q_ptr[-1] == 8
+    torch.manual_seed(1)
+    kc, vc = (torch.randn(40, PAGE, HKV, D, dtype=torch.float64) for _ in range(2))
+    q = torch.randn(8, HQ, D, dtype=torch.float64)
+    qo, kv, idx = level.qo_indptr.numpy(), level.kv_indptr.numpy(), level.kv_indices.numpy()
+    want, want_lse = by_pages(q[:6], kc, vc, qo, kv, idx)
+    got, got_lse = by_runs(q, kc, vc, q_ptr.numpy(), kv_ptr.numpy())
+    assert torch.allclose(got[:6], want, atol=1e-12) and torch.equal(got_lse[:6].isinf(), want_lse.isinf())
+    assert (got[6:] == 0).all() and got_lse[6:].isinf().all()
+
+
+def test_a_level_of_pages_out_of_order_has_no_layout():
+    table = np.array([[5, 4, 30], [5, 4, 31]], np.int32)
+    plan = plan_cascade(table, np.array([2 * PAGE + 3] * 2), np.ones(2), PAGE, max_levels=2)
+    assert level_layout(plan.levels[0], PAGE) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="needs a Hopper GPU (FA3)")
+def test_graphed_ragged_decode_level_equals_the_paged_one_gpu():
+    """A cascade decode step (groups of 64-200 one-token rows over 30-250 shared pages, 3 and 2 levels) replayed
+    from CUDA graphs: the "fa3-ragged" variant against paged "fa3", same output within bf16 rounding; a
+    variant planned for pages that are not runs refuses."""
+    from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention
+    hq, hkv, d, page, dt = 16, 8, 128, 16, torch.bfloat16
+    torch.manual_seed(0)
+    ws, side_ws = (torch.zeros(n << 20, dtype=torch.uint8, device="cuda") for n in (256, 128))
+    kc, vc = (torch.randn(3000, page, hkv, d, dtype=dt, device="cuda") for _ in range(2))
+    max_rows, side = 512, torch.cuda.Stream()
+    for levels in (2, 3):
+        rows, table, kv_lens, own, first = 0, [], [], 1000, 0
+        for per, pages in ((200, 250), (64, 30), (100, 120)):
+            for i in range(per):
+                t = list(range(first, first + pages))
+                if levels == 3:   # a second shared level: the group's first half shares 2 more pages
+                    t += [first + pages, first + pages + 1] if i < per // 2 else [own + 2, own + 3]
+                table.append(t + [own, own + 1])
+                kv_lens.append((len(t) + 1) * page + 5)
+                own += 4
+            first += pages + 2
+            rows += per
+        width = max(map(len, table))
+        table = np.array([t + [0] * (width - len(t)) for t in table], np.int32)
+        plan = plan_cascade(table, np.array(kv_lens), np.ones(rows), page, max_levels=levels)
+        assert len(plan.levels) == levels
+        q = torch.randn(max_rows, hq, d, dtype=dt, device="cuda")   # a graph's rows: the step's, then padding
+        outs = []
+        for shared in ("fa3", "fa3-ragged"):
+            casc = FlashInferCascadeAttention(ws, levels, hq, hkv, d, page, dt, max_rows, backend="fa2",
+                                              use_cuda_graph=True, max_pages=int(table.size) + max_rows,
+                                              decode_last_level=True, shared_backend=shared, shared_split_kv=False,
+                                              side_stream=side, shared_workspace=side_ws)
+            casc.plan(plan)
+            casc.run(q, (kc, vc))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = casc.run(q, (kc, vc))
+            graph.replay()
+            outs.append(out[:rows].float().clone())
+        assert (outs[0] - outs[1]).abs().max().item() < 2e-2
+        shuffled = table.copy()
+        shuffled[:200, :250] = shuffled[:200, :250][:, ::-1].copy()
+        bad = plan_cascade(shuffled, np.array(kv_lens), np.ones(rows), page, max_levels=levels)
+        with pytest.raises(ValueError, match="not runs"):
+            casc.plan(bad)
 
 
 @pytest.mark.gpu

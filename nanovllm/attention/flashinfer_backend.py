@@ -29,6 +29,7 @@ from nanovllm.attention.xqa_decode import usable as xqa_usable
 from nanovllm.cascade.cost_model import (NO_SPLIT_KV_ROWS, SHARED_BACKENDS, fp8_capable,
                                          reachable_shared_backends, shared_level_backend)
 from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention, cascade_outputs
+from nanovllm.cascade.ragged_level import level_layout
 from nanovllm.cascade.split_level import split_level_buffers
 from nanovllm.utils.transfer import pinned, to_device
 
@@ -60,6 +61,10 @@ TRITON_SMALL_ROWS = _small_rows()
 # ragged FA3 prefill, in place (cascade/ragged_level.py: 1.16-1.23x the paged FA3 kernel on W2/W3/W5's prefill
 # shapes); Hopper, a model-dtype cache and the auto/fa3 prefill backend only. NANOVLLM_RAGGED_PREFILL=0 turns it off.
 RAGGED_PREFILL = os.environ.get("NANOVLLM_RAGGED_PREFILL", "1") != "0"
+# Decode steps whose shared levels the cost model gives fa3 replay a graph with the ragged FA3 level where their
+# pages are runs (cascade/ragged_level.py: 1.18-1.22x the paged level's kernel on W3-like shapes, graph replays);
+# same conditions. NANOVLLM_RAGGED_DECODE=0 turns it off (no such graphs are captured then).
+RAGGED_DECODE = os.environ.get("NANOVLLM_RAGGED_DECODE", "1") != "0"
 
 
 class FlashInferAttentionBackend(AttentionBackend):
@@ -110,13 +115,16 @@ class FlashInferAttentionBackend(AttentionBackend):
         # per-request level) and for prefill steps (many query rows: the prefill backend), sharing
         # their output buffers.
         outputs = cascade_outputs(max_rows, self.num_qo_heads, self.head_dim, self.dtype, self.device)
+        ragged_able = (not is_fp8(self.kv_dtype) and self.device.type == "cuda"
+                       and torch.cuda.get_device_capability(self.device)[0] == 9)
+        ragged = RAGGED_PREFILL and prefill_backend in ("auto", "fa3") and ragged_able
+        self.ragged_decode = RAGGED_DECODE and ragged_able   # eager fa3 shared levels too
         self.cascade = {shared: FlashInferCascadeAttention(
             self.workspace, cascade_levels, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
             self.dtype, max_rows, backend=cascade_backend, sm_scale=self.sm_scale, decode_last_level=True,
             kv_dtype=self.kv_dtype, decode_last_kernel=self.decode_last_kernel,
-            shared_backend=shared, shared_split_kv=False, outputs=outputs) for shared in self.shared_backends}
-        ragged = (RAGGED_PREFILL and prefill_backend in ("auto", "fa3") and not is_fp8(self.kv_dtype)
-                  and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] == 9)
+            shared_backend=shared, shared_split_kv=False, outputs=outputs,
+            ragged_shared=self.ragged_decode and shared == "fa3") for shared in self.shared_backends}
         self.cascade_prefill = FlashInferCascadeAttention(
             self.workspace, cascade_levels, self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
             self.dtype, max_rows, backend=prefill_backend, sm_scale=self.sm_scale, outputs=outputs,
@@ -237,13 +245,21 @@ class FlashInferAttentionBackend(AttentionBackend):
 
     def graph_shared_backends(self, bs: int) -> tuple:
         """The shared-level kernels the cascade graphs of size bs need: those the choice can reach with
-        bs rows (fewer graphs and FlashInfer wrappers at small sizes)."""
-        return reachable_shared_backends(self.shared_backends, bs)
+        bs rows (fewer graphs and FlashInfer wrappers at small sizes), and fa3's ragged variant beside fa3."""
+        backends = reachable_shared_backends(self.shared_backends, bs)
+        return backends + ("fa3-ragged",) if self.ragged_decode and "fa3" in backends else backends
 
     def graph_key(self, plan) -> tuple:
         """Which captured graph runs a decode step: regular, or cascade by its level count and
-        shared-level backend."""
-        return ("regular",) if plan is None else ("cascade", len(plan.levels), self.shared_kernel(plan))
+        shared-level backend (fa3's ragged variant where every shared level's pages are runs)."""
+        if plan is None:
+            return ("regular",)
+        forced = getattr(plan, "shared_backend", None)   # CUDA-graph capture names the variant
+        kernel = forced or self.shared_kernel(plan)
+        if (kernel == "fa3" and not forced and self.ragged_decode
+                and all(level_layout(level, self.page_size) is not None for level in plan.levels[:-1])):
+            kernel = "fa3-ragged"
+        return ("cascade", len(plan.levels), kernel)
 
     def shared_kernel(self, plan) -> str:
         """The kernel of a cascade decode step's shared levels: the configured one, or the cost

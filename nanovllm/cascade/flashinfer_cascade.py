@@ -17,6 +17,10 @@ result then differs from the wrapper's in rounding only (tests hold it to bf16 t
 `decode_last_kernel="triton"` that level runs on attention/triton_decode.py instead (same plan arrays,
 the same base-2 LSE), which reads an fp8 cache 1.2-1.6x faster than FlashInfer's decode kernels.
 
+In CUDA-graph mode `shared_backend="fa3-ragged"` runs the shared levels on FlashInfer's ragged FA3 over the
+cache in place (cascade/ragged_level.py): the plan's shared levels must be page runs (the backend's graph key
+picks this variant only then).
+
 Shared levels may also run on our Triton kernel (`shared_backend="triton"`, nanovllm/cascade/
 shared_kernel.py), ~1.5x faster than fa2 for many small groups; within bf16 tolerance as well; or on
 fa3 with each group cut into pieces (`"fa3-split"`, nanovllm/cascade/split_level.py) for few groups
@@ -32,7 +36,7 @@ import torch
 
 from nanovllm.attention.triton_decode import TritonPagedDecode
 from nanovllm.cascade.planner import CascadePlan
-from nanovllm.cascade.ragged_level import RaggedSharedLevel
+from nanovllm.cascade.ragged_level import RaggedSharedLevel, level_layout, pad_layout
 from nanovllm.cascade.shared_kernel import TILES, TritonSharedLevel, partial_rows
 from nanovllm.cascade.split_level import FlashInferSplitLevel, split_level_buffers
 from nanovllm.utils.transfer import pinned, to_device
@@ -77,7 +81,9 @@ class FlashInferCascadeAttention:
         # Shared levels (many query rows per group) may use another backend than the per-request level.
         backends = [shared_backend or backend] * (num_levels - 1) + [backend]
         partials = (self.level_out, self.level_lse)  # the Triton and fa3-split levels' split partials
-        assert backend not in TILES and backend != "fa3-split", "the per-request level is causal: FlashInfer's"
+        assert backend not in TILES and backend not in ("fa3-split", "fa3-ragged"), \
+            "the per-request level is causal: FlashInfer's"
+        assert shared_backend != "fa3-ragged" or use_cuda_graph, "eager levels take ragged_shared instead"
         workspaces = [shared_workspace if shared_workspace is not None else workspace] * (num_levels - 1) + [workspace]
         self.ragged = None   # eager shared levels on the ragged prefill where their pages are runs (ragged_shared)
         if use_cuda_graph:
@@ -89,9 +95,12 @@ class FlashInferCascadeAttention:
             if split_buffers is None and "fa3-split" in backends:
                 split_buffers = split_level_buffers(max_rows, num_levels - 1, max_pages + max_rows, self.level_out, dev)
             q_copies, split_levels = split_buffers or (None, [None] * num_levels)
+            ragged_bufs = lambda: (torch.zeros(2 * max_rows + 1, **i32), torch.zeros(2 * max_rows + 1, **i32))  # noqa: E731
             self.wrappers = [
                 TritonSharedLevel(max_rows, partials, True, kv_indptr_buf=b[1], kv_indices_buf=b[2], tile=TILES[be])
                 if be in TILES
+                else RaggedSharedLevel(ws, buffers=ragged_bufs())
+                if be == "fa3-ragged" and i < num_levels - 1
                 else FlashInferSplitLevel(ws, max_rows, partials, True, (q_copies,) + tuple(split_levels[i]))
                 if be == "fa3-split"
                 else flashinfer.BatchPrefillWithPagedKVCacheWrapper(
@@ -140,7 +149,7 @@ class FlashInferCascadeAttention:
             levels = shared + [_pad_last(*levels[-1], rows, self.max_rows)]
         # Shared levels use the first wrappers, the last level always the last one (it is causal).
         self.active = self.wrappers[:len(levels) - 1] + [self.wrappers[-1]]
-        cut = [isinstance(w, FlashInferSplitLevel) for w in self.active]
+        cut = [isinstance(w, (FlashInferSplitLevel, RaggedSharedLevel)) for w in self.active]
         if self.use_cuda_graph:
             # Page lists to the device first: FlashInfer copies host page lists into its graph
             # buffers with a blocking copy, which would stall the host until the device drains.
@@ -151,6 +160,13 @@ class FlashInferCascadeAttention:
         hq, hkv, d, page = self.shape
         common = dict(sm_scale=self.sm_scale, q_data_type=self.dtype, kv_data_type=self.kv_dtype)
         for i, (wrapper, lv, c) in enumerate(zip(self.active[:-1], levels[:-1], cut)):
+            if isinstance(wrapper, RaggedSharedLevel):   # graph mode: the level's runs, padded to the graph's rows
+                layout = (level_layout(plan.levels[i], page) if i < len(plan.levels) - 1 else   # else an unused level
+                          (_i32([0, plan.num_rows]), _i32([0, 0])))
+                if layout is None:
+                    raise ValueError("fa3-ragged graph planned for a shared level whose pages are not runs")
+                wrapper.plan_layout(pad_layout(layout, self.max_rows), hq, hkv, d, **common)
+                continue
             if c:   # host arrays: the level cuts them itself
                 wrapper.plan(*lv, hq, hkv, d, page, **common)
                 continue

@@ -19,6 +19,14 @@ level's KV is a set of increasing token runs of the cache viewed as [pages x pag
 the gaps between runs go to query-less requests. Where a group's pages are not one run, or the runs do
 not increase, `plan` says so and the caller plans the paged kernel instead. Model-dtype caches only
 (FlashInfer's FA3 reads fp8 KV only with fp8 queries).
+
+Decode steps' shared levels run in CUDA graphs: where the cost model picks fa3 (groups of >= 64 rows), the
+engine captures a ragged variant beside the paged one ("fa3-ragged", a fixed request count: the layout of
+a level padded to the graph's rows, `pad_layout`) and replays it when the plan's shared levels are runs
+(`level_layout`, cached on the level: a decode batch's shared levels serve many steps). One shared level
+replayed from a graph of 8 layers (`python scripts/bench_shared_prefill.py --decode`, session 19, ms, paged
+fa3 -> ragged fa3): W3's 1 x 1,024 rows over 8,192 tokens 0.1188 -> 0.0970 (578 -> 708 TFLOP/s); 8 x 128
+over 4,096 0.0720 -> 0.0590; 2 x 512 over 16,384 0.2426 -> 0.2015; 16 x 64 over 2,048 0.0725 -> 0.0607.
 """
 import numpy as np
 import torch
@@ -52,14 +60,41 @@ def ragged_layout(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, page_size:
     return torch.from_numpy(q.astype(np.int32)), torch.from_numpy(kv.astype(np.int32))
 
 
+def level_layout(level, page_size: int):
+    """ragged_layout of a plan's CascadeLevel, computed once and kept on the level (None: not runs)."""
+    cache = level.__dict__.setdefault("_ragged_layout", {})
+    if page_size not in cache:
+        cache[page_size] = ragged_layout(level.qo_indptr, level.kv_indptr, level.kv_indices, level.kv_last_page_len,
+                                         page_size)
+    return cache[page_size]
+
+
+def pad_layout(layout, max_rows: int):
+    """A level's ragged layout padded to 2 x max_rows requests (a CUDA graph's fixed count, two a group as in
+    the paged level padded to max_rows groups): the query rows past the level's go to one request that
+    reads nothing, the other added requests are empty."""
+    q, kv = layout
+    extra = 2 * max_rows - (q.numel() - 1)
+    assert extra >= 0 and int(q[-1]) <= max_rows
+    if not extra:
+        return q, kv
+    return (torch.cat([q, torch.full((extra,), max_rows, dtype=torch.int32)]),
+            torch.cat([kv, kv[-1:].expand(extra)]))
+
+
 class RaggedSharedLevel:
     """FlashInfer's FA3 ragged prefill over a shared level's page runs (module doc). plan() takes the paged
     wrapper's arguments and returns False when the pages are not runs (nothing planned then); run() reads
-    the layer's cache in place."""
+    the layer's cache in place. With `buffers` ((qo_indptr, kv_indptr) device buffers of 2 x max_rows + 1)
+    it runs in CUDA graphs: plan_layout() takes a layout padded to that count (pad_layout)."""
 
-    def __init__(self, workspace: torch.Tensor):
+    def __init__(self, workspace: torch.Tensor, buffers: tuple | None = None):
         import flashinfer   # GPU only; the layout above is CPU-tested
-        self.wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend="fa3")
+        graph = {} if buffers is None else dict(use_cuda_graph=True, qo_indptr_buf=buffers[0], kv_indptr_buf=buffers[1])
+        self.wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend="fa3", **graph)
+
+    def plan_layout(self, layout, num_qo_heads, num_kv_heads, head_dim, **common):
+        self.wrapper.plan(*layout, num_qo_heads, num_kv_heads, head_dim, causal=False, **common)
 
     def plan(self, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
              page_size, **common) -> bool:

@@ -27,8 +27,9 @@ class DecodeGraphs:
         self.graphs: dict = {}
         self.replays = 0  # decode steps run from a graph (benchmarks and tests read it)
         # Every size's attention wrappers now, before the KV cache is sized: each FlashInfer wrapper
-        # allocates an 8 MB int workspace on the device (~270 wrappers at 24 sizes with cascade, ~2.1 GB),
-        # which the cache sizing must see as used.
+        # allocates an 8 MB int workspace on the device (~270 wrappers at 24 sizes with cascade, ~2.1 GB;
+        # fa3's ragged variant adds one a size of >= 64 rows and level count), which the cache sizing must
+        # see as used.
         for bs in self.sizes:
             backend.graph_wrappers(bs)
         self.vars = dict(
