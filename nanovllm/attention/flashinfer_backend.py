@@ -198,8 +198,10 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.side_stream = self.side_workspace = None
         if with_cascade:
             # Graphed cascade steps run the first shared level on a side stream, beside the per-request
-            # level (`--only levels`: 2-4% faster), with a workspace of its own.
-            self.side_stream = torch.cuda.Stream(self.device)
+            # level (`--only levels`: 2-4% faster), with a workspace of its own (NANOVLLM_CASCADE_SIDE_STREAM=0:
+            # one stream, for A/B runs).
+            if os.environ.get("NANOVLLM_CASCADE_SIDE_STREAM", "1") != "0":
+                self.side_stream = torch.cuda.Stream(self.device)
             self.side_workspace = torch.zeros(SIDE_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
             self.graph_cascade_bufs = [(torch.zeros(max_bs + 1, **i32), torch.zeros(max_bs + 1, **i32),
                                         torch.zeros(max_indices + max_bs, **i32), torch.zeros(max_bs, **i32))
