@@ -15,7 +15,7 @@
    defaults on them).
 """
 import argparse
-import json
+import itertools
 
 import flashinfer
 import numpy as np
@@ -30,6 +30,7 @@ DT = torch.bfloat16
 WS = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
 SIDE, SIDE_WS = torch.cuda.Stream(), torch.zeros(128 << 20, dtype=torch.uint8, device="cuda")
 GRAPH_COPIES = 8   # cascade grid: layer copies in one graph (main's --graph-copies)
+DISTINCT_CACHES = RAGGED_FA3 = False   # cascade grid: main's --distinct-caches, --ragged-fa3
 
 
 def timed(fn, reps=30):
@@ -241,15 +242,23 @@ def cascade_sample(groups, per, shared, page=16, unique=256):
         WS, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=ind.cuda(),
         paged_kv_indices_buffer=idx.cuda(), paged_kv_last_page_len_buffer=last.cuda())
     w.plan(ind, idx, last, HQ, HKV, D, page, q_data_type=DT, kv_data_type=DT)
-    regular = graphed(lambda: w.run(q, (kc, vc)), GRAPH_COPIES)
+    # --distinct-caches: each copy of the layer in the graph reads a cache of its own, as an engine step's layers
+    # do (one cache: a layer whose KV fits L2 finds it there in every copy after the first).
+    caches = [(kc, vc)]
+    if DISTINCT_CACHES and 2 * kc.numel() * kc.element_size() * GRAPH_COPIES <= 16 << 30:
+        caches += [cache(kc.shape[0], page) for _ in range(GRAPH_COPIES - 1)]
+    ring = itertools.cycle(caches)
+    regular = graphed(lambda: w.run(q, next(ring)), GRAPH_COPIES)
     backend = shared_level_backend(plan, HQ, HKV)
+    # --ragged-fa3: fa3 shared levels as the engine's graphs run them where their pages are runs (they are here)
+    kernel = "fa3-ragged" if RAGGED_FA3 and backend == "fa3" else backend
     casc = FlashInferCascadeAttention(WS, len(plan.levels), HQ, HKV, D, page, DT, bs, backend="fa2",
                                       use_cuda_graph=True, max_pages=int(table.size) + bs, decode_last_level=True,
-                                      shared_backend=backend, shared_split_kv=False, side_stream=SIDE,
+                                      shared_backend=kernel, shared_split_kv=False, side_stream=SIDE,
                                       shared_workspace=SIDE_WS)
     casc.plan(plan)
-    cascade = graphed(lambda: casc.run(q, (kc, vc)), GRAPH_COPIES)
-    del kc, vc
+    cascade = graphed(lambda: casc.run(q, next(ring)), GRAPH_COPIES)
+    del kc, vc, caches
     return CostSample.of(plan, page, backend, regular, cascade)
 
 
@@ -460,11 +469,15 @@ def main():
     p.add_argument("--graph-copies", type=int, default=8,
                    help="cascade: copies of the layer in one CUDA graph, each timed as its share (grids before "
                         "session 19: 1, each replay's time with its launch latency)")
+    p.add_argument("--distinct-caches", action="store_true",
+                   help="cascade: each graph copy of the layer reads its own KV cache (up to 16 GB in all)")
+    p.add_argument("--ragged-fa3", action="store_true",
+                   help="cascade: fa3 shared levels on the engine's ragged graph variant (session 19's grids: paged)")
     p.add_argument("--held-out-only", action="store_true",
                    help="cascade: measure only the held-out shapes and report cost_model's defaults on them (no fit)")
     args = p.parse_args()
-    global KV_DT, HELD_OUT_SEED, HELD_OUT_COUNT, HELD_OUT_ONLY, GRAPH_COPIES
-    GRAPH_COPIES = args.graph_copies
+    global KV_DT, HELD_OUT_SEED, HELD_OUT_COUNT, HELD_OUT_ONLY, GRAPH_COPIES, DISTINCT_CACHES, RAGGED_FA3
+    GRAPH_COPIES, DISTINCT_CACHES, RAGGED_FA3 = args.graph_copies, args.distinct_caches, args.ragged_fa3
     HELD_OUT_SEED, HELD_OUT_COUNT, HELD_OUT_ONLY = args.held_out_seed, args.held_out_count, args.held_out_only
     KV_DT = torch.float8_e4m3fn if args.kv_dtype == "fp8" else DT
     for name, section in SECTIONS.items():

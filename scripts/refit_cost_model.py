@@ -3,7 +3,7 @@ predicts: the held-out errors, how often its decision matches the measured faste
 coefficients as code. No GPU: it reads the table scripts/bench_kernels.py --only cascade prints (which
 calls `report` on its own samples).
 
-    python scripts/refit_cost_model.py                                   # the stored H200 grids, session 17
+    python scripts/refit_cost_model.py                                   # the stored H200 grids, session 19
     python scripts/refit_cost_model.py --table my_run.md                 # a run's printed table
     python scripts/refit_cost_model.py --table my_run.md --defaults      # cost_model's defaults on it, no fit
 
@@ -21,14 +21,17 @@ import numpy as np
 import torch
 
 from nanovllm.cascade.cost_model import (REGULAR_TERMS, CascadeCostModel, CostSample, fit_cost_model, predicted,
-                                         regular_decode_split, relative_errors, shared_level_terms)
+                                         regular_crit_tokens, regular_decode_split, relative_errors, shared_level_crit,
+                                         shared_level_terms)
 from nanovllm.cascade.planner import CascadeLevel
 
 PAGE, OWN_TOKENS = 16, 256       # scripts/bench_kernels.cascade_sample's defaults
 HQ, HKV = 16, 8                  # its heads (Qwen3-0.6B's)
 DATA = os.path.join(os.path.dirname(__file__), "..", "claude_docs", "data")
-# Session 17's three grids (calls h, i, j; one H200 each): the defaults are the fit on their training shapes together
-STORED = [os.path.join(DATA, f"cascade_grid_h200_s17{call}.md") for call in ("", "i", "j")]
+# Session 19's four grids (each layer timed as its share of a graph of 8 copies; the same 104 training shapes in
+# each, measured on two H200s, and 32 held-out shapes of its own seed): the defaults are the fit on their training
+# rows together (416 samples). fresh_seed20_a/b.md hold 40 more held-out shapes, measured twice.
+STORED = [os.path.join(DATA, "s19", f"grid_seed{seed}.md") for seed in (19, 2, 3, 4)]
 ROW = re.compile(r"\| (train|held-out) \| (\d+) x (\d+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+ \| ([\w-]+) \|")
 
 
@@ -39,10 +42,12 @@ def sample_of(groups: int, per: int, shared: int, regular_ms: float, cascade_ms:
     i32 = lambda a: torch.tensor(a, dtype=torch.int32)  # noqa: E731
     level = CascadeLevel(i32(np.arange(groups + 1) * per), i32(np.arange(groups + 1) * shared_pages),
                          i32([]), i32([PAGE] * groups), causal=False)
-    tile, distinct, splits, merged = shared_level_terms(level, backend, HQ, HKV, PAGE)
+    _, distinct, splits, merged = shared_level_terms(level, backend, HQ, HKV, PAGE)
+    crit = shared_level_crit(level, backend, HQ, HKV, PAGE)
     return CostSample(backend, 2, rows * (shared_pages + own_pages) * PAGE,
                       (groups * shared_pages + rows * own_pages) * PAGE, regular_ms, cascade_ms, rows,
-                      chunk * waves * PAGE, waves, tile, distinct, splits, merged, rows * own_pages * PAGE)
+                      regular_crit_tokens(chunk, waves, PAGE), waves, crit, distinct, splits, merged,
+                      rows * own_pages * PAGE)
 
 
 def parse_table(paths) -> dict:

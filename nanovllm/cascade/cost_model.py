@@ -4,16 +4,17 @@ Regular paged decode (FlashInfer's tensor-core decode, as the engine runs it) cu
 into chunks so that its CTAs fit two an SM (`regular_decode_split`, the rule of FlashInfer's planner), and
 its time follows the critical path more than the total: time ~ fixed + per_unique * (distinct tokens:
 the first reads of pages from HBM; the repeats hit L2) + per_crit * (tokens on the longest CTA chain:
-waves x chunk) + per_wave * waves (+ per_token * tokens read and per_row * requests, which the fit may
-keep at 0).
+waves x chunk, the chunk in whole 128-token KV tiles, the step of the kernel's loop: `regular_crit_tokens`)
++ per_wave * waves (+ per_token * tokens read and per_row * requests, which the fit may keep at 0).
 Cascade reads each shared run once per group, but launches one kernel per level plus merges, and its
 shared-level kernel streams a group's run once per tile of query rows (16 or 32 rows for the Triton tiles,
-128 for fa3): time ~ fixed_per_level * levels + per_tile_token * (shared tokens x tiles) + per_shared_token
-* (shared tokens once: the 32-row tile's sibling tiles re-read a group's pages from L2) + per_split *
-splits (the kernel's own split rule; the merge walks a row's splits one after another) + per_own_token *
-(the requests' own tokens) + per_merge_row * (rows x splits partials merged), with coefficients of their
-own for each shared-level kernel (the Triton tiles stream bytes, fa3 is tensor-core bound: one line
-cannot fit both) and the own-token and merged-row terms one for all (`shared_level_terms`, KERNEL_TERMS).
+128 for fa3): time ~ fixed_per_level * levels + per_tile_token * (KV tokens the level's busiest SM streams,
+tile after tile: `shared_level_crit`) + per_shared_token * (shared tokens once: first reads from HBM; the
+32-row tile's sibling tiles and fa3's q heads re-read a group's pages from L2) + per_split * splits (the
+kernel's own split rule; the merge walks a row's splits one after another) + per_own_token * (the
+requests' own tokens) + per_merge_row * (rows x splits partials merged), with coefficients of their own
+for each shared-level kernel (the Triton tiles stream bytes, fa3 is tensor-core bound: one line cannot fit
+both) and the own-token and merged-row terms one for all (`shared_level_terms`, KERNEL_TERMS).
 Coefficients are fitted to measurements on the H200 (`python scripts/bench_kernels.py --only cascade` measures a training grid and a held-out grid,
 fits with `fit_cost_model` and prints the held-out errors; claude_docs/cascade.md has the tables);
 the engine uses cascade only when the model predicts it faster by a margin. The fit is least squares
@@ -50,7 +51,37 @@ tile) distinct-token terms came in. Cascade error on all 96 held-out shapes medi
 small shapes (0.03-0.07 ms, measured 3-15% slower than grid one's on every small shape, both lines: a
 machine offset) and shapes whose last wave of Triton units is sparse (72 x 3 x 11,376: 2 full waves of
 264 and 48 units; no training shape has one).
+
+Session 19 (four new grids, claude_docs/data/s19: each layer timed as its share of a CUDA graph of 8 copies, so
+without the graph launch's latency; the same 104 training shapes in each, measured on two H200s, 416 samples
+fitted together; 3 x 32 held-out shapes (seeds 2-4) to choose terms on; seed 19's 32 and 40 fresh shapes measured
+twice the test). Two critical paths came in. Regular: the chunk in whole 128-token KV tiles (KV_TILE_TOKENS;
+9 x 18 x 288, 1,296 CTAs of a 544-token chunk, took 0.092 ms, 4 x 48 x 256, 1,536 of 512 tokens, 0.089).
+Shared level: tile tokens became the busiest SM's tokens (shared_level_crit). fa3 runs one persistent CTA an SM
+and deals its works (piece x 128-row query tile x q head) head after head to the least loaded (FlashInfer's
+PrefillSM90Plan): 160 works put two 6,496-token works on one CTA, which 5 x 204 x 6,496 took (a tokens-x-tiles
+line was 14% low there, 18% on 11 x 78 x 7,408). The Triton tiles: a full wave of 264 units runs two an SM, and
+two share an SM's streaming, so it costs two chunks; a last, partial wave at least one (72 x 3 x 11,376: 2 full
+waves and 48 units; 47 x 15 x 8,560: one and 112; the tokens-x-tiles line was 16% and 15% low there, now 4% and
+11%). fa3 gained the distinct-token term (8 x 128 x 16,384 took 8% longer than 1 x 1,024 x 16,384: eight
+documents from HBM, not one). Compared on the 96 held-out shapes of seeds 2-4 (the fit on the 416 training
+samples; error median / max, regular then cascade; shapes within 10% on both lines; decision right): session
+18's terms 3.6% / 17.4%, 4.2% / 18.4%, 71, 91 (session 18's defaults: 3.6% / 35.8%, 7.4% / 53.9%, 58, 86: they
+carried the graph launch); these terms 3.0% / 22.2%, 2.7% / 11.7%, 88, 93. Measured there and dropped (no better,
+or worse): a max() of the critical path and the distinct tokens (an HBM bound) on the regular line, the total
+tokens, fractional waves (regular max 19.0%, the same shapes within 10%); the two levels' streams overlapping (a
+max() of the shared and own levels); Triton tiles' tokens x tiles or distinct tokens beside the critical path.
+The test, after the terms were chosen (112
+shapes: seed 19's 32, the 40 fresh ones twice): 3.3% / 22.2% and 2.5% / 20.0%, 105 within 10% on both, decision
+right on 109 (session 18's terms refitted: 4.0% / 16.2%, 3.1% / 23.8%, 88, 107). The worst misses left are small
+shapes whose KV (K and V of every page the layer reads) fits L2: 8 back-to-back copies of one layer find it there,
+an engine step's 28 layers would not (36 requests over 288-432 tokens, 39-42 MB, took 0.022-0.025 ms where 40-49
+requests over 272-400 tokens, 45-52 MB, took 0.028-0.030: the regular line is 20-22% high on the 36-request
+ones); held-out shapes of more than 45 MB: regular max 12.7% (seeds 2-4) and 7.7% (test), cascade 11.7% and
+11.5% (1 x 86 x 41,680 on the 32-row tile, 11 splits: one full wave, charged two chunks). Below 45 MB the test's
+3 x 7 x 992 (both lines 13-20% low, both runs) and 6 x 3 x 784 miss too.
 """
+import heapq
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,6 +148,17 @@ def regular_decode_split(pages, kv_heads: int, page_size: int, num_sms: int = NU
     return min(chunk, longest), -(-pieces * kv_heads // slots)
 
 
+# KV tokens FlashInfer's tensor-core decode (its prefill kernel with a 16-row query tile, head dim 128, 16-bit KV)
+# loads per step of a CTA's loop: NUM_MMA_KV 2 x 4 KV warps x 16 (prefill.cuh picks NUM_MMA_KV from shared
+# memory for two CTAs an SM). A chunk of 17 pages (272 tokens) costs three steps, as 384 tokens would (session 19).
+KV_TILE_TOKENS = 128
+
+
+def regular_crit_tokens(chunk_pages: int, waves: int, page_size: int) -> int:
+    """Regular decode's longest CTA chain in KV tokens: waves x the chunk, in whole KV_TILE_TOKENS steps."""
+    return waves * -(-chunk_pages * page_size // KV_TILE_TOKENS) * KV_TILE_TOKENS
+
+
 # Query rows one CTA of each shared-level kernel takes (shared_kernel.TILES; FlashInfer's fa3 and fa2 tiles):
 # a group's shared run is streamed once per tile of its rows.
 TILE_ROWS = {"triton": 16, "triton-wide": 32, "fa3": 128, "fa3-split": 128, "fa2": 64}
@@ -140,7 +182,8 @@ def shared_level_terms(level, kernel: str, num_qo_heads: int, num_kv_heads: int,
     walks for each row; and rows x splits partials merged (0 for fa3/fa2). The partial buffer and the graph
     cap are the engine's for a graph of the level's rows (a captured graph may be a little larger).
     Cached on the level: a decode batch's shared levels serve many steps, and worth_it reads them each step
-    (choose_splits' loop is ~8 us)."""
+    (choose_splits' loop is ~8 us). Since session 19 the line charges the level's critical path
+    (shared_level_crit) in place of the tile tokens, the tokens all its tiles stream."""
     key = (kernel, num_qo_heads, num_kv_heads, page_size)
     cache = level.__dict__.setdefault("_cost_terms", {})
     terms = cache.get(key)
@@ -163,6 +206,61 @@ def shared_level_terms(level, kernel: str, num_qo_heads: int, num_kv_heads: int,
     return terms
 
 
+def fa3_busiest_cta_tokens(rows, pages, splits: int, num_qo_heads: int, page_size: int,
+                           num_ctas: int = NUM_SMS) -> int:
+    """KV tokens the busiest CTA of FlashInfer's fa3 (sm90) plan streams: one persistent CTA an SM, and the works
+    (a group's piece (fa3-split cuts each group into `splits` runs, split_level.split_level_layout) x 128-row
+    query tile x q head: FA3 does not pack GQA heads) dealt head after head, longest first, each to the CTA of
+    least cost so far (cost 2 x 128 + its tokens: scheduler.cuh's PrefillSM90Plan). A CTA's works run one after
+    another: 128 works of 16,384 tokens are one each, 160 put two on 28 CTAs."""
+    jobs = []
+    for r, p in zip(rows.tolist(), pages.tolist()):
+        if r and p:
+            chunk, tiles = -(-p // splits), -(-r // FA3_TILE_ROWS)
+            jobs += [(min(chunk, p - s * chunk) * page_size, tiles) for s in range(splits) if p > s * chunk]
+    if not jobs:
+        return 0
+    jobs.sort(reverse=True)
+    if num_qo_heads * sum(t for _, t in jobs) <= num_ctas:   # a CTA each
+        return jobs[0][0]
+    heap = [(0, i, 0) for i in range(num_ctas)]   # (cost, CTA, tokens)
+    for _ in range(num_qo_heads):
+        for tokens, tiles in jobs:
+            for _ in range(tiles):
+                cost, cta, got = heapq.heappop(heap)
+                heapq.heappush(heap, (cost + 2 * FA3_TILE_ROWS + tokens, cta, got + tokens))
+    return max(got for _, _, got in heap)
+
+
+def shared_level_crit(level, kernel: str, num_qo_heads: int, num_kv_heads: int, page_size: int,
+                      num_sms: int = NUM_SMS) -> int:
+    """KV tokens on one shared level's critical path, the busiest SM's (session 19), cached on the level like
+    shared_level_terms. fa3 / fa3-split: the busiest persistent CTA's (fa3_busiest_cta_tokens). The Triton
+    tiles (and fa2, by the same rule): a work unit (item of tile_rows query rows x split, per kv head) streams
+    its split of the group's pages (the longest group's, in whole tiles of the kernel's block_tokens); units run
+    PROGRAMS_PER_SM an SM, and two on one SM share its streaming: each full wave of 2 x SMs units costs two
+    chunks, the last, partial wave max(1, its units / SMs) chunks (a unit alone on its SM still takes one chunk:
+    72 x 3 x 11,376, 576 units, two full waves and 48, costs 5 chunks). Units past the 256 programs a kv head
+    loop in their programs; counted as units all the same."""
+    key = ("crit", kernel, num_qo_heads, num_kv_heads, page_size)
+    cache = level.__dict__.setdefault("_cost_terms", {})
+    crit = cache.get(key)
+    if crit is None:
+        from nanovllm.cascade.shared_kernel import PROGRAMS_PER_SM, TILES
+        splits = shared_level_terms(level, kernel, num_qo_heads, num_kv_heads, page_size)[2]
+        rows, pages = level.rows_and_pages()
+        if kernel.startswith("fa3"):
+            crit = fa3_busiest_cta_tokens(rows, pages, splits, num_qo_heads, page_size, num_sms)
+        else:
+            block = TILES[kernel].block_tokens if kernel in TILES else page_size
+            units = int((-(-rows // tile_rows(kernel, num_qo_heads // num_kv_heads))).sum()) * splits * num_kv_heads
+            chunk = -(-(-(-int(pages.max(initial=0)) * page_size // splits)) // block) * block
+            full, last = divmod(units, PROGRAMS_PER_SM * num_sms)
+            crit = round((PROGRAMS_PER_SM * full + (max(1.0, last / num_sms) if last else 0.0)) * chunk)
+        cache[key] = crit
+    return crit
+
+
 @dataclass(frozen=True)
 class CostSample:
     """One measured decode layer: the plan's features (tokens, not pages), its shared-level kernel,
@@ -174,9 +272,9 @@ class CostSample:
     regular_ms: float
     cascade_ms: float
     rows: int = 1            # query rows (requests at decode)
-    crit_tokens: int = 0     # regular decode's longest CTA chain (regular_decode_split)
+    crit_tokens: int = 0     # regular decode's longest CTA chain (regular_decode_split, regular_crit_tokens)
     waves: int = 1           # its waves of CTAs
-    tile_tokens: int = 0     # shared levels: tokens x tiles of query rows (shared_level_terms)
+    tile_tokens: int = 0     # shared levels: KV tokens their busiest SM streams, tile after tile (shared_level_crit)
     shared_tokens: int = 0   # shared levels: their distinct tokens
     splits: int = 0          # shared levels: their split counts, summed
     merge_rows: int = 0      # shared levels: partial rows merged
@@ -189,16 +287,18 @@ class CostSample:
         own = int(plan.levels[-1].kv_indptr[-1])   # the last level's pages
         shared = [shared_level_terms(level, backend, num_qo_heads, num_kv_heads, page_size)
                   for level in plan.levels[:-1]]
-        tile, distinct, splits, merged = (sum(t[i] for t in shared) for i in range(4))
+        _, distinct, splits, merged = (sum(t[i] for t in shared) for i in range(4))
+        crit = sum(shared_level_crit(level, backend, num_qo_heads, num_kv_heads, page_size)
+                   for level in plan.levels[:-1])
         return cls(backend, len(plan.levels), plan.regular_kv_pages * page_size, plan.cascade_kv_pages * page_size,
-                   regular_ms, cascade_ms, plan.num_rows, chunk * waves * page_size, waves, tile, distinct, splits,
-                   merged, own * page_size)
+                   regular_ms, cascade_ms, plan.num_rows, regular_crit_tokens(chunk, waves, page_size), waves, crit,
+                   distinct, splits, merged, own * page_size)
 
 
 @dataclass(frozen=True)
 class LevelCosts:
     fixed_ms: float            # per level (a launch, a plan, a merge)
-    per_tile_token_ms: float   # per shared KV token, once per tile of query rows
+    per_tile_token_ms: float   # per shared KV token on the level's critical path (CostSample.tile_tokens)
     per_shared_token_ms: float  # per shared KV token, once (the first read of a page its sibling tiles share)
     per_split_ms: float        # per split of a shared level (the merge's chain a row)
     per_own_token_ms: float    # per token of the requests' own level (every kernel alike)
@@ -211,16 +311,17 @@ class LevelCosts:
                 + self.per_own_token_ms * own_tokens + self.per_merge_row_ms * merge_rows)
 
 
-# Session 18's terms fitted on session 17's measurements on the H200 (Qwen3-0.6B heads, page 16, CUDA graphs;
-# scripts/bench_kernels.py --only cascade; the three grids are stored in claude_docs/data/cascade_grid_h200_s17*.md
-# and scripts/refit_cost_model.py refits them together: these are that fit, checked by tests/test_cascade_policy.py).
-# fa2 had no training shape of its own (the engine picks it only for an fp8 cache or when configured): the
-# all-kernel line, which also serves a kernel the table does not name (FALLBACK_COSTS).
-H200_COSTS = {"triton": LevelCosts(0.009713, 9.267e-7, 0.0, 4.904e-4, 1.002e-6, 9.572e-6),
-              "triton-wide": LevelCosts(0.00932, 7.021e-7, 2.674e-7, 5.095e-4, 1.002e-6, 9.572e-6),
-              "fa3": LevelCosts(0.009146, 1.715e-6, 0.0, 0.0, 1.002e-6, 9.572e-6),
-              "fa3-split": LevelCosts(0.01077, 1.802e-6, 0.0, 0.0, 1.002e-6, 9.572e-6),
-              "fa2": LevelCosts(0.009504, 9.545e-7, 0.0, 4.774e-4, 1.047e-6, 9.748e-6)}
+# Session 19's terms fitted on session 19's measurements on the H200 (Qwen3-0.6B heads, page 16, CUDA graphs, each
+# layer timed as its share of a graph of 8 copies; scripts/bench_kernels.py --only cascade; the four grids are stored
+# in claude_docs/data/s19/grid_seed*.md and scripts/refit_cost_model.py refits their training rows together: these
+# are that fit, checked by tests/test_cascade_policy.py). fa2 had no training shape of its own (the engine picks it
+# only for an fp8 cache or when configured): the all-kernel line, its critical path by the Triton tiles' rule with
+# 64-row items (shared_level_crit), which also serves a kernel the table does not name (FALLBACK_COSTS).
+H200_COSTS = {"triton": LevelCosts(0.004723, 1.56e-05, 0.0, 6.806e-4, 1.021e-06, 6.383e-06),
+              "triton-wide": LevelCosts(0.004872, 1.602e-05, 6.958e-08, 5.212e-4, 1.021e-06, 6.383e-06),
+              "fa3": LevelCosts(0.001719, 1.408e-05, 3.214e-07, 0.0, 1.021e-06, 6.383e-06),
+              "fa3-split": LevelCosts(0.005399, 1.391e-05, 1.765e-07, 0.0, 1.021e-06, 6.383e-06),
+              "fa2": LevelCosts(0.004841, 1.493e-05, 7.139e-08, 6.309e-4, 1.005e-06, 6.122e-06)}
 FALLBACK_COSTS = H200_COSTS["fa2"]
 
 
@@ -235,13 +336,13 @@ def _default_costs() -> dict:
 
 @dataclass(frozen=True)
 class CascadeCostModel:
-    # Regular decode: session 17's refit (module doc).
-    regular_fixed_ms: float = 0.009179
+    # Regular decode: session 19's refit (module doc).
+    regular_fixed_ms: float = 0.005127
     regular_per_token_ms: float = 0.0
-    regular_per_unique_ms: float = 2.994e-7
+    regular_per_unique_ms: float = 3.003e-7
     regular_per_row_ms: float = 0.0
-    regular_per_crit_ms: float = 1.287e-5
-    regular_per_wave_ms: float = 0.004972
+    regular_per_crit_ms: float = 1.294e-5
+    regular_per_wave_ms: float = 0.0045
     cascade: dict = field(default_factory=_default_costs)   # shared-level kernel -> LevelCosts
     margin: float = 0.9                     # cascade must be predicted >= 10% faster
     num_qo_heads: int = 16                  # a rank's heads: they decide the shared-level kernel
@@ -269,9 +370,11 @@ class CascadeCostModel:
                                              self.num_kv_heads))
 
     def worth_it(self, plan, page_size: int) -> bool:
-        """11-14 us a step on the development CPU (session 18, W2/W3/W5 decode plans; session 13's terms: 6-7): a
-        shared level's rows, pages and terms are computed once (CascadeLevel.rows_and_pages, shared_level_terms:
-        ~0.1-0.2 ms the first time), a step's new last level's each step."""
+        """11-14 us a step on the development CPU (session 18, W2/W3/W5 decode plans; session 13's terms: 6-7);
+        session 19's CPU: 18-26 us with session 19's terms, 18-25 with session 18's (W5, W3, W2). A shared level's
+        rows, pages and terms are computed once (CascadeLevel.rows_and_pages, shared_level_terms,
+        shared_level_crit: 0.04-0.06 ms a fresh W2/W3/W5 plan on session 19's CPU), a step's new last level's
+        each step."""
         regular, cascade = self.predict(plan, page_size)
         return cascade < self.margin * regular
 
@@ -295,9 +398,11 @@ def cascade_features(s: CostSample) -> list:
 
 # The terms each shared-level kernel's line fits (session 18): the Triton tiles' splits (the merge walks
 # them), the 32-row tile's first reads of pages its sibling tiles re-read from L2 (distinct tokens); fa3 runs
-# no split, fa3-split's pieces cost through the merged rows. Then one own-token and one merged-row term for
-# every kernel. A kernel not named here fits fixed and tile terms.
-KERNEL_TERMS = {"triton": ("fixed", "tile", "split"), "triton-wide": ("fixed", "tile", "shared", "split")}
+# no split, fa3-split's pieces cost through the merged rows. Session 19: fa3 and fa3-split fit distinct tokens
+# too (a document's pages come from HBM once, its 16 q heads' works re-read them from L2). Then one own-token and
+# one merged-row term for every kernel. A kernel not named here fits fixed and tile terms.
+KERNEL_TERMS = {"triton": ("fixed", "tile", "split"), "triton-wide": ("fixed", "tile", "shared", "split"),
+                "fa3": ("fixed", "tile", "shared"), "fa3-split": ("fixed", "tile", "shared")}
 CASCADE_TERMS = ("fixed", "tile", "shared", "split")   # LevelCosts' per-kernel fields, in order
 
 
@@ -335,8 +440,9 @@ def fit_cost_model(samples: list[CostSample], min_samples: int = 4, regular_term
 def relative_least_squares(features: list[list[float]], measured: list[float]) -> list[float]:
     """Coefficients >= 0 (a negative cost is noise) minimising the sum of squared relative errors.
     Exact: the constrained optimum is the unconstrained least squares over the columns it leaves
-    nonzero, so every subset of columns is solved (2**13 for four kernels' cascade lines: 0.2 s) and the best
-    nonnegative solution kept. Clipping the free solution at 0 instead leaves the other coefficients fitted to a
+    nonzero, so every subset of columns is solved (2**15 for four kernels' cascade lines since session 19: ~1 s)
+    and the best nonnegative solution kept. Clipping the free solution at 0 instead leaves the other coefficients
+    fitted to a
     term that is gone (a clipped fixed cost had the per-token cost 0.56 where 0.40 fits:
     tests/test_cascade_policy.py)."""
     a, y = np.array(features, dtype=float), np.array(measured, dtype=float)
