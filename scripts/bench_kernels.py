@@ -216,6 +216,15 @@ def cascade_shapes(quick, held_out_seed=None, held_out_count=16):
     return (train[::4], held_out[:4]) if quick else (train, held_out)
 
 
+def group_table(groups, per, shared_pages, own_pages):
+    """Block table of groups x per requests: each group's requests share its run of shared_pages pages (the
+    groups' runs first, in order), then each request has own_pages pages of its own."""
+    rows = np.arange(groups * per)
+    shared = (rows // per)[:, None] * shared_pages + np.arange(shared_pages)
+    own = groups * shared_pages + rows[:, None] * own_pages + np.arange(own_pages)
+    return np.concatenate([shared, own], axis=1).astype(np.int32)
+
+
 def cascade_sample(groups, per, shared, page=16, unique=256):
     """One decode layer of groups x per requests sharing `shared` tokens a group, each with `unique`
     tokens of its own: regular decode and cascade as the engine's graphs run them (shared levels on
@@ -224,13 +233,7 @@ def cascade_sample(groups, per, shared, page=16, unique=256):
     bs = groups * per
     shared_pages, own = shared // page, unique // page
     kc, vc = cache(groups * shared_pages + bs * own + 8, page)
-    table = np.zeros((bs, shared_pages + own), np.int32)
-    for g in range(groups):
-        for r in range(per):
-            row = g * per + r
-            table[row, :shared_pages] = np.arange(g * shared_pages, (g + 1) * shared_pages)
-            start = groups * shared_pages + row * own
-            table[row, shared_pages:] = np.arange(start, start + own)
+    table = group_table(groups, per, shared_pages, own)
     plan = plan_cascade(table, np.full(bs, shared_pages * page + unique, np.int32), np.ones(bs, np.int32), page,
                         max_levels=3)
     q = torch.randn(bs, HQ, D, device="cuda", dtype=DT)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import DT, HKV, HQ, SIDE, SIDE_WS, WS, D, cache, graphed, timed  # noqa: E402
+from bench_kernels import DT, HKV, HQ, SIDE, SIDE_WS, WS, D, cache, graphed, group_table, timed  # noqa: E402
 
 from nanovllm.cascade.cost_model import shared_level_backend  # noqa: E402
 from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention  # noqa: E402
@@ -35,13 +35,7 @@ def layer(groups, per, shared, own):
     bs = groups * per
     shared_pages, own_pages = shared // PAGE, own // PAGE
     kc, vc = cache(groups * shared_pages + bs * own_pages + 8, PAGE)
-    table = np.zeros((bs, shared_pages + own_pages), np.int32)
-    for g in range(groups):
-        for r in range(per):
-            row = g * per + r
-            table[row, :shared_pages] = np.arange(g * shared_pages, (g + 1) * shared_pages)
-            start = groups * shared_pages + row * own_pages
-            table[row, shared_pages:] = np.arange(start, start + own_pages)
+    table = group_table(groups, per, shared_pages, own_pages)
     plan = plan_cascade(table, np.full(bs, shared + own, np.int32), np.ones(bs, np.int32), PAGE, max_levels=2)
     assert len(plan.levels) == 2 and torch.equal(plan.order, torch.arange(bs))
     q = torch.randn(bs, HQ, D, device="cuda", dtype=DT)
