@@ -16,15 +16,12 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import DT, HKV, HQ, SIDE_WS, WS, D, cache, group_table, timed  # noqa: E402
+from bench_kernels import DT, HKV, HQ, SIDE_WS, WS, D, timed, two_level_layer  # noqa: E402
 
-from nanovllm.cascade.cost_model import shared_level_backend  # noqa: E402
 from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention  # noqa: E402
-from nanovllm.cascade.planner import plan_cascade  # noqa: E402
 
 PAGE = 16
 HELPER = r"""
@@ -87,17 +84,6 @@ def graphed_on(fn):
     return timed(g.replay)
 
 
-def layer(groups, per, shared, own):
-    bs = groups * per
-    shared_pages, own_pages = shared // PAGE, own // PAGE
-    kc, vc = cache(groups * shared_pages + bs * own_pages + 8, PAGE)
-    table = group_table(groups, per, shared_pages, own_pages)
-    plan = plan_cascade(table, np.full(bs, shared + own, np.int32), np.ones(bs, np.int32), PAGE, max_levels=2)
-    q = torch.randn(bs, HQ, D, device="cuda", dtype=DT)
-    backend = shared_level_backend(plan, HQ, HKV)
-    return kc, vc, plan, q, backend, int(table.size) + bs
-
-
 def main():
     lib = helper()
     print(f"SMs: {torch.cuda.get_device_properties(0).multi_processor_count}")
@@ -105,7 +91,7 @@ def main():
           "engine today (graph) |\n|---|---|---|---|---|---|---|")
     parts = {n: split(lib, n) for n in (32, 48, 64, 72, 80, 96)}
     for groups, per, shared, own in ((1, 1024, 8192, 256), (64, 16, 2048, 256), (16, 64, 2048, 256)):
-        kc, vc, plan, q, backend, max_pages = layer(groups, per, shared, own)
+        kc, vc, plan, q, backend, max_pages = two_level_layer(groups, per, shared, own, PAGE)
         today = FlashInferCascadeAttention(WS, 2, HQ, HKV, D, PAGE, DT, q.shape[0], backend="fa2",
                                            use_cuda_graph=True, max_pages=max_pages, decode_last_level=True,
                                            shared_backend=backend, shared_split_kv=False,

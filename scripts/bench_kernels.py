@@ -225,6 +225,19 @@ def group_table(groups, per, shared_pages, own_pages):
     return np.concatenate([shared, own], axis=1).astype(np.int32)
 
 
+def two_level_layer(groups, per, shared, own, page=16):
+    """One decode layer of groups x per requests over `shared` tokens a group and `own` each, planned in two
+    levels: (k cache, v cache, plan, q, the engine's shared-level kernel, max_pages for a graphed cascade)."""
+    bs = groups * per
+    shared_pages, own_pages = shared // page, own // page
+    kc, vc = cache(groups * shared_pages + bs * own_pages + 8, page)
+    table = group_table(groups, per, shared_pages, own_pages)
+    plan = plan_cascade(table, np.full(bs, shared + own, np.int32), np.ones(bs, np.int32), page, max_levels=2)
+    assert len(plan.levels) == 2 and torch.equal(plan.order, torch.arange(bs))
+    q = torch.randn(bs, HQ, D, device="cuda", dtype=DT)
+    return kc, vc, plan, q, shared_level_backend(plan, HQ, HKV), int(table.size) + bs
+
+
 def cascade_sample(groups, per, shared, page=16, unique=256):
     """One decode layer of groups x per requests sharing `shared` tokens a group, each with `unique`
     tokens of its own: regular decode and cascade as the engine's graphs run them (shared levels on

@@ -17,32 +17,23 @@ import os
 import sys
 
 import flashinfer
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_kernels import DT, HKV, HQ, SIDE, SIDE_WS, WS, D, cache, graphed, group_table, timed  # noqa: E402
+from bench_kernels import DT, HKV, HQ, SIDE, SIDE_WS, WS, D, graphed, timed, two_level_layer  # noqa: E402
 
-from nanovllm.cascade.cost_model import shared_level_backend  # noqa: E402
 from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention  # noqa: E402
-from nanovllm.cascade.planner import plan_cascade  # noqa: E402
 
 PAGE = 16
 POD_WS = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
 
 
 def layer(groups, per, shared, own):
-    bs = groups * per
-    shared_pages, own_pages = shared // PAGE, own // PAGE
-    kc, vc = cache(groups * shared_pages + bs * own_pages + 8, PAGE)
-    table = group_table(groups, per, shared_pages, own_pages)
-    plan = plan_cascade(table, np.full(bs, shared + own, np.int32), np.ones(bs, np.int32), PAGE, max_levels=2)
-    assert len(plan.levels) == 2 and torch.equal(plan.order, torch.arange(bs))
-    q = torch.randn(bs, HQ, D, device="cuda", dtype=DT)
+    kc, vc, plan, q, backend, max_pages = two_level_layer(groups, per, shared, own, PAGE)
+    bs = q.shape[0]
     res = {}
-    backend = shared_level_backend(plan, HQ, HKV)
     casc = FlashInferCascadeAttention(WS, 2, HQ, HKV, D, PAGE, DT, bs, backend="fa2", use_cuda_graph=True,
-                                      max_pages=int(table.size) + bs, decode_last_level=True, shared_backend=backend,
+                                      max_pages=max_pages, decode_last_level=True, shared_backend=backend,
                                       shared_split_kv=False, side_stream=SIDE, shared_workspace=SIDE_WS)
     casc.plan(plan)
     res[f"engine ({backend} + decode, side stream)"] = graphed(lambda: casc.run(q, (kc, vc)))
