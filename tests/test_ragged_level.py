@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanovllm.cascade.planner import plan_cascade
-from nanovllm.cascade.ragged_level import level_layout, pad_layout, ragged_layout
+from nanovllm.cascade.ragged_level import level_layout, pad_layout, ragged_layout, shared_levels_are_runs
 from test_split_level import D, HKV, HQ, PAGE, attend   # float64 attention, no keys: out 0, lse -inf
 
 def by_pages(q, kc, vc, qo, kv, idx):
@@ -100,25 +100,57 @@ def test_a_level_of_pages_out_of_order_has_no_layout():
     assert level_layout(plan.levels[0], PAGE) is None
 
 
+class _GraphBackend:
+    """What DecodeGraphs reads of an attention backend outside capture and replay."""
+    page_size = PAGE
+    key = ("cascade", 2, "fa3-ragged")
+
+    def graph_wrappers(self, bs):
+        pass
+
+    def graph_key(self, plan):
+        return self.key
+
+
+def test_a_step_without_its_ragged_graph_replays_the_paged_fa3_one():
+    """Capture skips the ragged variant where its dummy batch's pages are not runs (4 levels over a small
+    cache); a step whose key names it then takes the paged fa3 graph of its size, not an eager step."""
+    from types import SimpleNamespace
+
+    from nanovllm.engine.cuda_graphs import DecodeGraphs
+    graphs = DecodeGraphs(None, _GraphBackend(), 64, 8, torch.float32, torch.device("cpu"))
+    assert shared_levels_are_runs(graphs._dummy_batch(64, 3, 1000).cascade, PAGE)
+    assert not shared_levels_are_runs(graphs._dummy_batch(64, 4, 31).cascade, PAGE)   # page ids wrap
+    step = SimpleNamespace(q_lens=np.ones(40), is_prefill=False, cascade=object())
+    graphs.graphs = {(48, "cascade", 2, "fa3"): None}
+    assert graphs.key(step) == (48, "cascade", 2, "fa3")
+    graphs.graphs[(48, "cascade", 2, "fa3-ragged")] = None
+    assert graphs.key(step) == (48, "cascade", 2, "fa3-ragged")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="needs a Hopper GPU (FA3)")
 def test_graphed_ragged_decode_level_equals_the_paged_one_gpu():
     """A cascade decode step (groups of 64-200 one-token rows over 30-250 shared pages, 3 and 2 levels) replayed
-    from CUDA graphs: the "fa3-ragged" variant against paged "fa3", same output within bf16 rounding; a
-    variant planned for pages that are not runs refuses."""
+    from CUDA graphs captured for another step's layout (other groups, rows and pages: the graph contract): the
+    "fa3-ragged" variant against paged "fa3", same output within bf16 rounding; a variant planned for pages that
+    are not runs refuses."""
     from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention
     hq, hkv, d, page, dt = 16, 8, 128, 16, torch.bfloat16
     torch.manual_seed(0)
     ws, side_ws = (torch.zeros(n << 20, dtype=torch.uint8, device="cuda") for n in (256, 128))
     kc, vc = (torch.randn(3000, page, hkv, d, dtype=dt, device="cuda") for _ in range(2))
     max_rows, side = 512, torch.cuda.Stream()
-    for levels in (2, 3):
+
+    def step(levels, groups):
+        """(plan, block table, kv lens) of groups of (rows, shared pages); a second shared level: each group's
+        first half shares 2 more pages."""
         rows, table, kv_lens, own, first = 0, [], [], 1000, 0
-        for per, pages in ((200, 250), (64, 30), (100, 120)):
+        for per, pages in groups:
             for i in range(per):
                 t = list(range(first, first + pages))
-                if levels == 3:   # a second shared level: the group's first half shares 2 more pages
+                if levels == 3:
                     t += [first + pages, first + pages + 1] if i < per // 2 else [own + 2, own + 3]
                 table.append(t + [own, own + 1])
                 kv_lens.append((len(t) + 1) * page + 5)
@@ -129,24 +161,30 @@ def test_graphed_ragged_decode_level_equals_the_paged_one_gpu():
         table = np.array([t + [0] * (width - len(t)) for t in table], np.int32)
         plan = plan_cascade(table, np.array(kv_lens), np.ones(rows), page, max_levels=levels)
         assert len(plan.levels) == levels
+        return plan, table, kv_lens
+
+    for levels in (2, 3):
+        captured, _, _ = step(levels, ((100, 40), (150, 200)))
+        plan, table, kv_lens = step(levels, ((200, 250), (64, 30), (100, 120)))
         q = torch.randn(max_rows, hq, d, dtype=dt, device="cuda")   # a graph's rows: the step's, then padding
         outs = []
         for shared in ("fa3", "fa3-ragged"):
             casc = FlashInferCascadeAttention(ws, levels, hq, hkv, d, page, dt, max_rows, backend="fa2",
-                                              use_cuda_graph=True, max_pages=int(table.size) + max_rows,
+                                              use_cuda_graph=True, max_pages=max_rows * 300,
                                               decode_last_level=True, shared_backend=shared, shared_split_kv=False,
                                               side_stream=side, shared_workspace=side_ws)
-            casc.plan(plan)
+            casc.plan(captured)
             casc.run(q, (kc, vc))
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = casc.run(q, (kc, vc))
+            casc.plan(plan)
             graph.replay()
-            outs.append(out[:rows].float().clone())
+            outs.append(out[:plan.num_rows].float().clone())
         assert (outs[0] - outs[1]).abs().max().item() < 2e-2
         shuffled = table.copy()
         shuffled[:200, :250] = shuffled[:200, :250][:, ::-1].copy()
-        bad = plan_cascade(shuffled, np.array(kv_lens), np.ones(rows), page, max_levels=levels)
+        bad = plan_cascade(shuffled, np.array(kv_lens), np.ones(plan.num_rows), page, max_levels=levels)
         with pytest.raises(ValueError, match="not runs"):
             casc.plan(bad)
 

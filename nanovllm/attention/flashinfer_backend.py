@@ -29,7 +29,7 @@ from nanovllm.attention.xqa_decode import usable as xqa_usable
 from nanovllm.cascade.cost_model import (NO_SPLIT_KV_ROWS, SHARED_BACKENDS, fp8_capable,
                                          reachable_shared_backends, shared_level_backend)
 from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention, cascade_outputs
-from nanovllm.cascade.ragged_level import level_layout
+from nanovllm.cascade.ragged_level import shared_levels_are_runs
 from nanovllm.cascade.split_level import split_level_buffers
 from nanovllm.utils.transfer import pinned, to_device
 
@@ -258,8 +258,7 @@ class FlashInferAttentionBackend(AttentionBackend):
             return ("regular",)
         forced = getattr(plan, "shared_backend", None)   # CUDA-graph capture names the variant
         kernel = forced or self.shared_kernel(plan)
-        if (kernel == "fa3" and not forced and self.ragged_decode
-                and all(level_layout(level, self.page_size) is not None for level in plan.levels[:-1])):
+        if kernel == "fa3" and not forced and self.ragged_decode and shared_levels_are_runs(plan, self.page_size):
             kernel = "fa3-ragged"
         return ("cascade", len(plan.levels), kernel)
 
@@ -270,13 +269,14 @@ class FlashInferAttentionBackend(AttentionBackend):
             return self.shared_backends[0]
         return shared_level_backend(plan, self.num_qo_heads, self.num_kv_heads, is_fp8(self.kv_dtype))
 
-    def plan_graph(self, batch: StepBatch, bs: int, slot_mapping: torch.Tensor):
-        """Plan a decode batch of n <= bs requests on the wrappers captured for bs. Padded requests
-        read one token of page 0 and write nothing (their slot is -1 in the fixed slot buffer)."""
+    def plan_graph(self, batch: StepBatch, bs: int, slot_mapping: torch.Tensor, kind: tuple | None = None):
+        """Plan a decode batch of n <= bs requests on the wrappers captured for bs (of the graph `kind`, a
+        graph_key; default: this batch's). Padded requests read one token of page 0 and write nothing (their
+        slot is -1 in the fixed slot buffer)."""
         decode, cascade = self.graph[bs]
         self.slot_mapping = slot_mapping
         if batch.cascade is not None:
-            self.active = cascade[self.graph_key(batch.cascade)[1:]]
+            self.active = cascade[(kind or self.graph_key(batch.cascade))[1:]]
             self.active.plan(batch.cascade)
             return
         n = len(batch.kv_lens)

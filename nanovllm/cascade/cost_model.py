@@ -242,7 +242,7 @@ def shared_level_crit(level, kernel: str, num_qo_heads: int, num_kv_heads: int, 
     chunks, the last, partial wave max(1, its units / SMs) chunks (a unit alone on its SM still takes one chunk:
     72 x 3 x 11,376, 576 units, two full waves and 48, costs 5 chunks). Units past the 256 programs a kv head
     loop in their programs; counted as units all the same."""
-    key = ("crit", kernel, num_qo_heads, num_kv_heads, page_size)
+    key = ("crit", kernel, num_qo_heads, num_kv_heads, page_size, num_sms)
     cache = level.__dict__.setdefault("_cost_terms", {})
     crit = cache.get(key)
     if crit is None:

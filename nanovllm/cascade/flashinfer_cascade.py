@@ -100,7 +100,7 @@ class FlashInferCascadeAttention:
                 TritonSharedLevel(max_rows, partials, True, kv_indptr_buf=b[1], kv_indices_buf=b[2], tile=TILES[be])
                 if be in TILES
                 else RaggedSharedLevel(ws, buffers=ragged_bufs())
-                if be == "fa3-ragged" and i < num_levels - 1
+                if be == "fa3-ragged"
                 else FlashInferSplitLevel(ws, max_rows, partials, True, (q_copies,) + tuple(split_levels[i]))
                 if be == "fa3-split"
                 else flashinfer.BatchPrefillWithPagedKVCacheWrapper(

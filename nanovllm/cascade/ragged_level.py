@@ -69,6 +69,11 @@ def level_layout(level, page_size: int):
     return cache[page_size]
 
 
+def shared_levels_are_runs(plan, page_size: int) -> bool:
+    """Whether every shared level of a cascade plan has a ragged layout (the "fa3-ragged" graphs' condition)."""
+    return all(level_layout(level, page_size) is not None for level in plan.levels[:-1])
+
+
 def pad_layout(layout, max_rows: int):
     """A level's ragged layout padded to 2 x max_rows requests (a CUDA graph's fixed count, two a group as in
     the paged level padded to max_rows groups): the query rows past the level's go to one request that
@@ -77,7 +82,7 @@ def pad_layout(layout, max_rows: int):
     extra = 2 * max_rows - (q.numel() - 1)
     assert extra >= 0 and int(q[-1]) <= max_rows
     if not extra:
-        return q, kv
+        return q, kv   # the level's cached tensors themselves: FlashInfer's plan only reads them
     return (torch.cat([q, torch.full((extra,), max_rows, dtype=torch.int32)]),
             torch.cat([kv, kv[-1:].expand(extra)]))
 

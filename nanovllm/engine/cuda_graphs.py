@@ -1,8 +1,8 @@
 """CUDA graphs for decode steps: capture once at start-up, replay every decode step.
 
 One graph per batch size (1, 2, 4, 8, 16, 32, ... 256, 320, ... max_num_seqs) for regular decode;
-with cascade on, also one per level count (2 .. cascade_max_levels) and shared-level kernel (Triton,
-fa3). A step pads up to the next captured size (padded rows write no K/V). Only the model body is
+with cascade on, also one per level count (2 .. cascade_max_levels) and shared-level kernel (the Triton
+tiles, fa3 and fa3 cut into pieces; fa3 twice, paged and as ragged runs of the cache). A step pads up to the next captured size (padded rows write no K/V). Only the model body is
 captured; logits and sampling run eagerly after the replay (their shapes follow the real batch).
 Under tensor parallelism every rank captures the same graphs in the same order, all-reduces inside
 (distributed/parallel_state.py), and replays the same graph for the same step.
@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from nanovllm.attention import StepBatch
+from nanovllm.cascade.ragged_level import shared_levels_are_runs
 from nanovllm.utils.context import reset_context, set_context
 
 
@@ -45,6 +46,8 @@ class DecodeGraphs:
         if batch.is_prefill or n > self.sizes[-1]:
             return None
         key = (next(b for b in self.sizes if b >= n),) + self.backend.graph_key(batch.cascade)
+        if key[-1] == "fa3-ragged" and key not in self.graphs:   # not captured at this size: the paged fa3 graph
+            key = key[:-1] + ("fa3",)
         return key if key in self.graphs else None
 
     def load(self, batch: StepBatch, input_ids: torch.Tensor, positions: torch.Tensor, key):
@@ -56,7 +59,7 @@ class DecodeGraphs:
         slots = gv["slot_mapping"][:bs]
         slots[n:].fill_(-1)  # padded rows write nothing; their stale ids and positions are harmless
         slots[:n].copy_(batch.slot_mapping)
-        self.backend.plan_graph(batch, bs, slots)
+        self.backend.plan_graph(batch, bs, slots, key[1:])
 
     def replay(self, key, n: int) -> torch.Tensor:
         """Hidden states of the step's n rows (the graph's output buffer, valid until the next replay)."""
@@ -96,10 +99,12 @@ class DecodeGraphs:
                 if levels and len(batch.cascade.levels) != levels:
                     continue  # too few requests to nest that deep: such steps run eagerly
                 for shared in (self.backend.graph_shared_backends(bs) if levels else (None,)):
+                    if shared == "fa3-ragged" and not shared_levels_are_runs(batch.cascade, self.backend.page_size):
+                        continue  # a cache too small for the dummy's pages to be runs: key() takes the paged graph
                     if levels:
                         batch.cascade.shared_backend = shared  # see cost_model.shared_level_backend
                     key = (bs,) + self.backend.graph_key(batch.cascade)
-                    self.backend.plan_graph(batch, bs, gv["slot_mapping"][:bs])
+                    self.backend.plan_graph(batch, bs, gv["slot_mapping"][:bs], key[1:])
                     set_context(is_prefill=False, attn=self.backend)
                     gv["hidden"][:bs] = self.model(gv["input_ids"][:bs], gv["positions"][:bs])  # warm-up, uncaptured
                     graph = torch.cuda.CUDAGraph()
