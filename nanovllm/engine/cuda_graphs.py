@@ -28,9 +28,10 @@ class DecodeGraphs:
         self.graphs: dict = {}
         self.replays = 0  # decode steps run from a graph (benchmarks and tests read it)
         # Every size's attention wrappers now, before the KV cache is sized: each FlashInfer wrapper
-        # allocates an 8 MB int workspace on the device (~270 wrappers at 24 sizes with cascade, ~2.1 GB;
-        # fa3's ragged variant adds one a size of >= 64 rows and level count), which the cache sizing must
-        # see as used.
+        # allocates an 8 MB int workspace on the device (~270 wrappers at 24 sizes with cascade, ~2.1 GB),
+        # which the cache sizing must see as used. fa3's ragged variant adds a cascade attention a size of
+        # >= 64 rows and level count, its ragged levels and decode wrapper each with such a workspace (W3,
+        # 1,024 rows, one H200: 721 fewer KV pages, ~1.3 GB; sharing the fa3 variant's decode wrapper is left).
         for bs in self.sizes:
             backend.graph_wrappers(bs)
         self.vars = dict(
