@@ -95,7 +95,7 @@ class FlashInferCascadeAttention:
             if split_buffers is None and "fa3-split" in backends:
                 split_buffers = split_level_buffers(max_rows, num_levels - 1, max_pages + max_rows, self.level_out, dev)
             q_copies, split_levels = split_buffers or (None, [None] * num_levels)
-            ragged_bufs = lambda: (torch.zeros(2 * max_rows + 1, **i32), torch.zeros(2 * max_rows + 1, **i32))  # noqa: E731
+            ragged_bufs = lambda: tuple(torch.zeros(2 * max_rows + 1, **i32) for _ in range(2))  # noqa: E731
             self.wrappers = [
                 TritonSharedLevel(max_rows, partials, True, kv_indptr_buf=b[1], kv_indices_buf=b[2], tile=TILES[be])
                 if be in TILES

@@ -2,8 +2,9 @@
 
 One graph per batch size (1, 2, 4, 8, 16, 32, ... 256, 320, ... max_num_seqs) for regular decode;
 with cascade on, also one per level count (2 .. cascade_max_levels) and shared-level kernel (the Triton
-tiles, fa3 and fa3 cut into pieces; fa3 twice, paged and as ragged runs of the cache). A step pads up to the next captured size (padded rows write no K/V). Only the model body is
-captured; logits and sampling run eagerly after the replay (their shapes follow the real batch).
+tiles, fa3 and fa3 cut into pieces; fa3 twice, paged and as ragged runs of the cache). A step pads up to
+the next captured size (padded rows write no K/V). Only the model body is captured; logits and sampling
+run eagerly after the replay (their shapes follow the real batch).
 Under tensor parallelism every rank captures the same graphs in the same order, all-reduces inside
 (distributed/parallel_state.py), and replays the same graph for the same step.
 """
