@@ -488,7 +488,9 @@ def main():
     p.add_argument("--distinct-caches", action="store_true",
                    help="cascade: each graph copy of the layer reads its own KV cache (up to 16 GB in all)")
     p.add_argument("--ragged-fa3", action="store_true",
-                   help="cascade: fa3 shared levels on the engine's ragged graph variant (session 19's grids: paged)")
+                   help="cascade: fa3 shared levels on the engine's ragged graph variant (session 19's grids: paged); "
+                        "the samples keep the label fa3, so the fa3 line is then fitted on the ragged kernel, which "
+                        "the engine runs wherever a level's pages are runs")
     p.add_argument("--held-out-only", action="store_true",
                    help="cascade: measure only the held-out shapes and report cost_model's defaults on them (no fit)")
     args = p.parse_args()
