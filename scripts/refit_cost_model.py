@@ -21,9 +21,8 @@ import numpy as np
 import torch
 
 from nanovllm.cascade.cost_model import (REGULAR_TERMS, CascadeCostModel, CostSample, fit_cost_model, predicted,
-                                         regular_crit_tokens, regular_decode_split, relative_errors, shared_level_crit,
-                                         shared_level_terms)
-from nanovllm.cascade.planner import CascadeLevel
+                                         relative_errors)
+from nanovllm.cascade.planner import CascadeLevel, CascadePlan
 
 PAGE, OWN_TOKENS = 16, 256       # scripts/bench_kernels.cascade_sample's defaults
 HQ, HKV = 16, 8                  # its heads (Qwen3-0.6B's)
@@ -36,18 +35,17 @@ ROW = re.compile(r"\| (train|held-out) \| (\d+) x (\d+) \| (\d+) \| ([\d.]+) \| 
 
 
 def sample_of(groups: int, per: int, shared: int, regular_ms: float, cascade_ms: float, backend: str) -> CostSample:
-    """The CostSample bench_kernels.cascade_sample measures at this shape (CostSample.of on its plan)."""
+    """The CostSample bench_kernels.cascade_sample measures at this shape: CostSample.of on the plan's two levels
+    (the page ids are not needed, only each group's rows and pages)."""
     shared_pages, own_pages, rows = shared // PAGE, OWN_TOKENS // PAGE, groups * per
-    chunk, waves = regular_decode_split([shared_pages + own_pages] * rows, HKV, PAGE)
     i32 = lambda a: torch.tensor(a, dtype=torch.int32)  # noqa: E731
-    level = CascadeLevel(i32(np.arange(groups + 1) * per), i32(np.arange(groups + 1) * shared_pages),
-                         i32([]), i32([PAGE] * groups), causal=False)
-    _, distinct, splits, merged = shared_level_terms(level, backend, HQ, HKV, PAGE)
-    crit = shared_level_crit(level, backend, HQ, HKV, PAGE)
-    return CostSample(backend, 2, rows * (shared_pages + own_pages) * PAGE,
-                      (groups * shared_pages + rows * own_pages) * PAGE, regular_ms, cascade_ms, rows,
-                      regular_crit_tokens(chunk, waves, PAGE), waves, crit, distinct, splits, merged,
-                      rows * own_pages * PAGE)
+    levels = [CascadeLevel(i32(np.arange(groups + 1) * per), i32(np.arange(groups + 1) * shared_pages),
+                           i32([]), i32([PAGE] * groups), causal=False),
+              CascadeLevel(i32(np.arange(rows + 1)), i32(np.arange(rows + 1) * own_pages), i32([]),
+                           i32([PAGE] * rows), causal=True)]
+    plan = CascadePlan(torch.arange(rows), levels, rows * (shared_pages + own_pages),
+                       groups * shared_pages + rows * own_pages, [groups, rows], rows)
+    return CostSample.of(plan, PAGE, backend, regular_ms, cascade_ms, HQ, HKV)
 
 
 def parse_table(paths) -> dict:
