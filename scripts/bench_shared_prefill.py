@@ -27,6 +27,14 @@ from nanovllm.cascade.ragged_level import ragged_layout  # noqa: E402
 PAGE = 16
 
 
+def level_arrays(groups, rows, pre_pages):
+    """(qo_indptr, kv_indptr, kv_indices, last_page_len) of a shared level: groups of `rows` query rows, each over
+    its own run of pre_pages full pages, the runs one after another from page 0."""
+    return (torch.arange(0, groups * rows + 1, rows, dtype=torch.int32),
+            torch.arange(0, groups * pre_pages + 1, pre_pages, dtype=torch.int32),
+            torch.arange(groups * pre_pages, dtype=torch.int32), torch.full((groups,), PAGE, dtype=torch.int32))
+
+
 def shape(groups, rows, prefix, own=128):
     """groups x (rows question tokens, of rows / own requests) over prefix tokens a group."""
     pre_pages = prefix // PAGE
@@ -39,10 +47,7 @@ def shape(groups, rows, prefix, own=128):
     flops = 4.0 * groups * rows * prefix * HQ * D
     res = {}
     # Shared level, paged.
-    qo = torch.arange(0, groups * rows + 1, rows, dtype=torch.int32)
-    kv_ind = torch.arange(0, groups * pre_pages + 1, pre_pages, dtype=torch.int32)
-    idx = torch.arange(groups * pre_pages, dtype=torch.int32)
-    last = torch.full((groups,), PAGE, dtype=torch.int32)
+    qo, kv_ind, idx, last = level_arrays(groups, rows, pre_pages)
     for be in ("fa3", "fa2"):
         w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(WS, "NHD", backend=be)
         w.plan(qo, kv_ind, idx, last, HQ, HKV, D, PAGE, causal=False, q_data_type=DT, kv_data_type=DT)
@@ -87,10 +92,7 @@ def decode_level(groups, rows, prefix, copies=8):
     kc = torch.randn(groups * pre_pages + 8, PAGE, HKV, D, device="cuda", dtype=DT)
     vc = torch.randn_like(kc)
     q = torch.randn(groups * rows, HQ, D, device="cuda", dtype=DT)
-    qo = torch.arange(0, groups * rows + 1, rows, dtype=torch.int32)
-    kv_ind = torch.arange(0, groups * pre_pages + 1, pre_pages, dtype=torch.int32)
-    idx = torch.arange(groups * pre_pages, dtype=torch.int32)
-    last = torch.full((groups,), PAGE, dtype=torch.int32)
+    qo, kv_ind, idx, last = level_arrays(groups, rows, pre_pages)
     w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(WS, "NHD", backend="fa3")
     w.plan(qo, kv_ind, idx, last, HQ, HKV, D, PAGE, causal=False, q_data_type=DT, kv_data_type=DT)
     paged = graphed(lambda: w.run(q, (kc, vc), return_lse=True), copies)
