@@ -267,6 +267,71 @@ def test_cascade_graph_mode_matches_eager(structure, bs, shared, engine_mode, mo
     bf16_close(out[:n], cascade_attention(q[:n], kc, vc, plan, D ** -0.5))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="needs a Hopper GPU (FA3)")
+def test_graphs_sharing_int_workspaces_replay_in_any_order():
+    """The backend's graphed wrappers share one FlashInfer int workspace a level slot (flashinfer_backend.
+    prepare_graphs): each wrapper points at its slot's device and pinned buffers, no two levels of one graph
+    share a slot, the wrappers of two sizes add far less than the 8 MB each held before; and graphs of several
+    kernels and sizes captured on them, then planned and replayed in turn (each plan overwriting the slot's
+    last one), each give their own step's attention."""
+    from nanovllm.cascade.ragged_level import shared_levels_are_runs
+    backend = make_backend()
+    backend.prepare_graphs(128, 8192, with_cascade=True)
+    before = torch.cuda.memory_allocated()
+    for bs in (64, 128):
+        backend.graph_wrappers(bs)
+    grown = torch.cuda.memory_allocated() - before
+    ints, wrappers = backend.graph_int_workspaces, 0
+    for bs in (64, 128):
+        decode, cascade = backend.graph[bs]
+        pairs = [(-1, decode)] + [pair for att in cascade.values() for pair in att.flashinfer_wrappers()]
+        for att in cascade.values():
+            slots = [slot for slot, _ in att.flashinfer_wrappers()]
+            assert len(slots) == len(set(slots))
+        for slot, w in pairs:
+            assert w._int_workspace_buffer.data_ptr() == ints[slot][0].data_ptr()
+            assert w._pin_memory_int_workspace_buffer is ints[slot][1]
+            wrappers += 1
+    assert ("fa3-ragged" in backend.graph_shared_backends(128) and wrappers >= 20
+            and grown < wrappers * (8 << 20) // 4), (wrappers, grown)
+
+    kc, vc = random_cache(8192, seed=5)
+    _, _, plan = cascade_case([(96, 4, None), (20, 2, None)], True, seed=4)
+    _, _, other = cascade_case([(64, 6, None), (50, 3, None)], True, seed=7)   # captured with: another layout
+    assert shared_levels_are_runs(plan, PAGE) and len(plan.levels) == 2
+    q = torch.randn(128, HQ, D, device="cuda").to(DT)
+    n = plan.num_rows
+    expected_cascade = cascade_attention(q[:n], kc, vc, plan, D ** -0.5)
+    batch, _ = layout([5, 17, 300, 1024, 64], [1] * 5)
+    expected_decode = torch_reference(q[:5], kc, vc, batch)
+    slots = torch.full((64,), -1, dtype=torch.long, device="cuda")
+    k = torch.zeros(64, HKV, D, device="cuda", dtype=DT)
+
+    def cascade_step(shared):
+        att = backend.graph[128][1][2, shared]
+        return lambda p: att.plan(p), lambda: att.run(q, (kc, vc))
+
+    steps = {shared: cascade_step(shared) for shared in ("fa3", "fa3-ragged", "triton")}
+    steps["decode"] = (lambda b: backend.plan_graph(b, 64, slots), lambda: backend.forward(q[:64], k, k, kc, vc))
+    graphs, outs = {}, {}
+    for name, (plan_step, run) in steps.items():
+        plan_step(batch if name == "decode" else other)
+        outs[name] = run().clone()
+        graphs[name] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[name]):
+            outs[name].copy_(run())
+    for name in ["fa3", "decode", "fa3-ragged", "triton", "fa3", "decode", "fa3-ragged"]:
+        outs[name].zero_()
+        steps[name][0](batch if name == "decode" else plan)
+        graphs[name].replay()
+        torch.cuda.synchronize()
+        if name == "decode":
+            bf16_close(outs[name][:5], expected_decode)
+        else:
+            bf16_close(outs[name][:n], expected_cascade)
+
+
 # ---- end to end ---------------------------------------------------------------------------------
 # On the shipped trained tiny model (nanovllm/assets/, head_dim 128) and 64 corpus prompts. Its greedy
 # paths are varied text (random weights loop on one token), with a median top1 - top2 margin of about 0.5,

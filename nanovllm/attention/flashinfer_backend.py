@@ -30,7 +30,7 @@ from nanovllm.cascade.cost_model import (NO_SPLIT_KV_ROWS, SHARED_BACKENDS, fp8_
                                          reachable_shared_backends, shared_level_backend)
 from nanovllm.cascade.flashinfer_cascade import FlashInferCascadeAttention, cascade_outputs
 from nanovllm.cascade.ragged_level import shared_levels_are_runs
-from nanovllm.cascade.split_level import split_level_buffers
+from nanovllm.cascade.split_level import INT_WORKSPACE_BYTES, split_level_buffers
 from nanovllm.utils.transfer import pinned, to_device
 
 logger = logging.getLogger("nanovllm")
@@ -65,6 +65,14 @@ RAGGED_PREFILL = os.environ.get("NANOVLLM_RAGGED_PREFILL", "1") != "0"
 # pages are runs (cascade/ragged_level.py: 1.18-1.22x the paged level's kernel on W3-like shapes, graph replays);
 # same conditions. NANOVLLM_RAGGED_DECODE=0 turns it off (no such graphs are captured then).
 RAGGED_DECODE = os.environ.get("NANOVLLM_RAGGED_DECODE", "1") != "0"
+
+
+def share_int_workspace(wrapper, device_ints: torch.Tensor, host_ints: torch.Tensor):
+    """Point a FlashInfer wrapper at a shared int workspace and its pinned host staging buffer (its own two
+    8 MB buffers are freed). reset_workspace_buffer is FlashInfer's API for the device buffer; it pins a fresh
+    host buffer of its own, which the one assignment of a private attribute replaces."""
+    wrapper.reset_workspace_buffer(wrapper._float_workspace_buffer, device_ints)
+    wrapper._pin_memory_int_workspace_buffer = host_ints
 
 
 class FlashInferAttentionBackend(AttentionBackend):
@@ -194,6 +202,14 @@ class FlashInferAttentionBackend(AttentionBackend):
                                   torch.zeros(max_bs, **i32))
         if self.regular_decode == "xqa":  # its dense page table and sequence lengths
             self.graph_decode_bufs += (torch.zeros(max_bs, self.max_pages, **i32), torch.zeros(max_bs, **i32))
+        # One FlashInfer int workspace (8 MB on the device, 8 MB pinned on the host) per level slot, shared by every
+        # graph's wrappers of that slot instead of one a wrapper (~300 wrappers with cascade: ~2.5 GB each side).
+        # One graph replays a step and ModelRunner._plan_fence orders a step's plan after the last one's copies,
+        # so wrappers of one slot never hold plans at once; a graph's own levels have slots of their own.
+        slots = [-1] + (list(range(self.cascade_levels - 1)) if with_cascade else [])
+        self.graph_int_workspaces = {slot: (torch.zeros(INT_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device),
+                                            torch.zeros(INT_WORKSPACE_BYTES, dtype=torch.uint8, pin_memory=True))
+                                     for slot in slots}
         self.graph_cascade_bufs = self.graph_cascade_outputs = self.graph_split_bufs = None
         self.side_stream = self.side_workspace = None
         if with_cascade:
@@ -243,6 +259,9 @@ class FlashInferAttentionBackend(AttentionBackend):
                         shared_split_kv=False, side_stream=self.side_stream, shared_workspace=self.side_workspace,
                         kv_dtype=self.kv_dtype, decode_last_kernel=self.decode_last_kernel,
                         split_buffers=self.graph_split_bufs)
+        for slot, wrapper in [(-1, decode)] + [pair for att in cascade.values() for pair in att.flashinfer_wrappers()]:
+            if hasattr(wrapper, "reset_workspace_buffer"):
+                share_int_workspace(wrapper, *self.graph_int_workspaces[slot])
         self.graph[bs] = (decode, cascade)
 
     def graph_shared_backends(self, bs: int) -> tuple:

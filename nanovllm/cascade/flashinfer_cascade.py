@@ -136,6 +136,15 @@ class FlashInferCascadeAttention:
                     workspace, "NHD", use_cuda_graph=use_cuda_graph, use_tensor_cores=False, **graph_bufs)
         self.active: list = []
 
+    def flashinfer_wrappers(self) -> list:
+        """(slot, FlashInfer wrapper) of every level that plans on a FlashInfer wrapper: slot i for shared
+        level i (its paged, ragged or fa3-split wrapper), -1 for the per-request level (its prefill wrapper and
+        its decode kernel's, never both in one step); the Triton levels have none. Graph mode's backend points
+        the wrappers of one slot, across every graph, at one int workspace (attention/flashinfer_backend.py)."""
+        pairs = [(i, getattr(w, "wrapper", w)) for i, w in enumerate(self.wrappers[:-1])]
+        pairs += [(-1, self.wrappers[-1]), (-1, self.decode_last)]
+        return [(slot, w) for slot, w in pairs if hasattr(w, "reset_workspace_buffer")]
+
     def plan(self, plan: CascadePlan, num_rows: int | None = None):
         """Plan every level once for the step (outside CUDA-graph capture). In CUDA-graph mode the
         layout is padded to max_rows query rows and the full level count."""
@@ -170,7 +179,9 @@ class FlashInferCascadeAttention:
             if c:   # host arrays: the level cuts them itself
                 wrapper.plan(*lv, hq, hkv, d, page, **common)
                 continue
-            if self.ragged and self.ragged[i].plan(*lv, hq, hkv, d, page, **common):
+            layout = level_layout(plan.levels[i], page) if self.ragged else None   # eager: the level's runs
+            if layout is not None:
+                self.ragged[i].plan_layout(layout, hq, hkv, d, **common)
                 self.active[i] = self.ragged[i]
                 continue
             wrapper.plan(*lv, hq, hkv, d, page, causal=False, disable_split_kv=not self.shared_split_kv, **common)

@@ -17,7 +17,7 @@ A group's pages usually lie in order in the cache (a prefix is allocated in one 
 handed out in order), and the planner orders groups by their first page (planner.plan_cascade), so the
 level's KV is a set of increasing token runs of the cache viewed as [pages x page_size, kv heads, dim];
 the gaps between runs go to query-less requests. Where a group's pages are not one run, or the runs do
-not increase, `plan` says so and the caller plans the paged kernel instead. Model-dtype caches only
+not increase, `level_layout` is None and the caller plans the paged kernel instead. Model-dtype caches only
 (FlashInfer's FA3 reads fp8 KV only with fp8 queries).
 
 Decode steps' shared levels run in CUDA graphs: where the cost model picks fa3 (groups of >= 64 rows), the
@@ -88,10 +88,10 @@ def pad_layout(layout, max_rows: int):
 
 
 class RaggedSharedLevel:
-    """FlashInfer's FA3 ragged prefill over a shared level's page runs (module doc). plan() takes the paged
-    wrapper's arguments and returns False when the pages are not runs (nothing planned then); run() reads
-    the layer's cache in place. With `buffers` ((qo_indptr, kv_indptr) device buffers of 2 x max_rows + 1)
-    it runs in CUDA graphs: plan_layout() takes a layout padded to that count (pad_layout)."""
+    """FlashInfer's FA3 ragged prefill over a shared level's page runs (module doc). plan_layout() takes the
+    level's layout (level_layout; in CUDA graphs padded to the graph's count, pad_layout); run() reads the
+    layer's cache in place. With `buffers` ((qo_indptr, kv_indptr) device buffers of 2 x max_rows + 1) it runs
+    in CUDA graphs."""
 
     def __init__(self, workspace: torch.Tensor, buffers: tuple | None = None):
         import flashinfer   # GPU only; the layout above is CPU-tested
@@ -100,14 +100,6 @@ class RaggedSharedLevel:
 
     def plan_layout(self, layout, num_qo_heads, num_kv_heads, head_dim, **common):
         self.wrapper.plan(*layout, num_qo_heads, num_kv_heads, head_dim, causal=False, **common)
-
-    def plan(self, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads, head_dim,
-             page_size, **common) -> bool:
-        layout = ragged_layout(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, page_size)
-        if layout is None:
-            return False
-        self.wrapper.plan(*layout, num_qo_heads, num_kv_heads, head_dim, causal=False, **common)
-        return True
 
     def run(self, q, kv_cache, out=None, lse=None, return_lse=True):
         k, v = kv_cache

@@ -28,11 +28,10 @@ class DecodeGraphs:
         self.sizes = graph_batch_sizes(max_bs)
         self.graphs: dict = {}
         self.replays = 0  # decode steps run from a graph (benchmarks and tests read it)
-        # Every size's attention wrappers now, before the KV cache is sized: each FlashInfer wrapper
-        # allocates an 8 MB int workspace on the device (~270 wrappers at 24 sizes with cascade, ~2.1 GB),
-        # which the cache sizing must see as used. fa3's ragged variant adds a cascade attention a size of
-        # >= 64 rows and level count, its ragged levels and decode wrapper each with such a workspace (W3,
-        # 1,024 rows, one H200: 721 fewer KV pages, ~1.3 GB; sharing the fa3 variant's decode wrapper is left).
+        # Every size's attention wrappers now, before the KV cache is sized (their buffers must count as
+        # used). Their FlashInfer int workspaces are shared, one a level slot (flashinfer_backend.prepare_graphs):
+        # one a wrapper, 8 MB each on the device and pinned on the host, was ~2.1 GB at 24 sizes with cascade and
+        # ~1.3 GB more with fa3's ragged variant (W3, 1,024 rows, one H200: 721 fewer KV pages, session 19).
         for bs in self.sizes:
             backend.graph_wrappers(bs)
         self.vars = dict(
