@@ -100,6 +100,25 @@ def test_a_level_of_pages_out_of_order_has_no_layout():
     assert level_layout(plan.levels[0], PAGE) is None
 
 
+def test_a_pickled_level_leaves_its_caches_behind_and_recomputes_them():
+    """A step shipped to tensor-parallel workers pickles its plan: the levels' cached layouts and row/page
+    counts stay on rank 0 (the same bytes as before they were computed); the worker's copy computes its own,
+    equal to rank 0's."""
+    import pickle
+    table = np.array([list(range(40, 72)) + [200 + 2 * i, 201 + 2 * i] for i in range(96)], np.int32)
+    plan = plan_cascade(table, np.full(96, 33 * PAGE + 1), np.ones(96), PAGE, max_levels=2)
+    fresh = pickle.dumps(plan)
+    for level in plan.levels:
+        level.rows_and_pages()
+        level_layout(level, PAGE)
+    assert "_ragged_layout" in plan.levels[0].__dict__ and pickle.dumps(plan) == fresh
+    shipped = pickle.loads(fresh)
+    assert "_ragged_layout" not in shipped.levels[0].__dict__
+    for a, b in zip(level_layout(shipped.levels[0], PAGE), level_layout(plan.levels[0], PAGE)):
+        assert torch.equal(a, b)
+    assert all((a == b).all() for a, b in zip(shipped.levels[1].rows_and_pages(), plan.levels[1].rows_and_pages()))
+
+
 class _GraphBackend:
     """What DecodeGraphs reads of an attention backend outside capture and replay."""
     page_size = PAGE
