@@ -3,9 +3,13 @@ predicts: the held-out errors, how often its decision matches the measured faste
 coefficients as code. No GPU: it reads the table scripts/bench_kernels.py --only cascade prints (which
 calls `report` on its own samples).
 
-    python scripts/refit_cost_model.py                                   # the stored H200 grids, session 19
+    python scripts/refit_cost_model.py                                   # the stored H200 grids, session 20
     python scripts/refit_cost_model.py --table my_run.md                 # a run's printed table
     python scripts/refit_cost_model.py --table my_run.md --defaults      # cost_model's defaults on it, no fit
+    python scripts/refit_cost_model.py --table claude_docs/data/s20/fresh_s20_seed20_a.md --defaults
+
+The stored grids (STORED) are session 20's, measured with `--only cascade --distinct-caches --ragged-fa3`: each
+copy of the layer in the timed graph reads its own KV cache, and fa3 shared levels run on the ragged kernel.
 
 A table row is `| set | G x R | shared | regular ms | cascade ms | speed-up | kernel |`: G groups of R
 requests sharing `shared` tokens each, every request with OWN_TOKENS of its own, page PAGE; the
@@ -27,10 +31,14 @@ from nanovllm.cascade.planner import CascadeLevel, CascadePlan
 PAGE, OWN_TOKENS = 16, 256       # scripts/bench_kernels.cascade_sample's defaults
 HQ, HKV = 16, 8                  # its heads (Qwen3-0.6B's)
 DATA = os.path.join(os.path.dirname(__file__), "..", "claude_docs", "data")
-# Session 19's four grids (each layer timed as its share of a graph of 8 copies; the same 104 training shapes in
-# each, measured on two H200s, and 32 held-out shapes of its own seed): the defaults are the fit on their training
-# rows together (416 samples). fresh_seed20_a/b.md hold 40 more held-out shapes, measured twice.
-STORED = [os.path.join(DATA, "s19", f"grid_seed{seed}.md") for seed in (19, 2, 3, 4)]
+# Session 20's four grids (scripts/bench_kernels.py --only cascade --distinct-caches --ragged-fa3 on the H200: each
+# layer timed as its share of a graph of 8 copies, each copy reading its own KV cache as an engine step's layers do,
+# fa3 shared levels on the ragged kernel the engine runs; the same 104 training shapes in each and 32 held-out shapes
+# of its own seed): the defaults are the fit on their training rows together (416 samples).
+# fresh_s20_seed20_a/b.md hold 40 more held-out shapes, measured twice. claude_docs/data/s19 holds session 19's grids
+# (one cache for all 8 copies, fa3 on the paged kernel).
+STORED = [os.path.join(DATA, "s20", f"grid_s20_seed{seed}.md") for seed in (19, 2, 3, 4)]
+FRESH = [os.path.join(DATA, "s20", f"fresh_s20_seed20_{run}.md") for run in "ab"]
 ROW = re.compile(r"\| (train|held-out) \| (\d+) x (\d+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| [\d.]+ \| ([\w-]+) \|")
 
 
