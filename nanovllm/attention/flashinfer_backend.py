@@ -203,7 +203,8 @@ class FlashInferAttentionBackend(AttentionBackend):
         if self.regular_decode == "xqa":  # its dense page table and sequence lengths
             self.graph_decode_bufs += (torch.zeros(max_bs, self.max_pages, **i32), torch.zeros(max_bs, **i32))
         # One FlashInfer int workspace (8 MB on the device, 8 MB pinned on the host) per level slot, shared by every
-        # graph's wrappers of that slot instead of one a wrapper (~300 wrappers with cascade: ~2.5 GB each side).
+        # graph's wrappers of that slot instead of one a wrapper (W2/W3's engine of 1,024 rows: ~630 wrappers,
+        # 5.3 GB each side; 2,896 more KV pages on one H200, session 20).
         # One graph replays a step and ModelRunner._plan_fence orders a step's plan after the last one's copies,
         # so wrappers of one slot never hold plans at once; a graph's own levels have slots of their own.
         slots = [-1] + (list(range(self.cascade_levels - 1)) if with_cascade else [])

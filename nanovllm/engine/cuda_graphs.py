@@ -30,8 +30,8 @@ class DecodeGraphs:
         self.replays = 0  # decode steps run from a graph (benchmarks and tests read it)
         # Every size's attention wrappers now, before the KV cache is sized (their buffers must count as
         # used). Their FlashInfer int workspaces are shared, one a level slot (flashinfer_backend.prepare_graphs):
-        # one a wrapper, 8 MB each on the device and pinned on the host, was ~2.1 GB at 24 sizes with cascade and
-        # ~1.3 GB more with fa3's ragged variant (W3, 1,024 rows, one H200: 721 fewer KV pages, session 19).
+        # one a wrapper, 8 MB each on the device and pinned on the host, was 5.3 GB in W2/W3's engine of 1,024
+        # rows (~630 wrappers; 2,896 more KV pages without them on one H200, session 20).
         for bs in self.sizes:
             backend.graph_wrappers(bs)
         self.vars = dict(
