@@ -13,12 +13,15 @@ everything else. No profiler (cProfile doubles this code's time).
 Measured on the 2-core CPU machine (session 7, trained tiny model, batch 1024, 64 groups of 256 shared
 tokens): host 8.5 ms a step without cascade (output processing 2.9, step build 2.1, launch bookkeeping 1.2,
 scheduler postprocess 0.9, schedule 0.5, runner prepare 0.2), 9.7 ms with cascade (its plan 1.7 ms inside
-a 2.9 ms build). claude_docs/performance.md has the table.
+a 2.9 ms build). Session 20 (same machine, cascade on): 6.9 ms on the mean, ~4.3 at the median step (the mean carries
+one pause of the cyclic collector, which this script's requests are not frozen from as LLM.generate's are, and the
+last step, where all finish). claude_docs/performance.md has the tables.
 """
 import argparse
 import collections
 import os
 import random
+import statistics
 import time
 
 from nanovllm import LLM, SamplingParams
@@ -50,7 +53,7 @@ def main():
     while any(s.num_completion_tokens == 0 for s in engine.seqs.values()):
         engine.step()   # prefill
 
-    spent = collections.defaultdict(float)
+    spent = collections.defaultdict(list)   # label -> seconds of each call
 
     def timed(obj, name: str, label: str):
         inner = getattr(obj, name)
@@ -60,7 +63,7 @@ def main():
             try:
                 return inner(*a, **k)
             finally:
-                spent[label] += time.perf_counter() - t
+                spent[label].append(time.perf_counter() - t)
         setattr(obj, name, wrapper)
 
     runner = engine.model_runner
@@ -79,11 +82,14 @@ def main():
         engine.step()
         steps += 1
     wall = time.perf_counter() - start
-    model = spent["model forward"] + spent["model sampler"]
+    model = sum(spent["model forward"]) + sum(spent["model sampler"])
     print(f"batch {args.batch}, {args.groups} groups of {args.shared} shared tokens, cascade "
-          f"{'on' if args.cascade else 'off'}: {steps} decode steps, host {1e3 * (wall - model) / steps:.2f} ms a step")
-    for label, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
-        print(f"  {label:28s} {1e3 * seconds / steps:7.2f} ms a step")
+          f"{'on' if args.cascade else 'off'}: {steps} decode steps, host {1e3 * (wall - model) / steps:.2f} ms a step "
+          f"(mean; the median step's phases are the steady state: the mean adds the collector's pauses and the last "
+          f"step, where every request finishes)")
+    print(f"  {'phase':28s} {'mean':>7s} {'median':>7s} ms a step")
+    for label, calls in sorted(spent.items(), key=lambda kv: -sum(kv[1])):
+        print(f"  {label:28s} {1e3 * sum(calls) / steps:7.2f} {1e3 * statistics.median(calls):7.2f}")
 
 
 if __name__ == "__main__":
