@@ -13,7 +13,7 @@ everything else. No profiler (cProfile doubles this code's time).
 Measured on the 2-core CPU machine (session 7, trained tiny model, batch 1024, 64 groups of 256 shared
 tokens): host 8.5 ms a step without cascade (output processing 2.9, step build 2.1, launch bookkeeping 1.2,
 scheduler postprocess 0.9, schedule 0.5, runner prepare 0.2), 9.7 ms with cascade (its plan 1.7 ms inside
-a 2.9 ms build). Session 20 (same machine, cascade on): 6.9 ms on the mean, ~4.3 at the median step (the mean carries
+a 2.9 ms build). Session 20 (same machine, cascade on): 6.9 ms on the mean, the phases' medians adding to ~4.3 (the mean carries
 one pause of the cyclic collector, which this script's requests are not frozen from as LLM.generate's are, and the
 last step, where all finish). claude_docs/performance.md has the tables.
 """

@@ -269,67 +269,84 @@ def test_cascade_graph_mode_matches_eager(structure, bs, shared, engine_mode, mo
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="needs a Hopper GPU (FA3)")
-def test_graphs_sharing_int_workspaces_replay_in_any_order():
+def test_graphs_sharing_int_workspaces_replay_in_any_order(monkeypatch):
     """The backend's graphed wrappers share one FlashInfer int workspace a level slot (flashinfer_backend.
-    prepare_graphs): each wrapper points at its slot's device and pinned buffers, no two levels of one graph
-    share a slot, the wrappers of two sizes add far less than the 8 MB each held before; and graphs of several
-    kernels and sizes captured on them, then planned and replayed in turn (each plan overwriting the slot's
-    last one), each give their own step's attention."""
+    prepare_graphs): every FlashInfer object of a graph (found by its type, not by the slot labels) points at a
+    slot's device and pinned buffers, no two of one graph at the same ones, and the wrappers of two sizes add far
+    less than the 8 MB each held before; graphs of several kernels, level counts and sizes captured on them, then
+    planned and replayed in turn as the engine does (the next plan after the last one's copies, no wait for the
+    replay), each give their own step's attention."""
+    import nanovllm.attention.flashinfer_backend as fb
     from nanovllm.cascade.ragged_level import shared_levels_are_runs
+    monkeypatch.setattr(fb, "RAGGED_DECODE", True)
+    monkeypatch.setattr(fb, "TRITON_SMALL_ROWS", 16)   # 64-row regular decode on FlashInfer's wrapper
     backend = make_backend()
     backend.prepare_graphs(128, 8192, with_cascade=True)
     before = torch.cuda.memory_allocated()
     for bs in (64, 128):
         backend.graph_wrappers(bs)
     grown = torch.cuda.memory_allocated() - before
-    ints, wrappers = backend.graph_int_workspaces, 0
+    slot_ptrs = {ints[0].data_ptr(): ints[1] for ints in backend.graph_int_workspaces.values()}
+
+    def flashinfer_objects(att):
+        found = [getattr(w, "wrapper", w) for w in att.wrappers + [att.decode_last]]
+        return [w for w in found if type(w).__module__.startswith("flashinfer")]
+
+    wrappers = 0
     for bs in (64, 128):
         decode, cascade = backend.graph[bs]
-        pairs = [(-1, decode)] + [pair for att in cascade.values() for pair in att.flashinfer_wrappers()]
-        for att in cascade.values():
-            slots = [slot for slot, _ in att.flashinfer_wrappers()]
-            assert len(slots) == len(set(slots))
-        for slot, w in pairs:
-            assert w._int_workspace_buffer.data_ptr() == ints[slot][0].data_ptr()
-            assert w._pin_memory_int_workspace_buffer is ints[slot][1]
-            wrappers += 1
-    assert ("fa3-ragged" in backend.graph_shared_backends(128) and wrappers >= 20
-            and grown < wrappers * (8 << 20) // 4), (wrappers, grown)
+        for group in [[decode]] + [flashinfer_objects(att) for att in cascade.values()]:
+            ptrs = [w._int_workspace_buffer.data_ptr() for w in group]
+            assert len(set(ptrs)) == len(ptrs) and all(slot_ptrs.get(p) is w._pin_memory_int_workspace_buffer
+                                                       for p, w in zip(ptrs, group))
+            wrappers += len(group)
+    assert "fa3-ragged" in backend.graph_shared_backends(128) and wrappers >= 30, wrappers
+    assert grown < wrappers * (1 << 20), (wrappers, grown)   # 8 MB a wrapper before
 
     kc, vc = random_cache(8192, seed=5)
-    _, _, plan = cascade_case([(96, 4, None), (20, 2, None)], True, seed=4)
-    _, _, other = cascade_case([(64, 6, None), (50, 3, None)], True, seed=7)   # captured with: another layout
-    assert shared_levels_are_runs(plan, PAGE) and len(plan.levels) == 2
     q = torch.randn(128, HQ, D, device="cuda").to(DT)
-    n = plan.num_rows
-    expected_cascade = cascade_attention(q[:n], kc, vc, plan, D ** -0.5)
+    two, other_two = (cascade_case(s, True, seed=n)[2] for s, n in
+                      (([(96, 4, None), (20, 2, None)], 4), ([(64, 6, None), (50, 3, None)], 7)))
+    three, other_three = (cascade_case(s, True, seed=n)[2] for s, n in
+                          (([(96, 4, [(48, 2), (48, 1)]), (20, 2, None)], 8),
+                           ([(64, 6, [(32, 2), (32, 1)]), (50, 3, None)], 9)))
+    assert shared_levels_are_runs(two, PAGE) and len(two.levels) == 2 and len(three.levels) == 3
     batch, _ = layout([5, 17, 300, 1024, 64], [1] * 5)
-    expected_decode = torch_reference(q[:5], kc, vc, batch)
     slots = torch.full((64,), -1, dtype=torch.long, device="cuda")
     k = torch.zeros(64, HKV, D, device="cuda", dtype=DT)
 
-    def cascade_step(shared):
-        att = backend.graph[128][1][2, shared]
-        return lambda p: att.plan(p), lambda: att.run(q, (kc, vc))
+    def cascade_step(levels, shared, plan, captured):
+        att = backend.graph[128][1][levels, shared]
+        n = plan.num_rows
+        return (plan, captured, att.plan, lambda: att.run(q, (kc, vc)), n,
+                cascade_attention(q[:n], kc, vc, plan, D ** -0.5))
 
-    steps = {shared: cascade_step(shared) for shared in ("fa3", "fa3-ragged", "triton")}
-    steps["decode"] = (lambda b: backend.plan_graph(b, 64, slots), lambda: backend.forward(q[:64], k, k, kc, vc))
+    steps = {"fa3": cascade_step(2, "fa3", two, other_two), "fa3-ragged": cascade_step(2, "fa3-ragged", two, other_two),
+             "triton": cascade_step(2, "triton", two, other_two), "fa3 x3": cascade_step(3, "fa3", three, other_three),
+             "decode": (batch, batch, lambda b: backend.plan_graph(b, 64, slots),
+                        lambda: backend.forward(q[:64], k, k, kc, vc), 5, torch_reference(q[:5], kc, vc, batch))}
     graphs, outs = {}, {}
-    for name, (plan_step, run) in steps.items():
-        plan_step(batch if name == "decode" else other)
+    for name, (_, captured, plan_step, run, _, _) in steps.items():
+        plan_step(captured)
         outs[name] = run().clone()
         graphs[name] = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graphs[name]):
             outs[name].copy_(run())
-    for name in ["fa3", "decode", "fa3-ragged", "triton", "fa3", "decode", "fa3-ragged"]:
-        outs[name].zero_()
-        steps[name][0](batch if name == "decode" else plan)
+    torch.cuda.synchronize()
+    copied, results = None, []
+    for name in ["fa3", "decode", "fa3 x3", "fa3-ragged", "triton", "fa3", "decode", "fa3-ragged", "fa3 x3"]:
+        plan, _, plan_step, _, n, expected = steps[name]
+        if copied is not None:
+            copied.synchronize()   # ModelRunner._plan_fence
+        plan_step(plan)
+        copied = torch.cuda.Event()
+        copied.record()
         graphs[name].replay()
-        torch.cuda.synchronize()
-        if name == "decode":
-            bf16_close(outs[name][:5], expected_decode)
-        else:
-            bf16_close(outs[name][:n], expected_cascade)
+        results.append((name, outs[name][:n].clone(), expected))   # queued behind the replay
+    torch.cuda.synchronize()
+    for name, got, expected in results:
+        assert not torch.isnan(got).any(), name
+        bf16_close(got, expected)
 
 
 # ---- end to end ---------------------------------------------------------------------------------

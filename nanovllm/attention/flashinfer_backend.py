@@ -2,8 +2,8 @@
 FlashInferCascadeAttention when the step runs cascade attention.
 
 plan() runs once per step (FlashInfer's planning is host work and must stay outside CUDA-graph
-capture); every layer's forward() then reuses it. FlashInfer stages the index arrays in its own
-pinned host buffer (see ModelRunner._plan_fence).
+capture); every layer's forward() then reuses it. FlashInfer stages the index arrays in a pinned host
+buffer (its own, or for graphed wrappers one shared a level slot; see ModelRunner._plan_fence).
 CUDA-graph decode uses one set of wrappers per captured batch size, built by graph_wrappers(bs),
 whose index arrays live in fixed device buffers; plan_graph() pads a batch up to that size.
 
@@ -71,6 +71,8 @@ def share_int_workspace(wrapper, device_ints: torch.Tensor, host_ints: torch.Ten
     """Point a FlashInfer wrapper at a shared int workspace and its pinned host staging buffer (its own two
     8 MB buffers are freed). reset_workspace_buffer is FlashInfer's API for the device buffer; it pins a fresh
     host buffer of its own, which the one assignment of a private attribute replaces."""
+    # Before any plan or capture: a captured graph reads the buffer it was captured with.
+    assert getattr(wrapper, "_plan_info", None) is None, "share a wrapper's int workspace before it plans"
     wrapper.reset_workspace_buffer(wrapper._float_workspace_buffer, device_ints)
     wrapper._pin_memory_int_workspace_buffer = host_ints
 

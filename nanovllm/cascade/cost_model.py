@@ -433,8 +433,10 @@ def cascade_features(s: CostSample) -> list:
 # The terms each shared-level kernel's line fits (session 18): the Triton tiles' splits (the merge walks
 # them), the 32-row tile's first reads of pages its sibling tiles re-read from L2 (distinct tokens); fa3 runs
 # no split, fa3-split's pieces cost through the merged rows. Session 19: fa3 and fa3-split fit distinct tokens
-# too (a document's pages come from HBM once, its 16 q heads' works re-read them from L2). Then one own-token and
-# one merged-row term for every kernel. A kernel not named here fits fixed and tile terms.
+# too (a document's pages come from HBM once, its 16 q heads' works re-read them from L2); session 20: fa3-split
+# takes fa3's tile and distinct-token coefficients and fits its fixed term only (SAME_KERNEL; its own terms here
+# serve where no fa3 samples are fitted). Then one own-token and one merged-row term for every kernel. A kernel
+# not named here fits fixed and tile terms.
 KERNEL_TERMS = {"triton": ("fixed", "tile", "split"), "triton-wide": ("fixed", "tile", "shared", "split"),
                 "fa3": ("fixed", "tile", "shared"), "fa3-split": ("fixed", "tile", "shared")}
 CASCADE_TERMS = ("fixed", "tile", "shared", "split")   # LevelCosts' per-kernel fields, in order
@@ -484,7 +486,8 @@ def fit_cost_model(samples: list[CostSample], min_samples: int = 4, regular_term
 def relative_least_squares(features: list[list[float]], measured: list[float]) -> list[float]:
     """Coefficients >= 0 (a negative cost is noise) minimising the sum of squared relative errors.
     Exact: the constrained optimum is the unconstrained least squares over the columns it leaves
-    nonzero, so every subset of columns is solved (2**15 for four kernels' cascade lines since session 19: ~1 s)
+    nonzero, so every subset of columns is solved (2**15 for four kernels' cascade lines in session 19, 2**13 since
+    session 20's SAME_KERNEL: < 1 s)
     and the best nonnegative solution kept. Clipping the free solution at 0 instead leaves the other coefficients
     fitted to a
     term that is gone (a clipped fixed cost had the per-token cost 0.56 where 0.40 fits:

@@ -109,8 +109,8 @@ class FlashInferCascadeAttention:
                 for i, (b, be, ws) in enumerate(zip(self.buffers, backends, workspaces))]
             if decode_last_level:
                 # Graphs with the decode kernel are decode-only (plan() asserts it): the causal prefill
-                # wrapper of the last level never runs, and each FlashInfer wrapper holds an 8 MB int
-                # workspace on the device (one per captured size x level count x shared kernel).
+                # wrapper of the last level never runs (none is kept: one per captured size x level count x
+                # shared kernel, each with its buffers).
                 self.wrappers[-1] = None
         else:
             if ragged_shared:

@@ -289,7 +289,9 @@ class ModelRunner:
     def _plan_fence(self):
         """FlashInfer's plan() stages its arrays in a pinned buffer it reuses, copied to the device
         without blocking: before planning again, wait until the device has taken the last copy
-        (early in the previous step, so this rarely waits)."""
+        (early in the previous step, so this rarely waits). It is also what lets the graphed wrappers
+        share one int workspace and pinned buffer a level slot (flashinfer_backend.prepare_graphs):
+        a step's plan never overwrites what the last step's copies have not yet taken."""
         if self.plan_copied is not None:
             self.plan_copied.synchronize()
 
