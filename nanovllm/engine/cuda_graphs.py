@@ -28,6 +28,7 @@ class DecodeGraphs:
         self.sizes = graph_batch_sizes(max_bs)
         self.graphs: dict = {}
         self.replays = 0  # decode steps run from a graph (benchmarks and tests read it)
+        self.loaded = None  # the key of the graph whose step load() planned last
         # Every size's attention wrappers now, before the KV cache is sized (their buffers must count as
         # used). Their FlashInfer int workspaces are shared, one a level slot (flashinfer_backend.prepare_graphs):
         # one a wrapper, 8 MB each on the device and pinned on the host, was 5.3 GB in W2/W3's engine of 1,024
@@ -61,9 +62,13 @@ class DecodeGraphs:
         slots[n:].fill_(-1)  # padded rows write nothing; their stale ids and positions are harmless
         slots[:n].copy_(batch.slot_mapping)
         self.backend.plan_graph(batch, bs, slots, key[1:])
+        self.loaded = key
 
     def replay(self, key, n: int) -> torch.Tensor:
-        """Hidden states of the step's n rows (the graph's output buffer, valid until the next replay)."""
+        """Hidden states of the step's n rows (the graph's output buffer, valid until the next replay). Only the
+        graph last loaded: its wrappers share int workspaces with other graphs' (flashinfer_backend.prepare_graphs),
+        so another graph's plan in between would leave it reading that plan."""
+        assert key == self.loaded, f"replaying graph {key}, planned {self.loaded}"
         self.graphs[key].replay()
         self.replays += 1
         return self.vars["hidden"][:n]
