@@ -85,7 +85,7 @@ def main():
     model = sum(spent["model forward"]) + sum(spent["model sampler"])
     print(f"batch {args.batch}, {args.groups} groups of {args.shared} shared tokens, cascade "
           f"{'on' if args.cascade else 'off'}: {steps} decode steps, host {1e3 * (wall - model) / steps:.2f} ms a step "
-          f"(mean; the median step's phases are the steady state: the mean adds the collector's pauses and the last "
+          f"(mean; each phase's median is its steady state: the mean adds the collector's pauses and the last "
           f"step, where every request finishes)")
     print(f"  {'phase':28s} {'mean':>7s} {'median':>7s} ms a step")
     for label, calls in sorted(spent.items(), key=lambda kv: -sum(kv[1])):

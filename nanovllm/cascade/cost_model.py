@@ -487,11 +487,9 @@ def relative_least_squares(features: list[list[float]], measured: list[float]) -
     """Coefficients >= 0 (a negative cost is noise) minimising the sum of squared relative errors.
     Exact: the constrained optimum is the unconstrained least squares over the columns it leaves
     nonzero, so every subset of columns is solved (2**15 for four kernels' cascade lines in session 19, 2**13 since
-    session 20's SAME_KERNEL: < 1 s)
-    and the best nonnegative solution kept. Clipping the free solution at 0 instead leaves the other coefficients
-    fitted to a
-    term that is gone (a clipped fixed cost had the per-token cost 0.56 where 0.40 fits:
-    tests/test_cascade_policy.py)."""
+    session 20's SAME_KERNEL: < 1 s) and the best nonnegative solution kept. Clipping the free solution at 0
+    instead leaves the other coefficients fitted to a term that is gone (a clipped fixed cost had the per-token
+    cost 0.56 where 0.40 fits: tests/test_cascade_policy.py)."""
     a, y = np.array(features, dtype=float), np.array(measured, dtype=float)
     a = a / y[:, None]   # relative: each row divided by its measured time, fitted to 1
     ones = np.ones_like(y)
