@@ -1,5 +1,8 @@
 """Property tests of the block manager: random allocate / compute / append / free sequences."""
+from array import array
+
 import numpy as np
+import xxhash
 from hypothesis import given, settings, strategies as st
 
 from nanovllm.engine.block_manager import BlockManager
@@ -49,7 +52,9 @@ def test_random_operations_keep_invariants(num_blocks, ops):
     live: list[Sequence] = []
     for kind, a, b in ops:
         if kind == "new":
-            seq = Sequence(PREFIXES[a] + b or [5], SP, BS)
+            tokens = PREFIXES[a] + b or [5]
+            # As the engine makes them (prompt bytes from validation: hashed through the prompt index) or not.
+            seq = Sequence(tokens, SP, BS, array("q", tokens).tobytes() if len(b) % 2 else None)
             hits, pending = bm.match(seq)
             assert all(bm.blocks[h].computed for h in hits)
             assert all(bm.blocks[h].token_key == key_of(seq, i) for i, h in enumerate(hits))
@@ -130,3 +135,74 @@ def test_page_hashes_from_validated_prompt_bytes_equal_hashes_from_token_ids():
     assert bm._hashes(with_bytes, 2) == bm._hashes(plain, 2)
     assert bm._hashes(with_bytes, n) == bm._hashes(plain, n)
     assert with_bytes.block_keys == plain.block_keys
+
+
+def chained_hashes(tokens: list[int], n: int, page: int = BS) -> list[int]:
+    """The first n pages' chained xxh64 hashes, computed independently of the block manager."""
+    out, h = [], 0
+    for i in range(n):
+        h = xxhash.xxh64_intdigest(np.asarray(tokens[i * page:(i + 1) * page], dtype=np.int64).tobytes(), h)
+        out.append(h)
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 40), st.integers(1, 12), st.booleans()), min_size=1,
+                max_size=30),
+       st.integers(1, 6))
+def test_prompts_taking_hashes_from_alike_prompts_hash_as_if_alone(requests, recent):
+    """Prompts that share prefixes of any length (trees of them: a family's common start, then its own
+    branches) take their shared pages' hashes from the prompt index; every hash and key equals the chain
+    computed alone, whatever the order, the index's size or a first call for one page only."""
+    import nanovllm.engine.block_manager as block_manager
+    rng = np.random.default_rng(len(requests) * 7 + recent)
+    trunks = [list(rng.integers(0, 50, 40)) for _ in range(4)]
+    bm = BlockManager(256, BS)
+    old, block_manager.RECENT_PROMPTS = block_manager.RECENT_PROMPTS, recent
+    try:
+        for family, shared, own, first_page_first in requests:
+            tokens = [int(t) for t in trunks[family][:shared]] + [int(t) for t in rng.integers(0, 3, own)]
+            seq = Sequence(tokens, SP, BS, array("q", tokens).tobytes())
+            if first_page_first and len(tokens) > BS:
+                bm.first_page_hash(seq)
+            n = (len(tokens) - 1) // BS
+            assert bm.prefix_hashes(seq) == chained_hashes(tokens, n)
+            assert seq.block_keys == [key_of(seq, i) for i in range(n)]
+            assert len(bm.prompt_index) <= recent
+    finally:
+        block_manager.RECENT_PROMPTS = old
+
+
+def test_a_shared_system_prompt_is_hashed_once(monkeypatch):
+    """W3's shape in small: 64 requests share a 2,048-token system prompt and add 40 tokens each; the
+    shared pages are hashed for the first request only (the others take them from the prompt index)."""
+    rng = np.random.default_rng(0)
+    system = [int(t) for t in rng.integers(0, 1000, 2048)]
+    prompts = [system + [int(t) for t in rng.integers(0, 1000, 40)] for _ in range(64)]
+    pages = (2048 + 40 - 1) // 16   # hashed pages a request: all full ones but the last token's
+    expected = [chained_hashes(tokens, pages, 16) for tokens in prompts]
+    digests = []
+    real = xxhash.xxh64_intdigest
+    monkeypatch.setattr(xxhash, "xxh64_intdigest", lambda data, seed: digests.append(1) or real(data, seed))
+    bm = BlockManager(4096, 16)
+    for tokens, hashes in zip(prompts, expected):
+        seq = Sequence(tokens, SP, 16, array("q", tokens).tobytes())
+        assert bm.prefix_hashes(seq) == hashes
+    # The system prompt's 128 pages once, then each request's own pages and one page looked up at the start.
+    assert len(digests) <= 128 + 64 * (pages - 128) + 64
+
+
+def test_a_hash_collision_in_the_prompt_index_takes_nothing_from_the_other_prompt(monkeypatch):
+    """With a digest of 3 values, pages of different prompts collide all the time: a prompt must then hash
+    its own pages, never take another's (which would carry that prompt's chain)."""
+    import zlib
+    weak = lambda data, seed: (seed * 7 + zlib.crc32(data)) % 3   # noqa: E731
+    monkeypatch.setattr(xxhash, "xxh64_intdigest", weak)
+    rng = np.random.default_rng(1)
+    trunk = [int(t) for t in rng.integers(0, 9, 64)]
+    bm = BlockManager(256, BS)
+    for _ in range(40):
+        tokens = [int(t) for t in rng.integers(0, 9, int(rng.integers(0, 12)))] + trunk[:int(rng.integers(8, 64))]
+        seq = Sequence(tokens, SP, BS, array("q", tokens).tobytes())
+        assert bm.prefix_hashes(seq) == chained_hashes(tokens, (len(tokens) - 1) // BS)
+        assert seq.block_keys == [key_of(seq, i) for i in range(len(seq.block_hashes))]
