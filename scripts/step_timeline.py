@@ -11,7 +11,8 @@ and records every step's wall time (with
 overlapped steps a step() call returns once the previous step's tokens are in, so its wall time is
 the device time of that step when the device is the bottleneck). Prints time before the first step
 (validation, queueing), prefill and decode time by batch-size bucket, and time after the last step
-(detokenization, building outputs). Prefill steps are bucketed by their tokens, decode steps by rows;
+(detokenization, building outputs). `--kernels-at N` adds the kernels of 20 decode steps from
+the N-th on, against their wall time (KernelWindow). Prefill steps are bucketed by their tokens, decode steps by rows;
 "host waits" is the time the host spent waiting for the device in that step: in `collect` and in the
 runner's plan fence (a step's plan copy queues behind whatever its forward waits for, e.g. host-tier
 copies). W6 at 1.7B's small prefill steps (claude_docs/memory.md, session 11) waited in neither. With the
@@ -53,6 +54,9 @@ def main():
     p.add_argument("--host-kv-cache-gb", type=float, help="the host KV tier (bench.py's option)")
     p.add_argument("--schedule-policy", choices=["fcfs", "lpm", "dfs-weight", "random"])
     p.add_argument("--num-gpu-blocks", type=int, help="cap the GPU KV cache at this many pages")
+    p.add_argument("--kernels-at", type=int, default=0, metavar="N",
+                   help="also profile the device's kernels (torch.profiler) over decode steps N .. N + 19 of the "
+                        "run itself: kernel time by category against those steps' wall time")
     p.add_argument("--gc", default="engine", choices=["engine", "freeze", "off"],
                    help="Python's garbage collector during the run: as the engine leaves it, frozen after the "
                         "requests are queued (gc.freeze), or off")
@@ -110,6 +114,7 @@ def main():
     if prof:
         prof.enable()
     steps = []  # (phase, batch size, seconds, host wait for the device)
+    window = KernelWindow(args.kernels_at, llm.stats["decode_steps"]) if args.kernels_at else None
     queue_s = tail_s = detok_s = 0.0
     all_seqs, texts = [], []
     start = time.perf_counter()
@@ -127,6 +132,8 @@ def main():
         while not all(s.is_finished for s in seqs):
             collected = llm.in_flight  # step() launches the next step, then waits for this one
             n_waits = len(waited)
+            if window is not None:
+                window.before_step(llm.stats["decode_steps"])
             llm.step()
             now = time.perf_counter()
             if collected is not None:
@@ -172,7 +179,52 @@ def main():
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.cprofile)
         print(out.getvalue())
+    if window is not None:
+        window.report()
     llm.close()
+
+
+class KernelWindow:
+    """Kernel time by category (profile_step.py's categories) over WINDOW decode steps of the run, from the
+    launch of step `first` to the launch of step `first` + WINDOW (with overlapped steps, the device's work of
+    the steps in between), against that span's wall time: whether a benchmark's own steps leave the device
+    idle, which profile_step.py's synthetic steps cannot say."""
+    WINDOW = 20
+
+    def __init__(self, first: int, before: int):
+        """first: the run's decode step to start at; before: the engine's decode steps before the run (warm-up)."""
+        self.first, self.before, self.prof, self.wall = first, before, None, 0.0
+
+    def before_step(self, decode_steps: int):
+        import torch
+        decode_steps -= self.before
+        if self.prof is None and decode_steps >= self.first and not self.wall:
+            cuda = torch.profiler.ProfilerActivity.CUDA   # the CPU build has no CUDA activity (tests)
+            self.prof = torch.profiler.profile(activities=[cuda if torch.cuda.is_available()
+                                                           else torch.profiler.ProfilerActivity.CPU])
+            self.prof.__enter__()
+            self.start, self.at = time.perf_counter(), decode_steps
+        elif self.prof is not None and decode_steps >= self.at + self.WINDOW:
+            self.wall = time.perf_counter() - self.start
+            self.prof.__exit__(None, None, None)
+            self.events, self.prof = self.prof.key_averages(), None
+
+    def report(self):
+        import torch
+        from profile_step import category
+        if not self.wall:
+            print(f"\nkernels: the run had fewer than {self.first + self.WINDOW} decode steps")
+            return
+        times = defaultdict(float)
+        for ev in self.events:
+            if ev.device_type == torch.autograd.DeviceType.CUDA:
+                times[category(ev.key)] += ev.self_device_time_total / 1000 / self.WINDOW
+        wall = 1000 * self.wall / self.WINDOW
+        print(f"\nKernels of decode steps {self.at}-{self.at + self.WINDOW - 1} (launch to launch), ms a step:")
+        print("| part | ms a step |\n|---|---|")
+        for cat, ms in sorted(times.items(), key=lambda kv: -kv[1]):
+            print(f"| {cat} | {ms:.3f} |")
+        print(f"| GPU busy (sum; two streams may overlap) | {sum(times.values()):.3f} |\n| wall | {wall:.3f} |")
 
 
 if __name__ == "__main__":

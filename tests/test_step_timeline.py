@@ -35,3 +35,27 @@ def test_step_timeline_runs_every_round(tmp_path, monkeypatch, capsys):
     assert "| prefill, tokens <= " in out and "| decode, batch <=" in out
     device = out.split("Host tier on, device time a step")[1]   # the tier's step timers, read back
     assert "| decode | " in device and "| prefill, tokens <= 1024 | " in device
+
+
+def test_kernel_window_times_twenty_decode_steps_of_the_run(tmp_path, monkeypatch, capsys):
+    """`--kernels-at N`: the profiler window opens at the N-th decode step and closes 20 steps on; on the CPU
+    there are no kernels, the window's wall time is still reported."""
+    import step_timeline
+
+    import nanovllm.benchmark as benchmark
+    model = make_model("qwen3-tiny", str(tmp_path / "model"), seed=0)
+
+    def tiny(top):   # 4 requests of 30 greedy tokens: 29 decode steps
+        rng = random.Random(0)
+        return ([[rng.randint(0, top) for _ in range(12)] for _ in range(4)],
+                [SamplingParams(temperature=0, ignore_eos=True, max_tokens=30)] * 4)
+    monkeypatch.setitem(benchmark.WORKLOADS, "w2", (tiny, dict(max_model_len=128)))
+    monkeypatch.setattr(sys, "argv", ["step_timeline.py", "--model", model, "--workload", "w2", "--kernels-at", "3"])
+    step_timeline.main()
+    out = capsys.readouterr().out
+    assert "Kernels of decode steps 3-22 (launch to launch)" in out
+    wall = float(out.split("| wall | ")[1].split(" |")[0])
+    assert wall > 0
+    monkeypatch.setattr(sys, "argv", ["step_timeline.py", "--model", model, "--workload", "w2", "--kernels-at", "20"])
+    step_timeline.main()
+    assert "the run had fewer than 40 decode steps" in capsys.readouterr().out
