@@ -43,7 +43,7 @@ class CascadePolicy:
         if len(seqs) < self.min_group_size:
             self._decode_key = self._decode_plan = None  # the next batch is planned in full
             return None
-        decode = all(s.chunk_len == 1 and s.num_computed_tokens + 1 == len(s) for s in seqs)
+        decode = all(s.chunk_len == 1 and s.num_computed_tokens + 1 == len(s.token_ids) for s in seqs)
         key = tuple(s.seq_id for s in seqs) if decode else None
         if key is not None and key == self._decode_key:
             plan = self._decode_plan and self._refresh_last_level(self._decode_plan, seqs)
@@ -76,7 +76,8 @@ class CascadePolicy:
         """The cached shared levels with a per-request level rebuilt from the current pages."""
         page = self.page_size
         ordered = [seqs[i] for i in plan.order.tolist()]
-        kv_lens = np.fromiter((len(s) for s in ordered), dtype=np.int64, count=len(ordered))  # incl. this token
+        # incl. this token (len(s.token_ids), not len(s): this runs for every row of every decode step)
+        kv_lens = np.fromiter((len(s.token_ids) for s in ordered), dtype=np.int64, count=len(ordered))
         num_pages = (kv_lens + page - 1) // page
         rest = num_pages - self._shared_pages
         kv_indptr = np.zeros(len(ordered) + 1, np.int64)

@@ -733,8 +733,10 @@ class BlockManager:
         launched and again when its tokens are collected: a page whose last token is still a
         placeholder (sampled by a step in flight) waits, since its hash must cover real tokens."""
         bs = self.block_size
-        real = min(seq.num_computed_tokens, len(seq) - seq.num_pending)
-        for i in range(seq.num_marked_blocks, real // bs):
+        full = min(seq.num_computed_tokens, len(seq.token_ids) - seq.num_pending) // bs
+        if full <= seq.num_marked_blocks:
+            return   # no page newly full: most decode steps (called twice a row a step)
+        for i in range(seq.num_marked_blocks, full):
             block = self.blocks[seq.block_table[i]]
             seq.num_marked_blocks = i + 1
             if block.computed:  # a page computed by another request

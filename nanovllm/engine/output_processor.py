@@ -58,7 +58,7 @@ class OutputProcessor:
         """A step was handed to the runner(s) (after Scheduler.launched added its placeholders): a
         sequence whose token in flight ends it by length is scheduled no more."""
         for seq, sampled in zip(seqs, samples):
-            if sampled and self._reaches_length(seq, len(seq)):
+            if sampled and self._reaches_length(seq, len(seq.token_ids)):
                 seq.last_launched = True
 
     def process(self, advanced: list[Sequence]) -> list[StepOutput]:
@@ -66,7 +66,7 @@ class OutputProcessor:
         the stop rules, finish the sequences that end, and hand out the new text."""
         outputs = []
         for seq in advanced:
-            num_tokens = len(seq) - seq.num_pending  # this step's token is the last collected one
+            num_tokens = len(seq.token_ids) - seq.num_pending  # this step's token is the last collected one
             token = seq.token_ids[num_tokens - 1]
             sp = seq.sampling_params
             generated = num_tokens - seq.num_prompt_tokens

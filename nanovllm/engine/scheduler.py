@@ -186,12 +186,13 @@ class Scheduler:
         end does not)."""
         samples = []
         self.block_manager.launched()
+        mark_computed = self.block_manager.mark_computed   # bound: these loops run for every row of every step
         for seq in seqs:
             seq.num_computed_tokens += seq.chunk_len
-            self.block_manager.mark_computed(seq)  # a prompt's pages: cache hits from the next step on
-            sampled = seq.num_computed_tokens == len(seq)
+            mark_computed(seq)  # a prompt's pages: cache hits from the next step on
+            sampled = seq.num_computed_tokens == len(seq.token_ids)
             if sampled:
-                seq.append_token(PLACEHOLDER)
+                seq.token_ids.append(PLACEHOLDER)
                 seq.num_pending += 1
             samples.append(sampled)
         return samples
@@ -201,12 +202,13 @@ class Scheduler:
         output processor then applies the stop rules to them). The oldest placeholder is this step's:
         later steps' come after it."""
         advanced = []
+        mark_computed = self.block_manager.mark_computed
         for seq, token_id, sampled in zip(seqs, token_ids, samples):
-            if not sampled or seq.is_finished:
+            if not sampled or seq.status is SequenceStatus.FINISHED:
                 continue  # a prompt chunk short of the end, or ended while this step ran
-            seq.token_ids[len(seq) - seq.num_pending] = token_id
+            seq.token_ids[len(seq.token_ids) - seq.num_pending] = token_id
             seq.num_pending -= 1
-            self.block_manager.mark_computed(seq)  # a page whose last token was this one
+            mark_computed(seq)  # a page whose last token was this one
             advanced.append(seq)
         return advanced
 
