@@ -2,7 +2,9 @@
 
 A full page is identified by a chained hash, xxh64 of its token ids seeded with the previous page's
 hash, so equal hashes mean equal prefixes. Hits are confirmed by comparing the page's token ids (as
-bytes: a memcmp, since matching 8k-token prompts touches hundreds of pages per request). A page is registered under
+bytes: a memcmp, since matching 8k-token prompts touches hundreds of pages per request). Prompts that
+start alike take the shared pages' hashes from a recent prompt instead of hashing them (`_hash_prompt`:
+W3's 1,024 prompts hash their 8,192-token system prompt once). A page is registered under
 its hash as soon as it is allocated for a prompt, but it only counts as a hit once its K/V are
 computed: a request that would hit a page still being computed waits a step (see `match`), so that
 requests arriving together with the same system prompt compute it once, not once each.
