@@ -18,8 +18,9 @@ runner's plan fence (a step's plan copy queues behind whatever its forward waits
 copies). W6 at 1.7B's small prefill steps (claude_docs/memory.md, session 11) waited in neither. With the
 host tier on it also prints each bucket's device times from the tier's step timers: the forward on the
 compute stream and its wait there for copies (where those steps' time goes on the device).
-It also prints the time Python's garbage collector took by generation; `--gc freeze|off` sets the collector
-for the run itself (the requests are queued through make_sequence, not generate, which freezes them itself).
+It also prints the time Python's garbage collector took by generation; `--gc off` turns the collector off for
+the run (the requests are queued as LLM.generate queues them, frozen as they are: QUEUE_AHEAD before the first
+step, the rest between steps, whose time the steps' wall times include and the table shows apart).
 """
 import argparse
 import cProfile
@@ -58,8 +59,8 @@ def main():
                    help="also profile the device's kernels (torch.profiler) over decode steps N .. N + 19 of the "
                         "run itself: kernel time by category against those steps' wall time")
     p.add_argument("--gc", default="engine", choices=["engine", "freeze", "off"],
-                   help="Python's garbage collector during the run: as the engine leaves it, frozen after the "
-                        "requests are queued (gc.freeze), or off")
+                   help="Python's garbage collector during the run: as generate leaves it (the requests frozen "
+                        "as they are queued; 'freeze' is the same since generate queues in pieces), or off")
     args = p.parse_args()
     make, cfg = WORKLOADS[args.workload]
     cfg = dict(cfg)
@@ -115,27 +116,27 @@ def main():
         prof.enable()
     steps = []  # (phase, batch size, seconds, host wait for the device)
     window = KernelWindow(args.kernels_at, llm.stats["decode_steps"]) if args.kernels_at else None
-    queue_s = tail_s = detok_s = 0.0
+    queue_s = between_s = tail_s = detok_s = 0.0
     all_seqs, texts = [], []
     start = time.perf_counter()
     for prompts, params in rounds:
+        requests, seqs = list(zip(prompts, params)), []
         t0 = time.perf_counter()
-        seqs = [llm.make_sequence(pr, sp) for pr, sp in zip(prompts, params)]
-        for s in seqs:
-            llm.add_sequence(s)
-        if args.gc == "freeze":
-            gc.freeze()
-        elif args.gc == "off":
+        llm._queue(requests, seqs)   # as generate queues them (nanovllm/llm.py)
+        if args.gc == "off":
             gc.disable()
         last = t1 = time.perf_counter()
         queue_s += t1 - t0
-        while not all(s.is_finished for s in seqs):
+        while len(seqs) < len(requests) or not all(s.is_finished for s in seqs):
             collected = llm.in_flight  # step() launches the next step, then waits for this one
             n_waits = len(waited)
             if window is not None:
                 window.before_step(llm.stats["decode_steps"])
             llm.step()
+            t_queue = time.perf_counter()
+            llm._queue(requests, seqs)   # while the step just launched runs
             now = time.perf_counter()
+            between_s += now - t_queue
             if collected is not None:
                 wait = sum(waited[n_waits:])
                 steps.append(("prefill" if collected.is_prefill else "decode", len(collected.seqs), now - last, wait,
@@ -156,7 +157,7 @@ def main():
     tokens = sum(len(s.completion_token_ids) for s in all_seqs)
     print(f"{args.workload} cascade={args.enable_cascade_attention}: {tokens} tokens in {elapsed:.3f} s = "
           f"{tokens / elapsed:.0f} tok/s; {len(texts)} outputs")
-    print(f"| part | seconds |\n|---|---|\n| validate + queue | {queue_s:.3f} |")
+    print(f"| part | seconds |\n|---|---|\n| validate + queue (before the first step) | {queue_s:.3f} |")
     buckets = defaultdict(lambda: [0, 0.0, 0.0, 0])  # steps, seconds, host waits, tokens
     for phase, n, sec, wait, n_tokens in steps:  # prefill by tokens a step, decode by rows
         key = bucket(phase, n_tokens if phase == "prefill" else n)
@@ -167,6 +168,7 @@ def main():
         print(f"| {label} ({count} steps, {n_tokens / count:.0f} tokens, {1000 * sec / count:.2f} ms each, "
               f"host waits {1000 * wait / count:.2f} ms of it) | {sec:.3f} |")
     print(f"| last collect | {tail_s:.3f} |\n| detokenize | {detok_s:.3f} |")
+    print(f"| (of the steps above: validate + queue between steps, beside the device's step) | {between_s:.3f} |")
     print(f"\nPython's garbage collector during the run (--gc {args.gc}): " + (", ".join(
         f"generation {g}: {n} collections, {sec:.3f} s" for g, (n, sec) in sorted(collections.items())) or "none"))
     if device:   # decode steps by tokens only (the timer does not know rows): one bucket
