@@ -169,6 +169,14 @@ def main():
               f"host waits {1000 * wait / count:.2f} ms of it) | {sec:.3f} |")
     print(f"| last collect | {tail_s:.3f} |\n| detokenize | {detok_s:.3f} |")
     print(f"| (of the steps above: validate + queue between steps, beside the device's step) | {between_s:.3f} |")
+    decode = [(i, sec, wait) for i, (phase, _, sec, wait, _) in enumerate(s for s in steps if s[0] == "decode")]
+    if decode:   # where a decode step's time spreads: steady steps, or a few slow ones (and which)
+        ms = sorted(1000 * sec for _, sec, _ in decode)
+        pick = lambda q: ms[min(len(ms) - 1, int(q * len(ms)))]   # noqa: E731
+        slow = sorted(decode, key=lambda d: -d[1])[:8]
+        print(f"\nDecode steps, wall ms: p10 {pick(0.1):.2f}, median {pick(0.5):.2f}, p90 {pick(0.9):.2f}, max "
+              f"{ms[-1]:.2f}; slowest (decode step: ms, host waits ms): "
+              + ", ".join(f"{i}: {1000 * sec:.1f}, {1000 * wait:.1f}" for i, sec, wait in slow))
     print(f"\nPython's garbage collector during the run (--gc {args.gc}): " + (", ".join(
         f"generation {g}: {n} collections, {sec:.3f} s" for g, (n, sec) in sorted(collections.items())) or "none"))
     if device:   # decode steps by tokens only (the timer does not know rows): one bucket

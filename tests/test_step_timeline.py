@@ -54,6 +54,7 @@ def test_kernel_window_times_twenty_decode_steps_of_the_run(tmp_path, monkeypatc
     step_timeline.main()
     out = capsys.readouterr().out
     assert "Kernels of decode steps 3-22 (launch to launch)" in out
+    assert "Decode steps, wall ms: p10 " in out and "slowest (decode step: ms, host waits ms): " in out
     wall = float(out.split("| wall | ")[1].split(" |")[0])
     assert wall > 0
     monkeypatch.setattr(sys, "argv", ["step_timeline.py", "--model", model, "--workload", "w2", "--kernels-at", "20"])
