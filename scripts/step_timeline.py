@@ -101,6 +101,23 @@ def main():
     # The host also waits for the device in the plan fence: a step's plan copy queues behind what its
     # forward waits for (host-tier copies).
     runner._plan_fence = waiting(runner._plan_fence)
+    # Each step's forward on the device (CUDA events around it, read at the end): the device time of a decode step,
+    # beside its wall time (a slow step: the device's work, or the host's).
+    forwards = []   # (is_prefill, start event, end event)
+    forward_hidden = runner.forward_hidden
+
+    def timed_forward(batch, *args, **kwargs):
+        import torch
+        if not torch.cuda.is_available():
+            return forward_hidden(batch, *args, **kwargs)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        try:
+            return forward_hidden(batch, *args, **kwargs)
+        finally:
+            end.record()
+            forwards.append((batch.is_prefill, start, end))
+    runner.forward_hidden = timed_forward
     collections = defaultdict(lambda: [0, 0.0])   # generation -> (collections, seconds), during the run
     gc_start = [0.0]
 
@@ -177,6 +194,13 @@ def main():
         print(f"\nDecode steps, wall ms: p10 {pick(0.1):.2f}, median {pick(0.5):.2f}, p90 {pick(0.9):.2f}, max "
               f"{ms[-1]:.2f}; slowest (decode step: ms, host waits ms): "
               + ", ".join(f"{i}: {1000 * sec:.1f}, {1000 * wait:.1f}" for i, sec, wait in slow))
+        forward_ms = [start.elapsed_time(end) for prefill, start, end in forwards if not prefill]   # launch order
+        if forward_ms:
+            dev = sorted(forward_ms)
+            print(f"Decode steps' forward on the device, ms: p10 {dev[len(dev) // 10]:.2f}, median "
+                  f"{dev[len(dev) // 2]:.2f}, p90 {dev[min(len(dev) - 1, 9 * len(dev) // 10)]:.2f}, max {dev[-1]:.2f}; "
+                  "the slowest steps' forwards: " + ", ".join(f"{i}: {forward_ms[i]:.1f}" for i, _, _ in slow
+                                                             if i < len(forward_ms)))
     print(f"\nPython's garbage collector during the run (--gc {args.gc}): " + (", ".join(
         f"generation {g}: {n} collections, {sec:.3f} s" for g, (n, sec) in sorted(collections.items())) or "none"))
     if device:   # decode steps by tokens only (the timer does not know rows): one bucket
@@ -203,21 +227,22 @@ class KernelWindow:
 
     def __init__(self, first: int, before: int):
         """first: the run's decode step to start at; before: the engine's decode steps before the run (warm-up)."""
-        self.first, self.before, self.prof, self.wall = first, before, None, 0.0
+        self.first, self.before, self.prof, self.wall, self.start, self.events = first, before, None, 0.0, None, []
 
     def before_step(self, decode_steps: int):
         import torch
         decode_steps -= self.before
-        if self.prof is None and decode_steps >= self.first and not self.wall:
-            cuda = torch.profiler.ProfilerActivity.CUDA   # the CPU build has no CUDA activity (tests)
-            self.prof = torch.profiler.profile(activities=[cuda if torch.cuda.is_available()
-                                                           else torch.profiler.ProfilerActivity.CPU])
-            self.prof.__enter__()
+        if self.start is None and decode_steps >= self.first:
+            # No profiler without CUDA (no kernels to see; torch's CPU profiler in a test process crashed it at exit)
+            if torch.cuda.is_available():
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
             self.start, self.at = time.perf_counter(), decode_steps
-        elif self.prof is not None and decode_steps >= self.at + self.WINDOW:
+        elif self.start is not None and not self.wall and decode_steps >= self.at + self.WINDOW:
             self.wall = time.perf_counter() - self.start
-            self.prof.__exit__(None, None, None)
-            self.events, self.prof = self.prof.key_averages(), None
+            if self.prof is not None:
+                self.prof.__exit__(None, None, None)
+                self.events, self.prof = self.prof.key_averages(), None
 
     def report(self):
         import torch
