@@ -16,6 +16,18 @@ def shared_prefix_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [systems[i % 3] + [rng.randrange(vocab) for _ in range(6)] for i in range(n)]
 
 
+def waiting_at_each_step(llm, monkeypatch) -> list[int]:
+    """The scheduler's waiting requests as each step() begins, recorded into the returned list."""
+    waiting = []
+    step = llm.step
+
+    def counting_step():
+        waiting.append(len(llm.scheduler.waiting))
+        return step()
+    monkeypatch.setattr(llm, "step", counting_step)
+    return waiting
+
+
 def test_outputs_and_steps_do_not_depend_on_how_far_ahead_requests_are_queued(tiny_model, make_llm, monkeypatch):
     kwargs = dict(enable_cascade_attention=True, max_num_batched_tokens=64)
     first = make_llm(tiny_model, **kwargs)   # all 20 queued before the first step (QUEUE_AHEAD 256)
@@ -26,13 +38,7 @@ def test_outputs_and_steps_do_not_depend_on_how_far_ahead_requests_are_queued(ti
     # scheduler would run short of waiting requests only if generate fell behind.
     monkeypatch.setattr(llm_module, "QUEUE_AHEAD", 8)
     llm = make_llm(tiny_model, **kwargs)
-    waiting = []
-    step = llm.step
-
-    def counting_step():
-        waiting.append(len(llm.scheduler.waiting))
-        return step()
-    monkeypatch.setattr(llm, "step", counting_step)
+    waiting = waiting_at_each_step(llm, monkeypatch)
     ahead = llm.generate(prompts, sp, use_tqdm=False)
     assert [o["token_ids"] for o in ahead] == [o["token_ids"] for o in all_first]
     assert [o["prompt_token_ids"] for o in ahead] == prompts
@@ -57,12 +63,6 @@ def test_a_bad_request_found_between_steps_raises_and_leaves_nothing_queued(tiny
 def test_a_policy_other_than_fcfs_sees_every_request_before_the_first_step(tiny_model, make_llm, monkeypatch):
     llm = make_llm(tiny_model, schedule_policy="lpm")
     monkeypatch.setattr(llm_module, "QUEUE_AHEAD", 2)
-    waiting = []
-    step = llm.step
-
-    def counting_step():
-        waiting.append(len(llm.scheduler.waiting))
-        return step()
-    monkeypatch.setattr(llm, "step", counting_step)
+    waiting = waiting_at_each_step(llm, monkeypatch)
     out = llm.generate(shared_prefix_prompts(12, llm.vocab_size), SamplingParams(max_tokens=2), use_tqdm=False)
     assert len(out) == 12 and waiting[0] == 12
