@@ -30,6 +30,8 @@ import pstats
 import time
 from collections import defaultdict
 
+import torch
+
 from nanovllm import LLM, SamplingParams
 from nanovllm.benchmark import WORKLOADS
 
@@ -107,9 +109,6 @@ def main():
     forward_hidden = runner.forward_hidden
 
     def timed_forward(batch, *args, **kwargs):
-        import torch
-        if not torch.cuda.is_available():
-            return forward_hidden(batch, *args, **kwargs)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         try:
@@ -117,7 +116,8 @@ def main():
         finally:
             end.record()
             forwards.append((batch.is_prefill, start, end))
-    runner.forward_hidden = timed_forward
+    if torch.cuda.is_available():
+        runner.forward_hidden = timed_forward
     collections = defaultdict(lambda: [0, 0.0])   # generation -> (collections, seconds), during the run
     gc_start = [0.0]
 
@@ -230,7 +230,6 @@ class KernelWindow:
         self.first, self.before, self.prof, self.wall, self.start, self.events = first, before, None, 0.0, None, []
 
     def before_step(self, decode_steps: int):
-        import torch
         decode_steps -= self.before
         if self.start is None and decode_steps >= self.first:
             # No profiler without CUDA (no kernels to see; torch's CPU profiler in a test process crashed it at exit)
@@ -245,7 +244,6 @@ class KernelWindow:
                 self.events, self.prof = self.prof.key_averages(), None
 
     def report(self):
-        import torch
         from profile_step import category
         if not self.wall:
             print(f"\nkernels: the run had fewer than {self.first + self.WINDOW} decode steps")
