@@ -28,10 +28,32 @@ op = st.one_of(
 )
 
 
-def check(bm: BlockManager, live: list[Sequence]):
+def reference_match(bm: BlockManager, seq: Sequence) -> tuple[list[int], bool]:
+    """`match` by its definition, a lookup a page (no recent runs, no host tier): the leading pages whose
+    hash maps to a page holding the same tokens; pending if the first such page not yet computed comes first."""
+    hits = []
+    for i, h in enumerate(bm.prefix_hashes(seq)):
+        block_id = bm.hash_to_block_id.get(h)
+        if block_id is None or bm.blocks[block_id].token_key != key_of(seq, i):
+            break
+        if not bm.blocks[block_id].computed:
+            return hits, True
+        hits.append(block_id)
+    return hits, False
+
+
+def check(bm: BlockManager, live: list[Sequence], views: dict | None = None):
+    """Invariants; `views`: each live sequence's page_array() from earlier checks with a copy of it, which the
+    view must still equal (a view's entries never change; pages appended later go past its end)."""
     bm.check_invariants()
     holders = [0] * bm.num_blocks
     for seq in live:
+        if views is not None:
+            for view, copy in views.get(seq.seq_id, []):
+                assert np.array_equal(view, copy)
+            pages = seq.page_array()
+            assert pages.dtype == np.int32 and pages.tolist() == seq.block_table
+            views.setdefault(seq.seq_id, []).append((pages, pages.copy()))
         assert len(seq.block_table) == seq.num_blocks
         assert len(set(seq.block_table)) == len(seq.block_table)
         for b in seq.block_table:
@@ -50,12 +72,15 @@ def check(bm: BlockManager, live: list[Sequence]):
 def test_random_operations_keep_invariants(num_blocks, ops):
     bm = BlockManager(num_blocks, BS)
     live: list[Sequence] = []
+    views: dict[int, list] = {}
     for kind, a, b in ops:
         if kind == "new":
             tokens = PREFIXES[a] + b or [5]
             # As the engine makes them (prompt bytes from validation: hashed through the prompt index) or not.
             seq = Sequence(tokens, SP, BS, array("q", tokens).tobytes() if len(b) % 2 else None)
+            expected = reference_match(bm, seq)
             hits, pending = bm.match(seq)
+            assert (hits, pending) == expected   # the recent runs (`hit_runs`) change nothing, evictions included
             assert all(bm.blocks[h].computed for h in hits)
             assert all(bm.blocks[h].token_key == key_of(seq, i) for i, h in enumerate(hits))
             assert len(hits) * BS < len(seq)  # at least one token is always left to compute
@@ -79,7 +104,9 @@ def test_random_operations_keep_invariants(num_blocks, ops):
             elif kind == "free":
                 bm.deallocate(seq)
                 live.remove(seq)
-        check(bm, live)
+                for view, copy in views.pop(seq.seq_id, []):
+                    assert np.array_equal(view, copy)   # its table started over; the old views did not change
+        check(bm, live, views)
     for seq in live:
         bm.deallocate(seq)
     check(bm, [])
@@ -109,6 +136,38 @@ def test_freed_pages_stay_cached_until_reused():
     b = Sequence(list(range(9)) + [42], SP, BS)
     hits, pending = bm.match(b)
     assert hits == pages and not pending
+
+
+def test_recent_hit_runs_are_taken_until_a_page_of_theirs_is_evicted():
+    """A request with the leading pages of an earlier match takes that match's pages (`hit_runs`, no lookup a
+    page); once one of those pages is handed out for other tokens, the runs are forgotten and the next match
+    finds only what is left."""
+    bm = BlockManager(6, BS)
+    a = Sequence(list(range(13)), SP, BS)   # 4 pages: 3 full, hashed
+    bm.allocate(a, [])
+    a.num_computed_tokens = len(a)
+    bm.mark_computed(a)
+    b = Sequence(list(range(12)) + [50], SP, BS)
+    hits, pending = bm.match(b)
+    assert hits == a.block_table[:3] and not pending
+    first = bm.prefix_hashes(b)[0]
+    assert bm.hit_runs[first][2] == hits
+    c = Sequence(list(range(12)) + [60, 61], SP, BS)
+    bm.hash_to_block_id.clear()   # were the runs not taken, c would find nothing
+    assert bm.match(c) == (a.block_table[:3], False)
+    bm.match(b)   # ... and the map is left as it was for what follows
+    for i, h in enumerate(bm.prefix_hashes(a)[:3]):
+        bm.hash_to_block_id[h] = a.block_table[i]
+    pages = a.block_table[:3]
+    bm.deallocate(a)   # its pages are free and cached; the 2 never-used pages go first
+    other = Sequence([99] * 11, SP, BS)   # 3 pages: the two never used, then a's last page (never hashed)
+    bm.allocate(other, [])
+    assert bm.hit_runs   # a's hashed pages are still cached
+    more = Sequence([98] * 3, SP, BS)   # a's third page (freed last pages first): evicted
+    bm.allocate(more, [])
+    assert not bm.hit_runs
+    hits, pending = bm.match(b)
+    assert hits == pages[:2] and not pending and (hits, pending) == reference_match(bm, b)
 
 
 def test_uncomputed_pages_are_forgotten_when_freed():

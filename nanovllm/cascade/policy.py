@@ -61,13 +61,12 @@ class CascadePolicy:
     def _full_plan(self, seqs) -> CascadePlan:
         q_lens = np.fromiter((s.chunk_len for s in seqs), dtype=np.int32, count=len(seqs))
         kv_lens = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int32, count=len(seqs)) + q_lens
-        # The padded [batch, pages] table, scattered in one go from the per-sequence page arrays.
+        # The padded [batch, pages] table, a row at a time from the per-sequence page arrays (W3's first decode
+        # step, 1,024 x 528 pages: 0.7-4.7 ms on the CPU machine; scattered with fancy indexing it took 7-21 ms).
         pages = [s.page_array() for s in seqs]
-        counts = np.fromiter((len(p) for p in pages), dtype=np.int64, count=len(pages))
-        table = np.full((len(seqs), int(counts.max())), -1, dtype=np.int32)
-        rows = np.repeat(np.arange(len(seqs)), counts)
-        cols = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-        table[rows, cols] = np.concatenate(pages)
+        table = np.full((len(seqs), max(map(len, pages))), -1, dtype=np.int32)
+        for row, p in zip(table, pages):
+            row[:len(p)] = p
         return plan_cascade(table, kv_lens, q_lens, self.page_size, max_levels=self.max_levels,
                             min_group_size=self.min_group_size, min_shared_pages=self.min_shared_pages,
                             fixed_shared_prefix_len=self.fixed_len)

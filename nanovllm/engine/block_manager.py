@@ -138,6 +138,7 @@ class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, num_host_blocks: int = 0,
                  prefetch: bool = True, write_ahead: bool = True):
         self.block_size = block_size
+        self._pack_page = struct.Struct(f"{block_size}q").pack   # one page's token ids as bytes (its key)
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.hash_to_block_id: dict[int, int] = {}
@@ -145,6 +146,11 @@ class BlockManager:
         # bytes, page hashes, page keys), for alike prompts to take their hashes (`_hash_prompt`). Insertion
         # order: the least recently used entry goes first past RECENT_PROMPTS.
         self.prompt_index: dict[int, tuple[int, bytes, list[int], list[bytes]]] = {}
+        # Recent matches by their first page's hash: (page hashes, page keys, GPU pages) of the longest run of
+        # hits seen, for a request with the same leading pages to take them without a lookup a page (`match`; W3:
+        # 512 pages, 1,024 requests). Only without a host tier; emptied whenever a page registered under its hash
+        # loses it (`_forget`): the only way a hit stops being one (computed pages stay computed until then).
+        self.hit_runs: dict[int, tuple[list[int], list[bytes], list[int]]] = {}
         # Ordered so that the least recently freed page is reused first: cached prefixes live longest.
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.num_cache_hit_tokens = 0   # prompt tokens served from the cache (either tier), for metrics
@@ -298,7 +304,7 @@ class BlockManager:
         """What restoring `hits`' host pages counts against a step's prefill-token budget: their copy
         time in prefill tokens (measured: restore seconds a page over the prefill line's seconds a
         token), `block_size` tokens a page until both are measured (as if recomputed)."""
-        pages = sum(hit < 0 for hit in hits)
+        pages = sum(hit < 0 for hit in hits) if self.num_host_blocks else 0   # host hits need a host tier
         if not pages:
             return 0.0
         per_page = float(self.block_size)
@@ -390,6 +396,12 @@ class BlockManager:
     def _register(self, block: Block):
         self.hash_to_block_id.setdefault(block.hash, block.block_id)
 
+    def _forget(self, block: Block):
+        """`block` is no longer the page of its hash (it is evicted or never finished)."""
+        del self.hash_to_block_id[block.hash]
+        if self.hit_runs:
+            self.hit_runs.clear()
+
     def _is_clean(self, block: Block) -> bool:
         """Handing this free page out loses nothing worth a copy: no cached prefix, an answer page
         (DROP), or a prefix the host holds too. And the step in flight does not use it."""
@@ -421,7 +433,7 @@ class BlockManager:
             block_id = self._next_free(for_forward)
             block = self.blocks[block_id]
             if block.hash != -1 and self.hash_to_block_id.get(block.hash) == block_id:
-                del self.hash_to_block_id[block.hash]   # its old contents are about to be overwritten
+                self._forget(block)   # its old contents are about to be overwritten
                 if self.num_host_blocks and block.computed and block.keep and not self._on_host(block):
                     if self._store_on_host(block, self.swap_out):
                         self._note_copy(block)
@@ -515,9 +527,18 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
             return hits, False
         hashes = self.prefix_hashes(seq)
+        keys = seq.block_keys
+        run = self.hit_runs.get(hashes[0]) if hashes and not self.num_host_blocks else None
+        if run is not None:
+            run_hashes, run_keys, run_hits = run
+            m = len(run_hits)
+            if hashes[:m] == run_hashes and keys[:m] == run_keys:   # list compares in C (keys: often the same objects)
+                hits = run_hits.copy()
+        start = len(hits)
         host = self.num_host_blocks and self.restore_pays
         gpu_page, blocks, in_done = self.hash_to_block_id.get, self.blocks, self.in_done   # bound: a loop a page
-        for h, key in zip(hashes, seq.block_keys):
+        for i in range(start, len(hashes)):
+            h, key = hashes[i], keys[i]
             block_id = gpu_page(h)
             if block_id is not None:
                 block = blocks[block_id]
@@ -530,6 +551,12 @@ class BlockManager:
             if page is None or self.host_key[page] != key:
                 break
             hits.append(-1 - page)
+        if len(hits) > start and not self.num_host_blocks and hits:
+            n = len(hits)
+            self.hit_runs.pop(hashes[0], None)
+            self.hit_runs[hashes[0]] = (hashes[:n], keys[:n], hits.copy())
+            if len(self.hit_runs) > RECENT_PROMPTS:
+                del self.hit_runs[next(iter(self.hit_runs))]
         return hits, False
 
     def prefix_hashes(self, seq: Sequence) -> list[int]:
@@ -565,12 +592,17 @@ class BlockManager:
             if seq.prompt_bytes is not None and n * bs <= seq.num_prompt_tokens:
                 self._hash_prompt(seq, n)
                 return hashes
+            # Chained: the previous page's hash seeds this one's (0 for the first page).
+            h = hashes[-1] if hashes else 0
+            if n == start + 1:   # one page, filled by decode (every row of a W3 step at once): 0.3 us, 0.9 the general way
+                key = self._pack_page(*seq.token_ids[start * bs:n * bs])
+                hashes.append(xxhash.xxh64_intdigest(key, h))
+                keys.append(key)
+                return hashes
             width = 8 * bs
             ids = seq.token_ids[start * bs:n * bs]
             data = struct.pack(f"{len(ids)}q", *ids)   # as validation converts prompts; 0.2 us a page, numpy's 0.6
             new_keys = [data[offset:offset + width] for offset in range(0, len(data), width)]
-            # Chained: the previous page's hash seeds this one's (0 for the first page).
-            h = hashes[-1] if hashes else 0
             digest = xxhash.xxh64_intdigest  # bound once: this loop runs for every page
             for key in new_keys:
                 h = digest(key, h)
@@ -625,6 +657,8 @@ class BlockManager:
                 keys.extend(ref_keys[i + 1:same])
 
     def can_allocate(self, seq: Sequence, hits: list[int]) -> bool:
+        if self.num_free_blocks >= seq.num_blocks:   # enough whatever its hits (no count over W3's 512 a request)
+            return True
         hits_in_use = sum(hit >= 0 and self.blocks[hit].ref_count > 0 for hit in hits)
         return self.num_free_blocks >= seq.num_blocks - hits_in_use
 
@@ -634,18 +668,28 @@ class BlockManager:
         assert not seq.block_table
         restoring = self.num_host_blocks and hits and min(hits) < 0
         blocks, in_done, clock = self.blocks, self.in_done, self.clock   # bound: a loop a hit (W3: 512 a request)
-        for hit in hits:
-            if hit >= 0:
+        if not self.num_host_blocks:   # every hit a GPU page, nothing restored into any: no copy to wait for
+            for hit in hits:
                 block = blocks[hit]
-                if block.ref_count == 0:
-                    self._take_free(hit)
-                else:
+                if block.ref_count:
                     block.ref_count += 1
+                else:
+                    self._take_free(hit)
                 block.keep = PROTECTED
-                if in_done < block.landing < clock:   # _uses(block, writes=False), inlined
-                    self.wait_in = max(self.wait_in, block.landing)
-                if not restoring:
-                    seq.block_table.append(hit)
+            seq.block_table.extend(hits)
+        else:
+            for hit in hits:
+                if hit >= 0:
+                    block = blocks[hit]
+                    if block.ref_count == 0:
+                        self._take_free(hit)
+                    else:
+                        block.ref_count += 1
+                    block.keep = PROTECTED
+                    if in_done < block.landing < clock:   # _uses(block, writes=False), inlined
+                        self.wait_in = max(self.wait_in, block.landing)
+                    if not restoring:
+                        seq.block_table.append(hit)
         if restoring:
             self._restore(seq, hits)
         else:   # no restores of its own: a ticket from an earlier admission must not hold it behind others'
@@ -715,7 +759,7 @@ class BlockManager:
             if block.ref_count == 0:
                 if not block.computed:  # never finished: nobody may hit it
                     if self.hash_to_block_id.get(block.hash) == block_id:
-                        del self.hash_to_block_id[block.hash]
+                        self._forget(block)
                     block.hash = -1
                     block.token_key = b""
                 block.freed_at = self.clock
@@ -740,17 +784,18 @@ class BlockManager:
         full = min(seq.num_computed_tokens, len(seq.token_ids) - seq.num_pending) // bs
         if full <= seq.num_marked_blocks:
             return   # no page newly full: most decode steps (called twice a row a step)
+        blocks, table, caching = self.blocks, seq.block_table, self.enable_prefix_caching
         for i in range(seq.num_marked_blocks, full):
-            block = self.blocks[seq.block_table[i]]
-            seq.num_marked_blocks = i + 1
+            block = blocks[table[i]]
             if block.computed:  # a page computed by another request
                 continue
             block.computed = True
-            if self.enable_prefix_caching and block.hash == -1:  # a page filled by decode
+            if caching and block.hash == -1:  # a page filled by decode (1,024 in one W3 step)
                 block.hash = self._hashes(seq, i + 1)[i]
                 block.token_key = seq.block_keys[i]
             if block.hash != -1:
-                self._register(block)
+                self.hash_to_block_id.setdefault(block.hash, block.block_id)   # _register, inlined
+        seq.num_marked_blocks = full
 
     def check_invariants(self):
         """For tests: ref counts agree with the free list, the hash map points at matching pages; the
