@@ -201,6 +201,21 @@ def main():
                   f"{dev[len(dev) // 2]:.2f}, p90 {dev[min(len(dev) - 1, 9 * len(dev) // 10)]:.2f}, max {dev[-1]:.2f}; "
                   "the slowest steps' forwards: " + ", ".join(f"{i}: {forward_ms[i]:.1f}" for i, _, _ in slow
                                                              if i < len(forward_ms)))
+    if forwards:   # the device between forwards: sampling and input copies, and idle waiting for the host
+        gaps = defaultdict(float)
+        largest = []
+        for i in range(1, len(forwards)):
+            gap = forwards[i - 1][2].elapsed_time(forwards[i][1])
+            phase = "prefill" if forwards[i][0] else "decode"
+            gaps[phase] += gap / 1000
+            largest.append((gap, i, phase))
+        prefill_ms = [start.elapsed_time(end) for prefill, start, end in forwards if prefill]
+        print("Prefill steps' forward on the device, ms: " + ", ".join(f"{ms:.1f}" for ms in prefill_ms))
+        print("The device between forwards (before each step's forward: the previous step's sampling, input copies, "
+              "idle while the host builds the step): " + ", ".join(f"before {p} forwards {s:.3f} s" for p, s in
+                                                                   sorted(gaps.items()))
+              + "; the largest (ms, forward index): " + ", ".join(f"{g:.1f} at {i}" for g, i, _ in
+                                                                 sorted(largest, reverse=True)[:8]))
     print(f"\nPython's garbage collector during the run (--gc {args.gc}): " + (", ".join(
         f"generation {g}: {n} collections, {sec:.3f} s" for g, (n, sec) in sorted(collections.items())) or "none"))
     if device:   # decode steps by tokens only (the timer does not know rows): one bucket
