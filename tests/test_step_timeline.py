@@ -60,3 +60,14 @@ def test_kernel_window_times_twenty_decode_steps_of_the_run(tmp_path, monkeypatc
     monkeypatch.setattr(sys, "argv", ["step_timeline.py", "--model", model, "--workload", "w2", "--kernels-at", "20"])
     step_timeline.main()
     assert "the run had fewer than 40 decode steps" in capsys.readouterr().out
+
+
+def test_host_only_runs_the_workload_without_a_model(monkeypatch, capsys):
+    """scripts/host_only.py: a whole shared-prefix generate on an executor that samples 7 for every row."""
+    import host_only
+    monkeypatch.setattr(sys, "argv", ["host_only.py", "--workload", "w2", "--requests", "32", "--shared", "64",
+                                      "--question", "8", "--output", "40"])
+    host_only.main()   # asserts every request got its 40 tokens
+    out = capsys.readouterr().out
+    assert "w2 host only (32 requests, 32 groups of 64 shared tokens, 40 output tokens)" in out
+    assert "decode steps: " in out and "last step (every request finishes)" in out

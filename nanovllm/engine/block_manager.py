@@ -107,11 +107,13 @@ def is_host_hit(hit: int) -> bool:
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_key", "computed", "freed_at", "keep", "landing", "read_out")
+    """One GPU page's state. Its reference count lives in the block manager's `ref_counts` array (allocation and
+    freeing update a request's 500 shared pages with one numpy operation each); `ref_count` reads and writes it."""
+    __slots__ = ("block_id", "counts", "hash", "token_key", "computed", "freed_at", "keep", "landing", "read_out")
 
-    def __init__(self, block_id: int):
+    def __init__(self, block_id: int, counts: np.ndarray):
         self.block_id = block_id
-        self.ref_count = 0
+        self.counts = counts
         self.hash = -1
         self.token_key = b""  # its token ids as int64 bytes, once hashed
         self.computed = False
@@ -120,8 +122,16 @@ class Block:
         self.landing = -1     # the copy batch (scheduling clock) of the last restore into it
         self.read_out = -1    # the copy batch of the last write-back out of it (on eviction or ahead)
 
+    @property
+    def ref_count(self) -> int:
+        return int(self.counts[self.block_id])
+
+    @ref_count.setter
+    def ref_count(self, value: int):
+        self.counts[self.block_id] = value
+
     def reset(self):
-        self.ref_count = 1
+        self.counts[self.block_id] = 1
         self.hash = -1
         self.token_key = b""
         self.computed = False
@@ -140,7 +150,8 @@ class BlockManager:
         self.block_size = block_size
         self._pack_page = struct.Struct(f"{block_size}q").pack   # one page's token ids as bytes (its key)
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.ref_counts = np.zeros(num_blocks, dtype=np.int32)   # each page's holders (Block.ref_count)
+        self.blocks = [Block(i, self.ref_counts) for i in range(num_blocks)]
         self.hash_to_block_id: dict[int, int] = {}
         # Recent prompts by the hash of the first page each had to hash itself: (that page's index, prompt
         # bytes, page hashes, page keys), for alike prompts to take their hashes (`_hash_prompt`). Insertion
@@ -659,7 +670,8 @@ class BlockManager:
     def can_allocate(self, seq: Sequence, hits: list[int]) -> bool:
         if self.num_free_blocks >= seq.num_blocks:   # enough whatever its hits (no count over W3's 512 a request)
             return True
-        hits_in_use = sum(hit >= 0 and self.blocks[hit].ref_count > 0 for hit in hits)
+        gpu_hits = np.array([hit for hit in hits if hit >= 0], dtype=np.intp)
+        hits_in_use = int(np.count_nonzero(self.ref_counts[gpu_hits]))
         return self.num_free_blocks >= seq.num_blocks - hits_in_use
 
     def allocate(self, seq: Sequence, hits: list[int]):
@@ -669,14 +681,13 @@ class BlockManager:
         restoring = self.num_host_blocks and hits and min(hits) < 0
         blocks, in_done, clock = self.blocks, self.in_done, self.clock   # bound: a loop a hit (W3: 512 a request)
         if not self.num_host_blocks:   # every hit a GPU page, nothing restored into any: no copy to wait for
-            for hit in hits:
-                block = blocks[hit]
-                if block.ref_count:
-                    block.ref_count += 1
-                else:
-                    self._take_free(hit)
-                block.keep = PROTECTED
-            seq.block_table.extend(hits)
+            if hits:   # (`keep` only matters to a host tier); a request's pages are distinct: one numpy update each
+                pages, counts = np.array(hits, dtype=np.intp), self.ref_counts
+                free = self.free_block_ids
+                for page in pages[counts[pages] == 0].tolist():   # hits on free pages: in use again
+                    del free[page]
+                counts[pages] += 1
+                seq.block_table.extend(hits)
         else:
             for hit in hits:
                 if hit >= 0:
@@ -752,18 +763,21 @@ class BlockManager:
             self.restore_backlog = kept
             if not kept:
                 self.restores_issued = self.restores_queued
-        # Last pages first, so that a prefix outlives its tails in the free list.
-        for block_id in reversed(seq.block_table):
+        # One numpy update for its pages (distinct), then the pages nobody holds now, last pages first, so that a
+        # prefix outlives its tails in the free list. (W3's last step frees 1,024 requests of 536 pages: on the CPU
+        # machine, with the engine's other host work and no model, that step took 18-19 ms against 28-31 with a loop
+        # a page.)
+        pages, counts = seq.page_array(), self.ref_counts
+        counts[pages] -= 1
+        for block_id in reversed(pages[counts[pages] == 0].tolist()):
             block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                if not block.computed:  # never finished: nobody may hit it
-                    if self.hash_to_block_id.get(block.hash) == block_id:
-                        self._forget(block)
-                    block.hash = -1
-                    block.token_key = b""
-                block.freed_at = self.clock
-                self.free_block_ids[block_id] = None
+            if not block.computed:  # never finished: nobody may hit it
+                if self.hash_to_block_id.get(block.hash) == block_id:
+                    self._forget(block)
+                block.hash = -1
+                block.token_key = b""
+            block.freed_at = self.clock
+            self.free_block_ids[block_id] = None
         seq.release_pages()
 
     def can_append(self, seq: Sequence) -> bool:
