@@ -81,13 +81,15 @@ class LLM(LLMEngine):
         try:
             self._queue(requests, seqs)
             while len(seqs) < len(requests) or not all(s.is_finished for s in seqs):
+                unfinished = len(self.seqs)
                 outputs = self.step()
+                done = unfinished - len(self.seqs)   # a request that finishes leaves self.seqs (_finish_step)
                 self._queue(requests, seqs)   # the step just launched runs on the device meanwhile
-                tokens += len(outputs)
-                done = sum(o.finished for o in outputs)
-                if done:
-                    bar.update(done)
-                bar.set_postfix(tok_s=f"{tokens / max(perf_counter() - start, 1e-9):.0f}", refresh=False)
+                if use_tqdm:   # (per-step work that is not the engine's: none without a bar)
+                    tokens += len(outputs)
+                    if done:
+                        bar.update(done)
+                    bar.set_postfix(tok_s=f"{tokens / max(perf_counter() - start, 1e-9):.0f}", refresh=False)
             self.drain()  # a step launched before the last ones ended
         except BaseException:
             self.drain()

@@ -66,3 +66,31 @@ def test_a_policy_other_than_fcfs_sees_every_request_before_the_first_step(tiny_
     waiting = waiting_at_each_step(llm, monkeypatch)
     out = llm.generate(shared_prefix_prompts(12, llm.vocab_size), SamplingParams(max_tokens=2), use_tqdm=False)
     assert len(out) == 12 and waiting[0] == 12
+
+
+def test_the_progress_bar_counts_each_finished_request_once(tiny_model, make_llm, monkeypatch):
+    """generate's bar advances by the requests that finish in each step (counted from the engine's unfinished
+    requests, not from the outputs), ending at the number of prompts; without a bar nothing is counted."""
+    counted = []
+
+    class Bar:
+        def __init__(self, total, disable, **kwargs):
+            self.disable = disable
+            counted.append(0)
+
+        def update(self, n):
+            assert not self.disable
+            counted[-1] += n
+
+        def set_postfix(self, **kwargs):
+            assert not self.disable
+
+        def close(self):
+            pass
+    monkeypatch.setattr(llm_module, "tqdm", Bar)
+    llm = make_llm(tiny_model)
+    prompts = shared_prefix_prompts(12, llm.vocab_size)
+    lengths = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=2 + i % 5) for i in range(12)]
+    llm.generate(prompts, lengths, use_tqdm=True)
+    llm.generate(prompts, lengths, use_tqdm=False)
+    assert counted == [12, 0]
