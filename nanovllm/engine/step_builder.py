@@ -7,6 +7,8 @@ about a millisecond of host time (claude_docs/performance.md). The logits contro
 logit_bias, min_tokens, min-p) are built only for the rows that use them; a step where no row does
 pays one attribute read a row for them.
 """
+from itertools import chain
+
 import numpy as np
 
 from nanovllm.config import Config
@@ -59,8 +61,8 @@ class StepBuilder:
                                f"its {int(kv_lens[short])} tokens need {int(num_pages[short])}")
         prev_rows = None
         if is_prefill:
-            input_ids = np.fromiter((t for s in seqs for t in
-                                     s.token_ids[s.num_computed_tokens:s.num_computed_tokens + s.chunk_len]),
+            input_ids = np.fromiter(chain.from_iterable(s.token_ids[s.num_computed_tokens:s.num_computed_tokens +
+                                                                    s.chunk_len] for s in seqs),   # chained in C
                                     dtype=np.int64, count=int(qo_indptr[-1]))
             # position of every query token, and the page that holds it
             seq_of_token = np.repeat(np.arange(n), q_lens)
