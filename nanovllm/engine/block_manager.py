@@ -562,7 +562,7 @@ class BlockManager:
             if page is None or self.host_key[page] != key:
                 break
             hits.append(-1 - page)
-        if len(hits) > start and not self.num_host_blocks and hits:
+        if len(hits) > start and not self.num_host_blocks:
             n = len(hits)
             self.hit_runs.pop(hashes[0], None)
             self.hit_runs[hashes[0]] = (hashes[:n], keys[:n], hits.copy())

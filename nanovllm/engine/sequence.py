@@ -27,8 +27,8 @@ class Sequence:
         self.arrival_time = monotonic()  # for the schedule policies' starvation bound
         self.status = SequenceStatus.WAITING
         self.token_ids = list(token_ids)
-        # Room for its completion (up to an eighth of the prompt, past which a list would shrink again): the first
-        # append to an exact-size list copies it (W3's 8,320-token prompts: 24 us each, 3 ms a prefill step).
+        # Room for its completion, up to an eighth of the prompt (a list keeps its room while at least half full): the
+        # first append to an exact-size list copies it (W3's 8,320-token prompts: 24 us each, 3 ms a prefill step).
         self.token_ids.extend(repeat(PLACEHOLDER, min(sampling_params.max_tokens, len(token_ids) // 8)))
         del self.token_ids[len(token_ids):]
         self.num_prompt_tokens = len(token_ids)
