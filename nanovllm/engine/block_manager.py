@@ -679,28 +679,21 @@ class BlockManager:
         for the rest. GPU hits are taken first, so that taking fresh pages cannot evict them."""
         assert not seq.block_table
         restoring = self.num_host_blocks and hits and min(hits) < 0
-        blocks, in_done, clock = self.blocks, self.in_done, self.clock   # bound: a loop a hit (W3: 512 a request)
-        if not self.num_host_blocks:   # every hit a GPU page, nothing restored into any: no copy to wait for
-            if hits:   # (`keep` only matters to a host tier); a request's pages are distinct: one numpy update each
-                pages, counts = np.array(hits, dtype=np.intp), self.ref_counts
-                free = self.free_block_ids
-                for page in pages[counts[pages] == 0].tolist():   # hits on free pages: in use again
-                    del free[page]
-                counts[pages] += 1
-                seq.block_table.extend(hits)
-        else:
-            for hit in hits:
-                if hit >= 0:
+        gpu_hits = [hit for hit in hits if hit >= 0] if restoring else hits
+        if gpu_hits:   # a request's pages are distinct: one numpy update each (W3: 512 a request)
+            pages, counts, free = np.array(gpu_hits, dtype=np.intp), self.ref_counts, self.free_block_ids
+            for page in pages[counts[pages] == 0].tolist():   # hits on free pages: in use again
+                del free[page]
+            counts[pages] += 1
+            if self.num_host_blocks:   # what a write-back makes of them, and restores into them not known landed
+                blocks, in_done, clock = self.blocks, self.in_done, self.clock
+                for hit in gpu_hits:
                     block = blocks[hit]
-                    if block.ref_count == 0:
-                        self._take_free(hit)
-                    else:
-                        block.ref_count += 1
                     block.keep = PROTECTED
                     if in_done < block.landing < clock:   # _uses(block, writes=False), inlined
                         self.wait_in = max(self.wait_in, block.landing)
-                    if not restoring:
-                        seq.block_table.append(hit)
+            if not restoring:
+                seq.block_table.extend(hits)
         if restoring:
             self._restore(seq, hits)
         else:   # no restores of its own: a ticket from an earlier admission must not hold it behind others'
