@@ -265,3 +265,21 @@ def test_a_hash_collision_in_the_prompt_index_takes_nothing_from_the_other_promp
         seq = Sequence(tokens, SP, BS, array("q", tokens).tobytes())
         assert bm.prefix_hashes(seq) == chained_hashes(tokens, (len(tokens) - 1) // BS)
         assert seq.block_keys == [key_of(seq, i) for i in range(len(seq.block_hashes))]
+
+
+def test_page_array_follows_the_table_through_growth_and_release():
+    """Sequence.page_array: the table as int32 numpy after one page, several pages and past its buffer's room;
+    arrays handed out earlier keep their entries; a table started over (release_pages) gets a new buffer."""
+    seq = Sequence(list(range(9)), SP, BS)
+    seq.block_table = [7, 3]
+    handed = [(seq.page_array(), [7, 3])]
+    for grow in ([11], [5, 6, 8], list(range(100, 140)), [1]):   # one page, a few, past the room, one again
+        seq.block_table.extend(grow)
+        pages = seq.page_array()
+        assert pages.dtype == np.int32 and pages.tolist() == seq.block_table
+        handed.append((pages, list(seq.block_table)))
+    for pages, table in handed:
+        assert pages.tolist() == table
+    seq.release_pages()
+    seq.block_table = [2]
+    assert seq.page_array().tolist() == [2] and handed[-1][0][0] == 7
