@@ -208,13 +208,13 @@ def main():
             gap = forwards[i - 1][2].elapsed_time(forwards[i][1])
             phase = "prefill" if forwards[i][0] else "decode"
             gaps[phase] += gap / 1000
-            largest.append((gap, i, phase))
+            largest.append((gap, i))
         prefill_ms = [start.elapsed_time(end) for prefill, start, end in forwards if prefill]
-        print("Prefill steps' forward on the device, ms: " + ", ".join(f"{ms:.1f}" for ms in prefill_ms))
+        print("Prefill steps' forward on the device, ms: " + ", ".join(f"{t:.1f}" for t in prefill_ms))
         print("The device between forwards (before each step's forward: the previous step's sampling, input copies, "
-              "idle while the host builds the step): " + ", ".join(f"before {p} forwards {s:.3f} s" for p, s in
-                                                                   sorted(gaps.items()))
-              + "; the largest (ms, forward index): " + ", ".join(f"{g:.1f} at {i}" for g, i, _ in
+              "idle while the host builds the step): " + ", ".join(f"before {phase} forwards {sec:.3f} s"
+                                                                   for phase, sec in sorted(gaps.items()))
+              + "; the largest (ms, forward index): " + ", ".join(f"{g:.1f} at {i}" for g, i in
                                                                  sorted(largest, reverse=True)[:8]))
     print(f"\nPython's garbage collector during the run (--gc {args.gc}): " + (", ".join(
         f"generation {g}: {n} collections, {sec:.3f} s" for g, (n, sec) in sorted(collections.items())) or "none"))
