@@ -81,16 +81,16 @@ def run(llm, args, groups: int, shared: int):
     wall = time.perf_counter() - start
     assert len(outputs) == len(prompts) and all(len(o["token_ids"]) == args.output for o in outputs)
     prefill = [s for s, p in steps if p]
-    decode = [s for s, p in steps[len(prefill) + 1:-1]]   # after the last prefill step, before the last step
+    first = len(prefill) + 1   # the first decode step after the one that collects the last prefill step
+    decode = [s for s, _ in steps[first:-1]]   # ... up to the last step, where every request finishes
     ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731
     print(f"{args.workload} host only ({args.requests} requests, {groups} groups of {shared} shared tokens, "
           f"{args.output} output tokens): {ms(wall)} ms in all")
     print(f"  prefill steps: {len(prefill)}, {ms(sum(prefill))} ms ({', '.join(ms(s) for s in prefill)})")
     print(f"  decode steps: {len(decode)}, {ms(sum(decode))} ms, median {1e3 * statistics.median(decode):.2f}")
     by_page = {}
-    first = len(prefill) + 1
-    for i, (s, _) in enumerate(steps[first:-1]):
-        by_page.setdefault((i + first) % 16, []).append(s)
+    for i, s in enumerate(decode, first):
+        by_page.setdefault(i % 16, []).append(s)
     print("  decode steps by step index mod 16 (median ms): " + " ".join(
         f"{k}:{1e3 * statistics.median(v):.2f}" for k, v in sorted(by_page.items())))
     print(f"  last step (every request finishes): {ms(steps[-1][0])} ms; outside the steps (queueing between "
