@@ -94,3 +94,64 @@ def test_the_progress_bar_counts_each_finished_request_once(tiny_model, make_llm
     llm.generate(prompts, lengths, use_tqdm=True)
     llm.generate(prompts, lengths, use_tqdm=False)
     assert counted == [12, 0]
+
+
+def device_busy_for(llm, monkeypatch, polls: int) -> list[int]:
+    """Each step's tokens are 'not ready' for its first `polls` readiness checks (a device still running it, as
+    the CPU path never is); returns the list of requests queued while waiting, one entry a check."""
+    execute, queued = llm.executor.execute, []
+
+    def slow_execute(step):
+        pending = execute(step)
+        left = [polls]
+
+        def ready():
+            left[0] -= 1
+            queued.append(len(llm.scheduler.waiting))
+            return left[0] < 0
+        pending.ready = ready
+        return pending
+    monkeypatch.setattr(llm.executor, "execute", slow_execute)
+    return queued
+
+
+def test_requests_are_queued_while_the_device_runs_a_step(tiny_model, make_llm, monkeypatch):
+    """Past QUEUE_AHEAD, generate queues QUEUE_WHILE_BUSY requests at a time while the host waits for a step
+    (LLMEngine.idle_work): the outputs are those of queueing everything first, and the whole call is queued after
+    a few steps instead of as the scheduler admits it."""
+    kwargs = dict(enable_cascade_attention=True, max_num_batched_tokens=64)
+    first = make_llm(tiny_model, **kwargs)
+    prompts = shared_prefix_prompts(30, first.vocab_size)
+    sp = SamplingParams(temperature=0, ignore_eos=True, max_tokens=6)
+    all_first = first.generate(prompts, sp, use_tqdm=False)
+    monkeypatch.setattr(llm_module, "QUEUE_AHEAD", 4)
+    monkeypatch.setattr(llm_module, "QUEUE_WHILE_BUSY", 3)
+    llm = make_llm(tiny_model, **kwargs)
+    waiting = waiting_at_each_step(llm, monkeypatch)
+    made, make_sequence = [], llm.make_sequence
+    monkeypatch.setattr(llm, "make_sequence", lambda *a: made.append(len(waiting)) or make_sequence(*a))
+    device_busy_for(llm, monkeypatch, polls=2)
+    out = llm.generate(prompts, sp, use_tqdm=False)
+    assert [o["token_ids"] for o in out] == [o["token_ids"] for o in all_first]
+    assert [o["prompt_token_ids"] for o in out] == prompts
+    assert llm.stats["steps"] == first.stats["steps"]
+    assert waiting[0] == 4 and max(waiting) > 4   # queued past QUEUE_AHEAD while steps ran
+    # Two busy checks a collect, 3 requests each: the other 26 are made by the 5th of the 15 steps (4 ahead of
+    # the scheduler alone, the last would be made once the waiting ones run short, near the end).
+    assert len(made) == 30 and made[-1] <= 5, made
+    assert llm.idle_work is None
+
+
+def test_a_bad_request_found_while_the_device_runs_raises_and_leaves_nothing_queued(tiny_model, make_llm,
+                                                                                    monkeypatch):
+    llm = make_llm(tiny_model)
+    monkeypatch.setattr(llm_module, "QUEUE_AHEAD", 2)
+    monkeypatch.setattr(llm_module, "QUEUE_WHILE_BUSY", 2)
+    queued = device_busy_for(llm, monkeypatch, polls=5)
+    prompts = shared_prefix_prompts(10, llm.vocab_size)
+    prompts[7] = [llm.vocab_size + 5] * 4
+    with pytest.raises(ValueError, match="out of range"):
+        llm.generate(prompts, SamplingParams(temperature=0, ignore_eos=True, max_tokens=30), use_tqdm=False)
+    assert queued   # found while a step ran
+    assert not llm.seqs and llm.is_finished() and llm.in_flight is None and llm.idle_work is None
+    assert llm.generate(["still serving"], SamplingParams(max_tokens=3), use_tqdm=False)[0]["token_ids"]
