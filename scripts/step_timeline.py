@@ -63,6 +63,11 @@ def main():
     p.add_argument("--gc", default="engine", choices=["engine", "freeze", "off"],
                    help="Python's garbage collector during the run: as generate leaves it (the requests frozen "
                         "as they are queued; 'freeze' is the same since generate queues in pieces), or off")
+    p.add_argument("--warm-up-share", type=float, default=0.0, metavar="F",
+                   help="before the run, also generate the first F of its first round's requests with every token id "
+                        "moved by one (the same shapes and code paths, no prefix hits for the run): what the run "
+                        "spends on first uses (modules loaded, kernels specialized, memory grown) shows as the "
+                        "difference against F = 0, where only bench.py's one-prompt warm-up runs")
     args = p.parse_args()
     make, cfg = WORKLOADS[args.workload]
     cfg = dict(cfg)
@@ -77,6 +82,11 @@ def main():
     if isinstance(rounds, tuple):
         rounds = [rounds]
     llm.generate(["Benchmark: "], SamplingParams(max_tokens=8), use_tqdm=False)
+    if args.warm_up_share > 0:
+        prompts, params = rounds[0]
+        top = min(10000, llm.vocab_size - 1)
+        n = max(2, round(args.warm_up_share * len(prompts)))
+        llm.generate([[(t + 1) % top for t in p] for p in prompts[:n]], params[:n], use_tqdm=False)
     runner, waited = llm.model_runner, []
 
     device = defaultdict(lambda: [0, 0.0, 0.0])   # host tier on: (steps, forward s, copy stall s) on the device

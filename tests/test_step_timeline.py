@@ -71,3 +71,25 @@ def test_host_only_runs_the_workload_without_a_model(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "w2 host only (32 requests, 32 groups of 64 shared tokens, 40 output tokens)" in out
     assert "decode steps: " in out and "last step (every request finishes)" in out
+
+
+def test_warm_up_share_runs_moved_copies_of_the_first_requests_first(tmp_path, monkeypatch, capsys):
+    """`--warm-up-share F`: the first F of the requests, every id moved by one, are generated before the run
+    (after bench.py's one-prompt warm-up); the run itself is the workload's, all of it."""
+    import step_timeline
+
+    import nanovllm.benchmark as benchmark
+    from nanovllm import LLM
+    model = make_model("qwen3-tiny", str(tmp_path / "model"), seed=0)
+    rng = random.Random(0)
+    prompts = [[rng.randint(0, 50) for _ in range(12)] for _ in range(8)]
+    monkeypatch.setitem(benchmark.WORKLOADS, "w2", (lambda top: (prompts, [SamplingParams(
+        temperature=0, ignore_eos=True, max_tokens=4)] * 8), dict(max_model_len=128)))
+    calls, generate = [], LLM.generate
+    monkeypatch.setattr(LLM, "generate", lambda self, p, *a, **k: calls.append(p) or generate(self, p, *a, **k))
+    monkeypatch.setattr(sys, "argv", ["step_timeline.py", "--model", model, "--workload", "w2",
+                                      "--warm-up-share", "0.25"])
+    step_timeline.main()
+    assert calls[0] == ["Benchmark: "]
+    assert calls[1] == [[t + 1 for t in p] for p in prompts[:2]]   # ids <= 50: none wraps
+    assert "w2 cascade=False: 32 tokens" in capsys.readouterr().out   # the run: 8 requests x 4 tokens
