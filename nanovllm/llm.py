@@ -18,11 +18,6 @@ Requests are validated and queued QUEUE_AHEAD at a time, the rest between steps 
 just launched: validating W3's 1,024 prompts of 8,320 ids (their ids converted to bytes, checked, copied) took
 0.2-0.37 s on the GPU hosts of session 21 (~0.1 ms a request on the CPU machine), all before the first step; a
 prefill step admits ~128 of them (its 16,384-token budget), so QUEUE_AHEAD waiting requests keep every step full.
-Past QUEUE_AHEAD, QUEUE_WHILE_BUSY more are queued at a time whenever the host would otherwise wait for the device
-to finish a step (LLMEngine.idle_work), so that the steps that admit many requests do not also queue as many: W2's
-first six prefill steps (~8 groups' first requests of 2,176 tokens each) leave the host waiting ~35 ms each, and the
-steps after them admit 128 requests apiece, on whose building the device then waited (session 23, one H200: 18-36
-ms before five of them, 0.125 s in all, with queueing done between steps only).
 A policy other than fcfs orders the whole queue (lpm groups by prefix): then all are queued first. A bad request
 found later raises as before; the requests of the call already queued are aborted (their pages go back at once).
 """
@@ -36,8 +31,6 @@ from nanovllm.sampling_params import SamplingParams
 
 # Requests waiting (validated, queued, not yet admitted) that generate keeps ahead of the scheduler (module doc).
 QUEUE_AHEAD = 256
-# Requests queued at a time while the host would otherwise wait for the device (module doc).
-QUEUE_WHILE_BUSY = 8
 
 
 class LLM(LLMEngine):
@@ -62,14 +55,13 @@ class LLM(LLMEngine):
         finally:
             gc.unfreeze()
 
-    def _queue(self, requests: list, seqs: list, more: int = 0) -> int:
+    def _queue(self, requests: list, seqs: list) -> None:
         """Validate and queue requests[len(seqs):] until QUEUE_AHEAD wait (all of them under a policy other than
-        fcfs), or at least `more` of them; returns how many it queued. The collector is off while the requests
-        are made and frozen after (module doc)."""
+        fcfs). The collector is off while the requests are made and frozen after (module doc)."""
         ahead = QUEUE_AHEAD if self.scheduler.policy.name == "fcfs" else len(requests)
-        end = min(len(requests), len(seqs) + max(more, ahead - len(self.scheduler.waiting)))
+        end = min(len(requests), len(seqs) + max(0, ahead - len(self.scheduler.waiting)))
         if end == len(seqs):
-            return 0
+            return
         collecting = gc.isenabled()
         gc.disable()
         try:
@@ -81,12 +73,6 @@ class LLM(LLMEngine):
         finally:
             if collecting:
                 gc.enable()
-        return len(made)
-
-    def _queue_while_busy(self, requests: list, seqs: list):
-        """The engine's idle work during a generate call (LLMEngine.idle_work): queue QUEUE_WHILE_BUSY more of the
-        call's requests while the device finishes a step, past QUEUE_AHEAD (module doc)."""
-        return lambda: self._queue(requests, seqs, QUEUE_WHILE_BUSY) > 0
 
     def _run(self, requests: list, use_tqdm: bool) -> list[dict]:
         """Queue requests (prompt, params) as the steps go and step until every one has finished; their outputs."""
@@ -94,7 +80,6 @@ class LLM(LLMEngine):
         start, tokens, seqs = perf_counter(), 0, []
         try:
             self._queue(requests, seqs)
-            self.idle_work = self._queue_while_busy(requests, seqs)
             while len(seqs) < len(requests) or not all(s.is_finished for s in seqs):
                 unfinished = len(self.seqs)
                 outputs = self.step()
@@ -107,13 +92,11 @@ class LLM(LLMEngine):
                     bar.set_postfix(tok_s=f"{tokens / max(perf_counter() - start, 1e-9):.0f}", refresh=False)
             self.drain()  # a step launched before the last ones ended
         except BaseException:
-            self.idle_work = None   # (a bad request found there: the step in flight is still collected)
             self.drain()
             for seq in seqs:
                 self.abort_request(seq.seq_id)
             raise
         finally:
-            self.idle_work = None
             bar.close()
         texts = self.output_texts(seqs)
         return [{"text": text, "token_ids": s.completion_token_ids, "finish_reason": s.finish_reason,

@@ -31,18 +31,11 @@ SHAPES = {"w3": (1, 8192), "w2": (64, 2048)}   # groups, shared tokens (workload
 class SampleSevens:
     """An executor whose steps sample token 7 for every row (no model, nothing on a device)."""
 
-    class Pending:
-        def __init__(self, step):
-            self.step = step
-
-        def ready(self) -> bool:   # done as launched (as on the CPU path: no work queued while waiting)
-            return True
-
     def execute(self, step):
-        return self.Pending(step)
+        return step
 
-    def collect(self, pending):
-        return StepResult(pending.step.step_id, [7] * len(pending.step.seq_ids))
+    def collect(self, step):
+        return StepResult(step.step_id, [7] * len(step.seq_ids))
 
     def close(self):
         pass

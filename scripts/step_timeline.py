@@ -149,8 +149,7 @@ def main():
     for prompts, params in rounds:
         requests, seqs = list(zip(prompts, params)), []
         t0 = time.perf_counter()
-        llm._queue(requests, seqs)   # as generate queues them (nanovllm/llm.py), also while the device is busy
-        llm.idle_work = llm._queue_while_busy(requests, seqs)
+        llm._queue(requests, seqs)   # as generate queues them (nanovllm/llm.py)
         if args.gc == "off":
             gc.disable()
         last = t1 = time.perf_counter()
@@ -171,7 +170,6 @@ def main():
                               len(collected.step.input_ids)))
             last = now
         llm.drain()
-        llm.idle_work = None
         t2 = time.perf_counter()
         texts += [llm.output_text(s) for s in seqs]
         t3 = time.perf_counter()

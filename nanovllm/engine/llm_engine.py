@@ -83,11 +83,6 @@ class LLMEngine:
                                                 config.max_model_len)
         self.seqs: dict[int, Sequence] = {}
         self.in_flight = None  # the step launched last, not yet collected
-        # Host work done while the device still runs the step about to be collected, instead of waiting for it
-        # (LLM.generate queues its next requests there): called before each collect while the step's tokens are
-        # not in, until it returns False (nothing left to do). The next step is launched by then, so the device
-        # stays busy meanwhile; each call must be short (it may overrun the step's end by one call).
-        self.idle_work = None
         self._grammar_compiler = None  # structured output, built on first use (engine/grammar.py)
         self.stats = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "cascade_steps": 0,
                       "generated_tokens": 0, "prompt_tokens": 0, "max_batch_size": 0,
@@ -214,10 +209,6 @@ class LLMEngine:
         """Collect the step in flight without launching another (its sequences may all have ended)."""
         if self.in_flight is None:
             return []
-        if self.idle_work is not None:
-            pending = self.in_flight.pending
-            while not pending.ready() and self.idle_work():
-                pass
         step, self.in_flight = self.in_flight, None
         start = perf_counter()
         outputs = self._collect(step)

@@ -340,11 +340,6 @@ class PendingResult:
         self.host_tokens = self.done = self.logits = self.timer = None
         self.logprobs = self.prompt_logprobs = None  # TokenLogprobs, copies to the host queued
 
-    def ready(self) -> bool:
-        """Its tokens are on the host (collect() would not wait). Always on the CPU path, which computes a
-        step as it is queued."""
-        return self.done is None or self.done.query()
-
 
 class _PassThroughAttention:
     """Stands in for attention during the memory warm-up (no KV cache exists yet)."""
