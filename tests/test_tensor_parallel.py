@@ -109,6 +109,47 @@ def test_logits_match_one_rank_and_transformers(model_dirs, make_llm, tp_llm, pr
         assert (ours - theirs[n - 1:n - 1 + len(ours)]).abs().max().item() <= 1e-4
 
 
+def test_steps_in_two_pieces_equal_one_rank(tiny_model, make_llm, tp_llm, monkeypatch):
+    """A step's rows through the layers as two pieces, one piece's sums over ranks started while the other
+    computes (models/tp_overlap.py; made to split these small steps, prefill and decode): the logits of one
+    rank within 1e-4, and greedy generate's tokens with cascade, prefix hits and chunked prefill."""
+    from nanovllm.models import tp_overlap
+    monkeypatch.setenv("NANOVLLM_TP_PREFILL_PIECE_BYTES", "256")   # read by the workers as they import it
+    monkeypatch.setattr(tp_overlap, "MIN_PIECE_BYTES", 256)
+    rows, forward = [], tp_overlap.forward_in_pieces
+    monkeypatch.setattr(tp_overlap, "forward_in_pieces", lambda model, hidden, *a: rows.append(len(hidden)) or
+                        forward(model, hidden, *a))
+    engine = dict(enable_cascade_attention=True, max_num_batched_tokens=256)
+    single, llm = make_llm(tiny_model, **engine), tp_llm(tiny_model, 2, **engine)
+    assert llm.model_runner.model.model.in_pieces
+    one, many = logits_by_step(single, PROMPTS), logits_by_step(llm, PROMPTS)
+    assert max(rows) == 256 and min(rows) == len(PROMPTS)   # prefill steps (a full budget) and decode steps
+    for (seq, ours), (seq1, ref) in zip(many, one):
+        assert seq.token_ids == seq1.token_ids
+        assert (ours - ref).abs().max().item() <= 1e-4
+    prompts = shared_prompt_workload()
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    got = llm.generate(prompts, sp, use_tqdm=False)
+    assert [o["token_ids"] for o in got] == [o["token_ids"] for o in single.generate(prompts, sp, use_tqdm=False)]
+    assert llm.stats["cascade_steps"] > 0 and sum(o["num_cached_tokens"] for o in got) > 0
+
+
+def test_pieces_switch(monkeypatch):
+    from nanovllm.models import tp_overlap
+    monkeypatch.setattr(tp_overlap, "tp_size", lambda: 2)
+    deferred = [type("Layer", (), {"attn_partial": True, "mlp_partial": True})()] * 2
+    assert tp_overlap.enabled(deferred)
+    assert not tp_overlap.enabled(deferred + [type("Moe", (), {"attn_partial": True, "mlp_partial": False})()])
+    monkeypatch.setenv("NANOVLLM_TP_PREFILL_OVERLAP", "0")
+    assert not tp_overlap.enabled(deferred)
+    monkeypatch.setenv("NANOVLLM_TP_PREFILL_OVERLAP", "yes")
+    with pytest.raises(ValueError, match="NANOVLLM_TP_PREFILL_OVERLAP"):
+        tp_overlap.enabled(deferred)
+    monkeypatch.setattr(tp_overlap, "tp_size", lambda: 1)
+    monkeypatch.setenv("NANOVLLM_TP_PREFILL_OVERLAP", "1")
+    assert not tp_overlap.enabled(deferred)
+
+
 def shared_prompt_workload(seed=0):
     rng = random.Random(seed)
     prompts = []

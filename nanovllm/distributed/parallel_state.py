@@ -132,6 +132,18 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_start(x: torch.Tensor):
+    """Start the sum over ranks of x in place and return at once: torch.distributed's asynchronous
+    all-reduce, on NCCL's own stream (gloo's thread on the CPU), so that work queued on this stream meanwhile
+    runs beside it. Returns the handle whose wait() orders this stream after the sum. A message the custom
+    all-reduce takes is summed at once instead (returns None): those sizes are decode's, inside graphs."""
+    car = _group.custom_ar
+    if car is not None and car.should_use(x):
+        x.copy_(car.all_reduce(x))
+        return None
+    return dist.all_reduce(x, async_op=True)
+
+
 def all_reduce_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """(rmsnorm(residual + sum over ranks of x) * weight, residual + that sum) in one kernel, where the
     custom all-reduce has it (backend "trtllm", 16-bit, up to its max_bytes; residual is updated in

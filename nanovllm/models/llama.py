@@ -23,6 +23,7 @@ from nanovllm.layers.fused import use_fused
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import Linear, PackedLinear, defer_reduce
 from nanovllm.layers.rotary_embedding import RotaryEmbedding, check_rope
+from nanovllm.models import tp_overlap
 from nanovllm.utils.context import get_context
 
 
@@ -53,10 +54,13 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)
+        return self.o_proj(self.attend(positions, self.qkv_proj(hidden)))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention of the step's rows from their q/k/v projection (the KV write included): o_proj's input."""
         if use_fused(qkv) and get_context().attn.fused_qkv:  # GPU: norms, rotary and the KV write in one kernel
             norms = (self.q_norm, self.k_norm) if self.qk_norm else (None, None)
-            return self.o_proj(self.attn.forward_qkv(qkv, positions, self.rotary_emb.cos_sin_half, *norms))
+            return self.attn.forward_qkv(qkv, positions, self.rotary_emb.cos_sin_half, *norms)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -64,7 +68,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
+        return self.attn(q, k, v)
 
 
 class LlamaMLP(nn.Module):
@@ -114,9 +118,15 @@ class LlamaModel(nn.Module):
         rotary_emb = RotaryEmbedding.from_config(config, head_dim(config))
         self.layers = nn.ModuleList([make_layer(config, i, rotary_emb) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Under tensor parallelism a large step's rows go through the layers as two pieces, one's sums over
+        # ranks beside the other's work (models/tp_overlap.py).
+        self.in_pieces = tp_overlap.enabled(self.layers)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden, residual, partial = self.embed_tokens(input_ids), None, False
+        split = tp_overlap.split_row(hidden) if self.in_pieces else None
+        if split:
+            return tp_overlap.forward_in_pieces(self, hidden, positions, split)
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, partial)
             partial = layer.mlp_partial
