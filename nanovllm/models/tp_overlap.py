@@ -22,6 +22,13 @@ FlashInfer's kernels at once, in decode's graphs) and on the dense decoder whose
 their sums to the norm after them (models/llama.py, layers/linear.defer_reduce). The same results as the
 whole step up to the GEMMs' rounding of fewer rows (tests/test_tensor_parallel.py: logits within 1e-4 of one
 rank, greedy tokens equal). `NANOVLLM_TP_PREFILL_OVERLAP=0` runs every step whole.
+
+Measured (session 23, 2 x H200, `python bench.py --preset qwen3-8b --load-format dummy --workload w1
+--tensor-parallel-size 2`, alternating with NANOVLLM_TP_PREFILL_OVERLAP=0 on one machine): prefill 1.924 / 1.926 s
+against 1.991 / 2.002 whole, W1 15,036 / 15,032 tok/s against 14,903 / 14,850 (+0.9%). Only ~70 of the 350 ms of
+sums are hidden: cuBLAS's prefill GEMMs are persistent kernels (nvjet "coop", one CTA an SM) that hold every SM, so
+NCCL's kernel mostly runs between them. Leaving it SMs (torch's experimental SM carveout, 16 SMs, on cuBLASLt)
+made the prefill slower instead: 1.972 / 1.976 s against 1.903 / 1.891 in another call.
 """
 import os
 
