@@ -21,7 +21,8 @@ Only where each piece's message is past the custom all-reduce's sizes (MIN_PIECE
 FlashInfer's kernels at once, in decode's graphs) and on the dense decoder whose o_proj and down_proj leave
 their sums to the norm after them (models/llama.py, layers/linear.defer_reduce). The same results as the
 whole step up to the GEMMs' rounding of fewer rows (tests/test_tensor_parallel.py: logits within 1e-4 of one
-rank, greedy tokens equal). `NANOVLLM_TP_PREFILL_OVERLAP=0` runs every step whole.
+rank, greedy tokens equal). `NANOVLLM_TP_PREFILL_OVERLAP=0` runs every step whole; it and
+NANOVLLM_TP_PREFILL_PIECE_BYTES must be the same on every rank (the pieces' collectives pair across ranks).
 
 Measured (session 23, 2 x H200, `python bench.py --preset qwen3-8b --load-format dummy --workload w1
 --tensor-parallel-size 2`, alternating with NANOVLLM_TP_PREFILL_OVERLAP=0 on one machine): prefill 1.924 / 1.926 s
