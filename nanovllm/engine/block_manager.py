@@ -781,6 +781,14 @@ class BlockManager:
             self._uses(block, writes=True)
             seq.block_table.append(block.block_id)
 
+    def mark_computed_all(self, seqs: list[Sequence]):
+        """mark_computed for each of a step's sequences, in one call: most rows of a decode step fill no page
+        (a call a row, twice a step, was ~0.3 ms of a 1,024-row step's ~2.9 on the CPU machine)."""
+        bs = self.block_size
+        for seq in seqs:
+            if min(seq.num_computed_tokens, len(seq.token_ids) - seq.num_pending) // bs > seq.num_marked_blocks:
+                self.mark_computed(seq)
+
     def mark_computed(self, seq: Sequence):
         """Pages now fully computed become cache hits for later requests. Called when a step is
         launched and again when its tokens are collected: a page whose last token is still a
@@ -788,7 +796,7 @@ class BlockManager:
         bs = self.block_size
         full = min(seq.num_computed_tokens, len(seq.token_ids) - seq.num_pending) // bs
         if full <= seq.num_marked_blocks:
-            return   # no page newly full: most decode steps (called twice a row a step)
+            return   # no page newly full
         blocks, table, caching = self.blocks, seq.block_table, self.enable_prefix_caching
         for i in range(seq.num_marked_blocks, full):
             block = blocks[table[i]]
