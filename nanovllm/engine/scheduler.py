@@ -81,14 +81,15 @@ class Scheduler:
         bm = self.block_manager
         # Prompts already admitted continue their chunks first (once their restores have landed).
         restoring = []   # admitted with pages restored from the host tier: they run once the copies went out
+        landed = bm.restores_ready   # (restores_landed and in_prefill inlined: every running row, every step)
         for seq in self.running:
             if budget == 0:
                 break
-            if not bm.restores_landed(seq):
+            if seq.restore_ticket > landed:
                 # Checked before in_prefill: a request whose pages all hit but its last token's has one
                 # token left, like a decoding one, and must still wait for its restores.
                 restoring.append(seq)
-            elif seq.in_prefill:
+            elif len(seq.token_ids) - seq.num_computed_tokens > 1:   # in prefill
                 seq.chunk_len = min(len(seq) - seq.num_computed_tokens, budget)
                 budget -= seq.chunk_len
                 scheduled.append(seq)

@@ -37,9 +37,11 @@ class StepBuilder:
         """The step and its sequences in row order. `prev` is the step launched last and not yet
         collected: a decode input still PLACEHOLDER is the token one of its rows is sampling.
         `copies`: the block manager's StepCopies (engine/block_manager.py)."""
-        plan = self.cascade.plan(seqs) if self.cascade is not None else None
+        pages = [s.page_array() for s in seqs]   # each row's pages (numpy, kept on the sequence)
+        plan = self.cascade.plan(seqs, pages) if self.cascade is not None else None
         if plan is not None:
-            seqs = [seqs[i] for i in plan.order.tolist()]
+            order = plan.order.tolist()
+            seqs, pages = [seqs[i] for i in order], [pages[i] for i in order]
         bs = self.page_size
         n = len(seqs)
         q_lens = np.fromiter((s.chunk_len for s in seqs), dtype=np.int32, count=n)
@@ -51,9 +53,9 @@ class StepBuilder:
         kv_indptr = np.zeros(n + 1, dtype=np.int32)
         np.cumsum(num_pages, out=kv_indptr[1:])
         if is_prefill:  # a prompt chunk may stop short of its allocated pages
-            tables = [s.page_array()[:k] for s, k in zip(seqs, num_pages.tolist())]
+            tables = [p[:k] for p, k in zip(pages, num_pages.tolist())]
         else:           # decode: every page of every sequence
-            tables = [s.page_array() for s in seqs]
+            tables = pages
         kv_indices = np.concatenate(tables) if tables else np.zeros(0, np.int32)
         if len(kv_indices) != kv_indptr[-1]:   # a scheduler bug, caught here rather than as garbage K/V
             short = next(i for i, (t, k) in enumerate(zip(tables, num_pages.tolist())) if len(t) != k)
