@@ -266,6 +266,14 @@ def test_replicas_behind_router(router, tiny_model, expected, tmp_path):
         # Same texts, same usage (prefix-cache hits included) as one server given the same requests.
         assert answers == expected
 
+        # The router's /flush_cache reaches every replica's: each system prompt is computed again, same text.
+        r = httpx.post(f"{url}/flush_cache", timeout=30)
+        assert r.status_code == 200, r.text
+        with httpx.Client(base_url=url, timeout=60) as c:
+            again = [answer(c.post("/v1/chat/completions", json=body).json()) for body in ROUNDS[1]]
+        assert [a[:2] for a in again] == [a[:2] for a in expected[1]]
+        assert all(a[2]["prompt_tokens_details"]["cached_tokens"] == 0 for a in again), again
+
         # The router read our loads: smg keeps our /v1/loads fields, sglang-router 0.3 the /get_load sum.
         def seen():
             loads = router_loads(url)

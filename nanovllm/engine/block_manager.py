@@ -803,6 +803,25 @@ class BlockManager:
                     self._register(block)
             seq.num_marked_blocks = full
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix in both tiers (LLMEngine.reset_prefix_cache): only while no request holds a
+        page and no restore is queued; returns False, changing nothing, otherwise. The pages keep their copy
+        stamps (`landing`, `read_out`, `host_written`, ...): a copy still in flight is waited for as before."""
+        if self.num_free_blocks != self.num_blocks or self.restore_backlog or self.host_pinned:
+            return False
+        for block in self.blocks:
+            block.hash, block.token_key, block.computed, block.keep = -1, b"", False, DROP
+        self.hash_to_block_id.clear()
+        self.hit_runs.clear()
+        self.prompt_index.clear()
+        for page in self.host_eviction_order():
+            self.host_hash[page], self.host_key[page] = -1, b""
+            self.host_free.append(page)
+        self.host_probation.clear()
+        self.host_protected.clear()
+        self.host_hash_to_page.clear()
+        return True
+
     def check_invariants(self):
         """For tests: ref counts agree with the free list, the hash map points at matching pages; the
         host pages are each free, pinned or in the LRU exactly once; a hash in both tiers has the same

@@ -175,6 +175,18 @@ class LLMEngine:
     def is_finished(self) -> bool:
         return self.scheduler.is_finished() and self.in_flight is None
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix, GPU and host tier (vLLM's LLM.reset_prefix_cache, SGLang's /flush_cache):
+        later prompts compute all their pages again, as on a fresh engine (cold-cache benchmarks, a changed
+        checkpoint's KV). Only between requests: with any request queued or running it logs why and returns
+        False, changing nothing. The hit counters (metrics) keep counting."""
+        busy = len(self.scheduler.waiting) + len(self.scheduler.running)
+        if busy or self.in_flight is not None or not self.scheduler.block_manager.reset_prefix_cache():
+            logger.warning("prefix cache not reset: %d requests queued or running", busy)
+            return False
+        logger.info("prefix cache reset")
+        return True
+
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         """Schedule and launch the next step, then collect the one launched before it (its outputs are

@@ -2,8 +2,8 @@
 
 A step is blocking compute and the engine is not thread-safe, so nothing but this thread touches the
 engine's mutable state. The HTTP side (an asyncio event loop) talks to it through two one-way channels:
-  inbox   a thread-safe queue of commands ("add" a request's sequences, "abort" them, "kv_state" for
-          GET /debug/kv, "stop"), drained
+  inbox   a thread-safe queue of commands ("add" a request's sequences, "abort" them, "call" a function
+          of the engine for GET /debug/kv or /flush_cache, "stop"), drained
           between steps, so requests join the running batch at the next step (continuous batching);
   deltas  per request, an asyncio.Queue filled through loop.call_soon_threadsafe, one call per step and
           event loop, carrying each sequence's new text / finish.
@@ -134,14 +134,22 @@ class AsyncEngine:
         self._inbox.put(("add", request))
         return request
 
-    async def kv_state(self) -> dict:
-        """engine.kv_state(), computed on the engine thread between two steps (GET /debug/kv)."""
+    async def call(self, fn):
+        """fn(engine), run on the engine thread between two steps; its result, or its exception raised here."""
         if not self.is_alive:
             raise RuntimeError("the engine loop is not running")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._inbox.put(("kv_state", future, loop))
+        self._inbox.put(("call", fn, future, loop))
         return await future
+
+    async def kv_state(self) -> dict:
+        """engine.kv_state() (GET /debug/kv)."""
+        return await self.call(lambda engine: engine.kv_state())
+
+    async def reset_prefix_cache(self) -> bool:
+        """engine.reset_prefix_cache(): False while requests are live, including ones submitted before this call."""
+        return await self.call(lambda engine: engine.reset_prefix_cache())
 
     def abort(self, request: RequestStream):
         """The client left: free its unfinished sequences' pages at the next turn of the loop."""
@@ -165,10 +173,8 @@ class AsyncEngine:
                     self._add(command[1])
                 elif command[0] == "abort":
                     self._abort(command[1])
-                elif command[0] == "kv_state":
-                    _, future, loop = command
-                    state = engine.kv_state()
-                    loop.call_soon_threadsafe(lambda f=future, s=state: f.done() or f.set_result(s))
+                elif command[0] == "call":
+                    self._call(*command[1:])
                 else:
                     stop = True
             if stop:  # after the adds, so that requests queued with the stop get their error too
@@ -182,6 +188,17 @@ class AsyncEngine:
                     logger.exception("engine step failed")
                     self._fail_all(f"engine error: {type(e).__name__}: {e}")
             self._publish()
+
+    def _call(self, fn, future: asyncio.Future, loop: asyncio.AbstractEventLoop):
+        try:
+            result, error = fn(self.engine), None
+        except Exception as e:  # the caller's error, not the loop's
+            result, error = None, e
+
+        def settle():
+            if not future.done():
+                future.set_result(result) if error is None else future.set_exception(error)
+        loop.call_soon_threadsafe(settle)
 
     def _step(self):
         steps_before = self.engine.stats["steps"]

@@ -2,7 +2,8 @@
 /v1/chat/completions (with logprobs), /v1/models, /tokenize, /detokenize, /tokenizer_info, /version,
 /health and /metrics; SGLang's native /generate; and for a router in front of several servers (SGLang's `smg` / `sglang-router`),
 the discovery and load endpoints it reads: /server_info, /model_info (and their /get_* aliases),
-/v1/loads and the older /get_load, in the shapes SGLang answers them.
+/v1/loads and the older /get_load, in the shapes SGLang answers them, and the admin endpoints it calls on each
+worker: /flush_cache (vLLM's name: /reset_prefix_cache) and /health_generate.
 
 Each handler parses and validates the whole request (types, ranges, context length, model name)
 before it queues anything, so a bad request costs the engine nothing. Errors use OpenAI's shape,
@@ -35,6 +36,7 @@ from nanovllm.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOut
 
 MAX_N = 64                    # choices per prompt; each one is a sequence in the batch
 MAX_SEQS_PER_REQUEST = 256    # prompts x n
+HEALTH_GENERATE_TIMEOUT_S = 20.0   # seconds /health_generate waits for its one token
 INT64 = 2 ** 63
 LOAD_SECTIONS = {"core", "memory", "spec", "lora", "disagg", "queues", "all"}  # SGLang's /v1/loads?include=
 
@@ -713,6 +715,39 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
         for tier in ("gpu", "host"):
             state[tier]["lru"] = state[tier]["lru"][:max_pages]
         return state
+
+    # Forget every cached prefix: SGLang's /flush_cache (a router's POST /flush_cache calls it on each worker) and
+    # vLLM's /reset_prefix_cache. Only between requests, as in both: 400, nothing changed, while any are live.
+    @app.api_route("/flush_cache", methods=["GET", "POST"], dependencies=[Depends(check_api_key)])
+    @app.post("/reset_prefix_cache", dependencies=[Depends(check_api_key)])
+    async def flush_cache():
+        if not engine.is_alive:
+            raise ApiError(503, "the engine loop is not running", type="server_error")
+        if await engine.reset_prefix_cache():
+            return Response("Cache flushed.\n", media_type="text/plain")
+        return Response("Cache not flushed: requests are running or waiting; retry once they are done.\n",
+                        status_code=400, media_type="text/plain")
+
+    @app.get("/health_generate")
+    async def health_generate():
+        """SGLang's deeper probe: one greedy token through the engine (a stuck or failed loop answers 503)."""
+        if not engine.is_alive:
+            return JSONResponse({"status": "engine loop not running"}, status_code=503)
+        seq = engine.make_sequence([0], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        request = engine.submit([seq], stream=False)
+
+        async def finished() -> str | None:   # the engine's error, if it gave one
+            while not request.finished:
+                delta = await request.get()
+                if delta.error is not None:
+                    return delta.error
+            return None
+        try:
+            error = await asyncio.wait_for(finished(), HEALTH_GENERATE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            engine.abort(request)
+            error = f"no token within {HEALTH_GENERATE_TIMEOUT_S} s"
+        return JSONResponse({"status": error}, status_code=503) if error else {"status": "ok"}
 
     # For routers (open like /health and /metrics: they are probes). /get_* are SGLang's older names.
     @app.get("/server_info")

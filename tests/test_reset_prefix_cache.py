@@ -1,0 +1,107 @@
+"""Forgetting the prefix cache (LLM.reset_prefix_cache, the server's /flush_cache and /reset_prefix_cache): after
+it every prompt is computed in full again, in both KV tiers, with the same greedy text; with requests live it
+changes nothing and says so; the server also answers SGLang's /health_generate probe."""
+import threading
+import time
+
+import httpx
+import pytest
+from conftest import assert_no_leaks
+
+from nanovllm import SamplingParams
+from nanovllm.entrypoints.serve import ServerThread
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+SYSTEMS = [list(range(100 + 64 * s, 164 + 64 * s)) for s in range(4)]   # 8 pages of 8 tokens each
+PROMPTS = [SYSTEMS[i % 4] + [7 + i, 300 + i, 9] for i in range(8)]   # two requests a system prompt
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from nanovllm.tools.make_model import make_model
+    return make_model("llama-tiny", str(tmp_path_factory.mktemp("m") / "llama-tiny"), seed=0)
+
+
+def run(llm) -> tuple[list, list]:
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    return [o["token_ids"] for o in outs], [o["num_cached_tokens"] for o in outs]
+
+
+# 64 GPU pages hold the 4 system prompts of 8 pages; 24 do not: there the host tier holds what the GPU evicts.
+@pytest.mark.parametrize("pages,host_gb", [(64, 0), (24, 0.01)])
+def test_reset_forgets_both_tiers_and_keeps_the_text(model, make_llm, pages, host_gb):
+    llm = make_llm(model, num_kvcache_blocks=pages, kvcache_block_size=8, max_num_seqs=3, max_model_len=128,
+                   host_kvcache_gb=host_gb)
+    bm = llm.scheduler.block_manager
+    first, cached = run(llm)
+    again, cached_again = run(llm)
+    assert again == first and min(cached_again) >= len(SYSTEMS[0]), cached_again
+    if host_gb:
+        assert bm.num_used_host_blocks > 0   # the tier holds pages to forget
+    hits_before = bm.num_cache_hit_tokens
+
+    assert llm.reset_prefix_cache() is True
+    bm.check_invariants()
+    assert not bm.hash_to_block_id and bm.num_used_host_blocks == 0 and bm.num_free_blocks == bm.num_blocks
+    after, cached_after = run(llm)
+    assert after == first
+    assert cached_after[0] == 0, cached_after   # the first request computes the system prompt again
+    assert cached_after == cached, (cached_after, cached)   # exactly as on the fresh engine
+    assert bm.num_cache_hit_tokens >= hits_before   # metrics' counters keep counting
+    assert llm.reset_prefix_cache() is True   # and again, on a cache just refilled
+    assert_no_leaks(llm)
+
+
+def test_reset_refused_while_requests_are_live(model, make_llm):
+    llm = make_llm(model, num_kvcache_blocks=64, kvcache_block_size=8, max_num_seqs=4, max_model_len=128)
+    run(llm)   # the system prompt is cached
+    seq = llm.add_request(PROMPTS[0], GREEDY)
+    assert llm.reset_prefix_cache() is False   # queued
+    llm.step()
+    assert llm.reset_prefix_cache() is False   # running, a step in flight
+    while not llm.is_finished():
+        llm.step()
+    assert seq.num_cached_tokens >= len(SYSTEMS[0])   # nothing was forgotten
+    assert llm.scheduler.block_manager.hash_to_block_id
+    assert llm.reset_prefix_cache() is True
+    assert_no_leaks(llm)
+
+
+def test_server_flush_cache_and_health_generate(tiny_model):
+    key = {"Authorization": "Bearer k"}
+    body = {"model": "tiny", "prompt": "A heron stood in the shallows, watching the water with great patience " * 3,
+            "max_tokens": 2, "temperature": 0}
+    with ServerThread(tiny_model, ["tiny"], api_key="k", max_model_len=512, max_num_seqs=8) as server, \
+            httpx.Client(base_url=server.url, headers=key, timeout=60) as c:
+        def cached() -> int:
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+        assert cached() == 0 and cached() > 0
+        for method, path in (("POST", "/flush_cache"), ("GET", "/flush_cache"), ("POST", "/reset_prefix_cache")):
+            r = c.request(method, path)
+            assert r.status_code == 200 and r.text == "Cache flushed.\n", (path, r.text)
+            assert cached() == 0, path   # computed in full again (and cached for the next flush to forget)
+        assert httpx.post(f"{server.url}/flush_cache").status_code == 401   # an admin call: the key is needed
+
+        # While a request runs: 400, and the cache is kept.
+        long = {**body, "prompt": "Another prompt for the long one", "max_tokens": 400, "ignore_eos": True}
+        t = threading.Thread(target=c.post, args=("/v1/completions",), kwargs={"json": long})
+        t.start()
+        try:
+            deadline = time.monotonic() + 30
+            while server.engine.engine.is_finished():
+                assert time.monotonic() < deadline, "the long request never started"
+                time.sleep(0.005)
+            r = c.post("/flush_cache")
+            assert r.status_code == 400 and "running or waiting" in r.text, r.text
+        finally:
+            t.join(120)
+        assert cached() > 0
+
+        r = httpx.get(f"{server.url}/health_generate", timeout=30)   # a probe, like /health: no key
+        assert r.status_code == 200 and r.json() == {"status": "ok"}, r.text
+        engine = server.engine
+    assert not engine.is_alive
+    assert_no_leaks(engine.engine)
