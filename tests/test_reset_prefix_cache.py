@@ -105,3 +105,51 @@ def test_server_flush_cache_and_health_generate(tiny_model):
         engine = server.engine
     assert not engine.is_alive
     assert_no_leaks(engine.engine)
+
+
+def test_flushes_racing_requests(tiny_model):
+    """Flushes and probes sent while requests come and go: each flush is done (200) or refused (400), never
+    half done; every greedy answer is the one a quiet server gives; no page is left held. Three waves of
+    requests, flushes racing each wave, and one flush between waves once the engine is idle (done)."""
+    import asyncio
+    prompts = [f"System prompt number {i % 3}: answer briefly and precisely. Question {i}?" for i in range(12)]
+
+    def body(i: int) -> dict:
+        return {"model": "tiny", "prompt": prompts[i], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+
+    with ServerThread(tiny_model, ["tiny"], max_model_len=256, max_num_seqs=4) as server:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            quiet = [c.post("/v1/completions", json=body(i)).json()["choices"][0]["text"] for i in range(len(prompts))]
+
+        def idle():
+            deadline = time.monotonic() + 10
+            while not server.engine.engine.is_finished():   # the last step may still be collected
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+
+        async def wave():
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+                async def ask(i):
+                    await asyncio.sleep(0.002 * i)
+                    r = await c.post("/v1/completions", json=body(i))
+                    assert r.status_code == 200, r.text
+                    return r.json()["choices"][0]["text"]
+
+                async def flush(k):
+                    await asyncio.sleep(0.004 * k)
+                    return (await c.request("POST" if k % 2 else "GET", "/flush_cache")).status_code
+
+                async def probe():
+                    return (await c.get("/health_generate")).status_code
+                return await asyncio.gather(asyncio.gather(*(ask(i) for i in range(len(prompts)))),
+                                            asyncio.gather(*(flush(k) for k in range(10))), probe())
+        racing = []
+        for _ in range(3):
+            answers, flushes, probed = asyncio.run(wave())
+            assert answers == quiet and probed == 200
+            racing += flushes
+            idle()
+            assert httpx.post(f"{server.url}/flush_cache").status_code == 200   # between waves: done
+        assert set(racing) <= {200, 400} and 400 in racing, racing
+        engine = server.engine
+    assert_no_leaks(engine.engine)
