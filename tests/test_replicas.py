@@ -273,6 +273,10 @@ def test_replicas_behind_router(router, tiny_model, expected, tmp_path):
             again = [answer(c.post("/v1/chat/completions", json=body).json()) for body in ROUNDS[1]]
         assert [a[:2] for a in again] == [a[:2] for a in expected[1]]
         assert all(a[2]["prompt_tokens_details"]["cached_tokens"] == 0 for a in again), again
+        # The router's /health_generate is one replica's (our body, passed through).
+        if router == "smg":
+            r = httpx.get(f"{url}/health_generate", timeout=60)
+            assert r.status_code == 200 and r.json() == {"status": "ok"}, r.text
 
         # The router read our loads: smg keeps our /v1/loads fields, sglang-router 0.3 the /get_load sum.
         def seen():

@@ -3,7 +3,8 @@
 /health and /metrics; SGLang's native /generate; and for a router in front of several servers (SGLang's `smg` / `sglang-router`),
 the discovery and load endpoints it reads: /server_info, /model_info (and their /get_* aliases),
 /v1/loads and the older /get_load, in the shapes SGLang answers them; and SGLang's /flush_cache (a router's POST
-/flush_cache calls it on every worker; vLLM's name: /reset_prefix_cache) and /health_generate.
+/flush_cache calls it on every worker; vLLM's name: /reset_prefix_cache) and /health_generate (smg's is one
+worker's).
 
 Each handler parses and validates the whole request (types, ranges, context length, model name)
 before it queues anything, so a bad request costs the engine nothing. Errors use OpenAI's shape,
