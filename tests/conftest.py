@@ -1,6 +1,8 @@
 """Shared fixtures: random-weight checkpoints built once per run, the shipped trained tiny model, and LLMs
 checked for leaked pages."""
 
+import time
+
 import pytest
 import torch
 
@@ -79,6 +81,16 @@ def oai(server):
     with openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.api_key or "none", max_retries=0,
                        timeout=60) as c:
         yield c
+
+
+def wait_until(condition, timeout: float, what: str = "condition", interval: float = 0.01) -> float:
+    """Poll until condition() is true; returns the seconds it took (fails the test past the timeout)."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what} not met within {timeout}s")
+        time.sleep(interval)
+    return time.monotonic() - start
 
 
 def server_metrics(server) -> dict[str, float]:

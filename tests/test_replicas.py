@@ -15,6 +15,7 @@ import time
 
 import httpx
 import pytest
+from conftest import wait_until
 
 from nanovllm.entrypoints.metrics import parse
 from nanovllm.entrypoints.serve import H2_GOAWAY, H2_PREFACE, ServerThread
@@ -44,14 +45,6 @@ def chat(system: str, question: str, max_tokens: int) -> dict:
 # Round 0 is sent overlapping (320 tokens each, ~0.4 s, so each is still running when the next is routed, and the router
 # spreads them by load); the later rounds one request at a time, so each can be traced to the replica that served it.
 ROUNDS = [[chat(s, QUESTIONS[r], 320 if r == 0 else 6) for s in SYSTEMS] for r in range(len(QUESTIONS))]
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(interval)
 
 
 def post_overlapping(url: str, bodies: list[dict], started) -> list[dict]:
@@ -139,10 +132,10 @@ def test_loads_report_the_engine(server):
                          kwargs={"json": body, "timeout": 120})
     t.start()
     busy = {}
-    wait_until(lambda: busy.update(loads()["loads"][0]) or busy["num_running_reqs"] == 1, 30, "request running")
+    wait_until(lambda: busy.update(loads()["loads"][0]) or busy["num_running_reqs"] == 1, 30, "request running", interval=0.05)
     assert busy["num_used_tokens"] > 0 and 0 < busy["token_usage"] < 1 and busy["utilization"] > 0
     t.join(120)
-    wait_until(lambda: loads()["loads"][0]["num_running_reqs"] == 0, 10, "request finished")
+    wait_until(lambda: loads()["loads"][0]["num_running_reqs"] == 0, 10, "request finished", interval=0.05)
     rank = loads()["loads"][0]
     assert rank["num_used_tokens"] == 0 and rank["gen_throughput"] > 0 and rank["cache_hit_rate"] >= 0
     legacy = httpx.get(f"{server.url}/get_load").json()
@@ -243,7 +236,7 @@ def test_replicas_behind_router(router, tiny_model, expected, tmp_path):
         # /workers, polled a moment too late). What is ours is asserted below: the router reads our loads,
         # and each system prompt stays where round 0 put it.
         got = [answer(b) for b in post_overlapping(url, ROUNDS[0], lambda: sum(taken(r) for r in replicas))]
-        wait_until(lambda: sum(count()) == len(SYSTEMS), 10, "round 0 counted")
+        wait_until(lambda: sum(count()) == len(SYSTEMS), 10, "round 0 counted", interval=0.05)
         per_replica = count()
         print(f"{router}: round 0 per replica {per_replica}")
         answers = [got]
@@ -256,7 +249,7 @@ def test_replicas_behind_router(router, tiny_model, expected, tmp_path):
                 for g, body in enumerate(bodies):
                     before = count()
                     got.append(answer(c.post("/v1/chat/completions", json=body).json()))
-                    wait_until(lambda: sum(count()) == sum(before) + 1, 10, "request counted")
+                    wait_until(lambda: sum(count()) == sum(before) + 1, 10, "request counted", interval=0.05)
                     served = [i for i, (a, b) in enumerate(zip(count(), before)) if a > b]
                     assert home.setdefault(g, served[0]) == served[0], f"system prompt {g} moved replicas"
                     # Its prefix was cached there: round 0 of this prompt ran on the same replica.
@@ -295,7 +288,7 @@ def test_replicas_behind_router(router, tiny_model, expected, tmp_path):
             script.wait()
     assert script.returncode == 130, (tmp_path / "script.log").read_text()
     pids = ready["pids"].values()
-    wait_until(lambda: not any(alive(pid) for pid in pids), 10, "children gone")
+    wait_until(lambda: not any(alive(pid) for pid in pids), 10, "children gone", interval=0.05)
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     assert str(tmp_path) not in ps and not any(f"--port {u.rsplit(':', 1)[1]} " in ps for u in replicas), ps
     assert all(port_free(u) for u in [url, *replicas])

@@ -2,11 +2,10 @@
 it every prompt is computed in full again, in both KV tiers, with the same greedy text; with requests live it
 changes nothing and says so; the server also answers SGLang's /health_generate probe."""
 import threading
-import time
 
 import httpx
 import pytest
-from conftest import assert_no_leaks
+from conftest import assert_no_leaks, wait_until
 
 from nanovllm import SamplingParams
 from nanovllm.entrypoints.serve import ServerThread
@@ -90,10 +89,7 @@ def test_server_flush_cache_and_health_generate(tiny_model):
         t = threading.Thread(target=c.post, args=("/v1/completions",), kwargs={"json": long})
         t.start()
         try:
-            deadline = time.monotonic() + 30
-            while server.engine.engine.is_finished():
-                assert time.monotonic() < deadline, "the long request never started"
-                time.sleep(0.005)
+            wait_until(lambda: not server.engine.engine.is_finished(), 30, "the long request started", interval=0.005)
             r = c.post("/flush_cache")
             assert r.status_code == 400 and "running or waiting" in r.text, r.text
         finally:
@@ -102,7 +98,19 @@ def test_server_flush_cache_and_health_generate(tiny_model):
 
         r = httpx.get(f"{server.url}/health_generate", timeout=30)   # a probe, like /health: no key
         assert r.status_code == 200 and r.json() == {"status": "ok"}, r.text
-        engine = server.engine
+        # A step that fails: the probe answers 503 with the engine's error, and the next one 200.
+        engine, failed = server.engine, []
+
+        def step_failing_once():
+            if not failed:
+                failed.append(1)
+                raise RuntimeError("injected step failure")
+            return type(engine.engine).step(engine.engine)
+        engine.engine.step = step_failing_once
+        r = httpx.get(f"{server.url}/health_generate", timeout=30)
+        del engine.engine.step
+        assert r.status_code == 503 and "injected step failure" in r.json()["status"], r.text
+        assert httpx.get(f"{server.url}/health_generate", timeout=30).status_code == 200
     assert not engine.is_alive
     assert_no_leaks(engine.engine)
 
@@ -120,12 +128,6 @@ def test_flushes_racing_requests(tiny_model):
     with ServerThread(tiny_model, ["tiny"], max_model_len=256, max_num_seqs=4) as server:
         with httpx.Client(base_url=server.url, timeout=60) as c:
             quiet = [c.post("/v1/completions", json=body(i)).json()["choices"][0]["text"] for i in range(len(prompts))]
-
-        def idle():
-            deadline = time.monotonic() + 10
-            while not server.engine.engine.is_finished():   # the last step may still be collected
-                assert time.monotonic() < deadline
-                time.sleep(0.005)
 
         async def wave():
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
@@ -148,7 +150,8 @@ def test_flushes_racing_requests(tiny_model):
             answers, flushes, probed = asyncio.run(wave())
             assert answers == quiet and probed == 200
             racing += flushes
-            idle()
+            # The last step may still be collected after the answers are out.
+            wait_until(server.engine.engine.is_finished, 10, "the engine idle", interval=0.005)
             assert httpx.post(f"{server.url}/flush_cache").status_code == 200   # between waves: done
         assert set(racing) <= {200, 400} and 400 in racing, racing
         engine = server.engine

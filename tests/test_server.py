@@ -13,7 +13,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import assert_no_leaks, server_idle as idle, server_metrics as metrics
+from conftest import assert_no_leaks, server_idle as idle, server_metrics as metrics, wait_until
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.entrypoints.metrics import parse
@@ -24,16 +24,6 @@ MODEL = "tiny"
 ENGINE = dict(max_model_len=512, max_num_seqs=64)
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ABORTED = 'nanovllm_sequences_finished_total{reason="abort"}'
-
-
-def wait_until(condition, timeout: float, interval: float = 0.01) -> float:
-    """Poll until condition() is true; returns the seconds it took (fails the test past the timeout)."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
-    return time.monotonic() - start
 
 
 @pytest.fixture(scope="module")

@@ -221,9 +221,8 @@ def test_tensor_parallel_same_constrained_tokens(tiny_model, make_llm, tp_llm):
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    from conftest import assert_no_leaks
+    from conftest import assert_no_leaks, server_idle as idle, wait_until
     from nanovllm.entrypoints.serve import ServerThread
-    from test_server import idle, wait_until
     s = ServerThread(tiny_model, ["tiny"], api_key="k", max_model_len=512, max_num_seqs=64).start()
     yield s
     try:

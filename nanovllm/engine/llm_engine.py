@@ -180,9 +180,9 @@ class LLMEngine:
         later prompts compute all their pages again, as on a fresh engine (cold-cache benchmarks, a changed
         checkpoint's KV). Only between requests: with any request queued or running it logs why and returns
         False, changing nothing. The hit counters (metrics) keep counting."""
-        busy = len(self.scheduler.waiting) + len(self.scheduler.running)
-        if busy or self.in_flight is not None or not self.scheduler.block_manager.reset_prefix_cache():
-            logger.warning("prefix cache not reset: %d requests queued or running", busy)
+        if not self.is_finished() or not self.scheduler.block_manager.reset_prefix_cache():
+            logger.warning("prefix cache not reset: %d requests queued or running",
+                           len(self.scheduler.waiting) + len(self.scheduler.running))
             return False
         logger.info("prefix cache reset")
         return True

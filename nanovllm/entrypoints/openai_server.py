@@ -730,25 +730,21 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], api_key: str |
                         status_code=400, media_type="text/plain")
 
     @app.get("/health_generate")
-    async def health_generate():
+    async def health_generate(http_request: Request):
         """SGLang's deeper probe: one greedy token through the engine (a stuck or failed loop answers 503)."""
         if not engine.is_alive:
             return JSONResponse({"status": "engine loop not running"}, status_code=503)
         seq = engine.make_sequence([0], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
         request = engine.submit([seq], stream=False)
-
-        async def finished() -> str | None:   # the engine's error, if it gave one
-            while not request.finished:
-                delta = await request.get()
-                if delta.error is not None:
-                    return delta.error
-            return None
-        try:
-            error = await asyncio.wait_for(finished(), HEALTH_GENERATE_TIMEOUT_S)
+        try:   # a timeout cancels _finals, which aborts the request
+            await asyncio.wait_for(_finals(http_request, request), HEALTH_GENERATE_TIMEOUT_S)
         except asyncio.TimeoutError:
-            engine.abort(request)
             error = f"no token within {HEALTH_GENERATE_TIMEOUT_S} s"
-        return JSONResponse({"status": error}, status_code=503) if error else {"status": "ok"}
+        except ApiError as e:   # the engine failed the request (or the client left)
+            error = e.message
+        else:
+            return {"status": "ok"}
+        return JSONResponse({"status": error}, status_code=503)
 
     # For routers (open like /health and /metrics: they are probes). /get_* are SGLang's older names.
     @app.get("/server_info")
