@@ -103,3 +103,30 @@ def test_tp2_greedy_with_fused_all_reduce_norm(model_06b, monkeypatch):
         compare(one, got, expected, PROMPTS, "TP=2 fused all-reduce + norm vs TP=1")
     finally:
         two.close()
+
+
+def test_tp2_prefill_pieces_on_copy_engines(model_06b, monkeypatch):
+    """Every prefill step of 4+ rows in two pieces (the threshold lowered on every rank), those of several requests
+    cut between them and attending apart, their sums on the copy engines (distributed/copy_engine_all_reduce.py):
+    greedy tokens as TP=1's up to near-ties, with and without cascade (whose prefill steps are cut in half)."""
+    from nanovllm.models import tp_overlap
+    monkeypatch.setenv("NANOVLLM_TP_PREFILL_PIECE_BYTES", "4096")   # the workers read it as they import tp_overlap
+    monkeypatch.setattr(tp_overlap, "MIN_PIECE_BYTES", 4096)
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    common = dict(dtype="bfloat16", max_model_len=2048, max_num_seqs=128, num_kvcache_blocks=4096)
+    one = LLM(model_06b, **common)
+    shared = shared_prompts()
+    expected = [o["token_ids"] for o in one.generate(shared, sp, use_tqdm=False)]
+    for cascade in (False, True):
+        two = LLM(model_06b, tensor_parallel_size=2, enable_cascade_attention=cascade, **common)
+        try:
+            from nanovllm.distributed.parallel_state import group
+            ce = group().ce_ar
+            assert ce is not None, "copy-engine all-reduce not set up"
+            got = [o["token_ids"] for o in two.generate(shared, sp, use_tqdm=False)]
+            assert ce.sums > 0
+            compare(one, got, expected, shared, f"TP=2 prefill pieces on copy engines (cascade {cascade}) vs TP=1")
+            bm = two.scheduler.block_manager
+            assert bm.num_free_blocks == bm.num_blocks
+        finally:
+            two.close()

@@ -111,19 +111,22 @@ def test_logits_match_one_rank_and_transformers(model_dirs, make_llm, tp_llm, pr
 
 def test_steps_in_two_pieces_equal_one_rank(tiny_model, make_llm, tp_llm, monkeypatch):
     """A step's rows through the layers as two pieces, one piece's sums over ranks started while the other
-    computes (models/tp_overlap.py; made to split these small steps, prefill and decode): the logits of one
-    rank within 1e-4, and greedy generate's tokens with cascade, prefix hits and chunked prefill."""
+    computes (models/tp_overlap.py; made to split these small steps, prefill and decode; prefill steps without
+    cascade levels between requests, each piece attending apart): the logits of one rank within 1e-4, and greedy
+    generate's tokens with cascade, prefix hits and chunked prefill."""
     from nanovllm.models import tp_overlap
     monkeypatch.setenv("NANOVLLM_TP_PREFILL_PIECE_BYTES", "256")   # read by the workers as they import it
     monkeypatch.setattr(tp_overlap, "MIN_PIECE_BYTES", 256)
-    rows, forward = [], tp_overlap.forward_in_pieces
-    monkeypatch.setattr(tp_overlap, "forward_in_pieces", lambda model, hidden, *a: rows.append(len(hidden)) or
-                        forward(model, hidden, *a))
+    rows, apart, forward = [], [], tp_overlap.forward_in_pieces
+    monkeypatch.setattr(tp_overlap, "forward_in_pieces", lambda model, hidden, positions, split, own=False:
+                        rows.append(len(hidden)) or apart.append(own) or forward(model, hidden, positions, split, own))
     engine = dict(enable_cascade_attention=True, max_num_batched_tokens=256)
     single, llm = make_llm(tiny_model, **engine), tp_llm(tiny_model, 2, **engine)
     assert llm.model_runner.model.model.in_pieces
     one, many = logits_by_step(single, PROMPTS), logits_by_step(llm, PROMPTS)
     assert max(rows) == 256 and min(rows) == len(PROMPTS)   # prefill steps (a full budget) and decode steps
+    # prefill steps of several requests cut between them, each piece attending apart; the others cut in half
+    assert any(apart) and not all(apart)
     for (seq, ours), (seq1, ref) in zip(many, one):
         assert seq.token_ids == seq1.token_ids
         assert (ours - ref).abs().max().item() <= 1e-4

@@ -29,6 +29,21 @@ class StepBatch:
     cascade: Any = None           # a CascadePlan when this step runs cascade attention
 
 
+def split_batch(batch: StepBatch, r: int) -> tuple[StepBatch, StepBatch]:
+    """Requests [0, r) and [r, n) of a step without cascade levels, each a StepBatch of its own (its indptrs from
+    0, its rows' slots), for a step whose two pieces attend apart (models/tp_overlap.py)."""
+    if batch.cascade is not None or not 0 < r < len(batch.q_lens):
+        raise ValueError(f"cannot split a step of {len(batch.q_lens)} requests at {r} (cascade: {batch.cascade is not None})")
+    rows, pages = int(batch.qo_indptr[r]), int(batch.kv_indptr[r])
+    first = StepBatch(batch.is_prefill, batch.q_lens[:r], batch.kv_lens[:r], batch.qo_indptr[:r + 1],
+                      batch.kv_indptr[:r + 1], batch.kv_indices[:pages], batch.kv_last_page_len[:r],
+                      batch.slot_mapping[:rows], batch.page_size)
+    second = StepBatch(batch.is_prefill, batch.q_lens[r:], batch.kv_lens[r:], batch.qo_indptr[r:] - rows,
+                       batch.kv_indptr[r:] - pages, batch.kv_indices[pages:], batch.kv_last_page_len[r:],
+                       batch.slot_mapping[rows:], batch.page_size)
+    return first, second
+
+
 def page_lists_on_device(kv_indptr, kv_indices, kv_last_page_len, device: torch.device,
                          buffers: tuple[torch.Tensor, ...] | None = None, who: str = "decode") -> list[torch.Tensor]:
     """One step's page-list arrays (numpy, host or device tensors) as int32 tensors on `device`: new ones, or
@@ -57,6 +72,7 @@ class AttentionBackend:
 
     slot_mapping: torch.Tensor | None = None  # this step's slot of every token (-1: padding)
     fused_qkv = False  # GPU layers may write K/V with the fused kernel, then call attend()
+    piece_rows: int | None = None  # planned by plan_pieces: the first piece's rows (use_piece picks a piece)
 
     def __init__(self, num_qo_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                  dtype: torch.dtype, device: torch.device, kv_dtype: torch.dtype | None = None):
@@ -70,6 +86,26 @@ class AttentionBackend:
         self.sm_scale = head_dim ** -0.5
 
     def plan(self, batch: StepBatch):
+        raise NotImplementedError
+
+    def plan_pieces(self, batch: StepBatch, r: int):
+        """Plan a step without cascade levels as two pieces, requests [0, r) and [r, n) (split_batch), each
+        attended on its own: use_piece(i) makes store()/attend() and slot_mapping piece i's. plan() undoes it."""
+        self._pieces = []
+        for sub in split_batch(batch, r):
+            self.plan(sub, piece=len(self._pieces))
+            self._pieces.append(self._piece_state())
+        self.piece_rows = int(batch.qo_indptr[r])
+        self.use_piece(0)
+
+    def use_piece(self, i: int):
+        self._set_piece_state(self._pieces[i])
+
+    def _piece_state(self):
+        """What plan() set, to come back to in use_piece."""
+        raise NotImplementedError
+
+    def _set_piece_state(self, state):
         raise NotImplementedError
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

@@ -87,7 +87,7 @@ class FlashInferAttentionBackend(AttentionBackend):
     # each shared prefix without split-kv: 2-3% faster on fa2, the same on fa3 (`--only levels`).
     def __init__(self, *, prefill_backend: str = "auto", cascade_backend: str = "fa2", cascade_levels: int = 3,
                  max_rows: int = 16384, decode_tensor_cores: bool = True, shared_backend: str = "auto",
-                 decode_kernel: str = "auto", max_model_len: int = 4096, **kwargs):
+                 decode_kernel: str = "auto", max_model_len: int = 4096, prefill_pieces: bool = False, **kwargs):
         super().__init__(**kwargs)
         # Regular decode of an fp8 cache on xqa (attention/xqa_decode.py: ~3.3 TB/s of fp8 pages) where it
         # builds, else on the Triton kernel (attention/triton_decode.py, ~2 TB/s): FlashInfer's decode
@@ -107,6 +107,10 @@ class FlashInferAttentionBackend(AttentionBackend):
         self.cascade_levels = cascade_levels
         self.decode_tensor_cores = decode_tensor_cores
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend=prefill_backend)
+        # A prefill step's second piece (plan_pieces, tensor parallelism's pieces): its own plan and workspace.
+        self.prefill_second = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            torch.zeros(SIDE_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device), "NHD",
+            backend=prefill_backend) if prefill_pieces else None
         if self.regular_decode == "xqa":
             self.decode = XqaPagedDecode(self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
                                          self.max_pages, self.device, self.xqa_work, sm_scale=self.sm_scale)
@@ -166,8 +170,13 @@ class FlashInferAttentionBackend(AttentionBackend):
     def _common(self):
         return dict(sm_scale=self.sm_scale, q_data_type=self.dtype, kv_data_type=self.kv_dtype)
 
-    def plan(self, batch: StepBatch):
+    def plan(self, batch: StepBatch, piece: int | None = None):
         self.slot_mapping = batch.slot_mapping
+        if piece is None:
+            self.piece_rows = None
+        elif not batch.is_prefill or batch.cascade is not None or self.prefill_second is None:
+            raise ValueError("only prefill steps without cascade levels are planned in pieces, and only by a "
+                             "backend made with prefill_pieces=True")
         if batch.cascade is not None:
             self.active = self.cascade_prefill if batch.is_prefill else self.cascade[self.shared_kernel(batch.cascade)]
             self.active.plan(batch.cascade)
@@ -175,9 +184,10 @@ class FlashInferAttentionBackend(AttentionBackend):
         t = pinned  # FlashInfer's plan copies these to the device
         hq, hkv, d, page = self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size
         if batch.is_prefill:
-            self.prefill.plan(t(batch.qo_indptr), t(batch.kv_indptr), t(batch.kv_indices), t(batch.kv_last_page_len),
+            prefill = self.prefill_second if piece == 1 else self.prefill
+            prefill.plan(t(batch.qo_indptr), t(batch.kv_indptr), t(batch.kv_indices), t(batch.kv_last_page_len),
                               hq, hkv, d, page, causal=True, **self._common())
-            self.active = self.prefill
+            self.active = prefill
         elif not isinstance(self.decode, flashinfer.BatchDecodeWithPagedKVCacheWrapper):   # xqa, Triton (as plan_graph)
             self.decode.plan(batch.kv_indptr, batch.kv_indices, batch.kv_last_page_len)
             self.active = self.decode
@@ -186,6 +196,12 @@ class FlashInferAttentionBackend(AttentionBackend):
                              hq, hkv, d, page, disable_split_kv=len(batch.kv_lens) >= NO_SPLIT_KV_ROWS,
                              **self._common())
             self.active = self.decode
+
+    def _piece_state(self):
+        return self.active, self.slot_mapping
+
+    def _set_piece_state(self, state):
+        self.active, self.slot_mapping = state
 
     def store(self, k, v, k_cache, v_cache, k_scale=1.0, v_scale=1.0):
         store_kv_triton(k, v, k_cache, v_cache, self.slot_mapping, k_scale, v_scale)

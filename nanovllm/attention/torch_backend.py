@@ -27,11 +27,19 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 class TorchAttentionBackend(AttentionBackend):
 
-    def plan(self, batch: StepBatch):
+    def plan(self, batch: StepBatch, piece: int | None = None):
         t = lambda a: torch.from_numpy(a).to(self.device)
+        if piece is None:
+            self.piece_rows = None
         self.batch = batch
         self.slot_mapping = batch.slot_mapping
         self.layout = (t(batch.qo_indptr), t(batch.kv_indptr), t(batch.kv_indices), t(batch.kv_last_page_len))
+
+    def _piece_state(self):
+        return self.batch, self.slot_mapping, self.layout
+
+    def _set_piece_state(self, state):
+        self.batch, self.slot_mapping, self.layout = state
 
     def store(self, k, v, k_cache, v_cache, k_scale=1.0, v_scale=1.0):
         store_kv(k, v, k_cache, v_cache, self.slot_mapping, k_scale, v_scale)

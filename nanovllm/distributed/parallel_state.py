@@ -33,6 +33,7 @@ class TPGroup:
     device: torch.device
     cpu_group: object                         # gloo ProcessGroup over the same ranks
     custom_ar: object = None                  # small GPU messages: CustomAllReduce or TieredAllReduce, or None
+    ce_ar: object = None                      # prefill pieces' large sums: CopyEngineAllReduce, or None
     health_check: object = None               # rank 0: () -> Exception | None, a worker's failure
     store: object = field(default=None, repr=False)  # the rendezvous store (workers post errors there)
 
@@ -104,9 +105,10 @@ def destroy_tensor_parallel(timeout_s: float = 10.0):
     daemon thread and is abandoned after timeout_s."""
     global _group
     grp, _group = _group, None
-    if grp is not None and grp.custom_ar is not None:
-        with contextlib.suppress(Exception):
-            grp.custom_ar.close()
+    for ar in (grp.custom_ar, grp.ce_ar) if grp is not None else ():
+        if ar is not None:
+            with contextlib.suppress(Exception):
+                ar.close()
     if not dist.is_initialized():
         return
     def destroy():
@@ -132,16 +134,44 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class _Started:
+    """A sum started by all_reduce_start: wait() orders this stream after it and returns the sum."""
+
+    def __init__(self, x: torch.Tensor, work=None):
+        self.x, self.work = x, work
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        return self.x
+
+
 def all_reduce_start(x: torch.Tensor):
-    """Start the sum over ranks of x in place and return at once: torch.distributed's asynchronous
-    all-reduce, on NCCL's own stream (gloo's thread on the CPU), so that work queued on this stream meanwhile
-    runs beside it. Returns the handle whose wait() orders this stream after the sum. A message the custom
-    all-reduce takes is summed at once instead (returns None): those sizes are decode's, inside graphs."""
+    """Start the sum over ranks of x and return at once, so that work queued on this stream meanwhile runs
+    beside it; the handle's wait() orders this stream after the sum and returns it (x itself, or a new
+    tensor). Where the copy-engine all-reduce takes x (prefill pieces' messages on two GPUs,
+    distributed/copy_engine_all_reduce.py), the copy engines move it and no SM is taken; otherwise
+    torch.distributed's asynchronous all-reduce, in place on NCCL's own stream (gloo's thread on the CPU).
+    A message the custom all-reduce takes is summed at once instead: those sizes are decode's, in graphs."""
+    ce = _group.ce_ar
+    if ce is not None and ce.should_use(x):
+        return ce.start(x)
     car = _group.custom_ar
     if car is not None and car.should_use(x):
         x.copy_(car.all_reduce(x))
-        return None
-    return dist.all_reduce(x, async_op=True)
+        return _Started(x)
+    return _Started(x, dist.all_reduce(x, async_op=True))
+
+
+def enable_copy_engine_all_reduce(max_bytes: int, min_bytes: int = 0):
+    """Collective (every rank, same arguments): set up the copy-engine all-reduce for messages of min_bytes ..
+    max_bytes. Only on two CUDA ranks (where it was measured; past two it sends more bytes than NCCL) and
+    unless NANOVLLM_CE_ALL_REDUCE=0; a failed setup leaves NCCL for those sums (logged on rank 0)."""
+    if _group is None or _group.device.type != "cuda" or _group.size != 2 or _group.ce_ar is not None:
+        return
+    from nanovllm.distributed.copy_engine_all_reduce import CopyEngineAllReduce
+    ce = CopyEngineAllReduce(_group.cpu_group, _group.rank, _group.size, _group.device, max_bytes, min_bytes)
+    _group.ce_ar = None if ce.disabled else ce
 
 
 def all_reduce_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):

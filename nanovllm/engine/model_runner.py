@@ -27,6 +27,7 @@ from nanovllm.layers.logprobs import log_softmax, prompt_token_logprobs, select
 from nanovllm.layers.grammar_mask import apply_grammar_mask
 from nanovllm.layers.sampler import Sampler, step_row_seeds
 from nanovllm.layers.vocab_parallel_sample import pick_over_ranks, shard_candidates
+from nanovllm.models import tp_overlap
 from nanovllm.models.registry import model_class
 from nanovllm.utils.context import reset_context, set_context
 from nanovllm.utils.loader import load_model
@@ -67,6 +68,15 @@ class ModelRunner:
         if config.quantization is not None and self.device.type == "cuda":
             prepare_kernels(self.model, self.dtype)
         self.sampler = Sampler()
+        # Tensor parallelism: large prefill steps run in two pieces (models/tp_overlap.py); those without cascade
+        # levels are cut between requests and each piece attends apart; on two GPUs their sums go on the copy
+        # engines (set up before the KV cache is sized: the receive slots are device memory).
+        in_pieces = self.distributed and getattr(self.model.model, "in_pieces", False)
+        self.pieces_attend_apart = in_pieces and tp_overlap.ATTEND_APART
+        if in_pieces and self.device.type == "cuda":
+            tp.enable_copy_engine_all_reduce(
+                tp_overlap.piece_bytes(config.max_num_batched_tokens, hf.hidden_size, self.dtype),
+                tp_overlap.MIN_PIECE_BYTES)
         self.num_layers = hf.num_hidden_layers
         attn = self.model.model.layers[0].self_attn
         self.num_qo_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim  # this rank's
@@ -74,7 +84,7 @@ class ModelRunner:
         if config.attention_backend == "flashinfer":
             extra = dict(cascade_levels=config.cascade_max_levels, max_rows=config.max_num_batched_tokens,
                          shared_backend=config.cascade_shared_backend, decode_kernel=config.decode_attention_kernel,
-                         max_model_len=config.max_model_len)
+                         max_model_len=config.max_model_len, prefill_pieces=self.pieces_attend_apart)
         self.backend = make_backend(
             config.attention_backend, num_qo_heads=self.num_qo_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, page_size=self.block_size, dtype=self.dtype, device=self.device,
@@ -315,7 +325,12 @@ class ModelRunner:
         if key is not None:
             self.graphs.load(batch, input_ids, positions, key)
         else:
-            self.backend.plan(batch)
+            split = (tp_overlap.split_request(batch.qo_indptr, self.config.hf_config.hidden_size, self.dtype)
+                     if self.pieces_attend_apart and batch.is_prefill and batch.cascade is None else None)
+            if split is None:
+                self.backend.plan(batch)
+            else:
+                self.backend.plan_pieces(batch, split)
         self._plan_recorded()
         if key is not None:
             hidden = self.graphs.replay(key, len(input_ids))

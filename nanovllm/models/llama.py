@@ -124,9 +124,10 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden, residual, partial = self.embed_tokens(input_ids), None, False
-        split = tp_overlap.split_row(hidden) if self.in_pieces else None
-        if split:
-            return tp_overlap.forward_in_pieces(self, hidden, positions, split)
+        if self.in_pieces:
+            split, own = tp_overlap.split_for(hidden)
+            if split:
+                return tp_overlap.forward_in_pieces(self, hidden, positions, split, own)
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, partial)
             partial = layer.mlp_partial
