@@ -59,13 +59,26 @@ def main():
     llm.generate(make(), sp, use_tqdm=False)
     prompts = make()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    before = torch.cuda.memory_stats()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                            torch.profiler.ProfilerActivity.CPU]) as prof:
         llm.generate(prompts, sp, use_tqdm=False)
         torch.cuda.synchronize()
+    after = torch.cuda.memory_stats()
+    print("allocator during the traced generate: " + ", ".join(
+        f"{k} +{after.get(k, 0) - before.get(k, 0)}" for k in ("num_alloc_retries", "segment.all.allocated",
+                                                               "segment.all.freed", "num_sync_all_streams")))
     path = Path(tempfile.mkdtemp()) / "trace.json"
     prof.export_chrome_trace(str(path))
     llm.close()
-    events = [e for e in json.load(open(path))["traceEvents"]
+    everything = json.load(open(path))["traceEvents"]
+    runtime = sorted(((e["dur"], e["name"]) for e in everything if e.get("ph") == "X"
+                      and e.get("cat") in ("cuda_runtime", "cuda_driver")), reverse=True)
+    print("longest CUDA runtime/driver calls on the host:", [(round(d), n) for d, n in runtime[:12]])
+    ops = sorted(((e["dur"], e["name"]) for e in everything if e.get("ph") == "X" and e.get("cat") == "cpu_op"
+                  and e["name"].startswith("aten::") and e["name"] not in ("aten::to", "aten::_to_copy")), reverse=True)
+    print("longest aten ops on the host:", [(round(d), n) for d, n in ops[:10]])
+    events = [e for e in everything
               if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     by_stream = collections.defaultdict(list)
     for e in events:

@@ -123,3 +123,9 @@ def test_head_dim_flashinfer_cannot_run_is_refused_clearly(tiny_model):
     not FlashInfer's "Invalid configuration" from inside graph capture."""
     with pytest.raises(ValueError, match="head_dim in .*this model has 16.*attention_backend='torch'"):
         LLM(tiny_model, device="cuda", dtype="bfloat16", attention_backend="flashinfer")
+
+
+def test_unknown_blas_library_is_refused_before_the_model_loads(tiny_model, monkeypatch):
+    monkeypatch.setenv("NANOVLLM_BLAS_LIBRARY", "mkl")
+    with pytest.raises(ValueError, match="NANOVLLM_BLAS_LIBRARY must be cublaslt, cublas or default"):
+        LLM(tiny_model)

@@ -8,6 +8,7 @@ and every tensor-parallel worker (distributed/worker.py) run the same step throu
 build step N+1 while the device runs step N. Jobs split out: engine/kv_cache.py (how many pages,
 the cache tensor), engine/cuda_graphs.py (capture and replay of decode graphs)."""
 import contextlib
+import os
 import warnings
 
 import numpy as np
@@ -43,6 +44,7 @@ class ModelRunner:
         self.config = config
         hf = config.hf_config
         self.device = torch.device(config.device)
+        blas = blas_library()   # a bad $NANOVLLM_BLAS_LIBRARY fails here, before the model loads
         self.dtype = config.torch_dtype
         self.block_size = config.kvcache_block_size
         torch.manual_seed(config.seed)
@@ -125,6 +127,8 @@ class ModelRunner:
             with tp.graph_capture() if self.distributed else contextlib.nullcontext():
                 self.graphs.capture(self.num_kvcache_blocks,
                                     config.cascade_max_levels if config.enable_cascade_attention else 0)
+        if self.device.type == "cuda" and blas != "default":   # after the capture: the graphs keep cuBLAS's kernels
+            torch.backends.cuda.preferred_blas_library(blas)
 
     def release_graphs(self):
         """Drop the CUDA graphs before the process group goes: a graph that captured NCCL kernels and
@@ -345,6 +349,23 @@ class ModelRunner:
             return hidden, self.model.compute_logits(hidden, gather)
         finally:
             reset_context()
+
+
+# The BLAS library torch's GEMMs go through on the GPU once the decode graphs are captured, that is in eager
+# forwards (prefill steps): $NANOVLLM_BLAS_LIBRARY, cublaslt (the default), cublas, or "default" (torch's choice,
+# cuBLAS). A process-wide torch setting (torch.backends.cuda.preferred_blas_library). Measured on one H200 (session
+# 25, F.linear at Qwen3-0.6B's four layer shapes, rows not seen before): through cuBLAS about one call in three
+# took 2.5-4.1 ms of host time (16,001 rows: qkv 3.19, o_proj 3.07, gate_up 3.48 ms; 2,177 rows: 4.13 / 3.65 /
+# 2.98), through cuBLASLt every call 0.13-0.20 ms (0.02-0.03 for rows seen before). Prefill steps have new row
+# counts all the time: a traced W1-like prefill step of 16,087 tokens (scripts/trace_tp_prefill.py
+# --tensor-parallel-size 1) left the device idle 16.3 ms of its 50.4 while the host sat in three such calls. W2 with
+# cascade on one H200: prefill 0.686 / 0.697 s through cuBLASLt against 0.708 through cuBLAS (one run; within the
+# machines' spread). The decode graphs were captured through cuBLAS (their kernels measured in sessions 12-24).
+def blas_library() -> str:
+    name = os.environ.get("NANOVLLM_BLAS_LIBRARY", "cublaslt")
+    if name not in ("cublaslt", "cublas", "default"):
+        raise ValueError(f"NANOVLLM_BLAS_LIBRARY must be cublaslt, cublas or default, got {name!r}")
+    return name
 
 
 class PendingResult:
