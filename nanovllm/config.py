@@ -11,6 +11,7 @@ from nanovllm.cascade.cost_model import SHARED_BACKEND_CHOICES
 from nanovllm.layers.awq_format import check_model as check_awq_model
 from nanovllm.layers.awq_format import check_parallel as check_awq_parallel
 from nanovllm.layers.awq_format import read_quant_config
+from nanovllm.utils.blas import blas_library
 from nanovllm.models.llama import head_dim
 from nanovllm.models.registry import check_model_config
 
@@ -60,6 +61,7 @@ class Config:
     eos_token_ids: tuple = ()               # set by the engine from the tokenizer and generation config
 
     def __post_init__(self):
+        blas_library()   # a bad $NANOVLLM_BLAS_LIBRARY fails here, before any process starts
         if not os.path.isdir(self.model):
             raise ValueError(f"model folder not found: {self.model!r}")
         if not os.path.isfile(os.path.join(self.model, "config.json")):

@@ -69,7 +69,8 @@ def worker(rank, world, port, args, q):
     for size in (1 * MB, 16 * MB, 64 * MB):
         for it in range(20):
             g = torch.Generator(device=dev).manual_seed(1000 * rank + it)
-            xs = [torch.randn(size // 2 // hidden, hidden, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(2)]
+            xs = [torch.randn(size // 2 // hidden, hidden, device=dev, dtype=torch.bfloat16, generator=g)
+                  for _ in range(2)]
             refs = [x.clone() for x in xs]
             for r in refs:
                 dist.all_reduce(r)

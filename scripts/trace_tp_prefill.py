@@ -9,8 +9,9 @@ other streams meanwhile.
 One generate of `--prompts` random prompts of `--prompt-len` tokens and one output token each (W1's prefill
 steps: ~16k tokens) to warm up, then the same again under torch.profiler (rank 0, this process). Prints the
 window's wall time, each stream's busy time, the compute stream's gaps over 20 us (with the kernels around
-them and what the other streams ran meanwhile), and the peer copies' durations. Writes the chrome trace,
-gzipped, to --out when it is under 15 MB.
+them and what the other streams ran meanwhile), the peer copies' durations, the longest CUDA runtime calls and
+aten ops on the host, and what the caching allocator did. Writes the chrome trace, gzipped, to --out when the raw
+trace is under 60 MB.
 """
 import argparse
 import collections
@@ -41,6 +42,11 @@ def intervals_union(iv):
     return total
 
 
+def busy(ops) -> float:
+    """Microseconds in which at least one of these (start, end, ...) ops runs."""
+    return intervals_union([(a, b) for a, b, *_ in ops])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -68,10 +74,15 @@ def main():
     print("allocator during the traced generate: " + ", ".join(
         f"{k} +{after.get(k, 0) - before.get(k, 0)}" for k in ("num_alloc_retries", "segment.all.allocated",
                                                                "segment.all.freed", "num_sync_all_streams")))
-    path = Path(tempfile.mkdtemp()) / "trace.json"
+    tmp = Path(tempfile.mkdtemp())
+    path = tmp / "trace.json"
     prof.export_chrome_trace(str(path))
     llm.close()
     everything = json.load(open(path))["traceEvents"]
+    if path.stat().st_size < 60 << 20:
+        with open(path, "rb") as f, gzip.open(Path(args.out) / f"trace_tp_prefill{args.tag}.json.gz", "wb") as g:
+            shutil.copyfileobj(f, g)
+    shutil.rmtree(tmp)
     runtime = sorted(((e["dur"], e["name"]) for e in everything if e.get("ph") == "X"
                       and e.get("cat") in ("cuda_runtime", "cuda_driver")), reverse=True)
     print("longest CUDA runtime/driver calls on the host:", [(round(d), n) for d, n in runtime[:12]])
@@ -86,11 +97,11 @@ def main():
     t0 = min(a for iv in by_stream.values() for a, _, _, _ in iv)
     t1 = max(b for iv in by_stream.values() for _, b, _, _ in iv)
     print(f"{sum(len(p) for p in prompts)} prompt tokens, window {(t1 - t0) / 1000:.1f} ms, "
-          f"all streams busy (union) {intervals_union([(a, b) for iv in by_stream.values() for a, b, _, _ in iv]) / 1000:.1f} ms")
+          f"all streams busy (union) {busy([op for ops in by_stream.values() for op in ops]) / 1000:.1f} ms")
     compute = max(by_stream, key=lambda s: len(by_stream[s]))
     for s, iv in sorted(by_stream.items(), key=lambda kv: -len(kv[1])):
         kinds = collections.Counter(n.split("(")[0][:40] for _, _, n, c in iv).most_common(3)
-        print(f"stream {s}{' (compute)' if s == compute else ''}: {len(iv)} ops, busy {intervals_union([(a, b) for a, b, _, _ in iv]) / 1000:.1f} ms; "
+        print(f"stream {s}{' (compute)' if s == compute else ''}: {len(iv)} ops, busy {busy(iv) / 1000:.1f} ms; "
               f"{kinds}")
     copies = [b - a for iv in by_stream.values() for a, b, n, c in iv if c == "gpu_memcpy" and b - a > 50]
     if copies:
@@ -105,17 +116,14 @@ def main():
             gaps.append((a1 - b0, n0[:50], n1[:50], during[:3]))
     total_gap = sum(g for g, *_ in gaps)
     print(f"compute-stream gaps over 20 us: {len(gaps)}, {total_gap / 1000:.1f} ms in all")
-    after = collections.Counter(n1 for _, _, n1, _ in gaps)
+    before_kernel = collections.Counter(n1 for _, _, n1, _ in gaps)
     gsum = collections.defaultdict(float)
     for g, _, n1, _ in gaps:
         gsum[n1] += g
-    for name, cnt in after.most_common(8):
+    for name, cnt in before_kernel.most_common(8):
         print(f"  before {name}: {cnt} gaps, {gsum[name] / 1000:.1f} ms")
     for g, n0, n1, during in sorted(gaps, reverse=True)[:12]:
         print(f"  {g:.0f} us after {n0} before {n1}; meanwhile {during}")
-    if path.stat().st_size < 60 << 20:
-        with open(path, "rb") as f, gzip.open(Path(args.out) / f"trace_tp_prefill{args.tag}.json.gz", "wb") as g:
-            shutil.copyfileobj(f, g)
 
 
 if __name__ == "__main__":

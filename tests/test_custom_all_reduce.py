@@ -263,7 +263,7 @@ def _fake_cuda_setup(cam, rank, load_ops) -> list:
     import contextlib
     capturing = [False]
     cam._load_ops = load_ops
-    cam._CudaRT = _FakeRT
+    cam.CudaRT = _FakeRT
     cam._uuid = lambda device: f"GPU-fake-{rank}"
     cam.CustomAllReduce._static_check = lambda self: ""
     torch.cuda.init = lambda: None

@@ -314,3 +314,37 @@ def test_server_reports_a_failed_worker_and_stops_clean(tiny_model):
     finally:
         server.stop()
     assert not children()
+
+
+def test_ranks_must_share_the_piece_settings(monkeypatch):
+    """Ranks that resolved the pieces' switches differently would pair different collectives: every rank
+    raises, naming the switch and each rank's value."""
+    from types import SimpleNamespace
+
+    from nanovllm.distributed import parallel_state as ps
+    from nanovllm.models import tp_overlap
+    mine = tp_overlap.settings()
+    theirs = [dict(mine)]
+    monkeypatch.setattr(ps, "_group", SimpleNamespace(size=2, cpu_group=None))
+    monkeypatch.setattr(ps.dist, "all_gather_object", lambda out, obj, group=None: out.__setitem__(
+        slice(None), [obj] + theirs))
+    ps.check_same_on_every_rank(mine)   # alike: nothing raised
+    theirs[0]["NANOVLLM_TP_PIECES_ATTEND_APART"] = not mine["NANOVLLM_TP_PIECES_ATTEND_APART"]
+    with pytest.raises(ValueError, match="disagree on NANOVLLM_TP_PIECES_ATTEND_APART .*rank 1"):
+        ps.check_same_on_every_rank(mine)
+
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_leaving_after_a_failure_frees_no_ipc_buffers(monkeypatch, failed):
+    """After a rank failed, this rank's streams may wait for ever on the dead peer: closing the IPC all-reduces
+    (a device synchronize, then a barrier) would not return, so their buffers are left to the process's exit."""
+    from types import SimpleNamespace
+
+    from nanovllm.distributed import parallel_state as ps
+    closed = []
+    ars = [SimpleNamespace(close=lambda name=name: closed.append(name)) for name in ("custom", "copy engine")]
+    monkeypatch.setattr(ps, "_group", SimpleNamespace(custom_ar=ars[0], ce_ar=ars[1]))
+    monkeypatch.setattr(ps.dist, "is_initialized", lambda: False)
+    ps.destroy_tensor_parallel(failed=failed)
+    assert ps.group() is None
+    assert closed == ([] if failed else ["custom", "copy engine"])

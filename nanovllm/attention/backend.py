@@ -6,6 +6,7 @@ holding kv_last_page_len[b] tokens. Query tokens are the last q_len of the reque
 (causal, bottom-right aligned). New K/V are written to slot_mapping (page * page_size + offset,
 -1 for padding) before attention reads the cache.
 """
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,14 +34,17 @@ def split_batch(batch: StepBatch, r: int) -> tuple[StepBatch, StepBatch]:
     """Requests [0, r) and [r, n) of a step without cascade levels, each a StepBatch of its own (its indptrs from
     0, its rows' slots), for a step whose two pieces attend apart (models/tp_overlap.py)."""
     if batch.cascade is not None or not 0 < r < len(batch.q_lens):
-        raise ValueError(f"cannot split a step of {len(batch.q_lens)} requests at {r} (cascade: {batch.cascade is not None})")
+        raise ValueError(f"cannot split a step of {len(batch.q_lens)} requests at {r} "
+                         f"(cascade: {batch.cascade is not None})")
     rows, pages = int(batch.qo_indptr[r]), int(batch.kv_indptr[r])
-    first = StepBatch(batch.is_prefill, batch.q_lens[:r], batch.kv_lens[:r], batch.qo_indptr[:r + 1],
-                      batch.kv_indptr[:r + 1], batch.kv_indices[:pages], batch.kv_last_page_len[:r],
-                      batch.slot_mapping[:rows], batch.page_size)
-    second = StepBatch(batch.is_prefill, batch.q_lens[r:], batch.kv_lens[r:], batch.qo_indptr[r:] - rows,
-                       batch.kv_indptr[r:] - pages, batch.kv_indices[pages:], batch.kv_last_page_len[r:],
-                       batch.slot_mapping[rows:], batch.page_size)
+    first = dataclasses.replace(
+        batch, q_lens=batch.q_lens[:r], kv_lens=batch.kv_lens[:r], qo_indptr=batch.qo_indptr[:r + 1],
+        kv_indptr=batch.kv_indptr[:r + 1], kv_indices=batch.kv_indices[:pages],
+        kv_last_page_len=batch.kv_last_page_len[:r], slot_mapping=batch.slot_mapping[:rows])
+    second = dataclasses.replace(
+        batch, q_lens=batch.q_lens[r:], kv_lens=batch.kv_lens[r:], qo_indptr=batch.qo_indptr[r:] - rows,
+        kv_indptr=batch.kv_indptr[r:] - pages, kv_indices=batch.kv_indices[pages:],
+        kv_last_page_len=batch.kv_last_page_len[r:], slot_mapping=batch.slot_mapping[rows:])
     return first, second
 
 
@@ -85,18 +89,22 @@ class AttentionBackend:
         self.device = device
         self.sm_scale = head_dim ** -0.5
 
-    def plan(self, batch: StepBatch):
+    def plan(self, batch: StepBatch, piece: int | None = None):
+        """Plan a step (piece None; forgets planned pieces: _forget_pieces), or piece 0 or 1 of one (plan_pieces)."""
         raise NotImplementedError
 
     def plan_pieces(self, batch: StepBatch, r: int):
         """Plan a step without cascade levels as two pieces, requests [0, r) and [r, n) (split_batch), each
         attended on its own: use_piece(i) makes store()/attend() and slot_mapping piece i's. plan() undoes it."""
-        self._pieces = []
-        for sub in split_batch(batch, r):
-            self.plan(sub, piece=len(self._pieces))
-            self._pieces.append(self._piece_state())
-        self.piece_rows = int(batch.qo_indptr[r])
+        pieces = []
+        for i, sub in enumerate(split_batch(batch, r)):
+            self.plan(sub, piece=i)
+            pieces.append(self._piece_state())
+        self._pieces, self.piece_rows = pieces, int(batch.qo_indptr[r])
         self.use_piece(0)
+
+    def _forget_pieces(self):
+        self._pieces, self.piece_rows = None, None
 
     def use_piece(self, i: int):
         self._set_piece_state(self._pieces[i])

@@ -173,10 +173,10 @@ class FlashInferAttentionBackend(AttentionBackend):
     def plan(self, batch: StepBatch, piece: int | None = None):
         self.slot_mapping = batch.slot_mapping
         if piece is None:
-            self.piece_rows = None
-        elif not batch.is_prefill or batch.cascade is not None or self.prefill_second is None:
-            raise ValueError("only prefill steps without cascade levels are planned in pieces, and only by a "
-                             "backend made with prefill_pieces=True")
+            self._forget_pieces()
+        elif piece not in (0, 1) or not batch.is_prefill or batch.cascade is not None or self.prefill_second is None:
+            raise ValueError("only pieces 0 and 1 of prefill steps without cascade levels are planned, and only by "
+                             "a backend made with prefill_pieces=True")
         if batch.cascade is not None:
             self.active = self.cascade_prefill if batch.is_prefill else self.cascade[self.shared_kernel(batch.cascade)]
             self.active.plan(batch.cascade)
@@ -186,7 +186,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         if batch.is_prefill:
             prefill = self.prefill_second if piece == 1 else self.prefill
             prefill.plan(t(batch.qo_indptr), t(batch.kv_indptr), t(batch.kv_indices), t(batch.kv_last_page_len),
-                              hq, hkv, d, page, causal=True, **self._common())
+                         hq, hkv, d, page, causal=True, **self._common())
             self.active = prefill
         elif not isinstance(self.decode, flashinfer.BatchDecodeWithPagedKVCacheWrapper):   # xqa, Triton (as plan_graph)
             self.decode.plan(batch.kv_indptr, batch.kv_indices, batch.kv_last_page_len)
@@ -312,6 +312,7 @@ class FlashInferAttentionBackend(AttentionBackend):
         graph_key; default: this batch's). Padded requests read one token of page 0 and write nothing (their
         slot is -1 in the fixed slot buffer)."""
         decode, cascade = self.graph[bs]
+        self._forget_pieces()
         self.slot_mapping = slot_mapping
         if batch.cascade is not None:
             self.active = cascade[(kind or self.graph_key(batch.cascade))[1:]]

@@ -30,7 +30,7 @@ class TorchAttentionBackend(AttentionBackend):
     def plan(self, batch: StepBatch, piece: int | None = None):
         t = lambda a: torch.from_numpy(a).to(self.device)
         if piece is None:
-            self.piece_rows = None
+            self._forget_pieces()
         self.batch = batch
         self.slot_mapping = batch.slot_mapping
         self.layout = (t(batch.qo_indptr), t(batch.kv_indptr), t(batch.kv_indices), t(batch.kv_last_page_len))

@@ -98,11 +98,8 @@ vllm's under auto) was not re-run.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import datetime
 import logging
 import os
-import re
 
 from nanovllm.distributed.parallel_state import NO_MULTICAST_ENV  # noqa: E402
 
@@ -112,6 +109,9 @@ for _key, _value in NO_MULTICAST_ENV.items():
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+from nanovllm.distributed.cuda_ipc import (CudaRT, Unavailable, agree, allgather, describe,  # noqa: E402
+                                           release_shared, share_buffers)
 
 logger = logging.getLogger("nanovllm.distributed")
 
@@ -134,105 +134,6 @@ RANK_DATA_BYTES = 8 << 20                # room for 131072 registered (graph) bu
 TRTLLM_BARRIER_FLAGS = 256               # details::kBarrierFlagCount
 TRTLLM_PATTERN_ALLREDUCE = 0             # AllReduceFusionPattern.kAllReduce
 TRTLLM_PATTERN_RESIDUAL_RMSNORM = 1      # AllReduceFusionPattern.kARResidualRMSNorm
-_IPC_HANDLE_BYTES = 64                   # sizeof(cudaIpcMemHandle_t)
-
-
-class _Unavailable(Exception):
-    """Raised by a setup step; every rank then disables the custom all-reduce (same reason)."""
-
-
-# ---- CUDA runtime through ctypes: cudaMalloc'd IPC buffers ------------------------------------------
-class _IpcHandle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_ubyte * _IPC_HANDLE_BYTES)]
-
-
-def _find_cudart_path() -> str | None:
-    """The libcudart this process already has loaded (PyTorch's), so ours shares its runtime."""
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split(maxsplit=5)
-                if len(parts) < 6:
-                    continue
-                path = parts[5].strip()
-                if re.fullmatch(r"libcudart(-[0-9a-fA-F]+)?\.so(\.\d+)*", os.path.basename(path)):
-                    return path
-    except OSError:
-        pass
-    return None
-
-
-class _CudaRT:
-    """The handful of CUDA runtime calls that CUDA IPC needs and torch does not expose."""
-
-    def __init__(self):
-        path = _find_cudart_path()
-        candidates = [path] if path else []
-        candidates += ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
-        last = None
-        for name in candidates:
-            try:
-                self.lib = ctypes.CDLL(name)
-                break
-            except OSError as e:
-                last = e
-        else:
-            raise _Unavailable(f"cannot load libcudart ({last})")
-        lib = self.lib
-        vp, sz = ctypes.c_void_p, ctypes.c_size_t
-        for fname, restype, argtypes in (
-            ("cudaGetErrorString", ctypes.c_char_p, [ctypes.c_int]),
-            ("cudaMalloc", ctypes.c_int, [ctypes.POINTER(vp), sz]),
-            ("cudaFree", ctypes.c_int, [vp]),
-            ("cudaMemset", ctypes.c_int, [vp, ctypes.c_int, sz]),
-            ("cudaIpcGetMemHandle", ctypes.c_int, [ctypes.POINTER(_IpcHandle), vp]),
-            ("cudaIpcOpenMemHandle", ctypes.c_int, [ctypes.POINTER(vp), _IpcHandle, ctypes.c_uint]),
-            ("cudaIpcCloseMemHandle", ctypes.c_int, [vp]),
-        ):
-            fn = getattr(lib, fname)
-            fn.restype, fn.argtypes = restype, argtypes
-
-    def _check(self, err: int, what: str):
-        if err != 0:
-            msg = self.lib.cudaGetErrorString(err)
-            raise RuntimeError(f"{what}: CUDA error {err} ({msg.decode() if msg else '?'})")
-
-    def malloc(self, nbytes: int) -> int:
-        ptr = ctypes.c_void_p()
-        self._check(self.lib.cudaMalloc(ctypes.byref(ptr), nbytes), f"cudaMalloc({nbytes})")
-        return int(ptr.value)
-
-    def free(self, ptr: int):
-        self._check(self.lib.cudaFree(ctypes.c_void_p(ptr)), "cudaFree")
-
-    def memset(self, ptr: int, value: int, nbytes: int):
-        self._check(self.lib.cudaMemset(ctypes.c_void_p(ptr), value, nbytes), "cudaMemset")
-
-    def ipc_handle(self, ptr: int) -> bytes:
-        h = _IpcHandle()
-        self._check(self.lib.cudaIpcGetMemHandle(ctypes.byref(h), ctypes.c_void_p(ptr)), "cudaIpcGetMemHandle")
-        return bytes(h.reserved)
-
-    def ipc_open(self, handle: bytes) -> int:
-        h = _IpcHandle()
-        ctypes.memmove(ctypes.addressof(h), handle, _IPC_HANDLE_BYTES)
-        ptr = ctypes.c_void_p()
-        lazy_enable_peer_access = 1  # cudaIpcMemLazyEnablePeerAccess
-        self._check(self.lib.cudaIpcOpenMemHandle(ctypes.byref(ptr), h, lazy_enable_peer_access),
-                    "cudaIpcOpenMemHandle")
-        return int(ptr.value)
-
-    def ipc_close(self, ptr: int):
-        self._check(self.lib.cudaIpcCloseMemHandle(ctypes.c_void_p(ptr)), "cudaIpcCloseMemHandle")
-
-
-def _allgather(cpu_group, world_size: int, obj) -> list:
-    """Every rank's obj over the gloo group. gloo's all_gather writes its tensors from another thread,
-    which inference mode (on around CUDA-graph capture) refuses (pytorch issue 126032): plain tensors here."""
-    out = [None] * world_size
-    with torch.inference_mode(False):
-        dist.all_gather_object(out, obj, group=cpu_group)
-    return out
 
 
 def check_backend(backend: str) -> str:
@@ -349,7 +250,7 @@ class CustomAllReduce:
             return
         try:
             self._setup()
-        except _Unavailable as e:
+        except Unavailable as e:
             self._disable(str(e))
             return
         self._ready = True
@@ -383,43 +284,36 @@ class CustomAllReduce:
         return ""
 
     def _allgather(self, obj) -> list:
-        return _allgather(self.cpu_group, self.world_size, obj)
+        return allgather(self.cpu_group, self.world_size, obj)
 
     def _agree(self, error: str | None, payload=None) -> list:
-        """Collective: everyone's payloads, or _Unavailable (on every rank) if any rank had an error."""
-        infos = self._allgather((error, payload))
-        errors = [f"rank {r}: {e}" for r, (e, _) in enumerate(infos) if e]
-        if errors:
-            raise _Unavailable("; ".join(errors))
-        return [p for _, p in infos]
+        return agree(self.cpu_group, self.world_size, error, payload)
 
-    @staticmethod
-    def _describe(e: BaseException) -> str:
-        return str(e) if isinstance(e, _Unavailable) else f"{type(e).__name__}: {e}"
+    _describe = staticmethod(describe)
 
     def _setup(self):
         # 1. Environment: the switch, the group, FlashInfer (JIT build on first use), libcudart, GPU id.
         error, uuid = None, None
         try:
             if os.environ.get("NANOVLLM_DISABLE_CUSTOM_AR", "0") not in ("", "0"):
-                raise _Unavailable("NANOVLLM_DISABLE_CUSTOM_AR is set")
+                raise Unavailable("NANOVLLM_DISABLE_CUSTOM_AR is set")
             if dist.get_rank(self.cpu_group) != self.rank:
-                raise _Unavailable(f"rank {self.rank} is rank {dist.get_rank(self.cpu_group)} of cpu_group")
+                raise Unavailable(f"rank {self.rank} is rank {dist.get_rank(self.cpu_group)} of cpu_group")
             if dist.get_world_size(self.cpu_group) != self.world_size:
-                raise _Unavailable(f"cpu_group has {dist.get_world_size(self.cpu_group)} ranks")
+                raise Unavailable(f"cpu_group has {dist.get_world_size(self.cpu_group)} ranks")
             if self.backend == "vllm" and "expandable_segments:true" in \
                     os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower():
                 # Graph buffers are exported with cudaIpcGetMemHandle, which cuMem (expandable) memory refuses.
-                raise _Unavailable("PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True (no legacy IPC of graph buffers)")
+                raise Unavailable("PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True (no legacy IPC of graph buffers)")
             torch.cuda.init()
             self._ops = _load_ops(self.backend)
-            self._rt = _CudaRT()
+            self._rt = CudaRT()
             uuid = _uuid(self.device)
         except Exception as e:
             error = self._describe(e)
         infos = self._agree(error, (uuid, self.backend, self.max_bytes))
         if len({(b, m) for _, b, m in infos}) != 1:  # e.g. NANOVLLM_CUSTOM_AR_BACKEND set on one rank only
-            raise _Unavailable(f"ranks disagree on (backend, max_bytes): {[(b, m) for _, b, m in infos]}")
+            raise Unavailable(f"ranks disagree on (backend, max_bytes): {[(b, m) for _, b, m in infos]}")
         uuids = [u for u, _, _ in infos]
 
         # 2. P2P between this GPU and every peer it can see (a peer hidden by CUDA_VISIBLE_DEVICES
@@ -430,17 +324,17 @@ class CustomAllReduce:
             for r, u in enumerate(uuids):
                 if r != self.rank and u in local and local[u] != self.device.index:
                     if not torch.cuda.can_device_access_peer(self.device.index, local[u]):
-                        raise _Unavailable(f"no P2P access from {self.device} to rank {r}'s GPU")
+                        raise Unavailable(f"no P2P access from {self.device} to rank {r}'s GPU")
             self.full_nvlink = self.world_size == 2 or _all_pairs_nvlink(uuids)
             if self.backend == "vllm" and not self.full_nvlink:
                 # vllm_custom_all_reduce.cuh launches nothing for >2 GPUs without full NVLink.
-                raise _Unavailable("more than 2 GPUs without NVLink between every pair (or NVML can't tell)")
+                raise Unavailable("more than 2 GPUs without NVLink between every pair (or NVML can't tell)")
         except Exception as e:
             error = self._describe(e)
         self._agree(error)
 
         # 3. Buffers, shared over IPC; then the kernel's state. Each step ends in a collective
-        #    agreement, so a failure anywhere raises _Unavailable on every rank, and all tear down.
+        #    agreement, so a failure anywhere raises Unavailable on every rank, and all tear down.
         try:
             with torch.cuda.device(self.device):
                 if self.backend == "vllm":
@@ -453,34 +347,12 @@ class CustomAllReduce:
                 except Exception as e:
                     error = self._describe(e)
             self._agree(error)  # no rank launches a kernel before every rank's buffers are ready
-        except _Unavailable:
+        except Unavailable:
             self._release(barrier=False)
             raise
 
     def _share(self, sizes: list[int]) -> list[list[int]]:
-        """Collective: cudaMalloc each size here (zeroed), open every peer's; pointer lists per buffer."""
-        error, mine = None, []
-        try:
-            for n in sizes:
-                ptr = self._rt.malloc(n)
-                self._shared.append([None] * self.world_size)
-                self._shared[-1][self.rank] = ptr
-                self._rt.memset(ptr, 0, n)
-                mine.append(self._rt.ipc_handle(ptr))
-        except Exception as e:
-            error = self._describe(e)
-        handles = self._agree(error, mine)
-        error = None
-        new = self._shared[-len(sizes):]
-        try:
-            for i, buf in enumerate(new):
-                for r in range(self.world_size):
-                    if r != self.rank:
-                        buf[r] = self._rt.ipc_open(handles[r][i])
-        except Exception as e:
-            error = self._describe(e)
-        self._agree(error)
-        return [list(b) for b in new]
+        return share_buffers(self._rt, self.cpu_group, self.rank, self.world_size, sizes, self._shared)
 
     def _setup_vllm(self):
         error = None
@@ -653,26 +525,7 @@ class CustomAllReduce:
                 self._ops.dispose(self._fa)  # closes the peers' graph buffers it opened
             self._fa = None
         self._rank_data = self._workspace = self._control = None
-        for buf in self._shared:  # first our mappings of the peers' memory ...
-            for r, ptr in enumerate(buf):
-                if r != self.rank and ptr is not None:
-                    with contextlib.suppress(Exception):
-                        self._rt.ipc_close(ptr)
-        if barrier:  # ... then, once no peer maps ours any more, our own
-            try:
-                if dist.get_backend(self.cpu_group) == "gloo":
-                    dist.monitored_barrier(group=self.cpu_group, timeout=datetime.timedelta(seconds=60))
-                else:
-                    dist.barrier(group=self.cpu_group)
-            except Exception as e:
-                logger.warning("custom all-reduce close: peers did not reach the barrier (%s); "
-                               "leaving our IPC buffers allocated", e)
-                self._shared = []
-                return
-        for buf in self._shared:
-            if buf[self.rank] is not None:
-                with contextlib.suppress(Exception):
-                    self._rt.free(buf[self.rank])
+        release_shared(self._rt, self.cpu_group, self.rank, self._shared, barrier, "custom all-reduce")
         self._shared = []
 
     def __repr__(self):
@@ -749,7 +602,7 @@ def make_custom_all_reduce(cpu_group, rank: int, world_size: int, device: torch.
     differ, every rank returns None rather than pairing different constructions' collectives."""
     backend = check_backend(backend or default_backend())
     if cpu_group is not None and world_size > 1:
-        everyone = _allgather(cpu_group, world_size, backend)
+        everyone = allgather(cpu_group, world_size, backend)
         if len(set(everyone)) != 1:
             if rank == 0:
                 logger.warning("custom all-reduce off: ranks resolved different backends %s "

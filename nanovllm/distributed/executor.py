@@ -244,7 +244,7 @@ class TensorParallelExecutor:
             stop_processes(self.procs)
         else:
             stop_processes(self.procs, timeout_s=2.0)
-            parallel_state.destroy_tensor_parallel()
+            parallel_state.destroy_tensor_parallel(failed=self.failure is not None)
         if self.channel is not None:
             self.channel.close()
 

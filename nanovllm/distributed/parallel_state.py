@@ -100,12 +100,14 @@ def _make_custom_all_reduce(cpu_group, rank, size, device):
         return None
 
 
-def destroy_tensor_parallel(timeout_s: float = 10.0):
+def destroy_tensor_parallel(timeout_s: float = 10.0, failed: bool = False):
     """Leave the group. destroy_process_group was seen hanging at exit (NCCL 2.28): it runs in a
-    daemon thread and is abandoned after timeout_s."""
+    daemon thread and is abandoned after timeout_s. failed: a rank failed, so this rank's streams may wait for
+    ever on a peer's flag (the IPC all-reduces' kernels and copy-engine waits have no timeout): their buffers are
+    left to the process's exit rather than freed after a device synchronize that would not return."""
     global _group
     grp, _group = _group, None
-    for ar in (grp.custom_ar, grp.ce_ar) if grp is not None else ():
+    for ar in (grp.custom_ar, grp.ce_ar) if grp is not None and not failed else ():
         if ar is not None:
             with contextlib.suppress(Exception):
                 ar.close()
@@ -192,6 +194,21 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(_group.size)]
     dist.all_gather(parts, x)
     return torch.cat(parts, dim=-1)
+
+
+def check_same_on_every_rank(settings: dict):
+    """Collective: ValueError on every rank, naming them, if these settings (environment switches each host
+    reads for itself) differ between ranks: ranks that disagree pair different collectives."""
+    if _group is None:
+        return
+    everyone = [None] * _group.size
+    with torch.inference_mode(False):
+        dist.all_gather_object(everyone, settings, group=_group.cpu_group)
+    differ = sorted(k for k in settings if len({repr(s.get(k)) for s in everyone}) > 1)
+    if differ:
+        raise ValueError("tensor-parallel ranks disagree on " + ", ".join(
+            f"{k} ({', '.join(f'rank {r}: {s.get(k)!r}' for r, s in enumerate(everyone))})" for k in differ)
+            + ": set them alike on every host")
 
 
 def min_over_ranks(value: int) -> int:

@@ -66,7 +66,7 @@ def worker_main(config, rank: int, local_rank: int, master_addr: str | None, mas
             runner.release_graphs()
         if channel is not None:
             channel.close()
-        parallel_state.destroy_tensor_parallel(timeout_s=5.0)
+        parallel_state.destroy_tensor_parallel(timeout_s=5.0, failed=code != 0)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -8,7 +8,6 @@ and every tensor-parallel worker (distributed/worker.py) run the same step throu
 build step N+1 while the device runs step N. Jobs split out: engine/kv_cache.py (how many pages,
 the cache tensor), engine/cuda_graphs.py (capture and replay of decode graphs)."""
 import contextlib
-import os
 import warnings
 
 import numpy as np
@@ -30,6 +29,7 @@ from nanovllm.layers.sampler import Sampler, step_row_seeds
 from nanovllm.layers.vocab_parallel_sample import pick_over_ranks, shard_candidates
 from nanovllm.models import tp_overlap
 from nanovllm.models.registry import model_class
+from nanovllm.utils.blas import use_for_eager_forwards, use_for_graph_capture
 from nanovllm.utils.context import reset_context, set_context
 from nanovllm.utils.loader import load_model
 from nanovllm.utils.transfer import to_device
@@ -44,13 +44,14 @@ class ModelRunner:
         self.config = config
         hf = config.hf_config
         self.device = torch.device(config.device)
-        blas = blas_library()   # a bad $NANOVLLM_BLAS_LIBRARY fails here, before the model loads
         self.dtype = config.torch_dtype
         self.block_size = config.kvcache_block_size
         torch.manual_seed(config.seed)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         self.distributed = config.tensor_parallel_size > 1
+        if self.distributed:
+            tp.check_same_on_every_rank(tp_overlap.settings())
         try:
             with torch.device(self.device), (contextlib.nullcontext() if self.distributed else tp.outside_group()):
                 if config.quantization is None:
@@ -124,11 +125,12 @@ class ModelRunner:
             self.num_host_blocks = tp.min_over_ranks(pages) if self.distributed else pages
             self.host_tier = HostTier(self.kv_cache, self.num_host_blocks)
         if self.graphs is not None:
+            use_for_graph_capture()
             with tp.graph_capture() if self.distributed else contextlib.nullcontext():
                 self.graphs.capture(self.num_kvcache_blocks,
                                     config.cascade_max_levels if config.enable_cascade_attention else 0)
-        if self.device.type == "cuda" and blas != "default":   # after the capture: the graphs keep cuBLAS's kernels
-            torch.backends.cuda.preferred_blas_library(blas)
+        if self.device.type == "cuda":
+            use_for_eager_forwards()
 
     def release_graphs(self):
         """Drop the CUDA graphs before the process group goes: a graph that captured NCCL kernels and
@@ -155,7 +157,14 @@ class ModelRunner:
         ids = torch.zeros(len(pos), dtype=torch.long, device=self.device)
         # Attention is stood in for by a pass-through (no cache exists yet): dense layers, logits
         # and the sampler dominate the activations.
-        set_context(is_prefill=not decode, attn=_PassThroughAttention(), logits_indices=rows)
+        attn = _PassThroughAttention()
+        set_context(is_prefill=not decode, attn=attn, logits_indices=rows)
+        if not decode and self.pieces_attend_apart:
+            # pieces that attend apart, the larger one as large as a cut allows (the halves run below too:
+            # a step takes either shape, and the memory counted is the larger peak)
+            attn.piece_rows = int(len(ids) * tp_overlap.MAX_PIECE_SHARE)
+            self.model(ids, pos)
+            attn.piece_rows = None
         logits = self.model.compute_logits(self.model(ids, pos))
         n = len(rows)
         self.sampler(logits, torch.ones(n, device=self.device), torch.full((n,), 50, device=self.device),
@@ -351,23 +360,6 @@ class ModelRunner:
             reset_context()
 
 
-# The BLAS library torch's GEMMs go through on the GPU once the decode graphs are captured, that is in eager
-# forwards (prefill steps): $NANOVLLM_BLAS_LIBRARY, cublaslt (the default), cublas, or "default" (torch's choice,
-# cuBLAS). A process-wide torch setting (torch.backends.cuda.preferred_blas_library). Measured on one H200 (session
-# 25, F.linear at Qwen3-0.6B's four layer shapes, rows not seen before): through cuBLAS about one call in three
-# took 2.5-4.1 ms of host time (16,001 rows: qkv 3.19, o_proj 3.07, gate_up 3.48 ms; 2,177 rows: 4.13 / 3.65 /
-# 2.98), through cuBLASLt every call 0.13-0.20 ms (0.02-0.03 for rows seen before). Prefill steps have new row
-# counts all the time: a traced W1-like prefill step of 16,087 tokens (scripts/trace_tp_prefill.py
-# --tensor-parallel-size 1) left the device idle 16.3 ms of its 50.4 while the host sat in three such calls. W2 with
-# cascade on one H200: prefill 0.686 / 0.697 s through cuBLASLt against 0.708 through cuBLAS (one run; within the
-# machines' spread). The decode graphs were captured through cuBLAS (their kernels measured in sessions 12-24).
-def blas_library() -> str:
-    name = os.environ.get("NANOVLLM_BLAS_LIBRARY", "cublaslt")
-    if name not in ("cublaslt", "cublas", "default"):
-        raise ValueError(f"NANOVLLM_BLAS_LIBRARY must be cublaslt, cublas or default, got {name!r}")
-    return name
-
-
 class PendingResult:
     """A step queued on the device: its sampled tokens (device), and once copied, on the host."""
 
@@ -382,6 +374,10 @@ class _PassThroughAttention:
 
     slot_mapping = None  # nothing is written
     fused_qkv = True     # measure the GPU path's activations
+    piece_rows = None    # or a prefill step's first piece (pieces that attend apart: use_piece)
+
+    def use_piece(self, i: int):
+        pass
 
     def forward(self, q, k, v, k_cache, v_cache, k_scale=1.0, v_scale=1.0):
         return q

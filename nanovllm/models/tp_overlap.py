@@ -24,8 +24,9 @@ Only where each piece's message is past the custom all-reduce's sizes (MIN_PIECE
 FlashInfer's kernels at once, in decode's graphs) and on the dense decoder whose o_proj and down_proj leave
 their sums to the norm after them (models/llama.py, layers/linear.defer_reduce). The same results as the
 whole step up to the GEMMs' rounding of fewer rows (tests/test_tensor_parallel.py: logits within 1e-4 of one
-rank, greedy tokens equal). `NANOVLLM_TP_PREFILL_OVERLAP=0` runs every step whole; it and
-NANOVLLM_TP_PREFILL_PIECE_BYTES must be the same on every rank (the pieces' collectives pair across ranks).
+rank, greedy tokens equal). `NANOVLLM_TP_PREFILL_OVERLAP=0` runs every step whole; it,
+NANOVLLM_TP_PREFILL_PIECE_BYTES and NANOVLLM_TP_PIECES_ATTEND_APART must be the same on every rank (the pieces'
+collectives pair across ranks): the model runner checks them at start (settings()).
 
 Measured (session 23, 2 x H200, `python bench.py --preset qwen3-8b --load-format dummy --workload w1
 --tensor-parallel-size 2`, alternating with NANOVLLM_TP_PREFILL_OVERLAP=0 on one machine): halves with one
@@ -51,6 +52,13 @@ MIN_PIECE_BYTES = int(os.environ.get("NANOVLLM_TP_PREFILL_PIECE_BYTES", 8 << 20)
 # Steps without cascade levels cut between requests, each piece attending apart (the model runner plans them);
 # 0: every piece pair shares one attention over all rows, as before session 25 (for measurements).
 ATTEND_APART = os.environ.get("NANOVLLM_TP_PIECES_ATTEND_APART", "1") == "1"
+
+
+def settings() -> dict:
+    """The switches above as this process resolved them: every rank must share them (the pieces' collectives
+    pair across ranks; ModelRunner checks)."""
+    return {"NANOVLLM_TP_PREFILL_OVERLAP": os.environ.get("NANOVLLM_TP_PREFILL_OVERLAP", "1"),
+            "NANOVLLM_TP_PREFILL_PIECE_BYTES": MIN_PIECE_BYTES, "NANOVLLM_TP_PIECES_ATTEND_APART": ATTEND_APART}
 
 
 def enabled(layers) -> bool:
@@ -79,7 +87,7 @@ def split_request(qo_indptr: np.ndarray, hidden_size: int, dtype: torch.dtype) -
     if n < 2:
         return None
     rows = int(qo_indptr[-1])
-    r = int(np.clip(np.abs(qo_indptr[1:-1] - rows / 2).argmin() + 1, 1, n - 1))
+    r = int(np.abs(qo_indptr[1:-1] - rows / 2).argmin()) + 1
     first = int(qo_indptr[r])
     row_bytes = hidden_size * dtype.itemsize
     if min(first, rows - first) * row_bytes < MIN_PIECE_BYTES or max(first, rows - first) > MAX_PIECE_SHARE * rows:
