@@ -1,0 +1,144 @@
+"""The copy-engine all-reduce's protocol on the CPU (distributed/copy_engine_all_reduce.py): two instances, one
+per "rank", in one process, their CUDA calls replaced by host stand-ins (a copy is a memmove between the ranks'
+receive buffers, a flag write a dict entry, a flag wait an assertion that the flag was written). Sums follow
+models/tp_overlap.py's two orders over several layers, the ranks taking turns op by op: every sum equals the
+two partials' sum, and the rules the slots rely on (at most two sums open, waited for in order) raise when
+broken; one rank runs as far ahead of the other as its stream could (SLOTS = 3 fails here, 4 passes). The GPU
+version of the sums' check is scripts/bench_ce_allreduce.py's first table."""
+import ctypes
+
+import pytest
+import torch
+
+from nanovllm.distributed import copy_engine_all_reduce as cear
+from nanovllm.distributed.copy_engine_all_reduce import SLOTS, CopyEngineAllReduce
+
+
+class _Ops:
+    def __init__(self, flags: dict):
+        self.flags = flags
+
+    def copy(self, dst, src, nbytes, stream):
+        ctypes.memmove(dst, src, nbytes)
+
+    def write(self, stream, addr, value):
+        self.flags[addr] = value
+
+    def wait(self, stream, addr, value):
+        assert self.flags.get(addr, 0) >= value, "waited for a flag nobody wrote"
+
+
+class _Stream:
+    cuda_stream = 0
+
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+
+class _Event:
+    def record(self, stream=None):
+        pass
+
+
+@pytest.fixture
+def pair(monkeypatch):
+    monkeypatch.setattr(cear.torch.cuda, "current_stream", lambda device=None: _Stream())
+    monkeypatch.setattr(cear.torch.cuda, "Event", _Event)
+    max_bytes = 4096
+    recv = [torch.zeros(SLOTS * max_bytes, dtype=torch.uint8) for _ in range(2)]
+    flags_mem = [torch.zeros(SLOTS, dtype=torch.int32) for _ in range(2)]
+    written = {}
+    ranks = []
+    for rank in (0, 1):
+        ce = CopyEngineAllReduce.__new__(CopyEngineAllReduce)
+        ce.rank, ce.peer, ce.world_size, ce.device = rank, 1 - rank, 2, torch.device("cpu")
+        ce.max_bytes, ce.min_bytes, ce.disabled = max_bytes, 0, False
+        ce.sums_started = ce._sums_done = 0
+        ce._recv = [r.data_ptr() for r in recv]
+        ce._flags = [f.data_ptr() for f in flags_mem]
+        ce._slots = [recv[rank][s * max_bytes:(s + 1) * max_bytes] for s in range(SLOTS)]
+        ce._ops, ce.copy_stream = _Ops(written), _Stream()
+        ranks.append(ce)
+    yield ranks, (recv, flags_mem)
+
+
+def _partials(seed, rows):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, 16, generator=g).to(torch.bfloat16) for _ in range(2)]
+
+
+def _schedule(apart: bool, layers: int = 5):
+    """tp_overlap.forward_in_pieces's starts and waits, two pieces: ("start" | "wait", piece)."""
+    for layer in range(layers):
+        if apart:
+            for piece in (0, 1):
+                if layer:
+                    yield "wait", piece        # the MLP's sum of the layer before
+                yield "start", piece           # this layer's o_proj
+        else:
+            for piece in (0, 1):
+                if layer:
+                    yield "wait", piece
+            yield "start", 0
+            yield "start", 1
+        for piece in (0, 1):
+            yield "wait", piece                # o_proj's sum
+            yield "start", piece               # the MLP's
+    yield "wait", 0
+    yield "wait", 1
+
+
+@pytest.mark.parametrize("ahead", [0, 1])
+@pytest.mark.parametrize("apart", [True, False])
+def test_sums_in_the_pieces_orders_equal_the_partials_sums(pair, apart, ahead):
+    """Each rank runs its schedule until a wait finds the peer's flag unwritten (where its stream would stop),
+    then the other rank runs: one rank as far ahead of the other as the device would let it get."""
+    ranks, _ = pair
+    partials = {}             # the k-th sum's two partials, made by whichever rank starts it first
+
+    def partial(k, rank):
+        if k not in partials:
+            g = torch.Generator().manual_seed(k)
+            partials[k] = [torch.randn(8 + 3 * (k % 5), 16, generator=g).to(torch.bfloat16) for _ in range(2)]
+        return partials[k][rank]
+
+    def run(rank):
+        ce, handles = ranks[rank], {}
+        for op, piece in _schedule(apart):
+            if op == "start":
+                k = ce.sums_started + 1
+                handles[piece] = (k, ce.start(partial(k, rank).clone()))
+            else:
+                k, handle = handles.pop(piece)
+                while ce._ops.flags.get(ce._flags[rank] + (k % SLOTS) * 4, 0) < k:
+                    yield                      # the peer's copy has not landed: the other rank runs
+                assert torch.equal(handle.wait(), partials[k][0] + partials[k][1]), f"sum {k} on rank {rank}"
+
+    runs = [run(0), run(1)]
+    live, turn = [True, True], ahead
+    while any(live):
+        if live[turn]:
+            try:
+                next(runs[turn])
+            except StopIteration:
+                live[turn] = False
+        turn = 1 - turn if live[1 - turn] else turn
+    assert ranks[0].sums_started == ranks[1].sums_started == 20
+
+
+def test_a_third_open_sum_or_a_wait_out_of_order_raises(pair):
+    ranks, _ = pair
+    ce = ranks[0]
+    x = torch.ones(4, 16, dtype=torch.bfloat16)
+    first, second = ce.start(x.clone()), ce.start(x.clone())
+    with pytest.raises(RuntimeError, match="started with 2 open"):
+        ce.start(x.clone())
+    ranks[1].start(x.clone())
+    ranks[1].start(x.clone())
+    with pytest.raises(RuntimeError, match="order they started"):
+        second.wait()
+    assert torch.equal(first.wait(), 2 * x) and torch.equal(second.wait(), 2 * x)
+
