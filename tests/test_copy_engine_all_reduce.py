@@ -1,10 +1,10 @@
 """The copy-engine all-reduce's protocol on the CPU (distributed/copy_engine_all_reduce.py): two instances, one
 per "rank", in one process, their CUDA calls replaced by host stand-ins (a copy is a memmove between the ranks'
 receive buffers, a flag write a dict entry, a flag wait an assertion that the flag was written). Sums follow
-models/tp_overlap.py's two orders over several layers, the ranks taking turns op by op: every sum equals the
-two partials' sum, and the rules the slots rely on (at most two sums open, waited for in order) raise when
-broken; one rank runs as far ahead of the other as its stream could (SLOTS = 3 fails here, 4 passes). The GPU
-version of the sums' check is scripts/bench_ce_allreduce.py's first table."""
+models/tp_overlap.py's two orders over several layers, each rank running until a wait finds its flag unwritten
+(as far ahead of the other as its stream could get): every sum equals the two partials' sum (SLOTS = 3 fails
+here, 4 passes), and the rules the slots rely on (at most two sums open, waited for in order) raise when broken.
+The GPU version of the sums' check is scripts/bench_ce_allreduce.py's first table."""
 import ctypes
 
 import pytest
