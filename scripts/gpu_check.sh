@@ -19,7 +19,7 @@ model=/tmp/qwen3-0.6b
 [[ -f $model/config.json ]] || python3 -m nanovllm.tools.make_model --preset qwen3-0.6b --out $model >/dev/null
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [[ ${TESTS:-1} == 1 ]]; then
-  python3 -m pytest -q -m gpu -rA -s tests/test_gpu.py tests/test_triton_kv.py tests/test_qk_norm_rope.py tests/test_sample_kernel.py tests/test_triton_decode.py tests/test_shared_kernel.py tests/test_llama.py tests/test_qwen3_moe.py tests/test_sampling_controls.py tests/test_gpu_host_tier.py tests/test_awq.py tests/test_fp8_kv.py tests/test_split_level.py tests/test_awq_kpack.py tests/test_xqa_decode.py tests/test_decode_gemm.py 2>&1 | tee "$out/gpu_tests.log" | grep -E "passed|failed|PASSED|FAILED|Error|divergence" | tail -40
+  python3 -m pytest -q -m gpu -rA -s tests/test_gpu.py tests/test_triton_kv.py tests/test_qk_norm_rope.py tests/test_sample_kernel.py tests/test_triton_decode.py tests/test_shared_kernel.py tests/test_llama.py tests/test_qwen3_moe.py tests/test_sampling_controls.py tests/test_gpu_host_tier.py tests/test_awq.py tests/test_fp8_kv.py tests/test_split_level.py tests/test_awq_kpack.py tests/test_xqa_decode.py tests/test_decode_gemm.py tests/test_prefill_pieces.py 2>&1 | tee "$out/gpu_tests.log" | grep -E "passed|failed|PASSED|FAILED|Error|divergence" | tail -40
 fi
 declare -A ARGS=(
   [w1]="--workload w1" [w1-eager]="--workload w1 --enforce-eager"
