@@ -23,7 +23,7 @@ case ${PART:-tests} in
   tests)
     python3 scripts/bench_step_channel.py --iters 300 2>&1 | tee "$out/channel.md" | tail -6
     timeout 240 python3 scripts/bench_allreduce.py --budget 200 --out "$out/allreduce.json" 2>&1 | tee "$out/allreduce.log" | tail -40
-    python3 -m pytest -q -m gpu -rA -s tests/test_gpu_tp.py tests/test_custom_all_reduce.py 2>&1 | tee "$out/gpu_tp_tests.log" \
+    python3 -m pytest -q -m gpu -rA -s tests/test_gpu_tp.py tests/test_custom_all_reduce.py tests/test_copy_engine_all_reduce.py 2>&1 | tee "$out/gpu_tp_tests.log" \
       | grep -E "passed|failed|PASSED|FAILED|Error|vs TP|custom" | tail -30 ;;
   8b)
     for tp in 1 2; do bench --preset qwen3-8b --workload w1 --tensor-parallel-size $tp; done
