@@ -148,18 +148,13 @@ def test_a_third_open_sum_or_a_wait_out_of_order_raises(pair):
 def _gpu_worker(rank, world_size, port, results_q, apart):
     """Sums in tp_overlap's order on two GPUs, rank 1 held back by a sleeping kernel before each of its waits
     (its stream behind, rank 0 running ahead as far as the flags let it): each equal to NCCL's, bit for bit."""
-    import datetime
     import traceback
 
     import torch.distributed as dist
-    from test_custom_all_reduce import _leave
+    from test_custom_all_reduce import _leave, join_gpu_group
     ce = None
     try:
-        torch.cuda.set_device(rank)
-        dev = torch.device("cuda", rank)
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=300), device_id=dev)
-        cpu_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=300))
+        dev, cpu_group = join_gpu_group(rank, world_size, port, timeout_s=300)
         ce = CopyEngineAllReduce(cpu_group, rank, world_size, dev, max_bytes=16 << 20)
         assert not ce.disabled, ce.disabled_reason
         schedule = list(_schedule(apart, layers=6))

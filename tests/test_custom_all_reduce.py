@@ -472,14 +472,19 @@ gpu = [pytest.mark.gpu,
        pytest.mark.skipif(not _gpu_ready(), reason="needs 2 CUDA GPUs and flashinfer")]
 
 
+def join_gpu_group(rank: int, world_size: int, port: int, timeout_s: float = 600):
+    """In a spawned test process: this rank's GPU, the NCCL group over 127.0.0.1:port and a gloo group beside it."""
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s), device_id=dev)
+    return dev, dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def _gpu_worker(rank, world_size, port, results_q, backend):
     car, notes = None, []
     try:
-        torch.cuda.set_device(rank)
-        dev = torch.device("cuda", rank)
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=600), device_id=dev)
-        cpu_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=600))
+        dev, cpu_group = join_gpu_group(rank, world_size, port)
         from nanovllm.distributed.custom_all_reduce import CustomAllReduce
         t = time.time()
         car = CustomAllReduce(cpu_group, rank, world_size, dev, max_bytes=4 << 20, backend=backend)
