@@ -43,13 +43,13 @@ logger = logging.getLogger("nanovllm.distributed")
 
 SLOTS = 4
 MAX_OPEN = 2                 # sums started and not yet waited for (the slot argument above)
-_MEMCPY_DEFAULT = 4          # cudaMemcpyDefault: the pointers' devices from unified addressing
 _WAIT_GEQ = 0                # CU_STREAM_WAIT_VALUE_GEQ
 _WRITE_DEFAULT = 0           # CU_STREAM_WRITE_VALUE_DEFAULT: a memory fence before the write
 
 
 class _StreamMemOps:
-    """cudaMemcpyAsync, and the driver's stream memory operations (which torch does not expose)."""
+    """The copy (the runtime's cudaMemcpyAsync), and the driver's stream memory operations (which torch does not
+    expose)."""
 
     def __init__(self, rt: CudaRT):
         try:
@@ -68,12 +68,7 @@ class _StreamMemOps:
                     break
             else:
                 raise Unavailable(f"libcuda has no {names[0]}")
-        self.memcpy = rt.lib.cudaMemcpyAsync
-        self.memcpy.restype, self.memcpy.argtypes = ctypes.c_int, [vp, vp, ctypes.c_size_t, ctypes.c_int, vp]
-        self._rt = rt
-
-    def copy(self, dst: int, src: int, nbytes: int, stream: int):
-        self._rt._check(self.memcpy(dst, src, nbytes, _MEMCPY_DEFAULT, stream), "cudaMemcpyAsync")
+        self.copy = rt.memcpy_async
 
     def write(self, stream: int, addr: int, value: int):
         err = self.write_value(stream, addr, value & 0xFFFFFFFF, _WRITE_DEFAULT)

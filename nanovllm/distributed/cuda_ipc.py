@@ -44,7 +44,8 @@ def find_cudart_path() -> str | None:
 
 
 class CudaRT:
-    """The handful of CUDA runtime calls that CUDA IPC needs and torch does not expose."""
+    """The handful of CUDA runtime calls that CUDA IPC (and copies into a peer's mapping) need and torch does not
+    expose."""
 
     def __init__(self):
         path = find_cudart_path()
@@ -69,6 +70,7 @@ class CudaRT:
             ("cudaIpcGetMemHandle", ctypes.c_int, [ctypes.POINTER(IpcHandle), vp]),
             ("cudaIpcOpenMemHandle", ctypes.c_int, [ctypes.POINTER(vp), IpcHandle, ctypes.c_uint]),
             ("cudaIpcCloseMemHandle", ctypes.c_int, [vp]),
+            ("cudaMemcpyAsync", ctypes.c_int, [vp, vp, sz, ctypes.c_int, vp]),
         ):
             fn = getattr(lib, fname)
             fn.restype, fn.argtypes = restype, argtypes
@@ -88,6 +90,13 @@ class CudaRT:
 
     def memset(self, ptr: int, value: int, nbytes: int):
         self._check(self.lib.cudaMemset(ctypes.c_void_p(ptr), value, nbytes), "cudaMemset")
+
+    def memcpy_async(self, dst: int, src: int, nbytes: int, stream: int):
+        """nbytes from src to dst on `stream` (a cudaStream_t), the pointers' devices from unified addressing
+        (cudaMemcpyDefault): to a peer's IPC mapping, the copy engines carry it."""
+        memcpy_default = 4
+        self._check(self.lib.cudaMemcpyAsync(ctypes.c_void_p(dst), ctypes.c_void_p(src), nbytes, memcpy_default,
+                                             ctypes.c_void_p(stream)), "cudaMemcpyAsync")
 
     def ipc_handle(self, ptr: int) -> bytes:
         h = IpcHandle()

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from nanovllm.distributed.cuda_ipc import allgather
+
 logger = logging.getLogger("nanovllm.distributed")
 
 # NVLink multicast can take a host's GPUs out of service: never on, in any process we start.
@@ -201,9 +203,7 @@ def check_same_on_every_rank(settings: dict):
     reads for itself) differ between ranks: ranks that disagree pair different collectives."""
     if _group is None:
         return
-    everyone = [None] * _group.size
-    with torch.inference_mode(False):
-        dist.all_gather_object(everyone, settings, group=_group.cpu_group)
+    everyone = allgather(_group.cpu_group, _group.size, settings)
     differ = sorted(k for k in settings if len({repr(s.get(k)) for s in everyone}) > 1)
     if differ:
         raise ValueError("tensor-parallel ranks disagree on " + ", ".join(

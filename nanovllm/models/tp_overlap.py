@@ -99,8 +99,7 @@ def split_for(hidden: torch.Tensor) -> tuple[int | None, bool]:
     """(where the step's rows split, whether each piece attends on its own): the backend's planned pieces
     (plan_pieces: own attention), else half the rows with attention over all of them, else (None, False) to
     run it whole: pieces too small for NCCL, or inside a CUDA graph capture (decode steps are small and graphed)."""
-    ctx = get_context()
-    planned = getattr(ctx.attn, "piece_rows", None) if ctx is not None else None
+    planned = getattr(get_context().attn, "piece_rows", None)
     if planned:
         return planned, True
     half = hidden.shape[0] // 2
