@@ -11,6 +11,7 @@ import random
 import torch
 import flashinfer
 from nanovllm.attention.triton_decode import TritonPagedDecode
+from bench_kernels import timed   # median ms (scripts/ is on the path)
 
 random.seed(0)
 n = 256
@@ -21,20 +22,8 @@ dev, dt = "cuda", torch.bfloat16
 HQ, HKV, D, P = 16, 8, 128, 16
 
 
-def timed(fn, reps=25, inner=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a = torch.cuda.Event(enable_timing=True); b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(inner):
-            fn()
-        b.record(); b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / inner)
-    ts.sort()
-    return ts[len(ts) // 2]
+def timed_us(fn):
+    return timed(fn, reps=25, inner=20) * 1e3
 
 
 for s in (100, 300, 500, 700):
@@ -67,9 +56,9 @@ for s in (100, 300, 500, 700):
     res = {name: [[], [], []] for name in orders}
     for _ in range(3):   # interleaved rounds
         for name, (fi, fis, tr) in rows.items():
-            res[name][0].append(timed(lambda: fi.run(q, (k_cache, v_cache))))
-            res[name][1].append(timed(lambda: fis.run(q, (k_cache, v_cache))))
-            res[name][2].append(timed(lambda: tr.run(q, (k_cache, v_cache))))
+            res[name][0].append(timed_us(lambda: fi.run(q, (k_cache, v_cache))))
+            res[name][1].append(timed_us(lambda: fis.run(q, (k_cache, v_cache))))
+            res[name][2].append(timed_us(lambda: tr.run(q, (k_cache, v_cache))))
     print(f"\nstep {s}: {b} rows, contexts {min(ctx)}-{max(ctx)}, {gb:.3f} GB of KV")
     print("| order | FlashInfer tc, no split | FlashInfer tc, its splits | Triton |")
     print("|---|---|---|---|")

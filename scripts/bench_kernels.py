@@ -33,15 +33,19 @@ GRAPH_COPIES = 8   # cascade grid: layer copies in one graph (main's --graph-cop
 DISTINCT_CACHES = RAGGED_FA3 = False   # cascade grid: main's --distinct-caches, --ragged-fa3
 
 
-def timed(fn, reps=30):
+def timed(fn, reps=30, inner=1):
+    """Median ms of one fn() over reps timings of `inner` calls back to back (after 3 warm-up calls)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); b.synchronize()
-        times.append(a.elapsed_time(b))
+        a.record()
+        for _ in range(inner):
+            fn()
+        b.record(); b.synchronize()
+        times.append(a.elapsed_time(b) / inner)
     return float(np.median(times))
 
 

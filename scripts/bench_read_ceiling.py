@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bench_kernels import timed   # median ms (scripts/ is on the path)
+
 
 @triton.jit
 def stream_sum(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
@@ -97,20 +99,8 @@ def chunk_sum(k_ptr, v_ptr, cstart, cend, indices, out_ptr, s_page, s_tok, HKV: 
     tl.store(out_ptr + c * HKV + h, tl.sum(acc))
 
 
-def timed(fn, reps=20, inner=10):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a = torch.cuda.Event(enable_timing=True); e = torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(inner):
-            fn()
-        e.record(); e.synchronize()
-        ts.append(a.elapsed_time(e) / inner)
-    ts.sort()
-    return ts[len(ts) // 2] / 1e3
+def seconds(fn):
+    return timed(fn, reps=20, inner=10) / 1e3
 
 
 dev = "cuda"
@@ -120,9 +110,9 @@ y = torch.empty_like(x)
 for block, iters, warps in ((1024, 8, 4), (2048, 8, 8), (4096, 4, 8), (8192, 2, 16)):
     grid = triton.cdiv(n, block * iters)
     out = torch.empty(grid, device=dev)
-    t = timed(lambda: stream_sum[(grid,)](x, out, n, BLOCK=block, ITERS=iters, num_warps=warps))
+    t = seconds(lambda: stream_sum[(grid,)](x, out, n, BLOCK=block, ITERS=iters, num_warps=warps))
     print(f"contiguous read, Triton sum (block {block} x {iters}, {warps} warps): {2 * n / t / 1e12:.2f} TB/s")
-t = timed(lambda: y.copy_(x))
+t = seconds(lambda: y.copy_(x))
 print(f"copy (read + write): {4 * n / t / 1e12:.2f} TB/s")
 y = None   # the 4 GiB copy target, freed
 
@@ -142,30 +132,30 @@ v = torch.randn_like(k)
 gb = total * P * HKV * D * 2 * 2   # whole pages (what is read)
 out = torch.empty(len(ctx) * HKV, device=dev)
 for per, warps in ((1, 4), (2, 4), (4, 8), (8, 8)):
-    t = timed(lambda: paged_sum[(len(ctx), HKV)](k, v, indptr, indices, out, k.stride(0), k.stride(1), HKV=HKV, D=D,
+    t = seconds(lambda: paged_sum[(len(ctx), HKV)](k, v, indptr, indices, out, k.stride(0), k.stride(1), HKV=HKV, D=D,
                                                   P=P, PAGES_PER=per, num_warps=warps))
     print(f"paged read, W1 step 300 ({len(ctx)} rows, {gb / 1e9:.3f} GB), {per} pages a load, {warps} warps: "
           f"{gb / t / 1e12:.2f} TB/s ({t * 1e6:.1f} us)")
 
 for hg, warps in ((2, 4), (4, 4), (8, 8), (8, 16)):
     o2 = torch.empty(len(ctx) * HKV // hg, device=dev)
-    t = timed(lambda: paged_sum_hg[(len(ctx), HKV // hg)](k, v, indptr, indices, o2, k.stride(0), k.stride(1), HKV=HKV,
+    t = seconds(lambda: paged_sum_hg[(len(ctx), HKV // hg)](k, v, indptr, indices, o2, k.stride(0), k.stride(1), HKV=HKV,
                                                           D=D, P=P, HG=hg, num_warps=warps))
     print(f"paged read NHD, {hg} heads a program, {warps} warps: {gb / t / 1e12:.2f} TB/s ({t * 1e6:.1f} us)")
 kh = k.permute(0, 2, 1, 3).contiguous()   # [page, head, P, D]
 vh = v.permute(0, 2, 1, 3).contiguous()
 for warps in (2, 4, 8):
-    t = timed(lambda: paged_sum_hnd[(len(ctx), HKV)](kh, vh, indptr, indices, out, kh.stride(0), kh.stride(1), HKV=HKV,
+    t = seconds(lambda: paged_sum_hnd[(len(ctx), HKV)](kh, vh, indptr, indices, out, kh.stride(0), kh.stride(1), HKV=HKV,
                                                      D=D, P=P, num_warps=warps))
     print(f"paged read HND, a head a program, {warps} warps: {gb / t / 1e12:.2f} TB/s ({t * 1e6:.1f} us)")
 # the same pages in increasing order (runs), NHD a head a program
 inc = torch.arange(total, dtype=torch.int32, device=dev)
-t = timed(lambda: paged_sum[(len(ctx), HKV)](k, v, indptr, inc, out, k.stride(0), k.stride(1), HKV=HKV, D=D, P=P,
+t = seconds(lambda: paged_sum[(len(ctx), HKV)](k, v, indptr, inc, out, k.stride(0), k.stride(1), HKV=HKV, D=D, P=P,
                                               PAGES_PER=1, num_warps=4))
 print(f"paged read NHD, pages in order (runs), a head a program: {gb / t / 1e12:.2f} TB/s ({t * 1e6:.1f} us)")
 
 for stages in (2, 4, 6):
-    t = timed(lambda: paged_sum[(len(ctx), HKV)](k, v, indptr, indices, out, k.stride(0), k.stride(1), HKV=HKV, D=D,
+    t = seconds(lambda: paged_sum[(len(ctx), HKV)](k, v, indptr, indices, out, k.stride(0), k.stride(1), HKV=HKV, D=D,
                                                   P=P, PAGES_PER=1, num_warps=4, num_stages=stages))
     print(f"paged read NHD, a head a program, {stages} stages: {gb / t / 1e12:.2f} TB/s ({t * 1e6:.1f} us)")
 ip = indptr.tolist()
@@ -177,7 +167,7 @@ for C in (1, 2, 4, 8):
     cs = torch.tensor(starts, dtype=torch.int32, device=dev); ce = torch.tensor(ends, dtype=torch.int32, device=dev)
     oc = torch.empty(len(starts) * HKV, device=dev)
     for warps in (2, 4):
-        t = timed(lambda: chunk_sum[(len(starts), HKV)](k, v, cs, ce, indices, oc, k.stride(0), k.stride(1), HKV=HKV,
+        t = seconds(lambda: chunk_sum[(len(starts), HKV)](k, v, cs, ce, indices, oc, k.stride(0), k.stride(1), HKV=HKV,
                                                          D=D, P=P, C=C, num_warps=warps))
         print(f"paged read NHD, chunks of {C} pages ({len(starts) * HKV} programs), {warps} warps: "
               f"{gb / t / 1e12:.2f} TB/s ({t * 1e6:.1f} us)")
